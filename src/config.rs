@@ -1,0 +1,163 @@
+//! Configuration: a TOML file (serde) with defaults, overridden by CLI flags.
+//!
+//! ```toml
+//! listen = ["ldap://127.0.0.1:3389", "ldapi:///run/abproxy/ldapi"]
+//! upstream = "ldap://127.0.0.1:389"
+//! max_pdu_bytes = 16777216
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::endpoint::Endpoint;
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything `abproxy serve` needs. Field names are the TOML keys.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client-facing listeners: `ldap://HOST:PORT` or `ldapi://PATH`
+    /// (percent-encoded like OpenLDAP's, or a plain absolute path).
+    pub listen: Vec<String>,
+    /// The LDAP server behind the proxy: `ldap://HOST:PORT` or `ldapi://PATH`.
+    pub upstream: String,
+    /// Largest request PDU accepted from a client, in bytes (header included).
+    pub max_pdu_bytes: usize,
+    /// Largest response PDU accepted from the upstream, in bytes.
+    pub max_response_pdu_bytes: usize,
+    /// Time allowed to connect to the upstream for a new client, in seconds.
+    pub upstream_connect_timeout_secs: u64,
+    /// On SIGTERM/SIGINT: time allowed to in-flight operations to finish.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec!["ldap://127.0.0.1:3389".into()],
+            upstream: "ldap://127.0.0.1:389".into(),
+            max_pdu_bytes: crate::wire::DEFAULT_MAX_PDU,
+            max_response_pdu_bytes: 64 * 1024 * 1024,
+            upstream_connect_timeout_secs: 5,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; missing keys take their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks values and parses the endpoints.
+    pub fn validate(&self) -> Result<(Vec<Endpoint>, Endpoint), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::Invalid("no listener configured".into()));
+        }
+        let listen = self
+            .listen
+            .iter()
+            .map(|u| Endpoint::parse(u).map_err(|e| ConfigError::Invalid(format!("listen: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upstream = Endpoint::parse(&self.upstream)
+            .map_err(|e| ConfigError::Invalid(format!("upstream: {e}")))?;
+        // Smallest useful PDU: an unbind request is 7 bytes; anything below
+        // a few hundred bytes would refuse ordinary binds.
+        if self.max_pdu_bytes < 512 || self.max_response_pdu_bytes < 512 {
+            return Err(ConfigError::Invalid(
+                "max_pdu_bytes and max_response_pdu_bytes must be at least 512".into(),
+            ));
+        }
+        if self.max_pdu_bytes > u32::MAX as usize || self.max_response_pdu_bytes > u32::MAX as usize
+        {
+            return Err(ConfigError::Invalid(
+                "PDU size limits must fit in 4 BER length octets (< 4 GiB)".into(),
+            ));
+        }
+        Ok((listen, upstream))
+    }
+
+    /// Upstream connect timeout.
+    pub fn upstream_connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream_connect_timeout_secs)
+    }
+
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_partial_files() {
+        let c = Config::from_toml("upstream = \"ldapi:///tmp/x\"").unwrap();
+        assert_eq!(c.upstream, "ldapi:///tmp/x");
+        assert_eq!(c.max_pdu_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.listen, Config::default().listen);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(Config::from_toml("lisen = []").is_err());
+        assert!(Config::from_toml("max_pdu_bytes = -1").is_err());
+        let c = Config {
+            max_pdu_bytes: 10,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            upstream: "http://x".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("upstream"));
+        let c = Config {
+            listen: vec![],
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

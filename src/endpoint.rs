@@ -1,0 +1,172 @@
+//! Where to listen or connect: `ldap://HOST:PORT` (TCP) or `ldapi://PATH`
+//! (unix socket), and the boxed byte streams both kinds turn into.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Read half of a client or upstream connection.
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// Write half of a client or upstream connection.
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A TCP or unix-socket LDAP endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `ldap://host:port` (port 389 when absent).
+    Tcp(String),
+    /// `ldapi://path`.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses an LDAP URL. `ldaps://` is refused until TLS lands.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let lower = url.to_ascii_lowercase();
+        if let Some(rest) = lower.strip_prefix("ldap://").map(|_| &url[7..]) {
+            let hostport = rest.split('/').next().unwrap_or("");
+            if hostport.is_empty() {
+                return Err(format!("{url}: missing host"));
+            }
+            let hostport = if hostport.starts_with('[') {
+                // [v6]:port or [v6]
+                if hostport.ends_with(']') {
+                    format!("{hostport}:389")
+                } else {
+                    hostport.to_string()
+                }
+            } else if hostport.contains(':') {
+                hostport.to_string()
+            } else {
+                format!("{hostport}:389")
+            };
+            let port = hostport.rsplit(':').next().unwrap_or("");
+            port.parse::<u16>()
+                .map_err(|_| format!("{url}: bad port {port:?}"))?;
+            Ok(Endpoint::Tcp(hostport))
+        } else if lower.starts_with("ldapi://") {
+            let rest = &url[8..];
+            let path = if rest.starts_with('/') {
+                rest.trim_end_matches('/').to_string()
+            } else {
+                percent_decode(rest.trim_end_matches('/'))
+                    .ok_or_else(|| format!("{url}: bad percent-encoding"))?
+            };
+            if !path.starts_with('/') {
+                return Err(format!("{url}: ldapi path must be absolute"));
+            }
+            Ok(Endpoint::Unix(PathBuf::from(path)))
+        } else if lower.starts_with("ldaps://") {
+            Err(format!(
+                "{url}: ldaps:// is not supported yet (TLS termination is planned); use ldap:// or ldapi://"
+            ))
+        } else {
+            Err(format!("{url}: expected ldap://HOST:PORT or ldapi://PATH"))
+        }
+    }
+
+    /// Opens a connection, split into boxed halves; TCP gets TCP_NODELAY.
+    pub async fn connect(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
+        match self {
+            Endpoint::Tcp(addr) => {
+                let s = TcpStream::connect(addr.as_str()).await?;
+                s.set_nodelay(true)?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w)))
+            }
+            Endpoint::Unix(path) => {
+                let s = UnixStream::connect(path).await?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w)))
+            }
+        }
+    }
+
+    /// The URL form, `ldap://HOST:PORT` or `ldapi://%2F...`.
+    pub fn url(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "ldap://{a}"),
+            Endpoint::Unix(p) => {
+                write!(f, "ldapi://")?;
+                for b in p.as_os_str().as_encoded_bytes() {
+                    match b {
+                        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                            write!(f, "{}", *b as char)?
+                        }
+                        _ => write!(f, "%{b:02X}")?,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ldap_and_ldapi_urls() {
+        assert_eq!(
+            Endpoint::parse("ldap://127.0.0.1:3389").unwrap(),
+            Endpoint::Tcp("127.0.0.1:3389".into())
+        );
+        assert_eq!(
+            Endpoint::parse("LDAP://localhost/").unwrap(),
+            Endpoint::Tcp("localhost:389".into())
+        );
+        assert_eq!(
+            Endpoint::parse("ldap://[::1]:1389").unwrap(),
+            Endpoint::Tcp("[::1]:1389".into())
+        );
+        let u = Endpoint::parse("ldapi://%2Ftmp%2Fa%20b%2Fldapi").unwrap();
+        assert_eq!(u, Endpoint::Unix("/tmp/a b/ldapi".into()));
+        assert_eq!(u.to_string(), "ldapi://%2Ftmp%2Fa%20b%2Fldapi");
+        assert_eq!(Endpoint::parse(&u.to_string()).unwrap(), u);
+        assert_eq!(
+            Endpoint::parse("ldapi:///run/x.sock").unwrap(),
+            Endpoint::Unix("/run/x.sock".into())
+        );
+    }
+
+    #[test]
+    fn refuses_bad_urls() {
+        for bad in [
+            "ldap://",
+            "ldap://h:99999",
+            "ldap://h:x",
+            "http://h",
+            "ldaps://h:636",
+            "ldapi://rel%2Fpath",
+            "ldapi://%zz",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

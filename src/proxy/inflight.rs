@@ -1,0 +1,113 @@
+//! The per-session in-flight table: which requests have been sent upstream
+//! and not yet answered with a final response. The freeze engine reads it to
+//! know when a drain is complete.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::wire::op;
+
+/// One outstanding request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    /// protocolOp identifier octet of the request.
+    pub op: u8,
+    /// When it was sent upstream.
+    pub started: Instant,
+    /// A SASL bind (its success may install a security layer).
+    pub sasl_bind: bool,
+    /// A persistent search (syncrepl refreshAndPersist or the persistent
+    /// search control): never completes by itself.
+    pub persistent: bool,
+}
+
+impl InFlight {
+    /// A request of operation `op` starting now.
+    pub fn new(op: u8) -> Self {
+        InFlight {
+            op,
+            started: Instant::now(),
+            sasl_bind: false,
+            persistent: false,
+        }
+    }
+
+    /// Time since it was sent.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Outstanding requests of one client connection, by message ID.
+#[derive(Debug, Default)]
+pub struct InFlightTable {
+    ops: HashMap<i32, InFlight>,
+}
+
+impl InFlightTable {
+    /// Records a request sent upstream. A client reusing the ID of an
+    /// outstanding request breaks RFC 4511; the newer request wins.
+    pub fn start(&mut self, msgid: i32, entry: InFlight) {
+        self.ops.insert(msgid, entry);
+    }
+
+    /// Handles a response: a final response ends its request, which is
+    /// returned. Entries, references and intermediate responses do not.
+    pub fn response(&mut self, msgid: i32, response_op: u8) -> Option<InFlight> {
+        if op::is_final_response(response_op) {
+            self.ops.remove(&msgid)
+        } else {
+            None
+        }
+    }
+
+    /// An abandon request: the abandoned operation gets no response.
+    pub fn abandon(&mut self, msgid: i32) -> Option<InFlight> {
+        self.ops.remove(&msgid)
+    }
+
+    /// The request with this ID, if outstanding.
+    pub fn get(&self, msgid: i32) -> Option<&InFlight> {
+        self.ops.get(&msgid)
+    }
+
+    /// Number of outstanding requests.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// True when nothing is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Outstanding requests, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (i32, &InFlight)> {
+        self.ops.iter().map(|(k, v)| (*k, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_ends_with_done_not_entries() {
+        let mut t = InFlightTable::default();
+        t.start(1, InFlight::new(op::SEARCH_REQUEST));
+        t.start(2, InFlight::new(op::MODIFY_REQUEST));
+        assert!(t.response(1, op::SEARCH_RESULT_ENTRY).is_none());
+        assert!(t.response(1, op::SEARCH_RESULT_REFERENCE).is_none());
+        assert!(t.response(1, op::INTERMEDIATE_RESPONSE).is_none());
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t.response(1, op::SEARCH_RESULT_DONE).unwrap().op,
+            op::SEARCH_REQUEST
+        );
+        assert!(t.get(2).is_some());
+        assert!(t.abandon(2).is_some());
+        assert!(t.is_empty());
+        // A late response to an abandoned request is harmless.
+        assert!(t.response(2, op::MODIFY_RESPONSE).is_none());
+    }
+}

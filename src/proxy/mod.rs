@@ -1,0 +1,272 @@
+//! The listener side: bind every configured listener, accept clients, run one
+//! [`session`] per client, and shut down gracefully.
+
+pub mod inflight;
+pub mod session;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::endpoint::{BoxRead, BoxWrite, Endpoint};
+use crate::freeze::Gate;
+
+/// What every session of one proxy shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration it was started with.
+    pub config: Config,
+    /// Where sessions connect.
+    pub upstream: Endpoint,
+    /// The freeze gate.
+    pub gate: Gate,
+    next_conn: AtomicU64,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), peer.to_string()))
+            }
+            Listener::Unix(l, path) => {
+                let (s, _) = l.accept().await?;
+                let peer = match s.peer_cred() {
+                    Ok(c) => format!("ldapi:{} uid={}", path.display(), c.uid()),
+                    Err(_) => format!("ldapi:{}", path.display()),
+                };
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), peer))
+            }
+        }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        match self {
+            Listener::Tcp(l) => Endpoint::Tcp(
+                l.local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "?".into()),
+            ),
+            Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A proxy with its listeners bound, ready to [`run`](Server::run).
+pub struct Server {
+    listeners: Vec<Listener>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Validates the configuration and binds every listener. An upstream
+    /// that cannot be reached now is only a warning: each client connection
+    /// tries again.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let (listen, upstream) = config.validate()?;
+        let mut listeners = Vec::new();
+        for ep in &listen {
+            let l = match ep {
+                Endpoint::Tcp(addr) => Listener::Tcp(
+                    TcpListener::bind(addr.as_str())
+                        .await
+                        .with_context(|| format!("cannot listen on {ep}"))?,
+                ),
+                Endpoint::Unix(path) => {
+                    // A stale socket from a previous run would make bind fail;
+                    // refuse to remove anything that is not a socket.
+                    if let Ok(meta) = std::fs::symlink_metadata(path) {
+                        use std::os::unix::fs::FileTypeExt;
+                        if meta.file_type().is_socket() {
+                            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                                anyhow::bail!("cannot listen on {ep}: another server is using it");
+                            }
+                            std::fs::remove_file(path).ok();
+                        } else {
+                            anyhow::bail!("cannot listen on {ep}: path exists and is not a socket");
+                        }
+                    }
+                    Listener::Unix(
+                        UnixListener::bind(path)
+                            .with_context(|| format!("cannot listen on {ep}"))?,
+                        path.clone(),
+                    )
+                }
+            };
+            info!(listen = %l.endpoint(), "listening");
+            listeners.push(l);
+        }
+        match tokio::time::timeout(config.upstream_connect_timeout(), upstream.connect()).await {
+            Ok(Ok(_)) => info!(%upstream, "upstream reachable"),
+            Ok(Err(e)) => {
+                warn!(%upstream, "upstream not reachable at start-up (will retry per connection): {e}")
+            }
+            Err(_) => {
+                warn!(%upstream, "upstream connect timed out at start-up (will retry per connection)")
+            }
+        }
+        Ok(Server {
+            listeners,
+            shared: Arc::new(Shared {
+                config,
+                upstream,
+                gate: Gate::default(),
+                next_conn: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The bound listeners (with the real port when 0 was asked for).
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.listeners.iter().map(Listener::endpoint).collect()
+    }
+
+    /// Accepts clients until `shutdown` completes, then stops accepting, lets
+    /// in-flight operations finish for up to the configured grace period,
+    /// sends each remaining client a Notice of Disconnection and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut acceptors = Vec::new();
+        let listeners: Vec<Arc<Listener>> = self.listeners.into_iter().map(Arc::new).collect();
+        for l in &listeners {
+            acceptors.push(tokio::spawn(accept_loop(
+                l.clone(),
+                self.shared.clone(),
+                tracker.clone(),
+                stop.clone(),
+                abort.clone(),
+            )));
+        }
+        shutdown.await;
+        let grace = self.shared.config.shutdown_grace();
+        info!(
+            sessions = tracker.len(),
+            grace_s = grace.as_secs(),
+            "shutting down: no new connections, waiting for in-flight operations"
+        );
+        stop.cancel();
+        for a in acceptors {
+            let _ = a.await;
+        }
+        drop(listeners);
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                sessions = tracker.len(),
+                "grace period over: closing remaining sessions"
+            );
+            abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+        info!("stopped");
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((r, w, peer)) => {
+                backoff = Duration::from_millis(10);
+                let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                tracker.spawn(session::serve(
+                    id,
+                    peer,
+                    (r, w),
+                    shared.clone(),
+                    stop.clone(),
+                    abort.clone(),
+                ));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off, never stop listening.
+                error!(listen = %listener.endpoint(), "accept failed: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// A proxy running on the current tokio runtime (for tests, the demo and
+/// benchmarks).
+pub struct ProxyHandle {
+    endpoints: Vec<Endpoint>,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ProxyHandle {
+    /// Binds and starts a proxy in a background task.
+    pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
+        let server = Server::bind(config).await?;
+        let endpoints = server.endpoints();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move { server.run(s.cancelled_owned()).await });
+        Ok(ProxyHandle {
+            endpoints,
+            stop,
+            task,
+        })
+    }
+
+    /// The listeners, in configuration order.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// URL of the first listener.
+    pub fn url(&self) -> String {
+        self.endpoints[0].url()
+    }
+
+    /// Graceful shutdown, as on SIGTERM; returns when the proxy has stopped.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}

@@ -1,0 +1,10 @@
+//! LDAP on the wire: BER TLV reader, framing codec, envelope peek and the few
+//! PDUs the proxy authors itself.
+
+pub mod ber;
+pub mod codec;
+pub mod envelope;
+pub mod pdu;
+
+pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_PDU};
+pub use envelope::{op, Envelope, EnvelopeError};
