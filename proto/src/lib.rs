@@ -353,66 +353,86 @@ fn decode_exact<T: Decode>(
     if input.is_empty() {
         return Err(fail("the value is empty".to_owned()));
     }
-    match rasn::ber::decode_with_remainder::<T>(input) {
-        Ok((value, [])) => Ok(value),
-        Ok((_, rest)) => Err(fail(format!(
-            "{} octet(s) follow the end of the value",
-            rest.len()
-        ))),
-        Err(error) => {
-            // rasn 0.30's BER decoder rejects the components that a later
-            // version of the module may append after `...`, which a decoder
-            // must ignore: retry without them. The error reported is the
-            // one about the value as received.
-            if let Some(root) = without_extensions(input, shape) {
-                if let Ok((value, [])) = rasn::ber::decode_with_remainder::<T>(&root) {
-                    return Ok(value);
-                }
-            }
-            Err(fail(error.kind.to_string()))
-        }
+    let (value, trailing) = match rasn::ber::decode_with_remainder::<T>(input) {
+        Ok((value, rest)) => (value, rest.len()),
+        // rasn 0.30's BER decoder rejects the components that a later
+        // version of the module may append after `...`, which a decoder must
+        // ignore: retry without them (they never touch the octets after the
+        // value). The error reported is the one about the value as received.
+        Err(error) => without_extensions(input, shape)
+            .and_then(|root| {
+                let (value, rest) = rasn::ber::decode_with_remainder::<T>(&root).ok()?;
+                Some((value, rest.len()))
+            })
+            .ok_or_else(|| fail(error.kind.to_string()))?,
+    };
+    if trailing != 0 {
+        return Err(fail(format!(
+            "{trailing} octet(s) follow the end of the value"
+        )));
     }
+    Ok(value)
 }
 
 // Extension additions.
 //
-// Every SEQUENCE of the module ends with `...`, so a newer peer may append
-// components (with tags that are not root tags) after the root ones. To
-// ignore them, the value is re-encoded without them: in each SEQUENCE, the
-// components from the first one whose tag is not a root tag to the end are
-// dropped, provided no root tag follows them (that would be a malformed
-// value, left for rasn to reject). Only definite lengths are handled (LDAP
-// allows no other); anything unexpected leaves the value as it is.
+// Every SEQUENCE of the module ends with `...`; a later version may append
+// components there, and the module reserves for them the context-specific
+// tags above the root ones ([3] up in AllowBackupRequest, [7] up in
+// AllowBackupStatus, [0] up in BackendStatus). To ignore them, the value is
+// re-encoded without them: in each SEQUENCE, the root components are kept
+// and the components with such a tag after them dropped. Anything else (an
+// unknown universal tag, say, or a root component after an addition) is left
+// for rasn to reject, as is an addition inside an indefinite length (which
+// LDAP does not allow, though rasn accepts it otherwise).
 
-/// The root components of an extensible SEQUENCE: the identifier octet of
-/// each (constructed bit cleared) and, for a `SEQUENCE OF` an extensible
-/// SEQUENCE, the shape of the elements.
-struct Shape(&'static [(u8, Option<&'static Shape>)]);
+/// The components of an extensible SEQUENCE: the identifier octet of each
+/// root component (constructed bit cleared) with, for a SEQUENCE OF an
+/// extensible SEQUENCE, the shape of its elements; then the first context
+/// tag number reserved for extension additions.
+struct Shape(&'static [(u8, Option<&'static Shape>)], u8);
 
-const REQUEST_SHAPE: Shape = Shape(&[
-    (0x01, None), // mode BOOLEAN
-    (0x80, None), // timeLimit [0]
-    (0x81, None), // dnSet [1]
-    (0x82, None), // holdUntilUnbind [2]
-]);
+const REQUEST_SHAPE: Shape = Shape(
+    &[
+        (0x01, None), // mode BOOLEAN
+        (0x80, None), // timeLimit [0]
+        (0x81, None), // dnSet [1]
+        (0x82, None), // holdUntilUnbind [2]
+    ],
+    3,
+);
 
-const BACKEND_STATUS_SHAPE: Shape = Shape(&[
-    (0x04, None), // suffix OCTET STRING
-    (0x0a, None), // mode ENUMERATED
-    (0x01, None), // frozen BOOLEAN
-]);
+const BACKEND_STATUS_SHAPE: Shape = Shape(
+    &[
+        (0x04, None), // suffix OCTET STRING
+        (0x0a, None), // mode ENUMERATED
+        (0x01, None), // frozen BOOLEAN
+    ],
+    0,
+);
 
-const STATUS_SHAPE: Shape = Shape(&[
-    (0x0a, None),                        // state ENUMERATED
-    (0x10, Some(&BACKEND_STATUS_SHAPE)), // backends SEQUENCE OF
-    (0x80, None),                        // holder [0]
-    (0x81, None),                        // since [1]
-    (0x82, None),                        // queuedRequests [2]
-    (0x83, None),                        // queuedBytes [3]
-    (0x84, None),                        // inFlight [4]
-    (0x85, None),                        // leaseExpires [5]
-    (0x86, None),                        // freezeId [6]
-]);
+const STATUS_SHAPE: Shape = Shape(
+    &[
+        (0x0a, None),                        // state ENUMERATED
+        (0x10, Some(&BACKEND_STATUS_SHAPE)), // backends SEQUENCE OF
+        (0x80, None),                        // holder [0]
+        (0x81, None),                        // since [1]
+        (0x82, None),                        // queuedRequests [2]
+        (0x83, None),                        // queuedBytes [3]
+        (0x84, None),                        // inFlight [4]
+        (0x85, None),                        // leaseExpires [5]
+        (0x86, None),                        // freezeId [6]
+    ],
+    7,
+);
+
+impl Shape {
+    /// Whether `identifier` is a context tag reserved for extension additions.
+    fn is_extension(&self, identifier: &[u8]) -> bool {
+        let number = identifier[0] & 0x1f;
+        identifier[0] & 0xc0 == 0x80 && (number == 0x1f || number >= self.1)
+    }
+}
 
 /// `input` with the extension additions of its first value removed, or
 /// `None` when that changes nothing or cannot be done.
@@ -432,15 +452,21 @@ fn root_contents(mut contents: &[u8], shape: &Shape) -> Option<Vec<u8>> {
         let (identifier, inner, rest) = split_tlv(contents)?;
         let whole = &contents[..contents.len() - rest.len()];
         contents = rest;
+        if shape.is_extension(identifier) {
+            in_extensions = true;
+            continue;
+        }
+        if in_extensions {
+            return None;
+        }
         let root = match identifier {
             [octet] => shape.0.iter().find(|(root, _)| *root == octet & !0x20),
             _ => None,
         };
-        match (root, in_extensions) {
-            (None, _) => in_extensions = true,
-            (Some(_), true) => return None,
-            (Some((_, None)), false) => out.extend_from_slice(whole),
-            (Some((_, Some(element))), false) => {
+        match root {
+            None => return None,
+            Some((_, None)) => out.extend_from_slice(whole),
+            Some((_, Some(element))) => {
                 let mut elements = Vec::with_capacity(inner.len());
                 let mut inner = inner;
                 while !inner.is_empty() {

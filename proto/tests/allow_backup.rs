@@ -35,8 +35,8 @@ const ON_30_EXAMPLE: [u8; 29] = [
     0x80, 0x01, 0x1E, // timeLimit [0] IMPLICIT INTEGER 30
     0xA1, 0x13, // dnSet [1] IMPLICIT SET OF (constructed), 19 octets
     0x04, 0x11, // LDAPDN OCTET STRING, 17 octets: "dc=example,dc=org"
-    b'd', b'c', b'=', b'e', b'x', b'a', b'm', b'p', b'l', b'e', b',', b'd', b'c', b'=', b'o',
-    b'r', b'g',
+    b'd', b'c', b'=', b'e', b'x', b'a', b'm', b'p', b'l', b'e', b',', b'd', b'c', b'=', b'o', b'r',
+    b'g',
 ];
 
 /// The status of a thawed server with one read-only backend, by hand.
@@ -46,8 +46,8 @@ const THAWED_EXAMPLE: [u8; 43] = [
     0x30, 0x1B, // backends SEQUENCE OF, 27 octets
     0x30, 0x19, // BackendStatus SEQUENCE, 25 octets
     0x04, 0x11, // suffix "dc=example,dc=org"
-    b'd', b'c', b'=', b'e', b'x', b'a', b'm', b'p', b'l', b'e', b',', b'd', b'c', b'=', b'o',
-    b'r', b'g', //
+    b'd', b'c', b'=', b'e', b'x', b'a', b'm', b'p', b'l', b'e', b',', b'd', b'c', b'=', b'o', b'r',
+    b'g', //
     0x0A, 0x01, 0x00, // mode ENUMERATED readonly
     0x01, 0x01, 0x00, // frozen BOOLEAN FALSE
     0x82, 0x01, 0x00, // queuedRequests [2] 0
@@ -96,9 +96,8 @@ fn status_error(input: &[u8]) -> String {
         .expect_err("decoding should fail")
         .to_string();
     assert!(
-        message.starts_with(
-            "Allow-Backup status response value is not a valid AllowBackupStatus: "
-        ),
+        message
+            .starts_with("Allow-Backup status response value is not a valid AllowBackupStatus: "),
         "{message}"
     );
     message
@@ -189,7 +188,9 @@ fn request_round_trips_with_every_field() {
 #[test]
 fn time_limit_above_max_int_is_lowered() {
     assert_eq!(
-        AllowBackupRequest::on().with_time_limit(u32::MAX).time_limit,
+        AllowBackupRequest::on()
+            .with_time_limit(u32::MAX)
+            .time_limit,
         Some(MAX_INT)
     );
     let mut request = AllowBackupRequest::on();
@@ -238,11 +239,11 @@ fn wrong_outer_tag_is_an_error() {
 #[test]
 fn time_limit_out_of_range_is_an_error() {
     for time_limit in [
-        &[0xFF][..],                        // -1
-        &[0x80, 0x00, 0x00, 0x00],          // -2^31
-        &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF],    // -1, padded
-        &[0x00, 0x80, 0x00, 0x00, 0x00],    // maxInt + 1
-        &[0x01, 0x00, 0x00, 0x00, 0x00],    // 2^32
+        &[0xFF][..],                     // -1
+        &[0x80, 0x00, 0x00, 0x00],       // -2^31
+        &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF], // -1, padded
+        &[0x00, 0x80, 0x00, 0x00, 0x00], // maxInt + 1
+        &[0x01, 0x00, 0x00, 0x00, 0x00], // 2^32
     ] {
         let mut input = vec![0x30, 5 + time_limit.len() as u8, 0x01, 0x01, 0xFF, 0x80];
         input.push(time_limit.len() as u8);
@@ -273,16 +274,27 @@ fn trailing_octets_are_an_error() {
 
 #[test]
 fn other_malformed_requests_are_errors() {
-    for input in [
-        &[0x30, 0x00][..],                                       // mode missing
-        &[0x30, 0x03, 0x04, 0x01, 0xFF],                         // mode not a BOOLEAN
-        &[0x30, 0x04, 0x01, 0x02, 0x00, 0xFF],                   // BOOLEAN of 2 octets
-        &[0x30, 0x06, 0x01, 0x01, 0xFF, 0x82, 0x01, 0x00][..5],  // length beyond the end
-        &[0x30, 0x06, 0x01, 0x01, 0xFF, 0x80, 0x00, 0x00],       // trailing octets inside
-        &[0x30, 0x09, 0x01, 0x01, 0xFF, 0x82, 0x01, 0xFF, 0x80, 0x01, 0x1E], // out of order
-        &[0x30, 0x07, 0x01, 0x01, 0xFF, 0xA1, 0x02, 0x02, 0x00], // dnSet of an INTEGER
-    ] {
-        request_error(input);
+    let cases: [(&[u8], &str); 7] = [
+        (&[0x30, 0x00], "mode"),
+        (&[0x30, 0x03, 0x04, 0x01, 0xFF], "mode"), // not a BOOLEAN
+        (&[0x30, 0x04, 0x01, 0x02, 0x00, 0xFF], "mode"), // 2 octets
+        (&[0x30, 0x06, 0x01, 0x01, 0xFF], "more data"), // length beyond the end
+        (&[0x30, 0x05, 0x01, 0x01, 0xFF, 0x80, 0x00], "time_limit"), // no octet
+        (
+            &[0x30, 0x07, 0x01, 0x01, 0xFF, 0xA1, 0x02, 0x02, 0x00],
+            "dn_set",
+        ), // of INTEGER
+        // holdUntilUnbind before timeLimit
+        (
+            &[
+                0x30, 0x09, 0x01, 0x01, 0xFF, 0x82, 0x01, 0xFF, 0x80, 0x01, 0x1E,
+            ],
+            "extra data",
+        ),
+    ];
+    for (input, about) in cases {
+        let message = request_error(input);
+        assert!(message.contains(about), "{message}");
     }
 }
 
@@ -309,7 +321,7 @@ fn status_optional_fields_have_known_bytes() {
     status.queued_bytes = 0x1_0000_0000;
     status.in_flight = 127;
     let bytes = [
-        0x30, 0x2E, // SEQUENCE, 46 octets
+        0x30, 0x2B, // SEQUENCE, 43 octets
         0x0A, 0x01, 0x02, // state frozen
         0x30, 0x00, // backends: none
         0x80, 0x04, b'c', b'n', b'=', b'b', // holder [0]
@@ -318,7 +330,8 @@ fn status_optional_fields_have_known_bytes() {
         0x83, 0x05, 0x01, 0x00, 0x00, 0x00, 0x00, // queuedBytes [3] 2^32
         0x84, 0x01, 0x7F, // inFlight [4] 127
         0x85, 0x02, 0x00, 0x80, // leaseExpires [5] 128
-        0x86, 0x09, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, // freezeId [6] 2^64-1
+        0x86, 0x09, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFF, // freezeId [6] 2^64-1
     ];
     assert_eq!(encode_status(&status), bytes);
     assert_eq!(decode_status(&bytes).unwrap(), status);
@@ -328,7 +341,11 @@ fn status_optional_fields_have_known_bytes() {
 fn status_round_trips_with_every_field() {
     let status = full_status();
     assert_eq!(decode_status(&encode_status(&status)).unwrap(), status);
-    for state in [FreezeState::Thawed, FreezeState::Draining, FreezeState::Frozen] {
+    for state in [
+        FreezeState::Thawed,
+        FreezeState::Draining,
+        FreezeState::Frozen,
+    ] {
         let status = AllowBackupStatus {
             state,
             ..full_status()
@@ -339,22 +356,76 @@ fn status_round_trips_with_every_field() {
     assert_eq!(decode_status(&encode_status(&minimal)).unwrap(), minimal);
 }
 
+/// THAWED_EXAMPLE built from its parts, with some of them changed.
+struct Thawed {
+    state: u8,
+    mode: u8,
+    backend_extra: Vec<u8>,
+    queued_requests: Option<u8>,
+    in_flight: u8,
+}
+
+impl Thawed {
+    const AS_IS: Thawed = Thawed {
+        state: 0,
+        mode: 0,
+        backend_extra: Vec::new(),
+        queued_requests: Some(0),
+        in_flight: 0,
+    };
+
+    fn encode(&self) -> Vec<u8> {
+        let mut backend = tlv(0x04, b"dc=example,dc=org");
+        backend.extend(tlv(0x0A, &[self.mode]));
+        backend.extend(tlv(0x01, &[0x00]));
+        backend.extend_from_slice(&self.backend_extra);
+        let mut contents = tlv(0x0A, &[self.state]);
+        contents.extend(tlv(0x30, &tlv(0x30, &backend)));
+        if let Some(queued_requests) = self.queued_requests {
+            contents.extend(tlv(0x82, &[queued_requests]));
+        }
+        contents.extend(tlv(0x83, &[0x00]));
+        contents.extend(tlv(0x84, &[self.in_flight]));
+        tlv(0x30, &contents)
+    }
+}
+
 #[test]
 fn malformed_statuses_are_errors() {
-    let mut unknown_state = THAWED_EXAMPLE;
-    unknown_state[4] = 3;
-    status_error(&unknown_state);
-    let mut unknown_mode = THAWED_EXAMPLE;
-    unknown_mode[30] = 3;
-    status_error(&unknown_mode);
-    let mut negative_count = THAWED_EXAMPLE;
-    negative_count[42] = 0xFF;
-    status_error(&negative_count);
-    // queuedRequests missing
-    let mut missing = THAWED_EXAMPLE.to_vec();
-    missing.drain(35..38);
-    missing[1] -= 3;
-    status_error(&missing);
+    // The builder is right, and gives a valid value when nothing is changed.
+    assert_eq!(Thawed::AS_IS.encode(), THAWED_EXAMPLE);
+    decode_status(&Thawed::AS_IS.encode()).unwrap();
+    for broken in [
+        Thawed {
+            state: 3,
+            ..Thawed::AS_IS
+        },
+        Thawed {
+            mode: 3,
+            ..Thawed::AS_IS
+        },
+        Thawed {
+            in_flight: 0xFF,
+            ..Thawed::AS_IS
+        }, // -1
+        Thawed {
+            queued_requests: None,
+            ..Thawed::AS_IS
+        },
+        // An unknown universal component (not an addition) in a BackendStatus.
+        Thawed {
+            backend_extra: tlv(0x04, &[]),
+            ..Thawed::AS_IS
+        },
+    ] {
+        status_error(&broken.encode());
+    }
+    // Where an addition would be fine.
+    let extended = Thawed {
+        backend_extra: tlv(0x80, &[]),
+        ..Thawed::AS_IS
+    };
+    decode_status(&extended.encode()).unwrap();
 }
 
 /// Wraps `contents` in a TLV with a minimal definite length (< 64 KiB).
@@ -371,101 +442,94 @@ fn tlv(identifier: u8, contents: &[u8]) -> Vec<u8> {
 
 #[test]
 fn unknown_extension_additions_are_ignored() {
-    // A [3] (and a [31], a high-tag-number tag) appended by a later version.
+    // A [3] and a [31] (high-tag-number form) appended by a later version.
     let mut contents = ON_30_EXAMPLE[2..].to_vec();
     contents.extend(tlv(0x83, &[0x05]));
-    contents.extend(tlv(0xBF, &[]).iter().take(1).chain(&[0x1F, 0x01, 0x00]));
+    contents.extend([0xBF, 0x1F, 0x01, 0x00]);
     let request = AllowBackupRequest::on()
         .with_time_limit(30)
         .with_dn_set(["dc=example,dc=org"]);
     assert_eq!(decode_request(&tlv(0x30, &contents)).unwrap(), request);
 
-    // Additions to AllowBackupStatus and to a BackendStatus, with long
-    // lengths around them.
+    // Additions to AllowBackupStatus and to each BackendStatus, with long
+    // (two-octet) lengths around them.
     let long = "ou=".to_owned() + &"x".repeat(300) + ",dc=example,dc=org";
-    let mut status = full_status();
-    status.backends[1] = BackendStatus::new(&long, BackendMode::Stop, true);
-    status.holder = Some(LdapDn::from_slice(long.as_bytes()));
-    let encoded = encode_status(&status);
-    let mut backends = Vec::new();
-    for backend in &status.backends {
-        let mut backend_contents = tlv(0x04, &backend.suffix);
-        backend_contents.extend(tlv(0x0A, &[backend.mode as u8]));
-        backend_contents.extend(tlv(0x01, &[if backend.frozen { 0xFF } else { 0 }]));
-        assert_eq!(tlv(0x30, &backend_contents), encode_backend(backend));
-        backend_contents.extend(tlv(0x80, b"later"));
-        backends.extend(tlv(0x30, &backend_contents));
-    }
-    let mut contents = tlv(0x0A, &[1]);
-    contents.extend(tlv(0x30, &backends));
-    let rest = encoded.len() - split_after_backends(&encoded, &status);
-    contents.extend_from_slice(&encoded[encoded.len() - rest..]);
-    contents.extend(tlv(0x87, &[0x01]));
-    contents.extend(tlv(0xA8, &tlv(0x04, b"x")));
-    assert_eq!(decode_status(&tlv(0x30, &contents)).unwrap(), status);
-}
-
-/// The DER of a BackendStatus alone, from the encoding of a status holding it.
-fn encode_backend(backend: &BackendStatus) -> Vec<u8> {
-    let encoded = encode_status(&AllowBackupStatus::thawed(vec![backend.clone()]));
-    let start = 2 + if encoded[1] & 0x80 != 0 { (encoded[1] & 0x7F) as usize } else { 0 } + 3;
-    let header = 2 + if encoded[start + 1] & 0x80 != 0 {
-        (encoded[start + 1] & 0x7F) as usize
-    } else {
-        0
+    let status = AllowBackupStatus {
+        state: FreezeState::Frozen,
+        backends: vec![
+            BackendStatus::new("o=a", BackendMode::Readonly, true),
+            BackendStatus::new(&long, BackendMode::Stop, false),
+        ],
+        holder: Some(LdapDn::from_slice(long.as_bytes())),
+        since: Some(1),
+        queued_requests: 2,
+        queued_bytes: 3,
+        in_flight: 4,
+        lease_expires: Some(5),
+        freeze_id: Some(6),
     };
-    let length = encoded[start + header..]
-        .iter()
-        .take(0)
-        .count();
-    let _ = length;
-    // Skip the SEQUENCE OF header to the BackendStatus.
-    let inner = start + header;
-    let inner_header = 2 + if encoded[inner + 1] & 0x80 != 0 {
-        (encoded[inner + 1] & 0x7F) as usize
-    } else {
-        0
+    let encode = |extended: bool| {
+        let mut backends = Vec::new();
+        for (suffix, mode, frozen) in [(&b"o=a"[..], 0, 0xFF), (long.as_bytes(), 1, 0)] {
+            let mut backend = tlv(0x04, suffix);
+            backend.extend(tlv(0x0A, &[mode]));
+            backend.extend(tlv(0x01, &[frozen]));
+            if extended {
+                backend.extend(tlv(0x80, b"later"));
+            }
+            backends.extend(tlv(0x30, &backend));
+        }
+        let mut contents = tlv(0x0A, &[2]);
+        contents.extend(tlv(0x30, &backends));
+        contents.extend(tlv(0x80, long.as_bytes()));
+        for (tag, value) in [
+            (0x81, 1),
+            (0x82, 2),
+            (0x83, 3),
+            (0x84, 4),
+            (0x85, 5),
+            (0x86, 6),
+        ] {
+            contents.extend(tlv(tag, &[value]));
+        }
+        if extended {
+            contents.extend(tlv(0x87, &[0x01]));
+            contents.extend(tlv(0xA8, &tlv(0x04, &[b'x'; 200])));
+        }
+        tlv(0x30, &contents)
     };
-    let inner_length = if encoded[inner + 1] & 0x80 != 0 {
-        encoded[inner + 2..inner + inner_header]
-            .iter()
-            .fold(0, |n, &b| n << 8 | b as usize)
-    } else {
-        encoded[inner + 1] as usize
-    };
-    encoded[inner..inner + inner_header + inner_length].to_vec()
-}
-
-/// Offset in `encoded` (a whole status) just after its `backends`.
-fn split_after_backends(encoded: &[u8], status: &AllowBackupStatus) -> usize {
-    let without = encode_status(&AllowBackupStatus {
-        backends: vec![],
-        ..status.clone()
-    });
-    // Everything after `backends` is the same with or without them.
-    let tail = without.len() - (2 + header_extra(&without) + 3 + 2);
-    encoded.len() - tail
-}
-
-fn header_extra(encoded: &[u8]) -> usize {
-    if encoded[1] & 0x80 != 0 {
-        (encoded[1] & 0x7F) as usize
-    } else {
-        0
-    }
+    assert_eq!(encode_status(&status), encode(false));
+    assert_eq!(decode_status(&encode(true)).unwrap(), status);
 }
 
 #[test]
 fn malformed_extensions_are_still_errors() {
-    // A root component after an unknown one.
+    // A root component after an addition.
     let mut contents = vec![0x01, 0x01, 0xFF];
     contents.extend(tlv(0x83, &[0x05]));
     contents.extend(tlv(0x80, &[0x1E]));
     request_error(&tlv(0x30, &contents));
-    // A truncated unknown component.
-    let input = [0x30, 0x06, 0x01, 0x01, 0xFF, 0x83, 0x05, 0x00];
-    request_error(&input);
+    // Unknown components that are not in the range reserved for additions:
+    // a timeLimit with its universal tag, a dnSet as a plain SET, an
+    // application tag, a BackendStatus component with a universal tag.
+    for unknown in [
+        tlv(0x02, &[0x1E]),
+        tlv(0x31, &tlv(0x04, b"o=a")),
+        tlv(0x43, &[0x00]),
+        tlv(0x5F, &[]),
+    ] {
+        let mut contents = vec![0x01, 0x01, 0xFF];
+        contents.extend(unknown);
+        request_error(&tlv(0x30, &contents));
+    }
+    // A truncated addition.
+    request_error(&[0x30, 0x06, 0x01, 0x01, 0xFF, 0x83, 0x05, 0x00]);
     // An indefinite length is not LDAP.
-    let input = [0x30, 0x80, 0x01, 0x01, 0xFF, 0x83, 0x01, 0x05, 0x00, 0x00];
-    request_error(&input);
+    request_error(&[0x30, 0x80, 0x01, 0x01, 0xFF, 0x83, 0x01, 0x05, 0x00, 0x00]);
+    // An addition does not excuse trailing octets.
+    let message = request_error(&[0x30, 0x06, 0x01, 0x01, 0xFF, 0x83, 0x01, 0x05, 0x00]);
+    assert!(
+        message.ends_with(": 1 octet(s) follow the end of the value"),
+        "{message}"
+    );
 }

@@ -1,0 +1,252 @@
+//! Test support: a real slapd (from `abproxy::lab`) with the proxy under test
+//! in front of it, ldap-utils runners and a raw LDAP connection for
+//! byte-level checks. Nothing here depends on `../shared`.
+#![allow(dead_code)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use abproxy::config::Config;
+use abproxy::lab::{Slapd, SlapdOptions};
+use abproxy::wire::{Envelope, FrameCodec};
+use abproxy::ProxyHandle;
+use bytes::{Bytes, BytesMut};
+use ldap3_proto::proto::{LdapMsg, LdapOp};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+
+#[allow(unused_imports)]
+pub use abproxy::lab::{ADMIN_DN, ADMIN_PW};
+
+/// A slapd and a proxy in front of it.
+pub struct Lab {
+    pub slapd: Slapd,
+    pub proxy: ProxyHandle,
+}
+
+impl Lab {
+    /// slapd with 100 users, proxy with the default configuration.
+    pub async fn start() -> Lab {
+        Self::with(SlapdOptions::default(), |_| {}).await
+    }
+
+    /// slapd built from `opts`, proxy config adjusted by `tweak`.
+    pub async fn with(opts: SlapdOptions, tweak: impl FnOnce(&mut Config)) -> Lab {
+        let slapd = tokio::task::spawn_blocking(move || Slapd::start(opts))
+            .await
+            .unwrap()
+            .expect("start slapd");
+        let mut config = Config {
+            listen: vec!["ldap://127.0.0.1:0".into()],
+            upstream: slapd.url(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let proxy = ProxyHandle::spawn(config).await.expect("start proxy");
+        Lab { slapd, proxy }
+    }
+
+    /// The server itself.
+    pub fn direct(&self) -> String {
+        self.slapd.url()
+    }
+
+    /// The proxy's first listener.
+    pub fn proxied(&self) -> String {
+        self.proxy.url()
+    }
+
+    /// host:port of the proxy's first TCP listener.
+    pub fn proxy_addr(&self) -> String {
+        self.proxied().trim_start_matches("ldap://").to_string()
+    }
+
+    /// host:port of slapd.
+    pub fn direct_addr(&self) -> String {
+        self.direct().trim_start_matches("ldap://").to_string()
+    }
+}
+
+/// What an ldap-utils command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs an ldap-utils tool (`ldapsearch`, `ldapmodify`, ...) with `args`,
+/// feeding `stdin`; bounded to 60 s.
+pub async fn ldap_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> ToolOutput {
+    let mut cmd = tokio::process::Command::new(tool);
+    cmd.args(args)
+        .env("LDAPCONF", "/dev/null")
+        .env("LDAPRC", "/dev/null")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tool}: {e} (apt-get install -y ldap-utils)"));
+    if let Some(input) = stdin {
+        let mut w = child.stdin.take().unwrap();
+        w.write_all(input.as_bytes()).await.unwrap();
+        drop(w);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{tool} {args:?} did not finish in 60 s"))
+        .unwrap();
+    ToolOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs the same tool invocation against `direct` and `proxied`: every
+/// occurrence of the placeholder `URL` in `args` is replaced by the URL.
+pub async fn both(
+    lab: &Lab,
+    tool: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (ToolOutput, ToolOutput) {
+    let run = |url: String| {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if *a == "URL" {
+                    url.clone()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            ldap_tool(tool, &refs, stdin).await
+        }
+    };
+    let d = run(lab.direct()).await;
+    let p = run(lab.proxied()).await;
+    (d, p)
+}
+
+/// A raw LDAP connection: send bytes, read whole frames.
+pub struct RawConn {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    codec: FrameCodec,
+}
+
+impl RawConn {
+    pub async fn connect(addr: &str) -> RawConn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            buf: BytesMut::new(),
+            codec: FrameCodec::new(256 * 1024 * 1024),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    pub async fn send_msg(&mut self, msg: LdapMsg) {
+        let b = encode(msg);
+        self.send(&b).await;
+    }
+
+    /// The next frame, or None on EOF (or connection reset); panics after 30 s.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Some(f) = self.codec.decode(&mut self.buf).expect("frame") {
+                    return Some(f);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("no frame within 30 s")
+    }
+
+    /// Frames until (and including) the final response to `msgid`.
+    pub async fn recv_until_final(&mut self, msgid: i32) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        loop {
+            let f = self.recv().await.expect("connection closed early");
+            let env = Envelope::response(&f).unwrap();
+            out.push(f);
+            if env.msgid == msgid && abproxy::wire::op::is_final_response(env.op) {
+                return out;
+            }
+        }
+    }
+
+    /// Reads until EOF; returns the frames seen.
+    pub async fn recv_all(&mut self) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while let Some(f) = self.recv().await {
+            out.push(f);
+        }
+        out
+    }
+}
+
+/// Encodes a message with ldap3_proto (test-side client PDUs).
+pub fn encode(msg: LdapMsg) -> Bytes {
+    abproxy::wire::pdu::encode(msg)
+}
+
+/// A simple bind request.
+pub fn bind(msgid: i32, dn: &str, pw: &str) -> LdapMsg {
+    LdapMsg::new(
+        msgid,
+        LdapOp::BindRequest(ldap3_proto::proto::LdapBindRequest {
+            version: 3,
+            dn: dn.into(),
+            cred: ldap3_proto::proto::LdapBindCred::Simple(pw.into()),
+        }),
+    )
+}
+
+/// A search request (filter in RFC 4515 string form).
+pub fn search(msgid: i32, base: &str, scope: u8, filter: &str, attrs: &[&str]) -> LdapMsg {
+    use ldap3_proto::proto::{LdapDerefAliases, LdapSearchRequest, LdapSearchScope};
+    LdapMsg::new(
+        msgid,
+        LdapOp::SearchRequest(LdapSearchRequest {
+            base: base.into(),
+            scope: match scope {
+                0 => LdapSearchScope::Base,
+                1 => LdapSearchScope::OneLevel,
+                2 => LdapSearchScope::Subtree,
+                _ => LdapSearchScope::Children,
+            },
+            aliases: LdapDerefAliases::Never,
+            sizelimit: 0,
+            timelimit: 0,
+            typesonly: false,
+            filter: ldap3_proto::parse_ldap_filter_str(filter).expect("filter"),
+            attrs: attrs.iter().map(|a| a.to_string()).collect(),
+        }),
+    )
+}
+
+/// Result code of a final response frame.
+pub fn result_code(frame: &[u8]) -> Option<i64> {
+    Envelope::response(frame).unwrap().result_code
+}
