@@ -1,0 +1,245 @@
+//! The `abproxy` binary: flags, config files, TCP and ldapi listeners on both
+//! sides, start-up warnings and SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use abproxy::lab::{Slapd, SlapdOptions};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
+
+/// A running `abproxy serve` whose stderr is collected line by line.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("ABPROXY_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 20 s) for a log line containing `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn sigterm_and_wait(mut self) -> i32 {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        status.code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn bad_flags_and_configs_are_refused_with_a_reason() {
+    let out = Command::new(BIN)
+        .args(["serve", "--lisen", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--lisen"));
+
+    let out = Command::new(BIN)
+        .args(["serve", "--upstream", "ldaps://h:636", "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ldaps:// is not supported yet"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("abproxy.toml");
+    std::fs::write(&file, "upstream = \"ldap://127.0.0.1:1\"\nmax_pdu = 5\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--check-config",
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `max_pdu`"), "{err}");
+
+    std::fs::write(
+        &file,
+        "upstream = \"ldap://127.0.0.1:1\"\nmax_pdu_bytes = 65536\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--check-config",
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration OK"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_with_tcp_and_ldapi_on_both_sides() {
+    let slapd = tokio::task::spawn_blocking(|| Slapd::start(SlapdOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("abp")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let sock = dir.path().join("ldapi");
+    let port = free_port();
+    let file = dir.path().join("abproxy.toml");
+    // The file names a dead upstream; the flag overrides it with slapd's
+    // ldapi socket. Listeners: TCP and a unix socket.
+    std::fs::write(
+        &file,
+        format!(
+            "listen = [\"ldap://127.0.0.1:{port}\", \"ldapi://{}\"]\nupstream = \"ldap://127.0.0.1:1\"\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let mut proxy = Running::start(&[
+        "serve",
+        "--config",
+        file.to_str().unwrap(),
+        "--upstream",
+        &slapd.ldapi_url(),
+    ]);
+    proxy.wait_for("upstream reachable");
+    let ldapi = abproxy::endpoint::Endpoint::Unix(sock.clone()).url();
+    for url in [format!("ldap://127.0.0.1:{port}"), ldapi.clone()] {
+        let out = ldap_tool(
+            "ldapsearch",
+            &[
+                "-x",
+                "-LLL",
+                "-H",
+                &url,
+                "-b",
+                "ou=people,dc=example,dc=org",
+                "(uid=user7)",
+                "uid",
+            ],
+            None,
+        )
+        .await;
+        assert_eq!(out.code, Some(0), "{url}: {out:?}");
+        assert!(out.stdout.contains("uid: user7"), "{url}: {out:?}");
+    }
+    // SASL EXTERNAL through the ldapi listener reaches slapd over its ldapi
+    // socket: slapd sees the proxy's own credentials (uid 0 here).
+    let out = ldap_tool("ldapwhoami", &["-Q", "-Y", "EXTERNAL", "-H", &ldapi], None).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("uidNumber=0"), "{out:?}");
+
+    let code = tokio::task::spawn_blocking(move || {
+        proxy.wait_for("connection closed");
+        proxy.sigterm_and_wait()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "SIGTERM is a clean stop");
+    assert!(!sock.exists(), "the ldapi socket is removed on exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_is_a_warning_then_a_notice() {
+    let port = free_port();
+    let dead = free_port();
+    let mut proxy = Running::start(&[
+        "serve",
+        "--listen",
+        &format!("ldap://127.0.0.1:{port}"),
+        "--upstream",
+        &format!("ldap://127.0.0.1:{dead}"),
+    ]);
+    proxy.wait_for("listening");
+    let warn = proxy.wait_for("upstream not reachable at start-up");
+    assert!(warn.contains("WARN"), "{warn}");
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-H",
+            &format!("ldap://127.0.0.1:{port}"),
+            "-b",
+            "",
+            "-s",
+            "base",
+        ],
+        None,
+    )
+    .await;
+    assert_ne!(out.code, Some(0));
+    proxy.wait_for("cannot connect to upstream");
+    let code = tokio::task::spawn_blocking(move || proxy.sigterm_and_wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+}
