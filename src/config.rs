@@ -13,6 +13,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::endpoint::Endpoint;
+use crate::freeze::backend::{BackendMap, Mode};
 
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, Error)]
@@ -55,6 +56,68 @@ pub struct Config {
     pub upstream_connect_timeout_secs: u64,
     /// On SIGTERM/SIGINT: time allowed to in-flight operations to finish.
     pub shutdown_grace_secs: u64,
+    /// Backends by suffix. Empty: the upstream's namingContexts (rootDSE),
+    /// all in `readonly` mode, read at start-up and again at each freeze.
+    pub backends: Vec<BackendConfig>,
+    /// The Allow-Backup freeze.
+    pub freeze: FreezeConfig,
+}
+
+/// One `[[backends]]` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// The backend's suffix DN.
+    pub suffix: String,
+    /// `readonly` (hold writes), `stop` (hold everything) or `unimplemented`.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// The `[freeze]` table.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FreezeConfig {
+    /// Bound DNs allowed to freeze, resume and query the status.
+    pub allowed: Vec<String>,
+    /// Longest drain an ON may wait for (the request's timeLimit can only
+    /// shorten it), in seconds.
+    pub max_drain_secs: u64,
+    /// Lease: a freeze not ended by OFF ends by itself after this many seconds.
+    pub lease_secs: u64,
+    /// Treat binds as writes (servers that write on bind: ppolicy, lastbind).
+    pub bind_is_write: bool,
+    /// Extended operations known to be read-only (held only in `stop` mode).
+    pub read_only_extended: Vec<String>,
+    /// Queued requests per connection; when reached, the proxy stops reading
+    /// that client (TCP backpressure).
+    pub queue_max_requests_per_conn: usize,
+    /// Queued bytes per connection (same backpressure).
+    pub queue_max_bytes_per_conn: usize,
+    /// Queued requests over all connections.
+    pub queue_max_requests_total: usize,
+    /// Queued bytes over all connections.
+    pub queue_max_bytes_total: usize,
+    /// Responses of persistent searches held per connection in `stop` mode;
+    /// when reached, the proxy stops reading that upstream connection.
+    pub held_response_bytes_per_conn: usize,
+}
+
+impl Default for FreezeConfig {
+    fn default() -> Self {
+        FreezeConfig {
+            allowed: Vec::new(),
+            max_drain_secs: 30,
+            lease_secs: 600,
+            bind_is_write: false,
+            read_only_extended: Vec::new(),
+            queue_max_requests_per_conn: 1000,
+            queue_max_bytes_per_conn: 4 * 1024 * 1024,
+            queue_max_requests_total: 100_000,
+            queue_max_bytes_total: 256 * 1024 * 1024,
+            held_response_bytes_per_conn: 16 * 1024 * 1024,
+        }
+    }
 }
 
 impl Default for Config {
@@ -66,6 +129,8 @@ impl Default for Config {
             max_response_pdu_bytes: 64 * 1024 * 1024,
             upstream_connect_timeout_secs: 5,
             shutdown_grace_secs: 10,
+            backends: Vec::new(),
+            freeze: FreezeConfig::default(),
         }
     }
 }
@@ -113,7 +178,34 @@ impl Config {
                 "PDU size limits must fit in 4 BER length octets (< 4 GiB)".into(),
             ));
         }
+        self.backend_map()?;
+        let f = &self.freeze;
+        for dn in &f.allowed {
+            if crate::freeze::dn::NormDn::parse(dn.as_bytes()).is_none_or(|n| n.is_root()) {
+                return Err(ConfigError::Invalid(format!(
+                    "freeze.allowed: {dn:?} is not a DN"
+                )));
+            }
+        }
+        if f.lease_secs == 0
+            || f.queue_max_requests_per_conn == 0
+            || f.queue_max_bytes_per_conn < self.max_pdu_bytes.min(1 << 20)
+            || f.queue_max_requests_total < f.queue_max_requests_per_conn
+            || f.queue_max_bytes_total < f.queue_max_bytes_per_conn
+        {
+            return Err(ConfigError::Invalid(
+                "freeze: lease_secs and queue limits must be positive; per-connection byte \
+                 limit at least min(max_pdu_bytes, 1 MiB); totals at least the per-connection limits"
+                    .into(),
+            ));
+        }
         Ok((listen, upstream))
+    }
+
+    /// The configured backends (empty when they come from the rootDSE).
+    pub fn backend_map(&self) -> Result<BackendMap, ConfigError> {
+        BackendMap::new(self.backends.iter().map(|b| (b.suffix.clone(), b.mode)))
+            .map_err(|e| ConfigError::Invalid(format!("backends: {e}")))
     }
 
     /// Upstream connect timeout.
@@ -138,6 +230,35 @@ mod tests {
         assert_eq!(c.max_pdu_bytes, 16 * 1024 * 1024);
         assert_eq!(c.listen, Config::default().listen);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn backends_and_freeze_tables() {
+        let c = Config::from_toml(
+            r#"
+            [[backends]]
+            suffix = "dc=example,dc=org"
+            [[backends]]
+            suffix = "dc=other,dc=org"
+            mode = "stop"
+            [freeze]
+            allowed = ["cn=admin,dc=example,dc=org"]
+            max_drain_secs = 5
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let map = c.backend_map().unwrap();
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.backends()[0].mode, Mode::Readonly);
+        assert_eq!(map.backends()[1].mode, Mode::Stop);
+        assert_eq!(c.freeze.max_drain_secs, 5);
+        assert_eq!(c.freeze.lease_secs, 600);
+        assert!(Config::from_toml("[[backends]]\nsuffix = \"x\"\nmode = \"frozen\"").is_err());
+        let bad = Config::from_toml("[[backends]]\nsuffix = \"nodn\"").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("backends"));
+        let bad = Config::from_toml("[freeze]\nallowed = [\"\"]").unwrap();
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -72,7 +72,6 @@ async fn searches_in_every_scope_with_filters_and_attributes() {
             11,
         ),
         (vec!["-b", "dc=other,dc=org", "(!(uid=*))", "dn"], 3 + 1 + 1),
-        (vec!["-b", "", "-s", "base", "(objectClass=*)", "+"], 1),
     ] {
         let mut args = base.to_vec();
         args.extend(extra.iter());
@@ -80,6 +79,33 @@ async fn searches_in_every_scope_with_filters_and_attributes() {
         assert_eq!(out.code, Some(0), "{args:?}: {}", out.stderr);
         assert_eq!(dns(&out.stdout), want_dns, "{args:?}\n{}", out.stdout);
     }
+    // The root DSE: the same, plus the proxy's two extended operations.
+    let (d, p) = both(
+        &lab,
+        "ldapsearch",
+        &["-x", "-LLL", "-H", "URL", "-b", "", "-s", "base", "+"],
+        None,
+    )
+    .await;
+    assert_eq!((d.code, p.code), (Some(0), Some(0)));
+    let mut extra: Vec<&str> = p.stdout.lines().collect();
+    for line in d.stdout.lines() {
+        let i = extra
+            .iter()
+            .position(|l| *l == line)
+            .expect("every direct line is kept");
+        extra.remove(i);
+    }
+    assert_eq!(
+        extra,
+        [
+            format!("supportedExtension: {}", abproxy_proto::ALLOW_BACKUP_OID),
+            format!(
+                "supportedExtension: {}",
+                abproxy_proto::ALLOW_BACKUP_STATUS_OID
+            )
+        ]
+    );
     // Errors: no such base (32), size limit (4) for anonymous users.
     let out = same(
         &lab,
@@ -269,7 +295,10 @@ async fn writes_and_compare() {
     // Errors: an existing entry (68), an undefined attribute (17), a missing entry (32).
     for (ldif, code) in [
         (
-            format!("dn: {}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: user1\ncn: x\nsn: x\n\n", user_dn(1)),
+            format!(
+                "dn: {}\nchangetype: add\nobjectClass: inetOrgPerson\nuid: user1\ncn: x\nsn: x\n\n",
+                user_dn(1)
+            ),
             68,
         ),
         (

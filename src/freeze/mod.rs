@@ -1,26 +1,20 @@
-//! The freeze engine's place in the data flow.
+//! The freeze: everything about Allow-Backup lives here.
 //!
-//! Every request a client sends passes [`Gate::admit`] between "envelope
-//! read" and "sent upstream". Until the Allow-Backup engine lands the gate
-//! passes everything; it is the single point where requests will be held.
+//! - [`dn`]: DN normalisation for suffix matching;
+//! - [`backend`]: backends (suffix -> mode) and request classification
+//!   (read / write / never held, and which backends);
+//! - [`engine`]: the state machine (ON: authorise, drain, prepare; OFF:
+//!   done, release; lease; holdUntilUnbind; status) and the gate
+//!   ([`engine::Engine::admit`]) every request passes between "envelope read"
+//!   and "sent upstream".
+//!
+//! The per-connection queues themselves live in the session
+//! (`proxy::session`), which asks the engine whether each request may pass
+//! and releases its queue, oldest first, when the engine's epoch changes.
 
-use crate::wire::Envelope;
+pub mod backend;
+pub mod dn;
+pub mod engine;
 
-/// What the gate decides for one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Send it upstream now.
-    Forward,
-}
-
-/// The gate between clients and the upstream.
-#[derive(Debug, Default)]
-pub struct Gate {}
-
-impl Gate {
-    /// Decides what to do with a request whose envelope is `env`.
-    #[inline]
-    pub fn admit(&self, _env: &Envelope, _frame: &[u8]) -> Verdict {
-        Verdict::Forward
-    }
-}
+pub use backend::{BackendMap, Class, Kind, Mode};
+pub use engine::{Control, Driver, Engine, Requester, SessionHandle};

@@ -5,6 +5,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
+use crate::freeze::Class;
 use crate::wire::op;
 
 /// One outstanding request.
@@ -19,16 +22,25 @@ pub struct InFlight {
     /// A persistent search (syncrepl refreshAndPersist or the persistent
     /// search control): never completes by itself.
     pub persistent: bool,
+    /// A base search of the root DSE (its entry gets the proxy's OIDs).
+    pub root_dse: bool,
+    /// The name of a simple bind (becomes the session's identity on success).
+    pub bind_dn: Option<Bytes>,
+    /// The gate's classification.
+    pub class: Class,
 }
 
 impl InFlight {
     /// A request of operation `op` starting now.
-    pub fn new(op: u8) -> Self {
+    pub fn new(op: u8, class: Class) -> Self {
         InFlight {
             op,
             started: Instant::now(),
             sasl_bind: false,
             persistent: false,
+            root_dse: false,
+            bind_dn: None,
+            class,
         }
     }
 
@@ -94,8 +106,8 @@ mod tests {
     #[test]
     fn search_ends_with_done_not_entries() {
         let mut t = InFlightTable::default();
-        t.start(1, InFlight::new(op::SEARCH_REQUEST));
-        t.start(2, InFlight::new(op::MODIFY_REQUEST));
+        t.start(1, InFlight::new(op::SEARCH_REQUEST, Class::NEVER));
+        t.start(2, InFlight::new(op::MODIFY_REQUEST, Class::NEVER));
         assert!(t.response(1, op::SEARCH_RESULT_ENTRY).is_none());
         assert!(t.response(1, op::SEARCH_RESULT_REFERENCE).is_none());
         assert!(t.response(1, op::INTERMEDIATE_RESPONSE).is_none());

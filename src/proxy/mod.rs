@@ -1,6 +1,7 @@
 //! The listener side: bind every configured listener, accept clients, run one
 //! [`session`] per client, and shut down gracefully.
 
+pub mod discover;
 pub mod inflight;
 pub mod session;
 
@@ -19,7 +20,8 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::endpoint::{BoxRead, BoxWrite, Endpoint};
-use crate::freeze::Gate;
+use crate::freeze::backend::Mode;
+use crate::freeze::{BackendMap, Engine};
 
 /// What every session of one proxy shares.
 #[derive(Debug)]
@@ -28,8 +30,11 @@ pub struct Shared {
     pub config: Config,
     /// Where sessions connect.
     pub upstream: Endpoint,
-    /// The freeze gate.
-    pub gate: Gate,
+    /// The freeze engine.
+    pub engine: Arc<Engine>,
+    /// Backends come from the upstream's namingContexts (none configured):
+    /// re-read before each freeze.
+    pub auto_backends: bool,
     next_conn: AtomicU64,
 }
 
@@ -123,6 +128,8 @@ impl Server {
             info!(listen = %l.endpoint(), "listening");
             listeners.push(l);
         }
+        let mut map = config.backend_map()?;
+        let auto_backends = map.is_empty();
         match tokio::time::timeout(config.upstream_connect_timeout(), upstream.connect()).await {
             Ok(Ok(_)) => info!(%upstream, "upstream reachable"),
             Ok(Err(e)) => {
@@ -132,12 +139,24 @@ impl Server {
                 warn!(%upstream, "upstream connect timed out at start-up (will retry per connection)")
             }
         }
+        if auto_backends {
+            if let Some(m) = discover_backends(&upstream, config.upstream_connect_timeout()).await {
+                map = m;
+            }
+        }
+        let suffixes: Vec<_> = map
+            .backends()
+            .iter()
+            .map(|b| format!("{} ({:?})", b.suffix, b.mode))
+            .collect();
+        info!(backends = ?suffixes, auto = auto_backends, "backends");
         Ok(Server {
             listeners,
             shared: Arc::new(Shared {
+                engine: Arc::new(Engine::new(config.freeze.clone(), map)),
                 config,
                 upstream,
-                gate: Gate::default(),
+                auto_backends,
                 next_conn: AtomicU64::new(1),
             }),
         })
@@ -192,6 +211,24 @@ impl Server {
     }
 }
 
+/// The upstream's naming contexts as `readonly` backends; `None` (with a
+/// warning) when they cannot be read.
+pub async fn discover_backends(upstream: &Endpoint, timeout: Duration) -> Option<BackendMap> {
+    match discover::naming_contexts(upstream, timeout).await {
+        Ok(list) => match BackendMap::new(list.into_iter().map(|s| (s, Mode::Readonly))) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!("upstream namingContexts unusable as backends: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            warn!("cannot read the upstream's namingContexts: {e:#}");
+            None
+        }
+    }
+}
+
 async fn accept_loop(
     listener: Arc<Listener>,
     shared: Arc<Shared>,
@@ -235,6 +272,7 @@ async fn accept_loop(
 /// benchmarks).
 pub struct ProxyHandle {
     endpoints: Vec<Endpoint>,
+    engine: Arc<Engine>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -244,11 +282,13 @@ impl ProxyHandle {
     pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         let server = Server::bind(config).await?;
         let endpoints = server.endpoints();
+        let engine = server.shared.engine.clone();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move { server.run(s.cancelled_owned()).await });
         Ok(ProxyHandle {
             endpoints,
+            engine,
             stop,
             task,
         })
@@ -257,6 +297,11 @@ impl ProxyHandle {
     /// The listeners, in configuration order.
     pub fn endpoints(&self) -> &[Endpoint] {
         &self.endpoints
+    }
+
+    /// The proxy's freeze engine.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
     }
 
     /// URL of the first listener.

@@ -2,22 +2,24 @@
 //! connection, and two loops between them.
 //!
 //! ```text
-//! client --frames--> requests loop --(envelope, gate, in-flight)--> upstream
-//! client <--frames-- responses loop <--(envelope, in-flight)------- upstream
+//! client --frames--> requests loop --envelope, classify, gate-----------> upstream
+//!                        |  held by a freeze: per-connection queue (FIFO)
+//! client <--frames-- responses loop <--envelope, close in-flight entries-- upstream
 //!                          ^ PDUs the proxy authors (local channel)
 //! ```
 //! Client bytes are forwarded as framed, never re-encoded; message IDs are
 //! unchanged. Either loop can end the session through the `close` token.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt};
-use ldap3_proto::proto::LdapResultCode;
+use ldap3_proto::proto::{LdapMsg, LdapOp, LdapResultCode};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -25,9 +27,9 @@ use tracing::{debug, info, warn};
 use super::inflight::{InFlight, InFlightTable};
 use super::Shared;
 use crate::endpoint::{BoxRead, BoxWrite};
-use crate::freeze::Verdict;
+use crate::freeze::{Class, Control, Engine, Kind, Requester, SessionHandle};
 use crate::wire::envelope::{auth, oid};
-use crate::wire::{op, pdu, Envelope, FrameCodec, FrameError};
+use crate::wire::{op, pdu, rootdse, Envelope, FrameCodec, FrameError};
 
 /// Frames handled before a flush, so one busy direction cannot starve the
 /// flush of what it already wrote.
@@ -36,18 +38,26 @@ const BATCH: usize = 64;
 const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// Locally authored responses waiting to be written to the client.
 const LOCAL_QUEUE: usize = 16;
+/// Message ID of the abandon requests the proxy authors (abandon has no
+/// response, so the ID is only a label in the server's log).
+const PROXY_ABANDON_ID: i32 = i32::MAX;
 
 type ClientIn = FramedRead<BoxRead, FrameCodec>;
 type ClientOut = FramedWrite<BoxWrite, FrameCodec>;
 type UpIn = FramedRead<BoxRead, FrameCodec>;
 type UpOut = FramedWrite<BoxWrite, FrameCodec>;
 
-/// State both loops of a session share.
+/// State both loops of a session (and the freeze engine) share.
 #[derive(Debug, Default)]
 pub struct SessionState {
     inflight: Mutex<InFlightTable>,
     /// Signalled whenever a request leaves the in-flight table.
     completed: Notify,
+    /// The identity of the last successful simple bind.
+    bound_dn: Mutex<Option<String>>,
+    /// Message IDs answered by the proxy (drain time limit) whose server
+    /// responses must not reach the client any more.
+    suppressed: Mutex<HashSet<i32>>,
     /// A SASL bind succeeded: later non-LDAP bytes are probably a SASL
     /// security layer.
     sasl_bound: AtomicBool,
@@ -55,14 +65,25 @@ pub struct SessionState {
     client_gone: AtomicBool,
     /// The upstream sent its own Notice of Disconnection.
     upstream_noticed: AtomicBool,
+    /// Requests waiting in this session's queue.
+    pub queued: AtomicUsize,
     requests: AtomicU64,
     responses: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl SessionState {
     /// The in-flight table (a short critical section; never held across await).
     pub fn inflight(&self) -> MutexGuard<'_, InFlightTable> {
-        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inflight)
+    }
+
+    /// The session's bound DN, if a simple bind succeeded.
+    pub fn bound_dn(&self) -> Option<String> {
+        lock(&self.bound_dn).clone()
     }
 
     /// Waits until no request is in flight.
@@ -138,29 +159,48 @@ pub(crate) async fn serve(
         Err(_) => return refuse(id, &peer, &shared, client_out, "timed out".into()).await,
     };
 
+    let engine = shared.engine.clone();
     let state = Arc::new(SessionState::default());
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    engine.register(
+        id,
+        SessionHandle {
+            state: state.clone(),
+            control: control_tx,
+        },
+    );
     let close = CancellationToken::new();
     let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
     let requests = Requests {
         id,
         shared: &shared,
+        engine: &engine,
         state: &state,
         client_in: FramedRead::new(client_r, FrameCodec::new(shared.config.max_pdu_bytes)),
         up_out: FramedWrite::new(up_w, FrameCodec::default()),
         local: local_tx,
+        control: control_rx,
+        epoch: engine.epoch(),
+        queue: VecDeque::new(),
+        queued_bytes: 0,
         close: &close,
         shutdown: &shutdown,
         abort: &abort,
     };
     let responses = Responses {
         id,
+        engine: &engine,
         state: &state,
         up_in: FramedRead::new(up_r, FrameCodec::new(shared.config.max_response_pdu_bytes)),
         client_out,
         local: local_rx,
+        epoch: engine.epoch(),
+        held: VecDeque::new(),
+        held_bytes: 0,
         close: &close,
     };
     let (req_end, resp_end) = tokio::join!(requests.run(), responses.run());
+    engine.deregister(id).await;
     let end = match (&req_end, &resp_end) {
         (End::Closed, e) => e,
         (e, _) => e,
@@ -196,13 +236,25 @@ async fn refuse(id: u64, peer: &str, shared: &Shared, mut client_out: ClientOut,
     info!(conn = id, %peer, "connection closed: upstream unreachable");
 }
 
+/// A request held by a freeze.
+struct Queued {
+    frame: Bytes,
+    env: Envelope,
+    class: Class,
+}
+
 struct Requests<'a> {
     id: u64,
-    shared: &'a Shared,
-    state: &'a SessionState,
+    shared: &'a Arc<Shared>,
+    engine: &'a Arc<Engine>,
+    state: &'a Arc<SessionState>,
     client_in: ClientIn,
     up_out: UpOut,
     local: mpsc::Sender<Bytes>,
+    control: mpsc::UnboundedReceiver<Control>,
+    epoch: watch::Receiver<u64>,
+    queue: VecDeque<Queued>,
+    queued_bytes: usize,
     close: &'a CancellationToken,
     shutdown: &'a CancellationToken,
     abort: &'a CancellationToken,
@@ -214,9 +266,17 @@ enum Step {
     End(End),
 }
 
+/// What woke the requests loop.
+enum Event {
+    Frame(Option<Result<Bytes, FrameError>>),
+    Control(Control),
+    Epoch,
+}
+
 impl Requests<'_> {
     async fn run(mut self) -> End {
         let end = self.pump().await;
+        self.discard_queue(&end);
         match &end {
             End::ClientClosed | End::Unbind => {
                 // Like a direct client: the server sees EOF and closes.
@@ -258,31 +318,77 @@ impl Requests<'_> {
         end
     }
 
+    /// Requests still queued when the session ends are never sent upstream.
+    fn discard_queue(&mut self, end: &End) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let n = self.queue.len();
+        warn!(
+            conn = self.id,
+            discarded = n,
+            "session ended ({}) with queued requests: discarded, never sent upstream",
+            end.describe()
+        );
+        self.queue.clear();
+        self.engine.queue_sub(n, self.queued_bytes);
+        self.queued_bytes = 0;
+        self.state.queued.store(0, Ordering::Relaxed);
+    }
+
+    /// Room to read another request: per-connection and total queue limits.
+    fn has_room(&self) -> bool {
+        let cfg = self.engine.config();
+        self.queue.len() < cfg.queue_max_requests_per_conn
+            && self.queued_bytes < cfg.queue_max_bytes_per_conn
+            && self.engine.queue_has_room()
+    }
+
     async fn pump(&mut self) -> End {
         loop {
-            let next = tokio::select! {
+            let room = self.has_room();
+            let waiting = !self.queue.is_empty() || !room;
+            let event = tokio::select! {
                 biased;
                 _ = self.close.cancelled() => return End::Closed,
                 _ = self.shutdown.cancelled() => return self.drain_for_shutdown().await,
-                f = self.client_in.next() => f,
+                Some(c) = self.control.recv() => Event::Control(c),
+                Ok(()) = self.epoch.changed(), if waiting => Event::Epoch,
+                f = self.client_in.next(), if room => Event::Frame(f),
             };
-            if let Step::End(e) = self.handle(next).await {
+            let step = match event {
+                Event::Control(c) => self.on_control(c).await,
+                Event::Epoch => self.release().await,
+                Event::Frame(f) => self.on_frames(f).await,
+            };
+            if let Step::End(e) = step {
                 return e;
-            }
-            for _ in 0..BATCH {
-                match self.client_in.next().now_or_never() {
-                    Some(next) => {
-                        if let Step::End(e) = self.handle(next).await {
-                            return e;
-                        }
-                    }
-                    None => break,
-                }
             }
             if let Step::End(e) = self.flush().await {
                 return e;
             }
         }
+    }
+
+    /// Handles a frame and whatever else the client already sent.
+    async fn on_frames(&mut self, first: Option<Result<Bytes, FrameError>>) -> Step {
+        if let Step::End(e) = self.handle(first).await {
+            return Step::End(e);
+        }
+        for _ in 0..BATCH {
+            if !self.has_room() {
+                break;
+            }
+            match self.client_in.next().now_or_never() {
+                Some(next) => {
+                    if let Step::End(e) = self.handle(next).await {
+                        return Step::End(e);
+                    }
+                }
+                None => break,
+            }
+        }
+        Step::Continue
     }
 
     async fn flush(&mut self) -> Step {
@@ -323,54 +429,275 @@ impl Requests<'_> {
             dn = %String::from_utf8_lossy(env.dn_bytes(&frame).unwrap_or_default()),
             "request"
         );
-
-        if env.op == op::EXTENDED_REQUEST && env.oid_bytes(&frame) == Some(oid::START_TLS) {
-            // A forwarded StartTLS would turn the stream into TLS records the
-            // proxy cannot read: answer it here.
-            let resp = pdu::extended_response(
-                env.msgid,
-                LdapResultCode::Unavailable,
-                "StartTLS is not available through abproxy: TLS is not configured on the proxy",
-                Some(std::str::from_utf8(oid::START_TLS).expect("ASCII OID")),
-                None,
-            );
-            return self.reply_locally(resp).await;
+        // A client reusing the ID of a request the proxy answered itself.
+        if !lock(&self.state.suppressed).is_empty() {
+            lock(&self.state.suppressed).remove(&env.msgid);
         }
 
-        match self.shared.gate.admit(&env, &frame) {
-            Verdict::Forward => {}
-        }
-
-        match env.op {
-            op::ABANDON_REQUEST => {
-                if let Some(target) = env.abandon_id {
-                    if self.state.inflight().abandon(target).is_some() {
-                        self.state.completed.notify_waiters();
+        if env.op == op::EXTENDED_REQUEST {
+            let name = env.oid_bytes(&frame).unwrap_or_default();
+            if name == oid::START_TLS {
+                // A forwarded StartTLS would turn the stream into TLS records
+                // the proxy cannot read: answer it here.
+                let resp = pdu::extended_response(
+                    env.msgid,
+                    LdapResultCode::Unavailable,
+                    "StartTLS is not available through abproxy: TLS is not configured on the proxy",
+                    Some(std::str::from_utf8(oid::START_TLS).expect("ASCII OID")),
+                    None,
+                );
+                return self.reply_locally(resp).await;
+            }
+            if name == abproxy_proto::ALLOW_BACKUP_OID.as_bytes() {
+                self.allow_backup(&env, &frame);
+                return Step::Continue;
+            }
+            if name == abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes() {
+                let (code, msg, value) = self.engine.status(&self.requester());
+                let resp = pdu::extended_response(
+                    env.msgid,
+                    code,
+                    &msg,
+                    Some(abproxy_proto::ALLOW_BACKUP_STATUS_OID),
+                    value,
+                );
+                return self.reply_locally(resp).await;
+            }
+            if name == oid::CANCEL {
+                if let Some(target) = cancel_target(env.value_bytes(&frame)) {
+                    if let Some(q) = self.unqueue(target) {
+                        // RFC 3909: the cancelled operation ends with
+                        // `canceled`, the cancel request with success.
+                        if let Some(r) = pdu::response_for(
+                            q.env.op,
+                            target,
+                            LdapResultCode::Canceled,
+                            "cancelled while held by abproxy (never sent to the server)",
+                        ) {
+                            if let Step::End(e) = self.reply_locally(r).await {
+                                return Step::End(e);
+                            }
+                        }
+                        let ok = pdu::extended_response(
+                            env.msgid,
+                            LdapResultCode::Success,
+                            "",
+                            None,
+                            None,
+                        );
+                        return self.reply_locally(ok).await;
                     }
                 }
             }
-            op::UNBIND_REQUEST => {}
-            _ => {
-                let mut entry = InFlight::new(env.op);
-                entry.sasl_bind = env.op == op::BIND_REQUEST && env.bind_auth == Some(auth::SASL);
-                entry.persistent = env.op == op::SEARCH_REQUEST
-                    && (env.has_control(&frame, oid::SYNC_REQUEST)
-                        || env.has_control(&frame, oid::PERSISTENT_SEARCH));
-                self.state.inflight().start(env.msgid, entry);
+        }
+
+        let bound = self.state.bound_dn();
+        let class = self
+            .engine
+            .classify(&env, &frame, bound.as_deref().map(str::as_bytes));
+        match env.op {
+            op::ABANDON_REQUEST => {
+                let Some(target) = env.abandon_id else {
+                    return Step::Continue;
+                };
+                if self.unqueue(target).is_some() {
+                    debug!(conn = self.id, target, "abandoned a queued request");
+                    return Step::Continue;
+                }
+                if self.state.inflight().abandon(target).is_some() {
+                    self.state.completed.notify_waiters();
+                    self.engine.completed();
+                }
+                return self.feed(frame).await;
+            }
+            op::UNBIND_REQUEST => {
+                self.discard_queue(&End::Unbind);
+                if let Step::End(e) = self.feed(frame).await {
+                    return Step::End(e);
+                }
+                return Step::End(End::Unbind);
+            }
+            _ => {}
+        }
+        if class.kind != Kind::Never && !self.queue.is_empty() {
+            self.enqueue(frame, env, class);
+            return Step::Continue;
+        }
+        if self.admit(&env, &frame, class) {
+            self.feed(frame).await
+        } else {
+            self.enqueue(frame, env, class);
+            Step::Continue
+        }
+    }
+
+    fn requester(&self) -> Requester {
+        Requester {
+            conn: self.id,
+            bound_dn: self.state.bound_dn(),
+        }
+    }
+
+    /// The gate: records the request as in flight unless a freeze holds it.
+    fn admit(&self, env: &Envelope, frame: &[u8], class: Class) -> bool {
+        self.engine.admit(class, || {
+            let mut entry = InFlight::new(env.op, class);
+            match env.op {
+                op::BIND_REQUEST => {
+                    entry.sasl_bind = env.bind_auth == Some(auth::SASL);
+                    if env.bind_auth == Some(auth::SIMPLE) {
+                        entry.bind_dn = env
+                            .dn
+                            .as_ref()
+                            .map(|s| Bytes::copy_from_slice(Envelope::slice(frame, s)));
+                    }
+                }
+                op::SEARCH_REQUEST => {
+                    entry.persistent = env.has_control(frame, oid::SYNC_REQUEST)
+                        || env.has_control(frame, oid::PERSISTENT_SEARCH);
+                    entry.root_dse =
+                        env.scope == Some(0) && env.dn_bytes(frame).is_some_and(|d| d.is_empty());
+                }
+                _ => {}
+            }
+            self.state.inflight().start(env.msgid, entry);
+        })
+    }
+
+    fn enqueue(&mut self, frame: Bytes, env: Envelope, class: Class) {
+        debug!(
+            conn = self.id,
+            msgid = env.msgid,
+            op = op::name(env.op),
+            "held by the freeze"
+        );
+        self.queued_bytes += frame.len();
+        self.engine.queue_add(frame.len());
+        self.queue.push_back(Queued { frame, env, class });
+        self.state.queued.store(self.queue.len(), Ordering::Relaxed);
+    }
+
+    /// Removes a queued request by message ID.
+    fn unqueue(&mut self, msgid: i32) -> Option<Queued> {
+        let pos = self.queue.iter().position(|q| q.env.msgid == msgid)?;
+        let q = self.queue.remove(pos)?;
+        self.queued_bytes -= q.frame.len();
+        self.engine.queue_sub(1, q.frame.len());
+        self.state.queued.store(self.queue.len(), Ordering::Relaxed);
+        Some(q)
+    }
+
+    /// The freeze changed: send what it no longer holds, oldest first,
+    /// stopping at the first request still held.
+    async fn release(&mut self) -> Step {
+        let mut sent = 0;
+        while let Some(head) = self.queue.front() {
+            if !self.admit(&head.env, &head.frame, head.class) {
+                break;
+            }
+            let q = self.queue.pop_front().expect("front exists");
+            self.queued_bytes -= q.frame.len();
+            self.engine.queue_sub(1, q.frame.len());
+            sent += 1;
+            if let Step::End(e) = self.feed(q.frame).await {
+                return Step::End(e);
             }
         }
-        let unbind = env.op == op::UNBIND_REQUEST;
+        self.state.queued.store(self.queue.len(), Ordering::Relaxed);
+        if sent > 0 {
+            debug!(
+                conn = self.id,
+                sent,
+                left = self.queue.len(),
+                "released queued requests"
+            );
+        }
+        Step::Continue
+    }
+
+    async fn feed(&mut self, frame: Bytes) -> Step {
         let fed = tokio::select! {
             _ = self.close.cancelled() => return Step::End(End::Closed),
             r = self.up_out.feed(frame) => r,
         };
-        if let Err(e) = fed {
-            return Step::End(End::Io("writing to upstream", e));
+        match fed {
+            Ok(()) => Step::Continue,
+            Err(e) => Step::End(End::Io("writing to upstream", e)),
         }
-        if unbind {
-            return Step::End(End::Unbind);
+    }
+
+    /// Starts an Allow-Backup request; its answer comes when the drain is
+    /// over, while the session goes on.
+    fn allow_backup(&self, env: &Envelope, frame: &Bytes) {
+        let engine = self.engine.clone();
+        let shared = self.shared.clone();
+        let who = self.requester();
+        let value = env
+            .value
+            .as_ref()
+            .map(|s| frame.slice(s.start as usize..s.end as usize));
+        let local = self.local.clone();
+        let msgid = env.msgid;
+        tokio::spawn(async move {
+            // Backends from the rootDSE are re-read before each freeze.
+            let is_on = value
+                .as_deref()
+                .is_some_and(|v| abproxy_proto::decode_request(v).is_ok_and(|r| r.mode));
+            if shared.auto_backends && is_on {
+                let t = shared.config.upstream_connect_timeout();
+                if let Some(map) = super::discover_backends(&shared.upstream, t).await {
+                    engine.set_backends(map);
+                }
+            }
+            let (code, msg) = engine.allow_backup(who, value.as_deref()).await;
+            let resp = pdu::extended_response(
+                msgid,
+                code,
+                &msg,
+                Some(abproxy_proto::ALLOW_BACKUP_OID),
+                None,
+            );
+            let _ = local.send(resp).await;
+        });
+    }
+
+    async fn on_control(&mut self, c: Control) -> Step {
+        match c {
+            Control::AbandonReads(ids) => {
+                for msgid in ids {
+                    let Some(entry) = self.state.inflight().abandon(msgid) else {
+                        continue;
+                    };
+                    lock(&self.state.suppressed).insert(msgid);
+                    let abandon = pdu::encode(LdapMsg::new(
+                        PROXY_ABANDON_ID,
+                        LdapOp::AbandonRequest(msgid),
+                    ));
+                    if let Step::End(e) = self.feed(abandon).await {
+                        return Step::End(e);
+                    }
+                    warn!(
+                        conn = self.id,
+                        msgid,
+                        op = op::name(entry.op),
+                        "abandoned by the backup drain time limit"
+                    );
+                    if let Some(r) = pdu::response_for(
+                        entry.op,
+                        msgid,
+                        LdapResultCode::TimeLimitExceeded,
+                        "abproxy: abandoned at the Allow-Backup drain time limit",
+                    ) {
+                        if let Step::End(e) = self.reply_locally(r).await {
+                            return Step::End(e);
+                        }
+                    }
+                    self.state.completed.notify_waiters();
+                    self.engine.completed();
+                }
+                Step::Continue
+            }
         }
-        Step::Continue
     }
 
     async fn reply_locally(&mut self, pdu: Bytes) -> Step {
@@ -405,12 +732,30 @@ impl Requests<'_> {
     }
 }
 
+/// The cancelID of a cancel request value (RFC 3909:
+/// `SEQUENCE { cancelID MessageID }`).
+fn cancel_target(value: Option<&[u8]>) -> Option<i32> {
+    use crate::wire::ber::{decode_unsigned, Reader};
+    let v = value?;
+    let mut r = Reader::new(v, 0, v.len());
+    let seq = r.expect(0x30, "cancel value").ok()?;
+    let id = Reader::inside(v, seq).expect(0x02, "cancelID").ok()?;
+    decode_unsigned(id.value(v))
+        .ok()
+        .and_then(|n| i32::try_from(n).ok())
+}
+
 struct Responses<'a> {
     id: u64,
+    engine: &'a Arc<Engine>,
     state: &'a SessionState,
     up_in: UpIn,
     client_out: ClientOut,
     local: mpsc::Receiver<Bytes>,
+    epoch: watch::Receiver<u64>,
+    /// Persistent-search responses held while a stop-mode freeze lasts.
+    held: VecDeque<Bytes>,
+    held_bytes: usize,
     close: &'a CancellationToken,
 }
 
@@ -451,8 +796,14 @@ impl Responses<'_> {
         end
     }
 
+    fn can_read(&self) -> bool {
+        self.held_bytes < self.engine.config().held_response_bytes_per_conn
+    }
+
     async fn pump(&mut self) -> End {
         loop {
+            let can_read = self.can_read();
+            let holding = !self.held.is_empty();
             tokio::select! {
                 biased;
                 _ = self.close.cancelled() => return End::Closed,
@@ -461,11 +812,19 @@ impl Responses<'_> {
                         return e;
                     }
                 }
-                next = self.up_in.next() => {
+                Ok(()) = self.epoch.changed(), if holding => {
+                    if let Err(e) = self.release_held().await {
+                        return e;
+                    }
+                }
+                next = self.up_in.next(), if can_read => {
                     if let Err(e) = self.forward(next).await {
                         return e;
                     }
                     for _ in 0..BATCH {
+                        if !self.can_read() {
+                            break;
+                        }
                         match self.up_in.next().now_or_never() {
                             Some(next) => {
                                 if let Err(e) = self.forward(next).await {
@@ -494,6 +853,18 @@ impl Responses<'_> {
         }
     }
 
+    /// Sends held persistent-search responses once no freeze holds them.
+    async fn release_held(&mut self) -> Result<(), End> {
+        if self.engine.stop_frozen() {
+            return Ok(());
+        }
+        while let Some(f) = self.held.pop_front() {
+            self.held_bytes -= f.len();
+            self.write(f).await?;
+        }
+        Ok(())
+    }
+
     async fn forward(&mut self, next: Option<Result<Bytes, FrameError>>) -> Result<(), End> {
         let frame = match next {
             None => return Err(End::UpstreamClosed),
@@ -507,17 +878,29 @@ impl Responses<'_> {
                 return Err(End::UpstreamProtocol(e.to_string()));
             }
         };
-        match Envelope::response(&frame) {
-            Ok(env) => self.track(&env, &frame),
+        self.state.responses.fetch_add(1, Ordering::Relaxed);
+        let frame = match Envelope::response(&frame) {
+            Ok(env) => match self.track(&env, &frame) {
+                Route::Forward => frame,
+                Route::Rewrite(f) => f,
+                Route::Drop => return Ok(()),
+                Route::Hold => {
+                    self.held_bytes += frame.len();
+                    self.held.push_back(frame);
+                    return Ok(());
+                }
+            },
             // Framed but not a response we can read: still the server's
             // answer, so it goes to the client untouched.
-            Err(e) => debug!(conn = self.id, "unreadable response envelope: {e}"),
-        }
-        self.state.responses.fetch_add(1, Ordering::Relaxed);
+            Err(e) => {
+                debug!(conn = self.id, "unreadable response envelope: {e}");
+                frame
+            }
+        };
         self.write(frame).await
     }
 
-    fn track(&self, env: &Envelope, frame: &[u8]) {
+    fn track(&self, env: &Envelope, frame: &Bytes) -> Route {
         if env.msgid == 0 {
             if env.op == op::EXTENDED_RESPONSE
                 && env.oid_bytes(frame) == Some(oid::NOTICE_OF_DISCONNECTION)
@@ -529,12 +912,56 @@ impl Responses<'_> {
                 );
                 self.state.upstream_noticed.store(true, Ordering::Relaxed);
             }
-            return;
+            return Route::Forward;
+        }
+        let final_response = op::is_final_response(env.op);
+        if !lock(&self.state.suppressed).is_empty() {
+            let mut s = lock(&self.state.suppressed);
+            if s.contains(&env.msgid) {
+                if final_response {
+                    s.remove(&env.msgid);
+                }
+                return Route::Drop;
+            }
+        }
+        if !final_response {
+            if env.op == op::SEARCH_RESULT_ENTRY
+                || self.engine.stop_frozen()
+                || !self.held.is_empty()
+            {
+                let table = self.state.inflight();
+                if let Some(req) = table.get(env.msgid) {
+                    if req.persistent && (!self.held.is_empty() || self.engine.holds(req.class)) {
+                        return Route::Hold;
+                    }
+                    if req.root_dse {
+                        if let Some(f) = rootdse::add_supported_extensions(
+                            frame,
+                            &[
+                                abproxy_proto::ALLOW_BACKUP_OID,
+                                abproxy_proto::ALLOW_BACKUP_STATUS_OID,
+                            ],
+                        ) {
+                            return Route::Rewrite(f);
+                        }
+                    }
+                }
+            }
+            return Route::Forward;
         }
         let done = self.state.inflight().response(env.msgid, env.op);
         if let Some(req) = done {
-            if req.sasl_bind && env.result_code == Some(0) {
-                self.state.sasl_bound.store(true, Ordering::Relaxed);
+            if env.op == op::BIND_RESPONSE {
+                let ok = env.result_code == Some(0);
+                self.state
+                    .sasl_bound
+                    .store(ok && req.sasl_bind, Ordering::Relaxed);
+                *lock(&self.state.bound_dn) = match (&req.bind_dn, ok) {
+                    (Some(dn), true) if !dn.is_empty() => {
+                        Some(String::from_utf8_lossy(dn).into_owned())
+                    }
+                    _ => None,
+                };
             }
             debug!(
                 conn = self.id,
@@ -545,6 +972,16 @@ impl Responses<'_> {
                 "response"
             );
             self.state.completed.notify_waiters();
+            self.engine.completed();
         }
+        Route::Forward
     }
+}
+
+/// What to do with one response frame.
+enum Route {
+    Forward,
+    Rewrite(Bytes),
+    Hold,
+    Drop,
 }

@@ -5,6 +5,7 @@ pub mod ber;
 pub mod codec;
 pub mod envelope;
 pub mod pdu;
+pub mod rootdse;
 
 pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_PDU};
 pub use envelope::{op, Envelope, EnvelopeError};

@@ -1,0 +1,841 @@
+//! The freeze state machine: Allow-Backup ON (authorise, resolve backends,
+//! install the freeze, drain, prepare) and OFF (done, release), the lease, the
+//! admission check every request passes, and the status value.
+//!
+//! ```text
+//!          ON ok          drained + prepared
+//! Thawed ------> Draining -----------------> Frozen
+//!    ^              | time limit with a write    | OFF, lease expiry,
+//!    |              | in flight, prepare failed  | holder gone (holdUntilUnbind)
+//!    +--------------+----------------------------+
+//! ```
+//! Admission and the in-flight insert happen under the state's read lock and
+//! ON installs a freeze under its write lock, so once ON has installed its
+//! freeze every request either is in some in-flight table (and the drain
+//! waits for it) or meets the freeze (and is queued).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use abproxy_proto::{AllowBackupRequest, AllowBackupStatus, BackendStatus, FreezeState};
+use futures::future::BoxFuture;
+use ldap3_proto::proto::LdapResultCode;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{info, warn};
+
+use super::backend::{Backend, BackendMap, BackendSet, Class, ClassifyOptions, Kind, Mode};
+use super::dn::NormDn;
+use crate::config::FreezeConfig;
+use crate::proxy::session::SessionState;
+use crate::wire::Envelope;
+
+/// A backend driver: the proposal's BACKUP_PREPARE and BACKUP_DONE. The
+/// default does nothing (the proxy-level freeze alone).
+pub trait Driver: Send + Sync {
+    /// Makes the backend consistent on disk (after the drain).
+    fn prepare<'a>(&'a self, backend: &'a Backend) -> BoxFuture<'a, Result<(), String>> {
+        let _ = backend;
+        Box::pin(async { Ok(()) })
+    }
+    /// Undoes `prepare` (on OFF, and on any failure after `prepare`).
+    fn done<'a>(&'a self, backend: &'a Backend) -> BoxFuture<'a, Result<(), String>> {
+        let _ = backend;
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The no-op driver.
+#[derive(Debug, Default)]
+pub struct NoopDriver;
+impl Driver for NoopDriver {}
+
+/// What the engine asks a session to do.
+#[derive(Debug)]
+pub enum Control {
+    /// Drain time limit: abandon these in-flight reads upstream and answer
+    /// their clients with timeLimitExceeded.
+    AbandonReads(Vec<i32>),
+}
+
+/// The engine's handle on one session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    /// Shared with the session's loops.
+    pub state: Arc<SessionState>,
+    /// Commands to its requests loop.
+    pub control: mpsc::UnboundedSender<Control>,
+}
+
+/// Who is asking (for authorisation and holdUntilUnbind).
+#[derive(Debug, Clone)]
+pub struct Requester {
+    /// Connection number.
+    pub conn: u64,
+    /// Bound DN (None: anonymous or not a simple bind).
+    pub bound_dn: Option<String>,
+}
+
+impl Requester {
+    fn name(&self) -> String {
+        match &self.bound_dn {
+            Some(d) => format!("{d} (conn {})", self.conn),
+            None => format!("anonymous (conn {})", self.conn),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Draining,
+    Frozen,
+}
+
+#[derive(Debug, Clone)]
+struct Freeze {
+    id: u64,
+    phase: Phase,
+    /// Frozen backends.
+    backends: BackendSet,
+    /// Frozen backends in stop mode.
+    stop: BackendSet,
+    holder: Requester,
+    hold_until_unbind: bool,
+    since: SystemTime,
+    started: Instant,
+    lease_until: Option<Instant>,
+}
+
+impl Freeze {
+    fn holds(&self, class: Class) -> bool {
+        match class.kind {
+            Kind::Never => false,
+            Kind::Read => !class.backends.and(self.stop).is_empty(),
+            Kind::Write => !class.backends.and(self.backends).is_empty(),
+        }
+    }
+}
+
+/// The result of an Allow-Backup request.
+pub type Answer = (LdapResultCode, String);
+
+/// Why a requester may not freeze.
+fn authorise(allowed: &[NormDn], who: &Requester) -> Result<(), Answer> {
+    let Some(dn) = &who.bound_dn else {
+        return Err((
+            LdapResultCode::InsufficentAccessRights,
+            "Allow-Backup requires an authenticated identity listed in freeze.allowed; \
+             anonymous is never allowed"
+                .into(),
+        ));
+    };
+    let norm = NormDn::parse(dn.as_bytes());
+    if norm.is_some_and(|n| allowed.contains(&n)) {
+        Ok(())
+    } else {
+        Err((
+            LdapResultCode::InsufficentAccessRights,
+            format!("{dn} is not allowed to use Allow-Backup (freeze.allowed)"),
+        ))
+    }
+}
+
+fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The freeze engine of one proxy.
+pub struct Engine {
+    cfg: FreezeConfig,
+    classify: ClassifyOptions,
+    allowed: Vec<NormDn>,
+    backends: RwLock<Arc<BackendMap>>,
+    drivers: RwLock<HashMap<String, Arc<dyn Driver>>>,
+    state: RwLock<Option<Freeze>>,
+    epoch: watch::Sender<u64>,
+    sessions: Mutex<HashMap<u64, SessionHandle>>,
+    draining: AtomicBool,
+    completed: Notify,
+    next_id: AtomicU64,
+    expired: Mutex<Option<String>>,
+    queued_requests: AtomicUsize,
+    queued_bytes: AtomicUsize,
+    stop_frozen: AtomicBool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine with these settings and backends.
+    pub fn new(cfg: FreezeConfig, backends: BackendMap) -> Engine {
+        let allowed = cfg
+            .allowed
+            .iter()
+            .filter_map(|d| NormDn::parse(d.as_bytes()))
+            .collect();
+        let classify = ClassifyOptions {
+            bind_is_write: cfg.bind_is_write,
+            read_only_extended: cfg.read_only_extended.clone(),
+        };
+        Engine {
+            cfg,
+            classify,
+            allowed,
+            backends: RwLock::new(Arc::new(backends)),
+            drivers: RwLock::new(HashMap::new()),
+            state: RwLock::new(None),
+            epoch: watch::channel(0).0,
+            sessions: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            completed: Notify::new(),
+            next_id: AtomicU64::new(1),
+            expired: Mutex::new(None),
+            queued_requests: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            stop_frozen: AtomicBool::new(false),
+        }
+    }
+
+    /// The current backend map.
+    pub fn backends(&self) -> Arc<BackendMap> {
+        self.backends
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the backend map (rootDSE refresh). Ignored while frozen, so
+    /// backend indices stay valid for the freeze.
+    pub fn set_backends(&self, map: BackendMap) {
+        if self.read_state().is_none() {
+            *self.backends.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+        }
+    }
+
+    /// Installs a driver for the backend with this suffix (normalised match).
+    pub fn set_driver(&self, suffix: &str, driver: Arc<dyn Driver>) {
+        let key = NormDn::parse(suffix.as_bytes())
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        self.drivers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, driver);
+    }
+
+    fn driver(&self, b: &Backend) -> Arc<dyn Driver> {
+        self.drivers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&b.norm.to_string())
+            .cloned()
+            .unwrap_or_else(|| Arc::new(NoopDriver))
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, Option<Freeze>> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, Option<Freeze>> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Classifies a request against the current backends.
+    pub fn classify(&self, env: &Envelope, frame: &[u8], bound_dn: Option<&[u8]>) -> Class {
+        self.backends()
+            .classify(env, frame, &self.classify, bound_dn)
+    }
+
+    /// The gate: if the current freeze does not hold `class`, runs `insert`
+    /// (the in-flight insert) under the same lock and returns true.
+    pub fn admit(&self, class: Class, insert: impl FnOnce()) -> bool {
+        let st = self.read_state();
+        if st.as_ref().is_some_and(|f| f.holds(class)) {
+            return false;
+        }
+        insert();
+        true
+    }
+
+    /// True while a freeze holds `class` (for held persistent-search
+    /// responses).
+    pub fn holds(&self, class: Class) -> bool {
+        self.read_state().as_ref().is_some_and(|f| f.holds(class))
+    }
+
+    /// Changes whenever a freeze ends (sessions release their queues).
+    pub fn epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    fn bump(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Called by sessions when an in-flight request completes.
+    #[inline]
+    pub fn completed(&self) {
+        if self.draining.load(Ordering::Relaxed) {
+            self.completed.notify_waiters();
+        }
+    }
+
+    /// Registers a session.
+    pub fn register(&self, conn: u64, handle: SessionHandle) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn, handle);
+    }
+
+    /// Forgets a session; ends a holdUntilUnbind freeze it holds.
+    pub async fn deregister(&self, conn: u64) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn);
+        let held = self
+            .read_state()
+            .as_ref()
+            .is_some_and(|f| f.hold_until_unbind && f.holder.conn == conn);
+        if held {
+            if let Some((f, _)) = self.end_freeze(|f| f.holder.conn == conn).await {
+                info!(
+                    freeze = f.id,
+                    holder = %f.holder.name(),
+                    frozen_ms = f.started.elapsed().as_millis() as u64,
+                    "freeze released: holder connection ended (holdUntilUnbind)"
+                );
+            }
+        }
+        self.completed();
+    }
+
+    /// True while the total queue limits leave room (sessions stop reading
+    /// their clients otherwise).
+    pub fn queue_has_room(&self) -> bool {
+        self.queued_requests.load(Ordering::Acquire) < self.cfg.queue_max_requests_total
+            && self.queued_bytes.load(Ordering::Acquire) < self.cfg.queue_max_bytes_total
+    }
+
+    /// Accounts for one more queued request.
+    pub fn queue_add(&self, bytes: usize) {
+        self.queued_requests.fetch_add(1, Ordering::AcqRel);
+        self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Accounts for `n` requests leaving the queues; wakes sessions waiting
+    /// for room if the totals were full.
+    pub fn queue_sub(&self, n: usize, bytes: usize) {
+        let full = !self.queue_has_room();
+        self.queued_requests.fetch_sub(n, Ordering::AcqRel);
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if full && n > 0 {
+            self.bump();
+        }
+    }
+
+    /// True while some frozen backend is in stop mode (persistent search
+    /// responses may have to be held).
+    #[inline]
+    pub fn stop_frozen(&self) -> bool {
+        self.stop_frozen.load(Ordering::Relaxed)
+    }
+
+    /// The freeze settings.
+    pub fn config(&self) -> &FreezeConfig {
+        &self.cfg
+    }
+
+    /// Handles an Allow-Backup request (the response's code and message).
+    pub async fn allow_backup(self: &Arc<Self>, who: Requester, value: Option<&[u8]>) -> Answer {
+        let Some(value) = value else {
+            return (
+                LdapResultCode::ProtocolError,
+                "Allow-Backup request has no requestValue (expected AllowBackupRequest)".into(),
+            );
+        };
+        let req = match abproxy_proto::decode_request(value) {
+            Ok(r) => r,
+            Err(e) => return (LdapResultCode::ProtocolError, e.to_string()),
+        };
+        if let Err(refusal) = authorise(&self.allowed, &who) {
+            warn!(who = %who.name(), on = req.mode, "Allow-Backup refused: {}", refusal.1);
+            return refusal;
+        }
+        if req.mode {
+            self.on(who, req).await
+        } else {
+            self.off(who).await
+        }
+    }
+
+    async fn on(self: &Arc<Self>, who: Requester, req: AllowBackupRequest) -> Answer {
+        let map = self.backends();
+        if map.is_empty() {
+            return (
+                LdapResultCode::NoSuchObject,
+                "no backends known (none configured and the server's namingContexts could not be read)"
+                    .into(),
+            );
+        }
+        // Resolve dnSet.
+        let mut set = BackendSet::EMPTY;
+        match req.dns() {
+            None => set = map.all(),
+            Some(dns) => {
+                for dn in dns {
+                    let shown = String::from_utf8_lossy(dn).into_owned();
+                    match NormDn::parse(dn).and_then(|n| map.holding(&n)) {
+                        Some(i) => set.insert(i),
+                        None => {
+                            warn!(who = %who.name(), dn = %shown, "Allow-Backup ON refused: no such backend");
+                            return (
+                                LdapResultCode::NoSuchObject,
+                                format!(
+                                    "{shown} is not under any backend suffix (known: {})",
+                                    suffixes(&map, map.all())
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if set.is_empty() {
+            set = map.all();
+        }
+        let unimpl: Vec<_> = set
+            .iter(map.len())
+            .filter(|&i| map.backends()[i].mode == Mode::Unimplemented)
+            .map(|i| map.backends()[i].suffix.clone())
+            .collect();
+        if !unimpl.is_empty() {
+            warn!(who = %who.name(), "Allow-Backup ON refused: unimplemented backends {unimpl:?}");
+            return (
+                LdapResultCode::UnwillingToPerform,
+                format!(
+                    "backend(s) {} cannot be frozen (mode unimplemented)",
+                    unimpl.join(", ")
+                ),
+            );
+        }
+        let mut stop = BackendSet::EMPTY;
+        for i in set.iter(map.len()) {
+            if map.backends()[i].mode == Mode::Stop {
+                stop.insert(i);
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let freeze = Freeze {
+            id,
+            phase: Phase::Draining,
+            backends: set,
+            stop,
+            holder: who.clone(),
+            hold_until_unbind: req.hold_until_unbind,
+            since: SystemTime::now(),
+            started: Instant::now(),
+            lease_until: None,
+        };
+        {
+            let mut st = self.write_state();
+            if let Some(f) = st.as_ref() {
+                let since = epoch_secs(f.since);
+                warn!(who = %who.name(), holder = %f.holder.name(), "Allow-Backup ON refused: busy");
+                return (
+                    LdapResultCode::Busy,
+                    format!(
+                        "already {} by {} since {} (unix time, {} s ago; freeze id {})",
+                        if f.phase == Phase::Draining {
+                            "draining"
+                        } else {
+                            "frozen"
+                        },
+                        f.holder.name(),
+                        since,
+                        f.started.elapsed().as_secs(),
+                        f.id
+                    ),
+                );
+            }
+            self.stop_frozen
+                .store(!freeze.stop.is_empty(), Ordering::Relaxed);
+            *st = Some(freeze);
+            self.draining.store(true, Ordering::Relaxed);
+        }
+        self.expired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let names = suffixes(&map, set);
+        info!(freeze = id, who = %who.name(), backends = %names, "Allow-Backup ON: draining");
+
+        let max = Duration::from_secs(self.cfg.max_drain_secs);
+        let limit = req
+            .time_limit
+            .map(|s| Duration::from_secs(s as u64).min(max))
+            .unwrap_or(max);
+        let drain = self.drain(id, limit, &map).await;
+        self.draining.store(false, Ordering::Relaxed);
+        let drained_ms = match drain {
+            Ok(d) => d.as_millis() as u64,
+            Err(msg) => {
+                self.abort_freeze(id).await;
+                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {msg}; freeze undone");
+                return (LdapResultCode::Other, msg);
+            }
+        };
+
+        // Prepare, in backend order; on failure undo what was prepared.
+        let mut prepared = Vec::new();
+        for i in set.iter(map.len()) {
+            let b = &map.backends()[i];
+            if let Err(e) = self.driver(b).prepare(b).await {
+                for j in prepared.iter().rev() {
+                    let pb: &Backend = &map.backends()[*j];
+                    if let Err(e2) = self.driver(pb).done(pb).await {
+                        tracing::error!(backend = %pb.suffix, "done step failed after a failed prepare: {e2}");
+                    }
+                }
+                self.abort_freeze(id).await;
+                let msg = format!(
+                    "prepare failed for backend {}: {e}; freeze undone",
+                    b.suffix
+                );
+                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {msg}");
+                return (LdapResultCode::Other, msg);
+            }
+            prepared.push(i);
+        }
+
+        let lease = Duration::from_secs(self.cfg.lease_secs);
+        {
+            let mut st = self.write_state();
+            match st.as_mut() {
+                Some(f) if f.id == id => {
+                    f.phase = Phase::Frozen;
+                    f.lease_until = Some(Instant::now() + lease);
+                }
+                _ => {
+                    return (
+                        LdapResultCode::Other,
+                        "the freeze ended while it was being prepared (holder connection closed)"
+                            .into(),
+                    )
+                }
+            }
+        }
+        if let Some(timer) = self.lease_timer() {
+            tokio::spawn(timer);
+        }
+        info!(
+            freeze = id,
+            who = %who.name(),
+            backends = %names,
+            drain_ms = drained_ms,
+            lease_s = lease.as_secs(),
+            "Allow-Backup ON: frozen"
+        );
+        (
+            LdapResultCode::Success,
+            format!(
+                "frozen: {names}; drained in {drained_ms} ms; lease {} s; freeze id {id}",
+                lease.as_secs()
+            ),
+        )
+    }
+
+    /// The lease timer of the current freeze, as a future to spawn.
+    fn lease_timer(self: &Arc<Self>) -> Option<BoxFuture<'static, ()>> {
+        let (id, until) = {
+            let st = self.read_state();
+            let f = st.as_ref()?;
+            (f.id, f.lease_until?)
+        };
+        let engine = self.clone();
+        Some(Box::pin(async move {
+            tokio::time::sleep_until(until.into()).await;
+            if let Some((f, _)) = engine
+                .end_freeze(|f| f.id == id && f.phase == Phase::Frozen)
+                .await
+            {
+                let secs = f.started.elapsed().as_secs();
+                let msg = format!("freeze expired after {secs} s; the backup may be inconsistent");
+                warn!(freeze = id, holder = %f.holder.name(), "lease expired: {msg}; operations resumed");
+                *engine.expired.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+            }
+        }))
+    }
+
+    /// Waits until no in-flight request that freeze `id` holds is left.
+    async fn drain(&self, id: u64, limit: Duration, map: &BackendMap) -> Result<Duration, String> {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.completed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let Some(freeze) = self.read_state().clone().filter(|f| f.id == id) else {
+                return Err("the freeze ended while draining (holder connection closed)".into());
+            };
+            let pending = self.pending(&freeze);
+            if pending.writes == 0 && pending.reads.is_empty() {
+                return Ok(start.elapsed());
+            }
+            let timed_out = tokio::select! {
+                _ = notified => false,
+                _ = tokio::time::sleep_until(deadline) => true,
+            };
+            if !timed_out {
+                continue;
+            }
+            let pending = self.pending(&freeze);
+            if pending.writes > 0 {
+                return Err(format!(
+                    "write in progress after the drain time limit of {} s ({} write(s) in flight on {}); \
+                     freeze undone, try again later",
+                    limit.as_secs(),
+                    pending.writes,
+                    suffixes(map, freeze.backends)
+                ));
+            }
+            // Only reads (stop mode): abandon them, answer timeLimitExceeded.
+            let n: usize = pending.reads.iter().map(|(_, v)| v.len()).sum();
+            warn!(
+                freeze = id,
+                reads = n,
+                "drain time limit: abandoning in-flight reads"
+            );
+            for (handle, ids) in pending.reads {
+                let _ = handle.control.send(Control::AbandonReads(ids));
+            }
+            // The sessions answer at once; wait for them without a new
+            // limit of our own beyond a short bound.
+            let settle = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let notified = self.completed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let p = self.pending(&freeze);
+                if p.writes > 0 {
+                    return Err(
+                        "write in progress after the drain time limit; freeze undone".into(),
+                    );
+                }
+                if p.reads.is_empty() {
+                    return Ok(start.elapsed());
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(settle) => {
+                        return Err("in-flight reads could not be abandoned in time; freeze undone".into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn pending(&self, f: &Freeze) -> Pending {
+        let sessions: Vec<SessionHandle> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut p = Pending::default();
+        for s in sessions {
+            let table = s.state.inflight();
+            let mut reads = Vec::new();
+            for (msgid, e) in table.iter() {
+                if e.persistent || !f.holds(e.class) {
+                    continue;
+                }
+                if e.class.kind == Kind::Write {
+                    p.writes += 1;
+                } else {
+                    reads.push(msgid);
+                }
+            }
+            drop(table);
+            if !reads.is_empty() {
+                p.reads.push((s.clone(), reads));
+            }
+        }
+        p
+    }
+
+    /// Undoes a freeze that failed before it was complete.
+    async fn abort_freeze(&self, id: u64) {
+        let mut st = self.write_state();
+        if st.as_ref().is_some_and(|f| f.id == id) {
+            *st = None;
+            self.stop_frozen.store(false, Ordering::Relaxed);
+        }
+        drop(st);
+        self.bump();
+    }
+
+    /// Ends the current freeze if `pred` holds: runs the done steps, clears
+    /// the state, wakes the sessions. Returns the freeze and the done errors.
+    async fn end_freeze(
+        &self,
+        pred: impl FnOnce(&Freeze) -> bool,
+    ) -> Option<(Freeze, Vec<String>)> {
+        let f = {
+            let mut st = self.write_state();
+            if !st.as_ref().is_some_and(pred) {
+                return None;
+            }
+            self.stop_frozen.store(false, Ordering::Relaxed);
+            st.take()?
+        };
+        let map = self.backends();
+        let mut errors = Vec::new();
+        if f.phase == Phase::Frozen {
+            for i in f.backends.iter(map.len()) {
+                let b = &map.backends()[i];
+                if let Err(e) = self.driver(b).done(b).await {
+                    tracing::error!(freeze = f.id, backend = %b.suffix, "done step failed: {e}");
+                    errors.push(format!("{}: {e}", b.suffix));
+                }
+            }
+        }
+        self.bump();
+        Some((f, errors))
+    }
+
+    async fn off(&self, who: Requester) -> Answer {
+        let draining = self
+            .read_state()
+            .as_ref()
+            .is_some_and(|f| f.phase == Phase::Draining);
+        if draining {
+            return (
+                LdapResultCode::Busy,
+                "a freeze is still draining; retry OFF once ON has answered".into(),
+            );
+        }
+        let queued = self.queued_requests.load(Ordering::Relaxed);
+        match self.end_freeze(|f| f.phase == Phase::Frozen).await {
+            Some((f, errors)) => {
+                let secs = f.started.elapsed().as_secs_f64();
+                info!(
+                    freeze = f.id,
+                    who = %who.name(),
+                    holder = %f.holder.name(),
+                    frozen_ms = (secs * 1000.0) as u64,
+                    queued,
+                    "Allow-Backup OFF: released"
+                );
+                if errors.is_empty() {
+                    (
+                        LdapResultCode::Success,
+                        format!("released after {secs:.1} s; {queued} queued request(s) resumed; freeze id {}", f.id),
+                    )
+                } else {
+                    (
+                        LdapResultCode::Other,
+                        format!("released, but done steps failed: {}", errors.join("; ")),
+                    )
+                }
+            }
+            None => match self
+                .expired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
+                Some(msg) => {
+                    warn!(who = %who.name(), "Allow-Backup OFF after lease expiry: {msg}");
+                    (LdapResultCode::Other, msg)
+                }
+                None => (LdapResultCode::Success, "not frozen".into()),
+            },
+        }
+    }
+
+    /// The status query: code, message and the AllowBackupStatus value.
+    pub fn status(&self, who: &Requester) -> (LdapResultCode, String, Option<Vec<u8>>) {
+        if let Err((code, msg)) = authorise(&self.allowed, who) {
+            return (code, msg, None);
+        }
+        let map = self.backends();
+        let st = self.read_state().clone();
+        let frozen = st.as_ref().map(|f| f.backends).unwrap_or_default();
+        let in_flight: usize = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| s.state.inflight().len())
+            .sum();
+        let status = AllowBackupStatus {
+            state: match st.as_ref().map(|f| f.phase) {
+                None => FreezeState::Thawed,
+                Some(Phase::Draining) => FreezeState::Draining,
+                Some(Phase::Frozen) => FreezeState::Frozen,
+            },
+            backends: map
+                .backends()
+                .iter()
+                .enumerate()
+                .map(|(i, b)| BackendStatus::new(&b.suffix, b.mode.to_proto(), frozen.contains(i)))
+                .collect(),
+            holder: st
+                .as_ref()
+                .and_then(|f| f.holder.bound_dn.as_deref())
+                .map(|d| abproxy_proto::LdapDn::from(d.as_bytes().to_vec())),
+            since: st.as_ref().map(|f| epoch_secs(f.since)),
+            queued_requests: self.queued_requests.load(Ordering::Relaxed) as u64,
+            queued_bytes: self.queued_bytes.load(Ordering::Relaxed) as u64,
+            in_flight: in_flight as u64,
+            lease_expires: st.as_ref().and_then(|f| {
+                f.lease_until.map(|u| {
+                    epoch_secs(SystemTime::now() + u.saturating_duration_since(Instant::now()))
+                })
+            }),
+            freeze_id: st.as_ref().map(|f| f.id),
+        };
+        let text = match &st {
+            None => "thawed".to_string(),
+            Some(f) => format!(
+                "{} by {} for {} s: {}",
+                if f.phase == Phase::Draining {
+                    "draining"
+                } else {
+                    "frozen"
+                },
+                f.holder.name(),
+                f.started.elapsed().as_secs(),
+                suffixes(&map, f.backends)
+            ),
+        };
+        (
+            LdapResultCode::Success,
+            text,
+            Some(abproxy_proto::encode_status(&status)),
+        )
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    writes: usize,
+    reads: Vec<(SessionHandle, Vec<i32>)>,
+}
+
+fn suffixes(map: &BackendMap, set: BackendSet) -> String {
+    set.iter(map.len())
+        .map(|i| map.backends()[i].suffix.clone())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
