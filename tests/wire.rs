@@ -73,7 +73,7 @@ fn script() -> Vec<LdapMsg> {
             "",
             0,
             "(objectClass=*)",
-            &["namingContexts", "supportedExtension"],
+            &["namingContexts", "supportedControl"],
         ),
         search(5, "dc=nowhere", 2, "(objectClass=*)", &[]),
         extended(6, "1.3.6.1.4.1.4203.1.11.3", None),

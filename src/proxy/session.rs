@@ -86,13 +86,14 @@ impl SessionState {
         lock(&self.bound_dn).clone()
     }
 
-    /// Waits until no request is in flight.
+    /// Waits until no request is in flight (persistent searches never end
+    /// by themselves, so they do not count).
     async fn wait_drained(&self) {
         loop {
             let notified = self.completed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.inflight().is_empty() {
+            if self.inflight().iter().all(|(_, e)| e.persistent) {
                 return;
             }
             notified.await;

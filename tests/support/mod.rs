@@ -149,6 +149,10 @@ pub struct RawConn {
 impl RawConn {
     pub async fn connect(addr: &str) -> RawConn {
         let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::from_stream(stream)
+    }
+
+    pub fn from_stream(stream: TcpStream) -> RawConn {
         stream.set_nodelay(true).unwrap();
         RawConn {
             stream,

@@ -1,0 +1,915 @@
+//! The Allow-Backup extended operation against a real slapd through the
+//! proxy: ON/OFF, refusals, holding and releasing, ordering, abandon,
+//! disconnects, the drain time limit, lease expiry, holdUntilUnbind and a
+//! consistency check under continuous writes.
+
+mod support;
+
+use std::time::Duration;
+
+use abproxy::config::{BackendConfig, Config};
+use abproxy::freeze::Mode;
+use abproxy::lab::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
+use abproxy::wire::Envelope;
+use abproxy_proto::{
+    AllowBackupRequest, AllowBackupStatus, FreezeState, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID,
+};
+use ldap3_proto::proto::*;
+use support::*;
+
+fn allow_admin(c: &mut Config) {
+    c.freeze.allowed = vec![ADMIN_DN.into(), OTHER_ADMIN_DN.into()];
+}
+
+async fn freeze_lab(tweak: impl FnOnce(&mut Config)) -> Lab {
+    Lab::with(
+        SlapdOptions {
+            nosync: true,
+            ..Default::default()
+        },
+        |c| {
+            allow_admin(c);
+            tweak(c)
+        },
+    )
+    .await
+}
+
+fn exop(msgid: i32, name: &str, value: Option<Vec<u8>>) -> LdapMsg {
+    LdapMsg::new(
+        msgid,
+        LdapOp::ExtendedRequest(LdapExtendedRequest {
+            name: name.into(),
+            value,
+        }),
+    )
+}
+
+fn ab(msgid: i32, req: &AllowBackupRequest) -> LdapMsg {
+    exop(
+        msgid,
+        ALLOW_BACKUP_OID,
+        Some(abproxy_proto::encode_request(req)),
+    )
+}
+
+fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
+    LdapMsg::new(
+        msgid,
+        LdapOp::ModifyRequest(LdapModifyRequest {
+            dn: dn.into(),
+            changes: vec![LdapModify {
+                operation: LdapModifyType::Replace,
+                modification: LdapPartialAttribute {
+                    atype: attr.into(),
+                    vals: vec![val.as_bytes().to_vec()],
+                },
+            }],
+        }),
+    )
+}
+
+fn add(msgid: i32, dn: &str, cn: &str) -> LdapMsg {
+    let attr = |t: &str, v: &str| LdapAttribute {
+        atype: t.into(),
+        vals: vec![v.as_bytes().to_vec()],
+    };
+    LdapMsg::new(
+        msgid,
+        LdapOp::AddRequest(LdapAddRequest {
+            dn: dn.into(),
+            attributes: vec![attr("objectClass", "device"), attr("cn", cn)],
+        }),
+    )
+}
+
+/// Result code and diagnostic message of a final response, via ldap3_proto.
+fn outcome(frame: &[u8]) -> (i64, String) {
+    use tokio_util::codec::Decoder;
+    let code = result_code(frame).expect("a final response");
+    let mut buf = bytes::BytesMut::from(frame);
+    let msg = ldap3_proto::LdapCodec::new(Some(1 << 26), None)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap();
+    let text = match msg.op {
+        LdapOp::ExtendedResponse(r) => r.res.message,
+        LdapOp::SearchResultDone(r)
+        | LdapOp::ModifyResponse(r)
+        | LdapOp::AddResponse(r)
+        | LdapOp::DelResponse(r) => r.message,
+        other => format!("{other:?}"),
+    };
+    (code, text)
+}
+
+/// A raw connection bound as `dn`.
+async fn bound(lab: &Lab, dn: &str, pw: &str) -> RawConn {
+    let mut c = RawConn::connect(&lab.proxy_addr()).await;
+    c.send_msg(bind(1, dn, pw)).await;
+    assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
+    c
+}
+
+/// Sends a request and returns its final response.
+async fn call(c: &mut RawConn, msg: LdapMsg) -> (i64, String) {
+    let id = msg.msgid;
+    c.send_msg(msg).await;
+    outcome(c.recv_until_final(id).await.last().unwrap())
+}
+
+/// The proxy's status, asked as cn=admin,dc=other,dc=org (binds into a
+/// stop-mode dc=example,dc=org are held while it is frozen).
+async fn status(lab: &Lab) -> AllowBackupStatus {
+    let mut c = bound(lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    c.send_msg(exop(2, ALLOW_BACKUP_STATUS_OID, None)).await;
+    let f = c.recv().await.unwrap();
+    let env = Envelope::response(&f).unwrap();
+    assert_eq!(env.result_code, Some(0));
+    abproxy_proto::decode_status(env.value_bytes(&f).expect("status value")).unwrap()
+}
+
+/// Waits (bounded, polling the proxy's status) until `pred` holds.
+async fn wait_status(
+    lab: &Lab,
+    what: &str,
+    pred: impl Fn(&AllowBackupStatus) -> bool,
+) -> AllowBackupStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(lab).await;
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// No frame arrives on `c` while the proxy reports the request queued:
+/// the queued request really is held.
+async fn assert_nothing_pending(c: &mut RawConn) {
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_millis(200), c.stream.peek(&mut b)).await;
+    assert!(r.is_err(), "a response arrived for a held request");
+}
+
+/// Reads until every message ID in `ids` has its final response; returns
+/// (frames seen, final result code per ID in `ids` order).
+async fn recv_finals(c: &mut RawConn, ids: &[i32]) -> (usize, Vec<i64>) {
+    let mut codes = vec![None; ids.len()];
+    let mut n = 0;
+    while codes.iter().any(Option::is_none) {
+        let f = c.recv().await.expect("connection closed early");
+        n += 1;
+        let env = Envelope::response(&f).unwrap();
+        if abproxy::wire::op::is_final_response(env.op) {
+            if let Some(i) = ids.iter().position(|&id| id == env.msgid) {
+                codes[i] = env.result_code;
+            }
+        }
+    }
+    (n, codes.into_iter().map(Option::unwrap).collect())
+}
+
+/// contextCSN of a suffix as slapd serves it (syncprov keeps it in memory).
+async fn context_csn(lab: &Lab, suffix: &str) -> String {
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &lab.direct(),
+            "-D",
+            ADMIN_DN,
+            "-w",
+            ADMIN_PW,
+            "-b",
+            suffix,
+            "-s",
+            "base",
+            "contextCSN",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("contextCSN:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn ldapexop_on_status_off() {
+    let lab = freeze_lab(|_| {}).await;
+    let exop_args = |value: &str| {
+        vec![
+            "-x".to_string(),
+            "-H".into(),
+            lab.proxied(),
+            "-D".into(),
+            ADMIN_DN.into(),
+            "-w".into(),
+            ADMIN_PW.into(),
+            format!("{ALLOW_BACKUP_OID}::{value}"),
+        ]
+    };
+    let run = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ldap_tool("ldapexop", &refs, None).await
+    };
+    let on = run(exop_args("MAMBAf8=")).await;
+    assert_eq!(on.code, Some(0), "{on:?}");
+    let s = status(&lab).await;
+    assert_eq!(s.state, FreezeState::Frozen);
+    assert_eq!(s.backends.len(), 2);
+    assert!(s.backends.iter().all(|b| b.frozen));
+    assert_eq!(s.holder.as_deref(), Some(ADMIN_DN.as_bytes()));
+    assert!(s.lease_expires.is_some() && s.freeze_id.is_some());
+
+    let again = run(exop_args("MAMBAf8=")).await;
+    assert_ne!(again.code, Some(0));
+    assert!(again.stderr.contains("Server is busy (51)"), "{again:?}");
+    assert!(
+        again.stderr.contains(ADMIN_DN),
+        "names the holder: {again:?}"
+    );
+
+    let off = run(exop_args("MAMBAQA=")).await;
+    assert_eq!(off.code, Some(0), "{off:?}");
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+    let off = run(exop_args("MAMBAQA=")).await;
+    assert_eq!(off.code, Some(0), "{off:?}");
+    assert!(
+        off.stdout.contains("not frozen") || off.stderr.contains("not frozen"),
+        "{off:?}"
+    );
+}
+
+#[tokio::test]
+async fn refusals() {
+    let lab = freeze_lab(|c| {
+        c.backends = vec![
+            BackendConfig {
+                suffix: "dc=example,dc=org".into(),
+                mode: Mode::Readonly,
+            },
+            BackendConfig {
+                suffix: "dc=other,dc=org".into(),
+                mode: Mode::Unimplemented,
+            },
+        ];
+    })
+    .await;
+    // Anonymous and a non-allowed user: insufficientAccessRights (50).
+    let mut anon = RawConn::connect(&lab.proxy_addr()).await;
+    let (code, msg) = call(&mut anon, ab(1, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 50, "{msg}");
+    let mut user = bound(&lab, &user_dn(1), "pass1").await;
+    let (code, msg) = call(&mut user, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 50);
+    assert!(msg.contains(&user_dn(1)), "{msg}");
+
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    // No value, or a value that is not an AllowBackupRequest: protocolError (2).
+    let (code, msg) = call(&mut admin, exop(2, ALLOW_BACKUP_OID, None)).await;
+    assert_eq!(code, 2, "{msg}");
+    let (code, msg) = call(
+        &mut admin,
+        exop(3, ALLOW_BACKUP_OID, Some(vec![0x04, 0x00])),
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(msg.contains("AllowBackupRequest"), "{msg}");
+    // A DN under no backend: noSuchObject (32); nothing frozen.
+    let req = AllowBackupRequest::on().with_dn_set(["dc=nowhere"]);
+    let (code, msg) = call(&mut admin, ab(4, &req)).await;
+    assert_eq!(code, 32, "{msg}");
+    // An unimplemented backend: unwillingToPerform (53); also when implied by "all".
+    let req = AllowBackupRequest::on().with_dn_set(["ou=people,dc=other,dc=org"]);
+    assert_eq!(call(&mut admin, ab(5, &req)).await.0, 53);
+    assert_eq!(
+        call(&mut admin, ab(6, &AllowBackupRequest::on())).await.0,
+        53
+    );
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+    // The implemented one alone works, by a DN under its suffix.
+    let req = AllowBackupRequest::on().with_dn_set(["OU=People, DC=Example,DC=org"]);
+    let (code, msg) = call(&mut admin, ab(7, &req)).await;
+    assert_eq!(code, 0, "{msg}");
+    let s = status(&lab).await;
+    assert_eq!(s.backends.iter().filter(|b| b.frozen).count(), 1);
+    // Status and OFF need the right too.
+    user.send_msg(exop(3, ALLOW_BACKUP_STATUS_OID, None)).await;
+    assert_eq!(result_code(&user.recv().await.unwrap()), Some(50));
+    assert_eq!(
+        call(&mut user, ab(4, &AllowBackupRequest::off())).await.0,
+        50
+    );
+    assert_eq!(
+        call(&mut admin, ab(8, &AllowBackupRequest::off())).await.0,
+        0
+    );
+}
+
+#[tokio::test]
+async fn readonly_holds_writes_lets_reads_through_and_keeps_order() {
+    let lab = Lab::with(
+        SlapdOptions {
+            nosync: true,
+            stats_log: true,
+            ..Default::default()
+        },
+        allow_admin,
+    )
+    .await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{msg}");
+
+    // A writer: modify, then (pipelined) a search of what it wrote.
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let dn = user_dn(3);
+    w.send_msg(modify(2, &dn, "description", "written during the freeze"))
+        .await;
+    w.send_msg(search(3, &dn, 0, "(objectClass=*)", &["description"]))
+        .await;
+    wait_status(&lab, "two queued requests", |s| s.queued_requests == 2).await;
+    assert_nothing_pending(&mut w).await;
+
+    // Another client reads freely, and sees the old value.
+    let mut r = RawConn::connect(&lab.proxy_addr()).await;
+    r.send_msg(search(1, &dn, 0, "(objectClass=*)", &["description"]))
+        .await;
+    let frames = r.recv_until_final(1).await;
+    assert_eq!(frames.len(), 2);
+    assert!(String::from_utf8_lossy(&frames[0]).contains("initial"));
+    // The server has not seen the write.
+    let direct = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &lab.direct(),
+            "-b",
+            &dn,
+            "-s",
+            "base",
+            "description",
+        ],
+        None,
+    )
+    .await;
+    assert!(direct.stdout.contains("description: initial"), "{direct:?}");
+
+    let (code, msg) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
+    assert_eq!(code, 0, "{msg}");
+    assert!(msg.contains("2 queued"), "{msg}");
+    // Both are answered; the server received them in the client's order.
+    let (_, codes) = recv_finals(&mut w, &[2, 3]).await;
+    assert_eq!(codes, [0, 0]);
+    let log = std::fs::read_to_string(lab.slapd.log_path()).unwrap();
+    let op_of = |needle: &str| -> (String, u64) {
+        let line = log
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} not in slapd log"));
+        let conn = line
+            .split_whitespace()
+            .find(|w| w.starts_with("conn="))
+            .unwrap()
+            .to_string();
+        let op = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("op="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        (conn, op)
+    };
+    let (mconn, mop) = op_of(&format!("MOD dn=\"{dn}\""));
+    let searches: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&mconn) && l.contains(&format!("SRCH base=\"{dn}\"")))
+        .collect();
+    assert_eq!(searches.len(), 1, "{searches:?}");
+    let sop: u64 = searches[0]
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("op="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        mop < sop,
+        "modify (op {mop}) reached slapd before the search (op {sop})"
+    );
+    // And a later read on that connection sees the write.
+    let f = w_search(&mut w, &dn).await;
+    assert!(f.contains("written during the freeze"));
+    assert_eq!(status(&lab).await.queued_requests, 0);
+}
+
+async fn w_search(c: &mut RawConn, dn: &str) -> String {
+    c.send_msg(search(9, dn, 0, "(objectClass=*)", &["description"]))
+        .await;
+    let frames = c.recv_until_final(9).await;
+    String::from_utf8_lossy(&frames[0]).into_owned()
+}
+
+#[tokio::test]
+async fn stop_mode_holds_searches_too() {
+    let lab = freeze_lab(|c| {
+        c.backends = vec![
+            BackendConfig {
+                suffix: "dc=example,dc=org".into(),
+                mode: Mode::Stop,
+            },
+            BackendConfig {
+                suffix: "dc=other,dc=org".into(),
+                mode: Mode::Readonly,
+            },
+        ];
+    })
+    .await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut r = RawConn::connect(&lab.proxy_addr()).await;
+    r.send_msg(search(1, &user_dn(1), 0, "(objectClass=*)", &["uid"]))
+        .await;
+    wait_status(&lab, "a queued search", |s| s.queued_requests == 1).await;
+    assert_nothing_pending(&mut r).await;
+    // The readonly backend still answers reads; the root DSE is never held.
+    let mut o = RawConn::connect(&lab.proxy_addr()).await;
+    o.send_msg(search(1, "dc=other,dc=org", 0, "(objectClass=*)", &["dc"]))
+        .await;
+    assert_eq!(
+        result_code(o.recv_until_final(1).await.last().unwrap()),
+        Some(0)
+    );
+    o.send_msg(search(2, "", 0, "(objectClass=*)", &["namingContexts"]))
+        .await;
+    assert_eq!(
+        result_code(o.recv_until_final(2).await.last().unwrap()),
+        Some(0)
+    );
+
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    let frames = r.recv_until_final(1).await;
+    assert_eq!(frames.len(), 2);
+    assert_eq!(result_code(&frames[1]), Some(0));
+}
+
+#[tokio::test]
+async fn abandon_and_disconnect_of_queued_requests_leave_no_trace() {
+    let lab = freeze_lab(|_| {}).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+
+    // Abandoned while queued: removed, never sent.
+    let mut a = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    a.send_msg(modify(2, &user_dn(4), "description", "abandoned"))
+        .await;
+    wait_status(&lab, "queued modify", |s| s.queued_requests == 1).await;
+    a.send_msg(LdapMsg::new(3, LdapOp::AbandonRequest(2))).await;
+    wait_status(&lab, "abandon removes it", |s| s.queued_requests == 0).await;
+
+    // Cancelled while queued (RFC 3909): canceled (118) and success.
+    a.send_msg(modify(4, &user_dn(4), "description", "cancelled"))
+        .await;
+    wait_status(&lab, "queued modify", |s| s.queued_requests == 1).await;
+    let mut cancel_value = vec![0x30, 0x03, 0x02, 0x01, 0x04];
+    a.send_msg(exop(
+        5,
+        "1.3.6.1.1.8",
+        Some(std::mem::take(&mut cancel_value)),
+    ))
+    .await;
+    let first = a.recv().await.unwrap();
+    let second = a.recv().await.unwrap();
+    let mut got = [
+        (
+            Envelope::response(&first).unwrap().msgid,
+            result_code(&first),
+        ),
+        (
+            Envelope::response(&second).unwrap().msgid,
+            result_code(&second),
+        ),
+    ];
+    got.sort();
+    assert_eq!(got, [(4, Some(118)), (5, Some(0))]);
+
+    // A client that goes away while queued: discarded.
+    let mut d = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    d.send_msg(add(2, "cn=ghost,dc=example,dc=org", "ghost"))
+        .await;
+    wait_status(&lab, "queued add", |s| s.queued_requests == 1).await;
+    drop(d);
+    wait_status(&lab, "discarded", |s| s.queued_requests == 0).await;
+
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    // The session that abandoned goes on; nothing reached the server.
+    let (code, _) = call(
+        &mut a,
+        search(
+            6,
+            "dc=example,dc=org",
+            2,
+            "(|(cn=ghost)(description=abandoned)(description=cancelled))",
+            &["1.1"],
+        ),
+    )
+    .await;
+    assert_eq!(code, 0);
+    let direct = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &lab.direct(),
+            "-b",
+            "dc=example,dc=org",
+            "(|(cn=ghost)(description=abandoned)(description=cancelled))",
+            "1.1",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(direct.code, Some(0));
+    assert!(direct.stdout.trim().is_empty(), "{direct:?}");
+}
+
+#[tokio::test]
+async fn lease_expiry_resumes_and_off_reports_it() {
+    let lab = freeze_lab(|c| c.freeze.lease_secs = 1).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    // Held, then released by the lease without any OFF.
+    let (code, _) = call(&mut w, modify(2, &user_dn(5), "description", "after lease")).await;
+    assert_eq!(code, 0);
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+    let (code, msg) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
+    assert_eq!(code, 80, "{msg}");
+    assert!(
+        msg.contains("freeze expired after 1 s; the backup may be inconsistent"),
+        "{msg}"
+    );
+    // Reported once.
+    assert_eq!(
+        call(&mut admin, ab(4, &AllowBackupRequest::off())).await,
+        (0, "not frozen".into())
+    );
+}
+
+#[tokio::test]
+async fn hold_until_unbind_releases_when_the_holder_leaves() {
+    let lab = freeze_lab(|_| {}).await;
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let req = AllowBackupRequest::on().with_hold_until_unbind(true);
+    assert_eq!(call(&mut holder, ab(2, &req)).await.0, 0);
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    w.send_msg(modify(2, &user_dn(6), "description", "after holder"))
+        .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+    holder
+        .send_msg(LdapMsg::new(3, LdapOp::UnbindRequest))
+        .await;
+    let m = w.recv().await.unwrap();
+    assert_eq!(
+        (Envelope::response(&m).unwrap().msgid, result_code(&m)),
+        (2, Some(0))
+    );
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+}
+
+#[tokio::test]
+async fn rust_client_freezes_and_resumes() {
+    let lab = freeze_lab(|_| {}).await;
+    let (conn, mut ldap) = ldap3::LdapConnAsync::new(&lab.proxied()).await.unwrap();
+    ldap3::drive!(conn);
+    ldap.simple_bind(ADMIN_DN, ADMIN_PW)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let on = ldap3::exop::Exop {
+        name: Some(ALLOW_BACKUP_OID.into()),
+        val: Some(abproxy_proto::encode_request(
+            &AllowBackupRequest::on().with_time_limit(5),
+        )),
+    };
+    let res = ldap.extended(on).await.unwrap();
+    assert_eq!(res.1.rc, 0, "{:?}", res.1);
+    assert!(
+        res.1
+            .text
+            .starts_with("frozen: dc=example,dc=org; dc=other,dc=org"),
+        "{}",
+        res.1.text
+    );
+    let st = ldap
+        .extended(ldap3::exop::Exop {
+            name: Some(ALLOW_BACKUP_STATUS_OID.into()),
+            val: None,
+        })
+        .await
+        .unwrap();
+    let value = abproxy_proto::decode_status(st.0.val.as_deref().unwrap()).unwrap();
+    assert_eq!(value.state, FreezeState::Frozen);
+    let off = ldap3::exop::Exop {
+        name: Some(ALLOW_BACKUP_OID.into()),
+        val: Some(abproxy_proto::encode_request(&AllowBackupRequest::off())),
+    };
+    assert_eq!(ldap.extended(off).await.unwrap().1.rc, 0);
+    ldap.unbind().await.unwrap();
+}
+
+/// A client that stops reading a large result keeps its search in flight.
+async fn stalled_search(lab: &Lab) -> RawConn {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock
+        .connect(lab.proxy_addr().parse().unwrap())
+        .await
+        .unwrap();
+    let mut c = RawConn::from_stream(stream);
+    c.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
+    assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
+    c.send_msg(search(
+        2,
+        "ou=people,dc=example,dc=org",
+        1,
+        "(objectClass=*)",
+        &["*"],
+    ))
+    .await;
+    c
+}
+
+/// Waits until slapd has over 1 MiB queued on one of its sockets: the
+/// stalled search really is stuck (a kernel-visible event).
+async fn wait_slapd_blocked(port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let hex = format!(":{port:04X}");
+    loop {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let blocked = tcp.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 4
+                && f[1].ends_with(&hex)
+                && f[4]
+                    .split(':')
+                    .next()
+                    .and_then(|q| usize::from_str_radix(q, 16).ok())
+                    .is_some_and(|q| q > 1 << 20)
+        });
+        if blocked {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slapd never blocked on the stalled client"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Adds `n` entries with a 1 MiB description each (so a search of them
+/// cannot fit in socket buffers).
+async fn add_big_entries(lab: &Lab, n: usize) {
+    let mut c = bound(lab, ADMIN_DN, ADMIN_PW).await;
+    let big = "x".repeat(1 << 20);
+    for i in 0..n {
+        let mut m = add(
+            10 + i as i32,
+            &format!("uid=big{i},ou=people,dc=example,dc=org"),
+            "big",
+        );
+        if let LdapOp::AddRequest(a) = &mut m.op {
+            a.attributes = vec![
+                LdapAttribute {
+                    atype: "objectClass".into(),
+                    vals: vec![b"inetOrgPerson".to_vec()],
+                },
+                LdapAttribute {
+                    atype: "uid".into(),
+                    vals: vec![format!("big{i}").into_bytes()],
+                },
+                LdapAttribute {
+                    atype: "cn".into(),
+                    vals: vec![b"big".to_vec()],
+                },
+                LdapAttribute {
+                    atype: "sn".into(),
+                    vals: vec![b"big".to_vec()],
+                },
+                LdapAttribute {
+                    atype: "description".into(),
+                    vals: vec![big.clone().into_bytes()],
+                },
+            ];
+        }
+        assert_eq!(call(&mut c, m).await.0, 0);
+    }
+}
+
+#[tokio::test]
+async fn drain_time_limit_abandons_reads_in_stop_mode() {
+    let lab = freeze_lab(|c| {
+        c.backends = vec![BackendConfig {
+            suffix: "dc=example,dc=org".into(),
+            mode: Mode::Stop,
+        }];
+    })
+    .await;
+    add_big_entries(&lab, 32).await;
+    let mut slow = stalled_search(&lab).await;
+    wait_status(&lab, "search in flight", |s| s.in_flight >= 1).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, msg) = call(
+        &mut admin,
+        ab(2, &AllowBackupRequest::on().with_time_limit(1)),
+    )
+    .await;
+    assert_eq!(code, 0, "{msg}");
+    // The stalled client, reading at last: what was already on its way, then
+    // timeLimitExceeded from the proxy, and nothing more from the server.
+    let frames = slow.recv_until_final(2).await;
+    let last = frames.last().unwrap();
+    assert_eq!(outcome(last).0, 3, "timeLimitExceeded");
+    assert!(
+        frames.len() < 100 + 32,
+        "the search was cut short ({} frames)",
+        frames.len()
+    );
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    // Its session goes on.
+    let (code, _) = call(&mut slow, exop(9, "1.3.6.1.4.1.4203.1.11.3", None)).await;
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn write_outlasting_the_drain_makes_on_fail_and_resume() {
+    let lab = freeze_lab(|_| {}).await;
+    add_big_entries(&lab, 32).await;
+    // The modify is answered by slapd, but its response is stuck behind the
+    // unread search on the same connection: in flight for the proxy.
+    let mut slow = stalled_search(&lab).await;
+    wait_slapd_blocked(lab.slapd.port()).await;
+    slow.send_msg(modify(3, &user_dn(7), "description", "stuck"))
+        .await;
+    wait_status(&lab, "search and modify in flight", |s| s.in_flight >= 2).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, msg) = call(
+        &mut admin,
+        ab(2, &AllowBackupRequest::on().with_time_limit(1)),
+    )
+    .await;
+    assert_eq!(code, 80, "{msg}");
+    assert!(msg.contains("write in progress"), "{msg}");
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+    // Writes go on at once.
+    let (code, _) = call(&mut admin, modify(3, &user_dn(8), "description", "free")).await;
+    assert_eq!(code, 0);
+    // The stalled client gets everything, including its modify's success.
+    let (frames, codes) = recv_finals(&mut slow, &[2, 3]).await;
+    assert_eq!(codes, [0, 0]);
+    assert_eq!(frames, 100 + 32 + 2, "every entry, both results");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_backup_under_continuous_writes() {
+    const WRITERS: usize = 16;
+    let lab = freeze_lab(|_| {}).await;
+    let addr = lab.proxy_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let addr = addr.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = RawConn::connect(&addr).await;
+            c.send_msg(bind(1, OTHER_ADMIN_DN, ADMIN_PW)).await;
+            assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
+            let mut acked = Vec::new();
+            let mut n: i32 = 0;
+            while !stop.is_cancelled() {
+                n += 1;
+                let dn = format!("cn=w{w}-{n},dc=other,dc=org");
+                let (code, msg) = call(&mut c, add(1 + n, &dn, &format!("w{w}-{n}"))).await;
+                assert_eq!(code, 0, "writer {w} write {n}: {msg}");
+                acked.push(n);
+            }
+            acked
+        }));
+    }
+    // Let the writers get going: the server has seen writes.
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let entries = |lab: &Lab| {
+        lab.slapd
+            .slapcat("dc=other,dc=org")
+            .unwrap()
+            .matches("\ndn: cn=w")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while entries(&lab) < 2 * WRITERS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers make no progress"
+        );
+    }
+    let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{msg}");
+    // Every writer now waits with one write queued.
+    wait_status(&lab, "all writers held", |s| {
+        s.queued_requests == WRITERS as u64
+    })
+    .await;
+    let first = lab.slapd.slapcat("dc=other,dc=org").unwrap();
+    let first_ex = lab.slapd.slapcat("dc=example,dc=org").unwrap();
+    let csn = context_csn(&lab, "dc=other,dc=org").await;
+    assert!(csn.starts_with("contextCSN: "), "{csn}");
+    // Some time apart, with the writers still pushing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = lab.slapd.slapcat("dc=other,dc=org").unwrap();
+    let second_ex = lab.slapd.slapcat("dc=example,dc=org").unwrap();
+    assert!(first == second, "the backup changed while frozen");
+    assert!(first_ex == second_ex);
+    assert_eq!(
+        csn,
+        context_csn(&lab, "dc=other,dc=org").await,
+        "contextCSN moved"
+    );
+    let frozen_entries = first.matches("\ndn: cn=w").count();
+
+    let (code, msg) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
+    assert_eq!(code, 0, "{msg}");
+    // Writers go on after the release; stop them once they all have more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while entries(&lab) < frozen_entries + 2 * WRITERS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers make no progress after OFF"
+        );
+    }
+    stop.cancel();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.push(t.await.expect("no writer saw an error"));
+    }
+    // Every acknowledged write is there exactly once, in each writer's order.
+    let dump = lab.slapd.slapcat("dc=other,dc=org").unwrap();
+    let mut csn_of = std::collections::HashMap::new();
+    for entry in dump.split("\n\n") {
+        let dn = entry.lines().find_map(|l| l.strip_prefix("dn: "));
+        let csn = entry.lines().find_map(|l| l.strip_prefix("entryCSN: "));
+        if let (Some(dn), Some(csn)) = (dn, csn) {
+            assert!(
+                csn_of.insert(dn.to_string(), csn.to_string()).is_none(),
+                "{dn} twice"
+            );
+        }
+    }
+    let mut total = 0;
+    for (w, ns) in acked.iter().enumerate() {
+        let mut last = String::new();
+        for n in ns {
+            let dn = format!("cn=w{w}-{n},dc=other,dc=org");
+            let csn = csn_of
+                .get(&dn)
+                .unwrap_or_else(|| panic!("acknowledged {dn} is missing"));
+            assert!(*csn > last, "writer {w}: write {n} applied out of order");
+            last = csn.clone();
+            total += 1;
+        }
+    }
+    assert!(total > frozen_entries, "writes went on after OFF");
+}
