@@ -253,15 +253,48 @@ impl Engine {
             .classify(env, frame, &self.classify, bound_dn)
     }
 
-    /// The gate: if the current freeze does not hold `class`, runs `insert`
-    /// (the in-flight insert) under the same lock and returns true.
-    pub fn admit(&self, class: Class, insert: impl FnOnce()) -> bool {
+    /// The gate. With no freeze, runs `insert(None)` (the in-flight insert;
+    /// the request is classified later, only if a freeze needs to know).
+    /// Under a freeze, classifies the request: if the freeze holds it,
+    /// returns its class; otherwise runs `insert(Some(class))`. All under the
+    /// state lock, so ON never misses a request it should drain.
+    #[inline]
+    pub fn admit(
+        &self,
+        classify: impl FnOnce() -> Class,
+        insert: impl FnOnce(Option<Class>),
+    ) -> Result<(), Class> {
         let st = self.read_state();
-        if st.as_ref().is_some_and(|f| f.holds(class)) {
-            return false;
+        match st.as_ref() {
+            None => {
+                insert(None);
+                Ok(())
+            }
+            Some(f) => {
+                let class = classify();
+                if f.holds(class) {
+                    return Err(class);
+                }
+                insert(Some(class));
+                Ok(())
+            }
         }
-        insert();
-        true
+    }
+
+    /// The class of an in-flight request (classified now if it passed the
+    /// gate while nothing was frozen).
+    pub fn class_of(&self, e: &crate::proxy::inflight::InFlight, bound_dn: Option<&str>) -> Class {
+        if let Some(c) = e.class {
+            return c;
+        }
+        match e.request.as_ref().map(|f| (f, Envelope::request(f))) {
+            Some((f, Ok(env))) => self.classify(&env, f, bound_dn.map(str::as_bytes)),
+            // Cannot happen (it was read once); count it as a write to all.
+            _ => Class {
+                kind: Kind::Write,
+                backends: BackendSet::ALL,
+            },
+        }
     }
 
     /// True while a freeze holds `class` (for held persistent-search
@@ -653,13 +686,18 @@ impl Engine {
             .collect();
         let mut p = Pending::default();
         for s in sessions {
+            let bound = s.state.bound_dn();
             let table = s.state.inflight();
             let mut reads = Vec::new();
             for (msgid, e) in table.iter() {
-                if e.persistent || !f.holds(e.class) {
+                if e.persistent {
                     continue;
                 }
-                if e.class.kind == Kind::Write {
+                let class = self.class_of(e, bound.as_deref());
+                if !f.holds(class) {
+                    continue;
+                }
+                if class.kind == Kind::Write {
                     p.writes += 1;
                 } else {
                     reads.push(msgid);

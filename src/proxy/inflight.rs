@@ -26,13 +26,16 @@ pub struct InFlight {
     pub root_dse: bool,
     /// The name of a simple bind (becomes the session's identity on success).
     pub bind_dn: Option<Bytes>,
-    /// The gate's classification.
-    pub class: Class,
+    /// The gate's classification, when a freeze was active as it passed.
+    pub class: Option<Class>,
+    /// The request itself, kept (a reference-counted view, no copy) to be
+    /// classified only if a freeze starts while it is in flight.
+    pub request: Option<Bytes>,
 }
 
 impl InFlight {
     /// A request of operation `op` starting now.
-    pub fn new(op: u8, class: Class) -> Self {
+    pub fn new(op: u8, class: Option<Class>) -> Self {
         InFlight {
             op,
             started: Instant::now(),
@@ -41,6 +44,7 @@ impl InFlight {
             root_dse: false,
             bind_dn: None,
             class,
+            request: None,
         }
     }
 
@@ -106,8 +110,8 @@ mod tests {
     #[test]
     fn search_ends_with_done_not_entries() {
         let mut t = InFlightTable::default();
-        t.start(1, InFlight::new(op::SEARCH_REQUEST, Class::NEVER));
-        t.start(2, InFlight::new(op::MODIFY_REQUEST, Class::NEVER));
+        t.start(1, InFlight::new(op::SEARCH_REQUEST, None));
+        t.start(2, InFlight::new(op::MODIFY_REQUEST, None));
         assert!(t.response(1, op::SEARCH_RESULT_ENTRY).is_none());
         assert!(t.response(1, op::SEARCH_RESULT_REFERENCE).is_none());
         assert!(t.response(1, op::INTERMEDIATE_RESPONSE).is_none());

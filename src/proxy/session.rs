@@ -492,10 +492,6 @@ impl Requests<'_> {
             }
         }
 
-        let bound = self.state.bound_dn();
-        let class = self
-            .engine
-            .classify(&env, &frame, bound.as_deref().map(str::as_bytes));
         match env.op {
             op::ABANDON_REQUEST => {
                 let Some(target) = env.abandon_id else {
@@ -520,16 +516,28 @@ impl Requests<'_> {
             }
             _ => {}
         }
-        if class.kind != Kind::Never && !self.queue.is_empty() {
-            self.enqueue(frame, env, class);
-            return Step::Continue;
+        // Once one request of this connection waits, every later one (but
+        // those never held) waits behind it.
+        if !self.queue.is_empty() {
+            let class = self.classify(&env, &frame);
+            if class.kind != Kind::Never {
+                self.enqueue(frame, env, class);
+                return Step::Continue;
+            }
         }
-        if self.admit(&env, &frame, class) {
-            self.feed(frame).await
-        } else {
-            self.enqueue(frame, env, class);
-            Step::Continue
+        match self.admit(&env, &frame, None) {
+            Ok(()) => self.feed(frame).await,
+            Err(class) => {
+                self.enqueue(frame, env, class);
+                Step::Continue
+            }
         }
+    }
+
+    fn classify(&self, env: &Envelope, frame: &[u8]) -> Class {
+        let bound = self.state.bound_dn();
+        self.engine
+            .classify(env, frame, bound.as_deref().map(str::as_bytes))
     }
 
     fn requester(&self) -> Requester {
@@ -539,30 +547,37 @@ impl Requests<'_> {
         }
     }
 
-    /// The gate: records the request as in flight unless a freeze holds it.
-    fn admit(&self, env: &Envelope, frame: &[u8], class: Class) -> bool {
-        self.engine.admit(class, || {
-            let mut entry = InFlight::new(env.op, class);
-            match env.op {
-                op::BIND_REQUEST => {
-                    entry.sasl_bind = env.bind_auth == Some(auth::SASL);
-                    if env.bind_auth == Some(auth::SIMPLE) {
-                        entry.bind_dn = env
-                            .dn
-                            .as_ref()
-                            .map(|s| Bytes::copy_from_slice(Envelope::slice(frame, s)));
+    /// The gate: records the request as in flight unless a freeze holds it
+    /// (then returns its class). `known` is the class of a queued request.
+    fn admit(&self, env: &Envelope, frame: &Bytes, known: Option<Class>) -> Result<(), Class> {
+        self.engine.admit(
+            || known.unwrap_or_else(|| self.classify(env, frame)),
+            |class| {
+                let mut entry = InFlight::new(env.op, class);
+                if class.is_none() {
+                    entry.request = Some(frame.clone());
+                }
+                match env.op {
+                    op::BIND_REQUEST => {
+                        entry.sasl_bind = env.bind_auth == Some(auth::SASL);
+                        if env.bind_auth == Some(auth::SIMPLE) {
+                            entry.bind_dn = env
+                                .dn
+                                .as_ref()
+                                .map(|s| frame.slice(s.start as usize..s.end as usize));
+                        }
                     }
+                    op::SEARCH_REQUEST => {
+                        entry.persistent = env.has_control(frame, oid::SYNC_REQUEST)
+                            || env.has_control(frame, oid::PERSISTENT_SEARCH);
+                        entry.root_dse = env.scope == Some(0)
+                            && env.dn_bytes(frame).is_some_and(|d| d.is_empty());
+                    }
+                    _ => {}
                 }
-                op::SEARCH_REQUEST => {
-                    entry.persistent = env.has_control(frame, oid::SYNC_REQUEST)
-                        || env.has_control(frame, oid::PERSISTENT_SEARCH);
-                    entry.root_dse =
-                        env.scope == Some(0) && env.dn_bytes(frame).is_some_and(|d| d.is_empty());
-                }
-                _ => {}
-            }
-            self.state.inflight().start(env.msgid, entry);
-        })
+                self.state.inflight().start(env.msgid, entry);
+            },
+        )
     }
 
     fn enqueue(&mut self, frame: Bytes, env: Envelope, class: Class) {
@@ -593,7 +608,10 @@ impl Requests<'_> {
     async fn release(&mut self) -> Step {
         let mut sent = 0;
         while let Some(head) = self.queue.front() {
-            if !self.admit(&head.env, &head.frame, head.class) {
+            if self
+                .admit(&head.env, &head.frame, Some(head.class))
+                .is_err()
+            {
                 break;
             }
             let q = self.queue.pop_front().expect("front exists");
@@ -932,7 +950,10 @@ impl Responses<'_> {
             {
                 let table = self.state.inflight();
                 if let Some(req) = table.get(env.msgid) {
-                    if req.persistent && (!self.held.is_empty() || self.engine.holds(req.class)) {
+                    if req.persistent
+                        && (!self.held.is_empty()
+                            || self.engine.holds(self.engine.class_of(req, None)))
+                    {
                         return Route::Hold;
                     }
                     if req.root_dse {
