@@ -57,6 +57,10 @@ pub enum Control {
     /// Drain time limit: abandon these in-flight reads upstream and answer
     /// their clients with timeLimitExceeded.
     AbandonReads(Vec<i32>),
+    /// The proxy is shutting down: stop reading, drain, say goodbye.
+    Shutdown,
+    /// The other half of the session ended it.
+    Close,
 }
 
 /// The engine's handle on one session.
@@ -326,6 +330,13 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(conn, handle);
+    }
+
+    /// Tells every session the proxy is shutting down.
+    pub fn shutdown_sessions(&self) {
+        for s in self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            let _ = s.control.send(Control::Shutdown);
+        }
     }
 
     /// Forgets a session; ends a holdUntilUnbind freeze it holds.

@@ -193,6 +193,7 @@ impl Server {
             "shutting down: no new connections, waiting for in-flight operations"
         );
         stop.cancel();
+        self.shared.engine.shutdown_sessions();
         for a in acceptors {
             let _ = a.await;
         }

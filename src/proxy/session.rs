@@ -42,6 +42,15 @@ const LOCAL_QUEUE: usize = 16;
 /// response, so the ID is only a label in the server's log).
 const PROXY_ABANDON_ID: i32 = i32::MAX;
 
+/// What the requests loop (and Allow-Backup tasks) hand the responses loop.
+#[derive(Debug)]
+enum Local {
+    /// A PDU the proxy authored, for the client.
+    Pdu(Bytes),
+    /// End the session.
+    Close,
+}
+
 type ClientIn = FramedRead<BoxRead, FrameCodec>;
 type ClientOut = FramedWrite<BoxWrite, FrameCodec>;
 type UpIn = FramedRead<BoxRead, FrameCodec>;
@@ -167,9 +176,13 @@ pub(crate) async fn serve(
         id,
         SessionHandle {
             state: state.clone(),
-            control: control_tx,
+            control: control_tx.clone(),
         },
     );
+    // Registered after the shutdown broadcast: see it here.
+    if shutdown.is_cancelled() {
+        let _ = control_tx.send(Control::Shutdown);
+    }
     let close = CancellationToken::new();
     let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
     let requests = Requests {
@@ -185,7 +198,6 @@ pub(crate) async fn serve(
         queue: VecDeque::new(),
         queued_bytes: 0,
         close: &close,
-        shutdown: &shutdown,
         abort: &abort,
     };
     let responses = Responses {
@@ -195,6 +207,7 @@ pub(crate) async fn serve(
         up_in: FramedRead::new(up_r, FrameCodec::new(shared.config.max_response_pdu_bytes)),
         client_out,
         local: local_rx,
+        control: control_tx,
         epoch: engine.epoch(),
         held: VecDeque::new(),
         held_bytes: 0,
@@ -251,13 +264,12 @@ struct Requests<'a> {
     state: &'a Arc<SessionState>,
     client_in: ClientIn,
     up_out: UpOut,
-    local: mpsc::Sender<Bytes>,
+    local: mpsc::Sender<Local>,
     control: mpsc::UnboundedReceiver<Control>,
     epoch: watch::Receiver<u64>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
     close: &'a CancellationToken,
-    shutdown: &'a CancellationToken,
     abort: &'a CancellationToken,
 }
 
@@ -290,7 +302,7 @@ impl Requests<'_> {
                     .await
                     .is_err()
                 {
-                    self.close.cancel();
+                    self.end_session();
                 }
             }
             End::Closed => {}
@@ -303,20 +315,26 @@ impl Requests<'_> {
                     LdapResultCode::ProtocolError,
                     &format!("abproxy: {m}"),
                 );
-                let _ = self.local.try_send(notice);
-                self.close.cancel();
+                let _ = self.local.try_send(Local::Pdu(notice));
+                self.end_session();
             }
             End::Shutdown => {
                 let notice = pdu::notice_of_disconnection(
                     LdapResultCode::Unavailable,
                     "abproxy is shutting down",
                 );
-                let _ = self.local.try_send(notice);
-                self.close.cancel();
+                let _ = self.local.try_send(Local::Pdu(notice));
+                self.end_session();
             }
-            _ => self.close.cancel(),
+            _ => self.end_session(),
         }
         end
+    }
+
+    /// Ends the session: the responses loop writes what it has, then closes.
+    fn end_session(&self) {
+        self.close.cancel();
+        let _ = self.local.try_send(Local::Close);
     }
 
     /// Requests still queued when the session ends are never sent upstream.
@@ -349,11 +367,18 @@ impl Requests<'_> {
         loop {
             let room = self.has_room();
             let waiting = !self.queue.is_empty() || !room;
+            if self.close.is_cancelled() {
+                return End::Closed;
+            }
+            // Close and shutdown arrive on the control channel too, so the
+            // loop polls no cancellation future per request.
             let event = tokio::select! {
                 biased;
-                _ = self.close.cancelled() => return End::Closed,
-                _ = self.shutdown.cancelled() => return self.drain_for_shutdown().await,
-                Some(c) = self.control.recv() => Event::Control(c),
+                Some(c) = self.control.recv() => match c {
+                    Control::Close => return End::Closed,
+                    Control::Shutdown => return self.drain_for_shutdown().await,
+                    c => Event::Control(c),
+                },
                 Ok(()) = self.epoch.changed(), if waiting => Event::Epoch,
                 f = self.client_in.next(), if room => Event::Frame(f),
             };
@@ -393,12 +418,15 @@ impl Requests<'_> {
     }
 
     async fn flush(&mut self) -> Step {
+        // Biased, I/O first: the cancellation future is only polled (and
+        // registered) when the write really has to wait.
         tokio::select! {
-            _ = self.close.cancelled() => Step::End(End::Closed),
+            biased;
             r = self.up_out.flush() => match r {
                 Ok(()) => Step::Continue,
                 Err(e) => Step::End(End::Io("writing to upstream", e)),
-            }
+            },
+            _ = self.close.cancelled() => Step::End(End::Closed),
         }
     }
 
@@ -636,8 +664,9 @@ impl Requests<'_> {
 
     async fn feed(&mut self, frame: Bytes) -> Step {
         let fed = tokio::select! {
-            _ = self.close.cancelled() => return Step::End(End::Closed),
+            biased;
             r = self.up_out.feed(frame) => r,
+            _ = self.close.cancelled() => return Step::End(End::Closed),
         };
         match fed {
             Ok(()) => Step::Continue,
@@ -676,7 +705,7 @@ impl Requests<'_> {
                 Some(abproxy_proto::ALLOW_BACKUP_OID),
                 None,
             );
-            let _ = local.send(resp).await;
+            let _ = local.send(Local::Pdu(resp)).await;
         });
     }
 
@@ -716,16 +745,19 @@ impl Requests<'_> {
                 }
                 Step::Continue
             }
+            // Handled where the loops wait.
+            Control::Shutdown | Control::Close => Step::Continue,
         }
     }
 
     async fn reply_locally(&mut self, pdu: Bytes) -> Step {
         tokio::select! {
-            _ = self.close.cancelled() => Step::End(End::Closed),
-            r = self.local.send(pdu) => match r {
+            biased;
+            r = self.local.send(Local::Pdu(pdu)) => match r {
                 Ok(()) => Step::Continue,
                 Err(_) => Step::End(End::Closed),
-            }
+            },
+            _ = self.close.cancelled() => Step::End(End::Closed),
         }
     }
 
@@ -742,10 +774,21 @@ impl Requests<'_> {
                 pending, "shutdown: waiting for in-flight requests"
             );
         }
-        tokio::select! {
-            _ = self.close.cancelled() => return End::Closed,
-            _ = self.abort.cancelled() => {}
-            _ = self.state.wait_drained() => {}
+        loop {
+            tokio::select! {
+                _ = self.close.cancelled() => return End::Closed,
+                _ = self.abort.cancelled() => break,
+                _ = self.state.wait_drained() => break,
+                // Keep serving the drain time limit while waiting.
+                Some(c) = self.control.recv() => match c {
+                    Control::Close => return End::Closed,
+                    Control::Shutdown => {}
+                    c @ Control::AbandonReads(_) => {
+                        self.on_control(c).await;
+                        let _ = self.flush().await;
+                    }
+                },
+            }
         }
         End::Shutdown
     }
@@ -770,7 +813,8 @@ struct Responses<'a> {
     state: &'a SessionState,
     up_in: UpIn,
     client_out: ClientOut,
-    local: mpsc::Receiver<Bytes>,
+    local: mpsc::Receiver<Local>,
+    control: mpsc::UnboundedSender<Control>,
     epoch: watch::Receiver<u64>,
     /// Persistent-search responses held while a stop-mode freeze lasts.
     held: VecDeque<Bytes>,
@@ -782,8 +826,10 @@ impl Responses<'_> {
     async fn run(mut self) -> End {
         let end = self.pump().await;
         // Whatever the proxy still has to say (a notice), then close.
-        while let Ok(pdu) = self.local.try_recv() {
-            let _ = self.client_out.feed(pdu).await;
+        while let Ok(l) = self.local.try_recv() {
+            if let Local::Pdu(pdu) = l {
+                let _ = self.client_out.feed(pdu).await;
+            }
         }
         match &end {
             End::UpstreamClosed
@@ -812,6 +858,7 @@ impl Responses<'_> {
         })
         .await;
         self.close.cancel();
+        let _ = self.control.send(Control::Close);
         end
     }
 
@@ -823,14 +870,19 @@ impl Responses<'_> {
         loop {
             let can_read = self.can_read();
             let holding = !self.held.is_empty();
+            if self.close.is_cancelled() {
+                return End::Closed;
+            }
             tokio::select! {
                 biased;
-                _ = self.close.cancelled() => return End::Closed,
-                Some(pdu) = self.local.recv() => {
-                    if let Err(e) = self.write(pdu).await {
-                        return e;
+                Some(l) = self.local.recv() => match l {
+                    Local::Pdu(pdu) => {
+                        if let Err(e) = self.write(pdu).await {
+                            return e;
+                        }
                     }
-                }
+                    Local::Close => return End::Closed,
+                },
                 Ok(()) = self.epoch.changed(), if holding => {
                     if let Err(e) = self.release_held().await {
                         return e;
@@ -856,8 +908,9 @@ impl Responses<'_> {
                 }
             }
             let flushed = tokio::select! {
-                _ = self.close.cancelled() => return End::Closed,
+                biased;
                 r = self.client_out.flush() => r,
+                _ = self.close.cancelled() => return End::Closed,
             };
             if let Err(e) = flushed {
                 return End::Io("writing to client", e);
@@ -867,8 +920,9 @@ impl Responses<'_> {
 
     async fn write(&mut self, pdu: Bytes) -> Result<(), End> {
         tokio::select! {
-            _ = self.close.cancelled() => Err(End::Closed),
+            biased;
             r = self.client_out.feed(pdu) => r.map_err(|e| End::Io("writing to client", e)),
+            _ = self.close.cancelled() => Err(End::Closed),
         }
     }
 
