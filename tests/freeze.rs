@@ -913,3 +913,195 @@ async fn consistent_backup_under_continuous_writes() {
     }
     assert!(total > frozen_entries, "writes went on after OFF");
 }
+
+#[tokio::test]
+async fn full_queue_stops_reading_and_releases_everything_in_order() {
+    let lab = freeze_lab(|c| c.freeze.queue_max_requests_per_conn = 5).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let dn = user_dn(9);
+    let mut all = Vec::new();
+    for v in 1..=20 {
+        all.extend_from_slice(&encode(modify(1 + v, &dn, "description", &format!("v{v}"))));
+    }
+    w.send(&all).await;
+    wait_status(&lab, "a full queue", |s| s.queued_requests == 5).await;
+    // The rest waits in the socket, not in the proxy's memory.
+    assert_nothing_pending(&mut w).await;
+    assert_eq!(status(&lab).await.queued_requests, 5);
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    let ids: Vec<i32> = (2..=21).collect();
+    let (_, codes) = recv_finals(&mut w, &ids).await;
+    assert!(codes.iter().all(|&c| c == 0), "{codes:?}");
+    let out = w_search(&mut w, &dn).await;
+    assert!(out.contains("v20"), "the last write was applied last");
+}
+
+#[tokio::test]
+async fn binds_can_count_as_writes() {
+    let lab = freeze_lab(|c| c.freeze.bind_is_write = true).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut u = RawConn::connect(&lab.proxy_addr()).await;
+    u.send_msg(bind(1, &user_dn(2), "pass2")).await;
+    wait_status(&lab, "a held bind", |s| s.queued_requests == 1).await;
+    assert_nothing_pending(&mut u).await;
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    assert_eq!(result_code(&u.recv().await.unwrap()), Some(0));
+}
+
+/// A driver whose prepare fails, or that counts its done calls.
+struct TestDriver {
+    fail: bool,
+    done: std::sync::atomic::AtomicUsize,
+}
+
+impl abproxy::freeze::Driver for TestDriver {
+    fn prepare<'a>(
+        &'a self,
+        _b: &'a abproxy::freeze::backend::Backend,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if self.fail {
+                Err("boom".into())
+            } else {
+                Ok(())
+            }
+        })
+    }
+    fn done<'a>(
+        &'a self,
+        _b: &'a abproxy::freeze::backend::Backend,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test]
+async fn failed_prepare_runs_done_and_resumes() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let lab = freeze_lab(|_| {}).await;
+    let ok = Arc::new(TestDriver {
+        fail: false,
+        done: AtomicUsize::new(0),
+    });
+    let bad = Arc::new(TestDriver {
+        fail: true,
+        done: AtomicUsize::new(0),
+    });
+    let engine = lab.proxy.engine();
+    engine.set_driver("dc=example,dc=org", ok.clone());
+    engine.set_driver("DC=Other, DC=Org", bad.clone());
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 80);
+    assert_eq!(
+        msg,
+        "prepare failed for backend dc=other,dc=org: boom; freeze undone"
+    );
+    assert_eq!(
+        ok.done.load(Ordering::SeqCst),
+        1,
+        "the prepared backend is done"
+    );
+    assert_eq!(bad.done.load(Ordering::SeqCst), 0);
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+    assert_eq!(
+        call(&mut admin, modify(3, &user_dn(2), "description", "x"))
+            .await
+            .0,
+        0
+    );
+    // A freeze of the good backend alone works, and OFF runs its done step.
+    let req = AllowBackupRequest::on().with_dn_set(["dc=example,dc=org"]);
+    assert_eq!(call(&mut admin, ab(4, &req)).await.0, 0);
+    assert_eq!(
+        call(&mut admin, ab(5, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    assert_eq!(ok.done.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn persistent_search_never_holds_the_drain_and_is_held_in_stop_mode() {
+    let lab = freeze_lab(|c| {
+        c.backends = vec![
+            BackendConfig {
+                suffix: "dc=example,dc=org".into(),
+                mode: Mode::Stop,
+            },
+            BackendConfig {
+                suffix: "dc=other,dc=org".into(),
+                mode: Mode::Readonly,
+            },
+        ];
+    })
+    .await;
+    let dn = user_dn(5);
+    // syncrepl refreshAndPersist (RFC 4533): mode ENUMERATED 3.
+    let mut p = RawConn::connect(&lab.proxy_addr()).await;
+    let mut req = search(1, &dn, 0, "(objectClass=*)", &["description"]);
+    req.ctrl
+        .push(ldap3_proto::control::LdapControl::SyncRequest {
+            criticality: true,
+            mode: ldap3_proto::proto::SyncRequestMode::RefreshAndPersist,
+            cookie: None,
+            reload_hint: false,
+        });
+    p.send_msg(req).await;
+    loop {
+        let f = p.recv().await.unwrap();
+        if Envelope::response(&f).unwrap().op == abproxy::wire::op::INTERMEDIATE_RESPONSE {
+            break; // refresh done: persist phase
+        }
+    }
+    let mut admin = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    let started = std::time::Instant::now();
+    let (code, msg) = call(
+        &mut admin,
+        ab(2, &AllowBackupRequest::on().with_time_limit(10)),
+    )
+    .await;
+    assert_eq!(code, 0, "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain did not wait for the persistent search"
+    );
+    // A change made on the server itself (not through the proxy): held.
+    let ldif =
+        format!("dn: {dn}\nchangetype: modify\nreplace: description\ndescription: persisted\n");
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-x", "-H", &lab.direct(), "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(&ldif),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_nothing_pending(&mut p).await;
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    let f = p.recv().await.unwrap();
+    let env = Envelope::response(&f).unwrap();
+    assert_eq!(
+        (env.msgid, env.op),
+        (1, abproxy::wire::op::SEARCH_RESULT_ENTRY)
+    );
+    assert!(String::from_utf8_lossy(&f).contains("persisted"));
+}

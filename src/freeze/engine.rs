@@ -251,8 +251,19 @@ impl Engine {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Classifies a request against the current backends.
+    /// Classifies a request against the current backends. Binds of the
+    /// identities allowed to use Allow-Backup are never held, so an operator
+    /// can always connect to end a freeze (even in `stop` mode or with
+    /// `bind_is_write`).
     pub fn classify(&self, env: &Envelope, frame: &[u8], bound_dn: Option<&[u8]>) -> Class {
+        if env.op == crate::wire::op::BIND_REQUEST
+            && env
+                .dn_bytes(frame)
+                .and_then(NormDn::parse)
+                .is_some_and(|n| self.allowed.contains(&n))
+        {
+            return Class::NEVER;
+        }
         self.backends()
             .classify(env, frame, &self.classify, bound_dn)
     }
@@ -334,7 +345,12 @@ impl Engine {
 
     /// Tells every session the proxy is shutting down.
     pub fn shutdown_sessions(&self) {
-        for s in self.sessions.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for s in self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
             let _ = s.control.send(Control::Shutdown);
         }
     }
