@@ -151,11 +151,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     })
     .await??;
     let listen = format!("ldap://127.0.0.1:{}", args.port);
-    let config = Config {
+    let mut config = Config {
         listen: vec![listen.clone()],
         upstream: slapd.url(),
         ..Config::default()
     };
+    config.freeze.allowed = vec![lab::ADMIN_DN.to_string()];
     let server = Server::bind(config).await?;
     let (admin, pw, user1, pw1) = (
         lab::ADMIN_DN,
@@ -172,11 +173,17 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
          \x20 printf 'dn: {user1}\\nchangetype: modify\\nreplace: description\\ndescription: via abproxy\\n' \\\n\
          \x20     | ldapmodify -x -H {listen} -D {admin} -w {pw}\n\
          \x20 ldapsearch -x -H {listen} -D {admin} -w {pw} -b dc=example,dc=org -E pr=100/noprompt '(objectClass=person)' dn | tail -3\n\
+         Freeze for a backup (writes are held, not refused), look, resume:\n\
+         \x20 ldapexop -x -H {listen} -D {admin} -w {pw} {oid}::MAMBAf8=\n\
+         \x20 ldapexop -x -H {listen} -D {admin} -w {pw} {status}\n\
+         \x20 ldapexop -x -H {listen} -D {admin} -w {pw} {oid}::MAMBAQA=\n\
          Compare with the server directly: replace {listen} by {direct}\n\n\
          Ctrl-C stops the proxy and slapd and removes the data.\n",
         pid = slapd.pid(),
         direct = slapd.url(),
         dir = slapd.dir().display(),
+        oid = abproxy_proto::ALLOW_BACKUP_OID,
+        status = abproxy_proto::ALLOW_BACKUP_STATUS_OID,
     );
     server.run(shutdown_signal()).await?;
     drop(slapd);
