@@ -488,3 +488,61 @@ async fn graceful_shutdown_finishes_in_flight_operations() {
     assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
     drop(slapd);
 }
+
+#[tokio::test]
+async fn non_ldap_bytes_after_a_sasl_bind_end_the_session_quietly() {
+    // ldapi on both sides, so SASL EXTERNAL succeeds for real.
+    let dir = tempfile::Builder::new()
+        .prefix("abp")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let sock = dir.path().join("ldapi");
+    let slapd = tokio::task::spawn_blocking(|| abproxy::lab::Slapd::start(SlapdOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let config = abproxy::Config {
+        listen: vec![format!("ldapi://{}", sock.display())],
+        upstream: slapd.ldapi_url(),
+        ..Default::default()
+    };
+    let proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
+    let sasl_external = LdapMsg::new(
+        1,
+        LdapOp::BindRequest(ldap3_proto::proto::LdapBindRequest {
+            version: 3,
+            dn: String::new(),
+            cred: ldap3_proto::proto::LdapBindCred::SASL(ldap3_proto::proto::SaslCredentials {
+                mechanism: "EXTERNAL".into(),
+                credentials: Vec::new(),
+            }),
+        }),
+    );
+    for (sasl, want_frames) in [(true, 0), (false, 1)] {
+        let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let (mut r, mut w) = stream.into_split();
+        if sasl {
+            w.write_all(&encode(sasl_external.clone())).await.unwrap();
+            let mut buf = vec![0u8; 256];
+            use tokio::io::AsyncReadExt;
+            let n = r.read(&mut buf).await.unwrap();
+            assert_eq!(result_code(&buf[..n]), Some(0), "SASL EXTERNAL bind");
+        }
+        // What a SASL security layer looks like: a 4-octet length, then a token.
+        w.write_all(&[0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8])
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        use tokio::io::AsyncReadExt;
+        tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut rest))
+            .await
+            .expect("the session ends")
+            .unwrap();
+        let frames = if rest.is_empty() { 0 } else { 1 };
+        assert_eq!(frames, want_frames, "sasl={sasl}: {rest:?}");
+        if !sasl {
+            assert_notice(&rest, 2);
+        }
+    }
+    proxy.shutdown().await.unwrap();
+}
