@@ -35,6 +35,16 @@ async fn freeze_lab(tweak: impl FnOnce(&mut Config)) -> Lab {
     .await
 }
 
+/// `[[backends]]` entries.
+fn backends(list: &[(&str, Mode)]) -> Vec<BackendConfig> {
+    list.iter()
+        .map(|(suffix, mode)| BackendConfig {
+            suffix: suffix.to_string(),
+            mode: *mode,
+        })
+        .collect()
+}
+
 fn exop(msgid: i32, name: &str, value: Option<Vec<u8>>) -> LdapMsg {
     LdapMsg::new(
         msgid,
@@ -255,16 +265,10 @@ async fn ldapexop_on_status_off() {
 #[tokio::test]
 async fn refusals() {
     let lab = freeze_lab(|c| {
-        c.backends = vec![
-            BackendConfig {
-                suffix: "dc=example,dc=org".into(),
-                mode: Mode::Readonly,
-            },
-            BackendConfig {
-                suffix: "dc=other,dc=org".into(),
-                mode: Mode::Unimplemented,
-            },
-        ];
+        c.backends = backends(&[
+            ("dc=example,dc=org", Mode::Readonly),
+            ("dc=other,dc=org", Mode::Unimplemented),
+        ]);
     })
     .await;
     // Anonymous and a non-allowed user: insufficientAccessRights (50).
@@ -426,16 +430,10 @@ async fn w_search(c: &mut RawConn, dn: &str) -> String {
 #[tokio::test]
 async fn stop_mode_holds_searches_too() {
     let lab = freeze_lab(|c| {
-        c.backends = vec![
-            BackendConfig {
-                suffix: "dc=example,dc=org".into(),
-                mode: Mode::Stop,
-            },
-            BackendConfig {
-                suffix: "dc=other,dc=org".into(),
-                mode: Mode::Readonly,
-            },
-        ];
+        c.backends = backends(&[
+            ("dc=example,dc=org", Mode::Stop),
+            ("dc=other,dc=org", Mode::Readonly),
+        ]);
     })
     .await;
     let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
@@ -673,29 +671,12 @@ async fn stalled_search(lab: &Lab) -> RawConn {
 /// Waits until slapd has over 1 MiB queued on one of its sockets: the
 /// stalled search really is stuck (a kernel-visible event).
 async fn wait_slapd_blocked(port: u16) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let hex = format!(":{port:04X}");
-    loop {
-        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
-        let blocked = tcp.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 4
-                && f[1].ends_with(&hex)
-                && f[4]
-                    .split(':')
-                    .next()
-                    .and_then(|q| usize::from_str_radix(q, 16).ok())
-                    .is_some_and(|q| q > 1 << 20)
-        });
-        if blocked {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "slapd never blocked on the stalled client"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("slapd blocked on the stalled client", 20, || {
+        kernel_sockets()
+            .iter()
+            .any(|s| s.local_port == port && s.tx_queue > 1 << 20)
+    })
+    .await;
 }
 
 /// Adds `n` entries with a 1 MiB description each (so a search of them
@@ -740,10 +721,7 @@ async fn add_big_entries(lab: &Lab, n: usize) {
 #[tokio::test]
 async fn drain_time_limit_abandons_reads_in_stop_mode() {
     let lab = freeze_lab(|c| {
-        c.backends = vec![BackendConfig {
-            suffix: "dc=example,dc=org".into(),
-            mode: Mode::Stop,
-        }];
+        c.backends = backends(&[("dc=example,dc=org", Mode::Stop)]);
     })
     .await;
     add_big_entries(&lab, 32).await;
@@ -1040,16 +1018,10 @@ async fn failed_prepare_runs_done_and_resumes() {
 #[tokio::test]
 async fn persistent_search_never_holds_the_drain_and_is_held_in_stop_mode() {
     let lab = freeze_lab(|c| {
-        c.backends = vec![
-            BackendConfig {
-                suffix: "dc=example,dc=org".into(),
-                mode: Mode::Stop,
-            },
-            BackendConfig {
-                suffix: "dc=other,dc=org".into(),
-                mode: Mode::Readonly,
-            },
-        ];
+        c.backends = backends(&[
+            ("dc=example,dc=org", Mode::Stop),
+            ("dc=other,dc=org", Mode::Readonly),
+        ]);
     })
     .await;
     let dn = user_dn(5);

@@ -308,34 +308,18 @@ async fn start_tls_is_answered_by_the_proxy() {
     assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
 }
 
-/// Established TCP connections to `port` on loopback (IPv4), from /proc.
-fn upstream_conns(port: u16) -> usize {
-    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let hex = format!(":{port:04X}");
-    tcp.lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // remote address ends with the port, state 01 = ESTABLISHED
-            f.len() > 3 && f[2].ends_with(&hex) && f[3] == "01"
-        })
-        .count()
-}
-
 /// Waits (bounded) until the number of connections to slapd is `want`.
 async fn wait_upstream_conns(port: u16, want: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = upstream_conns(port);
-        if n == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{n} connections to slapd, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let count = || {
+        kernel_sockets()
+            .iter()
+            .filter(|s| s.established && s.remote_port == port)
+            .count()
+    };
+    wait_until(&format!("{want} connections to slapd"), 10, || {
+        count() == want
+    })
+    .await;
 }
 
 #[tokio::test]

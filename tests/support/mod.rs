@@ -254,3 +254,55 @@ pub fn search(msgid: i32, base: &str, scope: u8, filter: &str, attrs: &[&str]) -
 pub fn result_code(frame: &[u8]) -> Option<i64> {
     Envelope::response(frame).unwrap().result_code
 }
+
+/// One IPv4 TCP socket as the kernel lists it in /proc/net/tcp.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSocket {
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub established: bool,
+    /// Bytes queued for sending (not yet acknowledged by the peer).
+    pub tx_queue: usize,
+}
+
+/// The machine's IPv4 TCP sockets (what `ss` shows), for tests that wait on
+/// kernel-visible events: connections opened/closed, a peer that stopped
+/// reading.
+pub fn kernel_sockets() -> Vec<KernelSocket> {
+    let port = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+            .unwrap_or(0)
+    };
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 4).then(|| KernelSocket {
+                local_port: port(f[1]),
+                remote_port: port(f[2]),
+                established: f[3] == "01",
+                tx_queue: f[4]
+                    .split(':')
+                    .next()
+                    .and_then(|q| usize::from_str_radix(q, 16).ok())
+                    .unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `secs`.
+pub async fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
