@@ -56,6 +56,9 @@ pub struct Config {
     pub upstream_connect_timeout_secs: u64,
     /// On SIGTERM/SIGINT: time allowed to in-flight operations to finish.
     pub shutdown_grace_secs: u64,
+    /// Worker threads of the proxy (0: one per CPU). On a small machine
+    /// shared with the LDAP server, 1 is often fastest.
+    pub threads: usize,
     /// Backends by suffix. Empty: the upstream's namingContexts (rootDSE),
     /// all in `readonly` mode, read at start-up and again at each freeze.
     pub backends: Vec<BackendConfig>,
@@ -129,6 +132,7 @@ impl Default for Config {
             max_response_pdu_bytes: 64 * 1024 * 1024,
             upstream_connect_timeout_secs: 5,
             shutdown_grace_secs: 10,
+            threads: 0,
             backends: Vec::new(),
             freeze: FreezeConfig::default(),
         }

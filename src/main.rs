@@ -49,6 +49,9 @@ struct ServeArgs {
     /// Seconds allowed to in-flight operations on SIGTERM/SIGINT.
     #[arg(long, value_name = "SECONDS")]
     shutdown_grace: Option<u64>,
+    /// Worker threads (0: one per CPU).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -77,7 +80,23 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Runtime::new() {
+    // The runtime's size comes from the configuration, so read it first.
+    let threads = match &cli.command {
+        Command::Serve(args) => match serve_config(args) {
+            Ok(c) => c.threads,
+            Err(e) => {
+                eprintln!("abproxy: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Demo(_) => 0,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("abproxy");
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("abproxy: cannot start the runtime: {e}");
@@ -115,6 +134,9 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(s) = args.shutdown_grace {
         config.shutdown_grace_secs = s;
+    }
+    if let Some(t) = args.threads {
+        config.threads = t;
     }
     config.validate()?;
     Ok(config)
