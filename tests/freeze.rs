@@ -893,7 +893,7 @@ async fn consistent_backup_under_continuous_writes() {
 }
 
 #[tokio::test]
-async fn full_queue_stops_reading_and_releases_everything_in_order() {
+async fn full_queue_stops_reading_and_releases_everything() {
     let lab = freeze_lab(|c| c.freeze.queue_max_requests_per_conn = 5).await;
     let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     assert_eq!(
@@ -904,7 +904,12 @@ async fn full_queue_stops_reading_and_releases_everything_in_order() {
     let dn = user_dn(9);
     let mut all = Vec::new();
     for v in 1..=20 {
-        all.extend_from_slice(&encode(modify(1 + v, &dn, "description", &format!("v{v}"))));
+        // Each adds its own value: all twenty must be there once at the end.
+        let mut m = modify(1 + v, &dn, "description", &format!("v{v}"));
+        if let LdapOp::ModifyRequest(r) = &mut m.op {
+            r.changes[0].operation = LdapModifyType::Add;
+        }
+        all.extend_from_slice(&encode(m));
     }
     w.send(&all).await;
     wait_status(&lab, "a full queue", |s| s.queued_requests == 5).await;
@@ -918,8 +923,30 @@ async fn full_queue_stops_reading_and_releases_everything_in_order() {
     let ids: Vec<i32> = (2..=21).collect();
     let (_, codes) = recv_finals(&mut w, &ids).await;
     assert!(codes.iter().all(|&c| c == 0), "{codes:?}");
-    let out = w_search(&mut w, &dn).await;
-    assert!(out.contains("v20"), "the last write was applied last");
+    let direct = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &lab.direct(),
+            "-b",
+            &dn,
+            "-s",
+            "base",
+            "description",
+        ],
+        None,
+    )
+    .await;
+    let mut values: Vec<&str> = direct
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("description: v"))
+        .collect();
+    values.sort_by_key(|v| v.parse::<u32>().unwrap());
+    let want: Vec<String> = (1..=20).map(|v| v.to_string()).collect();
+    assert_eq!(values, want, "every queued write applied exactly once");
 }
 
 #[tokio::test]

@@ -62,9 +62,10 @@ pub struct InFlightTable {
 
 impl InFlightTable {
     /// Records a request sent upstream. A client reusing the ID of an
-    /// outstanding request breaks RFC 4511; the newer request wins.
-    pub fn start(&mut self, msgid: i32, entry: InFlight) {
-        self.ops.insert(msgid, entry);
+    /// outstanding request breaks RFC 4511; the newer request wins and the
+    /// older one is returned.
+    pub fn start(&mut self, msgid: i32, entry: InFlight) -> Option<InFlight> {
+        self.ops.insert(msgid, entry)
     }
 
     /// Handles a response: a final response ends its request, which is

@@ -67,6 +67,14 @@ pub struct SessionState {
     /// Message IDs answered by the proxy (drain time limit) whose server
     /// responses must not reach the client any more.
     suppressed: Mutex<HashSet<i32>>,
+    /// `suppressed` is not empty (checked without the lock on every message).
+    any_suppressed: AtomicBool,
+    /// A shutdown waits for the in-flight table to empty: only then are
+    /// completions signalled (a Notify takes a lock even with no waiter).
+    shutdown_waiting: AtomicBool,
+    /// In-flight root DSE reads and persistent searches: only while there
+    /// are some do search entries need a look at the in-flight table.
+    specials: AtomicUsize,
     /// A SASL bind succeeded: later non-LDAP bytes are probably a SASL
     /// security layer.
     sasl_bound: AtomicBool,
@@ -90,14 +98,53 @@ impl SessionState {
         lock(&self.inflight)
     }
 
+    /// Records a request sent upstream.
+    fn start(&self, msgid: i32, entry: InFlight) {
+        if entry.root_dse || entry.persistent {
+            self.specials.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(old) = self.inflight().start(msgid, entry) {
+            self.forget(&old);
+        }
+    }
+
+    /// A response: a final one ends its request, which is returned.
+    fn response(&self, msgid: i32, op: u8) -> Option<InFlight> {
+        let done = self.inflight().response(msgid, op)?;
+        self.forget(&done);
+        Some(done)
+    }
+
+    /// An abandoned request leaves the table.
+    fn abandon(&self, msgid: i32) -> Option<InFlight> {
+        let gone = self.inflight().abandon(msgid)?;
+        self.forget(&gone);
+        Some(gone)
+    }
+
+    fn forget(&self, e: &InFlight) {
+        if e.root_dse || e.persistent {
+            self.specials.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// The session's bound DN, if a simple bind succeeded.
     pub fn bound_dn(&self) -> Option<String> {
         lock(&self.bound_dn).clone()
     }
 
+    /// Wakes a shutdown waiting for the in-flight table to empty.
+    #[inline]
+    fn signal_completed(&self) {
+        if self.shutdown_waiting.load(Ordering::Acquire) {
+            self.completed.notify_waiters();
+        }
+    }
+
     /// Waits until no request is in flight (persistent searches never end
     /// by themselves, so they do not count).
     async fn wait_drained(&self) {
+        self.shutdown_waiting.store(true, Ordering::Release);
         loop {
             let notified = self.completed.notified();
             tokio::pin!(notified);
@@ -459,8 +506,12 @@ impl Requests<'_> {
             "request"
         );
         // A client reusing the ID of a request the proxy answered itself.
-        if !lock(&self.state.suppressed).is_empty() {
-            lock(&self.state.suppressed).remove(&env.msgid);
+        if self.state.any_suppressed.load(Ordering::Relaxed) {
+            let mut s = lock(&self.state.suppressed);
+            s.remove(&env.msgid);
+            self.state
+                .any_suppressed
+                .store(!s.is_empty(), Ordering::Relaxed);
         }
 
         if env.op == op::EXTENDED_REQUEST {
@@ -529,8 +580,8 @@ impl Requests<'_> {
                     debug!(conn = self.id, target, "abandoned a queued request");
                     return Step::Continue;
                 }
-                if self.state.inflight().abandon(target).is_some() {
-                    self.state.completed.notify_waiters();
+                if self.state.abandon(target).is_some() {
+                    self.state.signal_completed();
                     self.engine.completed();
                 }
                 return self.feed(frame).await;
@@ -603,7 +654,7 @@ impl Requests<'_> {
                     }
                     _ => {}
                 }
-                self.state.inflight().start(env.msgid, entry);
+                self.state.start(env.msgid, entry);
             },
         )
     }
@@ -713,10 +764,11 @@ impl Requests<'_> {
         match c {
             Control::AbandonReads(ids) => {
                 for msgid in ids {
-                    let Some(entry) = self.state.inflight().abandon(msgid) else {
+                    let Some(entry) = self.state.abandon(msgid) else {
                         continue;
                     };
                     lock(&self.state.suppressed).insert(msgid);
+                    self.state.any_suppressed.store(true, Ordering::Relaxed);
                     let abandon = pdu::encode(LdapMsg::new(
                         PROXY_ABANDON_ID,
                         LdapOp::AbandonRequest(msgid),
@@ -740,7 +792,7 @@ impl Requests<'_> {
                             return Step::End(e);
                         }
                     }
-                    self.state.completed.notify_waiters();
+                    self.state.signal_completed();
                     self.engine.completed();
                 }
                 Step::Continue
@@ -988,19 +1040,25 @@ impl Responses<'_> {
             return Route::Forward;
         }
         let final_response = op::is_final_response(env.op);
-        if !lock(&self.state.suppressed).is_empty() {
+        if self.state.any_suppressed.load(Ordering::Relaxed) {
             let mut s = lock(&self.state.suppressed);
             if s.contains(&env.msgid) {
                 if final_response {
                     s.remove(&env.msgid);
+                    self.state
+                        .any_suppressed
+                        .store(!s.is_empty(), Ordering::Relaxed);
                 }
                 return Route::Drop;
             }
         }
+        // Only root DSE reads and persistent searches need a look at the
+        // in-flight table for their non-final responses.
         if !final_response {
-            if env.op == op::SEARCH_RESULT_ENTRY
-                || self.engine.stop_frozen()
-                || !self.held.is_empty()
+            if self.state.specials.load(Ordering::Relaxed) > 0
+                && (env.op == op::SEARCH_RESULT_ENTRY
+                    || self.engine.stop_frozen()
+                    || !self.held.is_empty())
             {
                 let table = self.state.inflight();
                 if let Some(req) = table.get(env.msgid) {
@@ -1025,7 +1083,7 @@ impl Responses<'_> {
             }
             return Route::Forward;
         }
-        let done = self.state.inflight().response(env.msgid, env.op);
+        let done = self.state.response(env.msgid, env.op);
         if let Some(req) = done {
             if env.op == op::BIND_RESPONSE {
                 let ok = env.result_code == Some(0);
@@ -1047,7 +1105,7 @@ impl Responses<'_> {
                 elapsed_us = req.age().as_micros() as u64,
                 "response"
             );
-            self.state.completed.notify_waiters();
+            self.state.signal_completed();
             self.engine.completed();
         }
         Route::Forward
