@@ -249,8 +249,8 @@ pub(crate) async fn serve(
     };
     let responses = Responses {
         id,
-        engine: &engine,
-        state: &state,
+        engine: engine.clone(),
+        state: state.clone(),
         up_in: FramedRead::new(up_r, FrameCodec::new(shared.config.max_response_pdu_bytes)),
         client_out,
         local: local_rx,
@@ -258,9 +258,19 @@ pub(crate) async fn serve(
         epoch: engine.epoch(),
         held: VecDeque::new(),
         held_bytes: 0,
-        close: &close,
+        close: close.clone(),
     };
-    let (req_end, resp_end) = tokio::join!(requests.run(), responses.run());
+    // The two directions run as two tasks, so a wake-up for one polls only
+    // that one.
+    let responses = tokio::spawn(responses.run());
+    let req_end = requests.run().await;
+    let resp_end = match responses.await {
+        Ok(end) => end,
+        Err(e) => End::Io(
+            "responses task failed",
+            std::io::Error::other(e.to_string()),
+        ),
+    };
     engine.deregister(id).await;
     let end = match (&req_end, &resp_end) {
         (End::Closed, e) => e,
@@ -859,10 +869,10 @@ fn cancel_target(value: Option<&[u8]>) -> Option<i32> {
         .and_then(|n| i32::try_from(n).ok())
 }
 
-struct Responses<'a> {
+struct Responses {
     id: u64,
-    engine: &'a Arc<Engine>,
-    state: &'a SessionState,
+    engine: Arc<Engine>,
+    state: Arc<SessionState>,
     up_in: UpIn,
     client_out: ClientOut,
     local: mpsc::Receiver<Local>,
@@ -871,10 +881,10 @@ struct Responses<'a> {
     /// Persistent-search responses held while a stop-mode freeze lasts.
     held: VecDeque<Bytes>,
     held_bytes: usize,
-    close: &'a CancellationToken,
+    close: CancellationToken,
 }
 
-impl Responses<'_> {
+impl Responses {
     async fn run(mut self) -> End {
         let end = self.pump().await;
         // Whatever the proxy still has to say (a notice), then close.
