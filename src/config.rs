@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::endpoint::Endpoint;
 use crate::freeze::backend::{BackendMap, Mode};
+use crate::freeze::drivers::DriverKind;
 
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, Error)]
@@ -75,6 +76,36 @@ pub struct BackendConfig {
     /// `readonly` (hold writes), `stop` (hold everything) or `unimplemented`.
     #[serde(default)]
     pub mode: Mode,
+    /// `none` (proxy-level freeze only) or `command`.
+    #[serde(default)]
+    pub driver: DriverKind,
+    /// `command` driver: argv run after the drain (PREPARE).
+    #[serde(default)]
+    pub prepare: Vec<String>,
+    /// `command` driver: argv run on OFF and after any failure (DONE).
+    #[serde(default)]
+    pub done: Vec<String>,
+    /// `command` driver: time limit of each command, in seconds.
+    #[serde(default = "default_driver_timeout")]
+    pub driver_timeout_secs: u64,
+}
+
+fn default_driver_timeout() -> u64 {
+    60
+}
+
+impl BackendConfig {
+    /// A backend with this suffix and mode, no driver.
+    pub fn new(suffix: &str, mode: Mode) -> Self {
+        BackendConfig {
+            suffix: suffix.into(),
+            mode,
+            driver: DriverKind::None,
+            prepare: Vec::new(),
+            done: Vec::new(),
+            driver_timeout_secs: default_driver_timeout(),
+        }
+    }
 }
 
 /// The `[freeze]` table.
@@ -183,6 +214,30 @@ impl Config {
             ));
         }
         self.backend_map()?;
+        for b in &self.backends {
+            let cmds = !b.prepare.is_empty() || !b.done.is_empty();
+            match b.driver {
+                DriverKind::Command if !cmds => {
+                    return Err(ConfigError::Invalid(format!(
+                        "backend {}: driver \"command\" needs prepare and/or done commands",
+                        b.suffix
+                    )))
+                }
+                DriverKind::None if cmds => {
+                    return Err(ConfigError::Invalid(format!(
+                        "backend {}: prepare/done commands need driver = \"command\"",
+                        b.suffix
+                    )))
+                }
+                _ => {}
+            }
+            if b.driver_timeout_secs == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "backend {}: driver_timeout_secs must be positive",
+                    b.suffix
+                )));
+            }
+        }
         let f = &self.freeze;
         for dn in &f.allowed {
             if crate::freeze::dn::NormDn::parse(dn.as_bytes()).is_none_or(|n| n.is_root()) {

@@ -38,10 +38,7 @@ async fn freeze_lab(tweak: impl FnOnce(&mut Config)) -> Lab {
 /// `[[backends]]` entries.
 fn backends(list: &[(&str, Mode)]) -> Vec<BackendConfig> {
     list.iter()
-        .map(|(suffix, mode)| BackendConfig {
-            suffix: suffix.to_string(),
-            mode: *mode,
-        })
+        .map(|(suffix, mode)| BackendConfig::new(suffix, *mode))
         .collect()
 }
 
@@ -978,6 +975,7 @@ impl abproxy::freeze::Driver for TestDriver {
     fn prepare<'a>(
         &'a self,
         _b: &'a abproxy::freeze::backend::Backend,
+        _id: u64,
     ) -> futures::future::BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             if self.fail {
@@ -990,6 +988,7 @@ impl abproxy::freeze::Driver for TestDriver {
     fn done<'a>(
         &'a self,
         _b: &'a abproxy::freeze::backend::Backend,
+        _id: u64,
     ) -> futures::future::BoxFuture<'a, Result<(), String>> {
         self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async { Ok(()) })
@@ -1103,4 +1102,75 @@ async fn persistent_search_never_holds_the_drain_and_is_held_in_stop_mode() {
         (1, abproxy::wire::op::SEARCH_RESULT_ENTRY)
     );
     assert!(String::from_utf8_lossy(&f).contains("persisted"));
+}
+
+#[tokio::test]
+async fn command_driver_runs_prepare_and_done_and_reports_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps");
+    let step = |what: &str| {
+        vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            format!(
+                "echo \"{what} $ABPROXY_STEP $ABPROXY_BACKEND $ABPROXY_MODE $ABPROXY_FREEZE_ID\" >> {}",
+                log.display()
+            ),
+        ]
+    };
+    let mut example = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
+    example.driver = abproxy::freeze::drivers::DriverKind::Command;
+    example.prepare = step("example");
+    example.done = step("example");
+    let mut other = BackendConfig::new("dc=other,dc=org", Mode::Stop);
+    other.driver = abproxy::freeze::drivers::DriverKind::Command;
+    // Fails while a flag file exists.
+    let flag = dir.path().join("fail");
+    other.prepare = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "if [ -e {} ]; then echo 'snapshot volume is full' >&2; exit 4; fi",
+            flag.display()
+        ),
+    ];
+    other.done = step("other");
+    let lab = freeze_lab(|c| c.backends = vec![example, other]).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(read(), "example prepare dc=example,dc=org readonly 1\n");
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    assert_eq!(
+        read(),
+        "example prepare dc=example,dc=org readonly 1\nexample done dc=example,dc=org readonly 1\nother done dc=other,dc=org stop 1\n"
+    );
+
+    // A failing prepare: ON fails with the command's stderr, the backend
+    // already prepared is done again, nothing stays frozen.
+    std::fs::write(&flag, "").unwrap();
+    std::fs::remove_file(&log).unwrap();
+    let (code, msg) = call(&mut admin, ab(4, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 80);
+    assert!(
+        msg.contains("prepare failed for backend dc=other,dc=org")
+            && msg.contains("snapshot volume is full"),
+        "{msg}"
+    );
+    assert_eq!(
+        read(),
+        "example prepare dc=example,dc=org readonly 2\nexample done dc=example,dc=org readonly 2\n"
+    );
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+    assert_eq!(
+        call(&mut admin, modify(5, &user_dn(3), "description", "free"))
+            .await
+            .0,
+        0
+    );
 }

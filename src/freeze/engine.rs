@@ -34,14 +34,23 @@ use crate::wire::Envelope;
 /// A backend driver: the proposal's BACKUP_PREPARE and BACKUP_DONE. The
 /// default does nothing (the proxy-level freeze alone).
 pub trait Driver: Send + Sync {
-    /// Makes the backend consistent on disk (after the drain).
-    fn prepare<'a>(&'a self, backend: &'a Backend) -> BoxFuture<'a, Result<(), String>> {
-        let _ = backend;
+    /// Makes the backend consistent on disk (after the drain) for freeze
+    /// `freeze_id`.
+    fn prepare<'a>(
+        &'a self,
+        backend: &'a Backend,
+        freeze_id: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let _ = (backend, freeze_id);
         Box::pin(async { Ok(()) })
     }
     /// Undoes `prepare` (on OFF, and on any failure after `prepare`).
-    fn done<'a>(&'a self, backend: &'a Backend) -> BoxFuture<'a, Result<(), String>> {
-        let _ = backend;
+    fn done<'a>(
+        &'a self,
+        backend: &'a Backend,
+        freeze_id: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let _ = (backend, freeze_id);
         Box::pin(async { Ok(()) })
     }
 }
@@ -558,10 +567,10 @@ impl Engine {
         let mut prepared = Vec::new();
         for i in set.iter(map.len()) {
             let b = &map.backends()[i];
-            if let Err(e) = self.driver(b).prepare(b).await {
+            if let Err(e) = self.driver(b).prepare(b, id).await {
                 for j in prepared.iter().rev() {
                     let pb: &Backend = &map.backends()[*j];
-                    if let Err(e2) = self.driver(pb).done(pb).await {
+                    if let Err(e2) = self.driver(pb).done(pb, id).await {
                         tracing::error!(backend = %pb.suffix, "done step failed after a failed prepare: {e2}");
                     }
                 }
@@ -768,7 +777,7 @@ impl Engine {
         if f.phase == Phase::Frozen {
             for i in f.backends.iter(map.len()) {
                 let b = &map.backends()[i];
-                if let Err(e) = self.driver(b).done(b).await {
+                if let Err(e) = self.driver(b).done(b, f.id).await {
                     tracing::error!(freeze = f.id, backend = %b.suffix, "done step failed: {e}");
                     errors.push(format!("{}: {e}", b.suffix));
                 }

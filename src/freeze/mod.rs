@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod dn;
+pub mod drivers;
 pub mod engine;
 
 pub use backend::{BackendMap, Class, Kind, Mode};

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::endpoint::{BoxRead, BoxWrite, Endpoint};
 use crate::freeze::backend::Mode;
+use crate::freeze::drivers::{CommandDriver, DriverKind};
 use crate::freeze::{BackendMap, Engine};
 
 /// What every session of one proxy shares.
@@ -150,10 +151,23 @@ impl Server {
             .map(|b| format!("{} ({:?})", b.suffix, b.mode))
             .collect();
         info!(backends = ?suffixes, auto = auto_backends, "backends");
+        let engine = Arc::new(Engine::new(config.freeze.clone(), map));
+        for b in &config.backends {
+            if b.driver == DriverKind::Command {
+                engine.set_driver(
+                    &b.suffix,
+                    Arc::new(CommandDriver::new(
+                        b.prepare.clone(),
+                        b.done.clone(),
+                        Duration::from_secs(b.driver_timeout_secs),
+                    )),
+                );
+            }
+        }
         Ok(Server {
             listeners,
             shared: Arc::new(Shared {
-                engine: Arc::new(Engine::new(config.freeze.clone(), map)),
+                engine,
                 config,
                 upstream,
                 auto_backends,

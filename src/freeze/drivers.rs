@@ -1,0 +1,193 @@
+//! Backend drivers configured per backend: the proposal's BACKUP_PREPARE
+//! (after the drain, before ON answers) and BACKUP_DONE (on OFF, and on any
+//! failure after PREPARE).
+//!
+//! - `none` (the default): the proxy-level freeze alone.
+//! - `command`: runs configured commands with a time limit; the environment
+//!   names the backend (`ABPROXY_BACKEND`), its mode (`ABPROXY_MODE`), the
+//!   step (`ABPROXY_STEP`: `prepare` or `done`) and the freeze id
+//!   (`ABPROXY_FREEZE_ID`). A non-zero exit or the time limit is a failure,
+//!   reported with the tail of the command's stderr.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+
+use super::backend::{Backend, Mode};
+use super::engine::Driver;
+
+/// The `driver` of a `[[backends]]` entry.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// Proxy-level freeze only.
+    #[default]
+    None,
+    /// Run the entry's `prepare` and `done` commands.
+    Command,
+}
+
+/// How much of a failed command's stderr is reported.
+const STDERR_TAIL: usize = 512;
+
+/// The `command` driver.
+#[derive(Debug, Clone)]
+pub struct CommandDriver {
+    prepare: Vec<String>,
+    done: Vec<String>,
+    timeout: Duration,
+}
+
+impl CommandDriver {
+    /// A driver running `prepare` and `done` (argv lists, empty = nothing).
+    pub fn new(prepare: Vec<String>, done: Vec<String>, timeout: Duration) -> Self {
+        CommandDriver {
+            prepare,
+            done,
+            timeout,
+        }
+    }
+
+    async fn run(
+        &self,
+        argv: &[String],
+        step: &str,
+        b: &Backend,
+        freeze_id: u64,
+    ) -> Result<(), String> {
+        let Some((prog, args)) = argv.split_first() else {
+            return Ok(());
+        };
+        let mode = match b.mode {
+            Mode::Readonly => "readonly",
+            Mode::Stop => "stop",
+            Mode::Unimplemented => "unimplemented",
+        };
+        let mut child = tokio::process::Command::new(prog)
+            .args(args)
+            .env("ABPROXY_BACKEND", &b.suffix)
+            .env("ABPROXY_MODE", mode)
+            .env("ABPROXY_STEP", step)
+            .env("ABPROXY_FREEZE_ID", freeze_id.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("{step} command {prog:?} cannot start: {e}"))?;
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let run = async {
+            let mut err = Vec::new();
+            // Read everything (a full pipe would block the command), keep the tail.
+            let mut buf = [0u8; 4096];
+            loop {
+                match stderr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        err.extend_from_slice(&buf[..n]);
+                        if err.len() > 4 * STDERR_TAIL {
+                            err.drain(..err.len() - STDERR_TAIL);
+                        }
+                    }
+                }
+            }
+            (child.wait().await, err)
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Err(_) => Err(format!(
+                "{step} command {prog:?} did not finish within {:?} (killed)",
+                self.timeout
+            )),
+            Ok((Err(e), _)) => Err(format!("{step} command {prog:?}: {e}")),
+            Ok((Ok(status), err)) if !status.success() => {
+                let tail = String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_TAIL)..])
+                    .trim()
+                    .to_string();
+                Err(format!("{step} command {prog:?} failed ({status}): {tail}"))
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
+impl Driver for CommandDriver {
+    fn prepare<'a>(
+        &'a self,
+        backend: &'a Backend,
+        freeze_id: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.run(&self.prepare, "prepare", backend, freeze_id))
+    }
+
+    fn done<'a>(
+        &'a self,
+        backend: &'a Backend,
+        freeze_id: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.run(&self.done, "done", backend, freeze_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::freeze::dn::NormDn;
+
+    fn backend() -> Backend {
+        Backend {
+            suffix: "dc=example,dc=org".into(),
+            norm: NormDn::parse(b"dc=example,dc=org").unwrap(),
+            mode: Mode::Readonly,
+        }
+    }
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["sh".into(), "-c".into(), script.into()]
+    }
+
+    #[tokio::test]
+    async fn environment_success_failure_and_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let d = CommandDriver::new(
+            sh(&format!(
+                "echo \"$ABPROXY_STEP $ABPROXY_BACKEND $ABPROXY_MODE $ABPROXY_FREEZE_ID\" > {}",
+                out.display()
+            )),
+            sh("echo 'disk full' >&2; exit 3"),
+            Duration::from_secs(10),
+        );
+        d.prepare(&backend(), 7).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap().trim(),
+            "prepare dc=example,dc=org readonly 7"
+        );
+        let err = d.done(&backend(), 7).await.unwrap_err();
+        assert!(
+            err.contains("exit status: 3") && err.ends_with("disk full"),
+            "{err}"
+        );
+
+        let slow = CommandDriver::new(sh("sleep 30"), vec![], Duration::from_millis(200));
+        let err = slow.prepare(&backend(), 1).await.unwrap_err();
+        assert!(err.contains("did not finish within 200ms"), "{err}");
+        let missing = CommandDriver::new(
+            vec!["/nonexistent/x".into()],
+            vec![],
+            Duration::from_secs(1),
+        );
+        assert!(missing
+            .prepare(&backend(), 1)
+            .await
+            .unwrap_err()
+            .contains("cannot start"));
+        // Nothing configured: nothing to do.
+        assert!(CommandDriver::new(vec![], vec![], Duration::from_secs(1))
+            .prepare(&backend(), 1)
+            .await
+            .is_ok());
+    }
+}
