@@ -110,6 +110,26 @@ fn outcome(frame: &[u8]) -> (i64, String) {
     (code, text)
 }
 
+/// `attr` of entry `dn` as slapd itself returns it (ldapsearch, anonymous).
+async fn read_direct(lab: &Lab, dn: &str, attr: &str) -> ToolOutput {
+    ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &lab.direct(),
+            "-b",
+            dn,
+            "-s",
+            "base",
+            attr,
+        ],
+        None,
+    )
+    .await
+}
+
 /// A raw connection bound as `dn`.
 async fn bound(lab: &Lab, dn: &str, pw: &str) -> RawConn {
     let mut c = RawConn::connect(&lab.proxy_addr()).await;
@@ -352,22 +372,7 @@ async fn readonly_holds_writes_lets_reads_through_and_keeps_order() {
     assert_eq!(frames.len(), 2);
     assert!(String::from_utf8_lossy(&frames[0]).contains("initial"));
     // The server has not seen the write.
-    let direct = ldap_tool(
-        "ldapsearch",
-        &[
-            "-x",
-            "-LLL",
-            "-H",
-            &lab.direct(),
-            "-b",
-            &dn,
-            "-s",
-            "base",
-            "description",
-        ],
-        None,
-    )
-    .await;
+    let direct = read_direct(&lab, &dn, "description").await;
     assert!(direct.stdout.contains("description: initial"), "{direct:?}");
 
     let (code, msg) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
@@ -920,22 +925,7 @@ async fn full_queue_stops_reading_and_releases_everything() {
     let ids: Vec<i32> = (2..=21).collect();
     let (_, codes) = recv_finals(&mut w, &ids).await;
     assert!(codes.iter().all(|&c| c == 0), "{codes:?}");
-    let direct = ldap_tool(
-        "ldapsearch",
-        &[
-            "-x",
-            "-LLL",
-            "-H",
-            &lab.direct(),
-            "-b",
-            &dn,
-            "-s",
-            "base",
-            "description",
-        ],
-        None,
-    )
-    .await;
+    let direct = read_direct(&lab, &dn, "description").await;
     let mut values: Vec<&str> = direct
         .stdout
         .lines()
