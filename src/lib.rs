@@ -9,6 +9,7 @@ pub mod config;
 pub mod endpoint;
 pub mod freeze;
 pub mod lab;
+pub mod ops;
 pub mod proxy;
 pub mod wire;
 

@@ -1,25 +1,36 @@
 //! The `abproxy` command line. Only argument handling lives here; the work is
 //! in the library.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use abproxy::config::Config;
 use abproxy::lab::{self, Slapd, SlapdOptions};
+use abproxy::ops::{
+    self, exit, FreezeRequest, OpError, Password, Progress, Released, RunSpec, Target,
+};
 use abproxy::Server;
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
     name = "abproxy",
     version,
-    about = "Transparent LDAP proxy that lets a live directory be backed up (Allow-Backup extended operation)"
+    about = "Transparent LDAP proxy that lets a live directory be backed up (Allow-Backup extended operation)",
+    after_help = "The operator commands (on, off, status, run, hook) talk to a running proxy and \
+                  exit 0 when done, 2 on bad arguments, 3 when the proxy refuses, 4 when it cannot be \
+                  reached or bound to, 5 on timeout, 6 when the freeze failed or had expired; \
+                  `abproxy help on` has the details."
 )]
 struct Cli {
-    /// Log filter (tracing env-filter syntax); the ABPROXY_LOG variable works too.
-    #[arg(long, global = true, env = "ABPROXY_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (tracing env-filter syntax); the ABPROXY_LOG variable works
+    /// too. Default: info for serve and demo, warnings only for the operator
+    /// commands.
+    #[arg(long, global = true, env = "ABPROXY_LOG", value_name = "FILTER")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +41,121 @@ enum Command {
     Serve(ServeArgs),
     /// Start a throwaway slapd with sample data and the proxy in front of it.
     Demo(DemoArgs),
+    /// Freeze a running proxy for a backup (Allow-Backup ON): wait for the
+    /// operations in progress, then hold writes until `abproxy off`.
+    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    On(OnArgs),
+    /// End the freeze (Allow-Backup OFF): release the held operations.
+    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    Off(OffArgs),
+    /// Show the freeze state: holder, backends, queued requests, lease.
+    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    Status(StatusArgs),
+    /// Freeze, run CMD, release: always, also when CMD fails or on
+    /// SIGINT/SIGTERM (forwarded to CMD); a killed wrapper releases too.
+    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    Run(RunArgs),
+    /// Pre/post script for backup tools (Bacula RunBeforeJob/RunAfterJob,
+    /// borgmatic before/after hooks): --before freezes, --after releases.
+    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    Hook(HookArgs),
+}
+
+/// How to reach and bind to the proxy.
+#[derive(Args)]
+struct ConnArgs {
+    /// The proxy, ldap://HOST:PORT or ldapi://PATH.
+    #[arg(
+        long,
+        env = "ABPROXY_URL",
+        default_value = ops::DEFAULT_URL,
+        value_name = "URL"
+    )]
+    url: String,
+    /// DN to bind as (simple bind); it must be in the proxy's [freeze] allowed.
+    #[arg(long, env = "ABPROXY_BIND_DN", value_name = "DN")]
+    bind_dn: Option<String>,
+    /// File whose first line is the bind password (or set ABPROXY_PASSWORD).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// The bind password. Discouraged: other users can read it with `ps`;
+    /// prefer --password-file or ABPROXY_PASSWORD.
+    #[arg(long, value_name = "PW", conflicts_with = "password_file")]
+    password: Option<String>,
+    /// Seconds allowed to the whole operation [default: the drain time limit
+    /// + 30 for ON, 30 otherwise].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    timeout: Option<Duration>,
+}
+
+/// What to freeze.
+#[derive(Args)]
+struct FreezeArgs {
+    /// Suffix of a backend to freeze (repeatable) [default: all backends].
+    #[arg(long = "backend", value_name = "DN")]
+    backends: Vec<String>,
+    /// Seconds the operations in progress may take to finish before the
+    /// freeze is in place [default: the proxy's max_drain_secs, 30].
+    #[arg(long, value_name = "SECONDS")]
+    time_limit: Option<u32>,
+}
+
+#[derive(Args)]
+struct OnArgs {
+    #[command(flatten)]
+    freeze: FreezeArgs,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+struct OffArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Print a JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    freeze: FreezeArgs,
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The backup command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("when").required(true).args(["before", "after"])))]
+struct HookArgs {
+    /// Before the backup: freeze (without holdUntilUnbind: the freeze stays
+    /// after this process exits, until `hook --after` or the lease ends).
+    #[arg(long)]
+    before: bool,
+    /// After the backup: release. Exits 0 when nothing is frozen (e.g.
+    /// after a failed --before); 6 with a warning if the freeze expired.
+    #[arg(long, conflicts_with_all = ["backends", "time_limit"])]
+    after: bool,
+    #[command(flatten)]
+    freeze: FreezeArgs,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
 }
 
 #[derive(Args)]
@@ -69,10 +195,13 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = match EnvFilter::try_new(&cli.log) {
+    let operator = !matches!(cli.command, Command::Serve(_) | Command::Demo(_));
+    let default_log = if operator { "warn,ldap3=error" } else { "info" };
+    let log = cli.log.as_deref().unwrap_or(default_log);
+    let filter = match EnvFilter::try_new(log) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("abproxy: bad --log filter {:?}: {e}", cli.log);
+            eprintln!("abproxy: bad --log filter {log:?}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -80,6 +209,9 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if operator {
+        return operator_main(cli.command);
+    }
     // The runtime's size comes from the configuration, so read it first.
     let threads = match &cli.command {
         Command::Serve(args) => match serve_config(args) {
@@ -89,7 +221,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Command::Demo(_) => 0,
+        _ => 0,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("abproxy");
@@ -107,6 +239,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Demo(args) => demo(args).await,
+            _ => unreachable!("operator commands run in operator_main"),
         }
     });
     match result {
@@ -210,4 +343,157 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     server.run(shutdown_signal()).await?;
     drop(slapd);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The operator commands: one small single-threaded runtime, a client of a
+/// running proxy.
+fn operator_main(command: Command) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("abproxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(async {
+        match command {
+            Command::On(a) => on(&a.conn, &a.freeze, "abproxy on").await,
+            Command::Off(a) => off(&a.conn, "abproxy off").await,
+            Command::Status(a) => status(&a).await,
+            Command::Run(a) => run(a).await,
+            Command::Hook(a) if a.before => on(&a.conn, &a.freeze, "abproxy hook --before").await,
+            Command::Hook(a) => off(&a.conn, "abproxy hook --after").await,
+            Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
+        }
+    });
+    ExitCode::from(code)
+}
+
+/// The connection target from the flags and the environment. The password:
+/// --password-file, else --password, else ABPROXY_PASSWORD.
+fn target(conn: &ConnArgs) -> Result<Target, OpError> {
+    let password = match (&conn.password_file, &conn.password) {
+        (Some(file), _) => Some(Password::from_file(file)?),
+        (None, Some(pw)) => Some(Password::new(pw.clone())),
+        (None, None) => std::env::var("ABPROXY_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(Password::new),
+    };
+    Ok(Target {
+        url: conn.url.clone(),
+        bind_dn: conn.bind_dn.clone().filter(|d| !d.is_empty()),
+        password,
+    })
+}
+
+fn freeze_request(f: &FreezeArgs) -> FreezeRequest {
+    FreezeRequest {
+        backends: f.backends.clone(),
+        time_limit: f.time_limit,
+        hold_until_unbind: false,
+    }
+}
+
+/// Prints an error (a warning when the freeze had expired) and returns its
+/// exit status.
+fn fail(who: &str, e: &OpError) -> u8 {
+    let word = if e.kind == ops::ErrorKind::Expired {
+        "warning"
+    } else {
+        "error"
+    };
+    eprintln!("{who}: {word}: {e}");
+    e.exit_code()
+}
+
+async fn on(conn: &ConnArgs, freeze: &FreezeArgs, who: &str) -> u8 {
+    let req = freeze_request(freeze);
+    let limit = conn.timeout.unwrap_or_else(|| req.default_timeout());
+    let result = async {
+        let target = target(conn)?;
+        let progress = Progress::stderr(who);
+        ops::with_session(&target, limit, ops::ON_TIMEOUT_HINT, async |s| {
+            let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
+            s.on(&req).await
+        })
+        .await
+    }
+    .await;
+    match result {
+        Ok(frozen) => {
+            println!("{}", frozen.message);
+            exit::OK
+        }
+        Err(e) => fail(who, &e),
+    }
+}
+
+async fn off(conn: &ConnArgs, who: &str) -> u8 {
+    let limit = conn.timeout.unwrap_or(Duration::from_secs(30));
+    let result = async {
+        let target = target(conn)?;
+        ops::with_session(&target, limit, ops::TIMEOUT_HINT, async |s| s.off().await).await
+    }
+    .await;
+    match result {
+        Ok(Released::Released(msg)) => {
+            println!("{msg}");
+            exit::OK
+        }
+        Ok(Released::NotFrozen) => {
+            println!("not frozen (nothing to release)");
+            exit::OK
+        }
+        Err(e) => fail(who, &e),
+    }
+}
+
+async fn status(args: &StatusArgs) -> u8 {
+    let limit = args.conn.timeout.unwrap_or(Duration::from_secs(30));
+    let result = async {
+        let target = target(&args.conn)?;
+        ops::with_session(&target, limit, ops::TIMEOUT_HINT, async |s| {
+            s.status().await
+        })
+        .await
+    }
+    .await;
+    match result {
+        Ok(st) if args.json => {
+            println!("{}", st.to_json());
+            exit::OK
+        }
+        Ok(st) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            print!("{}", st.render(now));
+            exit::OK
+        }
+        Err(e) => fail("abproxy status", &e),
+    }
+}
+
+async fn run(args: RunArgs) -> u8 {
+    let target = match target(&args.conn) {
+        Ok(t) => t,
+        Err(e) => return fail("abproxy run", &e),
+    };
+    let request = freeze_request(&args.freeze).with_hold_until_unbind(true);
+    let spec = RunSpec {
+        target,
+        on_timeout: args
+            .conn
+            .timeout
+            .unwrap_or_else(|| request.default_timeout()),
+        off_timeout: args.conn.timeout.unwrap_or(Duration::from_secs(30)),
+        request,
+        command: args.command,
+    };
+    ops::run_frozen(spec, &Progress::stderr("abproxy run")).await
 }

@@ -1,0 +1,1279 @@
+//! The operator side of Allow-Backup: a small client that talks to a running
+//! proxy over LDAP (the `ldap3` crate) and what the `abproxy on|off|status|
+//! run|hook` commands are made of.
+//!
+//! - [`Target`] says where the proxy is and who to bind as; [`Session::connect`]
+//!   connects and binds;
+//! - [`Session::on`], [`Session::off`] and [`Session::status`] send the
+//!   Allow-Backup operations and return typed results; every failure is an
+//!   [`OpError`] whose [`OpError::exit_code`] is the command's exit status
+//!   (see [`exit`]) and whose message says what to do next;
+//! - [`run_frozen`] is `abproxy run`: ON with holdUntilUnbind on a connection
+//!   kept open while a command runs, then OFF on the same connection.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), abproxy::ops::OpError> {
+//! use abproxy::ops::{FreezeRequest, Password, Session, Target};
+//!
+//! let target = Target {
+//!     url: "ldap://127.0.0.1:3389".into(),
+//!     bind_dn: Some("cn=backup,dc=example,dc=org".into()),
+//!     password: Some(Password::new("secret")),
+//! };
+//! let mut s = Session::connect(&target).await?;
+//! let frozen = s.on(&FreezeRequest::default().with_time_limit(30)).await?;
+//! println!("{}", frozen.message);
+//! // ... copy the database files ...
+//! s.off().await?;
+//! s.close().await;
+//! # Ok(()) }
+//! ```
+
+use std::ffi::OsString;
+use std::fmt;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use abproxy_proto::{
+    AllowBackupRequest, AllowBackupStatus, BackendMode, FreezeState, ALLOW_BACKUP_OID,
+    ALLOW_BACKUP_STATUS_OID,
+};
+use ldap3::exop::Exop;
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, StdStream};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use crate::endpoint::Endpoint;
+
+/// Exit statuses of the operator commands.
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// Bad arguments (clap's own status for usage errors).
+    pub const USAGE: u8 = 2;
+    /// Refused by the proxy: busy, unwillingToPerform, noSuchObject,
+    /// insufficientAccessRights, protocolError (or another refusal).
+    pub const REFUSED: u8 = 3;
+    /// Cannot reach or bind to the proxy: connection failed or lost,
+    /// invalid credentials.
+    pub const UNREACHABLE: u8 = 4;
+    /// No answer within `--timeout`.
+    pub const TIMEOUT: u8 = 5;
+    /// The freeze failed (result `other`: write in progress, prepare failed),
+    /// or had expired before OFF (the backup may be inconsistent).
+    pub const FAILED: u8 = 6;
+}
+
+/// The default `--url`.
+pub const DEFAULT_URL: &str = "ldap://127.0.0.1:3389";
+
+/// The exit-status table, as `--help` and the documentation show it.
+pub const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  done
+  2  bad arguments
+  3  refused by the proxy: busy (already frozen), unwillingToPerform,
+     no such backend, insufficient access rights, protocol error
+  4  cannot reach or bind to the proxy (connection failed or lost,
+     invalid credentials)
+  5  timed out (--timeout)
+  6  the freeze failed (write in progress, prepare failed); for `off` and
+     `hook --after`: the freeze had expired, the backup may be inconsistent
+`run` exits with the status of CMD (128+N if CMD died of signal N), or
+2-6 as above if the freeze could not be set up (CMD is then not run), 6 if
+CMD succeeded but the freeze did not last until it ended, 126/127 if CMD
+could not be started.";
+
+/// A bind password. Its `Debug` never shows it, and nothing in this module
+/// prints or logs it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// A password given as is.
+    pub fn new(pw: impl Into<String>) -> Password {
+        Password(pw.into())
+    }
+
+    /// The first line of `path` (without its line ending).
+    ///
+    /// # Errors
+    ///
+    /// A usage error if the file cannot be read or its first line is empty.
+    pub fn from_file(path: &Path) -> Result<Password, OpError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            OpError::usage(
+                format!("cannot read the password file {}: {e}", path.display()),
+                "check --password-file (the file's first line is the password)",
+            )
+        })?;
+        let line = text.lines().next().unwrap_or("");
+        if line.is_empty() {
+            return Err(OpError::usage(
+                format!("the password file {} is empty", path.display()),
+                "write the password on its first line",
+            ));
+        }
+        Ok(Password(line.to_owned()))
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(***)")
+    }
+}
+
+/// Where the proxy is and who to bind as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `ldap://HOST:PORT` or `ldapi://PATH` (percent-encoded or plain).
+    pub url: String,
+    /// DN for a simple bind; `None`: anonymous (which the proxy refuses).
+    pub bind_dn: Option<String>,
+    /// Password of `bind_dn` (required with it).
+    pub password: Option<Password>,
+}
+
+/// What an Allow-Backup ON asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FreezeRequest {
+    /// Suffixes (or DNs under them) of the backends to freeze; empty: all.
+    pub backends: Vec<String>,
+    /// Seconds allowed to the operations in progress; `None`: the proxy's
+    /// `max_drain_secs`.
+    pub time_limit: Option<u32>,
+    /// Release the freeze when this connection ends.
+    pub hold_until_unbind: bool,
+}
+
+impl FreezeRequest {
+    /// Sets the drain time limit.
+    #[must_use]
+    pub fn with_time_limit(mut self, seconds: u32) -> Self {
+        self.time_limit = Some(seconds);
+        self
+    }
+
+    /// Sets the backends.
+    #[must_use]
+    pub fn with_backends<I: IntoIterator<Item = S>, S: Into<String>>(mut self, dns: I) -> Self {
+        self.backends = dns.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets holdUntilUnbind.
+    #[must_use]
+    pub fn with_hold_until_unbind(mut self, hold: bool) -> Self {
+        self.hold_until_unbind = hold;
+        self
+    }
+
+    /// The protocol value.
+    pub fn to_proto(&self) -> AllowBackupRequest {
+        let mut req = AllowBackupRequest::on().with_hold_until_unbind(self.hold_until_unbind);
+        if let Some(s) = self.time_limit {
+            req = req.with_time_limit(s);
+        }
+        if !self.backends.is_empty() {
+            req = req.with_dn_set(&self.backends);
+        }
+        req
+    }
+
+    /// The default `--timeout` of an ON: its time limit (30 s, the proxy's
+    /// default, when not given) plus 30 s.
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.time_limit.unwrap_or(30)) + 30)
+    }
+}
+
+/// A successful ON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frozen {
+    /// The proxy's message: "frozen: SUFFIXES; drained in N ms; lease N s;
+    /// freeze id N".
+    pub message: String,
+}
+
+/// A successful OFF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// A freeze was ended; the proxy's message ("released after N s; N
+    /// queued request(s) resumed; freeze id N").
+    Released(String),
+    /// Nothing was frozen (and no freeze had expired since the last OFF).
+    NotFrozen,
+}
+
+/// Overall freeze state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Not frozen.
+    Thawed,
+    /// ON in progress: new blocked operations are held, those in progress
+    /// are being waited for.
+    Draining,
+    /// Frozen: the backup may be taken.
+    Frozen,
+}
+
+/// How a backend is frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendModeName {
+    /// Writes are held, reads go on.
+    Readonly,
+    /// Everything is held.
+    Stop,
+    /// Cannot be frozen.
+    Unimplemented,
+}
+
+/// One backend in a [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendState {
+    /// Its suffix.
+    pub suffix: String,
+    /// How it is frozen.
+    pub mode: BackendModeName,
+    /// Whether the freeze is in effect on it now.
+    pub frozen: bool,
+}
+
+/// The proxy's Allow-Backup status (what `abproxy status --json` prints).
+/// Times are seconds since the epoch (UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// thawed, draining or frozen.
+    pub state: State,
+    /// DN holding the freeze.
+    pub holder: Option<String>,
+    /// When the freeze was requested.
+    pub since: Option<u64>,
+    /// When the freeze ends by itself unless OFF comes first.
+    pub lease_expires: Option<u64>,
+    /// Identifies the current freeze.
+    pub freeze_id: Option<u64>,
+    /// Requests held by the freeze.
+    pub queued_requests: u64,
+    /// Their total size in octets.
+    pub queued_bytes: u64,
+    /// Operations forwarded and not yet answered.
+    pub in_flight: u64,
+    /// Every backend the proxy knows.
+    pub backends: Vec<BackendState>,
+}
+
+impl From<AllowBackupStatus> for Status {
+    fn from(s: AllowBackupStatus) -> Status {
+        Status {
+            state: match s.state {
+                FreezeState::Thawed => State::Thawed,
+                FreezeState::Draining => State::Draining,
+                FreezeState::Frozen => State::Frozen,
+            },
+            holder: s.holder.map(|h| String::from_utf8_lossy(&h).into_owned()),
+            since: s.since,
+            lease_expires: s.lease_expires,
+            freeze_id: s.freeze_id,
+            queued_requests: s.queued_requests,
+            queued_bytes: s.queued_bytes,
+            in_flight: s.in_flight,
+            backends: s
+                .backends
+                .into_iter()
+                .map(|b| BackendState {
+                    suffix: String::from_utf8_lossy(&b.suffix).into_owned(),
+                    mode: match b.mode {
+                        BackendMode::Readonly => BackendModeName::Readonly,
+                        BackendMode::Stop => BackendModeName::Stop,
+                        BackendMode::Unimplemented => BackendModeName::Unimplemented,
+                    },
+                    frozen: b.frozen,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl State {
+    /// Its name as in the protocol and the JSON form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Thawed => "thawed",
+            State::Draining => "draining",
+            State::Frozen => "frozen",
+        }
+    }
+}
+
+impl BackendModeName {
+    /// Its name as in the configuration and the JSON form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendModeName::Readonly => "readonly",
+            BackendModeName::Stop => "stop",
+            BackendModeName::Unimplemented => "unimplemented",
+        }
+    }
+}
+
+impl Status {
+    /// The human summary, relative times computed against `now` (seconds
+    /// since the epoch).
+    pub fn render(&self, now: u64) -> String {
+        let mut out = String::new();
+        let id = self
+            .freeze_id
+            .map(|i| format!(" (freeze id {i})"))
+            .unwrap_or_default();
+        out.push_str(&format!("state:     {}{id}\n", self.state.as_str()));
+        out.push_str(&format!(
+            "holder:    {}\n",
+            self.holder.as_deref().unwrap_or("-")
+        ));
+        let since = match self.since {
+            Some(t) => format!("{} ({} s ago)", format_utc(t), now.saturating_sub(t)),
+            None => "-".into(),
+        };
+        out.push_str(&format!("since:     {since}\n"));
+        let lease = match self.lease_expires {
+            Some(t) if t >= now => format!("{} (in {} s)", format_utc(t), t - now),
+            Some(t) => format!("{} ({} s ago)", format_utc(t), now - t),
+            None => "-".into(),
+        };
+        out.push_str(&format!("lease:     {lease}\n"));
+        out.push_str(&format!(
+            "queued:    {} request(s), {} byte(s)\n",
+            self.queued_requests, self.queued_bytes
+        ));
+        out.push_str(&format!("in flight: {}\n", self.in_flight));
+        out.push_str("backends:\n");
+        let width = self
+            .backends
+            .iter()
+            .map(|b| b.suffix.len())
+            .max()
+            .unwrap_or(0);
+        for b in &self.backends {
+            out.push_str(&format!(
+                "  {:width$}  {:13}  {}\n",
+                b.suffix,
+                b.mode.as_str(),
+                if b.frozen { "frozen" } else { "not frozen" }
+            ));
+        }
+        if self.backends.is_empty() {
+            out.push_str("  (none known)\n");
+        }
+        out
+    }
+
+    /// The JSON form (one object, the fields of [`Status`]).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a Status always serialises")
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What went wrong, as the exit status tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad arguments ([`exit::USAGE`]).
+    Usage,
+    /// The proxy refused, with this LDAP result code ([`exit::REFUSED`]).
+    Refused(u32),
+    /// Cannot reach or bind to the proxy ([`exit::UNREACHABLE`]).
+    Unreachable,
+    /// No answer in time ([`exit::TIMEOUT`]).
+    Timeout,
+    /// The freeze failed ([`exit::FAILED`]).
+    Failed,
+    /// OFF found that the freeze had expired ([`exit::FAILED`]).
+    Expired,
+}
+
+/// A failed operator command: what happened and what to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    /// The class of failure.
+    pub kind: ErrorKind,
+    /// What happened (the proxy's own message where there is one).
+    pub message: String,
+    /// What to do next.
+    pub hint: String,
+}
+
+impl OpError {
+    fn new(kind: ErrorKind, message: impl Into<String>, hint: impl Into<String>) -> OpError {
+        OpError {
+            kind,
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    /// A usage error.
+    pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> OpError {
+        Self::new(ErrorKind::Usage, message, hint)
+    }
+
+    /// The exit status for this error (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self.kind {
+            ErrorKind::Usage => exit::USAGE,
+            ErrorKind::Refused(_) => exit::REFUSED,
+            ErrorKind::Unreachable => exit::UNREACHABLE,
+            ErrorKind::Timeout => exit::TIMEOUT,
+            ErrorKind::Failed | ErrorKind::Expired => exit::FAILED,
+        }
+    }
+}
+
+impl fmt::Display for OpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if !self.hint.is_empty() {
+            write!(f, "; {}", self.hint)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for OpError {}
+
+/// Runs `fut` for at most `limit`; a timeout becomes an [`ErrorKind::Timeout`]
+/// error about `what`, with `hint`.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    hint: &str,
+    fut: impl Future<Output = Result<T, OpError>>,
+) -> Result<T, OpError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(OpError::new(
+            ErrorKind::Timeout,
+            format!("timed out after {} waiting for {what}", secs_text(limit)),
+            hint,
+        )),
+    }
+}
+
+fn secs_text(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// The hint of a timeout while ON was (or may have been) in progress.
+pub const ON_TIMEOUT_HINT: &str =
+    "the proxy may still complete the freeze: check with `abproxy status` \
+     and release it with `abproxy off`; give --timeout to wait longer";
+/// The hint of any other timeout.
+pub const TIMEOUT_HINT: &str =
+    "is the proxy overloaded or stuck? check its log; give --timeout to wait longer";
+
+/// The name of an LDAP result code.
+pub fn code_name(rc: u32) -> &'static str {
+    match rc {
+        0 => "success",
+        1 => "operationsError",
+        2 => "protocolError",
+        3 => "timeLimitExceeded",
+        7 => "authMethodNotSupported",
+        8 => "strongerAuthRequired",
+        32 => "noSuchObject",
+        48 => "inappropriateAuthentication",
+        49 => "invalidCredentials",
+        50 => "insufficientAccessRights",
+        51 => "busy",
+        52 => "unavailable",
+        53 => "unwillingToPerform",
+        80 => "other",
+        _ => "error",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    On,
+    Off,
+    Status,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::On => "ON",
+            Op::Off => "OFF",
+            Op::Status => "status",
+        }
+    }
+}
+
+/// A connection to the proxy, bound (or anonymous).
+pub struct Session {
+    ldap: Ldap,
+    driver: Option<JoinHandle<Result<(), LdapError>>>,
+    url: String,
+    who: String,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("url", &self.url)
+            .field("who", &self.who)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Closes the connection (and so ends a holdUntilUnbind freeze).
+        if let Some(d) = self.driver.take() {
+            d.abort();
+        }
+    }
+}
+
+fn reach_hint(url: &str) -> String {
+    format!(
+        "is the proxy running (`abproxy serve`) and listening on {url}? set --url or ABPROXY_URL"
+    )
+}
+
+impl Session {
+    /// Connects to `target.url` and binds (simple bind) as `target.bind_dn`
+    /// when given. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// Usage (bad URL, DN without password), unreachable (connection
+    /// failed, bind refused: invalid credentials and the like).
+    pub async fn connect(target: &Target) -> Result<Session, OpError> {
+        let endpoint = Endpoint::parse(&target.url).map_err(|e| {
+            let hint = if e.contains("ldap://HOST") || e.contains("use ldap://") {
+                ""
+            } else {
+                "use ldap://HOST:PORT or ldapi://PATH"
+            };
+            OpError::usage(format!("bad --url: {e}"), hint)
+        })?;
+        if target.bind_dn.is_some() && target.password.is_none() {
+            return Err(OpError::usage(
+                "--bind-dn is given without a password",
+                "give --password-file FILE, set ABPROXY_PASSWORD, or (discouraged) --password",
+            ));
+        }
+        let url = target.url.clone();
+        let unreachable = |e: std::io::Error| {
+            OpError::new(
+                ErrorKind::Unreachable,
+                format!("cannot connect to {url}: {e}"),
+                reach_hint(&url),
+            )
+        };
+        let (stream, ldap_url) = match &endpoint {
+            Endpoint::Tcp(addr) => {
+                let s = tokio::net::TcpStream::connect(addr.as_str())
+                    .await
+                    .map_err(unreachable)?;
+                let _ = s.set_nodelay(true);
+                let s = s.into_std().map_err(unreachable)?;
+                (StdStream::Tcp(s), format!("ldap://{addr}"))
+            }
+            Endpoint::Unix(path) => {
+                let s = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(unreachable)?;
+                let s = s.into_std().map_err(unreachable)?;
+                (StdStream::Unix(s), "ldapi:///".to_string())
+            }
+        };
+        let settings = LdapConnSettings::new().set_std_stream(stream);
+        let (conn, ldap) = LdapConnAsync::with_settings(settings, &ldap_url)
+            .await
+            .map_err(|e| {
+                OpError::new(
+                    ErrorKind::Unreachable,
+                    format!("cannot connect to {url}: {e}"),
+                    reach_hint(&url),
+                )
+            })?;
+        let driver = tokio::spawn(conn.drive());
+        let mut session = Session {
+            ldap,
+            driver: Some(driver),
+            url: url.clone(),
+            who: target.bind_dn.clone().unwrap_or_else(|| "anonymous".into()),
+        };
+        if let (Some(dn), Some(pw)) = (&target.bind_dn, &target.password) {
+            let res = session
+                .ldap
+                .simple_bind(dn, pw.expose())
+                .await
+                .map_err(|e| session.lost_error("bind", e))?;
+            match res.rc {
+                0 => {}
+                49 => {
+                    return Err(OpError::new(
+                        ErrorKind::Unreachable,
+                        format!("cannot bind to {url} as {dn}: invalid credentials (49)"),
+                        "check --bind-dn and the password (--password-file, ABPROXY_PASSWORD or --password)",
+                    ))
+                }
+                rc => {
+                    return Err(OpError::new(
+                        ErrorKind::Unreachable,
+                        format!(
+                            "cannot bind to {url} as {dn}: {} ({rc}){}",
+                            code_name(rc),
+                            text_suffix(&res.text)
+                        ),
+                        "check --bind-dn and the password, and the LDAP server's log",
+                    ))
+                }
+            }
+        }
+        Ok(session)
+    }
+
+    /// The URL this session is connected to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Allow-Backup ON.
+    ///
+    /// # Errors
+    ///
+    /// Refused (busy, unwilling, no such backend, access, protocol error),
+    /// failed (`other`: write in progress, prepare failed), unreachable
+    /// (connection lost).
+    pub async fn on(&mut self, req: &FreezeRequest) -> Result<Frozen, OpError> {
+        let value = abproxy_proto::encode_request(&req.to_proto());
+        let (rc, text, _) = self.exop(Op::On, ALLOW_BACKUP_OID, Some(value)).await?;
+        match rc {
+            0 => Ok(Frozen { message: text }),
+            80 => {
+                let hint = if text.contains("write in progress") {
+                    "nothing is frozen, do not take the backup now; try again later, \
+                     or with a longer --time-limit (up to the proxy's max_drain_secs)"
+                } else if text.contains("prepare failed") {
+                    "nothing is frozen, do not take the backup now; see the proxy's log \
+                     for the backend driver's error"
+                } else {
+                    "nothing is frozen, do not take the backup now; see the proxy's log"
+                };
+                Err(OpError::new(
+                    ErrorKind::Failed,
+                    format!("freeze failed: {text}"),
+                    hint,
+                ))
+            }
+            rc => Err(self.refusal(Op::On, rc, text)),
+        }
+    }
+
+    /// Allow-Backup OFF.
+    ///
+    /// # Errors
+    ///
+    /// Expired (the freeze had ended by its lease before this OFF: the
+    /// backup may be inconsistent), failed (done steps failed), refused
+    /// (busy while draining, access), unreachable.
+    pub async fn off(&mut self) -> Result<Released, OpError> {
+        let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
+        let (rc, text, _) = self.exop(Op::Off, ALLOW_BACKUP_OID, Some(value)).await?;
+        match rc {
+            0 if text == "not frozen" => Ok(Released::NotFrozen),
+            0 => Ok(Released::Released(text)),
+            80 if text.contains("expired") => Err(OpError::new(
+                ErrorKind::Expired,
+                text,
+                "the proxy's lease (lease_secs) ran out before OFF and writes resumed during \
+                 the backup: take the backup again, and raise [freeze] lease_secs if backups take longer",
+            )),
+            80 => Err(OpError::new(
+                ErrorKind::Failed,
+                text,
+                "operations have resumed; see the proxy's log for the backend driver's error",
+            )),
+            rc => Err(self.refusal(Op::Off, rc, text)),
+        }
+    }
+
+    /// The Allow-Backup status.
+    ///
+    /// # Errors
+    ///
+    /// Refused (access, protocol error), unreachable.
+    pub async fn status(&mut self) -> Result<Status, OpError> {
+        let (rc, text, value) = self.exop(Op::Status, ALLOW_BACKUP_STATUS_OID, None).await?;
+        if rc != 0 {
+            return Err(self.refusal(Op::Status, rc, text));
+        }
+        let Some(value) = value else {
+            return Err(OpError::new(
+                ErrorKind::Refused(rc),
+                format!("the status answer from {} has no value", self.url),
+                "is --url the abproxy proxy (not the LDAP server itself)?",
+            ));
+        };
+        abproxy_proto::decode_status(&value)
+            .map(Status::from)
+            .map_err(|e| {
+                OpError::new(
+                    ErrorKind::Refused(2),
+                    format!("bad status answer from {}: {e}", self.url),
+                    "is --url the abproxy proxy, and of a version this client knows?",
+                )
+            })
+    }
+
+    /// Resolves when the connection to the proxy has ended (closed by the
+    /// proxy or lost), with the reason; pending forever once reported.
+    pub async fn lost(&mut self) -> String {
+        let Some(driver) = self.driver.as_mut() else {
+            return std::future::pending().await;
+        };
+        let reason = match driver.await {
+            Ok(Ok(())) => "connection closed by the proxy".to_string(),
+            Ok(Err(e)) => format!("connection lost: {e}"),
+            Err(e) => format!("connection task ended: {e}"),
+        };
+        self.driver = None;
+        reason
+    }
+
+    /// Unbinds and closes the connection (bounded to 5 s).
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = self.ldap.unbind().await;
+            if let Some(d) = self.driver.as_mut() {
+                let _ = d.await;
+            }
+        })
+        .await;
+    }
+
+    async fn exop(
+        &mut self,
+        op: Op,
+        oid: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<(u32, String, Option<Vec<u8>>), OpError> {
+        let res = self
+            .ldap
+            .extended(Exop {
+                name: Some(oid.into()),
+                val: value,
+            })
+            .await
+            .map_err(|e| self.lost_error(op.name(), e))?;
+        Ok((res.1.rc, res.1.text, res.0.val))
+    }
+
+    fn lost_error(&self, what: &str, e: LdapError) -> OpError {
+        let hint = if what == "ON" {
+            "check with `abproxy status` whether the freeze took effect; is the proxy still running? see its log".to_string()
+        } else {
+            reach_hint(&self.url)
+        };
+        OpError::new(
+            ErrorKind::Unreachable,
+            format!("connection to {} lost during {what}: {e}", self.url),
+            hint,
+        )
+    }
+
+    fn refusal(&self, op: Op, rc: u32, text: String) -> OpError {
+        let text = readable_since(&text);
+        let what = format!(
+            "{} refused: {} ({rc}){}",
+            op.name(),
+            code_name(rc),
+            text_suffix(&text)
+        );
+        let hint: String = match rc {
+            51 if op == Op::On => {
+                "wait for that backup to finish, or run `abproxy off` if the freeze was left behind"
+                    .into()
+            }
+            51 => "a freeze is still draining: retry once its ON has answered".into(),
+            53 => "leave that backend out (--backend SUFFIX for the others), or change its mode \
+                   in the proxy's [[backends]] configuration"
+                .into(),
+            32 => "give --backend the suffix of a backend the proxy knows (`abproxy status` lists them)"
+                .into(),
+            50 if self.who == "anonymous" => "bind as an operator: --bind-dn DN with --password-file, \
+                 ABPROXY_PASSWORD or --password"
+                .into(),
+            50 => format!(
+                "add {} to [freeze] allowed in the proxy's configuration, or bind as an allowed operator",
+                self.who
+            ),
+            2 => format!(
+                "is {} the abproxy proxy, not the LDAP server itself? (the server does not know Allow-Backup)",
+                self.url
+            ),
+            52 => return OpError::new(
+                ErrorKind::Unreachable,
+                what,
+                "the proxy or its LDAP server is unavailable (shutting down?); see the proxy's log",
+            ),
+            _ => "see the proxy's log".into(),
+        };
+        OpError::new(ErrorKind::Refused(rc), what, hint)
+    }
+}
+
+/// The proxy's busy message gives "since SECONDS (unix time, N s ago; ...)":
+/// shown as "since YYYY-MM-DDTHH:MM:SSZ (N s ago; ...)".
+fn readable_since(text: &str) -> String {
+    const MARK: &str = "since ";
+    let Some(at) = text.find(MARK) else {
+        return text.to_owned();
+    };
+    let rest = &text[at + MARK.len()..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let after = &rest[digits..];
+    match (
+        rest[..digits].parse::<u64>(),
+        after.strip_prefix(" (unix time, "),
+    ) {
+        (Ok(secs), Some(tail)) => format!("{}{MARK}{} ({tail}", &text[..at], format_utc(secs)),
+        _ => text.to_owned(),
+    }
+}
+
+fn text_suffix(text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// Connects, binds and runs `f` on the session, then closes it; all within
+/// `limit` (the whole operation's `--timeout`).
+///
+/// # Errors
+///
+/// Those of [`Session::connect`], of `f`, and a timeout (with `timeout_hint`).
+pub async fn with_session<T>(
+    target: &Target,
+    limit: Duration,
+    timeout_hint: &str,
+    f: impl AsyncFnOnce(&mut Session) -> Result<T, OpError>,
+) -> Result<T, OpError> {
+    within(limit, &target.url, timeout_hint, async {
+        let mut session = Session::connect(target).await?;
+        let r = f(&mut session).await;
+        session.close().await;
+        r
+    })
+    .await
+}
+
+/// Progress and log lines on stderr: on a terminal, lines that a waiting
+/// step redraws in place; otherwise plain lines with a UTC timestamp.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    prefix: String,
+    tty: bool,
+}
+
+/// A step being waited for (see [`Progress::waiting`]); dropping it ends
+/// the redrawing.
+#[derive(Debug)]
+pub struct Waiting {
+    task: Option<JoinHandle<()>>,
+    tty: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        if self.tty {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+impl Progress {
+    /// Progress for stderr, `prefix` before every line (e.g. "abproxy run").
+    pub fn stderr(prefix: impl Into<String>) -> Progress {
+        Progress {
+            prefix: prefix.into(),
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Whether stderr is a terminal.
+    pub fn is_tty(&self) -> bool {
+        self.tty
+    }
+
+    /// One line.
+    pub fn line(&self, msg: impl fmt::Display) {
+        if self.tty {
+            eprintln!("\r\x1b[K{}: {msg}", self.prefix);
+        } else {
+            eprintln!("{} {}: {msg}", format_utc(now_secs()), self.prefix);
+        }
+    }
+
+    /// A step that takes a while: on a terminal, "MSG N s" redrawn every
+    /// second until the returned guard is dropped; otherwise one line.
+    /// Must run inside a tokio runtime.
+    pub fn waiting(&self, msg: impl fmt::Display) -> Waiting {
+        if !self.tty {
+            self.line(msg);
+            return Waiting {
+                task: None,
+                tty: false,
+            };
+        }
+        let text = format!("{}: {msg}", self.prefix);
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                eprint!("\r\x1b[K{text} {} s", start.elapsed().as_secs());
+            }
+        });
+        Waiting {
+            task: Some(task),
+            tty: true,
+        }
+    }
+}
+
+/// `abproxy run`: what to freeze and what to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The proxy.
+    pub target: Target,
+    /// The freeze (holdUntilUnbind is set whatever this says).
+    pub request: FreezeRequest,
+    /// Limit for connecting, binding and ON.
+    pub on_timeout: Duration,
+    /// Limit for OFF.
+    pub off_timeout: Duration,
+    /// The command and its arguments (not empty).
+    pub command: Vec<OsString>,
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGPIPE => "SIGPIPE".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
+/// The exit status `run` reports for the command: its own, or 128+N if it
+/// died of signal N.
+fn exit_status_code(
+    status: std::io::Result<std::process::ExitStatus>,
+    shown: &str,
+    progress: &Progress,
+) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(0), _) => 0,
+            (Some(c), _) => {
+                progress.line(format!("{shown} exited with status {c}"));
+                (c & 0xff) as u8
+            }
+            (None, Some(sig)) => {
+                progress.line(format!("{shown} was killed by {}", signal_name(sig)));
+                128u8.wrapping_add(sig as u8)
+            }
+            (None, None) => 1,
+        },
+        Err(e) => {
+            progress.line(format!("cannot wait for {shown}: {e}"));
+            1
+        }
+    }
+}
+
+fn shell_words(cmd: &[OsString]) -> String {
+    cmd.iter()
+        .map(|a| {
+            let s = a.to_string_lossy();
+            if !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
+                s.into_owned()
+            } else {
+                format!("'{}'", s.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `abproxy run`: freezes (ON with holdUntilUnbind on a connection kept
+/// open, so that the freeze ends if this process dies), runs the command
+/// with inherited stdio, then always sends OFF on the same connection: also
+/// when the command fails, and on SIGINT/SIGTERM/SIGHUP, which are forwarded
+/// to the command (then waited for). Returns the exit status (see
+/// [`EXIT_STATUS_HELP`]).
+pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
+    let Some((program, args)) = spec.command.split_first() else {
+        progress.line("no command given");
+        return exit::USAGE;
+    };
+    let shown = shell_words(&spec.command);
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            progress.line(format!("cannot catch signals: {e}"));
+            return 1;
+        }
+    };
+    let request = spec.request.clone().with_hold_until_unbind(true);
+
+    // ON, on a connection kept for the whole run.
+    let waiting = progress.waiting(format!(
+        "draining… (freeze requested at {})",
+        spec.target.url
+    ));
+    let what = format!("the freeze (ON) at {}", spec.target.url);
+    let on = within(spec.on_timeout, &what, ON_TIMEOUT_HINT, async {
+        let mut s = Session::connect(&spec.target).await?;
+        let f = s.on(&request).await?;
+        Ok((s, f))
+    });
+    let (mut session, frozen) = tokio::select! {
+        r = on => match r {
+            Ok(v) => v,
+            Err(e) => {
+                drop(waiting);
+                // A timed-out ON closes its connection: with holdUntilUnbind
+                // the proxy then drops the freeze, whatever stage it was in.
+                let e = if e.kind == ErrorKind::Timeout {
+                    OpError { hint: "the connection was closed, so the proxy drops the freeze (holdUntilUnbind); give --timeout to wait longer".into(), ..e }
+                } else {
+                    e
+                };
+                progress.line(format!("error: {e}; {shown} was not run"));
+                return e.exit_code();
+            }
+        },
+        sig = signals.recv() => {
+            drop(waiting);
+            progress.line(format!(
+                "{} received before the freeze was in place: {shown} was not run; \
+                 the connection is closed, so the proxy drops the freeze",
+                signal_name(sig)
+            ));
+            return 128 + sig as u8;
+        }
+    };
+    drop(waiting);
+    progress.line(format!("{}; running {shown}", frozen.message));
+
+    // The command.
+    let mut lost = false;
+    let cmd_code: u8 = match tokio::process::Command::new(program).args(args).spawn() {
+        Err(e) => {
+            progress.line(format!("cannot run {shown}: {e}"));
+            // The shell's convention: 127 not found, 126 found but not run.
+            if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            }
+        }
+        Ok(mut child) => {
+            let pid = child.id();
+            let status = loop {
+                tokio::select! {
+                    st = child.wait() => break st,
+                    sig = signals.recv() => {
+                        progress.line(format!(
+                            "{} received: forwarding it to {shown} and waiting for it to end",
+                            signal_name(sig)
+                        ));
+                        if let Some(pid) = pid {
+                            // SAFETY: kill(2) on our own child's pid, not yet reaped.
+                            unsafe { libc::kill(pid as libc::pid_t, sig) };
+                        }
+                    }
+                    reason = session.lost(), if !lost => {
+                        progress.line(format!(
+                            "warning: {reason} while {shown} runs: the proxy has dropped the freeze \
+                             (holdUntilUnbind), the backup may be inconsistent"
+                        ));
+                        lost = true;
+                    }
+                }
+            };
+            exit_status_code(status, &shown, progress)
+        }
+    };
+
+    // OFF, always, on the same connection.
+    let freeze_problem: Option<u8> = if lost {
+        Some(exit::FAILED)
+    } else {
+        let what = format!("the release (OFF) at {}", spec.target.url);
+        let off = within(spec.off_timeout, &what, TIMEOUT_HINT, session.off()).await;
+        match off {
+            Ok(Released::Released(msg)) => {
+                progress.line(msg);
+                None
+            }
+            Ok(Released::NotFrozen) => {
+                progress.line(format!(
+                    "warning: the freeze had already ended before {shown} finished \
+                     (released by another `abproxy off`?), the backup may be inconsistent"
+                ));
+                Some(exit::FAILED)
+            }
+            Err(e) => {
+                let word = if e.kind == ErrorKind::Expired {
+                    "warning"
+                } else {
+                    "error"
+                };
+                progress.line(format!("{word}: OFF: {e}"));
+                Some(e.exit_code())
+            }
+        }
+    };
+    session.close().await;
+    match (cmd_code, freeze_problem) {
+        (0, Some(code)) => code,
+        (code, _) => code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_and_busy_text() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_795_491_163), "2026-11-24T03:32:43Z");
+        assert_eq!(
+            readable_since(
+                "already frozen by X (conn 2) since 0 (unix time, 3 s ago; freeze id 1)"
+            ),
+            "already frozen by X (conn 2) since 1970-01-01T00:00:00Z (3 s ago; freeze id 1)"
+        );
+        assert_eq!(readable_since("since when"), "since when");
+    }
+
+    #[test]
+    fn password_is_never_shown() {
+        let t = Target {
+            url: DEFAULT_URL.into(),
+            bind_dn: Some("cn=x".into()),
+            password: Some(Password::new("hunter2")),
+        };
+        assert!(!format!("{t:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn request_values() {
+        let r = FreezeRequest::default()
+            .with_backends(["dc=example,dc=org"])
+            .with_time_limit(5)
+            .with_hold_until_unbind(true);
+        assert_eq!(
+            r.to_proto(),
+            AllowBackupRequest::on()
+                .with_time_limit(5)
+                .with_dn_set(["dc=example,dc=org"])
+                .with_hold_until_unbind(true)
+        );
+        assert_eq!(r.default_timeout(), Duration::from_secs(35));
+        assert_eq!(
+            FreezeRequest::default().to_proto(),
+            AllowBackupRequest::on()
+        );
+    }
+}

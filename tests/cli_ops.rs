@@ -1,0 +1,656 @@
+//! The operator CLI (`abproxy on|off|status|run|hook`), run as the built
+//! binary against a real slapd with the proxy in front of it: exit codes,
+//! messages, `status --json`, `run` releasing in every case (command fails,
+//! SIGTERM, wrapper killed), and the backup-tool hooks.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use abproxy::config::Config;
+use abproxy::lab::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW};
+use abproxy::ops::{self, BackendModeName, Session, State, Status, Target};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
+
+/// slapd (20 users) and the proxy, `cn=admin,dc=example,dc=org` allowed.
+async fn lab(tweak: impl FnOnce(&mut Config)) -> Lab {
+    Lab::with(
+        SlapdOptions {
+            nosync: true,
+            users: 20,
+            ..Default::default()
+        },
+        |c| {
+            c.freeze.allowed = vec![ADMIN_DN.into()];
+            tweak(c)
+        },
+    )
+    .await
+}
+
+/// What a run of the binary did.
+#[derive(Debug)]
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// `abproxy ARGS` with the lab's proxy and the admin in the environment
+/// (ABPROXY_URL, ABPROXY_BIND_DN, ABPROXY_PASSWORD), nothing else of ours.
+fn command(lab: &Lab, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args)
+        .env_remove("ABPROXY_LOG")
+        .env("ABPROXY_URL", lab.proxied())
+        .env("ABPROXY_BIND_DN", ADMIN_DN)
+        .env("ABPROXY_PASSWORD", ADMIN_PW)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn output(mut cmd: tokio::process::Command) -> Out {
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("abproxy did not finish within 60 s")
+        .expect("run abproxy");
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn abproxy(lab: &Lab, args: &[&str]) -> Out {
+    output(command(lab, args)).await
+}
+
+/// `abproxy ARGS` with some environment variables removed.
+async fn abproxy_without(lab: &Lab, unset: &[&str], args: &[&str]) -> Out {
+    let mut cmd = command(lab, args);
+    for v in unset {
+        cmd.env_remove(v);
+    }
+    output(cmd).await
+}
+
+fn admin(lab: &Lab) -> Target {
+    Target {
+        url: lab.proxied(),
+        bind_dn: Some(ADMIN_DN.into()),
+        password: Some(ops::Password::new(ADMIN_PW)),
+    }
+}
+
+/// The proxy's status through the library (what the binary prints too).
+async fn status(lab: &Lab) -> Status {
+    ops::with_session(&admin(lab), Duration::from_secs(10), "", async |s| {
+        s.status().await
+    })
+    .await
+    .expect("status")
+}
+
+/// Polls the status (10 ms) until `pred` holds; panics after 20 s.
+async fn wait_status(lab: &Lab, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(lab).await;
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A modify of user `k`'s description through the proxy, in a task; its
+/// result code.
+fn modify_in_background(lab: &Lab, k: usize, value: &str) -> tokio::task::JoinHandle<u32> {
+    let url = lab.proxied();
+    let value = value.to_string();
+    tokio::spawn(async move {
+        let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.unwrap();
+        ldap3::drive!(conn);
+        ldap.simple_bind(ADMIN_DN, ADMIN_PW)
+            .await
+            .unwrap()
+            .success()
+            .unwrap();
+        let rc = ldap
+            .modify(
+                &user_dn(k),
+                vec![ldap3::Mod::Replace(
+                    "description",
+                    HashSet::from([value.as_str()]),
+                )],
+            )
+            .await
+            .unwrap()
+            .rc;
+        let _ = ldap.unbind().await;
+        rc
+    })
+}
+
+/// User `k`'s description, read from slapd directly.
+async fn description(lab: &Lab, k: usize) -> Option<String> {
+    let (conn, mut ldap) = ldap3::LdapConnAsync::new(&lab.direct()).await.unwrap();
+    ldap3::drive!(conn);
+    let (entries, _) = ldap
+        .search(
+            &user_dn(k),
+            ldap3::Scope::Base,
+            "(objectClass=*)",
+            vec!["description"],
+        )
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let _ = ldap.unbind().await;
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next()?);
+    entry.attrs.get("description")?.first().cloned()
+}
+
+async fn join<T>(h: tokio::task::JoinHandle<T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(20), h)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within 20 s"))
+        .unwrap()
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn parse_status(json: &str) -> Status {
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("bad status JSON ({e}): {json}"))
+}
+
+#[tokio::test]
+async fn on_status_off_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("proxy.sock");
+    let lab = lab(|c| {
+        c.listen.push(format!("ldapi://{}", sock.display()));
+    })
+    .await;
+
+    let out = abproxy(&lab, &["status", "--json"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let s = parse_status(&out.stdout);
+    assert_eq!(s.state, State::Thawed);
+    assert_eq!(
+        (s.holder.as_deref(), s.since, s.freeze_id),
+        (None, None, None)
+    );
+    let suffixes: Vec<&str> = s.backends.iter().map(|b| b.suffix.as_str()).collect();
+    assert_eq!(suffixes, ["dc=example,dc=org", "dc=other,dc=org"]);
+    assert!(s
+        .backends
+        .iter()
+        .all(|b| !b.frozen && b.mode == BackendModeName::Readonly));
+
+    let out = abproxy(&lab, &["on", "--time-limit", "5"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout
+            .starts_with("frozen: dc=example,dc=org; dc=other,dc=org; drained in"),
+        "{out:?}"
+    );
+
+    let out = abproxy(&lab, &["status", "--json"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    for key in [
+        "state",
+        "holder",
+        "since",
+        "lease_expires",
+        "freeze_id",
+        "queued_requests",
+        "queued_bytes",
+        "in_flight",
+        "backends",
+    ] {
+        assert!(json.get(key).is_some(), "no {key} in {json}");
+    }
+    assert_eq!(json["state"], "frozen");
+    assert_eq!(json["backends"][0]["mode"], "readonly");
+    let s = parse_status(&out.stdout);
+    assert_eq!(s.state, State::Frozen);
+    assert_eq!(s.holder.as_deref(), Some(ADMIN_DN));
+    assert!(s.freeze_id.is_some());
+    let (since, lease) = (s.since.unwrap(), s.lease_expires.unwrap());
+    assert!(lease >= since + 590, "lease {lease}, since {since}");
+    assert!(s.backends.iter().all(|b| b.frozen));
+    assert_eq!((s.queued_requests, s.queued_bytes), (0, 0));
+
+    let out = abproxy(&lab, &["status"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for needle in [
+        "state:     frozen (freeze id",
+        &format!("holder:    {ADMIN_DN}"),
+        "since:     20",
+        "lease:     20",
+        "queued:    0 request(s), 0 byte(s)",
+        "in flight:",
+    ] {
+        assert!(out.stdout.contains(needle), "{needle:?} in {}", out.stdout);
+    }
+    assert!(
+        out.stdout.lines().any(|l| l.contains("dc=other,dc=org")
+            && l.contains("readonly")
+            && l.ends_with(" frozen")),
+        "{}",
+        out.stdout
+    );
+
+    let out = abproxy(&lab, &["off"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("released after "), "{out:?}");
+    assert_eq!(status(&lab).await.state, State::Thawed);
+    let out = abproxy(&lab, &["off"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("not frozen"), "{out:?}");
+
+    // One backend, over the ldapi listener, password from a file (and
+    // neither the environment's URL nor its password).
+    let pwfile = dir.path().join("pw");
+    std::fs::write(&pwfile, format!("{ADMIN_PW}\nignored second line\n")).unwrap();
+    let ldapi = format!("ldapi://{}", sock.display());
+    let pwfile = pwfile.to_str().unwrap();
+    let conn = ["--url", &ldapi, "--password-file", pwfile];
+    let mut args = vec!["on", "--backend", "dc=other,dc=org"];
+    args.extend(conn);
+    let out = abproxy_without(&lab, &["ABPROXY_URL", "ABPROXY_PASSWORD"], &args).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.starts_with("frozen: dc=other,dc=org;"),
+        "{out:?}"
+    );
+    let mut args = vec!["status", "--json"];
+    args.extend(conn);
+    let out = abproxy_without(&lab, &["ABPROXY_URL", "ABPROXY_PASSWORD"], &args).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let frozen: Vec<(String, bool)> = parse_status(&out.stdout)
+        .backends
+        .into_iter()
+        .map(|b| (b.suffix, b.frozen))
+        .collect();
+    assert_eq!(
+        frozen,
+        [
+            ("dc=example,dc=org".to_string(), false),
+            ("dc=other,dc=org".to_string(), true)
+        ]
+    );
+    let mut args = vec!["off"];
+    args.extend(conn);
+    let out = abproxy_without(&lab, &["ABPROXY_URL", "ABPROXY_PASSWORD"], &args).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test]
+async fn refusals_and_unreachable_proxies_have_their_exit_codes() {
+    let lab = lab(|_| {}).await;
+
+    // Wrong password: 4, and the password is never echoed.
+    let out = abproxy(&lab, &["on", "--password", "wrong-pw-4711"]).await;
+    assert_eq!(out.code, Some(4), "{out:?}");
+    assert!(out.stderr.contains("invalid credentials (49)"), "{out:?}");
+    assert!(out.stderr.contains("check --bind-dn and the password"));
+    assert!(!out.stderr.contains("wrong-pw-4711") && !out.stdout.contains("wrong-pw-4711"));
+
+    // An identity that may not freeze: 3.
+    let (dn, pw) = (user_dn(1), user_pw(1));
+    let out = abproxy(&lab, &["on", "--bind-dn", &dn, "--password", &pw]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(
+        out.stderr.contains("insufficientAccessRights (50)")
+            && out.stderr.contains("[freeze] allowed"),
+        "{out:?}"
+    );
+    // Anonymous: 3, told to bind.
+    let out = abproxy_without(&lab, &["ABPROXY_BIND_DN", "ABPROXY_PASSWORD"], &["status"]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("--bind-dn"), "{out:?}");
+    // A DN without a password, a bad number: usage, 2.
+    let out = abproxy_without(&lab, &["ABPROXY_PASSWORD"], &["on"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("without a password"), "{out:?}");
+    let out = abproxy(&lab, &["on", "--time-limit", "soon"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    let out = abproxy(&lab, &["run", "true"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert_eq!(status(&lab).await.state, State::Thawed);
+
+    // Second ON: busy, 3, naming the holder and what to do.
+    assert_eq!(abproxy(&lab, &["on"]).await.code, Some(0));
+    let out = abproxy(&lab, &["on"]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    for needle in [
+        "busy (51)",
+        "already frozen by",
+        ADMIN_DN,
+        "since 20",
+        "abproxy off",
+    ] {
+        assert!(out.stderr.contains(needle), "{needle:?} in {out:?}");
+    }
+    // `run` does not run its command when ON fails.
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let out = abproxy(&lab, &["run", "--", "touch", marker.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("was not run"), "{out:?}");
+    assert!(!marker.exists());
+    assert_eq!(abproxy(&lab, &["off"]).await.code, Some(0));
+
+    // No such backend: 3.
+    let out = abproxy(&lab, &["on", "--backend", "dc=nowhere"]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(
+        out.stderr.contains("noSuchObject (32)") && out.stderr.contains("dc=nowhere"),
+        "{out:?}"
+    );
+    assert_eq!(status(&lab).await.state, State::Thawed);
+
+    // The LDAP server itself instead of the proxy: protocolError, 3.
+    let out = abproxy(&lab, &["status", "--url", &lab.direct()]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("not the LDAP server itself"), "{out:?}");
+
+    // Nothing listening: 4.
+    let url = format!("ldap://127.0.0.1:{}", closed_port());
+    for args in [vec!["status"], vec!["on"], vec!["hook", "--after"]] {
+        let mut args = args;
+        args.extend(["--url", &url]);
+        let out = abproxy(&lab, &args).await;
+        assert_eq!(out.code, Some(4), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("cannot connect") && out.stderr.contains("is the proxy running"),
+            "{out:?}"
+        );
+    }
+
+    // Something that accepts connections and never answers: 5.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ldap://{}", silent.local_addr().unwrap());
+    let started = Instant::now();
+    let out = abproxy(&lab, &["status", "--url", &url, "--timeout", "0.5"]).await;
+    assert_eq!(out.code, Some(5), "{out:?}");
+    assert!(out.stderr.contains("timed out after 0.5 s"), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn run_holds_the_freeze_while_the_command_runs() {
+    let lab = lab(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("status.json");
+    // The command asks the proxy for its status while it runs.
+    let out = abproxy(
+        &lab,
+        &[
+            "run",
+            "--time-limit",
+            "5",
+            "--",
+            "sh",
+            "-c",
+            r#""$0" status --json > "$1""#,
+            BIN,
+            seen.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let during = parse_status(&std::fs::read_to_string(&seen).unwrap());
+    assert_eq!(during.state, State::Frozen);
+    assert_eq!(during.holder.as_deref(), Some(ADMIN_DN));
+    assert!(during.backends.iter().all(|b| b.frozen));
+    assert!(out.stderr.contains("frozen: dc=example,dc=org"), "{out:?}");
+    assert!(out.stderr.contains("released after"), "{out:?}");
+    assert_eq!(status(&lab).await.state, State::Thawed);
+
+    // The command's exit status is run's.
+    let out = abproxy(&lab, &["run", "--", "sh", "-c", "exit 7"]).await;
+    assert_eq!(out.code, Some(7), "{out:?}");
+    assert!(out.stderr.contains("exited with status 7"), "{out:?}");
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test]
+async fn run_releases_when_the_command_fails_or_cannot_start() {
+    let lab = lab(|_| {}).await;
+    let out = abproxy(&lab, &["run", "--", "false"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("released after"), "{out:?}");
+    assert_eq!(status(&lab).await.state, State::Thawed);
+
+    let out = abproxy(&lab, &["run", "--", "/nonexistent/backup-tool"]).await;
+    assert_eq!(out.code, Some(127), "{out:?}");
+    assert!(out.stderr.contains("cannot run"), "{out:?}");
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test]
+async fn sigterm_to_run_is_forwarded_then_the_freeze_is_released() {
+    let lab = lab(|_| {}).await;
+    let mut cmd = command(&lab, &["run", "--", "sleep", "30"]);
+    cmd.stdout(Stdio::null());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id().unwrap() as i32;
+    let started = Instant::now();
+    wait_status(&lab, "the freeze by run", |s| {
+        s.state == State::Frozen && s.holder.as_deref() == Some(ADMIN_DN)
+    })
+    .await;
+
+    // A write through the proxy is held meanwhile.
+    let write = modify_in_background(&lab, 3, "queued during run");
+    wait_status(&lab, "the modify queued", |s| s.queued_requests == 1).await;
+    assert!(!write.is_finished());
+
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("run did not end after SIGTERM")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // sleep died of the forwarded SIGTERM: 128 + 15.
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert!(
+        stderr.contains("SIGTERM received: forwarding it to sleep 30"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("killed by SIGTERM"), "{stderr}");
+    assert!(
+        stderr.contains("released after") && stderr.contains("1 queued request(s) resumed"),
+        "{stderr}"
+    );
+    assert_eq!(join(write, "the queued modify").await, 0);
+    assert_eq!(
+        description(&lab, 3).await.as_deref(),
+        Some("queued during run")
+    );
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test]
+async fn a_command_that_terminates_its_wrapper_still_gets_the_release() {
+    let lab = lab(|_| {}).await;
+    let mut cmd = command(
+        &lab,
+        &["run", "--", "sh", "-c", "kill -TERM $PPID; sleep 5"],
+    );
+    // The shell's sleep may outlive it: do not wait for its stdio.
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let started = Instant::now();
+    let st = tokio::time::timeout(Duration::from_secs(20), cmd.status())
+        .await
+        .expect("run did not end")
+        .unwrap();
+    assert_eq!(st.code(), Some(143));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test]
+async fn a_killed_wrapper_releases_the_freeze() {
+    let lab = lab(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let mut cmd = command(
+        &lab,
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            r#"echo $$ > "$0"; exec sleep 30"#,
+            pidfile.to_str().unwrap(),
+        ],
+    );
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    wait_status(&lab, "the freeze by run", |s| s.state == State::Frozen).await;
+    let write = modify_in_background(&lab, 4, "after SIGKILL");
+    wait_status(&lab, "the modify queued", |s| s.queued_requests == 1).await;
+    child.start_kill().unwrap(); // SIGKILL: no OFF, the connection just closes
+    child.wait().await.unwrap();
+    // holdUntilUnbind: the proxy ends the freeze when the connection closes.
+    assert_eq!(join(write, "the queued modify").await, 0);
+    wait_status(&lab, "thawed", |s| s.state == State::Thawed).await;
+    // The orphaned command.
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+#[tokio::test]
+async fn hook_before_holds_writes_until_hook_after() {
+    let lab = lab(|_| {}).await;
+    let out = abproxy(&lab, &["hook", "--before", "--time-limit", "5"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("frozen: "), "{out:?}");
+    // The process has exited; the freeze stays.
+    assert_eq!(status(&lab).await.state, State::Frozen);
+
+    let write = modify_in_background(&lab, 2, "held by the hook");
+    let s = wait_status(&lab, "the modify queued", |s| s.queued_requests == 1).await;
+    assert!(s.queued_bytes > 0);
+    assert!(!write.is_finished());
+    assert_ne!(
+        description(&lab, 2).await.as_deref(),
+        Some("held by the hook")
+    );
+
+    let out = abproxy(&lab, &["hook", "--after"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.starts_with("released after") && out.stdout.contains("1 queued request(s)"),
+        "{out:?}"
+    );
+    assert_eq!(join(write, "the held modify").await, 0);
+    assert_eq!(
+        description(&lab, 2).await.as_deref(),
+        Some("held by the hook")
+    );
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test]
+async fn hook_after_alone_or_after_a_failed_before_exits_0() {
+    let lab = lab(|_| {}).await;
+    let out = abproxy(&lab, &["hook", "--after"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("not frozen"), "{out:?}");
+
+    let out = abproxy(&lab, &["hook", "--before", "--backend", "dc=nowhere"]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    let out = abproxy(&lab, &["hook", "--after"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // --after takes no freeze options; one of --before/--after is required.
+    let out = abproxy(&lab, &["hook", "--after", "--time-limit", "3"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    let out = abproxy(&lab, &["hook"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+}
+
+#[tokio::test]
+async fn hook_after_warns_when_the_freeze_expired() {
+    let lab = lab(|c| c.freeze.lease_secs = 1).await;
+    let out = abproxy(&lab, &["hook", "--before"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(status(&lab).await.state, State::Frozen);
+    // The lease ends the freeze by itself.
+    wait_status(&lab, "the lease to expire", |s| s.state == State::Thawed).await;
+    let out = abproxy(&lab, &["hook", "--after"]).await;
+    assert_eq!(out.code, Some(6), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("warning: freeze expired after 1 s; the backup may be inconsistent"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("lease_secs"), "{out:?}");
+    // Reported once.
+    let out = abproxy(&lab, &["hook", "--after"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
+#[tokio::test]
+async fn the_library_and_the_help_agree_on_exit_codes() {
+    let out = std::process::Command::new(BIN)
+        .args(["on", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains(ops::EXIT_STATUS_HELP), "{help}");
+    assert_eq!(
+        (
+            ops::exit::OK,
+            ops::exit::USAGE,
+            ops::exit::REFUSED,
+            ops::exit::UNREACHABLE,
+            ops::exit::TIMEOUT,
+            ops::exit::FAILED
+        ),
+        (0, 2, 3, 4, 5, 6)
+    );
+    // A session on nothing: the library's error carries the same code.
+    let err = Session::connect(&Target {
+        url: format!("ldap://127.0.0.1:{}", closed_port()),
+        bind_dn: None,
+        password: None,
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.exit_code(), 4);
+    assert!(Path::new(BIN).exists());
+}
