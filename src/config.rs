@@ -88,6 +88,16 @@ pub struct BackendConfig {
     /// `command` driver: time limit of each command, in seconds.
     #[serde(default = "default_driver_timeout")]
     pub driver_timeout_secs: u64,
+    /// `openldap` driver: slapd's cn=config, `ldapi://...` (SASL EXTERNAL)
+    /// or `ldap://...` with `config_bind_dn`.
+    #[serde(default)]
+    pub config_url: Option<String>,
+    /// `openldap` driver: simple bind DN for cn=config (else SASL EXTERNAL).
+    #[serde(default)]
+    pub config_bind_dn: Option<String>,
+    /// `openldap` driver: file holding the password of `config_bind_dn`.
+    #[serde(default)]
+    pub config_password_file: Option<PathBuf>,
 }
 
 fn default_driver_timeout() -> u64 {
@@ -104,6 +114,9 @@ impl BackendConfig {
             prepare: Vec::new(),
             done: Vec::new(),
             driver_timeout_secs: default_driver_timeout(),
+            config_url: None,
+            config_bind_dn: None,
+            config_password_file: None,
         }
     }
 }
@@ -230,6 +243,27 @@ impl Config {
                     )))
                 }
                 _ => {}
+            }
+            if b.driver == DriverKind::Openldap {
+                match &b.config_url {
+                    None => {
+                        return Err(ConfigError::Invalid(format!(
+                            "backend {}: driver \"openldap\" needs config_url (e.g. ldapi:///var/run/slapd/ldapi)",
+                            b.suffix
+                        )))
+                    }
+                    Some(u) => {
+                        Endpoint::parse(u).map_err(|e| {
+                            ConfigError::Invalid(format!("backend {}: config_url: {e}", b.suffix))
+                        })?;
+                    }
+                }
+                if b.config_bind_dn.is_some() != b.config_password_file.is_some() {
+                    return Err(ConfigError::Invalid(format!(
+                        "backend {}: config_bind_dn and config_password_file go together",
+                        b.suffix
+                    )));
+                }
             }
             if b.driver_timeout_secs == 0 {
                 return Err(ConfigError::Invalid(format!(

@@ -1164,3 +1164,108 @@ async fn command_driver_runs_prepare_and_done_and_reports_failures() {
         0
     );
 }
+
+/// A modify straight into slapd over its own ldapi socket as root (SASL
+/// EXTERNAL): a write that does not pass through the proxy.
+async fn local_write(lab: &Lab, dn: &str, value: &str) -> ToolOutput {
+    let ldif =
+        format!("dn: {dn}\nchangetype: modify\nreplace: description\ndescription: {value}\n");
+    ldap_tool(
+        "ldapmodify",
+        &["-Q", "-Y", "EXTERNAL", "-H", &lab.slapd.ldapi_url()],
+        Some(&ldif),
+    )
+    .await
+}
+
+async fn read_only_attr(lab: &Lab) -> String {
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-Q",
+            "-LLL",
+            "-Y",
+            "EXTERNAL",
+            "-H",
+            &lab.slapd.ldapi_url(),
+            "-b",
+            "cn=config",
+            "(olcSuffix=dc=example,dc=org)",
+            "olcReadOnly",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("olcReadOnly"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::test]
+async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
+    use abproxy::freeze::drivers::DriverKind;
+    let lab = Lab::with(
+        SlapdOptions {
+            nosync: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await;
+    // The proxy needs slapd's ldapi URL in its config: start a second proxy
+    // in front of the same slapd with the driver configured.
+    let mut config = Config {
+        listen: vec!["ldap://127.0.0.1:0".into()],
+        upstream: lab.direct(),
+        ..Config::default()
+    };
+    allow_admin(&mut config);
+    let mut example = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
+    example.driver = DriverKind::Openldap;
+    example.config_url = Some(lab.slapd.ldapi_url());
+    let mut other = BackendConfig::new("dc=other,dc=org", Mode::Readonly);
+    other.driver = DriverKind::Command;
+    let flag = tempfile::NamedTempFile::new().unwrap();
+    other.prepare = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("test ! -s {}", flag.path().display()),
+    ];
+    config.backends = vec![example, other];
+    let proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
+    let addr = proxy.url().trim_start_matches("ldap://").to_string();
+    let dn = user_dn(11);
+
+    assert_eq!(read_only_attr(&lab).await, "");
+    let mut admin = RawConn::connect(&addr).await;
+    admin.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
+    assert_eq!(result_code(&admin.recv().await.unwrap()), Some(0));
+    let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(read_only_attr(&lab).await, "olcReadOnly: TRUE");
+    // slapd itself refuses a local write now: unwillingToPerform (53).
+    let out = local_write(&lab, &dn, "local while frozen").await;
+    assert_eq!(out.code, Some(53), "{out:?}");
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    assert_eq!(
+        read_only_attr(&lab).await,
+        "",
+        "the previous (absent) value is back"
+    );
+    let out = local_write(&lab, &dn, "local after").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // A failure after the prepare of dc=example,dc=org: it is undone too.
+    std::fs::write(flag.path(), "fail").unwrap();
+    let (code, msg) = call(&mut admin, ab(4, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 80, "{msg}");
+    assert_eq!(read_only_attr(&lab).await, "", "never left read-only");
+    assert_eq!(local_write(&lab, &dn, "still writable").await.code, Some(0));
+    proxy.shutdown().await.unwrap();
+}

@@ -28,6 +28,8 @@ pub enum DriverKind {
     None,
     /// Run the entry's `prepare` and `done` commands.
     Command,
+    /// Set `olcReadOnly` on the backend's database in slapd's cn=config.
+    Openldap,
 }
 
 /// How much of a failed command's stderr is reported.

@@ -16,6 +16,7 @@ pub mod backend;
 pub mod dn;
 pub mod drivers;
 pub mod engine;
+pub mod openldap;
 
 pub use backend::{BackendMap, Class, Kind, Mode};
 pub use engine::{Control, Driver, Engine, Requester, SessionHandle};

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::endpoint::{BoxRead, BoxWrite, Endpoint};
 use crate::freeze::backend::Mode;
 use crate::freeze::drivers::{CommandDriver, DriverKind};
+use crate::freeze::openldap::OpenLdapDriver;
 use crate::freeze::{BackendMap, Engine};
 
 /// What every session of one proxy shares.
@@ -153,15 +154,33 @@ impl Server {
         info!(backends = ?suffixes, auto = auto_backends, "backends");
         let engine = Arc::new(Engine::new(config.freeze.clone(), map));
         for b in &config.backends {
-            if b.driver == DriverKind::Command {
-                engine.set_driver(
+            match b.driver {
+                DriverKind::None => {}
+                DriverKind::Command => engine.set_driver(
                     &b.suffix,
                     Arc::new(CommandDriver::new(
                         b.prepare.clone(),
                         b.done.clone(),
                         Duration::from_secs(b.driver_timeout_secs),
                     )),
-                );
+                ),
+                DriverKind::Openldap => {
+                    let bind = match (&b.config_bind_dn, &b.config_password_file) {
+                        (Some(dn), Some(file)) => {
+                            let pw = std::fs::read_to_string(file).with_context(|| {
+                                format!(
+                                    "backend {}: config_password_file {}",
+                                    b.suffix,
+                                    file.display()
+                                )
+                            })?;
+                            Some((dn.clone(), pw.lines().next().unwrap_or("").to_string()))
+                        }
+                        _ => None,
+                    };
+                    let url = b.config_url.clone().unwrap_or_default();
+                    engine.set_driver(&b.suffix, Arc::new(OpenLdapDriver::new(url, bind)));
+                }
             }
         }
         Ok(Server {
