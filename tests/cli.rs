@@ -243,3 +243,52 @@ async fn unreachable_upstream_is_a_warning_then_a_notice() {
         .unwrap();
     assert_eq!(code, 0);
 }
+
+#[test]
+fn the_example_config_lists_every_default_and_validates() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/abproxy.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let parsed = abproxy::Config::from_toml(&text).unwrap();
+    assert_eq!(
+        parsed,
+        abproxy::Config::default(),
+        "contrib/abproxy.toml shows the defaults"
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "--check-config", "--config", path])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    // Every commented backend example is valid once uncommented (one driver at a time).
+    for driver in ["command", "openldap"] {
+        let mut lines = Vec::new();
+        let mut on = false;
+        for l in text.lines() {
+            if l.trim() == "# [[backends]]" {
+                on = true;
+            }
+            let uncommented = l.strip_prefix("# ").unwrap_or(l);
+            let key = uncommented.split('=').next().unwrap_or("").trim();
+            let keep = on
+                && (uncommented.starts_with("[[backends]]")
+                    || ["suffix", "mode"].contains(&key)
+                    || (driver == "command"
+                        && ["prepare", "done", "driver_timeout_secs"].contains(&key))
+                    || (driver == "openldap" && key == "config_url"));
+            if keep {
+                lines.push(
+                    uncommented
+                        .split('#')
+                        .next()
+                        .unwrap()
+                        .trim_end()
+                        .to_string(),
+                );
+            }
+        }
+        lines.push(format!("driver = \"{driver}\""));
+        let c = abproxy::Config::from_toml(&lines.join("\n")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.backends.len(), 1, "{driver}");
+    }
+}
