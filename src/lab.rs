@@ -96,6 +96,10 @@ pub struct SlapdOptions {
     /// directory is kept on drop. Its path must be short enough for the
     /// `DIR/ldapi` socket (< 100 bytes).
     pub dir: Option<PathBuf>,
+    /// Restore `dc=example,dc=org` from a copy of a `db-example` directory
+    /// (its `data.mdb`) instead of loading sample data: how an admin restores
+    /// a file-level backup into a configured server.
+    pub restore_example: Option<PathBuf>,
 }
 
 impl Default for SlapdOptions {
@@ -106,6 +110,7 @@ impl Default for SlapdOptions {
             nosync: false,
             stats_log: false,
             dir: None,
+            restore_example: None,
         }
     }
 }
@@ -213,6 +218,20 @@ impl Slapd {
             (SUFFIX, opts.users, true, "example.ldif"),
             (OTHER_SUFFIX, opts.other_users, false, "other.ldif"),
         ] {
+            if suffix == SUFFIX {
+                if let Some(backup) = &opts.restore_example {
+                    // data.mdb is a sparse file as large as olcDbMaxSize:
+                    // cp keeps the holes, std::fs::copy may not.
+                    run_tool(
+                        Command::new("cp")
+                            .arg("--sparse=always")
+                            .arg(backup.join("data.mdb"))
+                            .arg(dir.join("db-example").join("data.mdb")),
+                    )
+                    .context("restoring data.mdb")?;
+                    continue;
+                }
+            }
             let path = dir.join(file);
             write_data_ldif(&path, suffix, n, policy)
                 .with_context(|| format!("writing {}", path.display()))?;
