@@ -127,6 +127,9 @@ impl BackendConfig {
 pub struct FreezeConfig {
     /// Bound DNs allowed to freeze, resume and query the status.
     pub allowed: Vec<String>,
+    /// Local users (uids) allowed to, without binding, when they connect to
+    /// an ldapi listener (the kernel reports their uid).
+    pub allowed_uids: Vec<u32>,
     /// Longest drain an ON may wait for (the request's timeLimit can only
     /// shorten it), in seconds.
     pub max_drain_secs: u64,
@@ -154,6 +157,7 @@ impl Default for FreezeConfig {
     fn default() -> Self {
         FreezeConfig {
             allowed: Vec::new(),
+            allowed_uids: Vec::new(),
             max_drain_secs: 30,
             lease_secs: 600,
             bind_is_write: false,

@@ -654,3 +654,53 @@ async fn the_library_and_the_help_agree_on_exit_codes() {
     assert_eq!(err.exit_code(), 4);
     assert!(Path::new(BIN).exists());
 }
+
+#[tokio::test]
+async fn local_users_by_uid_on_ldapi_without_a_bind() {
+    let dir = tempfile::Builder::new()
+        .prefix("abp")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let sock = dir.path().join("admin");
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let ldapi = format!("ldapi://{}", sock.display());
+    let lab = lab(|c| {
+        c.listen.push(format!("ldapi://{}", sock.display()));
+        c.freeze.allowed_uids = vec![uid];
+    })
+    .await;
+    // No bind DN, no password: the kernel's word for the uid is enough.
+    let none = ["ABPROXY_BIND_DN", "ABPROXY_PASSWORD"];
+    let on = abproxy_without(&lab, &none, &["on", "--url", &ldapi]).await;
+    assert_eq!(on.code, Some(0), "{on:?}");
+    let st = abproxy_without(&lab, &none, &["status", "--json", "--url", &ldapi]).await;
+    let status: Status = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(
+        status.holder.as_deref(),
+        Some(format!("gidNumber={gid}+uidNumber={uid},cn=peercred,cn=external,cn=auth").as_str())
+    );
+    assert_eq!(
+        abproxy_without(&lab, &none, &["off", "--url", &ldapi])
+            .await
+            .code,
+        Some(0)
+    );
+    // Over TCP the same anonymous client is refused.
+    let tcp = abproxy_without(&lab, &none, &["on"]).await;
+    assert_eq!(tcp.code, Some(3), "{tcp:?}");
+}
+
+#[tokio::test]
+async fn uids_not_listed_are_refused_on_ldapi() {
+    let dir = tempfile::Builder::new()
+        .prefix("abp")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let sock = dir.path().join("admin");
+    let ldapi = format!("ldapi://{}", sock.display());
+    let lab = lab(|c| c.listen.push(format!("ldapi://{}", sock.display()))).await;
+    let none = ["ABPROXY_BIND_DN", "ABPROXY_PASSWORD"];
+    let on = abproxy_without(&lab, &none, &["on", "--url", &ldapi]).await;
+    assert_eq!(on.code, Some(3), "{on:?}");
+    assert!(on.stderr.contains("allowed_uids"), "{on:?}");
+}

@@ -88,11 +88,23 @@ pub struct Requester {
     pub conn: u64,
     /// Bound DN (None: anonymous or not a simple bind).
     pub bound_dn: Option<String>,
+    /// (uid, gid) of a client on a unix-socket (ldapi) listener.
+    pub peer_uid: Option<(u32, u32)>,
 }
 
 impl Requester {
+    /// The identity: the bound DN, else, on ldapi, the peer credentials in
+    /// slapd's form `gidNumber=G+uidNumber=U,cn=peercred,cn=external,cn=auth`.
+    fn identity(&self) -> Option<String> {
+        self.bound_dn.clone().or_else(|| {
+            self.peer_uid.map(|(uid, gid)| {
+                format!("gidNumber={gid}+uidNumber={uid},cn=peercred,cn=external,cn=auth")
+            })
+        })
+    }
+
     fn name(&self) -> String {
-        match &self.bound_dn {
+        match self.identity() {
             Some(d) => format!("{d} (conn {})", self.conn),
             None => format!("anonymous (conn {})", self.conn),
         }
@@ -134,12 +146,18 @@ impl Freeze {
 pub type Answer = (LdapResultCode, String);
 
 /// Why a requester may not freeze.
-fn authorise(allowed: &[NormDn], who: &Requester) -> Result<(), Answer> {
+fn authorise(allowed: &[NormDn], allowed_uids: &[u32], who: &Requester) -> Result<(), Answer> {
+    // A local client of an ldapi listener, by the uid the kernel reports.
+    if let Some((uid, _)) = who.peer_uid {
+        if who.bound_dn.is_none() && allowed_uids.contains(&uid) {
+            return Ok(());
+        }
+    }
     let Some(dn) = &who.bound_dn else {
         return Err((
             LdapResultCode::InsufficentAccessRights,
-            "Allow-Backup requires an authenticated identity listed in freeze.allowed; \
-             anonymous is never allowed"
+            "Allow-Backup requires an authenticated identity listed in freeze.allowed \
+             (or, on an ldapi listener, a uid in freeze.allowed_uids); anonymous is never allowed"
                 .into(),
         ));
     };
@@ -435,7 +453,7 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return (LdapResultCode::ProtocolError, e.to_string()),
         };
-        if let Err(refusal) = authorise(&self.allowed, &who) {
+        if let Err(refusal) = authorise(&self.allowed, &self.cfg.allowed_uids, &who) {
             warn!(who = %who.name(), on = req.mode, "Allow-Backup refused: {}", refusal.1);
             return refusal;
         }
@@ -839,7 +857,7 @@ impl Engine {
 
     /// The status query: code, message and the AllowBackupStatus value.
     pub fn status(&self, who: &Requester) -> (LdapResultCode, String, Option<Vec<u8>>) {
-        if let Err((code, msg)) = authorise(&self.allowed, who) {
+        if let Err((code, msg)) = authorise(&self.allowed, &self.cfg.allowed_uids, who) {
             return (code, msg, None);
         }
         let map = self.backends();
@@ -866,7 +884,7 @@ impl Engine {
                 .collect(),
             holder: st
                 .as_ref()
-                .and_then(|f| f.holder.bound_dn.as_deref())
+                .and_then(|f| f.holder.identity())
                 .map(|d| abproxy_proto::LdapDn::from(d.as_bytes().to_vec())),
             since: st.as_ref().map(|f| epoch_secs(f.since)),
             queued_requests: self.queued_requests.load(Ordering::Relaxed) as u64,

@@ -46,22 +46,25 @@ enum Listener {
 }
 
 impl Listener {
-    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+    /// A new client: its halves, a name for logs and, on a unix socket, its
+    /// credentials (uid, gid).
+    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String, Option<(u32, u32)>)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
                 let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), peer.to_string()))
+                Ok((Box::new(r), Box::new(w), peer.to_string(), None))
             }
             Listener::Unix(l, path) => {
                 let (s, _) = l.accept().await?;
-                let peer = match s.peer_cred() {
-                    Ok(c) => format!("ldapi:{} uid={}", path.display(), c.uid()),
-                    Err(_) => format!("ldapi:{}", path.display()),
+                let cred = s.peer_cred().ok().map(|c| (c.uid(), c.gid()));
+                let peer = match cred {
+                    Some((uid, _)) => format!("ldapi:{} uid={uid}", path.display()),
+                    None => format!("ldapi:{}", path.display()),
                 };
                 let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), peer))
+                Ok((Box::new(r), Box::new(w), peer, cred))
             }
         }
     }
@@ -277,12 +280,13 @@ async fn accept_loop(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((r, w, peer)) => {
+            Ok((r, w, peer, cred)) => {
                 backoff = Duration::from_millis(10);
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 tracker.spawn(session::serve(
                     id,
                     peer,
+                    cred,
                     (r, w),
                     shared.clone(),
                     stop.clone(),

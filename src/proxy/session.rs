@@ -195,6 +195,7 @@ impl End {
 pub(crate) async fn serve(
     id: u64,
     peer: String,
+    cred: Option<(u32, u32)>,
     client: (BoxRead, BoxWrite),
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -234,6 +235,7 @@ pub(crate) async fn serve(
     let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
     let requests = Requests {
         id,
+        cred,
         shared: &shared,
         engine: &engine,
         state: &state,
@@ -316,6 +318,8 @@ struct Queued {
 
 struct Requests<'a> {
     id: u64,
+    /// Peer credentials (uid, gid) of a client on a unix socket.
+    cred: Option<(u32, u32)>,
     shared: &'a Arc<Shared>,
     engine: &'a Arc<Engine>,
     state: &'a Arc<SessionState>,
@@ -633,6 +637,7 @@ impl Requests<'_> {
         Requester {
             conn: self.id,
             bound_dn: self.state.bound_dn(),
+            peer_uid: self.cred,
         }
     }
 
