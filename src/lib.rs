@@ -8,6 +8,7 @@
 pub mod config;
 pub mod endpoint;
 pub mod freeze;
+pub mod fuzzing;
 pub mod lab;
 pub mod ops;
 pub mod proxy;
