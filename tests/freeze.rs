@@ -1269,3 +1269,75 @@ async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     assert_eq!(local_write(&lab, &dn, "still writable").await.code, Some(0));
     proxy.shutdown().await.unwrap();
 }
+
+/// Local ports of the proxy's connections to slapd (kernel view).
+fn upstream_ports(slapd_port: u16) -> std::collections::HashSet<u16> {
+    kernel_sockets()
+        .iter()
+        .filter(|s| s.established && s.remote_port == slapd_port)
+        .map(|s| s.local_port)
+        .collect()
+}
+
+#[tokio::test]
+async fn losing_one_upstream_connection_while_frozen_ends_only_that_session() {
+    let lab = freeze_lab(|_| {}).await;
+    let slapd_port = lab.slapd.port();
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let mut other = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let before = upstream_ports(slapd_port);
+    let mut victim = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let mut new = std::collections::HashSet::new();
+    wait_until("the victim's upstream connection", 10, || {
+        new = &upstream_ports(slapd_port) - &before;
+        new.len() == 1
+    })
+    .await;
+    let port = *new.iter().next().unwrap();
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    victim
+        .send_msg(modify(2, &user_dn(12), "description", "never"))
+        .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+    // Kill that one TCP connection (as a network failure would).
+    let out = std::process::Command::new("ss")
+        .args([
+            "-K",
+            "dst",
+            "127.0.0.1",
+            "dport",
+            "=",
+            &slapd_port.to_string(),
+            "sport",
+            "=",
+            &port.to_string(),
+        ])
+        .output()
+        .expect("ss (iproute2)");
+    assert!(out.status.success(), "{out:?}");
+    let frames = victim.recv_all().await;
+    assert_eq!(frames.len(), 1, "a notice, then the end");
+    assert_eq!(
+        Envelope::response(&frames[0]).unwrap().result_code,
+        Some(52)
+    );
+    // The freeze and the other sessions are untouched; the queued write was
+    // discarded, never sent.
+    let s = wait_status(&lab, "discarded", |s| s.queued_requests == 0).await;
+    assert_eq!(s.state, FreezeState::Frozen);
+    let (code, _) = call(
+        &mut other,
+        search(2, &user_dn(12), 0, "(objectClass=*)", &["uid"]),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    let out = read_direct(&lab, &user_dn(12), "description").await;
+    assert!(out.stdout.contains("description: initial"), "{out:?}");
+}

@@ -909,6 +909,16 @@ impl Responses {
                 );
                 let _ = self.client_out.feed(notice).await;
             }
+            End::Io("reading from upstream", e)
+                if !self.state.client_gone.load(Ordering::Relaxed) =>
+            {
+                warn!(conn = self.id, "connection to the upstream lost: {e}");
+                let notice = pdu::notice_of_disconnection(
+                    LdapResultCode::Unavailable,
+                    &format!("abproxy: the connection to the LDAP server was lost: {e}"),
+                );
+                let _ = self.client_out.feed(notice).await;
+            }
             End::UpstreamProtocol(m) => {
                 warn!(conn = self.id, "upstream protocol error: {m}");
                 let notice = pdu::notice_of_disconnection(
