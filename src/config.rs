@@ -76,7 +76,7 @@ pub struct BackendConfig {
     /// `readonly` (hold writes), `stop` (hold everything) or `unimplemented`.
     #[serde(default)]
     pub mode: Mode,
-    /// `none` (proxy-level freeze only) or `command`.
+    /// `none` (proxy-level freeze only), `command`, `openldap` or `389ds`.
     #[serde(default)]
     pub driver: DriverKind,
     /// `command` driver: argv run after the drain (PREPARE).
@@ -88,8 +88,8 @@ pub struct BackendConfig {
     /// `command` driver: time limit of each command, in seconds.
     #[serde(default = "default_driver_timeout")]
     pub driver_timeout_secs: u64,
-    /// `openldap` driver: slapd's cn=config, `ldapi://...` (SASL EXTERNAL)
-    /// or `ldap://...` with `config_bind_dn`.
+    /// `openldap`/`389ds` drivers: the server's cn=config, `ldapi://...`
+    /// (SASL EXTERNAL) or `ldap://...` with `config_bind_dn`.
     #[serde(default)]
     pub config_url: Option<String>,
     /// `openldap` driver: simple bind DN for cn=config (else SASL EXTERNAL).
@@ -248,13 +248,18 @@ impl Config {
                 }
                 _ => {}
             }
-            if b.driver == DriverKind::Openldap {
+            if matches!(b.driver, DriverKind::Openldap | DriverKind::Ds389) {
                 match &b.config_url {
                     None => {
+                        let (name, example) = if b.driver == DriverKind::Ds389 {
+                            ("389ds", "ldapi:///run/slapd-INSTANCE.socket")
+                        } else {
+                            ("openldap", "ldapi:///var/run/slapd/ldapi")
+                        };
                         return Err(ConfigError::Invalid(format!(
-                            "backend {}: driver \"openldap\" needs config_url (e.g. ldapi:///var/run/slapd/ldapi)",
+                            "backend {}: driver \"{name}\" needs config_url (e.g. {example})",
                             b.suffix
-                        )))
+                        )));
                     }
                     Some(u) => {
                         Endpoint::parse(u).map_err(|e| {

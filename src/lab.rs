@@ -788,7 +788,12 @@ fn write_data_ldif(path: &Path, suffix: &str, n: usize, policy: bool) -> std::io
 
 /// Sample data: `suffix`, ou=people, ou=groups, `n` users, groups of ~100
 /// members, cn=admins (user1), and with `policy` ou=policies + cn=default.
-fn write_data(w: &mut impl Write, suffix: &str, n: usize, policy: bool) -> std::io::Result<()> {
+pub(crate) fn write_data(
+    w: &mut impl Write,
+    suffix: &str,
+    n: usize,
+    policy: bool,
+) -> std::io::Result<()> {
     let dc = suffix
         .split(',')
         .next()

@@ -10,6 +10,7 @@ pub mod endpoint;
 pub mod freeze;
 pub mod fuzzing;
 pub mod lab;
+pub mod lab389;
 pub mod ops;
 pub mod proxy;
 pub mod wire;

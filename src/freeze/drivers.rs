@@ -8,6 +8,8 @@
 //!   step (`ABPROXY_STEP`: `prepare` or `done`) and the freeze id
 //!   (`ABPROXY_FREEZE_ID`). A non-zero exit or the time limit is a failure,
 //!   reported with the tail of the command's stderr.
+//! - `openldap` ([`super::openldap`]) and `389ds` ([`super::ds389`]): make
+//!   the LDAP server itself refuse writes to the backend while it is frozen.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -30,6 +32,10 @@ pub enum DriverKind {
     Command,
     /// Set `olcReadOnly` on the backend's database in slapd's cn=config.
     Openldap,
+    /// Set `nsslapd-readonly` on the backend's ldbm instance in 389
+    /// Directory Server's cn=config.
+    #[serde(rename = "389ds")]
+    Ds389,
 }
 
 /// How much of a failed command's stderr is reported.

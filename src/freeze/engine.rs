@@ -115,6 +115,9 @@ impl Requester {
 enum Phase {
     Draining,
     Frozen,
+    /// OFF (or the lease, or the holder leaving) is running the done steps:
+    /// requests are still held until the servers accept writes again.
+    Releasing,
 }
 
 #[derive(Debug, Clone)]
@@ -782,13 +785,18 @@ impl Engine {
         &self,
         pred: impl FnOnce(&Freeze) -> bool,
     ) -> Option<(Freeze, Vec<String>)> {
+        // While the done steps run, the freeze stays in place (Releasing): a
+        // write arriving now is still held, instead of reaching a server
+        // that a driver has not yet made writable again.
         let f = {
             let mut st = self.write_state();
-            if !st.as_ref().is_some_and(pred) {
+            let cur = st.as_mut()?;
+            if cur.phase == Phase::Releasing || !pred(cur) {
                 return None;
             }
-            self.stop_frozen.store(false, Ordering::Relaxed);
-            st.take()?
+            let snapshot = cur.clone();
+            cur.phase = Phase::Releasing;
+            snapshot
         };
         let map = self.backends();
         let mut errors = Vec::new();
@@ -801,16 +809,26 @@ impl Engine {
                 }
             }
         }
+        {
+            let mut st = self.write_state();
+            if st.as_ref().is_some_and(|c| c.id == f.id) {
+                *st = None;
+                self.stop_frozen.store(false, Ordering::Relaxed);
+            }
+        }
         self.bump();
         Some((f, errors))
     }
 
     async fn off(&self, who: Requester) -> Answer {
-        let draining = self
-            .read_state()
-            .as_ref()
-            .is_some_and(|f| f.phase == Phase::Draining);
-        if draining {
+        let phase = self.read_state().as_ref().map(|f| f.phase);
+        if phase == Some(Phase::Releasing) {
+            return (
+                LdapResultCode::Busy,
+                "the freeze is being released (done steps running); retry OFF in a moment".into(),
+            );
+        }
+        if phase == Some(Phase::Draining) {
             return (
                 LdapResultCode::Busy,
                 "a freeze is still draining; retry OFF once ON has answered".into(),
@@ -874,7 +892,7 @@ impl Engine {
             state: match st.as_ref().map(|f| f.phase) {
                 None => FreezeState::Thawed,
                 Some(Phase::Draining) => FreezeState::Draining,
-                Some(Phase::Frozen) => FreezeState::Frozen,
+                Some(Phase::Frozen | Phase::Releasing) => FreezeState::Frozen,
             },
             backends: map
                 .backends()

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod dn;
 pub mod drivers;
+pub mod ds389;
 pub mod engine;
 pub mod openldap;
 

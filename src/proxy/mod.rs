@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::endpoint::{BoxRead, BoxWrite, Endpoint};
 use crate::freeze::backend::Mode;
 use crate::freeze::drivers::{CommandDriver, DriverKind};
+use crate::freeze::ds389::Ds389Driver;
 use crate::freeze::openldap::OpenLdapDriver;
 use crate::freeze::{BackendMap, Engine};
 
@@ -167,7 +168,7 @@ impl Server {
                         Duration::from_secs(b.driver_timeout_secs),
                     )),
                 ),
-                DriverKind::Openldap => {
+                DriverKind::Openldap | DriverKind::Ds389 => {
                     let bind = match (&b.config_bind_dn, &b.config_password_file) {
                         (Some(dn), Some(file)) => {
                             let pw = std::fs::read_to_string(file).with_context(|| {
@@ -182,7 +183,11 @@ impl Server {
                         _ => None,
                     };
                     let url = b.config_url.clone().unwrap_or_default();
-                    engine.set_driver(&b.suffix, Arc::new(OpenLdapDriver::new(url, bind)));
+                    if b.driver == DriverKind::Ds389 {
+                        engine.set_driver(&b.suffix, Arc::new(Ds389Driver::new(url, bind)));
+                    } else {
+                        engine.set_driver(&b.suffix, Arc::new(OpenLdapDriver::new(url, bind)));
+                    }
                 }
             }
         }

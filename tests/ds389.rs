@@ -1,0 +1,503 @@
+//! The proxy in front of a real 389 Directory Server (`abproxy::lab389`):
+//! transparency, backend discovery from its namingContexts, and the `389ds`
+//! driver (nsslapd-readonly while frozen, restored on OFF and after a failed
+//! prepare).
+//!
+//! Each test skips with one line when 389-ds cannot run here (not installed,
+//! not root); `.ci/run` installs it.
+
+mod support;
+
+use std::time::Duration;
+
+use abproxy::config::{BackendConfig, Config};
+use abproxy::freeze::drivers::DriverKind;
+use abproxy::freeze::Mode;
+use abproxy::lab389::{self, user_dn, user_pw, Ds389, Ds389Options, DM_DN, DM_PW};
+use abproxy::ops::{FreezeRequest, Password, Session, Target};
+use abproxy::ProxyHandle;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
+const USERROOT_ENTRY: &str = "cn=userroot,cn=ldbm database,cn=plugins,cn=config";
+
+/// True (after printing why) when 389-ds cannot run here.
+fn skip() -> bool {
+    match lab389::available() {
+        Ok(()) => false,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            true
+        }
+    }
+}
+
+async fn start_ds(users: usize) -> Ds389 {
+    tokio::task::spawn_blocking(move || {
+        Ds389::start(Ds389Options {
+            users,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("start 389-ds")
+}
+
+/// The proxy in front of `ds`, `cn=Directory Manager` allowed to freeze.
+async fn proxy(ds: &Ds389, backends: Vec<BackendConfig>) -> ProxyHandle {
+    let mut config = Config {
+        listen: vec!["ldap://127.0.0.1:0".into()],
+        upstream: ds.url(),
+        backends,
+        ..Config::default()
+    };
+    config.freeze.allowed = vec![DM_DN.into()];
+    ProxyHandle::spawn(config).await.expect("start proxy")
+}
+
+/// dc=example,dc=org with the 389ds driver on the server's ldapi socket.
+fn example_389ds(ds: &Ds389) -> BackendConfig {
+    let mut b = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
+    b.driver = DriverKind::Ds389;
+    b.config_url = Some(ds.ldapi_url());
+    b
+}
+
+async fn dm_session(proxy: &ProxyHandle) -> Session {
+    Session::connect(&Target {
+        url: proxy.url(),
+        bind_dn: Some(DM_DN.into()),
+        password: Some(Password::new(DM_PW)),
+    })
+    .await
+    .expect("bind to the proxy as Directory Manager")
+}
+
+/// Runs `tool` against `direct` and `proxied` (`URL` in `args` is replaced)
+/// and asserts the same exit status, output and (URL aside) stderr.
+async fn same(direct: &str, proxied: &str, tool: &str, args: &[&str]) -> ToolOutput {
+    let run = |url: &str| {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if *a == "URL" {
+                    url.into()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            ldap_tool(tool, &refs, None).await
+        }
+    };
+    let d = run(direct).await;
+    let p = run(proxied).await;
+    assert_eq!(d.code, p.code, "{tool} {args:?}: exit status\n{d:?}\n{p:?}");
+    assert_eq!(d.stdout, p.stdout, "{tool} {args:?}: output");
+    assert_eq!(
+        d.stderr.replace(direct, "URL"),
+        p.stderr.replace(proxied, "URL"),
+        "{tool} {args:?}: stderr"
+    );
+    d
+}
+
+fn dns(out: &str) -> usize {
+    out.lines().filter(|l| l.starts_with("dn:")).count()
+}
+
+/// `nsslapd-readonly` of userroot, read over ldapi as root.
+async fn userroot_readonly(ds: &Ds389) -> String {
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-Q",
+            "-LLL",
+            "-Y",
+            "EXTERNAL",
+            "-H",
+            &ds.ldapi_url(),
+            "-b",
+            USERROOT_ENTRY,
+            "-s",
+            "base",
+            "nsslapd-readonly",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("nsslapd-readonly: "))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A modify over 389's own ldapi socket as root (Directory Manager), which
+/// bypasses the proxy.
+async fn local_write(ds: &Ds389, dn: &str, value: &str) -> ToolOutput {
+    let ldif =
+        format!("dn: {dn}\nchangetype: modify\nreplace: description\ndescription: {value}\n");
+    ldap_tool(
+        "ldapmodify",
+        &["-Q", "-Y", "EXTERNAL", "-H", &ds.ldapi_url()],
+        Some(&ldif),
+    )
+    .await
+}
+
+/// `abproxy on|off|status ...` against `proxy` as Directory Manager.
+async fn cli(proxy: &ProxyHandle, args: &[&str]) -> ToolOutput {
+    let pwfile = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pwfile.path(), format!("{DM_PW}\n")).unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .args(["--url", &proxy.url(), "--bind-dn", DM_DN, "--password-file"])
+        .arg(pwfile.path())
+        .env_remove("ABPROXY_PASSWORD")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), out)
+        .await
+        .expect("abproxy did not finish in 90 s")
+        .unwrap();
+    ToolOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// How often 389 logged a modify of userroot's config entry (the access log
+/// is buffered: complete once ns-slapd has stopped).
+fn userroot_config_mods(ds: &Ds389) -> usize {
+    let log = std::fs::read_to_string(ds.access_log_path()).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains(&format!("MOD dn=\"{USERROOT_ENTRY}\"")))
+        .count()
+}
+
+#[tokio::test]
+async fn proxy_in_front_of_389_is_transparent_and_discovers_its_backends() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(100).await;
+    let proxy = proxy(&ds, vec![example_389ds(&ds)]).await;
+    let (direct, proxied) = (ds.url(), proxy.url());
+
+    let anon = ["-x", "-LLL", "-H", "URL"];
+    let dm = ["-x", "-LLL", "-H", "URL", "-D", DM_DN, "-w", DM_PW];
+    let cases: Vec<(Vec<&str>, Option<usize>)> = vec![
+        (
+            [
+                &anon[..],
+                &["-b", "dc=example,dc=org", "(uid=user1*)", "cn", "mail"],
+            ]
+            .concat(),
+            Some(12),
+        ),
+        // Everything, operational attributes included, as Directory Manager.
+        (
+            [
+                &dm[..],
+                &["-b", "dc=example,dc=org", "(objectClass=*)", "*", "+"],
+            ]
+            .concat(),
+            Some(100 + 3 + 2),
+        ),
+        (
+            [
+                &dm[..],
+                &["-b", "dc=other,dc=org", "-s", "one", "(objectClass=*)"],
+            ]
+            .concat(),
+            Some(2),
+        ),
+        // Controls: simple paged results, server-side sort.
+        (
+            [
+                &dm[..],
+                &[
+                    "-E",
+                    "pr=7/noprompt",
+                    "-b",
+                    "ou=people,dc=example,dc=org",
+                    "(objectClass=inetOrgPerson)",
+                    "uid",
+                ],
+            ]
+            .concat(),
+            Some(100),
+        ),
+        (
+            [
+                &anon[..],
+                &[
+                    "-E",
+                    "sss=-uid",
+                    "-b",
+                    "ou=people,dc=example,dc=org",
+                    "(uid=user9*)",
+                    "uid",
+                ],
+            ]
+            .concat(),
+            Some(11),
+        ),
+        // Errors come back the same: noSuchObject (32), with matchedDN.
+        (
+            [
+                &anon[..],
+                &["-b", "ou=nope,dc=example,dc=org", "(objectClass=*)"],
+            ]
+            .concat(),
+            None,
+        ),
+    ];
+    for (args, want) in &cases {
+        let out = same(&direct, &proxied, "ldapsearch", args).await;
+        match want {
+            Some(n) => {
+                assert_eq!(out.code, Some(0), "{args:?}: {out:?}");
+                assert_eq!(dns(&out.stdout), *n, "{args:?}");
+            }
+            None => assert_eq!(out.code, Some(32), "{args:?}: {out:?}"),
+        }
+    }
+    let out = same(
+        &direct,
+        &proxied,
+        "ldapwhoami",
+        &["-x", "-H", "URL", "-D", &user_dn(1), "-w", &user_pw(1)],
+    )
+    .await;
+    assert_eq!(out.stdout.trim(), format!("dn: {}", user_dn(1)));
+    let out = same(
+        &direct,
+        &proxied,
+        "ldapcompare",
+        &["-x", "-H", "URL", &user_dn(7), "uidNumber:10007"],
+    )
+    .await;
+    assert_eq!(out.code, Some(6), "compareTrue: {out:?}");
+    // A write through the proxy (self-write ACI) lands in 389.
+    let ldif = format!(
+        "dn: {}\nchangetype: modify\nreplace: description\ndescription: via proxy\n",
+        user_dn(3)
+    );
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-x", "-H", &proxied, "-D", &user_dn(3), "-w", &user_pw(3)],
+        Some(&ldif),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = same(
+        &direct,
+        &proxied,
+        "ldapsearch",
+        &[&anon[..], &["-b", &user_dn(3), "-s", "base", "description"]].concat(),
+    )
+    .await;
+    assert!(out.stdout.contains("description: via proxy"), "{out:?}");
+
+    // No backends configured: the proxy reads them from 389's rootDSE.
+    let auto = self::proxy(&ds, vec![]).await;
+    let mut s = dm_session(&auto).await;
+    let status = s.status().await.expect("status");
+    let mut suffixes: Vec<_> = status.backends.iter().map(|b| b.suffix.clone()).collect();
+    suffixes.sort();
+    assert_eq!(suffixes, ["dc=example,dc=org", "dc=other,dc=org"]);
+    s.close().await;
+    auto.shutdown().await.unwrap();
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ds389_driver_makes_389_refuse_local_writes_while_frozen() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(20).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            example_389ds(&ds),
+            BackendConfig::new("dc=other,dc=org", Mode::Readonly),
+        ],
+    )
+    .await;
+    let dn = user_dn(11);
+    assert_eq!(userroot_readonly(&ds).await, "off");
+
+    let out = cli(&proxy, &["on"]).await;
+    assert_eq!(out.code, Some(0), "abproxy on: {out:?}");
+    assert_eq!(userroot_readonly(&ds).await, "on");
+    // 389 itself refuses a local write to the frozen backend...
+    let out = local_write(&ds, &dn, "local while frozen").await;
+    assert_eq!(out.code, Some(53), "{out:?}");
+    assert!(out.stderr.contains("database is read-only"), "{out:?}");
+    // ... and only to it: dc=other,dc=org is frozen by the proxy alone.
+    let out = local_write(&ds, &lab389::other_user_dn(1), "other while frozen").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    // A write through the proxy is held, not refused.
+    let ldif = format!(
+        "dn: {}\nchangetype: modify\nreplace: description\ndescription: held\n",
+        user_dn(2)
+    );
+    let url = proxy.url();
+    let held = tokio::spawn(async move {
+        ldap_tool(
+            "ldapmodify",
+            &["-x", "-H", &url, "-D", &user_dn(2), "-w", &user_pw(2)],
+            Some(&ldif),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !held.is_finished(),
+        "a write through the proxy was not held"
+    );
+
+    let out = cli(&proxy, &["off"]).await;
+    assert_eq!(out.code, Some(0), "abproxy off: {out:?}");
+    assert_eq!(userroot_readonly(&ds).await, "off", "the previous value");
+    let out = held.await.unwrap();
+    assert_eq!(out.code, Some(0), "the held write, released: {out:?}");
+    let out = local_write(&ds, &dn, "local after").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // A backend that was read-only before stays so after OFF.
+    let ro = format!("dn: {USERROOT_ENTRY}\nchangetype: modify\nreplace: nsslapd-readonly\nnsslapd-readonly: on\n");
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-Q", "-Y", "EXTERNAL", "-H", &ds.ldapi_url()],
+        Some(&ro),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(cli(&proxy, &["on"]).await.code, Some(0));
+    assert_eq!(cli(&proxy, &["off"]).await.code, Some(0));
+    assert_eq!(userroot_readonly(&ds).await, "on");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn failing_second_driver_leaves_389_writable() {
+    if skip() {
+        return;
+    }
+    let mut ds = start_ds(20).await;
+    let mut other = BackendConfig::new("dc=other,dc=org", Mode::Readonly);
+    other.driver = DriverKind::Command;
+    other.prepare = vec![
+        "sh".into(),
+        "-c".into(),
+        "echo 'no room for the snapshot' >&2; exit 1".into(),
+    ];
+    let proxy = proxy(&ds, vec![example_389ds(&ds), other]).await;
+    let dn = user_dn(5);
+
+    let mut s = dm_session(&proxy).await;
+    let err = s
+        .on(&FreezeRequest::default().with_time_limit(10))
+        .await
+        .expect_err("ON must fail");
+    assert_eq!(err.exit_code(), abproxy::ops::exit::FAILED, "{err:?}");
+    let msg = err.message.clone();
+    assert!(
+        msg.contains("prepare failed for backend dc=other,dc=org")
+            && msg.contains("no room for the snapshot"),
+        "{msg}"
+    );
+    assert_eq!(userroot_readonly(&ds).await, "off", "never left read-only");
+    let out = local_write(&ds, &dn, "still writable").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let status = s.status().await.unwrap();
+    assert_eq!(status.state.as_str(), "thawed");
+    s.close().await;
+    proxy.shutdown().await.unwrap();
+
+    // userroot's prepare did run (and was undone): two modifies of its
+    // config entry in 389's access log, complete once ns-slapd has stopped.
+    tokio::task::spawn_blocking(move || {
+        ds.stop().unwrap();
+        assert_eq!(userroot_config_mods(&ds), 2);
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn config_389ds_driver_needs_config_url() {
+    let text = "[[backends]]\nsuffix = \"dc=example,dc=org\"\ndriver = \"389ds\"\n";
+    let config = Config::from_toml(text).unwrap();
+    assert_eq!(config.backends[0].driver, DriverKind::Ds389);
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("driver \"389ds\" needs config_url"), "{err}");
+    let ok = Config::from_toml(&format!(
+        "{text}config_url = \"ldapi:///run/slapd-example.socket\"\n"
+    ))
+    .unwrap();
+    ok.validate().unwrap();
+}
+
+/// OFF keeps holding writes while the done steps run (engine `end_freeze`,
+/// phase Releasing): a write that reaches the proxy then waits until the
+/// server is writable again instead of being refused with unwillingToPerform
+/// (53). A slow done step of another backend (configured first) widens the
+/// window to a second. (Found by this test: the state used to be cleared
+/// before the done steps.)
+#[tokio::test]
+async fn writes_during_off_are_not_refused_by_the_still_read_only_server() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(20).await;
+    let mut slow = BackendConfig::new("dc=other,dc=org", Mode::Readonly);
+    slow.driver = DriverKind::Command;
+    slow.prepare = vec!["true".into()];
+    slow.done = vec!["sleep".into(), "1".into()];
+    let proxy = proxy(&ds, vec![slow, example_389ds(&ds)]).await;
+    assert_eq!(cli(&proxy, &["on"]).await.code, Some(0));
+    let url = proxy.url();
+    let off = tokio::spawn(async move {
+        let mut s = Session::connect(&Target {
+            url,
+            bind_dn: Some(DM_DN.into()),
+            password: Some(Password::new(DM_PW)),
+        })
+        .await
+        .unwrap();
+        s.off().await.map(|_| ())
+    });
+    // While OFF runs the slow done step.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ldif = format!(
+        "dn: {}\nchangetype: modify\nreplace: description\ndescription: during off\n",
+        user_dn(4)
+    );
+    let out = ldap_tool(
+        "ldapmodify",
+        &[
+            "-x",
+            "-H",
+            &proxy.url(),
+            "-D",
+            &user_dn(4),
+            "-w",
+            &user_pw(4),
+        ],
+        Some(&ldif),
+    )
+    .await;
+    off.await.unwrap().expect("OFF");
+    assert_eq!(out.code, Some(0), "a write during OFF: {out:?}");
+    proxy.shutdown().await.unwrap();
+}
