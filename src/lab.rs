@@ -529,13 +529,13 @@ impl Drop for Slapd {
 }
 
 /// A loopback TCP port that was free a moment ago.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
 
 /// Anonymous LDAPv3 simple bind over TCP; true if a BindResponse comes back.
-fn probe_ldap(port: u16) -> bool {
+pub(crate) fn probe_ldap(port: u16) -> bool {
     // SEQUENCE { messageID 1, [APPLICATION 0] { version 3, name "", simple "" } }
     const BIND: [u8; 14] = [
         0x30, 0x0c, 0x02, 0x01, 0x01, 0x60, 0x07, 0x02, 0x01, 0x03, 0x04, 0x00, 0x80, 0x00,

@@ -39,8 +39,8 @@
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::lab::{free_port, probe_ldap};
 pub use crate::lab::{other_user_dn, user_dn, user_pw, OTHER_SUFFIX, SUFFIX};
 
 /// Path of the 389-ds server binary (Debian package `389-ds-base`).
@@ -762,43 +763,6 @@ fn addr_in_use(text: &str) -> bool {
     text.contains("already in use")
         || text.contains("address is in use")
         || text.contains("Address already in use")
-}
-
-/// A loopback TCP port that was free a moment ago.
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
-/// Anonymous LDAPv3 simple bind over TCP; true if a BindResponse comes back.
-fn probe_ldap(port: u16) -> bool {
-    // SEQUENCE { messageID 1, [APPLICATION 0] { version 3, name "", simple "" } }
-    const BIND: [u8; 14] = [
-        0x30, 0x0c, 0x02, 0x01, 0x01, 0x60, 0x07, 0x02, 0x01, 0x03, 0x04, 0x00, 0x80, 0x00,
-    ];
-    // SEQUENCE { messageID 2, [APPLICATION 2] NULL }
-    const UNBIND: [u8; 7] = [0x30, 0x05, 0x02, 0x01, 0x02, 0x42, 0x00];
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-    if s.write_all(&BIND).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    let mut n = 0;
-    // Expect 30 LL 02 01 01 61 ... (BindResponse for message 1).
-    while n < 6 {
-        match s.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => return false,
-            Ok(k) => n += k,
-        }
-    }
-    let ok = buf[0] == 0x30 && buf[5] == 0x61;
-    let _ = s.write_all(&UNBIND);
-    ok
 }
 
 /// Runs a setup tool with its output going to `log`, killing it after

@@ -22,13 +22,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use futures::future::BoxFuture;
-use ldap3::{LdapConnAsync, LdapConnSettings, Mod, Scope, SearchEntry, StdStream};
+use ldap3::{Mod, Scope, SearchEntry};
 use tracing::info;
 
 use super::backend::Backend;
 use super::dn::NormDn;
 use super::engine::Driver;
-use crate::endpoint::Endpoint;
 
 /// Parent of the ldbm backend instances in 389's cn=config.
 pub const LDBM_DATABASE: &str = "cn=ldbm database,cn=plugins,cn=config";
@@ -61,33 +60,7 @@ impl Ds389Driver {
     }
 
     async fn connect(&self) -> Result<ldap3::Ldap, String> {
-        let ep = Endpoint::parse(&self.url).map_err(|e| format!("config_url: {e}"))?;
-        let (stream, url) = match &ep {
-            Endpoint::Tcp(addr) => {
-                let s = std::net::TcpStream::connect(addr.as_str())
-                    .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
-                (StdStream::Tcp(s), format!("ldap://{addr}"))
-            }
-            Endpoint::Unix(path) => {
-                let s = std::os::unix::net::UnixStream::connect(path)
-                    .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
-                (StdStream::Unix(s), "ldapi:///".to_string())
-            }
-        };
-        let settings = LdapConnSettings::new().set_std_stream(stream);
-        let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &url)
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
-        ldap3::drive!(conn);
-        let res = match &self.bind {
-            Some((dn, pw)) => ldap.simple_bind(dn, pw).await,
-            None => ldap.sasl_external_bind().await,
-        }
-        .map_err(|e| format!("bind to {} failed: {e}", self.url))?;
-        if res.rc != 0 {
-            return Err(format!("bind to {} failed: {res}", self.url));
-        }
-        Ok(ldap)
+        super::cnconfig::connect(&self.url, self.bind.as_ref()).await
     }
 
     /// The ldbm instance entry holding `suffix`, with its nsslapd-suffix and

@@ -13,6 +13,7 @@
 //! and releases its queue, oldest first, when the engine's epoch changes.
 
 pub mod backend;
+mod cnconfig;
 pub mod dn;
 pub mod drivers;
 pub mod ds389;

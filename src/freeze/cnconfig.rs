@@ -1,0 +1,41 @@
+//! The connection the `openldap` and `389ds` drivers open to the server's
+//! `cn=config`: ldapi with SASL EXTERNAL (root is the directory's manager
+//! there on both servers), or ldap:// with a simple bind.
+
+use ldap3::{LdapConnAsync, LdapConnSettings, StdStream};
+
+use crate::endpoint::Endpoint;
+
+/// Connects to `url` and binds (simple with `bind`, else SASL EXTERNAL).
+pub(crate) async fn connect(
+    url: &str,
+    bind: Option<&(String, String)>,
+) -> Result<ldap3::Ldap, String> {
+    let ep = Endpoint::parse(url).map_err(|e| format!("config_url: {e}"))?;
+    let (stream, ldap_url) = match &ep {
+        Endpoint::Tcp(addr) => {
+            let s = std::net::TcpStream::connect(addr.as_str())
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            (StdStream::Tcp(s), format!("ldap://{addr}"))
+        }
+        Endpoint::Unix(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path)
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            (StdStream::Unix(s), "ldapi:///".to_string())
+        }
+    };
+    let settings = LdapConnSettings::new().set_std_stream(stream);
+    let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &ldap_url)
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    ldap3::drive!(conn);
+    let res = match bind {
+        Some((dn, pw)) => ldap.simple_bind(dn, pw).await,
+        None => ldap.sasl_external_bind().await,
+    }
+    .map_err(|e| format!("bind to {url} failed: {e}"))?;
+    if res.rc != 0 {
+        return Err(format!("bind to {url} failed: {res}"));
+    }
+    Ok(ldap)
+}
