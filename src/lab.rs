@@ -360,30 +360,7 @@ impl Slapd {
     /// Stops slapd: SIGTERM, wait up to 10 s for it to exit, then SIGKILL.
     /// Does nothing if it is not running; safe to call repeatedly.
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        if child.try_wait().context("checking slapd")?.is_some() {
-            return Ok(());
-        }
-        // The child has not been reaped, so its pid cannot have been reused.
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + TIMEOUT;
-        while Instant::now() < deadline {
-            if child.try_wait().context("waiting for slapd")?.is_some() {
-                tracing::debug!(pid = self.pid, "slapd stopped");
-                return Ok(());
-            }
-            std::thread::sleep(POLL);
-        }
-        tracing::warn!(
-            pid = self.pid,
-            "slapd ignored SIGTERM for {TIMEOUT:?}; sending SIGKILL"
-        );
-        child.kill().context("killing slapd")?;
-        child.wait().context("waiting for slapd")?;
-        Ok(())
+        stop_child(&mut self.child, "slapd", TIMEOUT)
     }
 
     /// Kills slapd with SIGKILL immediately (no clean shutdown), for fault
@@ -526,6 +503,46 @@ impl Drop for Slapd {
         }
         // `_tmp` (if any) is removed after this.
     }
+}
+
+/// Stops a server run as our child: SIGTERM, wait up to `timeout` for it
+/// to exit, then SIGKILL. Does nothing if there is none or it has exited.
+pub(crate) fn stop_child(child: &mut Option<Child>, name: &str, timeout: Duration) -> Result<()> {
+    let Some(mut child) = child.take() else {
+        return Ok(());
+    };
+    if child
+        .try_wait()
+        .with_context(|| format!("checking {name}"))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let pid = child.id();
+    // The child has not been reaped, so its pid cannot have been reused.
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if child
+            .try_wait()
+            .with_context(|| format!("waiting for {name}"))?
+            .is_some()
+        {
+            tracing::debug!(pid, "{name} stopped");
+            return Ok(());
+        }
+        std::thread::sleep(POLL);
+    }
+    tracing::warn!(
+        pid,
+        "{name} ignored SIGTERM for {timeout:?}; sending SIGKILL"
+    );
+    child.kill().with_context(|| format!("killing {name}"))?;
+    child
+        .wait()
+        .with_context(|| format!("waiting for {name}"))?;
+    Ok(())
 }
 
 /// A loopback TCP port that was free a moment ago.

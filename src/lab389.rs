@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::lab::{free_port, probe_ldap};
+use crate::lab::{free_port, probe_ldap, stop_child};
 pub use crate::lab::{other_user_dn, user_dn, user_pw, OTHER_SUFFIX, SUFFIX};
 
 /// Path of the 389-ds server binary (Debian package `389-ds-base`).
@@ -384,30 +384,7 @@ impl Ds389 {
     /// Does nothing if it is not running; safe to call repeatedly. The
     /// instance stays (see [`Ds389::restart`]).
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        if child.try_wait().context("checking ns-slapd")?.is_some() {
-            return Ok(());
-        }
-        // The child has not been reaped, so its pid cannot have been reused.
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if child.try_wait().context("waiting for ns-slapd")?.is_some() {
-                tracing::debug!(pid = self.pid, "ns-slapd stopped");
-                return Ok(());
-            }
-            std::thread::sleep(POLL);
-        }
-        tracing::warn!(
-            pid = self.pid,
-            "ns-slapd ignored SIGTERM for {STOP_TIMEOUT:?}; sending SIGKILL"
-        );
-        child.kill().context("killing ns-slapd")?;
-        child.wait().context("waiting for ns-slapd")?;
-        Ok(())
+        stop_child(&mut self.child, "ns-slapd", STOP_TIMEOUT)
     }
 
     /// Starts ns-slapd again (stopping it first if it is running) on the

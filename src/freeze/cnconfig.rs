@@ -2,7 +2,12 @@
 //! `cn=config`: ldapi with SASL EXTERNAL (root is the directory's manager
 //! there on both servers), or ldap:// with a simple bind.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use ldap3::{LdapConnAsync, LdapConnSettings, StdStream};
+
+use super::backend::Backend;
 
 use crate::endpoint::Endpoint;
 
@@ -38,4 +43,29 @@ pub(crate) async fn connect(
         return Err(format!("bind to {url} failed: {res}"));
     }
     Ok(ldap)
+}
+
+/// What a read-only-switching driver changed, per backend, between PREPARE
+/// and DONE: the config entry's DN and the switch's previous value (None:
+/// absent).
+#[derive(Debug, Default)]
+pub(crate) struct Saved(Mutex<HashMap<String, (String, Option<String>)>>);
+
+impl Saved {
+    /// Remembers what PREPARE changed for `b`.
+    pub(crate) fn put(&self, b: &Backend, dn: String, previous: Option<String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(b.norm.to_string(), (dn, previous));
+    }
+
+    /// What PREPARE changed for `b` (None: nothing), forgotten; `put` it
+    /// back when DONE fails, so a later DONE can retry.
+    pub(crate) fn take(&self, b: &Backend) -> Option<(String, Option<String>)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&b.norm.to_string())
+    }
 }

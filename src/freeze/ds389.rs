@@ -18,14 +18,12 @@
 //! an operator sets `nsslapd-readonly: off` again (or runs OFF through a new
 //! proxy, which only resets what it set itself).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use futures::future::BoxFuture;
 use ldap3::{Mod, Scope, SearchEntry};
 use tracing::info;
 
 use super::backend::Backend;
+use super::cnconfig::Saved;
 use super::dn::NormDn;
 use super::engine::Driver;
 
@@ -45,7 +43,7 @@ pub struct Ds389Driver {
     bind: Option<(String, String)>,
     /// The backend entry's DN and its previous nsslapd-readonly (None:
     /// absent) per backend, between PREPARE and DONE.
-    saved: Mutex<HashMap<String, (String, Option<String>)>>,
+    saved: Saved,
 }
 
 impl Ds389Driver {
@@ -55,7 +53,7 @@ impl Ds389Driver {
         Ds389Driver {
             url,
             bind,
-            saved: Mutex::new(HashMap::new()),
+            saved: Saved::default(),
         }
     }
 
@@ -116,10 +114,7 @@ impl Ds389Driver {
             let previous = attr(&entry, READONLY).map(str::to_string);
             Self::set_read_only(&mut ldap, &entry.dn, "on").await?;
             info!(backend = %b.suffix, entry = %entry.dn, previous = ?previous, "nsslapd-readonly set to on");
-            self.saved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(b.norm.to_string(), (entry.dn, previous));
+            self.saved.put(b, entry.dn, previous);
             Ok(())
         }
         .await;
@@ -128,12 +123,7 @@ impl Ds389Driver {
     }
 
     async fn done_inner(&self, b: &Backend) -> Result<(), String> {
-        let saved = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&b.norm.to_string());
-        let Some((dn, previous)) = saved else {
+        let Some((dn, previous)) = self.saved.take(b) else {
             return Ok(()); // prepare never changed anything
         };
         let value = previous.as_deref().unwrap_or(DEFAULT_READONLY);
@@ -148,10 +138,7 @@ impl Ds389Driver {
         match &r {
             // Keep it, so a later DONE (OFF again) can retry.
             Err(_) => {
-                self.saved
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(b.norm.to_string(), (dn, previous));
+                self.saved.put(b, dn, previous);
             }
             Ok(()) => {
                 info!(backend = %b.suffix, entry = %dn, value, "nsslapd-readonly restored")

@@ -17,14 +17,12 @@
 //! driver logs a warning that the live server itself is not crash-safe in
 //! that mode.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use futures::future::BoxFuture;
 use ldap3::{Mod, Scope, SearchEntry};
 use tracing::{info, warn};
 
 use super::backend::Backend;
+use super::cnconfig::Saved;
 use super::engine::Driver;
 
 /// How the driver reaches `cn=config`.
@@ -34,7 +32,7 @@ pub struct OpenLdapDriver {
     bind: Option<(String, String)>,
     /// Previous olcReadOnly per database DN (None: absent), between PREPARE
     /// and DONE.
-    saved: Mutex<HashMap<String, (String, Option<String>)>>,
+    saved: Saved,
 }
 
 impl OpenLdapDriver {
@@ -44,7 +42,7 @@ impl OpenLdapDriver {
         OpenLdapDriver {
             url,
             bind,
-            saved: Mutex::new(HashMap::new()),
+            saved: Saved::default(),
         }
     }
 
@@ -110,31 +108,20 @@ impl OpenLdapDriver {
         }
         Self::set_read_only(&mut ldap, &db.dn, Some("TRUE")).await?;
         info!(backend = %b.suffix, database = %db.dn, "olcReadOnly set to TRUE");
-        self.saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(b.norm.to_string(), (db.dn, previous));
+        self.saved.put(b, db.dn, previous);
         let _ = ldap.unbind().await;
         Ok(())
     }
 
     async fn done_inner(&self, b: &Backend) -> Result<(), String> {
-        let saved = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&b.norm.to_string());
-        let Some((dn, previous)) = saved else {
+        let Some((dn, previous)) = self.saved.take(b) else {
             return Ok(()); // prepare never changed anything
         };
         let mut ldap = self.connect().await?;
         let r = Self::set_read_only(&mut ldap, &dn, previous.as_deref()).await;
         if r.is_err() {
             // Keep it, so a later DONE (OFF again) can retry.
-            self.saved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(b.norm.to_string(), (dn.clone(), previous.clone()));
+            self.saved.put(b, dn.clone(), previous.clone());
         } else {
             info!(backend = %b.suffix, database = %dn, previous = ?previous, "olcReadOnly restored");
         }
