@@ -8,25 +8,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use abproxy::lab::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
-use ldap3_proto::proto::*;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 const WRITERS: usize = 8;
-
-fn add(msgid: i32, dn: &str, cn: &str) -> LdapMsg {
-    let attr = |t: &str, v: &str| LdapAttribute {
-        atype: t.into(),
-        vals: vec![v.as_bytes().to_vec()],
-    };
-    LdapMsg::new(
-        msgid,
-        LdapOp::AddRequest(LdapAddRequest {
-            dn: dn.into(),
-            attributes: vec![attr("objectClass", "device"), attr("cn", cn)],
-        }),
-    )
-}
 
 /// DN -> entryCSN of every `cn=w...` entry in an LDIF dump.
 fn written(ldif: &str) -> HashMap<String, String> {

@@ -76,20 +76,6 @@ fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
     )
 }
 
-fn add(msgid: i32, dn: &str, cn: &str) -> LdapMsg {
-    let attr = |t: &str, v: &str| LdapAttribute {
-        atype: t.into(),
-        vals: vec![v.as_bytes().to_vec()],
-    };
-    LdapMsg::new(
-        msgid,
-        LdapOp::AddRequest(LdapAddRequest {
-            dn: dn.into(),
-            attributes: vec![attr("objectClass", "device"), attr("cn", cn)],
-        }),
-    )
-}
-
 /// Result code and diagnostic message of a final response, via ldap3_proto.
 fn outcome(frame: &[u8]) -> (i64, String) {
     use tokio_util::codec::Decoder;

@@ -227,6 +227,21 @@ pub fn bind(msgid: i32, dn: &str, pw: &str) -> LdapMsg {
     )
 }
 
+/// An add request for a `device` entry named `cn`.
+pub fn add(msgid: i32, dn: &str, cn: &str) -> LdapMsg {
+    let attr = |t: &str, v: &str| ldap3_proto::proto::LdapAttribute {
+        atype: t.into(),
+        vals: vec![v.as_bytes().to_vec()],
+    };
+    LdapMsg::new(
+        msgid,
+        LdapOp::AddRequest(ldap3_proto::proto::LdapAddRequest {
+            dn: dn.into(),
+            attributes: vec![attr("objectClass", "device"), attr("cn", cn)],
+        }),
+    )
+}
+
 /// A search request (filter in RFC 4515 string form).
 pub fn search(msgid: i32, base: &str, scope: u8, filter: &str, attrs: &[&str]) -> LdapMsg {
     use ldap3_proto::proto::{LdapDerefAliases, LdapSearchRequest, LdapSearchScope};
