@@ -65,6 +65,8 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// The Allow-Backup freeze.
     pub freeze: FreezeConfig,
+    /// TLS to clients and to the upstream.
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// One `[[backends]]` entry.
@@ -130,6 +132,9 @@ pub struct FreezeConfig {
     /// Local users (uids) allowed to, without binding, when they connect to
     /// an ldapi listener (the kernel reports their uid).
     pub allowed_uids: Vec<u32>,
+    /// Subjects of client certificates (verified against `tls.client_ca_file`)
+    /// allowed to, without binding.
+    pub allowed_cert_subjects: Vec<String>,
     /// Longest drain an ON may wait for (the request's timeLimit can only
     /// shorten it), in seconds.
     pub max_drain_secs: u64,
@@ -158,6 +163,7 @@ impl Default for FreezeConfig {
         FreezeConfig {
             allowed: Vec::new(),
             allowed_uids: Vec::new(),
+            allowed_cert_subjects: Vec::new(),
             max_drain_secs: 30,
             lease_secs: 600,
             bind_is_write: false,
@@ -183,6 +189,7 @@ impl Default for Config {
             threads: 0,
             backends: Vec::new(),
             freeze: FreezeConfig::default(),
+            tls: crate::tls::TlsConfig::default(),
         }
     }
 }
@@ -281,7 +288,24 @@ impl Config {
                 )));
             }
         }
+        self.tls
+            .validate(&listen, &upstream)
+            .map_err(ConfigError::Invalid)?;
         let f = &self.freeze;
+        for dn in &f.allowed_cert_subjects {
+            if crate::freeze::dn::NormDn::parse(dn.as_bytes()).is_none_or(|n| n.is_root()) {
+                return Err(ConfigError::Invalid(format!(
+                    "freeze.allowed_cert_subjects: {dn:?} is not a DN"
+                )));
+            }
+        }
+        if !f.allowed_cert_subjects.is_empty() && self.tls.client_ca_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "freeze.allowed_cert_subjects needs tls.client_ca_file (client certificates \
+                 are only verified against it)"
+                    .into(),
+            ));
+        }
         for dn in &f.allowed {
             if crate::freeze::dn::NormDn::parse(dn.as_bytes()).is_none_or(|n| n.is_root()) {
                 return Err(ConfigError::Invalid(format!(

@@ -1,5 +1,6 @@
-//! Where to listen or connect: `ldap://HOST:PORT` (TCP) or `ldapi://PATH`
-//! (unix socket), and the boxed byte streams both kinds turn into.
+//! Where to listen or connect: `ldap://HOST:PORT` (TCP), `ldaps://HOST:PORT`
+//! (TCP with TLS, see [`crate::tls`]) or `ldapi://PATH` (unix socket), and
+//! the boxed byte streams they turn into.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -19,13 +20,22 @@ pub enum Endpoint {
     Tcp(String),
     /// `ldapi://path`.
     Unix(PathBuf),
+    /// `ldaps://host:port` (port 636 when absent): TLS from the first byte.
+    Tls(String),
 }
 
 impl Endpoint {
-    /// Parses an LDAP URL. `ldaps://` is refused until TLS lands.
+    /// Parses an LDAP URL.
     pub fn parse(url: &str) -> Result<Endpoint, String> {
         let lower = url.to_ascii_lowercase();
-        if let Some(rest) = lower.strip_prefix("ldap://").map(|_| &url[7..]) {
+        let tcp = if lower.starts_with("ldap://") {
+            Some((&url[7..], 389))
+        } else if lower.starts_with("ldaps://") {
+            Some((&url[8..], 636))
+        } else {
+            None
+        };
+        if let Some((rest, default_port)) = tcp {
             let hostport = rest.split('/').next().unwrap_or("");
             if hostport.is_empty() {
                 return Err(format!("{url}: missing host"));
@@ -33,19 +43,23 @@ impl Endpoint {
             let hostport = if hostport.starts_with('[') {
                 // [v6]:port or [v6]
                 if hostport.ends_with(']') {
-                    format!("{hostport}:389")
+                    format!("{hostport}:{default_port}")
                 } else {
                     hostport.to_string()
                 }
             } else if hostport.contains(':') {
                 hostport.to_string()
             } else {
-                format!("{hostport}:389")
+                format!("{hostport}:{default_port}")
             };
             let port = hostport.rsplit(':').next().unwrap_or("");
             port.parse::<u16>()
                 .map_err(|_| format!("{url}: bad port {port:?}"))?;
-            Ok(Endpoint::Tcp(hostport))
+            Ok(if default_port == 636 {
+                Endpoint::Tls(hostport)
+            } else {
+                Endpoint::Tcp(hostport)
+            })
         } else if lower.starts_with("ldapi://") {
             let rest = &url[8..];
             let path = if rest.starts_with('/') {
@@ -58,16 +72,16 @@ impl Endpoint {
                 return Err(format!("{url}: ldapi path must be absolute"));
             }
             Ok(Endpoint::Unix(PathBuf::from(path)))
-        } else if lower.starts_with("ldaps://") {
-            Err(format!(
-                "{url}: ldaps:// is not supported yet (TLS termination is planned); use ldap:// or ldapi://"
-            ))
         } else {
-            Err(format!("{url}: expected ldap://HOST:PORT or ldapi://PATH"))
+            Err(format!(
+                "{url}: expected ldap://HOST:PORT, ldaps://HOST:PORT or ldapi://PATH"
+            ))
         }
     }
 
-    /// Opens a connection, split into boxed halves; TCP gets TCP_NODELAY.
+    /// Opens a clear connection, split into boxed halves; TCP gets
+    /// TCP_NODELAY. `ldaps://` needs TLS settings: see
+    /// [`crate::tls::connect_upstream`].
     pub async fn connect(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
         match self {
             Endpoint::Tcp(addr) => {
@@ -81,6 +95,9 @@ impl Endpoint {
                 let (r, w) = s.into_split();
                 Ok((Box::new(r), Box::new(w)))
             }
+            Endpoint::Tls(_) => Err(std::io::Error::other(format!(
+                "{self}: ldaps:// needs the proxy's TLS settings"
+            ))),
         }
     }
 
@@ -94,6 +111,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Tcp(a) => write!(f, "ldap://{a}"),
+            Endpoint::Tls(a) => write!(f, "ldaps://{a}"),
             Endpoint::Unix(p) => {
                 write!(f, "ldapi://")?;
                 for b in p.as_os_str().as_encoded_bytes() {
@@ -150,6 +168,16 @@ mod tests {
         assert_eq!(u.to_string(), "ldapi://%2Ftmp%2Fa%20b%2Fldapi");
         assert_eq!(Endpoint::parse(&u.to_string()).unwrap(), u);
         assert_eq!(
+            Endpoint::parse("ldaps://localhost").unwrap(),
+            Endpoint::Tls("localhost:636".into())
+        );
+        assert_eq!(
+            Endpoint::parse("LDAPS://127.0.0.1:3636/")
+                .unwrap()
+                .to_string(),
+            "ldaps://127.0.0.1:3636"
+        );
+        assert_eq!(
             Endpoint::parse("ldapi:///run/x.sock").unwrap(),
             Endpoint::Unix("/run/x.sock".into())
         );
@@ -162,7 +190,8 @@ mod tests {
             "ldap://h:99999",
             "ldap://h:x",
             "http://h",
-            "ldaps://h:636",
+            "ldaps://",
+            "ldaps://h:x",
             "ldapi://rel%2Fpath",
             "ldapi://%zz",
         ] {

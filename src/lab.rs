@@ -100,6 +100,22 @@ pub struct SlapdOptions {
     /// (its `data.mdb`) instead of loading sample data: how an admin restores
     /// a file-level backup into a configured server.
     pub restore_example: Option<PathBuf>,
+    /// TLS: an `ldaps://127.0.0.1:PORT2/` listener too, and StartTLS on the
+    /// ldap:// one ([`Slapd::ldaps_url`]).
+    pub tls: Option<SlapdTls>,
+}
+
+/// slapd's TLS files (`olcTLSCertificateFile`, `olcTLSCertificateKeyFile`,
+/// `olcTLSCACertificateFile`; clients' certificates are asked for and
+/// checked when presented: `olcTLSVerifyClient: try`).
+#[derive(Debug, Clone)]
+pub struct SlapdTls {
+    /// PEM certificate.
+    pub cert_file: PathBuf,
+    /// PEM key.
+    pub key_file: PathBuf,
+    /// PEM CA certificate(s).
+    pub ca_file: PathBuf,
 }
 
 impl Default for SlapdOptions {
@@ -111,6 +127,7 @@ impl Default for SlapdOptions {
             stats_log: false,
             dir: None,
             restore_example: None,
+            tls: None,
         }
     }
 }
@@ -124,6 +141,8 @@ pub struct Slapd {
     dir: PathBuf,
     ldapi: PathBuf,
     port: u16,
+    /// The ldaps:// port, with TLS.
+    ldaps_port: Option<u16>,
     pid: u32,
     stats_log: bool,
     child: Option<Child>,
@@ -201,7 +220,7 @@ impl Slapd {
 
         // cn=config, built offline.
         let config = dir.join("config.ldif");
-        fs::write(&config, config_ldif(&dir, opts.nosync))
+        fs::write(&config, config_ldif(&dir, opts.nosync, opts.tls.as_ref()))
             .with_context(|| format!("writing {}", config.display()))?;
         let slapd_d = dir.join("slapd.d");
         run_tool(
@@ -252,6 +271,7 @@ impl Slapd {
             dir,
             ldapi,
             port: 0,
+            ldaps_port: None,
             pid: 0,
             stats_log: opts.stats_log,
             child: None,
@@ -260,6 +280,9 @@ impl Slapd {
         let mut last = None;
         for _ in 0..BIND_ATTEMPTS {
             let port = free_port()?;
+            if opts.tls.is_some() {
+                slapd.ldaps_port = Some(free_port()?);
+            }
             match slapd.launch(port) {
                 Ok(()) => {
                     tracing::debug!(pid = slapd.pid, port, elapsed = ?t0.elapsed(), "slapd started");
@@ -300,6 +323,11 @@ impl Slapd {
     /// Path of the ldapi (unix domain) socket, `DIR/ldapi`.
     pub fn ldapi_path(&self) -> &Path {
         &self.ldapi
+    }
+
+    /// `ldaps://127.0.0.1:PORT` URL of the server (started with TLS).
+    pub fn ldaps_url(&self) -> Option<String> {
+        self.ldaps_port.map(|p| format!("ldaps://127.0.0.1:{p}"))
     }
 
     /// `ldapi://` URL of the server, with the socket path percent-encoded
@@ -436,7 +464,10 @@ impl Slapd {
             .arg("-F")
             .arg(self.dir.join("slapd.d"))
             .arg("-h")
-            .arg(format!("{url} {}", self.ldapi_url()))
+            .arg(match self.ldaps_url() {
+                Some(ldaps) => format!("{url} {ldaps}/ {}", self.ldapi_url()),
+                None => format!("{url} {}", self.ldapi_url()),
+            })
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -693,9 +724,19 @@ fn percent_encode(bytes: &[u8]) -> String {
 }
 
 /// The cn=config LDIF of slapd-up.sh (plaintext root passwords).
-fn config_ldif(dir: &Path, nosync: bool) -> String {
+fn config_ldif(dir: &Path, nosync: bool, tls: Option<&SlapdTls>) -> String {
     let d = dir.display();
     let nosync = if nosync { "TRUE" } else { "FALSE" };
+    let tls = match tls {
+        Some(t) => format!(
+            "olcTLSCertificateFile: {}\nolcTLSCertificateKeyFile: {}\nolcTLSCACertificateFile: {}\n\
+             olcTLSVerifyClient: try\n",
+            t.cert_file.display(),
+            t.key_file.display(),
+            t.ca_file.display()
+        ),
+        None => String::new(),
+    };
     let mut s = format!(
         "dn: cn=config
 objectClass: olcGlobal
@@ -704,7 +745,7 @@ olcPidFile: {d}/slapd.pid
 olcArgsFile: {d}/slapd.args
 olcLogLevel: none
 olcToolThreads: 2
-
+{tls}
 dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
 cn: module{{0}}

@@ -11,8 +11,10 @@ pub mod freeze;
 pub mod fuzzing;
 pub mod lab;
 pub mod lab389;
+pub mod labca;
 pub mod ops;
 pub mod proxy;
+pub mod tls;
 pub mod wire;
 
 pub use config::Config;

@@ -278,12 +278,42 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = serve_config(&args)?;
     if args.check_config {
+        // The TLS files are read too.
+        abproxy::tls::ServerTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let upstream = abproxy::endpoint::Endpoint::parse(&config.upstream)
+            .map_err(|e| anyhow::anyhow!("upstream: {e}"))?;
+        abproxy::tls::UpstreamTls::load(&config.tls, &upstream)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         println!("configuration OK");
         return Ok(ExitCode::SUCCESS);
     }
     let server = Server::bind(config).await?;
+    tokio::spawn(reload_on_sighup(server.server_tls()));
     server.run(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP re-reads the TLS certificate and key; sessions are not touched,
+/// and a bad new pair keeps the old one.
+async fn reload_on_sighup(tls: Option<std::sync::Arc<abproxy::tls::ServerTls>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler: no TLS reload on SIGHUP");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match &tls {
+            None => {
+                tracing::info!("SIGHUP received: no TLS certificate configured, nothing to reload")
+            }
+            Some(t) => match t.reload() {
+                Ok(()) => tracing::info!("SIGHUP received: TLS certificate and key reloaded"),
+                Err(e) => tracing::error!(
+                    "SIGHUP received: TLS reload failed, keeping the previous certificate: {e}"
+                ),
+            },
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -630,6 +630,12 @@ impl Session {
                 let s = s.into_std().map_err(unreachable)?;
                 (StdStream::Unix(s), "ldapi:///".to_string())
             }
+            Endpoint::Tls(_) => {
+                return Err(OpError::usage(
+                    format!("bad --url {url}: ldaps:// is not supported by the operator commands"),
+                    "use ldap://HOST:PORT or ldapi://PATH",
+                ))
+            }
         };
         let settings = LdapConnSettings::new().set_std_stream(stream);
         let (conn, ldap) = LdapConnAsync::with_settings(settings, &ldap_url)

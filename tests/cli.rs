@@ -98,11 +98,16 @@ fn bad_flags_and_configs_are_refused_with_a_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--lisen"));
 
     let out = Command::new(BIN)
-        .args(["serve", "--upstream", "ldaps://h:636", "--check-config"])
+        .args([
+            "serve",
+            "--listen",
+            "ldaps://127.0.0.1:3636",
+            "--check-config",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("ldaps:// is not supported yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs tls.cert_file"));
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("abproxy.toml");

@@ -28,6 +28,11 @@ pub(crate) async fn connect(
                 .map_err(|e| format!("cannot connect to {url}: {e}"))?;
             (StdStream::Unix(s), "ldapi:///".to_string())
         }
+        Endpoint::Tls(_) => {
+            return Err(format!(
+                "{url}: ldaps:// is not supported for config_url; use ldapi:// or ldap://"
+            ))
+        }
     };
     let settings = LdapConnSettings::new().set_std_stream(stream);
     let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &ldap_url)

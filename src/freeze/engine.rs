@@ -90,17 +90,24 @@ pub struct Requester {
     pub bound_dn: Option<String>,
     /// (uid, gid) of a client on a unix-socket (ldapi) listener.
     pub peer_uid: Option<(u32, u32)>,
+    /// Subject of the client's TLS certificate, verified against
+    /// `tls.client_ca_file`.
+    pub cert_subject: Option<String>,
 }
 
 impl Requester {
-    /// The identity: the bound DN, else, on ldapi, the peer credentials in
-    /// slapd's form `gidNumber=G+uidNumber=U,cn=peercred,cn=external,cn=auth`.
+    /// The identity: the bound DN, else the client certificate's subject,
+    /// else, on ldapi, the peer credentials in slapd's form
+    /// `gidNumber=G+uidNumber=U,cn=peercred,cn=external,cn=auth`.
     fn identity(&self) -> Option<String> {
-        self.bound_dn.clone().or_else(|| {
-            self.peer_uid.map(|(uid, gid)| {
-                format!("gidNumber={gid}+uidNumber={uid},cn=peercred,cn=external,cn=auth")
+        self.bound_dn
+            .clone()
+            .or_else(|| self.cert_subject.clone())
+            .or_else(|| {
+                self.peer_uid.map(|(uid, gid)| {
+                    format!("gidNumber={gid}+uidNumber={uid},cn=peercred,cn=external,cn=auth")
+                })
             })
-        })
     }
 
     fn name(&self) -> String {
@@ -149,19 +156,41 @@ impl Freeze {
 pub type Answer = (LdapResultCode, String);
 
 /// Why a requester may not freeze.
-fn authorise(allowed: &[NormDn], allowed_uids: &[u32], who: &Requester) -> Result<(), Answer> {
+fn authorise(
+    allowed: &[NormDn],
+    allowed_uids: &[u32],
+    allowed_certs: &[NormDn],
+    who: &Requester,
+) -> Result<(), Answer> {
     // A local client of an ldapi listener, by the uid the kernel reports.
     if let Some((uid, _)) = who.peer_uid {
         if who.bound_dn.is_none() && allowed_uids.contains(&uid) {
             return Ok(());
         }
     }
+    // A TLS client by its verified certificate.
+    if let Some(subject) = &who.cert_subject {
+        if who.bound_dn.is_none()
+            && NormDn::parse(subject.as_bytes()).is_some_and(|n| allowed_certs.contains(&n))
+        {
+            return Ok(());
+        }
+    }
     let Some(dn) = &who.bound_dn else {
         return Err((
             LdapResultCode::InsufficentAccessRights,
-            "Allow-Backup requires an authenticated identity listed in freeze.allowed \
-             (or, on an ldapi listener, a uid in freeze.allowed_uids); anonymous is never allowed"
-                .into(),
+            match &who.cert_subject {
+                Some(s) => format!(
+                    "Allow-Backup requires an authenticated identity: the client certificate \
+                     {s} is not in freeze.allowed_cert_subjects, and no DN in freeze.allowed \
+                     is bound"
+                ),
+                None => "Allow-Backup requires an authenticated identity listed in freeze.allowed \
+                         (or, on an ldapi listener, a uid in freeze.allowed_uids; over TLS, a \
+                         client certificate in freeze.allowed_cert_subjects); anonymous is never \
+                         allowed"
+                    .into(),
+            },
         ));
     };
     let norm = NormDn::parse(dn.as_bytes());
@@ -186,6 +215,7 @@ pub struct Engine {
     cfg: FreezeConfig,
     classify: ClassifyOptions,
     allowed: Vec<NormDn>,
+    allowed_certs: Vec<NormDn>,
     backends: RwLock<Arc<BackendMap>>,
     drivers: RwLock<HashMap<String, Arc<dyn Driver>>>,
     state: RwLock<Option<Freeze>>,
@@ -214,6 +244,11 @@ impl Engine {
             .iter()
             .filter_map(|d| NormDn::parse(d.as_bytes()))
             .collect();
+        let allowed_certs = cfg
+            .allowed_cert_subjects
+            .iter()
+            .filter_map(|d| NormDn::parse(d.as_bytes()))
+            .collect();
         let classify = ClassifyOptions {
             bind_is_write: cfg.bind_is_write,
             read_only_extended: cfg.read_only_extended.clone(),
@@ -222,6 +257,7 @@ impl Engine {
             cfg,
             classify,
             allowed,
+            allowed_certs,
             backends: RwLock::new(Arc::new(backends)),
             drivers: RwLock::new(HashMap::new()),
             state: RwLock::new(None),
@@ -456,7 +492,12 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return (LdapResultCode::ProtocolError, e.to_string()),
         };
-        if let Err(refusal) = authorise(&self.allowed, &self.cfg.allowed_uids, &who) {
+        if let Err(refusal) = authorise(
+            &self.allowed,
+            &self.cfg.allowed_uids,
+            &self.allowed_certs,
+            &who,
+        ) {
             warn!(who = %who.name(), on = req.mode, "Allow-Backup refused: {}", refusal.1);
             return refusal;
         }
@@ -875,7 +916,12 @@ impl Engine {
 
     /// The status query: code, message and the AllowBackupStatus value.
     pub fn status(&self, who: &Requester) -> (LdapResultCode, String, Option<Vec<u8>>) {
-        if let Err((code, msg)) = authorise(&self.allowed, &self.cfg.allowed_uids, who) {
+        if let Err((code, msg)) = authorise(
+            &self.allowed,
+            &self.cfg.allowed_uids,
+            &self.allowed_certs,
+            who,
+        ) {
             return (code, msg, None);
         }
         let map = self.backends();

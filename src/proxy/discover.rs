@@ -10,20 +10,22 @@ use ldap3_proto::proto::{
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::endpoint::Endpoint;
+use crate::tls::UpstreamTls;
 use crate::wire::{op, pdu, Envelope, FrameCodec};
 
 /// The `namingContexts` values of the upstream's root DSE (anonymous read).
 pub async fn naming_contexts(
     upstream: &Endpoint,
+    tls: Option<&UpstreamTls>,
     timeout: Duration,
 ) -> anyhow::Result<Vec<String>> {
-    tokio::time::timeout(timeout, read(upstream))
+    tokio::time::timeout(timeout, read(upstream, tls))
         .await
         .map_err(|_| anyhow::anyhow!("timed out reading the root DSE of {upstream}"))?
 }
 
-async fn read(upstream: &Endpoint) -> anyhow::Result<Vec<String>> {
-    let (r, w) = upstream.connect().await?;
+async fn read(upstream: &Endpoint, tls: Option<&UpstreamTls>) -> anyhow::Result<Vec<String>> {
+    let (r, w) = crate::tls::connect_upstream(upstream, tls).await?;
     let mut out = FramedWrite::new(w, FrameCodec::default());
     let mut inp = FramedRead::new(r, FrameCodec::new(16 * 1024 * 1024));
     let req = LdapMsg::new(

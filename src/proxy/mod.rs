@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,6 +25,7 @@ use crate::freeze::drivers::{CommandDriver, DriverKind};
 use crate::freeze::ds389::Ds389Driver;
 use crate::freeze::openldap::OpenLdapDriver;
 use crate::freeze::{BackendMap, Engine};
+use crate::tls::{ServerTls, UpstreamTls};
 
 /// What every session of one proxy shares.
 #[derive(Debug)]
@@ -38,24 +39,42 @@ pub struct Shared {
     /// Backends come from the upstream's namingContexts (none configured):
     /// re-read before each freeze.
     pub auto_backends: bool,
+    /// Client-facing TLS (`ldaps://` listeners, StartTLS), when configured.
+    pub server_tls: Option<Arc<ServerTls>>,
+    /// How to reach a TLS upstream (`ldaps://` or `upstream_starttls`).
+    pub upstream_tls: Option<UpstreamTls>,
     next_conn: AtomicU64,
 }
 
+impl Shared {
+    /// A new connection to the upstream, with TLS when configured.
+    pub async fn connect_upstream(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
+        crate::tls::connect_upstream(&self.upstream, self.upstream_tls.as_ref()).await
+    }
+}
+
+/// An accepted client connection, before any TLS.
+pub(crate) enum Incoming {
+    /// From an `ldap://` (`ldaps == false`) or `ldaps://` listener.
+    Tcp(TcpStream, bool),
+    Unix(UnixStream),
+}
+
 enum Listener {
-    Tcp(TcpListener),
+    /// `ldap://` or, with `true`, `ldaps://`.
+    Tcp(TcpListener, bool),
     Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
-    /// A new client: its halves, a name for logs and, on a unix socket, its
-    /// credentials (uid, gid).
-    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String, Option<(u32, u32)>)> {
+    /// A new client: the connection, a name for logs and, on a unix socket,
+    /// its credentials (uid, gid).
+    async fn accept(&self) -> std::io::Result<(Incoming, String, Option<(u32, u32)>)> {
         match self {
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, ldaps) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), peer.to_string(), None))
+                Ok((Incoming::Tcp(s, *ldaps), peer.to_string(), None))
             }
             Listener::Unix(l, path) => {
                 let (s, _) = l.accept().await?;
@@ -64,19 +83,24 @@ impl Listener {
                     Some((uid, _)) => format!("ldapi:{} uid={uid}", path.display()),
                     None => format!("ldapi:{}", path.display()),
                 };
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), peer, cred))
+                Ok((Incoming::Unix(s), peer, cred))
             }
         }
     }
 
     fn endpoint(&self) -> Endpoint {
         match self {
-            Listener::Tcp(l) => Endpoint::Tcp(
-                l.local_addr()
+            Listener::Tcp(l, ldaps) => {
+                let a = l
+                    .local_addr()
                     .map(|a| a.to_string())
-                    .unwrap_or_else(|_| "?".into()),
-            ),
+                    .unwrap_or_else(|_| "?".into());
+                if *ldaps {
+                    Endpoint::Tls(a)
+                } else {
+                    Endpoint::Tcp(a)
+                }
+            }
             Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
         }
     }
@@ -102,13 +126,17 @@ impl Server {
     /// tries again.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let (listen, upstream) = config.validate()?;
+        let server_tls = ServerTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let upstream_tls =
+            UpstreamTls::load(&config.tls, &upstream).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut listeners = Vec::new();
         for ep in &listen {
             let l = match ep {
-                Endpoint::Tcp(addr) => Listener::Tcp(
+                Endpoint::Tcp(addr) | Endpoint::Tls(addr) => Listener::Tcp(
                     TcpListener::bind(addr.as_str())
                         .await
                         .with_context(|| format!("cannot listen on {ep}"))?,
+                    matches!(ep, Endpoint::Tls(_)),
                 ),
                 Endpoint::Unix(path) => {
                     // A stale socket from a previous run would make bind fail;
@@ -136,7 +164,8 @@ impl Server {
         }
         let mut map = config.backend_map()?;
         let auto_backends = map.is_empty();
-        match tokio::time::timeout(config.upstream_connect_timeout(), upstream.connect()).await {
+        let probe = crate::tls::connect_upstream(&upstream, upstream_tls.as_ref());
+        match tokio::time::timeout(config.upstream_connect_timeout(), probe).await {
             Ok(Ok(_)) => info!(%upstream, "upstream reachable"),
             Ok(Err(e)) => {
                 warn!(%upstream, "upstream not reachable at start-up (will retry per connection): {e}")
@@ -146,7 +175,8 @@ impl Server {
             }
         }
         if auto_backends {
-            if let Some(m) = discover_backends(&upstream, config.upstream_connect_timeout()).await {
+            let t = config.upstream_connect_timeout();
+            if let Some(m) = discover_backends(&upstream, upstream_tls.as_ref(), t).await {
                 map = m;
             }
         }
@@ -198,9 +228,17 @@ impl Server {
                 config,
                 upstream,
                 auto_backends,
+                server_tls,
+                upstream_tls,
                 next_conn: AtomicU64::new(1),
             }),
         })
+    }
+
+    /// The client-facing TLS settings, for reloading on SIGHUP (`None`:
+    /// no certificate configured).
+    pub fn server_tls(&self) -> Option<Arc<ServerTls>> {
+        self.shared.server_tls.clone()
     }
 
     /// The bound listeners (with the real port when 0 was asked for).
@@ -255,8 +293,12 @@ impl Server {
 
 /// The upstream's naming contexts as `readonly` backends; `None` (with a
 /// warning) when they cannot be read.
-pub async fn discover_backends(upstream: &Endpoint, timeout: Duration) -> Option<BackendMap> {
-    match discover::naming_contexts(upstream, timeout).await {
+pub async fn discover_backends(
+    upstream: &Endpoint,
+    tls: Option<&UpstreamTls>,
+    timeout: Duration,
+) -> Option<BackendMap> {
+    match discover::naming_contexts(upstream, tls, timeout).await {
         Ok(list) => match BackendMap::new(list.into_iter().map(|s| (s, Mode::Readonly))) {
             Ok(m) => Some(m),
             Err(e) => {
@@ -285,14 +327,14 @@ async fn accept_loop(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((r, w, peer, cred)) => {
+            Ok((incoming, peer, cred)) => {
                 backoff = Duration::from_millis(10);
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 tracker.spawn(session::serve(
                     id,
                     peer,
                     cred,
-                    (r, w),
+                    incoming,
                     shared.clone(),
                     stop.clone(),
                     abort.clone(),
@@ -316,6 +358,7 @@ async fn accept_loop(
 pub struct ProxyHandle {
     endpoints: Vec<Endpoint>,
     engine: Arc<Engine>,
+    server_tls: Option<Arc<ServerTls>>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -326,12 +369,14 @@ impl ProxyHandle {
         let server = Server::bind(config).await?;
         let endpoints = server.endpoints();
         let engine = server.shared.engine.clone();
+        let server_tls = server.server_tls();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move { server.run(s.cancelled_owned()).await });
         Ok(ProxyHandle {
             endpoints,
             engine,
+            server_tls,
             stop,
             task,
         })
@@ -345,6 +390,14 @@ impl ProxyHandle {
     /// The proxy's freeze engine.
     pub fn engine(&self) -> Arc<Engine> {
         self.engine.clone()
+    }
+
+    /// Re-reads the TLS certificate and key, as SIGHUP does.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        match &self.server_tls {
+            Some(t) => t.reload(),
+            None => Err("no TLS certificate configured".into()),
+        }
     }
 
     /// URL of the first listener.

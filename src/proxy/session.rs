@@ -19,15 +19,16 @@ use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt};
 use ldap3_proto::proto::{LdapMsg, LdapOp, LdapResultCode};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::inflight::{InFlight, InFlightTable};
-use super::Shared;
+use super::{Incoming, Shared};
 use crate::endpoint::{BoxRead, BoxWrite};
 use crate::freeze::{Class, Control, Engine, Kind, Requester, SessionHandle};
+use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
 use crate::wire::{op, pdu, rootdse, Envelope, FrameCodec, FrameError};
 
@@ -47,6 +48,14 @@ const PROXY_ABANDON_ID: i32 = i32::MAX;
 enum Local {
     /// A PDU the proxy authored, for the client.
     Pdu(Bytes),
+    /// The StartTLS success response: write and flush it, say so on
+    /// `flushed`, then write nothing until `resume` (the requests loop runs
+    /// the TLS handshake meanwhile; dropped: the handshake failed).
+    StartTls {
+        pdu: Bytes,
+        flushed: oneshot::Sender<()>,
+        resume: oneshot::Receiver<()>,
+    },
     /// End the session.
     Close,
 }
@@ -84,6 +93,9 @@ pub struct SessionState {
     upstream_noticed: AtomicBool,
     /// Requests waiting in this session's queue.
     pub queued: AtomicUsize,
+    /// Requests the proxy answers itself later (Allow-Backup during its
+    /// drain): outstanding for StartTLS.
+    local_pending: AtomicUsize,
     requests: AtomicU64,
     responses: AtomicU64,
 }
@@ -167,6 +179,7 @@ enum End {
     ClientProtocol(String),
     UpstreamProtocol(String),
     SaslLayer(&'static str),
+    Tls(String),
     Io(&'static str, std::io::Error),
     Closed,
 }
@@ -185,10 +198,78 @@ impl End {
                  (integrity/confidentiality) was negotiated, which abproxy cannot inspect; use \
                  TLS instead of a SASL layer (e.g. maxssf=0)"
             ),
+            End::Tls(m) => format!("StartTLS: {m}"),
             End::Io(what, e) => format!("{what}: {e}"),
             End::Closed => "closed by the other side of the session".into(),
         }
     }
+}
+
+/// A client connection ready for the session's loops.
+struct Client {
+    read: BoxRead,
+    write: BoxWrite,
+    /// The shared stream of a TCP client that is or may become TLS.
+    stream: Option<ClientStream>,
+    /// In TLS (`ldaps://`, or after StartTLS).
+    tls: bool,
+    /// A clear TCP connection (not ldapi), which `require_tls` refuses.
+    tcp: bool,
+    /// The verified client certificate's subject.
+    cert_subject: Option<String>,
+}
+
+/// Turns an accepted connection into the session's halves, after the TLS
+/// handshake on an `ldaps://` listener (`None`: the handshake failed).
+async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -> Option<Client> {
+    let (stream, tls, cert_subject) = match (incoming, &shared.server_tls) {
+        (Incoming::Unix(s), _) => {
+            let (r, w) = s.into_split();
+            return Some(Client {
+                read: Box::new(r),
+                write: Box::new(w),
+                stream: None,
+                tls: false,
+                tcp: false,
+                cert_subject: None,
+            });
+        }
+        (Incoming::Tcp(s, false), None) => {
+            let (r, w) = s.into_split();
+            return Some(Client {
+                read: Box::new(r),
+                write: Box::new(w),
+                stream: None,
+                tls: false,
+                tcp: true,
+                cert_subject: None,
+            });
+        }
+        (Incoming::Tcp(s, false), Some(_)) => (ClientStream::clear(s), false, None),
+        (Incoming::Tcp(s, true), Some(server)) => match server.accept(s).await {
+            Ok((tls, subject)) => (ClientStream::tls(tls), true, subject),
+            Err(e) => {
+                info!(conn = id, %peer, "connection closed: ldaps: {e}");
+                return None;
+            }
+        },
+        (Incoming::Tcp(_, true), None) => {
+            warn!(conn = id, %peer, "connection closed: ldaps listener without TLS settings");
+            return None;
+        }
+    };
+    if tls {
+        info!(conn = id, %peer, subject = cert_subject.as_deref().unwrap_or("none"), "TLS established (ldaps)");
+    }
+    let (read, write) = stream.halves();
+    Some(Client {
+        read,
+        write,
+        stream: Some(stream),
+        tls,
+        tcp: true,
+        cert_subject,
+    })
 }
 
 /// Serves one accepted client connection until it ends.
@@ -196,19 +277,22 @@ pub(crate) async fn serve(
     id: u64,
     peer: String,
     cred: Option<(u32, u32)>,
-    client: (BoxRead, BoxWrite),
+    incoming: Incoming,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) {
     let started = Instant::now();
-    let (client_r, client_w) = client;
-    let client_out = FramedWrite::new(client_w, FrameCodec::default());
     info!(conn = id, %peer, "connection opened");
+    let Some(client) = open_client(id, &peer, incoming, &shared).await else {
+        return;
+    };
+    let client_r = client.read;
+    let client_out = FramedWrite::new(client.write, FrameCodec::default());
 
     let connect = tokio::time::timeout(
         shared.config.upstream_connect_timeout(),
-        shared.upstream.connect(),
+        shared.connect_upstream(),
     )
     .await;
     let (up_r, up_w) = match connect {
@@ -236,6 +320,10 @@ pub(crate) async fn serve(
     let requests = Requests {
         id,
         cred,
+        client: client.stream,
+        tls: client.tls,
+        tcp: client.tcp,
+        cert_subject: client.cert_subject,
         shared: &shared,
         engine: &engine,
         state: &state,
@@ -320,6 +408,14 @@ struct Requests<'a> {
     id: u64,
     /// Peer credentials (uid, gid) of a client on a unix socket.
     cred: Option<(u32, u32)>,
+    /// The client's TCP stream, which StartTLS can turn to TLS.
+    client: Option<ClientStream>,
+    /// The session is in TLS.
+    tls: bool,
+    /// The client is on TCP (not ldapi): `require_tls` applies in clear.
+    tcp: bool,
+    /// The verified client certificate's subject.
+    cert_subject: Option<String>,
     shared: &'a Arc<Shared>,
     engine: &'a Arc<Engine>,
     state: &'a Arc<SessionState>,
@@ -528,19 +624,33 @@ impl Requests<'_> {
                 .store(!s.is_empty(), Ordering::Relaxed);
         }
 
+        if self.shared.config.tls.require_tls
+            && self.tcp
+            && !self.tls
+            && !exempt_from_tls(&env, &frame)
+        {
+            debug!(
+                conn = self.id,
+                msgid = env.msgid,
+                "refused in clear: tls.require_tls"
+            );
+            return match pdu::response_for(
+                env.op,
+                env.msgid,
+                LdapResultCode::ConfidentialityRequired,
+                "abproxy requires TLS on this connection (tls.require_tls): use ldaps:// or \
+                 StartTLS first (ldapsearch -ZZ)",
+            ) {
+                Some(r) => self.reply_locally(r).await,
+                None => Step::Continue,
+            };
+        }
         if env.op == op::EXTENDED_REQUEST {
             let name = env.oid_bytes(&frame).unwrap_or_default();
             if name == oid::START_TLS {
-                // A forwarded StartTLS would turn the stream into TLS records
-                // the proxy cannot read: answer it here.
-                let resp = pdu::extended_response(
-                    env.msgid,
-                    LdapResultCode::Unavailable,
-                    "StartTLS is not available through abproxy: TLS is not configured on the proxy",
-                    Some(std::str::from_utf8(oid::START_TLS).expect("ASCII OID")),
-                    None,
-                );
-                return self.reply_locally(resp).await;
+                // Answered here, never forwarded: the proxy must read every
+                // request, so it terminates TLS itself.
+                return self.start_tls(&env).await;
             }
             if name == abproxy_proto::ALLOW_BACKUP_OID.as_bytes() {
                 self.allow_backup(&env, &frame);
@@ -627,6 +737,87 @@ impl Requests<'_> {
         }
     }
 
+    /// StartTLS (RFC 4511 section 4.14): success, then the TLS handshake
+    /// on this connection; operationsError (the session goes on as it was)
+    /// when TLS is already on or operations are outstanding.
+    async fn start_tls(&mut self, env: &Envelope) -> Step {
+        let name = Some(std::str::from_utf8(oid::START_TLS).expect("ASCII OID"));
+        let answer = |code, msg: &str| pdu::extended_response(env.msgid, code, msg, name, None);
+        if self.tls {
+            let r = answer(
+                LdapResultCode::OperationsError,
+                "TLS is already established on this connection",
+            );
+            return self.reply_locally(r).await;
+        }
+        let (Some(stream), Some(server)) = (self.client.clone(), self.shared.server_tls.clone())
+        else {
+            let msg = if self.shared.server_tls.is_none() {
+                "StartTLS is not available through abproxy: TLS is not configured on the proxy"
+            } else {
+                "StartTLS is not available on an ldapi:// listener"
+            };
+            return self
+                .reply_locally(answer(LdapResultCode::Unavailable, msg))
+                .await;
+        };
+        let outstanding = self.state.inflight().len()
+            + self.queue.len()
+            + self.state.local_pending.load(Ordering::Acquire);
+        if outstanding > 0 {
+            let r = answer(
+                LdapResultCode::OperationsError,
+                &format!(
+                    "StartTLS refused: {outstanding} operation(s) outstanding on this connection; \
+                     retry once they have completed"
+                ),
+            );
+            return self.reply_locally(r).await;
+        }
+        if !self.client_in.read_buffer().is_empty() {
+            return Step::End(End::ClientProtocol(
+                "data sent after the StartTLS request, before its response".into(),
+            ));
+        }
+        let (flushed_tx, flushed_rx) = oneshot::channel();
+        let (resume_tx, resume_rx) = oneshot::channel();
+        let start = Local::StartTls {
+            pdu: answer(LdapResultCode::Success, ""),
+            flushed: flushed_tx,
+            resume: resume_rx,
+        };
+        let sent = tokio::select! {
+            r = self.local.send(start) => r.is_ok(),
+            _ = self.close.cancelled() => false,
+        };
+        let flushed = sent
+            && tokio::select! {
+                r = flushed_rx => r.is_ok(),
+                _ = self.close.cancelled() => false,
+            };
+        if !flushed {
+            return Step::End(End::Closed);
+        }
+        let handshake = tokio::select! {
+            r = stream.start_tls(&server) => r,
+            _ = self.close.cancelled() => return Step::End(End::Closed),
+        };
+        match handshake {
+            Ok(subject) => {
+                info!(
+                    conn = self.id,
+                    subject = subject.as_deref().unwrap_or("none"),
+                    "TLS established (StartTLS)"
+                );
+                self.tls = true;
+                self.cert_subject = subject;
+                let _ = resume_tx.send(());
+                Step::Continue
+            }
+            Err(e) => Step::End(End::Tls(e)),
+        }
+    }
+
     fn classify(&self, env: &Envelope, frame: &[u8]) -> Class {
         let bound = self.state.bound_dn();
         self.engine
@@ -638,6 +829,7 @@ impl Requests<'_> {
             conn: self.id,
             bound_dn: self.state.bound_dn(),
             peer_uid: self.cred,
+            cert_subject: self.cert_subject.clone(),
         }
     }
 
@@ -752,6 +944,8 @@ impl Requests<'_> {
             .map(|s| frame.slice(s.start as usize..s.end as usize));
         let local = self.local.clone();
         let msgid = env.msgid;
+        let state = self.state.clone();
+        state.local_pending.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             // Backends from the rootDSE are re-read before each freeze.
             let is_on = value
@@ -759,7 +953,8 @@ impl Requests<'_> {
                 .is_some_and(|v| abproxy_proto::decode_request(v).is_ok_and(|r| r.mode));
             if shared.auto_backends && is_on {
                 let t = shared.config.upstream_connect_timeout();
-                if let Some(map) = super::discover_backends(&shared.upstream, t).await {
+                let tls = shared.upstream_tls.as_ref();
+                if let Some(map) = super::discover_backends(&shared.upstream, tls, t).await {
                     engine.set_backends(map);
                 }
             }
@@ -772,6 +967,7 @@ impl Requests<'_> {
                 None,
             );
             let _ = local.send(Local::Pdu(resp)).await;
+            state.local_pending.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
@@ -858,6 +1054,19 @@ impl Requests<'_> {
             }
         }
         End::Shutdown
+    }
+}
+
+/// Allowed in clear under `require_tls`: StartTLS, the root DSE read (how
+/// clients discover StartTLS), and unbind and abandon (no response).
+fn exempt_from_tls(env: &Envelope, frame: &[u8]) -> bool {
+    match env.op {
+        op::UNBIND_REQUEST | op::ABANDON_REQUEST => true,
+        op::EXTENDED_REQUEST => env.oid_bytes(frame) == Some(oid::START_TLS),
+        op::SEARCH_REQUEST => {
+            env.scope == Some(0) && env.dn_bytes(frame).is_some_and(|d| d.is_empty())
+        }
+        _ => false,
     }
 }
 
@@ -958,6 +1167,11 @@ impl Responses {
                             return e;
                         }
                     }
+                    Local::StartTls { pdu, flushed, resume } => {
+                        if let Err(e) = self.start_tls(pdu, flushed, resume).await {
+                            return e;
+                        }
+                    }
                     Local::Close => return End::Closed,
                 },
                 Ok(()) = self.epoch.changed(), if holding => {
@@ -992,6 +1206,27 @@ impl Responses {
             if let Err(e) = flushed {
                 return End::Io("writing to client", e);
             }
+        }
+    }
+
+    /// Writes the StartTLS response in clear, then waits while the
+    /// requests loop turns the connection to TLS.
+    async fn start_tls(
+        &mut self,
+        pdu: Bytes,
+        flushed: oneshot::Sender<()>,
+        resume: oneshot::Receiver<()>,
+    ) -> Result<(), End> {
+        self.write(pdu).await?;
+        tokio::select! {
+            biased;
+            r = self.client_out.flush() => r.map_err(|e| End::Io("writing to client", e))?,
+            _ = self.close.cancelled() => return Err(End::Closed),
+        }
+        let _ = flushed.send(());
+        tokio::select! {
+            r = resume => r.map_err(|_| End::Closed),
+            _ = self.close.cancelled() => Err(End::Closed),
         }
     }
 
