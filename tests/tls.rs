@@ -338,8 +338,48 @@ async fn require_tls_refuses_clear_operations_with_confidentiality_required() {
     let frames = c.recv_until_final(3).await;
     assert_eq!(outcome(frames.last().unwrap()).0, 0);
     assert!(frames.len() == 2, "the root DSE entry, then done");
-    // ldap-utils: in clear refused with the message, with -ZZ and ldaps fine.
+    // An anonymous bind carries no secret: allowed, so ldapsearch -x (which
+    // sends one first) can read the root DSE in clear; nothing else.
     let ca = pki.ca_file();
+    let root = tool(
+        &ca,
+        "ldapsearch",
+        &[
+            "-x",
+            "-H",
+            &lab.proxied(),
+            "-b",
+            "",
+            "-s",
+            "base",
+            "-LLL",
+            "supportedExtension",
+        ],
+    )
+    .await;
+    assert_eq!(root.code, Some(0), "{root:?}");
+    assert!(
+        root.stdout
+            .contains("supportedExtension: 1.3.6.1.4.1.1466.20037"),
+        "{}",
+        root.stdout
+    );
+    let anon = tool(
+        &ca,
+        "ldapsearch",
+        &[
+            "-x",
+            "-H",
+            &lab.proxied(),
+            "-b",
+            "dc=example,dc=org",
+            "-LLL",
+            "(uid=user1)",
+        ],
+    )
+    .await;
+    assert_eq!(anon.code, Some(13), "{anon:?}");
+    // ldap-utils: in clear refused with the message, with -ZZ and ldaps fine.
     let clear = tool(
         &ca,
         "ldapwhoami",
@@ -442,6 +482,37 @@ async fn second_starttls_is_refused_and_tls_goes_on() {
         assert_eq!(search_users(&mut ldap, "(uid=user3)").await.len(), 1);
     }
     // Without a certificate on the proxy, StartTLS stays `unavailable`.
+    // slapd without TLS: the proxy with a certificate announces StartTLS in
+    // the root DSE and does it.
+    let no_tls = Lab::with(SlapdOptions::default(), |c| pki.proxy_tls(c)).await;
+    let root = |url: String| async move {
+        ldap_tool(
+            "ldapsearch",
+            &[
+                "-x",
+                "-H",
+                &url,
+                "-b",
+                "",
+                "-s",
+                "base",
+                "-LLL",
+                "supportedExtension",
+            ],
+            None,
+        )
+        .await
+        .stdout
+    };
+    assert!(!root(no_tls.direct()).await.contains(START_TLS));
+    assert!(root(no_tls.proxied()).await.contains(START_TLS));
+    let out = tool(
+        &pki.ca_file(),
+        "ldapwhoami",
+        &["-x", "-ZZ", "-H", &no_tls.proxied()],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
     let plain = Lab::start().await;
     let out = ldap_tool(
         "ldapsearch",

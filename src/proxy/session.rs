@@ -39,6 +39,8 @@ const BATCH: usize = 64;
 const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// Locally authored responses waiting to be written to the client.
 const LOCAL_QUEUE: usize = 16;
+/// The StartTLS OID as a string (`oid::START_TLS` is bytes).
+const START_TLS_OID: &str = "1.3.6.1.4.1.1466.20037";
 /// Message ID of the abandon requests the proxy authors (abandon has no
 /// response, so the ID is only a label in the server's log).
 const PROXY_ABANDON_ID: i32 = i32::MAX;
@@ -346,6 +348,18 @@ pub(crate) async fn serve(
         local: local_rx,
         control: control_tx,
         epoch: engine.epoch(),
+        extensions: if shared.server_tls.is_some() {
+            &[
+                abproxy_proto::ALLOW_BACKUP_OID,
+                abproxy_proto::ALLOW_BACKUP_STATUS_OID,
+                START_TLS_OID,
+            ]
+        } else {
+            &[
+                abproxy_proto::ALLOW_BACKUP_OID,
+                abproxy_proto::ALLOW_BACKUP_STATUS_OID,
+            ]
+        },
         held: VecDeque::new(),
         held_bytes: 0,
         close: close.clone(),
@@ -741,7 +755,7 @@ impl Requests<'_> {
     /// on this connection; operationsError (the session goes on as it was)
     /// when TLS is already on or operations are outstanding.
     async fn start_tls(&mut self, env: &Envelope) -> Step {
-        let name = Some(std::str::from_utf8(oid::START_TLS).expect("ASCII OID"));
+        let name = Some(START_TLS_OID);
         let answer = |code, msg: &str| pdu::extended_response(env.msgid, code, msg, name, None);
         if self.tls {
             let r = answer(
@@ -1058,16 +1072,39 @@ impl Requests<'_> {
 }
 
 /// Allowed in clear under `require_tls`: StartTLS, the root DSE read (how
-/// clients discover StartTLS), and unbind and abandon (no response).
+/// clients discover StartTLS) and the anonymous bind that ldap-utils send
+/// before it (no secret in it), and unbind and abandon (no response).
 fn exempt_from_tls(env: &Envelope, frame: &[u8]) -> bool {
     match env.op {
         op::UNBIND_REQUEST | op::ABANDON_REQUEST => true,
+        op::BIND_REQUEST => {
+            env.bind_auth == Some(auth::SIMPLE)
+                && env.dn_bytes(frame).is_some_and(|d| d.is_empty())
+                && is_anonymous_bind(frame)
+        }
         op::EXTENDED_REQUEST => env.oid_bytes(frame) == Some(oid::START_TLS),
         op::SEARCH_REQUEST => {
             env.scope == Some(0) && env.dn_bytes(frame).is_some_and(|d| d.is_empty())
         }
         _ => false,
     }
+}
+
+/// A simple bind with an empty password (decoded only on the refusal path
+/// of `require_tls`).
+fn is_anonymous_bind(frame: &[u8]) -> bool {
+    use tokio_util::codec::Decoder;
+    let mut buf = bytes::BytesMut::from(frame);
+    matches!(
+        ldap3_proto::LdapCodec::default().decode(&mut buf),
+        Ok(Some(LdapMsg {
+            op: LdapOp::BindRequest(ldap3_proto::proto::LdapBindRequest {
+                cred: ldap3_proto::proto::LdapBindCred::Simple(ref pw),
+                ..
+            }),
+            ..
+        })) if pw.is_empty()
+    )
 }
 
 /// The cancelID of a cancel request value (RFC 3909:
@@ -1092,6 +1129,9 @@ struct Responses {
     local: mpsc::Receiver<Local>,
     control: mpsc::UnboundedSender<Control>,
     epoch: watch::Receiver<u64>,
+    /// The extended operations the proxy adds to the root DSE's
+    /// `supportedExtension` (StartTLS too when it has a certificate).
+    extensions: &'static [&'static str],
     /// Persistent-search responses held while a stop-mode freeze lasts.
     held: VecDeque<Bytes>,
     held_bytes: usize,
@@ -1329,13 +1369,7 @@ impl Responses {
                         return Route::Hold;
                     }
                     if req.root_dse {
-                        if let Some(f) = rootdse::add_supported_extensions(
-                            frame,
-                            &[
-                                abproxy_proto::ALLOW_BACKUP_OID,
-                                abproxy_proto::ALLOW_BACKUP_STATUS_OID,
-                            ],
-                        ) {
+                        if let Some(f) = rootdse::add_supported_extensions(frame, self.extensions) {
                             return Route::Rewrite(f);
                         }
                     }
