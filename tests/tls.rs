@@ -116,8 +116,14 @@ fn ldaps_of(lab: &Lab) -> String {
 
 /// An ldap-utils tool with `LDAPTLS_CACERT` (and nothing from ldap.conf).
 async fn tool(ca: &Path, tool: &str, args: &[&str]) -> ToolOutput {
+    tool_env(ca, &[], tool, args).await
+}
+
+/// The same with more environment (`LDAPTLS_CERT`, `LDAPTLS_KEY`).
+async fn tool_env(ca: &Path, env: &[(&str, &Path)], tool: &str, args: &[&str]) -> ToolOutput {
     let out = tokio::process::Command::new(tool)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .env("LDAPCONF", "/dev/null")
         .env("LDAPRC", "/dev/null")
         .env("LDAPTLS_CACERT", ca)
@@ -690,6 +696,42 @@ async fn client_certificate_subject_can_freeze_without_a_bind() {
         };
         assert_eq!(ldap.extended(off).await.unwrap().1.rc, 0);
     }
+    // ldap-utils with the client certificate, no password (the README's
+    // example).
+    let env = [
+        ("LDAPTLS_CERT", pki.client.0.as_path()),
+        ("LDAPTLS_KEY", pki.client.1.as_path()),
+    ];
+    let out = tool_env(
+        &pki.ca_file(),
+        &env,
+        "ldapexop",
+        &[
+            "-x",
+            "-H",
+            &ldaps_of(&lab),
+            abproxy_proto::ALLOW_BACKUP_STATUS_OID,
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = tool(
+        &pki.ca_file(),
+        "ldapexop",
+        &[
+            "-x",
+            "-H",
+            &ldaps_of(&lab),
+            abproxy_proto::ALLOW_BACKUP_STATUS_OID,
+        ],
+    )
+    .await;
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("Insufficient access (50)"),
+        "{}",
+        out.stderr
+    );
     // Without a certificate: refused.
     let mut ldap = ldap3_tls(&ldaps_of(&lab), client_config(&pki.ca_file(), None))
         .await
