@@ -221,6 +221,24 @@ fn outcome(frame: &[u8]) -> (i64, String) {
     (code, msg)
 }
 
+/// Whatever the peer sends until it closes (at most 10 s: then panics).
+async fn read_to_close(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the proxy closed the connection");
+    out
+}
+
 fn start_tls(msgid: i32) -> LdapMsg {
     LdapMsg::new(
         msgid,
@@ -461,6 +479,30 @@ async fn starttls_with_outstanding_operations_is_refused_and_the_session_goes_on
     let env = Envelope::response(last).unwrap();
     assert_eq!((env.msgid, env.result_code), (0, Some(2)));
     assert!(outcome(last).1.contains("after the StartTLS request"));
+
+    // StartTLS answered, then no TLS from the client: the handshake fails
+    // and the connection closes; the same for garbage on ldaps://.
+    let mut c = RawConn::connect(&lab.proxy_addr()).await;
+    c.send_msg(start_tls(1)).await;
+    let f = c.recv().await.unwrap();
+    assert_eq!(outcome(&f).0, 0);
+    c.send(b"this is not a TLS ClientHello\r\n").await;
+    let rest = read_to_close(&mut c.stream).await;
+    assert!(
+        rest.first() != Some(&0x30),
+        "an LDAP message after a failed handshake"
+    );
+    let ldaps = ldaps_of(&lab);
+    let mut c = RawConn::connect(ldaps.trim_start_matches("ldaps://")).await;
+    c.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
+    let rest = read_to_close(&mut c.stream).await;
+    assert!(
+        rest.first() != Some(&0x30),
+        "LDAP in clear on ldaps:// answered"
+    );
+    // The proxy still serves TLS clients.
+    let out = tool(&pki.ca_file(), "ldapwhoami", &["-x", "-H", &ldaps]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
