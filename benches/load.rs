@@ -8,6 +8,7 @@
 //! cargo bench --bench load -- --quick                # smoke run, ~0.5 s per point
 //! cargo bench --bench load -- --secs 5 --rounds 3 --conns 1,8 --workloads search,modify
 //! cargo bench --bench load -- --workloads freeze     # the freeze section alone
+//! cargo bench --bench load -- --workloads tls        # the TLS section alone
 //! ```
 //!
 //! One run starts a throwaway slapd (`abproxy::lab`, 1000 users, no fsync),
@@ -52,6 +53,12 @@
 //!   checked (a modify response, success, each message ID once); a response
 //!   before OFF, a backlog never fully queued, or a missing response is
 //!   reported as an error, with the proxy's status at that time.
+//!
+//! `tls` (not in the default list) is the TLS section, a third table: slapd's
+//! own TLS (`ldaps://`) against abproxy terminating TLS (`ldaps://`, clear to
+//! slapd), new TLS connections per second and searches over TLS; see
+//! `load_tls/section.rs`. slapd and abproxy then get certificates from a
+//! throwaway CA (`openssl`).
 //!
 //! Options (arguments override environment variables):
 //! | argument           | environment           | default              |
@@ -107,6 +114,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::codec::Decoder;
 
+#[path = "load_tls/section.rs"]
+mod tls_section;
+
 /// Longest wait for one response before the client gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest time to open (and bind) the connections of one point.
@@ -122,6 +132,8 @@ struct Opts {
     workloads: Vec<Kind>,
     /// The freeze section (`freeze` in the workload list).
     freeze: bool,
+    /// The TLS section (`tls` in the workload list).
+    tls: bool,
     /// Measured ON/OFF cycles per scenario (idle, loaded).
     freeze_cycles: usize,
     /// Closed-loop search+modify clients during the loaded cycles.
@@ -164,20 +176,21 @@ fn parse_conns(s: &str) -> Result<Vec<usize>> {
     Ok(v)
 }
 
-/// The throughput workloads, and whether `freeze` is in the list.
-fn parse_workloads(s: &str) -> Result<(Vec<Kind>, bool)> {
+/// The throughput workloads, and whether `freeze` and `tls` are in the list.
+fn parse_workloads(s: &str) -> Result<(Vec<Kind>, bool, bool)> {
     let v = parse_list(s, |p| match p {
-        "search" => Ok(Some(Kind::Search)),
-        "bind" => Ok(Some(Kind::Bind)),
-        "modify" => Ok(Some(Kind::Modify)),
-        "freeze" => Ok(None),
-        _ => bail!("unknown workload {p:?} (search, bind, modify, freeze)"),
+        "search" => Ok(Ok(Kind::Search)),
+        "bind" => Ok(Ok(Kind::Bind)),
+        "modify" => Ok(Ok(Kind::Modify)),
+        "freeze" | "tls" => Ok(Err(p == "tls")),
+        _ => bail!("unknown workload {p:?} (search, bind, modify, freeze, tls)"),
     })?;
     if v.is_empty() {
         bail!("no workload");
     }
-    let freeze = v.iter().any(Option::is_none);
-    Ok((v.into_iter().flatten().collect(), freeze))
+    let freeze = v.contains(&Err(false));
+    let tls = v.contains(&Err(true));
+    Ok((v.into_iter().flatten().collect(), freeze, tls))
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -277,7 +290,7 @@ impl Opts {
         let warmup =
             Duration::from_millis(num("warmup-ms", if quick { 100.0 } else { 500.0 })? as u64);
         let conns = parse_conns(kv.get("conns").map_or("1,8,32", String::as_str))?;
-        let (workloads, freeze) = parse_workloads(
+        let (workloads, freeze, tls) = parse_workloads(
             kv.get("workloads")
                 .map_or("search,bind,modify,freeze", String::as_str),
         )?;
@@ -318,6 +331,7 @@ impl Opts {
             conns,
             workloads,
             freeze,
+            tls,
             freeze_cycles,
             freeze_conns,
             backlog_conns,
@@ -1737,9 +1751,15 @@ fn run(args: &[String]) -> Result<()> {
     let secs = Duration::from_secs_f64(opts.secs);
 
     eprintln!("load: starting slapd with {} users...", opts.users);
+    let pki = if opts.tls {
+        Some(tls_section::pki().context("making the TLS certificates (needs openssl)")?)
+    } else {
+        None
+    };
     let slapd = Slapd::start(SlapdOptions {
         users: opts.users,
         nosync: true,
+        tls: pki.as_ref().map(|p| p.slapd.clone()),
         ..Default::default()
     })
     .context("starting slapd (needs the slapd package)")?;
@@ -1782,6 +1802,11 @@ fn run(args: &[String]) -> Result<()> {
         ..Config::default()
     };
     freeze_config(&mut config, &opts);
+    if let Some(p) = &pki {
+        config.listen.push("ldaps://127.0.0.1:0".into());
+        config.tls.cert_file = Some(p.proxy.0.clone());
+        config.tls.key_file = Some(p.proxy.1.clone());
+    }
     let proxy = proxy_rt.block_on(ProxyHandle::spawn(config))?;
     let abproxy_addr: SocketAddr = match &proxy.endpoints()[0] {
         Endpoint::Tcp(a) => a.parse().context("abproxy listener address")?,
@@ -1881,6 +1906,31 @@ fn run(args: &[String]) -> Result<()> {
         client_rt.block_on(run_freeze(&opts, (direct, abproxy_addr), &mut freeze));
     }
 
+    let mut tls = tls_section::TlsResults::default();
+    if let Some(p) = &pki {
+        let slapd_ldaps: SocketAddr = slapd
+            .ldaps_url()
+            .context("slapd's ldaps listener")?
+            .trim_start_matches("ldaps://")
+            .parse()?;
+        let proxy_ldaps: SocketAddr = match proxy.endpoints().get(1) {
+            Some(Endpoint::Tls(a)) => a.parse()?,
+            other => bail!("unexpected abproxy TLS listener {other:?}"),
+        };
+        for round in 0..opts.rounds {
+            client_rt.block_on(tls_section::run_round(
+                round,
+                &opts.conns,
+                opts.users,
+                opts.warmup,
+                secs,
+                &p.ca,
+                [slapd_ldaps, proxy_ldaps],
+                &mut tls,
+            ))?;
+        }
+    }
+
     let shutdown = proxy_rt
         .block_on(async { tokio::time::timeout(Duration::from_secs(10), proxy.shutdown()).await });
     match shutdown {
@@ -1932,6 +1982,15 @@ fn run(args: &[String]) -> Result<()> {
                 println!("- {e}");
             }
         }
+    }
+    if opts.tls {
+        println!(
+            "\n### TLS\n\nslapd's own TLS (ldaps://) vs abproxy terminating TLS (ldaps://, clear to slapd); \
+             TLS 1.3, EC P-256 certificates, no session resumption; `connect` = TCP connect, full \
+             handshake, anonymous bind, unbind, close; `search` = the search workload on one TLS \
+             connection per client\n"
+        );
+        print!("{}", tls.table(&opts.conns));
     }
     let mut errs: Vec<String> = Vec::new();
     for ((k, c, t), a) in &results.cells {
