@@ -330,14 +330,27 @@ fn describe(e: &rustls::Error) -> String {
             CertificateError::UnknownIssuer => {
                 "certificate signed by an unknown CA (not in the configured CA file)".into()
             }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                format!("certificate expired ({c:?})")
-            }
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                format!("certificate not valid yet ({c:?})")
-            }
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                format!("certificate not valid for the server's name ({c:?})")
+            CertificateError::ExpiredContext { time, not_after } => format!(
+                "certificate expired {} s ago",
+                time.as_secs().saturating_sub(not_after.as_secs())
+            ),
+            CertificateError::Expired => "certificate expired".into(),
+            CertificateError::NotValidYetContext { time, not_before } => format!(
+                "certificate not valid yet (for another {} s)",
+                not_before.as_secs().saturating_sub(time.as_secs())
+            ),
+            CertificateError::NotValidYet => "certificate not valid yet".into(),
+            CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            } => format!(
+                "certificate not valid for the server's name: expected {}, the certificate \
+                 names {}",
+                expected.to_str(),
+                presented.join(", ")
+            ),
+            CertificateError::NotValidForName => {
+                "certificate not valid for the server's name".into()
             }
             CertificateError::Revoked => "certificate revoked".into(),
             CertificateError::BadSignature => "certificate has a bad signature".into(),

@@ -673,6 +673,11 @@ async fn upstream_tls_failures_end_the_session_with_a_reason() {
     })
     .await;
     assert!(msg.contains("not valid for the server's name"), "{msg}");
+    assert!(msg.contains("expected ldap.example.org"), "{msg}");
+    assert!(
+        msg.contains("IP:127.0.0.1") || msg.contains("127.0.0.1"),
+        "{msg}"
+    );
     // With the name check off, the same works.
     let mut config = Config {
         listen: vec!["ldap://127.0.0.1:0".into()],
@@ -1102,4 +1107,28 @@ async fn proxy_client_certificate_upstream_authenticates_sasl_external() {
     // has no certificate to use.
     assert!(whoami(lab.proxied()).await.is_err());
     proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_expired_certificate_is_named() {
+    let pki = Pki::new();
+    // Valid for 0 days: notAfter is the time of issue.
+    let (cert, key) = pki
+        .ca
+        .issue("expired", "/CN=localhost", "DNS:localhost,IP:127.0.0.1", 0)
+        .unwrap();
+    let opts = SlapdOptions {
+        tls: Some(SlapdTls {
+            cert_file: cert,
+            key_file: key,
+            ca_file: pki.ca_file(),
+        }),
+        ..Default::default()
+    };
+    let lab = Lab::with(opts, |_| {}).await;
+    // notAfter has whole seconds: one more second and it is in the past.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let ca = pki.ca_file();
+    let msg = upstream_notice(&lab, |c| c.tls.upstream_ca_file = Some(ca)).await;
+    assert!(msg.contains("certificate expired"), "{msg}");
 }
