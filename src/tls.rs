@@ -347,7 +347,11 @@ fn describe(e: &rustls::Error) -> String {
                 "certificate not valid for the server's name: expected {}, the certificate \
                  names {}",
                 expected.to_str(),
-                presented.join(", ")
+                presented
+                    .iter()
+                    .map(|p| presented_name(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             CertificateError::NotValidForName => {
                 "certificate not valid for the server's name".into()
@@ -360,6 +364,18 @@ fn describe(e: &rustls::Error) -> String {
         E::AlertReceived(a) => format!("the peer sent the TLS alert {a:?}"),
         other => other.to_string(),
     }
+}
+
+/// rustls lists a certificate's names as `DnsName("x")` / `IpAddress(1.2.3.4)`:
+/// just the name.
+fn presented_name(p: &str) -> &str {
+    p.strip_prefix("DnsName(\"")
+        .and_then(|r| r.strip_suffix("\")"))
+        .or_else(|| {
+            p.strip_prefix("IpAddress(")
+                .and_then(|r| r.strip_suffix(')'))
+        })
+        .unwrap_or(p)
 }
 
 /// Checks the chain like the WebPKI verifier, but accepts a certificate
