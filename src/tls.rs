@@ -75,6 +75,10 @@ pub struct TlsConfig {
     pub upstream_key_file: Option<PathBuf>,
     /// Time allowed to a TLS handshake (client or upstream), in seconds.
     pub handshake_timeout_secs: u64,
+    /// Check `cert_file`, `key_file` and `client_ca_file` for changes every
+    /// this many seconds and reload them once they stop changing (0: only
+    /// on SIGHUP).
+    pub reload_check_secs: u64,
 }
 
 impl Default for TlsConfig {
@@ -92,6 +96,7 @@ impl Default for TlsConfig {
             upstream_cert_file: None,
             upstream_key_file: None,
             handshake_timeout_secs: 10,
+            reload_check_secs: 0,
         }
     }
 }
@@ -179,7 +184,12 @@ fn read_roots(path: &Path, what: &str) -> Result<RootCertStore, String> {
 pub struct ServerTls {
     cfg: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
+    /// The files' stamps when last (re)loaded, or tried.
+    loaded: Mutex<Stamp>,
 }
+
+/// Modification time and size of each TLS file.
+type Stamp = Vec<Option<(std::time::SystemTime, u64)>>;
 
 impl ServerTls {
     /// Reads the certificate, key and client CA; `None` when no certificate
@@ -188,10 +198,12 @@ impl ServerTls {
         if cfg.cert_file.is_none() {
             return Ok(None);
         }
+        let stamp = stamp(cfg);
         let config = Self::build(cfg)?;
         Ok(Some(Arc::new(ServerTls {
             cfg: cfg.clone(),
             current: RwLock::new(config),
+            loaded: Mutex::new(stamp),
         })))
     }
 
@@ -238,9 +250,45 @@ impl ServerTls {
     /// already in TLS keep theirs); on error the configuration in place is
     /// kept and the reason returned.
     pub fn reload(&self) -> Result<(), String> {
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.cfg);
         let config = Self::build(&self.cfg)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
         Ok(())
+    }
+
+    /// With `reload_check_secs`: checks the files at that interval and
+    /// reloads them once a change has settled (the same on two checks in a
+    /// row), until `stop`. A failed reload keeps the previous pair, is
+    /// logged, and is tried again on the next change.
+    pub async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let secs = self.cfg.reload_check_secs;
+        if secs == 0 {
+            return;
+        }
+        let every = Duration::from_secs(secs);
+        let mut seen = stamp(&self.cfg);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let now = stamp(&self.cfg);
+            let loaded = self
+                .loaded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if now != loaded && now == seen {
+                match self.reload() {
+                    Ok(()) => tracing::info!("TLS files changed: certificate and key reloaded"),
+                    Err(e) => tracing::error!(
+                        "TLS files changed but cannot be loaded, keeping the previous \
+                         certificate: {e}"
+                    ),
+                }
+            }
+            seen = now;
+        }
     }
 
     /// Server handshake on a new TCP connection (`ldaps://`), within the
@@ -262,6 +310,20 @@ impl ServerTls {
             .and_then(|c| cert_subject(c));
         Ok((tls, subject))
     }
+}
+
+/// Size and modification time of the server-side TLS files, to notice a
+/// change.
+fn stamp(cfg: &TlsConfig) -> Stamp {
+    [&cfg.cert_file, &cfg.key_file, &cfg.client_ca_file]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
 }
 
 /// The subject of a DER certificate as an RFC 4514 string, the form slapd

@@ -1132,3 +1132,47 @@ async fn upstream_expired_certificate_is_named() {
     let msg = upstream_notice(&lab, |c| c.tls.upstream_ca_file = Some(ca)).await;
     assert!(msg.contains("certificate expired"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_certificate_files_are_reloaded_with_reload_check_secs() {
+    let pki = Pki::new();
+    let cert = pki.dir.path().join("watched.pem");
+    let key = pki.dir.path().join("watched.key");
+    std::fs::copy(&pki.proxy.0, &cert).unwrap();
+    std::fs::copy(&pki.proxy.1, &key).unwrap();
+    let lab = Lab::with(SlapdOptions::default(), |c| {
+        c.listen = vec!["ldaps://127.0.0.1:0".into()];
+        c.tls.cert_file = Some(cert.clone());
+        c.tls.key_file = Some(key.clone());
+        c.tls.reload_check_secs = 1;
+    })
+    .await;
+    let url = lab.proxied();
+    let addr = url.trim_start_matches("ldaps://").to_string();
+    let cfg = client_config(&pki.ca_file(), None);
+    assert_eq!(
+        presented_cert(&addr, cfg.clone()).await,
+        Some(pem_der(&pki.proxy.0))
+    );
+    let mut session = ldap3_tls(&url, cfg.clone()).await.unwrap();
+    session
+        .simple_bind(ADMIN_DN, ADMIN_PW)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let (new_cert, new_key) = pki.ca.server("renewed").unwrap();
+    std::fs::rename(&new_key, &key).unwrap();
+    std::fs::rename(&new_cert, &cert).unwrap();
+    let renewed = pem_der(&cert);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while presented_cert(&addr, cfg.clone()).await != Some(renewed.clone()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the changed files were not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The session opened before goes on.
+    assert_eq!(search_users(&mut session, "(uid=user6)").await.len(), 1);
+}

@@ -253,6 +253,9 @@ impl Server {
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let Some(tls) = &self.shared.server_tls {
+            tokio::spawn(tls.clone().watch(stop.clone()));
+        }
         let mut acceptors = Vec::new();
         let listeners: Vec<Arc<Listener>> = self.listeners.into_iter().map(Arc::new).collect();
         for l in &listeners {
