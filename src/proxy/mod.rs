@@ -3,6 +3,7 @@
 
 pub mod discover;
 pub mod inflight;
+pub mod limits;
 pub mod session;
 
 use std::future::Future;
@@ -38,6 +39,8 @@ pub struct Shared {
     /// Backends come from the upstream's namingContexts (none configured):
     /// re-read before each freeze.
     pub auto_backends: bool,
+    /// Open client connections against their limits.
+    pub limits: Arc<limits::ConnLimits>,
     next_conn: AtomicU64,
 }
 
@@ -191,6 +194,10 @@ impl Server {
                 }
             }
         }
+        let limits = Arc::new(limits::ConnLimits::new(
+            config.max_connections,
+            config.max_connections_per_source,
+        ));
         Ok(Server {
             listeners,
             shared: Arc::new(Shared {
@@ -198,6 +205,7 @@ impl Server {
                 config,
                 upstream,
                 auto_backends,
+                limits,
                 next_conn: AtomicU64::new(1),
             }),
         })
@@ -288,15 +296,28 @@ async fn accept_loop(
             Ok((r, w, peer, cred)) => {
                 backoff = Duration::from_millis(10);
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                tracker.spawn(session::serve(
-                    id,
-                    peer,
-                    cred,
-                    (r, w),
-                    shared.clone(),
-                    stop.clone(),
-                    abort.clone(),
-                ));
+                let source = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+                match shared.limits.admit(source) {
+                    Ok(admitted) => {
+                        let session = session::serve(
+                            id,
+                            peer,
+                            cred,
+                            (r, w),
+                            shared.clone(),
+                            stop.clone(),
+                            abort.clone(),
+                        );
+                        tracker.spawn(async move {
+                            session.await;
+                            drop(admitted);
+                        });
+                    }
+                    Err(why) => {
+                        warn!(conn = id, %peer, "connection refused: {why}");
+                        tracker.spawn(session::refuse_connection(r, w, why.to_string()));
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off, never stop listening.

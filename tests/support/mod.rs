@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use abproxy::config::Config;
 use abproxy::lab::{Slapd, SlapdOptions};
-use abproxy::wire::{Envelope, FrameCodec};
+use abproxy::wire::envelope::oid;
+use abproxy::wire::{op, Envelope, FrameCodec};
 use abproxy::ProxyHandle;
 use bytes::{Bytes, BytesMut};
 use ldap3_proto::proto::{LdapMsg, LdapOp};
@@ -18,6 +19,8 @@ use tokio_util::codec::Decoder;
 
 #[allow(unused_imports)]
 pub use abproxy::lab::{ADMIN_DN, ADMIN_PW};
+
+pub mod shim;
 
 /// A slapd and a proxy in front of it.
 pub struct Lab {
@@ -270,6 +273,31 @@ pub fn result_code(frame: &[u8]) -> Option<i64> {
     Envelope::response(frame).unwrap().result_code
 }
 
+/// Asserts `frame` is a Notice of Disconnection with `code`.
+pub fn assert_notice(frame: &[u8], code: i64) -> String {
+    let env = Envelope::response(frame).unwrap();
+    assert_eq!(env.msgid, 0, "notice has messageID 0");
+    assert_eq!(env.op, op::EXTENDED_RESPONSE);
+    assert_eq!(env.oid_bytes(frame), Some(oid::NOTICE_OF_DISCONNECTION));
+    assert_eq!(env.result_code, Some(code));
+    diagnostic(frame)
+}
+
+/// The diagnosticMessage of a result, decoded with ldap3_proto.
+pub fn diagnostic(frame: &[u8]) -> String {
+    let mut buf = BytesMut::from(frame);
+    let msg = ldap3_proto::LdapCodec::new(Some(1 << 24), None)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap();
+    match msg.op {
+        LdapOp::ExtendedResponse(r) => r.res.message,
+        LdapOp::SearchResultDone(r) | LdapOp::ModifyResponse(r) => r.message,
+        LdapOp::BindResponse(r) => r.res.message,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 /// One IPv4 TCP socket as the kernel lists it in /proc/net/tcp.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSocket {
@@ -278,6 +306,8 @@ pub struct KernelSocket {
     pub established: bool,
     /// Bytes queued for sending (not yet acknowledged by the peer).
     pub tx_queue: usize,
+    /// Bytes received and not yet read by the application.
+    pub rx_queue: usize,
 }
 
 /// The machine's IPv4 TCP sockets (what `ss` shows), for tests that wait on
@@ -303,6 +333,11 @@ pub fn kernel_sockets() -> Vec<KernelSocket> {
                 tx_queue: f[4]
                     .split(':')
                     .next()
+                    .and_then(|q| usize::from_str_radix(q, 16).ok())
+                    .unwrap_or(0),
+                rx_queue: f[4]
+                    .split(':')
+                    .nth(1)
                     .and_then(|q| usize::from_str_radix(q, 16).ok())
                     .unwrap_or(0),
             })
