@@ -77,6 +77,9 @@ pub struct Config {
     /// Worker threads of the proxy (0: one per CPU). On a small machine
     /// shared with the LDAP server, 1 is often fastest.
     pub threads: usize,
+    /// Where backend drivers record what they changed on the servers until
+    /// it is undone, so a restart after a crash undoes it. None: memory only.
+    pub state_file: Option<PathBuf>,
     /// Backends by suffix. Empty: the upstream's namingContexts (rootDSE),
     /// all in `readonly` mode, read at start-up and again at each freeze.
     pub backends: Vec<BackendConfig>,
@@ -204,6 +207,7 @@ impl Default for Config {
             upstream_connect_timeout_secs: 5,
             shutdown_grace_secs: 10,
             threads: 0,
+            state_file: None,
             backends: Vec::new(),
             freeze: FreezeConfig::default(),
         }

@@ -1164,32 +1164,6 @@ async fn local_write(lab: &Lab, dn: &str, value: &str) -> ToolOutput {
     .await
 }
 
-async fn read_only_attr(lab: &Lab) -> String {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-Q",
-            "-LLL",
-            "-Y",
-            "EXTERNAL",
-            "-H",
-            &lab.slapd.ldapi_url(),
-            "-b",
-            "cn=config",
-            "(olcSuffix=dc=example,dc=org)",
-            "olcReadOnly",
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("olcReadOnly"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[tokio::test]
 async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     use abproxy::freeze::drivers::DriverKind;
@@ -1225,13 +1199,16 @@ async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     let addr = proxy.url().trim_start_matches("ldap://").to_string();
     let dn = user_dn(11);
 
-    assert_eq!(read_only_attr(&lab).await, "");
+    assert_eq!(olc_read_only(&lab.slapd.ldapi_url()).await, "");
     let mut admin = RawConn::connect(&addr).await;
     admin.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
     assert_eq!(result_code(&admin.recv().await.unwrap()), Some(0));
     let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
     assert_eq!(code, 0, "{msg}");
-    assert_eq!(read_only_attr(&lab).await, "olcReadOnly: TRUE");
+    assert_eq!(
+        olc_read_only(&lab.slapd.ldapi_url()).await,
+        "olcReadOnly: TRUE"
+    );
     // slapd itself refuses a local write now: unwillingToPerform (53).
     let out = local_write(&lab, &dn, "local while frozen").await;
     assert_eq!(out.code, Some(53), "{out:?}");
@@ -1240,7 +1217,7 @@ async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
         0
     );
     assert_eq!(
-        read_only_attr(&lab).await,
+        olc_read_only(&lab.slapd.ldapi_url()).await,
         "",
         "the previous (absent) value is back"
     );
@@ -1251,7 +1228,11 @@ async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     std::fs::write(flag.path(), "fail").unwrap();
     let (code, msg) = call(&mut admin, ab(4, &AllowBackupRequest::on())).await;
     assert_eq!(code, 80, "{msg}");
-    assert_eq!(read_only_attr(&lab).await, "", "never left read-only");
+    assert_eq!(
+        olc_read_only(&lab.slapd.ldapi_url()).await,
+        "",
+        "never left read-only"
+    );
     assert_eq!(local_write(&lab, &dn, "still writable").await.code, Some(0));
     proxy.shutdown().await.unwrap();
 }

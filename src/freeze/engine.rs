@@ -53,6 +53,12 @@ pub trait Driver: Send + Sync {
         let _ = (backend, freeze_id);
         Box::pin(async { Ok(()) })
     }
+    /// Keeps what the driver changes on the server in `state` (under the
+    /// driver's name), for a restart after a crash. Drivers that change
+    /// nothing a command cannot redo ignore it.
+    fn attach_state(&self, state: Arc<super::state::StateFile>, name: &'static str) {
+        let _ = (state, name);
+    }
 }
 
 /// The no-op driver.

@@ -146,4 +146,8 @@ impl Driver for OpenLdapDriver {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(self.done_inner(backend))
     }
+
+    fn attach_state(&self, state: std::sync::Arc<super::state::StateFile>, name: &'static str) {
+        self.saved.attach(state, name);
+    }
 }

@@ -25,7 +25,8 @@ use crate::freeze::backend::Mode;
 use crate::freeze::drivers::{CommandDriver, DriverKind};
 use crate::freeze::ds389::Ds389Driver;
 use crate::freeze::openldap::OpenLdapDriver;
-use crate::freeze::{BackendMap, Engine};
+use crate::freeze::state::{Recorded, StateFile};
+use crate::freeze::{BackendMap, Driver, Engine};
 
 /// What every session of one proxy shares.
 #[derive(Debug)]
@@ -160,11 +161,30 @@ impl Server {
             .collect();
         info!(backends = ?suffixes, auto = auto_backends, "backends");
         let engine = Arc::new(Engine::new(config.freeze.clone(), map));
+        // Under systemd with StateDirectory=, $STATE_DIRECTORY names it.
+        let state_path = config.state_file.clone().or_else(|| {
+            let dirs = std::env::var_os("STATE_DIRECTORY")?;
+            let first = std::env::split_paths(&dirs).next()?;
+            Some(first.join("state.json"))
+        });
+        let state = match &state_path {
+            Some(path) => {
+                info!(state_file = %path.display(), "driver state file");
+                StateFile::open(path).map_err(anyhow::Error::msg)?
+            }
+            None => {
+                if config.backends.iter().any(|b| b.driver != DriverKind::None) {
+                    warn!("no state_file configured: if abproxy is killed while a backend driver has a backend prepared for a backup, the next start cannot undo it");
+                }
+                StateFile::memory()
+            }
+        };
+        let mut recorded = Vec::new();
         for b in &config.backends {
-            match b.driver {
-                DriverKind::None => {}
-                DriverKind::Command => engine.set_driver(
-                    &b.suffix,
+            let (name, driver): (&'static str, Arc<dyn Driver>) = match b.driver {
+                DriverKind::None => continue,
+                DriverKind::Command => (
+                    "command",
                     Arc::new(CommandDriver::new(
                         b.prepare.clone(),
                         b.done.clone(),
@@ -187,12 +207,29 @@ impl Server {
                     };
                     let url = b.config_url.clone().unwrap_or_default();
                     if b.driver == DriverKind::Ds389 {
-                        engine.set_driver(&b.suffix, Arc::new(Ds389Driver::new(url, bind)));
+                        ("389ds", Arc::new(Ds389Driver::new(url, bind)))
                     } else {
-                        engine.set_driver(&b.suffix, Arc::new(OpenLdapDriver::new(url, bind)));
+                        ("openldap", Arc::new(OpenLdapDriver::new(url, bind)))
                     }
                 }
-            }
+            };
+            driver.attach_state(state.clone(), name);
+            let driver = Arc::new(Recorded::new(name, driver, state.clone()));
+            engine.set_driver(&b.suffix, driver.clone());
+            recorded.push(driver);
+        }
+        // Undo what a previous run's drivers left (it was killed while frozen).
+        let configured = config.backend_map()?.backends().to_vec();
+        for d in &recorded {
+            d.recover(&configured).await;
+        }
+        for e in state.entries() {
+            error!(
+                backend = %e.suffix,
+                driver = %e.driver,
+                freeze_id = e.freeze_id,
+                "a previous run left this backend prepared for a backup and it is still not undone (driver not configured for it any more, or its DONE failed): undo it by hand, then remove the entry from the state file"
+            );
         }
         let limits = Arc::new(limits::ConnLimits::new(
             config.max_connections,

@@ -20,6 +20,7 @@ use tokio_util::codec::Decoder;
 #[allow(unused_imports)]
 pub use abproxy::lab::{ADMIN_DN, ADMIN_PW};
 
+pub mod process;
 pub mod shim;
 
 /// A slapd and a proxy in front of it.
@@ -296,6 +297,34 @@ pub fn diagnostic(frame: &[u8]) -> String {
         LdapOp::BindResponse(r) => r.res.message,
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// The olcReadOnly line(s) of the dc=example,dc=org database in slapd's
+/// cn=config (empty: absent), read over its ldapi socket as root.
+pub async fn olc_read_only(ldapi_url: &str) -> String {
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-Q",
+            "-LLL",
+            "-Y",
+            "EXTERNAL",
+            "-H",
+            ldapi_url,
+            "-b",
+            "cn=config",
+            "(olcSuffix=dc=example,dc=org)",
+            "olcReadOnly",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("olcReadOnly"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// One IPv4 TCP socket as the kernel lists it in /proc/net/tcp.
