@@ -1308,3 +1308,114 @@ async fn losing_one_upstream_connection_while_frozen_ends_only_that_session() {
     let out = read_direct(&lab, &user_dn(12), "description").await;
     assert!(out.stdout.contains("description: initial"), "{out:?}");
 }
+
+#[tokio::test]
+async fn holder_connection_dying_ends_only_a_hold_until_unbind_freeze() {
+    let lab = freeze_lab(|_| {}).await;
+    // With holdUntilUnbind: the holder's connection drops (no unbind, as
+    // when a backup host dies): the freeze ends, the held write goes on.
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let req = AllowBackupRequest::on().with_hold_until_unbind(true);
+    assert_eq!(call(&mut holder, ab(2, &req)).await.0, 0);
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    w.send_msg(modify(2, &user_dn(8), "description", "after drop"))
+        .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+    drop(holder);
+    let m = w.recv().await.unwrap();
+    assert_eq!(
+        (Envelope::response(&m).unwrap().msgid, result_code(&m)),
+        (2, Some(0))
+    );
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+
+    // Without it: the freeze outlives its requester (it ends by OFF from
+    // anyone allowed, or by the lease), and nothing held is lost.
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut holder, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    w.send_msg(modify(3, &user_dn(8), "description", "after second drop"))
+        .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+    drop(holder);
+    let s = wait_status(&lab, "the holder's session to end", |s| {
+        s.state == FreezeState::Frozen && s.queued_requests == 1
+    })
+    .await;
+    assert_eq!(s.state, FreezeState::Frozen);
+    assert_nothing_pending(&mut w).await;
+    let mut other = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut other, ab(2, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    let m = w.recv().await.unwrap();
+    assert_eq!(
+        (Envelope::response(&m).unwrap().msgid, result_code(&m)),
+        (3, Some(0))
+    );
+    let out = read_direct(&lab, &user_dn(8), "description").await;
+    assert!(
+        out.stdout.contains("description: after second drop"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_while_frozen_discards_queued_requests_tells_clients_and_runs_done() {
+    use abproxy::freeze::drivers::DriverKind;
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let lab = freeze_lab(|c| {
+        let mut b = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
+        b.driver = DriverKind::Command;
+        b.done = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo done $ABPROXY_FREEZE_ID >> {}", marks.display()),
+        ];
+        c.backends = vec![b];
+    })
+    .await;
+    let before = read_direct(&lab, &user_dn(9), "description").await;
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut holder, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    w.send_msg(modify(2, &user_dn(9), "description", "never sent"))
+        .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+
+    // SIGTERM's path: stop accepting, end the sessions, then the freeze.
+    let Lab { slapd, proxy } = lab;
+    proxy.shutdown().await.unwrap();
+    for c in [&mut w, &mut holder] {
+        let frames = c.recv_all().await;
+        assert_eq!(frames.len(), 1, "only the notice, no answer to the write");
+        let msg = assert_notice(&frames[0], 52);
+        assert!(msg.contains("shutting down"), "{msg}");
+    }
+    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "done 1\n");
+    // The queued modify never reached slapd.
+    let after = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &slapd.url(),
+            "-b",
+            &user_dn(9),
+            "-s",
+            "base",
+            "description",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(after, before);
+}

@@ -293,6 +293,7 @@ impl Server {
             abort.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
+        self.shared.engine.end_at_shutdown().await;
         info!("stopped");
         Ok(())
     }
