@@ -512,11 +512,14 @@ impl Requests<'_> {
     }
 
     /// Room to read another request: per-connection and total queue limits.
+    /// The total only stops sessions that already hold queued requests: one
+    /// with nothing queued always reads, so an operator can still send OFF
+    /// or ask the status, and queues at most one request over the total.
     fn has_room(&self) -> bool {
         let cfg = self.engine.config();
         self.queue.len() < cfg.queue_max_requests_per_conn
             && self.queued_bytes < cfg.queue_max_bytes_per_conn
-            && self.engine.queue_has_room()
+            && (self.queue.is_empty() || self.engine.queue_has_room())
             && self.state.below_outstanding_limit()
     }
 

@@ -20,6 +20,7 @@ use tokio_util::codec::Decoder;
 #[allow(unused_imports)]
 pub use abproxy::lab::{ADMIN_DN, ADMIN_PW};
 
+pub mod freeze;
 pub mod process;
 pub mod shim;
 
