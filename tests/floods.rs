@@ -81,18 +81,10 @@ async fn ten_thousand_idle_connections() {
     let mut proxy = Running::start(&["serve", "--config", config.to_str().unwrap()]);
     proxy.wait_for("listening");
     let addr = format!("127.0.0.1:{port}");
-    let rss = |pid: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .unwrap()
-    };
     let pid = proxy.child.id();
     let mut first = RawConn::connect(&addr).await;
     base_search(&mut first, 1).await;
-    let rss_before = rss(pid);
+    let rss_before = rss_kib(pid);
 
     // n - 2 more idle clients, each with one round trip (so its upstream
     // connection exists), opened 250 at a time.
@@ -110,7 +102,7 @@ async fn ten_thousand_idle_connections() {
         .await;
         idle.extend(conns);
     }
-    let per_conn = (rss(pid).saturating_sub(rss_before)) * 1024 / (n as u64 - 2);
+    let per_conn = (rss_kib(pid).saturating_sub(rss_before)) * 1024 / (n as u64 - 2);
     println!("proxy memory per idle connection: {per_conn} bytes");
     assert!(
         per_conn < 128 * 1024,

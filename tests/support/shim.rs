@@ -27,6 +27,9 @@ pub struct Counters {
     pub accepted: AtomicUsize,
     /// Connections open now.
     pub open: AtomicUsize,
+    /// Request bytes from the proxy that are not a whole LDAPMessage whose
+    /// envelope reads (what the proxy must never forward).
+    pub malformed: AtomicUsize,
 }
 
 pub struct Shim {
@@ -143,10 +146,16 @@ async fn pipe(
     let mut requests = FramedRead::new(cr, FrameCodec::new(1 << 30));
     let mut responses = FramedRead::new(sr, FrameCodec::new(1 << 30));
     let up = async {
-        while let Some(Ok(f)) = requests.next().await {
-            let expects_answer = Envelope::request(&f)
-                .map(|e| e.op != op::UNBIND_REQUEST && e.op != op::ABANDON_REQUEST)
-                .unwrap_or(false);
+        while let Some(next) = requests.next().await {
+            let Ok(f) = next else {
+                c.malformed.fetch_add(1, Ordering::SeqCst);
+                break;
+            };
+            let Ok(env) = Envelope::request(&f) else {
+                c.malformed.fetch_add(1, Ordering::SeqCst);
+                break;
+            };
+            let expects_answer = env.op != op::UNBIND_REQUEST && env.op != op::ABANDON_REQUEST;
             if expects_answer {
                 let n = c.requests.fetch_add(1, Ordering::SeqCst) + 1;
                 let out = n - c.finals.load(Ordering::SeqCst);
