@@ -45,6 +45,12 @@ pub struct Shim {
 impl Shim {
     /// A shim on a free loopback port forwarding to `upstream` (HOST:PORT).
     pub async fn start(upstream: &str) -> Shim {
+        Self::start_observed(upstream, Arc::new(|_: &[u8]| {})).await
+    }
+
+    /// The same, calling `observe` with every request frame, in the order
+    /// the server receives them (per connection).
+    pub async fn start_observed(upstream: &str, observe: Observer) -> Shim {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let counters = Arc::new(Counters::default());
@@ -76,6 +82,7 @@ impl Shim {
                     tokio::spawn(pipe(
                         client,
                         server,
+                        observe.clone(),
                         counters.clone(),
                         stall_rx.clone(),
                         delay.clone(),
@@ -132,9 +139,13 @@ impl Drop for Shim {
     }
 }
 
+/// Sees each request frame the shim forwards.
+pub type Observer = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 async fn pipe(
     client: TcpStream,
     server: TcpStream,
+    observe: Observer,
     c: Arc<Counters>,
     mut stall: watch::Receiver<bool>,
     delay: Arc<Mutex<Duration>>,
@@ -155,6 +166,7 @@ async fn pipe(
                 c.malformed.fetch_add(1, Ordering::SeqCst);
                 break;
             };
+            observe(&f);
             let expects_answer = env.op != op::UNBIND_REQUEST && env.op != op::ABANDON_REQUEST;
             if expects_answer {
                 let n = c.requests.fetch_add(1, Ordering::SeqCst) + 1;
