@@ -362,3 +362,84 @@ async fn a_client_that_does_not_read_stops_its_upstream_not_the_proxy() {
         assert!(f.len() > 1 << 20, "entry of {} bytes", f.len());
     }
 }
+
+/// Out of file descriptors (EMFILE): the listener backs off and keeps
+/// going; the clients it could not accept yet are served as soon as
+/// descriptors free up. The proxy runs as its own process with a small
+/// open-file limit; which of accept() or the upstream connect() fails first
+/// depends on how many descriptors it uses at start, so the limit is moved
+/// until accept() is the one that fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_listener_backs_off_and_recovers() {
+    use support::process::*;
+    let slapd = tokio::task::spawn_blocking(|| abproxy::lab::Slapd::start(SlapdOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    for nofile in 40..44 {
+        let port = free_port();
+        let mut proxy = Running::start_with_nofile(
+            &[
+                "serve",
+                "--listen",
+                &format!("ldap://127.0.0.1:{port}"),
+                "--upstream",
+                &slapd.url(),
+            ],
+            Some(nofile),
+        );
+        proxy.wait_for("listening");
+        let addr = format!("127.0.0.1:{port}");
+        let mut open = Vec::new();
+        let mut waiting = None;
+        for _ in 0..nofile {
+            let mut c = RawConn::connect(&addr).await;
+            c.send_msg(search(
+                1,
+                "dc=example,dc=org",
+                0,
+                "(objectClass=*)",
+                &["dc"],
+            ))
+            .await;
+            // Either the answer, a notice (the upstream connect failed), or
+            // the proxy logging that accept() failed while this one waits.
+            let mut first = Box::pin(c.recv());
+            let outcome = loop {
+                tokio::select! {
+                    f = &mut first => break Some(f),
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {
+                        if proxy.saw("accept failed") {
+                            break None;
+                        }
+                    }
+                }
+            };
+            drop(first);
+            match outcome {
+                Some(Some(f)) if Envelope::response(&f).is_ok_and(|e| e.msgid == 1) => {
+                    let rest = c.recv_until_final(1).await;
+                    assert_eq!(result_code(rest.last().unwrap_or(&f)), Some(0));
+                    open.push(c);
+                }
+                Some(_) => break, // the upstream connect failed: other limit
+                None => {
+                    waiting = Some(c);
+                    break;
+                }
+            }
+        }
+        let Some(mut waiting) = waiting else {
+            continue;
+        };
+        assert!(open.len() > 5, "only {} sessions before EMFILE", open.len());
+        // Free descriptors: the listener accepts the waiting client.
+        drop(open.pop());
+        let r = waiting.recv_until_final(1).await;
+        assert_eq!(result_code(r.last().unwrap()), Some(0));
+        assert!(proxy.saw("retrying in"));
+        assert_eq!(proxy.sigterm_and_wait(), 0);
+        return;
+    }
+    panic!("accept() never ran out of descriptors with limits 40..44");
+}

@@ -17,14 +17,34 @@ pub struct Running {
 
 impl Running {
     pub fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(BIN)
-            .args(args)
+        Self::start_with_nofile(args, None)
+    }
+
+    /// Starts with at most `nofile` open files (RLIMIT_NOFILE), if given.
+    pub fn start_with_nofile(args: &[&str], nofile: Option<u64>) -> Running {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
             .env("ABPROXY_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            // Runs in the child between fork and exec: only the syscall.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
         let err = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -59,6 +79,14 @@ impl Running {
                 ),
             }
         }
+    }
+
+    /// A log line already written that contains `needle`, without waiting.
+    pub fn saw(&mut self, needle: &str) -> bool {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        self.seen.iter().any(|l| l.contains(needle))
     }
 
     pub fn sigterm_and_wait(mut self) -> i32 {
