@@ -1309,3 +1309,43 @@ async fn shutdown_while_frozen_discards_queued_requests_tells_clients_and_runs_d
     .await;
     assert_eq!(after, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_dying_while_frozen_tells_clients_and_the_freeze_still_ends_cleanly() {
+    let mut lab = freeze_lab(|_| {}).await;
+    let before = read_direct(&lab, &user_dn(12), "description").await;
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut holder, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    w.send_msg(modify(
+        2,
+        &user_dn(12),
+        "description",
+        "queued when slapd died",
+    ))
+    .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+
+    lab.slapd.kill();
+    // Every session loses its upstream: told, closed; the queued write is
+    // discarded with its session, never sent.
+    for c in [&mut w, &mut holder] {
+        let frames = c.recv_all().await;
+        assert_eq!(frames.len(), 1, "only the notice");
+        assert_notice(&frames[0], 52);
+    }
+    tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
+    // The freeze outlived the server (nothing could reach it anyway); an
+    // operator ends it as usual and writes flow again.
+    let s = status(&lab).await;
+    assert_eq!((s.state, s.queued_requests), (FreezeState::Frozen, 0));
+    let mut op = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(call(&mut op, ab(2, &AllowBackupRequest::off())).await.0, 0);
+    assert_eq!(read_direct(&lab, &user_dn(12), "description").await, before);
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, _) = call(&mut w, modify(2, &user_dn(12), "description", "after")).await;
+    assert_eq!(code, 0);
+}
