@@ -112,21 +112,14 @@ async fn main() {
         .await
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("abproxy.toml");
-    let port = free_port();
-    std::fs::write(
-        &config,
-        format!(
-            "listen = [\"ldap://127.0.0.1:{port}\"]\nupstream = \"{}\"\n\
-             [freeze]\nallowed = [\"{ADMIN_DN}\"]\nmax_drain_secs = 10\n",
-            shim.url()
-        ),
-    )
-    .unwrap();
-    let mut proxy = Running::start(&["serve", "--config", config.to_str().unwrap()]);
+    let (config, addr) = write_config(
+        dir.path(),
+        &shim.url(),
+        &format!("[freeze]\nallowed = [\"{ADMIN_DN}\"]\nmax_drain_secs = 10\n"),
+    );
+    let mut proxy = Running::start(&["serve", "--config", &config]);
     proxy.wait_for("listening");
     let pid = proxy.child.id();
-    let addr = format!("127.0.0.1:{port}");
 
     // The clients: each pipelines an add of its next entry and a search,
     // then waits for both answers.

@@ -17,15 +17,11 @@ async fn sigkill_while_frozen_is_undone_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
     let marks = dir.path().join("marks");
-    let port = free_port();
-    let config = dir.path().join("abproxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-listen = ["ldap://127.0.0.1:{port}"]
-upstream = "{upstream}"
-state_file = "{state}"
+    let (config, addr) = write_config(
+        dir.path(),
+        &slapd.url(),
+        &format!(
+            r#"state_file = "{state}"
 [freeze]
 allowed = ["{ADMIN_DN}"]
 [[backends]]
@@ -38,15 +34,13 @@ driver = "command"
 prepare = ["sh", "-c", "echo prepare $ABPROXY_FREEZE_ID >> {marks}"]
 done = ["sh", "-c", "echo done $ABPROXY_FREEZE_ID >> {marks}"]
 "#,
-            upstream = slapd.url(),
             state = state.display(),
             ldapi = slapd.ldapi_url(),
             marks = marks.display(),
         ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
-    let url = format!("ldap://127.0.0.1:{port}");
+    );
+    let config = config.as_str();
+    let url = format!("ldap://{addr}");
     let on = |url: &str| {
         std::process::Command::new(BIN)
             .args([

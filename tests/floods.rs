@@ -38,19 +38,6 @@ fn raise_nofile(want: u64) -> u64 {
     r.rlim_max
 }
 
-async fn base_search(c: &mut RawConn, msgid: i32) {
-    c.send_msg(search(
-        msgid,
-        "dc=example,dc=org",
-        0,
-        "(objectClass=*)",
-        &["dc"],
-    ))
-    .await;
-    let r = c.recv_until_final(msgid).await;
-    assert_eq!(result_code(r.last().unwrap()), Some(0));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections() {
     // The proxy runs as its own process: it needs two descriptors per
@@ -68,22 +55,16 @@ async fn ten_thousand_idle_connections() {
         .unwrap()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("abproxy.toml");
-    let port = free_port();
-    std::fs::write(
-        &config,
-        format!(
-            "listen = [\"ldap://127.0.0.1:{port}\"]\nupstream = \"{}\"\nmax_connections = {n}\n",
-            slapd.url()
-        ),
-    )
-    .unwrap();
-    let mut proxy = Running::start(&["serve", "--config", config.to_str().unwrap()]);
+    let (config, addr) = write_config(
+        dir.path(),
+        &slapd.url(),
+        &format!("max_connections = {n}\n"),
+    );
+    let mut proxy = Running::start(&["serve", "--config", &config]);
     proxy.wait_for("listening");
-    let addr = format!("127.0.0.1:{port}");
     let pid = proxy.child.id();
     let mut first = RawConn::connect(&addr).await;
-    base_search(&mut first, 1).await;
+    round_trip(&mut first, 1).await;
     let rss_before = rss_kib(pid);
 
     // n - 2 more idle clients, each with one round trip (so its upstream
@@ -95,7 +76,7 @@ async fn ten_thousand_idle_connections() {
             let addr = addr.clone();
             async move {
                 let mut c = RawConn::connect(&addr).await;
-                base_search(&mut c, 1).await;
+                round_trip(&mut c, 1).await;
                 c
             }
         }))
@@ -121,7 +102,7 @@ async fn ten_thousand_idle_connections() {
 
     // Idle ones still work, spread over the whole set.
     for c in idle.iter_mut().step_by(97) {
-        base_search(c, 2).await;
+        round_trip(c, 2).await;
     }
     // All closed: every upstream connection goes with its client.
     drop(idle);

@@ -35,21 +35,6 @@ async fn connect_from(source: &str, to: &str) -> RawConn {
     RawConn::from_stream(s.connect(to.parse().unwrap()).await.unwrap())
 }
 
-/// A round trip on `c` (a base search of the suffix), proving the proxy
-/// admitted the connection and has an upstream for it.
-async fn round_trip(c: &mut RawConn, msgid: i32) {
-    c.send_msg(search(
-        msgid,
-        "dc=example,dc=org",
-        0,
-        "(objectClass=*)",
-        &["dc"],
-    ))
-    .await;
-    let r = c.recv_until_final(msgid).await;
-    assert_eq!(result_code(r.last().unwrap()), Some(0));
-}
-
 /// Established connections to slapd's port (the proxy's upstream ones).
 fn upstream_conns(slapd_port: u16) -> usize {
     kernel_sockets()

@@ -215,6 +215,21 @@ impl RawConn {
     }
 }
 
+/// A round trip on `c` (a base search of the suffix), proving the proxy
+/// admitted the connection and has an upstream for it.
+pub async fn round_trip(c: &mut RawConn, msgid: i32) {
+    c.send_msg(search(
+        msgid,
+        "dc=example,dc=org",
+        0,
+        "(objectClass=*)",
+        &["dc"],
+    ))
+    .await;
+    let r = c.recv_until_final(msgid).await;
+    assert_eq!(result_code(r.last().unwrap()), Some(0));
+}
+
 /// Encodes a message with ldap3_proto (test-side client PDUs).
 pub fn encode(msg: LdapMsg) -> Bytes {
     abproxy::wire::pdu::encode(msg)

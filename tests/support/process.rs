@@ -128,3 +128,20 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap()
 }
+
+/// Writes `DIR/abproxy.toml`: a listener on a free loopback port, `upstream`,
+/// then `body` (more TOML). Returns the file's path and the listener's
+/// HOST:PORT.
+pub fn write_config(dir: &std::path::Path, upstream: &str, body: &str) -> (String, String) {
+    let port = free_port();
+    let path = dir.join("abproxy.toml");
+    std::fs::write(
+        &path,
+        format!("listen = [\"ldap://127.0.0.1:{port}\"]\nupstream = \"{upstream}\"\n{body}"),
+    )
+    .unwrap();
+    (
+        path.to_str().unwrap().to_string(),
+        format!("127.0.0.1:{port}"),
+    )
+}
