@@ -112,7 +112,7 @@ impl Writers {
     /// Lets the writers go on past `frozen` entries, stops them and checks
     /// that every acknowledged write is on the live server exactly once, in
     /// each writer's order, and nothing else.
-    async fn finish(self, slapd: &Slapd, frozen: usize) {
+    async fn finish(self, slapd: &Slapd, frozen: usize) -> Vec<Vec<String>> {
         self.wait_for(
             slapd,
             frozen + 2 * WRITERS,
@@ -140,6 +140,7 @@ impl Writers {
             acked.iter().map(Vec::len).sum::<usize>(),
             "nothing more, nothing less"
         );
+        acked
     }
 }
 
@@ -170,9 +171,15 @@ async fn add_backup_operator(slapd: &Slapd) {
 
 impl Scene {
     async fn start() -> Scene {
+        Self::start_in(None).await
+    }
+
+    /// [`Scene::start`] with slapd's files in `dir`.
+    async fn start_in(dir: Option<PathBuf>) -> Scene {
         let lab = Lab::with(
             SlapdOptions {
                 nosync: true,
+                dir,
                 ..Default::default()
             },
             |c| c.freeze.allowed = vec![BACKUP_DN.into()],
@@ -257,8 +264,8 @@ impl Scene {
         restore_and_compare(&self.lab.slapd, &self.lab.proxied(), self.backup.path()).await
     }
 
-    async fn finish(self, frozen: usize) {
-        self.writers.finish(&self.lab.slapd, frozen).await;
+    async fn finish(self, frozen: usize) -> Vec<Vec<String>> {
+        self.writers.finish(&self.lab.slapd, frozen).await
     }
 }
 
@@ -300,9 +307,9 @@ async fn run(prog: &str, args: &[&str], env: &[(&str, &str)]) -> ToolOutput {
     }
 }
 
-/// See [`Scene::restore_and_compare`].
-async fn restore_and_compare(live: &Slapd, proxy_url: &str, backup: &Path) -> usize {
-    let at_backup = std::fs::read_to_string(backup.join("live.ldif")).unwrap();
+/// Runs the README's restore lines on `$BACKUP/ldap-db.tar` into a new
+/// directory and starts a second slapd on it; its dump.
+async fn restore(live: &Slapd, proxy_url: &str, backup: &Path) -> String {
     let db = tempfile::tempdir().unwrap();
     let mut vars = recipe_vars(live, proxy_url, backup);
     for (k, v) in &mut vars {
@@ -323,11 +330,6 @@ async fn restore_and_compare(live: &Slapd, proxy_url: &str, backup: &Path) -> us
     .await
     .unwrap()
     .expect("the copied database opens");
-    let restored_dump = restored.slapcat("dc=example,dc=org").unwrap();
-    assert!(
-        restored_dump == at_backup,
-        "the restored database differs from the live one at the freeze"
-    );
     let out = ldap_tool(
         "ldapsearch",
         &[
@@ -346,6 +348,17 @@ async fn restore_and_compare(live: &Slapd, proxy_url: &str, backup: &Path) -> us
     assert!(
         out.stdout.contains("uid: user7"),
         "the restored server serves: {out:?}"
+    );
+    restored.slapcat("dc=example,dc=org").unwrap()
+}
+
+/// See [`Scene::restore_and_compare`].
+async fn restore_and_compare(live: &Slapd, proxy_url: &str, backup: &Path) -> usize {
+    let at_backup = std::fs::read_to_string(backup.join("live.ldif")).unwrap();
+    let restored_dump = restore(live, proxy_url, backup).await;
+    assert!(
+        restored_dump == at_backup,
+        "the restored database differs from the live one at the freeze"
     );
     let n = written(&at_backup).len();
     assert!(n >= 2 * WRITERS, "the backup has the writes made before it");
@@ -683,4 +696,117 @@ EOF
 
     let frozen = restore_and_compare(&slapd, &url, backup.path()).await;
     writers.finish(&slapd, frozen).await;
+}
+
+/// A btrfs filesystem in a loop device, mounted; unmounted and detached on
+/// drop.
+struct Btrfs {
+    dir: tempfile::TempDir,
+    dev: String,
+}
+
+impl Btrfs {
+    /// Why not, when this machine cannot (not root, no btrfs-progs, no loop
+    /// device, no btrfs in the kernel).
+    fn create() -> Result<Btrfs, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("needs root (losetup, mount)".into());
+        }
+        let sh = |cmd: &str| -> Result<String, String> {
+            let out = std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{cmd}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        sh("command -v mkfs.btrfs && command -v btrfs && command -v losetup")?;
+        let dir = tempfile::Builder::new()
+            .prefix("abp-btrfs")
+            .tempdir_in("/tmp")
+            .map_err(|e| e.to_string())?;
+        let d = dir.path().display().to_string();
+        sh(&format!("truncate -s 1G {d}/img && mkdir {d}/mnt"))?;
+        let dev = sh(&format!("losetup -f --show {d}/img"))?;
+        let fs = Btrfs { dir, dev };
+        sh(&format!(
+            "mkfs.btrfs -q {dev} && mount {dev} {d}/mnt && btrfs subvolume create {d}/mnt/ldap",
+            dev = fs.dev
+        ))?;
+        Ok(fs)
+    }
+
+    /// The subvolume for slapd's files.
+    fn subvolume(&self) -> PathBuf {
+        self.dir.path().join("mnt").join("ldap")
+    }
+}
+
+impl Drop for Btrfs {
+    fn drop(&mut self) {
+        let d = self.dir.path().display();
+        let _ = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "umount {d}/mnt 2>/dev/null; losetup -d {} 2>/dev/null",
+                    self.dev
+                ),
+            ])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_btrfs_snapshot_recipe_backs_up_under_writes() {
+    let fs = match Btrfs::create() {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("skipped: cannot make a btrfs filesystem here: {why}");
+            return;
+        }
+    };
+    let scene = Scene::start_in(Some(fs.subvolume())).await;
+    let mut vars = scene.vars();
+    vars.push(("VOL".into(), fs.subvolume().display().to_string()));
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = run("sh", &["-ec", recipe("btrfs")], &vars).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        resumed(&out.stderr) > 0,
+        "writes were held while the snapshot was taken: {out:?}"
+    );
+    assert!(
+        !fs.subvolume().join(".backup-snap").exists(),
+        "the snapshot is deleted"
+    );
+
+    let restored =
+        written(&restore(&scene.lab.slapd, &scene.lab.proxied(), scene.backup.path()).await);
+    assert!(restored.len() >= 2 * WRITERS, "the writes made before it");
+    let acked = scene.finish(restored.len()).await;
+    // Consistent: for each client, exactly its first N acknowledged writes.
+    let mut total = 0;
+    for (w, dns) in acked.iter().enumerate() {
+        let n = dns
+            .iter()
+            .take_while(|dn| restored.contains_key(*dn))
+            .count();
+        assert!(
+            dns[n..].iter().all(|dn| !restored.contains_key(dn)),
+            "writer {w}: a gap in the snapshot after its write {n}"
+        );
+        total += n;
+    }
+    assert_eq!(
+        total,
+        restored.len(),
+        "nothing in the snapshot that no client wrote"
+    );
 }
