@@ -206,7 +206,11 @@ impl Scene {
 
     /// The README's variables for this lab, and `abproxy` on PATH.
     fn vars(&self) -> Vec<(String, String)> {
-        recipe_vars(&self.lab.slapd, &self.lab.proxied(), self.backup.path())
+        recipe_vars(
+            self.lab.slapd.dir(),
+            &self.lab.proxied(),
+            self.backup.path(),
+        )
     }
 
     /// Runs `script` with `sh -c` and the README's variables.
@@ -271,15 +275,15 @@ impl Scene {
 
 /// The README's variables: ABPROXY_URL, ABPROXY_BIND_DN, ABPROXY_PASSWORD,
 /// SLAPD_D, DB, BACKUP; and PATH with `abproxy` and slapcat.
-fn recipe_vars(slapd: &Slapd, proxy_url: &str, backup: &Path) -> Vec<(String, String)> {
+fn recipe_vars(slapd_dir: &Path, proxy_url: &str, backup: &Path) -> Vec<(String, String)> {
     let bin_dir = Path::new(BIN).parent().unwrap().display().to_string();
     let path = format!("{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     [
         ("ABPROXY_URL", proxy_url.to_string()),
         ("ABPROXY_BIND_DN", BACKUP_DN.to_string()),
         ("ABPROXY_PASSWORD", BACKUP_PW.to_string()),
-        ("SLAPD_D", slapd.dir().join("slapd.d").display().to_string()),
-        ("DB", slapd.dir().join("db-example").display().to_string()),
+        ("SLAPD_D", slapd_dir.join("slapd.d").display().to_string()),
+        ("DB", slapd_dir.join("db-example").display().to_string()),
         ("BACKUP", backup.display().to_string()),
         ("PATH", path),
     ]
@@ -311,7 +315,7 @@ async fn run(prog: &str, args: &[&str], env: &[(&str, &str)]) -> ToolOutput {
 /// directory and starts a second slapd on it; its dump.
 async fn restore(live: &Slapd, proxy_url: &str, backup: &Path) -> String {
     let db = tempfile::tempdir().unwrap();
-    let mut vars = recipe_vars(live, proxy_url, backup);
+    let mut vars = recipe_vars(live.dir(), proxy_url, backup);
     for (k, v) in &mut vars {
         if k == "DB" {
             *v = db.path().display().to_string();
@@ -648,7 +652,7 @@ suffix = "dc=other,dc=org"
         .prefix("abp-bak")
         .tempdir_in("/tmp")
         .unwrap();
-    let mut vars = recipe_vars(&slapd, &url, backup.path());
+    let mut vars = recipe_vars(slapd.dir(), &url, backup.path());
     vars.push(("LDAPI".into(), slapd.ldapi_url()));
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     // (a) a write over slapd's own ldapi socket, bypassing the proxy, is
@@ -809,4 +813,43 @@ async fn readme_btrfs_snapshot_recipe_backs_up_under_writes() {
         restored.len(),
         "nothing in the snapshot that no client wrote"
     );
+}
+
+/// The variables the recipes use are the README's settings, and the ones
+/// the tests set.
+#[test]
+fn readme_recipes_use_the_settings_variables() {
+    let settings: Vec<&str> = recipe("settings")
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .flat_map(|l| l.split('#').next().unwrap().split_whitespace())
+        .map(|kv| kv.split_once('=').expect("NAME=value").0)
+        .collect();
+    let mut set: Vec<&str> = settings.clone();
+    set.sort();
+    let vars = recipe_vars(Path::new("/lab"), "ldap://proxy", Path::new("/backup"));
+    let mut expected: Vec<&str> = vars
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| *k != "PATH")
+        .collect();
+    expected.sort();
+    assert_eq!(
+        set, expected,
+        "the variables recipe_vars() sets, PATH aside"
+    );
+    for name in ["tar", "restore", "script", "btrfs"] {
+        let body = recipe(name);
+        for (i, _) in body.match_indices('$') {
+            let var: String = body[i + 1..]
+                .trim_start_matches('{')
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                settings.contains(&var.as_str()) || (name == "btrfs" && var == "VOL"),
+                "recipe {name} uses ${var}, not in the settings"
+            );
+        }
+    }
 }
