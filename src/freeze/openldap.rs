@@ -12,12 +12,13 @@
 //! Durability with `olcDbNoSync: TRUE`: back-mdb then commits without
 //! fsync, so committed transactions may sit in the page cache only. A copy
 //! of the files reads the page cache and is consistent anyway, but the
-//! proposal's PREPARE promises data on disk (a snapshot of the block device
-//! below the filesystem, or a power cut during the backup, must not lose
-//! what clients were told was written). slapd 2.5/2.6 offers no synchronous
-//! way to ask for that over `cn=config` (servers/slapd/back-mdb/config.c):
-//! changing `olcDbNoSync` only flips the environment flag
-//! (`mdb_env_set_flags`, no sync); adding `olcDbCheckpoint` schedules the
+//! proposal's PREPARE promises data on disk: a snapshot taken below the
+//! host's filesystem (SAN, hypervisor, cloud disk) sees only what is on
+//! disk, and would miss the last acknowledged writes. slapd 2.5/2.6 offers
+//! no synchronous way to ask for that over `cn=config`
+//! (servers/slapd/back-mdb/config.c): changing `olcDbNoSync` only flips the
+//! environment flag (`mdb_env_set_flags`, no sync); adding `olcDbCheckpoint`
+//! schedules the
 //! `mdb_checkpoint` task, which calls `mdb_env_sync(env, 1)` later in a
 //! pool thread and reports nothing back; the only synchronous sync is in
 //! `mdb_db_close`, reached by changes that close and reopen the database
