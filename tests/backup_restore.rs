@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use abproxy::config::Config;
 use abproxy::lab::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use support::*;
 use tokio::task::JoinHandle;
@@ -171,18 +172,22 @@ async fn add_backup_operator(slapd: &Slapd) {
 
 impl Scene {
     async fn start() -> Scene {
-        Self::start_in(None).await
+        Self::start_with(None, |_| {}).await
     }
 
-    /// [`Scene::start`] with slapd's files in `dir`.
-    async fn start_in(dir: Option<PathBuf>) -> Scene {
+    /// [`Scene::start`] with slapd's files in `dir` and the proxy's
+    /// configuration adjusted by `tweak`.
+    async fn start_with(dir: Option<PathBuf>, tweak: impl FnOnce(&mut Config)) -> Scene {
         let lab = Lab::with(
             SlapdOptions {
                 nosync: true,
                 dir,
                 ..Default::default()
             },
-            |c| c.freeze.allowed = vec![BACKUP_DN.into()],
+            |c| {
+                c.freeze.allowed = vec![BACKUP_DN.into()];
+                tweak(c)
+            },
         )
         .await;
         add_backup_operator(&lab.slapd).await;
@@ -407,6 +412,31 @@ async fn readme_script_recipe_backs_up_and_releases_on_failure() {
     let out = scene.sh(&failing).await;
     assert_eq!(out.code, Some(2), "tar's failure is the script's: {out:?}");
     assert_eq!(scene.state().await, "thawed", "{out:?}");
+    scene.finish(frozen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_script_recipe_fails_when_the_freeze_expired_during_the_copy() {
+    let scene = Scene::start_with(None, |c| c.freeze.lease_secs = 1).await;
+    // The script as written, with a `tar` on PATH that copies, then
+    // outlasts the lease: the copy succeeded, the script must still fail.
+    let slow = tempfile::tempdir().unwrap();
+    let tar = slow.path().join("tar");
+    std::fs::write(&tar, "#!/bin/sh\n/usr/bin/tar \"$@\" && sleep 3\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tar, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut vars = scene.vars();
+    for (k, v) in &mut vars {
+        if k == "PATH" {
+            *v = format!("{}:{v}", slow.path().display());
+        }
+    }
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = run("sh", &["-c", recipe("script")], &vars).await;
+    assert_eq!(out.code, Some(6), "hook --after's status: {out:?}");
+    assert!(out.stderr.contains("expired"), "{out:?}");
+    assert_eq!(scene.state().await, "thawed");
+    let frozen = live_count(&scene.lab.slapd);
     scene.finish(frozen).await;
 }
 
@@ -776,7 +806,7 @@ async fn readme_btrfs_snapshot_recipe_backs_up_under_writes() {
             return;
         }
     };
-    let scene = Scene::start_in(Some(fs.subvolume())).await;
+    let scene = Scene::start_with(Some(fs.subvolume()), |_| {}).await;
     let mut vars = scene.vars();
     vars.push(("VOL".into(), fs.subvolume().display().to_string()));
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
