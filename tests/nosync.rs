@@ -291,7 +291,8 @@ config_password_file = "{pw}"
     let on = abproxy(&url, &["on"]).await;
     assert_eq!(on.code, Some(6), "ON fails: {on:?}");
     assert!(
-        on.stderr.contains("olcDbNoSync is TRUE")
+        on.stderr
+            .contains("commits without fsync (olcDbNoSync: TRUE)")
             && on.stderr.contains("data.mdb to fsync it")
             && on.stderr.contains("Permission denied"),
         "the reason and what to do: {on:?}"

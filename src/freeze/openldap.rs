@@ -9,8 +9,9 @@
 //! sets it to TRUE. DONE puts the previous value back (or removes the
 //! attribute if it was absent).
 //!
-//! Durability with `olcDbNoSync: TRUE`: back-mdb then commits without
-//! fsync, so committed transactions may sit in the page cache only. A copy
+//! Durability with `olcDbNoSync: TRUE` (or `olcDbEnvFlags` `nosync`,
+//! `nometasync`, `mapasync`): back-mdb then commits without (full) fsync,
+//! so committed transactions may sit in the page cache only. A copy
 //! of the files reads the page cache and is consistent anyway, but the
 //! proposal's PREPARE promises data on disk: a snapshot taken below the
 //! host's filesystem (SAN, hypervisor, cloud disk) sees only what is on
@@ -81,7 +82,12 @@ impl OpenLdapDriver {
                 "cn=config",
                 Scope::OneLevel,
                 &filter,
-                vec!["olcReadOnly", "olcDbNoSync", "olcDbDirectory"],
+                vec![
+                    "olcReadOnly",
+                    "olcDbNoSync",
+                    "olcDbEnvFlags",
+                    "olcDbDirectory",
+                ],
             )
             .await
             .and_then(|r| r.success())
@@ -117,14 +123,10 @@ impl OpenLdapDriver {
         let mut ldap = self.connect().await?;
         let db = Self::database(&mut ldap, &b.suffix).await?;
         let previous = db.attrs.get("olcReadOnly").and_then(|v| v.first()).cloned();
-        let nosync = db
-            .attrs
-            .get("olcDbNoSync")
-            .and_then(|v| v.first())
-            .is_some_and(|v| v.eq_ignore_ascii_case("TRUE"));
+        let nosync = commits_skip_fsync(&db.attrs);
         // With NoSync, open the files first: when the proxy cannot make the
         // data durable, fail before changing anything.
-        let files = if nosync {
+        let files = if let Some(nosync) = nosync {
             let dir = db
                 .attrs
                 .get("olcDbDirectory")
@@ -132,7 +134,7 @@ impl OpenLdapDriver {
                 .map(PathBuf::from);
             Some(
                 DbFiles::open(&self.url, dir.as_deref())
-                    .map_err(|e| format!("{}: olcDbNoSync is TRUE: {e}", db.dn))?,
+                    .map_err(|e| format!("{}: commits without fsync ({nosync}): {e}", db.dn))?,
             )
         } else {
             None
@@ -153,14 +155,14 @@ impl OpenLdapDriver {
                     backend = %b.suffix,
                     file = %path.display(),
                     ms = started.elapsed().as_millis() as u64,
-                    "olcDbNoSync is TRUE: fsynced the database file"
+                    "commits without fsync: fsynced the database file"
                 ),
                 Err(e) => {
                     let undo = Self::set_read_only(&mut ldap, &db.dn, previous.as_deref()).await;
                     let _ = ldap.unbind().await;
                     return Err(match undo {
-                        Ok(()) => format!("{}: olcDbNoSync is TRUE: {e}", db.dn),
-                        Err(u) => format!("{}: olcDbNoSync is TRUE: {e}; and {u}", db.dn),
+                        Ok(()) => format!("{}: {e}", db.dn),
+                        Err(u) => format!("{}: {e}; and {u}", db.dn),
                     });
                 }
             }
@@ -203,6 +205,23 @@ impl Driver for OpenLdapDriver {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(self.done_inner(backend))
     }
+}
+
+/// Why back-mdb commits of this database may not be on disk, from its
+/// cn=config entry: `olcDbNoSync: TRUE`, or `olcDbEnvFlags` with `nosync`,
+/// `nometasync` or `mapasync`; None: every commit is synced.
+fn commits_skip_fsync(attrs: &std::collections::HashMap<String, Vec<String>>) -> Option<String> {
+    let values = |a: &str| attrs.get(a).into_iter().flatten();
+    if values("olcDbNoSync").any(|v| v.eq_ignore_ascii_case("TRUE")) {
+        return Some("olcDbNoSync: TRUE".into());
+    }
+    values("olcDbEnvFlags")
+        .find(|v| {
+            ["nosync", "nometasync", "mapasync"]
+                .iter()
+                .any(|f| v.eq_ignore_ascii_case(f))
+        })
+        .map(|v| format!("olcDbEnvFlags: {v}"))
 }
 
 /// The files of a back-mdb database, opened for fsync(2).
@@ -300,6 +319,42 @@ mod tests {
         assert!(!is_local("ldap://192.0.2.1:389"));
         assert!(!is_local("ldap://ldap.example.org:389"));
         assert!(!is_local("not a url"));
+    }
+
+    #[test]
+    fn which_databases_commit_without_fsync() {
+        let attrs = |pairs: &[(&str, &str)]| {
+            let mut m: std::collections::HashMap<String, Vec<String>> = Default::default();
+            for (k, v) in pairs {
+                m.entry(k.to_string()).or_default().push(v.to_string());
+            }
+            m
+        };
+        assert_eq!(commits_skip_fsync(&attrs(&[])), None);
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[("olcDbNoSync", "FALSE")])),
+            None
+        );
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[("olcDbNoSync", "TRUE")])).as_deref(),
+            Some("olcDbNoSync: TRUE")
+        );
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[
+                ("olcDbEnvFlags", "writemap"),
+                ("olcDbEnvFlags", "mapasync")
+            ]))
+            .as_deref(),
+            Some("olcDbEnvFlags: mapasync")
+        );
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[("olcDbEnvFlags", "nometasync")])).as_deref(),
+            Some("olcDbEnvFlags: nometasync")
+        );
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[("olcDbEnvFlags", "writemap")])),
+            None
+        );
     }
 
     #[test]
