@@ -11,6 +11,7 @@ pub mod freeze;
 pub mod fuzzing;
 pub mod lab;
 pub mod lab389;
+pub mod notify;
 pub mod ops;
 pub mod proxy;
 pub mod wire;
