@@ -13,70 +13,27 @@ use std::time::Duration;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use abproxy::lab389::{self, user_dn, user_pw, Ds389, Ds389Options, DM_DN, DM_PW};
+use abproxy::lab389::{self, user_dn, user_pw, Ds389, DM_DN, DM_PW};
 use abproxy::ops::{FreezeRequest, Password, Session, Target};
-use abproxy::ProxyHandle;
+use support::ds389::*;
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 const USERROOT_ENTRY: &str = "cn=userroot,cn=ldbm database,cn=plugins,cn=config";
-
-/// True (after printing why) when 389-ds cannot run here.
-fn skip() -> bool {
-    match lab389::available() {
-        Ok(()) => false,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            true
-        }
-    }
-}
-
-async fn start_ds(users: usize) -> Ds389 {
-    tokio::task::spawn_blocking(move || {
-        Ds389::start(Ds389Options {
-            users,
-            ..Default::default()
-        })
-    })
-    .await
-    .unwrap()
-    .expect("start 389-ds")
-}
-
-/// The proxy in front of `ds`, `cn=Directory Manager` allowed to freeze.
-async fn proxy(ds: &Ds389, backends: Vec<BackendConfig>) -> ProxyHandle {
-    let mut config = Config {
-        listen: vec!["ldap://127.0.0.1:0".into()],
-        upstream: ds.url(),
-        backends,
-        ..Config::default()
-    };
-    config.freeze.allowed = vec![DM_DN.into()];
-    ProxyHandle::spawn(config).await.expect("start proxy")
-}
-
-/// dc=example,dc=org with the 389ds driver on the server's ldapi socket.
-fn example_389ds(ds: &Ds389) -> BackendConfig {
-    let mut b = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
-    b.driver = DriverKind::Ds389;
-    b.config_url = Some(ds.ldapi_url());
-    b
-}
-
-async fn dm_session(proxy: &ProxyHandle) -> Session {
-    Session::connect(&Target {
-        url: proxy.url(),
-        bind_dn: Some(DM_DN.into()),
-        password: Some(Password::new(DM_PW)),
-    })
-    .await
-    .expect("bind to the proxy as Directory Manager")
-}
 
 /// Runs `tool` against `direct` and `proxied` (`URL` in `args` is replaced)
 /// and asserts the same exit status, output and (URL aside) stderr.
 async fn same(direct: &str, proxied: &str, tool: &str, args: &[&str]) -> ToolOutput {
+    same_in(direct, proxied, tool, args, None).await
+}
+
+/// [`same`] with `stdin` fed to both runs.
+async fn same_in(
+    direct: &str,
+    proxied: &str,
+    tool: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> ToolOutput {
     let run = |url: &str| {
         let args: Vec<String> = args
             .iter()
@@ -90,7 +47,7 @@ async fn same(direct: &str, proxied: &str, tool: &str, args: &[&str]) -> ToolOut
             .collect();
         async move {
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            ldap_tool(tool, &refs, None).await
+            ldap_tool(tool, &refs, stdin).await
         }
     };
     let d = run(direct).await;
@@ -148,28 +105,6 @@ async fn local_write(ds: &Ds389, dn: &str, value: &str) -> ToolOutput {
         Some(&ldif),
     )
     .await
-}
-
-/// `abproxy on|off|status ...` against `proxy` as Directory Manager.
-async fn cli(proxy: &ProxyHandle, args: &[&str]) -> ToolOutput {
-    let pwfile = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(pwfile.path(), format!("{DM_PW}\n")).unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .args(["--url", &proxy.url(), "--bind-dn", DM_DN, "--password-file"])
-        .arg(pwfile.path())
-        .env_remove("ABPROXY_PASSWORD")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), out)
-        .await
-        .expect("abproxy did not finish in 90 s")
-        .unwrap();
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// How often 389 logged a modify of userroot's config entry (the access log
@@ -499,5 +434,276 @@ async fn writes_during_off_are_not_refused_by_the_still_read_only_server() {
     .await;
     off.await.unwrap().expect("OFF");
     assert_eq!(out.code, Some(0), "a write during OFF: {out:?}");
+    proxy.shutdown().await.unwrap();
+}
+
+/// The DNs of `ldapsearch -LLL` output, in order.
+fn dn_list(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("dn: uid="))
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn binds_scopes_vlv_writes_and_extended_operations_match_direct() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(100).await;
+    let proxy = proxy(&ds, vec![]).await;
+    let (direct, proxied) = (ds.url(), proxy.url());
+
+    // Binds: good and bad password, unknown DN, Directory Manager, anonymous.
+    for (who, args, code, want) in [
+        (
+            "user",
+            vec!["-D", &user_dn(1) as &str, "-w", &user_pw(1) as &str],
+            0,
+            format!("dn: {}", user_dn(1)),
+        ),
+        (
+            "bad password",
+            vec!["-D", &user_dn(1) as &str, "-w", "wrong"],
+            49,
+            String::new(),
+        ),
+        (
+            "no such user",
+            vec!["-D", "uid=nobody,ou=people,dc=example,dc=org", "-w", "x"],
+            49,
+            String::new(),
+        ),
+        (
+            "root",
+            vec!["-D", DM_DN, "-w", DM_PW],
+            0,
+            "dn: cn=directory manager".into(),
+        ),
+        ("anonymous", vec![], 0, "anonymous".into()),
+    ] {
+        let out = same(
+            &direct,
+            &proxied,
+            "ldapwhoami",
+            &[&["-x", "-H", "URL"][..], &args].concat(),
+        )
+        .await;
+        assert_eq!(out.code, Some(code), "{who}: {out:?}");
+        assert_eq!(out.stdout.trim(), want, "{who}: {out:?}");
+    }
+
+    // The three scopes.
+    for (scope, n) in [("base", 1), ("one", 100), ("sub", 101)] {
+        let out = same(
+            &direct,
+            &proxied,
+            "ldapsearch",
+            &[
+                "-x",
+                "-LLL",
+                "-H",
+                "URL",
+                "-D",
+                DM_DN,
+                "-w",
+                DM_PW,
+                "-s",
+                scope,
+                "-b",
+                "ou=people,dc=example,dc=org",
+                "(objectClass=*)",
+                "1.1",
+            ],
+        )
+        .await;
+        assert_eq!(out.code, Some(0), "{scope}: {out:?}");
+        assert_eq!(dns(&out.stdout), n, "{scope}");
+    }
+
+    // VLV with server-side sort, as a user (389's default ACI on the VLV
+    // control lets authenticated users use it; unindexed VLV is allowed).
+    // ldapsearch asks for the next window on stdin after each one: by
+    // offset, then by value, then an invalid one that ends it (exit 1).
+    let vlv = |who: &'static [&'static str]| {
+        [
+            &["-x", "-LLL", "-H", "URL"][..],
+            who,
+            &[
+                "-E",
+                "sss=uid",
+                "-E",
+                "vlv=2/3/10/0",
+                "-b",
+                "ou=people,dc=example,dc=org",
+                "(objectClass=inetOrgPerson)",
+                "uid",
+            ],
+        ]
+        .concat()
+    };
+    let user1: &'static [&'static str] =
+        &["-D", "uid=user1,ou=people,dc=example,dc=org", "-w", "pass1"];
+    assert_eq!(user1[1], user_dn(1));
+    assert_eq!(user1[3], user_pw(1));
+    let out = same_in(
+        &direct,
+        &proxied,
+        "ldapsearch",
+        &vlv(user1),
+        Some("1/1/50/0\n0/2:user5\nend\n"),
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("VLV control value \"end\" invalid"),
+        "{out:?}"
+    );
+    // uid order: user1 user10 user100 user11 ... user17 (10th) ...
+    let windows = [
+        "user15 user16 user17 user18 user19 user2",
+        "user52 user53 user54",
+        "user5 user50 user51",
+    ];
+    assert_eq!(dn_list(&out.stdout).join(" "), windows.join(" "), "{out:?}");
+    assert_eq!(
+        out.stdout
+            .matches("# vlvResultpos=")
+            .collect::<Vec<_>>()
+            .len(),
+        3
+    );
+    assert!(
+        out.stdout.contains("# vlvResultpos=10 count=100"),
+        "{out:?}"
+    );
+    // Anonymous: 389 refuses the control (insufficientAccessRights).
+    let out = same(&direct, &proxied, "ldapsearch", &vlv(&[])).await;
+    assert_eq!(out.code, Some(50), "{out:?}");
+
+    // add/modify/modRDN/delete, and the errors of each, as Directory
+    // Manager; the sequence leaves the directory as it found it, so both
+    // runs see the same state.
+    let ldif = "dn: uid=tx,ou=people,dc=example,dc=org
+changetype: add
+objectClass: inetOrgPerson
+uid: tx
+cn: T X
+sn: X
+
+dn: uid=tx,ou=people,dc=example,dc=org
+changetype: modify
+replace: description
+description: changed
+-
+add: mail
+mail: tx@example.org
+
+dn: uid=tx,ou=people,dc=example,dc=org
+changetype: modrdn
+newrdn: uid=ty
+deleteoldrdn: 1
+
+dn: uid=user1,ou=people,dc=example,dc=org
+changetype: add
+objectClass: inetOrgPerson
+uid: user1
+cn: again
+sn: again
+
+dn: uid=ty,ou=people,dc=example,dc=org
+changetype: modrdn
+newrdn: uid=user2
+deleteoldrdn: 1
+
+dn: uid=ty,ou=people,dc=example,dc=org
+changetype: modify
+replace: uidNumber
+uidNumber: not a number
+
+dn: uid=nobody,ou=people,dc=example,dc=org
+changetype: modify
+replace: description
+description: x
+
+dn: ou=people,dc=example,dc=org
+changetype: delete
+
+dn: uid=tz,ou=people,dc=example,dc=org
+changetype: add
+objectClass: inetOrgPerson
+uid: tz
+
+dn: uid=ty,ou=people,dc=example,dc=org
+changetype: delete
+";
+    let out = same_in(
+        &direct,
+        &proxied,
+        "ldapmodify",
+        &["-c", "-x", "-H", "URL", "-D", DM_DN, "-w", DM_PW],
+        Some(ldif),
+    )
+    .await;
+    for want in [
+        "adding new entry \"uid=tx,ou=people,dc=example,dc=org\"",
+        "modifying entry \"uid=tx,ou=people,dc=example,dc=org\"",
+        "modifying rdn of entry \"uid=tx,ou=people,dc=example,dc=org\"",
+        "deleting entry \"uid=ty,ou=people,dc=example,dc=org\"",
+    ] {
+        assert!(out.stdout.contains(want), "{want}: {out:?}");
+    }
+    for want in [
+        "ldap_add: Already exists (68)",
+        "ldap_rename: Already exists (68)",
+        "attribute \"uidNumber\" not allowed",
+        "ldap_modify: No such object (32)",
+        "ldap_delete: Operation not allowed on non-leaf (66)",
+        "ldap_add: Object class violation (65)",
+    ] {
+        assert!(out.stderr.contains(want), "{want}: {out:?}");
+    }
+    assert_eq!(out.code, Some(65), "the last error: {out:?}");
+
+    // An extended operation 389 does not know: its own answer, unchanged.
+    let out = same(
+        &direct,
+        &proxied,
+        "ldapexop",
+        &["-x", "-H", "URL", "1.3.6.1.4.1.99999.1.2"],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("Protocol error (2)\n\tadditional info: unsupported extended operation"),
+        "{out:?}"
+    );
+    // Password modify in clear: 389 wants TLS (confidentialityRequired).
+    let out = same(
+        &direct,
+        &proxied,
+        "ldappasswd",
+        &[
+            "-x",
+            "-H",
+            "URL",
+            "-D",
+            &user_dn(2),
+            "-w",
+            &user_pw(2),
+            "-a",
+            &user_pw(2),
+            "-s",
+            "new secret",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "Result: Confidentiality required (13)\n\
+         Additional info: Operation requires a secure connection.\n\n"
+    );
     proxy.shutdown().await.unwrap();
 }
