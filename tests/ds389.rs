@@ -707,3 +707,129 @@ changetype: delete
     );
     proxy.shutdown().await.unwrap();
 }
+
+/// An extended request (no value when `value` is None).
+fn exop(msgid: i32, name: &str, value: Option<Vec<u8>>) -> ldap3_proto::proto::LdapMsg {
+    ldap3_proto::proto::LdapMsg::new(
+        msgid,
+        ldap3_proto::proto::LdapOp::ExtendedRequest(ldap3_proto::proto::LdapExtendedRequest {
+            name: name.into(),
+            value,
+        }),
+    )
+}
+
+/// A search of the people sorted by uid with a VLV request control whose
+/// value is `vlv` (a VirtualListViewRequest).
+fn vlv_search(msgid: i32, vlv: Vec<u8>) -> ldap3_proto::proto::LdapMsg {
+    use ldap3_proto::control::{LdapControl, ServerSortRequet};
+    let mut m = search(
+        msgid,
+        "ou=people,dc=example,dc=org",
+        2,
+        "(objectClass=inetOrgPerson)",
+        &["uid", "cn"],
+    );
+    m.ctrl.push(LdapControl::ServerSort {
+        sort_requests: vec![ServerSortRequet {
+            attribute_name: "uid".into(),
+            ordering_rule: None,
+            reverse_order: false,
+        }],
+    });
+    m.ctrl.push(LdapControl::Unknown {
+        oid: "2.16.840.1.113730.3.4.9".into(),
+        criticality: true,
+        value: Some(vlv),
+    });
+    m
+}
+
+/// The same requests, one after the other, on a connection to 389 and one
+/// to the proxy (both bound as user1): every response frame is the same
+/// byte for byte. Checked: VLV by offset and by value (with the sort and
+/// VLV response controls), password modify in clear (confidentialityRequired
+/// from 389, passed through), an unknown extended operation, a failed and an
+/// anonymous bind.
+#[tokio::test]
+async fn vlv_password_modify_and_unknown_exop_answers_are_byte_identical() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(100).await;
+    let proxy = proxy(&ds, vec![]).await;
+    let mut d = raw_bound(&addr_of(&ds.url()), &user_dn(1), &user_pw(1)).await;
+    let mut p = raw_bound(&addr_of(&proxy.url()), &user_dn(1), &user_pw(1)).await;
+
+    // VirtualListViewRequest: before 2, after 3, byOffset {10, 0}.
+    let by_offset = vec![
+        0x30, 0x0e, 0x02, 0x01, 0x02, 0x02, 0x01, 0x03, 0xa0, 0x06, 0x02, 0x01, 0x0a, 0x02, 0x01,
+        0x00,
+    ];
+    // before 1, after 1, greaterThanOrEqual "user5".
+    let by_value = [
+        &[
+            0x30, 0x0d, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01, 0x81, 0x05,
+        ][..],
+        b"user5",
+    ]
+    .concat();
+    // RFC 3062 PasswdModifyRequestValue { oldPasswd [1], newPasswd [2] }.
+    let passwd = [
+        &[0x30, 0x0e, 0x81, 0x05][..],
+        user_pw(1).as_bytes(),
+        &[0x82, 0x05],
+        b"other",
+    ]
+    .concat();
+    let requests = [
+        (vlv_search(2, by_offset), 0),
+        (vlv_search(3, by_value), 0),
+        (exop(4, "1.3.6.1.4.1.4203.1.11.1", Some(passwd)), 13),
+        (exop(5, "1.3.6.1.4.1.99999.1.2", None), 2),
+        (bind(6, &user_dn(2), "wrong"), 49),
+        (bind(7, "", ""), 0),
+        (exop(8, "1.3.6.1.4.1.4203.1.11.3", None), 0),
+    ];
+    let mut entries = Vec::new();
+    for (req, code) in requests {
+        let id = req.msgid;
+        d.send_msg(req.clone()).await;
+        p.send_msg(req).await;
+        let direct = d.recv_until_final(id).await;
+        let proxied = p.recv_until_final(id).await;
+        assert!(direct == proxied, "request {id}: different answers");
+        assert_eq!(result_code(direct.last().unwrap()), Some(code), "request {id}");
+        entries.push(
+            direct[..direct.len() - 1]
+                .iter()
+                .map(|f| entry_dn(&decode(f)))
+                .collect::<Vec<_>>(),
+        );
+        if id <= 3 {
+            // The sort (1.2.840.113556.1.4.474) and VLV (…3.4.10) responses.
+            let done = decode(direct.last().unwrap());
+            let oids: Vec<String> = done
+                .ctrl
+                .iter()
+                .map(|c| match c {
+                    ldap3_proto::control::LdapControl::ServerSortResult { .. } => {
+                        "sort".to_string()
+                    }
+                    ldap3_proto::control::LdapControl::Unknown { oid, .. } => oid.clone(),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            assert!(oids.contains(&"sort".to_string()), "{oids:?}");
+            assert!(oids.contains(&"2.16.840.1.113730.3.4.10".to_string()), "{oids:?}");
+        }
+    }
+    let uid = |k: &str| format!("uid=user{k},ou=people,dc=example,dc=org");
+    assert_eq!(
+        entries[0],
+        ["15", "16", "17", "18", "19", "2"].map(uid),
+        "window around the 10th by uid"
+    );
+    assert_eq!(entries[1], ["49", "5", "50"].map(uid), "around uid >= user5");
+    proxy.shutdown().await.unwrap();
+}
