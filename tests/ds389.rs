@@ -768,9 +768,7 @@ async fn vlv_password_modify_and_unknown_exop_answers_are_byte_identical() {
     ];
     // before 1, after 1, greaterThanOrEqual "user5".
     let by_value = [
-        &[
-            0x30, 0x0d, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01, 0x81, 0x05,
-        ][..],
+        &[0x30, 0x0d, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01, 0x81, 0x05][..],
         b"user5",
     ]
     .concat();
@@ -799,7 +797,11 @@ async fn vlv_password_modify_and_unknown_exop_answers_are_byte_identical() {
         let direct = d.recv_until_final(id).await;
         let proxied = p.recv_until_final(id).await;
         assert!(direct == proxied, "request {id}: different answers");
-        assert_eq!(result_code(direct.last().unwrap()), Some(code), "request {id}");
+        assert_eq!(
+            result_code(direct.last().unwrap()),
+            Some(code),
+            "request {id}"
+        );
         entries.push(
             direct[..direct.len() - 1]
                 .iter()
@@ -821,7 +823,10 @@ async fn vlv_password_modify_and_unknown_exop_answers_are_byte_identical() {
                 })
                 .collect();
             assert!(oids.contains(&"sort".to_string()), "{oids:?}");
-            assert!(oids.contains(&"2.16.840.1.113730.3.4.10".to_string()), "{oids:?}");
+            assert!(
+                oids.contains(&"2.16.840.1.113730.3.4.10".to_string()),
+                "{oids:?}"
+            );
         }
     }
     let uid = |k: &str| format!("uid=user{k},ou=people,dc=example,dc=org");
@@ -830,6 +835,188 @@ async fn vlv_password_modify_and_unknown_exop_answers_are_byte_identical() {
         ["15", "16", "17", "18", "19", "2"].map(uid),
         "window around the 10th by uid"
     );
-    assert_eq!(entries[1], ["49", "5", "50"].map(uid), "around uid >= user5");
+    assert_eq!(
+        entries[1],
+        ["49", "5", "50"].map(uid),
+        "around uid >= user5"
+    );
+    proxy.shutdown().await.unwrap();
+}
+
+fn modify_desc(msgid: i32, dn: &str, value: &str) -> ldap3_proto::proto::LdapMsg {
+    use ldap3_proto::proto::{
+        LdapModify, LdapModifyRequest, LdapModifyType, LdapOp, LdapPartialAttribute,
+    };
+    ldap3_proto::proto::LdapMsg::new(
+        msgid,
+        LdapOp::ModifyRequest(LdapModifyRequest {
+            dn: dn.into(),
+            changes: vec![LdapModify {
+                operation: LdapModifyType::Replace,
+                modification: LdapPartialAttribute {
+                    atype: "description".into(),
+                    vals: vec![value.as_bytes().to_vec()],
+                },
+            }],
+        }),
+    )
+}
+
+/// Sends `req` on `c` and asserts it succeeded.
+async fn ok(c: &mut RawConn, req: ldap3_proto::proto::LdapMsg) {
+    let id = req.msgid;
+    c.send_msg(req).await;
+    let frames = c.recv_until_final(id).await;
+    assert_eq!(result_code(frames.last().unwrap()), Some(0), "request {id}");
+}
+
+/// The next psearch entry on the direct and on the proxied connection: the
+/// same bytes; returns it decoded.
+async fn next_change(d: &mut RawConn, p: &mut RawConn) -> ldap3_proto::proto::LdapMsg {
+    let fd = d.recv().await.expect("direct psearch entry");
+    let fp = p.recv().await.expect("proxied psearch entry");
+    assert!(fd == fp, "direct and proxied notifications differ");
+    decode(&fd)
+}
+
+/// A persistent search (2.16.840.1.113730.3.4.3, which 389 implements)
+/// opened directly and through the proxy: the same initial entries, then
+/// for an add, a modify, a modRDN and a delete made through the proxy the
+/// same entry change notifications, byte for byte.
+#[tokio::test]
+async fn persistent_search_notifications_match_direct() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(50).await;
+    let proxy = proxy(&ds, vec![]).await;
+    let mut d = raw_bound(&addr_of(&ds.url()), DM_DN, DM_PW).await;
+    let mut p = raw_bound(&addr_of(&proxy.url()), DM_DN, DM_PW).await;
+    let people = "ou=people,dc=example,dc=org";
+    let mut ps = search(2, people, 2, "(|(uid=user4*)(cn=ps-*))", &["description"]);
+    ps.ctrl.push(psearch_control());
+    d.send_msg(ps.clone()).await;
+    p.send_msg(ps).await;
+    // changesOnly FALSE: the 11 matching entries first; once they are in,
+    // 389 has registered the persistent search.
+    let mut initial = Vec::new();
+    for _ in 0..11 {
+        initial.push(entry_dn(&next_change(&mut d, &mut p).await));
+    }
+    initial.sort();
+    let mut want: Vec<String> = [4, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
+        .iter()
+        .map(|&k| user_dn(k))
+        .collect();
+    want.sort();
+    assert_eq!(initial, want);
+
+    let mut w = raw_bound(&addr_of(&proxy.url()), DM_DN, DM_PW).await;
+    let new_dn = format!("cn=ps-new,{people}");
+    ok(&mut w, add(2, &new_dn, "ps-new")).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!(
+        (entry_dn(&m), entry_change(&m)),
+        (new_dn.clone(), (1, None))
+    );
+
+    ok(&mut w, modify_desc(3, &user_dn(42), "seen by psearch")).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!((entry_dn(&m), entry_change(&m)), (user_dn(42), (4, None)));
+    assert!(format!("{m:?}").contains("seen by psearch"));
+
+    let moved = ldap3_proto::proto::LdapMsg::new(
+        4,
+        ldap3_proto::proto::LdapOp::ModifyDNRequest(ldap3_proto::proto::LdapModifyDNRequest {
+            dn: user_dn(43),
+            newrdn: "uid=user43x".into(),
+            deleteoldrdn: true,
+            new_superior: None,
+        }),
+    );
+    ok(&mut w, moved).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!(
+        (entry_dn(&m), entry_change(&m)),
+        (format!("uid=user43x,{people}"), (8, Some(user_dn(43))))
+    );
+
+    let del =
+        ldap3_proto::proto::LdapMsg::new(5, ldap3_proto::proto::LdapOp::DelRequest(user_dn(44)));
+    ok(&mut w, del).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!((entry_dn(&m), entry_change(&m)), (user_dn(44), (2, None)));
+    proxy.shutdown().await.unwrap();
+}
+
+/// A persistent search open through the proxy never holds up a drain: with
+/// dc=example,dc=org in `stop` mode (where a search in flight is waited
+/// for), `abproxy on --time-limit 30` answers at once, not after 30 s, and
+/// the persistent search is not abandoned: a change made on 389 itself
+/// while frozen reaches it after OFF (held until then, as stop mode wants),
+/// and so does a change made through the proxy after OFF.
+#[tokio::test]
+async fn persistent_search_never_holds_up_a_drain_on_389() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(20).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            BackendConfig::new("dc=example,dc=org", Mode::Stop),
+            BackendConfig::new("dc=other,dc=org", Mode::Readonly),
+        ],
+    )
+    .await;
+    let mut d = raw_bound(&addr_of(&ds.url()), DM_DN, DM_PW).await;
+    let mut p = raw_bound(&addr_of(&proxy.url()), DM_DN, DM_PW).await;
+    let mut ps = search(
+        2,
+        "ou=people,dc=example,dc=org",
+        2,
+        "(uid=user1*)",
+        &["description"],
+    );
+    ps.ctrl.push(psearch_control());
+    d.send_msg(ps.clone()).await;
+    p.send_msg(ps).await;
+    for _ in 0..11 {
+        next_change(&mut d, &mut p).await;
+    }
+
+    let started = std::time::Instant::now();
+    let out = cli(&proxy, &["on", "--time-limit", "30"]).await;
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(0), "abproxy on: {out:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "ON took {took:?}: the drain waited for the persistent search"
+    );
+    let mut s = dm_session(&proxy).await;
+    let status = s.status().await.unwrap();
+    assert_eq!(status.state.as_str(), "frozen");
+
+    // A change on 389 itself (not through the proxy) while frozen: 389
+    // notifies both persistent searches; the proxy holds its copy.
+    let out = local_write(&ds, &user_dn(12), "changed while frozen").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let direct = d.recv().await.expect("direct notification");
+    assert_eq!(entry_dn(&decode(&direct)), user_dn(12));
+    let mut b = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), p.stream.peek(&mut b)).await;
+    assert!(early.is_err(), "stop mode let a notification through");
+
+    let out = cli(&proxy, &["off"]).await;
+    assert_eq!(out.code, Some(0), "abproxy off: {out:?}");
+    let held = p.recv().await.expect("the held notification");
+    assert!(held == direct, "the held notification, unchanged");
+
+    // Still working after OFF.
+    let mut w = raw_bound(&addr_of(&proxy.url()), DM_DN, DM_PW).await;
+    ok(&mut w, modify_desc(2, &user_dn(13), "after off")).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!((entry_dn(&m), entry_change(&m)), (user_dn(13), (4, None)));
+    s.close().await;
     proxy.shutdown().await.unwrap();
 }
