@@ -193,6 +193,7 @@ pub const EXPORTED_OPERATIONAL: &[&str] = &[
     "createTimestamp",
     "modifyTimestamp",
     "dsEntryDN",
+    "entryUUID",
 ];
 
 /// A whole LDAPMessage frame decoded with ldap3_proto.
@@ -252,4 +253,31 @@ pub fn entry_dn(msg: &ldap3_proto::proto::LdapMsg) -> String {
         ldap3_proto::proto::LdapOp::SearchResultEntry(e) => e.dn.clone(),
         other => panic!("not an entry: {other:?}"),
     }
+}
+
+/// What differs between two parsed LDIF texts (for assertion messages):
+/// DNs only in one, and for the first few common entries that differ, the
+/// attribute values only in one.
+pub fn diff_entries(a: &Entries, b: &Entries) -> String {
+    let mut out = String::new();
+    for dn in a.keys().filter(|k| !b.contains_key(*k)).take(5) {
+        out.push_str(&format!("only in the first: {dn}\n"));
+    }
+    for dn in b.keys().filter(|k| !a.contains_key(*k)).take(5) {
+        out.push_str(&format!("only in the second: {dn}\n"));
+    }
+    let show = |(t, v): &(String, Vec<u8>)| format!("{t}: {}", String::from_utf8_lossy(v));
+    for (dn, x) in a
+        .iter()
+        .filter(|(k, v)| b.get(*k).is_some_and(|y| y != *v))
+        .take(3)
+    {
+        let y = &b[dn];
+        let only_x: Vec<String> = x.difference(y).map(show).collect();
+        let only_y: Vec<String> = y.difference(x).map(show).collect();
+        out.push_str(&format!(
+            "{dn}: first only {only_x:?}, second only {only_y:?}\n"
+        ));
+    }
+    out
 }
