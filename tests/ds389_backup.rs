@@ -258,3 +258,140 @@ async fn kolab_style_hooks_around_online_exports_give_the_data_at_the_freeze() {
     s.close().await;
     proxy.shutdown().await.unwrap();
 }
+
+/// `abproxy run -- dsconf NAME backup create DIR` (the online backup task,
+/// cn=backup,cn=tasks,cn=config) with 6 clients adding entries through the
+/// proxy all along; the same command dumps both backends, still frozen.
+/// The backup restores (`dsctl NAME bak2db DIR`, instance stopped) into a
+/// fresh instance that then serves exactly the entries of that dump,
+/// operational attributes included; no client sees an error and every
+/// acknowledged write is on the live server once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abproxy_run_online_backup_restores_into_a_fresh_instance() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(50).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            example_389ds(&ds),
+            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
+        ],
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let writers = spawn_writers(&proxy, &stop);
+    wait_written(&ds, 2 * WRITERS, "writers make no progress").await;
+
+    let archive = ds.bak_dir().join("frozen");
+    let live = tempfile::Builder::new()
+        .prefix("abp-389-live")
+        .tempdir_in("/tmp")
+        .unwrap();
+    // Wait (bounded) until the proxy holds a write, so that the backup
+    // really races the writers; then back up and dump, all while frozen.
+    let script = format!(
+        "set -e
+         n=0
+         until {bin} status --json | grep -Eq '\"queued_requests\": ?[1-9]'; do
+           n=$((n+1)); [ $n -lt 400 ] || {{ echo 'no write was held' >&2; exit 9; }}; sleep 0.05
+         done
+         {dsconf} {name} backup create {archive}
+         for base in {SUFFIX} {OTHER_SUFFIX}; do
+           ldapsearch -Q -LLL -o ldif_wrap=no -Y EXTERNAL -H {ldapi} -b $base '(objectClass=*)' '*' '+' > {live}/$base.ldif
+         done",
+        bin = BIN,
+        dsconf = abproxy::lab389::DSCONF,
+        name = ds.name(),
+        archive = archive.display(),
+        ldapi = ds.ldapi_url(),
+        live = live.path().display(),
+    );
+    let out = tokio::process::Command::new(BIN)
+        .args(["run", "--", "sh", "-c", &script])
+        .env("ABPROXY_URL", proxy.url())
+        .env("ABPROXY_BIND_DN", DM_DN)
+        .env("ABPROXY_PASSWORD", DM_PW)
+        .env("LDAPCONF", "/dev/null")
+        .env("LDAPRC", "/dev/null")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "abproxy run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at_freeze: Vec<Entries> = [SUFFIX, OTHER_SUFFIX]
+        .iter()
+        .map(|b| {
+            parse_ldif(&std::fs::read_to_string(live.path().join(format!("{b}.ldif"))).unwrap())
+        })
+        .collect();
+    let frozen_written: usize = at_freeze
+        .iter()
+        .map(|e| e.keys().filter(|dn| dn.starts_with("cn=w")).count())
+        .sum();
+    assert!(frozen_written >= 2 * WRITERS);
+
+    // The writers go on after the backup, then stop.
+    wait_written(
+        &ds,
+        frozen_written + 2 * WRITERS,
+        "writers make no progress after the backup",
+    )
+    .await;
+    let acked = stop_writers(stop, writers).await;
+    check_acked(&acked, &export_all(&ds, "final").await);
+    proxy.shutdown().await.unwrap();
+
+    // A fresh instance (its own sample data), stopped, restored from the
+    // backup, started again: it serves what the live one held at the freeze.
+    let mut fresh = tokio::task::spawn_blocking(|| {
+        Ds389::start(abproxy::lab389::Ds389Options {
+            users: 3,
+            other_users: 1,
+        })
+    })
+    .await
+    .unwrap()
+    .expect("a fresh 389-ds");
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        fresh.stop()?;
+        fresh.dsctl(&["bak2db", &archive.display().to_string()])?;
+        fresh.restart()
+    })
+    .expect("restore with dsctl bak2db");
+    for (i, base) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
+        let restored = parse_ldif(&dump(&fresh, base, &["*", "+"]).await);
+        assert!(
+            restored == at_freeze[i],
+            "{base}: the restored instance differs from the live one at the freeze:\n{}",
+            diff_entries(&restored, &at_freeze[i])
+        );
+    }
+    // Over TCP, as any client.
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &fresh.url(),
+            "-b",
+            SUFFIX,
+            "(cn=w0-1)",
+            "cn",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        out.stdout,
+        format!("dn: cn=w0-1,{SUFFIX}\ncn: w0-1\n\n"),
+        "{out:?}"
+    );
+}
