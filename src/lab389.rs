@@ -26,6 +26,10 @@
 //! left behind by a process that died without dropping them (SIGKILL) are
 //! removed by the next [`Ds389::start`].
 //!
+//! [`Ds389::dsconf`] and [`Ds389::dsctl`] run lib389's tools for the
+//! instance (online export and backup tasks; `bak2db` once
+//! [`Ds389::stop`]ped, then [`Ds389::restart`]).
+//!
 //! Credentials: [`DM_DN`] / [`DM_PW`], and the sample users
 //! [`user_dn`]`(k)` / [`user_pw`]`(k)` for `k` in `1..=users` (their
 //! passwords are stored as given: 389 compares a value without a `{SCHEME}`
