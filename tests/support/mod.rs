@@ -401,3 +401,5 @@ pub async fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+pub mod ds389;
