@@ -53,6 +53,23 @@ pub struct Config {
     pub max_pdu_bytes: usize,
     /// Largest response PDU accepted from the upstream, in bytes.
     pub max_response_pdu_bytes: usize,
+    /// Largest request PDU accepted before a successful bind (anonymous
+    /// sessions), like slapd's `sockbuf_max_incoming`.
+    pub max_pdu_bytes_anonymous: usize,
+    /// Client connections over all listeners; more are told `unavailable`
+    /// (Notice of Disconnection) and closed at once. 0: no limit.
+    pub max_connections: usize,
+    /// Client connections from one source IP address (TCP listeners). 0: no limit.
+    pub max_connections_per_source: usize,
+    /// A session with nothing in flight and nothing received for this many
+    /// seconds is closed with a Notice of Disconnection. 0: never.
+    pub idle_timeout_secs: u64,
+    /// Requests in flight upstream per connection (persistent searches not
+    /// counted); when reached, the proxy stops reading that client.
+    pub max_outstanding_per_conn: usize,
+    /// Response bytes buffered for a client that does not read; when
+    /// reached, the proxy stops reading that client's upstream connection.
+    pub client_buffer_bytes: usize,
     /// Time allowed to connect to the upstream for a new client, in seconds.
     pub upstream_connect_timeout_secs: u64,
     /// On SIGTERM/SIGINT: time allowed to in-flight operations to finish.
@@ -60,6 +77,9 @@ pub struct Config {
     /// Worker threads of the proxy (0: one per CPU). On a small machine
     /// shared with the LDAP server, 1 is often fastest.
     pub threads: usize,
+    /// Where backend drivers record what they changed on the servers until
+    /// it is undone, so a restart after a crash undoes it. None: memory only.
+    pub state_file: Option<PathBuf>,
     /// Backends by suffix. Empty: the upstream's namingContexts (rootDSE),
     /// all in `readonly` mode, read at start-up and again at each freeze.
     pub backends: Vec<BackendConfig>,
@@ -184,9 +204,16 @@ impl Default for Config {
             upstream: "ldap://127.0.0.1:389".into(),
             max_pdu_bytes: crate::wire::DEFAULT_MAX_PDU,
             max_response_pdu_bytes: 64 * 1024 * 1024,
+            max_pdu_bytes_anonymous: 262_143,
+            max_connections: 10_000,
+            max_connections_per_source: 0,
+            idle_timeout_secs: 0,
+            max_outstanding_per_conn: 1000,
+            client_buffer_bytes: 256 * 1024,
             upstream_connect_timeout_secs: 5,
             shutdown_grace_secs: 10,
             threads: 0,
+            state_file: None,
             backends: Vec::new(),
             freeze: FreezeConfig::default(),
             tls: crate::tls::TlsConfig::default(),
@@ -235,6 +262,17 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "PDU size limits must fit in 4 BER length octets (< 4 GiB)".into(),
+            ));
+        }
+        if self.max_pdu_bytes_anonymous < 512 {
+            return Err(ConfigError::Invalid(
+                "max_pdu_bytes_anonymous must be at least 512 (binds must fit)".into(),
+            ));
+        }
+        if self.max_outstanding_per_conn == 0 || self.client_buffer_bytes < 4096 {
+            return Err(ConfigError::Invalid(
+                "max_outstanding_per_conn must be positive and client_buffer_bytes at least 4096"
+                    .into(),
             ));
         }
         self.backend_map()?;
@@ -337,6 +375,20 @@ impl Config {
     /// Upstream connect timeout.
     pub fn upstream_connect_timeout(&self) -> Duration {
         Duration::from_secs(self.upstream_connect_timeout_secs)
+    }
+
+    /// The request size limit of a session, before and after a bind.
+    pub fn pdu_limit(&self, authenticated: bool) -> usize {
+        if authenticated {
+            self.max_pdu_bytes
+        } else {
+            self.max_pdu_bytes_anonymous.min(self.max_pdu_bytes)
+        }
+    }
+
+    /// The idle timeout, if any.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
     }
 
     /// Shutdown grace period.

@@ -26,6 +26,10 @@
 //! left behind by a process that died without dropping them (SIGKILL) are
 //! removed by the next [`Ds389::start`].
 //!
+//! [`Ds389::dsconf`] and [`Ds389::dsctl`] run lib389's tools for the
+//! instance (online export and backup tasks; `bak2db` once
+//! [`Ds389::stop`]ped, then [`Ds389::restart`]).
+//!
 //! Credentials: [`DM_DN`] / [`DM_PW`], and the sample users
 //! [`user_dn`]`(k)` / [`user_pw`]`(k)` for `k` in `1..=users` (their
 //! passwords are stored as given: 389 compares a value without a `{SCHEME}`
@@ -60,6 +64,12 @@ pub const NS_SLAPD: &str = "/usr/sbin/ns-slapd";
 pub const PYTHON: &str = "/usr/bin/python3";
 /// Where Debian installs lib389.
 const LIB389: &str = "/usr/lib/python3/dist-packages/lib389/__init__.py";
+/// lib389's command-line tools (Debian package `389-ds-base`): `dsconf`
+/// talks to a running instance (over its ldapi socket, where root
+/// autobinds), `dsctl` works on its files.
+pub const DSCONF: &str = "/usr/sbin/dsconf";
+/// See [`DSCONF`].
+pub const DSCTL: &str = "/usr/sbin/dsctl";
 /// The root DN.
 pub const DM_DN: &str = "cn=Directory Manager";
 /// Password of [`DM_DN`].
@@ -410,6 +420,52 @@ impl Ds389 {
             )))
     }
 
+    /// `/var/lib/dirsrv/slapd-NAME/ldif`, where ns-slapd (running as
+    /// `dirsrv`) may write LDIF exports.
+    pub fn ldif_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/var/lib/dirsrv/slapd-{}/ldif", self.name))
+    }
+
+    /// `/var/lib/dirsrv/slapd-NAME/bak`, where ns-slapd may write backups.
+    pub fn bak_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/var/lib/dirsrv/slapd-{}/bak", self.name))
+    }
+
+    /// Runs `dsconf NAME ARGS...` against the running instance (root
+    /// autobinds as Directory Manager over ldapi), e.g. `backend export` or
+    /// `backup create`, which start a task in `cn=tasks,cn=config` and wait
+    /// for its exit code. Returns the tool's output; fails with it when the
+    /// tool fails or takes more than 3 minutes.
+    ///
+    /// Blocking: from async code, call it in `spawn_blocking`.
+    pub fn dsconf(&self, args: &[&str]) -> Result<String> {
+        self.lib389_tool(DSCONF, args)
+    }
+
+    /// Runs `dsctl NAME ARGS...`, e.g. `bak2db DIR` on a stopped instance
+    /// ([`Ds389::stop`] first, [`Ds389::restart`] after). `dsctl` asks
+    /// systemd whether the instance runs, which fails here (no systemd) and
+    /// reads as "not running": do not use it on a running instance. Returns
+    /// the tool's output, as [`Ds389::dsconf`].
+    pub fn dsctl(&self, args: &[&str]) -> Result<String> {
+        self.lib389_tool(DSCTL, args)
+    }
+
+    fn lib389_tool(&self, tool: &str, args: &[&str]) -> Result<String> {
+        let log = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+        let mut cmd = Command::new(tool);
+        cmd.arg(&self.name)
+            .args(args)
+            .env_remove("PYTHONPATH")
+            .env_remove("PYTHONHOME")
+            .env_remove("PYTHONSTARTUP")
+            .env_remove("PYTHONUSERBASE")
+            .env("PYTHONNOUSERSITE", "1");
+        let result = run_tool(&mut cmd, log.path(), TOOL_TIMEOUT);
+        let out = fs::read_to_string(log.path()).unwrap_or_default();
+        result.map(|()| out)
+    }
+
     fn log_dir(&self) -> PathBuf {
         PathBuf::from(format!("/var/log/dirsrv/slapd-{}", self.name))
     }
@@ -454,7 +510,7 @@ impl Ds389 {
     /// Loads the sample data into both backends with `ns-slapd ldif2db`
     /// (the server is stopped).
     fn import(&self, opts: &Ds389Options, work: &Path) -> Result<()> {
-        let ldif_dir = PathBuf::from(format!("/var/lib/dirsrv/slapd-{}/ldif", self.name));
+        let ldif_dir = self.ldif_dir();
         let owner =
             fs::metadata(&ldif_dir).with_context(|| format!("reading {}", ldif_dir.display()))?;
         for (backend, suffix, n, file) in [

@@ -12,6 +12,7 @@ pub mod fuzzing;
 pub mod lab;
 pub mod lab389;
 pub mod labca;
+pub mod notify;
 pub mod ops;
 pub mod proxy;
 pub mod tls;

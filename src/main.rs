@@ -289,7 +289,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let server = Server::bind(config).await?;
     tokio::spawn(reload_on_sighup(server.server_tls()));
-    server.run(shutdown_signal()).await?;
+    // The listeners are bound: from now on the kernel queues connections
+    // that the accept loops take. systemd (Type=notify) may start the units
+    // ordered after this one.
+    abproxy::notify::notify_logged("READY=1");
+    server
+        .run(async {
+            shutdown_signal().await;
+            abproxy::notify::notify_logged("STOPPING=1");
+        })
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
 

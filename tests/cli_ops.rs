@@ -704,3 +704,122 @@ async fn uids_not_listed_are_refused_on_ldapi() {
     assert_eq!(on.code, Some(3), "{on:?}");
     assert!(on.stderr.contains("allowed_uids"), "{on:?}");
 }
+
+/// The README's `ldapexop` lines, run as written (with the lab's proxy for
+/// `ldap://proxy:389`): each ON value decodes to what its comment says (and
+/// to the hex shown), freezes what it says, and the OFF line releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_ldapexop_lines_work_as_written() {
+    const BACKUP_DN: &str = "cn=backup,dc=example,dc=org";
+    let lab = lab(|c| c.freeze.allowed.push(BACKUP_DN.into())).await;
+    let out = ldap_tool(
+        "ldapadd",
+        &["-x", "-H", &lab.direct(), "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(&format!(
+            "dn: {BACKUP_DN}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\ncn: backup\nuserPassword: secret\n"
+        )),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    let readme = include_str!("../README.md");
+    let marker = "<!-- recipe: ldapexop -->\n```sh\n";
+    let block = &readme[readme.find(marker).expect("the marked block") + marker.len()..];
+    let block = &block[..block.find("```").unwrap()];
+    let prelude: String = block
+        .lines()
+        .filter(|l| l.starts_with("OID=") || l.starts_with("AUTH="))
+        .map(|l| l.replace("ldap://proxy:389", &lab.proxied()) + "\n")
+        .collect();
+    assert_eq!(prelude.lines().count(), 2, "{block}");
+    // (command, comment), a comment continued on the next line joined.
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for l in block.lines() {
+        if l.starts_with("ldapexop") {
+            let (cmd, comment) = l.split_once('#').unwrap_or((l, ""));
+            lines.push((cmd.trim().to_string(), comment.trim().to_string()));
+        } else if let Some(c) = l.trim_start().strip_prefix('#') {
+            lines.last_mut().unwrap().1 = c.trim().to_string();
+        }
+    }
+    let sh = |cmd: String| {
+        let script = format!("{prelude}{cmd}");
+        async move {
+            let out = tokio::process::Command::new("sh")
+                .args(["-c", &script])
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    let value = |cmd: &str| {
+        let b64 = cmd.split("$OID::").nth(1)?.trim();
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("printf %s '{b64}' | base64 -d")])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        Some(out.stdout)
+    };
+    let off = lines
+        .iter()
+        .find(|(_, c)| c.starts_with("OFF"))
+        .expect("an OFF line")
+        .0
+        .clone();
+    assert_eq!(
+        abproxy_proto::decode_request(&value(&off).unwrap()).unwrap(),
+        abproxy_proto::AllowBackupRequest::off()
+    );
+    let mut ons = 0;
+    for (cmd, comment) in &lines {
+        let Some(bytes) = value(cmd) else {
+            // The status line.
+            assert!(comment.starts_with("status"), "{cmd} # {comment}");
+            sh(cmd.clone()).await;
+            continue;
+        };
+        // The hex at the end of the comment, where shown, is the value.
+        let mut hex: Vec<u8> = comment
+            .split_whitespace()
+            .rev()
+            .map_while(|t| (t.len() == 2).then(|| u8::from_str_radix(t, 16).ok())?)
+            .collect();
+        hex.reverse();
+        if !hex.is_empty() {
+            assert_eq!(hex, bytes, "{cmd} # {comment}");
+        }
+        let req = abproxy_proto::decode_request(&bytes).unwrap();
+        if !comment.starts_with("ON") {
+            continue;
+        }
+        ons += 1;
+        assert!(req.mode, "{comment}");
+        assert_eq!(
+            req.time_limit,
+            comment.contains("timeLimit 30").then_some(30),
+            "{comment}"
+        );
+        let only_example = comment.contains("dnSet {dc=example,dc=org}");
+        assert_eq!(req.dn_set.is_some(), only_example, "{comment}");
+        sh(cmd.clone()).await;
+        let s = status(&lab).await;
+        assert_eq!(s.state, State::Frozen, "{comment}");
+        for b in &s.backends {
+            assert_eq!(
+                b.frozen,
+                !only_example || b.suffix == "dc=example,dc=org",
+                "{comment}: {b:?}"
+            );
+        }
+        sh(off.clone()).await;
+        assert_eq!(status(&lab).await.state, State::Thawed, "{comment}");
+    }
+    assert_eq!(ons, 3, "{block}");
+}

@@ -13,70 +13,27 @@ use std::time::Duration;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use abproxy::lab389::{self, user_dn, user_pw, Ds389, Ds389Options, DM_DN, DM_PW};
+use abproxy::lab389::{self, user_dn, user_pw, Ds389, DM_DN, DM_PW};
 use abproxy::ops::{FreezeRequest, Password, Session, Target};
-use abproxy::ProxyHandle;
+use support::ds389::*;
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 const USERROOT_ENTRY: &str = "cn=userroot,cn=ldbm database,cn=plugins,cn=config";
-
-/// True (after printing why) when 389-ds cannot run here.
-fn skip() -> bool {
-    match lab389::available() {
-        Ok(()) => false,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            true
-        }
-    }
-}
-
-async fn start_ds(users: usize) -> Ds389 {
-    tokio::task::spawn_blocking(move || {
-        Ds389::start(Ds389Options {
-            users,
-            ..Default::default()
-        })
-    })
-    .await
-    .unwrap()
-    .expect("start 389-ds")
-}
-
-/// The proxy in front of `ds`, `cn=Directory Manager` allowed to freeze.
-async fn proxy(ds: &Ds389, backends: Vec<BackendConfig>) -> ProxyHandle {
-    let mut config = Config {
-        listen: vec!["ldap://127.0.0.1:0".into()],
-        upstream: ds.url(),
-        backends,
-        ..Config::default()
-    };
-    config.freeze.allowed = vec![DM_DN.into()];
-    ProxyHandle::spawn(config).await.expect("start proxy")
-}
-
-/// dc=example,dc=org with the 389ds driver on the server's ldapi socket.
-fn example_389ds(ds: &Ds389) -> BackendConfig {
-    let mut b = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
-    b.driver = DriverKind::Ds389;
-    b.config_url = Some(ds.ldapi_url());
-    b
-}
-
-async fn dm_session(proxy: &ProxyHandle) -> Session {
-    Session::connect(&Target {
-        url: proxy.url(),
-        bind_dn: Some(DM_DN.into()),
-        password: Some(Password::new(DM_PW)),
-    })
-    .await
-    .expect("bind to the proxy as Directory Manager")
-}
 
 /// Runs `tool` against `direct` and `proxied` (`URL` in `args` is replaced)
 /// and asserts the same exit status, output and (URL aside) stderr.
 async fn same(direct: &str, proxied: &str, tool: &str, args: &[&str]) -> ToolOutput {
+    same_in(direct, proxied, tool, args, None).await
+}
+
+/// [`same`] with `stdin` fed to both runs.
+async fn same_in(
+    direct: &str,
+    proxied: &str,
+    tool: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> ToolOutput {
     let run = |url: &str| {
         let args: Vec<String> = args
             .iter()
@@ -90,7 +47,7 @@ async fn same(direct: &str, proxied: &str, tool: &str, args: &[&str]) -> ToolOut
             .collect();
         async move {
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            ldap_tool(tool, &refs, None).await
+            ldap_tool(tool, &refs, stdin).await
         }
     };
     let d = run(direct).await;
@@ -148,28 +105,6 @@ async fn local_write(ds: &Ds389, dn: &str, value: &str) -> ToolOutput {
         Some(&ldif),
     )
     .await
-}
-
-/// `abproxy on|off|status ...` against `proxy` as Directory Manager.
-async fn cli(proxy: &ProxyHandle, args: &[&str]) -> ToolOutput {
-    let pwfile = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(pwfile.path(), format!("{DM_PW}\n")).unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .args(["--url", &proxy.url(), "--bind-dn", DM_DN, "--password-file"])
-        .arg(pwfile.path())
-        .env_remove("ABPROXY_PASSWORD")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), out)
-        .await
-        .expect("abproxy did not finish in 90 s")
-        .unwrap();
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// How often 389 logged a modify of userroot's config entry (the access log
@@ -499,5 +434,589 @@ async fn writes_during_off_are_not_refused_by_the_still_read_only_server() {
     .await;
     off.await.unwrap().expect("OFF");
     assert_eq!(out.code, Some(0), "a write during OFF: {out:?}");
+    proxy.shutdown().await.unwrap();
+}
+
+/// The DNs of `ldapsearch -LLL` output, in order.
+fn dn_list(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("dn: uid="))
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn binds_scopes_vlv_writes_and_extended_operations_match_direct() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(100).await;
+    let proxy = proxy(&ds, vec![]).await;
+    let (direct, proxied) = (ds.url(), proxy.url());
+
+    // Binds: good and bad password, unknown DN, Directory Manager, anonymous.
+    for (who, args, code, want) in [
+        (
+            "user",
+            vec!["-D", &user_dn(1) as &str, "-w", &user_pw(1) as &str],
+            0,
+            format!("dn: {}", user_dn(1)),
+        ),
+        (
+            "bad password",
+            vec!["-D", &user_dn(1) as &str, "-w", "wrong"],
+            49,
+            String::new(),
+        ),
+        (
+            "no such user",
+            vec!["-D", "uid=nobody,ou=people,dc=example,dc=org", "-w", "x"],
+            49,
+            String::new(),
+        ),
+        (
+            "root",
+            vec!["-D", DM_DN, "-w", DM_PW],
+            0,
+            "dn: cn=directory manager".into(),
+        ),
+        ("anonymous", vec![], 0, "anonymous".into()),
+    ] {
+        let out = same(
+            &direct,
+            &proxied,
+            "ldapwhoami",
+            &[&["-x", "-H", "URL"][..], &args].concat(),
+        )
+        .await;
+        assert_eq!(out.code, Some(code), "{who}: {out:?}");
+        assert_eq!(out.stdout.trim(), want, "{who}: {out:?}");
+    }
+
+    // The three scopes.
+    for (scope, n) in [("base", 1), ("one", 100), ("sub", 101)] {
+        let out = same(
+            &direct,
+            &proxied,
+            "ldapsearch",
+            &[
+                "-x",
+                "-LLL",
+                "-H",
+                "URL",
+                "-D",
+                DM_DN,
+                "-w",
+                DM_PW,
+                "-s",
+                scope,
+                "-b",
+                "ou=people,dc=example,dc=org",
+                "(objectClass=*)",
+                "1.1",
+            ],
+        )
+        .await;
+        assert_eq!(out.code, Some(0), "{scope}: {out:?}");
+        assert_eq!(dns(&out.stdout), n, "{scope}");
+    }
+
+    // VLV with server-side sort, as a user (389's default ACI on the VLV
+    // control lets authenticated users use it; unindexed VLV is allowed).
+    // ldapsearch asks for the next window on stdin after each one: by
+    // offset, then by value, then an invalid one that ends it (exit 1).
+    let vlv = |who: &'static [&'static str]| {
+        [
+            &["-x", "-LLL", "-H", "URL"][..],
+            who,
+            &[
+                "-E",
+                "sss=uid",
+                "-E",
+                "vlv=2/3/10/0",
+                "-b",
+                "ou=people,dc=example,dc=org",
+                "(objectClass=inetOrgPerson)",
+                "uid",
+            ],
+        ]
+        .concat()
+    };
+    let user1: &'static [&'static str] =
+        &["-D", "uid=user1,ou=people,dc=example,dc=org", "-w", "pass1"];
+    assert_eq!(user1[1], user_dn(1));
+    assert_eq!(user1[3], user_pw(1));
+    let out = same_in(
+        &direct,
+        &proxied,
+        "ldapsearch",
+        &vlv(user1),
+        Some("1/1/50/0\n0/2:user5\nend\n"),
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("VLV control value \"end\" invalid"),
+        "{out:?}"
+    );
+    // uid order: user1 user10 user100 user11 ... user17 (10th) ...
+    let windows = [
+        "user15 user16 user17 user18 user19 user2",
+        "user52 user53 user54",
+        "user5 user50 user51",
+    ];
+    assert_eq!(dn_list(&out.stdout).join(" "), windows.join(" "), "{out:?}");
+    assert_eq!(
+        out.stdout
+            .matches("# vlvResultpos=")
+            .collect::<Vec<_>>()
+            .len(),
+        3
+    );
+    assert!(
+        out.stdout.contains("# vlvResultpos=10 count=100"),
+        "{out:?}"
+    );
+    // Anonymous: 389 refuses the control (insufficientAccessRights).
+    let out = same(&direct, &proxied, "ldapsearch", &vlv(&[])).await;
+    assert_eq!(out.code, Some(50), "{out:?}");
+
+    // add/modify/modRDN/delete, and the errors of each, as Directory
+    // Manager; the sequence leaves the directory as it found it, so both
+    // runs see the same state.
+    let ldif = "dn: uid=tx,ou=people,dc=example,dc=org
+changetype: add
+objectClass: inetOrgPerson
+uid: tx
+cn: T X
+sn: X
+
+dn: uid=tx,ou=people,dc=example,dc=org
+changetype: modify
+replace: description
+description: changed
+-
+add: mail
+mail: tx@example.org
+
+dn: uid=tx,ou=people,dc=example,dc=org
+changetype: modrdn
+newrdn: uid=ty
+deleteoldrdn: 1
+
+dn: uid=user1,ou=people,dc=example,dc=org
+changetype: add
+objectClass: inetOrgPerson
+uid: user1
+cn: again
+sn: again
+
+dn: uid=ty,ou=people,dc=example,dc=org
+changetype: modrdn
+newrdn: uid=user2
+deleteoldrdn: 1
+
+dn: uid=ty,ou=people,dc=example,dc=org
+changetype: modify
+replace: uidNumber
+uidNumber: not a number
+
+dn: uid=nobody,ou=people,dc=example,dc=org
+changetype: modify
+replace: description
+description: x
+
+dn: ou=people,dc=example,dc=org
+changetype: delete
+
+dn: uid=tz,ou=people,dc=example,dc=org
+changetype: add
+objectClass: inetOrgPerson
+uid: tz
+
+dn: uid=ty,ou=people,dc=example,dc=org
+changetype: delete
+";
+    let out = same_in(
+        &direct,
+        &proxied,
+        "ldapmodify",
+        &["-c", "-x", "-H", "URL", "-D", DM_DN, "-w", DM_PW],
+        Some(ldif),
+    )
+    .await;
+    for want in [
+        "adding new entry \"uid=tx,ou=people,dc=example,dc=org\"",
+        "modifying entry \"uid=tx,ou=people,dc=example,dc=org\"",
+        "modifying rdn of entry \"uid=tx,ou=people,dc=example,dc=org\"",
+        "deleting entry \"uid=ty,ou=people,dc=example,dc=org\"",
+    ] {
+        assert!(out.stdout.contains(want), "{want}: {out:?}");
+    }
+    for want in [
+        "ldap_add: Already exists (68)",
+        "ldap_rename: Already exists (68)",
+        "attribute \"uidNumber\" not allowed",
+        "ldap_modify: No such object (32)",
+        "ldap_delete: Operation not allowed on non-leaf (66)",
+        "ldap_add: Object class violation (65)",
+    ] {
+        assert!(out.stderr.contains(want), "{want}: {out:?}");
+    }
+    assert_eq!(out.code, Some(65), "the last error: {out:?}");
+
+    // An extended operation 389 does not know: its own answer, unchanged.
+    let out = same(
+        &direct,
+        &proxied,
+        "ldapexop",
+        &["-x", "-H", "URL", "1.3.6.1.4.1.99999.1.2"],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("Protocol error (2)\n\tadditional info: unsupported extended operation"),
+        "{out:?}"
+    );
+    // Password modify in clear: 389 wants TLS (confidentialityRequired).
+    let out = same(
+        &direct,
+        &proxied,
+        "ldappasswd",
+        &[
+            "-x",
+            "-H",
+            "URL",
+            "-D",
+            &user_dn(2),
+            "-w",
+            &user_pw(2),
+            "-a",
+            &user_pw(2),
+            "-s",
+            "new secret",
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "Result: Confidentiality required (13)\n\
+         Additional info: Operation requires a secure connection.\n\n"
+    );
+    proxy.shutdown().await.unwrap();
+}
+
+/// An extended request (no value when `value` is None).
+fn exop(msgid: i32, name: &str, value: Option<Vec<u8>>) -> ldap3_proto::proto::LdapMsg {
+    ldap3_proto::proto::LdapMsg::new(
+        msgid,
+        ldap3_proto::proto::LdapOp::ExtendedRequest(ldap3_proto::proto::LdapExtendedRequest {
+            name: name.into(),
+            value,
+        }),
+    )
+}
+
+/// A search of the people sorted by uid with a VLV request control whose
+/// value is `vlv` (a VirtualListViewRequest).
+fn vlv_search(msgid: i32, vlv: Vec<u8>) -> ldap3_proto::proto::LdapMsg {
+    use ldap3_proto::control::{LdapControl, ServerSortRequet};
+    let mut m = search(
+        msgid,
+        "ou=people,dc=example,dc=org",
+        2,
+        "(objectClass=inetOrgPerson)",
+        &["uid", "cn"],
+    );
+    m.ctrl.push(LdapControl::ServerSort {
+        sort_requests: vec![ServerSortRequet {
+            attribute_name: "uid".into(),
+            ordering_rule: None,
+            reverse_order: false,
+        }],
+    });
+    m.ctrl.push(LdapControl::Unknown {
+        oid: "2.16.840.1.113730.3.4.9".into(),
+        criticality: true,
+        value: Some(vlv),
+    });
+    m
+}
+
+/// The same requests, one after the other, on a connection to 389 and one
+/// to the proxy (both bound as user1): every response frame is the same
+/// byte for byte. Checked: VLV by offset and by value (with the sort and
+/// VLV response controls), password modify in clear (confidentialityRequired
+/// from 389, passed through), an unknown extended operation, a failed and an
+/// anonymous bind.
+#[tokio::test]
+async fn vlv_password_modify_and_unknown_exop_answers_are_byte_identical() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(100).await;
+    let proxy = proxy(&ds, vec![]).await;
+    let mut d = raw_bound(&addr_of(&ds.url()), &user_dn(1), &user_pw(1)).await;
+    let mut p = raw_bound(&addr_of(&proxy.url()), &user_dn(1), &user_pw(1)).await;
+
+    // VirtualListViewRequest: before 2, after 3, byOffset {10, 0}.
+    let by_offset = vec![
+        0x30, 0x0e, 0x02, 0x01, 0x02, 0x02, 0x01, 0x03, 0xa0, 0x06, 0x02, 0x01, 0x0a, 0x02, 0x01,
+        0x00,
+    ];
+    // before 1, after 1, greaterThanOrEqual "user5".
+    let by_value = [
+        &[0x30, 0x0d, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01, 0x81, 0x05][..],
+        b"user5",
+    ]
+    .concat();
+    // RFC 3062 PasswdModifyRequestValue { oldPasswd [1], newPasswd [2] }.
+    let passwd = [
+        &[0x30, 0x0e, 0x81, 0x05][..],
+        user_pw(1).as_bytes(),
+        &[0x82, 0x05],
+        b"other",
+    ]
+    .concat();
+    let requests = [
+        (vlv_search(2, by_offset), 0),
+        (vlv_search(3, by_value), 0),
+        (exop(4, "1.3.6.1.4.1.4203.1.11.1", Some(passwd)), 13),
+        (exop(5, "1.3.6.1.4.1.99999.1.2", None), 2),
+        (bind(6, &user_dn(2), "wrong"), 49),
+        (bind(7, "", ""), 0),
+        (exop(8, "1.3.6.1.4.1.4203.1.11.3", None), 0),
+    ];
+    let mut entries = Vec::new();
+    for (req, code) in requests {
+        let id = req.msgid;
+        d.send_msg(req.clone()).await;
+        p.send_msg(req).await;
+        let direct = d.recv_until_final(id).await;
+        let proxied = p.recv_until_final(id).await;
+        assert!(direct == proxied, "request {id}: different answers");
+        assert_eq!(
+            result_code(direct.last().unwrap()),
+            Some(code),
+            "request {id}"
+        );
+        entries.push(
+            direct[..direct.len() - 1]
+                .iter()
+                .map(|f| entry_dn(&decode(f)))
+                .collect::<Vec<_>>(),
+        );
+        if id <= 3 {
+            // The sort (1.2.840.113556.1.4.474) and VLV (…3.4.10) responses.
+            let done = decode(direct.last().unwrap());
+            let oids: Vec<String> = done
+                .ctrl
+                .iter()
+                .map(|c| match c {
+                    ldap3_proto::control::LdapControl::ServerSortResult { .. } => {
+                        "sort".to_string()
+                    }
+                    ldap3_proto::control::LdapControl::Unknown { oid, .. } => oid.clone(),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            assert!(oids.contains(&"sort".to_string()), "{oids:?}");
+            assert!(
+                oids.contains(&"2.16.840.1.113730.3.4.10".to_string()),
+                "{oids:?}"
+            );
+        }
+    }
+    let uid = |k: &str| format!("uid=user{k},ou=people,dc=example,dc=org");
+    assert_eq!(
+        entries[0],
+        ["15", "16", "17", "18", "19", "2"].map(uid),
+        "window around the 10th by uid"
+    );
+    assert_eq!(
+        entries[1],
+        ["49", "5", "50"].map(uid),
+        "around uid >= user5"
+    );
+    proxy.shutdown().await.unwrap();
+}
+
+fn modify_desc(msgid: i32, dn: &str, value: &str) -> ldap3_proto::proto::LdapMsg {
+    use ldap3_proto::proto::{
+        LdapModify, LdapModifyRequest, LdapModifyType, LdapOp, LdapPartialAttribute,
+    };
+    ldap3_proto::proto::LdapMsg::new(
+        msgid,
+        LdapOp::ModifyRequest(LdapModifyRequest {
+            dn: dn.into(),
+            changes: vec![LdapModify {
+                operation: LdapModifyType::Replace,
+                modification: LdapPartialAttribute {
+                    atype: "description".into(),
+                    vals: vec![value.as_bytes().to_vec()],
+                },
+            }],
+        }),
+    )
+}
+
+/// Sends `req` on `c` and asserts it succeeded.
+async fn ok(c: &mut RawConn, req: ldap3_proto::proto::LdapMsg) {
+    let id = req.msgid;
+    c.send_msg(req).await;
+    let frames = c.recv_until_final(id).await;
+    assert_eq!(result_code(frames.last().unwrap()), Some(0), "request {id}");
+}
+
+/// The next psearch entry on the direct and on the proxied connection: the
+/// same bytes; returns it decoded.
+async fn next_change(d: &mut RawConn, p: &mut RawConn) -> ldap3_proto::proto::LdapMsg {
+    let fd = d.recv().await.expect("direct psearch entry");
+    let fp = p.recv().await.expect("proxied psearch entry");
+    assert!(fd == fp, "direct and proxied notifications differ");
+    decode(&fd)
+}
+
+/// A persistent search (2.16.840.1.113730.3.4.3, which 389 implements)
+/// opened directly and through the proxy: the same initial entries, then
+/// for an add, a modify, a modRDN and a delete made through the proxy the
+/// same entry change notifications, byte for byte.
+#[tokio::test]
+async fn persistent_search_notifications_match_direct() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(50).await;
+    let proxy = proxy(&ds, vec![]).await;
+    let mut d = raw_bound(&addr_of(&ds.url()), DM_DN, DM_PW).await;
+    let mut p = raw_bound(&addr_of(&proxy.url()), DM_DN, DM_PW).await;
+    let people = "ou=people,dc=example,dc=org";
+    let mut ps = search(2, people, 2, "(|(uid=user4*)(cn=ps-*))", &["description"]);
+    ps.ctrl.push(psearch_control());
+    d.send_msg(ps.clone()).await;
+    p.send_msg(ps).await;
+    // changesOnly FALSE: the 11 matching entries first; once they are in,
+    // 389 has registered the persistent search.
+    let mut initial = Vec::new();
+    for _ in 0..11 {
+        initial.push(entry_dn(&next_change(&mut d, &mut p).await));
+    }
+    initial.sort();
+    let mut want: Vec<String> = [4, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
+        .iter()
+        .map(|&k| user_dn(k))
+        .collect();
+    want.sort();
+    assert_eq!(initial, want);
+
+    let mut w = raw_bound(&addr_of(&proxy.url()), DM_DN, DM_PW).await;
+    let new_dn = format!("cn=ps-new,{people}");
+    ok(&mut w, add(2, &new_dn, "ps-new")).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!(
+        (entry_dn(&m), entry_change(&m)),
+        (new_dn.clone(), (1, None))
+    );
+
+    ok(&mut w, modify_desc(3, &user_dn(42), "seen by psearch")).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!((entry_dn(&m), entry_change(&m)), (user_dn(42), (4, None)));
+    assert!(format!("{m:?}").contains("seen by psearch"));
+
+    let moved = ldap3_proto::proto::LdapMsg::new(
+        4,
+        ldap3_proto::proto::LdapOp::ModifyDNRequest(ldap3_proto::proto::LdapModifyDNRequest {
+            dn: user_dn(43),
+            newrdn: "uid=user43x".into(),
+            deleteoldrdn: true,
+            new_superior: None,
+        }),
+    );
+    ok(&mut w, moved).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!(
+        (entry_dn(&m), entry_change(&m)),
+        (format!("uid=user43x,{people}"), (8, Some(user_dn(43))))
+    );
+
+    let del =
+        ldap3_proto::proto::LdapMsg::new(5, ldap3_proto::proto::LdapOp::DelRequest(user_dn(44)));
+    ok(&mut w, del).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!((entry_dn(&m), entry_change(&m)), (user_dn(44), (2, None)));
+    proxy.shutdown().await.unwrap();
+}
+
+/// A persistent search open through the proxy never holds up a drain: with
+/// dc=example,dc=org in `stop` mode (where a search in flight is waited
+/// for), `abproxy on --time-limit 30` answers at once, not after 30 s, and
+/// the persistent search is not abandoned: a change made on 389 itself
+/// while frozen reaches it after OFF (held until then, as stop mode wants),
+/// and so does a change made through the proxy after OFF.
+#[tokio::test]
+async fn persistent_search_never_holds_up_a_drain_on_389() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(20).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            BackendConfig::new("dc=example,dc=org", Mode::Stop),
+            BackendConfig::new("dc=other,dc=org", Mode::Readonly),
+        ],
+    )
+    .await;
+    let mut d = raw_bound(&addr_of(&ds.url()), DM_DN, DM_PW).await;
+    let mut p = raw_bound(&addr_of(&proxy.url()), DM_DN, DM_PW).await;
+    let mut ps = search(
+        2,
+        "ou=people,dc=example,dc=org",
+        2,
+        "(uid=user1*)",
+        &["description"],
+    );
+    ps.ctrl.push(psearch_control());
+    d.send_msg(ps.clone()).await;
+    p.send_msg(ps).await;
+    for _ in 0..11 {
+        next_change(&mut d, &mut p).await;
+    }
+
+    let started = std::time::Instant::now();
+    let out = cli(&proxy, &["on", "--time-limit", "30"]).await;
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(0), "abproxy on: {out:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "ON took {took:?}: the drain waited for the persistent search"
+    );
+    let mut s = dm_session(&proxy).await;
+    let status = s.status().await.unwrap();
+    assert_eq!(status.state.as_str(), "frozen");
+
+    // A change on 389 itself (not through the proxy) while frozen: 389
+    // notifies both persistent searches; the proxy holds its copy.
+    let out = local_write(&ds, &user_dn(12), "changed while frozen").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let direct = d.recv().await.expect("direct notification");
+    assert_eq!(entry_dn(&decode(&direct)), user_dn(12));
+    let mut b = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), p.stream.peek(&mut b)).await;
+    assert!(early.is_err(), "stop mode let a notification through");
+
+    let out = cli(&proxy, &["off"]).await;
+    assert_eq!(out.code, Some(0), "abproxy off: {out:?}");
+    let held = p.recv().await.expect("the held notification");
+    assert!(held == direct, "the held notification, unchanged");
+
+    // Still working after OFF.
+    let mut w = raw_bound(&addr_of(&proxy.url()), DM_DN, DM_PW).await;
+    ok(&mut w, modify_desc(2, &user_dn(13), "after off")).await;
+    let m = next_change(&mut d, &mut p).await;
+    assert_eq!((entry_dn(&m), entry_change(&m)), (user_dn(13), (4, None)));
+    s.close().await;
     proxy.shutdown().await.unwrap();
 }

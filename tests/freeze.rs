@@ -11,10 +11,9 @@ use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::Mode;
 use abproxy::lab::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 use abproxy::wire::Envelope;
-use abproxy_proto::{
-    AllowBackupRequest, AllowBackupStatus, FreezeState, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID,
-};
+use abproxy_proto::{AllowBackupRequest, FreezeState, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID};
 use ldap3_proto::proto::*;
+use support::freeze::*;
 use support::*;
 
 fn allow_admin(c: &mut Config) {
@@ -42,24 +41,6 @@ fn backends(list: &[(&str, Mode)]) -> Vec<BackendConfig> {
         .collect()
 }
 
-fn exop(msgid: i32, name: &str, value: Option<Vec<u8>>) -> LdapMsg {
-    LdapMsg::new(
-        msgid,
-        LdapOp::ExtendedRequest(LdapExtendedRequest {
-            name: name.into(),
-            value,
-        }),
-    )
-}
-
-fn ab(msgid: i32, req: &AllowBackupRequest) -> LdapMsg {
-    exop(
-        msgid,
-        ALLOW_BACKUP_OID,
-        Some(abproxy_proto::encode_request(req)),
-    )
-}
-
 fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
     LdapMsg::new(
         msgid,
@@ -74,26 +55,6 @@ fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
             }],
         }),
     )
-}
-
-/// Result code and diagnostic message of a final response, via ldap3_proto.
-fn outcome(frame: &[u8]) -> (i64, String) {
-    use tokio_util::codec::Decoder;
-    let code = result_code(frame).expect("a final response");
-    let mut buf = bytes::BytesMut::from(frame);
-    let msg = ldap3_proto::LdapCodec::new(Some(1 << 26), None)
-        .decode(&mut buf)
-        .unwrap()
-        .unwrap();
-    let text = match msg.op {
-        LdapOp::ExtendedResponse(r) => r.res.message,
-        LdapOp::SearchResultDone(r)
-        | LdapOp::ModifyResponse(r)
-        | LdapOp::AddResponse(r)
-        | LdapOp::DelResponse(r) => r.message,
-        other => format!("{other:?}"),
-    };
-    (code, text)
 }
 
 /// `attr` of entry `dn` as slapd itself returns it (ldapsearch, anonymous).
@@ -117,77 +78,6 @@ async fn read_direct(lab: &Lab, dn: &str, attr: &str) -> ToolOutput {
 }
 
 /// A raw connection bound as `dn`.
-async fn bound(lab: &Lab, dn: &str, pw: &str) -> RawConn {
-    let mut c = RawConn::connect(&lab.proxy_addr()).await;
-    c.send_msg(bind(1, dn, pw)).await;
-    assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
-    c
-}
-
-/// Sends a request and returns its final response.
-async fn call(c: &mut RawConn, msg: LdapMsg) -> (i64, String) {
-    let id = msg.msgid;
-    c.send_msg(msg).await;
-    outcome(c.recv_until_final(id).await.last().unwrap())
-}
-
-/// The proxy's status, asked as cn=admin,dc=other,dc=org (binds into a
-/// stop-mode dc=example,dc=org are held while it is frozen).
-async fn status(lab: &Lab) -> AllowBackupStatus {
-    let mut c = bound(lab, OTHER_ADMIN_DN, ADMIN_PW).await;
-    c.send_msg(exop(2, ALLOW_BACKUP_STATUS_OID, None)).await;
-    let f = c.recv().await.unwrap();
-    let env = Envelope::response(&f).unwrap();
-    assert_eq!(env.result_code, Some(0));
-    abproxy_proto::decode_status(env.value_bytes(&f).expect("status value")).unwrap()
-}
-
-/// Waits (bounded, polling the proxy's status) until `pred` holds.
-async fn wait_status(
-    lab: &Lab,
-    what: &str,
-    pred: impl Fn(&AllowBackupStatus) -> bool,
-) -> AllowBackupStatus {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = status(lab).await;
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// No frame arrives on `c` while the proxy reports the request queued:
-/// the queued request really is held.
-async fn assert_nothing_pending(c: &mut RawConn) {
-    let mut b = [0u8; 1];
-    let r = tokio::time::timeout(Duration::from_millis(200), c.stream.peek(&mut b)).await;
-    assert!(r.is_err(), "a response arrived for a held request");
-}
-
-/// Reads until every message ID in `ids` has its final response; returns
-/// (frames seen, final result code per ID in `ids` order).
-async fn recv_finals(c: &mut RawConn, ids: &[i32]) -> (usize, Vec<i64>) {
-    let mut codes = vec![None; ids.len()];
-    let mut n = 0;
-    while codes.iter().any(Option::is_none) {
-        let f = c.recv().await.expect("connection closed early");
-        n += 1;
-        let env = Envelope::response(&f).unwrap();
-        if abproxy::wire::op::is_final_response(env.op) {
-            if let Some(i) = ids.iter().position(|&id| id == env.msgid) {
-                codes[i] = env.result_code;
-            }
-        }
-    }
-    (n, codes.into_iter().map(Option::unwrap).collect())
-}
-
 /// contextCSN of a suffix as slapd serves it (syncprov keeps it in memory).
 async fn context_csn(lab: &Lab, suffix: &str) -> String {
     let out = ldap_tool(
@@ -1164,32 +1054,6 @@ async fn local_write(lab: &Lab, dn: &str, value: &str) -> ToolOutput {
     .await
 }
 
-async fn read_only_attr(lab: &Lab) -> String {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-Q",
-            "-LLL",
-            "-Y",
-            "EXTERNAL",
-            "-H",
-            &lab.slapd.ldapi_url(),
-            "-b",
-            "cn=config",
-            "(olcSuffix=dc=example,dc=org)",
-            "olcReadOnly",
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("olcReadOnly"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[tokio::test]
 async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     use abproxy::freeze::drivers::DriverKind;
@@ -1225,13 +1089,16 @@ async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     let addr = proxy.url().trim_start_matches("ldap://").to_string();
     let dn = user_dn(11);
 
-    assert_eq!(read_only_attr(&lab).await, "");
+    assert_eq!(olc_read_only(&lab.slapd.ldapi_url()).await, "");
     let mut admin = RawConn::connect(&addr).await;
     admin.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
     assert_eq!(result_code(&admin.recv().await.unwrap()), Some(0));
     let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
     assert_eq!(code, 0, "{msg}");
-    assert_eq!(read_only_attr(&lab).await, "olcReadOnly: TRUE");
+    assert_eq!(
+        olc_read_only(&lab.slapd.ldapi_url()).await,
+        "olcReadOnly: TRUE"
+    );
     // slapd itself refuses a local write now: unwillingToPerform (53).
     let out = local_write(&lab, &dn, "local while frozen").await;
     assert_eq!(out.code, Some(53), "{out:?}");
@@ -1240,7 +1107,7 @@ async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
         0
     );
     assert_eq!(
-        read_only_attr(&lab).await,
+        olc_read_only(&lab.slapd.ldapi_url()).await,
         "",
         "the previous (absent) value is back"
     );
@@ -1251,7 +1118,11 @@ async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     std::fs::write(flag.path(), "fail").unwrap();
     let (code, msg) = call(&mut admin, ab(4, &AllowBackupRequest::on())).await;
     assert_eq!(code, 80, "{msg}");
-    assert_eq!(read_only_attr(&lab).await, "", "never left read-only");
+    assert_eq!(
+        olc_read_only(&lab.slapd.ldapi_url()).await,
+        "",
+        "never left read-only"
+    );
     assert_eq!(local_write(&lab, &dn, "still writable").await.code, Some(0));
     proxy.shutdown().await.unwrap();
 }
@@ -1326,4 +1197,155 @@ async fn losing_one_upstream_connection_while_frozen_ends_only_that_session() {
     );
     let out = read_direct(&lab, &user_dn(12), "description").await;
     assert!(out.stdout.contains("description: initial"), "{out:?}");
+}
+
+#[tokio::test]
+async fn holder_connection_dying_ends_only_a_hold_until_unbind_freeze() {
+    let lab = freeze_lab(|_| {}).await;
+    // With holdUntilUnbind: the holder's connection drops (no unbind, as
+    // when a backup host dies): the freeze ends, the held write goes on.
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let req = AllowBackupRequest::on().with_hold_until_unbind(true);
+    assert_eq!(call(&mut holder, ab(2, &req)).await.0, 0);
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    w.send_msg(modify(2, &user_dn(8), "description", "after drop"))
+        .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+    drop(holder);
+    let m = w.recv().await.unwrap();
+    assert_eq!(
+        (Envelope::response(&m).unwrap().msgid, result_code(&m)),
+        (2, Some(0))
+    );
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+
+    // Without it: the freeze outlives its requester (it ends by OFF from
+    // anyone allowed, or by the lease), and nothing held is lost.
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut holder, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    w.send_msg(modify(3, &user_dn(8), "description", "after second drop"))
+        .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+    drop(holder);
+    let s = wait_status(&lab, "the holder's session to end", |s| {
+        s.state == FreezeState::Frozen && s.queued_requests == 1
+    })
+    .await;
+    assert_eq!(s.state, FreezeState::Frozen);
+    assert_nothing_pending(&mut w).await;
+    let mut other = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut other, ab(2, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    let m = w.recv().await.unwrap();
+    assert_eq!(
+        (Envelope::response(&m).unwrap().msgid, result_code(&m)),
+        (3, Some(0))
+    );
+    let out = read_direct(&lab, &user_dn(8), "description").await;
+    assert!(
+        out.stdout.contains("description: after second drop"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_while_frozen_discards_queued_requests_tells_clients_and_runs_done() {
+    use abproxy::freeze::drivers::DriverKind;
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let lab = freeze_lab(|c| {
+        let mut b = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
+        b.driver = DriverKind::Command;
+        b.done = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo done $ABPROXY_FREEZE_ID >> {}", marks.display()),
+        ];
+        c.backends = vec![b];
+    })
+    .await;
+    let before = read_direct(&lab, &user_dn(9), "description").await;
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut holder, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    w.send_msg(modify(2, &user_dn(9), "description", "never sent"))
+        .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+
+    // SIGTERM's path: stop accepting, end the sessions, then the freeze.
+    let Lab { slapd, proxy } = lab;
+    proxy.shutdown().await.unwrap();
+    for c in [&mut w, &mut holder] {
+        let frames = c.recv_all().await;
+        assert_eq!(frames.len(), 1, "only the notice, no answer to the write");
+        let msg = assert_notice(&frames[0], 52);
+        assert!(msg.contains("shutting down"), "{msg}");
+    }
+    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "done 1\n");
+    // The queued modify never reached slapd.
+    let after = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &slapd.url(),
+            "-b",
+            &user_dn(9),
+            "-s",
+            "base",
+            "description",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(after, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_dying_while_frozen_tells_clients_and_the_freeze_still_ends_cleanly() {
+    let mut lab = freeze_lab(|_| {}).await;
+    let before = read_direct(&lab, &user_dn(12), "description").await;
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut holder, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    w.send_msg(modify(
+        2,
+        &user_dn(12),
+        "description",
+        "queued when slapd died",
+    ))
+    .await;
+    wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
+
+    lab.slapd.kill();
+    // Every session loses its upstream: told, closed; the queued write is
+    // discarded with its session, never sent.
+    for c in [&mut w, &mut holder] {
+        let frames = c.recv_all().await;
+        assert_eq!(frames.len(), 1, "only the notice");
+        assert_notice(&frames[0], 52);
+    }
+    tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
+    // The freeze outlived the server (nothing could reach it anyway); an
+    // operator ends it as usual and writes flow again.
+    let s = status(&lab).await;
+    assert_eq!((s.state, s.queued_requests), (FreezeState::Frozen, 0));
+    let mut op = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(call(&mut op, ab(2, &AllowBackupRequest::off())).await.0, 0);
+    assert_eq!(read_direct(&lab, &user_dn(12), "description").await, before);
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, _) = call(&mut w, modify(2, &user_dn(12), "description", "after")).await;
+    assert_eq!(code, 0);
 }

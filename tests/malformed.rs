@@ -17,6 +17,7 @@ use abproxy::wire::envelope::oid;
 use abproxy::wire::{op, Envelope};
 use bytes::Bytes;
 use ldap3_proto::proto::*;
+use support::shim::Shim;
 use support::*;
 use tokio::io::AsyncWriteExt;
 
@@ -287,7 +288,20 @@ async fn ten_thousand_malformed_pdus() {
     )
     .await;
     let valid = Arc::new(valid_requests());
-    let (proxy, direct) = (lab.proxy_addr(), lab.direct_addr());
+    // The proxy under test talks to slapd through a shim that checks every
+    // byte it forwards is a whole, readable LDAPMessage.
+    let shim = Shim::start(&lab.direct_addr()).await;
+    let under_test = abproxy::ProxyHandle::spawn(abproxy::config::Config {
+        listen: vec!["ldap://127.0.0.1:0".into()],
+        upstream: shim.url(),
+        max_pdu_bytes: 64 * 1024,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let proxy = under_test.url().trim_start_matches("ldap://").to_string();
+    let direct = lab.direct_addr();
+    let rss_before = support::process::rss_kib(std::process::id());
 
     // A client working alongside the whole time.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -404,7 +418,17 @@ async fn ten_thousand_malformed_pdus() {
         "refused {refused}, forwarded {same}"
     );
     assert!(searches > 10);
-    // The proxy still serves.
-    let r = ldap_tool("ldapwhoami", &["-x", "-H", &lab.proxied()], None).await;
+    // No malformed byte reached slapd, and the proxy still serves.
+    assert_eq!(shim.counters.malformed.load(Ordering::SeqCst), 0);
+    assert!(shim.counters.accepted.load(Ordering::SeqCst) > MUTANTS / 2);
+    let r = ldap_tool("ldapwhoami", &["-x", "-H", &under_test.url()], None).await;
     assert_eq!(r.stdout.trim(), "anonymous");
+    // Every session is gone, and so is its memory (allocator slack aside).
+    wait_until("all shim connections to close", 30, || {
+        shim.counters.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    let grown = support::process::rss_kib(std::process::id()).saturating_sub(rss_before);
+    eprintln!("resident memory grew by {grown} KiB over the run");
+    assert!(grown < 64 * 1024, "resident memory grew by {grown} KiB");
 }

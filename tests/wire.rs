@@ -24,32 +24,6 @@ fn extended(msgid: i32, name: &str, value: Option<Vec<u8>>) -> LdapMsg {
     )
 }
 
-/// Asserts `frame` is a Notice of Disconnection with `code`.
-fn assert_notice(frame: &[u8], code: i64) -> String {
-    let env = Envelope::response(frame).unwrap();
-    assert_eq!(env.msgid, 0, "notice has messageID 0");
-    assert_eq!(env.op, op::EXTENDED_RESPONSE);
-    assert_eq!(env.oid_bytes(frame), Some(oid::NOTICE_OF_DISCONNECTION));
-    assert_eq!(env.result_code, Some(code));
-    diagnostic(frame)
-}
-
-/// The diagnosticMessage of a result, decoded with ldap3_proto.
-fn diagnostic(frame: &[u8]) -> String {
-    use tokio_util::codec::Decoder;
-    let mut buf = bytes::BytesMut::from(frame);
-    let msg = ldap3_proto::LdapCodec::new(Some(1 << 24), None)
-        .decode(&mut buf)
-        .unwrap()
-        .unwrap();
-    match msg.op {
-        LdapOp::ExtendedResponse(r) => r.res.message,
-        LdapOp::SearchResultDone(r) | LdapOp::ModifyResponse(r) => r.message,
-        LdapOp::BindResponse(r) => r.res.message,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
 /// A mix of requests whose answers do not depend on time or connection.
 fn script() -> Vec<LdapMsg> {
     let mut v = vec![

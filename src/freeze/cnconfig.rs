@@ -3,11 +3,14 @@
 //! there on both servers), or ldap:// with a simple bind.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tracing::error;
 
 use ldap3::{LdapConnAsync, LdapConnSettings, StdStream};
 
 use super::backend::Backend;
+use super::state::StateFile;
 
 use crate::endpoint::Endpoint;
 
@@ -52,25 +55,52 @@ pub(crate) async fn connect(
 
 /// What a read-only-switching driver changed, per backend, between PREPARE
 /// and DONE: the config entry's DN and the switch's previous value (None:
-/// absent).
+/// absent). Kept in the state file once one is attached, so that a proxy
+/// killed in between can restore it at its next start.
 #[derive(Debug, Default)]
-pub(crate) struct Saved(Mutex<HashMap<String, (String, Option<String>)>>);
+pub(crate) struct Saved {
+    memory: Mutex<HashMap<String, (String, Option<String>)>>,
+    file: OnceLock<(Arc<StateFile>, &'static str)>,
+}
 
 impl Saved {
+    /// Keeps what the driver `name` changes in `state` from now on.
+    pub(crate) fn attach(&self, state: Arc<StateFile>, name: &'static str) {
+        let _ = self.file.set((state, name));
+    }
+
     /// Remembers what PREPARE changed for `b`.
     pub(crate) fn put(&self, b: &Backend, dn: String, previous: Option<String>) {
-        self.0
+        if let Some((state, name)) = self.file.get() {
+            if let Err(e) = state.set_changed(name, b, dn.clone(), previous.clone()) {
+                // Still undone by OFF; only a crash would lose it.
+                error!(backend = %b.suffix, "{e}");
+            }
+        }
+        self.memory
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(b.norm.to_string(), (dn, previous));
     }
 
     /// What PREPARE changed for `b` (None: nothing), forgotten; `put` it
-    /// back when DONE fails, so a later DONE can retry.
+    /// back when DONE fails, so a later DONE can retry. After a restart,
+    /// what the state file says a previous run changed.
     pub(crate) fn take(&self, b: &Backend) -> Option<(String, Option<String>)> {
-        self.0
+        let mem = self
+            .memory
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&b.norm.to_string())
+            .remove(&b.norm.to_string());
+        let Some((state, name)) = self.file.get() else {
+            return mem;
+        };
+        match state.take_changed(name, b) {
+            Ok(file) => mem.or(file),
+            Err(e) => {
+                error!(backend = %b.suffix, "{e}");
+                mem
+            }
+        }
     }
 }

@@ -174,6 +174,10 @@ impl Driver for Ds389Driver {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(self.done_inner(backend))
     }
+
+    fn attach_state(&self, state: std::sync::Arc<super::state::StateFile>, name: &'static str) {
+        self.saved.attach(state, name);
+    }
 }
 
 #[cfg(test)]

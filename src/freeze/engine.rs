@@ -53,6 +53,12 @@ pub trait Driver: Send + Sync {
         let _ = (backend, freeze_id);
         Box::pin(async { Ok(()) })
     }
+    /// Keeps what the driver changes on the server in `state` (under the
+    /// driver's name), for a restart after a crash. Drivers that change
+    /// nothing a command cannot redo ignore it.
+    fn attach_state(&self, state: Arc<super::state::StateFile>, name: &'static str) {
+        let _ = (state, name);
+    }
 }
 
 /// The no-op driver.
@@ -859,6 +865,23 @@ impl Engine {
         }
         self.bump();
         Some((f, errors))
+    }
+
+    /// The proxy is stopping and its sessions have ended (queued requests
+    /// discarded, never sent): a freeze still in place ends here, so the
+    /// drivers' DONE steps run and no backend stays read-only.
+    pub async fn end_at_shutdown(&self) {
+        if let Some((f, errors)) = self.end_freeze(|f| f.phase == Phase::Frozen).await {
+            warn!(
+                freeze = f.id,
+                holder = %f.holder.name(),
+                frozen_ms = f.started.elapsed().as_millis() as u64,
+                done_errors = errors.len(),
+                "freeze ended: abproxy is shutting down"
+            );
+        } else if self.read_state().is_some() {
+            warn!("shutting down while a freeze is being set up or released: its drivers' steps may not finish (the state file lets the next start undo them)");
+        }
     }
 
     async fn off(&self, who: Requester) -> Answer {

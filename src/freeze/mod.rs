@@ -19,6 +19,7 @@ pub mod drivers;
 pub mod ds389;
 pub mod engine;
 pub mod openldap;
+pub mod state;
 
 pub use backend::{BackendMap, Class, Kind, Mode};
 pub use engine::{Control, Driver, Engine, Requester, SessionHandle};

@@ -9,17 +9,37 @@
 //! sets it to TRUE. DONE puts the previous value back (or removes the
 //! attribute if it was absent).
 //!
-//! Durability with `olcDbNoSync: TRUE`: back-mdb then skips the fsync at each
-//! commit, but every committed transaction is already in the memory map and
-//! the page cache; a file copy reads the page cache, and a filesystem
-//! snapshot (LVM, ZFS) freezes the filesystem, which flushes it. So once the
-//! drain is over and the database is read-only, a copy is consistent; the
-//! driver logs a warning that the live server itself is not crash-safe in
-//! that mode.
+//! Durability with `olcDbNoSync: TRUE` (or `olcDbEnvFlags` `nosync`,
+//! `nometasync`, `mapasync`): back-mdb then commits without (full) fsync,
+//! so committed transactions may sit in the page cache only. A copy
+//! of the files reads the page cache and is consistent anyway, but the
+//! proposal's PREPARE promises data on disk: a snapshot taken below the
+//! host's filesystem (SAN, hypervisor, cloud disk) sees only what is on
+//! disk, and would miss the last acknowledged writes. slapd 2.5/2.6 offers
+//! no synchronous way to ask for that over `cn=config`
+//! (servers/slapd/back-mdb/config.c): changing `olcDbNoSync` only flips the
+//! environment flag (`mdb_env_set_flags`, no sync); adding `olcDbCheckpoint`
+//! schedules the
+//! `mdb_checkpoint` task, which calls `mdb_env_sync(env, 1)` later in a
+//! pool thread and reports nothing back; the only synchronous sync is in
+//! `mdb_db_close`, reached by changes that close and reopen the database
+//! (`olcDbDirectory`, some `olcDbEnvFlags`), which cuts off readers and
+//! stops slapd if the reopen fails. So after setting `olcReadOnly` (no
+//! commit can follow), PREPARE itself calls fsync(2) on `data.mdb` in the
+//! database's `olcDbDirectory` and on the directory: the kernel writes the
+//! file's dirty pages, whoever dirtied them (back-mdb's `pwrite`s, or its
+//! shared memory map with `writemap`). That needs the proxy to run on the
+//! slapd host (`config_url` over ldapi or loopback) and to be allowed to
+//! open the file for reading; otherwise PREPARE fails with a message that
+//! says so, before anything is changed.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use ldap3::{Mod, Scope, SearchEntry};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::backend::Backend;
 use super::cnconfig::Saved;
@@ -62,7 +82,12 @@ impl OpenLdapDriver {
                 "cn=config",
                 Scope::OneLevel,
                 &filter,
-                vec!["olcReadOnly", "olcDbNoSync"],
+                vec![
+                    "olcReadOnly",
+                    "olcDbNoSync",
+                    "olcDbEnvFlags",
+                    "olcDbDirectory",
+                ],
             )
             .await
             .and_then(|r| r.success())
@@ -98,16 +123,50 @@ impl OpenLdapDriver {
         let mut ldap = self.connect().await?;
         let db = Self::database(&mut ldap, &b.suffix).await?;
         let previous = db.attrs.get("olcReadOnly").and_then(|v| v.first()).cloned();
-        if db
-            .attrs
-            .get("olcDbNoSync")
-            .and_then(|v| v.first())
-            .is_some_and(|v| v.eq_ignore_ascii_case("TRUE"))
-        {
-            warn!(backend = %b.suffix, "olcDbNoSync is TRUE: committed data is in the page cache (copies and filesystem snapshots see it), but the live server is not crash-safe");
-        }
+        let nosync = commits_skip_fsync(&db.attrs);
+        // With NoSync, open the files first: when the proxy cannot make the
+        // data durable, fail before changing anything.
+        let files = if let Some(nosync) = nosync {
+            let dir = db
+                .attrs
+                .get("olcDbDirectory")
+                .and_then(|v| v.first())
+                .map(PathBuf::from);
+            Some(
+                DbFiles::open(&self.url, dir.as_deref())
+                    .map_err(|e| format!("{}: commits without fsync ({nosync}): {e}", db.dn))?,
+            )
+        } else {
+            None
+        };
         Self::set_read_only(&mut ldap, &db.dn, Some("TRUE")).await?;
         info!(backend = %b.suffix, database = %db.dn, "olcReadOnly set to TRUE");
+        if let Some(files) = files {
+            // No commit can follow now; write what earlier ones left in the
+            // page cache. On failure put olcReadOnly back: the engine runs
+            // DONE only for the backends whose PREPARE succeeded.
+            let started = Instant::now();
+            let synced = tokio::task::spawn_blocking(move || files.sync())
+                .await
+                .map_err(|e| format!("fsync task: {e}"))
+                .and_then(|r| r);
+            match synced {
+                Ok(path) => info!(
+                    backend = %b.suffix,
+                    file = %path.display(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "commits without fsync: fsynced the database file"
+                ),
+                Err(e) => {
+                    let undo = Self::set_read_only(&mut ldap, &db.dn, previous.as_deref()).await;
+                    let _ = ldap.unbind().await;
+                    return Err(match undo {
+                        Ok(()) => format!("{}: {e}", db.dn),
+                        Err(u) => format!("{}: {e}; and {u}", db.dn),
+                    });
+                }
+            }
+        }
         self.saved.put(b, db.dn, previous);
         let _ = ldap.unbind().await;
         Ok(())
@@ -145,5 +204,180 @@ impl Driver for OpenLdapDriver {
         _freeze_id: u64,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(self.done_inner(backend))
+    }
+
+    fn attach_state(&self, state: std::sync::Arc<super::state::StateFile>, name: &'static str) {
+        self.saved.attach(state, name);
+    }
+}
+
+/// Why back-mdb commits of this database may not be on disk, from its
+/// cn=config entry: `olcDbNoSync: TRUE`, or `olcDbEnvFlags` with `nosync`,
+/// `nometasync` or `mapasync`; None: every commit is synced.
+fn commits_skip_fsync(attrs: &std::collections::HashMap<String, Vec<String>>) -> Option<String> {
+    let values = |a: &str| attrs.get(a).into_iter().flatten();
+    if values("olcDbNoSync").any(|v| v.eq_ignore_ascii_case("TRUE")) {
+        return Some("olcDbNoSync: TRUE".into());
+    }
+    values("olcDbEnvFlags")
+        .find(|v| {
+            ["nosync", "nometasync", "mapasync"]
+                .iter()
+                .any(|f| v.eq_ignore_ascii_case(f))
+        })
+        .map(|v| format!("olcDbEnvFlags: {v}"))
+}
+
+/// The files of a back-mdb database, opened for fsync(2).
+struct DbFiles {
+    data: File,
+    data_path: PathBuf,
+    dir: File,
+}
+
+impl DbFiles {
+    /// Opens `DIR/data.mdb` and `DIR` for reading, if the database is on
+    /// this host (`config_url` over ldapi or loopback).
+    fn open(config_url: &str, dir: Option<&Path>) -> Result<DbFiles, String> {
+        if !is_local(config_url) {
+            return Err(format!(
+                "the proxy can only make the data durable when slapd runs on its host \
+                 (config_url over ldapi:// or loopback, not {config_url}); set olcDbNoSync \
+                 to FALSE, or use the command driver to sync on the slapd host"
+            ));
+        }
+        let dir = dir.ok_or("the database has no olcDbDirectory")?;
+        if !dir.is_absolute() {
+            return Err(format!(
+                "olcDbDirectory {} is relative; cannot find its files",
+                dir.display()
+            ));
+        }
+        let advice = "run abproxy as a user that may read the database directory \
+                      (e.g. as slapd's user, or with CAP_DAC_READ_SEARCH), or set \
+                      olcDbNoSync to FALSE";
+        let data_path = dir.join("data.mdb");
+        let data = File::open(&data_path).map_err(|e| {
+            format!(
+                "cannot open {} to fsync it: {e}; {advice}",
+                data_path.display()
+            )
+        })?;
+        let dir = File::open(dir)
+            .map_err(|e| format!("cannot open {} to fsync it: {e}; {advice}", dir.display()))?;
+        Ok(DbFiles {
+            data,
+            data_path,
+            dir,
+        })
+    }
+
+    /// fsync(2) of the data file, then of the directory; returns the file's
+    /// path.
+    fn sync(self) -> Result<PathBuf, String> {
+        self.data
+            .sync_all()
+            .map_err(|e| format!("fsync {}: {e}", self.data_path.display()))?;
+        self.dir.sync_all().map_err(|e| {
+            format!(
+                "fsync of the directory of {}: {e}",
+                self.data_path.display()
+            )
+        })?;
+        Ok(self.data_path)
+    }
+}
+
+/// Whether `url` reaches a server on this host: ldapi, or ldap:// to a
+/// loopback address or `localhost`.
+fn is_local(url: &str) -> bool {
+    match crate::endpoint::Endpoint::parse(url) {
+        Ok(crate::endpoint::Endpoint::Unix(_)) => true,
+        Ok(crate::endpoint::Endpoint::Tcp(addr) | crate::endpoint::Endpoint::Tls(addr)) => {
+            let host = match addr.rsplit_once(':') {
+                Some((h, _)) => h,
+                None => addr.as_str(),
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_config_urls() {
+        assert!(is_local("ldapi:///run/slapd/ldapi"));
+        assert!(is_local("ldapi://%2Frun%2Fslapd%2Fldapi"));
+        assert!(is_local("ldap://127.0.0.1:389"));
+        assert!(is_local("ldap://127.0.0.2:1389"));
+        assert!(is_local("ldap://localhost:389"));
+        assert!(is_local("ldap://[::1]:389"));
+        assert!(!is_local("ldap://192.0.2.1:389"));
+        assert!(!is_local("ldap://ldap.example.org:389"));
+        assert!(!is_local("not a url"));
+    }
+
+    #[test]
+    fn which_databases_commit_without_fsync() {
+        let attrs = |pairs: &[(&str, &str)]| {
+            let mut m: std::collections::HashMap<String, Vec<String>> = Default::default();
+            for (k, v) in pairs {
+                m.entry(k.to_string()).or_default().push(v.to_string());
+            }
+            m
+        };
+        assert_eq!(commits_skip_fsync(&attrs(&[])), None);
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[("olcDbNoSync", "FALSE")])),
+            None
+        );
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[("olcDbNoSync", "TRUE")])).as_deref(),
+            Some("olcDbNoSync: TRUE")
+        );
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[
+                ("olcDbEnvFlags", "writemap"),
+                ("olcDbEnvFlags", "mapasync")
+            ]))
+            .as_deref(),
+            Some("olcDbEnvFlags: mapasync")
+        );
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[("olcDbEnvFlags", "nometasync")])).as_deref(),
+            Some("olcDbEnvFlags: nometasync")
+        );
+        assert_eq!(
+            commits_skip_fsync(&attrs(&[("olcDbEnvFlags", "writemap")])),
+            None
+        );
+    }
+
+    #[test]
+    fn unusable_directories_are_refused_with_the_reason() {
+        let e = DbFiles::open("ldap://192.0.2.1:389", Some(Path::new("/var/lib/ldap")))
+            .err()
+            .unwrap();
+        assert!(e.contains("slapd runs on its host"), "{e}");
+        let e = DbFiles::open("ldapi:///x", None).err().unwrap();
+        assert!(e.contains("no olcDbDirectory"), "{e}");
+        let e = DbFiles::open("ldapi:///x", Some(Path::new("var/lib/ldap")))
+            .err()
+            .unwrap();
+        assert!(e.contains("relative"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let e = DbFiles::open("ldapi:///x", Some(dir.path())).err().unwrap();
+        assert!(e.contains("data.mdb to fsync it"), "{e}");
+        std::fs::write(dir.path().join("data.mdb"), b"x").unwrap();
+        let f = DbFiles::open("ldapi:///x", Some(dir.path())).unwrap();
+        assert_eq!(f.sync().unwrap(), dir.path().join("data.mdb"));
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod discover;
 pub mod inflight;
+pub mod limits;
 pub mod session;
 
 use std::future::Future;
@@ -24,7 +25,8 @@ use crate::freeze::backend::Mode;
 use crate::freeze::drivers::{CommandDriver, DriverKind};
 use crate::freeze::ds389::Ds389Driver;
 use crate::freeze::openldap::OpenLdapDriver;
-use crate::freeze::{BackendMap, Engine};
+use crate::freeze::state::{Recorded, StateFile};
+use crate::freeze::{BackendMap, Driver, Engine};
 use crate::tls::{ServerTls, UpstreamTls};
 
 /// What every session of one proxy shares.
@@ -43,6 +45,8 @@ pub struct Shared {
     pub server_tls: Option<Arc<ServerTls>>,
     /// How to reach a TLS upstream (`ldaps://` or `upstream_starttls`).
     pub upstream_tls: Option<UpstreamTls>,
+    /// Open client connections against their limits.
+    pub limits: Arc<limits::ConnLimits>,
     next_conn: AtomicU64,
 }
 
@@ -58,6 +62,23 @@ pub(crate) enum Incoming {
     /// From an `ldap://` (`ldaps == false`) or `ldaps://` listener.
     Tcp(TcpStream, bool),
     Unix(UnixStream),
+}
+
+impl Incoming {
+    /// The halves of a clear connection (`None` for `ldaps://`).
+    fn into_clear_halves(self) -> Option<(BoxRead, BoxWrite)> {
+        match self {
+            Incoming::Tcp(_, true) => None,
+            Incoming::Tcp(s, false) => {
+                let (r, w) = s.into_split();
+                Some((Box::new(r), Box::new(w)))
+            }
+            Incoming::Unix(s) => {
+                let (r, w) = s.into_split();
+                Some((Box::new(r), Box::new(w)))
+            }
+        }
+    }
 }
 
 enum Listener {
@@ -187,11 +208,30 @@ impl Server {
             .collect();
         info!(backends = ?suffixes, auto = auto_backends, "backends");
         let engine = Arc::new(Engine::new(config.freeze.clone(), map));
+        // Under systemd with StateDirectory=, $STATE_DIRECTORY names it.
+        let state_path = config.state_file.clone().or_else(|| {
+            let dirs = std::env::var_os("STATE_DIRECTORY")?;
+            let first = std::env::split_paths(&dirs).next()?;
+            Some(first.join("state.json"))
+        });
+        let state = match &state_path {
+            Some(path) => {
+                info!(state_file = %path.display(), "driver state file");
+                StateFile::open(path).map_err(anyhow::Error::msg)?
+            }
+            None => {
+                if config.backends.iter().any(|b| b.driver != DriverKind::None) {
+                    warn!("no state_file configured: if abproxy is killed while a backend driver has a backend prepared for a backup, the next start cannot undo it");
+                }
+                StateFile::memory()
+            }
+        };
+        let mut recorded = Vec::new();
         for b in &config.backends {
-            match b.driver {
-                DriverKind::None => {}
-                DriverKind::Command => engine.set_driver(
-                    &b.suffix,
+            let (name, driver): (&'static str, Arc<dyn Driver>) = match b.driver {
+                DriverKind::None => continue,
+                DriverKind::Command => (
+                    "command",
                     Arc::new(CommandDriver::new(
                         b.prepare.clone(),
                         b.done.clone(),
@@ -214,13 +254,34 @@ impl Server {
                     };
                     let url = b.config_url.clone().unwrap_or_default();
                     if b.driver == DriverKind::Ds389 {
-                        engine.set_driver(&b.suffix, Arc::new(Ds389Driver::new(url, bind)));
+                        ("389ds", Arc::new(Ds389Driver::new(url, bind)))
                     } else {
-                        engine.set_driver(&b.suffix, Arc::new(OpenLdapDriver::new(url, bind)));
+                        ("openldap", Arc::new(OpenLdapDriver::new(url, bind)))
                     }
                 }
-            }
+            };
+            driver.attach_state(state.clone(), name);
+            let driver = Arc::new(Recorded::new(name, driver, state.clone()));
+            engine.set_driver(&b.suffix, driver.clone());
+            recorded.push(driver);
         }
+        // Undo what a previous run's drivers left (it was killed while frozen).
+        let configured = config.backend_map()?.backends().to_vec();
+        for d in &recorded {
+            d.recover(&configured).await;
+        }
+        for e in state.entries() {
+            error!(
+                backend = %e.suffix,
+                driver = %e.driver,
+                freeze_id = e.freeze_id,
+                "a previous run left this backend prepared for a backup and it is still not undone (driver not configured for it any more, or its DONE failed): undo it by hand, then remove the entry from the state file"
+            );
+        }
+        let limits = Arc::new(limits::ConnLimits::new(
+            config.max_connections,
+            config.max_connections_per_source,
+        ));
         Ok(Server {
             listeners,
             shared: Arc::new(Shared {
@@ -230,6 +291,7 @@ impl Server {
                 auto_backends,
                 server_tls,
                 upstream_tls,
+                limits,
                 next_conn: AtomicU64::new(1),
             }),
         })
@@ -289,6 +351,7 @@ impl Server {
             abort.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
+        self.shared.engine.end_at_shutdown().await;
         info!("stopped");
         Ok(())
     }
@@ -333,15 +396,33 @@ async fn accept_loop(
             Ok((incoming, peer, cred)) => {
                 backoff = Duration::from_millis(10);
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-                tracker.spawn(session::serve(
-                    id,
-                    peer,
-                    cred,
-                    incoming,
-                    shared.clone(),
-                    stop.clone(),
-                    abort.clone(),
-                ));
+                let source = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+                match shared.limits.admit(source) {
+                    Ok(admitted) => {
+                        let session = session::serve(
+                            id,
+                            peer,
+                            cred,
+                            incoming,
+                            shared.clone(),
+                            stop.clone(),
+                            abort.clone(),
+                        );
+                        tracker.spawn(async move {
+                            session.await;
+                            drop(admitted);
+                        });
+                    }
+                    Err(why) => {
+                        warn!(conn = id, %peer, "connection refused: {why}");
+                        // An ldaps:// client could not read a notice before
+                        // a handshake, which an overload should not pay for:
+                        // it is just closed.
+                        if let Some((r, w)) = incoming.into_clear_halves() {
+                            tracker.spawn(session::refuse_connection(r, w, why.to_string()));
+                        }
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off, never stop listening.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt};
 use ldap3_proto::proto::{LdapMsg, LdapOp, LdapResultCode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -98,6 +98,17 @@ pub struct SessionState {
     /// Requests the proxy answers itself later (Allow-Backup during its
     /// drain): outstanding for StartTLS.
     local_pending: AtomicUsize,
+    /// The request size limit in force (read by the client codec at each
+    /// header): `pdu_limits.0` until a bind succeeds, then `pdu_limits.1`.
+    pdu_limit: Arc<AtomicUsize>,
+    /// Request size limits (anonymous, authenticated).
+    pdu_limits: (usize, usize),
+    /// Requests in flight upstream, persistent searches not counted.
+    outstanding: AtomicUsize,
+    /// `max_outstanding_per_conn`.
+    max_outstanding: usize,
+    /// Signalled (one permit) when `outstanding` falls below the limit.
+    room: Notify,
     requests: AtomicU64,
     responses: AtomicU64,
 }
@@ -107,6 +118,38 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SessionState {
+    /// A new session's state with the configured limits.
+    fn new(config: &crate::config::Config) -> Self {
+        let anonymous = config.pdu_limit(false);
+        SessionState {
+            pdu_limit: Arc::new(AtomicUsize::new(anonymous)),
+            pdu_limits: (anonymous, config.pdu_limit(true)),
+            max_outstanding: config.max_outstanding_per_conn,
+            ..SessionState::default()
+        }
+    }
+
+    /// Room for another request upstream.
+    #[inline]
+    fn below_outstanding_limit(&self) -> bool {
+        self.outstanding.load(Ordering::Relaxed) < self.max_outstanding
+    }
+
+    /// A bind ended: the request size limit follows the session's new
+    /// authentication state.
+    fn set_authenticated(&self, yes: bool) {
+        let limit = if yes {
+            self.pdu_limits.1
+        } else {
+            self.pdu_limits.0
+        };
+        self.pdu_limit.store(limit, Ordering::Relaxed);
+    }
+
+    fn authenticated(&self) -> bool {
+        self.pdu_limit.load(Ordering::Relaxed) == self.pdu_limits.1
+    }
+
     /// The in-flight table (a short critical section; never held across await).
     pub fn inflight(&self) -> MutexGuard<'_, InFlightTable> {
         lock(&self.inflight)
@@ -116,6 +159,9 @@ impl SessionState {
     fn start(&self, msgid: i32, entry: InFlight) {
         if entry.root_dse || entry.persistent {
             self.specials.fetch_add(1, Ordering::Relaxed);
+        }
+        if !entry.persistent {
+            self.outstanding.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(old) = self.inflight().start(msgid, entry) {
             self.forget(&old);
@@ -139,6 +185,12 @@ impl SessionState {
     fn forget(&self, e: &InFlight) {
         if e.root_dse || e.persistent {
             self.specials.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !e.persistent && self.outstanding.fetch_sub(1, Ordering::Relaxed) >= self.max_outstanding
+        {
+            // The requests loop may be waiting for room: one permit, kept
+            // if it is not waiting yet.
+            self.room.notify_one();
         }
     }
 
@@ -183,6 +235,7 @@ enum End {
     SaslLayer(&'static str),
     Tls(String),
     Io(&'static str, std::io::Error),
+    Idle(Duration),
     Closed,
 }
 
@@ -192,6 +245,7 @@ impl End {
             End::ClientClosed => "client closed the connection".into(),
             End::Unbind => "client unbound".into(),
             End::Shutdown => "proxy shutting down".into(),
+            End::Idle(d) => format!("idle for {} s (idle_timeout_secs)", d.as_secs()),
             End::UpstreamClosed => "upstream closed the connection".into(),
             End::ClientProtocol(m) => format!("client protocol error: {m}"),
             End::UpstreamProtocol(m) => format!("upstream protocol error: {m}"),
@@ -290,7 +344,10 @@ pub(crate) async fn serve(
         return;
     };
     let client_r = client.read;
-    let client_out = FramedWrite::new(client.write, FrameCodec::default());
+    let mut client_out = FramedWrite::new(client.write, FrameCodec::default());
+    // At most this much (plus one response) waits for a client that does not
+    // read; then the responses loop stops reading the upstream.
+    client_out.set_backpressure_boundary(shared.config.client_buffer_bytes);
 
     let connect = tokio::time::timeout(
         shared.config.upstream_connect_timeout(),
@@ -304,7 +361,7 @@ pub(crate) async fn serve(
     };
 
     let engine = shared.engine.clone();
-    let state = Arc::new(SessionState::default());
+    let state = Arc::new(SessionState::new(&shared.config));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     engine.register(
         id,
@@ -329,7 +386,10 @@ pub(crate) async fn serve(
         shared: &shared,
         engine: &engine,
         state: &state,
-        client_in: FramedRead::new(client_r, FrameCodec::new(shared.config.max_pdu_bytes)),
+        client_in: FramedRead::new(
+            client_r,
+            FrameCodec::with_shared_max(state.pdu_limit.clone()),
+        ),
         up_out: FramedWrite::new(up_w, FrameCodec::default()),
         local: local_tx,
         control: control_rx,
@@ -391,6 +451,24 @@ pub(crate) async fn serve(
         "connection closed: {}",
         end.describe()
     );
+}
+
+/// A connection over a connection limit: tell the client why and close,
+/// without reading from it or connecting upstream.
+pub(crate) async fn refuse_connection(mut client_r: BoxRead, client_w: BoxWrite, why: String) {
+    let mut out = FramedWrite::new(client_w, FrameCodec::default());
+    let notice =
+        pdu::notice_of_disconnection(LdapResultCode::Unavailable, &format!("abproxy: {why}"));
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = out.send(notice).await;
+        let _ = out.get_mut().shutdown().await;
+        // Read (and drop) what the client already sent until it closes:
+        // closing with unread bytes would reset the connection and could
+        // destroy the notice before the client reads it.
+        let mut sink = [0u8; 4096];
+        while matches!(client_r.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// The upstream could not be reached: tell the client and close.
@@ -455,6 +533,10 @@ enum Event {
     Frame(Option<Result<Bytes, FrameError>>),
     Control(Control),
     Epoch,
+    /// A response made room under `max_outstanding_per_conn`.
+    Room,
+    /// The idle timer fired.
+    IdleCheck,
 }
 
 impl Requests<'_> {
@@ -497,6 +579,19 @@ impl Requests<'_> {
                 let _ = self.local.try_send(Local::Pdu(notice));
                 self.end_session();
             }
+            End::Idle(d) => {
+                info!(
+                    conn = self.id,
+                    "closing idle session after {} s",
+                    d.as_secs()
+                );
+                let notice = pdu::notice_of_disconnection(
+                    LdapResultCode::Unavailable,
+                    &format!("abproxy: session idle for {} s, closing", d.as_secs()),
+                );
+                let _ = self.local.try_send(Local::Pdu(notice));
+                self.end_session();
+            }
             _ => self.end_session(),
         }
         end
@@ -527,14 +622,26 @@ impl Requests<'_> {
     }
 
     /// Room to read another request: per-connection and total queue limits.
+    /// The total only stops sessions that already hold queued requests: one
+    /// with nothing queued always reads, so an operator can still send OFF
+    /// or ask the status, and queues at most one request over the total.
     fn has_room(&self) -> bool {
         let cfg = self.engine.config();
         self.queue.len() < cfg.queue_max_requests_per_conn
             && self.queued_bytes < cfg.queue_max_bytes_per_conn
-            && self.engine.queue_has_room()
+            && (self.queue.is_empty() || self.engine.queue_has_room())
+            && self.state.below_outstanding_limit()
     }
 
     async fn pump(&mut self) -> End {
+        let idle = self.shared.config.idle_timeout();
+        // One timer for the session, re-armed only when it fires (not per
+        // request): the session closes between `idle` and twice `idle`
+        // after its last activity.
+        let far = Duration::from_secs(86400 * 365);
+        let idle_timer = tokio::time::sleep(idle.unwrap_or(far));
+        tokio::pin!(idle_timer);
+        let mut active = false;
         loop {
             let room = self.has_room();
             let waiting = !self.queue.is_empty() || !room;
@@ -552,11 +659,30 @@ impl Requests<'_> {
                 },
                 Ok(()) = self.epoch.changed(), if waiting => Event::Epoch,
                 f = self.client_in.next(), if room => Event::Frame(f),
+                _ = self.state.room.notified(), if !room => Event::Room,
+                _ = &mut idle_timer, if idle.is_some() => Event::IdleCheck,
             };
             let step = match event {
                 Event::Control(c) => self.on_control(c).await,
                 Event::Epoch => self.release().await,
-                Event::Frame(f) => self.on_frames(f).await,
+                Event::Room => Step::Continue,
+                Event::IdleCheck => {
+                    let idle = idle.unwrap_or(far);
+                    let busy =
+                        active || !self.queue.is_empty() || !self.state.inflight().is_empty();
+                    if !busy {
+                        return End::Idle(idle);
+                    }
+                    active = false;
+                    idle_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + idle);
+                    Step::Continue
+                }
+                Event::Frame(f) => {
+                    active = true;
+                    self.on_frames(f).await
+                }
             };
             if let Step::End(e) = step {
                 return e;
@@ -613,6 +739,11 @@ impl Requests<'_> {
             Some(Err(e)) => {
                 if self.state.sasl_bound.load(Ordering::Relaxed) {
                     return Step::End(End::SaslLayer("client"));
+                }
+                if matches!(e, FrameError::TooLarge { .. }) && !self.state.authenticated() {
+                    return Step::End(End::ClientProtocol(format!(
+                        "{e} before a successful bind (max_pdu_bytes_anonymous)"
+                    )));
                 }
                 return Step::End(End::ClientProtocol(e.to_string()));
             }
@@ -1384,6 +1515,8 @@ impl Responses {
                 self.state
                     .sasl_bound
                     .store(ok && req.sasl_bind, Ordering::Relaxed);
+                let named = req.bind_dn.as_ref().is_some_and(|dn| !dn.is_empty());
+                self.state.set_authenticated(ok && (req.sasl_bind || named));
                 *lock(&self.state.bound_dn) = match (&req.bind_dn, ok) {
                     (Some(dn), true) if !dn.is_empty() => {
                         Some(String::from_utf8_lossy(dn).into_owned())

@@ -2,6 +2,9 @@
 //! LDAPMessages by their outer BER length and yields each as `Bytes` without
 //! copying (a `split_to` + `freeze` of the read buffer).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio_util::codec::{Decoder, Encoder};
@@ -41,22 +44,37 @@ pub enum FrameError {
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max_pdu: usize,
+    /// A maximum another task may change at any time (a session's limit
+    /// rises when its bind succeeds, which the responses loop sees); read
+    /// at each message header, so the first request after the bind response
+    /// already gets the new limit.
+    shared_max: Option<Arc<AtomicUsize>>,
 }
 
 impl FrameCodec {
     /// A codec refusing messages larger than `max_pdu` bytes.
     pub fn new(max_pdu: usize) -> Self {
-        FrameCodec { max_pdu }
+        FrameCodec {
+            max_pdu,
+            shared_max: None,
+        }
     }
 
-    /// The configured maximum PDU size.
+    /// A codec whose maximum is whatever `max` holds when a header is read.
+    pub fn with_shared_max(max: Arc<AtomicUsize>) -> Self {
+        FrameCodec {
+            max_pdu: 0,
+            shared_max: Some(max),
+        }
+    }
+
+    /// The maximum PDU size in force now.
+    #[inline]
     pub fn max_pdu(&self) -> usize {
-        self.max_pdu
-    }
-
-    /// Changes the maximum (e.g. after a successful bind).
-    pub fn set_max_pdu(&mut self, max_pdu: usize) {
-        self.max_pdu = max_pdu;
+        match &self.shared_max {
+            Some(m) => m.load(Ordering::Relaxed),
+            None => self.max_pdu,
+        }
     }
 }
 
@@ -99,7 +117,7 @@ impl Decoder for FrameCodec {
         // No reservation for the declared length: the buffer grows as bytes
         // really arrive, so a peer announcing 16 MiB and sending nothing
         // costs nothing.
-        Ok(frame_len(src, self.max_pdu)?.map(|n| src.split_to(n).freeze()))
+        Ok(frame_len(src, self.max_pdu())?.map(|n| src.split_to(n).freeze()))
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {

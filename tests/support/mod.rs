@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use abproxy::config::Config;
 use abproxy::lab::{Slapd, SlapdOptions};
-use abproxy::wire::{Envelope, FrameCodec};
+use abproxy::wire::envelope::oid;
+use abproxy::wire::{op, Envelope, FrameCodec};
 use abproxy::ProxyHandle;
 use bytes::{Bytes, BytesMut};
 use ldap3_proto::proto::{LdapMsg, LdapOp};
@@ -18,6 +19,10 @@ use tokio_util::codec::Decoder;
 
 #[allow(unused_imports)]
 pub use abproxy::lab::{ADMIN_DN, ADMIN_PW};
+
+pub mod freeze;
+pub mod process;
+pub mod shim;
 
 /// A slapd and a proxy in front of it.
 pub struct Lab {
@@ -210,6 +215,21 @@ impl RawConn {
     }
 }
 
+/// A round trip on `c` (a base search of the suffix), proving the proxy
+/// admitted the connection and has an upstream for it.
+pub async fn round_trip(c: &mut RawConn, msgid: i32) {
+    c.send_msg(search(
+        msgid,
+        "dc=example,dc=org",
+        0,
+        "(objectClass=*)",
+        &["dc"],
+    ))
+    .await;
+    let r = c.recv_until_final(msgid).await;
+    assert_eq!(result_code(r.last().unwrap()), Some(0));
+}
+
 /// Encodes a message with ldap3_proto (test-side client PDUs).
 pub fn encode(msg: LdapMsg) -> Bytes {
     abproxy::wire::pdu::encode(msg)
@@ -270,6 +290,59 @@ pub fn result_code(frame: &[u8]) -> Option<i64> {
     Envelope::response(frame).unwrap().result_code
 }
 
+/// Asserts `frame` is a Notice of Disconnection with `code`.
+pub fn assert_notice(frame: &[u8], code: i64) -> String {
+    let env = Envelope::response(frame).unwrap();
+    assert_eq!(env.msgid, 0, "notice has messageID 0");
+    assert_eq!(env.op, op::EXTENDED_RESPONSE);
+    assert_eq!(env.oid_bytes(frame), Some(oid::NOTICE_OF_DISCONNECTION));
+    assert_eq!(env.result_code, Some(code));
+    diagnostic(frame)
+}
+
+/// The diagnosticMessage of a result, decoded with ldap3_proto.
+pub fn diagnostic(frame: &[u8]) -> String {
+    let mut buf = BytesMut::from(frame);
+    let msg = ldap3_proto::LdapCodec::new(Some(1 << 24), None)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap();
+    match msg.op {
+        LdapOp::ExtendedResponse(r) => r.res.message,
+        LdapOp::SearchResultDone(r) | LdapOp::ModifyResponse(r) => r.message,
+        LdapOp::BindResponse(r) => r.res.message,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// The olcReadOnly line(s) of the dc=example,dc=org database in slapd's
+/// cn=config (empty: absent), read over its ldapi socket as root.
+pub async fn olc_read_only(ldapi_url: &str) -> String {
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-Q",
+            "-LLL",
+            "-Y",
+            "EXTERNAL",
+            "-H",
+            ldapi_url,
+            "-b",
+            "cn=config",
+            "(olcSuffix=dc=example,dc=org)",
+            "olcReadOnly",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("olcReadOnly"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// One IPv4 TCP socket as the kernel lists it in /proc/net/tcp.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSocket {
@@ -278,6 +351,8 @@ pub struct KernelSocket {
     pub established: bool,
     /// Bytes queued for sending (not yet acknowledged by the peer).
     pub tx_queue: usize,
+    /// Bytes received and not yet read by the application.
+    pub rx_queue: usize,
 }
 
 /// The machine's IPv4 TCP sockets (what `ss` shows), for tests that wait on
@@ -305,6 +380,11 @@ pub fn kernel_sockets() -> Vec<KernelSocket> {
                     .next()
                     .and_then(|q| usize::from_str_radix(q, 16).ok())
                     .unwrap_or(0),
+                rx_queue: f[4]
+                    .split(':')
+                    .nth(1)
+                    .and_then(|q| usize::from_str_radix(q, 16).ok())
+                    .unwrap_or(0),
             })
         })
         .collect()
@@ -321,3 +401,5 @@ pub async fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+pub mod ds389;

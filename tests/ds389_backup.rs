@@ -1,0 +1,397 @@
+//! Consistent backups of a live 389 Directory Server through the proxy,
+//! under continuous writes, as an operator runs them:
+//!
+//! * the Kolab-style flow: `abproxy hook --before`, an online LDIF export
+//!   per backend (`dsconf NAME backend export`), `abproxy hook --after`;
+//! * `abproxy run -- dsconf NAME backup create DIR` (the online db2bak
+//!   task), restored with `dsctl NAME bak2db DIR` into a fresh instance.
+//!
+//! Root only, like tests/ds389.rs: each test skips with one line when 389-ds
+//! cannot run here.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use abproxy::config::BackendConfig;
+use abproxy::freeze::Mode;
+use abproxy::lab389::{Ds389, DM_DN, DM_PW, OTHERROOT, OTHER_SUFFIX, SUFFIX, USERROOT};
+use abproxy::ProxyHandle;
+use support::ds389::*;
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const WRITERS: usize = 6;
+
+/// Writer `w` adds `cn=wW-N` entries (N = 1, 2, ...) through the proxy as
+/// Directory Manager, one at a time, to dc=example,dc=org (even `w`) or
+/// dc=other,dc=org (odd `w`), until `stop`; every write must succeed.
+/// Returns the DNs acknowledged, in order.
+fn spawn_writers(
+    proxy: &ProxyHandle,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    (0..WRITERS)
+        .map(|w| {
+            let (addr, stop) = (addr_of(&proxy.url()), stop.clone());
+            tokio::spawn(async move {
+                let mut c = raw_bound(&addr, DM_DN, DM_PW).await;
+                let suffix = if w % 2 == 0 { SUFFIX } else { OTHER_SUFFIX };
+                let mut acked = Vec::new();
+                let mut n: i32 = 0;
+                while !stop.is_cancelled() {
+                    n += 1;
+                    let dn = format!("cn=w{w}-{n},{suffix}");
+                    c.send_msg(add(1 + n, &dn, &format!("w{w}-{n}"))).await;
+                    let frame = c.recv().await.expect("an answer");
+                    assert_eq!(result_code(&frame), Some(0), "writer {w}, write {n}");
+                    acked.push(dn);
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+/// How many `cn=w...` entries 389 holds in both backends.
+async fn written(ds: &Ds389) -> usize {
+    let mut n = 0;
+    for suffix in [SUFFIX, OTHER_SUFFIX] {
+        n += dump(ds, suffix, &["1.1"])
+            .await
+            .lines()
+            .filter(|l| l.starts_with("dn: cn=w"))
+            .count();
+    }
+    n
+}
+
+/// Waits until 389 holds at least `n` written entries.
+async fn wait_written(ds: &Ds389, n: usize, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while written(ds).await < n {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops the writers; their acknowledged DNs (a writer that saw an error
+/// panicked, and this fails).
+async fn stop_writers(
+    stop: CancellationToken,
+    writers: Vec<tokio::task::JoinHandle<Vec<String>>>,
+) -> Vec<Vec<String>> {
+    stop.cancel();
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.push(w.await.expect("no writer saw an error"));
+    }
+    acked
+}
+
+/// `# entry-id: N` of every entry of a 389 LDIF export, by lower-case DN.
+fn entry_ids(export: &str) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for block in export.split("\n\n") {
+        let id = block
+            .lines()
+            .find_map(|l| l.strip_prefix("# entry-id: "))
+            .map(|v| v.parse::<u64>().unwrap());
+        let dn = block.lines().find_map(|l| l.strip_prefix("dn: "));
+        if let (Some(id), Some(dn)) = (id, dn) {
+            assert!(
+                out.insert(dn.to_ascii_lowercase(), id).is_none(),
+                "{dn} twice"
+            );
+        }
+    }
+    out
+}
+
+/// `dsconf NAME backend export -U -l FILE BACKEND` for each backend; the
+/// exports' texts. (The runtime must be multi-threaded: the tool runs in
+/// `block_in_place`.)
+async fn export_all(ds: &Ds389, tag: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for backend in [USERROOT, OTHERROOT] {
+        let file = ds.ldif_dir().join(format!("{tag}-{backend}.ldif"));
+        let f = file.display().to_string();
+        tokio::task::block_in_place(|| ds.dsconf(&["backend", "export", "-U", "-l", &f, backend]))
+            .unwrap_or_else(|e| panic!("export of {backend}: {e:#}"));
+        out.push(std::fs::read_to_string(&file).unwrap());
+    }
+    out
+}
+
+/// Search results as 389's export writes them: a userPassword stored
+/// without a `{SCHEME}` prefix (the lab's sample users) is exported with
+/// `{CLEAR}`.
+fn as_exported(mut entries: Entries) -> Entries {
+    for attrs in entries.values_mut() {
+        *attrs = std::mem::take(attrs)
+            .into_iter()
+            .map(|(t, v)| {
+                if t == "userpassword" && !v.starts_with(b"{") {
+                    (t, [&b"{CLEAR}"[..], &v].concat())
+                } else {
+                    (t, v)
+                }
+            })
+            .collect();
+    }
+    entries
+}
+
+/// Every acknowledged write is in `final_exports` exactly once, in each
+/// writer's order (389 numbers entries as it adds them), and nothing else
+/// was written.
+fn check_acked(acked: &[Vec<String>], final_exports: &[String]) {
+    let mut ids = HashMap::new();
+    for e in final_exports {
+        ids.extend(entry_ids(e));
+    }
+    let total_written = ids.keys().filter(|dn| dn.starts_with("cn=w")).count();
+    for (w, dns) in acked.iter().enumerate() {
+        let mut last = 0;
+        for dn in dns {
+            let id = *ids
+                .get(&dn.to_ascii_lowercase())
+                .unwrap_or_else(|| panic!("acknowledged {dn} is missing"));
+            assert!(id > last, "writer {w}: {dn} applied out of order");
+            last = id;
+        }
+    }
+    assert_eq!(
+        total_written,
+        acked.iter().map(Vec::len).sum::<usize>(),
+        "nothing more, nothing less"
+    );
+}
+
+/// Kolab's backup scripts, with abproxy's hooks around them: `abproxy hook
+/// --before`, `dsconf NAME backend export` of each backend (the online
+/// export task, cn=export,cn=tasks,cn=config), `abproxy hook --after`, with
+/// 6 clients adding entries through the proxy all along and the `389ds`
+/// driver on dc=example,dc=org. Each export equals the live backend at the
+/// freeze (a search taken before and one after the export, both while
+/// frozen); no client sees an error; after OFF every acknowledged write is
+/// there exactly once, in each client's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kolab_style_hooks_around_online_exports_give_the_data_at_the_freeze() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(50).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            example_389ds(&ds),
+            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
+        ],
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let writers = spawn_writers(&proxy, &stop);
+    wait_written(&ds, 2 * WRITERS, "writers make no progress").await;
+
+    let out = cli(&proxy, &["hook", "--before"]).await;
+    assert_eq!(out.code, Some(0), "hook --before: {out:?}");
+    // Every writer now waits with one add held by the proxy.
+    let mut s = dm_session(&proxy).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = s.status().await.unwrap();
+        assert_eq!(st.state.as_str(), "frozen");
+        if st.queued_requests == WRITERS as u64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writers not held: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = [
+        dump(&ds, SUFFIX, EXPORTED_OPERATIONAL).await,
+        dump(&ds, OTHER_SUFFIX, EXPORTED_OPERATIONAL).await,
+    ];
+    let exports = export_all(&ds, "frozen").await;
+    let after = [
+        dump(&ds, SUFFIX, EXPORTED_OPERATIONAL).await,
+        dump(&ds, OTHER_SUFFIX, EXPORTED_OPERATIONAL).await,
+    ];
+    let out = cli(&proxy, &["hook", "--after"]).await;
+    assert_eq!(out.code, Some(0), "hook --after: {out:?}");
+    assert!(s.status().await.unwrap().state.as_str() == "thawed");
+
+    let mut frozen_written = 0;
+    for i in 0..2 {
+        let export = parse_ldif(&exports[i]);
+        let (before, after) = (
+            as_exported(parse_ldif(&before[i])),
+            as_exported(parse_ldif(&after[i])),
+        );
+        assert!(
+            export == before,
+            "backend {i}: the export differs from the live data at the freeze:\n{}",
+            diff_entries(&export, &before)
+        );
+        assert!(
+            export == after,
+            "backend {i}: the data changed while frozen:\n{}",
+            diff_entries(&export, &after)
+        );
+        frozen_written += export.keys().filter(|dn| dn.starts_with("cn=w")).count();
+    }
+    assert!(frozen_written >= 2 * WRITERS);
+
+    // The writers go on after OFF, then stop.
+    wait_written(
+        &ds,
+        frozen_written + 2 * WRITERS,
+        "writers make no progress after OFF",
+    )
+    .await;
+    let acked = stop_writers(stop, writers).await;
+    check_acked(&acked, &export_all(&ds, "final").await);
+    s.close().await;
+    proxy.shutdown().await.unwrap();
+}
+
+/// `abproxy run -- dsconf NAME backup create DIR` (the online backup task,
+/// cn=backup,cn=tasks,cn=config) with 6 clients adding entries through the
+/// proxy all along; the same command dumps both backends, still frozen.
+/// The backup restores (`dsctl NAME bak2db DIR`, instance stopped) into a
+/// fresh instance that then serves exactly the entries of that dump,
+/// operational attributes included; no client sees an error and every
+/// acknowledged write is on the live server once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abproxy_run_online_backup_restores_into_a_fresh_instance() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(50).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            example_389ds(&ds),
+            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
+        ],
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let writers = spawn_writers(&proxy, &stop);
+    wait_written(&ds, 2 * WRITERS, "writers make no progress").await;
+
+    let archive = ds.bak_dir().join("frozen");
+    let live = tempfile::Builder::new()
+        .prefix("abp-389-live")
+        .tempdir_in("/tmp")
+        .unwrap();
+    // Wait (bounded) until the proxy holds a write, so that the backup
+    // really races the writers; then back up and dump, all while frozen.
+    let script = format!(
+        "set -e
+         n=0
+         until {bin} status --json | grep -Eq '\"queued_requests\": ?[1-9]'; do
+           n=$((n+1)); [ $n -lt 400 ] || {{ echo 'no write was held' >&2; exit 9; }}; sleep 0.05
+         done
+         {dsconf} {name} backup create {archive}
+         for base in {SUFFIX} {OTHER_SUFFIX}; do
+           ldapsearch -Q -LLL -o ldif_wrap=no -Y EXTERNAL -H {ldapi} -b $base '(objectClass=*)' '*' '+' > {live}/$base.ldif
+         done",
+        bin = BIN,
+        dsconf = abproxy::lab389::DSCONF,
+        name = ds.name(),
+        archive = archive.display(),
+        ldapi = ds.ldapi_url(),
+        live = live.path().display(),
+    );
+    let out = tokio::process::Command::new(BIN)
+        .args(["run", "--", "sh", "-c", &script])
+        .env("ABPROXY_URL", proxy.url())
+        .env("ABPROXY_BIND_DN", DM_DN)
+        .env("ABPROXY_PASSWORD", DM_PW)
+        .env("LDAPCONF", "/dev/null")
+        .env("LDAPRC", "/dev/null")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "abproxy run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at_freeze: Vec<Entries> = [SUFFIX, OTHER_SUFFIX]
+        .iter()
+        .map(|b| {
+            parse_ldif(&std::fs::read_to_string(live.path().join(format!("{b}.ldif"))).unwrap())
+        })
+        .collect();
+    let frozen_written: usize = at_freeze
+        .iter()
+        .map(|e| e.keys().filter(|dn| dn.starts_with("cn=w")).count())
+        .sum();
+    assert!(frozen_written >= 2 * WRITERS);
+
+    // The writers go on after the backup, then stop.
+    wait_written(
+        &ds,
+        frozen_written + 2 * WRITERS,
+        "writers make no progress after the backup",
+    )
+    .await;
+    let acked = stop_writers(stop, writers).await;
+    check_acked(&acked, &export_all(&ds, "final").await);
+    proxy.shutdown().await.unwrap();
+
+    // A fresh instance (its own sample data), stopped, restored from the
+    // backup, started again: it serves what the live one held at the freeze.
+    let mut fresh = tokio::task::spawn_blocking(|| {
+        Ds389::start(abproxy::lab389::Ds389Options {
+            users: 3,
+            other_users: 1,
+        })
+    })
+    .await
+    .unwrap()
+    .expect("a fresh 389-ds");
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        fresh.stop()?;
+        fresh.dsctl(&["bak2db", &archive.display().to_string()])?;
+        fresh.restart()
+    })
+    .expect("restore with dsctl bak2db");
+    for (i, base) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
+        let restored = parse_ldif(&dump(&fresh, base, &["*", "+"]).await);
+        assert!(
+            restored == at_freeze[i],
+            "{base}: the restored instance differs from the live one at the freeze:\n{}",
+            diff_entries(&restored, &at_freeze[i])
+        );
+    }
+    // Over TCP, as any client.
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &fresh.url(),
+            "-b",
+            SUFFIX,
+            "(cn=w0-1)",
+            "cn",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        out.stdout,
+        format!("dn: cn=w0-1,{SUFFIX}\ncn: w0-1\n\n"),
+        "{out:?}"
+    );
+}

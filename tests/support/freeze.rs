@@ -1,0 +1,122 @@
+//! Allow-Backup from a test's side: the extended requests, their outcome,
+//! a bound raw connection and the proxy's status.
+
+use std::time::Duration;
+
+use abproxy::lab::{ADMIN_PW, OTHER_ADMIN_DN};
+use abproxy::wire::Envelope;
+use abproxy_proto::{
+    AllowBackupRequest, AllowBackupStatus, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID,
+};
+use ldap3_proto::proto::*;
+
+use super::*;
+
+pub fn exop(msgid: i32, name: &str, value: Option<Vec<u8>>) -> LdapMsg {
+    LdapMsg::new(
+        msgid,
+        LdapOp::ExtendedRequest(LdapExtendedRequest {
+            name: name.into(),
+            value,
+        }),
+    )
+}
+
+pub fn ab(msgid: i32, req: &AllowBackupRequest) -> LdapMsg {
+    exop(
+        msgid,
+        ALLOW_BACKUP_OID,
+        Some(abproxy_proto::encode_request(req)),
+    )
+}
+
+/// Result code and diagnostic message of a final response, via ldap3_proto.
+pub fn outcome(frame: &[u8]) -> (i64, String) {
+    use tokio_util::codec::Decoder;
+    let code = result_code(frame).expect("a final response");
+    let mut buf = bytes::BytesMut::from(frame);
+    let msg = ldap3_proto::LdapCodec::new(Some(1 << 26), None)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap();
+    let text = match msg.op {
+        LdapOp::ExtendedResponse(r) => r.res.message,
+        LdapOp::SearchResultDone(r)
+        | LdapOp::ModifyResponse(r)
+        | LdapOp::AddResponse(r)
+        | LdapOp::DelResponse(r) => r.message,
+        other => format!("{other:?}"),
+    };
+    (code, text)
+}
+
+pub async fn bound(lab: &Lab, dn: &str, pw: &str) -> RawConn {
+    let mut c = RawConn::connect(&lab.proxy_addr()).await;
+    c.send_msg(bind(1, dn, pw)).await;
+    assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
+    c
+}
+
+/// Sends a request and returns its final response.
+pub async fn call(c: &mut RawConn, msg: LdapMsg) -> (i64, String) {
+    let id = msg.msgid;
+    c.send_msg(msg).await;
+    outcome(c.recv_until_final(id).await.last().unwrap())
+}
+
+/// The proxy's status, asked as cn=admin,dc=other,dc=org (binds into a
+/// stop-mode dc=example,dc=org are held while it is frozen).
+pub async fn status(lab: &Lab) -> AllowBackupStatus {
+    let mut c = bound(lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    c.send_msg(exop(2, ALLOW_BACKUP_STATUS_OID, None)).await;
+    let f = c.recv().await.unwrap();
+    let env = Envelope::response(&f).unwrap();
+    assert_eq!(env.result_code, Some(0));
+    abproxy_proto::decode_status(env.value_bytes(&f).expect("status value")).unwrap()
+}
+
+/// Waits (bounded, polling the proxy's status) until `pred` holds.
+pub async fn wait_status(
+    lab: &Lab,
+    what: &str,
+    pred: impl Fn(&AllowBackupStatus) -> bool,
+) -> AllowBackupStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(lab).await;
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// No frame arrives on `c` while the proxy reports the request queued:
+/// the queued request really is held.
+pub async fn assert_nothing_pending(c: &mut RawConn) {
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_millis(200), c.stream.peek(&mut b)).await;
+    assert!(r.is_err(), "a response arrived for a held request");
+}
+
+/// Reads until every message ID in `ids` has its final response; returns
+/// (frames seen, final result code per ID in `ids` order).
+pub async fn recv_finals(c: &mut RawConn, ids: &[i32]) -> (usize, Vec<i64>) {
+    let mut codes = vec![None; ids.len()];
+    let mut n = 0;
+    while codes.iter().any(Option::is_none) {
+        let f = c.recv().await.expect("connection closed early");
+        n += 1;
+        let env = Envelope::response(&f).unwrap();
+        if abproxy::wire::op::is_final_response(env.op) {
+            if let Some(i) = ids.iter().position(|&id| id == env.msgid) {
+                codes[i] = env.result_code;
+            }
+        }
+    }
+    (n, codes.into_iter().map(Option::unwrap).collect())
+}
