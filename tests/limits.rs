@@ -35,14 +35,6 @@ async fn connect_from(source: &str, to: &str) -> RawConn {
     RawConn::from_stream(s.connect(to.parse().unwrap()).await.unwrap())
 }
 
-/// Established connections to slapd's port (the proxy's upstream ones).
-fn upstream_conns(slapd_port: u16) -> usize {
-    kernel_sockets()
-        .iter()
-        .filter(|s| s.established && s.remote_port == slapd_port)
-        .count()
-}
-
 #[tokio::test]
 async fn request_size_limit_is_smaller_until_a_bind_succeeds() {
     // Defaults: 262143 bytes anonymous (slapd's own), 16 MiB after a bind.
@@ -125,18 +117,32 @@ async fn request_size_limit_is_smaller_until_a_bind_succeeds() {
 
 #[tokio::test]
 async fn connection_limits_total_and_per_source() {
-    let lab = Lab::with(SlapdOptions::default(), |c| {
-        c.max_connections = 3;
-        c.max_connections_per_source = 2;
-    })
+    let lab = Lab::with(
+        SlapdOptions {
+            stats_log: true,
+            ..Default::default()
+        },
+        |c| {
+            c.max_connections = 3;
+            c.max_connections_per_source = 2;
+        },
+    )
     .await;
-    let slapd_port = lab.slapd.port();
+    // slapd logs every connection it accepts and closes: its own count of
+    // the proxy's upstream connections (the proxy's start-up made some).
+    let count = |needle: &str| {
+        std::fs::read_to_string(lab.slapd.log_path())
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    };
     let to = lab.proxy_addr();
 
     let mut a1 = connect_from("127.0.0.1", &to).await;
     round_trip(&mut a1, 1).await;
     let mut a2 = connect_from("127.0.0.1", &to).await;
     round_trip(&mut a2, 1).await;
+    let accepted = count(" ACCEPT from ");
     // A third from the same address: told why, closed, no upstream made.
     let mut a3 = connect_from("127.0.0.1", &to).await;
     let frames = a3.recv_all().await;
@@ -153,22 +159,31 @@ async fn connection_limits_total_and_per_source() {
     assert_eq!(frames.len(), 1);
     let msg = assert_notice(&frames[0], LdapResultCode::Unavailable as i64);
     assert!(msg.contains("max_connections)"), "{msg}");
-    assert_eq!(
-        upstream_conns(slapd_port),
-        3,
-        "refused clients got no upstream"
-    );
 
     // The admitted ones are unaffected, and a closed one frees its place.
     round_trip(&mut a1, 2).await;
+    let closed = count(" closed");
     drop(a2);
-    wait_until("the closed session to end", 10, || {
-        upstream_conns(slapd_port) == 2
-    })
+    wait_until(
+        "slapd to see the closed session's upstream close",
+        10,
+        || count(" closed") > closed,
+    )
     .await;
     let mut c2 = connect_from("127.0.0.3", &to).await;
     round_trip(&mut c2, 1).await;
     round_trip(&mut b1, 2).await;
+    // slapd accepted exactly two more upstream connections (b1's, c2's):
+    // none for the refused clients.
+    wait_until("slapd to log the accepts", 10, || {
+        count(" ACCEPT from ") >= accepted + 2
+    })
+    .await;
+    assert_eq!(
+        count(" ACCEPT from "),
+        accepted + 2,
+        "refused clients got no upstream"
+    );
 }
 
 #[tokio::test]
