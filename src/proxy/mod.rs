@@ -45,6 +45,29 @@ pub struct Shared {
     next_conn: AtomicU64,
 }
 
+impl Shared {
+    /// What the sessions of a proxy with this configuration share.
+    pub(crate) fn new(
+        config: Config,
+        upstream: Endpoint,
+        engine: Arc<Engine>,
+        auto_backends: bool,
+    ) -> Shared {
+        let limits = Arc::new(limits::ConnLimits::new(
+            config.max_connections,
+            config.max_connections_per_source,
+        ));
+        Shared {
+            config,
+            upstream,
+            engine,
+            auto_backends,
+            limits,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+}
+
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
@@ -231,20 +254,9 @@ impl Server {
                 "a previous run left this backend prepared for a backup and it is still not undone (driver not configured for it any more, or its DONE failed): undo it by hand, then remove the entry from the state file"
             );
         }
-        let limits = Arc::new(limits::ConnLimits::new(
-            config.max_connections,
-            config.max_connections_per_source,
-        ));
         Ok(Server {
             listeners,
-            shared: Arc::new(Shared {
-                engine,
-                config,
-                upstream,
-                auto_backends,
-                limits,
-                next_conn: AtomicU64::new(1),
-            }),
+            shared: Arc::new(Shared::new(config, upstream, engine, auto_backends)),
         })
     }
 

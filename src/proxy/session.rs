@@ -245,7 +245,8 @@ impl End {
     }
 }
 
-/// Serves one accepted client connection until it ends.
+/// Serves one accepted client connection until it ends: connects to the
+/// upstream, then runs the session ([`serve_connected`]).
 pub(crate) async fn serve(
     id: u64,
     peer: String,
@@ -255,24 +256,40 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) {
-    let started = Instant::now();
-    let (client_r, client_w) = client;
-    let mut client_out = FramedWrite::new(client_w, FrameCodec::default());
-    // At most this much (plus one response) waits for a client that does not
-    // read; then the responses loop stops reading the upstream.
-    client_out.set_backpressure_boundary(shared.config.client_buffer_bytes);
     info!(conn = id, %peer, "connection opened");
-
     let connect = tokio::time::timeout(
         shared.config.upstream_connect_timeout(),
         shared.upstream.connect(),
     )
     .await;
-    let (up_r, up_w) = match connect {
+    let upstream = match connect {
         Ok(Ok(halves)) => halves,
-        Ok(Err(e)) => return refuse(id, &peer, &shared, client_out, e.to_string()).await,
-        Err(_) => return refuse(id, &peer, &shared, client_out, "timed out".into()).await,
+        Ok(Err(e)) => return refuse(id, &peer, &shared, client.1, e.to_string()).await,
+        Err(_) => return refuse(id, &peer, &shared, client.1, "timed out".into()).await,
     };
+    serve_connected(id, peer, cred, client, upstream, shared, shutdown, abort).await
+}
+
+/// Runs a session whose upstream connection is already open, until it
+/// ends. The fuzz harness (`crate::fuzzing`) calls it with in-memory pipes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve_connected(
+    id: u64,
+    peer: String,
+    cred: Option<(u32, u32)>,
+    client: (BoxRead, BoxWrite),
+    upstream: (BoxRead, BoxWrite),
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
+    let started = Instant::now();
+    let (client_r, client_w) = client;
+    let (up_r, up_w) = upstream;
+    let mut client_out = FramedWrite::new(client_w, FrameCodec::default());
+    // At most this much (plus one response) waits for a client that does not
+    // read; then the responses loop stops reading the upstream.
+    client_out.set_backpressure_boundary(shared.config.client_buffer_bytes);
 
     let engine = shared.engine.clone();
     let state = Arc::new(SessionState::new(&shared.config));
@@ -370,7 +387,8 @@ pub(crate) async fn refuse_connection(mut client_r: BoxRead, client_w: BoxWrite,
 }
 
 /// The upstream could not be reached: tell the client and close.
-async fn refuse(id: u64, peer: &str, shared: &Shared, mut client_out: ClientOut, why: String) {
+async fn refuse(id: u64, peer: &str, shared: &Shared, client_w: BoxWrite, why: String) {
+    let mut client_out: ClientOut = FramedWrite::new(client_w, FrameCodec::default());
     warn!(conn = id, %peer, upstream = %shared.upstream, "cannot connect to upstream: {why}");
     let notice = pdu::notice_of_disconnection(
         LdapResultCode::Unavailable,
