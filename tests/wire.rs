@@ -395,7 +395,7 @@ async fn abandon_of_a_running_search() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_operations() {
-    let Lab { slapd, proxy } = Lab::with(
+    let Lab { slapd, proxy, .. } = Lab::with(
         SlapdOptions {
             users: 3000,
             ..Default::default()
