@@ -338,6 +338,7 @@ pub(crate) async fn serve_connected(
         held: VecDeque::new(),
         held_bytes: 0,
         close: close.clone(),
+        told: false,
     };
     // The two directions run as two tasks, so a wake-up for one polls only
     // that one.
@@ -1033,6 +1034,16 @@ struct Responses {
     held: VecDeque<Bytes>,
     held_bytes: usize,
     close: CancellationToken,
+    /// The proxy sent the client a Notice of Disconnection: nothing may
+    /// follow it (RFC 4511 section 4.4.1).
+    told: bool,
+}
+
+/// True for a Notice of Disconnection.
+fn is_notice(env: &Envelope, frame: &[u8]) -> bool {
+    env.msgid == 0
+        && env.op == op::EXTENDED_RESPONSE
+        && env.oid_bytes(frame) == Some(oid::NOTICE_OF_DISCONNECTION)
 }
 
 impl Responses {
@@ -1041,7 +1052,7 @@ impl Responses {
         // Whatever the proxy still has to say (a notice), then close.
         while let Ok(l) = self.local.try_recv() {
             if let Local::Pdu(pdu) = l {
-                let _ = self.client_out.feed(pdu).await;
+                self.feed_last(pdu).await;
             }
         }
         match &end {
@@ -1053,7 +1064,7 @@ impl Responses {
                     LdapResultCode::Unavailable,
                     "abproxy: the LDAP server closed the connection",
                 );
-                let _ = self.client_out.feed(notice).await;
+                self.feed_last(notice).await;
             }
             End::Io("reading from upstream", e)
                 if !self.state.client_gone.load(Ordering::Relaxed) =>
@@ -1063,7 +1074,7 @@ impl Responses {
                     LdapResultCode::Unavailable,
                     &format!("abproxy: the connection to the LDAP server was lost: {e}"),
                 );
-                let _ = self.client_out.feed(notice).await;
+                self.feed_last(notice).await;
             }
             End::UpstreamProtocol(m) => {
                 warn!(conn = self.id, "upstream protocol error: {m}");
@@ -1071,7 +1082,7 @@ impl Responses {
                     LdapResultCode::Unavailable,
                     &format!("abproxy: the LDAP server sent an invalid message: {m}"),
                 );
-                let _ = self.client_out.feed(notice).await;
+                self.feed_last(notice).await;
             }
             _ => {}
         }
@@ -1083,6 +1094,16 @@ impl Responses {
         self.close.cancel();
         let _ = self.control.send(Control::Close);
         end
+    }
+
+    /// Feeds a PDU once the session is over, unless a Notice of
+    /// Disconnection (the proxy's or the server's) already went.
+    async fn feed_last(&mut self, pdu: Bytes) {
+        if self.told || self.state.upstream_noticed.load(Ordering::Relaxed) {
+            return;
+        }
+        self.told = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
+        let _ = self.client_out.feed(pdu).await;
     }
 
     fn can_read(&self) -> bool {
@@ -1100,8 +1121,14 @@ impl Responses {
                 biased;
                 Some(l) = self.local.recv() => match l {
                     Local::Pdu(pdu) => {
+                        let notice = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
                         if let Err(e) = self.write(pdu).await {
                             return e;
+                        }
+                        if notice {
+                            // The session is over: nothing may follow.
+                            self.told = true;
+                            return End::Closed;
                         }
                     }
                     Local::Close => return End::Closed,
@@ -1198,9 +1225,7 @@ impl Responses {
 
     fn track(&self, env: &Envelope, frame: &Bytes) -> Route {
         if env.msgid == 0 {
-            if env.op == op::EXTENDED_RESPONSE
-                && env.oid_bytes(frame) == Some(oid::NOTICE_OF_DISCONNECTION)
-            {
+            if is_notice(env, frame) {
                 warn!(
                     conn = self.id,
                     code = env.result_code,
