@@ -86,7 +86,7 @@ const CONN: u64 = 1;
 /// Commands run at most (bounds the time of one input).
 const MAX_COMMANDS: usize = 512;
 /// ONs with a zero drain time limit at most (each waits for the timer).
-const MAX_TIMED_ONS: usize = 4;
+const MAX_TIMED_ONS: usize = 2;
 /// Scheduler rounds a settle may take before giving up waiting for calm.
 const SETTLE_ROUNDS: usize = 20_000;
 
@@ -353,7 +353,7 @@ async fn settle(up: &Mutex<UpLog>, client: &Mutex<ClientLog>) {
         let now = snapshot();
         if now == last {
             calm += 1;
-            if calm >= 16 {
+            if calm >= 8 {
                 return;
             }
         } else {
@@ -389,16 +389,52 @@ fn client_frames(stream: &[u8]) -> Vec<Bytes> {
     out
 }
 
-/// Persistent searches in a client stream (they stay in flight).
-fn persistent_searches(stream: &[u8]) -> usize {
-    client_frames(stream)
-        .iter()
-        .filter(|f| {
-            Envelope::request(f).is_ok_and(|e| {
-                e.has_control(f, oid::SYNC_REQUEST) || e.has_control(f, oid::PERSISTENT_SEARCH)
-            })
-        })
-        .count()
+/// The client stream so far, framed as it grows.
+struct ClientStream {
+    codec: FrameCodec,
+    buf: BytesMut,
+    broken: bool,
+    frames: Vec<Bytes>,
+    /// Persistent searches among the frames (they stay in flight).
+    persistent: usize,
+}
+
+impl ClientStream {
+    fn new() -> Self {
+        ClientStream {
+            codec: FrameCodec::new(MAX_PDU),
+            buf: BytesMut::new(),
+            broken: false,
+            frames: Vec::new(),
+            persistent: 0,
+        }
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        if self.broken {
+            return;
+        }
+        self.buf.extend_from_slice(bytes);
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(f)) => {
+                    if Envelope::request(&f).is_ok_and(|e| {
+                        e.has_control(&f, oid::SYNC_REQUEST)
+                            || e.has_control(&f, oid::PERSISTENT_SEARCH)
+                    }) {
+                        self.persistent += 1;
+                    }
+                    self.frames.push(f);
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    self.broken = true;
+                    self.buf.clear();
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl<'a> Harness<'a> {
@@ -518,7 +554,7 @@ impl<'a> Harness<'a> {
         ));
 
         // Run the commands.
-        let mut stream = Vec::new();
+        let mut stream = ClientStream::new();
         let mut froze = false;
         let mut timed_ons = 0;
         let mut rest = self.data;
@@ -580,7 +616,7 @@ impl<'a> Harness<'a> {
                         if timed {
                             // Let the drain time limit pass.
                             settle(&up_log, &client_log).await;
-                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }
                     3 => {
@@ -599,12 +635,12 @@ impl<'a> Harness<'a> {
                     }
                     _ => {
                         settle(&up_log, &client_log).await;
-                        self.check_bounds(&engine, persistent_searches(&stream));
+                        self.check_bounds(&engine, stream.persistent);
                     }
                 }
             }
             if let Some(b) = client_bytes {
-                stream.extend_from_slice(b);
+                stream.extend(b);
                 let _ = chunk_tx.send(Bytes::copy_from_slice(b));
             }
         }
@@ -612,8 +648,7 @@ impl<'a> Harness<'a> {
         // The upstream answers everything: nothing may stay in flight.
         let _ = up_tx.send(UpCmd::Auto(true));
         settle(&up_log, &client_log).await;
-        let frames = client_frames(&stream);
-        self.check_bounds(&engine, persistent_searches(&stream));
+        self.check_bounds(&engine, stream.persistent);
         let up_done = {
             let u = up_log.lock().unwrap();
             u.eof || u.pending > 0
@@ -677,7 +712,7 @@ impl<'a> Harness<'a> {
             client.notices,
             client.after_notice
         );
-        self.check_upstream_frames(&engine, &frames, &up.frames, froze);
+        self.check_upstream_frames(&engine, &stream.frames, &up.frames, froze);
     }
 
     /// Every upstream frame is a client frame the proxy may forward, in an
