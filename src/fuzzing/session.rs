@@ -867,6 +867,14 @@ mod tests {
     }
 
     #[test]
+    fn message_id_zero() {
+        let mut input = vec![0, 15, 31, 15];
+        input.extend_from_slice(&add(0, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&[4]);
+        check_session(&input);
+    }
+
+    #[test]
     fn garbage_ends_the_session() {
         let mut input = vec![16, 3, 3, 3];
         input.extend_from_slice(&add(1, "cn=a,dc=example,dc=org"));

@@ -1224,15 +1224,17 @@ impl Responses {
     }
 
     fn track(&self, env: &Envelope, frame: &Bytes) -> Route {
-        if env.msgid == 0 {
-            if is_notice(env, frame) {
-                warn!(
-                    conn = self.id,
-                    code = env.result_code,
-                    "upstream sent a Notice of Disconnection"
-                );
-                self.state.upstream_noticed.store(true, Ordering::Relaxed);
-            }
+        // Only the notice is unsolicited: a client that broke RFC 4511 by
+        // sending a request with messageID 0 gets its response tracked like
+        // any other (else it stayed in flight for ever and held up every
+        // drain).
+        if env.msgid == 0 && is_notice(env, frame) {
+            warn!(
+                conn = self.id,
+                code = env.result_code,
+                "upstream sent a Notice of Disconnection"
+            );
+            self.state.upstream_noticed.store(true, Ordering::Relaxed);
             return Route::Forward;
         }
         let final_response = op::is_final_response(env.op);
