@@ -27,12 +27,15 @@
 //!      4 timeLimit 0, 8 holdUntilUnbind on the session's connection
 //!   3  OFF by the operator
 //!   4  settle (let every task run until nothing moves) and check
-//!   5  the upstream switches between answering at once and when told
+//!   5  the upstream answers at once from now on (command & 8) or only
+//!      when told
 //!   6  client bytes: 1-byte length, then that many bytes
 //!   7  settle
 //! ```
-//! At the end the upstream answers everything, the client closes its
-//! connection, an operator ends any freeze, and the session must have ended.
+//! At the end the upstream answers everything, then the client closes its
+//! connection and the session must end; only if it waits with a full queue
+//! (backpressure: it does not read the client) does an operator end the
+//! freeze first.
 //!
 //! Invariants (a panic names the broken one): no panic in any task; the
 //! upstream receives only whole frames, each byte-identical to a client
