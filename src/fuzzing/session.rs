@@ -744,7 +744,6 @@ impl<'a> Harness<'a> {
                         && e.oid_bytes(f) == Some(abproxy_proto::ALLOW_BACKUP_OID.as_bytes())
                 })
             });
-        let mut used = vec![false; frames.len()];
         let (mut last_any, mut last_held, mut last_never) = (None, None, None);
         for f in up {
             let env = Envelope::request(f).expect("checked by the upstream");
@@ -753,10 +752,34 @@ impl<'a> Harness<'a> {
                 assert!(froze, "the proxy abandoned a request without a freeze");
                 continue;
             }
-            let Some(i) = (0..frames.len()).find(|&i| !used[i] && frames[i] == *f) else {
-                panic!("the upstream received a frame the client did not send: {f:02x?}");
+            let never = engine.classify(&env, f, None).kind == Kind::Never;
+            let last = if never {
+                &mut last_never
+            } else {
+                &mut last_held
             };
-            used[i] = true;
+            // In the client's order: after the last frame sent of the same
+            // kind (of any kind, without a freeze). Of identical frames, the
+            // first that fits: a queued one may have been abandoned or
+            // cancelled, and identical frames are of the same kind.
+            let after = if froze { *last } else { last_any };
+            let from = after.map_or(0, |l: usize| l + 1);
+            let Some(i) = (from..frames.len()).find(|&i| frames[i] == *f) else {
+                assert!(
+                    frames.contains(f),
+                    "the upstream received a frame the client did not send: {f:02x?}"
+                );
+                panic!(
+                    "a frame reached the upstream out of order (after frame {after:?}{}): {f:02x?}",
+                    if froze {
+                        " of the same kind"
+                    } else {
+                        ", without a freeze"
+                    }
+                );
+            };
+            *last = Some(i);
+            last_any = Some(i);
             assert!(
                 i < cut,
                 "frame {i} reached the upstream after frame {cut} ended the session"
@@ -770,24 +793,6 @@ impl<'a> Harness<'a> {
                     "frame {i}, answered by the proxy, reached the upstream"
                 );
             }
-            let never = engine.classify(&env, f, None).kind == Kind::Never;
-            let last = if never {
-                &mut last_never
-            } else {
-                &mut last_held
-            };
-            assert!(
-                last.is_none_or(|l| l < i),
-                "frame {i} reached the upstream after frame {last:?} of the same kind"
-            );
-            *last = Some(i);
-            if !froze {
-                assert!(
-                    last_any.is_none_or(|l| l < i),
-                    "without a freeze, frame {i} reached the upstream after frame {last_any:?}"
-                );
-            }
-            last_any = Some(i);
         }
     }
 }
