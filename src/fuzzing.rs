@@ -3,6 +3,10 @@
 //! and the fuzzers (`fuzz/`, nightly) run exactly the same checks. Each
 //! function panics when an invariant breaks.
 
+mod session;
+
+pub use session::{check_session, session_seed};
+
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 

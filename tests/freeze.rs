@@ -1281,7 +1281,7 @@ async fn shutdown_while_frozen_discards_queued_requests_tells_clients_and_runs_d
     wait_status(&lab, "queued", |s| s.queued_requests == 1).await;
 
     // SIGTERM's path: stop accepting, end the sessions, then the freeze.
-    let Lab { slapd, proxy } = lab;
+    let Lab { slapd, proxy, .. } = lab;
     proxy.shutdown().await.unwrap();
     for c in [&mut w, &mut holder] {
         let frames = c.recv_all().await;

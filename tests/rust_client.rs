@@ -1312,7 +1312,7 @@ async fn abandon_keeps_session() {
         "5 searches of 3000 entries all completed before their abandon"
     );
     assert_eq!(whoami(&mut ldap).await.rc, 0);
-    let Lab { slapd, proxy } = lab;
+    let Lab { slapd, proxy, .. } = lab;
     let t0 = Instant::now();
     tokio::time::timeout(Duration::from_secs(60), proxy.shutdown())
         .await
@@ -1534,7 +1534,7 @@ async fn syncrepl_refresh_and_persist() {
     let msgid = stream.ldap_handle().last_id();
     ldap.abandon(msgid).await.expect("abandon");
     assert_eq!(whoami(&mut ldap).await.rc, 0);
-    let Lab { slapd, proxy } = lab;
+    let Lab { slapd, proxy, .. } = lab;
     let t0 = Instant::now();
     tokio::time::timeout(Duration::from_secs(60), proxy.shutdown())
         .await

@@ -395,7 +395,7 @@ async fn abandon_of_a_running_search() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_operations() {
-    let Lab { slapd, proxy } = Lab::with(
+    let Lab { slapd, proxy, .. } = Lab::with(
         SlapdOptions {
             users: 3000,
             ..Default::default()
@@ -503,4 +503,49 @@ async fn non_ldap_bytes_after_a_sasl_bind_end_the_session_quietly() {
         }
     }
     proxy.shutdown().await.unwrap();
+}
+
+/// RFC 4511 reserves messageID 0 for unsolicited notifications, but slapd
+/// answers a request that uses it, and so does the proxy: the answer is the
+/// same as direct, and the request leaves the in-flight table (it used to
+/// stay there, and a write sent that way made every freeze drain time out).
+/// Found by the session fuzz target.
+#[tokio::test]
+async fn request_with_message_id_zero_is_answered_and_not_left_in_flight() {
+    let lab = Lab::with(SlapdOptions::default(), |c| {
+        c.freeze.allowed = vec![ADMIN_DN.into()];
+    })
+    .await;
+    let msgs = [
+        bind(1, ADMIN_DN, ADMIN_PW),
+        add(0, "cn=zero,dc=example,dc=org", "zero"),
+    ];
+    let mut answers = Vec::new();
+    for addr in [lab.direct_addr(), lab.proxy_addr()] {
+        let mut c = RawConn::connect(&addr).await;
+        for m in &msgs {
+            c.send_msg(m.clone()).await;
+        }
+        c.recv_until_final(1).await;
+        let resp = c.recv().await.expect("an answer to messageID 0");
+        let env = Envelope::response(&resp).unwrap();
+        assert_eq!((env.msgid, env.op), (0, op::ADD_RESPONSE));
+        answers.push(env.result_code);
+        if addr == lab.proxy_addr() {
+            let who = abproxy::freeze::Requester {
+                conn: 0,
+                bound_dn: Some(ADMIN_DN.into()),
+                peer_uid: None,
+                cert_subject: None,
+            };
+            let (_, _, value) = lab.proxy.engine().status(&who);
+            let status = abproxy_proto::decode_status(&value.unwrap()).unwrap();
+            assert_eq!(
+                status.in_flight, 0,
+                "the answered request is still in flight"
+            );
+        }
+    }
+    // Added directly, then already there through the proxy.
+    assert_eq!(answers, [Some(0), Some(68)]);
 }

@@ -51,6 +51,30 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What the sessions of a proxy with this configuration share (no TLS:
+    /// `Server::bind` adds it).
+    pub(crate) fn new(
+        config: Config,
+        upstream: Endpoint,
+        engine: Arc<Engine>,
+        auto_backends: bool,
+    ) -> Shared {
+        let limits = Arc::new(limits::ConnLimits::new(
+            config.max_connections,
+            config.max_connections_per_source,
+        ));
+        Shared {
+            config,
+            upstream,
+            engine,
+            auto_backends,
+            server_tls: None,
+            upstream_tls: None,
+            limits,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
     /// A new connection to the upstream, with TLS when configured.
     pub async fn connect_upstream(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
         crate::tls::connect_upstream(&self.upstream, self.upstream_tls.as_ref()).await
@@ -278,21 +302,12 @@ impl Server {
                 "a previous run left this backend prepared for a backup and it is still not undone (driver not configured for it any more, or its DONE failed): undo it by hand, then remove the entry from the state file"
             );
         }
-        let limits = Arc::new(limits::ConnLimits::new(
-            config.max_connections,
-            config.max_connections_per_source,
-        ));
         Ok(Server {
             listeners,
             shared: Arc::new(Shared {
-                engine,
-                config,
-                upstream,
-                auto_backends,
                 server_tls,
                 upstream_tls,
-                limits,
-                next_conn: AtomicU64::new(1),
+                ..Shared::new(config, upstream, engine, auto_backends)
             }),
         })
     }

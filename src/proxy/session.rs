@@ -262,7 +262,7 @@ impl End {
 }
 
 /// A client connection ready for the session's loops.
-struct Client {
+pub(crate) struct Client {
     read: BoxRead,
     write: BoxWrite,
     /// The shared stream of a TCP client that is or may become TLS.
@@ -328,7 +328,24 @@ async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -
     })
 }
 
-/// Serves one accepted client connection until it ends.
+impl Client {
+    /// A connection that is and stays clear (ldapi-like: `require_tls` does
+    /// not apply), e.g. the fuzz harness's in-memory pipes.
+    pub(crate) fn plain(read: BoxRead, write: BoxWrite) -> Client {
+        Client {
+            read,
+            write,
+            stream: None,
+            tls: false,
+            tcp: false,
+            cert_subject: None,
+        }
+    }
+}
+
+/// Serves one accepted client connection until it ends: the TLS handshake
+/// on an `ldaps://` listener, the upstream connection, then the session
+/// ([`serve_connected`]).
 pub(crate) async fn serve(
     id: u64,
     peer: String,
@@ -338,27 +355,43 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) {
-    let started = Instant::now();
     info!(conn = id, %peer, "connection opened");
     let Some(client) = open_client(id, &peer, incoming, &shared).await else {
         return;
     };
-    let client_r = client.read;
-    let mut client_out = FramedWrite::new(client.write, FrameCodec::default());
-    // At most this much (plus one response) waits for a client that does not
-    // read; then the responses loop stops reading the upstream.
-    client_out.set_backpressure_boundary(shared.config.client_buffer_bytes);
-
     let connect = tokio::time::timeout(
         shared.config.upstream_connect_timeout(),
         shared.connect_upstream(),
     )
     .await;
-    let (up_r, up_w) = match connect {
+    let upstream = match connect {
         Ok(Ok(halves)) => halves,
-        Ok(Err(e)) => return refuse(id, &peer, &shared, client_out, e.to_string()).await,
-        Err(_) => return refuse(id, &peer, &shared, client_out, "timed out".into()).await,
+        Ok(Err(e)) => return refuse(id, &peer, &shared, client.write, e.to_string()).await,
+        Err(_) => return refuse(id, &peer, &shared, client.write, "timed out".into()).await,
     };
+    serve_connected(id, peer, cred, client, upstream, shared, shutdown, abort).await
+}
+
+/// Runs a session whose upstream connection is already open, until it
+/// ends. The fuzz harness (`crate::fuzzing`) calls it with in-memory pipes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve_connected(
+    id: u64,
+    peer: String,
+    cred: Option<(u32, u32)>,
+    client: Client,
+    upstream: (BoxRead, BoxWrite),
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
+    let started = Instant::now();
+    let client_r = client.read;
+    let (up_r, up_w) = upstream;
+    let mut client_out = FramedWrite::new(client.write, FrameCodec::default());
+    // At most this much (plus one response) waits for a client that does not
+    // read; then the responses loop stops reading the upstream.
+    client_out.set_backpressure_boundary(shared.config.client_buffer_bytes);
 
     let engine = shared.engine.clone();
     let state = Arc::new(SessionState::new(&shared.config));
@@ -423,6 +456,7 @@ pub(crate) async fn serve(
         held: VecDeque::new(),
         held_bytes: 0,
         close: close.clone(),
+        told: false,
     };
     // The two directions run as two tasks, so a wake-up for one polls only
     // that one.
@@ -472,7 +506,8 @@ pub(crate) async fn refuse_connection(mut client_r: BoxRead, client_w: BoxWrite,
 }
 
 /// The upstream could not be reached: tell the client and close.
-async fn refuse(id: u64, peer: &str, shared: &Shared, mut client_out: ClientOut, why: String) {
+async fn refuse(id: u64, peer: &str, shared: &Shared, client_w: BoxWrite, why: String) {
+    let mut client_out: ClientOut = FramedWrite::new(client_w, FrameCodec::default());
     warn!(conn = id, %peer, upstream = %shared.upstream, "cannot connect to upstream: {why}");
     let notice = pdu::notice_of_disconnection(
         LdapResultCode::Unavailable,
@@ -1267,6 +1302,16 @@ struct Responses {
     held: VecDeque<Bytes>,
     held_bytes: usize,
     close: CancellationToken,
+    /// The proxy sent the client a Notice of Disconnection: nothing may
+    /// follow it (RFC 4511 section 4.4.1).
+    told: bool,
+}
+
+/// True for a Notice of Disconnection.
+fn is_notice(env: &Envelope, frame: &[u8]) -> bool {
+    env.msgid == 0
+        && env.op == op::EXTENDED_RESPONSE
+        && env.oid_bytes(frame) == Some(oid::NOTICE_OF_DISCONNECTION)
 }
 
 impl Responses {
@@ -1275,7 +1320,7 @@ impl Responses {
         // Whatever the proxy still has to say (a notice), then close.
         while let Ok(l) = self.local.try_recv() {
             if let Local::Pdu(pdu) = l {
-                let _ = self.client_out.feed(pdu).await;
+                self.feed_last(pdu).await;
             }
         }
         match &end {
@@ -1287,7 +1332,7 @@ impl Responses {
                     LdapResultCode::Unavailable,
                     "abproxy: the LDAP server closed the connection",
                 );
-                let _ = self.client_out.feed(notice).await;
+                self.feed_last(notice).await;
             }
             End::Io("reading from upstream", e)
                 if !self.state.client_gone.load(Ordering::Relaxed) =>
@@ -1297,7 +1342,7 @@ impl Responses {
                     LdapResultCode::Unavailable,
                     &format!("abproxy: the connection to the LDAP server was lost: {e}"),
                 );
-                let _ = self.client_out.feed(notice).await;
+                self.feed_last(notice).await;
             }
             End::UpstreamProtocol(m) => {
                 warn!(conn = self.id, "upstream protocol error: {m}");
@@ -1305,7 +1350,7 @@ impl Responses {
                     LdapResultCode::Unavailable,
                     &format!("abproxy: the LDAP server sent an invalid message: {m}"),
                 );
-                let _ = self.client_out.feed(notice).await;
+                self.feed_last(notice).await;
             }
             _ => {}
         }
@@ -1317,6 +1362,16 @@ impl Responses {
         self.close.cancel();
         let _ = self.control.send(Control::Close);
         end
+    }
+
+    /// Feeds a PDU once the session is over, unless a Notice of
+    /// Disconnection (the proxy's or the server's) already went.
+    async fn feed_last(&mut self, pdu: Bytes) {
+        if self.told || self.state.upstream_noticed.load(Ordering::Relaxed) {
+            return;
+        }
+        self.told = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
+        let _ = self.client_out.feed(pdu).await;
     }
 
     fn can_read(&self) -> bool {
@@ -1334,8 +1389,14 @@ impl Responses {
                 biased;
                 Some(l) = self.local.recv() => match l {
                     Local::Pdu(pdu) => {
+                        let notice = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
                         if let Err(e) = self.write(pdu).await {
                             return e;
+                        }
+                        if notice {
+                            // The session is over: nothing may follow.
+                            self.told = true;
+                            return End::Closed;
                         }
                     }
                     Local::StartTls { pdu, flushed, resume } => {
@@ -1457,17 +1518,17 @@ impl Responses {
     }
 
     fn track(&self, env: &Envelope, frame: &Bytes) -> Route {
-        if env.msgid == 0 {
-            if env.op == op::EXTENDED_RESPONSE
-                && env.oid_bytes(frame) == Some(oid::NOTICE_OF_DISCONNECTION)
-            {
-                warn!(
-                    conn = self.id,
-                    code = env.result_code,
-                    "upstream sent a Notice of Disconnection"
-                );
-                self.state.upstream_noticed.store(true, Ordering::Relaxed);
-            }
+        // Only the notice is unsolicited: a client that broke RFC 4511 by
+        // sending a request with messageID 0 gets its response tracked like
+        // any other (else it stayed in flight for ever and held up every
+        // drain).
+        if env.msgid == 0 && is_notice(env, frame) {
+            warn!(
+                conn = self.id,
+                code = env.result_code,
+                "upstream sent a Notice of Disconnection"
+            );
+            self.state.upstream_noticed.store(true, Ordering::Relaxed);
             return Route::Forward;
         }
         let final_response = op::is_final_response(env.op);

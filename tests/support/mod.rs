@@ -22,12 +22,16 @@ pub use abproxy::lab::{ADMIN_DN, ADMIN_PW};
 
 pub mod freeze;
 pub mod process;
+pub mod record;
 pub mod shim;
 
 /// A slapd and a proxy in front of it.
 pub struct Lab {
     pub slapd: Slapd,
     pub proxy: ProxyHandle,
+    /// With `ABPROXY_RECORD_DIR` set: records client traffic in front of
+    /// the proxy (fuzz seeds), and [`Lab::proxied`] is its address.
+    pub recorder: Option<record::Recorder>,
 }
 
 impl Lab {
@@ -49,7 +53,15 @@ impl Lab {
         };
         tweak(&mut config);
         let proxy = ProxyHandle::spawn(config).await.expect("start proxy");
-        Lab { slapd, proxy }
+        let recorder = match proxy.url().strip_prefix("ldap://") {
+            Some(addr) => record::Recorder::from_env(addr).await,
+            None => None,
+        };
+        Lab {
+            slapd,
+            proxy,
+            recorder,
+        }
     }
 
     /// The server itself.
@@ -57,9 +69,12 @@ impl Lab {
         self.slapd.url()
     }
 
-    /// The proxy's first listener.
+    /// The proxy's first listener (or the recorder in front of it).
     pub fn proxied(&self) -> String {
-        self.proxy.url()
+        match &self.recorder {
+            Some(r) => format!("ldap://{}", r.addr),
+            None => self.proxy.url(),
+        }
     }
 
     /// host:port of the proxy's first TCP listener.

@@ -1,0 +1,895 @@
+//! The session-level fuzz check: one real session (`proxy::session`, the
+//! real gate and freeze engine) on a current-thread runtime, its client and
+//! upstream connections in-memory pipes. The client side writes what the
+//! input says; a scripted upstream answers every request with a well-formed
+//! final response of the right type (a search gets one entry first); the
+//! input also says when the upstream answers and when an operator turns a
+//! freeze ON or OFF (engine calls).
+//!
+//! Input: a 4-byte header, then commands.
+//!
+//! ```text
+//! header[0] flags: 1 dc=example,dc=org in stop mode (else readonly)
+//!                  2 dc=other,dc=org in stop mode
+//!                  4 bind_is_write
+//!                  8 the upstream refuses binds (invalidCredentials)
+//!                 16 the upstream answers only when told (else at once)
+//! header[1] queue_max_requests_per_conn = 1 + b % 16
+//! header[2] queue_max_bytes_per_conn    = 256 * (1 + b % 32)
+//! header[3] max_outstanding_per_conn    = 1 + b % 16
+//! command 0x30: an LDAPMessage follows; its whole TLV (by its BER length,
+//!               or the rest of the input if that cannot be read) is written
+//!               to the proxy as client bytes
+//! otherwise by command % 8:
+//!   0  client bytes: 2-byte big-endian length, then that many bytes
+//!   1  the upstream answers (next byte % 16) + 1 of its pending requests
+//!   2  ON by the operator; next byte: 1 dc=example, 2 dc=other (none: all),
+//!      4 timeLimit 0, 8 holdUntilUnbind on the session's connection
+//!   3  OFF by the operator
+//!   4  settle (let every task run until nothing moves) and check
+//!   5  the upstream answers at once from now on (command & 8) or only
+//!      when told
+//!   6  client bytes: 1-byte length, then that many bytes
+//!   7  settle
+//! ```
+//! At the end the upstream answers everything, then the client closes its
+//! connection and the session must end; only if it waits with a full queue
+//! (backpressure: it does not read the client) does an operator end the
+//! freeze first.
+//!
+//! Invariants (a panic names the broken one): no panic in any task; the
+//! upstream receives only whole frames, each byte-identical to a client
+//! frame (or the proxy's own abandon of a read cut by the drain time limit),
+//! never a frame after the first one the proxy must refuse or after an
+//! unbind, never one the proxy answers itself; without a freeze in the
+//! client order, with one in client order within the held kinds and within
+//! the never-held kinds; every response the client gets is a readable
+//! LDAPMessage, at most one Notice of Disconnection and nothing after it;
+//! queued requests and bytes stay within the configured bounds; the
+//! in-flight table empties when every request has its final response; the
+//! session ends when the client closes (once a freeze holding a full queue
+//! ends), and then nothing stays queued or in flight.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use abproxy_proto::{AllowBackupRequest, AllowBackupStatus, FreezeState};
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use ldap3_proto::proto::{
+    LdapBindResponse, LdapMsg, LdapOp, LdapPartialAttribute, LdapResult, LdapResultCode,
+    LdapSearchResultEntry,
+};
+use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::endpoint::Endpoint;
+use crate::freeze::{BackendMap, Engine, Kind, Mode, Requester};
+use crate::proxy::session::{serve_connected, Client};
+use crate::proxy::Shared;
+use crate::wire::envelope::oid;
+use crate::wire::{codec, op, pdu, Envelope, FrameCodec};
+
+/// The identity allowed to freeze (as in the integration tests, so recorded
+/// streams freeze too).
+const OPERATOR: &str = crate::lab::ADMIN_DN;
+/// Request size limits of the session (authenticated, anonymous).
+const MAX_PDU: usize = 8192;
+const MAX_PDU_ANONYMOUS: usize = 2048;
+/// In-memory pipe capacities: small towards the proxy's readers' peers so
+/// that backpressure happens.
+const PIPE: usize = 4096;
+/// The session's connection number.
+const CONN: u64 = 1;
+/// Commands run at most (bounds the time of one input).
+const MAX_COMMANDS: usize = 512;
+/// ONs with a zero drain time limit at most (each waits for the timer).
+const MAX_TIMED_ONS: usize = 2;
+/// Scheduler rounds a settle may take before giving up waiting for calm.
+const SETTLE_ROUNDS: usize = 20_000;
+
+thread_local! {
+    static PANICKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A panic in any task of the runtime (they all run on this thread) is
+/// noted here: tokio turns a spawned task's panic into a `JoinError`, which
+/// the session only logs.
+fn watch_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICKED.with(|p| p.set(true));
+            previous(info);
+        }));
+    });
+}
+
+/// Session invariants: see the module documentation.
+pub fn check_session(data: &[u8]) {
+    if data.len() < 4 {
+        return;
+    }
+    watch_panics();
+    PANICKED.with(|p| p.set(false));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
+    rt.block_on(Harness::new(data).run());
+    drop(rt);
+    assert!(
+        !PANICKED.with(|p| p.get()),
+        "a task panicked (see the message above)"
+    );
+}
+
+/// What the scripted upstream is told.
+enum UpCmd {
+    Answer(usize),
+    Auto(bool),
+}
+
+/// What the scripted upstream saw.
+#[derive(Default)]
+struct UpLog {
+    /// Every frame the proxy sent, in order.
+    frames: Vec<Bytes>,
+    /// Requests not answered yet.
+    pending: usize,
+    /// The proxy closed its side.
+    eof: bool,
+    violation: Option<String>,
+}
+
+/// What the client side saw.
+#[derive(Default)]
+struct ClientLog {
+    frames: usize,
+    notices: usize,
+    after_notice: bool,
+    eof: bool,
+    violation: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    queue_requests: usize,
+    queue_bytes: usize,
+    outstanding: usize,
+}
+
+struct Harness<'a> {
+    data: &'a [u8],
+    flags: u8,
+    limits: Limits,
+}
+
+fn answers(frame: &[u8], refuse_binds: bool) -> Result<Vec<Bytes>, String> {
+    let env = Envelope::request(frame)
+        .map_err(|e| format!("upstream received a frame whose envelope does not decode: {e}"))?;
+    let result = |code| LdapResult {
+        code,
+        matcheddn: String::new(),
+        message: String::new(),
+        referral: Vec::new(),
+    };
+    let msgid = env.msgid;
+    Ok(match env.op {
+        op::ABANDON_REQUEST | op::UNBIND_REQUEST => Vec::new(),
+        op::BIND_REQUEST => {
+            let code = if refuse_binds {
+                LdapResultCode::InvalidCredentials
+            } else {
+                LdapResultCode::Success
+            };
+            vec![pdu::encode(LdapMsg::new(
+                msgid,
+                LdapOp::BindResponse(LdapBindResponse {
+                    res: result(code),
+                    saslcreds: None,
+                }),
+            ))]
+        }
+        op::SEARCH_REQUEST => {
+            // The root DSE entry is what the proxy rewrites.
+            let dn = String::from_utf8_lossy(env.dn_bytes(frame).unwrap_or_default()).into_owned();
+            let entry = LdapSearchResultEntry {
+                dn,
+                attributes: vec![
+                    LdapPartialAttribute {
+                        atype: "objectClass".into(),
+                        vals: vec![b"top".to_vec()],
+                    },
+                    LdapPartialAttribute {
+                        atype: "supportedExtension".into(),
+                        vals: vec![oid::WHOAMI.to_vec()],
+                    },
+                ],
+            };
+            vec![
+                pdu::encode(LdapMsg::new(msgid, LdapOp::SearchResultEntry(entry))),
+                pdu::encode(LdapMsg::new(
+                    msgid,
+                    LdapOp::SearchResultDone(result(LdapResultCode::Success)),
+                )),
+            ]
+        }
+        other => pdu::response_for(other, msgid, LdapResultCode::Success, "")
+            .into_iter()
+            .collect(),
+    })
+}
+
+/// The scripted upstream: reads whole frames, answers them at once or when
+/// told, closes when the proxy closes.
+async fn upstream(
+    from_proxy: DuplexStream,
+    to_proxy: DuplexStream,
+    mut cmds: mpsc::UnboundedReceiver<UpCmd>,
+    log: Arc<Mutex<UpLog>>,
+    refuse_binds: bool,
+    mut auto: bool,
+) {
+    let mut input = FramedRead::new(from_proxy, FrameCodec::new(codec::DEFAULT_MAX_PDU));
+    let mut output = FramedWrite::new(to_proxy, FrameCodec::default());
+    let mut pending: VecDeque<Bytes> = VecDeque::new();
+    let mut cmds_open = true;
+    loop {
+        let mut answer = 0;
+        tokio::select! {
+            next = input.next() => match next {
+                None => break,
+                Some(Ok(frame)) => {
+                    log.lock().unwrap().frames.push(frame.clone());
+                    pending.push_back(frame);
+                    if auto {
+                        answer = pending.len();
+                    }
+                }
+                Some(Err(e)) => {
+                    log.lock().unwrap().violation =
+                        Some(format!("upstream received a broken stream: {e}"));
+                    break;
+                }
+            },
+            c = cmds.recv(), if cmds_open => match c {
+                Some(UpCmd::Answer(n)) => answer = n,
+                Some(UpCmd::Auto(a)) => {
+                    auto = a;
+                    if auto {
+                        answer = pending.len();
+                    }
+                }
+                None => cmds_open = false,
+            },
+        }
+        for _ in 0..answer {
+            let Some(req) = pending.pop_front() else {
+                break;
+            };
+            match answers(&req, refuse_binds) {
+                Ok(resps) => {
+                    for r in resps {
+                        // The proxy may be gone: then nobody reads.
+                        let _ = output.feed(r).await;
+                    }
+                }
+                Err(v) => {
+                    log.lock().unwrap().violation = Some(v);
+                    break;
+                }
+            }
+        }
+        let _ = output.flush().await;
+        log.lock().unwrap().pending = pending.len();
+    }
+    // Like slapd: the proxy closed, so close too.
+    let _ = output.get_mut().shutdown().await;
+    let mut l = log.lock().unwrap();
+    l.eof = true;
+    l.pending = pending.len();
+}
+
+/// The client's reader: every response must be a readable LDAPMessage; at
+/// most one Notice of Disconnection, and nothing after it.
+async fn client_reader(from_proxy: DuplexStream, log: Arc<Mutex<ClientLog>>) {
+    let mut input = FramedRead::new(from_proxy, FrameCodec::new(codec::DEFAULT_MAX_PDU));
+    while let Some(next) = input.next().await {
+        let mut l = log.lock().unwrap();
+        let frame = match next {
+            Ok(f) => f,
+            Err(e) => {
+                l.violation = Some(format!("the client received a broken stream: {e}"));
+                return;
+            }
+        };
+        l.frames += 1;
+        if l.notices > 0 {
+            l.after_notice = true;
+        }
+        match Envelope::response(&frame) {
+            Ok(env) => {
+                if env.msgid == 0
+                    && env.op == op::EXTENDED_RESPONSE
+                    && env.oid_bytes(&frame) == Some(oid::NOTICE_OF_DISCONNECTION)
+                {
+                    l.notices += 1;
+                }
+            }
+            Err(e) => {
+                l.violation = Some(format!("the client received an unreadable response: {e}"));
+                return;
+            }
+        }
+    }
+    log.lock().unwrap().eof = true;
+}
+
+/// The client's writer: writes what it is given, in order, until aborted
+/// (the client closing; whatever it had not written is lost).
+async fn client_writer(mut to_proxy: DuplexStream, mut chunks: mpsc::UnboundedReceiver<Bytes>) {
+    while let Some(c) = chunks.recv().await {
+        if to_proxy.write_all(&c).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Lets every task run until nothing changes for a while.
+async fn settle(up: &Mutex<UpLog>, client: &Mutex<ClientLog>) {
+    let snapshot = || {
+        let u = up.lock().unwrap();
+        let c = client.lock().unwrap();
+        (u.frames.len(), u.pending, u.eof, c.frames, c.eof)
+    };
+    let mut last = snapshot();
+    let mut calm = 0;
+    for _ in 0..SETTLE_ROUNDS {
+        tokio::task::yield_now().await;
+        let now = snapshot();
+        if now == last {
+            calm += 1;
+            if calm >= 8 {
+                return;
+            }
+        } else {
+            calm = 0;
+            last = now;
+        }
+    }
+}
+
+fn operator() -> Requester {
+    Requester {
+        conn: 0,
+        bound_dn: Some(OPERATOR.into()),
+        peer_uid: None,
+        cert_subject: None,
+    }
+}
+
+fn status(engine: &Engine) -> AllowBackupStatus {
+    let (_, _, value) = engine.status(&operator());
+    abproxy_proto::decode_status(&value.expect("the operator may read the status"))
+        .expect("the status value decodes")
+}
+
+/// The client frames of a byte stream, as the session's codec cuts them
+/// (with its larger limit), up to the first that cannot be framed.
+fn client_frames(stream: &[u8]) -> Vec<Bytes> {
+    let mut codec = FrameCodec::new(MAX_PDU);
+    let mut buf = BytesMut::from(stream);
+    let mut out = Vec::new();
+    while let Ok(Some(f)) = codec.decode(&mut buf) {
+        out.push(f);
+    }
+    out
+}
+
+/// The client stream so far, framed as it grows.
+struct ClientStream {
+    codec: FrameCodec,
+    buf: BytesMut,
+    broken: bool,
+    frames: Vec<Bytes>,
+    /// Persistent searches among the frames (they stay in flight).
+    persistent: usize,
+}
+
+impl ClientStream {
+    fn new() -> Self {
+        ClientStream {
+            codec: FrameCodec::new(MAX_PDU),
+            buf: BytesMut::new(),
+            broken: false,
+            frames: Vec::new(),
+            persistent: 0,
+        }
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        if self.broken {
+            return;
+        }
+        self.buf.extend_from_slice(bytes);
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(f)) => {
+                    if Envelope::request(&f).is_ok_and(|e| {
+                        e.has_control(&f, oid::SYNC_REQUEST)
+                            || e.has_control(&f, oid::PERSISTENT_SEARCH)
+                    }) {
+                        self.persistent += 1;
+                    }
+                    self.frames.push(f);
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    self.broken = true;
+                    self.buf.clear();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<'a> Harness<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Harness {
+            data: &data[4..],
+            flags: data[0],
+            limits: Limits {
+                queue_requests: 1 + data[1] as usize % 16,
+                queue_bytes: 256 * (1 + data[2] as usize % 32),
+                outstanding: 1 + data[3] as usize % 16,
+            },
+        }
+    }
+
+    fn config(&self) -> Config {
+        let mut c = Config {
+            max_pdu_bytes: MAX_PDU,
+            max_pdu_bytes_anonymous: MAX_PDU_ANONYMOUS,
+            max_response_pdu_bytes: codec::DEFAULT_MAX_PDU,
+            max_outstanding_per_conn: self.limits.outstanding,
+            client_buffer_bytes: 4096,
+            idle_timeout_secs: 0,
+            ..Config::default()
+        };
+        let f = &mut c.freeze;
+        f.allowed = vec![OPERATOR.into()];
+        f.max_drain_secs = 3600;
+        f.lease_secs = 3600;
+        f.bind_is_write = self.flags & 4 != 0;
+        f.queue_max_requests_per_conn = self.limits.queue_requests;
+        f.queue_max_bytes_per_conn = self.limits.queue_bytes;
+        f.held_response_bytes_per_conn = 1024;
+        c
+    }
+
+    fn backends(&self) -> BackendMap {
+        let mode = |bit| {
+            if self.flags & bit != 0 {
+                Mode::Stop
+            } else {
+                Mode::Readonly
+            }
+        };
+        BackendMap::new([
+            ("dc=example,dc=org".to_string(), mode(1)),
+            ("dc=other,dc=org".to_string(), mode(2)),
+        ])
+        .expect("valid suffixes")
+    }
+
+    /// The bounds on what one session may hold.
+    fn check_bounds(&self, engine: &Engine, persistent: usize) {
+        let st = status(engine);
+        let l = self.limits;
+        assert!(
+            st.queued_requests as usize <= l.queue_requests,
+            "{} requests queued, limit {}",
+            st.queued_requests,
+            l.queue_requests
+        );
+        // Room is checked before a request is read: at most one request
+        // past the limit.
+        assert!(
+            (st.queued_bytes as usize) < l.queue_bytes + MAX_PDU,
+            "{} bytes queued, limit {} (+ one request)",
+            st.queued_bytes,
+            l.queue_bytes
+        );
+        // Released queues do not wait for the outstanding limit.
+        assert!(
+            st.in_flight as usize <= l.outstanding + l.queue_requests + persistent,
+            "{} requests in flight, limits {} outstanding + {} queued",
+            st.in_flight,
+            l.outstanding,
+            l.queue_requests
+        );
+    }
+
+    async fn run(self) {
+        let engine = Arc::new(Engine::new(self.config().freeze, self.backends()));
+        let shared = Arc::new(Shared::new(
+            self.config(),
+            Endpoint::Tcp("in-memory.invalid:389".into()),
+            engine.clone(),
+            false,
+        ));
+        let (client_w, proxy_from_client) = tokio::io::duplex(PIPE);
+        let (proxy_to_client, client_r) = tokio::io::duplex(64 * 1024);
+        let (proxy_to_up, up_from_proxy) = tokio::io::duplex(PIPE);
+        let (up_to_proxy, proxy_from_up) = tokio::io::duplex(64 * 1024);
+
+        let up_log = Arc::new(Mutex::new(UpLog::default()));
+        let client_log = Arc::new(Mutex::new(ClientLog::default()));
+        let (up_tx, up_rx) = mpsc::unbounded_channel();
+        let manual = self.flags & 16 != 0;
+        tokio::spawn(upstream(
+            up_from_proxy,
+            up_to_proxy,
+            up_rx,
+            up_log.clone(),
+            self.flags & 8 != 0,
+            !manual,
+        ));
+        tokio::spawn(client_reader(client_r, client_log.clone()));
+        let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(client_writer(client_w, chunk_rx));
+        let session = tokio::spawn(serve_connected(
+            CONN,
+            "fuzz".into(),
+            None,
+            Client::plain(Box::new(proxy_from_client), Box::new(proxy_to_client)),
+            (Box::new(proxy_from_up), Box::new(proxy_to_up)),
+            shared,
+            CancellationToken::new(),
+            CancellationToken::new(),
+        ));
+
+        // Run the commands.
+        let mut stream = ClientStream::new();
+        let mut froze = false;
+        let mut timed_ons = 0;
+        let mut rest = self.data;
+        let take = |rest: &mut &'a [u8], n: usize| -> &'a [u8] {
+            let (a, b) = rest.split_at(n.min(rest.len()));
+            *rest = b;
+            a
+        };
+        for _ in 0..MAX_COMMANDS {
+            let Some((&c, tail)) = rest.split_first() else {
+                break;
+            };
+            let mut client_bytes: Option<&[u8]> = None;
+            if c == 0x30 {
+                let n = match codec::frame_len(rest, usize::MAX) {
+                    Ok(Some(n)) => n,
+                    _ => rest.len(),
+                };
+                client_bytes = Some(take(&mut rest, n));
+            } else {
+                rest = tail;
+                match c % 8 {
+                    0 => {
+                        let len = take(&mut rest, 2);
+                        let n = len.iter().fold(0usize, |n, b| n << 8 | *b as usize);
+                        client_bytes = Some(take(&mut rest, n));
+                    }
+                    1 => {
+                        let n = take(&mut rest, 1).first().copied().unwrap_or(0);
+                        let _ = up_tx.send(UpCmd::Answer(1 + n as usize % 16));
+                    }
+                    2 => {
+                        let p = take(&mut rest, 1).first().copied().unwrap_or(0);
+                        let mut req = AllowBackupRequest::on();
+                        let mut dns = Vec::new();
+                        if p & 1 != 0 {
+                            dns.push("dc=example,dc=org");
+                        }
+                        if p & 2 != 0 {
+                            dns.push("dc=other,dc=org");
+                        }
+                        if !dns.is_empty() {
+                            req = req.with_dn_set(dns);
+                        }
+                        let timed = p & 4 != 0 && timed_ons < MAX_TIMED_ONS;
+                        if timed {
+                            req = req.with_time_limit(0);
+                            timed_ons += 1;
+                        }
+                        let mut who = operator();
+                        if p & 8 != 0 {
+                            req = req.with_hold_until_unbind(true);
+                            who.conn = CONN;
+                        }
+                        froze = true;
+                        let engine = engine.clone();
+                        let value = abproxy_proto::encode_request(&req);
+                        tokio::spawn(async move { engine.allow_backup(who, Some(&value)).await });
+                        if timed {
+                            // Let the drain time limit pass.
+                            settle(&up_log, &client_log).await;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                    3 => {
+                        let engine = engine.clone();
+                        let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
+                        tokio::spawn(
+                            async move { engine.allow_backup(operator(), Some(&value)).await },
+                        );
+                    }
+                    5 => {
+                        let _ = up_tx.send(UpCmd::Auto(c & 8 != 0));
+                    }
+                    6 => {
+                        let n = take(&mut rest, 1).first().copied().unwrap_or(0);
+                        client_bytes = Some(take(&mut rest, n as usize));
+                    }
+                    _ => {
+                        settle(&up_log, &client_log).await;
+                        self.check_bounds(&engine, stream.persistent);
+                    }
+                }
+            }
+            if let Some(b) = client_bytes {
+                stream.extend(b);
+                let _ = chunk_tx.send(Bytes::copy_from_slice(b));
+            }
+        }
+
+        // The upstream answers everything: nothing may stay in flight.
+        let _ = up_tx.send(UpCmd::Auto(true));
+        settle(&up_log, &client_log).await;
+        self.check_bounds(&engine, stream.persistent);
+        let up_done = {
+            let u = up_log.lock().unwrap();
+            u.eof || u.pending > 0
+        };
+        if !session.is_finished() && !up_done {
+            let st = status(&engine);
+            assert_eq!(
+                st.in_flight, 0,
+                "requests still in flight after the upstream answered every request"
+            );
+        }
+
+        // The client closes (what it had not written is lost).
+        writer.abort();
+        drop(chunk_tx);
+        settle(&up_log, &client_log).await;
+        if !session.is_finished() {
+            let st = status(&engine);
+            let full = st.queued_requests as usize >= self.limits.queue_requests
+                || st.queued_bytes as usize >= self.limits.queue_bytes;
+            assert!(
+                full,
+                "the session did not end after the client closed (queued {} requests, {} bytes; state {:?})",
+                st.queued_requests, st.queued_bytes, st.state
+            );
+            // It cannot see the close while it does not read: the freeze
+            // must end first.
+            assert!(
+                st.state != FreezeState::Thawed,
+                "a full queue without a freeze"
+            );
+            let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.allow_backup(operator(), Some(&value)).await });
+            settle(&up_log, &client_log).await;
+        }
+        assert!(
+            session.is_finished(),
+            "the session did not end after the client closed and the freeze ended"
+        );
+        let st = status(&engine);
+        assert_eq!(
+            (st.queued_requests, st.queued_bytes, st.in_flight),
+            (0, 0, 0),
+            "queued requests, queued bytes, in flight after the session ended"
+        );
+
+        let up = up_log.lock().unwrap();
+        if let Some(v) = &up.violation {
+            panic!("{v}");
+        }
+        assert!(up.eof, "the upstream connection was not closed");
+        let client = client_log.lock().unwrap();
+        if let Some(v) = &client.violation {
+            panic!("{v}");
+        }
+        assert!(client.eof, "the client connection was not closed");
+        assert!(
+            client.notices <= 1 && !client.after_notice,
+            "{} notices of disconnection, something after one: {}",
+            client.notices,
+            client.after_notice
+        );
+        self.check_upstream_frames(&engine, &stream.frames, &up.frames, froze);
+    }
+
+    /// Every upstream frame is a client frame the proxy may forward, in an
+    /// order the gate allows.
+    fn check_upstream_frames(&self, engine: &Engine, frames: &[Bytes], up: &[Bytes], froze: bool) {
+        // Frames past the first the proxy must refuse (or an unbind) are
+        // never read.
+        let mut cut = frames.len();
+        for (i, f) in frames.iter().enumerate() {
+            let env = match Envelope::request(f) {
+                Ok(e) => e,
+                Err(_) => {
+                    cut = i;
+                    break;
+                }
+            };
+            if env.op == op::UNBIND_REQUEST {
+                cut = i + 1;
+                break;
+            }
+        }
+        let froze = froze
+            || frames.iter().any(|f| {
+                Envelope::request(f).is_ok_and(|e| {
+                    e.op == op::EXTENDED_REQUEST
+                        && e.oid_bytes(f) == Some(abproxy_proto::ALLOW_BACKUP_OID.as_bytes())
+                })
+            });
+        let (mut last_any, mut last_held, mut last_never) = (None, None, None);
+        for f in up {
+            let env = Envelope::request(f).expect("checked by the upstream");
+            if env.op == op::ABANDON_REQUEST && env.msgid == i32::MAX {
+                // The proxy's own abandon (drain time limit).
+                assert!(froze, "the proxy abandoned a request without a freeze");
+                continue;
+            }
+            let never = engine.classify(&env, f, None).kind == Kind::Never;
+            let last = if never {
+                &mut last_never
+            } else {
+                &mut last_held
+            };
+            // In the client's order: after the last frame sent of the same
+            // kind (of any kind, without a freeze). Of identical frames, the
+            // first that fits: a queued one may have been abandoned or
+            // cancelled, and identical frames are of the same kind.
+            let after = if froze { *last } else { last_any };
+            let from = after.map_or(0, |l: usize| l + 1);
+            let Some(i) = (from..frames.len()).find(|&i| frames[i] == *f) else {
+                assert!(
+                    frames.contains(f),
+                    "the upstream received a frame the client did not send: {f:02x?}"
+                );
+                panic!(
+                    "a frame reached the upstream out of order (after frame {after:?}{}): {f:02x?}",
+                    if froze {
+                        " of the same kind"
+                    } else {
+                        ", without a freeze"
+                    }
+                );
+            };
+            *last = Some(i);
+            last_any = Some(i);
+            assert!(
+                i < cut,
+                "frame {i} reached the upstream after frame {cut} ended the session"
+            );
+            if env.op == op::EXTENDED_REQUEST {
+                let name = env.oid_bytes(f).unwrap_or_default();
+                assert!(
+                    name != oid::START_TLS
+                        && name != abproxy_proto::ALLOW_BACKUP_OID.as_bytes()
+                        && name != abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes(),
+                    "frame {i}, answered by the proxy, reached the upstream"
+                );
+            }
+        }
+    }
+}
+
+/// A `check_session` input from a recorded client stream: `flags` as the
+/// first header byte (roomy queues), every whole LDAPMessage sent as one
+/// command, an operator's ON before the first write (add, delete, modify,
+/// modDN, extended) and OFF three messages later, then the rest. `None`
+/// when the stream holds no whole message.
+pub fn session_seed(stream: &[u8], flags: u8) -> Option<Vec<u8>> {
+    let frames = client_frames(stream);
+    if frames.is_empty() {
+        return None;
+    }
+    let mut out = vec![flags, 15, 31, 15];
+    let mut on_at = None;
+    for (i, f) in frames.iter().enumerate() {
+        let write = Envelope::request(f).is_ok_and(|e| {
+            matches!(
+                e.op,
+                op::ADD_REQUEST
+                    | op::DEL_REQUEST
+                    | op::MODIFY_REQUEST
+                    | op::MODDN_REQUEST
+                    | op::EXTENDED_REQUEST
+            )
+        });
+        if write && on_at.is_none() {
+            on_at = Some(i);
+            out.extend_from_slice(&[2, 0, 4]); // ON (all backends), settle
+        }
+        if on_at.is_some_and(|at| i == at + 3) {
+            out.extend_from_slice(&[4, 3, 4]); // settle, OFF, settle
+        }
+        out.extend_from_slice(f);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::pdu::encode;
+    use ldap3_proto::proto::{LdapAddRequest, LdapAttribute};
+
+    fn add(msgid: i32, dn: &str) -> Bytes {
+        encode(LdapMsg::new(
+            msgid,
+            LdapOp::AddRequest(LdapAddRequest {
+                dn: dn.into(),
+                attributes: vec![LdapAttribute {
+                    atype: "objectClass".into(),
+                    vals: vec![b"organizationalRole".to_vec()],
+                }],
+            }),
+        ))
+    }
+
+    #[test]
+    fn writes_held_by_a_freeze_and_released() {
+        // Readonly backends, answers at once, roomy queues.
+        let mut input = vec![0, 15, 31, 15];
+        input.extend_from_slice(&add(1, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&[2, 0, 4]); // ON (all), settle
+        input.extend_from_slice(&add(2, "cn=b,dc=example,dc=org"));
+        input.extend_from_slice(&add(3, "cn=c,dc=other,dc=org"));
+        input.extend_from_slice(&[4, 3, 4]); // settle, OFF, settle
+        input.extend_from_slice(&add(4, "cn=d,dc=example,dc=org"));
+        check_session(&input);
+    }
+
+    #[test]
+    fn a_full_queue_ends_with_the_freeze_after_the_client_closes() {
+        let mut input = vec![0, 0, 0, 0]; // one queued request at most
+        input.extend_from_slice(&[2, 0, 4]);
+        for i in 1..5 {
+            input.extend_from_slice(&add(i, "cn=a,dc=example,dc=org"));
+        }
+        check_session(&input);
+    }
+
+    #[test]
+    fn message_id_zero() {
+        let mut input = vec![0, 15, 31, 15];
+        input.extend_from_slice(&add(0, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&[4]);
+        check_session(&input);
+    }
+
+    #[test]
+    fn garbage_ends_the_session() {
+        let mut input = vec![16, 3, 3, 3];
+        input.extend_from_slice(&add(1, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&[6, 5, 0x30, 0x03, 0x02, 0x01, 0x01]);
+        input.extend_from_slice(&add(2, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&[1, 15]);
+        check_session(&input);
+    }
+}
