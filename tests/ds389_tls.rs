@@ -252,24 +252,33 @@ async fn password_modify_over_tls_through_the_proxy_matches_389_over_tls() {
         outputs.iter().all(|o| o == &outputs[0]),
         "the same output every way: {outputs:?}"
     );
-    // The new password binds and the old one no longer does, direct and
+    // The same with StartTLS issued by the proxy on 389's plain port
+    // (`upstream_starttls`) instead of LDAPS upstream.
+    let starttls_up = tls_proxy(ds.url(), &proxy_cert, &ca, |c| {
+        c.tls.upstream_starttls = true
+    })
+    .await;
+    let out = passwd(&ca, &ldaps_of(&starttls_up), false, 9, "new secret").await;
+    assert_eq!(
+        (out.code, (out.stdout, out.stderr)),
+        (Some(0), outputs[0].clone()),
+        "password modify through the proxy, StartTLS upstream"
+    );
+    // The new passwords bind and the old ones no longer do, direct and
     // through the proxy.
-    for (k, _, _, how) in &changes {
-        for url in [&ds_ldaps, &p_ldaps] {
-            let out = whoami(&ca, url, &user_dn(*k), "new secret").await;
-            assert_eq!(
-                (out.code, out.stdout.as_str()),
-                (Some(0), format!("dn: {}\n", user_dn(*k)).as_str()),
-                "user{k} (changed {how}) with the new password at {url}: {out:?}"
-            );
-            let out = whoami(&ca, url, &user_dn(*k), &user_pw(*k)).await;
-            assert_eq!(
-                out.code,
-                Some(49),
-                "user{k} (changed {how}) with the old password at {url}: {out:?}"
-            );
-        }
-    }
+    changes_checked(&ca, &ds_ldaps, &p_ldaps, &changes).await;
+    changes_checked(
+        &ca,
+        &ds_ldaps,
+        &ldaps_of(&starttls_up),
+        &[(
+            9,
+            String::new(),
+            false,
+            "through the proxy, StartTLS upstream",
+        )],
+    )
+    .await;
 
     // In clear, 389 refuses, directly and through a proxy whose upstream is
     // in clear, with the same answer; and TLS between the client and the
@@ -323,8 +332,34 @@ async fn password_modify_over_tls_through_the_proxy_matches_389_over_tls() {
     let out = whoami(&ca, &ds_ldaps, &user_dn(8), "new secret").await;
     assert_eq!(out.code, Some(0), "user8's new password: {out:?}");
 
-    for p in [proxy, clear_up, strict] {
+    for p in [proxy, starttls_up, clear_up, strict] {
         p.shutdown().await.unwrap();
     }
     drop(ds);
+}
+
+/// For each (user, _, _, how) of `changes`: the new password binds and the
+/// old one no longer does, at `direct` and `proxied` (LDAPS).
+async fn changes_checked(
+    ca: &Path,
+    direct: &str,
+    proxied: &str,
+    changes: &[(usize, String, bool, &str)],
+) {
+    for (k, _, _, how) in changes {
+        for url in [direct, proxied] {
+            let out = whoami(ca, url, &user_dn(*k), "new secret").await;
+            assert_eq!(
+                (out.code, out.stdout.as_str()),
+                (Some(0), format!("dn: {}\n", user_dn(*k)).as_str()),
+                "user{k} (changed {how}) with the new password at {url}: {out:?}"
+            );
+            let out = whoami(ca, url, &user_dn(*k), &user_pw(*k)).await;
+            assert_eq!(
+                out.code,
+                Some(49),
+                "user{k} (changed {how}) with the old password at {url}: {out:?}"
+            );
+        }
+    }
 }
