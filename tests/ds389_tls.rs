@@ -252,18 +252,24 @@ async fn password_modify_over_tls_through_the_proxy_matches_389_over_tls() {
         outputs.iter().all(|o| o == &outputs[0]),
         "the same output every way: {outputs:?}"
     );
+    assert_eq!(outputs[0], (String::new(), String::new()), "prints nothing");
     // The same with StartTLS issued by the proxy on 389's plain port
     // (`upstream_starttls`) instead of LDAPS upstream.
     let starttls_up = tls_proxy(ds.url(), &proxy_cert, &ca, |c| {
         c.tls.upstream_starttls = true
     })
     .await;
-    let out = passwd(&ca, &ldaps_of(&starttls_up), false, 9, "new secret").await;
-    assert_eq!(
-        (out.code, (out.stdout, out.stderr)),
-        (Some(0), outputs[0].clone()),
-        "password modify through the proxy, StartTLS upstream"
-    );
+    for (k, url, zz) in [
+        (9, ldaps_of(&starttls_up), false),
+        (10, ldap_of(&starttls_up), true),
+    ] {
+        let out = passwd(&ca, &url, zz, k, "new secret").await;
+        assert_eq!(
+            (out.code, (out.stdout, out.stderr)),
+            (Some(0), outputs[0].clone()),
+            "password modify through the proxy, StartTLS upstream, -ZZ {zz}"
+        );
+    }
     // The new passwords bind and the old ones no longer do, direct and
     // through the proxy.
     changes_checked(&ca, &ds_ldaps, &p_ldaps, &changes).await;
@@ -271,12 +277,20 @@ async fn password_modify_over_tls_through_the_proxy_matches_389_over_tls() {
         &ca,
         &ds_ldaps,
         &ldaps_of(&starttls_up),
-        &[(
-            9,
-            String::new(),
-            false,
-            "through the proxy, StartTLS upstream",
-        )],
+        &[
+            (
+                9,
+                String::new(),
+                false,
+                "through the proxy, StartTLS upstream",
+            ),
+            (
+                10,
+                String::new(),
+                true,
+                "through the proxy, StartTLS both legs",
+            ),
+        ],
     )
     .await;
 
@@ -309,12 +323,19 @@ async fn password_modify_over_tls_through_the_proxy_matches_389_over_tls() {
     // a client in clear gets its password changed. `require_tls` on the
     // proxy keeps clear clients out (its own confidentialityRequired, at the
     // bind).
-    let out = passwd(&ca, &p_ldap, false, 7, "new secret").await;
-    assert_eq!(
-        (out.code, out.stdout.as_str()),
-        (Some(0), ""),
-        "clear client, TLS upstream: {out:?}"
-    );
+    for (k, url, how) in [
+        (7, p_ldap.clone(), "LDAPS upstream"),
+        (11, ldap_of(&starttls_up), "StartTLS upstream"),
+    ] {
+        let out = passwd(&ca, &url, false, k, "new secret").await;
+        assert_eq!(
+            (out.code, out.stdout.as_str()),
+            (Some(0), ""),
+            "clear client, {how}: {out:?}"
+        );
+        let out = whoami(&ca, &ds_ldaps, &user_dn(k), "new secret").await;
+        assert_eq!(out.code, Some(0), "user{k}'s new password: {out:?}");
+    }
     let strict = tls_proxy(ds_ldaps.clone(), &proxy_cert, &ca, |c| {
         c.tls.require_tls = true
     })
