@@ -19,6 +19,14 @@
 //!   `ldapi:///run/slapd-NAME.socket`, where root autobinds (SASL EXTERNAL)
 //!   as `cn=Directory Manager`.
 //!
+//! With [`Ds389Options::tls`] (a [`TestCa`]), the CA and a server
+//! certificate it issues for `localhost` and `127.0.0.1` are imported into
+//! the instance's NSS database with `dsctl NAME tls import-ca` and
+//! `dsctl NAME tls import-server-key-cert`, and `cn=config` gets
+//! `nsslapd-security: on`, `nsslapd-securePort` (a second free port) and
+//! `nsslapd-securelistenhost: 127.0.0.1` before the first start: LDAPS on
+//! [`Ds389::ldaps_url`], StartTLS on the plain port.
+//!
 //! The instance's files live where 389-ds puts them (`/etc/dirsrv/slapd-NAME`,
 //! `/var/lib/dirsrv/slapd-NAME`, `/var/log/dirsrv/slapd-NAME`, ...), which
 //! needs root. NAME is `abp<pid>-<random>`, unique per instance; dropping the
@@ -56,6 +64,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::lab::{free_port, probe_ldap, stop_child};
 pub use crate::lab::{other_user_dn, user_dn, user_pw, OTHER_SUFFIX, SUFFIX};
+use crate::labca::TestCa;
 
 /// Path of the 389-ds server binary (Debian package `389-ds-base`).
 pub const NS_SLAPD: &str = "/usr/sbin/ns-slapd";
@@ -183,6 +192,11 @@ pub struct Ds389Options {
     pub users: usize,
     /// Number of sample users in `dc=other,dc=org` (default 10).
     pub other_users: usize,
+    /// With a CA: TLS on, with a certificate for `localhost` and `127.0.0.1`
+    /// issued by it, LDAPS on a second free loopback port
+    /// ([`Ds389::ldaps_url`]); StartTLS on the plain port too (default
+    /// none).
+    pub tls: Option<TestCa>,
 }
 
 impl Default for Ds389Options {
@@ -190,6 +204,7 @@ impl Default for Ds389Options {
         Ds389Options {
             users: 100,
             other_users: 10,
+            tls: None,
         }
     }
 }
@@ -202,6 +217,8 @@ impl Default for Ds389Options {
 pub struct Ds389 {
     name: String,
     port: u16,
+    /// LDAPS port, 0 without TLS.
+    secure_port: u16,
     ldapi: PathBuf,
     pid: u32,
     child: Option<Child>,
@@ -242,6 +259,7 @@ impl Ds389 {
             ldapi: PathBuf::from(format!("/run/slapd-{name}.socket")),
             name,
             port: 0,
+            secure_port: 0,
             pid: 0,
             child: None,
         };
@@ -279,6 +297,9 @@ impl Ds389 {
         }
         let t1 = Instant::now();
         ds.import(&opts, work.path())?;
+        if let Some(ca) = &opts.tls {
+            ds.setup_tls(ca)?;
+        }
         let t2 = Instant::now();
 
         let mut last = None;
@@ -286,6 +307,10 @@ impl Ds389 {
             if attempt > 0 {
                 let port = free_port()?;
                 ds.set_port(port)?;
+                if ds.secure_port != 0 {
+                    let port = free_port()?;
+                    ds.set_secure_port(port)?;
+                }
             }
             match ds.launch() {
                 Ok(()) => {
@@ -329,6 +354,13 @@ impl Ds389 {
     /// `ldap://127.0.0.1:PORT` URL of the server.
     pub fn url(&self) -> String {
         format!("ldap://127.0.0.1:{}", self.port)
+    }
+
+    /// `ldaps://127.0.0.1:PORT` URL of the server's LDAPS port (its
+    /// certificate names `localhost` and `127.0.0.1`); `None` unless
+    /// started with [`Ds389Options::tls`].
+    pub fn ldaps_url(&self) -> Option<String> {
+        (self.secure_port != 0).then(|| format!("ldaps://127.0.0.1:{}", self.secure_port))
     }
 
     /// Loopback socket address of the server (`127.0.0.1:PORT`).
@@ -555,6 +587,53 @@ impl Ds389 {
         Ok(())
     }
 
+    /// Writes a new LDAPS port into dse.ldif (ns-slapd stopped).
+    fn set_secure_port(&mut self, port: u16) -> Result<()> {
+        let path = self.conf_dir().join("dse.ldif");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = set_config_attr(&text, "nsslapd-securePort", &port.to_string())?;
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        self.secure_port = port;
+        Ok(())
+    }
+
+    /// Imports `ca` and a server certificate and key issued by it (for
+    /// `localhost` and `127.0.0.1`) into the instance's NSS database with
+    /// `dsctl NAME tls import-ca` / `import-server-key-cert`, and turns
+    /// security on, with LDAPS on a free port on 127.0.0.1 only (ns-slapd
+    /// stopped).
+    fn setup_tls(&mut self, ca: &TestCa) -> Result<()> {
+        let (cert, key) = ca
+            .server(&format!("ds389-{}", self.name))
+            .context("issuing the 389-ds server certificate")?;
+        let ca_file = ca.ca_file();
+        let ca_file = ca_file.to_str().context("CA path is not UTF-8")?;
+        self.dsctl(&["tls", "import-ca", ca_file, "abproxy test CA"])
+            .context("importing the test CA into the instance's NSS database")?;
+        self.dsctl(&[
+            "tls",
+            "import-server-key-cert",
+            cert.to_str().context("certificate path is not UTF-8")?,
+            key.to_str().context("key path is not UTF-8")?,
+        ])
+        .context("importing the server certificate and key into the instance's NSS database")?;
+        let path = self.conf_dir().join("dse.ldif");
+        let mut text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let port = free_port()?;
+        for (attr, value) in [
+            ("nsslapd-security", "on"),
+            ("nsslapd-securelistenhost", "127.0.0.1"),
+            ("nsslapd-securePort", &port.to_string()),
+        ] {
+            text = set_config_attr(&text, attr, value)?;
+        }
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        self.secure_port = port;
+        Ok(())
+    }
+
     /// Spawns ns-slapd in the foreground and waits until it is ready.
     fn launch(&mut self) -> std::result::Result<(), StepError> {
         let errors = self.errors_log_path();
@@ -600,7 +679,9 @@ impl Ds389 {
                         log_tail(&errors)
                     );
                     let in_use = addr_in_use(&fresh)
-                        || TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)).is_err();
+                        || TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)).is_err()
+                        || (self.secure_port != 0
+                            && TcpListener::bind((Ipv4Addr::LOCALHOST, self.secure_port)).is_err());
                     return Err(if in_use {
                         StepError::AddrInUse(err)
                     } else {
@@ -609,7 +690,12 @@ impl Ds389 {
                 }
                 Err(e) => return Err(anyhow!(e).context("checking ns-slapd").into()),
             }
-            if UnixStream::connect(&self.ldapi).is_ok() && probe_ldap(self.port) {
+            if UnixStream::connect(&self.ldapi).is_ok()
+                && probe_ldap(self.port)
+                && (self.secure_port == 0
+                    || std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.secure_port))
+                        .is_ok())
+            {
                 if let Ok(None) = self.child.as_mut().expect("child").try_wait() {
                     return Ok(());
                 }
@@ -791,6 +877,38 @@ fn dse_value(path: &Path, attr: &str) -> Option<String> {
         .map(|v| v.trim().to_string())
 }
 
+/// `text` (a dse.ldif) with `attr: value` in its `cn=config` entry:
+/// an existing `attr:` line (any case) replaced, otherwise added after its
+/// `nsslapd-port:` line.
+fn set_config_attr(text: &str, attr: &str, value: &str) -> Result<String> {
+    let start = if text.starts_with("dn: cn=config\n") {
+        0
+    } else {
+        text.find("\ndn: cn=config\n")
+            .ok_or_else(|| anyhow!("dse.ldif has no cn=config entry"))?
+            + 1
+    };
+    let end = text[start..].find("\n\n").map_or(text.len(), |e| start + e);
+    let (head, rest) = text.split_at(end);
+    let (before, first) = head.split_at(start);
+    let prefix = format!("{}:", attr.to_ascii_lowercase());
+    let mut lines: Vec<String> = first.lines().map(str::to_string).collect();
+    let line = format!("{attr}: {value}");
+    if let Some(l) = lines
+        .iter_mut()
+        .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+    {
+        *l = line;
+    } else {
+        let at = lines
+            .iter()
+            .position(|l| l.to_ascii_lowercase().starts_with("nsslapd-port:"))
+            .ok_or_else(|| anyhow!("dse.ldif: cn=config has no nsslapd-port"))?;
+        lines.insert(at + 1, line);
+    }
+    Ok(format!("{before}{}{rest}", lines.join("\n")))
+}
+
 /// Whether a log says a TCP port was taken.
 fn addr_in_use(text: &str) -> bool {
     text.contains("already in use")
@@ -875,5 +993,20 @@ mod tests {
         assert!(s.contains("userdn=\"ldap:///self\";)\n\ndn: ou=people,dc=other,dc=org\n"));
         assert_eq!(s.matches("aci: ").count(), 2);
         assert!(s.contains("dn: uid=user2,ou=people,dc=other,dc=org\n"));
+    }
+
+    #[test]
+    fn config_attrs_go_into_cn_config() {
+        let dse = "# header\n\ndn: cn=config\ncn: config\nnsslapd-port: 389\n\
+                   nsslapd-security: off\n\ndn: cn=encryption,cn=config\ncn: encryption\n";
+        let out = set_config_attr(dse, "nsslapd-Security", "on").unwrap();
+        let out = set_config_attr(&out, "nsslapd-securePort", "636").unwrap();
+        assert_eq!(
+            out,
+            "# header\n\ndn: cn=config\ncn: config\nnsslapd-port: 389\n\
+             nsslapd-securePort: 636\nnsslapd-Security: on\n\n\
+             dn: cn=encryption,cn=config\ncn: encryption\n"
+        );
+        assert!(set_config_attr("dn: cn=other\n", "a", "b").is_err());
     }
 }

@@ -354,6 +354,7 @@ async fn abproxy_run_online_backup_restores_into_a_fresh_instance() {
         Ds389::start(abproxy::lab389::Ds389Options {
             users: 3,
             other_users: 1,
+            tls: None,
         })
     })
     .await
