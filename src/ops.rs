@@ -33,7 +33,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::future::Future;
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use abproxy_proto::{
@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::endpoint::Endpoint;
+use crate::tls::describe_io;
 
 /// Exit statuses of the operator commands.
 pub mod exit {
@@ -139,6 +140,76 @@ pub struct Target {
     pub bind_dn: Option<String>,
     /// Password of `bind_dn` (required with it).
     pub password: Option<Password>,
+}
+
+/// TLS to the proxy: `ldaps://` URLs, or StartTLS on `ldap://`.
+///
+/// The default: no StartTLS, the system's CA store, the name checked, no
+/// client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// Issue StartTLS on an `ldap://` URL before anything else.
+    pub starttls: bool,
+    /// PEM CA certificates the proxy's certificate must chain to; `None`:
+    /// the system store ([`crate::tls::SYSTEM_CA_FILE`]).
+    pub ca_file: Option<PathBuf>,
+    /// Accept a proxy certificate that does not name the URL's host (the
+    /// chain is still checked).
+    pub no_verify_hostname: bool,
+    /// PEM client certificate chain to present (with `key_file`): the proxy
+    /// can authorise its subject (`[freeze] allowed_cert_subjects`) without
+    /// a bind.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn any_option(&self) -> bool {
+        self.starttls
+            || self.ca_file.is_some()
+            || self.no_verify_hostname
+            || self.cert_file.is_some()
+            || self.key_file.is_some()
+    }
+
+    /// The rustls configuration, and the subject of the client certificate.
+    fn config(&self) -> Result<(rustls::ClientConfig, Option<String>), OpError> {
+        let cert_key = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(OpError::usage(
+                    "--cert-file and --key-file go together",
+                    "give both (or ABPROXY_CERT_FILE and ABPROXY_KEY_FILE), or neither",
+                ))
+            }
+        };
+        let config = crate::tls::client_config(
+            self.ca_file.as_deref(),
+            cert_key,
+            !self.no_verify_hostname,
+            ["--ca-file", "--cert-file", "--key-file"],
+        )
+        .map_err(|e| {
+            OpError::usage(
+                e,
+                "check the TLS options (--ca-file, --cert-file, --key-file)",
+            )
+        })?;
+        let subject = match &self.cert_file {
+            Some(c) => {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::pem_file_iter(c)
+                    .ok()
+                    .and_then(|mut it| it.next())
+                    .and_then(Result::ok)
+                    .and_then(|der| crate::tls::cert_subject(&der))
+            }
+            None => None,
+        };
+        Ok((config, subject))
+    }
 }
 
 /// What an Allow-Backup ON asks for.
@@ -583,15 +654,61 @@ fn reach_hint(url: &str) -> String {
     )
 }
 
+/// A failed connection setup: TLS (handshake, StartTLS) or plain.
+fn connect_error(url: &str, tls: bool, e: LdapError) -> OpError {
+    let message = match &e {
+        LdapError::Io { source } if tls => {
+            format!("TLS with {url} failed: {}", describe_io(source))
+        }
+        LdapError::LdapResult { result } => format!(
+            "the proxy at {url} refused StartTLS: {} ({}){}",
+            code_name(result.rc),
+            result.rc,
+            text_suffix(&result.text)
+        ),
+        e if tls => format!("TLS with {url} failed: {e}"),
+        e => format!("cannot connect to {url}: {e}"),
+    };
+    let hint = match &e {
+        LdapError::LdapResult { .. } => {
+            "does that listener have TLS (the proxy's [tls] cert_file)? or use its ldaps:// URL"
+                .into()
+        }
+        _ if tls => {
+            "check --ca-file (ABPROXY_CA_FILE): the CA that signed the proxy's certificate; \
+                     the URL's host must be a name in that certificate"
+                .into()
+        }
+        _ => reach_hint(url),
+    };
+    OpError::new(ErrorKind::Unreachable, message, hint)
+}
+
 impl Session {
     /// Connects to `target.url` and binds (simple bind) as `target.bind_dn`
-    /// when given. Must run inside a tokio runtime.
+    /// when given. Must run inside a tokio runtime. An `ldaps://` URL uses
+    /// the system's CA store; see [`Session::connect_tls`] for more.
     ///
     /// # Errors
     ///
     /// Usage (bad URL, DN without password), unreachable (connection
-    /// failed, bind refused: invalid credentials and the like).
+    /// failed, TLS failed, bind refused: invalid credentials and the like).
     pub async fn connect(target: &Target) -> Result<Session, OpError> {
+        Self::connect_tls(target, &ClientTls::default()).await
+    }
+
+    /// [`Session::connect`] with TLS settings: `ldaps://`, or StartTLS on
+    /// `ldap://` (`tls.starttls`), the proxy's certificate checked against
+    /// `tls.ca_file`, a client certificate presented when given. Without a
+    /// bind DN, the session is anonymous, or authorised by the client
+    /// certificate's subject.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Session::connect`]; TLS options with a clear URL, or
+    /// unreadable TLS files, are usage errors; a failed TLS handshake or a
+    /// refused StartTLS is unreachable, its message says what failed.
+    pub async fn connect_tls(target: &Target, tls: &ClientTls) -> Result<Session, OpError> {
         let endpoint = Endpoint::parse(&target.url).map_err(|e| {
             let hint = if e.contains("ldap://HOST") || e.contains("use ldap://") {
                 ""
@@ -614,14 +731,49 @@ impl Session {
                 reach_hint(&url),
             )
         };
+        let use_tls = match &endpoint {
+            Endpoint::Tls(_) if tls.starttls => {
+                return Err(OpError::usage(
+                    format!(
+                        "--starttls with {url}: an ldaps:// connection is in TLS from the start"
+                    ),
+                    "use ldap://HOST:PORT with --starttls, or ldaps://HOST:PORT without it",
+                ))
+            }
+            Endpoint::Tls(_) => true,
+            Endpoint::Tcp(_) => tls.starttls,
+            Endpoint::Unix(_) => false,
+        };
+        if !use_tls && tls.any_option() {
+            let hint = match &endpoint {
+                Endpoint::Unix(_) => "TLS is pointless on ldapi://: leave out the TLS options \
+                                     (--starttls, --ca-file, --cert-file, --key-file and their ABPROXY_ variables)",
+                _ => "use an ldaps:// URL, or --starttls (ABPROXY_STARTTLS=1) on ldap://",
+            };
+            return Err(OpError::usage(
+                format!("TLS options given but {url} is not a TLS connection"),
+                hint,
+            ));
+        }
+        let (tls_config, cert_subject) = if use_tls {
+            let (c, s) = tls.config()?;
+            (Some(c), s)
+        } else {
+            (None, None)
+        };
         let (stream, ldap_url) = match &endpoint {
-            Endpoint::Tcp(addr) => {
+            Endpoint::Tcp(addr) | Endpoint::Tls(addr) => {
                 let s = tokio::net::TcpStream::connect(addr.as_str())
                     .await
                     .map_err(unreachable)?;
                 let _ = s.set_nodelay(true);
                 let s = s.into_std().map_err(unreachable)?;
-                (StdStream::Tcp(s), format!("ldap://{addr}"))
+                let scheme = if matches!(endpoint, Endpoint::Tls(_)) {
+                    "ldaps"
+                } else {
+                    "ldap"
+                };
+                (StdStream::Tcp(s), format!("{scheme}://{addr}"))
             }
             Endpoint::Unix(path) => {
                 let s = tokio::net::UnixStream::connect(path)
@@ -630,29 +782,26 @@ impl Session {
                 let s = s.into_std().map_err(unreachable)?;
                 (StdStream::Unix(s), "ldapi:///".to_string())
             }
-            Endpoint::Tls(_) => {
-                return Err(OpError::usage(
-                    format!("bad --url {url}: ldaps:// is not supported by the operator commands"),
-                    "use ldap://HOST:PORT or ldapi://PATH",
-                ))
-            }
         };
-        let settings = LdapConnSettings::new().set_std_stream(stream);
+        let mut settings = LdapConnSettings::new().set_std_stream(stream);
+        if let Some(c) = tls_config {
+            settings = settings
+                .set_config(std::sync::Arc::new(c))
+                .set_starttls(tls.starttls);
+        }
         let (conn, ldap) = LdapConnAsync::with_settings(settings, &ldap_url)
             .await
-            .map_err(|e| {
-                OpError::new(
-                    ErrorKind::Unreachable,
-                    format!("cannot connect to {url}: {e}"),
-                    reach_hint(&url),
-                )
-            })?;
+            .map_err(|e| connect_error(&url, use_tls, e))?;
         let driver = tokio::spawn(conn.drive());
         let mut session = Session {
             ldap,
             driver: Some(driver),
             url: url.clone(),
-            who: target.bind_dn.clone().unwrap_or_else(|| "anonymous".into()),
+            who: match (&target.bind_dn, cert_subject) {
+                (Some(dn), _) => dn.clone(),
+                (None, Some(subject)) => format!("the certificate subject {subject}"),
+                (None, None) => "anonymous".into(),
+            },
         };
         if let (Some(dn), Some(pw)) = (&target.bind_dn, &target.password) {
             let res = session
@@ -829,7 +978,14 @@ impl Session {
         };
         OpError::new(
             ErrorKind::Unreachable,
-            format!("connection to {} lost during {what}: {e}", self.url),
+            format!(
+                "connection to {} lost during {what}: {}",
+                self.url,
+                match &e {
+                    LdapError::Io { source } => describe_io(source),
+                    e => e.to_string(),
+                }
+            ),
             hint,
         )
     }
@@ -856,10 +1012,16 @@ impl Session {
             50 if self.who == "anonymous" => "bind as an operator: --bind-dn DN with --password-file, \
                  ABPROXY_PASSWORD or --password"
                 .into(),
-            50 => format!(
-                "add {} to [freeze] allowed in the proxy's configuration, or bind as an allowed operator",
-                self.who
-            ),
+            50 => match self.who.strip_prefix("the certificate subject ") {
+                Some(subject) => format!(
+                    "add {subject} to [freeze] allowed_cert_subjects in the proxy's configuration \
+                     (and its CA to [tls] client_ca_file), or bind as an allowed operator"
+                ),
+                None => format!(
+                    "add {} to [freeze] allowed in the proxy's configuration, or bind as an allowed operator",
+                    self.who
+                ),
+            },
             2 => format!(
                 "is {} the abproxy proxy, not the LDAP server itself? (the server does not know Allow-Backup)",
                 self.url
@@ -914,8 +1076,23 @@ pub async fn with_session<T>(
     timeout_hint: &str,
     f: impl AsyncFnOnce(&mut Session) -> Result<T, OpError>,
 ) -> Result<T, OpError> {
+    with_session_tls(target, &ClientTls::default(), limit, timeout_hint, f).await
+}
+
+/// [`with_session`] with TLS settings (see [`Session::connect_tls`]).
+///
+/// # Errors
+///
+/// Those of [`Session::connect_tls`], of `f`, and a timeout.
+pub async fn with_session_tls<T>(
+    target: &Target,
+    tls: &ClientTls,
+    limit: Duration,
+    timeout_hint: &str,
+    f: impl AsyncFnOnce(&mut Session) -> Result<T, OpError>,
+) -> Result<T, OpError> {
     within(limit, &target.url, timeout_hint, async {
-        let mut session = Session::connect(target).await?;
+        let mut session = Session::connect_tls(target, tls).await?;
         let r = f(&mut session).await;
         session.close().await;
         r
@@ -1005,6 +1182,8 @@ impl Progress {
 pub struct RunSpec {
     /// The proxy.
     pub target: Target,
+    /// TLS to the proxy.
+    pub tls: ClientTls,
     /// The freeze (holdUntilUnbind is set whatever this says).
     pub request: FreezeRequest,
     /// Limit for connecting, binding and ON.
@@ -1126,7 +1305,7 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
     ));
     let what = format!("the freeze (ON) at {}", spec.target.url);
     let on = within(spec.on_timeout, &what, ON_TIMEOUT_HINT, async {
-        let mut s = Session::connect(&spec.target).await?;
+        let mut s = Session::connect_tls(&spec.target, &spec.tls).await?;
         let f = s.on(&request).await?;
         Ok((s, f))
     });
