@@ -12,7 +12,8 @@ use abproxy::ops::{
     self, exit, ClientTls, FreezeRequest, OpError, Password, Progress, Released, RunSpec, Target,
 };
 use abproxy::Server;
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -84,7 +85,7 @@ struct ConnArgs {
     password: Option<String>,
     /// Issue StartTLS on an ldap:// URL before binding (TLS from the start:
     /// an ldaps:// URL).
-    #[arg(long, env = "ABPROXY_STARTTLS")]
+    #[arg(long, env = "ABPROXY_STARTTLS", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     starttls: bool,
     /// PEM CA certificate(s) the proxy's TLS certificate must chain to
     /// [default: the system store].
@@ -92,7 +93,7 @@ struct ConnArgs {
     ca_file: Option<PathBuf>,
     /// Accept a proxy certificate that does not name the URL's host (its
     /// chain is still checked).
-    #[arg(long, env = "ABPROXY_NO_VERIFY_HOSTNAME")]
+    #[arg(long, env = "ABPROXY_NO_VERIFY_HOSTNAME", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     no_verify_hostname: bool,
     /// PEM client certificate to present over TLS: the proxy can allow its
     /// subject to freeze ([freeze] allowed_cert_subjects) without a bind.

@@ -57,8 +57,8 @@ pub mod exit {
     /// Refused by the proxy: busy, unwillingToPerform, noSuchObject,
     /// insufficientAccessRights, protocolError (or another refusal).
     pub const REFUSED: u8 = 3;
-    /// Cannot reach or bind to the proxy: connection failed or lost,
-    /// invalid credentials.
+    /// Cannot reach or bind to the proxy: connection failed or lost, TLS
+    /// failed, invalid credentials.
     pub const UNREACHABLE: u8 = 4;
     /// No answer within `--timeout`.
     pub const TIMEOUT: u8 = 5;
@@ -77,8 +77,8 @@ Exit status:
   2  bad arguments
   3  refused by the proxy: busy (already frozen), unwillingToPerform,
      no such backend, insufficient access rights, protocol error
-  4  cannot reach or bind to the proxy (connection failed or lost,
-     invalid credentials)
+  4  cannot reach or bind to the proxy (connection failed or lost, TLS
+     failed, invalid credentials)
   5  timed out (--timeout)
   6  the freeze failed (write in progress, prepare failed); for `off` and
      `hook --after`: the freeze had expired, the backup may be inconsistent
@@ -134,7 +134,8 @@ impl fmt::Debug for Password {
 /// Where the proxy is and who to bind as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// `ldap://HOST:PORT` or `ldapi://PATH` (percent-encoded or plain).
+    /// `ldap://HOST:PORT`, `ldaps://HOST:PORT` or `ldapi://PATH`
+    /// (percent-encoded or plain).
     pub url: String,
     /// DN for a simple bind; `None`: anonymous (which the proxy refuses).
     pub bind_dn: Option<String>,
@@ -593,6 +594,7 @@ pub fn code_name(rc: u32) -> &'static str {
         3 => "timeLimitExceeded",
         7 => "authMethodNotSupported",
         8 => "strongerAuthRequired",
+        13 => "confidentialityRequired",
         32 => "noSuchObject",
         48 => "inappropriateAuthentication",
         49 => "invalidCredentials",
@@ -816,6 +818,17 @@ impl Session {
                         ErrorKind::Unreachable,
                         format!("cannot bind to {url} as {dn}: invalid credentials (49)"),
                         "check --bind-dn and the password (--password-file, ABPROXY_PASSWORD or --password)",
+                    ))
+                }
+                13 => {
+                    return Err(OpError::new(
+                        ErrorKind::Unreachable,
+                        format!(
+                            "cannot bind to {url} as {dn}: confidentialityRequired (13){}",
+                            text_suffix(&res.text)
+                        ),
+                        "the proxy requires TLS (require_tls): use its ldaps:// URL, or --starttls \
+                         (ABPROXY_STARTTLS=1) with --ca-file",
                     ))
                 }
                 rc => {
