@@ -3,7 +3,9 @@
 //! run|hook` commands are made of.
 //!
 //! - [`Target`] says where the proxy is and who to bind as; [`Session::connect`]
-//!   connects and binds;
+//!   connects and binds; [`Session::connect_tls`] does the same over
+//!   `ldaps://` or StartTLS with a [`ClientTls`] (CA file, client
+//!   certificate, which can stand in for the bind);
 //! - [`Session::on`], [`Session::off`] and [`Session::status`] send the
 //!   Allow-Backup operations and return typed results; every failure is an
 //!   [`OpError`] whose [`OpError::exit_code`] is the command's exit status
