@@ -808,11 +808,11 @@ impl Session {
             },
         };
         if let (Some(dn), Some(pw)) = (&target.bind_dn, &target.password) {
-            let res = session
-                .ldap
-                .simple_bind(dn, pw.expose())
-                .await
-                .map_err(|e| session.lost_error("bind", e))?;
+            let res = session.ldap.simple_bind(dn, pw.expose()).await;
+            let res = match res {
+                Ok(r) => r,
+                Err(e) => return Err(session.lost_error("bind", e).await),
+            };
             match res.rc {
                 0 => {}
                 49 => {
@@ -980,27 +980,44 @@ impl Session {
                 name: Some(oid.into()),
                 val: value,
             })
-            .await
-            .map_err(|e| self.lost_error(op.name(), e))?;
-        Ok((res.1.rc, res.1.text, res.0.val))
+            .await;
+        match res {
+            Ok(res) => Ok((res.1.rc, res.1.text, res.0.val)),
+            Err(e) => Err(self.lost_error(op.name(), e).await),
+        }
     }
 
-    fn lost_error(&self, what: &str, e: LdapError) -> OpError {
-        let hint = if what == "ON" {
+    async fn lost_error(&mut self, what: &str, e: LdapError) -> OpError {
+        // ldap3 tells the waiting operation only that the connection is
+        // gone (a closed channel); why (a TLS alert, a reset) is the result
+        // of its connection task, which has ended or is ending.
+        let cause = match (&e, self.driver.as_mut()) {
+            (LdapError::Io { source }, _) => describe_io(source),
+            (_, Some(driver)) => match tokio::time::timeout(Duration::from_secs(1), driver).await {
+                Ok(ended) => {
+                    self.driver = None;
+                    match ended {
+                        Ok(Err(LdapError::Io { source })) => describe_io(&source),
+                        Ok(Err(why)) => why.to_string(),
+                        _ => e.to_string(),
+                    }
+                }
+                Err(_) => e.to_string(),
+            },
+            (_, None) => e.to_string(),
+        };
+        let hint = if cause.contains("TLS alert") {
+            "the proxy ended the TLS session: does it trust the client certificate \
+             (--cert-file, signed by a CA in its [tls] client_ca_file)? see its log"
+                .to_string()
+        } else if what == "ON" {
             "check with `abproxy status` whether the freeze took effect; is the proxy still running? see its log".to_string()
         } else {
             reach_hint(&self.url)
         };
         OpError::new(
             ErrorKind::Unreachable,
-            format!(
-                "connection to {} lost during {what}: {}",
-                self.url,
-                match &e {
-                    LdapError::Io { source } => describe_io(source),
-                    e => e.to_string(),
-                }
-            ),
+            format!("connection to {} lost during {what}: {cause}", self.url),
             hint,
         )
     }

@@ -346,7 +346,9 @@ async fn client_certificate_alone_freezes_and_an_unlisted_one_is_refused() {
 /// A proxy certificate that names only `elsewhere.example.org`: checked
 /// against the wrong CA, the commands exit 4 saying the CA is unknown; with
 /// the right CA, that the name does not match (expected and presented);
-/// with `--no-verify-hostname` the same command works.
+/// with `--no-verify-hostname` the same command works. A client
+/// certificate from a CA the proxy does not trust: exit 4, the proxy's TLS
+/// alert named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_failures_exit_unreachable_and_say_what_failed() {
     let pki = Pki::new();
@@ -424,6 +426,37 @@ async fn tls_failures_exit_unreachable_and_say_what_failed() {
     assert!(
         unchecked.stdout.contains("state:     thawed"),
         "{unchecked:?}"
+    );
+
+    // A client certificate the proxy does not trust (another CA): the
+    // proxy ends the handshake, the command says so.
+    let stranger = pki
+        .other_ca
+        .issue("stranger", "/O=Example/CN=backup", "DNS:x.example.org", 30)
+        .unwrap();
+    let refused = abproxy(
+        &[
+            "status",
+            "--url",
+            &ldaps,
+            "--ca-file",
+            path(&ca),
+            "--no-verify-hostname",
+            "--cert-file",
+            path(&stranger.0),
+            "--key-file",
+            path(&stranger.1),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(refused.code, Some(4), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("lost during status: the peer sent the TLS alert")
+            && refused.stderr.contains("client_ca_file"),
+        "{refused:?}"
     );
 }
 
