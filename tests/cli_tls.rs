@@ -550,3 +550,40 @@ ldapsearch -x -H "$SLAPD" -D "$ADMIN_DN" -w "$ADMIN_PW" -b "$USER_DN" -s base -L
     .await;
     assert!(after.stdout.contains("written-during-run"), "{after:?}");
 }
+
+/// `--starttls` against a proxy without TLS configured: its StartTLS
+/// refusal is reported (exit 4), with a hint on the proxy's TLS settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_refused_by_a_proxy_without_tls_exits_unreachable() {
+    let pki = Pki::new();
+    let lab = Lab::with(
+        abproxy::lab::SlapdOptions {
+            nosync: true,
+            users: 5,
+            ..Default::default()
+        },
+        |c| c.freeze.allowed = vec![ADMIN_DN.into()],
+    )
+    .await;
+    let out = abproxy(
+        &[
+            "status",
+            "--starttls",
+            "--url",
+            &lab.proxied(),
+            "--ca-file",
+            path(&pki.ca_file()),
+            "--bind-dn",
+            ADMIN_DN,
+        ],
+        &[("ABPROXY_PASSWORD", ADMIN_PW)],
+    )
+    .await;
+    assert_eq!(out.code, Some(4), "{out:?}");
+    assert!(
+        out.stderr
+            .contains(&format!("the proxy at {} refused StartTLS", lab.proxied()))
+            && out.stderr.contains("cert_file"),
+        "{out:?}"
+    );
+}
