@@ -9,10 +9,11 @@ use std::time::Duration;
 use abproxy::config::Config;
 use abproxy::lab::{self, Slapd, SlapdOptions};
 use abproxy::ops::{
-    self, exit, FreezeRequest, OpError, Password, Progress, Released, RunSpec, Target,
+    self, exit, ClientTls, FreezeRequest, OpError, Password, Progress, Released, RunSpec, Target,
 };
 use abproxy::Server;
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -64,7 +65,7 @@ enum Command {
 /// How to reach and bind to the proxy.
 #[derive(Args)]
 struct ConnArgs {
-    /// The proxy, ldap://HOST:PORT or ldapi://PATH.
+    /// The proxy, ldap://HOST:PORT, ldaps://HOST:PORT or ldapi://PATH.
     #[arg(
         long,
         env = "ABPROXY_URL",
@@ -82,6 +83,35 @@ struct ConnArgs {
     /// prefer --password-file or ABPROXY_PASSWORD.
     #[arg(long, value_name = "PW", conflicts_with = "password_file")]
     password: Option<String>,
+    /// Issue StartTLS on an ldap:// URL before binding (TLS from the start:
+    /// an ldaps:// URL).
+    #[arg(long, env = "ABPROXY_STARTTLS", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    starttls: bool,
+    /// PEM CA certificate(s) the proxy's TLS certificate must chain to
+    /// [default: the system store].
+    #[arg(long, env = "ABPROXY_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Accept a proxy certificate that does not name the URL's host (its
+    /// chain is still checked).
+    #[arg(long, env = "ABPROXY_NO_VERIFY_HOSTNAME", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    no_verify_hostname: bool,
+    /// PEM client certificate to present over TLS: the proxy can allow its
+    /// subject to freeze ([freeze] allowed_cert_subjects) without a bind.
+    #[arg(
+        long,
+        env = "ABPROXY_CERT_FILE",
+        value_name = "FILE",
+        requires = "key_file"
+    )]
+    cert_file: Option<PathBuf>,
+    /// PEM private key of --cert-file.
+    #[arg(
+        long,
+        env = "ABPROXY_KEY_FILE",
+        value_name = "FILE",
+        requires = "cert_file"
+    )]
+    key_file: Option<PathBuf>,
     /// Seconds allowed to the whole operation [default: the drain time limit
     /// + 30 for ON, 30 otherwise].
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
@@ -429,6 +459,17 @@ fn target(conn: &ConnArgs) -> Result<Target, OpError> {
     })
 }
 
+/// TLS to the proxy from the flags and the environment.
+fn client_tls(conn: &ConnArgs) -> ClientTls {
+    ClientTls {
+        starttls: conn.starttls,
+        ca_file: conn.ca_file.clone().filter(|p| !p.as_os_str().is_empty()),
+        no_verify_hostname: conn.no_verify_hostname,
+        cert_file: conn.cert_file.clone().filter(|p| !p.as_os_str().is_empty()),
+        key_file: conn.key_file.clone().filter(|p| !p.as_os_str().is_empty()),
+    }
+}
+
 fn freeze_request(f: &FreezeArgs) -> FreezeRequest {
     FreezeRequest {
         backends: f.backends.clone(),
@@ -455,10 +496,16 @@ async fn on(conn: &ConnArgs, freeze: &FreezeArgs, who: &str) -> u8 {
     let result = async {
         let target = target(conn)?;
         let progress = Progress::stderr(who);
-        ops::with_session(&target, limit, ops::ON_TIMEOUT_HINT, async |s| {
-            let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
-            s.on(&req).await
-        })
+        ops::with_session_tls(
+            &target,
+            &client_tls(conn),
+            limit,
+            ops::ON_TIMEOUT_HINT,
+            async |s| {
+                let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
+                s.on(&req).await
+            },
+        )
         .await
     }
     .await;
@@ -475,7 +522,14 @@ async fn off(conn: &ConnArgs, who: &str) -> u8 {
     let limit = conn.timeout.unwrap_or(Duration::from_secs(30));
     let result = async {
         let target = target(conn)?;
-        ops::with_session(&target, limit, ops::TIMEOUT_HINT, async |s| s.off().await).await
+        ops::with_session_tls(
+            &target,
+            &client_tls(conn),
+            limit,
+            ops::TIMEOUT_HINT,
+            async |s| s.off().await,
+        )
+        .await
     }
     .await;
     match result {
@@ -495,9 +549,13 @@ async fn status(args: &StatusArgs) -> u8 {
     let limit = args.conn.timeout.unwrap_or(Duration::from_secs(30));
     let result = async {
         let target = target(&args.conn)?;
-        ops::with_session(&target, limit, ops::TIMEOUT_HINT, async |s| {
-            s.status().await
-        })
+        ops::with_session_tls(
+            &target,
+            &client_tls(&args.conn),
+            limit,
+            ops::TIMEOUT_HINT,
+            async |s| s.status().await,
+        )
         .await
     }
     .await;
@@ -526,6 +584,7 @@ async fn run(args: RunArgs) -> u8 {
     let request = freeze_request(&args.freeze).with_hold_until_unbind(true);
     let spec = RunSpec {
         target,
+        tls: client_tls(&args.conn),
         on_timeout: args
             .conn
             .timeout

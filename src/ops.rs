@@ -3,7 +3,9 @@
 //! run|hook` commands are made of.
 //!
 //! - [`Target`] says where the proxy is and who to bind as; [`Session::connect`]
-//!   connects and binds;
+//!   connects and binds; [`Session::connect_tls`] does the same over
+//!   `ldaps://` or StartTLS with a [`ClientTls`] (CA file, client
+//!   certificate, which can stand in for the bind);
 //! - [`Session::on`], [`Session::off`] and [`Session::status`] send the
 //!   Allow-Backup operations and return typed results; every failure is an
 //!   [`OpError`] whose [`OpError::exit_code`] is the command's exit status
@@ -33,7 +35,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::future::Future;
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use abproxy_proto::{
@@ -46,6 +48,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::endpoint::Endpoint;
+use crate::tls::describe_io;
 
 /// Exit statuses of the operator commands.
 pub mod exit {
@@ -56,8 +59,8 @@ pub mod exit {
     /// Refused by the proxy: busy, unwillingToPerform, noSuchObject,
     /// insufficientAccessRights, protocolError (or another refusal).
     pub const REFUSED: u8 = 3;
-    /// Cannot reach or bind to the proxy: connection failed or lost,
-    /// invalid credentials.
+    /// Cannot reach or bind to the proxy: connection failed or lost, TLS
+    /// failed, invalid credentials.
     pub const UNREACHABLE: u8 = 4;
     /// No answer within `--timeout`.
     pub const TIMEOUT: u8 = 5;
@@ -76,8 +79,8 @@ Exit status:
   2  bad arguments
   3  refused by the proxy: busy (already frozen), unwillingToPerform,
      no such backend, insufficient access rights, protocol error
-  4  cannot reach or bind to the proxy (connection failed or lost,
-     invalid credentials)
+  4  cannot reach or bind to the proxy (connection failed or lost, TLS
+     failed, invalid credentials)
   5  timed out (--timeout)
   6  the freeze failed (write in progress, prepare failed); for `off` and
      `hook --after`: the freeze had expired, the backup may be inconsistent
@@ -133,12 +136,83 @@ impl fmt::Debug for Password {
 /// Where the proxy is and who to bind as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// `ldap://HOST:PORT` or `ldapi://PATH` (percent-encoded or plain).
+    /// `ldap://HOST:PORT`, `ldaps://HOST:PORT` or `ldapi://PATH`
+    /// (percent-encoded or plain).
     pub url: String,
     /// DN for a simple bind; `None`: anonymous (which the proxy refuses).
     pub bind_dn: Option<String>,
     /// Password of `bind_dn` (required with it).
     pub password: Option<Password>,
+}
+
+/// TLS to the proxy: `ldaps://` URLs, or StartTLS on `ldap://`.
+///
+/// The default: no StartTLS, the system's CA store, the name checked, no
+/// client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// Issue StartTLS on an `ldap://` URL before anything else.
+    pub starttls: bool,
+    /// PEM CA certificates the proxy's certificate must chain to; `None`:
+    /// the system store ([`crate::tls::SYSTEM_CA_FILE`]).
+    pub ca_file: Option<PathBuf>,
+    /// Accept a proxy certificate that does not name the URL's host (the
+    /// chain is still checked).
+    pub no_verify_hostname: bool,
+    /// PEM client certificate chain to present (with `key_file`): the proxy
+    /// can authorise its subject (`[freeze] allowed_cert_subjects`) without
+    /// a bind.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn any_option(&self) -> bool {
+        self.starttls
+            || self.ca_file.is_some()
+            || self.no_verify_hostname
+            || self.cert_file.is_some()
+            || self.key_file.is_some()
+    }
+
+    /// The rustls configuration, and the subject of the client certificate.
+    fn config(&self) -> Result<(rustls::ClientConfig, Option<String>), OpError> {
+        let cert_key = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => {
+                return Err(OpError::usage(
+                    "--cert-file and --key-file go together",
+                    "give both (or ABPROXY_CERT_FILE and ABPROXY_KEY_FILE), or neither",
+                ))
+            }
+        };
+        let config = crate::tls::client_config(
+            self.ca_file.as_deref(),
+            cert_key,
+            !self.no_verify_hostname,
+            ["--ca-file", "--cert-file", "--key-file"],
+        )
+        .map_err(|e| {
+            OpError::usage(
+                e,
+                "check the TLS options (--ca-file, --cert-file, --key-file)",
+            )
+        })?;
+        let subject = match &self.cert_file {
+            Some(c) => {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::pem_file_iter(c)
+                    .ok()
+                    .and_then(|mut it| it.next())
+                    .and_then(Result::ok)
+                    .and_then(|der| crate::tls::cert_subject(&der))
+            }
+            None => None,
+        };
+        Ok((config, subject))
+    }
 }
 
 /// What an Allow-Backup ON asks for.
@@ -522,6 +596,7 @@ pub fn code_name(rc: u32) -> &'static str {
         3 => "timeLimitExceeded",
         7 => "authMethodNotSupported",
         8 => "strongerAuthRequired",
+        13 => "confidentialityRequired",
         32 => "noSuchObject",
         48 => "inappropriateAuthentication",
         49 => "invalidCredentials",
@@ -583,15 +658,61 @@ fn reach_hint(url: &str) -> String {
     )
 }
 
+/// A failed connection setup: TLS (handshake, StartTLS) or plain.
+fn connect_error(url: &str, tls: bool, e: LdapError) -> OpError {
+    let message = match &e {
+        LdapError::Io { source } if tls => {
+            format!("TLS with {url} failed: {}", describe_io(source))
+        }
+        LdapError::LdapResult { result } => format!(
+            "the proxy at {url} refused StartTLS: {} ({}){}",
+            code_name(result.rc),
+            result.rc,
+            text_suffix(&result.text)
+        ),
+        e if tls => format!("TLS with {url} failed: {e}"),
+        e => format!("cannot connect to {url}: {e}"),
+    };
+    let hint = match &e {
+        LdapError::LdapResult { .. } => {
+            "does that listener have TLS (the proxy's [tls] cert_file)? or use its ldaps:// URL"
+                .into()
+        }
+        _ if tls => {
+            "check --ca-file (ABPROXY_CA_FILE): the CA that signed the proxy's certificate; \
+                     the URL's host must be a name in that certificate"
+                .into()
+        }
+        _ => reach_hint(url),
+    };
+    OpError::new(ErrorKind::Unreachable, message, hint)
+}
+
 impl Session {
     /// Connects to `target.url` and binds (simple bind) as `target.bind_dn`
-    /// when given. Must run inside a tokio runtime.
+    /// when given. Must run inside a tokio runtime. An `ldaps://` URL uses
+    /// the system's CA store; see [`Session::connect_tls`] for more.
     ///
     /// # Errors
     ///
     /// Usage (bad URL, DN without password), unreachable (connection
-    /// failed, bind refused: invalid credentials and the like).
+    /// failed, TLS failed, bind refused: invalid credentials and the like).
     pub async fn connect(target: &Target) -> Result<Session, OpError> {
+        Self::connect_tls(target, &ClientTls::default()).await
+    }
+
+    /// [`Session::connect`] with TLS settings: `ldaps://`, or StartTLS on
+    /// `ldap://` (`tls.starttls`), the proxy's certificate checked against
+    /// `tls.ca_file`, a client certificate presented when given. Without a
+    /// bind DN, the session is anonymous, or authorised by the client
+    /// certificate's subject.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Session::connect`]; TLS options with a clear URL, or
+    /// unreadable TLS files, are usage errors; a failed TLS handshake or a
+    /// refused StartTLS is unreachable, its message says what failed.
+    pub async fn connect_tls(target: &Target, tls: &ClientTls) -> Result<Session, OpError> {
         let endpoint = Endpoint::parse(&target.url).map_err(|e| {
             let hint = if e.contains("ldap://HOST") || e.contains("use ldap://") {
                 ""
@@ -614,14 +735,49 @@ impl Session {
                 reach_hint(&url),
             )
         };
+        let use_tls = match &endpoint {
+            Endpoint::Tls(_) if tls.starttls => {
+                return Err(OpError::usage(
+                    format!(
+                        "--starttls with {url}: an ldaps:// connection is in TLS from the start"
+                    ),
+                    "use ldap://HOST:PORT with --starttls, or ldaps://HOST:PORT without it",
+                ))
+            }
+            Endpoint::Tls(_) => true,
+            Endpoint::Tcp(_) => tls.starttls,
+            Endpoint::Unix(_) => false,
+        };
+        if !use_tls && tls.any_option() {
+            let hint = match &endpoint {
+                Endpoint::Unix(_) => "TLS is pointless on ldapi://: leave out the TLS options \
+                                     (--starttls, --ca-file, --cert-file, --key-file and their ABPROXY_ variables)",
+                _ => "use an ldaps:// URL, or --starttls (ABPROXY_STARTTLS=1) on ldap://",
+            };
+            return Err(OpError::usage(
+                format!("TLS options given but {url} is not a TLS connection"),
+                hint,
+            ));
+        }
+        let (tls_config, cert_subject) = if use_tls {
+            let (c, s) = tls.config()?;
+            (Some(c), s)
+        } else {
+            (None, None)
+        };
         let (stream, ldap_url) = match &endpoint {
-            Endpoint::Tcp(addr) => {
+            Endpoint::Tcp(addr) | Endpoint::Tls(addr) => {
                 let s = tokio::net::TcpStream::connect(addr.as_str())
                     .await
                     .map_err(unreachable)?;
                 let _ = s.set_nodelay(true);
                 let s = s.into_std().map_err(unreachable)?;
-                (StdStream::Tcp(s), format!("ldap://{addr}"))
+                let scheme = if matches!(endpoint, Endpoint::Tls(_)) {
+                    "ldaps"
+                } else {
+                    "ldap"
+                };
+                (StdStream::Tcp(s), format!("{scheme}://{addr}"))
             }
             Endpoint::Unix(path) => {
                 let s = tokio::net::UnixStream::connect(path)
@@ -630,36 +786,33 @@ impl Session {
                 let s = s.into_std().map_err(unreachable)?;
                 (StdStream::Unix(s), "ldapi:///".to_string())
             }
-            Endpoint::Tls(_) => {
-                return Err(OpError::usage(
-                    format!("bad --url {url}: ldaps:// is not supported by the operator commands"),
-                    "use ldap://HOST:PORT or ldapi://PATH",
-                ))
-            }
         };
-        let settings = LdapConnSettings::new().set_std_stream(stream);
+        let mut settings = LdapConnSettings::new().set_std_stream(stream);
+        if let Some(c) = tls_config {
+            settings = settings
+                .set_config(std::sync::Arc::new(c))
+                .set_starttls(tls.starttls);
+        }
         let (conn, ldap) = LdapConnAsync::with_settings(settings, &ldap_url)
             .await
-            .map_err(|e| {
-                OpError::new(
-                    ErrorKind::Unreachable,
-                    format!("cannot connect to {url}: {e}"),
-                    reach_hint(&url),
-                )
-            })?;
+            .map_err(|e| connect_error(&url, use_tls, e))?;
         let driver = tokio::spawn(conn.drive());
         let mut session = Session {
             ldap,
             driver: Some(driver),
             url: url.clone(),
-            who: target.bind_dn.clone().unwrap_or_else(|| "anonymous".into()),
+            who: match (&target.bind_dn, cert_subject) {
+                (Some(dn), _) => dn.clone(),
+                (None, Some(subject)) => format!("the certificate subject {subject}"),
+                (None, None) => "anonymous".into(),
+            },
         };
         if let (Some(dn), Some(pw)) = (&target.bind_dn, &target.password) {
-            let res = session
-                .ldap
-                .simple_bind(dn, pw.expose())
-                .await
-                .map_err(|e| session.lost_error("bind", e))?;
+            let res = session.ldap.simple_bind(dn, pw.expose()).await;
+            let res = match res {
+                Ok(r) => r,
+                Err(e) => return Err(session.lost_error("bind", e).await),
+            };
             match res.rc {
                 0 => {}
                 49 => {
@@ -667,6 +820,17 @@ impl Session {
                         ErrorKind::Unreachable,
                         format!("cannot bind to {url} as {dn}: invalid credentials (49)"),
                         "check --bind-dn and the password (--password-file, ABPROXY_PASSWORD or --password)",
+                    ))
+                }
+                13 => {
+                    return Err(OpError::new(
+                        ErrorKind::Unreachable,
+                        format!(
+                            "cannot bind to {url} as {dn}: confidentialityRequired (13){}",
+                            text_suffix(&res.text)
+                        ),
+                        "the proxy requires TLS (require_tls): use its ldaps:// URL, or --starttls \
+                         (ABPROXY_STARTTLS=1) with --ca-file",
                     ))
                 }
                 rc => {
@@ -816,20 +980,44 @@ impl Session {
                 name: Some(oid.into()),
                 val: value,
             })
-            .await
-            .map_err(|e| self.lost_error(op.name(), e))?;
-        Ok((res.1.rc, res.1.text, res.0.val))
+            .await;
+        match res {
+            Ok(res) => Ok((res.1.rc, res.1.text, res.0.val)),
+            Err(e) => Err(self.lost_error(op.name(), e).await),
+        }
     }
 
-    fn lost_error(&self, what: &str, e: LdapError) -> OpError {
-        let hint = if what == "ON" {
+    async fn lost_error(&mut self, what: &str, e: LdapError) -> OpError {
+        // ldap3 tells the waiting operation only that the connection is
+        // gone (a closed channel); why (a TLS alert, a reset) is the result
+        // of its connection task, which has ended or is ending.
+        let cause = match (&e, self.driver.as_mut()) {
+            (LdapError::Io { source }, _) => describe_io(source),
+            (_, Some(driver)) => match tokio::time::timeout(Duration::from_secs(1), driver).await {
+                Ok(ended) => {
+                    self.driver = None;
+                    match ended {
+                        Ok(Err(LdapError::Io { source })) => describe_io(&source),
+                        Ok(Err(why)) => why.to_string(),
+                        _ => e.to_string(),
+                    }
+                }
+                Err(_) => e.to_string(),
+            },
+            (_, None) => e.to_string(),
+        };
+        let hint = if cause.contains("TLS alert") {
+            "the proxy ended the TLS session: does it trust the client certificate \
+             (--cert-file, signed by a CA in its [tls] client_ca_file)? see its log"
+                .to_string()
+        } else if what == "ON" {
             "check with `abproxy status` whether the freeze took effect; is the proxy still running? see its log".to_string()
         } else {
             reach_hint(&self.url)
         };
         OpError::new(
             ErrorKind::Unreachable,
-            format!("connection to {} lost during {what}: {e}", self.url),
+            format!("connection to {} lost during {what}: {cause}", self.url),
             hint,
         )
     }
@@ -856,10 +1044,16 @@ impl Session {
             50 if self.who == "anonymous" => "bind as an operator: --bind-dn DN with --password-file, \
                  ABPROXY_PASSWORD or --password"
                 .into(),
-            50 => format!(
-                "add {} to [freeze] allowed in the proxy's configuration, or bind as an allowed operator",
-                self.who
-            ),
+            50 => match self.who.strip_prefix("the certificate subject ") {
+                Some(subject) => format!(
+                    "add {subject} to [freeze] allowed_cert_subjects in the proxy's configuration \
+                     (and its CA to [tls] client_ca_file), or bind as an allowed operator"
+                ),
+                None => format!(
+                    "add {} to [freeze] allowed in the proxy's configuration, or bind as an allowed operator",
+                    self.who
+                ),
+            },
             2 => format!(
                 "is {} the abproxy proxy, not the LDAP server itself? (the server does not know Allow-Backup)",
                 self.url
@@ -914,8 +1108,23 @@ pub async fn with_session<T>(
     timeout_hint: &str,
     f: impl AsyncFnOnce(&mut Session) -> Result<T, OpError>,
 ) -> Result<T, OpError> {
+    with_session_tls(target, &ClientTls::default(), limit, timeout_hint, f).await
+}
+
+/// [`with_session`] with TLS settings (see [`Session::connect_tls`]).
+///
+/// # Errors
+///
+/// Those of [`Session::connect_tls`], of `f`, and a timeout.
+pub async fn with_session_tls<T>(
+    target: &Target,
+    tls: &ClientTls,
+    limit: Duration,
+    timeout_hint: &str,
+    f: impl AsyncFnOnce(&mut Session) -> Result<T, OpError>,
+) -> Result<T, OpError> {
     within(limit, &target.url, timeout_hint, async {
-        let mut session = Session::connect(target).await?;
+        let mut session = Session::connect_tls(target, tls).await?;
         let r = f(&mut session).await;
         session.close().await;
         r
@@ -1005,6 +1214,8 @@ impl Progress {
 pub struct RunSpec {
     /// The proxy.
     pub target: Target,
+    /// TLS to the proxy.
+    pub tls: ClientTls,
     /// The freeze (holdUntilUnbind is set whatever this says).
     pub request: FreezeRequest,
     /// Limit for connecting, binding and ON.
@@ -1126,7 +1337,7 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
     ));
     let what = format!("the freeze (ON) at {}", spec.target.url);
     let on = within(spec.on_timeout, &what, ON_TIMEOUT_HINT, async {
-        let mut s = Session::connect(&spec.target).await?;
+        let mut s = Session::connect_tls(&spec.target, &spec.tls).await?;
         let f = s.on(&request).await?;
         Ok((s, f))
     });

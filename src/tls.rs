@@ -490,6 +490,49 @@ impl ServerCertVerifier for NoHostnameCheck {
     }
 }
 
+/// A TLS client configuration (the proxy's upstream side, the operator
+/// commands): trusts the CA certificates of `ca_file` (the system store,
+/// [`SYSTEM_CA_FILE`], when `None`), checks the server's name unless
+/// `verify_hostname` is false, and presents the certificate chain and key
+/// of `cert_key` when given. `names` are the options naming the CA file, the
+/// certificate and the key, for the error messages.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    cert_key: Option<(&Path, &Path)>,
+    verify_hostname: bool,
+    names: [&str; 3],
+) -> Result<ClientConfig, String> {
+    let [ca_name, cert_name, key_name] = names;
+    let roots = match ca_file {
+        Some(p) => read_roots(p, ca_name)?,
+        None => read_roots(Path::new(SYSTEM_CA_FILE), "system CA store")
+            .map_err(|e| format!("{e}; set {ca_name} (Debian: apt-get install ca-certificates)"))?,
+    };
+    let roots = Arc::new(roots);
+    let builder = if verify_hostname {
+        ClientConfig::builder().with_root_certificates(roots)
+    } else {
+        let v = rustls::client::WebPkiServerVerifier::builder(roots)
+            .build()
+            .map_err(|e| format!("TLS: {e}"))?;
+        ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoHostnameCheck(v)))
+    };
+    match cert_key {
+        Some((c, k)) => builder
+            .with_client_auth_cert(read_certs(c, cert_name)?, read_key(k, key_name)?)
+            .map_err(|e| {
+                format!(
+                    "{cert_name} {} with {key_name} {}: {e}",
+                    c.display(),
+                    k.display()
+                )
+            }),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 /// How the proxy reaches a TLS upstream.
 pub struct UpstreamTls {
     connector: TlsConnector,
@@ -510,38 +553,18 @@ impl UpstreamTls {
         let name = cfg.upstream_server_name.clone().unwrap_or(host);
         let name = ServerName::try_from(name.clone())
             .map_err(|_| format!("upstream TLS: {name:?} is not a host name or address"))?;
-        let roots = match &cfg.upstream_ca_file {
-            Some(p) => read_roots(p, "tls.upstream_ca_file")?,
-            None => read_roots(Path::new(SYSTEM_CA_FILE), "system CA store").map_err(|e| {
-                format!("{e}; set tls.upstream_ca_file (Debian: apt-get install ca-certificates)")
-            })?,
-        };
-        let roots = Arc::new(roots);
-        let builder = if cfg.upstream_verify_hostname {
-            ClientConfig::builder().with_root_certificates(roots)
-        } else {
-            let v = rustls::client::WebPkiServerVerifier::builder(roots)
-                .build()
-                .map_err(|e| format!("upstream TLS: {e}"))?;
-            ClientConfig::builder()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoHostnameCheck(v)))
-        };
-        let config = match (&cfg.upstream_cert_file, &cfg.upstream_key_file) {
-            (Some(c), Some(k)) => builder
-                .with_client_auth_cert(
-                    read_certs(c, "tls.upstream_cert_file")?,
-                    read_key(k, "tls.upstream_key_file")?,
-                )
-                .map_err(|e| {
-                    format!(
-                        "tls.upstream_cert_file {} with tls.upstream_key_file {}: {e}",
-                        c.display(),
-                        k.display()
-                    )
-                })?,
-            _ => builder.with_no_client_auth(),
-        };
+        let config = client_config(
+            cfg.upstream_ca_file.as_deref(),
+            cfg.upstream_cert_file
+                .as_deref()
+                .zip(cfg.upstream_key_file.as_deref()),
+            cfg.upstream_verify_hostname,
+            [
+                "tls.upstream_ca_file",
+                "tls.upstream_cert_file",
+                "tls.upstream_key_file",
+            ],
+        )?;
         Ok(Some(UpstreamTls {
             connector: TlsConnector::from(Arc::new(config)),
             name,

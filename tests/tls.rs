@@ -16,103 +16,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::endpoint::Endpoint;
 use abproxy::lab::{SlapdOptions, SlapdTls, OTHER_ADMIN_DN};
-use abproxy::labca::TestCa;
 use abproxy::wire::Envelope;
 use ldap3::exop::Exop;
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 use ldap3_proto::proto::{LdapExtendedRequest, LdapMsg, LdapOp};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use support::pki::*;
 use support::*;
 
 const START_TLS: &str = "1.3.6.1.4.1.1466.20037";
-
-/// The test PKI: a CA, slapd's and the proxy's certificates, a client
-/// certificate, and a second CA that signed none of them.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: TestCa,
-    other_ca: TestCa,
-    slapd: (PathBuf, PathBuf),
-    proxy: (PathBuf, PathBuf),
-    client: (PathBuf, PathBuf),
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::Builder::new()
-            .prefix("abp-pki-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let ca = TestCa::new(dir.path(), "ca").unwrap();
-        let other_ca = TestCa::new(dir.path(), "other-ca").unwrap();
-        let slapd = ca.server("slapd").unwrap();
-        let proxy = ca.server("proxy").unwrap();
-        let client = ca
-            .issue(
-                "backup",
-                "/O=Example/CN=backup",
-                "DNS:backup.example.org",
-                365,
-            )
-            .unwrap();
-        Pki {
-            dir,
-            ca,
-            other_ca,
-            slapd,
-            proxy,
-            client,
-        }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.ca.ca_file()
-    }
-
-    fn slapd_tls(&self) -> SlapdTls {
-        SlapdTls {
-            cert_file: self.slapd.0.clone(),
-            key_file: self.slapd.1.clone(),
-            ca_file: self.ca_file(),
-        }
-    }
-
-    /// The proxy's client-facing TLS: its certificate, ldap:// and ldaps://
-    /// listeners.
-    fn proxy_tls(&self, c: &mut Config) {
-        c.listen = vec!["ldap://127.0.0.1:0".into(), "ldaps://127.0.0.1:0".into()];
-        c.tls.cert_file = Some(self.proxy.0.clone());
-        c.tls.key_file = Some(self.proxy.1.clone());
-    }
-}
-
-/// slapd with TLS, the proxy in front with TLS on its side (clear upstream
-/// unless `tweak` says otherwise).
-async fn tls_lab(pki: &Pki, tweak: impl FnOnce(&mut Config)) -> Lab {
-    let opts = SlapdOptions {
-        nosync: true,
-        tls: Some(pki.slapd_tls()),
-        stats_log: true,
-        ..Default::default()
-    };
-    Lab::with(opts, |c| {
-        pki.proxy_tls(c);
-        tweak(c)
-    })
-    .await
-}
-
-fn ldaps_of(lab: &Lab) -> String {
-    lab.proxy
-        .endpoints()
-        .iter()
-        .find(|e| matches!(e, Endpoint::Tls(_)))
-        .expect("an ldaps listener")
-        .url()
-}
 
 /// An ldap-utils tool with `LDAPTLS_CACERT` (and nothing from ldap.conf).
 async fn tool(ca: &Path, tool: &str, args: &[&str]) -> ToolOutput {

@@ -21,6 +21,7 @@ use tokio_util::codec::Decoder;
 pub use abproxy::lab::{ADMIN_DN, ADMIN_PW};
 
 pub mod freeze;
+pub mod pki;
 pub mod process;
 pub mod record;
 pub mod shim;

@@ -1,0 +1,97 @@
+//! The TLS test PKI (a throwaway CA, slapd's, the proxy's and a client
+//! certificate, made with `abproxy::labca`) and a lab with TLS on both
+//! sides, shared by `tests/tls.rs` and `tests/cli_tls.rs`.
+
+use std::path::PathBuf;
+
+use abproxy::config::Config;
+use abproxy::endpoint::Endpoint;
+use abproxy::lab::{SlapdOptions, SlapdTls};
+use abproxy::labca::TestCa;
+
+use super::Lab;
+
+/// The test PKI: a CA, slapd's and the proxy's certificates, a client
+/// certificate, and a second CA that signed none of them.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: TestCa,
+    pub other_ca: TestCa,
+    pub slapd: (PathBuf, PathBuf),
+    pub proxy: (PathBuf, PathBuf),
+    pub client: (PathBuf, PathBuf),
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("abp-pki-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let ca = TestCa::new(dir.path(), "ca").unwrap();
+        let other_ca = TestCa::new(dir.path(), "other-ca").unwrap();
+        let slapd = ca.server("slapd").unwrap();
+        let proxy = ca.server("proxy").unwrap();
+        let client = ca
+            .issue(
+                "backup",
+                "/O=Example/CN=backup",
+                "DNS:backup.example.org",
+                365,
+            )
+            .unwrap();
+        Pki {
+            dir,
+            ca,
+            other_ca,
+            slapd,
+            proxy,
+            client,
+        }
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.ca.ca_file()
+    }
+
+    pub fn slapd_tls(&self) -> SlapdTls {
+        SlapdTls {
+            cert_file: self.slapd.0.clone(),
+            key_file: self.slapd.1.clone(),
+            ca_file: self.ca_file(),
+        }
+    }
+
+    /// The proxy's client-facing TLS: its certificate, ldap:// and ldaps://
+    /// listeners.
+    pub fn proxy_tls(&self, c: &mut Config) {
+        c.listen = vec!["ldap://127.0.0.1:0".into(), "ldaps://127.0.0.1:0".into()];
+        c.tls.cert_file = Some(self.proxy.0.clone());
+        c.tls.key_file = Some(self.proxy.1.clone());
+    }
+}
+
+/// slapd with TLS, the proxy in front with TLS on its side (clear upstream
+/// unless `tweak` says otherwise).
+pub async fn tls_lab(pki: &Pki, tweak: impl FnOnce(&mut Config)) -> Lab {
+    let opts = SlapdOptions {
+        nosync: true,
+        tls: Some(pki.slapd_tls()),
+        stats_log: true,
+        ..Default::default()
+    };
+    Lab::with(opts, |c| {
+        pki.proxy_tls(c);
+        tweak(c)
+    })
+    .await
+}
+
+pub fn ldaps_of(lab: &Lab) -> String {
+    lab.proxy
+        .endpoints()
+        .iter()
+        .find(|e| matches!(e, Endpoint::Tls(_)))
+        .expect("an ldaps listener")
+        .url()
+}
