@@ -1349,3 +1349,38 @@ async fn server_dying_while_frozen_tells_clients_and_the_freeze_still_ends_clean
     let (code, _) = call(&mut w, modify(2, &user_dn(12), "description", "after")).await;
     assert_eq!(code, 0);
 }
+
+#[tokio::test]
+async fn a_client_closing_behind_its_full_queue_has_nothing_sent() {
+    let lab = freeze_lab(|c| c.freeze.queue_max_requests_per_conn = 5).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let dn = user_dn(10);
+    let before = read_direct(&lab, &dn, "description").await;
+    let mut all = Vec::new();
+    for v in 1..=12 {
+        let mut m = modify(1 + v, &dn, "description", &format!("gone{v}"));
+        if let LdapOp::ModifyRequest(r) = &mut m.op {
+            r.changes[0].operation = LdapModifyType::Add;
+        }
+        all.extend_from_slice(&encode(m));
+    }
+    w.send(&all).await;
+    wait_status(&lab, "a full queue", |s| s.queued_requests == 5).await;
+    // The client goes away while the proxy is not reading it.
+    drop(w);
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    // Its session ends without sending anything: the queue is discarded.
+    wait_status(&lab, "the closed session's queue to go", |s| {
+        s.queued_requests == 0 && s.in_flight == 0
+    })
+    .await;
+    assert_eq!(read_direct(&lab, &dn, "description").await, before);
+}

@@ -699,7 +699,21 @@ impl Requests<'_> {
             };
             let step = match event {
                 Event::Control(c) => self.on_control(c).await,
-                Event::Epoch => self.release().await,
+                Event::Epoch => {
+                    // A session that stopped reading cannot have seen its
+                    // client close: look before its queue goes upstream.
+                    let releasable = self
+                        .queue
+                        .front()
+                        .is_some_and(|h| !self.engine.holds(h.class));
+                    match (room, releasable) {
+                        (false, true) => match self.catch_up().await {
+                            Step::Continue => self.release().await,
+                            end => end,
+                        },
+                        _ => self.release().await,
+                    }
+                }
                 Event::Room => Step::Continue,
                 Event::IdleCheck => {
                     let idle = idle.unwrap_or(far);
@@ -1071,6 +1085,32 @@ impl Requests<'_> {
 
     /// The freeze changed: send what it no longer holds, oldest first,
     /// stopping at the first request still held.
+    /// Reads what a client sent while its session was not reading it (what
+    /// the kernel holds for the socket, and at most another
+    /// `queue_max_bytes_per_conn`; the requests join the queue behind the
+    /// others): if the client has gone meanwhile, the session ends and its
+    /// queue is discarded, never sent, as when a close is seen during the
+    /// freeze.
+    async fn catch_up(&mut self) -> Step {
+        let cfg = self.engine.config();
+        let limit = self.queued_bytes + cfg.queue_max_bytes_per_conn;
+        // Requests answered by the proxy itself do not queue: bound the
+        // frames too.
+        let mut frames = 4 * cfg.queue_max_requests_per_conn.max(256);
+        while self.queued_bytes < limit && frames > 0 {
+            frames -= 1;
+            match self.client_in.next().now_or_never() {
+                None => break,
+                Some(next) => {
+                    if let Step::End(e) = self.handle(next).await {
+                        return Step::End(e);
+                    }
+                }
+            }
+        }
+        Step::Continue
+    }
+
     async fn release(&mut self) -> Step {
         let mut sent = 0;
         while let Some(head) = self.queue.front() {
