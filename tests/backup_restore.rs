@@ -569,33 +569,6 @@ async fn readme_borgmatic_hooks_around_a_backup() {
     scene.finish(frozen).await;
 }
 
-/// `olcReadOnly` of dc=example,dc=org in slapd's cn=config ("" if absent).
-async fn read_only_attr(slapd: &Slapd) -> String {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-Q",
-            "-LLL",
-            "-Y",
-            "EXTERNAL",
-            "-H",
-            &slapd.ldapi_url(),
-            "-b",
-            "cn=config",
-            "(olcSuffix=dc=example,dc=org)",
-            "olcReadOnly",
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("olcReadOnly"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// Kills the proxy if the test fails half-way.
 struct KillOnDrop(std::process::Child);
 
@@ -631,7 +604,10 @@ async fn run_with_the_openldap_driver_refuses_local_writes_and_restores_the_old_
     )
     .await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(read_only_attr(&slapd).await, "olcReadOnly: FALSE");
+    assert_eq!(
+        olc_read_only(&slapd.ldapi_url()).await,
+        "olcReadOnly: FALSE"
+    );
 
     let etc = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -717,7 +693,10 @@ EOF
     assert!(resumed(&out.stderr) > 0, "writes were held: {out:?}");
 
     // After run: the old value is back and local writes work again.
-    assert_eq!(read_only_attr(&slapd).await, "olcReadOnly: FALSE");
+    assert_eq!(
+        olc_read_only(&slapd.ldapi_url()).await,
+        "olcReadOnly: FALSE"
+    );
     let out = ldap_tool(
         "ldapmodify",
         &["-Q", "-Y", "EXTERNAL", "-H", &slapd.ldapi_url()],

@@ -91,33 +91,6 @@ fn page_cache_state(path: &Path) -> std::io::Result<(usize, usize)> {
     result
 }
 
-/// `olcReadOnly` of dc=example,dc=org in slapd's cn=config ("" if absent).
-async fn read_only_attr(lab: &Lab) -> String {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-Q",
-            "-LLL",
-            "-Y",
-            "EXTERNAL",
-            "-H",
-            &lab.slapd.ldapi_url(),
-            "-b",
-            "cn=config",
-            "(olcSuffix=dc=example,dc=org)",
-            "olcReadOnly",
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("olcReadOnly"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// `abproxy ARGS --url URL --bind-dn cn=admin,...` with the password in the
 /// environment.
 async fn abproxy(url: &str, args: &[&str]) -> ToolOutput {
@@ -210,11 +183,14 @@ async fn prepare_writes_a_nosync_database_to_disk() {
         dirty, 0,
         "ON answered with {dirty} of {resident} cached pages of data.mdb not on disk"
     );
-    assert_eq!(read_only_attr(&lab).await, "olcReadOnly: TRUE");
+    assert_eq!(
+        olc_read_only(&lab.slapd.ldapi_url()).await,
+        "olcReadOnly: TRUE"
+    );
 
     let off = abproxy(&proxy.url(), &["off"]).await;
     assert_eq!(off.code, Some(0), "{off:?}");
-    assert_eq!(read_only_attr(&lab).await, "");
+    assert_eq!(olc_read_only(&lab.slapd.ldapi_url()).await, "");
     proxy.shutdown().await.unwrap();
 }
 
@@ -298,7 +274,11 @@ config_password_file = "{pw}"
         "the reason and what to do: {on:?}"
     );
     // Nothing was changed or left frozen.
-    assert_eq!(read_only_attr(&lab).await, "", "never set read-only");
+    assert_eq!(
+        olc_read_only(&lab.slapd.ldapi_url()).await,
+        "",
+        "never set read-only"
+    );
     let status = abproxy(&url, &["status", "--json"]).await;
     assert_eq!(status.code, Some(0), "{status:?}");
     let json: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
