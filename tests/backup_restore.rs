@@ -21,30 +21,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
-const README: &str = include_str!("../README.md");
 const WRITERS: usize = 8;
 /// The operator the recipes bind as.
 const BACKUP_DN: &str = "cn=backup,dc=example,dc=org";
 const BACKUP_PW: &str = "backup-secret";
-
-/// The body of the README code block marked `<!-- recipe: NAME -->`.
-fn recipe(name: &str) -> &'static str {
-    let marker = format!("<!-- recipe: {name} -->");
-    assert_eq!(
-        README.matches(&marker).count(),
-        1,
-        "README.md has one {marker}"
-    );
-    let rest = &README[README.find(&marker).unwrap() + marker.len()..];
-    let fence = rest.find("```").expect("a code block after the marker");
-    assert!(
-        rest[..fence].trim().is_empty(),
-        "{marker} is right before its code block"
-    );
-    let body = &rest[fence..];
-    let body = &body[body.find('\n').unwrap() + 1..];
-    &body[..body.find("\n```").expect("the block ends") + 1]
-}
 
 /// DN -> entryCSN of every `cn=w...` entry in an LDIF dump.
 fn written(ldif: &str) -> HashMap<String, String> {

@@ -19,7 +19,6 @@ use support::pki::*;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
-const README: &str = include_str!("../README.md");
 const BACKUP_DN: &str = "cn=backup,dc=example,dc=org";
 const CERT_SUBJECT: &str = "cn=backup,o=Example";
 
@@ -80,14 +79,6 @@ async fn run_with(program: &str, args: &[&str], env: &[(&str, &str)]) -> Out {
 
 async fn abproxy(args: &[&str], env: &[(&str, &str)]) -> Out {
     run_with(BIN, args, env).await
-}
-
-/// The body of the README code block marked `<!-- recipe: NAME -->`.
-fn recipe(name: &str) -> &'static str {
-    let marker = format!("<!-- recipe: {name} -->\n```sh\n");
-    assert_eq!(README.matches(&marker).count(), 1, "README.md has {marker}");
-    let rest = &README[README.find(&marker).unwrap() + marker.len()..];
-    &rest[..rest.find("```").unwrap()]
 }
 
 /// Runs a README block with `sh -e`, `replace` applied (the README's

@@ -214,6 +214,27 @@ async fn ldapsearch_over_starttls_and_ldaps_equals_direct() {
             .contains("dn: uid=user1,ou=people,dc=example,dc=org"));
         assert_eq!(d.stdout, p.stdout, "{tls}");
     }
+    // The README's lines, as written, with the test's CA and ports: the same
+    // output through the proxy as from slapd's own TLS.
+    let run = |ldap: String, ldaps: String| {
+        let script = recipe("tls-ldapsearch")
+            .replace("/etc/abproxy/tls/ca.pem", ca.to_str().unwrap())
+            .replace("ldap://127.0.0.1:3389", &ldap)
+            .replace("ldaps://127.0.0.1:3636", &ldaps);
+        async move {
+            let out = tokio::process::Command::new("sh")
+                .args(["-e", "-c", &script])
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{script}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let direct = run(lab.direct(), lab.slapd.ldaps_url().unwrap()).await;
+    let proxied = run(lab.proxied(), ldaps_of(&lab)).await;
+    assert_eq!(direct.matches("dn: uid=user1,ou=people").count(), 2);
+    assert_eq!(direct, proxied);
     // The client really spoke TLS to the proxy: a CA that did not sign the
     // proxy's certificate makes the same command fail.
     let bad = tool(

@@ -246,6 +246,27 @@ pub async fn round_trip(c: &mut RawConn, msgid: i32) {
     assert_eq!(result_code(r.last().unwrap()), Some(0));
 }
 
+const README: &str = include_str!("../../README.md");
+
+/// The body of the README code block marked `<!-- recipe: NAME -->`.
+pub fn recipe(name: &str) -> &'static str {
+    let marker = format!("<!-- recipe: {name} -->");
+    assert_eq!(
+        README.matches(&marker).count(),
+        1,
+        "README.md has one {marker}"
+    );
+    let rest = &README[README.find(&marker).unwrap() + marker.len()..];
+    let fence = rest.find("```").expect("a code block after the marker");
+    assert!(
+        rest[..fence].trim().is_empty(),
+        "{marker} is right before its code block"
+    );
+    let body = &rest[fence..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    &body[..body.find("\n```").expect("the block ends") + 1]
+}
+
 /// Encodes a message with ldap3_proto (test-side client PDUs).
 pub fn encode(msg: LdapMsg) -> Bytes {
     abproxy::wire::pdu::encode(msg)
