@@ -492,7 +492,7 @@ impl Slapd {
                     let err = anyhow!(
                         "slapd exited during startup ({status}); tail of {}:\n{}",
                         log_path.display(),
-                        log_tail(&log_path)
+                        log_tail(&log_path, 20, 8192)
                     );
                     let in_use = fresh.contains("Address already in use")
                         || fresh.contains("errno=98")
@@ -518,7 +518,7 @@ impl Slapd {
                 return Err(other(anyhow!(
                     "slapd did not become ready within {TIMEOUT:?}; tail of {}:\n{}",
                     log_path.display(),
-                    log_tail(&log_path)
+                    log_tail(&log_path, 20, 8192)
                 )));
             }
             std::thread::sleep(POLL);
@@ -691,8 +691,8 @@ fn stop_stale_instance(dir: &Path) {
     }
 }
 
-/// The log from byte `offset` on (lossy, for error classification).
-fn read_from(path: &Path, offset: u64) -> String {
+/// The file from byte `offset` on (lossy, for error classification).
+pub(crate) fn read_from(path: &Path, offset: u64) -> String {
     let mut buf = Vec::new();
     if let Ok(mut f) = File::open(path) {
         if f.seek(SeekFrom::Start(offset)).is_ok() {
@@ -702,12 +702,12 @@ fn read_from(path: &Path, offset: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// The last 20 lines (at most 8 KiB) of the log.
-fn log_tail(path: &Path) -> String {
+/// The last `lines` lines (at most `max_bytes`) of a log.
+pub(crate) fn log_tail(path: &Path, lines: usize, max_bytes: u64) -> String {
     let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let text = read_from(path, len.saturating_sub(8192));
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
+    let text = read_from(path, len.saturating_sub(max_bytes));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.

@@ -51,7 +51,6 @@
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -62,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::lab::{free_port, probe_ldap, stop_child};
+use crate::lab::{free_port, log_tail, probe_ldap, read_from, stop_child};
 pub use crate::lab::{other_user_dn, user_dn, user_pw, OTHER_SUFFIX, SUFFIX};
 use crate::labca::TestCa;
 
@@ -676,7 +675,7 @@ impl Ds389 {
                     let err = anyhow!(
                         "ns-slapd exited during startup ({status}); tail of {}:\n{}",
                         errors.display(),
-                        log_tail(&errors)
+                        log_tail(&errors, 30, 16384)
                     );
                     let in_use = addr_in_use(&fresh)
                         || TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)).is_err()
@@ -706,7 +705,7 @@ impl Ds389 {
                 return Err(anyhow!(
                     "ns-slapd did not become ready within {READY_TIMEOUT:?}; tail of {}:\n{}",
                     errors.display(),
-                    log_tail(&errors)
+                    log_tail(&errors, 30, 16384)
                 )
                 .into());
             }
@@ -940,34 +939,15 @@ fn run_tool(cmd: &mut Command, log: &Path, timeout: Duration) -> Result<()> {
             let _ = child.wait();
             bail!(
                 "{cmd:?} did not finish within {timeout:?}; its output:\n{}",
-                log_tail(log)
+                log_tail(log, 30, 16384)
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     if !status.success() {
-        bail!("{cmd:?} failed ({status}):\n{}", log_tail(log));
+        bail!("{cmd:?} failed ({status}):\n{}", log_tail(log, 30, 16384));
     }
     Ok(())
-}
-
-/// The file from byte `offset` on (lossy).
-fn read_from(path: &Path, offset: u64) -> String {
-    let mut buf = Vec::new();
-    if let Ok(mut f) = File::open(path) {
-        if f.seek(SeekFrom::Start(offset)).is_ok() {
-            let _ = f.read_to_end(&mut buf);
-        }
-    }
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-/// The last 30 lines (at most 16 KiB) of a log.
-fn log_tail(path: &Path) -> String {
-    let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let text = read_from(path, len.saturating_sub(16384));
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 #[cfg(test)]
