@@ -10,8 +10,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
 use abproxy::config::Config;
 use abproxy::endpoint::Endpoint;
@@ -19,32 +17,11 @@ use abproxy::lab389::{user_dn, user_pw, Ds389, Ds389Options};
 use abproxy::labca::TestCa;
 use abproxy::ProxyHandle;
 use support::ds389::skip;
+use support::pki::tool;
 use support::ToolOutput;
 
 const CONFIDENTIALITY_REQUIRED: &str = "Result: Confidentiality required (13)\n\
                                         Additional info: Operation requires a secure connection.\n\n";
-
-/// An ldap-utils tool trusting the test CA (and nothing from ldap.conf).
-async fn tool(ca: &Path, tool: &str, args: &[&str]) -> ToolOutput {
-    let out = tokio::process::Command::new(tool)
-        .args(args)
-        .env("LDAPCONF", "/dev/null")
-        .env("LDAPRC", "/dev/null")
-        .env("LDAPTLS_CACERT", ca)
-        .env("LDAPTLS_REQCERT", "demand")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("tool finished within 60 s")
-        .unwrap();
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// `tool` against `direct` and `proxied` (`URL` in `args` replaced): the
 /// same exit status, output and (URL aside) stderr.

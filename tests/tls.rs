@@ -28,34 +28,6 @@ use support::*;
 
 const START_TLS: &str = "1.3.6.1.4.1.1466.20037";
 
-/// An ldap-utils tool with `LDAPTLS_CACERT` (and nothing from ldap.conf).
-async fn tool(ca: &Path, tool: &str, args: &[&str]) -> ToolOutput {
-    tool_env(ca, &[], tool, args).await
-}
-
-/// The same with more environment (`LDAPTLS_CERT`, `LDAPTLS_KEY`).
-async fn tool_env(ca: &Path, env: &[(&str, &Path)], tool: &str, args: &[&str]) -> ToolOutput {
-    let out = tokio::process::Command::new(tool)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, *v)))
-        .env("LDAPCONF", "/dev/null")
-        .env("LDAPRC", "/dev/null")
-        .env("LDAPTLS_CACERT", ca)
-        .env("LDAPTLS_REQCERT", "demand")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("tool finished within 60 s")
-        .unwrap();
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// A rustls client configuration trusting `ca`, with an optional client
 /// certificate.
 fn client_config(ca: &Path, cert: Option<&(PathBuf, PathBuf)>) -> Arc<rustls::ClientConfig> {

@@ -2,7 +2,9 @@
 //! certificate, made with `abproxy::labca`) and a lab with TLS on both
 //! sides, shared by `tests/tls.rs` and `tests/cli_tls.rs`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
 use abproxy::config::Config;
 use abproxy::endpoint::Endpoint;
@@ -94,4 +96,37 @@ pub fn ldaps_of(lab: &Lab) -> String {
         .find(|e| matches!(e, Endpoint::Tls(_)))
         .expect("an ldaps listener")
         .url()
+}
+
+/// An ldap-utils tool with `LDAPTLS_CACERT` (and nothing from ldap.conf).
+pub async fn tool(ca: &Path, tool: &str, args: &[&str]) -> super::ToolOutput {
+    tool_env(ca, &[], tool, args).await
+}
+
+/// The same with more environment (`LDAPTLS_CERT`, `LDAPTLS_KEY`).
+pub async fn tool_env(
+    ca: &Path,
+    env: &[(&str, &Path)],
+    tool: &str,
+    args: &[&str],
+) -> super::ToolOutput {
+    let out = tokio::process::Command::new(tool)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .env("LDAPCONF", "/dev/null")
+        .env("LDAPRC", "/dev/null")
+        .env("LDAPTLS_CACERT", ca)
+        .env("LDAPTLS_REQCERT", "demand")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("tool finished within 60 s")
+        .unwrap();
+    super::ToolOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
