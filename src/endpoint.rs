@@ -3,7 +3,10 @@
 //! the boxed byte streams they turn into.
 
 use std::fmt;
+use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
@@ -12,6 +15,45 @@ use tokio::net::{TcpStream, UnixStream};
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 /// Write half of a client or upstream connection.
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The boxed halves of a TCP connection (see [`Unvectored`] for the writes).
+pub fn tcp_halves(s: TcpStream) -> (BoxRead, BoxWrite) {
+    let (r, w) = s.into_split();
+    (Box::new(r), Box::new(Unvectored(w)))
+}
+
+/// The boxed halves of a unix-socket connection.
+pub fn unix_halves(s: UnixStream) -> (BoxRead, BoxWrite) {
+    let (r, w) = s.into_split();
+    (Box::new(r), Box::new(Unvectored(w)))
+}
+
+/// A socket write half that declines vectored writes, so the codecs'
+/// one-buffer flushes go out with send(2)/write(2) instead of writev(2)
+/// with a single iovec: the kernel then skips copying and checking an iovec
+/// array, which is measurable at one write per LDAP message (`cargo bench
+/// --bench load`, proxy CPU per operation).
+struct Unvectored<W>(W);
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Unvectored<W> {
+    #[inline]
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
 
 /// A TCP or unix-socket LDAP endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,14 +129,9 @@ impl Endpoint {
             Endpoint::Tcp(addr) => {
                 let s = TcpStream::connect(addr.as_str()).await?;
                 s.set_nodelay(true)?;
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w)))
+                Ok(tcp_halves(s))
             }
-            Endpoint::Unix(path) => {
-                let s = UnixStream::connect(path).await?;
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w)))
-            }
+            Endpoint::Unix(path) => Ok(unix_halves(UnixStream::connect(path).await?)),
             Endpoint::Tls(_) => Err(std::io::Error::other(format!(
                 "{self}: ldaps:// needs the proxy's TLS settings"
             ))),

@@ -253,12 +253,7 @@ fn main() -> ExitCode {
         },
         _ => 0,
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("abproxy");
-    if threads > 0 {
-        builder.worker_threads(threads);
-    }
-    let rt = match builder.build() {
+    let rt = match abproxy::proxy::runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("abproxy: cannot start the runtime: {e}");

@@ -134,6 +134,74 @@ async fn config_file_with_tcp_and_ldapi_on_both_sides() {
     assert!(!sock.exists(), "the ldapi socket is removed on exit");
 }
 
+/// `threads = 1` runs the proxy on a current-thread runtime: one thread in
+/// all, serving reads and writes as slapd answers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_thread_serves_on_a_single_thread() {
+    use abproxy::lab::{ADMIN_DN, ADMIN_PW};
+    let slapd = tokio::task::spawn_blocking(|| Slapd::start(SlapdOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let port = free_port();
+    let url = format!("ldap://127.0.0.1:{port}");
+    let mut proxy = Running::start(&[
+        "serve",
+        "--listen",
+        &url,
+        "--upstream",
+        &slapd.url(),
+        "--threads",
+        "1",
+    ]);
+    proxy.wait_for("upstream reachable");
+    let modify = "dn: uid=user3,ou=people,dc=example,dc=org\nchangetype: modify\nreplace: description\ndescription: one thread\n";
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-x", "-H", &url, "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(modify),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let search = |u: String| async move {
+        ldap_tool(
+            "ldapsearch",
+            &[
+                "-x",
+                "-LLL",
+                "-H",
+                &u,
+                "-b",
+                "uid=user3,ou=people,dc=example,dc=org",
+                "-s",
+                "base",
+                "description",
+            ],
+            None,
+        )
+        .await
+    };
+    let (proxied, direct) = (search(url.clone()).await, search(slapd.url()).await);
+    assert_eq!(proxied.code, Some(0), "{proxied:?}");
+    assert!(
+        proxied.stdout.contains("description: one thread"),
+        "{proxied:?}"
+    );
+    assert_eq!(proxied.stdout, direct.stdout, "same answer as slapd's");
+    let pid = proxy.child.id();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        threads, 1,
+        "a current-thread runtime: the main thread alone"
+    );
+    let code = tokio::task::spawn_blocking(move || proxy.sigterm_and_wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "SIGTERM is a clean stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_upstream_is_a_warning_then_a_notice() {
     let port = free_port();

@@ -4,9 +4,11 @@
 pub mod discover;
 pub mod inflight;
 pub mod limits;
+pub mod mailbox;
 pub mod session;
 
 use std::future::Future;
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::endpoint::{BoxRead, BoxWrite, Endpoint};
+use crate::endpoint::{self, BoxRead, BoxWrite, Endpoint};
 use crate::freeze::backend::Mode;
 use crate::freeze::drivers::{CommandDriver, DriverKind};
 use crate::freeze::ds389::Ds389Driver;
@@ -93,14 +95,8 @@ impl Incoming {
     fn into_clear_halves(self) -> Option<(BoxRead, BoxWrite)> {
         match self {
             Incoming::Tcp(_, true) => None,
-            Incoming::Tcp(s, false) => {
-                let (r, w) = s.into_split();
-                Some((Box::new(r), Box::new(w)))
-            }
-            Incoming::Unix(s) => {
-                let (r, w) = s.into_split();
-                Some((Box::new(r), Box::new(w)))
-            }
+            Incoming::Tcp(s, false) => Some(endpoint::tcp_halves(s)),
+            Incoming::Unix(s) => Some(endpoint::unix_halves(s)),
         }
     }
 }
@@ -509,4 +505,23 @@ impl ProxyHandle {
         self.stop.cancel();
         self.task.await?
     }
+}
+
+/// The tokio runtime the proxy runs on, named `abproxy`. `threads` is the
+/// configuration's `threads`: 0 is one worker per CPU; 1 is a
+/// current-thread runtime (the caller's thread drives it in `block_on`),
+/// which does per wake-up less than a one-worker multi-thread scheduler
+/// (no work-stealing queues, no scheduler statistics); more is that many
+/// workers.
+pub fn runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    builder.enable_all().thread_name("abproxy").build()
 }

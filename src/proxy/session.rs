@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::inflight::{InFlight, InFlightTable};
+use super::mailbox::Inbox;
 use super::{Incoming, Shared};
-use crate::endpoint::{BoxRead, BoxWrite};
+use crate::endpoint::{self, BoxRead, BoxWrite};
 use crate::freeze::{Class, Control, Engine, Kind, Requester, SessionHandle};
 use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
@@ -62,6 +63,35 @@ enum Local {
     Close,
 }
 
+/// Ends both loops of a session. The loops check the flag at every turn
+/// (`CancellationToken::is_cancelled` takes a lock), and `cancelled()` is
+/// a future that touches the token only when first polled, so the
+/// `select!`s of the hot path, whose I/O branch is usually ready at once,
+/// never create or drop a token waiter.
+#[derive(Clone, Default)]
+struct Close {
+    token: CancellationToken,
+    flag: Arc<AtomicBool>,
+}
+
+impl Close {
+    fn cancel(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    #[inline]
+    fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the session is closing.
+    #[inline]
+    async fn cancelled(&self) {
+        self.token.cancelled().await
+    }
+}
+
 type ClientIn = FramedRead<BoxRead, FrameCodec>;
 type ClientOut = FramedWrite<BoxWrite, FrameCodec>;
 type UpIn = FramedRead<BoxRead, FrameCodec>;
@@ -73,8 +103,9 @@ pub struct SessionState {
     inflight: Mutex<InFlightTable>,
     /// Signalled whenever a request leaves the in-flight table.
     completed: Notify,
-    /// The identity of the last successful simple bind.
-    bound_dn: Mutex<Option<String>>,
+    /// The identity of the last successful simple bind (bytes as sent:
+    /// made a string only when asked for).
+    bound_dn: Mutex<Option<Bytes>>,
     /// Message IDs answered by the proxy (drain time limit) whose server
     /// responses must not reach the client any more.
     suppressed: Mutex<HashSet<i32>>,
@@ -196,7 +227,19 @@ impl SessionState {
 
     /// The session's bound DN, if a simple bind succeeded.
     pub fn bound_dn(&self) -> Option<String> {
-        lock(&self.bound_dn).clone()
+        lock(&self.bound_dn)
+            .as_ref()
+            .map(|dn| String::from_utf8_lossy(dn).into_owned())
+    }
+
+    /// A bind ended: `dn` (a successful simple bind's name) is the
+    /// session's identity from now on. Kept as is when the same name binds
+    /// again, so a client re-binding as itself costs no allocation.
+    fn set_bound_dn(&self, dn: Option<&[u8]>) {
+        let mut bound = lock(&self.bound_dn);
+        if bound.as_deref() != dn {
+            *bound = dn.map(Bytes::copy_from_slice);
+        }
     }
 
     /// Wakes a shutdown waiting for the in-flight table to empty.
@@ -280,10 +323,10 @@ pub(crate) struct Client {
 async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -> Option<Client> {
     let (stream, tls, cert_subject) = match (incoming, &shared.server_tls) {
         (Incoming::Unix(s), _) => {
-            let (r, w) = s.into_split();
+            let (read, write) = endpoint::unix_halves(s);
             return Some(Client {
-                read: Box::new(r),
-                write: Box::new(w),
+                read,
+                write,
                 stream: None,
                 tls: false,
                 tcp: false,
@@ -291,10 +334,10 @@ async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -
             });
         }
         (Incoming::Tcp(s, false), None) => {
-            let (r, w) = s.into_split();
+            let (read, write) = endpoint::tcp_halves(s);
             return Some(Client {
-                read: Box::new(r),
-                write: Box::new(w),
+                read,
+                write,
                 stream: None,
                 tls: false,
                 tcp: true,
@@ -407,7 +450,7 @@ pub(crate) async fn serve_connected(
     if shutdown.is_cancelled() {
         let _ = control_tx.send(Control::Shutdown);
     }
-    let close = CancellationToken::new();
+    let close = Close::default();
     let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
     let requests = Requests {
         id,
@@ -425,7 +468,7 @@ pub(crate) async fn serve_connected(
         ),
         up_out: FramedWrite::new(up_w, FrameCodec::default()),
         local: local_tx,
-        control: control_rx,
+        control: Inbox::new(control_rx),
         epoch: engine.epoch(),
         queue: VecDeque::new(),
         queued_bytes: 0,
@@ -438,7 +481,7 @@ pub(crate) async fn serve_connected(
         state: state.clone(),
         up_in: FramedRead::new(up_r, FrameCodec::new(shared.config.max_response_pdu_bytes)),
         client_out,
-        local: local_rx,
+        local: Inbox::new(local_rx),
         control: control_tx,
         epoch: engine.epoch(),
         extensions: if shared.server_tls.is_some() {
@@ -549,11 +592,11 @@ struct Requests<'a> {
     client_in: ClientIn,
     up_out: UpOut,
     local: mpsc::Sender<Local>,
-    control: mpsc::UnboundedReceiver<Control>,
+    control: Inbox<mpsc::UnboundedReceiver<Control>>,
     epoch: watch::Receiver<u64>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
-    close: &'a CancellationToken,
+    close: &'a Close,
     abort: &'a CancellationToken,
 }
 
@@ -685,6 +728,7 @@ impl Requests<'_> {
             }
             // Close and shutdown arrive on the control channel too, so the
             // loop polls no cancellation future per request.
+            let state = self.state;
             let event = tokio::select! {
                 biased;
                 Some(c) = self.control.recv() => match c {
@@ -694,7 +738,9 @@ impl Requests<'_> {
                 },
                 Ok(()) = self.epoch.changed(), if waiting => Event::Epoch,
                 f = self.client_in.next(), if room => Event::Frame(f),
-                _ = self.state.room.notified(), if !room => Event::Room,
+                // Created only when polled: no waiter made and dropped per
+                // request while there is room.
+                _ = async { state.room.notified().await }, if !room => Event::Room,
                 _ = &mut idle_timer, if idle.is_some() => Event::IdleCheck,
             };
             let step = match event {
@@ -748,7 +794,7 @@ impl Requests<'_> {
             return Step::End(e);
         }
         for _ in 0..BATCH {
-            if !self.has_room() {
+            if !self.has_room() || !frame_buffered(&self.client_in) {
                 break;
             }
             match self.client_in.next().now_or_never() {
@@ -1013,9 +1059,8 @@ impl Requests<'_> {
     }
 
     fn classify(&self, env: &Envelope, frame: &[u8]) -> Class {
-        let bound = self.state.bound_dn();
-        self.engine
-            .classify(env, frame, bound.as_deref().map(str::as_bytes))
+        let bound = lock(&self.state.bound_dn).clone();
+        self.engine.classify(env, frame, bound.as_deref())
     }
 
     fn requester(&self) -> Requester {
@@ -1332,7 +1377,7 @@ struct Responses {
     state: Arc<SessionState>,
     up_in: UpIn,
     client_out: ClientOut,
-    local: mpsc::Receiver<Local>,
+    local: Inbox<mpsc::Receiver<Local>>,
     control: mpsc::UnboundedSender<Control>,
     epoch: watch::Receiver<u64>,
     /// The extended operations the proxy adds to the root DSE's
@@ -1341,10 +1386,23 @@ struct Responses {
     /// Persistent-search responses held while a stop-mode freeze lasts.
     held: VecDeque<Bytes>,
     held_bytes: usize,
-    close: CancellationToken,
+    close: Close,
     /// The proxy sent the client a Notice of Disconnection: nothing may
     /// follow it (RFC 4511 section 4.4.1).
     told: bool,
+}
+
+/// Whether the next poll of `framed` can yield without reading the socket:
+/// a whole message (or a framing error) is in its buffer. When not, the
+/// loops go back to their `select!`, which reads with the task's own waker;
+/// a poll with a no-op waker here would only register it with the reactor
+/// in vain.
+#[inline]
+fn frame_buffered(framed: &FramedRead<BoxRead, FrameCodec>) -> bool {
+    !matches!(
+        crate::wire::codec::frame_len(framed.read_buffer(), usize::MAX),
+        Ok(None)
+    )
 }
 
 /// True for a Notice of Disconnection.
@@ -1358,7 +1416,7 @@ impl Responses {
     async fn run(mut self) -> End {
         let end = self.pump().await;
         // Whatever the proxy still has to say (a notice), then close.
-        while let Ok(l) = self.local.try_recv() {
+        while let Some(l) = self.local.try_recv() {
             if let Local::Pdu(pdu) = l {
                 self.feed_last(pdu).await;
             }
@@ -1456,7 +1514,7 @@ impl Responses {
                         return e;
                     }
                     for _ in 0..BATCH {
-                        if !self.can_read() {
+                        if !self.can_read() || !frame_buffered(&self.up_in) {
                             break;
                         }
                         match self.up_in.next().now_or_never() {
@@ -1618,12 +1676,10 @@ impl Responses {
                     .store(ok && req.sasl_bind, Ordering::Relaxed);
                 let named = req.bind_dn.as_ref().is_some_and(|dn| !dn.is_empty());
                 self.state.set_authenticated(ok && (req.sasl_bind || named));
-                *lock(&self.state.bound_dn) = match (&req.bind_dn, ok) {
-                    (Some(dn), true) if !dn.is_empty() => {
-                        Some(String::from_utf8_lossy(dn).into_owned())
-                    }
+                self.state.set_bound_dn(match (&req.bind_dn, ok) {
+                    (Some(dn), true) if !dn.is_empty() => Some(dn),
                     _ => None,
-                };
+                });
             }
             debug!(
                 conn = self.id,
