@@ -12,13 +12,17 @@
 //! ```
 //!
 //! One run starts a throwaway slapd (`abproxy::lab`, 1000 users, no fsync),
-//! abproxy **in-process** (`ProxyHandle::spawn` on its own multi-thread tokio
-//! runtime, threads named `abproxy`), and, if `haproxy` is on `PATH`, a
+//! abproxy **in-process** (`ProxyHandle::spawn` on the runtime the binary
+//! builds for `threads` = `--proxy-threads`, on its own thread, threads named
+//! `abproxy`), and, if `haproxy` is on `PATH`, a
 //! haproxy with `nbthread 1`, `mode tcp`, no logging, config in a temporary
 //! directory. The load generator runs on a separate tokio runtime (threads
 //! named `loadgen`). Everything shares the machine's cores, so on a small
 //! machine the numbers are "what the whole box does", and the ratios to
-//! `direct` are what matter.
+//! `direct` are what matter. Each point also reports the CPU time per
+//! operation of the proxy (abproxy's threads, haproxy's process), slapd and
+//! the load generator, read from `/proc` (user + system time): steadier than
+//! throughput on a noisy machine, and what a proxy costs.
 //!
 //! For each workload x connection count (x round), the targets run back to
 //! back (direct, abproxy, haproxy; the order rotates each round) to reduce
@@ -625,11 +629,72 @@ async fn client(
     res
 }
 
+/// The name of abproxy's runtime threads in this process.
+const PROXY_THREAD: &str = "abproxy";
+/// The name of the load generator's threads.
+const LOADGEN_THREAD: &str = "loadgen";
+
 /// One measurement: one target, one workload, one connection count.
 struct Point {
     ops_per_sec: f64,
     lat: Vec<u64>,
     errors: Vec<String>,
+    /// CPU time per measured operation, in µs, of each probe given to
+    /// [`run_point`] (the proxy's, slapd's, the load generator's).
+    cpu_us_per_op: Vec<Option<f64>>,
+}
+
+/// Where a proxy's CPU time is read: the user + system time of its threads
+/// in `/proc` (clock ticks, usually 10 ms: a 3 s point spends hundreds).
+/// CPU per operation is steadier than throughput on a noisy shared machine
+/// and says directly what a proxy costs.
+#[derive(Clone, Copy)]
+enum CpuProbe {
+    /// This process's threads with this name (abproxy's runtime).
+    Threads(&'static str),
+    /// Every thread of another process (haproxy).
+    Process(u32),
+}
+
+impl CpuProbe {
+    fn read(self) -> Option<Duration> {
+        let (dir, name) = match self {
+            CpuProbe::Threads(n) => ("/proc/self/task".to_string(), Some(n)),
+            CpuProbe::Process(pid) => (format!("/proc/{pid}/task"), None),
+        };
+        let tick = 1.0 / clock_ticks_per_sec();
+        let mut secs = 0.0;
+        for t in std::fs::read_dir(dir).ok()?.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                continue;
+            };
+            // "tid (comm) state ...": fields after the comm, which may hold
+            // spaces, start at the last ')'.
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            if name.is_some_and(|n| head.split_once('(').map(|(_, c)| c) != Some(n)) {
+                continue;
+            }
+            // utime and stime are fields 14 and 15 of stat: 12th and 13th
+            // after the comm.
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            secs += (ticks(11) + ticks(12)) * tick;
+        }
+        Some(Duration::from_secs_f64(secs))
+    }
+}
+
+/// Clock ticks per second of `/proc/*/stat` times.
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
 }
 
 async fn run_point(
@@ -638,6 +703,7 @@ async fn run_point(
     conns: usize,
     warmup: Duration,
     secs: Duration,
+    probes: Vec<Option<CpuProbe>>,
 ) -> Point {
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(conns);
     let (start_tx, start_rx) = watch::channel(None);
@@ -666,6 +732,16 @@ async fn run_point(
     let t0 = Instant::now();
     let _ = start_tx.send(Some(t0));
     let warm_end = t0 + warmup;
+    let read_all = |probes: &[Option<CpuProbe>]| -> Vec<Option<Duration>> {
+        probes.iter().map(|p| p.and_then(CpuProbe::read)).collect()
+    };
+    let at_warm_end = {
+        let probes = probes.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(warm_end.into()).await;
+            read_all(&probes)
+        })
+    };
     let deadline = warmup + secs + REQUEST_TIMEOUT + Duration::from_secs(5);
     let mut lat = Vec::new();
     let mut errors = Vec::new();
@@ -688,6 +764,18 @@ async fn run_point(
         tasks.abort_all();
     }
     drop(start_tx);
+    // The clients are done: the processes measured are idle from here on.
+    let start = at_warm_end.await.unwrap_or_default();
+    let cpu_us_per_op = read_all(&probes)
+        .into_iter()
+        .enumerate()
+        .map(|(i, end)| match (start.get(i).copied().flatten(), end) {
+            (Some(a), Some(b)) if !lat.is_empty() => {
+                Some(b.saturating_sub(a).as_secs_f64() * 1e6 / lat.len() as f64)
+            }
+            _ => None,
+        })
+        .collect();
     lat.sort_unstable();
     let elapsed = last_done.map_or(0.0, |d| d.saturating_duration_since(warm_end).as_secs_f64());
     let ops_per_sec = if elapsed > 0.0 {
@@ -699,6 +787,7 @@ async fn run_point(
         ops_per_sec,
         lat,
         errors,
+        cpu_us_per_op,
     }
 }
 
@@ -1609,6 +1698,8 @@ impl Target {
 #[derive(Default)]
 struct Agg {
     ops: Vec<f64>,
+    /// The proxy's CPU µs per operation, per round.
+    cpu: Vec<f64>,
     lat: Vec<u64>,
     errors: Vec<String>,
 }
@@ -1657,6 +1748,13 @@ impl Results {
             .and_then(|a| median(&mut a.ops.clone()))
     }
 
+    /// Median proxy CPU µs per operation.
+    fn cpu(&self, k: Kind, c: usize, t: Target) -> Option<f64> {
+        self.cells
+            .get(&(k, c, t))
+            .and_then(|a| median(&mut a.cpu.clone()))
+    }
+
     fn ratio(&self, k: Kind, c: usize, t: Target) -> Option<f64> {
         self.ratios
             .get(&(k, c, t))
@@ -1669,9 +1767,13 @@ impl Results {
         let _ = writeln!(
             s,
             "| workload | conns | direct ops/s | abproxy ops/s | haproxy ops/s | abproxy/direct | haproxy/direct \
-             | direct p50/p99 µs | abproxy p50/p99 µs | haproxy p50/p99 µs | abproxy +p99 µs |"
+             | direct p50/p99 µs | abproxy p50/p99 µs | haproxy p50/p99 µs | abproxy +p99 µs \
+             | abproxy CPU µs/op | haproxy CPU µs/op |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for &k in &opts.workloads {
             for &c in &opts.conns {
                 let ops = |t| fmt_opt(self.ops(k, c, t), 0);
@@ -1690,9 +1792,10 @@ impl Results {
                     (Some(a), Some(d)) => format!("{:+.0}", a - d),
                     _ => "-".into(),
                 };
+                let cpu = |t| fmt_opt(self.cpu(k, c, t), 1);
                 let _ = writeln!(
                     s,
-                    "| {} | {c} | {} | {} | {} | {} | {} | {} | {} | {} | {added} |",
+                    "| {} | {c} | {} | {} | {} | {} | {} | {} | {} | {} | {added} | {} | {} |",
                     k.name(),
                     ops(Target::Direct),
                     ops(Target::Abproxy),
@@ -1702,6 +1805,8 @@ impl Results {
                     lat(Target::Direct),
                     lat(Target::Abproxy),
                     h(&lat(Target::Haproxy)),
+                    cpu(Target::Abproxy),
+                    h(&cpu(Target::Haproxy)),
                 );
             }
         }
@@ -1784,14 +1889,35 @@ fn run(args: &[String]) -> Result<()> {
         (None, None) => Some("haproxy failed to start".into()),
     };
 
-    let proxy_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(opts.proxy_threads)
-        .thread_name("abproxy")
-        .enable_all()
-        .build()?;
+    // abproxy's runtime, built as the binary builds it for `threads`
+    // (`abproxy::proxy::runtime`), runs on its own thread: with one thread it
+    // is a current-thread runtime, driven only by the thread in `block_on`.
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let threads = opts.proxy_threads;
+    let proxy_thread = std::thread::Builder::new()
+        .name(PROXY_THREAD.into())
+        .spawn(move || {
+            let rt = match abproxy::proxy::runtime(threads) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = handle_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = handle_tx.send(Ok(rt.handle().clone()));
+            rt.block_on(async {
+                let _ = stop_rx.await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(2));
+        })?;
+    let proxy_rt = handle_rx
+        .recv()
+        .context("abproxy runtime thread")?
+        .context("abproxy runtime")?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.client_threads)
-        .thread_name("loadgen")
+        .thread_name(LOADGEN_THREAD)
         .enable_all()
         .build()?;
 
@@ -1824,7 +1950,7 @@ fn run(args: &[String]) -> Result<()> {
         header,
         "## abproxy load benchmark\n\n\
          - {:.2} s per point after {} ms warm-up, {} round(s); closed-loop clients, one connection each\n\
-         - slapd {} (`{}` users, nosync); abproxy in-process ({} worker threads); load generator {} threads; {} cores\n\
+         - slapd {} (`{}` users, nosync); abproxy in-process (threads = {}); load generator {} threads; {} cores\n\
          - haproxy: {}",
         opts.secs,
         opts.warmup.as_millis(),
@@ -1860,10 +1986,29 @@ fn run(args: &[String]) -> Result<()> {
                 order.rotate_left(round % n);
                 let mut round_ops = BTreeMap::new();
                 for &(t, addr) in &order {
-                    let p =
-                        client_rt.block_on(run_point(addr, w.clone(), conns, opts.warmup, secs));
+                    let probe = match t {
+                        Target::Direct => None,
+                        Target::Abproxy => Some(CpuProbe::Threads(PROXY_THREAD)),
+                        Target::Haproxy => {
+                            haproxy.as_ref().map(|h| CpuProbe::Process(h.child.id()))
+                        }
+                    };
+                    let probes = vec![
+                        probe,
+                        Some(CpuProbe::Process(slapd.pid())),
+                        Some(CpuProbe::Threads(LOADGEN_THREAD)),
+                    ];
+                    let p = client_rt.block_on(run_point(
+                        addr,
+                        w.clone(),
+                        conns,
+                        opts.warmup,
+                        secs,
+                        probes,
+                    ));
+                    let cpu = |i: usize| p.cpu_us_per_op.get(i).copied().flatten();
                     eprintln!(
-                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs{}",
+                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}{}",
                         round + 1,
                         w.kind.name(),
                         conns,
@@ -1871,6 +2016,9 @@ fn run(args: &[String]) -> Result<()> {
                         p.ops_per_sec,
                         fmt_opt(pct_us(&p.lat, 50.0), 0),
                         fmt_opt(pct_us(&p.lat, 99.0), 0),
+                        fmt_opt(cpu(0), 1),
+                        fmt_opt(cpu(1), 1),
+                        fmt_opt(cpu(2), 1),
                         if p.errors.is_empty() {
                             String::new()
                         } else {
@@ -1878,6 +2026,7 @@ fn run(args: &[String]) -> Result<()> {
                         }
                     );
                     let agg = results.cells.entry((w.kind, conns, t)).or_default();
+                    agg.cpu.extend(cpu(0));
                     if p.ops_per_sec > 0.0 {
                         agg.ops.push(p.ops_per_sec);
                         round_ops.insert(t, p.ops_per_sec);
@@ -1938,7 +2087,8 @@ fn run(args: &[String]) -> Result<()> {
         Ok(Err(e)) => eprintln!("load: abproxy shutdown: {e:#}"),
         Err(_) => eprintln!("load: abproxy did not shut down within 10 s"),
     }
-    proxy_rt.shutdown_timeout(Duration::from_secs(2));
+    let _ = stop_tx.send(());
+    let _ = proxy_thread.join();
     client_rt.shutdown_timeout(Duration::from_secs(2));
     drop(haproxy);
     drop(slapd);
