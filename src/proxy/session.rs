@@ -144,6 +144,14 @@ pub struct SessionState {
     responses: AtomicU64,
 }
 
+/// Counts one more on a counter only one loop writes (the requests loop its
+/// requests, the responses loop its responses): a plain load and store, no
+/// locked read-modify-write per message.
+#[inline]
+fn count(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -847,7 +855,7 @@ impl Requests<'_> {
             Ok(env) => env,
             Err(e) => return Step::End(End::ClientProtocol(e.to_string())),
         };
-        self.state.requests.fetch_add(1, Ordering::Relaxed);
+        count(&self.state.requests);
         debug!(
             conn = self.id,
             msgid = env.msgid,
@@ -890,7 +898,10 @@ impl Requests<'_> {
             if name == oid::START_TLS {
                 // Answered here, never forwarded: the proxy must read every
                 // request, so it terminates TLS itself.
-                return self.start_tls(&env).await;
+                // Boxed: the handshake's future is large (1.6 KB), and
+                // inline it would make every request's `handle` future as
+                // large, built and moved at each request.
+                return Box::pin(self.start_tls(&env)).await;
             }
             if name == abproxy_proto::ALLOW_BACKUP_OID.as_bytes() {
                 self.allow_backup(&env, &frame);
@@ -1593,7 +1604,7 @@ impl Responses {
                 return Err(End::UpstreamProtocol(e.to_string()));
             }
         };
-        self.state.responses.fetch_add(1, Ordering::Relaxed);
+        count(&self.state.responses);
         let frame = match Envelope::response(&frame) {
             Ok(env) => match self.track(&env, &frame) {
                 Route::Forward => frame,
