@@ -54,10 +54,14 @@ impl InFlight {
     }
 }
 
-/// Outstanding requests of one client connection, by message ID.
+/// Outstanding requests of one client connection, by message ID. Hashed
+/// with foldhash (seeded per process) rather than SipHash: an insert and a
+/// remove per request, where SipHash cost about 3 % of all the proxy's
+/// instructions per operation (callgrind); a client choosing colliding IDs
+/// only slows its own table, which `max_outstanding_per_conn` bounds.
 #[derive(Debug, Default)]
 pub struct InFlightTable {
-    ops: HashMap<i32, InFlight>,
+    ops: HashMap<i32, InFlight, foldhash::fast::RandomState>,
 }
 
 impl InFlightTable {

@@ -818,8 +818,14 @@ impl Requests<'_> {
     }
 
     async fn flush(&mut self) -> Step {
-        // Biased, I/O first: the cancellation future is only polled (and
-        // registered) when the write really has to wait.
+        // Usually done at once (polled without a waker to leave behind);
+        // else biased, I/O first: the cancellation future is only polled
+        // (and registered) when the write really has to wait.
+        match self.up_out.flush().now_or_never() {
+            Some(Ok(())) => return Step::Continue,
+            Some(Err(e)) => return Step::End(End::Io("writing to upstream", e)),
+            None => {}
+        }
         tokio::select! {
             biased;
             r = self.up_out.flush() => match r {
@@ -1197,6 +1203,9 @@ impl Requests<'_> {
     }
 
     async fn feed(&mut self, frame: Bytes) -> Step {
+        let Err(frame) = append(&mut self.up_out, frame) else {
+            return Step::Continue;
+        };
         let fed = tokio::select! {
             biased;
             r = self.up_out.feed(frame) => r,
@@ -1403,6 +1412,21 @@ struct Responses {
     told: bool,
 }
 
+/// Appends a message to an output's buffer when the buffer is under its
+/// backpressure boundary, the usual case: what `SinkExt::feed` does then
+/// (the codec's encoding is this copy), without a future and a `select!`
+/// per message. `Err` gives the message back when the buffer must be
+/// flushed first (the caller then feeds it, waiting).
+#[inline]
+fn append(out: &mut FramedWrite<BoxWrite, FrameCodec>, msg: Bytes) -> Result<(), Bytes> {
+    if out.write_buffer().len() < out.backpressure_boundary() {
+        out.write_buffer_mut().extend_from_slice(&msg);
+        Ok(())
+    } else {
+        Err(msg)
+    }
+}
+
 /// Whether the next poll of `framed` can yield without reading the socket:
 /// a whole message (or a framing error) is in its buffer. When not, the
 /// loops go back to their `select!`, which reads with the task's own waker;
@@ -1539,10 +1563,14 @@ impl Responses {
                     }
                 }
             }
-            let flushed = tokio::select! {
-                biased;
-                r = self.client_out.flush() => r,
-                _ = self.close.cancelled() => return End::Closed,
+            // Usually done at once: then no `select!` is built.
+            let flushed = match self.client_out.flush().now_or_never() {
+                Some(r) => r,
+                None => tokio::select! {
+                    biased;
+                    r = self.client_out.flush() => r,
+                    _ = self.close.cancelled() => return End::Closed,
+                },
             };
             if let Err(e) = flushed {
                 return End::Io("writing to client", e);
@@ -1572,6 +1600,9 @@ impl Responses {
     }
 
     async fn write(&mut self, pdu: Bytes) -> Result<(), End> {
+        let Err(pdu) = append(&mut self.client_out, pdu) else {
+            return Ok(());
+        };
         tokio::select! {
             biased;
             r = self.client_out.feed(pdu) => r.map_err(|e| End::Io("writing to client", e)),
@@ -1605,6 +1636,19 @@ impl Responses {
             }
         };
         count(&self.state.responses);
+        // Search entries and references, most of a search's responses, are
+        // tracked only while a root DSE read or a persistent search is in
+        // flight (`track`) or answers are suppressed: else their tag is all
+        // the proxy reads.
+        if self.state.specials.load(Ordering::Relaxed) == 0
+            && !self.state.any_suppressed.load(Ordering::Relaxed)
+            && matches!(
+                Envelope::op_of(&frame),
+                Some(op::SEARCH_RESULT_ENTRY | op::SEARCH_RESULT_REFERENCE)
+            )
+        {
+            return self.write(frame).await;
+        }
         let frame = match Envelope::response(&frame) {
             Ok(env) => match self.track(&env, &frame) {
                 Route::Forward => frame,

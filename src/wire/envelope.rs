@@ -220,6 +220,19 @@ impl Envelope {
         Self::read(frame, false)
     }
 
+    /// The protocolOp tag of a framed message, past its messageID, without
+    /// reading the rest: for search entries the proxy forwards untracked,
+    /// most of a search's responses. `None` when the head does not read
+    /// (the full [`Envelope::response`] then says why).
+    #[inline]
+    pub fn op_of(frame: &[u8]) -> Option<u8> {
+        let mut outer = Reader::new(frame, 0, frame.len());
+        let msg = outer.next_tlv().ok().filter(|t| t.tag == 0x30)?;
+        let mut r = Reader::inside(frame, msg);
+        r.next_tlv().ok().filter(|t| t.tag == 0x02)?;
+        r.peek_tag()
+    }
+
     fn read(frame: &[u8], request: bool) -> Result<Envelope, EnvelopeError> {
         let mut outer = Reader::new(frame, 0, frame.len());
         let msg = outer.expect(0x30, "LDAPMessage SEQUENCE")?;
