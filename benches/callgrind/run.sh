@@ -1,0 +1,55 @@
+#!/bin/bash
+# Instructions per LDAP operation executed by abproxy in user space, counted
+# by callgrind: deterministic where throughput and CPU time on a shared
+# machine are not. The load bench drives the binary (release build,
+# `threads = 1`) in place of haproxy; instructions per operation = the
+# profile's total / the calls of InFlightTable::start (one per request;
+# start-up included, a few percent).
+#
+#   benches/callgrind/run.sh [WORKLOAD] [CONNS]     # default: bind 32
+#   callgrind_annotate /tmp/abproxy-callgrind/abproxy.*.out | head -40
+#
+# Needs valgrind, slapd (as the load bench) and a release build.
+set -eu
+cd "$(dirname "$0")/../.."
+workload=${1:-bind}
+conns=${2:-32}
+out=/tmp/abproxy-callgrind
+mkdir -p "$out"
+rm -f "$out"/abproxy.*.out
+cargo build --release --quiet
+export ABPROXY_BIN=$PWD/target/release/abproxy CG_OUT=$out CG_TARGET=abproxy
+LOAD_HAPROXY=$PWD/benches/callgrind/as-haproxy.sh LOAD_WORKLOADS=$workload \
+  LOAD_CONNS=$conns LOAD_SECS=3 LOAD_ROUNDS=1 cargo bench --quiet --bench load \
+  >"$out/bench.log" 2>&1 || true
+# The bench killed the wrapper; callgrind writes its profile when abproxy
+# exits on SIGTERM.
+pkill -TERM -f "valgrind.*target/release/abproxy serve" || true
+for _ in $(seq 1 30); do
+  pgrep -f "valgrind.*target/release/abproxy serve" >/dev/null || break
+  sleep 1
+done
+profile=$(ls -S "$out"/abproxy.*.out | head -1)
+python3 - "$profile" <<'PY'
+import collections, re, sys
+names, calls, cur, total = {}, collections.Counter(), None, 0
+for line in open(sys.argv[1]):
+    s = line.strip()
+    m = re.match(r'^(fn|cfn)=\((\d+)\)(?: (.*))?$', s)
+    if m:
+        kind, idx, name = m.groups()
+        if name:
+            names[idx] = name
+        if kind == 'cfn':
+            cur = idx
+        continue
+    m = re.match(r'^calls=(\d+)', s)
+    if m and cur:
+        calls[cur] += int(m.group(1))
+    if s.startswith(('totals:', 'summary:')):
+        total = int(s.split()[1])
+ops = max((c for i, c in calls.items() if 'InFlightTable::start' in names.get(i, '')), default=0)
+if not ops:
+    sys.exit(f"no operation counted in {sys.argv[1]}")
+print(f"{sys.argv[1]}: {ops} operations, {total} instructions, {total / ops:.0f} per operation")
+PY
