@@ -67,7 +67,6 @@ impl Wake for Flag {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        tracing::debug!("DBG flag woken");
         self.up.store(true, Ordering::Release);
         self.task.wake();
     }

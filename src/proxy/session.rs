@@ -1145,8 +1145,6 @@ impl Requests<'_> {
         Some(q)
     }
 
-    /// The freeze changed: send what it no longer holds, oldest first,
-    /// stopping at the first request still held.
     /// Reads what a client sent while its session was not reading it (what
     /// the kernel holds for the socket, and at most another
     /// `queue_max_bytes_per_conn`; the requests join the queue behind the
@@ -1173,6 +1171,8 @@ impl Requests<'_> {
         Step::Continue
     }
 
+    /// The freeze changed: send what it no longer holds, oldest first,
+    /// stopping at the first request still held.
     async fn release(&mut self) -> Step {
         let mut sent = 0;
         while let Some(head) = self.queue.front() {
