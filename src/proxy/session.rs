@@ -93,9 +93,11 @@ impl Close {
 }
 
 type ClientIn = FramedRead<BoxRead, FrameCodec>;
-type ClientOut = FramedWrite<BoxWrite, FrameCodec>;
+/// Either side's output (client or upstream).
+type Out = FramedWrite<BoxWrite, FrameCodec>;
+type ClientOut = Out;
 type UpIn = FramedRead<BoxRead, FrameCodec>;
-type UpOut = FramedWrite<BoxWrite, FrameCodec>;
+type UpOut = Out;
 
 /// State both loops of a session (and the freeze engine) share.
 #[derive(Debug, Default)]
@@ -818,21 +820,13 @@ impl Requests<'_> {
     }
 
     async fn flush(&mut self) -> Step {
-        // Usually done at once (polled without a waker to leave behind);
-        // else biased, I/O first: the cancellation future is only polled
-        // (and registered) when the write really has to wait.
-        match self.up_out.flush().now_or_never() {
-            Some(Ok(())) => return Step::Continue,
-            Some(Err(e)) => return Step::End(End::Io("writing to upstream", e)),
-            None => {}
-        }
-        tokio::select! {
-            biased;
-            r = self.up_out.flush() => match r {
-                Ok(()) => Step::Continue,
-                Err(e) => Step::End(End::Io("writing to upstream", e)),
-            },
-            _ = self.close.cancelled() => Step::End(End::Closed),
+        let flushed = match flush_now(&mut self.up_out, TO_UPSTREAM) {
+            Some(r) => r,
+            None => flush_waiting(&mut self.up_out, self.close, TO_UPSTREAM).await,
+        };
+        match flushed {
+            Ok(()) => Step::Continue,
+            Err(e) => Step::End(e),
         }
     }
 
@@ -1206,14 +1200,9 @@ impl Requests<'_> {
         let Err(frame) = append(&mut self.up_out, frame) else {
             return Step::Continue;
         };
-        let fed = tokio::select! {
-            biased;
-            r = self.up_out.feed(frame) => r,
-            _ = self.close.cancelled() => return Step::End(End::Closed),
-        };
-        match fed {
+        match feed_waiting(&mut self.up_out, frame, self.close, TO_UPSTREAM).await {
             Ok(()) => Step::Continue,
-            Err(e) => Step::End(End::Io("writing to upstream", e)),
+            Err(e) => Step::End(e),
         }
     }
 
@@ -1412,18 +1401,59 @@ struct Responses {
     told: bool,
 }
 
+/// A failed write to the upstream, as the close log line says it.
+const TO_UPSTREAM: &str = "writing to upstream";
+/// A failed write to the client, as the close log line says it.
+const TO_CLIENT: &str = "writing to client";
+
 /// Appends a message to an output's buffer when the buffer is under its
 /// backpressure boundary, the usual case: what `SinkExt::feed` does then
 /// (the codec's encoding is this copy), without a future and a `select!`
 /// per message. `Err` gives the message back when the buffer must be
-/// flushed first (the caller then feeds it, waiting).
+/// flushed first: then [`feed_waiting`].
 #[inline]
-fn append(out: &mut FramedWrite<BoxWrite, FrameCodec>, msg: Bytes) -> Result<(), Bytes> {
+fn append(out: &mut Out, msg: Bytes) -> Result<(), Bytes> {
     if out.write_buffer().len() < out.backpressure_boundary() {
         out.write_buffer_mut().extend_from_slice(&msg);
         Ok(())
     } else {
         Err(msg)
+    }
+}
+
+/// Feeds a message to an output as its socket takes the buffer, unless the
+/// session closes first.
+async fn feed_waiting(
+    out: &mut Out,
+    msg: Bytes,
+    close: &Close,
+    what: &'static str,
+) -> Result<(), End> {
+    tokio::select! {
+        biased;
+        r = out.feed(msg) => r.map_err(|e| End::Io(what, e)),
+        _ = close.cancelled() => Err(End::Closed),
+    }
+}
+
+/// Flushes an output if that needs no waiting, the usual case (polled
+/// without a waker to leave behind, no `select!` built); `None`: then
+/// [`flush_waiting`].
+#[inline]
+fn flush_now(out: &mut Out, what: &'static str) -> Option<Result<(), End>> {
+    out.flush()
+        .now_or_never()
+        .map(|r| r.map_err(|e| End::Io(what, e)))
+}
+
+/// Flushes an output, waiting for its socket, unless the session closes
+/// first. Biased, I/O first: the cancellation future is only polled (and
+/// registered) when the write really has to wait.
+async fn flush_waiting(out: &mut Out, close: &Close, what: &'static str) -> Result<(), End> {
+    tokio::select! {
+        biased;
+        r = out.flush() => r.map_err(|e| End::Io(what, e)),
+        _ = close.cancelled() => Err(End::Closed),
     }
 }
 
@@ -1563,17 +1593,12 @@ impl Responses {
                     }
                 }
             }
-            // Usually done at once: then no `select!` is built.
-            let flushed = match self.client_out.flush().now_or_never() {
+            let flushed = match flush_now(&mut self.client_out, TO_CLIENT) {
                 Some(r) => r,
-                None => tokio::select! {
-                    biased;
-                    r = self.client_out.flush() => r,
-                    _ = self.close.cancelled() => return End::Closed,
-                },
+                None => flush_waiting(&mut self.client_out, &self.close, TO_CLIENT).await,
             };
             if let Err(e) = flushed {
-                return End::Io("writing to client", e);
+                return e;
             }
         }
     }
@@ -1587,11 +1612,7 @@ impl Responses {
         resume: oneshot::Receiver<()>,
     ) -> Result<(), End> {
         self.write(pdu).await?;
-        tokio::select! {
-            biased;
-            r = self.client_out.flush() => r.map_err(|e| End::Io("writing to client", e))?,
-            _ = self.close.cancelled() => return Err(End::Closed),
-        }
+        flush_waiting(&mut self.client_out, &self.close, TO_CLIENT).await?;
         let _ = flushed.send(());
         tokio::select! {
             r = resume => r.map_err(|_| End::Closed),
@@ -1603,11 +1624,7 @@ impl Responses {
         let Err(pdu) = append(&mut self.client_out, pdu) else {
             return Ok(());
         };
-        tokio::select! {
-            biased;
-            r = self.client_out.feed(pdu) => r.map_err(|e| End::Io("writing to client", e)),
-            _ = self.close.cancelled() => Err(End::Closed),
-        }
+        feed_waiting(&mut self.client_out, pdu, &self.close, TO_CLIENT).await
     }
 
     /// Sends held persistent-search responses once no freeze holds them.
