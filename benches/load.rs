@@ -644,15 +644,16 @@ struct Point {
     cpu_us_per_op: Vec<Option<f64>>,
 }
 
-/// Where a proxy's CPU time is read: the user + system time of its threads
-/// in `/proc` (clock ticks, usually 10 ms: a 3 s point spends hundreds).
-/// CPU per operation is steadier than throughput on a noisy shared machine
-/// and says directly what a proxy costs.
+/// Where CPU time is read (the proxy's, slapd's, the load generator's): the
+/// user + system time of threads in `/proc` (clock ticks, usually 10 ms: a
+/// 3 s point spends hundreds). CPU per operation is steadier than throughput
+/// on a noisy shared machine and says directly what a proxy costs.
 #[derive(Clone, Copy)]
 enum CpuProbe {
-    /// This process's threads with this name (abproxy's runtime).
+    /// This process's threads with this name (abproxy's runtime, the load
+    /// generator's).
     Threads(&'static str),
-    /// Every thread of another process (haproxy).
+    /// Every thread of another process (haproxy, slapd).
     Process(u32),
 }
 
