@@ -770,6 +770,16 @@ async fn consistent_backup_under_continuous_writes() {
     assert!(total > frozen_entries, "writes went on after OFF");
 }
 
+/// A modify adding one more `description` value to `dn` (each such request
+/// leaves its own trace, so lost or repeated ones show).
+fn add_value(msgid: i32, dn: &str, value: &str) -> LdapMsg {
+    let mut m = modify(msgid, dn, "description", value);
+    if let LdapOp::ModifyRequest(r) = &mut m.op {
+        r.changes[0].operation = LdapModifyType::Add;
+    }
+    m
+}
+
 #[tokio::test]
 async fn full_queue_stops_reading_and_releases_everything() {
     let lab = freeze_lab(|c| c.freeze.queue_max_requests_per_conn = 5).await;
@@ -783,11 +793,7 @@ async fn full_queue_stops_reading_and_releases_everything() {
     let mut all = Vec::new();
     for v in 1..=20 {
         // Each adds its own value: all twenty must be there once at the end.
-        let mut m = modify(1 + v, &dn, "description", &format!("v{v}"));
-        if let LdapOp::ModifyRequest(r) = &mut m.op {
-            r.changes[0].operation = LdapModifyType::Add;
-        }
-        all.extend_from_slice(&encode(m));
+        all.extend_from_slice(&encode(add_value(1 + v, &dn, &format!("v{v}"))));
     }
     w.send(&all).await;
     wait_status(&lab, "a full queue", |s| s.queued_requests == 5).await;
@@ -1363,11 +1369,7 @@ async fn a_client_closing_behind_its_full_queue_has_nothing_sent() {
     let before = read_direct(&lab, &dn, "description").await;
     let mut all = Vec::new();
     for v in 1..=12 {
-        let mut m = modify(1 + v, &dn, "description", &format!("gone{v}"));
-        if let LdapOp::ModifyRequest(r) = &mut m.op {
-            r.changes[0].operation = LdapModifyType::Add;
-        }
-        all.extend_from_slice(&encode(m));
+        all.extend_from_slice(&encode(add_value(1 + v, &dn, &format!("gone{v}"))));
     }
     w.send(&all).await;
     wait_status(&lab, "a full queue", |s| s.queued_requests == 5).await;
