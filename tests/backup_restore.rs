@@ -289,11 +289,7 @@ async fn run(prog: &str, args: &[&str], env: &[(&str, &str)]) -> ToolOutput {
         .await
         .unwrap_or_else(|_| panic!("{prog} {args:?} timed out"))
         .unwrap();
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    ToolOutput::from(out)
 }
 
 /// Runs the README's restore lines on `$BACKUP/ldap-db.tar` into a new

@@ -5,7 +5,7 @@ mod support;
 
 use std::process::Command;
 
-use abproxy::lab::{Slapd, SlapdOptions};
+use abproxy::lab::SlapdOptions;
 use support::process::*;
 use support::*;
 
@@ -69,10 +69,7 @@ fn bad_flags_and_configs_are_refused_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_with_tcp_and_ldapi_on_both_sides() {
-    let slapd = tokio::task::spawn_blocking(|| Slapd::start(SlapdOptions::default()))
-        .await
-        .unwrap()
-        .unwrap();
+    let slapd = start_slapd(SlapdOptions::default()).await;
     let dir = tempfile::Builder::new()
         .prefix("abp")
         .tempdir_in("/tmp")
@@ -139,10 +136,7 @@ async fn config_file_with_tcp_and_ldapi_on_both_sides() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_thread_serves_on_a_single_thread() {
     use abproxy::lab::{ADMIN_DN, ADMIN_PW};
-    let slapd = tokio::task::spawn_blocking(|| Slapd::start(SlapdOptions::default()))
-        .await
-        .unwrap()
-        .unwrap();
+    let slapd = start_slapd(SlapdOptions::default()).await;
     let port = free_port();
     let url = format!("ldap://127.0.0.1:{port}");
     let mut proxy = Running::start(&[

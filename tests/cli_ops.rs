@@ -33,14 +33,6 @@ async fn lab(tweak: impl FnOnce(&mut Config)) -> Lab {
     .await
 }
 
-/// What a run of the binary did.
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 /// `abproxy ARGS` with the lab's proxy and the admin in the environment
 /// (ABPROXY_URL, ABPROXY_BIND_DN, ABPROXY_PASSWORD), nothing else of ours.
 fn command(lab: &Lab, args: &[&str]) -> tokio::process::Command {
@@ -58,24 +50,20 @@ fn command(lab: &Lab, args: &[&str]) -> tokio::process::Command {
     cmd
 }
 
-async fn output(mut cmd: tokio::process::Command) -> Out {
+async fn output(mut cmd: tokio::process::Command) -> ToolOutput {
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .expect("abproxy did not finish within 60 s")
         .expect("run abproxy");
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    ToolOutput::from(out)
 }
 
-async fn abproxy(lab: &Lab, args: &[&str]) -> Out {
+async fn abproxy(lab: &Lab, args: &[&str]) -> ToolOutput {
     output(command(lab, args)).await
 }
 
 /// `abproxy ARGS` with some environment variables removed.
-async fn abproxy_without(lab: &Lab, unset: &[&str], args: &[&str]) -> Out {
+async fn abproxy_without(lab: &Lab, unset: &[&str], args: &[&str]) -> ToolOutput {
     let mut cmd = command(lab, args);
     for v in unset {
         cmd.env_remove(v);

@@ -36,16 +36,9 @@ const OUR_VARS: &[&str] = &[
     "ABPROXY_LOG",
 ];
 
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 /// `program ARGS` with `env` (and `abproxy` first on PATH, ldap-utils
 /// reading no ldap.conf), within 60 s.
-async fn run_with(program: &str, args: &[&str], env: &[(&str, &str)]) -> Out {
+async fn run_with(program: &str, args: &[&str], env: &[(&str, &str)]) -> ToolOutput {
     let bin_dir = Path::new(BIN).parent().unwrap();
     let path = format!(
         "{}:{}",
@@ -70,20 +63,16 @@ async fn run_with(program: &str, args: &[&str], env: &[(&str, &str)]) -> Out {
         .await
         .expect("finished within 60 s")
         .expect("run it");
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    ToolOutput::from(out)
 }
 
-async fn abproxy(args: &[&str], env: &[(&str, &str)]) -> Out {
+async fn abproxy(args: &[&str], env: &[(&str, &str)]) -> ToolOutput {
     run_with(BIN, args, env).await
 }
 
 /// Runs a README block with `sh -e`, `replace` applied (the README's
 /// addresses and paths for the lab's).
-async fn run_recipe(name: &str, replace: &[(&str, &str)]) -> Out {
+async fn run_recipe(name: &str, replace: &[(&str, &str)]) -> ToolOutput {
     let mut script = recipe(name).to_string();
     for (from, to) in replace {
         assert!(script.contains(from), "{name} mentions {from}");

@@ -4,16 +4,13 @@
 
 mod support;
 
-use abproxy::lab::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
+use abproxy::lab::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use support::process::*;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_frozen_is_undone_at_the_next_start() {
-    let slapd = tokio::task::spawn_blocking(|| Slapd::start(SlapdOptions::default()))
-        .await
-        .unwrap()
-        .unwrap();
+    let slapd = start_slapd(SlapdOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
     let marks = dir.path().join("marks");

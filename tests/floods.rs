@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::HashMap;
 
-use abproxy::lab::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
+use abproxy::lab::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 use abproxy_proto::AllowBackupRequest;
 use futures::future::join_all;
 use ldap3_proto::proto::LdapResultCode;
@@ -50,10 +50,7 @@ async fn ten_thousand_idle_connections() {
             "open-file limit {limit} (cannot be raised here): {n} connections instead of 10,000"
         );
     }
-    let slapd = tokio::task::spawn_blocking(|| Slapd::start(SlapdOptions::default()))
-        .await
-        .unwrap()
-        .unwrap();
+    let slapd = start_slapd(SlapdOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let (config, addr) = write_config(
         dir.path(),

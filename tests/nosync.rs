@@ -102,11 +102,7 @@ async fn abproxy(url: &str, args: &[&str]) -> ToolOutput {
         .output()
         .await
         .unwrap();
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    ToolOutput::from(out)
 }
 
 /// LDIF adding `n` entries under dc=example,dc=org.

@@ -107,10 +107,7 @@ async fn serve_notifies(slapd: &Slapd, sock: &UnixDatagram, notify_env: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_sends_ready_and_stopping_to_notify_socket() {
-    let slapd = tokio::task::spawn_blocking(|| Slapd::start(SlapdOptions::default()))
-        .await
-        .unwrap()
-        .unwrap();
+    let slapd = start_slapd(SlapdOptions::default()).await;
 
     // A path, as systemd passes it (/run/systemd/notify).
     let dir = tempfile::tempdir().unwrap();

@@ -98,11 +98,7 @@ pub async fn cli(proxy: &ProxyHandle, args: &[&str]) -> ToolOutput {
         .await
         .expect("abproxy did not finish in 90 s")
         .unwrap();
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    ToolOutput::from(out)
 }
 
 /// Entries of an LDIF text (an export, or `ldapsearch -LLL` output): DN

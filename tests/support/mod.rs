@@ -43,10 +43,7 @@ impl Lab {
 
     /// slapd built from `opts`, proxy config adjusted by `tweak`.
     pub async fn with(opts: SlapdOptions, tweak: impl FnOnce(&mut Config)) -> Lab {
-        let slapd = tokio::task::spawn_blocking(move || Slapd::start(opts))
-            .await
-            .unwrap()
-            .expect("start slapd");
+        let slapd = start_slapd(opts).await;
         let mut config = Config {
             listen: vec!["ldap://127.0.0.1:0".into()],
             upstream: slapd.url(),
@@ -89,12 +86,31 @@ impl Lab {
     }
 }
 
+/// A throwaway slapd built from `opts`, started off the async runtime (its
+/// start-up blocks).
+pub async fn start_slapd(opts: SlapdOptions) -> Slapd {
+    tokio::task::spawn_blocking(move || Slapd::start(opts))
+        .await
+        .unwrap()
+        .expect("start slapd")
+}
+
 /// What an ldap-utils command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolOutput {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl From<std::process::Output> for ToolOutput {
+    fn from(out: std::process::Output) -> Self {
+        ToolOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
 }
 
 /// Runs an ldap-utils tool (`ldapsearch`, `ldapmodify`, ...) with `args`,
@@ -124,11 +140,7 @@ pub async fn ldap_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> ToolOu
         .await
         .unwrap_or_else(|_| panic!("{tool} {args:?} did not finish in 60 s"))
         .unwrap();
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    ToolOutput::from(out)
 }
 
 /// Runs the same tool invocation against `direct` and `proxied`: every

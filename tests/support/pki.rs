@@ -124,9 +124,5 @@ pub async fn tool_env(
         .await
         .expect("tool finished within 60 s")
         .unwrap();
-    super::ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    super::ToolOutput::from(out)
 }
