@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt};
 use ldap3_proto::proto::{LdapMsg, LdapOp, LdapResultCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -31,7 +31,7 @@ use crate::endpoint::{self, BoxRead, BoxWrite};
 use crate::freeze::{Class, Control, Engine, Kind, Requester, SessionHandle};
 use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
-use crate::wire::{op, pdu, rootdse, Envelope, FrameCodec, FrameError};
+use crate::wire::{op, pdu, rootdse, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
 
 /// Frames handled before a flush, so one busy direction cannot starve the
 /// flush of what it already wrote.
@@ -92,12 +92,19 @@ impl Close {
     }
 }
 
-type ClientIn = FramedRead<BoxRead, FrameCodec>;
+/// Either side's input (client or upstream).
+type In = FrameReader<BoxRead>;
+type ClientIn = In;
+type UpIn = In;
 /// Either side's output (client or upstream).
-type Out = FramedWrite<BoxWrite, FrameCodec>;
+type Out = FrameWriter<BoxWrite>;
 type ClientOut = Out;
-type UpIn = FramedRead<BoxRead, FrameCodec>;
 type UpOut = Out;
+/// What reading the next message gave: its length, `None` at a clean end.
+type Next = Result<Option<usize>, FrameError>;
+/// How much the upstream output buffers before the requests loop flushes
+/// it first (as `FramedWrite`'s default).
+const UP_BUFFER: usize = 8 * 1024;
 
 /// State both loops of a session (and the freeze engine) share.
 #[derive(Debug, Default)]
@@ -441,10 +448,9 @@ pub(crate) async fn serve_connected(
     let started = Instant::now();
     let client_r = client.read;
     let (up_r, up_w) = upstream;
-    let mut client_out = FramedWrite::new(client.write, FrameCodec::default());
     // At most this much (plus one response) waits for a client that does not
     // read; then the responses loop stops reading the upstream.
-    client_out.set_backpressure_boundary(shared.config.client_buffer_bytes);
+    let client_out = FrameWriter::new(client.write, shared.config.client_buffer_bytes);
 
     let engine = shared.engine.clone();
     let state = Arc::new(SessionState::new(&shared.config));
@@ -472,11 +478,11 @@ pub(crate) async fn serve_connected(
         shared: &shared,
         engine: &engine,
         state: &state,
-        client_in: FramedRead::new(
+        client_in: FrameReader::new(
             client_r,
             FrameCodec::with_shared_max(state.pdu_limit.clone()),
         ),
-        up_out: FramedWrite::new(up_w, FrameCodec::default()),
+        up_out: FrameWriter::new(up_w, UP_BUFFER),
         local: local_tx,
         control: Inbox::new(control_rx),
         epoch: engine.epoch(),
@@ -489,7 +495,7 @@ pub(crate) async fn serve_connected(
         id,
         engine: engine.clone(),
         state: state.clone(),
-        up_in: FramedRead::new(up_r, FrameCodec::new(shared.config.max_response_pdu_bytes)),
+        up_in: FrameReader::new(up_r, FrameCodec::new(shared.config.max_response_pdu_bytes)),
         client_out,
         local: Inbox::new(local_rx),
         control: control_tx,
@@ -560,7 +566,7 @@ pub(crate) async fn refuse_connection(mut client_r: BoxRead, client_w: BoxWrite,
 
 /// The upstream could not be reached: tell the client and close.
 async fn refuse(id: u64, peer: &str, shared: &Shared, client_w: BoxWrite, why: String) {
-    let mut client_out: ClientOut = FramedWrite::new(client_w, FrameCodec::default());
+    let mut client_out = FramedWrite::new(client_w, FrameCodec::default());
     warn!(conn = id, %peer, upstream = %shared.upstream, "cannot connect to upstream: {why}");
     let notice = pdu::notice_of_disconnection(
         LdapResultCode::Unavailable,
@@ -618,7 +624,7 @@ enum Step {
 
 /// What woke the requests loop.
 enum Event {
-    Frame(Option<Result<Bytes, FrameError>>),
+    Frame(Next),
     Control(Control),
     Epoch,
     /// A response made room under `max_outstanding_per_conn`.
@@ -747,7 +753,7 @@ impl Requests<'_> {
                     c => Event::Control(c),
                 },
                 Ok(()) = self.epoch.changed(), if waiting => Event::Epoch,
-                f = self.client_in.next(), if room => Event::Frame(f),
+                f = self.client_in.next_message(), if room => Event::Frame(f),
                 // Created only when polled: no waiter made and dropped per
                 // request while there is room.
                 _ = async { state.room.notified().await }, if !room => Event::Room,
@@ -799,7 +805,7 @@ impl Requests<'_> {
     }
 
     /// Handles a frame and whatever else the client already sent.
-    async fn on_frames(&mut self, first: Option<Result<Bytes, FrameError>>) -> Step {
+    async fn on_frames(&mut self, first: Next) -> Step {
         if let Step::End(e) = self.handle(first).await {
             return Step::End(e);
         }
@@ -807,7 +813,7 @@ impl Requests<'_> {
             if !self.has_room() || !frame_buffered(&self.client_in) {
                 break;
             }
-            match self.client_in.next().now_or_never() {
+            match self.client_in.next_message().now_or_never() {
                 Some(next) => {
                     if let Step::End(e) = self.handle(next).await {
                         return Step::End(e);
@@ -830,16 +836,16 @@ impl Requests<'_> {
         }
     }
 
-    async fn handle(&mut self, next: Option<Result<Bytes, FrameError>>) -> Step {
+    async fn handle(&mut self, next: Next) -> Step {
         let frame = match next {
-            None => return Step::End(End::ClientClosed),
-            Some(Ok(f)) => f,
-            Some(Err(FrameError::Io(e))) => return Step::End(End::Io("reading from client", e)),
-            Some(Err(FrameError::TruncatedAtEof(n))) => {
+            Ok(None) => return Step::End(End::ClientClosed),
+            Ok(Some(n)) => self.client_in.take(n),
+            Err(FrameError::Io(e)) => return Step::End(End::Io("reading from client", e)),
+            Err(FrameError::TruncatedAtEof(n)) => {
                 debug!(conn = self.id, "client closed inside a message ({n} bytes)");
                 return Step::End(End::ClientClosed);
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 if self.state.sasl_bound.load(Ordering::Relaxed) {
                     return Step::End(End::SaslLayer("client"));
                 }
@@ -1153,7 +1159,7 @@ impl Requests<'_> {
         let mut frames = 4 * cfg.queue_max_requests_per_conn.max(256);
         while self.queued_bytes < limit && frames > 0 {
             frames -= 1;
-            match self.client_in.next().now_or_never() {
+            match self.client_in.next_message().now_or_never() {
                 None => break,
                 Some(next) => {
                     if let Step::End(e) = self.handle(next).await {
@@ -1197,10 +1203,10 @@ impl Requests<'_> {
     }
 
     async fn feed(&mut self, frame: Bytes) -> Step {
-        let Err(frame) = append(&mut self.up_out, frame) else {
+        if self.up_out.append(&frame) {
             return Step::Continue;
-        };
-        match feed_waiting(&mut self.up_out, frame, self.close, TO_UPSTREAM).await {
+        }
+        match feed_waiting(&mut self.up_out, &frame, self.close, TO_UPSTREAM).await {
             Ok(()) => Step::Continue,
             Err(e) => Step::End(e),
         }
@@ -1406,34 +1412,18 @@ const TO_UPSTREAM: &str = "writing to upstream";
 /// A failed write to the client, as the close log line says it.
 const TO_CLIENT: &str = "writing to client";
 
-/// Appends a message to an output's buffer when the buffer is under its
-/// backpressure boundary, the usual case: what `SinkExt::feed` does then
-/// (the codec's encoding is this copy), without a future and a `select!`
-/// per message. `Err` gives the message back when the buffer must be
-/// flushed first: then [`feed_waiting`].
-#[inline]
-fn append(out: &mut Out, msg: Bytes) -> Result<(), Bytes> {
-    if out.write_buffer().len() < out.backpressure_boundary() {
-        out.write_buffer_mut().extend_from_slice(&msg);
-        Ok(())
-    } else {
-        Err(msg)
-    }
-}
-
-/// Feeds a message to an output as its socket takes the buffer, unless the
-/// session closes first.
+/// Feeds a message to an output once its socket has taken what the buffer
+/// holds (the buffer was at its boundary: [`FrameWriter::append`] refused
+/// it), unless the session closes first.
 async fn feed_waiting(
     out: &mut Out,
-    msg: Bytes,
+    msg: &[u8],
     close: &Close,
     what: &'static str,
 ) -> Result<(), End> {
-    tokio::select! {
-        biased;
-        r = out.feed(msg) => r.map_err(|e| End::Io(what, e)),
-        _ = close.cancelled() => Err(End::Closed),
-    }
+    flush_waiting(out, close, what).await?;
+    out.append_always(msg);
+    Ok(())
 }
 
 /// Flushes an output if that needs no waiting, the usual case (polled
@@ -1441,9 +1431,11 @@ async fn feed_waiting(
 /// [`flush_waiting`].
 #[inline]
 fn flush_now(out: &mut Out, what: &'static str) -> Option<Result<(), End>> {
-    out.flush()
-        .now_or_never()
-        .map(|r| r.map_err(|e| End::Io(what, e)))
+    let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+    match out.poll_flush(&mut cx) {
+        std::task::Poll::Ready(r) => Some(r.map_err(|e| End::Io(what, e))),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Flushes an output, waiting for its socket, unless the session closes
@@ -1463,11 +1455,8 @@ async fn flush_waiting(out: &mut Out, close: &Close, what: &'static str) -> Resu
 /// a poll with a no-op waker here would only register it with the reactor
 /// in vain.
 #[inline]
-fn frame_buffered(framed: &FramedRead<BoxRead, FrameCodec>) -> bool {
-    !matches!(
-        crate::wire::codec::frame_len(framed.read_buffer(), usize::MAX),
-        Ok(None)
-    )
+fn frame_buffered(input: &In) -> bool {
+    !matches!(input.buffered(), Ok(None))
 }
 
 /// True for a Notice of Disconnection.
@@ -1534,7 +1523,7 @@ impl Responses {
             return;
         }
         self.told = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
-        let _ = self.client_out.feed(pdu).await;
+        let _ = self.client_out.send(&pdu).await;
     }
 
     fn can_read(&self) -> bool {
@@ -1553,7 +1542,7 @@ impl Responses {
                 Some(l) = self.local.recv() => match l {
                     Local::Pdu(pdu) => {
                         let notice = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
-                        if let Err(e) = self.write(pdu).await {
+                        if let Err(e) = self.write(&pdu).await {
                             return e;
                         }
                         if notice {
@@ -1574,7 +1563,7 @@ impl Responses {
                         return e;
                     }
                 }
-                next = self.up_in.next(), if can_read => {
+                next = self.up_in.next_message(), if can_read => {
                     if let Err(e) = self.forward(next).await {
                         return e;
                     }
@@ -1582,7 +1571,7 @@ impl Responses {
                         if !self.can_read() || !frame_buffered(&self.up_in) {
                             break;
                         }
-                        match self.up_in.next().now_or_never() {
+                        match self.up_in.next_message().now_or_never() {
                             Some(next) => {
                                 if let Err(e) = self.forward(next).await {
                                     return e;
@@ -1611,7 +1600,7 @@ impl Responses {
         flushed: oneshot::Sender<()>,
         resume: oneshot::Receiver<()>,
     ) -> Result<(), End> {
-        self.write(pdu).await?;
+        self.write(&pdu).await?;
         flush_waiting(&mut self.client_out, &self.close, TO_CLIENT).await?;
         let _ = flushed.send(());
         tokio::select! {
@@ -1620,10 +1609,10 @@ impl Responses {
         }
     }
 
-    async fn write(&mut self, pdu: Bytes) -> Result<(), End> {
-        let Err(pdu) = append(&mut self.client_out, pdu) else {
+    async fn write(&mut self, pdu: &[u8]) -> Result<(), End> {
+        if self.client_out.append(pdu) {
             return Ok(());
-        };
+        }
         feed_waiting(&mut self.client_out, pdu, &self.close, TO_CLIENT).await
     }
 
@@ -1634,18 +1623,18 @@ impl Responses {
         }
         while let Some(f) = self.held.pop_front() {
             self.held_bytes -= f.len();
-            self.write(f).await?;
+            self.write(&f).await?;
         }
         Ok(())
     }
 
-    async fn forward(&mut self, next: Option<Result<Bytes, FrameError>>) -> Result<(), End> {
-        let frame = match next {
-            None => return Err(End::UpstreamClosed),
-            Some(Ok(f)) => f,
-            Some(Err(FrameError::Io(e))) => return Err(End::Io("reading from upstream", e)),
-            Some(Err(FrameError::TruncatedAtEof(_))) => return Err(End::UpstreamClosed),
-            Some(Err(e)) => {
+    async fn forward(&mut self, next: Next) -> Result<(), End> {
+        let n = match next {
+            Ok(None) => return Err(End::UpstreamClosed),
+            Ok(Some(n)) => n,
+            Err(FrameError::Io(e)) => return Err(End::Io("reading from upstream", e)),
+            Err(FrameError::TruncatedAtEof(_)) => return Err(End::UpstreamClosed),
+            Err(e) => {
                 if self.state.sasl_bound.load(Ordering::Relaxed) {
                     return Err(End::SaslLayer("server"));
                 }
@@ -1653,41 +1642,53 @@ impl Responses {
             }
         };
         count(&self.state.responses);
+        let frame = self.up_in.message(n);
         // Search entries and references, most of a search's responses, are
         // tracked only while a root DSE read or a persistent search is in
         // flight (`track`) or answers are suppressed: else their tag is all
         // the proxy reads.
-        if self.state.specials.load(Ordering::Relaxed) == 0
+        let route = if self.state.specials.load(Ordering::Relaxed) == 0
             && !self.state.any_suppressed.load(Ordering::Relaxed)
             && matches!(
-                Envelope::op_of(&frame),
+                Envelope::op_of(frame),
                 Some(op::SEARCH_RESULT_ENTRY | op::SEARCH_RESULT_REFERENCE)
-            )
-        {
-            return self.write(frame).await;
-        }
-        let frame = match Envelope::response(&frame) {
-            Ok(env) => match self.track(&env, &frame) {
-                Route::Forward => frame,
-                Route::Rewrite(f) => f,
-                Route::Drop => return Ok(()),
-                Route::Hold => {
-                    self.held_bytes += frame.len();
-                    self.held.push_back(frame);
-                    return Ok(());
+            ) {
+            Route::Forward
+        } else {
+            match Envelope::response(frame) {
+                Ok(env) => self.track(&env, frame),
+                // Framed but not a response we can read: still the server's
+                // answer, so it goes to the client untouched.
+                Err(e) => {
+                    debug!(conn = self.id, "unreadable response envelope: {e}");
+                    Route::Forward
                 }
-            },
-            // Framed but not a response we can read: still the server's
-            // answer, so it goes to the client untouched.
-            Err(e) => {
-                debug!(conn = self.id, "unreadable response envelope: {e}");
-                frame
             }
         };
-        self.write(frame).await
+        // The response is copied to the client's buffer, then leaves the
+        // read buffer; only a held one is kept as its own `Bytes`.
+        let r = match route {
+            Route::Forward => {
+                if self.client_out.append(frame) {
+                    Ok(())
+                } else {
+                    feed_waiting(&mut self.client_out, frame, &self.close, TO_CLIENT).await
+                }
+            }
+            Route::Rewrite(f) => self.write(&f).await,
+            Route::Drop => Ok(()),
+            Route::Hold => {
+                let f = self.up_in.take(n);
+                self.held_bytes += f.len();
+                self.held.push_back(f);
+                return Ok(());
+            }
+        };
+        self.up_in.skip(n);
+        r
     }
 
-    fn track(&self, env: &Envelope, frame: &Bytes) -> Route {
+    fn track(&self, env: &Envelope, frame: &[u8]) -> Route {
         // Only the notice is unsolicited: a client that broke RFC 4511 by
         // sending a request with messageID 0 gets its response tracked like
         // any other (else it stayed in flight for ever and held up every

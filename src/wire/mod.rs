@@ -4,8 +4,10 @@
 pub mod ber;
 pub mod codec;
 pub mod envelope;
+pub mod io;
 pub mod pdu;
 pub mod rootdse;
 
 pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_PDU};
 pub use envelope::{op, Envelope, EnvelopeError};
+pub use io::{FrameReader, FrameWriter};
