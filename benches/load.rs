@@ -12,15 +12,14 @@
 //! ```
 //!
 //! One run starts a throwaway slapd (`abproxy::lab`, 1000 users, no fsync),
-//! abproxy **in-process** (`ProxyHandle::spawn` on the runtime the binary
-//! builds for `threads` = `--proxy-threads`, on its own thread, threads named
-//! `abproxy`), and, if `haproxy` is on `PATH`, a
-//! haproxy with `nbthread 1`, `mode tcp`, no logging, config in a temporary
-//! directory. The load generator runs on a separate tokio runtime (threads
+//! abproxy as its own process (the binary built with this bench, `serve
+//! --config` with `threads` = `--proxy-threads`; see [`AbproxyProcess`]),
+//! and, if `haproxy` is on `PATH`, a haproxy with `nbthread 1`, `mode tcp`,
+//! no logging; both configs in temporary directories. The load generator runs on a separate tokio runtime (threads
 //! named `loadgen`). Everything shares the machine's cores, so on a small
 //! machine the numbers are "what the whole box does", and the ratios to
 //! `direct` are what matter. Each point also reports the CPU time per
-//! operation of the proxy (abproxy's threads, haproxy's process), slapd and
+//! operation of the proxy (abproxy's process, haproxy's process), slapd and
 //! the load generator, read from `/proc` (user + system time): steadier than
 //! throughput on a noisy machine, and what a proxy costs.
 //!
@@ -98,11 +97,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use abproxy::endpoint::Endpoint;
 use abproxy::lab::{user_dn, user_pw, Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use abproxy::wire::ber::{read_header, write_len};
 use abproxy::wire::{op, pdu, Envelope, FrameCodec};
-use abproxy::{Config, ProxyHandle};
 use abproxy_proto::{
     AllowBackupRequest, AllowBackupStatus, FreezeState, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID,
 };
@@ -629,8 +626,6 @@ async fn client(
     res
 }
 
-/// The name of abproxy's runtime threads in this process.
-const PROXY_THREAD: &str = "abproxy";
 /// The name of the load generator's threads.
 const LOADGEN_THREAD: &str = "loadgen";
 
@@ -650,10 +645,9 @@ struct Point {
 /// on a noisy shared machine and says directly what a proxy costs.
 #[derive(Clone, Copy)]
 enum CpuProbe {
-    /// This process's threads with this name (abproxy's runtime, the load
-    /// generator's).
+    /// This process's threads with this name (the load generator's).
     Threads(&'static str),
-    /// Every thread of another process (haproxy, slapd).
+    /// Every thread of another process (abproxy, haproxy, slapd).
     Process(u32),
 }
 
@@ -807,17 +801,28 @@ const BACKLOG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The abproxy settings of the freeze section: the admin may freeze, and
 /// the queue limits hold the whole backlog without backpressure.
-fn freeze_config(cfg: &mut Config, opts: &Opts) {
-    let f = &mut cfg.freeze;
-    f.allowed = vec![ADMIN_DN.into()];
-    f.max_drain_secs = FREEZE_MAX_DRAIN_SECS;
-    // A freeze left behind by a failed run ends by itself.
-    f.lease_secs = 120;
+fn freeze_config(opts: &Opts) -> toml::Table {
     let backlog = opts.backlog_conns * opts.backlog_depth;
-    f.queue_max_requests_per_conn = 2 * opts.backlog_depth.max(1000);
-    f.queue_max_bytes_per_conn = 64 << 20;
-    f.queue_max_requests_total = (4 * backlog).max(f.queue_max_requests_per_conn);
-    f.queue_max_bytes_total = 1 << 30;
+    let per_conn = 2 * opts.backlog_depth.max(1000);
+    let mut f = toml::Table::new();
+    f.insert("allowed".into(), toml::Value::Array(vec![ADMIN_DN.into()]));
+    f.insert(
+        "max_drain_secs".into(),
+        (FREEZE_MAX_DRAIN_SECS as i64).into(),
+    );
+    // A freeze left behind by a failed run ends by itself.
+    f.insert("lease_secs".into(), 120.into());
+    f.insert(
+        "queue_max_requests_per_conn".into(),
+        (per_conn as i64).into(),
+    );
+    f.insert("queue_max_bytes_per_conn".into(), (64i64 << 20).into());
+    f.insert(
+        "queue_max_requests_total".into(),
+        ((4 * backlog).max(per_conn) as i64).into(),
+    );
+    f.insert("queue_max_bytes_total".into(), (1i64 << 30).into());
+    f
 }
 
 /// The pre-encoded requests of the freeze section.
@@ -1584,6 +1589,133 @@ impl FreezeResults {
     }
 }
 
+// ---------------------------------------------------------------- abproxy
+
+/// abproxy as its own process, as a deployment runs it and as haproxy runs
+/// here: the binary this bench was built with (`CARGO_BIN_EXE_abproxy`),
+/// `serve --config` with the bench's settings (`--proxy-threads`, the freeze
+/// section's limits, the TLS section's certificate). A proxy inside the
+/// bench's own process shared it with the load generator (allocator, page
+/// tables, scheduler accounting) and measured a few points lower than the
+/// same binary on its own. Stopped with SIGTERM (graceful shutdown) on drop.
+struct AbproxyProcess {
+    child: Child,
+    addr: SocketAddr,
+    /// The `ldaps://` listener when TLS is measured.
+    ldaps: Option<SocketAddr>,
+    dir: tempfile::TempDir,
+}
+
+impl AbproxyProcess {
+    fn start(
+        upstream: &str,
+        opts: &Opts,
+        tls: Option<&(PathBuf, PathBuf)>,
+    ) -> Result<AbproxyProcess> {
+        let dir = tempfile::Builder::new()
+            .prefix("abproxy-load-abproxy")
+            .tempdir()?;
+        let mut last_err = anyhow!("not started");
+        for _ in 0..5 {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+            let ldaps = match tls {
+                Some(_) => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?))),
+                None => None,
+            };
+            let mut listen = vec![toml::Value::from(format!("ldap://{addr}"))];
+            listen.extend(ldaps.map(|a| toml::Value::from(format!("ldaps://{a}"))));
+            let mut cfg = toml::Table::new();
+            cfg.insert("listen".into(), toml::Value::Array(listen));
+            cfg.insert("upstream".into(), upstream.into());
+            cfg.insert("shutdown_grace_secs".into(), 1.into());
+            cfg.insert("threads".into(), (opts.proxy_threads as i64).into());
+            cfg.insert("freeze".into(), toml::Value::Table(freeze_config(opts)));
+            if let Some((cert, key)) = tls {
+                let mut t = toml::Table::new();
+                t.insert("cert_file".into(), cert.display().to_string().into());
+                t.insert("key_file".into(), key.display().to_string().into());
+                cfg.insert("tls".into(), toml::Value::Table(t));
+            }
+            let file = dir.path().join("abproxy.toml");
+            std::fs::write(&file, toml::to_string(&cfg)?)?;
+            let log = std::fs::File::create(dir.path().join("abproxy.log"))?;
+            let mut child = Command::new(env!("CARGO_BIN_EXE_abproxy"))
+                .arg("serve")
+                .arg("--config")
+                .arg(&file)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting the abproxy binary")?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    let out =
+                        std::fs::read_to_string(dir.path().join("abproxy.log")).unwrap_or_default();
+                    last_err = anyhow!("abproxy exited ({status}):\n{out}");
+                    break;
+                }
+                let up = |a: SocketAddr| {
+                    std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok()
+                };
+                if up(addr) && ldaps.is_none_or(up) {
+                    return Ok(AbproxyProcess {
+                        child,
+                        addr,
+                        ldaps,
+                        dir,
+                    });
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_err = anyhow!("abproxy did not listen on {addr} within 10 s");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Err(last_err)
+    }
+
+    /// SIGTERM, then waits for the graceful shutdown (killed after 10 s);
+    /// says so if it was not clean.
+    fn stop(mut self) {
+        // SAFETY: kill(2) with a pid this process spawned and has not reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) if status.success() => return,
+                Ok(Some(status)) => {
+                    let log = std::fs::read_to_string(self.dir.path().join("abproxy.log"))
+                        .unwrap_or_default();
+                    eprintln!("load: abproxy exited with {status}:\n{log}");
+                    return;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    eprintln!("load: abproxy did not shut down within 10 s");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AbproxyProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 // ---------------------------------------------------------------- haproxy
 
 /// A haproxy child process in TCP mode in front of slapd; killed on drop.
@@ -1890,55 +2022,14 @@ fn run(args: &[String]) -> Result<()> {
         (None, None) => Some("haproxy failed to start".into()),
     };
 
-    // abproxy's runtime, built as the binary builds it for `threads`
-    // (`abproxy::proxy::runtime`), runs on its own thread: with one thread it
-    // is a current-thread runtime, driven only by the thread in `block_on`.
-    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let threads = opts.proxy_threads;
-    let proxy_thread = std::thread::Builder::new()
-        .name(PROXY_THREAD.into())
-        .spawn(move || {
-            let rt = match abproxy::proxy::runtime(threads) {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = handle_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = handle_tx.send(Ok(rt.handle().clone()));
-            rt.block_on(async {
-                let _ = stop_rx.await;
-            });
-            rt.shutdown_timeout(Duration::from_secs(2));
-        })?;
-    let proxy_rt = handle_rx
-        .recv()
-        .context("abproxy runtime thread")?
-        .context("abproxy runtime")?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.client_threads)
         .thread_name(LOADGEN_THREAD)
         .enable_all()
         .build()?;
-
-    let mut config = Config {
-        listen: vec!["ldap://127.0.0.1:0".into()],
-        upstream: slapd.url(),
-        shutdown_grace_secs: 1,
-        ..Config::default()
-    };
-    freeze_config(&mut config, &opts);
-    if let Some(p) = &pki {
-        config.listen.push("ldaps://127.0.0.1:0".into());
-        config.tls.cert_file = Some(p.proxy.0.clone());
-        config.tls.key_file = Some(p.proxy.1.clone());
-    }
-    let proxy = proxy_rt.block_on(ProxyHandle::spawn(config))?;
-    let abproxy_addr: SocketAddr = match &proxy.endpoints()[0] {
-        Endpoint::Tcp(a) => a.parse().context("abproxy listener address")?,
-        other => bail!("unexpected abproxy listener {other}"),
-    };
+    let proxy = AbproxyProcess::start(&slapd.url(), &opts, pki.as_ref().map(|p| &p.proxy))
+        .context("starting abproxy")?;
+    let abproxy_addr = proxy.addr;
 
     let mut targets = vec![(Target::Direct, direct), (Target::Abproxy, abproxy_addr)];
     if let Some(h) = &haproxy {
@@ -1951,7 +2042,7 @@ fn run(args: &[String]) -> Result<()> {
         header,
         "## abproxy load benchmark\n\n\
          - {:.2} s per point after {} ms warm-up, {} round(s); closed-loop clients, one connection each\n\
-         - slapd {} (`{}` users, nosync); abproxy in-process (threads = {}); load generator {} threads; {} cores\n\
+         - slapd {} (`{}` users, nosync); abproxy `serve`, own process (threads = {}); load generator {} threads; {} cores\n\
          - haproxy: {}",
         opts.secs,
         opts.warmup.as_millis(),
@@ -1989,7 +2080,7 @@ fn run(args: &[String]) -> Result<()> {
                 for &(t, addr) in &order {
                     let probe = match t {
                         Target::Direct => None,
-                        Target::Abproxy => Some(CpuProbe::Threads(PROXY_THREAD)),
+                        Target::Abproxy => Some(CpuProbe::Process(proxy.child.id())),
                         Target::Haproxy => {
                             haproxy.as_ref().map(|h| CpuProbe::Process(h.child.id()))
                         }
@@ -2063,10 +2154,7 @@ fn run(args: &[String]) -> Result<()> {
             .context("slapd's ldaps listener")?
             .trim_start_matches("ldaps://")
             .parse()?;
-        let proxy_ldaps: SocketAddr = match proxy.endpoints().get(1) {
-            Some(Endpoint::Tls(a)) => a.parse()?,
-            other => bail!("unexpected abproxy TLS listener {other:?}"),
-        };
+        let proxy_ldaps = proxy.ldaps.context("abproxy's ldaps listener")?;
         for round in 0..opts.rounds {
             client_rt.block_on(tls_section::run_round(
                 round,
@@ -2081,15 +2169,7 @@ fn run(args: &[String]) -> Result<()> {
         }
     }
 
-    let shutdown = proxy_rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(10), proxy.shutdown()).await });
-    match shutdown {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("load: abproxy shutdown: {e:#}"),
-        Err(_) => eprintln!("load: abproxy did not shut down within 10 s"),
-    }
-    let _ = stop_tx.send(());
-    let _ = proxy_thread.join();
+    proxy.stop();
     client_rt.shutdown_timeout(Duration::from_secs(2));
     drop(haproxy);
     drop(slapd);
