@@ -24,12 +24,14 @@ pub struct InFlight {
     pub persistent: bool,
     /// A base search of the root DSE (its entry gets the proxy's OIDs).
     pub root_dse: bool,
-    /// The name of a simple bind (becomes the session's identity on success).
-    pub bind_dn: Option<Bytes>,
+    /// Where the name of a simple bind is in `request` (it becomes the
+    /// session's identity on success): see [`InFlight::bind_dn`].
+    pub bind_dn_span: Option<std::ops::Range<u32>>,
     /// The gate's classification, when a freeze was active as it passed.
     pub class: Option<Class>,
     /// The request itself, kept (a reference-counted view, no copy) to be
-    /// classified only if a freeze starts while it is in flight.
+    /// classified only if a freeze starts while it is in flight, and for a
+    /// simple bind's name.
     pub request: Option<Bytes>,
 }
 
@@ -42,10 +44,18 @@ impl InFlight {
             sasl_bind: false,
             persistent: false,
             root_dse: false,
-            bind_dn: None,
+            bind_dn_span: None,
             class,
             request: None,
         }
+    }
+
+    /// The name of a simple bind.
+    pub fn bind_dn(&self) -> Option<&[u8]> {
+        let r = self.bind_dn_span.as_ref()?;
+        self.request
+            .as_deref()?
+            .get(r.start as usize..r.end as usize)
     }
 
     /// Time since it was sent.

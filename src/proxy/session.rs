@@ -114,7 +114,7 @@ pub struct SessionState {
     completed: Notify,
     /// The identity of the last successful simple bind (bytes as sent:
     /// made a string only when asked for).
-    bound_dn: Mutex<Option<Bytes>>,
+    bound_dn: Mutex<BoundDn>,
     /// Message IDs answered by the proxy (drain time limit) whose server
     /// responses must not reach the client any more.
     suppressed: Mutex<HashSet<i32>>,
@@ -245,18 +245,14 @@ impl SessionState {
     /// The session's bound DN, if a simple bind succeeded.
     pub fn bound_dn(&self) -> Option<String> {
         lock(&self.bound_dn)
-            .as_ref()
+            .get()
             .map(|dn| String::from_utf8_lossy(dn).into_owned())
     }
 
     /// A bind ended: `dn` (a successful simple bind's name) is the
-    /// session's identity from now on. Kept as is when the same name binds
-    /// again, so a client re-binding as itself costs no allocation.
+    /// session's identity from now on.
     fn set_bound_dn(&self, dn: Option<&[u8]>) {
-        let mut bound = lock(&self.bound_dn);
-        if bound.as_deref() != dn {
-            *bound = dn.map(Bytes::copy_from_slice);
-        }
+        lock(&self.bound_dn).set(dn);
     }
 
     /// Wakes a shutdown waiting for the in-flight table to empty.
@@ -279,6 +275,30 @@ impl SessionState {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+/// A session's bound DN. One buffer for the session's life: a connection
+/// that binds as one user after another (a pool re-binding per request)
+/// costs no allocation per bind.
+#[derive(Debug, Default)]
+struct BoundDn {
+    dn: Vec<u8>,
+    bound: bool,
+}
+
+impl BoundDn {
+    fn get(&self) -> Option<&[u8]> {
+        self.bound.then_some(&self.dn[..])
+    }
+
+    fn set(&mut self, dn: Option<&[u8]>) {
+        self.bound = dn.is_some();
+        let dn = dn.unwrap_or_default();
+        if self.dn != dn {
+            self.dn.clear();
+            self.dn.extend_from_slice(dn);
         }
     }
 }
@@ -1076,7 +1096,9 @@ impl Requests<'_> {
     }
 
     fn classify(&self, env: &Envelope, frame: &[u8]) -> Class {
-        let bound = lock(&self.state.bound_dn).clone();
+        // Copied out of the lock (classification happens only while a
+        // freeze is on).
+        let bound = lock(&self.state.bound_dn).get().map(<[u8]>::to_vec);
         self.engine.classify(env, frame, bound.as_deref())
     }
 
@@ -1096,17 +1118,14 @@ impl Requests<'_> {
             || known.unwrap_or_else(|| self.classify(env, frame)),
             |class| {
                 let mut entry = InFlight::new(env.op, class);
-                if class.is_none() {
+                if class.is_none() || env.op == op::BIND_REQUEST {
                     entry.request = Some(frame.clone());
                 }
                 match env.op {
                     op::BIND_REQUEST => {
                         entry.sasl_bind = env.bind_auth == Some(auth::SASL);
                         if env.bind_auth == Some(auth::SIMPLE) {
-                            entry.bind_dn = env
-                                .dn
-                                .as_ref()
-                                .map(|s| frame.slice(s.start as usize..s.end as usize));
+                            entry.bind_dn_span = env.dn.clone();
                         }
                     }
                     op::SEARCH_REQUEST => {
@@ -1747,12 +1766,10 @@ impl Responses {
                 self.state
                     .sasl_bound
                     .store(ok && req.sasl_bind, Ordering::Relaxed);
-                let named = req.bind_dn.as_ref().is_some_and(|dn| !dn.is_empty());
-                self.state.set_authenticated(ok && (req.sasl_bind || named));
-                self.state.set_bound_dn(match (&req.bind_dn, ok) {
-                    (Some(dn), true) if !dn.is_empty() => Some(dn),
-                    _ => None,
-                });
+                let named = req.bind_dn().filter(|dn| !dn.is_empty());
+                self.state
+                    .set_authenticated(ok && (req.sasl_bind || named.is_some()));
+                self.state.set_bound_dn(named.filter(|_| ok));
             }
             debug!(
                 conn = self.id,
