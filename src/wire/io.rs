@@ -78,7 +78,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     n => Err(FrameError::TruncatedAtEof(n)),
                 });
             }
-            if self.buf.is_empty() && self.buf.capacity() != READ_CAPACITY {
+            // (Not at every empty buffer: while a taken message is alive
+            // the attempt fails, and each costs a call.)
+            if self.buf.is_empty()
+                && (self.buf.capacity() < READ_CAPACITY / 2 || self.buf.capacity() > READ_CAPACITY)
+            {
                 if self.buf.capacity() > READ_CAPACITY {
                     // It grew for a large message: give it back.
                     self.buf = BytesMut::with_capacity(READ_CAPACITY);
@@ -284,11 +288,22 @@ mod tests {
         ));
     }
 
+    /// A message of `n` bytes in all (a SEQUENCE of filler octets).
+    fn filler(n: usize) -> Vec<u8> {
+        let mut v = vec![0x30, 0x82, ((n - 4) >> 8) as u8, (n - 4) as u8];
+        v.resize(n, 0x04);
+        v
+    }
+
     #[tokio::test]
     async fn reuses_the_start_of_an_emptied_buffer() {
-        let (mut tx, rx) = tokio::io::duplex(64);
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut r = FrameReader::new(rx, FrameCodec::default());
-        tx.write_all(BIND).await.unwrap();
+        // Past half of the buffer, the next read starts again at its
+        // beginning.
+        tx.write_all(&filler(READ_CAPACITY / 2 + 100))
+            .await
+            .unwrap();
         let n = r.next_message().await.unwrap().unwrap();
         let start = r.message(n).as_ptr();
         r.skip(n);
@@ -298,6 +313,11 @@ mod tests {
         // A taken message still alive: the buffer moves on, the message
         // stays intact.
         let kept = r.take(n);
+        tx.write_all(&filler(READ_CAPACITY / 2 + 100))
+            .await
+            .unwrap();
+        let n = r.next_message().await.unwrap().unwrap();
+        r.skip(n);
         tx.write_all(BIND).await.unwrap();
         let n = r.next_message().await.unwrap().unwrap();
         assert_ne!(r.message(n).as_ptr(), start);
