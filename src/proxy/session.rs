@@ -536,6 +536,7 @@ pub(crate) async fn serve_connected(
         held_bytes: 0,
         close: close.clone(),
         told: false,
+        partial: false,
     };
     // The two directions run as two tasks, so a wake-up for one polls only
     // that one.
@@ -1424,6 +1425,9 @@ struct Responses {
     /// The proxy sent the client a Notice of Disconnection: nothing may
     /// follow it (RFC 4511 section 4.4.1).
     told: bool,
+    /// The last response forwarded was a search entry or reference (its
+    /// search's final response is probably close behind).
+    partial: bool,
 }
 
 /// A failed write to the upstream, as the close log line says it.
@@ -1583,21 +1587,8 @@ impl Responses {
                     }
                 }
                 next = self.up_in.next_message(), if can_read => {
-                    if let Err(e) = self.forward(next).await {
+                    if let Err(e) = self.forward_read(next).await {
                         return e;
-                    }
-                    for _ in 0..BATCH {
-                        if !self.can_read() || !frame_buffered(&self.up_in) {
-                            break;
-                        }
-                        match self.up_in.next_message().now_or_never() {
-                            Some(next) => {
-                                if let Err(e) = self.forward(next).await {
-                                    return e;
-                                }
-                            }
-                            None => break,
-                        }
                     }
                 }
             }
@@ -1609,6 +1600,42 @@ impl Responses {
                 return e;
             }
         }
+    }
+
+    /// Forwards a response just read, then the others already read (a
+    /// batch at most).
+    async fn forward_read(&mut self, next: Next) -> Result<(), End> {
+        self.forward(next).await?;
+        self.forward_buffered().await?;
+        if self.partial && self.can_read() {
+            // A search entry went last: its searchResultDone is usually on
+            // its way. One yield (the runtime polls its sockets) lets it
+            // join the entry in one write to the client, instead of two
+            // writes and two wake-ups of the client; it never waits for
+            // data. Measured at one connection: 0.69 -> 0.74 of direct
+            // throughput, client CPU per search 22.5 -> 17.1 µs.
+            tokio::task::yield_now().await;
+            if let Some(next) = self.up_in.next_message().now_or_never() {
+                self.forward(next).await?;
+                self.forward_buffered().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards the whole responses already in the read buffer (a batch at
+    /// most).
+    async fn forward_buffered(&mut self) -> Result<(), End> {
+        for _ in 0..BATCH {
+            if !self.can_read() || !frame_buffered(&self.up_in) {
+                break;
+            }
+            match self.up_in.next_message().now_or_never() {
+                Some(next) => self.forward(next).await?,
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     /// Writes the StartTLS response in clear, then waits while the
@@ -1666,6 +1693,11 @@ impl Responses {
         // tracked only while a root DSE read or a persistent search is in
         // flight (`track`) or answers are suppressed: else their tag is all
         // the proxy reads.
+        let entry = matches!(
+            Envelope::op_of(frame),
+            Some(op::SEARCH_RESULT_ENTRY | op::SEARCH_RESULT_REFERENCE)
+        );
+        self.partial = entry;
         let route = if self.state.specials.load(Ordering::Relaxed) == 0
             && !self.state.any_suppressed.load(Ordering::Relaxed)
             && matches!(
