@@ -50,9 +50,17 @@ pub fn check_frame(data: &[u8]) {
     }
 }
 
-/// Envelope peek: never panics, and every range it reports lies inside the
-/// frame (so later slicing cannot panic either).
+/// Envelope peek: never panics, every range it reports lies inside the
+/// frame (so later slicing cannot panic either), and the tag-only peek
+/// (`Envelope::op_of`) agrees with the full read.
 pub fn check_envelope(data: &[u8]) {
+    let tag = Envelope::op_of(data);
+    for env in [Envelope::request(data), Envelope::response(data)]
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(tag, Some(env.op), "op_of disagrees with the envelope");
+    }
     for env in [Envelope::request(data), Envelope::response(data)]
         .into_iter()
         .flatten()

@@ -1698,12 +1698,10 @@ impl Responses {
             Some(op::SEARCH_RESULT_ENTRY | op::SEARCH_RESULT_REFERENCE)
         );
         self.partial = entry;
-        let route = if self.state.specials.load(Ordering::Relaxed) == 0
+        let route = if entry
+            && self.state.specials.load(Ordering::Relaxed) == 0
             && !self.state.any_suppressed.load(Ordering::Relaxed)
-            && matches!(
-                Envelope::op_of(frame),
-                Some(op::SEARCH_RESULT_ENTRY | op::SEARCH_RESULT_REFERENCE)
-            ) {
+        {
             Route::Forward
         } else {
             match Envelope::response(frame) {

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use thiserror::Error;
 
-use super::ber::{decode_signed, decode_unsigned, BerError, Reader, Tlv};
+use super::ber::{decode_signed, decode_unsigned, read_header, BerError, Reader, Tlv};
 
 /// Identifier octets of the LDAP protocolOp CHOICE (RFC 4511 section 4.2+).
 pub mod op {
@@ -226,11 +226,19 @@ impl Envelope {
     /// (the full [`Envelope::response`] then says why).
     #[inline]
     pub fn op_of(frame: &[u8]) -> Option<u8> {
-        let mut outer = Reader::new(frame, 0, frame.len());
-        let msg = outer.next_tlv().ok().filter(|t| t.tag == 0x30)?;
-        let mut r = Reader::inside(frame, msg);
-        r.next_tlv().ok().filter(|t| t.tag == 0x02)?;
-        r.peek_tag()
+        // Two headers, no `Reader`: the SEQUENCE must hold the whole
+        // messageID and at least the operation's identifier octet.
+        let msg = read_header(frame).ok()??;
+        let end = msg.total_len();
+        if msg.tag != 0x30 || end > frame.len() {
+            return None;
+        }
+        let id = read_header(frame.get(msg.header_len..end)?).ok()??;
+        if id.tag != 0x02 {
+            return None;
+        }
+        let at = msg.header_len.checked_add(id.total_len())?;
+        (at < end).then(|| frame[at])
     }
 
     fn read(frame: &[u8], request: bool) -> Result<Envelope, EnvelopeError> {
@@ -412,6 +420,26 @@ mod tests {
             inner.extend(tlv(0xa0, c));
         }
         tlv(0x30, &inner)
+    }
+
+    #[test]
+    fn op_of_reads_the_tag_of_whole_messages_only() {
+        let entry = msg(
+            &[5],
+            &tlv(op::SEARCH_RESULT_ENTRY, &tlv(0x04, b"cn=a")),
+            None,
+        );
+        assert_eq!(Envelope::op_of(&entry), Some(op::SEARCH_RESULT_ENTRY));
+        let long_id = msg(&[0, 0x80, 0, 0], &tlv(op::SEARCH_RESULT_DONE, &[]), None);
+        assert_eq!(Envelope::op_of(&long_id), Some(op::SEARCH_RESULT_DONE));
+        // Truncated, wrong outer tag, messageID not an INTEGER, no operation.
+        assert_eq!(Envelope::op_of(&entry[..entry.len() - 1]), None);
+        let mut not_seq = entry.clone();
+        not_seq[0] = 0x31;
+        assert_eq!(Envelope::op_of(&not_seq), None);
+        assert_eq!(Envelope::op_of(&tlv(0x30, &tlv(0x04, &[1]))), None);
+        assert_eq!(Envelope::op_of(&tlv(0x30, &tlv(0x02, &[1]))), None);
+        assert_eq!(Envelope::op_of(&[]), None);
     }
 
     fn search(base: &str, scope: u8) -> Vec<u8> {
