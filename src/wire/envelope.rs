@@ -241,6 +241,7 @@ impl Envelope {
         (at < end).then(|| frame[at])
     }
 
+    #[inline(always)]
     fn read(frame: &[u8], request: bool) -> Result<Envelope, EnvelopeError> {
         let mut outer = Reader::new(frame, 0, frame.len());
         let msg = outer.expect(0x30, "LDAPMessage SEQUENCE")?;
