@@ -1589,6 +1589,39 @@ impl FreezeResults {
     }
 }
 
+// ---------------------------------------------------------------- proxies
+
+/// Waits until a proxy child accepts connections on every address; an
+/// error with its log when it exits first, or when it does not listen
+/// within `limit` (then it is killed).
+fn wait_listening(
+    child: &mut Child,
+    addrs: &[SocketAddr],
+    log: &Path,
+    name: &str,
+    limit: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let out = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("{name} exited ({status}):\n{out}");
+        }
+        let up = |a: &SocketAddr| {
+            std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok()
+        };
+        if addrs.iter().all(up) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} did not listen on {addrs:?} within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ---------------------------------------------------------------- abproxy
 
 /// abproxy as its own process, as a deployment runs it and as haproxy runs
@@ -1649,32 +1682,18 @@ impl AbproxyProcess {
                 .stderr(log)
                 .spawn()
                 .context("starting the abproxy binary")?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    let out =
-                        std::fs::read_to_string(dir.path().join("abproxy.log")).unwrap_or_default();
-                    last_err = anyhow!("abproxy exited ({status}):\n{out}");
-                    break;
-                }
-                let up = |a: SocketAddr| {
-                    std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok()
-                };
-                if up(addr) && ldaps.is_none_or(up) {
+            let addrs: Vec<SocketAddr> = std::iter::once(addr).chain(ldaps).collect();
+            let log = dir.path().join("abproxy.log");
+            match wait_listening(&mut child, &addrs, &log, "abproxy", Duration::from_secs(10)) {
+                Ok(()) => {
                     return Ok(AbproxyProcess {
                         child,
                         addr,
                         ldaps,
                         dir,
-                    });
+                    })
                 }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_err = anyhow!("abproxy did not listen on {addr} within 10 s");
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                Err(e) => last_err = e,
             }
         }
         Err(last_err)
@@ -1772,29 +1791,17 @@ impl Haproxy {
                 .spawn()
                 .with_context(|| format!("starting {}", bin.display()))?;
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    let out =
-                        std::fs::read_to_string(dir.path().join("haproxy.out")).unwrap_or_default();
-                    last_err = anyhow!("haproxy exited ({status}):\n{out}");
-                    break;
-                }
-                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            let log = dir.path().join("haproxy.out");
+            match wait_listening(&mut child, &[addr], &log, "haproxy", Duration::from_secs(5)) {
+                Ok(()) => {
                     return Ok(Haproxy {
                         child,
                         addr,
                         version,
                         _dir: dir,
-                    });
+                    })
                 }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_err = anyhow!("haproxy did not listen on {addr} within 5 s");
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                Err(e) => last_err = e,
             }
         }
         Err(last_err)
