@@ -637,6 +637,8 @@ struct Point {
     /// CPU time per measured operation, in µs, of each probe given to
     /// [`run_point`] (the proxy's, slapd's, the load generator's).
     cpu_us_per_op: Vec<Option<f64>>,
+    /// Context switches per measured operation of each probe.
+    switches_per_op: Vec<Option<f64>>,
 }
 
 /// Where CPU time is read (the proxy's, slapd's, the load generator's): the
@@ -652,13 +654,15 @@ enum CpuProbe {
 }
 
 impl CpuProbe {
-    fn read(self) -> Option<Duration> {
+    /// CPU time and context switches (voluntary + involuntary) so far.
+    fn read(self) -> Option<(Duration, u64)> {
         let (dir, name) = match self {
             CpuProbe::Threads(n) => ("/proc/self/task".to_string(), Some(n)),
             CpuProbe::Process(pid) => (format!("/proc/{pid}/task"), None),
         };
         let tick = 1.0 / clock_ticks_per_sec();
         let mut secs = 0.0;
+        let mut switches = 0u64;
         for t in std::fs::read_dir(dir).ok()?.flatten() {
             let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
                 continue;
@@ -676,8 +680,21 @@ impl CpuProbe {
             let f: Vec<&str> = rest.split_whitespace().collect();
             let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
             secs += (ticks(11) + ticks(12)) * tick;
+            if let Ok(status) = std::fs::read_to_string(t.path().join("status")) {
+                for l in status.lines() {
+                    if l.starts_with("voluntary_ctxt_switches:")
+                        || l.starts_with("nonvoluntary_ctxt_switches:")
+                    {
+                        switches += l
+                            .split_whitespace()
+                            .nth(1)
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0);
+                    }
+                }
+            }
         }
-        Some(Duration::from_secs_f64(secs))
+        Some((Duration::from_secs_f64(secs), switches))
     }
 }
 
@@ -727,7 +744,7 @@ async fn run_point(
     let t0 = Instant::now();
     let _ = start_tx.send(Some(t0));
     let warm_end = t0 + warmup;
-    let read_all = |probes: &[Option<CpuProbe>]| -> Vec<Option<Duration>> {
+    let read_all = |probes: &[Option<CpuProbe>]| -> Vec<Option<(Duration, u64)>> {
         probes.iter().map(|p| p.and_then(CpuProbe::read)).collect()
     };
     let at_warm_end = {
@@ -761,16 +778,19 @@ async fn run_point(
     drop(start_tx);
     // The clients are done: the processes measured are idle from here on.
     let start = at_warm_end.await.unwrap_or_default();
-    let cpu_us_per_op = read_all(&probes)
-        .into_iter()
-        .enumerate()
-        .map(|(i, end)| match (start.get(i).copied().flatten(), end) {
-            (Some(a), Some(b)) if !lat.is_empty() => {
-                Some(b.saturating_sub(a).as_secs_f64() * 1e6 / lat.len() as f64)
-            }
-            _ => None,
-        })
-        .collect();
+    let end = read_all(&probes);
+    let n = lat.len() as f64;
+    let per_op = |f: &dyn Fn((Duration, u64), (Duration, u64)) -> f64| -> Vec<Option<f64>> {
+        end.iter()
+            .enumerate()
+            .map(|(i, end)| match (start.get(i).copied().flatten(), *end) {
+                (Some(a), Some(b)) if n > 0.0 => Some(f(a, b) / n),
+                _ => None,
+            })
+            .collect()
+    };
+    let cpu_us_per_op = per_op(&|a, b| b.0.saturating_sub(a.0).as_secs_f64() * 1e6);
+    let switches_per_op = per_op(&|a, b| b.1.saturating_sub(a.1) as f64);
     lat.sort_unstable();
     let elapsed = last_done.map_or(0.0, |d| d.saturating_duration_since(warm_end).as_secs_f64());
     let ops_per_sec = if elapsed > 0.0 {
@@ -783,6 +803,7 @@ async fn run_point(
         lat,
         errors,
         cpu_us_per_op,
+        switches_per_op,
     }
 }
 
@@ -2106,8 +2127,9 @@ fn run(args: &[String]) -> Result<()> {
                         probes,
                     ));
                     let cpu = |i: usize| p.cpu_us_per_op.get(i).copied().flatten();
+                    let cs = |i: usize| p.switches_per_op.get(i).copied().flatten();
                     eprintln!(
-                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}{}",
+                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}  switches/op {:>4} {:>4} {:>4}{}",
                         round + 1,
                         w.kind.name(),
                         conns,
@@ -2118,6 +2140,9 @@ fn run(args: &[String]) -> Result<()> {
                         fmt_opt(cpu(0), 1),
                         fmt_opt(cpu(1), 1),
                         fmt_opt(cpu(2), 1),
+                        fmt_opt(cs(0), 2),
+                        fmt_opt(cs(1), 2),
+                        fmt_opt(cs(2), 2),
                         if p.errors.is_empty() {
                             String::new()
                         } else {
