@@ -84,7 +84,11 @@
 //!
 //! With several rounds, ops/s is the median over rounds, the ratios are the
 //! medians of the per-round ratios, and percentiles are over all rounds'
-//! samples (the freeze section runs once per round too). Every loop is
+//! samples (the freeze section runs once per round too). With HAProxy, a
+//! second table pairs abproxy with HAProxy round by round (the two run
+//! seconds apart, so a slow phase of the machine hits both): the median of
+//! abproxy/HAProxy, a distribution-free confidence interval for it (needs 5
+//! rounds or more), and the rounds abproxy was ahead. Every loop is
 //! time-limited (5 s per request, 15 s per ON, 30 s per backlog, a deadline
 //! per point): the benchmark always ends by itself. Under `cargo test
 //! --all-targets` (no `--bench` argument) it does nothing.
@@ -1878,6 +1882,26 @@ fn median(v: &mut [f64]) -> Option<f64> {
     })
 }
 
+/// A distribution-free confidence interval for the median of `sorted`
+/// (ascending): the order statistics x(k) .. x(n+1-k) for the largest k whose
+/// coverage, 1 - 2 P(Binomial(n, 1/2) < k), is still at least `conf`.
+/// Returns the bounds and their exact coverage; None when even the whole
+/// range (k = 1) covers less than `conf` (too few rounds).
+fn median_interval(sorted: &[f64], conf: f64) -> Option<(f64, f64, f64)> {
+    let n = sorted.len();
+    // P(Binomial(n, 1/2) <= j) for j = 0..n.
+    let mut cdf = Vec::with_capacity(n + 1);
+    let (mut pmf, mut acc) = (0.5f64.powi(n as i32), 0.0);
+    for j in 0..=n {
+        acc += pmf;
+        cdf.push(acc);
+        pmf *= (n - j) as f64 / (j + 1) as f64;
+    }
+    let coverage = |k: usize| 1.0 - 2.0 * cdf[k - 1];
+    let k = (1..=n / 2).take_while(|&k| coverage(k) >= conf).last()?;
+    Some((sorted[k - 1], sorted[n - k], coverage(k)))
+}
+
 /// Percentile `p` (0..=100) of sorted nanoseconds, in µs.
 fn pct_us(sorted: &[u64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
@@ -1896,6 +1920,17 @@ struct Results {
     cells: BTreeMap<(Kind, usize, Target), Agg>,
     /// (workload, conns, target) -> per-round ratio to direct.
     ratios: BTreeMap<(Kind, usize, Target), Vec<f64>>,
+    /// (workload, conns) -> per round, abproxy against HAProxy measured in
+    /// the same round: ops/s ratio and proxy CPU µs/op difference.
+    head_to_head: BTreeMap<(Kind, usize), Vec<Paired>>,
+}
+
+/// One round of abproxy against HAProxy at one point.
+struct Paired {
+    /// abproxy's ops/s / HAProxy's.
+    ops_ratio: f64,
+    /// abproxy's proxy CPU µs/op - HAProxy's.
+    cpu_diff: Option<f64>,
 }
 
 impl Results {
@@ -1968,6 +2003,45 @@ impl Results {
                     h(&lat(Target::Haproxy)),
                     cpu(Target::Abproxy),
                     h(&cpu(Target::Haproxy)),
+                );
+            }
+        }
+        s
+    }
+
+    /// abproxy against HAProxy, paired by round (both measured within
+    /// seconds of each other, so slow phases of a shared machine hit both):
+    /// the median of the per-round ops/s ratios with a distribution-free
+    /// confidence interval for that median, the rounds abproxy was ahead,
+    /// and the median difference in proxy CPU per operation.
+    fn head_to_head_table(&self, opts: &Opts) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "| workload | conns | abproxy/haproxy ops/s, median of rounds | interval (confidence) | rounds abproxy ahead | proxy CPU µs/op, abproxy - haproxy |\n\
+             |---|---:|---:|---:|---:|---:|"
+        );
+        for &k in &opts.workloads {
+            for &c in &opts.conns {
+                let Some(rounds) = self.head_to_head.get(&(k, c)) else {
+                    continue;
+                };
+                let mut r: Vec<f64> = rounds.iter().map(|x| x.ops_ratio).collect();
+                let mut cpu: Vec<f64> = rounds.iter().filter_map(|x| x.cpu_diff).collect();
+                r.sort_by(f64::total_cmp);
+                let ahead = r.iter().filter(|&&x| x > 1.0).count();
+                let m = median(&mut r);
+                let interval = median_interval(&r, 0.9).map_or_else(
+                    || "- (too few rounds)".to_string(),
+                    |(lo, hi, conf)| format!("{lo:.3} .. {hi:.3} ({:.0} %)", conf * 100.0),
+                );
+                let _ = writeln!(
+                    s,
+                    "| {} | {c} | {} | {interval} | {ahead} of {} | {} |",
+                    k.name(),
+                    fmt_opt(m, 3),
+                    r.len(),
+                    median(&mut cpu).map_or_else(|| "-".into(), |d| format!("{d:+.1}")),
                 );
             }
         }
@@ -2091,6 +2165,7 @@ fn run(args: &[String]) -> Result<()> {
     let mut results = Results {
         cells: BTreeMap::new(),
         ratios: BTreeMap::new(),
+        head_to_head: BTreeMap::new(),
     };
     let workloads: Vec<Arc<Workload>> = opts
         .workloads
@@ -2105,6 +2180,7 @@ fn run(args: &[String]) -> Result<()> {
                 let n = order.len();
                 order.rotate_left(round % n);
                 let mut round_ops = BTreeMap::new();
+                let mut round_cpu = BTreeMap::new();
                 for &(t, addr) in &order {
                     let probe = match t {
                         Target::Direct => None,
@@ -2151,6 +2227,9 @@ fn run(args: &[String]) -> Result<()> {
                     );
                     let agg = results.cells.entry((w.kind, conns, t)).or_default();
                     agg.cpu.extend(cpu(0));
+                    if let Some(c) = cpu(0) {
+                        round_cpu.insert(t, c);
+                    }
                     if p.ops_per_sec > 0.0 {
                         agg.ops.push(p.ops_per_sec);
                         round_ops.insert(t, p.ops_per_sec);
@@ -2166,6 +2245,26 @@ fn run(args: &[String]) -> Result<()> {
                             .or_default()
                             .push(o / d);
                     }
+                }
+                if let (Some(a), Some(h)) = (
+                    round_ops.get(&Target::Abproxy),
+                    round_ops.get(&Target::Haproxy),
+                ) {
+                    let cpu = match (
+                        round_cpu.get(&Target::Abproxy),
+                        round_cpu.get(&Target::Haproxy),
+                    ) {
+                        (Some(a), Some(h)) => Some(a - h),
+                        _ => None,
+                    };
+                    results
+                        .head_to_head
+                        .entry((w.kind, conns))
+                        .or_default()
+                        .push(Paired {
+                            ops_ratio: a / h,
+                            cpu_diff: cpu,
+                        });
                 }
             }
         }
@@ -2215,6 +2314,10 @@ fn run(args: &[String]) -> Result<()> {
             "Added p99 latency at 1 connection (target p99 - direct p99): {}",
             results.added_latency_at_1(&opts, has_haproxy)
         );
+        if has_haproxy {
+            println!();
+            print!("{}", results.head_to_head_table(&opts));
+        }
         if let Some(n) = &haproxy_note {
             println!("haproxy columns skipped: {n}");
         }
