@@ -643,6 +643,20 @@ struct Point {
     cpu_us_per_op: Vec<Option<f64>>,
     /// Context switches per measured operation of each probe.
     switches_per_op: Vec<Option<f64>>,
+    /// TCP segments sent per measured operation, by every socket of the
+    /// machine's network namespace (this benchmark's traffic, over
+    /// loopback: both directions of both hops).
+    segments_per_op: Option<f64>,
+}
+
+/// `OutSegs` of `/proc/net/snmp`: TCP segments sent so far in this network
+/// namespace.
+fn tcp_out_segments() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let i = names.split_whitespace().position(|n| n == "OutSegs")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 /// Where CPU time is read (the proxy's, slapd's, the load generator's): the
@@ -755,7 +769,7 @@ async fn run_point(
         let probes = probes.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(warm_end.into()).await;
-            read_all(&probes)
+            (read_all(&probes), tcp_out_segments())
         })
     };
     let deadline = warmup + secs + REQUEST_TIMEOUT + Duration::from_secs(5);
@@ -781,9 +795,13 @@ async fn run_point(
     }
     drop(start_tx);
     // The clients are done: the processes measured are idle from here on.
-    let start = at_warm_end.await.unwrap_or_default();
+    let (start, start_segments) = at_warm_end.await.unwrap_or_default();
     let end = read_all(&probes);
     let n = lat.len() as f64;
+    let segments_per_op = match (start_segments, tcp_out_segments()) {
+        (Some(a), Some(b)) if n > 0.0 => Some(b.saturating_sub(a) as f64 / n),
+        _ => None,
+    };
     let per_op = |f: &dyn Fn((Duration, u64), (Duration, u64)) -> f64| -> Vec<Option<f64>> {
         end.iter()
             .enumerate()
@@ -808,6 +826,7 @@ async fn run_point(
         errors,
         cpu_us_per_op,
         switches_per_op,
+        segments_per_op,
     }
 }
 
@@ -2205,7 +2224,7 @@ fn run(args: &[String]) -> Result<()> {
                     let cpu = |i: usize| p.cpu_us_per_op.get(i).copied().flatten();
                     let cs = |i: usize| p.switches_per_op.get(i).copied().flatten();
                     eprintln!(
-                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}  switches/op {:>4} {:>4} {:>4}{}",
+                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}  switches/op {:>4} {:>4} {:>4}  TCP segments/op {:>4}{}",
                         round + 1,
                         w.kind.name(),
                         conns,
@@ -2219,6 +2238,7 @@ fn run(args: &[String]) -> Result<()> {
                         fmt_opt(cs(0), 2),
                         fmt_opt(cs(1), 2),
                         fmt_opt(cs(2), 2),
+                        fmt_opt(p.segments_per_op, 2),
                         if p.errors.is_empty() {
                             String::new()
                         } else {
