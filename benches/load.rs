@@ -643,6 +643,10 @@ struct Point {
     cpu_us_per_op: Vec<Option<f64>>,
     /// Context switches per measured operation of each probe.
     switches_per_op: Vec<Option<f64>>,
+    /// Time each probe spent runnable, waiting for a CPU, per operation (µs).
+    run_delay_us_per_op: Vec<Option<f64>>,
+    /// CPU migrations per measured operation of each probe.
+    migrations_per_op: Vec<Option<f64>>,
     /// TCP segments sent per measured operation, by every socket of the
     /// machine's network namespace (this benchmark's traffic, over
     /// loopback: both directions of both hops).
@@ -659,10 +663,10 @@ fn tcp_out_segments() -> Option<u64> {
     values.split_whitespace().nth(i)?.parse().ok()
 }
 
-/// Where CPU time is read (the proxy's, slapd's, the load generator's): the
-/// user + system time of threads in `/proc` (clock ticks, usually 10 ms: a
-/// 3 s point spends hundreds). CPU per operation is steadier than throughput
-/// on a noisy shared machine and says directly what a proxy costs.
+/// Where CPU time and scheduler counts are read (the proxy's, slapd's, the
+/// load generator's): the threads' counters in `/proc`. CPU per operation is
+/// steadier than throughput on a noisy shared machine and says directly what
+/// a proxy costs.
 #[derive(Clone, Copy)]
 enum CpuProbe {
     /// This process's threads with this name (the load generator's).
@@ -671,16 +675,32 @@ enum CpuProbe {
     Process(u32),
 }
 
+/// What the scheduler has counted for a probe's threads so far.
+#[derive(Clone, Copy, Default)]
+struct SchedSample {
+    /// CPU time (user + system).
+    cpu: Duration,
+    /// Context switches, voluntary and involuntary.
+    switches: u64,
+    /// Time runnable but waiting for a CPU (`schedstat` run_delay): on two
+    /// cores shared by the load generator, the proxy and slapd, time an
+    /// operation's next step waits for its turn.
+    run_delay: Duration,
+    /// Moves from one CPU to another (`se.nr_migrations`).
+    migrations: u64,
+}
+
 impl CpuProbe {
-    /// CPU time and context switches (voluntary + involuntary) so far.
-    fn read(self) -> Option<(Duration, u64)> {
+    /// The scheduler's counters for the probe's threads. CPU time comes from
+    /// `schedstat` (nanoseconds) where it exists, else from `stat` (clock
+    /// ticks, usually 10 ms).
+    fn read(self) -> Option<SchedSample> {
         let (dir, name) = match self {
             CpuProbe::Threads(n) => ("/proc/self/task".to_string(), Some(n)),
             CpuProbe::Process(pid) => (format!("/proc/{pid}/task"), None),
         };
         let tick = 1.0 / clock_ticks_per_sec();
-        let mut secs = 0.0;
-        let mut switches = 0u64;
+        let mut s = SchedSample::default();
         for t in std::fs::read_dir(dir).ok()?.flatten() {
             let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
                 continue;
@@ -693,26 +713,37 @@ impl CpuProbe {
             if name.is_some_and(|n| head.split_once('(').map(|(_, c)| c) != Some(n)) {
                 continue;
             }
-            // utime and stime are fields 14 and 15 of stat: 12th and 13th
-            // after the comm.
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            secs += (ticks(11) + ticks(12)) * tick;
+            let schedstat = std::fs::read_to_string(t.path().join("schedstat")).ok();
+            let ns: Vec<u64> = schedstat
+                .iter()
+                .flat_map(|l| l.split_whitespace())
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            if let [exec, delay, ..] = ns[..] {
+                s.cpu += Duration::from_nanos(exec);
+                s.run_delay += Duration::from_nanos(delay);
+            } else {
+                // utime and stime are fields 14 and 15 of stat: 12th and
+                // 13th after the comm.
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                s.cpu += Duration::from_secs_f64((ticks(11) + ticks(12)) * tick);
+            }
+            let field = |text: &str, key: &str| -> u64 {
+                text.lines()
+                    .filter(|l| l.split(':').next().map(str::trim) == Some(key))
+                    .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+                    .sum()
+            };
             if let Ok(status) = std::fs::read_to_string(t.path().join("status")) {
-                for l in status.lines() {
-                    if l.starts_with("voluntary_ctxt_switches:")
-                        || l.starts_with("nonvoluntary_ctxt_switches:")
-                    {
-                        switches += l
-                            .split_whitespace()
-                            .nth(1)
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .unwrap_or(0);
-                    }
-                }
+                s.switches += field(&status, "voluntary_ctxt_switches")
+                    + field(&status, "nonvoluntary_ctxt_switches");
+            }
+            if let Ok(sched) = std::fs::read_to_string(t.path().join("sched")) {
+                s.migrations += field(&sched, "se.nr_migrations");
             }
         }
-        Some((Duration::from_secs_f64(secs), switches))
+        Some(s)
     }
 }
 
@@ -762,7 +793,7 @@ async fn run_point(
     let t0 = Instant::now();
     let _ = start_tx.send(Some(t0));
     let warm_end = t0 + warmup;
-    let read_all = |probes: &[Option<CpuProbe>]| -> Vec<Option<(Duration, u64)>> {
+    let read_all = |probes: &[Option<CpuProbe>]| -> Vec<Option<SchedSample>> {
         probes.iter().map(|p| p.and_then(CpuProbe::read)).collect()
     };
     let at_warm_end = {
@@ -802,7 +833,7 @@ async fn run_point(
         (Some(a), Some(b)) if n > 0.0 => Some(b.saturating_sub(a) as f64 / n),
         _ => None,
     };
-    let per_op = |f: &dyn Fn((Duration, u64), (Duration, u64)) -> f64| -> Vec<Option<f64>> {
+    let per_op = |f: &dyn Fn(SchedSample, SchedSample) -> f64| -> Vec<Option<f64>> {
         end.iter()
             .enumerate()
             .map(|(i, end)| match (start.get(i).copied().flatten(), *end) {
@@ -811,8 +842,11 @@ async fn run_point(
             })
             .collect()
     };
-    let cpu_us_per_op = per_op(&|a, b| b.0.saturating_sub(a.0).as_secs_f64() * 1e6);
-    let switches_per_op = per_op(&|a, b| b.1.saturating_sub(a.1) as f64);
+    let cpu_us_per_op = per_op(&|a, b| b.cpu.saturating_sub(a.cpu).as_secs_f64() * 1e6);
+    let switches_per_op = per_op(&|a, b| b.switches.saturating_sub(a.switches) as f64);
+    let run_delay_us_per_op =
+        per_op(&|a, b| b.run_delay.saturating_sub(a.run_delay).as_secs_f64() * 1e6);
+    let migrations_per_op = per_op(&|a, b| b.migrations.saturating_sub(a.migrations) as f64);
     lat.sort_unstable();
     let elapsed = last_done.map_or(0.0, |d| d.saturating_duration_since(warm_end).as_secs_f64());
     let ops_per_sec = if elapsed > 0.0 {
@@ -826,6 +860,8 @@ async fn run_point(
         errors,
         cpu_us_per_op,
         switches_per_op,
+        run_delay_us_per_op,
+        migrations_per_op,
         segments_per_op,
     }
 }
@@ -2223,8 +2259,10 @@ fn run(args: &[String]) -> Result<()> {
                     ));
                     let cpu = |i: usize| p.cpu_us_per_op.get(i).copied().flatten();
                     let cs = |i: usize| p.switches_per_op.get(i).copied().flatten();
+                    let wait = |i: usize| p.run_delay_us_per_op.get(i).copied().flatten();
+                    let mig = |i: usize| p.migrations_per_op.get(i).copied().flatten();
                     eprintln!(
-                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}  switches/op {:>4} {:>4} {:>4}  TCP segments/op {:>4}{}",
+                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}  switches/op {:>4} {:>4} {:>4}  run-queue wait µs/op {:>4} {:>4} {:>4}  migrations/op {:>4} {:>4} {:>4}  TCP segments/op {:>4}{}",
                         round + 1,
                         w.kind.name(),
                         conns,
@@ -2238,6 +2276,12 @@ fn run(args: &[String]) -> Result<()> {
                         fmt_opt(cs(0), 2),
                         fmt_opt(cs(1), 2),
                         fmt_opt(cs(2), 2),
+                        fmt_opt(wait(0), 1),
+                        fmt_opt(wait(1), 1),
+                        fmt_opt(wait(2), 1),
+                        fmt_opt(mig(0), 3),
+                        fmt_opt(mig(1), 3),
+                        fmt_opt(mig(2), 3),
                         fmt_opt(p.segments_per_op, 2),
                         if p.errors.is_empty() {
                             String::new()
