@@ -1970,6 +1970,15 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.prec$}"))
 }
 
+/// One value per probe (proxy, slapd, load generator), each right-aligned
+/// in 4 columns, for a point's log line.
+fn per_probe(v: &[Option<f64>], prec: usize) -> String {
+    (0..3)
+        .map(|i| format!("{:>4}", fmt_opt(v.get(i).copied().flatten(), prec)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 struct Results {
     /// (workload, conns, target) -> aggregate.
     cells: BTreeMap<(Kind, usize, Target), Agg>,
@@ -2258,11 +2267,8 @@ fn run(args: &[String]) -> Result<()> {
                         probes,
                     ));
                     let cpu = |i: usize| p.cpu_us_per_op.get(i).copied().flatten();
-                    let cs = |i: usize| p.switches_per_op.get(i).copied().flatten();
-                    let wait = |i: usize| p.run_delay_us_per_op.get(i).copied().flatten();
-                    let mig = |i: usize| p.migrations_per_op.get(i).copied().flatten();
                     eprintln!(
-                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}  switches/op {:>4} {:>4} {:>4}  run-queue wait µs/op {:>4} {:>4} {:>4}  migrations/op {:>4} {:>4} {:>4}  TCP segments/op {:>4}{}",
+                        "load: round {} {:>6} conns={:<3} {:>8}: {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  CPU µs/op proxy {:>5} slapd {:>5} loadgen {:>5}  switches/op {}  run-queue wait µs/op {}  migrations/op {}  TCP segments/op {:>4}{}",
                         round + 1,
                         w.kind.name(),
                         conns,
@@ -2273,15 +2279,9 @@ fn run(args: &[String]) -> Result<()> {
                         fmt_opt(cpu(0), 1),
                         fmt_opt(cpu(1), 1),
                         fmt_opt(cpu(2), 1),
-                        fmt_opt(cs(0), 2),
-                        fmt_opt(cs(1), 2),
-                        fmt_opt(cs(2), 2),
-                        fmt_opt(wait(0), 1),
-                        fmt_opt(wait(1), 1),
-                        fmt_opt(wait(2), 1),
-                        fmt_opt(mig(0), 3),
-                        fmt_opt(mig(1), 3),
-                        fmt_opt(mig(2), 3),
+                        per_probe(&p.switches_per_op, 2),
+                        per_probe(&p.run_delay_us_per_op, 1),
+                        per_probe(&p.migrations_per_op, 3),
                         fmt_opt(p.segments_per_op, 2),
                         if p.errors.is_empty() {
                             String::new()
