@@ -684,10 +684,12 @@ struct SchedSample {
     switches: u64,
     /// Time runnable but waiting for a CPU (`schedstat` run_delay): on two
     /// cores shared by the load generator, the proxy and slapd, time an
-    /// operation's next step waits for its turn.
-    run_delay: Duration,
-    /// Moves from one CPU to another (`se.nr_migrations`).
-    migrations: u64,
+    /// operation's next step waits for its turn. `None` without
+    /// `schedstat` (a kernel without CONFIG_SCHED_INFO).
+    run_delay: Option<Duration>,
+    /// Moves from one CPU to another (`se.nr_migrations`). `None` without
+    /// `/proc/*/sched` (a kernel without CONFIG_SCHED_DEBUG).
+    migrations: Option<u64>,
 }
 
 impl CpuProbe {
@@ -721,7 +723,7 @@ impl CpuProbe {
                 .collect();
             if let [exec, delay, ..] = ns[..] {
                 s.cpu += Duration::from_nanos(exec);
-                s.run_delay += Duration::from_nanos(delay);
+                s.run_delay = Some(s.run_delay.unwrap_or_default() + Duration::from_nanos(delay));
             } else {
                 // utime and stime are fields 14 and 15 of stat: 12th and
                 // 13th after the comm.
@@ -740,7 +742,7 @@ impl CpuProbe {
                     + field(&status, "nonvoluntary_ctxt_switches");
             }
             if let Ok(sched) = std::fs::read_to_string(t.path().join("sched")) {
-                s.migrations += field(&sched, "se.nr_migrations");
+                s.migrations = Some(s.migrations.unwrap_or(0) + field(&sched, "se.nr_migrations"));
             }
         }
         Some(s)
@@ -833,20 +835,21 @@ async fn run_point(
         (Some(a), Some(b)) if n > 0.0 => Some(b.saturating_sub(a) as f64 / n),
         _ => None,
     };
-    let per_op = |f: &dyn Fn(SchedSample, SchedSample) -> f64| -> Vec<Option<f64>> {
+    let per_op = |f: &dyn Fn(SchedSample, SchedSample) -> Option<f64>| -> Vec<Option<f64>> {
         end.iter()
             .enumerate()
             .map(|(i, end)| match (start.get(i).copied().flatten(), *end) {
-                (Some(a), Some(b)) if n > 0.0 => Some(f(a, b) / n),
+                (Some(a), Some(b)) if n > 0.0 => f(a, b).map(|v| v / n),
                 _ => None,
             })
             .collect()
     };
-    let cpu_us_per_op = per_op(&|a, b| b.cpu.saturating_sub(a.cpu).as_secs_f64() * 1e6);
-    let switches_per_op = per_op(&|a, b| b.switches.saturating_sub(a.switches) as f64);
-    let run_delay_us_per_op =
-        per_op(&|a, b| b.run_delay.saturating_sub(a.run_delay).as_secs_f64() * 1e6);
-    let migrations_per_op = per_op(&|a, b| b.migrations.saturating_sub(a.migrations) as f64);
+    let us = |a: Duration, b: Duration| b.saturating_sub(a).as_secs_f64() * 1e6;
+    let cpu_us_per_op = per_op(&|a, b| Some(us(a.cpu, b.cpu)));
+    let switches_per_op = per_op(&|a, b| Some(b.switches.saturating_sub(a.switches) as f64));
+    let run_delay_us_per_op = per_op(&|a, b| Some(us(a.run_delay?, b.run_delay?)));
+    let migrations_per_op =
+        per_op(&|a, b| Some(b.migrations?.saturating_sub(a.migrations?) as f64));
     lat.sort_unstable();
     let elapsed = last_done.map_or(0.0, |d| d.saturating_duration_since(warm_end).as_secs_f64());
     let ops_per_sec = if elapsed > 0.0 {
