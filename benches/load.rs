@@ -24,8 +24,8 @@
 //! throughput on a noisy machine, and what a proxy costs.
 //!
 //! For each workload x connection count (x round), the targets run back to
-//! back (direct, abproxy, haproxy; the order rotates each round) to reduce
-//! drift. Each connection is a closed-loop client: it sends one request
+//! back (direct, abproxy, haproxy; each round takes the next permutation of
+//! the three, see [`round_order`]) to reduce drift. Each connection is a closed-loop client: it sends one request
 //! (pre-encoded protocolOp, fresh message ID) and waits for its final
 //! response before the next; the requests of one connection go to users
 //! `conn+1, conn+1+conns, ...` so concurrent clients never touch the same
@@ -75,7 +75,7 @@
 //! | `--proxy-threads N`| `LOAD_PROXY_THREADS`  | 1 (as haproxy nbthread 1) |
 //! | `--client-threads N`| `LOAD_CLIENT_THREADS`| 2                    |
 //! | `--users N`        | `LOAD_USERS`          | 1000                 |
-//! | `--haproxy PATH\|0` | `LOAD_HAPROXY`       | `haproxy` on `PATH`  |
+//! | `--haproxy PATH\|0\|self` | `LOAD_HAPROXY` | `haproxy` on `PATH` |
 //! | `--freeze-cycles N`| `LOAD_FREEZE_CYCLES`  | 20 (quick: 5)        |
 //! | `--freeze-conns K` | `LOAD_FREEZE_CONNS`   | 8                    |
 //! | `--backlog-conns C`| `LOAD_BACKLOG_CONNS`  | 32                   |
@@ -88,7 +88,10 @@
 //! second table pairs abproxy with HAProxy round by round (the two run
 //! seconds apart, so a slow phase of the machine hits both): the median of
 //! abproxy/HAProxy, a distribution-free confidence interval for it (needs 5
-//! rounds or more), and the rounds abproxy was ahead. Every loop is
+//! rounds or more), and the rounds abproxy was ahead. `--haproxy self` puts
+//! a second abproxy process (started as the first) in HAProxy's place, as
+//! `abproxy2`: an A/A control that shows how far apart two equal proxies
+//! measure on this machine. Every loop is
 //! time-limited (5 s per request, 15 s per ON, 30 s per backlog, a deadline
 //! per point): the benchmark always ends by itself. Under `cargo test
 //! --all-targets` (no `--bench` argument) it does nothing.
@@ -152,7 +155,7 @@ struct Opts {
     client_threads: usize,
     users: usize,
     /// `None`: no haproxy column.
-    haproxy: Option<PathBuf>,
+    haproxy: Option<Reference>,
     /// Why there is no haproxy column.
     haproxy_note: Option<String>,
 }
@@ -314,6 +317,7 @@ impl Opts {
             Some("0") | Some("off") | Some("no") => {
                 (None, Some("disabled (LOAD_HAPROXY=0)".into()))
             }
+            Some("self") => (Some(Reference::Itself), None),
             Some(p) => {
                 let p = if p.contains('/') {
                     Some(PathBuf::from(p)).filter(|p| is_executable(p))
@@ -321,12 +325,12 @@ impl Opts {
                     find_on_path(p)
                 };
                 match p {
-                    Some(p) => (Some(p), None),
+                    Some(p) => (Some(Reference::Haproxy(p)), None),
                     None => (None, Some("the given haproxy is not executable".into())),
                 }
             }
             None => match find_on_path("haproxy") {
-                Some(p) => (Some(p), None),
+                Some(p) => (Some(Reference::Haproxy(p)), None),
                 None => (None, Some("haproxy not found on PATH".into())),
             },
         };
@@ -350,6 +354,26 @@ impl Opts {
             haproxy_note,
         })
     }
+}
+
+/// What runs in the reference column.
+#[derive(Debug, Clone)]
+enum Reference {
+    /// HAProxy in TCP mode (this binary).
+    Haproxy(PathBuf),
+    /// `--haproxy self`: a second abproxy process, started exactly as the
+    /// first. An A/A control: the two columns differ only by chance and by
+    /// any bias of the benchmark itself, so the head-to-head table shows how
+    /// far apart two equal proxies measure on this machine.
+    Itself,
+}
+
+/// The reference column's name in the log lines and tables: `haproxy`, or
+/// `abproxy2` for the A/A control. Set once, before the first point.
+static REFERENCE_NAME: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+fn reference_name() -> &'static str {
+    REFERENCE_NAME.get().copied().unwrap_or("haproxy")
 }
 
 // ---------------------------------------------------------------- requests
@@ -1891,11 +1915,63 @@ impl Haproxy {
     }
 }
 
+/// The running reference column: HAProxy, or a second abproxy (A/A).
+enum RefProcess {
+    Haproxy(Haproxy),
+    Abproxy(AbproxyProcess),
+}
+
+impl RefProcess {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            RefProcess::Haproxy(h) => h.addr,
+            RefProcess::Abproxy(a) => a.addr,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            RefProcess::Haproxy(h) => h.child.id(),
+            RefProcess::Abproxy(a) => a.child.id(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            RefProcess::Haproxy(h) => format!("{} (nbthread 1, mode tcp, no logging)", h.version),
+            RefProcess::Abproxy(_) => "a second abproxy process started as the first \
+                 (A/A control: the columns differ only by chance and by the benchmark's own bias)"
+                .into(),
+        }
+    }
+}
+
 impl Drop for Haproxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The order of the targets in round `round`: every permutation in turn
+/// (six for three targets), so over 6k rounds each target runs in each
+/// position, and right after each other target, equally often. A rotation
+/// (`direct, abproxy, haproxy`, then shifted) put abproxy right before
+/// HAProxy in two rounds of three.
+fn round_order<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
+    let n = targets.len();
+    let count: usize = (1..=n).product();
+    // The `round % n!`-th permutation in lexicographic order of positions
+    // (factorial number system).
+    let mut k = round % count.max(1);
+    let mut left: Vec<T> = targets.to_vec();
+    let mut out = Vec::with_capacity(n);
+    for i in (1..=n).rev() {
+        let block: usize = (1..i).product();
+        out.push(left.remove(k / block));
+        k %= block;
+    }
+    out
 }
 
 // ---------------------------------------------------------------- report
@@ -1912,7 +1988,7 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Abproxy => "abproxy",
-            Target::Haproxy => "haproxy",
+            Target::Haproxy => reference_name(),
         }
     }
 }
@@ -2027,11 +2103,12 @@ impl Results {
     fn table(&self, opts: &Opts, haproxy: bool) -> String {
         let mut s = String::new();
         let h = |x: &str| if haproxy { x.to_string() } else { "n/a".into() };
+        let r = reference_name();
         let _ = writeln!(
             s,
-            "| workload | conns | direct ops/s | abproxy ops/s | haproxy ops/s | abproxy/direct | haproxy/direct \
-             | direct p50/p99 µs | abproxy p50/p99 µs | haproxy p50/p99 µs | abproxy +p99 µs \
-             | abproxy CPU µs/op | haproxy CPU µs/op |"
+            "| workload | conns | direct ops/s | abproxy ops/s | {r} ops/s | abproxy/direct | {r}/direct \
+             | direct p50/p99 µs | abproxy p50/p99 µs | {r} p50/p99 µs | abproxy +p99 µs \
+             | abproxy CPU µs/op | {r} CPU µs/op |"
         );
         let _ = writeln!(
             s,
@@ -2083,9 +2160,10 @@ impl Results {
     /// and the median difference in proxy CPU per operation.
     fn head_to_head_table(&self, opts: &Opts) -> String {
         let mut s = String::new();
+        let r = reference_name();
         let _ = writeln!(
             s,
-            "| workload | conns | abproxy/haproxy ops/s, median of rounds | interval (confidence) | rounds abproxy ahead | proxy CPU µs/op, abproxy - haproxy |\n\
+            "| workload | conns | abproxy/{r} ops/s, median of rounds | interval (confidence) | rounds abproxy ahead | proxy CPU µs/op, abproxy - {r} |\n\
              |---|---:|---:|---:|---:|---:|"
         );
         for &k in &opts.workloads {
@@ -2130,7 +2208,7 @@ impl Results {
             let both = |t| format!("{} µs (p50 {} µs)", delta(t, 99.0), delta(t, 50.0));
             let mut p = format!("{} abproxy {}", k.name(), both(Target::Abproxy));
             if haproxy {
-                let _ = write!(p, ", haproxy {}", both(Target::Haproxy));
+                let _ = write!(p, ", {} {}", reference_name(), both(Target::Haproxy));
             }
             parts.push(p);
         }
@@ -2175,13 +2253,19 @@ fn run(args: &[String]) -> Result<()> {
     let haproxy = match &opts.haproxy {
         // Only the throughput table has a haproxy column.
         Some(_) if opts.workloads.is_empty() => None,
-        Some(bin) => match Haproxy::start(bin, direct) {
-            Ok(h) => Some(h),
+        Some(Reference::Haproxy(bin)) => match Haproxy::start(bin, direct) {
+            Ok(h) => Some(RefProcess::Haproxy(h)),
             Err(e) => {
                 eprintln!("load: haproxy column skipped: {e:#}");
                 None
             }
         },
+        Some(Reference::Itself) => {
+            let _ = REFERENCE_NAME.set("abproxy2");
+            let p = AbproxyProcess::start(&slapd.url(), &opts, None)
+                .context("starting the second abproxy (--haproxy self)")?;
+            Some(RefProcess::Abproxy(p))
+        }
         None => None,
     };
     let haproxy_note = match (&haproxy, &opts.haproxy_note) {
@@ -2202,7 +2286,7 @@ fn run(args: &[String]) -> Result<()> {
 
     let mut targets = vec![(Target::Direct, direct), (Target::Abproxy, abproxy_addr)];
     if let Some(h) = &haproxy {
-        targets.push((Target::Haproxy, h.addr));
+        targets.push((Target::Haproxy, h.addr()));
     }
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -2212,7 +2296,7 @@ fn run(args: &[String]) -> Result<()> {
         "## abproxy load benchmark\n\n\
          - {:.2} s per point after {} ms warm-up, {} round(s); closed-loop clients, one connection each\n\
          - slapd {} (`{}` users, nosync); abproxy `serve`, own process (threads = {}); load generator {} threads; {} cores\n\
-         - haproxy: {}",
+         - {}: {}",
         opts.secs,
         opts.warmup.as_millis(),
         opts.rounds,
@@ -2221,8 +2305,9 @@ fn run(args: &[String]) -> Result<()> {
         opts.proxy_threads,
         opts.client_threads,
         cores,
+        reference_name(),
         match (&haproxy, &haproxy_note) {
-            (Some(h), _) => format!("{} (nbthread 1, mode tcp, no logging)", h.version),
+            (Some(h), _) => h.describe(),
             (None, Some(n)) => format!("n/a: {n}"),
             (None, None) => "n/a".into(),
         }
@@ -2243,18 +2328,14 @@ fn run(args: &[String]) -> Result<()> {
     for round in 0..opts.rounds {
         for w in &workloads {
             for &conns in &opts.conns {
-                let mut order = targets.clone();
-                let n = order.len();
-                order.rotate_left(round % n);
+                let order = round_order(&targets, round);
                 let mut round_ops = BTreeMap::new();
                 let mut round_cpu = BTreeMap::new();
                 for &(t, addr) in &order {
                     let probe = match t {
                         Target::Direct => None,
                         Target::Abproxy => Some(CpuProbe::Process(proxy.child.id())),
-                        Target::Haproxy => {
-                            haproxy.as_ref().map(|h| CpuProbe::Process(h.child.id()))
-                        }
+                        Target::Haproxy => haproxy.as_ref().map(|h| CpuProbe::Process(h.pid())),
                     };
                     let probes = vec![
                         probe,
