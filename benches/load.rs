@@ -25,9 +25,9 @@
 //!
 //! For each workload x connection count (x round), the targets run back to
 //! back (direct, abproxy, haproxy; each round takes the next permutation of
-//! the three, see [`round_order`]) to reduce drift. Each connection is a closed-loop client: it sends one request
-//! (pre-encoded protocolOp, fresh message ID) and waits for its final
-//! response before the next; the requests of one connection go to users
+//! the three, see [`round_order`]) to reduce drift. Each connection is a
+//! closed-loop client: it sends one request (pre-encoded protocolOp, fresh
+//! message ID) and waits for its final response before the next; the requests of one connection go to users
 //! `conn+1, conn+1+conns, ...` so concurrent clients never touch the same
 //! entry. Workloads:
 //! * `search`: anonymous base-scope search of `uid=userK,...`, all user
@@ -93,8 +93,9 @@
 //! `abproxy2`: an A/A control that shows how far apart two equal proxies
 //! measure on this machine. Every loop is
 //! time-limited (5 s per request, 15 s per ON, 30 s per backlog, a deadline
-//! per point): the benchmark always ends by itself. Under `cargo test
-//! --all-targets` (no `--bench` argument) it does nothing.
+//! per point): the benchmark always ends by itself. Under `cargo test`
+//! (no `--bench` argument) it only checks [`round_order`] and measures
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -1963,7 +1964,7 @@ fn round_order<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
     let count: usize = (1..=n).product();
     // The `round % n!`-th permutation in lexicographic order of positions
     // (factorial number system).
-    let mut k = round % count.max(1);
+    let mut k = round % count;
     let mut left: Vec<T> = targets.to_vec();
     let mut out = Vec::with_capacity(n);
     for i in (1..=n).rev() {
@@ -1972,6 +1973,35 @@ fn round_order<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
         k %= block;
     }
     out
+}
+
+/// Run by `cargo test`: the orders of [`round_order`] are balanced. Over
+/// six rounds of three targets, six different orders, each target twice in
+/// each position and each ordered pair twice next to each other; round 6
+/// starts again; two targets alternate.
+fn check_round_order() {
+    let t = [0usize, 1, 2];
+    let orders: Vec<Vec<usize>> = (0..6).map(|r| round_order(&t, r)).collect();
+    let mut distinct = orders.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 6, "six different orders: {orders:?}");
+    for target in t {
+        for pos in 0..3 {
+            let n = orders.iter().filter(|o| o[pos] == target).count();
+            assert_eq!(n, 2, "target {target} at position {pos}: {orders:?}");
+        }
+        for next in t.iter().filter(|&&x| x != target) {
+            let n = orders
+                .iter()
+                .filter(|o| o.windows(2).any(|w| w == [target, *next]))
+                .count();
+            assert_eq!(n, 2, "{target} right before {next}: {orders:?}");
+        }
+    }
+    assert_eq!(round_order(&t, 6), orders[0]);
+    assert_eq!(round_order(&[7, 8], 0), [7, 8]);
+    assert_eq!(round_order(&[7, 8], 1), [8, 7]);
 }
 
 // ---------------------------------------------------------------- report
@@ -2221,8 +2251,11 @@ impl Results {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if !args.iter().any(|a| a == "--bench") {
-        // `cargo test --all-targets` runs bench targets without `--bench`.
-        println!("load: skipped (not run by `cargo bench`; use `cargo bench --bench load`)");
+        // `cargo test` runs this target (`test = true`) without `--bench`.
+        check_round_order();
+        println!(
+            "load: round order checked; benchmark skipped (not run by `cargo bench`; use `cargo bench --bench load`)"
+        );
         return;
     }
     if let Err(e) = run(&args) {
