@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::dn::NormDn;
+use super::dn::{NormDn, Within};
 use crate::wire::envelope::oid;
 use crate::wire::{op, Envelope};
 
@@ -145,27 +145,50 @@ impl BackendMap {
             .map(|(i, _)| i)
     }
 
-    /// Backends whose suffix lies strictly below `dn`.
+    /// Backends whose suffix lies (or may lie) strictly below `dn`.
     fn below(&self, dn: &NormDn) -> BackendSet {
         let mut s = BackendSet::EMPTY;
         for (i, b) in self.backends.iter().enumerate() {
-            if b.norm.is_within(dn) && b.norm != *dn {
+            if b.norm.within(dn) != Within::No && b.norm != *dn {
                 s.insert(i);
             }
         }
         s
     }
 
-    /// Backends a DN-targeted operation touches; unparsable DNs touch every
-    /// backend (the server will refuse them, holding them is harmless).
-    fn for_dn(&self, dn: Option<&[u8]>) -> BackendSet {
+    /// The backend holding `dn` (the longest suffix containing it), as a
+    /// set: empty under no backend, every backend when the normalisation
+    /// cannot tell.
+    fn holding_set(&self, dn: &NormDn) -> BackendSet {
+        let mut best: Option<usize> = None;
+        for (i, b) in self.backends.iter().enumerate() {
+            match dn.within(&b.norm) {
+                Within::No => {}
+                Within::Maybe => return self.all(),
+                Within::Yes => {
+                    if best.is_none_or(|j| self.backends[j].norm.depth() < b.norm.depth()) {
+                        best = Some(i);
+                    }
+                }
+            }
+        }
+        best.map_or(BackendSet::EMPTY, |i| BackendSet(1 << i))
+    }
+
+    /// Backends a DN-targeted operation touches. A DN that does not parse,
+    /// or that the proxy cannot place with certainty, touches every backend
+    /// (holding is harmless; the server may read it as a DN under a frozen
+    /// suffix). A write under no backend (cn=config, cn=schema, a DN the
+    /// proxy does not know) touches every backend too: the server may
+    /// rewrite frozen databases for it (a new index, a schema change).
+    fn for_dn(&self, dn: Option<&[u8]>, write: bool) -> BackendSet {
         let Some(dn) = dn else {
             return self.all();
         };
         match NormDn::parse(dn) {
-            Some(n) => match self.holding(&n) {
-                Some(i) => BackendSet(1 << i),
-                None => BackendSet::EMPTY,
+            Some(n) => match self.holding_set(&n) {
+                BackendSet::EMPTY if write => self.all(),
+                s => s,
             },
             None => self.all(),
         }
@@ -179,10 +202,7 @@ impl BackendMap {
         let Some(norm) = base.and_then(NormDn::parse) else {
             return self.all();
         };
-        let mut s = match self.holding(&norm) {
-            Some(i) => BackendSet(1 << i),
-            None => BackendSet::EMPTY,
-        };
+        let mut s = self.holding_set(&norm);
         if scope != Some(0) {
             s = s.or(self.below(&norm));
         }
@@ -262,7 +282,7 @@ impl BackendMap {
         let (kind, backends) = match env.op {
             op::UNBIND_REQUEST | op::ABANDON_REQUEST => return Class::NEVER,
             op::SEARCH_REQUEST => (Kind::Read, self.for_search(dn, env.scope)),
-            op::COMPARE_REQUEST => (Kind::Read, self.for_dn(dn)),
+            op::COMPARE_REQUEST => (Kind::Read, self.for_dn(dn, false)),
             op::BIND_REQUEST => {
                 let kind = if opts.bind_is_write {
                     Kind::Write
@@ -271,18 +291,18 @@ impl BackendMap {
                 };
                 // An anonymous or SASL bind names no entry of a backend.
                 let backends = match dn {
-                    Some(d) if !d.is_empty() => self.for_dn(Some(d)),
+                    Some(d) if !d.is_empty() => self.for_dn(Some(d), opts.bind_is_write),
                     _ => BackendSet::EMPTY,
                 };
                 (kind, backends)
             }
             op::ADD_REQUEST | op::DEL_REQUEST | op::MODIFY_REQUEST => {
-                (Kind::Write, self.for_dn(dn))
+                (Kind::Write, self.for_dn(dn, true))
             }
             op::MODDN_REQUEST => {
-                let mut s = self.for_dn(dn);
+                let mut s = self.for_dn(dn, true);
                 if let Some(sup) = env.new_superior_bytes(frame) {
-                    s = s.or(self.for_dn(Some(sup)));
+                    s = s.or(self.for_dn(Some(sup), true));
                 }
                 (Kind::Write, s)
             }
@@ -293,7 +313,10 @@ impl BackendMap {
                 }
                 if name == oid::PASSWORD_MODIFY {
                     let user = passwd_user(env.value_bytes(frame)).or(bound_dn);
-                    (Kind::Write, self.for_dn(user.filter(|u| !u.is_empty())))
+                    (
+                        Kind::Write,
+                        self.for_dn(user.filter(|u| !u.is_empty()), true),
+                    )
                 } else if opts.read_only_extended.iter().any(|o| o.as_bytes() == name) {
                     (Kind::Read, self.all())
                 } else {
@@ -421,7 +444,11 @@ mod tests {
             name: "1.3.6.1.4.1.4203.1.11.1".into(),
             value: Some(vec![0x30, 0x05, 0x80, 0x03, b'o', b'=', b'x']),
         }));
-        assert_eq!(c.backends, BackendSet::EMPTY, "a user under no backend");
+        assert_eq!(
+            c.backends,
+            BackendSet(0b111),
+            "a user under no backend: held like a write to every backend"
+        );
         let c = class(LdapOp::ExtendedRequest(LdapExtendedRequest {
             name: "1.2.3.4".into(),
             value: None,
@@ -489,5 +516,58 @@ mod tests {
             ("DC=A".to_string(), Mode::Readonly)
         ])
         .is_err());
+    }
+
+    fn write_to(dn: &str) -> Class {
+        class(LdapOp::DelRequest(dn.into()))
+    }
+
+    #[test]
+    fn odd_spellings_of_a_frozen_dn_are_found() {
+        for dn in [
+            "uid=a,dc=\"example\",dc=org",
+            "uid=a , dc=example ; dc=org",
+            "uid=a,dc=#04076578616d706c65,dc=org",
+            "uid=a,0.9.2342.19200300.100.1.25=EXAMPLE,dc=org",
+        ] {
+            assert_eq!(write_to(dn).backends, BackendSet(0b001), "{dn}");
+        }
+        // Cannot be placed with certainty: every backend.
+        for dn in [
+            "uid=a,dc=exampl\u{e9},dc=org",
+            "uid=a,1.2.3.4=example,dc=org",
+            "uid=a,dc=#3000,dc=org",
+        ] {
+            assert_eq!(write_to(dn).backends, BackendSet(0b111), "{dn}");
+            assert_eq!(
+                class(search(dn, LdapSearchScope::Base)).backends,
+                BackendSet(0b111),
+                "{dn}"
+            );
+        }
+    }
+
+    #[test]
+    fn writes_under_no_backend_touch_every_backend_reads_none() {
+        for dn in [
+            "olcDatabase={1}mdb,cn=config",
+            "cn=schema,cn=config",
+            "dc=org",
+            "",
+        ] {
+            assert_eq!(write_to(dn).backends, BackendSet(0b111), "{dn}");
+            assert_eq!(
+                class(search(dn, LdapSearchScope::Base)).backends,
+                BackendSet::EMPTY,
+                "{dn}"
+            );
+        }
+        let c = class(LdapOp::ModifyDNRequest(LdapModifyDNRequest {
+            dn: "cn=x,cn=config".into(),
+            newrdn: "cn=y".into(),
+            deleteoldrdn: true,
+            new_superior: None,
+        }));
+        assert_eq!(c.backends, BackendSet(0b111));
     }
 }

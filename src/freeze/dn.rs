@@ -1,120 +1,252 @@
-//! DN normalisation for backend matching: just enough of RFC 4514 to decide
-//! whether a DN lies under a suffix.
+//! DN normalisation for backend matching: just enough of RFC 4514 (and of
+//! the LDAPv2 forms slapd and 389 DS still accept, RFC 1779: `;` between
+//! RDNs, spaces around separators, quoted values) to decide whether a DN lies
+//! under a suffix.
 //!
-//! Attribute types are compared case-insensitively (and the usual OIDs map to
-//! their names), values case-insensitively with escapes decoded and
-//! surrounding spaces removed; RDNs are compared from the right. Values of
-//! the naming attributes used in suffixes (dc, o, ou, c, l, st, cn) match
-//! case-insensitively on the server too, so this errs on no side that
-//! matters: a DN under a suffix is always found under it.
+//! Attribute types are compared case-insensitively (and the usual OIDs and
+//! long names map to their short names), values case-insensitively with
+//! escapes, quotes and `#` BER values decoded and insignificant spaces
+//! removed; RDNs are compared from the right. Values of the naming attributes
+//! used in suffixes (dc, o, ou, c, l, st, cn) match case-insensitively on the
+//! server too.
+//!
+//! Where this normalisation could differ from the server's (a value with
+//! non-ASCII characters, whose case folding and Unicode normalisation the
+//! server does its own way; a `#` value that is not a plain string; an
+//! attribute type given by an OID this table does not know), the RDN is
+//! marked *uncertain*: a comparison of it with a suffix's RDN that does not
+//! come out equal answers [`Within::Maybe`], and the freeze treats the DN as
+//! touching every backend. The proxy errs on the side of holding.
 
 /// A DN as a list of normalised RDNs, leftmost first. Each RDN is its
 /// normalised AVAs sorted, joined by `+`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct NormDn {
     rdns: Vec<String>,
+    /// Per RDN: normalised exactly as the server would (see the module).
+    sure: Vec<bool>,
 }
 
-/// Well-known attribute type OIDs mapped to their short names.
-fn type_name(t: &str) -> String {
-    let t = t.trim();
-    let lower = t.to_ascii_lowercase();
+/// Whether a DN lies under a suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Within {
+    /// It does.
+    Yes,
+    /// It does not.
+    No,
+    /// The normalisation cannot tell (an uncertain RDN differs).
+    Maybe,
+}
+
+/// Well-known attribute type OIDs and long names mapped to their short
+/// names; `None` for a numeric OID not listed (its name is unknown here).
+fn type_name(t: &str) -> Option<String> {
+    let lower = t.trim().to_ascii_lowercase();
     let lower = lower.strip_prefix("oid.").unwrap_or(&lower);
-    match lower {
-        "0.9.2342.19200300.100.1.25" => "dc".into(),
-        "0.9.2342.19200300.100.1.1" => "uid".into(),
-        "2.5.4.3" => "cn".into(),
-        "2.5.4.10" => "o".into(),
-        "2.5.4.11" => "ou".into(),
-        "2.5.4.6" => "c".into(),
-        "2.5.4.7" => "l".into(),
-        "2.5.4.8" => "st".into(),
-        "domaincomponent" => "dc".into(),
-        "userid" => "uid".into(),
-        "commonname" => "cn".into(),
-        "organizationname" => "o".into(),
-        "organizationalunitname" => "ou".into(),
-        other => other.to_string(),
-    }
+    let name = match lower {
+        "0.9.2342.19200300.100.1.25" | "domaincomponent" => "dc",
+        "0.9.2342.19200300.100.1.1" | "userid" => "uid",
+        "2.5.4.3" | "commonname" => "cn",
+        "2.5.4.10" | "organizationname" => "o",
+        "2.5.4.11" | "organizationalunitname" => "ou",
+        "2.5.4.6" | "countryname" => "c",
+        "2.5.4.7" | "localityname" => "l",
+        "2.5.4.8" | "stateorprovincename" => "st",
+        "2.5.4.9" | "streetaddress" => "street",
+        "2.5.4.4" | "surname" => "sn",
+        "0.9.2342.19200300.100.1.3" | "rfc822mailbox" => "mail",
+        other if other.starts_with(|c: char| c.is_ascii_digit()) => return None,
+        other => other,
+    };
+    Some(name.to_string())
 }
 
-/// Decodes RFC 4514 escapes (`\,` and `\2C`) and folds case; `None` for a
-/// malformed escape.
-fn norm_value(v: &str) -> Option<String> {
-    let b = v.trim_matches(' ').as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' {
-            let next = *b.get(i + 1)?;
-            if next.is_ascii_hexdigit() {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            } else {
-                out.push(next);
-                i += 2;
-            }
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    let s = String::from_utf8_lossy(&out);
-    // Insignificant inner space runs collapse, as caseIgnoreMatch does.
+/// Folds a decoded value as caseIgnoreMatch does for ASCII (surrounding
+/// spaces dropped, inner runs collapsed, case folded). The second value is
+/// false when the value has characters beyond ASCII.
+fn fold(raw: &[u8]) -> (String, bool) {
+    let ascii = raw.is_ascii();
+    let s = String::from_utf8_lossy(raw);
     let collapsed = s
         .split(' ')
         .filter(|p| !p.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
-    Some(collapsed.to_lowercase())
+    (collapsed.to_lowercase(), ascii)
 }
 
-/// Splits on an unescaped separator.
-fn split_unescaped(s: &str, seps: &[u8]) -> Vec<String> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut escaped = false;
-    for c in s.chars() {
-        if escaped {
-            cur.push(c);
-            escaped = false;
-        } else if c == '\\' {
-            cur.push(c);
-            escaped = true;
-        } else if c.is_ascii() && seps.contains(&(c as u8)) {
-            parts.push(std::mem::take(&mut cur));
-        } else {
-            cur.push(c);
+/// A `#` value: the hex of a BER element; a string type (OCTET, UTF8,
+/// Printable, IA5, T61/Teletex, Visible) gives its content.
+fn ber_string(hex: &str) -> Option<Vec<u8>> {
+    let hex = hex.trim_end_matches(' ');
+    if hex.is_empty() || hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let (&tag, rest) = bytes.split_first()?;
+    if !matches!(tag, 0x04 | 0x0c | 0x13 | 0x14 | 0x16 | 0x1a) {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let (len, rest) = if len < 0x80 {
+        (len as usize, rest)
+    } else {
+        let n = (len & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let l = rest[..n].iter().fold(0usize, |a, &b| (a << 8) | b as usize);
+        (l, &rest[n..])
+    };
+    (rest.len() == len).then(|| rest.to_vec())
+}
+
+/// A DN string being read.
+struct Cursor<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Cursor<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn skip_spaces(&mut self) {
+        while self.peek() == Some(b' ') {
+            self.i += 1;
         }
     }
-    parts.push(cur);
-    parts
+
+    /// An escape after a backslash: `\HH` or `\c`.
+    fn escape(&mut self, out: &mut Vec<u8>) -> Option<()> {
+        let next = *self.b.get(self.i)?;
+        if next.is_ascii_hexdigit() {
+            let hex = std::str::from_utf8(self.b.get(self.i..self.i + 2)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            self.i += 2;
+        } else {
+            out.push(next);
+            self.i += 1;
+        }
+        Some(())
+    }
+
+    /// One attribute value, up to the next separator; `(folded, sure)`.
+    fn value(&mut self) -> Option<(String, bool)> {
+        self.skip_spaces();
+        match self.peek() {
+            Some(b'"') => {
+                // LDAPv2 (RFC 1779): separators are literal inside quotes.
+                self.i += 1;
+                let mut out = Vec::new();
+                loop {
+                    match *self.b.get(self.i)? {
+                        b'"' => {
+                            self.i += 1;
+                            break;
+                        }
+                        b'\\' => {
+                            self.i += 1;
+                            self.escape(&mut out)?;
+                        }
+                        c => {
+                            out.push(c);
+                            self.i += 1;
+                        }
+                    }
+                }
+                self.skip_spaces();
+                if !matches!(self.peek(), None | Some(b',' | b';' | b'+')) {
+                    return None;
+                }
+                Some(fold(&out))
+            }
+            Some(b'#') => {
+                let start = self.i + 1;
+                while !matches!(self.peek(), None | Some(b',' | b';' | b'+')) {
+                    self.i += 1;
+                }
+                let hex = std::str::from_utf8(&self.b[start..self.i]).ok()?;
+                match ber_string(hex) {
+                    Some(raw) => Some(fold(&raw)),
+                    // Not a plain string: keep the text, but it cannot be
+                    // compared with certainty.
+                    None => Some((format!("#{}", hex.trim().to_ascii_lowercase()), false)),
+                }
+            }
+            _ => {
+                let mut out = Vec::new();
+                loop {
+                    match self.peek() {
+                        None | Some(b',' | b';' | b'+') => break,
+                        Some(b'\\') => {
+                            self.i += 1;
+                            self.escape(&mut out)?;
+                        }
+                        Some(c) => {
+                            out.push(c);
+                            self.i += 1;
+                        }
+                    }
+                }
+                Some(fold(&out))
+            }
+        }
+    }
 }
 
 impl NormDn {
     /// Parses and normalises a DN; `None` if it is not a valid DN. The empty
     /// DN (the root DSE) is valid and has no RDNs.
     pub fn parse(dn: &[u8]) -> Option<NormDn> {
-        let dn = std::str::from_utf8(dn).ok()?;
-        if dn.trim().is_empty() {
+        std::str::from_utf8(dn).ok()?;
+        let mut c = Cursor { b: dn, i: 0 };
+        c.skip_spaces();
+        if c.peek().is_none() {
             return Some(NormDn::default());
         }
-        let mut rdns = Vec::new();
-        for rdn in split_unescaped(dn, b",;") {
-            let mut avas = Vec::new();
-            for ava in split_unescaped(&rdn, b"+") {
-                let (t, v) = ava.split_once('=')?;
-                let t = type_name(t);
-                if t.is_empty() {
-                    return None;
-                }
-                avas.push(format!("{t}={}", norm_value(v)?));
+        let mut out = NormDn::default();
+        let mut avas = Vec::new();
+        let mut sure = true;
+        loop {
+            let eq = c.b[c.i..].iter().position(|&b| b == b'=')?;
+            let t = std::str::from_utf8(&c.b[c.i..c.i + eq]).ok()?;
+            if t.trim().is_empty() || t.contains([',', ';', '+', '"', '\\']) {
+                return None;
             }
-            avas.sort();
-            rdns.push(avas.join("+"));
+            let t = match type_name(t) {
+                Some(t) => t,
+                None => {
+                    sure = false;
+                    t.trim().to_ascii_lowercase()
+                }
+            };
+            c.i += eq + 1;
+            let (v, v_sure) = c.value()?;
+            sure &= v_sure;
+            avas.push(format!("{t}={v}"));
+            match c.peek() {
+                Some(b'+') => {
+                    c.i += 1;
+                    continue;
+                }
+                sep => {
+                    avas.sort();
+                    out.rdns.push(avas.join("+"));
+                    out.sure.push(sure);
+                    avas.clear();
+                    sure = true;
+                    if sep.is_none() {
+                        return Some(out);
+                    }
+                    c.i += 1;
+                }
+            }
         }
-        Some(NormDn { rdns })
     }
 
     /// True for the root DSE's empty DN.
@@ -127,10 +259,34 @@ impl NormDn {
         self.rdns.len()
     }
 
-    /// True when `self` is `suffix` or lies below it.
+    /// True when `self` is `suffix` or lies below it, as far as the
+    /// normalisation can tell (see [`NormDn::within`]).
     pub fn is_within(&self, suffix: &NormDn) -> bool {
-        self.rdns.len() >= suffix.rdns.len()
-            && self.rdns[self.rdns.len() - suffix.rdns.len()..] == suffix.rdns[..]
+        self.within(suffix) == Within::Yes
+    }
+
+    /// Whether `self` is `suffix` or lies below it.
+    pub fn within(&self, suffix: &NormDn) -> Within {
+        if self.rdns.len() < suffix.rdns.len() {
+            return Within::No;
+        }
+        let skip = self.rdns.len() - suffix.rdns.len();
+        let mut answer = Within::Yes;
+        for (k, theirs) in suffix.rdns.iter().enumerate() {
+            if self.rdns[skip + k] == *theirs {
+                continue;
+            }
+            if self.sure[skip + k] && suffix.sure[k] {
+                return Within::No;
+            }
+            answer = Within::Maybe;
+        }
+        answer
+    }
+
+    /// True when every RDN was normalised with certainty.
+    pub fn is_sure(&self) -> bool {
+        self.sure.iter().all(|&s| s)
     }
 }
 
@@ -183,5 +339,51 @@ mod tests {
             assert!(NormDn::parse(s.as_bytes()).is_none(), "{s}");
         }
         assert!(NormDn::parse(&[0xff, b'=', b'x']).is_none());
+    }
+
+    #[test]
+    fn ldapv2_quotes_and_ber_values_are_the_same_entry() {
+        let want = n("uid=user20,ou=people,dc=example,dc=org");
+        for s in [
+            "uid=user20,ou=people,dc=\"example\",dc=org",
+            "uid=\"user20\" , ou=People ; dc = \"Example\" ,dc=org",
+            // #04076578616d706c65: an OCTET STRING "example".
+            "uid=user20,ou=people,dc=#04076578616d706c65,dc=org",
+            "uid=user20,ou=people,dc=#0C074578616D706C65,dc=org",
+        ] {
+            let got = n(s);
+            assert_eq!(got, want, "{s}");
+            assert_eq!(got.within(&n("dc=example,dc=org")), Within::Yes, "{s}");
+        }
+        // Separators are literal inside quotes.
+        assert_eq!(n("cn=\"a,b+c\",dc=x"), n("cn=a\\,b\\+c,dc=x"));
+        assert_eq!(n("cn=\"a,b\",dc=x").depth(), 2);
+        assert!(NormDn::parse(b"cn=\"open,dc=x").is_none());
+        assert!(NormDn::parse(b"cn=\"a\"b,dc=x").is_none());
+    }
+
+    #[test]
+    fn what_cannot_be_normalised_with_certainty_may_be_anywhere() {
+        let suffix = n("dc=example,dc=org");
+        // Non-ASCII: the server folds case and normalises Unicode its way.
+        let accented = n("uid=u,dc=exampl\u{e9},dc=org");
+        assert!(!accented.is_sure());
+        assert_eq!(accented.within(&suffix), Within::Maybe);
+        // An OID this table does not know may name dc.
+        let oid = n("uid=u,1.2.3.4=example,dc=org");
+        assert_eq!(oid.within(&suffix), Within::Maybe);
+        // A # value that is not a plain string.
+        let ber = n("uid=u,dc=#300302010a,dc=org");
+        assert_eq!(ber.within(&suffix), Within::Maybe);
+        // Certain differences stay certain, whatever lies left of them.
+        assert_eq!(
+            n("cn=J\u{f6}rg,dc=other,dc=org").within(&suffix),
+            Within::No
+        );
+        assert_eq!(
+            n("cn=J\u{f6}rg,dc=example,dc=org").within(&suffix),
+            Within::Yes
+        );
+        assert_eq!(n("dc=org").within(&suffix), Within::No);
     }
 }

@@ -344,26 +344,23 @@ impl Engine {
     /// the request is classified later, only if a freeze needs to know).
     /// Under a freeze, classifies the request: if the freeze holds it,
     /// returns its class; otherwise runs `insert(Some(class))`. All under the
-    /// state lock, so ON never misses a request it should drain.
+    /// state lock, so ON never misses a request it should drain. Returns
+    /// what `insert` returned.
     #[inline]
-    pub fn admit(
+    pub fn admit<R>(
         &self,
         classify: impl FnOnce() -> Class,
-        insert: impl FnOnce(Option<Class>),
-    ) -> Result<(), Class> {
+        insert: impl FnOnce(Option<Class>) -> R,
+    ) -> Result<R, Class> {
         let st = self.read_state();
         match st.as_ref() {
-            None => {
-                insert(None);
-                Ok(())
-            }
+            None => Ok(insert(None)),
             Some(f) => {
                 let class = classify();
                 if f.holds(class) {
                     return Err(class);
                 }
-                insert(Some(class));
-                Ok(())
+                Ok(insert(Some(class)))
             }
         }
     }

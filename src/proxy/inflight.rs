@@ -29,6 +29,11 @@ pub struct InFlight {
     pub bind_dn_span: Option<std::ops::Range<u32>>,
     /// The gate's classification, when a freeze was active as it passed.
     pub class: Option<Class>,
+    /// The client abandoned it, but the server may still be running it (a
+    /// write, which the server does not stop once started): the Abandon was
+    /// not forwarded, the entry stays until the server's final response,
+    /// which the client does not get.
+    pub abandoned: bool,
     /// The request itself, kept (a reference-counted view, no copy) to be
     /// classified only if a freeze starts while it is in flight, and for a
     /// simple bind's name.
@@ -46,6 +51,7 @@ impl InFlight {
             root_dse: false,
             bind_dn_span: None,
             class,
+            abandoned: false,
             request: None,
         }
     }
@@ -75,11 +81,19 @@ pub struct InFlightTable {
 }
 
 impl InFlightTable {
-    /// Records a request sent upstream. A client reusing the ID of an
-    /// outstanding request breaks RFC 4511; the newer request wins and the
-    /// older one is returned.
-    pub fn start(&mut self, msgid: i32, entry: InFlight) -> Option<InFlight> {
-        self.ops.insert(msgid, entry)
+    /// Records a request sent upstream. A request reusing the ID of an
+    /// outstanding one (RFC 4511 section 4.1.1.1 forbids it) is refused and
+    /// handed back: the older entry stays, so nothing the server may still
+    /// be running leaves the table (the drain counts it) and no identity is
+    /// taken from a response meant for another request.
+    pub fn start(&mut self, msgid: i32, entry: InFlight) -> Result<(), InFlight> {
+        match self.ops.entry(msgid) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(entry),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(entry);
+                Ok(())
+            }
+        }
     }
 
     /// Handles a response: a final response ends its request, which is
@@ -100,6 +114,11 @@ impl InFlightTable {
     /// The request with this ID, if outstanding.
     pub fn get(&self, msgid: i32) -> Option<&InFlight> {
         self.ops.get(&msgid)
+    }
+
+    /// The request with this ID, to mark it.
+    pub fn get_mut(&mut self, msgid: i32) -> Option<&mut InFlight> {
+        self.ops.get_mut(&msgid)
     }
 
     /// Number of outstanding requests.
@@ -125,8 +144,8 @@ mod tests {
     #[test]
     fn search_ends_with_done_not_entries() {
         let mut t = InFlightTable::default();
-        t.start(1, InFlight::new(op::SEARCH_REQUEST, None));
-        t.start(2, InFlight::new(op::MODIFY_REQUEST, None));
+        t.start(1, InFlight::new(op::SEARCH_REQUEST, None)).unwrap();
+        t.start(2, InFlight::new(op::MODIFY_REQUEST, None)).unwrap();
         assert!(t.response(1, op::SEARCH_RESULT_ENTRY).is_none());
         assert!(t.response(1, op::SEARCH_RESULT_REFERENCE).is_none());
         assert!(t.response(1, op::INTERMEDIATE_RESPONSE).is_none());
@@ -140,5 +159,18 @@ mod tests {
         assert!(t.is_empty());
         // A late response to an abandoned request is harmless.
         assert!(t.response(2, op::MODIFY_RESPONSE).is_none());
+    }
+
+    #[test]
+    fn a_reused_id_is_refused_and_the_older_request_stays() {
+        let mut t = InFlightTable::default();
+        t.start(7, InFlight::new(op::ADD_REQUEST, None)).unwrap();
+        let again = t.start(7, InFlight::new(op::SEARCH_REQUEST, None));
+        assert_eq!(again.unwrap_err().op, op::SEARCH_REQUEST);
+        assert_eq!(t.get(7).unwrap().op, op::ADD_REQUEST, "the write stays");
+        assert_eq!(t.len(), 1);
+        // Once answered, the ID is free again.
+        assert!(t.response(7, op::ADD_RESPONSE).is_some());
+        t.start(7, InFlight::new(op::SEARCH_REQUEST, None)).unwrap();
     }
 }

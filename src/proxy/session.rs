@@ -28,7 +28,7 @@ use super::inflight::{InFlight, InFlightTable};
 use super::mailbox::Inbox;
 use super::{Incoming, Shared};
 use crate::endpoint::{self, BoxRead, BoxWrite};
-use crate::freeze::{Class, Control, Engine, Kind, Requester, SessionHandle};
+use crate::freeze::{Class, Control, Engine, Requester, SessionHandle};
 use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
 use crate::wire::{op, pdu, rootdse, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
@@ -38,6 +38,9 @@ use crate::wire::{op, pdu, rootdse, Envelope, FrameCodec, FrameError, FrameReade
 const BATCH: usize = 64;
 /// How long to wait for the upstream to close after the client went away.
 const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// How long a session whose client is gone keeps waiting for requests the
+/// server may still be running (see `Responses::linger`).
+const LINGER_MAX: Duration = Duration::from_secs(300);
 /// Locally authored responses waiting to be written to the client.
 const LOCAL_QUEUE: usize = 16;
 /// The StartTLS OID as a string (`oid::START_TLS` is bytes).
@@ -149,6 +152,18 @@ pub struct SessionState {
     max_outstanding: usize,
     /// Signalled (one permit) when `outstanding` falls below the limit.
     room: Notify,
+    /// A bind is in flight: every later request of the connection waits for
+    /// its response (RFC 4511 section 4.2.1: a bind must not overlap other
+    /// operations; slapd drops the operations it overlaps).
+    bind_in_flight: AtomicBool,
+    /// The requests loop holds requests in its queue for the session's own
+    /// order (a bind, or requests behind it): tell it when a bind ends or
+    /// nothing is left in flight (`settle`).
+    settle_waiting: AtomicBool,
+    /// Signalled (one permit) for `settle_waiting`.
+    settle: Notify,
+    /// Message IDs of Allow-Backup requests the proxy is still answering.
+    local_ids: Mutex<Vec<i32>>,
     requests: AtomicU64,
     responses: AtomicU64,
 }
@@ -203,24 +218,60 @@ impl SessionState {
         lock(&self.inflight)
     }
 
-    /// Records a request sent upstream.
-    fn start(&self, msgid: i32, entry: InFlight) {
-        if entry.root_dse || entry.persistent {
+    /// Records a request about to be sent upstream; false (and nothing
+    /// recorded) when a request with the same message ID is outstanding.
+    fn start(&self, msgid: i32, entry: InFlight) -> bool {
+        let special = entry.root_dse || entry.persistent;
+        let persistent = entry.persistent;
+        let bind = entry.op == op::BIND_REQUEST;
+        if self.inflight().start(msgid, entry).is_err() {
+            return false;
+        }
+        if special {
             self.specials.fetch_add(1, Ordering::Relaxed);
         }
-        if !entry.persistent {
-            self.outstanding.fetch_add(1, Ordering::Relaxed);
+        if !persistent {
+            self.outstanding.fetch_add(1, Ordering::SeqCst);
         }
-        if let Some(old) = self.inflight().start(msgid, entry) {
-            self.forget(&old);
+        if bind {
+            self.bind_in_flight.store(true, Ordering::SeqCst);
+        }
+        true
+    }
+
+    /// Requests in flight upstream, persistent searches not counted.
+    fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// A bind was sent and its response has not come yet.
+    fn bind_in_flight(&self) -> bool {
+        self.bind_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The requests loop holds requests for the session's own order: it
+    /// must hear when a bind ends or the connection has nothing in flight.
+    fn set_settle_waiting(&self, yes: bool) {
+        if self.settle_waiting.load(Ordering::Relaxed) != yes {
+            self.settle_waiting.store(yes, Ordering::SeqCst);
         }
     }
 
-    /// A response: a final one ends its request, which is returned.
-    fn response(&self, msgid: i32, op: u8) -> Option<InFlight> {
-        let done = self.inflight().response(msgid, op)?;
-        self.forget(&done);
-        Some(done)
+    /// A bind sent upstream ends the persistent searches of its connection
+    /// at the server (slapd abandons every operation of a connection that
+    /// binds): they leave the table.
+    fn end_persistent(&self) {
+        let mut table = self.inflight();
+        let ids: Vec<i32> = table
+            .iter()
+            .filter(|(_, e)| e.persistent)
+            .map(|(id, _)| id)
+            .collect();
+        let gone: Vec<InFlight> = ids.into_iter().filter_map(|id| table.abandon(id)).collect();
+        drop(table);
+        for e in &gone {
+            self.forget(e);
+        }
     }
 
     /// An abandoned request leaves the table.
@@ -234,11 +285,22 @@ impl SessionState {
         if e.root_dse || e.persistent {
             self.specials.fetch_sub(1, Ordering::Relaxed);
         }
-        if !e.persistent && self.outstanding.fetch_sub(1, Ordering::Relaxed) >= self.max_outstanding
-        {
-            // The requests loop may be waiting for room: one permit, kept
-            // if it is not waiting yet.
-            self.room.notify_one();
+        let mut idle = false;
+        if !e.persistent {
+            let before = self.outstanding.fetch_sub(1, Ordering::SeqCst);
+            if before >= self.max_outstanding {
+                // The requests loop may be waiting for room: one permit,
+                // kept if it is not waiting yet.
+                self.room.notify_one();
+            }
+            idle = before == 1;
+        }
+        let bind = e.op == op::BIND_REQUEST;
+        if bind {
+            self.bind_in_flight.store(false, Ordering::SeqCst);
+        }
+        if (bind || idle) && self.settle_waiting.load(Ordering::SeqCst) {
+            self.settle.notify_one();
         }
     }
 
@@ -508,6 +570,7 @@ pub(crate) async fn serve_connected(
         epoch: engine.epoch(),
         queue: VecDeque::new(),
         queued_bytes: 0,
+        queued_binds: 0,
         close: &close,
         abort: &abort,
     };
@@ -537,6 +600,7 @@ pub(crate) async fn serve_connected(
         close: close.clone(),
         told: false,
         partial: false,
+        abort: abort.clone(),
     };
     // The two directions run as two tasks, so a wake-up for one polls only
     // that one.
@@ -604,11 +668,23 @@ async fn refuse(id: u64, peer: &str, shared: &Shared, client_w: BoxWrite, why: S
     info!(conn = id, %peer, "connection closed: upstream unreachable");
 }
 
-/// A request held by a freeze.
+/// A request held by a freeze, or for the session's own order (behind a
+/// bind, or a bind behind the connection's outstanding requests).
 struct Queued {
     frame: Bytes,
     env: Envelope,
     class: Class,
+    /// Answered by the proxy itself once released (an Allow-Backup or
+    /// status request behind a bind: it needs the bind's identity).
+    local: Option<LocalOp>,
+}
+
+/// Extended operations the proxy answers itself that depend on the
+/// session's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalOp {
+    AllowBackup,
+    Status,
 }
 
 struct Requests<'a> {
@@ -633,6 +709,8 @@ struct Requests<'a> {
     epoch: watch::Receiver<u64>,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
+    /// Binds in `queue`.
+    queued_binds: usize,
     close: &'a Close,
     abort: &'a CancellationToken,
 }
@@ -733,7 +811,39 @@ impl Requests<'_> {
         self.queue.clear();
         self.engine.queue_sub(n, self.queued_bytes);
         self.queued_bytes = 0;
-        self.state.queued.store(0, Ordering::Relaxed);
+        self.queued_binds = 0;
+        self.queue_changed();
+    }
+
+    /// The queue's length changed: publish it.
+    fn queue_changed(&self) {
+        self.state.queued.store(self.queue.len(), Ordering::Relaxed);
+        self.state.set_settle_waiting(!self.queue.is_empty());
+    }
+
+    /// A bind is waiting in the queue or in flight: the session's identity
+    /// is unknown until its response.
+    fn bind_pending(&self) -> bool {
+        self.queued_binds > 0 || self.state.bind_in_flight()
+    }
+
+    /// The session's own order holds this request back: everything waits
+    /// for a bind in flight, and a bind waits until nothing of its
+    /// connection is in flight (RFC 4511 section 4.2.1; the server would
+    /// drop what it overlaps, and it may still be running a write).
+    fn held_by_session(&self, env: &Envelope) -> bool {
+        self.state.bind_in_flight() || (env.op == op::BIND_REQUEST && self.state.outstanding() > 0)
+    }
+
+    /// RFC 4511 section 4.1.1.1: a request reusing the message ID of one
+    /// that is still outstanding (queued here, answered later by the proxy,
+    /// or, when `table`, in flight at the server). The in-flight insert
+    /// checks the table itself for requests that go straight upstream.
+    fn reused(&self, msgid: i32, table: bool) -> bool {
+        (!self.queue.is_empty() && self.queue.iter().any(|q| q.env.msgid == msgid))
+            || (self.state.local_pending.load(Ordering::Acquire) > 0
+                && lock(&self.state.local_ids).contains(&msgid))
+            || (table && self.state.inflight().get(msgid).is_some())
     }
 
     /// Room to read another request: per-connection and total queue limits.
@@ -774,6 +884,9 @@ impl Requests<'_> {
                     c => Event::Control(c),
                 },
                 Ok(()) = self.epoch.changed(), if waiting => Event::Epoch,
+                // A bind ended, or nothing is left in flight: requests held
+                // for the session's own order may go.
+                _ = async { state.settle.notified().await }, if !self.queue.is_empty() => Event::Epoch,
                 f = self.client_in.next_message(), if room => Event::Frame(f),
                 // Created only when polled: no waiter made and dropped per
                 // request while there is room.
@@ -920,8 +1033,51 @@ impl Requests<'_> {
                 None => Step::Continue,
             };
         }
+        match env.op {
+            op::ABANDON_REQUEST => return self.client_abandon(&env, frame).await,
+            op::UNBIND_REQUEST => {
+                self.discard_queue(&End::Unbind);
+                if let Step::End(e) = self.feed(frame).await {
+                    return Step::End(e);
+                }
+                return Step::End(End::Unbind);
+            }
+            _ => {}
+        }
+        if self.reused(env.msgid, false) {
+            return Step::End(reused_id(env.msgid));
+        }
+        if env.op == op::BIND_REQUEST {
+            // The identity is the one this bind's own response gives.
+            self.state.set_bound_dn(None);
+        }
+        let mut local = None;
         if env.op == op::EXTENDED_REQUEST {
             let name = env.oid_bytes(&frame).unwrap_or_default();
+            let answered_here = name == oid::START_TLS
+                || name == abproxy_proto::ALLOW_BACKUP_OID.as_bytes()
+                || name == abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes()
+                || (name == oid::CANCEL
+                    && cancel_target(env.value_bytes(&frame))
+                        .is_some_and(|t| self.queue.iter().any(|q| q.env.msgid == t)));
+            if answered_here {
+                if let Some(c) = env.controls(&frame).find(|c| c.critical) {
+                    // RFC 4511 section 4.1.11: the proxy answers this
+                    // operation and implements none of its controls.
+                    let r = pdu::extended_response(
+                        env.msgid,
+                        LdapResultCode::UnavailableCriticalExtension,
+                        &format!(
+                            "abproxy answers this extended operation itself and does not \
+                             support the critical control {}",
+                            String::from_utf8_lossy(c.oid)
+                        ),
+                        None,
+                        None,
+                    );
+                    return self.reply_locally(r).await;
+                }
+            }
             if name == oid::START_TLS {
                 // Answered here, never forwarded: the proxy must read every
                 // request, so it terminates TLS itself.
@@ -931,21 +1087,10 @@ impl Requests<'_> {
                 return Box::pin(self.start_tls(&env)).await;
             }
             if name == abproxy_proto::ALLOW_BACKUP_OID.as_bytes() {
-                self.allow_backup(&env, &frame);
-                return Step::Continue;
-            }
-            if name == abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes() {
-                let (code, msg, value) = self.engine.status(&self.requester());
-                let resp = pdu::extended_response(
-                    env.msgid,
-                    code,
-                    &msg,
-                    Some(abproxy_proto::ALLOW_BACKUP_STATUS_OID),
-                    value,
-                );
-                return self.reply_locally(resp).await;
-            }
-            if name == oid::CANCEL {
+                local = Some(LocalOp::AllowBackup);
+            } else if name == abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes() {
+                local = Some(LocalOp::Status);
+            } else if name == oid::CANCEL {
                 if let Some(target) = cancel_target(env.value_bytes(&frame)) {
                     if let Some(q) = self.unqueue(target) {
                         // RFC 3909: the cancelled operation ends with
@@ -972,45 +1117,92 @@ impl Requests<'_> {
                 }
             }
         }
-
-        match env.op {
-            op::ABANDON_REQUEST => {
-                let Some(target) = env.abandon_id else {
-                    return Step::Continue;
-                };
-                if self.unqueue(target).is_some() {
-                    debug!(conn = self.id, target, "abandoned a queued request");
-                    return Step::Continue;
-                }
-                if self.state.abandon(target).is_some() {
-                    self.state.signal_completed();
-                    self.engine.completed();
-                }
-                return self.feed(frame).await;
+        if let Some(what) = local {
+            // Answered at once, unless a bind is pending: then after it, with
+            // the identity it gives (an operator's OFF on a connection with
+            // held writes is answered at once).
+            if self.state.inflight().get(env.msgid).is_some() {
+                return Step::End(reused_id(env.msgid));
             }
-            op::UNBIND_REQUEST => {
-                self.discard_queue(&End::Unbind);
-                if let Step::End(e) = self.feed(frame).await {
-                    return Step::End(e);
-                }
-                return Step::End(End::Unbind);
+            if !self.bind_pending() {
+                return self.answer_locally(what, &env, &frame).await;
             }
-            _ => {}
+            self.enqueue(frame, env, Class::NEVER, Some(what));
+            return Step::Continue;
         }
-        // Once one request of this connection waits, every later one (but
-        // those never held) waits behind it.
-        if !self.queue.is_empty() {
-            let class = self.classify(&env, &frame);
-            if class.kind != Kind::Never {
-                self.enqueue(frame, env, class);
-                return Step::Continue;
+        // Order per connection is absolute: once one request waits, every
+        // later one waits behind it.
+        if !self.queue.is_empty() || self.held_by_session(&env) {
+            if self.state.inflight().get(env.msgid).is_some() {
+                return Step::End(reused_id(env.msgid));
             }
+            let class = self.classify(&env, &frame);
+            self.enqueue(frame, env, class, None);
+            return Step::Continue;
         }
         match self.admit(&env, &frame, None) {
-            Ok(()) => self.feed(frame).await,
+            Ok(true) => self.feed(frame).await,
+            Ok(false) => Step::End(reused_id(env.msgid)),
             Err(class) => {
-                self.enqueue(frame, env, class);
+                self.enqueue(frame, env, class, None);
                 Step::Continue
+            }
+        }
+    }
+
+    /// An Abandon from the client. A queued request is dropped here; a read
+    /// in flight is abandoned at the server; anything else in flight (a
+    /// write, an extended operation, a bind) may be running at the server,
+    /// which does not stop a write it has started: the Abandon is not
+    /// forwarded, the request stays in flight (a drain waits for it) and its
+    /// response, which the client asked not to get, is dropped.
+    async fn client_abandon(&mut self, env: &Envelope, frame: Bytes) -> Step {
+        let Some(target) = env.abandon_id else {
+            return Step::Continue;
+        };
+        if self.unqueue(target).is_some() {
+            debug!(conn = self.id, target, "abandoned a queued request");
+            return Step::Continue;
+        }
+        {
+            let mut table = self.state.inflight();
+            if let Some(e) = table.get_mut(target) {
+                if !matches!(e.op, op::SEARCH_REQUEST | op::COMPARE_REQUEST) {
+                    e.abandoned = true;
+                    debug!(
+                        conn = self.id,
+                        target,
+                        op = op::name(e.op),
+                        "abandon of a request the server may be running: not forwarded, its response will be dropped"
+                    );
+                    return Step::Continue;
+                }
+            }
+        }
+        if self.state.abandon(target).is_some() {
+            self.state.signal_completed();
+            self.engine.completed();
+        }
+        self.feed(frame).await
+    }
+
+    /// Answers an Allow-Backup or status request.
+    async fn answer_locally(&mut self, what: LocalOp, env: &Envelope, frame: &Bytes) -> Step {
+        match what {
+            LocalOp::AllowBackup => {
+                self.allow_backup(env, frame);
+                Step::Continue
+            }
+            LocalOp::Status => {
+                let (code, msg, value) = self.engine.status(&self.requester());
+                let resp = pdu::extended_response(
+                    env.msgid,
+                    code,
+                    &msg,
+                    Some(abproxy_proto::ALLOW_BACKUP_STATUS_OID),
+                    value,
+                );
+                self.reply_locally(resp).await
             }
         }
     }
@@ -1114,7 +1306,8 @@ impl Requests<'_> {
 
     /// The gate: records the request as in flight unless a freeze holds it
     /// (then returns its class). `known` is the class of a queued request.
-    fn admit(&self, env: &Envelope, frame: &Bytes, known: Option<Class>) -> Result<(), Class> {
+    /// `Ok(false)`: not recorded, its message ID is in flight already.
+    fn admit(&self, env: &Envelope, frame: &Bytes, known: Option<Class>) -> Result<bool, Class> {
         self.engine.admit(
             || known.unwrap_or_else(|| self.classify(env, frame)),
             |class| {
@@ -1125,7 +1318,10 @@ impl Requests<'_> {
                 match env.op {
                     op::BIND_REQUEST => {
                         entry.sasl_bind = env.bind_auth == Some(auth::SASL);
-                        if env.bind_auth == Some(auth::SIMPLE) {
+                        // A simple bind with an empty password is
+                        // unauthenticated (RFC 4513 section 5.1.2), whatever
+                        // name it gives: it names no identity.
+                        if env.bind_auth == Some(auth::SIMPLE) && !env.empty_simple_password() {
                             entry.bind_dn_span = env.dn.clone();
                         }
                     }
@@ -1137,31 +1333,52 @@ impl Requests<'_> {
                     }
                     _ => {}
                 }
-                self.state.start(env.msgid, entry);
+                let bind = env.op == op::BIND_REQUEST;
+                let started = self.state.start(env.msgid, entry);
+                if started && bind {
+                    self.state.end_persistent();
+                }
+                started
             },
         )
     }
 
-    fn enqueue(&mut self, frame: Bytes, env: Envelope, class: Class) {
+    fn enqueue(&mut self, frame: Bytes, env: Envelope, class: Class, local: Option<LocalOp>) {
         debug!(
             conn = self.id,
             msgid = env.msgid,
             op = op::name(env.op),
-            "held by the freeze"
+            "held (by the freeze, or behind a bind)"
         );
+        if env.op == op::BIND_REQUEST {
+            self.queued_binds += 1;
+        }
         self.queued_bytes += frame.len();
         self.engine.queue_add(frame.len());
-        self.queue.push_back(Queued { frame, env, class });
-        self.state.queued.store(self.queue.len(), Ordering::Relaxed);
+        self.queue.push_back(Queued {
+            frame,
+            env,
+            class,
+            local,
+        });
+        self.queue_changed();
+    }
+
+    /// Takes a request out of the queue's accounting.
+    fn dequeued(&mut self, q: &Queued) {
+        if q.env.op == op::BIND_REQUEST {
+            self.queued_binds -= 1;
+        }
+        self.queued_bytes -= q.frame.len();
+        self.engine.queue_sub(1, q.frame.len());
     }
 
     /// Removes a queued request by message ID.
     fn unqueue(&mut self, msgid: i32) -> Option<Queued> {
         let pos = self.queue.iter().position(|q| q.env.msgid == msgid)?;
         let q = self.queue.remove(pos)?;
-        self.queued_bytes -= q.frame.len();
-        self.engine.queue_sub(1, q.frame.len());
-        self.state.queued.store(self.queue.len(), Ordering::Relaxed);
+        self.dequeued(&q);
+        self.queue_changed();
         Some(q)
     }
 
@@ -1191,26 +1408,41 @@ impl Requests<'_> {
         Step::Continue
     }
 
-    /// The freeze changed: send what it no longer holds, oldest first,
-    /// stopping at the first request still held.
+    /// The freeze changed, a bind ended or the connection has nothing in
+    /// flight: send what is no longer held, oldest first, stopping at the
+    /// first request still held.
     async fn release(&mut self) -> Step {
         let mut sent = 0;
         while let Some(head) = self.queue.front() {
-            if self
-                .admit(&head.env, &head.frame, Some(head.class))
-                .is_err()
-            {
+            if let Some(what) = head.local {
+                if self.state.bind_in_flight() {
+                    break;
+                }
+                let q = self.queue.pop_front().expect("front exists");
+                self.dequeued(&q);
+                if let Step::End(e) = self.answer_locally(what, &q.env, &q.frame).await {
+                    return Step::End(e);
+                }
+                continue;
+            }
+            if self.held_by_session(&head.env) {
                 break;
             }
+            match self.admit(&head.env, &head.frame, Some(head.class)) {
+                Err(_) => break,
+                // Cannot happen: an ID is checked against the table and the
+                // queue when it arrives.
+                Ok(false) => return Step::End(reused_id(head.env.msgid)),
+                Ok(true) => {}
+            }
             let q = self.queue.pop_front().expect("front exists");
-            self.queued_bytes -= q.frame.len();
-            self.engine.queue_sub(1, q.frame.len());
+            self.dequeued(&q);
             sent += 1;
             if let Step::End(e) = self.feed(q.frame).await {
                 return Step::End(e);
             }
         }
-        self.state.queued.store(self.queue.len(), Ordering::Relaxed);
+        self.queue_changed();
         if sent > 0 {
             debug!(
                 conn = self.id,
@@ -1245,6 +1477,7 @@ impl Requests<'_> {
         let local = self.local.clone();
         let msgid = env.msgid;
         let state = self.state.clone();
+        lock(&state.local_ids).push(msgid);
         state.local_pending.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             // Backends from the rootDSE are re-read before each freeze.
@@ -1267,6 +1500,7 @@ impl Requests<'_> {
                 None,
             );
             let _ = local.send(Local::Pdu(resp)).await;
+            lock(&state.local_ids).retain(|&id| id != msgid);
             state.local_pending.fetch_sub(1, Ordering::AcqRel);
         });
     }
@@ -1357,6 +1591,16 @@ impl Requests<'_> {
     }
 }
 
+/// A request reusing the message ID of an outstanding one: the session ends
+/// with a protocolError notice (what is still running upstream is still
+/// waited for: see `Responses::linger`).
+fn reused_id(msgid: i32) -> End {
+    End::ClientProtocol(format!(
+        "message ID {msgid} reused while the request with that ID is outstanding \
+         (RFC 4511 section 4.1.1.1)"
+    ))
+}
+
 /// Allowed in clear under `require_tls`: StartTLS, the root DSE read (how
 /// clients discover StartTLS) and the anonymous bind that ldap-utils send
 /// before it (no secret in it), and unbind and abandon (no response).
@@ -1366,7 +1610,7 @@ fn exempt_from_tls(env: &Envelope, frame: &[u8]) -> bool {
         op::BIND_REQUEST => {
             env.bind_auth == Some(auth::SIMPLE)
                 && env.dn_bytes(frame).is_some_and(|d| d.is_empty())
-                && is_anonymous_bind(frame)
+                && env.empty_simple_password()
         }
         op::EXTENDED_REQUEST => env.oid_bytes(frame) == Some(oid::START_TLS),
         op::SEARCH_REQUEST => {
@@ -1374,23 +1618,6 @@ fn exempt_from_tls(env: &Envelope, frame: &[u8]) -> bool {
         }
         _ => false,
     }
-}
-
-/// A simple bind with an empty password (decoded only on the refusal path
-/// of `require_tls`).
-fn is_anonymous_bind(frame: &[u8]) -> bool {
-    use tokio_util::codec::Decoder;
-    let mut buf = bytes::BytesMut::from(frame);
-    matches!(
-        ldap3_proto::LdapCodec::default().decode(&mut buf),
-        Ok(Some(LdapMsg {
-            op: LdapOp::BindRequest(ldap3_proto::proto::LdapBindRequest {
-                cred: ldap3_proto::proto::LdapBindCred::Simple(ref pw),
-                ..
-            }),
-            ..
-        })) if pw.is_empty()
-    )
 }
 
 /// The cancelID of a cancel request value (RFC 3909:
@@ -1428,6 +1655,8 @@ struct Responses {
     /// The last response forwarded was a search entry or reference (its
     /// search's final response is probably close behind).
     partial: bool,
+    /// The shutdown grace period is over.
+    abort: CancellationToken,
 }
 
 /// A failed write to the upstream, as the close log line says it.
@@ -1534,9 +1763,69 @@ impl Responses {
             let _ = self.client_out.get_mut().shutdown().await;
         })
         .await;
+        let upstream_gone = matches!(
+            end,
+            End::UpstreamClosed
+                | End::Io("reading from upstream", _)
+                | End::UpstreamProtocol(_)
+                | End::SaslLayer(_)
+        );
+        if !upstream_gone {
+            self.linger().await;
+        }
         self.close.cancel();
         let _ = self.control.send(Control::Close);
         end
+    }
+
+    /// The client's side of the session is over, but the server may still
+    /// be running requests of this connection (a write it does not stop,
+    /// whose client left or broke the protocol): keep reading the upstream,
+    /// dropping the responses, until nothing is in flight, the server closes
+    /// (it does once its running operations are done, after the proxy's
+    /// half-close) or `LINGER_MAX` passes. The session stays registered
+    /// meanwhile, so a freeze's drain still waits for those requests.
+    async fn linger(&mut self) {
+        let left = self.state.outstanding();
+        if left == 0 {
+            return;
+        }
+        debug!(
+            conn = self.id,
+            left, "session over: waiting for what the server is still running"
+        );
+        let deadline = tokio::time::sleep(LINGER_MAX);
+        tokio::pin!(deadline);
+        while self.state.outstanding() > 0 {
+            let next = tokio::select! {
+                next = self.up_in.next_message() => next,
+                _ = &mut deadline => {
+                    warn!(
+                        conn = self.id,
+                        left = self.state.outstanding(),
+                        "request(s) of a closed session still unanswered by the server after {} s: \
+                         no longer waited for",
+                        LINGER_MAX.as_secs()
+                    );
+                    return;
+                }
+                _ = self.abort.cancelled() => return,
+            };
+            let Ok(Some(n)) = next else {
+                // The server closed: nothing of this connection runs there.
+                return;
+            };
+            let frame = self.up_in.message(n);
+            if let Ok(env) = Envelope::response(frame) {
+                let done = self.state.inflight().response(env.msgid, env.op);
+                if let Some(req) = done {
+                    self.state.forget(&req);
+                    self.state.signal_completed();
+                    self.engine.completed();
+                }
+            }
+            self.up_in.skip(n);
+        }
     }
 
     /// Feeds a PDU once the session is over, unless a Notice of
@@ -1789,10 +2078,13 @@ impl Responses {
             }
             return Route::Forward;
         }
-        let done = self.state.response(env.msgid, env.op);
+        let done = self.state.inflight().response(env.msgid, env.op);
         if let Some(req) = done {
-            if env.op == op::BIND_RESPONSE {
-                let ok = env.result_code == Some(0);
+            if req.op == op::BIND_REQUEST {
+                // The identity comes from this bind's own response (message
+                // IDs are unique among outstanding requests), set before
+                // the requests waiting for the bind are released.
+                let ok = env.op == op::BIND_RESPONSE && env.result_code == Some(0);
                 self.state
                     .sasl_bound
                     .store(ok && req.sasl_bind, Ordering::Relaxed);
@@ -1801,6 +2093,7 @@ impl Responses {
                     .set_authenticated(ok && (req.sasl_bind || named.is_some()));
                 self.state.set_bound_dn(named.filter(|_| ok));
             }
+            self.state.forget(&req);
             debug!(
                 conn = self.id,
                 msgid = env.msgid,
@@ -1811,6 +2104,10 @@ impl Responses {
             );
             self.state.signal_completed();
             self.engine.completed();
+            if req.abandoned {
+                // The client abandoned it and expects no response.
+                return Route::Drop;
+            }
         }
         Route::Forward
     }

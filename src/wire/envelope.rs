@@ -171,7 +171,7 @@ pub struct Envelope {
     pub sasl_mechanism: Option<Span>,
     /// Extended request name, or extended/intermediate response name.
     pub oid: Option<Span>,
-    /// Extended request/response value.
+    /// Extended request/response value; a simple bind's password.
     pub value: Option<Span>,
     /// Abandoned message ID of an abandon request.
     pub abandon_id: Option<i32>,
@@ -286,6 +286,9 @@ impl Envelope {
                 self.dn = Some(span(r.expect(0x04, "bind name")?));
                 let auth = r.next_tlv()?;
                 self.bind_auth = Some(auth.tag);
+                if auth.tag == auth::SIMPLE {
+                    self.value = Some(span(auth));
+                }
                 if auth.tag == auth::SASL {
                     let mut s = Reader::inside(frame, auth);
                     self.sasl_mechanism = Some(span(s.expect(0x04, "SASL mechanism")?));
@@ -376,6 +379,12 @@ impl Envelope {
     /// Extended request/response value octets.
     pub fn value_bytes<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
         self.value.as_ref().map(|s| Self::slice(frame, s))
+    }
+
+    /// A simple bind with an empty password: unauthenticated (anonymous,
+    /// or RFC 4513 section 5.1.2's unauthenticated bind with a name).
+    pub fn empty_simple_password(&self) -> bool {
+        self.bind_auth == Some(auth::SIMPLE) && self.value.as_ref().is_some_and(|v| v.is_empty())
     }
 
     /// SASL mechanism octets.
