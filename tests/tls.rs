@@ -981,7 +981,7 @@ async fn freeze_with_writers_on_tls_sessions_keeps_every_acknowledged_write_once
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_client_certificate_upstream_authenticates_sasl_external() {
+async fn sasl_external_is_refused_when_the_proxy_presents_its_own_certificate_upstream() {
     let pki = Pki::new();
     let lab = tls_lab(&pki, |_| {}).await;
     let mut config = Config {
@@ -993,26 +993,31 @@ async fn proxy_client_certificate_upstream_authenticates_sasl_external() {
     config.tls.upstream_cert_file = Some(pki.client.0.clone());
     config.tls.upstream_key_file = Some(pki.client.1.clone());
     let proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
-    // SASL EXTERNAL passes through: slapd sees the proxy's certificate.
+    // SASL EXTERNAL would authenticate the proxy's certificate at slapd,
+    // not the client: refused by the proxy, never forwarded (before, slapd
+    // answered whoami with dn:cn=backup,o=example for any client).
     // (ldapwhoami -Y EXTERNAL refuses to try it without TLS of its own.)
     let whoami = |url: String| async move {
         let (conn, mut ldap) = LdapConnAsync::new(&url).await.unwrap();
         ldap3::drive!(conn);
         let bind = ldap.sasl_external_bind().await.unwrap();
         if bind.rc != 0 {
-            return Err(bind.rc);
+            return Err((bind.rc, bind.text));
         }
         let r = ldap.extended(ldap3::exop::WhoAmI).await.unwrap();
         let who: ldap3::exop::WhoAmIResp = r.0.parse();
         Ok(who.authzid)
     };
-    assert_eq!(
-        whoami(proxy.url()).await,
-        Ok("dn:cn=backup,o=example".to_string())
+    let refused = whoami(proxy.url()).await.unwrap_err();
+    assert_eq!(refused.0, 7, "authMethodNotSupported: {refused:?}");
+    assert!(
+        refused.1.contains("abproxy refuses SASL EXTERNAL"),
+        "{refused:?}"
     );
-    // Through a proxy without a client certificate upstream the same bind
-    // has no certificate to use.
-    assert!(whoami(lab.proxied()).await.is_err());
+    // Through a proxy without a client certificate upstream the bind is
+    // forwarded, and slapd has no certificate to authenticate.
+    let plain = whoami(lab.proxied()).await.unwrap_err();
+    assert!(!plain.1.contains("abproxy"), "{plain:?}");
     proxy.shutdown().await.unwrap();
 }
 

@@ -143,6 +143,8 @@ struct UpLog {
     frames: Vec<Bytes>,
     /// Requests not answered yet.
     pending: usize,
+    /// The requests not answered yet (checked when ON succeeds).
+    pending_frames: Vec<Bytes>,
     /// The proxy closed its side.
     eof: bool,
     violation: Option<String>,
@@ -227,13 +229,45 @@ fn answers(frame: &[u8], refuse_binds: bool) -> Result<Vec<Bytes>, String> {
     })
 }
 
+/// A write the current freeze holds (its backends as the status shows
+/// them), if a freeze is established. A password modify of the bound
+/// identity is left out: the session classifies it with an identity this
+/// check does not know.
+fn frozen_write(engine: &Engine, frame: &[u8]) -> bool {
+    let Ok(env) = Envelope::request(frame) else {
+        return false;
+    };
+    if env.op == op::EXTENDED_REQUEST && env.oid_bytes(frame) == Some(oid::PASSWORD_MODIFY) {
+        return false;
+    }
+    let st = status(engine);
+    if st.state != FreezeState::Frozen {
+        return false;
+    }
+    let mut frozen = crate::freeze::backend::BackendSet::EMPTY;
+    for (i, b) in st.backends.iter().enumerate() {
+        if b.frozen {
+            frozen.insert(i);
+        }
+    }
+    let class = engine.classify(&env, frame, None);
+    class.kind == Kind::Write && !class.backends.and(frozen).is_empty()
+}
+
 /// The scripted upstream: reads whole frames, answers them at once or when
-/// told, closes when the proxy closes.
+/// told, closes when the proxy closes. Like slapd, it drops what it has not
+/// answered of a request that is abandoned, and the persistent searches of
+/// a connection that binds. It checks what the freeze promises the server:
+/// no bind overlaps an outstanding operation (RFC 4511 section 4.2.1: slapd
+/// would drop it, and the proxy would wait for it for ever), and while a
+/// freeze is established no write of a frozen backend arrives or is still
+/// being run (answered).
 async fn upstream(
     from_proxy: DuplexStream,
     to_proxy: DuplexStream,
     mut cmds: mpsc::UnboundedReceiver<UpCmd>,
     log: Arc<Mutex<UpLog>>,
+    engine: Arc<Engine>,
     refuse_binds: bool,
     mut auto: bool,
 ) {
@@ -241,14 +275,65 @@ async fn upstream(
     let mut output = FramedWrite::new(to_proxy, FrameCodec::default());
     let mut pending: VecDeque<Bytes> = VecDeque::new();
     let mut cmds_open = true;
+    let mut input_open = true;
     loop {
         let mut answer = 0;
         tokio::select! {
-            next = input.next() => match next {
-                None => break,
+            next = input.next(), if input_open => match next {
+                None => {
+                    // Like slapd at EOF: what has not started is dropped,
+                    // reads stop, a running write finishes; then it closes.
+                    input_open = false;
+                    pending.retain(|p| {
+                        !Envelope::request(p).is_ok_and(|e| {
+                            matches!(e.op, op::SEARCH_REQUEST | op::COMPARE_REQUEST)
+                        })
+                    });
+                    if auto || !cmds_open {
+                        answer = pending.len();
+                    }
+                }
                 Some(Ok(frame)) => {
                     log.lock().unwrap().frames.push(frame.clone());
-                    pending.push_back(frame);
+                    if frozen_write(&engine, &frame) {
+                        log.lock().unwrap().violation = Some(format!(
+                            "a write of a frozen backend reached the server during the freeze: {frame:02x?}"
+                        ));
+                        break;
+                    }
+                    let env = Envelope::request(&frame).ok();
+                    match env.as_ref().map(|e| e.op) {
+                        Some(op::ABANDON_REQUEST) => {
+                            // A read stops; a write the server has started
+                            // runs to its end (slapd does not stop it).
+                            let target = env.and_then(|e| e.abandon_id);
+                            pending.retain(|p| {
+                                !Envelope::request(p).is_ok_and(|e| {
+                                    Some(e.msgid) == target
+                                        && matches!(e.op, op::SEARCH_REQUEST | op::COMPARE_REQUEST)
+                                })
+                            });
+                        }
+                        Some(op::BIND_REQUEST) => {
+                            pending.retain(|p| !is_persistent(p));
+                            let overlapped = pending
+                                .iter()
+                                .filter(|p| {
+                                    !Envelope::request(p).is_ok_and(|e| {
+                                        matches!(e.op, op::ABANDON_REQUEST | op::UNBIND_REQUEST)
+                                    })
+                                })
+                                .count();
+                            if overlapped > 0 {
+                                log.lock().unwrap().violation = Some(format!(
+                                    "a bind overlapped {overlapped} outstanding operation(s) of its connection"
+                                ));
+                                break;
+                            }
+                            pending.push_back(frame);
+                        }
+                        _ => pending.push_back(frame),
+                    }
                     if auto {
                         answer = pending.len();
                     }
@@ -274,6 +359,12 @@ async fn upstream(
             let Some(req) = pending.pop_front() else {
                 break;
             };
+            if frozen_write(&engine, &req) {
+                log.lock().unwrap().violation = Some(format!(
+                    "the server was still running a write of a frozen backend during the freeze: {req:02x?}"
+                ));
+                break;
+            }
             match answers(&req, refuse_binds) {
                 Ok(resps) => {
                     for r in resps {
@@ -288,13 +379,27 @@ async fn upstream(
             }
         }
         let _ = output.flush().await;
-        log.lock().unwrap().pending = pending.len();
+        {
+            let mut l = log.lock().unwrap();
+            l.pending = pending.len();
+            l.pending_frames = pending.iter().cloned().collect();
+        }
+        if !input_open && (pending.is_empty() || !cmds_open) {
+            break;
+        }
     }
     // Like slapd: the proxy closed, so close too.
     let _ = output.get_mut().shutdown().await;
     let mut l = log.lock().unwrap();
     l.eof = true;
     l.pending = pending.len();
+}
+
+/// A persistent search (it stays pending at the server).
+fn is_persistent(frame: &[u8]) -> bool {
+    Envelope::request(frame).is_ok_and(|e| {
+        e.has_control(frame, oid::SYNC_REQUEST) || e.has_control(frame, oid::PERSISTENT_SEARCH)
+    })
 }
 
 /// The client's reader: every response must be a readable LDAPMessage; at
@@ -422,10 +527,7 @@ impl ClientStream {
         loop {
             match self.codec.decode(&mut self.buf) {
                 Ok(Some(f)) => {
-                    if Envelope::request(&f).is_ok_and(|e| {
-                        e.has_control(&f, oid::SYNC_REQUEST)
-                            || e.has_control(&f, oid::PERSISTENT_SEARCH)
-                    }) {
+                    if is_persistent(&f) {
                         self.persistent += 1;
                     }
                     self.frames.push(f);
@@ -540,6 +642,7 @@ impl<'a> Harness<'a> {
             up_to_proxy,
             up_rx,
             up_log.clone(),
+            engine.clone(),
             self.flags & 8 != 0,
             !manual,
         ));
@@ -616,7 +719,25 @@ impl<'a> Harness<'a> {
                         froze = true;
                         let engine = engine.clone();
                         let value = abproxy_proto::encode_request(&req);
-                        tokio::spawn(async move { engine.allow_backup(who, Some(&value)).await });
+                        let log = up_log.clone();
+                        tokio::spawn(async move {
+                            let (code, msg) = engine.allow_backup(who, Some(&value)).await;
+                            // The drain is over: nothing of a frozen backend
+                            // may still be running at the server.
+                            if code == LdapResultCode::Success {
+                                let mut l = log.lock().unwrap();
+                                let running = l
+                                    .pending_frames
+                                    .iter()
+                                    .filter(|p| frozen_write(&engine, p))
+                                    .count();
+                                if running > 0 && l.violation.is_none() {
+                                    l.violation = Some(format!(
+                                        "ON succeeded ({msg}) while the server still ran {running} write(s) of a frozen backend"
+                                    ));
+                                }
+                            }
+                        });
                         if timed {
                             // Let the drain time limit pass.
                             settle(&up_log, &client_log).await;
@@ -716,12 +837,12 @@ impl<'a> Harness<'a> {
             client.notices,
             client.after_notice
         );
-        self.check_upstream_frames(&engine, &stream.frames, &up.frames, froze);
+        self.check_upstream_frames(&stream.frames, &up.frames, froze);
     }
 
     /// Every upstream frame is a client frame the proxy may forward, in an
     /// order the gate allows.
-    fn check_upstream_frames(&self, engine: &Engine, frames: &[Bytes], up: &[Bytes], froze: bool) {
+    fn check_upstream_frames(&self, frames: &[Bytes], up: &[Bytes], froze: bool) {
         // Frames past the first the proxy must refuse (or an unbind) are
         // never read.
         let mut cut = frames.len();
@@ -745,7 +866,8 @@ impl<'a> Harness<'a> {
                         && e.oid_bytes(f) == Some(abproxy_proto::ALLOW_BACKUP_OID.as_bytes())
                 })
             });
-        let (mut last_any, mut last_held, mut last_never) = (None, None, None);
+        let mut last_any = None;
+        let mut last_abandon = None;
         for f in up {
             let env = Envelope::request(f).expect("checked by the upstream");
             if env.op == op::ABANDON_REQUEST && env.msgid == i32::MAX {
@@ -753,17 +875,18 @@ impl<'a> Harness<'a> {
                 assert!(froze, "the proxy abandoned a request without a freeze");
                 continue;
             }
-            let never = engine.classify(&env, f, None).kind == Kind::Never;
-            let last = if never {
-                &mut last_never
+            // In the client's order, absolutely (a freeze or a bind holds a
+            // connection's later requests behind the held one): after the
+            // last frame sent. Abandons are never held, so they may overtake
+            // held requests: in order among themselves. Of identical frames,
+            // the first that fits: a queued one may have been abandoned or
+            // cancelled.
+            let last = if env.op == op::ABANDON_REQUEST {
+                &mut last_abandon
             } else {
-                &mut last_held
+                &mut last_any
             };
-            // In the client's order: after the last frame sent of the same
-            // kind (of any kind, without a freeze). Of identical frames, the
-            // first that fits: a queued one may have been abandoned or
-            // cancelled, and identical frames are of the same kind.
-            let after = if froze { *last } else { last_any };
+            let after = *last;
             let from = after.map_or(0, |l: usize| l + 1);
             let Some(i) = (from..frames.len()).find(|&i| frames[i] == *f) else {
                 assert!(
@@ -771,16 +894,10 @@ impl<'a> Harness<'a> {
                     "the upstream received a frame the client did not send: {f:02x?}"
                 );
                 panic!(
-                    "a frame reached the upstream out of order (after frame {after:?}{}): {f:02x?}",
-                    if froze {
-                        " of the same kind"
-                    } else {
-                        ", without a freeze"
-                    }
+                    "a frame reached the upstream out of order (after frame {after:?}): {f:02x?}"
                 );
             };
             *last = Some(i);
-            last_any = Some(i);
             assert!(
                 i < cut,
                 "frame {i} reached the upstream after frame {cut} ended the session"
@@ -891,5 +1008,156 @@ mod tests {
         input.extend_from_slice(&add(2, "cn=a,dc=example,dc=org"));
         input.extend_from_slice(&[1, 15]);
         check_session(&input);
+    }
+
+    fn msg(msgid: i32, op: LdapOp) -> Bytes {
+        encode(LdapMsg::new(msgid, op))
+    }
+
+    fn bind(msgid: i32, dn: &str) -> Bytes {
+        msg(
+            msgid,
+            LdapOp::BindRequest(ldap3_proto::proto::LdapBindRequest {
+                version: 3,
+                dn: dn.into(),
+                cred: ldap3_proto::proto::LdapBindCred::Simple("secret".into()),
+            }),
+        )
+    }
+
+    fn root_dse(msgid: i32) -> Bytes {
+        msg(
+            msgid,
+            LdapOp::SearchRequest(ldap3_proto::proto::LdapSearchRequest {
+                base: String::new(),
+                scope: ldap3_proto::proto::LdapSearchScope::Base,
+                aliases: ldap3_proto::proto::LdapDerefAliases::Never,
+                sizelimit: 0,
+                timelimit: 0,
+                typesonly: false,
+                filter: ldap3_proto::proto::LdapFilter::Present("objectClass".into()),
+                attrs: vec![],
+            }),
+        )
+    }
+
+    /// The upstream answers only when told (header flag 16).
+    const MANUAL: [u8; 4] = [16, 15, 31, 15];
+
+    #[test]
+    fn a_reused_message_id_does_not_hide_a_running_write_from_the_drain() {
+        let mut input = MANUAL.to_vec();
+        input.extend_from_slice(&add(5, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&[7, 2, 0, 7]); // settle, ON (all), settle
+        input.extend_from_slice(&root_dse(5));
+        input.extend_from_slice(&[7]);
+        check_session(&input);
+    }
+
+    #[test]
+    fn an_abandoned_write_is_still_drained() {
+        let mut input = MANUAL.to_vec();
+        input.extend_from_slice(&add(5, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&[7]);
+        input.extend_from_slice(&msg(6, LdapOp::AbandonRequest(5)));
+        input.extend_from_slice(&[7, 2, 0, 7]); // settle, ON (all), settle
+        check_session(&input);
+    }
+
+    #[test]
+    fn a_bind_waits_for_the_operations_before_it_and_holds_those_after() {
+        let mut input = MANUAL.to_vec();
+        input.extend_from_slice(&add(1, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&bind(2, "cn=u,dc=example,dc=org"));
+        input.extend_from_slice(&add(3, "cn=b,dc=example,dc=org"));
+        input.extend_from_slice(&[7, 1, 0, 7, 1, 0, 7, 1, 0, 7]); // one answer at a time
+        check_session(&input);
+    }
+
+    #[test]
+    fn an_operator_bind_behind_held_writes_waits_for_them() {
+        let mut input = vec![0, 15, 31, 15];
+        input.extend_from_slice(&[2, 0, 7]); // ON (all), settle
+        input.extend_from_slice(&add(1, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&bind(2, OPERATOR));
+        input.extend_from_slice(&[7, 3, 7]); // settle, OFF, settle
+        check_session(&input);
+    }
+
+    /// After a successful SASL bind, non-LDAP bytes are a negotiated SASL
+    /// security layer the proxy cannot read: the session ends with no
+    /// notice (a notice in clear would be garbage to a client in a layer).
+    #[test]
+    fn a_sasl_security_layer_ends_the_session_quietly() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let h = Harness::new(&MANUAL);
+            let engine = Arc::new(Engine::new(h.config().freeze, h.backends()));
+            let shared = Arc::new(Shared::new(
+                h.config(),
+                Endpoint::Tcp("in-memory.invalid:389".into()),
+                engine.clone(),
+                false,
+            ));
+            let (mut client_w, proxy_from_client) = tokio::io::duplex(PIPE);
+            let (proxy_to_client, client_r) = tokio::io::duplex(PIPE);
+            let (proxy_to_up, up_from_proxy) = tokio::io::duplex(PIPE);
+            let (up_to_proxy, proxy_from_up) = tokio::io::duplex(PIPE);
+            let (_up_tx, up_rx) = mpsc::unbounded_channel();
+            let up_log = Arc::new(Mutex::new(UpLog::default()));
+            tokio::spawn(upstream(
+                up_from_proxy,
+                up_to_proxy,
+                up_rx,
+                up_log.clone(),
+                engine.clone(),
+                false,
+                true,
+            ));
+            let session = tokio::spawn(serve_connected(
+                CONN,
+                "test".into(),
+                None,
+                Client::plain(Box::new(proxy_from_client), Box::new(proxy_to_client)),
+                (Box::new(proxy_from_up), Box::new(proxy_to_up)),
+                shared,
+                CancellationToken::new(),
+                CancellationToken::new(),
+            ));
+            let sasl = msg(
+                1,
+                LdapOp::BindRequest(ldap3_proto::proto::LdapBindRequest {
+                    version: 3,
+                    dn: String::new(),
+                    cred: ldap3_proto::proto::LdapBindCred::SASL(
+                        ldap3_proto::proto::SaslCredentials {
+                            mechanism: "DIGEST-MD5".into(),
+                            credentials: b"response".to_vec(),
+                        },
+                    ),
+                }),
+            );
+            let mut from_proxy = FramedRead::new(client_r, FrameCodec::default());
+            client_w.write_all(&sasl).await.unwrap();
+            let bound = from_proxy.next().await.unwrap().unwrap();
+            assert_eq!(Envelope::response(&bound).unwrap().result_code, Some(0));
+            client_w
+                .write_all(&[0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8])
+                .await
+                .unwrap();
+            assert!(
+                from_proxy.next().await.is_none(),
+                "closed with nothing after the bind response"
+            );
+            session.await.unwrap();
+            assert_eq!(
+                up_log.lock().unwrap().frames.len(),
+                1,
+                "only the bind went upstream"
+            );
+        });
     }
 }

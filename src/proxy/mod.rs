@@ -53,6 +53,25 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Why a client's SASL EXTERNAL bind would authenticate the proxy
+    /// instead of the client, if it would: over `ldapi://` the server takes
+    /// the proxy's uid, over TLS with `upstream_cert_file` its certificate.
+    pub(crate) fn external_is_the_proxy(&self) -> Option<&'static str> {
+        if matches!(self.upstream, Endpoint::Unix(_)) {
+            return Some(
+                "the upstream is ldapi://, where the server would authenticate EXTERNAL as \
+                 abproxy's own uid",
+            );
+        }
+        if self.upstream_tls.is_some() && self.config.tls.upstream_cert_file.is_some() {
+            return Some(
+                "abproxy presents its own client certificate to the upstream, which the \
+                 server would authenticate EXTERNAL as",
+            );
+        }
+        None
+    }
+
     /// What the sessions of a proxy with this configuration share (no TLS:
     /// `Server::bind` adds it).
     pub(crate) fn new(

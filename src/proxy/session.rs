@@ -1048,6 +1048,28 @@ impl Requests<'_> {
             return Step::End(reused_id(env.msgid));
         }
         if env.op == op::BIND_REQUEST {
+            if env.bind_auth == Some(auth::SASL)
+                && env
+                    .sasl_mechanism_bytes(&frame)
+                    .is_some_and(|m| m.eq_ignore_ascii_case(b"EXTERNAL"))
+            {
+                if let Some(why) = self.shared.external_is_the_proxy() {
+                    // Never forwarded: the server would take the proxy's
+                    // identity for the client's. The connection keeps the
+                    // identity it had at the server.
+                    warn!(conn = self.id, "SASL EXTERNAL bind refused: {why}");
+                    let r = pdu::response_for(
+                        op::BIND_REQUEST,
+                        env.msgid,
+                        LdapResultCode::AuthMethodNotSupported,
+                        &format!("abproxy refuses SASL EXTERNAL here: {why}, not as this client"),
+                    );
+                    return match r {
+                        Some(r) => self.reply_locally(r).await,
+                        None => Step::Continue,
+                    };
+                }
+            }
             // The identity is the one this bind's own response gives.
             self.state.set_bound_dn(None);
         }
