@@ -83,7 +83,9 @@ Exit status:
      failed, invalid credentials)
   5  timed out (--timeout)
   6  the freeze failed (write in progress, prepare failed); for `off` and
-     `hook --after`: the freeze had expired, the backup may be inconsistent
+     `hook --after`: the freeze had expired, or (naming their freeze: `hook
+     --after`, `off --freeze-id`) had been ended by someone else; the backup
+     may be inconsistent
 `run` exits with the status of CMD (128+N if CMD died of signal N), or
 2-6 as above if the freeze could not be set up (CMD is then not run), 6 if
 CMD succeeded but the freeze did not last until it ended, 126/127 if CMD
