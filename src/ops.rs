@@ -1695,6 +1695,54 @@ mod tests {
     }
 
     #[test]
+    fn freeze_id_of_an_on_message() {
+        let id = |m: &str| Frozen { message: m.into() }.id();
+        assert_eq!(
+            id("frozen: dc=example,dc=org; drained in 0 ms; lease 600 s; freeze id 42"),
+            Some(42)
+        );
+        assert_eq!(id("frozen: dc=example,dc=org"), None);
+    }
+
+    #[test]
+    fn hook_state_records_and_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = HookState::new(dir.path().join("s"));
+        assert_eq!(state.read().unwrap(), None);
+        state.write(HookRecord::Freeze(7)).unwrap();
+        assert_eq!(state.read().unwrap(), Some(HookRecord::Freeze(7)));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(state.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        state.write(HookRecord::Unknown).unwrap();
+        assert_eq!(state.read().unwrap(), Some(HookRecord::Unknown));
+        state.clear().unwrap();
+        state.clear().unwrap();
+        assert_eq!(state.read().unwrap(), None);
+        // A link is not trusted.
+        std::os::unix::fs::symlink("/etc/passwd", state.path()).unwrap();
+        assert_eq!(state.read().unwrap_err().exit_code(), exit::USAGE);
+        // One file per URL and identity.
+        let t = |dn: &str| Target {
+            url: DEFAULT_URL.into(),
+            bind_dn: Some(dn.into()),
+            password: None,
+        };
+        let tls = ClientTls::default();
+        assert_eq!(
+            HookState::default_for(&t("cn=a"), &tls),
+            HookState::default_for(&t("cn=a"), &tls)
+        );
+        assert_ne!(
+            HookState::default_for(&t("cn=a"), &tls),
+            HookState::default_for(&t("cn=b"), &tls)
+        );
+    }
+
+    #[test]
     fn password_is_never_shown() {
         let t = Target {
             url: DEFAULT_URL.into(),
