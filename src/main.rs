@@ -9,7 +9,8 @@ use std::time::Duration;
 use abproxy::config::Config;
 use abproxy::lab::{self, Slapd, SlapdOptions};
 use abproxy::ops::{
-    self, exit, ClientTls, FreezeRequest, OpError, Password, Progress, Released, RunSpec, Target,
+    self, exit, ClientTls, FreezeRequest, HookRecord, HookState, OpError, Password, Progress,
+    Released, RunSpec, Target,
 };
 use abproxy::Server;
 use clap::builder::BoolishValueParser;
@@ -140,6 +141,11 @@ struct OnArgs {
 
 #[derive(Args)]
 struct OffArgs {
+    /// Release only this freeze (the id `abproxy on` printed); if it is not
+    /// the current freeze, nothing is released and the exit status is 6
+    /// [default: whatever freeze is current].
+    #[arg(long, value_name = "N")]
+    freeze_id: Option<u64>,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -171,10 +177,18 @@ struct HookArgs {
     /// after this process exits, until `hook --after` or the lease ends).
     #[arg(long)]
     before: bool,
-    /// After the backup: release. Exits 0 when nothing is frozen (e.g.
-    /// after a failed --before); 6 with a warning if the freeze expired.
+    /// After the backup: release the freeze --before recorded in the state
+    /// file, and no other. Exits 0 when none is recorded (after a failed
+    /// --before: OFF is not sent); 6 if that freeze ended early (lease,
+    /// another OFF), the backup may be inconsistent.
     #[arg(long, conflicts_with_all = ["backends", "time_limit"])]
     after: bool,
+    /// Where --before records the id of its freeze for --after [default:
+    /// $XDG_RUNTIME_DIR/abproxy-hook-HASH, else /tmp/abproxy-hook-UID-HASH,
+    /// one per URL and bind identity]. Jobs that may run at the same time
+    /// need one each.
+    #[arg(long, env = "ABPROXY_HOOK_STATE", value_name = "FILE")]
+    state_file: Option<PathBuf>,
     #[command(flatten)]
     freeze: FreezeArgs,
     #[command(flatten)]
@@ -425,11 +439,11 @@ fn operator_main(command: Command) -> ExitCode {
     let code = rt.block_on(async {
         match command {
             Command::On(a) => on(&a.conn, &a.freeze, "abproxy on").await,
-            Command::Off(a) => off(&a.conn, "abproxy off").await,
+            Command::Off(a) => off(&a.conn, a.freeze_id, "abproxy off").await,
             Command::Status(a) => status(&a).await,
             Command::Run(a) => run(a).await,
-            Command::Hook(a) if a.before => on(&a.conn, &a.freeze, "abproxy hook --before").await,
-            Command::Hook(a) => off(&a.conn, "abproxy hook --after").await,
+            Command::Hook(a) if a.before => hook_before(&a).await,
+            Command::Hook(a) => hook_after(&a).await,
             Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
         }
     });
@@ -441,6 +455,7 @@ fn operator_main(command: Command) -> ExitCode {
 fn target(conn: &ConnArgs) -> Result<Target, OpError> {
     let password = match (&conn.password_file, &conn.password) {
         (Some(file), _) => Some(Password::from_file(file)?),
+        (None, Some(pw)) if pw.is_empty() => return Err(Password::empty_error()),
         (None, Some(pw)) => Some(Password::new(pw.clone())),
         (None, None) => std::env::var("ABPROXY_PASSWORD")
             .ok()
@@ -513,7 +528,7 @@ async fn on(conn: &ConnArgs, freeze: &FreezeArgs, who: &str) -> u8 {
     }
 }
 
-async fn off(conn: &ConnArgs, who: &str) -> u8 {
+async fn off(conn: &ConnArgs, freeze_id: Option<u64>, who: &str) -> u8 {
     let limit = conn.timeout.unwrap_or(Duration::from_secs(30));
     let result = async {
         let target = target(conn)?;
@@ -522,7 +537,7 @@ async fn off(conn: &ConnArgs, who: &str) -> u8 {
             &client_tls(conn),
             limit,
             ops::TIMEOUT_HINT,
-            async |s| s.off().await,
+            async |s| s.off_freeze(freeze_id).await,
         )
         .await
     }
@@ -537,6 +552,122 @@ async fn off(conn: &ConnArgs, who: &str) -> u8 {
             exit::OK
         }
         Err(e) => fail(who, &e),
+    }
+}
+
+fn hook_state(args: &HookArgs, target: &Target) -> HookState {
+    match args
+        .state_file
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        Some(path) => HookState::new(path),
+        None => HookState::default_for(target, &client_tls(&args.conn)),
+    }
+}
+
+/// `hook --before`: ON, and the freeze's id recorded in the state file
+/// (cleared first: a new job on this file).
+async fn hook_before(args: &HookArgs) -> u8 {
+    const WHO: &str = "abproxy hook --before";
+    let req = freeze_request(&args.freeze);
+    let limit = args.conn.timeout.unwrap_or_else(|| req.default_timeout());
+    let result = async {
+        let target = target(&args.conn)?;
+        let state = hook_state(args, &target);
+        state.clear()?;
+        let progress = Progress::stderr(WHO);
+        ops::with_session_tls(
+            &target,
+            &client_tls(&args.conn),
+            limit,
+            ops::ON_TIMEOUT_HINT,
+            async |s| {
+                let frozen = {
+                    let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
+                    s.on(&req).await?
+                };
+                let record = frozen.id().map_or(HookRecord::Unknown, HookRecord::Freeze);
+                if let Err(e) = state.write(record) {
+                    // Unrecorded, --after could not end it: do not leave it.
+                    let _ = s.off_freeze(frozen.id()).await;
+                    return Err(OpError {
+                        message: format!("{}; the freeze was released again", e.message),
+                        ..e
+                    });
+                }
+                Ok(frozen)
+            },
+        )
+        .await
+    }
+    .await;
+    match result {
+        Ok(frozen) => {
+            println!("{}", frozen.message);
+            exit::OK
+        }
+        Err(e) => fail(WHO, &e),
+    }
+}
+
+/// `hook --after`: OFF of the freeze `hook --before` recorded, and only
+/// that one; nothing sent when none is recorded.
+async fn hook_after(args: &HookArgs) -> u8 {
+    const WHO: &str = "abproxy hook --after";
+    let limit = args.conn.timeout.unwrap_or(Duration::from_secs(30));
+    let target = match target(&args.conn) {
+        Ok(t) => t,
+        Err(e) => return fail(WHO, &e),
+    };
+    let state = hook_state(args, &target);
+    let id = match state.read() {
+        Ok(Some(HookRecord::Freeze(id))) => Some(id),
+        Ok(Some(HookRecord::Unknown)) => None,
+        Ok(None) => {
+            println!(
+                "nothing to release: no freeze recorded in {} (hook --before failed, or ran \
+                 with another --state-file); OFF not sent, it could end another job's freeze",
+                state.path().display()
+            );
+            return exit::OK;
+        }
+        Err(e) => return fail(WHO, &e),
+    };
+    let result = ops::with_session_tls(
+        &target,
+        &client_tls(&args.conn),
+        limit,
+        ops::TIMEOUT_HINT,
+        async |s| s.off_freeze(id).await,
+    )
+    .await;
+    // The proxy has answered about this freeze: the record is spent. Kept
+    // when it may not have (unreachable, timeout) or asked for a retry
+    // (busy), so that running --after again works.
+    let answered = match &result {
+        Ok(_) => true,
+        Err(e) => matches!(e.kind, ops::ErrorKind::Failed | ops::ErrorKind::Expired),
+    };
+    if answered {
+        if let Err(e) = state.clear() {
+            eprintln!("{WHO}: warning: {e}");
+        }
+    }
+    match result {
+        Ok(Released::Released(msg)) => {
+            println!("{msg}");
+            exit::OK
+        }
+        Ok(Released::NotFrozen) => {
+            // Only a proxy that ignores freezeId says so after a freeze.
+            eprintln!(
+                "{WHO}: warning: not frozen: the freeze hook --before set up had already ended \
+                 (lease, or another OFF); the backup may be inconsistent"
+            );
+            exit::FAILED
+        }
+        Err(e) => fail(WHO, &e),
     }
 }
 

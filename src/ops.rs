@@ -83,7 +83,9 @@ Exit status:
      failed, invalid credentials)
   5  timed out (--timeout)
   6  the freeze failed (write in progress, prepare failed); for `off` and
-     `hook --after`: the freeze had expired, the backup may be inconsistent
+     `hook --after`: the freeze had expired, or (naming their freeze: `hook
+     --after`, `off --freeze-id`) had been ended by someone else; the backup
+     may be inconsistent
 `run` exits with the status of CMD (128+N if CMD died of signal N), or
 2-6 as above if the freeze could not be set up (CMD is then not run), 6 if
 CMD succeeded but the freeze did not last until it ended, 126/127 if CMD
@@ -124,6 +126,17 @@ impl Password {
 
     fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// The usage error for an empty password: a simple bind with a DN and
+    /// an empty password is unauthenticated (RFC 4513 5.1.2), never sent.
+    pub fn empty_error() -> OpError {
+        OpError::usage(
+            "the password is empty: a bind with an empty password is unauthenticated \
+             (anonymous), so it is not sent",
+            "give the bind DN's password with --password-file FILE, ABPROXY_PASSWORD or \
+             (discouraged) --password",
+        )
     }
 }
 
@@ -274,6 +287,17 @@ pub struct Frozen {
     /// The proxy's message: "frozen: SUFFIXES; drained in N ms; lease N s;
     /// freeze id N".
     pub message: String,
+}
+
+impl Frozen {
+    /// The id of the freeze this ON set up, from the message's "freeze id
+    /// N" (`None` from a proxy that does not say it): what
+    /// [`Session::off_freeze`] names so as to end this freeze and no other.
+    pub fn id(&self) -> Option<u64> {
+        let (_, tail) = self.message.rsplit_once("freeze id ")?;
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        tail[..digits].parse().ok()
+    }
 }
 
 /// A successful OFF.
@@ -727,6 +751,11 @@ impl Session {
                 "give --password-file FILE, set ABPROXY_PASSWORD, or (discouraged) --password",
             ));
         }
+        if target.password.as_ref().is_some_and(|p| p.0.is_empty()) {
+            // RFC 4513 5.1.2: a DN with an empty password is an
+            // unauthenticated bind, anonymous at the server.
+            return Err(Password::empty_error());
+        }
         let url = target.url.clone();
         let unreachable = |e: std::io::Error| {
             OpError::new(
@@ -886,7 +915,9 @@ impl Session {
         }
     }
 
-    /// Allow-Backup OFF.
+    /// Allow-Backup OFF of whatever freeze is current (an operator's manual
+    /// release; a backup job ends its own freeze with
+    /// [`Session::off_freeze`]).
     ///
     /// # Errors
     ///
@@ -894,11 +925,42 @@ impl Session {
     /// backup may be inconsistent), failed (done steps failed), refused
     /// (busy while draining, access), unreachable.
     pub async fn off(&mut self) -> Result<Released, OpError> {
-        let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
+        self.off_freeze(None).await
+    }
+
+    /// Allow-Backup OFF naming freeze `id` (the freezeId of the request):
+    /// the proxy releases only that freeze. `None`: like [`Session::off`].
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Session::off`]; and, when freeze `id` is not the current
+    /// one (it ended early: the lease, another OFF, its holder's connection
+    /// closing), expired or failed, with the proxy's account of how it
+    /// ended: nothing was released, the backup may be inconsistent.
+    pub async fn off_freeze(&mut self, id: Option<u64>) -> Result<Released, OpError> {
+        let mut request = AllowBackupRequest::off();
+        if let Some(id) = id {
+            request = request.with_freeze_id(id);
+        }
+        let value = abproxy_proto::encode_request(&request);
         let (rc, text, _) = self.exop(Op::Off, ALLOW_BACKUP_OID, Some(value)).await?;
         match rc {
             0 if text == "not frozen" => Ok(Released::NotFrozen),
             0 => Ok(Released::Released(text)),
+            80 if text.contains("is not the current freeze") => {
+                let kind = if text.contains("expired") {
+                    ErrorKind::Expired
+                } else {
+                    ErrorKind::Failed
+                };
+                Err(OpError::new(
+                    kind,
+                    text,
+                    "this job's freeze ended before its OFF, and writes may have reached the \
+                     directory during the backup: take the backup again (and raise [freeze] \
+                     lease_secs if backups take longer than the lease)",
+                ))
+            }
             80 if text.contains("expired") => Err(OpError::new(
                 ErrorKind::Expired,
                 text,
@@ -1036,6 +1098,9 @@ impl Session {
                     .into()
             }
             51 => "a freeze is still draining: retry once its ON has answered".into(),
+            53 if op == Op::Off => "nothing was released: name every frozen backend, or none \
+                   (`abproxy status` lists them)"
+                .into(),
             53 => "leave that backend out (--backend SUFFIX for the others), or change its mode \
                    in the proxy's [[backends]] configuration"
                 .into(),
@@ -1205,6 +1270,163 @@ impl Progress {
         Waiting {
             task: Some(task),
             tty: true,
+        }
+    }
+}
+
+/// Where `abproxy hook --before` records the id of the freeze it set up,
+/// for `hook --after` to end that freeze and no other.
+///
+/// The file holds one line, `freeze-id N` (`freeze-id unknown` from a proxy
+/// that does not report ids: `--after` then sends a plain OFF). `--before`
+/// removes the record first, and writes it once ON succeeded; `--after`
+/// removes it once the proxy has answered its OFF. No record: `--after`
+/// sends nothing (a plain OFF could end another job's freeze).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookState {
+    path: PathBuf,
+}
+
+/// What a [`HookState`] file records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookRecord {
+    /// `hook --before` set up this freeze.
+    Freeze(u64),
+    /// `hook --before` set up a freeze, but the proxy did not say its id.
+    Unknown,
+}
+
+impl HookState {
+    /// A state file at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> HookState {
+        HookState { path: path.into() }
+    }
+
+    /// The default state file of this user for this proxy and identity:
+    /// `$XDG_RUNTIME_DIR/abproxy-hook-HASH`, else
+    /// `$TMPDIR/abproxy-hook-UID-HASH` (`/tmp` by default), HASH a digest
+    /// of the URL, the bind DN and the client certificate file. Jobs that
+    /// may overlap need a state file each (`--state-file`).
+    pub fn default_for(target: &Target, tls: &ClientTls) -> HookState {
+        // FNV-1a, 64 bits: a stable name, not a secret.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let cert = tls
+            .cert_file
+            .as_deref()
+            .map(|p| p.to_string_lossy().into_owned());
+        for part in [
+            Some(target.url.as_str()),
+            target.bind_dn.as_deref(),
+            cert.as_deref(),
+        ] {
+            for b in part.unwrap_or("").bytes().chain([0]) {
+                hash ^= u64::from(b);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let path = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+            Some(dir) if dir.is_absolute() => dir.join(format!("abproxy-hook-{hash:016x}")),
+            _ => {
+                // SAFETY: geteuid cannot fail.
+                let uid = unsafe { libc::geteuid() };
+                std::env::temp_dir().join(format!("abproxy-hook-{uid}-{hash:016x}"))
+            }
+        };
+        HookState { path }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error(&self, what: &str, e: impl fmt::Display) -> OpError {
+        OpError::usage(
+            format!(
+                "cannot {what} the hook state file {}: {e}",
+                self.path.display()
+            ),
+            "give --state-file FILE (ABPROXY_HOOK_STATE) in a directory this user can write, \
+             the same for hook --before and hook --after",
+        )
+    }
+
+    /// The record, `None` if there is none.
+    ///
+    /// # Errors
+    ///
+    /// A usage error if the file cannot be read, is not a regular file
+    /// owned by this user, or does not hold a record.
+    pub fn read(&self) -> Result<Option<HookRecord>, OpError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::symlink_metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.error("read", e)),
+        };
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        if !meta.file_type().is_file() || meta.uid() != uid {
+            return Err(self.error(
+                "trust",
+                format!("not a regular file owned by uid {uid} (someone else's, or a link)"),
+            ));
+        }
+        let text = std::fs::read_to_string(&self.path).map_err(|e| self.error("read", e))?;
+        let value = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("freeze-id "))
+            .map(str::trim);
+        match value {
+            Some("unknown") => Ok(Some(HookRecord::Unknown)),
+            Some(v) => match v.parse() {
+                Ok(id) => Ok(Some(HookRecord::Freeze(id))),
+                Err(_) => Err(self.error("use", "no `freeze-id N` line")),
+            },
+            None => Err(self.error("use", "no `freeze-id N` line")),
+        }
+    }
+
+    /// Records `record` (mode 0600, replacing the file atomically).
+    ///
+    /// # Errors
+    ///
+    /// A usage error if the file cannot be written.
+    pub fn write(&self, record: HookRecord) -> Result<(), OpError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let line = match record {
+            HookRecord::Freeze(id) => format!("freeze-id {id}\n"),
+            HookRecord::Unknown => "freeze-id unknown\n".to_owned(),
+        };
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.error("write", e));
+        }
+        Ok(())
+    }
+
+    /// Removes the record (nothing to do if there is none).
+    ///
+    /// # Errors
+    ///
+    /// A usage error if an existing file cannot be removed.
+    pub fn clear(&self) -> Result<(), OpError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.error("remove", e)),
         }
     }
 }
@@ -1415,7 +1637,15 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
         Some(exit::FAILED)
     } else {
         let what = format!("the release (OFF) at {}", spec.target.url);
-        let off = within(spec.off_timeout, &what, TIMEOUT_HINT, session.off()).await;
+        // Naming the freeze: if it ended early (the lease) and another job
+        // froze since, this OFF must not end that job's freeze.
+        let off = within(
+            spec.off_timeout,
+            &what,
+            TIMEOUT_HINT,
+            session.off_freeze(frozen.id()),
+        )
+        .await;
         match off {
             Ok(Released::Released(msg)) => {
                 progress.line(msg);
@@ -1462,6 +1692,54 @@ mod tests {
             "already frozen by X (conn 2) since 1970-01-01T00:00:00Z (3 s ago; freeze id 1)"
         );
         assert_eq!(readable_since("since when"), "since when");
+    }
+
+    #[test]
+    fn freeze_id_of_an_on_message() {
+        let id = |m: &str| Frozen { message: m.into() }.id();
+        assert_eq!(
+            id("frozen: dc=example,dc=org; drained in 0 ms; lease 600 s; freeze id 42"),
+            Some(42)
+        );
+        assert_eq!(id("frozen: dc=example,dc=org"), None);
+    }
+
+    #[test]
+    fn hook_state_records_and_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = HookState::new(dir.path().join("s"));
+        assert_eq!(state.read().unwrap(), None);
+        state.write(HookRecord::Freeze(7)).unwrap();
+        assert_eq!(state.read().unwrap(), Some(HookRecord::Freeze(7)));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(state.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        state.write(HookRecord::Unknown).unwrap();
+        assert_eq!(state.read().unwrap(), Some(HookRecord::Unknown));
+        state.clear().unwrap();
+        state.clear().unwrap();
+        assert_eq!(state.read().unwrap(), None);
+        // A link is not trusted.
+        std::os::unix::fs::symlink("/etc/passwd", state.path()).unwrap();
+        assert_eq!(state.read().unwrap_err().exit_code(), exit::USAGE);
+        // One file per URL and identity.
+        let t = |dn: &str| Target {
+            url: DEFAULT_URL.into(),
+            bind_dn: Some(dn.into()),
+            password: None,
+        };
+        let tls = ClientTls::default();
+        assert_eq!(
+            HookState::default_for(&t("cn=a"), &tls),
+            HookState::default_for(&t("cn=a"), &tls)
+        );
+        assert_ne!(
+            HookState::default_for(&t("cn=a"), &tls),
+            HookState::default_for(&t("cn=b"), &tls)
+        );
     }
 
     #[test]

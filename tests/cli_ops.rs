@@ -370,7 +370,8 @@ async fn refusals_and_unreachable_proxies_have_their_exit_codes() {
 
     // Nothing listening: 4.
     let url = format!("ldap://127.0.0.1:{}", closed_port());
-    for args in [vec!["status"], vec!["on"], vec!["hook", "--after"]] {
+    // (`hook --after` with no freeze recorded connects to nothing.)
+    for args in [vec!["status"], vec!["on"], vec!["hook", "--before"]] {
         let mut args = args;
         args.extend(["--url", &url]);
         let out = abproxy(&lab, &args).await;
@@ -577,12 +578,13 @@ async fn hook_after_alone_or_after_a_failed_before_exits_0() {
     let lab = lab(|_| {}).await;
     let out = abproxy(&lab, &["hook", "--after"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert!(out.stdout.starts_with("not frozen"), "{out:?}");
+    assert!(out.stdout.starts_with("nothing to release"), "{out:?}");
 
     let out = abproxy(&lab, &["hook", "--before", "--backend", "dc=nowhere"]).await;
     assert_eq!(out.code, Some(3), "{out:?}");
     let out = abproxy(&lab, &["hook", "--after"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("OFF not sent"), "{out:?}");
 
     // --after takes no freeze options; one of --before/--after is required.
     let out = abproxy(&lab, &["hook", "--after", "--time-limit", "3"]).await;
@@ -602,14 +604,165 @@ async fn hook_after_warns_when_the_freeze_expired() {
     let out = abproxy(&lab, &["hook", "--after"]).await;
     assert_eq!(out.code, Some(6), "{out:?}");
     assert!(
-        out.stderr
-            .contains("warning: freeze expired after 1 s; the backup may be inconsistent"),
+        out.stderr.contains("warning: freeze 1 is not the current freeze (current: none); it ended: its lease expired after 1 s")
+            && out.stderr.contains("may be inconsistent"),
         "{out:?}"
     );
     assert!(out.stderr.contains("lease_secs"), "{out:?}");
     // Reported once.
     let out = abproxy(&lab, &["hook", "--after"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
+    // A plain `abproxy off` was told already too.
+    let out = abproxy(&lab, &["off"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
+/// The freeze id at the end of "...; freeze id N".
+fn freeze_id_in(text: &str) -> u64 {
+    let (_, tail) = text.rsplit_once("freeze id ").expect("a freeze id");
+    let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no id in {text:?}"))
+}
+
+#[tokio::test]
+async fn run_whose_freeze_expired_does_not_release_the_next_jobs_freeze() {
+    // Issue 18, item 13 (a).
+    let lab = lab(|c| c.freeze.lease_secs = 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let b_state = dir.path().join("b.state");
+    let b_state = b_state.to_str().unwrap();
+    // Job A: `run` around a command that lasts until the test says so.
+    let a = command(
+        &lab,
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            r#"until [ -e "$0" ]; do sleep 0.05; done"#,
+            go.to_str().unwrap(),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let s = wait_status(&lab, "A's freeze", |s| s.state == State::Frozen).await;
+    let first = s.freeze_id.unwrap();
+    // A loses its freeze to the lease; job B freezes.
+    wait_status(&lab, "the lease to expire", |s| s.state == State::Thawed).await;
+    let out = abproxy(&lab, &["hook", "--before", "--state-file", b_state]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let second = freeze_id_in(&out.stdout);
+    assert_eq!(second, first + 1, "{out:?}");
+    // A's command ends: A's OFF must not end B's freeze, and A fails.
+    std::fs::write(&go, "").unwrap();
+    let out = ToolOutput::from(
+        tokio::time::timeout(Duration::from_secs(30), a.wait_with_output())
+            .await
+            .expect("run ends")
+            .unwrap(),
+    );
+    assert_eq!(out.code, Some(6), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "freeze {first} is not the current freeze (current: freeze {second}); it ended: its lease expired"
+        )),
+        "{out:?}"
+    );
+    let s = status(&lab).await;
+    assert_eq!((s.state, s.freeze_id), (State::Frozen, Some(second)));
+    // B's own release works.
+    let out = abproxy(&lab, &["hook", "--after", "--state-file", b_state]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("released after"), "{out:?}");
+    assert_eq!(freeze_id_in(&out.stdout), second);
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test]
+async fn a_hook_whose_before_was_busy_does_not_release_another_jobs_freeze() {
+    // Issue 18, item 13 (b), with a state file per job.
+    let lab = lab(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a_state, b_state) = (dir.path().join("a"), dir.path().join("b"));
+    let (a_state, b_state) = (a_state.to_str().unwrap(), b_state.to_str().unwrap());
+    let out = abproxy(&lab, &["hook", "--before", "--state-file", a_state]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let a_id = freeze_id_in(&out.stdout);
+    assert_eq!(
+        std::fs::read_to_string(a_state).unwrap(),
+        format!("freeze-id {a_id}\n")
+    );
+    let out = abproxy(&lab, &["hook", "--before", "--state-file", b_state]).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("busy (51)"), "{out:?}");
+    // B's on-error hook: nothing recorded, nothing sent.
+    let out = abproxy(&lab, &["hook", "--after", "--state-file", b_state]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("OFF not sent"), "{out:?}");
+    let s = status(&lab).await;
+    assert_eq!((s.state, s.freeze_id), (State::Frozen, Some(a_id)));
+    // `off --freeze-id` of another freeze: 6, nothing released.
+    let other = (a_id + 5).to_string();
+    let out = abproxy(&lab, &["off", "--freeze-id", &other]).await;
+    assert_eq!(out.code, Some(6), "{out:?}");
+    assert!(out.stderr.contains("nothing released"), "{out:?}");
+    assert_eq!(status(&lab).await.freeze_id, Some(a_id));
+    // A's own --after releases A's freeze, and spends the record.
+    let out = abproxy(&lab, &["hook", "--after", "--state-file", a_state]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(freeze_id_in(&out.stdout), a_id);
+    assert!(!Path::new(a_state).exists());
+    assert_eq!(status(&lab).await.state, State::Thawed);
+
+    // A's freeze released by an operator's plain `abproxy off`: A's --after
+    // fails (6) and says who released it.
+    let out = abproxy(&lab, &["hook", "--before", "--state-file", a_state]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = abproxy(&lab, &["off"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = abproxy(&lab, &["hook", "--after", "--state-file", a_state]).await;
+    assert_eq!(out.code, Some(6), "{out:?}");
+    assert!(
+        out.stderr
+            .contains(&format!("it ended: released by {ADMIN_DN} (conn")),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_password_is_refused_before_connecting() {
+    // Nothing listens there: a connection attempt would exit 4.
+    let url = format!("ldap://127.0.0.1:{}", closed_port());
+    for args in [
+        &["on", "--url", &url, "--password", ""][..],
+        &["status", "--url", &url, "--password", ""],
+        &["hook", "--before", "--url", &url, "--password", ""],
+        &["run", "--url", &url, "--password", "", "--", "true"],
+    ] {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(args)
+            .env_remove("ABPROXY_PASSWORD")
+            .env_remove("ABPROXY_URL")
+            .env("ABPROXY_BIND_DN", ADMIN_DN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = output(cmd).await;
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        assert!(out.stderr.contains("the password is empty"), "{out:?}");
+    }
+    // Through the library too.
+    let err = Session::connect(&Target {
+        url,
+        bind_dn: Some(ADMIN_DN.into()),
+        password: Some(ops::Password::new("")),
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
 }
 
 #[tokio::test]

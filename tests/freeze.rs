@@ -461,6 +461,187 @@ async fn lease_expiry_resumes_and_off_reports_it() {
     );
 }
 
+/// The id in a message ending "...; freeze id N".
+fn freeze_id_in(msg: &str) -> u64 {
+    let (_, tail) = msg.rsplit_once("freeze id ").expect("a freeze id");
+    tail.trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or_else(|_| panic!("no id in {msg:?}"))
+}
+
+#[tokio::test]
+async fn off_naming_a_freeze_releases_only_that_freeze() {
+    let lab = freeze_lab(|c| c.freeze.lease_secs = 1).await;
+    let mut a = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let mut b = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    let on = AllowBackupRequest::on;
+    let off = AllowBackupRequest::off;
+
+    // A's freeze ends by its lease; B freezes; A's OFF names A's freeze.
+    let (code, msg) = call(&mut a, ab(2, &on())).await;
+    assert_eq!(code, 0, "{msg}");
+    let first = freeze_id_in(&msg);
+    wait_status(&lab, "the lease to expire", |s| {
+        s.state == FreezeState::Thawed
+    })
+    .await;
+    let (code, msg) = call(&mut b, ab(2, &on())).await;
+    assert_eq!(code, 0, "{msg}");
+    let second = freeze_id_in(&msg);
+    assert_eq!(second, first + 1);
+    let (code, msg) = call(&mut a, ab(3, &off().with_freeze_id(first))).await;
+    assert_eq!(code, 80, "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "freeze {first} is not the current freeze (current: freeze {second}); \
+             it ended: its lease expired after 1 s"
+        )) && msg.contains("nothing released"),
+        "{msg}"
+    );
+    let s = status(&lab).await;
+    assert_eq!((s.state, s.freeze_id), (FreezeState::Frozen, Some(second)));
+    // An id never given out, and ON with an id.
+    let (code, msg) = call(&mut a, ab(4, &off().with_freeze_id(second + 10))).await;
+    assert_eq!(code, 80, "{msg}");
+    assert!(msg.contains("was set up"), "{msg}");
+    let (code, msg) = call(&mut a, ab(5, &on().with_freeze_id(second))).await;
+    assert_eq!(code, 2, "{msg}");
+    assert_eq!(status(&lab).await.freeze_id, Some(second));
+    // B's own OFF releases it, and says which.
+    let (code, msg) = call(&mut b, ab(3, &off().with_freeze_id(second))).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(freeze_id_in(&msg), second);
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+    // Named again after it ended: who released it.
+    let (code, msg) = call(&mut b, ab(4, &off().with_freeze_id(second))).await;
+    assert_eq!(code, 80, "{msg}");
+    assert!(
+        msg.contains(&format!("it ended: released by {OTHER_ADMIN_DN} (conn")),
+        "{msg}"
+    );
+
+    // A plain OFF (ldapexop) still ends whatever freeze is current; the
+    // holder's OFF naming it then learns who did.
+    let (code, msg) = call(&mut a, ab(6, &on())).await;
+    assert_eq!(code, 0, "{msg}");
+    let third = freeze_id_in(&msg);
+    assert_eq!(third, second + 1);
+    assert_eq!(call(&mut b, ab(5, &off())).await.0, 0);
+    let (code, msg) = call(&mut a, ab(7, &off().with_freeze_id(third))).await;
+    assert_eq!(code, 80, "{msg}");
+    assert!(
+        msg.contains(&format!("it ended: released by {OTHER_ADMIN_DN} (conn"))
+            && msg.contains("an OFF that named no freeze"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn off_with_a_dn_set_releases_only_the_frozen_set() {
+    let lab = freeze_lab(|_| {}).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let example = AllowBackupRequest::on().with_dn_set(["dc=example,dc=org"]);
+    assert_eq!(call(&mut admin, ab(2, &example)).await.0, 0);
+    let frozen = |s: &abproxy_proto::AllowBackupStatus| {
+        s.backends
+            .iter()
+            .filter(|b| b.frozen)
+            .map(|b| String::from_utf8_lossy(&b.suffix).into_owned())
+            .collect::<Vec<_>>()
+    };
+    // Naming a backend that is not frozen: refused, nothing released.
+    for (msgid, dns) in [
+        (3, &["dc=other,dc=org"][..]),
+        (4, &["dc=example,dc=org", "dc=other,dc=org"]),
+    ] {
+        let req = AllowBackupRequest::off().with_dn_set(dns);
+        let (code, msg) = call(&mut admin, ab(msgid, &req)).await;
+        assert_eq!(code, 53, "{msg}");
+        assert!(
+            msg.starts_with("dc=other,dc=org not frozen (frozen: dc=example,dc=org;")
+                && msg.ends_with("nothing released"),
+            "{msg}"
+        );
+        let s = status(&lab).await;
+        assert_eq!(s.state, FreezeState::Frozen);
+        assert_eq!(frozen(&s), ["dc=example,dc=org"]);
+    }
+    // Under no backend: noSuchObject.
+    let req = AllowBackupRequest::off().with_dn_set(["dc=nowhere"]);
+    assert_eq!(call(&mut admin, ab(5, &req)).await.0, 32);
+    // The frozen set (by a DN under it) releases.
+    let req = AllowBackupRequest::off().with_dn_set(["ou=people,dc=example,dc=org"]);
+    let (code, msg) = call(&mut admin, ab(6, &req)).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+
+    // Everything frozen: naming one backend is a partial release, refused.
+    assert_eq!(
+        call(&mut admin, ab(7, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    let req = AllowBackupRequest::off().with_dn_set(["dc=example,dc=org"]);
+    let (code, msg) = call(&mut admin, ab(8, &req)).await;
+    assert_eq!(code, 53, "{msg}");
+    assert!(msg.contains("partial release is not supported"), "{msg}");
+    assert_eq!(frozen(&status(&lab).await).len(), 2);
+    let req = AllowBackupRequest::off().with_dn_set(["dc=other,dc=org", "dc=example,dc=org"]);
+    assert_eq!(call(&mut admin, ab(9, &req)).await.0, 0);
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+}
+
+#[tokio::test]
+async fn empty_dn_set_is_a_protocol_error_and_refusals_use_no_freeze_id() {
+    let lab = freeze_lab(|_| {}).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let none: [&str; 0] = [];
+    let (code, msg) = call(
+        &mut admin,
+        ab(2, &AllowBackupRequest::on().with_dn_set(none)),
+    )
+    .await;
+    assert_eq!(code, 2, "{msg}");
+    assert!(msg.contains("empty dnSet"), "{msg}");
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+
+    let (code, msg) = call(&mut admin, ab(3, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{msg}");
+    let first = freeze_id_in(&msg);
+    // Refused: busy, empty dnSet (also for OFF), no such backend.
+    assert_eq!(
+        call(&mut admin, ab(4, &AllowBackupRequest::on())).await.0,
+        51
+    );
+    let (code, _) = call(
+        &mut admin,
+        ab(5, &AllowBackupRequest::off().with_dn_set(none)),
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert_eq!(status(&lab).await.freeze_id, Some(first));
+    assert_eq!(
+        call(&mut admin, ab(6, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    let (code, _) = call(
+        &mut admin,
+        ab(7, &AllowBackupRequest::on().with_dn_set(["dc=nowhere"])),
+    )
+    .await;
+    assert_eq!(code, 32);
+    let (code, _) = call(
+        &mut admin,
+        ab(8, &AllowBackupRequest::on().with_dn_set(none)),
+    )
+    .await;
+    assert_eq!(code, 2);
+    // The next freeze has the next id.
+    let (code, msg) = call(&mut admin, ab(9, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(freeze_id_in(&msg), first + 1);
+    assert_eq!(status(&lab).await.freeze_id, Some(first + 1));
+}
+
 #[tokio::test]
 async fn hold_until_unbind_releases_when_the_holder_leaves() {
     let lab = freeze_lab(|_| {}).await;

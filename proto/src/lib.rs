@@ -26,6 +26,11 @@
 //! let bytes = encode_request(&on);
 //! assert_eq!(decode_request(&bytes).unwrap(), on);
 //! assert_eq!(encode_request(&AllowBackupRequest::off()), [0x30, 0x03, 0x01, 0x01, 0x00]);
+//! // OFF of freeze 7 only.
+//! assert_eq!(
+//!     encode_request(&AllowBackupRequest::off().with_freeze_id(7)),
+//!     [0x30, 0x06, 0x01, 0x01, 0x00, 0x83, 0x01, 0x07]
+//! );
 //! ```
 
 use std::fmt;
@@ -53,7 +58,8 @@ pub const MAX_INT: u32 = 2_147_483_647;
 ///     timeLimit       [0] INTEGER (0..maxInt) OPTIONAL,
 ///     dnSet           [1] SET OF LDAPDN OPTIONAL,
 ///     holdUntilUnbind [2] BOOLEAN DEFAULT FALSE,
-///     ... }
+///     ...,
+///     freezeId        [3] Count OPTIONAL }
 /// ```
 // No `Hash`: rasn's `SetOf` compares regardless of order but hashes in order.
 #[derive(AsnType, Encode, Decode, Debug, Clone, PartialEq, Eq)]
@@ -72,6 +78,12 @@ pub struct AllowBackupRequest {
     /// DEFAULT FALSE: not encoded when false.
     #[rasn(tag(context, 2), default, identifier = "holdUntilUnbind")]
     pub hold_until_unbind: bool,
+    /// With `mode` FALSE: the freeze this OFF ends (the id its ON
+    /// reported); the server releases only that freeze and refuses
+    /// otherwise. `None`: whatever freeze is current. An extension addition
+    /// (after `...` in the module): servers that predate it ignore it.
+    #[rasn(tag(context, 3), identifier = "freezeId")]
+    pub freeze_id: Option<u64>,
 }
 
 impl AllowBackupRequest {
@@ -83,6 +95,7 @@ impl AllowBackupRequest {
             time_limit: None,
             dn_set: None,
             hold_until_unbind: false,
+            freeze_id: None,
         }
     }
 
@@ -122,6 +135,13 @@ impl AllowBackupRequest {
     #[must_use]
     pub fn with_hold_until_unbind(mut self, hold: bool) -> Self {
         self.hold_until_unbind = hold;
+        self
+    }
+
+    /// Sets `freezeId`: the freeze an OFF ends.
+    #[must_use]
+    pub fn with_freeze_id(mut self, id: u64) -> Self {
+        self.freeze_id = Some(id);
         self
     }
 
@@ -378,7 +398,7 @@ fn decode_exact<T: Decode>(
 //
 // Every SEQUENCE of the module ends with `...`; a later version may append
 // components there, and the module reserves for them the context-specific
-// tags above the root ones ([3] up in AllowBackupRequest, [7] up in
+// tags above the defined ones ([4] up in AllowBackupRequest, [7] up in
 // AllowBackupStatus, [0] up in BackendStatus). To ignore them, the value is
 // re-encoded without them: in each SEQUENCE, the root components are kept
 // and the components with such a tag after them dropped. Anything else (an
@@ -398,8 +418,9 @@ const REQUEST_SHAPE: Shape = Shape(
         (0x80, None), // timeLimit [0]
         (0x81, None), // dnSet [1]
         (0x82, None), // holdUntilUnbind [2]
+        (0x83, None), // freezeId [3] (the first addition)
     ],
-    3,
+    4,
 );
 
 const BACKEND_STATUS_SHAPE: Shape = Shape(

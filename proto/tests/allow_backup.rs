@@ -60,7 +60,15 @@ fn full_request() -> AllowBackupRequest {
         .with_time_limit(MAX_INT)
         .with_dn_set(["dc=example,dc=org", "o=other", ""])
         .with_hold_until_unbind(true)
+        .with_freeze_id(u64::MAX)
 }
+
+/// OFF of freeze 300 only, written out by hand.
+const OFF_300: [u8; 9] = [
+    0x30, 0x07, // SEQUENCE, 7 octets
+    0x01, 0x01, 0x00, // mode BOOLEAN FALSE
+    0x83, 0x02, 0x01, 0x2C, // freezeId [3] IMPLICIT INTEGER 300
+];
 
 fn full_status() -> AllowBackupStatus {
     AllowBackupStatus {
@@ -117,6 +125,84 @@ fn plain_off_has_known_bytes() {
     assert_eq!(bytes, OFF);
     assert_eq!(base64(&bytes), "MAMBAQA=");
     assert_eq!(decode_request(&OFF).unwrap(), AllowBackupRequest::off());
+}
+
+#[test]
+fn off_with_a_freeze_id_has_known_bytes() {
+    let request = AllowBackupRequest::off().with_freeze_id(300);
+    assert_eq!(encode_request(&request), OFF_300);
+    assert_eq!(base64(&OFF_300), "MAcBAQCDAgEs");
+    assert_eq!(decode_request(&OFF_300).unwrap(), request);
+    assert_eq!(decode_request(&OFF_300).unwrap().freeze_id, Some(300));
+    // Small and large ids: minimal two's complement, a leading 0x00 when
+    // the high bit is set.
+    for (id, content) in [
+        (0, &[0x00][..]),
+        (7, &[0x07]),
+        (128, &[0x00, 0x80]),
+        (
+            u64::MAX,
+            &[0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF],
+        ),
+    ] {
+        let request = AllowBackupRequest::off().with_freeze_id(id);
+        let mut contents = vec![0x01, 0x01, 0x00];
+        contents.extend(tlv(0x83, content));
+        assert_eq!(encode_request(&request), tlv(0x30, &contents));
+        assert_eq!(decode_request(&tlv(0x30, &contents)).unwrap(), request);
+    }
+    // After every other component.
+    let request = AllowBackupRequest::off()
+        .with_time_limit(30)
+        .with_dn_set(["dc=example,dc=org"])
+        .with_hold_until_unbind(true)
+        .with_freeze_id(2);
+    let mut contents = ON_30_EXAMPLE[2..].to_vec();
+    contents[2] = 0x00; // mode FALSE
+    contents.extend([0x82, 0x01, 0xFF, 0x83, 0x01, 0x02]);
+    assert_eq!(encode_request(&request), tlv(0x30, &contents));
+    assert_eq!(decode_request(&tlv(0x30, &contents)).unwrap(), request);
+}
+
+#[test]
+fn encodings_without_a_freeze_id_still_decode() {
+    // What clients that predate freezeId send.
+    for (bytes, expected) in [
+        (&OFF[..], AllowBackupRequest::off()),
+        (&ON[..], AllowBackupRequest::on()),
+        (
+            &ON_30_EXAMPLE[..],
+            AllowBackupRequest::on()
+                .with_time_limit(30)
+                .with_dn_set(["dc=example,dc=org"]),
+        ),
+    ] {
+        let decoded = decode_request(bytes).unwrap();
+        assert_eq!(decoded, expected);
+        assert_eq!(decoded.freeze_id, None);
+        assert_eq!(encode_request(&decoded), bytes);
+    }
+}
+
+#[test]
+fn bad_freeze_ids_are_errors() {
+    for (content, about) in [
+        (&[0xFF][..], "freeze_id"), // -1
+        (
+            &[0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00],
+            "freeze_id",
+        ), // 2^64
+        (&[][..], "freeze_id"),     // no octet
+    ] {
+        let mut contents = vec![0x01, 0x01, 0x00];
+        contents.extend(tlv(0x83, content));
+        let message = request_error(&tlv(0x30, &contents));
+        assert!(message.contains(about), "{message}");
+    }
+    // freezeId before holdUntilUnbind: out of order.
+    request_error(&[
+        0x30, 0x09, 0x01, 0x01, 0x00, 0x83, 0x01, 0x02, 0x82, 0x01, 0xFF,
+    ]);
 }
 
 #[test]
@@ -178,6 +264,7 @@ fn request_round_trips_with_every_field() {
     assert_eq!(decoded, request);
     assert_eq!(decoded.time_limit, Some(2_147_483_647));
     assert!(decoded.hold_until_unbind);
+    assert_eq!(decoded.freeze_id, Some(u64::MAX));
     assert_eq!(decoded.dn_set.as_ref().map(|set| set.len()), Some(3));
     for time_limit in [0, 1, 127, 128, 255, 256, 65_535, 65_536, MAX_INT] {
         let request = AllowBackupRequest::off().with_time_limit(time_limit);
@@ -442,9 +529,9 @@ fn tlv(identifier: u8, contents: &[u8]) -> Vec<u8> {
 
 #[test]
 fn unknown_extension_additions_are_ignored() {
-    // A [3] and a [31] (high-tag-number form) appended by a later version.
+    // A [4] and a [31] (high-tag-number form) appended by a later version.
     let mut contents = ON_30_EXAMPLE[2..].to_vec();
-    contents.extend(tlv(0x83, &[0x05]));
+    contents.extend(tlv(0x84, &[0x05]));
     contents.extend([0xBF, 0x1F, 0x01, 0x00]);
     let request = AllowBackupRequest::on()
         .with_time_limit(30)
@@ -506,7 +593,7 @@ fn unknown_extension_additions_are_ignored() {
 fn malformed_extensions_are_still_errors() {
     // A root component after an addition.
     let mut contents = vec![0x01, 0x01, 0xFF];
-    contents.extend(tlv(0x83, &[0x05]));
+    contents.extend(tlv(0x84, &[0x05]));
     contents.extend(tlv(0x80, &[0x1E]));
     request_error(&tlv(0x30, &contents));
     // Unknown components that are not in the range reserved for additions:
@@ -523,11 +610,11 @@ fn malformed_extensions_are_still_errors() {
         request_error(&tlv(0x30, &contents));
     }
     // A truncated addition.
-    request_error(&[0x30, 0x06, 0x01, 0x01, 0xFF, 0x83, 0x05, 0x00]);
+    request_error(&[0x30, 0x06, 0x01, 0x01, 0xFF, 0x84, 0x05, 0x00]);
     // An indefinite length is not LDAP.
-    request_error(&[0x30, 0x80, 0x01, 0x01, 0xFF, 0x83, 0x01, 0x05, 0x00, 0x00]);
+    request_error(&[0x30, 0x80, 0x01, 0x01, 0xFF, 0x84, 0x01, 0x05, 0x00, 0x00]);
     // An addition does not excuse trailing octets.
-    let message = request_error(&[0x30, 0x06, 0x01, 0x01, 0xFF, 0x83, 0x01, 0x05, 0x00]);
+    let message = request_error(&[0x30, 0x06, 0x01, 0x01, 0xFF, 0x84, 0x01, 0x05, 0x00]);
     assert!(
         message.ends_with(": 1 octet(s) follow the end of the value"),
         "{message}"

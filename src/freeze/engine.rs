@@ -14,7 +14,7 @@
 //! freeze every request either is in some in-flight table (and the drain
 //! waits for it) or meets the freeze (and is queued).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -161,6 +161,9 @@ impl Freeze {
 /// The result of an Allow-Backup request.
 pub type Answer = (LdapResultCode, String);
 
+/// How many ended freezes the engine remembers (for an OFF naming one).
+const ENDED_KEPT: usize = 64;
+
 /// Why a requester may not freeze.
 fn authorise(
     allowed: &[NormDn],
@@ -229,8 +232,14 @@ pub struct Engine {
     sessions: Mutex<HashMap<u64, SessionHandle>>,
     draining: AtomicBool,
     completed: Notify,
+    /// The id of the next accepted ON (ids of refused ONs are not used up).
     next_id: AtomicU64,
-    expired: Mutex<Option<String>>,
+    /// The last freeze the lease ended, and the message the next plain OFF
+    /// answers with.
+    expired: Mutex<Option<(u64, String)>>,
+    /// How the most recent freezes ended (at most [`ENDED_KEPT`]), for an
+    /// OFF that names one of them.
+    ended: Mutex<VecDeque<(u64, String)>>,
     queued_requests: AtomicUsize,
     queued_bytes: AtomicUsize,
     stop_frozen: AtomicBool,
@@ -273,6 +282,7 @@ impl Engine {
             completed: Notify::new(),
             next_id: AtomicU64::new(1),
             expired: Mutex::new(None),
+            ended: Mutex::new(VecDeque::new()),
             queued_requests: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
             stop_frozen: AtomicBool::new(false),
@@ -435,7 +445,13 @@ impl Engine {
             .as_ref()
             .is_some_and(|f| f.hold_until_unbind && f.holder.conn == conn);
         if held {
-            if let Some((f, _)) = self.end_freeze(|f| f.holder.conn == conn).await {
+            let ended = self
+                .end_freeze(
+                    |f| f.holder.conn == conn,
+                    |_| "its holder's connection closed (holdUntilUnbind)".into(),
+                )
+                .await;
+            if let Some((f, _)) = ended {
                 info!(
                     freeze = f.id,
                     holder = %f.holder.name(),
@@ -495,6 +511,22 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return (LdapResultCode::ProtocolError, e.to_string()),
         };
+        if req.dns().is_some_and(|dns| dns.is_empty()) {
+            return (
+                LdapResultCode::ProtocolError,
+                "Allow-Backup request has an empty dnSet: name at least one backend, or leave \
+                 dnSet out to mean all of them"
+                    .into(),
+            );
+        }
+        if req.mode && req.freeze_id.is_some() {
+            return (
+                LdapResultCode::ProtocolError,
+                "Allow-Backup ON (mode TRUE) with a freezeId: freezeId names the freeze an OFF \
+                 ends, the proxy chooses the id of a new freeze"
+                    .into(),
+            );
+        }
         if let Err(refusal) = authorise(
             &self.allowed,
             &self.cfg.allowed_uids,
@@ -507,7 +539,7 @@ impl Engine {
         if req.mode {
             self.on(who, req).await
         } else {
-            self.off(who).await
+            self.off(who, req).await
         }
     }
 
@@ -543,9 +575,6 @@ impl Engine {
                 }
             }
         }
-        if set.is_empty() {
-            set = map.all();
-        }
         let unimpl: Vec<_> = set
             .iter(map.len())
             .filter(|&i| map.backends()[i].mode == Mode::Unimplemented)
@@ -567,9 +596,10 @@ impl Engine {
                 stop.insert(i);
             }
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let freeze = Freeze {
-            id,
+        let mut freeze = Freeze {
+            // Set below, once no freeze is in the way: a refused ON uses up
+            // no id, so that ids count the freezes that were set up.
+            id: 0,
             phase: Phase::Draining,
             backends: set,
             stop,
@@ -579,7 +609,7 @@ impl Engine {
             started: Instant::now(),
             lease_until: None,
         };
-        {
+        let id = {
             let mut st = self.write_state();
             if let Some(f) = st.as_ref() {
                 let since = epoch_secs(f.since);
@@ -600,11 +630,14 @@ impl Engine {
                     ),
                 );
             }
+            freeze.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = freeze.id;
             self.stop_frozen
                 .store(!freeze.stop.is_empty(), Ordering::Relaxed);
             *st = Some(freeze);
             self.draining.store(true, Ordering::Relaxed);
-        }
+            id
+        };
         self.expired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -622,7 +655,7 @@ impl Engine {
         let drained_ms = match drain {
             Ok(d) => d.as_millis() as u64,
             Err(msg) => {
-                self.abort_freeze(id).await;
+                self.abort_freeze(id, &msg).await;
                 warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {msg}; freeze undone");
                 return (LdapResultCode::Other, msg);
             }
@@ -639,11 +672,11 @@ impl Engine {
                         tracing::error!(backend = %pb.suffix, "done step failed after a failed prepare: {e2}");
                     }
                 }
-                self.abort_freeze(id).await;
                 let msg = format!(
                     "prepare failed for backend {}: {e}; freeze undone",
                     b.suffix
                 );
+                self.abort_freeze(id, &msg).await;
                 warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {msg}");
                 return (LdapResultCode::Other, msg);
             }
@@ -697,14 +730,24 @@ impl Engine {
         let engine = self.clone();
         Some(Box::pin(async move {
             tokio::time::sleep_until(until.into()).await;
-            if let Some((f, _)) = engine
-                .end_freeze(|f| f.id == id && f.phase == Phase::Frozen)
-                .await
-            {
+            let ended = engine
+                .end_freeze(
+                    |f| f.id == id && f.phase == Phase::Frozen,
+                    |f| {
+                        format!(
+                            "its lease expired after {} s",
+                            f.started.elapsed().as_secs()
+                        )
+                    },
+                )
+                .await;
+            if let Some((f, _)) = ended {
                 let secs = f.started.elapsed().as_secs();
-                let msg = format!("freeze expired after {secs} s; the backup may be inconsistent");
+                let msg = format!(
+                    "freeze expired after {secs} s; the backup may be inconsistent (freeze id {id})"
+                );
                 warn!(freeze = id, holder = %f.holder.name(), "lease expired: {msg}; operations resumed");
-                *engine.expired.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+                *engine.expired.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, msg));
             }
         }))
     }
@@ -812,22 +855,45 @@ impl Engine {
         p
     }
 
-    /// Undoes a freeze that failed before it was complete.
-    async fn abort_freeze(&self, id: u64) {
+    /// Undoes a freeze that failed before it was complete (`why`: the
+    /// failure its ON answered with).
+    async fn abort_freeze(&self, id: u64, why: &str) {
         let mut st = self.write_state();
         if st.as_ref().is_some_and(|f| f.id == id) {
             *st = None;
             self.stop_frozen.store(false, Ordering::Relaxed);
+            self.record_end(id, format!("it never took effect: its ON failed ({why})"));
         }
         drop(st);
         self.bump();
     }
 
+    /// Remembers how freeze `id` ended, for an OFF that names it.
+    fn record_end(&self, id: u64, how: String) {
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        if ended.len() >= ENDED_KEPT {
+            ended.pop_front();
+        }
+        ended.push_back((id, how));
+    }
+
+    /// How freeze `id` ended, if it is one of the last [`ENDED_KEPT`].
+    fn how_ended(&self, id: u64) -> Option<String> {
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, how)| how.clone())
+    }
+
     /// Ends the current freeze if `pred` holds: runs the done steps, clears
-    /// the state, wakes the sessions. Returns the freeze and the done errors.
+    /// the state, wakes the sessions, and remembers how it ended (`how`, for
+    /// an OFF naming it later). Returns the freeze and the done errors.
     async fn end_freeze(
         &self,
         pred: impl FnOnce(&Freeze) -> bool,
+        how: impl FnOnce(&Freeze) -> String,
     ) -> Option<(Freeze, Vec<String>)> {
         // While the done steps run, the freeze stays in place (Releasing): a
         // write arriving now is still held, instead of reaching a server
@@ -858,6 +924,7 @@ impl Engine {
             if st.as_ref().is_some_and(|c| c.id == f.id) {
                 *st = None;
                 self.stop_frozen.store(false, Ordering::Relaxed);
+                self.record_end(f.id, how(&f));
             }
         }
         self.bump();
@@ -868,7 +935,10 @@ impl Engine {
     /// discarded, never sent): a freeze still in place ends here, so the
     /// drivers' DONE steps run and no backend stays read-only.
     pub async fn end_at_shutdown(&self) {
-        if let Some((f, errors)) = self.end_freeze(|f| f.phase == Phase::Frozen).await {
+        let ended = self
+            .end_freeze(|f| f.phase == Phase::Frozen, |_| "abproxy shut down".into())
+            .await;
+        if let Some((f, errors)) = ended {
             warn!(
                 freeze = f.id,
                 holder = %f.holder.name(),
@@ -881,57 +951,168 @@ impl Engine {
         }
     }
 
-    async fn off(&self, who: Requester) -> Answer {
-        let phase = self.read_state().as_ref().map(|f| f.phase);
-        if phase == Some(Phase::Releasing) {
-            return (
-                LdapResultCode::Busy,
-                "the freeze is being released (done steps running); retry OFF in a moment".into(),
-            );
-        }
-        if phase == Some(Phase::Draining) {
-            return (
-                LdapResultCode::Busy,
-                "a freeze is still draining; retry OFF once ON has answered".into(),
-            );
-        }
-        let queued = self.queued_requests.load(Ordering::Relaxed);
-        match self.end_freeze(|f| f.phase == Phase::Frozen).await {
-            Some((f, errors)) => {
-                let secs = f.started.elapsed().as_secs_f64();
-                info!(
-                    freeze = f.id,
-                    who = %who.name(),
-                    holder = %f.holder.name(),
-                    frozen_ms = (secs * 1000.0) as u64,
-                    queued,
-                    "Allow-Backup OFF: released"
-                );
-                if errors.is_empty() {
-                    (
-                        LdapResultCode::Success,
-                        format!("released after {secs:.1} s; {queued} queued request(s) resumed; freeze id {}", f.id),
-                    )
-                } else {
-                    (
-                        LdapResultCode::Other,
-                        format!("released, but done steps failed: {}", errors.join("; ")),
-                    )
+    /// OFF: ends the current freeze, if it is the one `req` names (its
+    /// freezeId) and `req`'s dnSet, when given, names exactly its backends.
+    async fn off(&self, who: Requester, req: AllowBackupRequest) -> Answer {
+        let map = self.backends();
+        // The backends dnSet names (None: all of those frozen).
+        let mut named = None;
+        if let Some(dns) = req.dns() {
+            let mut set = BackendSet::EMPTY;
+            for dn in dns {
+                match NormDn::parse(dn).and_then(|n| map.holding(&n)) {
+                    Some(i) => set.insert(i),
+                    None => {
+                        let shown = String::from_utf8_lossy(dn);
+                        warn!(who = %who.name(), dn = %shown, "Allow-Backup OFF refused: no such backend");
+                        return (
+                            LdapResultCode::NoSuchObject,
+                            format!(
+                                "{shown} is not under any backend suffix (known: {}); nothing released",
+                                suffixes(&map, map.all())
+                            ),
+                        );
+                    }
                 }
             }
-            None => match self
-                .expired
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-            {
-                Some(msg) => {
-                    warn!(who = %who.name(), "Allow-Backup OFF after lease expiry: {msg}");
-                    (LdapResultCode::Other, msg)
-                }
-                None => (LdapResultCode::Success, "not frozen".into()),
-            },
+            named = Some(set);
         }
+        let current = self
+            .read_state()
+            .as_ref()
+            .map(|f| (f.id, f.phase, f.backends));
+        if let Some(n) = req.freeze_id {
+            if current.map(|(id, ..)| id) != Some(n) {
+                return self.not_current(&who, n, current.map(|(id, ..)| id));
+            }
+        }
+        let Some((id, phase, frozen)) = current else {
+            return self.not_frozen(&who);
+        };
+        match phase {
+            Phase::Releasing => {
+                return (
+                    LdapResultCode::Busy,
+                    "the freeze is being released (done steps running); retry OFF in a moment"
+                        .into(),
+                )
+            }
+            Phase::Draining => {
+                return (
+                    LdapResultCode::Busy,
+                    "a freeze is still draining; retry OFF once ON has answered".into(),
+                )
+            }
+            Phase::Frozen => {}
+        }
+        if let Some(named) = named.filter(|&s| s != frozen) {
+            let not_frozen = BackendSet(named.0 & !frozen.0);
+            let msg = if not_frozen.is_empty() {
+                format!(
+                    "OFF names only some of the frozen backends ({} of {}): a partial release is \
+                     not supported; send OFF without dnSet, or naming every frozen backend \
+                     (freeze id {id}); nothing released",
+                    suffixes(&map, named),
+                    suffixes(&map, frozen)
+                )
+            } else {
+                format!(
+                    "{} not frozen (frozen: {}; freeze id {id}); nothing released",
+                    suffixes(&map, not_frozen),
+                    suffixes(&map, frozen)
+                )
+            };
+            warn!(freeze = id, who = %who.name(), "Allow-Backup OFF refused: {msg}");
+            return (LdapResultCode::UnwillingToPerform, msg);
+        }
+        let queued = self.queued_requests.load(Ordering::Relaxed);
+        let by = who.name();
+        let how = |_: &Freeze| match req.freeze_id {
+            Some(_) => format!("released by {by}"),
+            None => format!("released by {by} with an OFF that named no freeze"),
+        };
+        let ended = self
+            .end_freeze(|f| f.id == id && f.phase == Phase::Frozen, how)
+            .await;
+        let Some((f, errors)) = ended else {
+            // It ended (or began releasing) since we looked.
+            return match req.freeze_id {
+                Some(n) => self.not_current(&who, n, None),
+                None => self.not_frozen(&who),
+            };
+        };
+        let secs = f.started.elapsed().as_secs_f64();
+        info!(
+            freeze = f.id,
+            who = %who.name(),
+            holder = %f.holder.name(),
+            frozen_ms = (secs * 1000.0) as u64,
+            queued,
+            "Allow-Backup OFF: released"
+        );
+        if errors.is_empty() {
+            (
+                LdapResultCode::Success,
+                format!(
+                    "released after {secs:.1} s; {queued} queued request(s) resumed; freeze id {}",
+                    f.id
+                ),
+            )
+        } else {
+            (
+                LdapResultCode::Other,
+                format!("released, but done steps failed: {}", errors.join("; ")),
+            )
+        }
+    }
+
+    /// A plain OFF with nothing frozen: "not frozen", or once after the
+    /// lease ended a freeze, that it expired.
+    fn not_frozen(&self, who: &Requester) -> Answer {
+        let expired = self
+            .expired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match expired {
+            Some((_, msg)) => {
+                warn!(who = %who.name(), "Allow-Backup OFF after lease expiry: {msg}");
+                (LdapResultCode::Other, msg)
+            }
+            None => (LdapResultCode::Success, "not frozen".into()),
+        }
+    }
+
+    /// The refusal of an OFF naming freeze `n`, which is not the current
+    /// one (`current`): nothing is released; says how `n` ended, if known.
+    fn not_current(&self, who: &Requester, n: u64, current: Option<u64>) -> Answer {
+        let current = match current {
+            Some(m) => format!("current: freeze {m}"),
+            None => "current: none".into(),
+        };
+        let msg = if n >= self.next_id.load(Ordering::Relaxed) {
+            format!(
+                "freeze {n} is not the current freeze ({current}): no freeze {n} was set up \
+                 since abproxy started; nothing released"
+            )
+        } else {
+            let how = self
+                .how_ended(n)
+                .unwrap_or_else(|| "earlier (how is no longer known)".into());
+            format!(
+                "freeze {n} is not the current freeze ({current}); it ended: {how}; nothing \
+                 released, and a backup taken under freeze {n} may be inconsistent"
+            )
+        };
+        // This OFF has told its client about the expiry: a later plain OFF
+        // need not.
+        let mut expired = self.expired.lock().unwrap_or_else(|e| e.into_inner());
+        if expired.as_ref().is_some_and(|(id, _)| *id == n) {
+            *expired = None;
+        }
+        drop(expired);
+        warn!(who = %who.name(), freeze = n, "Allow-Backup OFF refused: {msg}");
+        (LdapResultCode::Other, msg)
     }
 
     /// The status query: code, message and the AllowBackupStatus value.
