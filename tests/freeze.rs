@@ -1004,18 +1004,39 @@ async fn binds_can_count_as_writes() {
     let lab = freeze_lab(|c| c.freeze.bind_is_write = true).await;
     let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     assert_eq!(
-        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        call(
+            &mut admin,
+            // dc=other stays thawed: the status helper binds there.
+            ab(
+                2,
+                &AllowBackupRequest::on().with_dn_set(["dc=example,dc=org"])
+            )
+        )
+        .await
+        .0,
         0
     );
     let mut u = RawConn::connect(&lab.proxy_addr()).await;
     u.send_msg(bind(1, &user_dn(2), "pass2")).await;
     wait_status(&lab, "a held bind", |s| s.queued_requests == 1).await;
     assert_nothing_pending(&mut u).await;
+    // An operator's DN is no exception: anyone can send a bind naming it
+    // with a wrong password, which would write into the frozen backend
+    // (ppolicy's failure counter).
+    let mut intruder = RawConn::connect(&lab.proxy_addr()).await;
+    intruder.send_msg(bind(1, ADMIN_DN, "wrong")).await;
+    wait_status(&lab, "two held binds", |s| s.queued_requests == 2).await;
+    assert_nothing_pending(&mut intruder).await;
     assert_eq!(
         call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
         0
     );
     assert_eq!(result_code(&u.recv().await.unwrap()), Some(0));
+    assert_eq!(
+        result_code(&intruder.recv().await.unwrap()),
+        Some(49),
+        "invalidCredentials, once thawed"
+    );
 }
 
 /// A driver whose prepare fails, or that counts its done calls.

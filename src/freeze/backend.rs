@@ -291,7 +291,9 @@ impl BackendMap {
                 };
                 // An anonymous or SASL bind names no entry of a backend.
                 let backends = match dn {
-                    Some(d) if !d.is_empty() => self.for_dn(Some(d), opts.bind_is_write),
+                    // What a bind may write (a failure counter, a
+                    // last-bind time) is in the entry it names.
+                    Some(d) if !d.is_empty() => self.for_dn(Some(d), false),
                     _ => BackendSet::EMPTY,
                 };
                 (kind, backends)

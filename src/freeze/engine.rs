@@ -334,11 +334,15 @@ impl Engine {
     }
 
     /// Classifies a request against the current backends. Binds of the
-    /// identities allowed to use Allow-Backup are never held, so an operator
-    /// can always connect to end a freeze (even in `stop` mode or with
-    /// `bind_is_write`).
+    /// identities allowed to use Allow-Backup are never held while binds
+    /// count as reads, so an operator can always connect to end a freeze
+    /// (even in `stop` mode). With `bind_is_write` they are held like any
+    /// bind into a frozen backend: a bind with a wrong password would write
+    /// (ppolicy's `pwdFailureTime`) into it, and anyone can send one. See
+    /// [`Engine::operator_bind_warnings`].
     pub fn classify(&self, env: &Envelope, frame: &[u8], bound_dn: Option<&[u8]>) -> Class {
         if env.op == crate::wire::op::BIND_REQUEST
+            && !self.cfg.bind_is_write
             && env
                 .dn_bytes(frame)
                 .and_then(NormDn::parse)
@@ -348,6 +352,35 @@ impl Engine {
         }
         self.backends()
             .classify(env, frame, &self.classify, bound_dn)
+    }
+
+    /// Operators whose binds a freeze would hold: with `bind_is_write`, an
+    /// operator DN under a backend can bind only while that backend is not
+    /// frozen, so it must end a freeze on the connection that started it
+    /// (as `abproxy run` does) or be authorised another way. One line each,
+    /// for the start-up log.
+    pub fn operator_bind_warnings(&self) -> Vec<String> {
+        if !self.cfg.bind_is_write {
+            return Vec::new();
+        }
+        let map = self.backends();
+        self.cfg
+            .allowed
+            .iter()
+            .filter_map(|dn| {
+                let i = NormDn::parse(dn.as_bytes()).and_then(|n| map.holding(&n))?;
+                Some(format!(
+                    "freeze.allowed {dn} lies under backend {} and bind_is_write is on: its binds \
+                     are held while that backend is frozen (a bind with a wrong password would \
+                     write into it), so it can end a freeze only on the connection that started \
+                     it (abproxy run, hook and ldapexop on one connection); authorise operators \
+                     that must connect during a freeze by freeze.allowed_uids (ldapi), \
+                     freeze.allowed_cert_subjects (TLS) or a DN outside the backends (such as a \
+                     rootdn under cn=config)",
+                    map.backends()[i].suffix
+                ))
+            })
+            .collect()
     }
 
     /// The gate. With no freeze, runs `insert(None)` (the in-flight insert;
@@ -1195,4 +1228,49 @@ fn suffixes(map: &BackendMap, set: BackendSet) -> String {
         .map(|i| map.backends()[i].suffix.clone())
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(bind_is_write: bool) -> Engine {
+        let cfg = FreezeConfig {
+            allowed: vec![
+                "cn=admin,dc=example,dc=org".into(),
+                "cn=admin,cn=config".into(),
+            ],
+            bind_is_write,
+            ..FreezeConfig::default()
+        };
+        let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Readonly)]).unwrap();
+        Engine::new(cfg, map)
+    }
+
+    #[test]
+    fn operators_under_a_backend_are_warned_about_when_binds_are_writes() {
+        assert!(engine(false).operator_bind_warnings().is_empty());
+        let w = engine(true).operator_bind_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with(
+            "freeze.allowed cn=admin,dc=example,dc=org lies under backend dc=example,dc=org"
+        ));
+    }
+
+    #[test]
+    fn operator_binds_are_held_only_while_binds_are_reads() {
+        use ldap3_proto::proto::{LdapBindCred, LdapBindRequest, LdapMsg, LdapOp};
+        let bind = crate::wire::pdu::encode(LdapMsg::new(
+            1,
+            LdapOp::BindRequest(LdapBindRequest {
+                version: 3,
+                dn: "cn=admin,dc=example,dc=org".into(),
+                cred: LdapBindCred::Simple("x".into()),
+            }),
+        ));
+        let env = Envelope::request(&bind).unwrap();
+        assert_eq!(engine(false).classify(&env, &bind, None), Class::NEVER);
+        let c = engine(true).classify(&env, &bind, None);
+        assert_eq!((c.kind, c.backends), (Kind::Write, BackendSet(1)));
+    }
 }

@@ -247,6 +247,9 @@ impl Server {
             .collect();
         info!(backends = ?suffixes, auto = auto_backends, "backends");
         let engine = Arc::new(Engine::new(config.freeze.clone(), map));
+        for w in engine.operator_bind_warnings() {
+            warn!("{w}");
+        }
         // Under systemd with StateDirectory=, $STATE_DIRECTORY names it.
         let state_path = config.state_file.clone().or_else(|| {
             let dirs = std::env::var_os("STATE_DIRECTORY")?;
