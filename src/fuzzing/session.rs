@@ -1044,44 +1044,65 @@ mod tests {
     /// The upstream answers only when told (header flag 16).
     const MANUAL: [u8; 4] = [16, 15, 31, 15];
 
-    #[test]
-    fn a_reused_message_id_does_not_hide_a_running_write_from_the_drain() {
+    /// The hostile sequences of the hardening issue, as inputs: each a
+    /// test below and a seed of the session fuzz target
+    /// (`fuzz/seeds/session/hostile-*`, written by `write_hostile_seeds`).
+    fn hostile_inputs() -> Vec<(&'static str, Vec<u8>)> {
+        let mut out = Vec::new();
+        // A running write, then a request reusing its ID, during a drain.
         let mut input = MANUAL.to_vec();
         input.extend_from_slice(&add(5, "cn=a,dc=example,dc=org"));
         input.extend_from_slice(&[7, 2, 0, 7]); // settle, ON (all), settle
         input.extend_from_slice(&root_dse(5));
         input.extend_from_slice(&[7]);
-        check_session(&input);
-    }
-
-    #[test]
-    fn an_abandoned_write_is_still_drained() {
+        out.push(("reused-id-of-a-running-write", input));
+        // A running write abandoned, then ON.
         let mut input = MANUAL.to_vec();
         input.extend_from_slice(&add(5, "cn=a,dc=example,dc=org"));
         input.extend_from_slice(&[7]);
         input.extend_from_slice(&msg(6, LdapOp::AbandonRequest(5)));
-        input.extend_from_slice(&[7, 2, 0, 7]); // settle, ON (all), settle
-        check_session(&input);
-    }
-
-    #[test]
-    fn a_bind_waits_for_the_operations_before_it_and_holds_those_after() {
+        input.extend_from_slice(&[7, 2, 0, 7]);
+        out.push(("abandoned-running-write", input));
+        // A write, a bind and a write pipelined; answers one at a time.
         let mut input = MANUAL.to_vec();
         input.extend_from_slice(&add(1, "cn=a,dc=example,dc=org"));
         input.extend_from_slice(&bind(2, "cn=u,dc=example,dc=org"));
         input.extend_from_slice(&add(3, "cn=b,dc=example,dc=org"));
-        input.extend_from_slice(&[7, 1, 0, 7, 1, 0, 7, 1, 0, 7]); // one answer at a time
-        check_session(&input);
+        input.extend_from_slice(&[7, 1, 0, 7, 1, 0, 7, 1, 0, 7]);
+        out.push(("pipelined-bind", input));
+        // An operator's bind behind a held write.
+        let mut input = vec![0, 15, 31, 15];
+        input.extend_from_slice(&[2, 0, 7]);
+        input.extend_from_slice(&add(1, "cn=a,dc=example,dc=org"));
+        input.extend_from_slice(&bind(2, OPERATOR));
+        input.extend_from_slice(&[7, 3, 7]);
+        out.push(("operator-bind-behind-held-write", input));
+        // Two binds with one ID, the second as the operator, then ON.
+        let mut input = MANUAL.to_vec();
+        input.extend_from_slice(&bind(7, ""));
+        input.extend_from_slice(&bind(7, OPERATOR));
+        input.extend_from_slice(&[1, 0, 7, 2, 0, 7]);
+        out.push(("reused-bind-id", input));
+        out
     }
 
     #[test]
-    fn an_operator_bind_behind_held_writes_waits_for_them() {
-        let mut input = vec![0, 15, 31, 15];
-        input.extend_from_slice(&[2, 0, 7]); // ON (all), settle
-        input.extend_from_slice(&add(1, "cn=a,dc=example,dc=org"));
-        input.extend_from_slice(&bind(2, OPERATOR));
-        input.extend_from_slice(&[7, 3, 7]); // settle, OFF, settle
-        check_session(&input);
+    fn hostile_sequences_keep_the_invariants() {
+        for (name, input) in hostile_inputs() {
+            let r = std::panic::catch_unwind(|| check_session(&input));
+            assert!(r.is_ok(), "{name}");
+        }
+    }
+
+    /// Writes [`hostile_inputs`] to the fuzz seed corpus:
+    /// `cargo test --lib -- --ignored write_hostile_seeds`.
+    #[test]
+    #[ignore = "writes fuzz/seeds/session/hostile-*"]
+    fn write_hostile_seeds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/session");
+        for (name, input) in hostile_inputs() {
+            std::fs::write(dir.join(format!("hostile-{name}")), input).unwrap();
+        }
     }
 
     /// After a successful SASL bind, non-LDAP bytes are a negotiated SASL
