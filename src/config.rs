@@ -143,6 +143,55 @@ impl BackendConfig {
     }
 }
 
+/// Whether binds count as writes for a freeze (`[freeze] bind_is_write`):
+/// `true`, `false`, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BindIsWrite {
+    /// Binds are writes when the server says it has a password policy (its
+    /// root DSE lists the password policy control,
+    /// 1.3.6.1.4.1.42.2.27.8.5.1: slapd with the ppolicy module, 389 DS),
+    /// read at start-up and before each freeze; when the root DSE cannot be
+    /// read, they are.
+    Auto,
+    /// Always writes.
+    Yes,
+    /// Never writes (the server records nothing on a bind). The default,
+    /// for now: with `auto` or `true`, an operator whose entry lies in a
+    /// frozen backend cannot bind on a new connection to end the freeze
+    /// (`hook --after`); a start-up warning says when the server has a
+    /// password policy.
+    #[default]
+    No,
+}
+
+impl From<bool> for BindIsWrite {
+    fn from(b: bool) -> Self {
+        if b {
+            BindIsWrite::Yes
+        } else {
+            BindIsWrite::No
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BindIsWrite {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(b) => Ok(b.into()),
+            Raw::Text(t) if t == "auto" => Ok(BindIsWrite::Auto),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!(
+                "bind_is_write: expected true, false or \"auto\", got {t:?}"
+            ))),
+        }
+    }
+}
+
 /// The `[freeze]` table.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -161,7 +210,7 @@ pub struct FreezeConfig {
     /// Lease: a freeze not ended by OFF ends by itself after this many seconds.
     pub lease_secs: u64,
     /// Treat binds as writes (servers that write on bind: ppolicy, lastbind).
-    pub bind_is_write: bool,
+    pub bind_is_write: BindIsWrite,
     /// Extended operations known to be read-only (held only in `stop` mode).
     pub read_only_extended: Vec<String>,
     /// Queued requests per connection; when reached, the proxy stops reading
@@ -186,7 +235,7 @@ impl Default for FreezeConfig {
             allowed_cert_subjects: Vec::new(),
             max_drain_secs: 30,
             lease_secs: 600,
-            bind_is_write: false,
+            bind_is_write: BindIsWrite::No,
             read_only_extended: Vec::new(),
             queue_max_requests_per_conn: 1000,
             queue_max_bytes_per_conn: 4 * 1024 * 1024,

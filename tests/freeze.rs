@@ -1001,7 +1001,7 @@ async fn full_queue_stops_reading_and_releases_everything() {
 
 #[tokio::test]
 async fn binds_can_count_as_writes() {
-    let lab = freeze_lab(|c| c.freeze.bind_is_write = true).await;
+    let lab = freeze_lab(|c| c.freeze.bind_is_write = true.into()).await;
     let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     assert_eq!(
         call(

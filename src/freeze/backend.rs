@@ -239,11 +239,12 @@ impl Class {
 }
 
 /// Classification settings (from the `[freeze]` config).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ClassifyOptions {
     /// Treat binds as writes (servers that write on bind, e.g. ppolicy's
-    /// pwdFailureTime or lastbind).
-    pub bind_is_write: bool,
+    /// pwdFailureTime or lastbind): `bind_is_write`, or what `auto` found
+    /// (changed only while nothing is frozen).
+    pub bind_is_write: std::sync::atomic::AtomicBool,
     /// Extended operations known to be read-only (held only in stop mode).
     pub read_only_extended: Vec<String>,
 }
@@ -284,7 +285,10 @@ impl BackendMap {
             op::SEARCH_REQUEST => (Kind::Read, self.for_search(dn, env.scope)),
             op::COMPARE_REQUEST => (Kind::Read, self.for_dn(dn, false)),
             op::BIND_REQUEST => {
-                let kind = if opts.bind_is_write {
+                let kind = if opts
+                    .bind_is_write
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
                     Kind::Write
                 } else {
                     Kind::Read
@@ -503,7 +507,7 @@ mod tests {
         let b = encode(LdapMsg::new(1, bind("uid=a,dc=example,dc=org")));
         let env = Envelope::request(&b).unwrap();
         let opts = ClassifyOptions {
-            bind_is_write: true,
+            bind_is_write: true.into(),
             ..Default::default()
         };
         assert_eq!(map().classify(&env, &b, &opts, None).kind, Kind::Write);

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use super::backend::{Backend, BackendMap, BackendSet, Class, ClassifyOptions, Kind, Mode};
 use super::dn::NormDn;
-use crate::config::FreezeConfig;
+use crate::config::{BindIsWrite, FreezeConfig};
 use crate::proxy::session::SessionState;
 use crate::wire::Envelope;
 
@@ -265,7 +265,9 @@ impl Engine {
             .filter_map(|d| NormDn::parse(d.as_bytes()))
             .collect();
         let classify = ClassifyOptions {
-            bind_is_write: cfg.bind_is_write,
+            // `auto` starts as writes: until the server's root DSE says
+            // otherwise, the proxy cannot tell.
+            bind_is_write: (cfg.bind_is_write != BindIsWrite::No).into(),
             read_only_extended: cfg.read_only_extended.clone(),
         };
         Engine {
@@ -342,7 +344,7 @@ impl Engine {
     /// [`Engine::operator_bind_warnings`].
     pub fn classify(&self, env: &Envelope, frame: &[u8], bound_dn: Option<&[u8]>) -> Class {
         if env.op == crate::wire::op::BIND_REQUEST
-            && !self.cfg.bind_is_write
+            && !self.binds_are_writes()
             && env
                 .dn_bytes(frame)
                 .and_then(NormDn::parse)
@@ -360,7 +362,7 @@ impl Engine {
     /// (as `abproxy run` does) or be authorised another way. One line each,
     /// for the start-up log.
     pub fn operator_bind_warnings(&self) -> Vec<String> {
-        if !self.cfg.bind_is_write {
+        if self.cfg.bind_is_write == BindIsWrite::No {
             return Vec::new();
         }
         let map = self.backends();
@@ -370,7 +372,8 @@ impl Engine {
             .filter_map(|dn| {
                 let i = NormDn::parse(dn.as_bytes()).and_then(|n| map.holding(&n))?;
                 Some(format!(
-                    "freeze.allowed {dn} lies under backend {} and bind_is_write is on: its binds \
+                    "freeze.allowed {dn} lies under backend {} and binds may count as writes \
+                     (bind_is_write true, or auto with a server that has a password policy): its binds \
                      are held while that backend is frozen (a bind with a wrong password would \
                      write into it), so it can end a freeze only on the connection that started \
                      it (abproxy run, hook and ldapexop on one connection); authorise operators \
@@ -381,6 +384,37 @@ impl Engine {
                 ))
             })
             .collect()
+    }
+
+    /// Binds count as writes now.
+    pub fn binds_are_writes(&self) -> bool {
+        self.classify.bind_is_write.load(Ordering::Relaxed)
+    }
+
+    /// With `bind_is_write = "auto"`: what the server's root DSE says
+    /// (`has_password_policy`: it lists the password policy control;
+    /// `None`: it could not be read, so binds count as writes). Ignored
+    /// while a freeze is in place, and with `true` or `false`.
+    pub fn set_password_policy(&self, has_password_policy: Option<bool>) {
+        if self.cfg.bind_is_write != BindIsWrite::Auto {
+            return;
+        }
+        let st = self.read_state();
+        if st.is_some() {
+            return;
+        }
+        let writes = has_password_policy.unwrap_or(true);
+        if self.classify.bind_is_write.swap(writes, Ordering::Relaxed) != writes {
+            info!(
+                binds_are_writes = writes,
+                "bind_is_write = auto: {}",
+                match has_password_policy {
+                    Some(true) => "the server has a password policy (its root DSE lists the password policy control): binds into a frozen backend are held",
+                    Some(false) => "no password policy on the server: binds pass a readonly freeze",
+                    None => "the server's root DSE could not be read: binds into a frozen backend are held",
+                }
+            );
+        }
     }
 
     /// The gate. With no freeze, runs `insert(None)` (the in-flight insert;
@@ -1240,7 +1274,7 @@ mod tests {
                 "cn=admin,dc=example,dc=org".into(),
                 "cn=admin,cn=config".into(),
             ],
-            bind_is_write,
+            bind_is_write: bind_is_write.into(),
             ..FreezeConfig::default()
         };
         let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Readonly)]).unwrap();
@@ -1272,5 +1306,30 @@ mod tests {
         assert_eq!(engine(false).classify(&env, &bind, None), Class::NEVER);
         let c = engine(true).classify(&env, &bind, None);
         assert_eq!((c.kind, c.backends), (Kind::Write, BackendSet(1)));
+    }
+
+    #[test]
+    fn auto_binds_are_writes_until_the_server_says_it_has_no_password_policy() {
+        let mut cfg = FreezeConfig {
+            bind_is_write: BindIsWrite::Auto,
+            ..FreezeConfig::default()
+        };
+        let map = || BackendMap::new([("dc=example,dc=org".to_string(), Mode::Readonly)]).unwrap();
+        let e = Engine::new(cfg.clone(), map());
+        assert!(e.binds_are_writes(), "unknown: writes");
+        e.set_password_policy(Some(false));
+        assert!(!e.binds_are_writes());
+        e.set_password_policy(Some(true));
+        assert!(e.binds_are_writes());
+        e.set_password_policy(Some(false));
+        e.set_password_policy(None);
+        assert!(e.binds_are_writes(), "unreadable root DSE: writes");
+        // Explicit settings are kept.
+        for (set, want) in [(BindIsWrite::Yes, true), (BindIsWrite::No, false)] {
+            cfg.bind_is_write = set;
+            let e = Engine::new(cfg.clone(), map());
+            e.set_password_policy(Some(!want));
+            assert_eq!(e.binds_are_writes(), want, "{set:?}");
+        }
     }
 }

@@ -570,7 +570,7 @@ impl<'a> Harness<'a> {
         f.allowed = vec![OPERATOR.into()];
         f.max_drain_secs = 3600;
         f.lease_secs = 3600;
-        f.bind_is_write = self.flags & 4 != 0;
+        f.bind_is_write = (self.flags & 4 != 0).into();
         f.queue_max_requests_per_conn = self.limits.queue_requests;
         f.queue_max_bytes_per_conn = self.limits.queue_bytes;
         f.held_response_bytes_per_conn = 1024;

@@ -1,5 +1,6 @@
-//! Reads the upstream's naming contexts from its root DSE (the default
-//! backend list).
+//! Reads the upstream's root DSE: its naming contexts (the default backend
+//! list) and its supported controls (a password policy makes binds writes,
+//! `bind_is_write = "auto"`).
 
 use std::time::Duration;
 
@@ -13,18 +14,40 @@ use crate::endpoint::Endpoint;
 use crate::tls::UpstreamTls;
 use crate::wire::{op, pdu, Envelope, FrameCodec};
 
-/// The `namingContexts` values of the upstream's root DSE (anonymous read).
-pub async fn naming_contexts(
+/// The password policy request/response control (draft-behera-ldap-password-policy):
+/// listed by slapd once its ppolicy module is loaded, and by 389 DS.
+pub const PASSWORD_POLICY_CONTROL: &str = "1.3.6.1.4.1.42.2.27.8.5.1";
+
+/// What the proxy reads of the upstream's root DSE.
+#[derive(Debug, Default)]
+pub struct RootDse {
+    /// `namingContexts` values.
+    pub naming_contexts: Vec<String>,
+    /// `supportedControl` values.
+    pub supported_controls: Vec<String>,
+}
+
+impl RootDse {
+    /// The server lists the password policy control.
+    pub fn password_policy(&self) -> bool {
+        self.supported_controls
+            .iter()
+            .any(|c| c == PASSWORD_POLICY_CONTROL)
+    }
+}
+
+/// The upstream's root DSE (anonymous read).
+pub async fn root_dse(
     upstream: &Endpoint,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<RootDse> {
     tokio::time::timeout(timeout, read(upstream, tls))
         .await
         .map_err(|_| anyhow::anyhow!("timed out reading the root DSE of {upstream}"))?
 }
 
-async fn read(upstream: &Endpoint, tls: Option<&UpstreamTls>) -> anyhow::Result<Vec<String>> {
+async fn read(upstream: &Endpoint, tls: Option<&UpstreamTls>) -> anyhow::Result<RootDse> {
     let (r, w) = crate::tls::connect_upstream(upstream, tls).await?;
     let mut out = FramedWrite::new(w, FrameCodec::default());
     let mut inp = FramedRead::new(r, FrameCodec::new(16 * 1024 * 1024));
@@ -38,11 +61,11 @@ async fn read(upstream: &Endpoint, tls: Option<&UpstreamTls>) -> anyhow::Result<
             timelimit: 0,
             typesonly: false,
             filter: LdapFilter::Present("objectClass".into()),
-            attrs: vec!["namingContexts".into()],
+            attrs: vec!["namingContexts".into(), "supportedControl".into()],
         }),
     );
     out.send(pdu::encode(req)).await?;
-    let mut contexts = Vec::new();
+    let mut dse = RootDse::default();
     while let Some(frame) = inp.next().await {
         let frame = frame?;
         let env = Envelope::response(&frame)?;
@@ -58,13 +81,18 @@ async fn read(upstream: &Endpoint, tls: Option<&UpstreamTls>) -> anyhow::Result<
                     .ok_or_else(|| anyhow::anyhow!("incomplete root DSE entry"))?;
                 if let LdapOp::SearchResultEntry(e) = msg.op {
                     for a in e.attributes {
-                        if a.atype.eq_ignore_ascii_case("namingContexts") {
-                            contexts.extend(
-                                a.vals
-                                    .into_iter()
-                                    .map(|v| String::from_utf8_lossy(&v).into_owned()),
-                            );
-                        }
+                        let into = if a.atype.eq_ignore_ascii_case("namingContexts") {
+                            &mut dse.naming_contexts
+                        } else if a.atype.eq_ignore_ascii_case("supportedControl") {
+                            &mut dse.supported_controls
+                        } else {
+                            continue;
+                        };
+                        into.extend(
+                            a.vals
+                                .into_iter()
+                                .map(|v| String::from_utf8_lossy(&v).into_owned()),
+                        );
                     }
                 }
             }
@@ -80,5 +108,5 @@ async fn read(upstream: &Endpoint, tls: Option<&UpstreamTls>) -> anyhow::Result<
     let _ = out
         .send(pdu::encode(LdapMsg::new(2, LdapOp::UnbindRequest)))
         .await;
-    Ok(contexts)
+    Ok(dse)
 }

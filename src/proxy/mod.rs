@@ -234,11 +234,20 @@ impl Server {
                 warn!(%upstream, "upstream connect timed out at start-up (will retry per connection)")
             }
         }
-        if auto_backends {
-            let t = config.upstream_connect_timeout();
-            if let Some(m) = discover_backends(&upstream, upstream_tls.as_ref(), t).await {
-                map = m;
-            }
+        // The engine first, so that the root DSE read can tell it whether
+        // binds are writes; the backends it finds replace the empty map.
+        let engine = Arc::new(Engine::new(config.freeze.clone(), map.clone()));
+        if let Some(m) = refresh_from_root_dse(
+            &engine,
+            &upstream,
+            upstream_tls.as_ref(),
+            config.upstream_connect_timeout(),
+            auto_backends,
+            true,
+        )
+        .await
+        {
+            map = m;
         }
         let suffixes: Vec<_> = map
             .backends()
@@ -246,7 +255,6 @@ impl Server {
             .map(|b| format!("{} ({:?})", b.suffix, b.mode))
             .collect();
         info!(backends = ?suffixes, auto = auto_backends, "backends");
-        let engine = Arc::new(Engine::new(config.freeze.clone(), map));
         for w in engine.operator_bind_warnings() {
             warn!("{w}");
         }
@@ -390,23 +398,54 @@ impl Server {
     }
 }
 
-/// The upstream's naming contexts as `readonly` backends; `None` (with a
-/// warning) when they cannot be read.
-pub async fn discover_backends(
+/// What a freeze needs of the upstream's root DSE, read before it (and at
+/// start-up): its naming contexts as `readonly` backends when none are
+/// configured (`auto_backends`), and whether it has a password policy when
+/// `bind_is_write = "auto"` (at start-up also with `false`, to warn).
+/// Nothing is read when nothing is needed; when the root DSE cannot be
+/// read, `auto` counts binds as writes (with a warning).
+pub(crate) async fn refresh_from_root_dse(
+    engine: &Engine,
     upstream: &Endpoint,
     tls: Option<&UpstreamTls>,
     timeout: Duration,
+    auto_backends: bool,
+    startup: bool,
 ) -> Option<BackendMap> {
-    match discover::naming_contexts(upstream, tls, timeout).await {
-        Ok(list) => match BackendMap::new(list.into_iter().map(|s| (s, Mode::Readonly))) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                warn!("upstream namingContexts unusable as backends: {e}");
-                None
-            }
-        },
+    use crate::config::BindIsWrite;
+    let binds = engine.config().bind_is_write;
+    let for_binds = binds == BindIsWrite::Auto || (startup && binds == BindIsWrite::No);
+    if !auto_backends && !for_binds {
+        return None;
+    }
+    let dse = match discover::root_dse(upstream, tls, timeout).await {
+        Ok(dse) => dse,
         Err(e) => {
-            warn!("cannot read the upstream's namingContexts: {e:#}");
+            warn!("cannot read the upstream's root DSE: {e:#}");
+            engine.set_password_policy(None);
+            return None;
+        }
+    };
+    engine.set_password_policy(Some(dse.password_policy()));
+    if binds == BindIsWrite::No && dse.password_policy() {
+        warn!(
+            "the server lists the password policy control ({}) and freeze.bind_is_write is false: \
+             a bind during a freeze (a failed one above all) may write into a frozen backend \
+             (ppolicy's pwdFailureTime); set bind_is_write = \"auto\" or true to hold binds into \
+             frozen backends",
+            discover::PASSWORD_POLICY_CONTROL
+        );
+    }
+    if !auto_backends {
+        return None;
+    }
+    match BackendMap::new(dse.naming_contexts.into_iter().map(|s| (s, Mode::Readonly))) {
+        Ok(m) => {
+            engine.set_backends(m.clone());
+            Some(m)
+        }
+        Err(e) => {
+            warn!("upstream namingContexts unusable as backends: {e}");
             None
         }
     }

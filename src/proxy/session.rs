@@ -1502,16 +1502,21 @@ impl Requests<'_> {
         lock(&state.local_ids).push(msgid);
         state.local_pending.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            // Backends from the rootDSE are re-read before each freeze.
+            // Backends from the rootDSE, and whether the server has a
+            // password policy, are re-read before each freeze.
             let is_on = value
                 .as_deref()
                 .is_some_and(|v| abproxy_proto::decode_request(v).is_ok_and(|r| r.mode));
-            if shared.auto_backends && is_on {
-                let t = shared.config.upstream_connect_timeout();
-                let tls = shared.upstream_tls.as_ref();
-                if let Some(map) = super::discover_backends(&shared.upstream, tls, t).await {
-                    engine.set_backends(map);
-                }
+            if is_on {
+                super::refresh_from_root_dse(
+                    &engine,
+                    &shared.upstream,
+                    shared.upstream_tls.as_ref(),
+                    shared.config.upstream_connect_timeout(),
+                    shared.auto_backends,
+                    false,
+                )
+                .await;
             }
             let (code, msg) = engine.allow_backup(who, value.as_deref()).await;
             let resp = pdu::extended_response(
