@@ -77,37 +77,6 @@ async fn read_direct(lab: &Lab, dn: &str, attr: &str) -> ToolOutput {
     .await
 }
 
-/// A raw connection bound as `dn`.
-/// contextCSN of a suffix as slapd serves it (syncprov keeps it in memory).
-async fn context_csn(lab: &Lab, suffix: &str) -> String {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-x",
-            "-LLL",
-            "-H",
-            &lab.direct(),
-            "-D",
-            ADMIN_DN,
-            "-w",
-            ADMIN_PW,
-            "-b",
-            suffix,
-            "-s",
-            "base",
-            "contextCSN",
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("contextCSN:"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[tokio::test]
 async fn ldapexop_on_status_off() {
     let lab = freeze_lab(|_| {}).await;

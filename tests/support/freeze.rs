@@ -203,3 +203,33 @@ pub fn with_control(msg: LdapMsg, control_oid: &str, critical: bool) -> bytes::B
     out.extend(body);
     out.into()
 }
+
+/// contextCSN of a suffix as slapd serves it (syncprov keeps it in memory).
+pub async fn context_csn(lab: &Lab, suffix: &str) -> String {
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &lab.direct(),
+            "-D",
+            ADMIN_DN,
+            "-w",
+            ADMIN_PW,
+            "-b",
+            suffix,
+            "-s",
+            "base",
+            "contextCSN",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .filter(|l| l.starts_with("contextCSN:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
