@@ -1181,4 +1181,51 @@ mod tests {
             );
         });
     }
+
+    /// A small generator of hostile sequences (IDs from a range of four, so
+    /// they collide; binds anonymous, as a user and as the operator; writes
+    /// in and out of the backends, spelled oddly; abandons; ON and OFF; the
+    /// upstream answering when told), run through the invariants. Seeded:
+    /// the same sequences every run.
+    #[test]
+    fn generated_hostile_sequences_keep_the_invariants() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        const DNS: [&str; 5] = [
+            "cn=a,dc=example,dc=org",
+            "cn=b,dc=other,dc=org",
+            "cn=c,dc=\"example\",dc=org",
+            "olcDatabase={1}mdb,cn=config",
+            "cn=d,dc=nowhere",
+        ];
+        for round in 0..300 {
+            let flags = [0u8, 16, 1 | 16, 4 | 16, 2, 4][next(6) as usize];
+            let mut input = vec![flags, 15, 31, 15];
+            for _ in 0..(4 + next(20)) {
+                let id = 1 + next(4) as i32;
+                match next(10) {
+                    0 | 1 => input.extend_from_slice(&add(id, DNS[next(5) as usize])),
+                    2 => input.extend_from_slice(&bind(
+                        id,
+                        ["", "cn=u,dc=example,dc=org", OPERATOR][next(3) as usize],
+                    )),
+                    3 => input.extend_from_slice(&root_dse(id)),
+                    4 => input
+                        .extend_from_slice(&msg(id, LdapOp::AbandonRequest(1 + next(4) as i32))),
+                    5 => input.extend_from_slice(&[2, next(16) as u8 & !4]), // ON, untimed
+                    6 => input.push(3),                                      // OFF
+                    7 => input.extend_from_slice(&[1, next(4) as u8]),       // answer some
+                    8 => input.push(if next(2) == 0 { 5 } else { 13 }),      // manual/auto
+                    _ => input.push(7),                                      // settle
+                }
+            }
+            let r = std::panic::catch_unwind(|| check_session(&input));
+            assert!(r.is_ok(), "round {round}: input {input:02x?}");
+        }
+    }
 }
