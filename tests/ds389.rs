@@ -369,6 +369,70 @@ async fn failing_second_driver_leaves_389_writable() {
     .unwrap();
 }
 
+/// Turns a 389 plugin on or off in cn=config (root over ldapi).
+async fn set_plugin(ds: &Ds389, cn: &str, on: bool) {
+    let value = if on { "on" } else { "off" };
+    let ldif = format!(
+        "dn: cn={cn},cn=plugins,cn=config\nchangetype: modify\n\
+         replace: nsslapd-pluginEnabled\nnsslapd-pluginEnabled: {value}\n"
+    );
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-Q", "-Y", "EXTERNAL", "-H", &ds.ldapi_url()],
+        Some(&ldif),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
+#[tokio::test]
+async fn ds389_driver_refuses_partial_freezes_while_a_linking_plugin_is_enabled() {
+    if skip() {
+        return;
+    }
+    let ds = start_ds(20).await;
+    let mut other = BackendConfig::new("dc=other,dc=org", Mode::Readonly);
+    other.driver = DriverKind::Ds389;
+    other.config_url = Some(ds.ldapi_url());
+    let proxy = proxy(&ds, vec![example_389ds(&ds), other]).await;
+    let mut s = dm_session(&proxy).await;
+    let example = FreezeRequest::default().with_backends(["dc=example,dc=org"]);
+
+    // 389's defaults (both plugins off): a partial freeze goes ahead.
+    let first = s.on(&example).await.expect("partial ON").id().unwrap();
+    s.off().await.unwrap();
+    for (cn, what) in [
+        (
+            "referential integrity postoperation",
+            "referential integrity",
+        ),
+        ("MemberOf Plugin", "MemberOf"),
+    ] {
+        set_plugin(&ds, cn, true).await;
+        let err = s.on(&example).await.expect_err("a partial ON is refused");
+        assert_eq!(err.kind, abproxy::ops::ErrorKind::Refused(53), "{err:?}");
+        assert!(
+            err.message.contains(&format!(
+                "partial freeze refused: the {what} plugin (cn=plugins,cn=config entry \
+                 cn={cn}) enabled: it changes entries in every backend, so it can change \
+                 dc=example,dc=org when dc=other,dc=org is written"
+            )),
+            "{err:?}"
+        );
+        assert_eq!(userroot_readonly(&ds).await, "off", "nothing frozen");
+        assert_eq!(s.status().await.unwrap().state.as_str(), "thawed");
+        set_plugin(&ds, cn, false).await;
+    }
+    // With one on, a full freeze goes ahead, with the next freeze id.
+    set_plugin(&ds, "MemberOf Plugin", true).await;
+    let full = s.on(&FreezeRequest::default()).await.expect("full ON");
+    assert_eq!(full.id(), Some(first + 1), "the refusals used no freeze id");
+    assert_eq!(userroot_readonly(&ds).await, "on");
+    s.off().await.unwrap();
+    s.close().await;
+    proxy.shutdown().await.unwrap();
+}
+
 #[test]
 fn config_389ds_driver_needs_config_url() {
     let text = "[[backends]]\nsuffix = \"dc=example,dc=org\"\ndriver = \"389ds\"\n";

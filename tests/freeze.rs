@@ -1304,6 +1304,186 @@ async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     proxy.shutdown().await.unwrap();
 }
 
+/// Changes slapd's cn=config over its ldapi socket as root (SASL EXTERNAL).
+async fn config_change(lab: &Lab, ldif: &str) {
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-Q", "-Y", "EXTERNAL", "-H", &lab.slapd.ldapi_url()],
+        Some(ldif),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
+/// The `member` values of `dn`, as slapd itself returns them.
+async fn members(lab: &Lab, dn: &str) -> Vec<String> {
+    let out = read_direct(lab, dn, "member").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("member: "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The proxy's status over `c` (bound as an operator).
+async fn status_over(c: &mut RawConn, msgid: i32) -> abproxy_proto::AllowBackupStatus {
+    c.send_msg(exop(msgid, ALLOW_BACKUP_STATUS_OID, None)).await;
+    let f = c.recv_until_final(msgid).await.pop().unwrap();
+    let env = Envelope::response(&f).unwrap();
+    assert_eq!(env.result_code, Some(0));
+    abproxy_proto::decode_status(env.value_bytes(&f).expect("status value")).unwrap()
+}
+
+#[tokio::test]
+async fn openldap_driver_refuses_partial_freezes_that_linking_overlays_would_break() {
+    use abproxy::freeze::drivers::DriverKind;
+    let lab = freeze_lab(|_| {}).await;
+    // A second proxy in front of the same slapd, with the openldap driver on
+    // both backends (the lab's own proxy has no driver).
+    let mut config = Config {
+        listen: vec!["ldap://127.0.0.1:0".into()],
+        upstream: lab.direct(),
+        ..Config::default()
+    };
+    allow_admin(&mut config);
+    config.backends = ["dc=example,dc=org", "dc=other,dc=org"]
+        .iter()
+        .map(|suffix| {
+            let mut b = BackendConfig::new(suffix, Mode::Readonly);
+            b.driver = DriverKind::Openldap;
+            b.config_url = Some(lab.slapd.ldapi_url());
+            b
+        })
+        .collect();
+    let proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
+    let addr = proxy.url().trim_start_matches("ldap://").to_string();
+    let mut admin = RawConn::connect(&addr).await;
+    admin.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
+    assert_eq!(result_code(&admin.recv().await.unwrap()), Some(0));
+    let example = || AllowBackupRequest::on().with_dn_set(["dc=example,dc=org"]);
+    let other = || AllowBackupRequest::on().with_dn_set(["dc=other,dc=org"]);
+    let off = AllowBackupRequest::off;
+
+    // refint on dc=example,dc=org's database only: it searches and rewrites
+    // that database alone, so a partial freeze of either backend holds.
+    // A group in dc=other naming a user of dc=example stays as it is when
+    // the user is deleted while dc=other is frozen; dc=example's own group
+    // loses the user (refint ran).
+    config_change(
+        &lab,
+        "dn: cn=module{0},cn=config\nchangetype: modify\nadd: olcModuleLoad\n\
+         olcModuleLoad: refint\n\n\
+         dn: olcOverlay=refint,olcDatabase={1}mdb,cn=config\nchangetype: add\n\
+         objectClass: olcOverlayConfig\nobjectClass: olcRefintConfig\nolcOverlay: refint\n\
+         olcRefintAttribute: member\n",
+    )
+    .await;
+    let user = user_dn(5);
+    let other_group = "cn=linked,ou=groups,dc=other,dc=org";
+    let out = ldap_tool(
+        "ldapadd",
+        &[
+            "-x",
+            "-H",
+            &lab.direct(),
+            "-D",
+            OTHER_ADMIN_DN,
+            "-w",
+            ADMIN_PW,
+        ],
+        Some(&format!(
+            "dn: {other_group}\nobjectClass: groupOfNames\ncn: linked\n\
+             member: uid=user1,ou=people,dc=other,dc=org\nmember: {user}\n"
+        )),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let before = members(&lab, other_group).await;
+    let (code, msg) = call(&mut admin, ab(2, &other())).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(freeze_id_in(&msg), 1);
+    let del = LdapMsg::new(3, LdapOp::DelRequest(user.clone()));
+    assert_eq!(call(&mut admin, del).await.0, 0, "dc=example is not frozen");
+    let group1 = "cn=group1,ou=groups,dc=example,dc=org";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while members(&lab, group1).await.contains(&user) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refint never rewrote {group1}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(members(&lab, other_group).await, before);
+    assert_eq!(call(&mut admin, ab(4, &off())).await.0, 0);
+    let (code, msg) = call(&mut admin, ab(5, &example())).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(call(&mut admin, ab(6, &off())).await.0, 0);
+
+    // refint on the frontend (global): a partial freeze is refused, changes
+    // nothing and uses no freeze id; a full one goes ahead.
+    config_change(
+        &lab,
+        "dn: olcOverlay=refint,olcDatabase={-1}frontend,cn=config\nchangetype: add\n\
+         objectClass: olcOverlayConfig\nobjectClass: olcRefintConfig\nolcOverlay: refint\n\
+         olcRefintAttribute: member\n",
+    )
+    .await;
+    let (code, msg) = call(&mut admin, ab(7, &example())).await;
+    assert_eq!(code, 53, "{msg}");
+    assert_eq!(
+        msg,
+        "partial freeze refused: overlay refint on the frontend database (global) can change \
+         dc=example,dc=org when dc=other,dc=org is written; freeze every backend (leave dnSet \
+         out); nothing frozen"
+    );
+    let s = status_over(&mut admin, 8).await;
+    assert_eq!((s.state, s.freeze_id), (FreezeState::Thawed, None));
+    assert_eq!(olc_read_only(&lab.slapd.ldapi_url()).await, "");
+    let (code, msg) = call(&mut admin, ab(9, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(freeze_id_in(&msg), 3, "the refusal used no freeze id");
+    assert_eq!(
+        olc_read_only(&lab.slapd.ldapi_url()).await,
+        "olcReadOnly: TRUE"
+    );
+    assert_eq!(call(&mut admin, ab(10, &off())).await.0, 0);
+    proxy.shutdown().await.unwrap();
+
+    // What the refusal prevents, shown through the lab's proxy (no driver,
+    // so no check: the README leaves partial freezes to the administrator
+    // there): with only dc=example frozen, a delete in dc=other passes and
+    // slapd's refint rewrites a group in the frozen dc=example.
+    let group = "cn=linked,ou=groups,dc=example,dc=org";
+    let victim = "uid=user6,ou=people,dc=other,dc=org";
+    let out = ldap_tool(
+        "ldapadd",
+        &["-x", "-H", &lab.direct(), "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(&format!(
+            "dn: {group}\nobjectClass: groupOfNames\ncn: linked\nmember: {}\nmember: {victim}\n",
+            user_dn(1)
+        )),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let mut a = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(call(&mut a, ab(2, &example())).await.0, 0);
+    let mut o = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    let del = LdapMsg::new(2, LdapOp::DelRequest(victim.into()));
+    assert_eq!(call(&mut o, del).await.0, 0, "dc=other is not frozen");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while members(&lab, group).await.len() == 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refint never rewrote {group}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(members(&lab, group).await, [user_dn(1)]);
+    assert_eq!(status(&lab).await.state, FreezeState::Frozen);
+    assert_eq!(call(&mut a, ab(3, &off())).await.0, 0);
+}
+
 /// Local ports of the proxy's connections to slapd (kernel view).
 fn upstream_ports(slapd_port: u16) -> std::collections::HashSet<u16> {
     kernel_sockets()

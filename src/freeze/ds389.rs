@@ -17,6 +17,17 @@
 //! `dse.ldif`: a proxy killed while frozen leaves the backend read-only until
 //! an operator sets `nsslapd-readonly: off` again (or runs OFF through a new
 //! proxy, which only resets what it set itself).
+//!
+//! Partial freezes (an ON whose dnSet leaves some backends out): 389 DS's
+//! referential integrity plugin (`libreferint-plugin`, "referential
+//! integrity postoperation") rewrites references to a deleted or renamed
+//! entry in every backend, and the MemberOf plugin (`libmemberof-plugin`)
+//! maintains `memberOf` on the members of a changed group wherever they
+//! live; `nsslapd-readonly` does not stop all such internal writes. Before
+//! a partial freeze the driver reads the plugin entries under
+//! `cn=plugins,cn=config` and refuses, with the reason, while either plugin
+//! is enabled (`nsslapd-pluginEnabled: on`), whatever its scope settings.
+//! A freeze of every backend (no dnSet) is never refused for this.
 
 use futures::future::BoxFuture;
 use ldap3::{Mod, Scope, SearchEntry};
@@ -148,6 +159,56 @@ impl Ds389Driver {
     }
 }
 
+/// Where 389 keeps its plugins.
+const PLUGINS: &str = "cn=plugins,cn=config";
+
+/// Plugins that write into other entries than the one a write names, in
+/// any backend: (library, what to call it).
+const LINKING_PLUGINS: [(&str, &str); 2] = [
+    ("libreferint-plugin", "referential integrity"),
+    ("libmemberof-plugin", "MemberOf"),
+];
+
+/// Whether a partial freeze holds with these plugin entries (cn,
+/// nsslapd-pluginPath, nsslapd-pluginEnabled): not while a referential
+/// integrity or MemberOf plugin is enabled; else why not.
+fn partial_freeze_allowed(
+    plugins: &[(String, String, String)],
+    frozen: &[Backend],
+    all: &[Backend],
+) -> Result<(), String> {
+    let list = |bs: &mut dyn Iterator<Item = &Backend>| {
+        bs.map(|b| b.suffix.as_str()).collect::<Vec<_>>().join(", ")
+    };
+    let enabled: Vec<String> = plugins
+        .iter()
+        .filter(|(_, _, on)| on.eq_ignore_ascii_case("on"))
+        .filter_map(|(cn, path, _)| {
+            // The path is a library name, or a file name ending in one.
+            let lib = path.rsplit('/').next().unwrap_or(path);
+            let lib = lib.strip_suffix(".so").unwrap_or(lib);
+            LINKING_PLUGINS
+                .iter()
+                .find(|(l, _)| lib.eq_ignore_ascii_case(l))
+                .map(|(_, what)| format!("the {what} plugin ({PLUGINS} entry cn={cn})"))
+        })
+        .collect();
+    if enabled.is_empty() {
+        return Ok(());
+    }
+    let frozen_list = list(&mut frozen.iter());
+    let unfrozen = list(
+        &mut all
+            .iter()
+            .filter(|b| !frozen.iter().any(|f| f.norm == b.norm)),
+    );
+    Err(format!(
+        "{} enabled: it changes entries in every backend, so it can change {frozen_list} \
+         when {unfrozen} is written; freeze every backend (leave dnSet out), or disable it",
+        enabled.join(" and ")
+    ))
+}
+
 /// The first value of `name` (case-insensitive) in `entry`.
 fn attr<'a>(entry: &'a SearchEntry, name: &str) -> Option<&'a str> {
     entry
@@ -158,7 +219,49 @@ fn attr<'a>(entry: &'a SearchEntry, name: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+impl Ds389Driver {
+    async fn check_partial_inner(&self, frozen: &[Backend], all: &[Backend]) -> Result<(), String> {
+        let mut ldap = self
+            .connect()
+            .await
+            .map_err(|e| format!("cannot check {PLUGINS} for plugins linking backends: {e}"))?;
+        let r = ldap
+            .search(
+                PLUGINS,
+                Scope::OneLevel,
+                "(objectClass=nsSlapdPlugin)",
+                vec!["cn", "nsslapd-pluginPath", "nsslapd-pluginEnabled"],
+            )
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| format!("cannot read {PLUGINS}: {e}"));
+        let _ = ldap.unbind().await;
+        let plugins: Vec<(String, String, String)> =
+            r?.0.into_iter()
+                .map(SearchEntry::construct)
+                .map(|e| {
+                    let get = |a| attr(&e, a).unwrap_or("").to_string();
+                    (
+                        get("cn"),
+                        get("nsslapd-pluginPath"),
+                        get("nsslapd-pluginEnabled"),
+                    )
+                })
+                .collect();
+        partial_freeze_allowed(&plugins, frozen, all)
+    }
+}
+
 impl Driver for Ds389Driver {
+    fn check_partial<'a>(
+        &'a self,
+        _backend: &'a Backend,
+        frozen: &'a [Backend],
+        all: &'a [Backend],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.check_partial_inner(frozen, all))
+    }
+
     fn prepare<'a>(
         &'a self,
         backend: &'a Backend,
@@ -184,6 +287,51 @@ impl Driver for Ds389Driver {
 mod tests {
     use super::*;
     use crate::freeze::Mode;
+
+    #[test]
+    fn partial_freezes_with_plugins_linking_backends() {
+        let backend = |s: &str| Backend {
+            suffix: s.into(),
+            norm: NormDn::parse(s.as_bytes()).unwrap(),
+            mode: Mode::Readonly,
+        };
+        let all = [backend("dc=example,dc=com"), backend("dc=other,dc=com")];
+        let frozen = &all[..1];
+        let plugin =
+            |cn: &str, path: &str, on: &str| (cn.to_string(), path.to_string(), on.to_string());
+        let defaults = [
+            plugin(
+                "referential integrity postoperation",
+                "libreferint-plugin",
+                "off",
+            ),
+            plugin("MemberOf Plugin", "libmemberof-plugin", "off"),
+            plugin("Linked Attributes", "liblinkedattrs-plugin", "on"),
+        ];
+        assert_eq!(partial_freeze_allowed(&defaults, frozen, &all), Ok(()));
+        let mut refint = defaults.clone();
+        refint[0].2 = "on".into();
+        assert_eq!(
+            partial_freeze_allowed(&refint, frozen, &all).unwrap_err(),
+            "the referential integrity plugin (cn=plugins,cn=config entry cn=referential \
+             integrity postoperation) enabled: it changes entries in every backend, so it can \
+             change dc=example,dc=com when dc=other,dc=com is written; freeze every backend \
+             (leave dnSet out), or disable it"
+        );
+        let both = [
+            plugin(
+                "refint 2",
+                "/usr/lib64/dirsrv/plugins/libreferint-plugin.so",
+                "On",
+            ),
+            plugin("MemberOf Plugin", "libmemberof-plugin", "on"),
+        ];
+        let e = partial_freeze_allowed(&both, frozen, &all).unwrap_err();
+        assert!(
+            e.starts_with("the referential integrity plugin (cn=plugins,cn=config entry cn=refint 2) and the MemberOf plugin"),
+            "{e}"
+        );
+    }
 
     #[tokio::test]
     async fn unreachable_server_fails_prepare_and_done_is_a_no_op() {

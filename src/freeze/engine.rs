@@ -53,6 +53,21 @@ pub trait Driver: Send + Sync {
         let _ = (backend, freeze_id);
         Box::pin(async { Ok(()) })
     }
+    /// Before a partial freeze (`frozen`: the backends ON names, fewer
+    /// than `all`; `backend`: the one this driver serves, frozen or not):
+    /// `Err(reason)` when the server can change a frozen backend by itself
+    /// while another one is written (overlays or plugins linking
+    /// databases), so the freeze would not hold. The reason is sent to the
+    /// client. The default accepts.
+    fn check_partial<'a>(
+        &'a self,
+        backend: &'a Backend,
+        frozen: &'a [Backend],
+        all: &'a [Backend],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let _ = (backend, frozen, all);
+        Box::pin(async { Ok(()) })
+    }
     /// Keeps what the driver changes on the server in `state` (under the
     /// driver's name), for a restart after a crash. Drivers that change
     /// nothing a command cannot redo ignore it.
@@ -656,6 +671,37 @@ impl Engine {
                     unimpl.join(", ")
                 ),
             );
+        }
+        // A partial freeze: every backend's driver checks that the server
+        // cannot change a frozen backend by itself when another is written
+        // (overlays linking databases). Before anything is installed, so a
+        // refusal changes nothing and uses no freeze id. The engine does not
+        // know the drivers' time limits: a fixed bound keeps a hanging
+        // server from hanging ON.
+        if set != map.all() {
+            const CHECK_LIMIT: Duration = Duration::from_secs(30);
+            let frozen: Vec<Backend> = set
+                .iter(map.len())
+                .map(|i| map.backends()[i].clone())
+                .collect();
+            for b in map.backends() {
+                let driver = self.driver(b);
+                let check = driver.check_partial(b, &frozen, map.backends());
+                let checked = tokio::time::timeout(CHECK_LIMIT, check)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "the driver of {} did not finish its check within {} s",
+                            b.suffix,
+                            CHECK_LIMIT.as_secs()
+                        ))
+                    });
+                if let Err(reason) = checked {
+                    let msg = format!("partial freeze refused: {reason}; nothing frozen");
+                    warn!(who = %who.name(), "Allow-Backup ON refused: {msg}");
+                    return (LdapResultCode::UnwillingToPerform, msg);
+                }
+            }
         }
         let mut stop = BackendSet::EMPTY;
         for i in set.iter(map.len()) {

@@ -32,6 +32,31 @@
 //! slapd host (`config_url` over ldapi or loopback) and to be allowed to
 //! open the file for reading; otherwise PREPARE fails with a message that
 //! says so, before anything is changed.
+//!
+//! Partial freezes (an ON whose dnSet leaves some backends out): `refint`
+//! rewrites references to a deleted or renamed entry and `memberof`
+//! maintains `memberOf` on the members of a changed group, as internal
+//! writes that `olcReadOnly` does not stop. Configured on the frontend
+//! database (`olcDatabase={-1}frontend`, global), refint searches and
+//! rewrites every database: deleting an entry in an unfrozen database
+//! changes a frozen one (verified with slapd 2.5). Configured on one
+//! database, both search and write that database only (refint from the
+//! database's suffix, memberof through the database itself; verified too),
+//! which with glue includes the databases subordinate to it. Before a
+//! partial freeze the driver reads every overlay entry under `cn=config`,
+//! takes the database each is configured on (the entry's parent) and
+//! refuses the freeze, with the reason, when a `refint` or `memberof`
+//! overlay is
+//! - global: a write to any unfrozen database can change a frozen one;
+//! - on a database that is not frozen (a suffix whose backend is not in the
+//!   freeze) while a frozen backend lies below one of its suffixes (a
+//!   subordinate database, reached through glue);
+//! - under an entry that is no database the driver can find.
+//!
+//! An overlay on frozen databases is fine (the writes that trigger it are
+//! held), and so is one on an unfrozen database with no frozen backend
+//! below it. A freeze of every backend (no dnSet) is never refused for
+//! this: every write that could trigger an overlay is held.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -187,9 +212,212 @@ impl OpenLdapDriver {
         let _ = ldap.unbind().await;
         r
     }
+
+    /// The `refint` and `memberof` overlays in `cn=config`, with where each
+    /// is configured.
+    async fn linking_overlays(ldap: &mut ldap3::Ldap) -> Result<Vec<LinkingOverlay>, String> {
+        let (entries, _res) = ldap
+            .search(
+                "cn=config",
+                Scope::Subtree,
+                "(objectClass=olcOverlayConfig)",
+                vec!["olcOverlay", "objectClass"],
+            )
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| format!("cannot read the overlays in cn=config: {e}"))?;
+        let overlays: Vec<(String, String)> = entries
+            .into_iter()
+            .map(SearchEntry::construct)
+            .filter_map(|e| {
+                let kind = linking_kind(&e.attrs)?;
+                let parent = e.dn.split_once(',').map(|(_, p)| p.to_string())?;
+                Some((kind.to_string(), parent))
+            })
+            .collect();
+        if overlays.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (entries, _res) = ldap
+            .search(
+                "cn=config",
+                Scope::OneLevel,
+                "(objectClass=olcDatabaseConfig)",
+                vec!["olcDatabase", "olcSuffix"],
+            )
+            .await
+            .and_then(|r| r.success())
+            .map_err(|e| format!("cannot read the databases in cn=config: {e}"))?;
+        let dbs: Vec<SearchEntry> = entries.into_iter().map(SearchEntry::construct).collect();
+        Ok(overlays
+            .into_iter()
+            .map(|(name, parent)| {
+                let db = dbs.iter().find(|d| d.dn.eq_ignore_ascii_case(&parent));
+                let values = |a: &str| db.and_then(|d| d.attrs.get(a)).cloned().unwrap_or_default();
+                let frontend = values("olcDatabase")
+                    .iter()
+                    .any(|v| without_order(v).eq_ignore_ascii_case("frontend"));
+                LinkingOverlay {
+                    name,
+                    on: if db.is_none() {
+                        Place::Unknown { parent }
+                    } else if frontend {
+                        Place::Frontend
+                    } else {
+                        Place::Database {
+                            dn: parent,
+                            suffixes: values("olcSuffix"),
+                        }
+                    },
+                }
+            })
+            .collect())
+    }
+
+    async fn check_partial_inner(&self, frozen: &[Backend], all: &[Backend]) -> Result<(), String> {
+        let mut ldap = self
+            .connect()
+            .await
+            .map_err(|e| format!("cannot check cn=config for overlays linking databases: {e}"))?;
+        let overlays = Self::linking_overlays(&mut ldap).await;
+        let _ = ldap.unbind().await;
+        partial_freeze_allowed(&overlays?, frozen, all)
+    }
+}
+
+/// Overlays that write into other entries than the one a write names,
+/// possibly in other databases.
+const LINKING: [(&str, &str); 2] = [
+    ("refint", "olcRefintConfig"),
+    ("memberof", "olcMemberOfConfig"),
+];
+
+/// `refint` or `memberof` if an overlay entry's attributes (olcOverlay,
+/// objectClass) say it is one of those.
+fn linking_kind(attrs: &std::collections::HashMap<String, Vec<String>>) -> Option<&'static str> {
+    let values = |a: &str| attrs.get(a).into_iter().flatten();
+    LINKING.iter().find_map(|&(name, class)| {
+        let named = values("olcOverlay").any(|v| without_order(v).eq_ignore_ascii_case(name));
+        let classed = values("objectClass").any(|v| {
+            v.eq_ignore_ascii_case(class)
+                || (name == "memberof" && v.eq_ignore_ascii_case("olcMemberOf"))
+        });
+        (named || classed).then_some(name)
+    })
+}
+
+/// A cn=config value without its `{n}` ordering prefix.
+fn without_order(v: &str) -> &str {
+    match v.strip_prefix('{').and_then(|r| r.split_once('}')) {
+        Some((n, rest))
+            if n.trim_start_matches('-')
+                .bytes()
+                .all(|b| b.is_ascii_digit()) =>
+        {
+            rest
+        }
+        _ => v,
+    }
+}
+
+/// A `refint` or `memberof` overlay and where it is configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LinkingOverlay {
+    /// `refint` or `memberof`.
+    name: String,
+    on: Place,
+}
+
+/// The database an overlay is configured on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    /// The frontend database: every database.
+    Frontend,
+    /// Another database: its cn=config DN and its `olcSuffix` values.
+    Database { dn: String, suffixes: Vec<String> },
+    /// The overlay entry's parent (this DN) is no database in cn=config.
+    Unknown { parent: String },
+}
+
+/// Whether a freeze of `frozen` (some of `all`) holds with these overlays
+/// (see the module documentation); else why not.
+fn partial_freeze_allowed(
+    overlays: &[LinkingOverlay],
+    frozen: &[Backend],
+    all: &[Backend],
+) -> Result<(), String> {
+    let list = |bs: &mut dyn Iterator<Item = &Backend>| {
+        bs.map(|b| b.suffix.as_str()).collect::<Vec<_>>().join(", ")
+    };
+    let is_frozen = |b: &Backend| frozen.iter().any(|f| f.norm == b.norm);
+    let frozen_list = list(&mut frozen.iter());
+    let unfrozen = list(&mut all.iter().filter(|b| !is_frozen(b)));
+    let mut reasons = Vec::new();
+    for o in overlays {
+        let name = &o.name;
+        match &o.on {
+            Place::Frontend => reasons.push(format!(
+                "overlay {name} on the frontend database (global) can change {frozen_list} \
+                 when {unfrozen} is written; freeze every backend (leave dnSet out)"
+            )),
+            Place::Unknown { parent } => reasons.push(format!(
+                "overlay {name} under {parent}, which is no database in cn=config: cannot tell \
+                 what it changes; freeze every backend (leave dnSet out)"
+            )),
+            Place::Database { dn, suffixes } => {
+                for suffix in suffixes {
+                    // Unparsable: as if every frozen backend lay below it.
+                    let norm = super::dn::NormDn::parse(suffix.as_bytes());
+                    // Writes under `suffix` are held when the backend
+                    // holding it (the longest suffix containing it) is
+                    // frozen.
+                    let held = norm.as_ref().is_some_and(|n| {
+                        all.iter()
+                            .filter(|b| n.is_within(&b.norm))
+                            .max_by_key(|b| b.norm.depth())
+                            .is_some_and(is_frozen)
+                    });
+                    if held {
+                        continue;
+                    }
+                    let below: Vec<&Backend> = frozen
+                        .iter()
+                        .filter(|f| {
+                            norm.as_ref().is_none_or(|n| {
+                                f.norm.within(n) != super::dn::Within::No && f.norm != *n
+                            })
+                        })
+                        .collect();
+                    if below.is_empty() {
+                        continue;
+                    }
+                    reasons.push(format!(
+                        "overlay {name} on database {dn} ({suffix}) can change {} (below it, \
+                         through glue) when {suffix} is written; freeze {suffix} too, or leave \
+                         dnSet out",
+                        list(&mut below.into_iter())
+                    ));
+                }
+            }
+        }
+    }
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(reasons.join("; "))
+    }
 }
 
 impl Driver for OpenLdapDriver {
+    fn check_partial<'a>(
+        &'a self,
+        _backend: &'a Backend,
+        frozen: &'a [Backend],
+        all: &'a [Backend],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.check_partial_inner(frozen, all))
+    }
+
     fn prepare<'a>(
         &'a self,
         backend: &'a Backend,
@@ -311,6 +539,162 @@ fn is_local(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn backend(suffix: &str) -> Backend {
+        Backend {
+            suffix: suffix.into(),
+            norm: crate::freeze::dn::NormDn::parse(suffix.as_bytes()).unwrap(),
+            mode: crate::freeze::Mode::Readonly,
+        }
+    }
+
+    fn on_db(name: &str, dn: &str, suffixes: &[&str]) -> LinkingOverlay {
+        LinkingOverlay {
+            name: name.into(),
+            on: Place::Database {
+                dn: dn.into(),
+                suffixes: suffixes.iter().map(|s| s.to_string()).collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn partial_freezes_with_overlays_linking_databases() {
+        let example = backend("dc=example,dc=org");
+        let other = backend("dc=other,dc=org");
+        let sub = backend("ou=sub,dc=other,dc=org");
+        let all = [example.clone(), other.clone(), sub.clone()];
+        let only = |b: &Backend| vec![b.clone()];
+        let ex_db = "olcDatabase={1}mdb,cn=config";
+        let other_db = "olcDatabase={2}mdb,cn=config";
+        // No linking overlay: anything goes.
+        assert_eq!(partial_freeze_allowed(&[], &only(&example), &all), Ok(()));
+        // Global: refused, whatever is frozen.
+        let global = LinkingOverlay {
+            name: "refint".into(),
+            on: Place::Frontend,
+        };
+        let e = partial_freeze_allowed(std::slice::from_ref(&global), &only(&example), &all)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "overlay refint on the frontend database (global) can change dc=example,dc=org \
+             when dc=other,dc=org, ou=sub,dc=other,dc=org is written; freeze every backend \
+             (leave dnSet out)"
+        );
+        // On one database: it changes that database (and those glued below
+        // it) only. Frozen or not, dc=example's overlays touch no other
+        // frozen backend; nor do dc=other's while dc=example alone is frozen.
+        let per_db = [
+            on_db("refint", ex_db, &["dc=example,dc=org"]),
+            on_db("memberof", ex_db, &["DC=Example, dc=org"]),
+            on_db("refint", other_db, &["dc=other,dc=org"]),
+        ];
+        assert_eq!(
+            partial_freeze_allowed(&per_db, &only(&example), &all),
+            Ok(())
+        );
+        assert_eq!(
+            partial_freeze_allowed(&per_db[..2], &only(&other), &all),
+            Ok(())
+        );
+        // ou=sub,dc=other,dc=org lies below dc=other's database: frozen
+        // without it, refused; with it, fine.
+        let e = partial_freeze_allowed(&per_db, &only(&sub), &all).unwrap_err();
+        assert_eq!(
+            e,
+            "overlay refint on database olcDatabase={2}mdb,cn=config (dc=other,dc=org) can \
+             change ou=sub,dc=other,dc=org (below it, through glue) when dc=other,dc=org is \
+             written; freeze dc=other,dc=org too, or leave dnSet out"
+        );
+        assert_eq!(
+            partial_freeze_allowed(&per_db, &[other.clone(), sub.clone()], &all),
+            Ok(())
+        );
+        // A database below a frozen backend but not a backend itself: its
+        // writes are held with that backend.
+        let inner = on_db(
+            "memberof",
+            "olcDatabase={3}mdb,cn=config",
+            &["ou=in,dc=example,dc=org"],
+        );
+        assert_eq!(
+            partial_freeze_allowed(std::slice::from_ref(&inner), &only(&example), &all),
+            Ok(())
+        );
+        // A second suffix outside the frozen backends, one that does not
+        // parse, a database without a suffix, a parent that is no database.
+        let two = on_db("refint", "x", &["dc=example,dc=org", "dc=org"]);
+        let e = partial_freeze_allowed(&[two], &only(&example), &all).unwrap_err();
+        assert!(
+            e.starts_with(
+                "overlay refint on database x (dc=org) can change dc=example,dc=org (below it"
+            ),
+            "{e}"
+        );
+        let bad = on_db("refint", "x", &["=="]);
+        assert!(partial_freeze_allowed(&[bad], &only(&example), &all).is_err());
+        let monitor = on_db("refint", "olcDatabase={4}monitor,cn=config", &[]);
+        assert_eq!(
+            partial_freeze_allowed(&[monitor], &only(&example), &all),
+            Ok(())
+        );
+        let lost = LinkingOverlay {
+            name: "memberof".into(),
+            on: Place::Unknown {
+                parent: "olcDatabase={9}mdb,cn=config".into(),
+            },
+        };
+        let e =
+            partial_freeze_allowed(std::slice::from_ref(&lost), &only(&example), &all).unwrap_err();
+        assert!(e.contains("which is no database in cn=config"), "{e}");
+        // Every reason, when several apply.
+        let e = partial_freeze_allowed(&[global, lost], &only(&example), &all).unwrap_err();
+        assert!(
+            e.contains("(global)") && e.contains("; overlay memberof under"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn linking_overlays_by_name_or_object_class() {
+        let attrs = |pairs: &[(&str, &str)]| {
+            let mut m: std::collections::HashMap<String, Vec<String>> = Default::default();
+            for (k, v) in pairs {
+                m.entry(k.to_string()).or_default().push(v.to_string());
+            }
+            m
+        };
+        let overlay = |name: &str, class: &str| {
+            attrs(&[
+                ("olcOverlay", name),
+                ("objectClass", "olcOverlayConfig"),
+                ("objectClass", class),
+            ])
+        };
+        assert_eq!(
+            linking_kind(&overlay("{0}refint", "olcRefintConfig")),
+            Some("refint")
+        );
+        assert_eq!(
+            linking_kind(&overlay("{3}memberof", "olcMemberOf")),
+            Some("memberof")
+        );
+        assert_eq!(linking_kind(&overlay("memberOf", "x")), Some("memberof"));
+        assert_eq!(
+            linking_kind(&overlay("{1}other", "olcMemberOfConfig")),
+            Some("memberof")
+        );
+        assert_eq!(
+            linking_kind(&overlay("{0}syncprov", "olcSyncProvConfig")),
+            None
+        );
+        assert_eq!(linking_kind(&overlay("{0}refintx", "x")), None);
+        assert_eq!(without_order("{-1}frontend"), "frontend");
+        assert_eq!(without_order("{12}mdb"), "mdb");
+        assert_eq!(without_order("mdb"), "mdb");
+        assert_eq!(without_order("{x}mdb"), "{x}mdb");
+    }
 
     #[test]
     fn local_config_urls() {

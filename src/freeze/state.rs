@@ -231,6 +231,15 @@ impl Driver for Recorded {
         })
     }
 
+    fn check_partial<'a>(
+        &'a self,
+        backend: &'a Backend,
+        frozen: &'a [Backend],
+        all: &'a [Backend],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        self.inner.check_partial(backend, frozen, all)
+    }
+
     fn attach_state(&self, state: Arc<StateFile>, name: &'static str) {
         self.inner.attach_state(state, name)
     }
