@@ -1228,15 +1228,16 @@ impl Engine {
                 })
             }),
             freeze_id: st.as_ref().map(|f| f.id),
+            releasing: st.as_ref().is_some_and(|f| f.phase == Phase::Releasing),
         };
         let text = match &st {
             None => "thawed".to_string(),
             Some(f) => format!(
                 "{} by {} for {} s: {}",
-                if f.phase == Phase::Draining {
-                    "draining"
-                } else {
-                    "frozen"
+                match f.phase {
+                    Phase::Draining => "draining",
+                    Phase::Frozen => "frozen",
+                    Phase::Releasing => "releasing",
                 },
                 f.holder.name(),
                 f.started.elapsed().as_secs(),
