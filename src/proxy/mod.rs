@@ -282,11 +282,7 @@ impl Server {
                 DriverKind::None => continue,
                 DriverKind::Command => (
                     "command",
-                    Arc::new(CommandDriver::new(
-                        b.prepare.clone(),
-                        b.done.clone(),
-                        Duration::from_secs(b.driver_timeout_secs),
-                    )),
+                    Arc::new(CommandDriver::new(b.prepare.clone(), b.done.clone())),
                 ),
                 DriverKind::Openldap | DriverKind::Ds389 => {
                     let bind = match (&b.config_bind_dn, &b.config_password_file) {
@@ -312,13 +308,14 @@ impl Server {
             };
             driver.attach_state(state.clone(), name);
             let driver = Arc::new(Recorded::new(name, driver, state.clone()));
-            engine.set_driver(&b.suffix, driver.clone());
-            recorded.push(driver);
+            let deadline = Duration::from_secs(b.driver_timeout_secs);
+            engine.set_driver(&b.suffix, driver.clone(), deadline);
+            recorded.push((driver, deadline));
         }
         // Undo what a previous run's drivers left (it was killed while frozen).
         let configured = config.backend_map()?.backends().to_vec();
-        for d in &recorded {
-            d.recover(&configured).await;
+        for (d, deadline) in &recorded {
+            d.recover(&configured, *deadline).await;
         }
         for e in state.entries() {
             error!(
