@@ -1801,3 +1801,78 @@ async fn hung_done_fails_off_within_the_driver_deadline_and_the_next_start_retri
     assert!(!dir.path().join("state.json").exists());
     proxy.shutdown().await.unwrap();
 }
+
+/// With `threads = 1` (one thread runs everything), a prepare step stuck
+/// connecting to cn=config (a listener whose accept queue is full: the
+/// kernel drops the proxy's SYNs) leaves the other clients served.
+#[tokio::test]
+async fn a_prepare_stuck_connecting_does_not_stall_a_one_thread_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let slapd = start_slapd(SlapdOptions::default()).await;
+    // Backlog 0: one connection fills the accept queue, the next ones hang.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = sock.listen(0).unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let _filler = tokio::net::TcpStream::connect(hole.local_addr().unwrap())
+        .await
+        .unwrap();
+    let mut config = Config {
+        listen: vec!["ldap://127.0.0.1:0".into()],
+        upstream: slapd.url(),
+        threads: 1,
+        ..Config::default()
+    };
+    openldap_at(
+        &mut config,
+        &format!("ldap://127.0.0.1:{hole_port}"),
+        dir.path(),
+    );
+    // The proxy on its own runtime, as `abproxy serve` builds it.
+    let (url_tx, url_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = abproxy::proxy::runtime(config.threads).unwrap();
+        rt.block_on(async move {
+            let proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
+            url_tx.send(proxy.url()).unwrap();
+            let _ = stop_rx.await;
+            proxy.shutdown().await.unwrap();
+        })
+    });
+    let addr = url_rx
+        .await
+        .unwrap()
+        .trim_start_matches("ldap://")
+        .to_string();
+    let mut admin = RawConn::connect(&addr).await;
+    admin.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
+    assert_eq!(result_code(&admin.recv().await.unwrap()), Some(0));
+    admin.send_msg(ab(2, &AllowBackupRequest::on())).await;
+    // The prepare step is connecting: its SYN is unanswered.
+    wait_until("the driver connecting to cn=config", 10, || {
+        kernel_sockets()
+            .iter()
+            .any(|s| s.remote_port == hole_port && !s.established)
+    })
+    .await;
+    let search = async {
+        let mut c = RawConn::connect(&addr).await;
+        c.send_msg(search(1, &user_dn(1), 0, "(objectClass=*)", &["cn"]))
+            .await;
+        outcome(c.recv_until_final(1).await.last().unwrap())
+    };
+    let (code, msg) = tokio::time::timeout(Duration::from_secs(1), search)
+        .await
+        .expect("a search answered during the stuck prepare");
+    assert_eq!(code, 0, "{msg}");
+    let answer = tokio::time::timeout(Duration::from_secs(10), admin.recv_until_final(2))
+        .await
+        .expect("ON answered within 10 s (driver_timeout_secs is 2)");
+    let (code, msg) = outcome(answer.last().unwrap());
+    assert_eq!(code, 80, "{msg}");
+    stop_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+}

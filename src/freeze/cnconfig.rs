@@ -15,20 +15,30 @@ use super::state::StateFile;
 use crate::endpoint::Endpoint;
 
 /// Connects to `url` and binds (simple with `bind`, else SASL EXTERNAL).
+/// Everything is asynchronous, the connect included: a server that does not
+/// answer (or a `config_url` whose SYNs are dropped) holds only this step,
+/// which the engine drops at the backend's deadline, never a runtime thread.
 pub(crate) async fn connect(
     url: &str,
     bind: Option<&(String, String)>,
 ) -> Result<ldap3::Ldap, String> {
     let ep = Endpoint::parse(url).map_err(|e| format!("config_url: {e}"))?;
+    let cannot = |e: std::io::Error| format!("cannot connect to {url}: {e}");
+    // ldap3 takes the connected socket as a std one (it makes it
+    // non-blocking again and hands it to tokio).
     let (stream, ldap_url) = match &ep {
         Endpoint::Tcp(addr) => {
-            let s = std::net::TcpStream::connect(addr.as_str())
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let s = tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .and_then(|s| s.into_std())
+                .map_err(cannot)?;
             (StdStream::Tcp(s), format!("ldap://{addr}"))
         }
         Endpoint::Unix(path) => {
-            let s = std::os::unix::net::UnixStream::connect(path)
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let s = tokio::net::UnixStream::connect(path)
+                .await
+                .and_then(|s| s.into_std())
+                .map_err(cannot)?;
             (StdStream::Unix(s), "ldapi:///".to_string())
         }
         Endpoint::Tls(_) => {
