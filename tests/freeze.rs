@@ -1876,3 +1876,41 @@ async fn a_prepare_stuck_connecting_does_not_stall_a_one_thread_proxy() {
         .await
         .unwrap();
 }
+
+/// A shutdown while ON is still preparing waits for that request (tracked
+/// with the sessions), so the freeze it sets up is ended and its done step
+/// runs, instead of being left prepared behind a stopped proxy.
+#[tokio::test]
+async fn shutdown_during_a_prepare_waits_for_it_and_runs_done() {
+    use abproxy::freeze::drivers::DriverKind;
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let lab = freeze_lab(|c| {
+        let mut b = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
+        b.driver = DriverKind::Command;
+        let mark = |what: &str| {
+            vec![
+                "sh".to_string(),
+                "-c".to_string(),
+                format!("{what}echo $ABPROXY_STEP >> {}", marks.display()),
+            ]
+        };
+        b.prepare = mark("sleep 1; ");
+        b.done = mark("");
+        c.backends = vec![b];
+    })
+    .await;
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    holder.send_msg(ab(2, &AllowBackupRequest::on())).await;
+    wait_status(&lab, "ON preparing", |s| s.state == FreezeState::Draining).await;
+    let Lab { proxy, slapd, .. } = lab;
+    proxy.shutdown().await.unwrap();
+    let read = || std::fs::read_to_string(&marks).unwrap_or_default();
+    wait_until("the prepare step to finish", 5, || !read().is_empty()).await;
+    assert_eq!(
+        read(),
+        "prepare\ndone\n",
+        "done ran before the proxy stopped"
+    );
+    drop(slapd);
+}

@@ -23,6 +23,7 @@ use abproxy_proto::{AllowBackupRequest, AllowBackupStatus, BackendStatus, Freeze
 use futures::future::BoxFuture;
 use ldap3_proto::proto::LdapResultCode;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::backend::{Backend, BackendMap, BackendSet, Class, ClassifyOptions, Kind, Mode};
@@ -224,6 +225,8 @@ struct Freeze {
     since: SystemTime,
     started: Instant,
     lease_until: Option<Instant>,
+    /// Cancelled when the freeze ends (its lease timer stops with it).
+    ended: CancellationToken,
 }
 
 impl Freeze {
@@ -762,6 +765,7 @@ impl Engine {
             since: SystemTime::now(),
             started: Instant::now(),
             lease_until: None,
+            ended: CancellationToken::new(),
         };
         let id = {
             let mut st = self.write_state();
@@ -876,14 +880,21 @@ impl Engine {
 
     /// The lease timer of the current freeze, as a future to spawn.
     fn lease_timer(self: &Arc<Self>) -> Option<BoxFuture<'static, ()>> {
-        let (id, until) = {
+        let (id, until, ended) = {
             let st = self.read_state();
             let f = st.as_ref()?;
-            (f.id, f.lease_until?)
+            (f.id, f.lease_until?, f.ended.clone())
         };
-        let engine = self.clone();
+        let engine = Arc::downgrade(self);
         Some(Box::pin(async move {
-            tokio::time::sleep_until(until.into()).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.into()) => {}
+                // The freeze ended first: so does its timer.
+                _ = ended.cancelled() => return,
+            }
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
             let ended = engine
                 .end_freeze(
                     |f| f.id == id && f.phase == Phase::Frozen,
@@ -1013,7 +1024,8 @@ impl Engine {
     /// failure its ON answered with).
     async fn abort_freeze(&self, id: u64, why: &str) {
         let mut st = self.write_state();
-        if st.as_ref().is_some_and(|f| f.id == id) {
+        if let Some(f) = st.as_ref().filter(|f| f.id == id) {
+            f.ended.cancel();
             *st = None;
             self.stop_frozen.store(false, Ordering::Relaxed);
             self.record_end(id, format!("it never took effect: its ON failed ({why})"));
@@ -1076,6 +1088,7 @@ impl Engine {
         {
             let mut st = self.write_state();
             if st.as_ref().is_some_and(|c| c.id == f.id) {
+                f.ended.cancel();
                 *st = None;
                 self.stop_frozen.store(false, Ordering::Relaxed);
                 self.record_end(f.id, how(&f));
@@ -1470,6 +1483,45 @@ mod tests {
         );
         assert!(engine.read_state().is_none(), "released");
         assert!(!decoded_status(&engine).releasing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_timer_ends_with_its_freeze() {
+        let engine = Arc::new(engine(false));
+        assert_eq!(
+            request(&engine, AllowBackupRequest::on()).await.0,
+            LdapResultCode::Success
+        );
+        assert_eq!(
+            request(&engine, AllowBackupRequest::off()).await.0,
+            LdapResultCode::Success
+        );
+        // Let the timer task see the end of its freeze.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            (Arc::strong_count(&engine), Arc::weak_count(&engine)),
+            (1, 0),
+            "no timer task left holding the engine"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_still_ends_a_freeze_nobody_releases() {
+        let engine = Arc::new(engine(false));
+        assert_eq!(
+            request(&engine, AllowBackupRequest::on()).await.0,
+            LdapResultCode::Success
+        );
+        let lease = Duration::from_secs(engine.config().lease_secs);
+        tokio::time::sleep(lease - Duration::from_secs(1)).await;
+        assert!(engine.read_state().is_some());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(engine.read_state().is_none(), "expired");
+        let (code, msg) = request(&engine, AllowBackupRequest::off()).await;
+        assert_eq!(code, LdapResultCode::Other);
+        assert!(msg.starts_with("freeze expired after"), "{msg}");
     }
 
     #[test]
