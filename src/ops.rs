@@ -360,6 +360,10 @@ pub struct Status {
     pub lease_expires: Option<u64>,
     /// Identifies the current freeze.
     pub freeze_id: Option<u64>,
+    /// With state frozen: the freeze is being released (done steps
+    /// running, requests still held).
+    #[serde(default)]
+    pub releasing: bool,
     /// Requests held by the freeze.
     pub queued_requests: u64,
     /// Their total size in octets.
@@ -382,6 +386,7 @@ impl From<AllowBackupStatus> for Status {
             since: s.since,
             lease_expires: s.lease_expires,
             freeze_id: s.freeze_id,
+            releasing: s.releasing,
             queued_requests: s.queued_requests,
             queued_bytes: s.queued_bytes,
             in_flight: s.in_flight,
@@ -433,7 +438,11 @@ impl Status {
             .freeze_id
             .map(|i| format!(" (freeze id {i})"))
             .unwrap_or_default();
-        out.push_str(&format!("state:     {}{id}\n", self.state.as_str()));
+        let releasing = if self.releasing { ", releasing" } else { "" };
+        out.push_str(&format!(
+            "state:     {}{releasing}{id}\n",
+            self.state.as_str()
+        ));
         out.push_str(&format!(
             "holder:    {}\n",
             self.holder.as_deref().unwrap_or("-")

@@ -465,19 +465,22 @@ async fn writes_during_off_are_not_refused_by_the_still_read_only_server() {
     slow.done = vec!["sleep".into(), "1".into()];
     let proxy = proxy(&ds, vec![slow, example_389ds(&ds)]).await;
     assert_eq!(cli(&proxy, &["on"]).await.code, Some(0));
-    let url = proxy.url();
+    let target = Target {
+        url: proxy.url(),
+        bind_dn: Some(DM_DN.into()),
+        password: Some(Password::new(DM_PW)),
+    };
+    let mut watcher = Session::connect(&target).await.unwrap();
     let off = tokio::spawn(async move {
-        let mut s = Session::connect(&Target {
-            url,
-            bind_dn: Some(DM_DN.into()),
-            password: Some(Password::new(DM_PW)),
-        })
-        .await
-        .unwrap();
+        let mut s = Session::connect(&target).await.unwrap();
         s.off().await.map(|_| ())
     });
-    // While OFF runs the slow done step.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While OFF runs the slow done step: the status says releasing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !watcher.status().await.unwrap().releasing {
+        assert!(tokio::time::Instant::now() < deadline, "never releasing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let ldif = format!(
         "dn: {}\nchangetype: modify\nreplace: description\ndescription: during off\n",
         user_dn(4)

@@ -1052,8 +1052,9 @@ async fn failed_prepare_runs_done_and_resumes() {
         done: AtomicUsize::new(0),
     });
     let engine = lab.proxy.engine();
-    engine.set_driver("dc=example,dc=org", ok.clone());
-    engine.set_driver("DC=Other, DC=Org", bad.clone());
+    let deadline = Duration::from_secs(10);
+    engine.set_driver("dc=example,dc=org", ok.clone(), deadline);
+    engine.set_driver("DC=Other, DC=Org", bad.clone(), deadline);
     let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
     assert_eq!(code, 80);
@@ -1736,4 +1737,329 @@ async fn a_client_closing_behind_its_full_queue_has_nothing_sent() {
     })
     .await;
     assert_eq!(read_direct(&lab, &dn, "description").await, before);
+}
+
+/// A stand-in for a server's cn=config between the proxy's drivers and
+/// slapd: it forwards connections to `target` until told to hang, and from
+/// then on accepts connections and never answers (nor closes them).
+struct ConfigRelay {
+    url: String,
+    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConfigRelay {
+    /// Forwards to `target` (host:port); `None`: hangs from the start.
+    async fn start(target: Option<String>) -> ConfigRelay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ldap://{}", l.local_addr().unwrap());
+        let hang = std::sync::Arc::new(AtomicBool::new(target.is_none()));
+        let h = hang.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                match &target {
+                    Some(t) if !h.load(Ordering::SeqCst) => {
+                        let t = t.clone();
+                        tokio::spawn(async move {
+                            let mut up = tokio::net::TcpStream::connect(t).await.unwrap();
+                            let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                        });
+                    }
+                    _ => held.push(s),
+                }
+            }
+        });
+        ConfigRelay { url, hang, task }
+    }
+
+    fn hang(&self) {
+        self.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for ConfigRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// dc=example,dc=org with the `openldap` driver reaching cn=config at
+/// `config_url` by a simple bind as cn=admin,cn=config (password in
+/// `dir`), with a 2 s deadline per driver step; dc=other,dc=org without a
+/// driver; a state file in `dir`.
+fn openldap_at(c: &mut Config, config_url: &str, dir: &std::path::Path) {
+    use abproxy::freeze::drivers::DriverKind;
+    let pw = dir.join("config.pw");
+    std::fs::write(&pw, ADMIN_PW).unwrap();
+    let mut example = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
+    example.driver = DriverKind::Openldap;
+    example.config_url = Some(config_url.into());
+    example.config_bind_dn = Some(abproxy::lab::CONFIG_ADMIN_DN.into());
+    example.config_password_file = Some(pw);
+    example.driver_timeout_secs = 2;
+    c.backends = vec![
+        example,
+        BackendConfig::new("dc=other,dc=org", Mode::Readonly),
+    ];
+    c.state_file = Some(dir.join("state.json"));
+    allow_admin(c);
+}
+
+/// A cn=config that accepts connections and never answers: the prepare
+/// step runs into its deadline, ON fails naming the backend and the step,
+/// the writes held meanwhile go on, and the state file still says that
+/// the backend's prepare began (its DONE runs at the next start).
+#[tokio::test]
+async fn hung_prepare_fails_on_within_the_driver_deadline_and_releases_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = ConfigRelay::start(None).await;
+    let lab = Lab::with(SlapdOptions::default(), |c| {
+        openldap_at(c, &relay.url, dir.path())
+    })
+    .await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let started = std::time::Instant::now();
+    admin.send_msg(ab(2, &AllowBackupRequest::on())).await;
+    wait_status(&lab, "ON preparing", |s| s.state == FreezeState::Draining).await;
+    let mut w = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    let dn = abproxy::lab::other_user_dn(1);
+    w.send_msg(modify(2, &dn, "description", "held during prepare"))
+        .await;
+    wait_status(&lab, "the write queued", |s| s.queued_requests == 1).await;
+
+    let answer = tokio::time::timeout(Duration::from_secs(10), admin.recv_until_final(2))
+        .await
+        .expect("ON answered within 10 s (driver_timeout_secs is 2)");
+    let (code, msg) = outcome(answer.last().unwrap());
+    let took = started.elapsed();
+    assert_eq!(code, 80, "{msg}");
+    assert!(
+        msg.contains("dc=example,dc=org") && msg.contains("prepare") && msg.contains("2 s"),
+        "{msg}"
+    );
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert_eq!(
+        outcome(w.recv_until_final(2).await.last().unwrap()).0,
+        0,
+        "the held write went on after ON failed"
+    );
+    assert_eq!(status(&lab).await.state, FreezeState::Thawed);
+    let state = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
+    assert!(
+        state.contains("\"openldap\"") && state.contains("\"dc=example,dc=org\""),
+        "{state}"
+    );
+}
+
+/// Polls the status on `c` (bound as an operator) until `pred` holds.
+async fn status_on(
+    c: &mut RawConn,
+    pred: impl Fn(&abproxy_proto::AllowBackupStatus) -> bool,
+) -> abproxy_proto::AllowBackupStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        c.send_msg(exop(2, ALLOW_BACKUP_STATUS_OID, None)).await;
+        let f = c.recv().await.unwrap();
+        let env = Envelope::response(&f).unwrap();
+        let s = abproxy_proto::decode_status(env.value_bytes(&f).unwrap()).unwrap();
+        if pred(&s) {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// cn=config stops answering between PREPARE and DONE: OFF's done step
+/// runs into its deadline, OFF answers with the failure, the freeze is
+/// released all the same, and the state file keeps what DONE must undo, so
+/// that the next start (cn=config answering again) undoes it.
+#[tokio::test]
+async fn hung_done_fails_off_within_the_driver_deadline_and_the_next_start_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let slapd = start_slapd(SlapdOptions::default()).await;
+    let relay = ConfigRelay::start(Some(slapd.url().trim_start_matches("ldap://").into())).await;
+    let config = |relay: &ConfigRelay| {
+        let mut c = Config {
+            listen: vec!["ldap://127.0.0.1:0".into()],
+            upstream: slapd.url(),
+            ..Config::default()
+        };
+        openldap_at(&mut c, &relay.url, dir.path());
+        c
+    };
+    let proxy = abproxy::ProxyHandle::spawn(config(&relay)).await.unwrap();
+    let addr = proxy.url().trim_start_matches("ldap://").to_string();
+    let connect = |dn: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut c = RawConn::connect(&addr).await;
+            c.send_msg(bind(1, dn, ADMIN_PW)).await;
+            assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
+            c
+        }
+    };
+    let mut admin = connect(ADMIN_DN).await;
+    let (code, msg) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(olc_read_only(&slapd.ldapi_url()).await, "olcReadOnly: TRUE");
+
+    relay.hang();
+    let started = std::time::Instant::now();
+    admin.send_msg(ab(3, &AllowBackupRequest::off())).await;
+    let mut watcher = connect(OTHER_ADMIN_DN).await;
+    // The done step is running into its deadline.
+    status_on(&mut watcher, |s| s.releasing).await;
+    let mut w = connect(OTHER_ADMIN_DN).await;
+    let dn = abproxy::lab::other_user_dn(2);
+    w.send_msg(modify(2, &dn, "description", "held during done"))
+        .await;
+    let s = status_on(&mut watcher, |s| s.queued_requests == 1).await;
+    assert!(s.releasing, "held while releasing: {s:?}");
+    let answer = tokio::time::timeout(Duration::from_secs(10), admin.recv_until_final(3))
+        .await
+        .expect("OFF answered within 10 s (driver_timeout_secs is 2)");
+    let (code, msg) = outcome(answer.last().unwrap());
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(code, 80, "{msg}");
+    assert!(
+        msg.starts_with("released, but done steps failed: dc=example,dc=org")
+            && msg.contains("done")
+            && msg.contains("2 s"),
+        "{msg}"
+    );
+    assert_eq!(
+        outcome(w.recv_until_final(2).await.last().unwrap()).0,
+        0,
+        "released: the held write went on"
+    );
+    // slapd is still read-only: DONE never reached it; the state file says
+    // what to undo.
+    assert_eq!(olc_read_only(&slapd.ldapi_url()).await, "olcReadOnly: TRUE");
+    let state = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
+    assert!(state.contains("olcDatabase="), "{state}");
+    proxy.shutdown().await.unwrap();
+
+    // The next start, with cn=config answering, undoes it.
+    let relay = ConfigRelay::start(Some(slapd.url().trim_start_matches("ldap://").into())).await;
+    let proxy = abproxy::ProxyHandle::spawn(config(&relay)).await.unwrap();
+    assert_eq!(olc_read_only(&slapd.ldapi_url()).await, "");
+    assert!(!dir.path().join("state.json").exists());
+    proxy.shutdown().await.unwrap();
+}
+
+/// With `threads = 1` (one thread runs everything), a prepare step stuck
+/// connecting to cn=config (a listener whose accept queue is full: the
+/// kernel drops the proxy's SYNs) leaves the other clients served.
+#[tokio::test]
+async fn a_prepare_stuck_connecting_does_not_stall_a_one_thread_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let slapd = start_slapd(SlapdOptions::default()).await;
+    // Backlog 0: one connection fills the accept queue, the next ones hang.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = sock.listen(0).unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let _filler = tokio::net::TcpStream::connect(hole.local_addr().unwrap())
+        .await
+        .unwrap();
+    let mut config = Config {
+        listen: vec!["ldap://127.0.0.1:0".into()],
+        upstream: slapd.url(),
+        threads: 1,
+        ..Config::default()
+    };
+    openldap_at(
+        &mut config,
+        &format!("ldap://127.0.0.1:{hole_port}"),
+        dir.path(),
+    );
+    // The proxy on its own runtime, as `abproxy serve` builds it.
+    let (url_tx, url_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = abproxy::proxy::runtime(config.threads).unwrap();
+        rt.block_on(async move {
+            let proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
+            url_tx.send(proxy.url()).unwrap();
+            let _ = stop_rx.await;
+            proxy.shutdown().await.unwrap();
+        })
+    });
+    let addr = url_rx
+        .await
+        .unwrap()
+        .trim_start_matches("ldap://")
+        .to_string();
+    let mut admin = RawConn::connect(&addr).await;
+    admin.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
+    assert_eq!(result_code(&admin.recv().await.unwrap()), Some(0));
+    admin.send_msg(ab(2, &AllowBackupRequest::on())).await;
+    // The prepare step is connecting: its SYN is unanswered.
+    wait_until("the driver connecting to cn=config", 10, || {
+        kernel_sockets()
+            .iter()
+            .any(|s| s.remote_port == hole_port && !s.established)
+    })
+    .await;
+    let search = async {
+        let mut c = RawConn::connect(&addr).await;
+        c.send_msg(search(1, &user_dn(1), 0, "(objectClass=*)", &["cn"]))
+            .await;
+        outcome(c.recv_until_final(1).await.last().unwrap())
+    };
+    let (code, msg) = tokio::time::timeout(Duration::from_secs(1), search)
+        .await
+        .expect("a search answered during the stuck prepare");
+    assert_eq!(code, 0, "{msg}");
+    let answer = tokio::time::timeout(Duration::from_secs(10), admin.recv_until_final(2))
+        .await
+        .expect("ON answered within 10 s (driver_timeout_secs is 2)");
+    let (code, msg) = outcome(answer.last().unwrap());
+    assert_eq!(code, 80, "{msg}");
+    stop_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+}
+
+/// A shutdown while ON is still preparing waits for that request (tracked
+/// with the sessions), so the freeze it sets up is ended and its done step
+/// runs, instead of being left prepared behind a stopped proxy.
+#[tokio::test]
+async fn shutdown_during_a_prepare_waits_for_it_and_runs_done() {
+    use abproxy::freeze::drivers::DriverKind;
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    let lab = freeze_lab(|c| {
+        let mut b = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
+        b.driver = DriverKind::Command;
+        let mark = |what: &str| {
+            vec![
+                "sh".to_string(),
+                "-c".to_string(),
+                format!("{what}echo $ABPROXY_STEP >> {}", marks.display()),
+            ]
+        };
+        b.prepare = mark("sleep 1; ");
+        b.done = mark("");
+        c.backends = vec![b];
+    })
+    .await;
+    let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    holder.send_msg(ab(2, &AllowBackupRequest::on())).await;
+    wait_status(&lab, "ON preparing", |s| s.state == FreezeState::Draining).await;
+    let Lab { proxy, slapd, .. } = lab;
+    proxy.shutdown().await.unwrap();
+    let read = || std::fs::read_to_string(&marks).unwrap_or_default();
+    wait_until("the prepare step to finish", 5, || !read().is_empty()).await;
+    assert_eq!(
+        read(),
+        "prepare\ndone\n",
+        "done ran before the proxy stopped"
+    );
+    drop(slapd);
 }

@@ -172,7 +172,8 @@ impl AllowBackupRequest {
 ///     inFlight        [4] Count,
 ///     leaseExpires    [5] EpochSeconds OPTIONAL,
 ///     freezeId        [6] Count OPTIONAL,
-///     ... }
+///     ...,
+///     releasing       [7] BOOLEAN DEFAULT FALSE }
 /// Count        ::= INTEGER (0..maxUInt64)
 /// EpochSeconds ::= INTEGER (0..maxUInt64)
 /// ```
@@ -205,6 +206,13 @@ pub struct AllowBackupStatus {
     /// Identifies the current freeze (absent when thawed).
     #[rasn(tag(context, 6), identifier = "freezeId")]
     pub freeze_id: Option<u64>,
+    /// With `state` frozen: the freeze is being released (its done steps
+    /// are running; requests are still held). An extension addition (after
+    /// `...` in the module) instead of a new `FreezeState` value, which
+    /// decoders of the first version would reject: they see `frozen` and
+    /// ignore it. DEFAULT FALSE: not encoded when false.
+    #[rasn(tag(context, 7), default)]
+    pub releasing: bool,
 }
 
 impl AllowBackupStatus {
@@ -222,6 +230,7 @@ impl AllowBackupStatus {
             in_flight: 0,
             lease_expires: None,
             freeze_id: None,
+            releasing: false,
         }
     }
 }
@@ -398,7 +407,7 @@ fn decode_exact<T: Decode>(
 //
 // Every SEQUENCE of the module ends with `...`; a later version may append
 // components there, and the module reserves for them the context-specific
-// tags above the defined ones ([4] up in AllowBackupRequest, [7] up in
+// tags above the defined ones ([4] up in AllowBackupRequest, [8] up in
 // AllowBackupStatus, [0] up in BackendStatus). To ignore them, the value is
 // re-encoded without them: in each SEQUENCE, the root components are kept
 // and the components with such a tag after them dropped. Anything else (an
@@ -443,8 +452,9 @@ const STATUS_SHAPE: Shape = Shape(
         (0x84, None),                        // inFlight [4]
         (0x85, None),                        // leaseExpires [5]
         (0x86, None),                        // freezeId [6]
+        (0x87, None),                        // releasing [7] (the first addition)
     ],
-    7,
+    8,
 );
 
 impl Shape {

@@ -85,6 +85,7 @@ fn full_status() -> AllowBackupStatus {
         in_flight: 3,
         lease_expires: Some(1_700_000_600),
         freeze_id: Some(1 << 40),
+        releasing: false,
     }
 }
 
@@ -424,6 +425,66 @@ fn status_optional_fields_have_known_bytes() {
     assert_eq!(decode_status(&bytes).unwrap(), status);
 }
 
+/// `releasing` [7], the first addition to AllowBackupStatus: encoded after
+/// freezeId only when TRUE, so that a status without it has the bytes it
+/// had before, and a first-version decoder (which skips [7] and up as
+/// additions) sees state frozen.
+#[test]
+fn releasing_has_known_bytes_and_is_omitted_when_false() {
+    let mut status = AllowBackupStatus::thawed(vec![]);
+    status.state = FreezeState::Frozen;
+    status.freeze_id = Some(3);
+    let frozen = [
+        0x30, 0x11, // SEQUENCE, 17 octets
+        0x0A, 0x01, 0x02, // state frozen
+        0x30, 0x00, // backends: none
+        0x82, 0x01, 0x00, // queuedRequests [2] 0
+        0x83, 0x01, 0x00, // queuedBytes [3] 0
+        0x84, 0x01, 0x00, // inFlight [4] 0
+        0x86, 0x01, 0x03, // freezeId [6] 3
+    ];
+    assert_eq!(encode_status(&status), frozen);
+    assert_eq!(decode_status(&frozen).unwrap(), status);
+    status.releasing = true;
+    let mut releasing = frozen.to_vec();
+    releasing[1] += 3;
+    releasing.extend([0x87, 0x01, 0xFF]); // releasing [7] TRUE
+    assert_eq!(encode_status(&status), releasing);
+    assert_eq!(decode_status(&releasing).unwrap(), status);
+    // BER: any non-zero octet is TRUE; an explicit FALSE decodes too.
+    let last = releasing.len() - 1;
+    releasing[last] = 0x01;
+    assert_eq!(decode_status(&releasing).unwrap(), status);
+    releasing[last] = 0x00;
+    status.releasing = false;
+    assert_eq!(decode_status(&releasing).unwrap(), status);
+}
+
+/// Encodings from before `releasing` (the first version's) still decode,
+/// as not releasing.
+#[test]
+fn statuses_without_releasing_still_decode() {
+    let status = decode_status(&THAWED_EXAMPLE).unwrap();
+    assert!(!status.releasing);
+    let mut frozen = full_status();
+    frozen.state = FreezeState::Frozen;
+    let bytes = encode_status(&frozen);
+    assert!(!bytes.windows(2).any(|w| w == [0x87, 0x01]), "{bytes:02X?}");
+    assert_eq!(decode_status(&bytes).unwrap(), frozen);
+}
+
+/// `releasing` must be a BOOLEAN: a malformed one is an error, not an
+/// ignored addition.
+#[test]
+fn malformed_releasing_is_an_error() {
+    let mut contents = THAWED_EXAMPLE[2..].to_vec();
+    contents.extend([0x87, 0x02, 0xFF, 0xFF]);
+    status_error(&tlv(0x30, &contents));
+    let mut contents = THAWED_EXAMPLE[2..].to_vec();
+    contents.extend([0x87, 0x00]);
+    status_error(&tlv(0x30, &contents));
+}
+
 #[test]
 fn status_round_trips_with_every_field() {
     let status = full_status();
@@ -433,11 +494,14 @@ fn status_round_trips_with_every_field() {
         FreezeState::Draining,
         FreezeState::Frozen,
     ] {
-        let status = AllowBackupStatus {
-            state,
-            ..full_status()
-        };
-        assert_eq!(decode_status(&encode_status(&status)).unwrap(), status);
+        for releasing in [false, true] {
+            let status = AllowBackupStatus {
+                state,
+                releasing,
+                ..full_status()
+            };
+            assert_eq!(decode_status(&encode_status(&status)).unwrap(), status);
+        }
     }
     let minimal = AllowBackupStatus::thawed(vec![]);
     assert_eq!(decode_status(&encode_status(&minimal)).unwrap(), minimal);
@@ -554,6 +618,7 @@ fn unknown_extension_additions_are_ignored() {
         in_flight: 4,
         lease_expires: Some(5),
         freeze_id: Some(6),
+        releasing: true,
     };
     let encode = |extended: bool| {
         let mut backends = Vec::new();
@@ -579,9 +644,10 @@ fn unknown_extension_additions_are_ignored() {
         ] {
             contents.extend(tlv(tag, &[value]));
         }
+        contents.extend(tlv(0x87, &[0xFF])); // releasing [7] TRUE
         if extended {
-            contents.extend(tlv(0x87, &[0x01]));
-            contents.extend(tlv(0xA8, &tlv(0x04, &[b'x'; 200])));
+            contents.extend(tlv(0x88, &[0x01]));
+            contents.extend(tlv(0xA9, &tlv(0x04, &[b'x'; 200])));
         }
         tlv(0x30, &contents)
     };

@@ -15,20 +15,30 @@ use super::state::StateFile;
 use crate::endpoint::Endpoint;
 
 /// Connects to `url` and binds (simple with `bind`, else SASL EXTERNAL).
+/// Everything is asynchronous, the connect included: a server that does not
+/// answer (or a `config_url` whose SYNs are dropped) holds only this step,
+/// which the engine drops at the backend's deadline, never a runtime thread.
 pub(crate) async fn connect(
     url: &str,
     bind: Option<&(String, String)>,
 ) -> Result<ldap3::Ldap, String> {
     let ep = Endpoint::parse(url).map_err(|e| format!("config_url: {e}"))?;
+    let cannot = |e: std::io::Error| format!("cannot connect to {url}: {e}");
+    // ldap3 takes the connected socket as a std one (it makes it
+    // non-blocking again and hands it to tokio).
     let (stream, ldap_url) = match &ep {
         Endpoint::Tcp(addr) => {
-            let s = std::net::TcpStream::connect(addr.as_str())
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let s = tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .and_then(|s| s.into_std())
+                .map_err(cannot)?;
             (StdStream::Tcp(s), format!("ldap://{addr}"))
         }
         Endpoint::Unix(path) => {
-            let s = std::os::unix::net::UnixStream::connect(path)
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let s = tokio::net::UnixStream::connect(path)
+                .await
+                .and_then(|s| s.into_std())
+                .map_err(cannot)?;
             (StdStream::Unix(s), "ldapi:///".to_string())
         }
         Endpoint::Tls(_) => {
@@ -57,6 +67,11 @@ pub(crate) async fn connect(
 /// and DONE: the config entry's DN and the switch's previous value (None:
 /// absent). Kept in the state file once one is attached, so that a proxy
 /// killed in between can restore it at its next start.
+///
+/// Recorded before the change is sent and forgotten only once DONE has
+/// restored it: a step dropped at its deadline (or a crash) at any point
+/// leaves what a later DONE needs. Restoring is idempotent, so a record of
+/// a change that never reached the server costs one needless modify.
 #[derive(Debug, Default)]
 pub(crate) struct Saved {
     memory: Mutex<HashMap<String, (String, Option<String>)>>,
@@ -69,38 +84,136 @@ impl Saved {
         let _ = self.file.set((state, name));
     }
 
-    /// Remembers what PREPARE changed for `b`.
-    pub(crate) fn put(&self, b: &Backend, dn: String, previous: Option<String>) {
+    /// PREPARE is about to set `dn`'s switch for `b`; `previous` is its value
+    /// now. If an earlier step left a record for the same entry (a DONE that
+    /// failed or timed out, a PREPARE that timed out), its previous value is
+    /// kept: the value read now may be the one that step set.
+    pub(crate) async fn record(&self, b: &Backend, dn: String, previous: Option<String>) {
+        let previous = match self.get(b) {
+            Some((old_dn, old_previous)) if old_dn == dn => old_previous,
+            _ => previous,
+        };
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(b.norm.to_string(), (dn.clone(), previous.clone()));
         if let Some((state, name)) = self.file.get() {
-            if let Err(e) = state.set_changed(name, b, dn.clone(), previous.clone()) {
+            if let Err(e) = state.set_changed(name, b, dn, previous).await {
                 // Still undone by OFF; only a crash would lose it.
                 error!(backend = %b.suffix, "{e}");
             }
         }
-        self.memory
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(b.norm.to_string(), (dn, previous));
     }
 
-    /// What PREPARE changed for `b` (None: nothing), forgotten; `put` it
-    /// back when DONE fails, so a later DONE can retry. After a restart,
-    /// what the state file says a previous run changed.
-    pub(crate) fn take(&self, b: &Backend) -> Option<(String, Option<String>)> {
+    /// What PREPARE changed for `b` (None: nothing), still kept; after a
+    /// restart, what the state file says a previous run changed.
+    pub(crate) fn get(&self, b: &Backend) -> Option<(String, Option<String>)> {
         let mem = self
             .memory
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .get(&b.norm.to_string())
+            .cloned();
+        mem.or_else(|| {
+            let (state, name) = self.file.get()?;
+            state.changed(name, b)
+        })
+    }
+
+    /// DONE restored what PREPARE changed for `b`.
+    pub(crate) async fn forget(&self, b: &Backend) {
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .remove(&b.norm.to_string());
-        let Some((state, name)) = self.file.get() else {
-            return mem;
-        };
-        match state.take_changed(name, b) {
-            Ok(file) => mem.or(file),
-            Err(e) => {
+        if let Some((state, name)) = self.file.get() {
+            if let Err(e) = state.clear_changed(name, b).await {
                 error!(backend = %b.suffix, "{e}");
-                mem
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::freeze::dn::NormDn;
+    use crate::freeze::engine::{run_step, Step, StepError};
+    use crate::freeze::openldap::OpenLdapDriver;
+    use crate::freeze::Mode;
+    use std::time::Duration;
+
+    fn backend() -> Backend {
+        Backend {
+            suffix: "dc=example,dc=org".into(),
+            norm: NormDn::parse(b"dc=example,dc=org").unwrap(),
+            mode: Mode::Readonly,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_later_record_keeps_the_value_from_before_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateFile::open(&dir.path().join("state.json")).unwrap();
+        let saved = Saved::default();
+        saved.attach(state.clone(), "openldap");
+        let b = backend();
+        saved.record(&b, "olcDatabase={1}mdb".into(), None).await;
+        // A second PREPARE after one that did not finish reads TRUE, which
+        // that one may have set: the value from before it is kept.
+        saved
+            .record(&b, "olcDatabase={1}mdb".into(), Some("TRUE".into()))
+            .await;
+        let want = Some(("olcDatabase={1}mdb".to_string(), None));
+        assert_eq!(saved.get(&b), want);
+        assert_eq!(state.changed("openldap", &b), want);
+        saved.forget(&b).await;
+        assert_eq!(saved.get(&b), None);
+        assert_eq!(state.changed("openldap", &b), None);
+        // A different entry is a new record.
+        saved.record(&b, "olcDatabase={2}mdb".into(), None).await;
+        saved
+            .record(&b, "olcDatabase={3}mdb".into(), Some("FALSE".into()))
+            .await;
+        assert_eq!(
+            saved.get(&b),
+            Some(("olcDatabase={3}mdb".to_string(), Some("FALSE".to_string())))
+        );
+    }
+
+    /// A DONE dropped at its deadline (cn=config accepts and never answers)
+    /// forgets nothing: the record stays for the next DONE or start.
+    #[tokio::test]
+    async fn a_done_dropped_at_its_deadline_keeps_what_it_must_undo() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let state = StateFile::open(&path).unwrap();
+        let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ldap://{}", hole.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            loop {
+                conns.push(hole.accept().await.unwrap());
+            }
+        });
+        let d = OpenLdapDriver::new(url, Some(("cn=admin,cn=config".into(), "x".into())));
+        crate::freeze::Driver::attach_state(&d, state.clone(), "openldap");
+        let b = backend();
+        state
+            .set_changed("openldap", &b, "olcDatabase={1}mdb".into(), None)
+            .await
+            .unwrap();
+        let err = run_step(&d, Step::Done, &b, 1, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StepError::TimedOut(Step::Done, Duration::from_millis(300))
+        );
+        let want = Some(("olcDatabase={1}mdb".to_string(), None));
+        assert_eq!(state.changed("openldap", &b), want);
+        let reopened = StateFile::open(&path).unwrap();
+        assert_eq!(reopened.changed("openldap", &b), want, "on disk too");
+        held.abort();
     }
 }

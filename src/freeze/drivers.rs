@@ -3,16 +3,19 @@
 //! failure after PREPARE).
 //!
 //! - `none` (the default): the proxy-level freeze alone.
-//! - `command`: runs configured commands with a time limit; the environment
+//! - `command`: runs configured commands; the environment
 //!   names the backend (`ABPROXY_BACKEND`), its mode (`ABPROXY_MODE`), the
 //!   step (`ABPROXY_STEP`: `prepare` or `done`) and the freeze id
-//!   (`ABPROXY_FREEZE_ID`). A non-zero exit or the time limit is a failure,
-//!   reported with the tail of the command's stderr.
+//!   (`ABPROXY_FREEZE_ID`). A non-zero exit is a failure, reported with the
+//!   tail of the command's stderr.
 //! - `openldap` ([`super::openldap`]) and `389ds` ([`super::ds389`]): make
 //!   the LDAP server itself refuse writes to the backend while it is frozen.
+//!
+//! Every step of every driver runs under the backend's `driver_timeout_secs`,
+//! applied by the engine ([`super::engine::run_step`]): a step that outlives
+//! it is dropped (a command is killed) and reported as failed.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde::Deserialize;
@@ -41,22 +44,18 @@ pub enum DriverKind {
 /// How much of a failed command's stderr is reported.
 const STDERR_TAIL: usize = 512;
 
-/// The `command` driver.
+/// The `command` driver. Its commands are killed when the engine drops a
+/// step (its deadline).
 #[derive(Debug, Clone)]
 pub struct CommandDriver {
     prepare: Vec<String>,
     done: Vec<String>,
-    timeout: Duration,
 }
 
 impl CommandDriver {
     /// A driver running `prepare` and `done` (argv lists, empty = nothing).
-    pub fn new(prepare: Vec<String>, done: Vec<String>, timeout: Duration) -> Self {
-        CommandDriver {
-            prepare,
-            done,
-            timeout,
-        }
+    pub fn new(prepare: Vec<String>, done: Vec<String>) -> Self {
+        CommandDriver { prepare, done }
     }
 
     async fn run(
@@ -104,19 +103,15 @@ impl CommandDriver {
             }
             (child.wait().await, err)
         };
-        match tokio::time::timeout(self.timeout, run).await {
-            Err(_) => Err(format!(
-                "{step} command {prog:?} did not finish within {:?} (killed)",
-                self.timeout
-            )),
-            Ok((Err(e), _)) => Err(format!("{step} command {prog:?}: {e}")),
-            Ok((Ok(status), err)) if !status.success() => {
+        match run.await {
+            (Err(e), _) => Err(format!("{step} command {prog:?}: {e}")),
+            (Ok(status), err) if !status.success() => {
                 let tail = String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_TAIL)..])
                     .trim()
                     .to_string();
                 Err(format!("{step} command {prog:?} failed ({status}): {tail}"))
             }
-            Ok(_) => Ok(()),
+            (Ok(_), _) => Ok(()),
         }
     }
 }
@@ -156,8 +151,53 @@ mod tests {
         vec!["sh".into(), "-c".into(), script.into()]
     }
 
+    /// A command outliving the engine's deadline is killed.
     #[tokio::test]
-    async fn environment_success_failure_and_timeout() {
+    async fn a_step_past_its_deadline_kills_its_command() {
+        use crate::freeze::engine::{run_step, Step, StepError};
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("pid");
+        let slow = CommandDriver::new(
+            sh(&format!("echo $$ > {}; exec sleep 30", pid.display())),
+            vec![],
+        );
+        let err = run_step(
+            &slow,
+            Step::Prepare,
+            &backend(),
+            1,
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err,
+            StepError::TimedOut(Step::Prepare, Duration::from_millis(500))
+        );
+        assert!(
+            err.to_string()
+                .starts_with("the prepare step did not finish within 0.5 s"),
+            "{err}"
+        );
+        let pid = std::fs::read_to_string(&pid).unwrap();
+        let gone = || {
+            !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists()
+                || std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                    .is_ok_and(|s| s.contains(") Z "))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !gone() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep {pid} still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn environment_success_and_failure() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("env");
         let d = CommandDriver::new(
@@ -166,7 +206,6 @@ mod tests {
                 out.display()
             )),
             sh("echo 'disk full' >&2; exit 3"),
-            Duration::from_secs(10),
         );
         d.prepare(&backend(), 7).await.unwrap();
         assert_eq!(
@@ -179,21 +218,14 @@ mod tests {
             "{err}"
         );
 
-        let slow = CommandDriver::new(sh("sleep 30"), vec![], Duration::from_millis(200));
-        let err = slow.prepare(&backend(), 1).await.unwrap_err();
-        assert!(err.contains("did not finish within 200ms"), "{err}");
-        let missing = CommandDriver::new(
-            vec!["/nonexistent/x".into()],
-            vec![],
-            Duration::from_secs(1),
-        );
+        let missing = CommandDriver::new(vec!["/nonexistent/x".into()], vec![]);
         assert!(missing
             .prepare(&backend(), 1)
             .await
             .unwrap_err()
             .contains("cannot start"));
         // Nothing configured: nothing to do.
-        assert!(CommandDriver::new(vec![], vec![], Duration::from_secs(1))
+        assert!(CommandDriver::new(vec![], vec![])
             .prepare(&backend(), 1)
             .await
             .is_ok());

@@ -123,9 +123,11 @@ impl Ds389Driver {
         let r = async {
             let entry = Self::backend_entry(&mut ldap, b).await?;
             let previous = attr(&entry, READONLY).map(str::to_string);
+            // Recorded first: this step may be dropped (its deadline) while
+            // the modify is on its way.
+            self.saved.record(b, entry.dn.clone(), previous.clone()).await;
             Self::set_read_only(&mut ldap, &entry.dn, "on").await?;
             info!(backend = %b.suffix, entry = %entry.dn, previous = ?previous, "nsslapd-readonly set to on");
-            self.saved.put(b, entry.dn, previous);
             Ok(())
         }
         .await;
@@ -134,7 +136,9 @@ impl Ds389Driver {
     }
 
     async fn done_inner(&self, b: &Backend) -> Result<(), String> {
-        let Some((dn, previous)) = self.saved.take(b) else {
+        // Kept until restored, so a later DONE (OFF again, the next start)
+        // can retry.
+        let Some((dn, previous)) = self.saved.get(b) else {
             return Ok(()); // prepare never changed anything
         };
         let value = previous.as_deref().unwrap_or(DEFAULT_READONLY);
@@ -146,14 +150,9 @@ impl Ds389Driver {
             }
             Err(e) => Err(e),
         };
-        match &r {
-            // Keep it, so a later DONE (OFF again) can retry.
-            Err(_) => {
-                self.saved.put(b, dn, previous);
-            }
-            Ok(()) => {
-                info!(backend = %b.suffix, entry = %dn, value, "nsslapd-readonly restored")
-            }
+        if r.is_ok() {
+            self.saved.forget(b).await;
+            info!(backend = %b.suffix, entry = %dn, value, "nsslapd-readonly restored");
         }
         r
     }

@@ -23,6 +23,7 @@ use abproxy_proto::{AllowBackupRequest, AllowBackupStatus, BackendStatus, Freeze
 use futures::future::BoxFuture;
 use ldap3_proto::proto::LdapResultCode;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::backend::{Backend, BackendMap, BackendSet, Class, ClassifyOptions, Kind, Mode};
@@ -33,6 +34,11 @@ use crate::wire::Envelope;
 
 /// A backend driver: the proposal's BACKUP_PREPARE and BACKUP_DONE. The
 /// default does nothing (the proxy-level freeze alone).
+///
+/// The engine runs each step under the backend's deadline
+/// ([`Engine::set_driver`]) and drops a step that outlives it: a driver
+/// must leave, at every await point, a record of what it changed (or is
+/// about to change) that a later `done` can undo.
 pub trait Driver: Send + Sync {
     /// Makes the backend consistent on disk (after the drain) for freeze
     /// `freeze_id`.
@@ -80,6 +86,79 @@ pub trait Driver: Send + Sync {
 #[derive(Debug, Default)]
 pub struct NoopDriver;
 impl Driver for NoopDriver {}
+
+/// The deadline of a driver step when none was given (the default of
+/// `driver_timeout_secs`).
+pub const DEFAULT_DRIVER_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A driver step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// BACKUP_PREPARE.
+    Prepare,
+    /// BACKUP_DONE.
+    Done,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Prepare => "prepare",
+            Step::Done => "done",
+        })
+    }
+}
+
+/// Why a driver step failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    /// The driver reported a failure.
+    Failed(String),
+    /// The step outlived its deadline and was dropped.
+    TimedOut(Step, Duration),
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Failed(e) => f.write_str(e),
+            StepError::TimedOut(step, d) => write!(
+                f,
+                "the {step} step did not finish within {} (driver_timeout_secs) and was \
+                 abandoned; what it may have changed stays in the state file, undone by the \
+                 next done step or the next start",
+                secs(*d)
+            ),
+        }
+    }
+}
+
+/// "2 s", "1.5 s".
+fn secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// Runs `step` of `driver` for backend `b` under `deadline`.
+pub async fn run_step(
+    driver: &dyn Driver,
+    step: Step,
+    b: &Backend,
+    freeze_id: u64,
+    deadline: Duration,
+) -> Result<(), StepError> {
+    let fut = match step {
+        Step::Prepare => driver.prepare(b, freeze_id),
+        Step::Done => driver.done(b, freeze_id),
+    };
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(r) => r.map_err(StepError::Failed),
+        Err(_) => Err(StepError::TimedOut(step, deadline)),
+    }
+}
 
 /// What the engine asks a session to do.
 #[derive(Debug)]
@@ -161,6 +240,8 @@ struct Freeze {
     since: SystemTime,
     started: Instant,
     lease_until: Option<Instant>,
+    /// Cancelled when the freeze ends (its lease timer stops with it).
+    ended: CancellationToken,
 }
 
 impl Freeze {
@@ -172,6 +253,9 @@ impl Freeze {
         }
     }
 }
+
+/// A backend's driver and the deadline of each of its steps.
+type Installed = (Arc<dyn Driver>, Duration);
 
 /// The result of an Allow-Backup request.
 pub type Answer = (LdapResultCode, String);
@@ -241,7 +325,7 @@ pub struct Engine {
     allowed: Vec<NormDn>,
     allowed_certs: Vec<NormDn>,
     backends: RwLock<Arc<BackendMap>>,
-    drivers: RwLock<HashMap<String, Arc<dyn Driver>>>,
+    drivers: RwLock<HashMap<String, Installed>>,
     state: RwLock<Option<Freeze>>,
     epoch: watch::Sender<u64>,
     sessions: Mutex<HashMap<u64, SessionHandle>>,
@@ -322,24 +406,30 @@ impl Engine {
         }
     }
 
-    /// Installs a driver for the backend with this suffix (normalised match).
-    pub fn set_driver(&self, suffix: &str, driver: Arc<dyn Driver>) {
+    /// Installs a driver for the backend with this suffix (normalised
+    /// match); each of its steps gets `deadline` (the backend's
+    /// `driver_timeout_secs`), after which the engine drops it and reports
+    /// the step as failed.
+    pub fn set_driver(&self, suffix: &str, driver: Arc<dyn Driver>, deadline: Duration) {
         let key = NormDn::parse(suffix.as_bytes())
             .map(|n| n.to_string())
             .unwrap_or_default();
         self.drivers
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, driver);
+            .insert(key, (driver, deadline));
     }
 
-    fn driver(&self, b: &Backend) -> Arc<dyn Driver> {
-        self.drivers
+    /// Runs `step` of `b`'s driver under its deadline.
+    async fn step(&self, step: Step, b: &Backend, freeze_id: u64) -> Result<(), StepError> {
+        let (driver, deadline) = self
+            .drivers
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&b.norm.to_string())
             .cloned()
-            .unwrap_or_else(|| Arc::new(NoopDriver))
+            .unwrap_or_else(|| (Arc::new(NoopDriver), DEFAULT_DRIVER_DEADLINE));
+        run_step(&*driver, step, b, freeze_id, deadline).await
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, Option<Freeze>> {
@@ -721,6 +811,7 @@ impl Engine {
             since: SystemTime::now(),
             started: Instant::now(),
             lease_until: None,
+            ended: CancellationToken::new(),
         };
         let id = {
             let mut st = self.write_state();
@@ -778,10 +869,10 @@ impl Engine {
         let mut prepared = Vec::new();
         for i in set.iter(map.len()) {
             let b = &map.backends()[i];
-            if let Err(e) = self.driver(b).prepare(b, id).await {
+            if let Err(e) = self.step(Step::Prepare, b, id).await {
                 for j in prepared.iter().rev() {
                     let pb: &Backend = &map.backends()[*j];
-                    if let Err(e2) = self.driver(pb).done(pb, id).await {
+                    if let Err(e2) = self.step(Step::Done, pb, id).await {
                         tracing::error!(backend = %pb.suffix, "done step failed after a failed prepare: {e2}");
                     }
                 }
@@ -835,14 +926,21 @@ impl Engine {
 
     /// The lease timer of the current freeze, as a future to spawn.
     fn lease_timer(self: &Arc<Self>) -> Option<BoxFuture<'static, ()>> {
-        let (id, until) = {
+        let (id, until, ended) = {
             let st = self.read_state();
             let f = st.as_ref()?;
-            (f.id, f.lease_until?)
+            (f.id, f.lease_until?, f.ended.clone())
         };
-        let engine = self.clone();
+        let engine = Arc::downgrade(self);
         Some(Box::pin(async move {
-            tokio::time::sleep_until(until.into()).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.into()) => {}
+                // The freeze ended first: so does its timer.
+                _ = ended.cancelled() => return,
+            }
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
             let ended = engine
                 .end_freeze(
                     |f| f.id == id && f.phase == Phase::Frozen,
@@ -972,7 +1070,8 @@ impl Engine {
     /// failure its ON answered with).
     async fn abort_freeze(&self, id: u64, why: &str) {
         let mut st = self.write_state();
-        if st.as_ref().is_some_and(|f| f.id == id) {
+        if let Some(f) = st.as_ref().filter(|f| f.id == id) {
+            f.ended.cancel();
             *st = None;
             self.stop_frozen.store(false, Ordering::Relaxed);
             self.record_end(id, format!("it never took effect: its ON failed ({why})"));
@@ -1026,7 +1125,7 @@ impl Engine {
         if f.phase == Phase::Frozen {
             for i in f.backends.iter(map.len()) {
                 let b = &map.backends()[i];
-                if let Err(e) = self.driver(b).done(b, f.id).await {
+                if let Err(e) = self.step(Step::Done, b, f.id).await {
                     tracing::error!(freeze = f.id, backend = %b.suffix, "done step failed: {e}");
                     errors.push(format!("{}: {e}", b.suffix));
                 }
@@ -1035,6 +1134,7 @@ impl Engine {
         {
             let mut st = self.write_state();
             if st.as_ref().is_some_and(|c| c.id == f.id) {
+                f.ended.cancel();
                 *st = None;
                 self.stop_frozen.store(false, Ordering::Relaxed);
                 self.record_end(f.id, how(&f));
@@ -1274,15 +1374,16 @@ impl Engine {
                 })
             }),
             freeze_id: st.as_ref().map(|f| f.id),
+            releasing: st.as_ref().is_some_and(|f| f.phase == Phase::Releasing),
         };
         let text = match &st {
             None => "thawed".to_string(),
             Some(f) => format!(
                 "{} by {} for {} s: {}",
-                if f.phase == Phase::Draining {
-                    "draining"
-                } else {
-                    "frozen"
+                match f.phase {
+                    Phase::Draining => "draining",
+                    Phase::Frozen => "frozen",
+                    Phase::Releasing => "releasing",
                 },
                 f.holder.name(),
                 f.started.elapsed().as_secs(),
@@ -1325,6 +1426,148 @@ mod tests {
         };
         let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Readonly)]).unwrap();
         Engine::new(cfg, map)
+    }
+
+    /// A driver whose steps never return when told to hang.
+    struct Hung {
+        prepare: bool,
+        done: bool,
+    }
+    impl Driver for Hung {
+        fn prepare<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+            let hang = self.prepare;
+            Box::pin(async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            })
+        }
+        fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+            let hang = self.done;
+            Box::pin(async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            })
+        }
+    }
+
+    fn admin() -> Requester {
+        Requester {
+            conn: 1,
+            bound_dn: Some("cn=admin,dc=example,dc=org".into()),
+            peer_uid: None,
+            cert_subject: None,
+        }
+    }
+
+    async fn request(engine: &Arc<Engine>, req: AllowBackupRequest) -> Answer {
+        let value = abproxy_proto::encode_request(&req);
+        engine.allow_backup(admin(), Some(&value)).await
+    }
+
+    fn decoded_status(engine: &Engine) -> AllowBackupStatus {
+        let (_, _, value) = engine.status(&admin());
+        abproxy_proto::decode_status(&value.unwrap()).unwrap()
+    }
+
+    fn hung_engine(prepare: bool, done: bool) -> Arc<Engine> {
+        let engine = Arc::new(engine(false));
+        let hung = Arc::new(Hung { prepare, done });
+        engine.set_driver("dc=example,dc=org", hung, Duration::from_secs(2));
+        engine
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prepare_that_never_returns_fails_on_at_its_deadline() {
+        let engine = hung_engine(true, false);
+        let started = tokio::time::Instant::now();
+        let (code, msg) = request(&engine, AllowBackupRequest::on()).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(code, LdapResultCode::Other);
+        assert!(
+            msg.starts_with(
+                "prepare failed for backend dc=example,dc=org: the prepare step did not finish \
+                 within 2 s (driver_timeout_secs)"
+            ),
+            "{msg}"
+        );
+        assert!(engine.read_state().is_none(), "the freeze is undone");
+        assert_eq!(decoded_status(&engine).state, FreezeState::Thawed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_done_that_never_returns_still_ends_the_freeze_at_its_deadline() {
+        let engine = hung_engine(false, true);
+        assert_eq!(
+            request(&engine, AllowBackupRequest::on()).await.0,
+            LdapResultCode::Success
+        );
+        let off = tokio::spawn({
+            let engine = engine.clone();
+            async move { request(&engine, AllowBackupRequest::off()).await }
+        });
+        // While the done step runs, the status says releasing.
+        while !decoded_status(&engine).releasing {
+            tokio::task::yield_now().await;
+        }
+        let s = decoded_status(&engine);
+        assert_eq!((s.state, s.freeze_id), (FreezeState::Frozen, Some(1)));
+        assert!(engine.status(&admin()).1.starts_with("releasing by "));
+        let started = tokio::time::Instant::now();
+        let (code, msg) = off.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(code, LdapResultCode::Other);
+        assert!(
+            msg.starts_with(
+                "released, but done steps failed: dc=example,dc=org: the done step did not \
+                 finish within 2 s"
+            ),
+            "{msg}"
+        );
+        assert!(engine.read_state().is_none(), "released");
+        assert!(!decoded_status(&engine).releasing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_timer_ends_with_its_freeze() {
+        let engine = Arc::new(engine(false));
+        assert_eq!(
+            request(&engine, AllowBackupRequest::on()).await.0,
+            LdapResultCode::Success
+        );
+        assert_eq!(
+            request(&engine, AllowBackupRequest::off()).await.0,
+            LdapResultCode::Success
+        );
+        // Let the timer task see the end of its freeze.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            (Arc::strong_count(&engine), Arc::weak_count(&engine)),
+            (1, 0),
+            "no timer task left holding the engine"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_still_ends_a_freeze_nobody_releases() {
+        let engine = Arc::new(engine(false));
+        assert_eq!(
+            request(&engine, AllowBackupRequest::on()).await.0,
+            LdapResultCode::Success
+        );
+        let lease = Duration::from_secs(engine.config().lease_secs);
+        tokio::time::sleep(lease - Duration::from_secs(1)).await;
+        assert!(engine.read_state().is_some());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(engine.read_state().is_none(), "expired");
+        let (code, msg) = request(&engine, AllowBackupRequest::off()).await;
+        assert_eq!(code, LdapResultCode::Other);
+        assert!(msg.starts_with("freeze expired after"), "{msg}");
     }
 
     #[test]

@@ -164,6 +164,9 @@ impl OpenLdapDriver {
         } else {
             None
         };
+        // Recorded first: this step may be dropped (its deadline) while the
+        // modify is on its way.
+        self.saved.record(b, db.dn.clone(), previous.clone()).await;
         Self::set_read_only(&mut ldap, &db.dn, Some("TRUE")).await?;
         info!(backend = %b.suffix, database = %db.dn, "olcReadOnly set to TRUE");
         if let Some(files) = files {
@@ -184,6 +187,9 @@ impl OpenLdapDriver {
                 ),
                 Err(e) => {
                     let undo = Self::set_read_only(&mut ldap, &db.dn, previous.as_deref()).await;
+                    if undo.is_ok() {
+                        self.saved.forget(b).await;
+                    }
                     let _ = ldap.unbind().await;
                     return Err(match undo {
                         Ok(()) => format!("{}: {e}", db.dn),
@@ -192,21 +198,20 @@ impl OpenLdapDriver {
                 }
             }
         }
-        self.saved.put(b, db.dn, previous);
         let _ = ldap.unbind().await;
         Ok(())
     }
 
     async fn done_inner(&self, b: &Backend) -> Result<(), String> {
-        let Some((dn, previous)) = self.saved.take(b) else {
+        // Kept until restored, so a later DONE (OFF again, the next start)
+        // can retry.
+        let Some((dn, previous)) = self.saved.get(b) else {
             return Ok(()); // prepare never changed anything
         };
         let mut ldap = self.connect().await?;
         let r = Self::set_read_only(&mut ldap, &dn, previous.as_deref()).await;
-        if r.is_err() {
-            // Keep it, so a later DONE (OFF again) can retry.
-            self.saved.put(b, dn.clone(), previous.clone());
-        } else {
+        if r.is_ok() {
+            self.saved.forget(b).await;
             info!(backend = %b.suffix, database = %dn, previous = ?previous, "olcReadOnly restored");
         }
         let _ = ldap.unbind().await;

@@ -6,7 +6,9 @@
 //! One small JSON file, rewritten atomically (temporary file, fsync,
 //! rename, fsync of the directory) before each PREPARE and after each DONE;
 //! removed when nothing is left to undo. Entries are keyed by driver and
-//! normalised suffix.
+//! normalised suffix. The writes run on tokio's blocking pool, one at a
+//! time and in order, never on a runtime thread; one that has begun
+//! completes even if the step that asked for it is dropped (its deadline).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -18,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use super::backend::Backend;
-use super::engine::Driver;
+use super::engine::{Driver, Step};
 
 /// What one driver left on one backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,9 @@ pub struct Entry {
 pub struct StateFile {
     path: Option<PathBuf>,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Held by the blocking task that applies a change and writes the file,
+    /// so that changes reach the file in the order they were applied.
+    io: Mutex<()>,
 }
 
 fn key(driver: &str, b: &Backend) -> String {
@@ -52,6 +57,7 @@ impl StateFile {
         Arc::new(StateFile {
             path: None,
             entries: Mutex::new(BTreeMap::new()),
+            io: Mutex::new(()),
         })
     }
 
@@ -67,6 +73,7 @@ impl StateFile {
         let s = StateFile {
             path: Some(path.to_owned()),
             entries: Mutex::new(entries),
+            io: Mutex::new(()),
         };
         // Fail now, not in the middle of a freeze, if it cannot be written.
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
@@ -117,44 +124,76 @@ impl StateFile {
         Ok(())
     }
 
-    fn update(&self, f: impl FnOnce(&mut BTreeMap<String, Entry>)) -> Result<(), String> {
-        let mut entries = self.lock();
-        f(&mut entries);
-        self.save(&entries)
+    /// Applies `f` to the entries and writes the file, off the runtime
+    /// (tokio's blocking pool): a write and two fsyncs can take long on a
+    /// busy disk, and must not stall the sessions.
+    async fn update(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut BTreeMap<String, Entry>) + Send + 'static,
+    ) -> Result<(), String> {
+        let apply = {
+            let me = self.clone();
+            move || {
+                let _io = me.io.lock().unwrap_or_else(|e| e.into_inner());
+                let snapshot = {
+                    let mut entries = me.lock();
+                    f(&mut entries);
+                    entries.clone()
+                };
+                me.save(&snapshot)
+            }
+        };
+        if self.path.is_none() {
+            return apply();
+        }
+        tokio::task::spawn_blocking(apply)
+            .await
+            .unwrap_or_else(|e| Err(format!("state file write: {e}")))
     }
 
-    /// A driver changed `dn` (previous value `previous`) for `b`.
-    pub(crate) fn set_changed(
-        &self,
-        driver: &str,
+    /// A driver changes (or is about to change) `dn`, whose value before was
+    /// `previous`, for `b`.
+    pub(crate) async fn set_changed(
+        self: &Arc<Self>,
+        driver: &'static str,
         b: &Backend,
         dn: String,
         previous: Option<String>,
     ) -> Result<(), String> {
-        self.update(|m| {
-            let e = m.entry(key(driver, b)).or_insert_with(|| Entry {
+        let (k, suffix) = (key(driver, b), b.suffix.clone());
+        self.update(move |m| {
+            let e = m.entry(k).or_insert_with(|| Entry {
                 driver: driver.into(),
-                suffix: b.suffix.clone(),
+                suffix,
                 ..Entry::default()
             });
             e.changed = Some((dn, previous));
         })
+        .await
     }
 
-    /// What a driver changed for `b`, if anything, taken out (the entry
-    /// itself stays until DONE succeeded).
-    pub(crate) fn take_changed(
-        &self,
+    /// What a driver changed for `b`, if anything (kept until
+    /// [`StateFile::clear_changed`]).
+    pub(crate) fn changed(&self, driver: &str, b: &Backend) -> Option<(String, Option<String>)> {
+        self.lock()
+            .get(&key(driver, b))
+            .and_then(|e| e.changed.clone())
+    }
+
+    /// What a driver changed for `b` is undone (the entry itself stays until
+    /// DONE succeeded).
+    pub(crate) async fn clear_changed(
+        self: &Arc<Self>,
         driver: &str,
         b: &Backend,
-    ) -> Result<Option<(String, Option<String>)>, String> {
-        let mut taken = None;
-        self.update(|m| {
-            if let Some(e) = m.get_mut(&key(driver, b)) {
-                taken = e.changed.take();
+    ) -> Result<(), String> {
+        let k = key(driver, b);
+        self.update(move |m| {
+            if let Some(e) = m.get_mut(&k) {
+                e.changed = None;
             }
-        })?;
-        Ok(taken)
+        })
+        .await
     }
 }
 
@@ -173,9 +212,9 @@ impl Recorded {
     }
 
     /// Runs the DONE step of everything a previous run left for the
-    /// backends this driver serves; entries it cannot undo stay for the
-    /// next start.
-    pub async fn recover(&self, backends: &[Backend]) {
+    /// backends this driver serves, each under `deadline`; entries it cannot
+    /// undo stay for the next start.
+    pub async fn recover(&self, backends: &[Backend], deadline: std::time::Duration) {
         for (k, e) in self.state.keyed() {
             let Some(b) = backends.iter().find(|b| key(self.name, b) == k) else {
                 continue;
@@ -187,7 +226,8 @@ impl Recorded {
                 changed = ?e.changed,
                 "a previous abproxy run ended while this backend was prepared for a backup: running its DONE step now"
             );
-            match self.done(b, e.freeze_id).await {
+            let done = super::engine::run_step(self, Step::Done, b, e.freeze_id, deadline);
+            match done.await {
                 Ok(()) => info!(backend = %b.suffix, driver = self.name, "left-over freeze undone"),
                 Err(err) => error!(
                     backend = %b.suffix,
@@ -206,14 +246,17 @@ impl Driver for Recorded {
         freeze_id: u64,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            self.state.update(|m| {
-                let e = m.entry(key(self.name, backend)).or_insert_with(|| Entry {
-                    driver: self.name.into(),
-                    suffix: backend.suffix.clone(),
-                    ..Entry::default()
-                });
-                e.freeze_id = freeze_id;
-            })?;
+            let (k, name, suffix) = (key(self.name, backend), self.name, backend.suffix.clone());
+            self.state
+                .update(move |m| {
+                    let e = m.entry(k).or_insert_with(|| Entry {
+                        driver: name.into(),
+                        suffix,
+                        ..Entry::default()
+                    });
+                    e.freeze_id = freeze_id;
+                })
+                .await?;
             self.inner.prepare(backend, freeze_id).await
         })
     }
@@ -225,9 +268,12 @@ impl Driver for Recorded {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             self.inner.done(backend, freeze_id).await?;
-            self.state.update(|m| {
-                m.remove(&key(self.name, backend));
-            })
+            let k = key(self.name, backend);
+            self.state
+                .update(move |m| {
+                    m.remove(&k);
+                })
+                .await
         })
     }
 
@@ -285,6 +331,7 @@ mod tests {
             d.prepare(&b, 7).await.unwrap();
             state
                 .set_changed("openldap", &b, "olcDatabase={1}mdb,cn=config".into(), None)
+                .await
                 .unwrap();
             // "Killed" here: the file is what the next run sees.
         }
@@ -299,7 +346,8 @@ mod tests {
         );
         let inner = Arc::new(Counting::default());
         let d = Recorded::new("command", inner.clone(), state.clone());
-        d.recover(&[backend("dc=example,dc=org")]).await;
+        let deadline = std::time::Duration::from_secs(5);
+        d.recover(&[backend("dc=example,dc=org")], deadline).await;
         assert_eq!(inner.1.load(Ordering::SeqCst), 1, "DONE ran once");
         assert_eq!(
             state.entries().len(),
@@ -307,15 +355,39 @@ mod tests {
             "the openldap entry is not this driver's"
         );
         let d = Recorded::new("openldap", inner.clone(), state.clone());
-        d.recover(&[backend("dc=other,dc=org")]).await;
+        d.recover(&[backend("dc=other,dc=org")], deadline).await;
         assert_eq!(
             inner.1.load(Ordering::SeqCst),
             1,
             "not a configured backend"
         );
-        d.recover(&[backend("dc=example,dc=org")]).await;
+        d.recover(&[backend("dc=example,dc=org")], deadline).await;
         assert!(state.entries().is_empty());
         assert!(!path.exists());
+    }
+
+    /// A DONE that never returns holds the start-up recovery only until its
+    /// deadline, and its entry stays for the next start.
+    #[tokio::test(start_paused = true)]
+    async fn recovery_gives_up_on_a_hung_done_at_its_deadline() {
+        struct Hung;
+        impl Driver for Hung {
+            fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+                Box::pin(std::future::pending())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let b = backend("dc=example,dc=org");
+        let state = StateFile::open(&path).unwrap();
+        let d = Recorded::new("command", Arc::new(Hung), state.clone());
+        d.prepare(&b, 3).await.unwrap();
+        let started = tokio::time::Instant::now();
+        d.recover(&[b], std::time::Duration::from_secs(5)).await;
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(5));
+        let left = StateFile::open(&path).unwrap().entries();
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].driver.as_str(), left[0].freeze_id), ("command", 3));
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct Shared {
     pub upstream_tls: Option<UpstreamTls>,
     /// Open client connections against their limits.
     pub limits: Arc<limits::ConnLimits>,
+    /// Tasks other than sessions that shutdown waits for: Allow-Backup
+    /// requests (which outlive the request loop that read them), the TLS
+    /// file watcher.
+    pub tasks: TaskTracker,
     next_conn: AtomicU64,
 }
 
@@ -92,6 +96,7 @@ impl Shared {
             server_tls: None,
             upstream_tls: None,
             limits,
+            tasks: TaskTracker::new(),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -282,11 +287,7 @@ impl Server {
                 DriverKind::None => continue,
                 DriverKind::Command => (
                     "command",
-                    Arc::new(CommandDriver::new(
-                        b.prepare.clone(),
-                        b.done.clone(),
-                        Duration::from_secs(b.driver_timeout_secs),
-                    )),
+                    Arc::new(CommandDriver::new(b.prepare.clone(), b.done.clone())),
                 ),
                 DriverKind::Openldap | DriverKind::Ds389 => {
                     let bind = match (&b.config_bind_dn, &b.config_password_file) {
@@ -312,13 +313,14 @@ impl Server {
             };
             driver.attach_state(state.clone(), name);
             let driver = Arc::new(Recorded::new(name, driver, state.clone()));
-            engine.set_driver(&b.suffix, driver.clone());
-            recorded.push(driver);
+            let deadline = Duration::from_secs(b.driver_timeout_secs);
+            engine.set_driver(&b.suffix, driver.clone(), deadline);
+            recorded.push((driver, deadline));
         }
         // Undo what a previous run's drivers left (it was killed while frozen).
         let configured = config.backend_map()?.backends().to_vec();
-        for d in &recorded {
-            d.recover(&configured).await;
+        for (d, deadline) in &recorded {
+            d.recover(&configured, *deadline).await;
         }
         for e in state.entries() {
             error!(
@@ -356,8 +358,9 @@ impl Server {
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let tasks = &self.shared.tasks;
         if let Some(tls) = &self.shared.server_tls {
-            tokio::spawn(tls.clone().watch(stop.clone()));
+            tasks.spawn(tls.clone().watch(stop.clone()));
         }
         let mut acceptors = Vec::new();
         let listeners: Vec<Arc<Listener>> = self.listeners.into_iter().map(Arc::new).collect();
@@ -391,6 +394,15 @@ impl Server {
             );
             abort.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+        // An Allow-Backup request still running finishes its steps (each
+        // bounded by its driver's deadline), so that the freeze ends below.
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            warn!(
+                tasks = tasks.len(),
+                "grace period over: an Allow-Backup request is still running"
+            );
         }
         self.shared.engine.end_at_shutdown().await;
         info!("stopped");

@@ -1501,7 +1501,7 @@ impl Requests<'_> {
         let state = self.state.clone();
         lock(&state.local_ids).push(msgid);
         state.local_pending.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             // Backends from the rootDSE, and whether the server has a
             // password policy, are re-read before each freeze.
             let is_on = value
