@@ -420,15 +420,19 @@ impl Engine {
             .insert(key, (driver, deadline));
     }
 
-    /// Runs `step` of `b`'s driver under its deadline.
-    async fn step(&self, step: Step, b: &Backend, freeze_id: u64) -> Result<(), StepError> {
-        let (driver, deadline) = self
-            .drivers
+    /// `b`'s driver and the deadline of each of its steps.
+    fn installed(&self, b: &Backend) -> Installed {
+        self.drivers
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&b.norm.to_string())
             .cloned()
-            .unwrap_or_else(|| (Arc::new(NoopDriver), DEFAULT_DRIVER_DEADLINE));
+            .unwrap_or_else(|| (Arc::new(NoopDriver), DEFAULT_DRIVER_DEADLINE))
+    }
+
+    /// Runs `step` of `b`'s driver under its deadline.
+    async fn step(&self, step: Step, b: &Backend, freeze_id: u64) -> Result<(), StepError> {
+        let (driver, deadline) = self.installed(b);
         run_step(&*driver, step, b, freeze_id, deadline).await
     }
 
@@ -765,25 +769,24 @@ impl Engine {
         // A partial freeze: every backend's driver checks that the server
         // cannot change a frozen backend by itself when another is written
         // (overlays linking databases). Before anything is installed, so a
-        // refusal changes nothing and uses no freeze id. The engine does not
-        // know the drivers' time limits: a fixed bound keeps a hanging
-        // server from hanging ON.
+        // refusal changes nothing and uses no freeze id; under the driver's
+        // step deadline, so a hanging server cannot hang ON.
         if set != map.all() {
-            const CHECK_LIMIT: Duration = Duration::from_secs(30);
             let frozen: Vec<Backend> = set
                 .iter(map.len())
                 .map(|i| map.backends()[i].clone())
                 .collect();
             for b in map.backends() {
-                let driver = self.driver(b);
+                let (driver, deadline) = self.installed(b);
                 let check = driver.check_partial(b, &frozen, map.backends());
-                let checked = tokio::time::timeout(CHECK_LIMIT, check)
+                let checked = tokio::time::timeout(deadline, check)
                     .await
                     .unwrap_or_else(|_| {
                         Err(format!(
-                            "the driver of {} did not finish its check within {} s",
+                            "the driver of {} did not finish its check within {} s \
+                             (driver_timeout_secs)",
                             b.suffix,
-                            CHECK_LIMIT.as_secs()
+                            deadline.as_secs()
                         ))
                     });
                 if let Err(reason) = checked {
