@@ -355,12 +355,15 @@ impl BoundDn {
         self.bound.then_some(&self.dn[..])
     }
 
+    /// `None` only marks the session unbound: the bytes stay, so a bind
+    /// as the same DN again (cleared when it was sent) copies nothing.
     fn set(&mut self, dn: Option<&[u8]>) {
         self.bound = dn.is_some();
-        let dn = dn.unwrap_or_default();
-        if self.dn != dn {
-            self.dn.clear();
-            self.dn.extend_from_slice(dn);
+        if let Some(dn) = dn {
+            if self.dn != dn {
+                self.dn.clear();
+                self.dn.extend_from_slice(dn);
+            }
         }
     }
 }
@@ -1357,7 +1360,9 @@ impl Requests<'_> {
                 }
                 let bind = env.op == op::BIND_REQUEST;
                 let started = self.state.start(env.msgid, entry);
-                if started && bind {
+                // Only while some persistent search or root DSE read is in
+                // flight (`specials`) can there be one to end.
+                if started && bind && self.state.specials.load(Ordering::Relaxed) > 0 {
                     self.state.end_persistent();
                 }
                 started
