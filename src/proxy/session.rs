@@ -164,6 +164,9 @@ pub struct SessionState {
     settle: Notify,
     /// Message IDs of Allow-Backup requests the proxy is still answering.
     local_ids: Mutex<Vec<i32>>,
+    /// A bind was received and has not been answered: the session has no
+    /// identity meanwhile (`bound_dn` is then ignored).
+    bind_received: AtomicBool,
     requests: AtomicU64,
     responses: AtomicU64,
 }
@@ -306,15 +309,30 @@ impl SessionState {
 
     /// The session's bound DN, if a simple bind succeeded.
     pub fn bound_dn(&self) -> Option<String> {
-        lock(&self.bound_dn)
-            .get()
-            .map(|dn| String::from_utf8_lossy(dn).into_owned())
+        self.bound_dn_bytes()
+            .map(|dn| String::from_utf8_lossy(&dn).into_owned())
+    }
+
+    /// The session's bound DN, copied out of the lock; `None` from the
+    /// moment a bind is received until its response.
+    fn bound_dn_bytes(&self) -> Option<Vec<u8>> {
+        if self.bind_received.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.bound_dn).get().map(<[u8]>::to_vec)
+    }
+
+    /// A bind was received: no identity until its response (a flag, not
+    /// the lock: once per bind on the requests loop).
+    fn unbind_for_bind(&self) {
+        self.bind_received.store(true, Ordering::Release);
     }
 
     /// A bind ended: `dn` (a successful simple bind's name) is the
     /// session's identity from now on.
     fn set_bound_dn(&self, dn: Option<&[u8]>) {
         lock(&self.bound_dn).set(dn);
+        self.bind_received.store(false, Ordering::Release);
     }
 
     /// Wakes a shutdown waiting for the in-flight table to empty.
@@ -1074,7 +1092,7 @@ impl Requests<'_> {
                 }
             }
             // The identity is the one this bind's own response gives.
-            self.state.set_bound_dn(None);
+            self.state.unbind_for_bind();
         }
         let mut local = None;
         if env.op == op::EXTENDED_REQUEST {
@@ -1316,7 +1334,7 @@ impl Requests<'_> {
     fn classify(&self, env: &Envelope, frame: &[u8]) -> Class {
         // Copied out of the lock (classification happens only while a
         // freeze is on).
-        let bound = lock(&self.state.bound_dn).get().map(<[u8]>::to_vec);
+        let bound = self.state.bound_dn_bytes();
         self.engine.classify(env, frame, bound.as_deref())
     }
 
