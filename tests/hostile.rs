@@ -154,26 +154,7 @@ async fn assert_unchanged(lab: &Lab, suffix: &str, at_on: &Backend) {
 
 /// Whether `dn` exists at slapd (a base search straight to it).
 async fn exists_direct(lab: &Lab, dn: &str) -> bool {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-x",
-            "-LLL",
-            "-H",
-            &lab.direct(),
-            "-D",
-            ADMIN_DN,
-            "-w",
-            ADMIN_PW,
-            "-b",
-            dn,
-            "-s",
-            "base",
-            "1.1",
-        ],
-        None,
-    )
-    .await;
+    let out = base_direct(lab, dn, "1.1").await;
     match out.code {
         Some(0) => true,
         Some(32) => false,
@@ -183,26 +164,7 @@ async fn exists_direct(lab: &Lab, dn: &str) -> bool {
 
 /// `attr` of `dn` as slapd itself returns it (as the root DN).
 async fn read_direct(lab: &Lab, dn: &str, attr: &str) -> String {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-x",
-            "-LLL",
-            "-H",
-            &lab.direct(),
-            "-D",
-            ADMIN_DN,
-            "-w",
-            ADMIN_PW,
-            "-b",
-            dn,
-            "-s",
-            "base",
-            attr,
-        ],
-        None,
-    )
-    .await;
+    let out = base_direct(lab, dn, attr).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     out.stdout
 }

@@ -395,6 +395,26 @@ async fn upstream(
     l.pending = pending.len();
 }
 
+/// The real session (`serve_connected`) between in-memory pipes: the
+/// client's (read, write) and the upstream's (read, write), as the proxy
+/// sees them.
+fn spawn_session(
+    shared: Arc<Shared>,
+    client: (DuplexStream, DuplexStream),
+    upstream: (DuplexStream, DuplexStream),
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(serve_connected(
+        CONN,
+        "fuzz".into(),
+        None,
+        Client::plain(Box::new(client.0), Box::new(client.1)),
+        (Box::new(upstream.0), Box::new(upstream.1)),
+        shared,
+        CancellationToken::new(),
+        CancellationToken::new(),
+    ))
+}
+
 /// A persistent search (it stays pending at the server).
 fn is_persistent(frame: &[u8]) -> bool {
     Envelope::request(frame).is_ok_and(|e| {
@@ -649,16 +669,11 @@ impl<'a> Harness<'a> {
         tokio::spawn(client_reader(client_r, client_log.clone()));
         let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(client_writer(client_w, chunk_rx));
-        let session = tokio::spawn(serve_connected(
-            CONN,
-            "fuzz".into(),
-            None,
-            Client::plain(Box::new(proxy_from_client), Box::new(proxy_to_client)),
-            (Box::new(proxy_from_up), Box::new(proxy_to_up)),
+        let session = spawn_session(
             shared,
-            CancellationToken::new(),
-            CancellationToken::new(),
-        ));
+            (proxy_from_client, proxy_to_client),
+            (proxy_from_up, proxy_to_up),
+        );
 
         // Run the commands.
         let mut stream = ClientStream::new();
@@ -1138,16 +1153,11 @@ mod tests {
                 false,
                 true,
             ));
-            let session = tokio::spawn(serve_connected(
-                CONN,
-                "test".into(),
-                None,
-                Client::plain(Box::new(proxy_from_client), Box::new(proxy_to_client)),
-                (Box::new(proxy_from_up), Box::new(proxy_to_up)),
+            let session = spawn_session(
                 shared,
-                CancellationToken::new(),
-                CancellationToken::new(),
-            ));
+                (proxy_from_client, proxy_to_client),
+                (proxy_from_up, proxy_to_up),
+            );
             let sasl = msg(
                 1,
                 LdapOp::BindRequest(ldap3_proto::proto::LdapBindRequest {

@@ -204,9 +204,10 @@ pub fn with_control(msg: LdapMsg, control_oid: &str, critical: bool) -> bytes::B
     out.into()
 }
 
-/// contextCSN of a suffix as slapd serves it (syncprov keeps it in memory).
-pub async fn context_csn(lab: &Lab, suffix: &str) -> String {
-    let out = ldap_tool(
+/// A base search of `dn` for `attr` at slapd itself (not through the
+/// proxy), as its root DN.
+pub async fn base_direct(lab: &Lab, dn: &str, attr: &str) -> ToolOutput {
+    ldap_tool(
         "ldapsearch",
         &[
             "-x",
@@ -218,14 +219,19 @@ pub async fn context_csn(lab: &Lab, suffix: &str) -> String {
             "-w",
             ADMIN_PW,
             "-b",
-            suffix,
+            dn,
             "-s",
             "base",
-            "contextCSN",
+            attr,
         ],
         None,
     )
-    .await;
+    .await
+}
+
+/// contextCSN of a suffix as slapd serves it (syncprov keeps it in memory).
+pub async fn context_csn(lab: &Lab, suffix: &str) -> String {
+    let out = base_direct(lab, suffix, "contextCSN").await;
     assert_eq!(out.code, Some(0), "{out:?}");
     out.stdout
         .lines()
