@@ -83,6 +83,18 @@ pub struct Backend {
     pub mode: Mode,
 }
 
+#[cfg(test)]
+impl Backend {
+    /// A `readonly` backend with this (valid) suffix, for tests.
+    pub(crate) fn readonly(suffix: &str) -> Backend {
+        Backend {
+            suffix: suffix.into(),
+            norm: NormDn::parse(suffix.as_bytes()).expect("a valid suffix"),
+            mode: Mode::Readonly,
+        }
+    }
+}
+
 /// The backends of the upstream, by suffix.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendMap {

@@ -137,18 +137,12 @@ impl Saved {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::freeze::dn::NormDn;
     use crate::freeze::engine::{run_step, Step, StepError};
     use crate::freeze::openldap::OpenLdapDriver;
-    use crate::freeze::Mode;
     use std::time::Duration;
 
     fn backend() -> Backend {
-        Backend {
-            suffix: "dc=example,dc=org".into(),
-            norm: NormDn::parse(b"dc=example,dc=org").unwrap(),
-            mode: Mode::Readonly,
-        }
+        Backend::readonly("dc=example,dc=org")
     }
 
     #[tokio::test]

@@ -137,14 +137,9 @@ impl Driver for CommandDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::freeze::dn::NormDn;
 
     fn backend() -> Backend {
-        Backend {
-            suffix: "dc=example,dc=org".into(),
-            norm: NormDn::parse(b"dc=example,dc=org").unwrap(),
-            mode: Mode::Readonly,
-        }
+        Backend::readonly("dc=example,dc=org")
     }
 
     fn sh(script: &str) -> Vec<String> {

@@ -285,15 +285,10 @@ impl Driver for Ds389Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::freeze::Mode;
 
     #[test]
     fn partial_freezes_with_plugins_linking_backends() {
-        let backend = |s: &str| Backend {
-            suffix: s.into(),
-            norm: NormDn::parse(s.as_bytes()).unwrap(),
-            mode: Mode::Readonly,
-        };
+        let backend = Backend::readonly;
         let all = [backend("dc=example,dc=com"), backend("dc=other,dc=com")];
         let frozen = &all[..1];
         let plugin =
@@ -334,11 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_server_fails_prepare_and_done_is_a_no_op() {
-        let b = Backend {
-            suffix: "dc=example,dc=org".into(),
-            norm: NormDn::parse(b"dc=example,dc=org").unwrap(),
-            mode: Mode::Readonly,
-        };
+        let b = Backend::readonly("dc=example,dc=org");
         let d = Ds389Driver::new("ldapi:///nonexistent/abproxy-test.socket".into(), None);
         let err = d.prepare(&b, 1).await.unwrap_err();
         assert!(err.contains("cannot connect to"), "{err}");

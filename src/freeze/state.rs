@@ -294,16 +294,10 @@ impl Driver for Recorded {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::freeze::backend::Mode;
-    use crate::freeze::dn::NormDn;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn backend(s: &str) -> Backend {
-        Backend {
-            suffix: s.into(),
-            norm: NormDn::parse(s.as_bytes()).unwrap(),
-            mode: Mode::Readonly,
-        }
+        Backend::readonly(s)
     }
 
     #[derive(Default)]
