@@ -567,6 +567,15 @@ impl Engine {
         }
     }
 
+    /// The backends of the freeze in place once its ON has succeeded
+    /// (frozen, or releasing); `None` while thawed or draining.
+    pub fn established(&self) -> Option<BackendSet> {
+        self.read_state()
+            .as_ref()
+            .filter(|f| f.phase != Phase::Draining)
+            .map(|f| f.backends)
+    }
+
     /// True while a freeze holds `class` (for held persistent-search
     /// responses).
     pub fn holds(&self, class: Class) -> bool {

@@ -141,10 +141,8 @@ enum UpCmd {
 struct UpLog {
     /// Every frame the proxy sent, in order.
     frames: Vec<Bytes>,
-    /// Requests not answered yet.
-    pending: usize,
     /// The requests not answered yet (checked when ON succeeds).
-    pending_frames: Vec<Bytes>,
+    pending: Vec<Bytes>,
     /// The proxy closed its side.
     eof: bool,
     violation: Option<String>,
@@ -240,16 +238,9 @@ fn frozen_write(engine: &Engine, frame: &[u8]) -> bool {
     if env.op == op::EXTENDED_REQUEST && env.oid_bytes(frame) == Some(oid::PASSWORD_MODIFY) {
         return false;
     }
-    let st = status(engine);
-    if st.state != FreezeState::Frozen {
+    let Some(frozen) = engine.established() else {
         return false;
-    }
-    let mut frozen = crate::freeze::backend::BackendSet::EMPTY;
-    for (i, b) in st.backends.iter().enumerate() {
-        if b.frozen {
-            frozen.insert(i);
-        }
-    }
+    };
     let class = engine.classify(&env, frame, None);
     class.kind == Kind::Write && !class.backends.and(frozen).is_empty()
 }
@@ -379,11 +370,7 @@ async fn upstream(
             }
         }
         let _ = output.flush().await;
-        {
-            let mut l = log.lock().unwrap();
-            l.pending = pending.len();
-            l.pending_frames = pending.iter().cloned().collect();
-        }
+        log.lock().unwrap().pending = pending.iter().cloned().collect();
         if !input_open && (pending.is_empty() || !cmds_open) {
             break;
         }
@@ -392,7 +379,7 @@ async fn upstream(
     let _ = output.get_mut().shutdown().await;
     let mut l = log.lock().unwrap();
     l.eof = true;
-    l.pending = pending.len();
+    l.pending = pending.into();
 }
 
 /// The real session (`serve_connected`) between in-memory pipes: the
@@ -472,7 +459,7 @@ async fn settle(up: &Mutex<UpLog>, client: &Mutex<ClientLog>) {
     let snapshot = || {
         let u = up.lock().unwrap();
         let c = client.lock().unwrap();
-        (u.frames.len(), u.pending, u.eof, c.frames, c.eof)
+        (u.frames.len(), u.pending.len(), u.eof, c.frames, c.eof)
     };
     let mut last = snapshot();
     let mut calm = 0;
@@ -742,7 +729,7 @@ impl<'a> Harness<'a> {
                             if code == LdapResultCode::Success {
                                 let mut l = log.lock().unwrap();
                                 let running = l
-                                    .pending_frames
+                                    .pending
                                     .iter()
                                     .filter(|p| frozen_write(&engine, p))
                                     .count();
@@ -791,7 +778,7 @@ impl<'a> Harness<'a> {
         self.check_bounds(&engine, stream.persistent);
         let up_done = {
             let u = up_log.lock().unwrap();
-            u.eof || u.pending > 0
+            u.eof || !u.pending.is_empty()
         };
         if !session.is_finished() && !up_done {
             let st = status(&engine);

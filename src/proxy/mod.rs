@@ -227,7 +227,7 @@ impl Server {
             info!(listen = %l.endpoint(), "listening");
             listeners.push(l);
         }
-        let mut map = config.backend_map()?;
+        let map = config.backend_map()?;
         let auto_backends = map.is_empty();
         let probe = crate::tls::connect_upstream(&upstream, upstream_tls.as_ref());
         match tokio::time::timeout(config.upstream_connect_timeout(), probe).await {
@@ -241,8 +241,8 @@ impl Server {
         }
         // The engine first, so that the root DSE read can tell it whether
         // binds are writes; the backends it finds replace the empty map.
-        let engine = Arc::new(Engine::new(config.freeze.clone(), map.clone()));
-        if let Some(m) = refresh_from_root_dse(
+        let engine = Arc::new(Engine::new(config.freeze.clone(), map));
+        refresh_from_root_dse(
             &engine,
             &upstream,
             upstream_tls.as_ref(),
@@ -250,10 +250,8 @@ impl Server {
             auto_backends,
             true,
         )
-        .await
-        {
-            map = m;
-        }
+        .await;
+        let map = engine.backends();
         let suffixes: Vec<_> = map
             .backends()
             .iter()
@@ -415,7 +413,8 @@ impl Server {
 /// configured (`auto_backends`), and whether it has a password policy when
 /// `bind_is_write = "auto"` (at start-up also with `false`, to warn).
 /// Nothing is read when nothing is needed; when the root DSE cannot be
-/// read, `auto` counts binds as writes (with a warning).
+/// read, `auto` counts binds as writes (with a warning). The backends found
+/// go to the engine.
 pub(crate) async fn refresh_from_root_dse(
     engine: &Engine,
     upstream: &Endpoint,
@@ -423,19 +422,19 @@ pub(crate) async fn refresh_from_root_dse(
     timeout: Duration,
     auto_backends: bool,
     startup: bool,
-) -> Option<BackendMap> {
+) {
     use crate::config::BindIsWrite;
     let binds = engine.config().bind_is_write;
     let for_binds = binds == BindIsWrite::Auto || (startup && binds == BindIsWrite::No);
     if !auto_backends && !for_binds {
-        return None;
+        return;
     }
     let dse = match discover::root_dse(upstream, tls, timeout).await {
         Ok(dse) => dse,
         Err(e) => {
             warn!("cannot read the upstream's root DSE: {e:#}");
             engine.set_password_policy(None);
-            return None;
+            return;
         }
     };
     engine.set_password_policy(Some(dse.password_policy()));
@@ -449,17 +448,11 @@ pub(crate) async fn refresh_from_root_dse(
         );
     }
     if !auto_backends {
-        return None;
+        return;
     }
     match BackendMap::new(dse.naming_contexts.into_iter().map(|s| (s, Mode::Readonly))) {
-        Ok(m) => {
-            engine.set_backends(m.clone());
-            Some(m)
-        }
-        Err(e) => {
-            warn!("upstream namingContexts unusable as backends: {e}");
-            None
-        }
+        Ok(m) => engine.set_backends(m),
+        Err(e) => warn!("upstream namingContexts unusable as backends: {e}"),
     }
 }
 

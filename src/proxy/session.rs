@@ -223,6 +223,7 @@ impl SessionState {
 
     /// Records a request about to be sent upstream; false (and nothing
     /// recorded) when a request with the same message ID is outstanding.
+    /// A bind ends the connection's persistent searches (as slapd does).
     fn start(&self, msgid: i32, entry: InFlight) -> bool {
         let special = entry.root_dse || entry.persistent;
         let persistent = entry.persistent;
@@ -238,6 +239,11 @@ impl SessionState {
         }
         if bind {
             self.bind_in_flight.store(true, Ordering::SeqCst);
+            // Only while some persistent search or root DSE read is in
+            // flight (`specials`) can there be one to end.
+            if self.specials.load(Ordering::Relaxed) > 0 {
+                self.end_persistent();
+            }
         }
         true
     }
@@ -1097,12 +1103,15 @@ impl Requests<'_> {
         let mut local = None;
         if env.op == op::EXTENDED_REQUEST {
             let name = env.oid_bytes(&frame).unwrap_or_default();
+            // A cancel of a queued request is answered here too.
+            let cancel_queued = (name == oid::CANCEL)
+                .then(|| cancel_target(env.value_bytes(&frame)))
+                .flatten()
+                .filter(|&t| self.queue.iter().any(|q| q.env.msgid == t));
             let answered_here = name == oid::START_TLS
                 || name == abproxy_proto::ALLOW_BACKUP_OID.as_bytes()
                 || name == abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes()
-                || (name == oid::CANCEL
-                    && cancel_target(env.value_bytes(&frame))
-                        .is_some_and(|t| self.queue.iter().any(|q| q.env.msgid == t)));
+                || cancel_queued.is_some();
             if answered_here {
                 if let Some(c) = env.controls(&frame).find(|c| c.critical) {
                     // RFC 4511 section 4.1.11: the proxy answers this
@@ -1133,31 +1142,21 @@ impl Requests<'_> {
                 local = Some(LocalOp::AllowBackup);
             } else if name == abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes() {
                 local = Some(LocalOp::Status);
-            } else if name == oid::CANCEL {
-                if let Some(target) = cancel_target(env.value_bytes(&frame)) {
-                    if let Some(q) = self.unqueue(target) {
-                        // RFC 3909: the cancelled operation ends with
-                        // `canceled`, the cancel request with success.
-                        if let Some(r) = pdu::response_for(
-                            q.env.op,
-                            target,
-                            LdapResultCode::Canceled,
-                            "cancelled while held by abproxy (never sent to the server)",
-                        ) {
-                            if let Step::End(e) = self.reply_locally(r).await {
-                                return Step::End(e);
-                            }
-                        }
-                        let ok = pdu::extended_response(
-                            env.msgid,
-                            LdapResultCode::Success,
-                            "",
-                            None,
-                            None,
-                        );
-                        return self.reply_locally(ok).await;
+            } else if let Some(q) = cancel_queued.and_then(|t| self.unqueue(t)) {
+                // RFC 3909: the cancelled operation ends with `canceled`,
+                // the cancel request with success.
+                if let Some(r) = pdu::response_for(
+                    q.env.op,
+                    q.env.msgid,
+                    LdapResultCode::Canceled,
+                    "cancelled while held by abproxy (never sent to the server)",
+                ) {
+                    if let Step::End(e) = self.reply_locally(r).await {
+                        return Step::End(e);
                     }
                 }
+                let ok = pdu::extended_response(env.msgid, LdapResultCode::Success, "", None, None);
+                return self.reply_locally(ok).await;
             }
         }
         if let Some(what) = local {
@@ -1376,14 +1375,7 @@ impl Requests<'_> {
                     }
                     _ => {}
                 }
-                let bind = env.op == op::BIND_REQUEST;
-                let started = self.state.start(env.msgid, entry);
-                // Only while some persistent search or root DSE read is in
-                // flight (`specials`) can there be one to end.
-                if started && bind && self.state.specials.load(Ordering::Relaxed) > 0 {
-                    self.state.end_persistent();
-                }
-                started
+                self.state.start(env.msgid, entry)
             },
         )
     }
