@@ -68,30 +68,15 @@ fn dns(out: &str) -> usize {
 
 /// `nsslapd-readonly` of userroot, read over ldapi as root.
 async fn userroot_readonly(ds: &Ds389) -> String {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-Q",
-            "-LLL",
-            "-Y",
-            "EXTERNAL",
-            "-H",
-            &ds.ldapi_url(),
-            "-b",
-            USERROOT_ENTRY,
-            "-s",
-            "base",
-            "nsslapd-readonly",
-        ],
-        None,
+    ldapi_search(
+        &ds.ldapi_url(),
+        &["-b", USERROOT_ENTRY, "-s", "base", "nsslapd-readonly"],
     )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    out.stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("nsslapd-readonly: "))
-        .collect::<Vec<_>>()
-        .join(",")
+    .await
+    .lines()
+    .filter_map(|l| l.strip_prefix("nsslapd-readonly: "))
+    .collect::<Vec<_>>()
+    .join(",")
 }
 
 /// A modify over 389's own ldapi socket as root (Directory Manager), which

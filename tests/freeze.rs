@@ -57,26 +57,6 @@ fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
     )
 }
 
-/// `attr` of entry `dn` as slapd itself returns it (ldapsearch, anonymous).
-async fn read_direct(lab: &Lab, dn: &str, attr: &str) -> ToolOutput {
-    ldap_tool(
-        "ldapsearch",
-        &[
-            "-x",
-            "-LLL",
-            "-H",
-            &lab.direct(),
-            "-b",
-            dn,
-            "-s",
-            "base",
-            attr,
-        ],
-        None,
-    )
-    .await
-}
-
 #[tokio::test]
 async fn ldapexop_on_status_off() {
     let lab = freeze_lab(|_| {}).await;
@@ -217,7 +197,7 @@ async fn readonly_holds_writes_lets_reads_through_and_keeps_order() {
     assert_eq!(frames.len(), 2);
     assert!(String::from_utf8_lossy(&frames[0]).contains("initial"));
     // The server has not seen the write.
-    let direct = read_direct(&lab, &dn, "description").await;
+    let direct = base_direct(&lab, &dn, "description").await;
     assert!(direct.stdout.contains("description: initial"), "{direct:?}");
 
     let (code, msg) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
@@ -957,7 +937,7 @@ async fn full_queue_stops_reading_and_releases_everything() {
     let ids: Vec<i32> = (2..=21).collect();
     let (_, codes) = recv_finals(&mut w, &ids).await;
     assert!(codes.iter().all(|&c| c == 0), "{codes:?}");
-    let direct = read_direct(&lab, &dn, "description").await;
+    let direct = base_direct(&lab, &dn, "description").await;
     let mut values: Vec<&str> = direct
         .stdout
         .lines()
@@ -1318,7 +1298,7 @@ async fn config_change(lab: &Lab, ldif: &str) {
 
 /// The `member` values of `dn`, as slapd itself returns them.
 async fn members(lab: &Lab, dn: &str) -> Vec<String> {
-    let out = read_direct(lab, dn, "member").await;
+    let out = base_direct(lab, dn, "member").await;
     assert_eq!(out.code, Some(0), "{out:?}");
     out.stdout
         .lines()
@@ -1553,7 +1533,7 @@ async fn losing_one_upstream_connection_while_frozen_ends_only_that_session() {
         call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
         0
     );
-    let out = read_direct(&lab, &user_dn(12), "description").await;
+    let out = base_direct(&lab, &user_dn(12), "description").await;
     assert!(out.stdout.contains("description: initial"), "{out:?}");
 }
 
@@ -1604,7 +1584,7 @@ async fn holder_connection_dying_ends_only_a_hold_until_unbind_freeze() {
         (Envelope::response(&m).unwrap().msgid, result_code(&m)),
         (3, Some(0))
     );
-    let out = read_direct(&lab, &user_dn(8), "description").await;
+    let out = base_direct(&lab, &user_dn(8), "description").await;
     assert!(
         out.stdout.contains("description: after second drop"),
         "{out:?}"
@@ -1627,7 +1607,7 @@ async fn shutdown_while_frozen_discards_queued_requests_tells_clients_and_runs_d
         c.backends = vec![b];
     })
     .await;
-    let before = read_direct(&lab, &user_dn(9), "description").await;
+    let before = base_direct(&lab, &user_dn(9), "description").await;
     let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     assert_eq!(
         call(&mut holder, ab(2, &AllowBackupRequest::on())).await.0,
@@ -1671,7 +1651,7 @@ async fn shutdown_while_frozen_discards_queued_requests_tells_clients_and_runs_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_dying_while_frozen_tells_clients_and_the_freeze_still_ends_cleanly() {
     let mut lab = freeze_lab(|_| {}).await;
-    let before = read_direct(&lab, &user_dn(12), "description").await;
+    let before = base_direct(&lab, &user_dn(12), "description").await;
     let mut holder = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     assert_eq!(
         call(&mut holder, ab(2, &AllowBackupRequest::on())).await.0,
@@ -1702,7 +1682,7 @@ async fn server_dying_while_frozen_tells_clients_and_the_freeze_still_ends_clean
     assert_eq!((s.state, s.queued_requests), (FreezeState::Frozen, 0));
     let mut op = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
     assert_eq!(call(&mut op, ab(2, &AllowBackupRequest::off())).await.0, 0);
-    assert_eq!(read_direct(&lab, &user_dn(12), "description").await, before);
+    assert_eq!(base_direct(&lab, &user_dn(12), "description").await, before);
     let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     let (code, _) = call(&mut w, modify(2, &user_dn(12), "description", "after")).await;
     assert_eq!(code, 0);
@@ -1718,7 +1698,7 @@ async fn a_client_closing_behind_its_full_queue_has_nothing_sent() {
     );
     let mut w = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     let dn = user_dn(10);
-    let before = read_direct(&lab, &dn, "description").await;
+    let before = base_direct(&lab, &dn, "description").await;
     let mut all = Vec::new();
     for v in 1..=12 {
         all.extend_from_slice(&encode(add_value(1 + v, &dn, &format!("gone{v}"))));
@@ -1736,7 +1716,7 @@ async fn a_client_closing_behind_its_full_queue_has_nothing_sent() {
         s.queued_requests == 0 && s.in_flight == 0
     })
     .await;
-    assert_eq!(read_direct(&lab, &dn, "description").await, before);
+    assert_eq!(base_direct(&lab, &dn, "description").await, before);
 }
 
 /// A stand-in for a server's cn=config between the proxy's drivers and

@@ -152,6 +152,24 @@ async fn assert_unchanged(lab: &Lab, suffix: &str, at_on: &Backend) {
     );
 }
 
+/// The slow add is still running at slapd: an operator's ON must wait for
+/// it (the entry exists when ON succeeds: `what` says which add, if not),
+/// and dc=example must not change until OFF.
+async fn freeze_behind_the_slow_add(lab: &Lab, what: &str) {
+    assert!(
+        !exists_direct(lab, SLOW_DN).await,
+        "precondition: the add is still running when ON is sent"
+    );
+    let mut op = operator(lab).await;
+    let at_on = freeze(lab, &mut op, AllowBackupRequest::on()).await;
+    assert!(
+        exists_direct(lab, SLOW_DN).await,
+        "ON succeeded before {what}"
+    );
+    assert_unchanged(lab, SUFFIX, &at_on).await;
+    thaw(&mut op).await;
+}
+
 /// Whether `dn` exists at slapd (a base search straight to it).
 async fn exists_direct(lab: &Lab, dn: &str) -> bool {
     let out = base_direct(lab, dn, "1.1").await;
@@ -328,18 +346,7 @@ async fn reusing_the_message_id_of_a_write_in_flight_does_not_hide_it_from_the_d
         .recv()
         .await
         .expect("a notice (or, today, the search's entry)");
-    assert!(
-        !exists_direct(&lab, SLOW_DN).await,
-        "precondition: the add is still running when ON is sent"
-    );
-    let mut op = operator(&lab).await;
-    let at_on = freeze(&lab, &mut op, AllowBackupRequest::on()).await;
-    assert!(
-        exists_direct(&lab, SLOW_DN).await,
-        "ON succeeded before the add whose message ID was reused had committed"
-    );
-    assert_unchanged(&lab, SUFFIX, &at_on).await;
-    thaw(&mut op).await;
+    freeze_behind_the_slow_add(&lab, "the add whose message ID was reused had committed").await;
     let msg = assert_notice(&first, 2);
     assert!(a.recv_all().await.is_empty(), "the session ended: {msg}");
 }
@@ -357,18 +364,7 @@ async fn abandoning_a_write_in_flight_does_not_hide_it_from_the_drain() {
     a.send_msg(search(7, "", 0, "(objectClass=*)", &["namingContexts"]))
         .await;
     let mut frames = a.recv_until_final(7).await;
-    assert!(
-        !exists_direct(&lab, SLOW_DN).await,
-        "precondition: the add is still running when ON is sent"
-    );
-    let mut op = operator(&lab).await;
-    let at_on = freeze(&lab, &mut op, AllowBackupRequest::on()).await;
-    assert!(
-        exists_direct(&lab, SLOW_DN).await,
-        "ON succeeded before the abandoned add had committed"
-    );
-    assert_unchanged(&lab, SUFFIX, &at_on).await;
-    thaw(&mut op).await;
+    freeze_behind_the_slow_add(&lab, "the abandoned add had committed").await;
     // The session goes on, and never hears of the abandoned add.
     a.send_msg(search(8, SUFFIX, 0, "(objectClass=*)", &["dc"]))
         .await;
@@ -410,18 +406,11 @@ async fn close_behind_a_slow_write(reset: bool) {
         a.stream.set_zero_linger().unwrap();
     }
     drop(a);
-    assert!(
-        !exists_direct(&lab, SLOW_DN).await,
-        "precondition: the add is still running when ON is sent"
-    );
-    let mut op = operator(&lab).await;
-    let at_on = freeze(&lab, &mut op, AllowBackupRequest::on()).await;
-    assert!(
-        exists_direct(&lab, SLOW_DN).await,
-        "ON succeeded before the closed (reset: {reset}) client's add had committed"
-    );
-    assert_unchanged(&lab, SUFFIX, &at_on).await;
-    thaw(&mut op).await;
+    freeze_behind_the_slow_add(
+        &lab,
+        &format!("the closed (reset: {reset}) client's add had committed"),
+    )
+    .await;
 }
 
 /// Item 4: a modify, a bind and a whoami pipelined in one write. slapd ends
@@ -662,28 +651,7 @@ async fn writes_to_cn_config_and_unknown_dns_are_held() {
     let db = "olcDatabase={1}mdb,cn=config";
     let index = |lab: &Lab| {
         let url = lab.slapd.ldapi_url();
-        async move {
-            let out = ldap_tool(
-                "ldapsearch",
-                &[
-                    "-Q",
-                    "-LLL",
-                    "-Y",
-                    "EXTERNAL",
-                    "-H",
-                    &url,
-                    "-b",
-                    db,
-                    "-s",
-                    "base",
-                    "olcDbIndex",
-                ],
-                None,
-            )
-            .await;
-            assert_eq!(out.code, Some(0), "{out:?}");
-            out.stdout
-        }
+        async move { ldapi_search(&url, &["-b", db, "-s", "base", "olcDbIndex"]).await }
     };
     let before = index(&lab).await;
     assert!(before.contains("olcDbIndex: cn,sn,mail eq,sub"), "{before}");

@@ -364,32 +364,34 @@ pub fn diagnostic(frame: &[u8]) -> String {
     }
 }
 
+/// `ldapsearch -LLL` over a server's ldapi socket with SASL EXTERNAL (as
+/// root: slapd's cn=config manager, 389's Directory Manager), bypassing the
+/// proxy; `args` are the base, scope, filter and attributes. Its output.
+pub async fn ldapi_search(ldapi_url: &str, args: &[&str]) -> String {
+    let mut all = vec!["-Q", "-LLL", "-Y", "EXTERNAL", "-H", ldapi_url];
+    all.extend_from_slice(args);
+    let out = ldap_tool("ldapsearch", &all, None).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+}
+
 /// The olcReadOnly line(s) of the dc=example,dc=org database in slapd's
 /// cn=config (empty: absent), read over its ldapi socket as root.
 pub async fn olc_read_only(ldapi_url: &str) -> String {
-    let out = ldap_tool(
-        "ldapsearch",
+    ldapi_search(
+        ldapi_url,
         &[
-            "-Q",
-            "-LLL",
-            "-Y",
-            "EXTERNAL",
-            "-H",
-            ldapi_url,
             "-b",
             "cn=config",
             "(olcSuffix=dc=example,dc=org)",
             "olcReadOnly",
         ],
-        None,
     )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    out.stdout
-        .lines()
-        .filter(|l| l.starts_with("olcReadOnly"))
-        .collect::<Vec<_>>()
-        .join(",")
+    .await
+    .lines()
+    .filter(|l| l.starts_with("olcReadOnly"))
+    .collect::<Vec<_>>()
+    .join(",")
 }
 
 /// One IPv4 TCP socket as the kernel lists it in /proc/net/tcp.
