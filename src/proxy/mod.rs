@@ -519,6 +519,7 @@ async fn accept_loop(
 pub struct ProxyHandle {
     endpoints: Vec<Endpoint>,
     engine: Arc<Engine>,
+    limits: Arc<limits::ConnLimits>,
     server_tls: Option<Arc<ServerTls>>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -530,6 +531,7 @@ impl ProxyHandle {
         let server = Server::bind(config).await?;
         let endpoints = server.endpoints();
         let engine = server.shared.engine.clone();
+        let limits = server.shared.limits.clone();
         let server_tls = server.server_tls();
         let stop = CancellationToken::new();
         let s = stop.clone();
@@ -537,6 +539,7 @@ impl ProxyHandle {
         Ok(ProxyHandle {
             endpoints,
             engine,
+            limits,
             server_tls,
             stop,
             task,
@@ -551,6 +554,12 @@ impl ProxyHandle {
     /// The proxy's freeze engine.
     pub fn engine(&self) -> Arc<Engine> {
         self.engine.clone()
+    }
+
+    /// Client connections open now (what `max_connections` counts): a
+    /// session's place is free once this has gone down.
+    pub fn open_connections(&self) -> usize {
+        self.limits.open()
     }
 
     /// Re-reads the TLS certificate and key, as SIGHUP does.
