@@ -151,16 +151,13 @@ pub enum BindIsWrite {
     /// root DSE lists the password policy control,
     /// 1.3.6.1.4.1.42.2.27.8.5.1: slapd with the ppolicy module, 389 DS),
     /// read at start-up and before each freeze; when the root DSE cannot be
-    /// read, they are.
+    /// read, they are. The default.
+    #[default]
     Auto,
     /// Always writes.
     Yes,
-    /// Never writes (the server records nothing on a bind). The default,
-    /// for now: with `auto` or `true`, an operator whose entry lies in a
-    /// frozen backend cannot bind on a new connection to end the freeze
-    /// (`hook --after`); a start-up warning says when the server has a
-    /// password policy.
-    #[default]
+    /// Never writes (the server records nothing on a bind); a start-up
+    /// warning says when the server has a password policy.
     No,
 }
 
@@ -211,6 +208,11 @@ pub struct FreezeConfig {
     pub lease_secs: u64,
     /// Treat binds as writes (servers that write on bind: ppolicy, lastbind).
     pub bind_is_write: BindIsWrite,
+    /// DNs whose binds the server records nothing for, so that they pass a
+    /// freeze even when binds count as writes: the rootdn of each slapd
+    /// database (`olcRootDN`; slapd's ppolicy skips it, "Root bypasses
+    /// policy"). An operator listed here can connect during a freeze.
+    pub root_dns: Vec<String>,
     /// Extended operations known to be read-only (held only in `stop` mode).
     pub read_only_extended: Vec<String>,
     /// Queued requests per connection; when reached, the proxy stops reading
@@ -235,7 +237,8 @@ impl Default for FreezeConfig {
             allowed_cert_subjects: Vec::new(),
             max_drain_secs: 30,
             lease_secs: 600,
-            bind_is_write: BindIsWrite::No,
+            bind_is_write: BindIsWrite::Auto,
+            root_dns: Vec::new(),
             read_only_extended: Vec::new(),
             queue_max_requests_per_conn: 1000,
             queue_max_bytes_per_conn: 4 * 1024 * 1024,
@@ -392,6 +395,13 @@ impl Config {
                  are only verified against it)"
                     .into(),
             ));
+        }
+        for dn in &f.root_dns {
+            if crate::freeze::dn::NormDn::parse(dn.as_bytes()).is_none_or(|n| n.is_root()) {
+                return Err(ConfigError::Invalid(format!(
+                    "freeze.root_dns: {dn:?} is not a DN"
+                )));
+            }
         }
         for dn in &f.allowed {
             if crate::freeze::dn::NormDn::parse(dn.as_bytes()).is_none_or(|n| n.is_root()) {

@@ -173,10 +173,14 @@ struct RunArgs {
 #[derive(Args)]
 #[command(group(ArgGroup::new("when").required(true).args(["before", "after"])))]
 struct HookArgs {
-    /// Before the backup: freeze (without holdUntilUnbind: the freeze stays
-    /// after this process exits, until `hook --after` or the lease ends).
+    /// Before the backup: freeze. The freeze stays after this command
+    /// exits, kept by a holder process (on the freeze's connection, with
+    /// holdUntilUnbind) until `hook --after` or the lease ends.
     #[arg(long)]
     before: bool,
+    /// Internal: be the holder `--before` starts.
+    #[arg(long, hide = true, requires = "before")]
+    hold: bool,
     /// After the backup: release the freeze --before recorded in the state
     /// file, and no other. Exits 0 when none is recorded (after a failed
     /// --before: OFF is not sent); 6 if that freeze ended early (lease,
@@ -566,53 +570,188 @@ fn hook_state(args: &HookArgs, target: &Target) -> HookState {
     }
 }
 
-/// `hook --before`: ON, and the freeze's id recorded in the state file
-/// (cleared first: a new job on this file).
+/// `hook --before`: starts the holder (`hook --before --hold`, this
+/// command's own arguments) and waits for it to say the freeze is set up
+/// (its first stdout line, `frozen\tMESSAGE`); a holder that exits instead
+/// has printed why on stderr, and its status is this command's.
 async fn hook_before(args: &HookArgs) -> u8 {
     const WHO: &str = "abproxy hook --before";
+    if args.hold {
+        return hook_hold(args).await;
+    }
     let req = freeze_request(&args.freeze);
     let limit = args.conn.timeout.unwrap_or_else(|| req.default_timeout());
-    let result = async {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            return fail(
+                WHO,
+                &OpError::usage(format!("cannot find abproxy itself: {e}"), ""),
+            )
+        }
+    };
+    let mut holder = match tokio::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--hold")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C after --before has
+        // returned is not for it.
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return fail(
+                WHO,
+                &OpError::usage(format!("cannot start the holder: {e}"), ""),
+            )
+        }
+    };
+    let stdout = holder.stdout.take().expect("piped");
+    let mut line = String::new();
+    let told = tokio::time::timeout(
+        limit + Duration::from_secs(5),
+        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut line),
+    )
+    .await;
+    match told {
+        Ok(Ok(_)) if line.starts_with("frozen\t") => {
+            print!("{}", &line["frozen\t".len()..]);
+            exit::OK
+        }
+        Ok(_) => match tokio::time::timeout(Duration::from_secs(10), holder.wait()).await {
+            Ok(Ok(st)) => st
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(exit::FAILED),
+            _ => {
+                let _ = holder.start_kill();
+                fail(
+                    WHO,
+                    &OpError::usage("the holder neither froze nor exited", ""),
+                )
+            }
+        },
+        Err(_) => {
+            // Killed before it could record anything: its connection ends,
+            // and the freeze with it (holdUntilUnbind).
+            let _ = holder.start_kill();
+            fail(
+                WHO,
+                &OpError {
+                    kind: ops::ErrorKind::Timeout,
+                    message: format!(
+                        "timed out after {} s waiting for the freeze",
+                        limit.as_secs() + 5
+                    ),
+                    hint: ops::ON_TIMEOUT_HINT.into(),
+                },
+            )
+        }
+    }
+}
+
+/// The holder: ON with holdUntilUnbind, the record and the socket, then
+/// `frozen\tMESSAGE` on stdout, then stdin/stdout/stderr on /dev/null, and
+/// it waits for `hook --after` (see [`ops::hook`]).
+async fn hook_hold(args: &HookArgs) -> u8 {
+    const WHO: &str = "abproxy hook --before";
+    let req = freeze_request(&args.freeze).with_hold_until_unbind(true);
+    let limit = args.conn.timeout.unwrap_or_else(|| req.default_timeout());
+    let off_limit = args.conn.timeout.unwrap_or(Duration::from_secs(30));
+    let set_up = async {
         let target = target(&args.conn)?;
         let state = hook_state(args, &target);
         state.clear()?;
+        let listener = state.listen()?;
         let progress = Progress::stderr(WHO);
-        ops::with_session_tls(
-            &target,
-            &client_tls(&args.conn),
-            limit,
-            ops::ON_TIMEOUT_HINT,
-            async |s| {
+        let (session, frozen, lease_end) =
+            ops::within(limit, &target.url, ops::ON_TIMEOUT_HINT, async {
+                let mut s = ops::Session::connect_tls(&target, &client_tls(&args.conn)).await?;
                 let frozen = {
                     let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
                     s.on(&req).await?
                 };
-                let record = frozen.id().map_or(HookRecord::Unknown, HookRecord::Freeze);
-                if let Err(e) = state.write(record) {
-                    // Unrecorded, --after could not end it: do not leave it.
-                    let _ = s.off_freeze(frozen.id()).await;
-                    return Err(OpError {
-                        message: format!("{}; the freeze was released again", e.message),
-                        ..e
-                    });
-                }
-                Ok(frozen)
-            },
-        )
-        .await
+                // The lease bounds the wait for --after; a status that cannot
+                // be read leaves the proxy's longest (a day).
+                let lease_end = s.status().await.ok().and_then(|st| st.lease_expires);
+                Ok((s, frozen, lease_end))
+            })
+            .await?;
+        let record = HookRecord {
+            freeze: frozen.id(),
+            holder: Some(std::process::id()),
+        };
+        if let Err(e) = state.write(record) {
+            // Unrecorded, --after could not end it: ending the connection
+            // ends the freeze (holdUntilUnbind).
+            session.close().await;
+            let _ = std::fs::remove_file(state.socket_path());
+            return Err(OpError {
+                message: format!("{}; the freeze was released again", e.message),
+                ..e
+            });
+        }
+        Ok((state, listener, session, frozen, lease_end))
     }
     .await;
-    match result {
-        Ok(frozen) => {
-            println!("{}", frozen.message);
-            exit::OK
+    let (state, listener, mut session, frozen, lease_end) = match set_up {
+        Ok(v) => v,
+        Err(e) => return fail(WHO, &e),
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let told = writeln!(out, "frozen\t{}", frozen.message).and_then(|()| out.flush());
+        if told.is_err() {
+            // --before is gone: nobody knows of this freeze.
+            session.close().await;
+            let _ = state.clear();
+            let _ = std::fs::remove_file(state.socket_path());
+            return exit::FAILED;
         }
-        Err(e) => fail(WHO, &e),
+    }
+    detach_stdio();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let left = lease_end.map_or(Duration::from_secs(86_400), |end| {
+        Duration::from_secs(end.saturating_sub(now))
+    });
+    let until = tokio::time::Instant::now() + left + ops::hook::HOLDER_GRACE;
+    let answered = ops::hook::hold(listener, &mut session, frozen.id(), off_limit, until).await;
+    session.close().await;
+    let _ = std::fs::remove_file(state.socket_path());
+    match answered {
+        Some(Ok(_)) => exit::OK,
+        Some(Err(e)) => e.exit_code(),
+        None => exit::FAILED,
+    }
+}
+
+/// Standard input, output and error on /dev/null: a backup tool waiting
+/// for the end of `hook --before`'s output must not wait for the holder.
+fn detach_stdio() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors; `null` stays open
+            // for the call.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
     }
 }
 
 /// `hook --after`: OFF of the freeze `hook --before` recorded, and only
-/// that one; nothing sent when none is recorded.
+/// that one: by its holder when it has one, else on a new connection;
+/// nothing sent when none is recorded.
 async fn hook_after(args: &HookArgs) -> u8 {
     const WHO: &str = "abproxy hook --after";
     let limit = args.conn.timeout.unwrap_or(Duration::from_secs(30));
@@ -621,9 +760,8 @@ async fn hook_after(args: &HookArgs) -> u8 {
         Err(e) => return fail(WHO, &e),
     };
     let state = hook_state(args, &target);
-    let id = match state.read() {
-        Ok(Some(HookRecord::Freeze(id))) => Some(id),
-        Ok(Some(HookRecord::Unknown)) => None,
+    let record = match state.read() {
+        Ok(Some(r)) => r,
         Ok(None) => {
             println!(
                 "nothing to release: no freeze recorded in {} (hook --before failed, or ran \
@@ -634,14 +772,33 @@ async fn hook_after(args: &HookArgs) -> u8 {
         }
         Err(e) => return fail(WHO, &e),
     };
-    let result = ops::with_session_tls(
-        &target,
-        &client_tls(&args.conn),
-        limit,
-        ops::TIMEOUT_HINT,
-        async |s| s.off_freeze(id).await,
-    )
-    .await;
+    let result = if let Some(pid) = record.holder {
+        match ops::hook::ask_holder(&state, limit).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // No holder: its connection, and the freeze, have ended.
+                if let Err(e) = state.clear() {
+                    eprintln!("{WHO}: warning: {e}");
+                }
+                eprintln!(
+                    "{WHO}: warning: the freeze hook --before set up has ended: its holder \
+                     (process {pid}) is gone (killed, or its lease ended long ago), and with \
+                     its connection the freeze; the backup may be inconsistent"
+                );
+                return exit::FAILED;
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        ops::with_session_tls(
+            &target,
+            &client_tls(&args.conn),
+            limit,
+            ops::TIMEOUT_HINT,
+            async |s| s.off_freeze(record.freeze).await,
+        )
+        .await
+    };
     // The proxy has answered about this freeze: the record is spent. Kept
     // when it may not have (unreachable, timeout) or asked for a retry
     // (busy), so that running --after again works.

@@ -50,6 +50,9 @@ use tokio::task::JoinHandle;
 use crate::endpoint::Endpoint;
 use crate::tls::describe_io;
 
+pub mod hook;
+pub use hook::{HookRecord, HookState};
+
 /// Exit statuses of the operator commands.
 pub mod exit {
     /// Done.
@@ -1283,163 +1286,6 @@ impl Progress {
     }
 }
 
-/// Where `abproxy hook --before` records the id of the freeze it set up,
-/// for `hook --after` to end that freeze and no other.
-///
-/// The file holds one line, `freeze-id N` (`freeze-id unknown` from a proxy
-/// that does not report ids: `--after` then sends a plain OFF). `--before`
-/// removes the record first, and writes it once ON succeeded; `--after`
-/// removes it once the proxy has answered its OFF. No record: `--after`
-/// sends nothing (a plain OFF could end another job's freeze).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HookState {
-    path: PathBuf,
-}
-
-/// What a [`HookState`] file records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HookRecord {
-    /// `hook --before` set up this freeze.
-    Freeze(u64),
-    /// `hook --before` set up a freeze, but the proxy did not say its id.
-    Unknown,
-}
-
-impl HookState {
-    /// A state file at `path`.
-    pub fn new(path: impl Into<PathBuf>) -> HookState {
-        HookState { path: path.into() }
-    }
-
-    /// The default state file of this user for this proxy and identity:
-    /// `$XDG_RUNTIME_DIR/abproxy-hook-HASH`, else
-    /// `$TMPDIR/abproxy-hook-UID-HASH` (`/tmp` by default), HASH a digest
-    /// of the URL, the bind DN and the client certificate file. Jobs that
-    /// may overlap need a state file each (`--state-file`).
-    pub fn default_for(target: &Target, tls: &ClientTls) -> HookState {
-        // FNV-1a, 64 bits: a stable name, not a secret.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let cert = tls
-            .cert_file
-            .as_deref()
-            .map(|p| p.to_string_lossy().into_owned());
-        for part in [
-            Some(target.url.as_str()),
-            target.bind_dn.as_deref(),
-            cert.as_deref(),
-        ] {
-            for b in part.unwrap_or("").bytes().chain([0]) {
-                hash ^= u64::from(b);
-                hash = hash.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        let path = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
-            Some(dir) if dir.is_absolute() => dir.join(format!("abproxy-hook-{hash:016x}")),
-            _ => {
-                // SAFETY: geteuid cannot fail.
-                let uid = unsafe { libc::geteuid() };
-                std::env::temp_dir().join(format!("abproxy-hook-{uid}-{hash:016x}"))
-            }
-        };
-        HookState { path }
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn error(&self, what: &str, e: impl fmt::Display) -> OpError {
-        OpError::usage(
-            format!(
-                "cannot {what} the hook state file {}: {e}",
-                self.path.display()
-            ),
-            "give --state-file FILE (ABPROXY_HOOK_STATE) in a directory this user can write, \
-             the same for hook --before and hook --after",
-        )
-    }
-
-    /// The record, `None` if there is none.
-    ///
-    /// # Errors
-    ///
-    /// A usage error if the file cannot be read, is not a regular file
-    /// owned by this user, or does not hold a record.
-    pub fn read(&self) -> Result<Option<HookRecord>, OpError> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = match std::fs::symlink_metadata(&self.path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.error("read", e)),
-        };
-        // SAFETY: geteuid cannot fail.
-        let uid = unsafe { libc::geteuid() };
-        if !meta.file_type().is_file() || meta.uid() != uid {
-            return Err(self.error(
-                "trust",
-                format!("not a regular file owned by uid {uid} (someone else's, or a link)"),
-            ));
-        }
-        let text = std::fs::read_to_string(&self.path).map_err(|e| self.error("read", e))?;
-        let value = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("freeze-id "))
-            .map(str::trim);
-        match value {
-            Some("unknown") => Ok(Some(HookRecord::Unknown)),
-            Some(v) => match v.parse() {
-                Ok(id) => Ok(Some(HookRecord::Freeze(id))),
-                Err(_) => Err(self.error("use", "no `freeze-id N` line")),
-            },
-            None => Err(self.error("use", "no `freeze-id N` line")),
-        }
-    }
-
-    /// Records `record` (mode 0600, replacing the file atomically).
-    ///
-    /// # Errors
-    ///
-    /// A usage error if the file cannot be written.
-    pub fn write(&self, record: HookRecord) -> Result<(), OpError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let line = match record {
-            HookRecord::Freeze(id) => format!("freeze-id {id}\n"),
-            HookRecord::Unknown => "freeze-id unknown\n".to_owned(),
-        };
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(line.as_bytes()))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(self.error("write", e));
-        }
-        Ok(())
-    }
-
-    /// Removes the record (nothing to do if there is none).
-    ///
-    /// # Errors
-    ///
-    /// A usage error if an existing file cannot be removed.
-    pub fn clear(&self) -> Result<(), OpError> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.error("remove", e)),
-        }
-    }
-}
-
 /// `abproxy run`: what to freeze and what to run.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -1711,44 +1557,6 @@ mod tests {
             Some(42)
         );
         assert_eq!(id("frozen: dc=example,dc=org"), None);
-    }
-
-    #[test]
-    fn hook_state_records_and_forgets() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = HookState::new(dir.path().join("s"));
-        assert_eq!(state.read().unwrap(), None);
-        state.write(HookRecord::Freeze(7)).unwrap();
-        assert_eq!(state.read().unwrap(), Some(HookRecord::Freeze(7)));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(state.path())
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        state.write(HookRecord::Unknown).unwrap();
-        assert_eq!(state.read().unwrap(), Some(HookRecord::Unknown));
-        state.clear().unwrap();
-        state.clear().unwrap();
-        assert_eq!(state.read().unwrap(), None);
-        // A link is not trusted.
-        std::os::unix::fs::symlink("/etc/passwd", state.path()).unwrap();
-        assert_eq!(state.read().unwrap_err().exit_code(), exit::USAGE);
-        // One file per URL and identity.
-        let t = |dn: &str| Target {
-            url: DEFAULT_URL.into(),
-            bind_dn: Some(dn.into()),
-            password: None,
-        };
-        let tls = ClientTls::default();
-        assert_eq!(
-            HookState::default_for(&t("cn=a"), &tls),
-            HookState::default_for(&t("cn=a"), &tls)
-        );
-        assert_ne!(
-            HookState::default_for(&t("cn=a"), &tls),
-            HookState::default_for(&t("cn=b"), &tls)
-        );
     }
 
     #[test]

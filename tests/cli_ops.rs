@@ -574,6 +574,43 @@ async fn hook_before_holds_writes_until_hook_after() {
 }
 
 #[tokio::test]
+async fn a_killed_hook_holder_ends_its_freeze_and_after_says_so() {
+    let lab = lab(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("job");
+    let state = state.to_str().unwrap();
+    let out = abproxy(&lab, &["hook", "--before", "--state-file", state]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let record = std::fs::read_to_string(state).unwrap();
+    let pid: i32 = record
+        .lines()
+        .find_map(|l| l.strip_prefix("holder "))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{record:?}"));
+    assert_eq!(status(&lab).await.state, State::Frozen);
+    // The holder dies: its connection ends, and the freeze with it
+    // (holdUntilUnbind): nothing stays frozen for a dead job.
+    // SAFETY: a plain kill of the holder this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_status(&lab, "the freeze to end with its holder", |s| {
+        s.state == State::Thawed
+    })
+    .await;
+    let out = abproxy(&lab, &["hook", "--after", "--state-file", state]).await;
+    assert_eq!(out.code, Some(6), "{out:?}");
+    assert!(
+        out.stderr
+            .contains(&format!("its holder (process {pid}) is gone"))
+            && out.stderr.contains("may be inconsistent"),
+        "{out:?}"
+    );
+    // Reported once.
+    let out = abproxy(&lab, &["hook", "--after", "--state-file", state]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("nothing to release"), "{out:?}");
+}
+
+#[tokio::test]
 async fn hook_after_alone_or_after_a_failed_before_exits_0() {
     let lab = lab(|_| {}).await;
     let out = abproxy(&lab, &["hook", "--after"]).await;
@@ -691,10 +728,14 @@ async fn a_hook_whose_before_was_busy_does_not_release_another_jobs_freeze() {
     let out = abproxy(&lab, &["hook", "--before", "--state-file", a_state]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     let a_id = freeze_id_in(&out.stdout);
-    assert_eq!(
-        std::fs::read_to_string(a_state).unwrap(),
-        format!("freeze-id {a_id}\n")
-    );
+    // The record: the freeze's id and the holder keeping its connection.
+    let record = std::fs::read_to_string(a_state).unwrap();
+    let holder: i32 = record
+        .strip_prefix(&format!("freeze-id {a_id}\nholder "))
+        .and_then(|pid| pid.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("{record:?}"));
+    // SAFETY: signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(holder, 0) }, 0, "the holder runs");
     let out = abproxy(&lab, &["hook", "--before", "--state-file", b_state]).await;
     assert_eq!(out.code, Some(3), "{out:?}");
     assert!(out.stderr.contains("busy (51)"), "{out:?}");
@@ -851,17 +892,8 @@ async fn uids_not_listed_are_refused_on_ldapi() {
 /// to the hex shown), freezes what it says, and the OFF line releases it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_ldapexop_lines_work_as_written() {
-    const BACKUP_DN: &str = "cn=backup,dc=example,dc=org";
-    let lab = lab(|c| c.freeze.allowed.push(BACKUP_DN.into())).await;
-    let out = ldap_tool(
-        "ldapadd",
-        &["-x", "-H", &lab.direct(), "-D", ADMIN_DN, "-w", ADMIN_PW],
-        Some(&format!(
-            "dn: {BACKUP_DN}\nobjectClass: organizationalRole\nobjectClass: simpleSecurityObject\ncn: backup\nuserPassword: secret\n"
-        )),
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
+    // The lab's rootdn (password "secret") is an operator, in root_dns.
+    let lab = lab(|_| {}).await;
 
     let readme = include_str!("../README.md");
     let marker = "<!-- recipe: ldapexop -->\n```sh\n";

@@ -950,7 +950,12 @@ async fn full_queue_stops_reading_and_releases_everything() {
 
 #[tokio::test]
 async fn binds_can_count_as_writes() {
-    let lab = freeze_lab(|c| c.freeze.bind_is_write = true.into()).await;
+    let lab = freeze_lab(|c| {
+        c.freeze.bind_is_write = true.into();
+        // No rootdn named: the operator's binds are writes like any.
+        c.freeze.root_dns.clear();
+    })
+    .await;
     let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     assert_eq!(
         call(
@@ -986,6 +991,35 @@ async fn binds_can_count_as_writes() {
         Some(49),
         "invalidCredentials, once thawed"
     );
+}
+
+#[tokio::test]
+async fn binds_to_a_rootdn_pass_a_freeze_and_write_nothing() {
+    // The default (`auto`, slapd with ppolicy: binds are writes), and the
+    // lab's rootdns in root_dns, as an admin would configure them.
+    let lab = freeze_lab(|_| {}).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let csn = context_csn(&lab, "dc=example,dc=org").await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    // A user's bind is held; a wrong password for the rootdn is answered
+    // at once (slapd's ppolicy skips its rootdn: nothing is written).
+    let mut u = RawConn::connect(&lab.proxy_addr()).await;
+    u.send_msg(bind(1, &user_dn(2), "wrong")).await;
+    wait_status(&lab, "a held bind", |s| s.queued_requests == 1).await;
+    let mut intruder = RawConn::connect(&lab.proxy_addr()).await;
+    intruder
+        .send_msg(bind(1, "CN=admin, dc=example,dc=org", "wrong"))
+        .await;
+    assert_eq!(result_code(&intruder.recv().await.unwrap()), Some(49));
+    // The operator connects during the freeze, reads the status, ends it.
+    let mut op = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(context_csn(&lab, "dc=example,dc=org").await, csn);
+    assert_nothing_pending(&mut u).await;
+    assert_eq!(call(&mut op, ab(2, &AllowBackupRequest::off())).await.0, 0);
+    assert_eq!(result_code(&u.recv().await.unwrap()), Some(49));
 }
 
 /// A driver whose prepare fails, or that counts its done calls.

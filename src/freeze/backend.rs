@@ -257,6 +257,9 @@ pub struct ClassifyOptions {
     /// pwdFailureTime or lastbind): `bind_is_write`, or what `auto` found
     /// (changed only while nothing is frozen).
     pub bind_is_write: std::sync::atomic::AtomicBool,
+    /// DNs whose binds write nothing whatever `bind_is_write` says
+    /// (`root_dns`: the server's rootdns).
+    pub root_dns: Vec<NormDn>,
     /// Extended operations known to be read-only (held only in stop mode).
     pub read_only_extended: Vec<String>,
 }
@@ -300,6 +303,9 @@ impl BackendMap {
                 let kind = if opts
                     .bind_is_write
                     .load(std::sync::atomic::Ordering::Relaxed)
+                    && !dn
+                        .and_then(NormDn::parse)
+                        .is_some_and(|n| opts.root_dns.contains(&n))
                 {
                     Kind::Write
                 } else {

@@ -367,6 +367,11 @@ impl Engine {
             // `auto` starts as writes: until the server's root DSE says
             // otherwise, the proxy cannot tell.
             bind_is_write: (cfg.bind_is_write != BindIsWrite::No).into(),
+            root_dns: cfg
+                .root_dns
+                .iter()
+                .filter_map(|d| NormDn::parse(d.as_bytes()))
+                .collect(),
             read_only_extended: cfg.read_only_extended.clone(),
         };
         Engine {
@@ -448,16 +453,19 @@ impl Engine {
     /// identities allowed to use Allow-Backup are never held while binds
     /// count as reads, so an operator can always connect to end a freeze
     /// (even in `stop` mode). With `bind_is_write` they are held like any
-    /// bind into a frozen backend: a bind with a wrong password would write
-    /// (ppolicy's `pwdFailureTime`) into it, and anyone can send one. See
+    /// bind into a frozen backend (a bind with a wrong password would write
+    /// ppolicy's `pwdFailureTime` into it, and anyone can send one), unless
+    /// they are in `root_dns` (the server records nothing for them). See
     /// [`Engine::operator_bind_warnings`].
     pub fn classify(&self, env: &Envelope, frame: &[u8], bound_dn: Option<&[u8]>) -> Class {
         if env.op == crate::wire::op::BIND_REQUEST
-            && !self.binds_are_writes()
             && env
                 .dn_bytes(frame)
                 .and_then(NormDn::parse)
-                .is_some_and(|n| self.allowed.contains(&n))
+                .is_some_and(|n| {
+                    self.allowed.contains(&n)
+                        && (!self.binds_are_writes() || self.classify.root_dns.contains(&n))
+                })
         {
             return Class::NEVER;
         }
@@ -479,16 +487,21 @@ impl Engine {
             .allowed
             .iter()
             .filter_map(|dn| {
-                let i = NormDn::parse(dn.as_bytes()).and_then(|n| map.holding(&n))?;
+                let n = NormDn::parse(dn.as_bytes())?;
+                if self.classify.root_dns.contains(&n) {
+                    return None;
+                }
+                let i = map.holding(&n)?;
                 Some(format!(
                     "freeze.allowed {dn} lies under backend {} and binds may count as writes \
                      (bind_is_write true, or auto with a server that has a password policy): its binds \
                      are held while that backend is frozen (a bind with a wrong password would \
-                     write into it), so it can end a freeze only on the connection that started \
-                     it (abproxy run, hook and ldapexop on one connection); authorise operators \
-                     that must connect during a freeze by freeze.allowed_uids (ldapi), \
-                     freeze.allowed_cert_subjects (TLS) or a DN outside the backends (such as a \
-                     rootdn under cn=config)",
+                     write into it): abproxy run and hook keep the connection that started the \
+                     freeze and end it there, but abproxy status, off and ldapexop on a new \
+                     connection wait for the freeze to end; authorise operators that must \
+                     connect during a freeze by freeze.allowed_uids (ldapi), \
+                     freeze.allowed_cert_subjects (TLS), a DN outside the backends (such as a \
+                     rootdn under cn=config) or the backend's rootdn listed in freeze.root_dns",
                     map.backends()[i].suffix
                 ))
             })
@@ -1607,6 +1620,58 @@ mod tests {
         assert_eq!(engine(false).classify(&env, &bind, None), Class::NEVER);
         let c = engine(true).classify(&env, &bind, None);
         assert_eq!((c.kind, c.backends), (Kind::Write, BackendSet(1)));
+    }
+
+    #[test]
+    fn binds_to_root_dns_write_nothing_and_operators_among_them_are_never_held() {
+        use ldap3_proto::proto::{LdapBindCred, LdapBindRequest, LdapMsg, LdapOp};
+        let bind = |dn: &str| {
+            crate::wire::pdu::encode(LdapMsg::new(
+                1,
+                LdapOp::BindRequest(LdapBindRequest {
+                    version: 3,
+                    dn: dn.into(),
+                    cred: LdapBindCred::Simple("wrong".into()),
+                }),
+            ))
+        };
+        let cfg = FreezeConfig {
+            allowed: vec![
+                "cn=admin,dc=example,dc=org".into(),
+                "cn=backup,dc=example,dc=org".into(),
+            ],
+            bind_is_write: BindIsWrite::Yes,
+            // Another spelling of the same DNs.
+            root_dns: vec![
+                "CN=Admin, DC=Example,dc=org".into(),
+                "cn=Manager,dc=example,dc=org".into(),
+            ],
+            ..FreezeConfig::default()
+        };
+        let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Readonly)]).unwrap();
+        let e = Engine::new(cfg, map);
+        let class = |dn: &str| {
+            let frame = bind(dn);
+            let env = Envelope::request(&frame).unwrap();
+            e.classify(&env, &frame, None)
+        };
+        // An operator that is a rootdn: never held, even in stop mode.
+        assert_eq!(class("cn=admin,dc=example,dc=org"), Class::NEVER);
+        // A rootdn that is no operator: a read of its backend.
+        let c = class("cn=manager,dc=example,dc=org");
+        assert_eq!((c.kind, c.backends), (Kind::Read, BackendSet(1)));
+        // An operator that is no rootdn, and anyone else: writes.
+        for dn in ["cn=backup,dc=example,dc=org", "uid=u1,dc=example,dc=org"] {
+            let c = class(dn);
+            assert_eq!((c.kind, c.backends), (Kind::Write, BackendSet(1)), "{dn}");
+        }
+        // Only the operator that is no rootdn is warned about.
+        let w = e.operator_bind_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("freeze.allowed cn=backup,dc=example,dc=org "),
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::lab::{Slapd, SlapdOptions};
+use abproxy::lab::{Slapd, SlapdOptions, OTHER_ADMIN_DN};
 use abproxy::wire::envelope::oid;
 use abproxy::wire::{op, Envelope, FrameCodec};
 use abproxy::ProxyHandle;
@@ -49,6 +49,9 @@ impl Lab {
             upstream: slapd.url(),
             ..Config::default()
         };
+        // What is true of the lab's slapd: binds to its databases' rootdns
+        // write nothing (its ppolicy skips them).
+        config.freeze.root_dns = vec![ADMIN_DN.into(), OTHER_ADMIN_DN.into()];
         tweak(&mut config);
         let proxy = ProxyHandle::spawn(config).await.expect("start proxy");
         let recorder = match proxy.url().strip_prefix("ldap://") {
