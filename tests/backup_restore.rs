@@ -1,11 +1,11 @@
 //! End to end: file-level backups of a live slapd taken while clients keep
 //! writing through the proxy, restored into a second slapd.
 //!
-//! The README's recipes are run as written: each block marked
-//! `<!-- recipe: NAME -->` is read from README.md at compile time and run
-//! with `sh` (Bacula's and borgmatic's hook lines: the commands those tools
-//! would run, in their order), with the test's paths in the variables the
-//! README names.
+//! The recipes of docs/recipes.md are run as written: each block marked
+//! `<!-- recipe: NAME -->` is read from docs/recipes.md at compile time and
+//! run with `sh` (Bacula's and borgmatic's hook lines: the commands those
+//! tools would run, in their order), with the test's paths in the variables
+//! docs/recipes.md names.
 
 mod support;
 
@@ -126,7 +126,7 @@ impl Writers {
 }
 
 /// A slapd whose `cn=backup,dc=example,dc=org` may freeze, the proxy in
-/// front of it (in process, or configured by `tweak`), the README's
+/// front of it (in process, or configured by `tweak`), the recipes'
 /// variables pointing at it, and writers running.
 struct Scene {
     lab: Lab,
@@ -192,7 +192,7 @@ impl Scene {
         }
     }
 
-    /// The README's variables for this lab, and `abproxy` on PATH.
+    /// The recipes' variables for this lab, and `abproxy` on PATH.
     fn vars(&self) -> Vec<(String, String)> {
         recipe_vars(
             self.lab.slapd.dir(),
@@ -201,7 +201,7 @@ impl Scene {
         )
     }
 
-    /// Runs `script` with `sh -c` and the README's variables.
+    /// Runs `script` with `sh -c` and the recipes' variables.
     async fn sh(&self, script: &str) -> ToolOutput {
         run(
             "sh",
@@ -256,7 +256,7 @@ impl Scene {
         s["state"].as_str().unwrap().to_string()
     }
 
-    /// Restores `$BACKUP/ldap-db.tar` with the README's restore recipe into
+    /// Restores `$BACKUP/ldap-db.tar` with docs/recipes.md's restore recipe into
     /// a new slapd and checks it holds what `$BACKUP/live.ldif` (the dump
     /// taken in the same freeze) holds; returns the number of written
     /// entries in it.
@@ -269,7 +269,7 @@ impl Scene {
     }
 }
 
-/// The README's variables: ABPROXY_URL, ABPROXY_BIND_DN, ABPROXY_PASSWORD,
+/// The recipes' variables: ABPROXY_URL, ABPROXY_BIND_DN, ABPROXY_PASSWORD,
 /// SLAPD_D, DB, BACKUP; and PATH with `abproxy` and slapcat.
 fn recipe_vars(slapd_dir: &Path, proxy_url: &str, backup: &Path) -> Vec<(String, String)> {
     let bin_dir = Path::new(BIN).parent().unwrap().display().to_string();
@@ -303,7 +303,7 @@ async fn run(prog: &str, args: &[&str], env: &[(&str, &str)]) -> ToolOutput {
     ToolOutput::from(out)
 }
 
-/// Runs the README's restore lines on `$BACKUP/ldap-db.tar` into a new
+/// Runs docs/recipes.md's restore lines on `$BACKUP/ldap-db.tar` into a new
 /// directory and starts a second slapd on it; its dump.
 async fn restore(live: &Slapd, proxy_url: &str, backup: &Path) -> String {
     let db = tempfile::tempdir().unwrap();
@@ -449,7 +449,7 @@ async fn readme_bacula_hooks_around_a_backup_job() {
     let job = |key: &str| {
         let line = cmds
             .get(key)
-            .unwrap_or_else(|| panic!("README's Bacula block has {key}"))
+            .unwrap_or_else(|| panic!("the Bacula recipe has {key}"))
             .replace("/usr/local/bin/abproxy", BIN)
             .replace("/etc/bacula/abproxy.pw", &pw);
         let url = url.clone();
@@ -811,7 +811,7 @@ async fn readme_btrfs_snapshot_recipe_backs_up_under_writes() {
     );
 }
 
-/// The variables the recipes use are the README's settings, and the ones
+/// The variables the recipes use are the recipes' settings, and the ones
 /// the tests set.
 #[test]
 fn readme_recipes_use_the_settings_variables() {

@@ -887,7 +887,7 @@ async fn uids_not_listed_are_refused_on_ldapi() {
     assert!(on.stderr.contains("allowed_uids"), "{on:?}");
 }
 
-/// The README's `ldapexop` lines, run as written (with the lab's proxy for
+/// docs/allow-backup.md's `ldapexop` lines, run as written (with the lab's proxy for
 /// `ldap://proxy:389`): each ON value decodes to what its comment says (and
 /// to the hex shown), freezes what it says, and the OFF line releases it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -895,7 +895,7 @@ async fn readme_ldapexop_lines_work_as_written() {
     // The lab's rootdn (password "secret") is an operator, in root_dns.
     let lab = lab(|_| {}).await;
 
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../docs/allow-backup.md");
     let marker = "<!-- recipe: ldapexop -->\n```sh\n";
     let block = &readme[readme.find(marker).expect("the marked block") + marker.len()..];
     let block = &block[..block.find("```").unwrap()];

@@ -3,7 +3,7 @@
 //! `tests/support/pki.rs`): `abproxy on|status|off` over `ldaps://` and over
 //! StartTLS with a bind DN and password (with `require_tls = true`), by
 //! client certificate alone (`allowed_cert_subjects`), `abproxy run` over
-//! ldaps with a command that sees writes held, the README's TLS blocks as
+//! ldaps with a command that sees writes held, docs/operations.md's TLS blocks as
 //! written, and the exit codes of TLS failures and of a certificate that is
 //! not allowed.
 
@@ -70,7 +70,7 @@ async fn abproxy(args: &[&str], env: &[(&str, &str)]) -> ToolOutput {
     run_with(BIN, args, env).await
 }
 
-/// Runs a README block with `sh -e`, `replace` applied (the README's
+/// Runs a docs block with `sh -e`, `replace` applied (the docs'
 /// addresses and paths for the lab's).
 async fn run_recipe(name: &str, replace: &[(&str, &str)]) -> ToolOutput {
     let mut script = recipe(name).to_string();
@@ -81,7 +81,7 @@ async fn run_recipe(name: &str, replace: &[(&str, &str)]) -> ToolOutput {
     run_with("sh", &["-ec", &script], &[]).await
 }
 
-/// The PKI directory as the README's `/etc/abproxy/tls/`.
+/// The PKI directory as the docs' `/etc/abproxy/tls/`.
 fn tls_dir(pki: &Pki) -> String {
     format!("{}/", pki.dir.path().display())
 }
@@ -123,7 +123,7 @@ async fn on_status_off(env: &[(&str, &str)], holder: &str) {
 
 /// With `require_tls = true`: on/status/off over ldaps:// and over StartTLS
 /// (flag and variable) bound with a password; the same in clear is refused
-/// with confidentialityRequired; the README's StartTLS block as written;
+/// with confidentialityRequired; docs/operations.md's StartTLS block as written;
 /// TLS options that cannot apply are usage errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_operator_over_ldaps_and_starttls_with_require_tls() {
@@ -194,7 +194,7 @@ async fn password_operator_over_ldaps_and_starttls_with_require_tls() {
         assert!(!out.stderr.contains(ADMIN_PW) && !out.stdout.contains(ADMIN_PW));
     }
 
-    // The README's StartTLS block, with cn=backup,dc=example,dc=org.
+    // docs/operations.md's StartTLS block, with cn=backup,dc=example,dc=org.
     let add = ldap_tool(
         "ldapadd",
         &["-x", "-H", &lab.direct(), "-D", ADMIN_DN, "-w", ADMIN_PW],
@@ -249,7 +249,7 @@ async fn password_operator_over_ldaps_and_starttls_with_require_tls() {
     assert!(no_key.stderr.contains("--key-file"), "{no_key:?}");
 }
 
-/// The README's certificate block as written: on, status (holder: the
+/// docs/operations.md's certificate block as written: on, status (holder: the
 /// certificate's subject), off, with no bind and no password. A certificate
 /// from the same CA whose subject is not allowed, and no certificate at
 /// all, are refused with the access exit code (3).

@@ -1466,7 +1466,7 @@ async fn openldap_driver_refuses_partial_freezes_that_linking_overlays_would_bre
     proxy.shutdown().await.unwrap();
 
     // What the refusal prevents, shown through the lab's proxy (no driver,
-    // so no check: the README leaves partial freezes to the administrator
+    // so no check: docs/allow-backup.md leaves partial freezes to the administrator
     // there): with only dc=example frozen, a delete in dc=other passes and
     // slapd's refint rewrites a group in the frozen dc=example.
     let group = "cn=linked,ou=groups,dc=example,dc=org";

@@ -1,8 +1,8 @@
 //! Limits, each hit on purpose against a real slapd: the request size
 //! before and after a bind, connections in total and per source address,
 //! the idle timeout, requests outstanding per connection, and response
-//! bytes buffered for a client that does not read. README: "Limits and
-//! failure behaviour".
+//! bytes buffered for a client that does not read. docs/configuration.md:
+//! "Limits and failure behaviour".
 
 mod support;
 

@@ -186,7 +186,7 @@ async fn ldapsearch_over_starttls_and_ldaps_equals_direct() {
             .contains("dn: uid=user1,ou=people,dc=example,dc=org"));
         assert_eq!(d.stdout, p.stdout, "{tls}");
     }
-    // The README's lines, as written, with the test's CA and ports: the same
+    // docs/tls.md's lines, as written, with the test's CA and ports: the same
     // output through the proxy as from slapd's own TLS.
     let run = |ldap: String, ldaps: String| {
         let script = recipe("tls-ldapsearch")
@@ -650,7 +650,7 @@ async fn client_certificate_subject_can_freeze_without_a_bind() {
         };
         assert_eq!(ldap.extended(off).await.unwrap().1.rc, 0);
     }
-    // ldap-utils with the client certificate, no password (the README's
+    // ldap-utils with the client certificate, no password (docs/tls.md's
     // example).
     let env = [
         ("LDAPTLS_CERT", pki.client.0.as_path()),

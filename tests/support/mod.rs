@@ -261,17 +261,36 @@ pub async fn round_trip(c: &mut RawConn, msgid: i32) {
     assert_eq!(result_code(r.last().unwrap()), Some(0));
 }
 
-const README: &str = include_str!("../../README.md");
+/// The pages that hold recipes, read at compile time.
+const DOCS: &[(&str, &str)] = &[
+    ("docs/recipes.md", include_str!("../../docs/recipes.md")),
+    (
+        "docs/operations.md",
+        include_str!("../../docs/operations.md"),
+    ),
+    ("docs/tls.md", include_str!("../../docs/tls.md")),
+    (
+        "docs/allow-backup.md",
+        include_str!("../../docs/allow-backup.md"),
+    ),
+    ("README.md", include_str!("../../README.md")),
+];
 
-/// The body of the README code block marked `<!-- recipe: NAME -->`.
+/// The body of the code block marked `<!-- recipe: NAME -->` in the docs.
 pub fn recipe(name: &str) -> &'static str {
     let marker = format!("<!-- recipe: {name} -->");
+    let found: Vec<(&str, usize)> = DOCS
+        .iter()
+        .map(|(page, text)| (*page, text.matches(&marker).count()))
+        .filter(|(_, n)| *n > 0)
+        .collect();
     assert_eq!(
-        README.matches(&marker).count(),
+        found.iter().map(|(_, n)| n).sum::<usize>(),
         1,
-        "README.md has one {marker}"
+        "one {marker} in the docs (found: {found:?})"
     );
-    let rest = &README[README.find(&marker).unwrap() + marker.len()..];
+    let page = DOCS.iter().find(|(p, _)| *p == found[0].0).unwrap().1;
+    let rest = &page[page.find(&marker).unwrap() + marker.len()..];
     let fence = rest.find("```").expect("a code block after the marker");
     assert!(
         rest[..fence].trim().is_empty(),
