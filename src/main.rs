@@ -394,6 +394,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ..Config::default()
     };
     config.freeze.allowed = vec![lab::ADMIN_DN.to_string()];
+    // The lab's rootdn: its binds write nothing (slapd's ppolicy skips it),
+    // so the operator can connect during a freeze to read the status and
+    // end it.
+    config.freeze.root_dns = vec![lab::ADMIN_DN.to_string()];
     let server = Server::bind(config).await?;
     let (admin, pw, user1, pw1) = (
         lab::ADMIN_DN,

@@ -21,6 +21,7 @@ async fn sigkill_while_frozen_is_undone_at_the_next_start() {
             r#"state_file = "{state}"
 [freeze]
 allowed = ["{ADMIN_DN}"]
+root_dns = ["{ADMIN_DN}"]
 [[backends]]
 suffix = "dc=example,dc=org"
 driver = "openldap"

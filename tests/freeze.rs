@@ -16,8 +16,11 @@ use ldap3_proto::proto::*;
 use support::freeze::*;
 use support::*;
 
+/// The lab's rootdns as operators (and in root_dns: they can connect
+/// during a freeze).
 fn allow_admin(c: &mut Config) {
     c.freeze.allowed = vec![ADMIN_DN.into(), OTHER_ADMIN_DN.into()];
+    c.freeze.root_dns = c.freeze.allowed.clone();
 }
 
 async fn freeze_lab(tweak: impl FnOnce(&mut Config)) -> Lab {

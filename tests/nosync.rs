@@ -231,6 +231,7 @@ async fn nosync_prepare_fails_cleanly_when_the_proxy_cannot_open_the_database() 
 upstream = "{upstream}"
 [freeze]
 allowed = ["{ADMIN_DN}"]
+root_dns = ["{ADMIN_DN}"]
 [[backends]]
 suffix = "dc=example,dc=org"
 driver = "openldap"
