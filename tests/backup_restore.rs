@@ -15,8 +15,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::lab::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use support::*;
+use testkit::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -15,8 +15,8 @@ use std::process::Stdio;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use abproxy::lab::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, CONFIG_ADMIN_DN};
 use support::*;
+use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, CONFIG_ADMIN_DN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 
