@@ -757,7 +757,7 @@ async fn readme_btrfs_snapshot_recipe_backs_up_under_writes() {
     let fs = match Btrfs::create() {
         Ok(fs) => fs,
         Err(why) => {
-            eprintln!("skipped: cannot make a btrfs filesystem here: {why}");
+            testkit::skip(format_args!("cannot make a btrfs filesystem here: {why}"));
             return;
         }
     };

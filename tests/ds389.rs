@@ -4,7 +4,8 @@
 //! prepare).
 //!
 //! Each test skips with one line when 389-ds cannot run here (not installed,
-//! not root); `.ci/run` installs it.
+//! not root), or fails under `ABPROXY_REQUIRE_ALL=1` (`.ci/run`, which
+//! installs it).
 
 mod support;
 

@@ -7,7 +7,7 @@
 //!   task), restored with `dsctl NAME bak2db DIR` into a fresh instance.
 //!
 //! Root only, like tests/ds389.rs: each test skips with one line when 389-ds
-//! cannot run here.
+//! cannot run here (fails under `ABPROXY_REQUIRE_ALL=1`).
 
 mod support;
 

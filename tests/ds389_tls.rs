@@ -5,7 +5,8 @@
 //! upstream leg.
 //!
 //! Skips with one line when 389-ds cannot run here (not installed, not
-//! root); `.ci/run` installs it.
+//! root), or fails under `ABPROXY_REQUIRE_ALL=1` (`.ci/run`, which installs
+//! it).
 
 mod support;
 

@@ -160,8 +160,8 @@ sys.exit(0 if ok else 1)
 
 /// Whether 389 Directory Server can run here: its binary and lib389 are
 /// installed and this process is root (instances live under `/etc/dirsrv`).
-/// The error says what is missing, in one line, for a test to print when it
-/// skips.
+/// The error says what is missing, in one line, for a test to give
+/// [`crate::skip`].
 pub fn available() -> std::result::Result<(), String> {
     for (path, what) in [
         (NS_SLAPD, "ns-slapd"),

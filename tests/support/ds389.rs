@@ -16,12 +16,14 @@ use super::{ldap_tool, RawConn, ToolOutput};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 
-/// True (after printing why) when 389-ds cannot run here.
+/// True (after printing why) when 389-ds cannot run here; panics instead
+/// when every test must run (`ABPROXY_REQUIRE_ALL=1` or `CI=true`: see
+/// `testkit::skip`).
 pub fn skip() -> bool {
     match ds389::available() {
         Ok(()) => false,
         Err(e) => {
-            eprintln!("skipping: {e}");
+            testkit::skip(e);
             true
         }
     }
