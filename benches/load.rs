@@ -11,7 +11,7 @@
 //! cargo bench --bench load -- --workloads tls        # the TLS section alone
 //! ```
 //!
-//! One run starts a throwaway slapd (`abproxy::lab`, 1000 users, no fsync),
+//! One run starts a throwaway slapd (`testkit`, 1000 users, no fsync),
 //! abproxy as its own process (the binary built with this bench, `serve
 //! --config` with `threads` = `--proxy-threads`; see [`AbproxyProcess`]),
 //! and, if `haproxy` is on `PATH`, a haproxy with `nbthread 1`, `mode tcp`,
@@ -105,7 +105,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use abproxy::lab::{user_dn, user_pw, Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use abproxy::wire::ber::{read_header, write_len};
 use abproxy::wire::{op, pdu, Envelope, FrameCodec};
 use abproxy_proto::{
@@ -118,6 +117,7 @@ use ldap3_proto::proto::{
     LdapModifyRequest, LdapModifyType, LdapMsg, LdapOp, LdapPartialAttribute, LdapSearchRequest,
     LdapSearchScope,
 };
+use testkit::{user_dn, user_pw, Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;

@@ -24,13 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use abproxy::lab::{user_dn, Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use abproxy::wire::{op, Envelope};
 use abproxy_proto::{AllowBackupRequest, ALLOW_BACKUP_STATUS_OID};
 use support::freeze::*;
 use support::process::*;
 use support::shim::Shim;
 use support::*;
+use testkit::{user_dn, Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)

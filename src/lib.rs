@@ -4,14 +4,17 @@
 //! Data flows one way: client bytes -> [`wire`] frame -> envelope -> gate
 //! ([`freeze`]) -> upstream; responses flow back through the session and
 //! close in-flight entries ([`proxy`]).
+//!
+//! The public API is what the binary, the fuzz crate (`fuzz/`, with the
+//! `fuzzing` feature) and the integration tests use; the test labs live in
+//! the `testkit` crate.
+#![warn(unreachable_pub)]
 
 pub mod config;
 pub mod endpoint;
 pub mod freeze;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
-pub mod lab;
-pub mod lab389;
-pub mod labca;
 pub mod notify;
 pub mod ops;
 pub mod proxy;

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::lab::{self, Slapd, SlapdOptions};
 use abproxy::ops::{
     self, exit, ClientTls, FreezeRequest, HookRecord, HookState, OpError, Password, Progress,
     Released, RunSpec, Target,
@@ -378,7 +377,9 @@ async fn shutdown_signal() {
     }
 }
 
+#[cfg(feature = "demo")]
 async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    use testkit::{Slapd, SlapdOptions};
     let users = args.users;
     let slapd = tokio::task::spawn_blocking(move || {
         Slapd::start(SlapdOptions {
@@ -393,17 +394,17 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         upstream: slapd.url(),
         ..Config::default()
     };
-    config.freeze.allowed = vec![lab::ADMIN_DN.to_string()];
+    config.freeze.allowed = vec![testkit::ADMIN_DN.to_string()];
     // The lab's rootdn: its binds write nothing (slapd's ppolicy skips it),
     // so the operator can connect during a freeze to read the status and
     // end it.
-    config.freeze.root_dns = vec![lab::ADMIN_DN.to_string()];
+    config.freeze.root_dns = vec![testkit::ADMIN_DN.to_string()];
     let server = Server::bind(config).await?;
     let (admin, pw, user1, pw1) = (
-        lab::ADMIN_DN,
-        lab::ADMIN_PW,
-        lab::user_dn(1),
-        lab::user_pw(1),
+        testkit::ADMIN_DN,
+        testkit::ADMIN_PW,
+        testkit::user_dn(1),
+        testkit::user_pw(1),
     );
     println!(
         "\nabproxy demo: slapd (pid {pid}) at {direct} with {users} users, data in {dir}\n\
@@ -429,6 +430,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     server.run(shutdown_signal()).await?;
     drop(slapd);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Built without the `demo` feature (`--no-default-features`): no test lab
+/// in the binary.
+#[cfg(not(feature = "demo"))]
+async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let DemoArgs { port: _, users: _ } = args;
+    anyhow::bail!("this abproxy was built without the `demo` feature (cargo's default features)")
 }
 
 /// The operator commands: one small single-threaded runtime, a client of a

@@ -873,7 +873,7 @@ mod tests {
     #[test]
     fn certificate_subjects_read_as_slapd_writes_them() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = crate::labca::TestCa::new(dir.path(), "ca").unwrap();
+        let ca = testkit::ca::TestCa::new(dir.path(), "ca").unwrap();
         let (cert, key) = ca
             .issue("c", "/DC=org/O=Example, Inc./CN=backup", "DNS:x", 1)
             .unwrap();

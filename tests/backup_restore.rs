@@ -15,8 +15,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::lab::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use support::*;
+use testkit::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -768,7 +768,7 @@ async fn readme_btrfs_snapshot_recipe_backs_up_under_writes() {
     let fs = match Btrfs::create() {
         Ok(fs) => fs,
         Err(why) => {
-            eprintln!("skipped: cannot make a btrfs filesystem here: {why}");
+            testkit::skip(format_args!("cannot make a btrfs filesystem here: {why}"));
             return;
         }
     };

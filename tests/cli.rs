@@ -5,9 +5,9 @@ mod support;
 
 use std::process::Command;
 
-use abproxy::lab::SlapdOptions;
 use support::process::*;
 use support::*;
+use testkit::SlapdOptions;
 
 #[test]
 fn bad_flags_and_configs_are_refused_with_a_reason() {
@@ -140,7 +140,7 @@ async fn config_file_with_tcp_and_ldapi_on_both_sides() {
 /// all, serving reads and writes as slapd answers them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_thread_serves_on_a_single_thread() {
-    use abproxy::lab::{ADMIN_DN, ADMIN_PW};
+    use testkit::{ADMIN_DN, ADMIN_PW};
     let slapd = start_slapd(SlapdOptions::default()).await;
     let port = free_port();
     let url = format!("ldap://127.0.0.1:{port}");

@@ -11,9 +11,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use abproxy::config::Config;
-use abproxy::lab::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use abproxy::ops::{self, BackendModeName, Session, State, Status, Target};
 use support::*;
+use testkit::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW};
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 

@@ -14,9 +14,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::lab::user_dn;
 use support::pki::*;
 use support::*;
+use testkit::user_dn;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 const BACKUP_DN: &str = "cn=backup,dc=example,dc=org";
@@ -537,7 +537,7 @@ ldapsearch -x -H "$SLAPD" -D "$ADMIN_DN" -w "$ADMIN_PW" -b "$USER_DN" -s base -L
 async fn starttls_refused_by_a_proxy_without_tls_exits_unreachable() {
     let pki = Pki::new();
     let lab = Lab::with(
-        abproxy::lab::SlapdOptions {
+        testkit::SlapdOptions {
             nosync: true,
             users: 5,
             ..Default::default()

@@ -4,9 +4,9 @@
 
 mod support;
 
-use abproxy::lab::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use support::process::*;
 use support::*;
+use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_frozen_is_undone_at_the_next_start() {

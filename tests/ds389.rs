@@ -1,10 +1,11 @@
-//! The proxy in front of a real 389 Directory Server (`abproxy::lab389`):
+//! The proxy in front of a real 389 Directory Server (`testkit::ds389`):
 //! transparency, backend discovery from its namingContexts, and the `389ds`
 //! driver (nsslapd-readonly while frozen, restored on OFF and after a failed
 //! prepare).
 //!
 //! Each test skips with one line when 389-ds cannot run here (not installed,
-//! not root); `.ci/run` installs it.
+//! not root), or fails under `ABPROXY_REQUIRE_ALL=1` (`.ci/run`, which
+//! installs it).
 
 mod support;
 
@@ -13,10 +14,10 @@ use std::time::Duration;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use abproxy::lab389::{self, user_dn, user_pw, Ds389, DM_DN, DM_PW};
 use abproxy::ops::{FreezeRequest, Password, Session, Target};
 use support::ds389::*;
 use support::*;
+use testkit::ds389::{user_dn, user_pw, Ds389, DM_DN, DM_PW};
 
 const USERROOT_ENTRY: &str = "cn=userroot,cn=ldbm database,cn=plugins,cn=config";
 
@@ -263,7 +264,7 @@ async fn ds389_driver_makes_389_refuse_local_writes_while_frozen() {
     assert_eq!(out.code, Some(53), "{out:?}");
     assert!(out.stderr.contains("database is read-only"), "{out:?}");
     // ... and only to it: dc=other,dc=org is frozen by the proxy alone.
-    let out = local_write(&ds, &lab389::other_user_dn(1), "other while frozen").await;
+    let out = local_write(&ds, &testkit::other_user_dn(1), "other while frozen").await;
     assert_eq!(out.code, Some(0), "{out:?}");
     // A write through the proxy is held, not refused.
     let ldif = format!(

@@ -7,7 +7,7 @@
 //!   task), restored with `dsctl NAME bak2db DIR` into a fresh instance.
 //!
 //! Root only, like tests/ds389.rs: each test skips with one line when 389-ds
-//! cannot run here.
+//! cannot run here (fails under `ABPROXY_REQUIRE_ALL=1`).
 
 mod support;
 
@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use abproxy::config::BackendConfig;
 use abproxy::freeze::Mode;
-use abproxy::lab389::{Ds389, DM_DN, DM_PW, OTHERROOT, OTHER_SUFFIX, SUFFIX, USERROOT};
 use abproxy::ProxyHandle;
 use support::ds389::*;
 use support::*;
+use testkit::ds389::{Ds389, DM_DN, DM_PW, OTHERROOT, OTHER_SUFFIX, SUFFIX, USERROOT};
 use tokio_util::sync::CancellationToken;
 
 const WRITERS: usize = 6;
@@ -302,7 +302,7 @@ async fn abproxy_run_online_backup_restores_into_a_fresh_instance() {
            ldapsearch -Q -LLL -o ldif_wrap=no -Y EXTERNAL -H {ldapi} -b $base '(objectClass=*)' '*' '+' > {live}/$base.ldif
          done",
         bin = BIN,
-        dsconf = abproxy::lab389::DSCONF,
+        dsconf = testkit::ds389::DSCONF,
         name = ds.name(),
         archive = archive.display(),
         ldapi = ds.ldapi_url(),
@@ -351,7 +351,7 @@ async fn abproxy_run_online_backup_restores_into_a_fresh_instance() {
     // A fresh instance (its own sample data), stopped, restored from the
     // backup, started again: it serves what the live one held at the freeze.
     let mut fresh = tokio::task::spawn_blocking(|| {
-        Ds389::start(abproxy::lab389::Ds389Options {
+        Ds389::start(testkit::ds389::Ds389Options {
             users: 3,
             other_users: 1,
             tls: None,

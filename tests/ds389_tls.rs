@@ -1,11 +1,12 @@
 //! The proxy in front of a real 389 Directory Server with TLS
-//! (`abproxy::lab389` with the test CA of `abproxy::labca`): password modify
+//! (`testkit::ds389` with the test CA of `testkit::ca`): password modify
 //! (which 389 refuses without TLS, confidentialityRequired) over TLS direct
 //! and through the proxy, and what 389 decides depending on the proxy's
 //! upstream leg.
 //!
 //! Skips with one line when 389-ds cannot run here (not installed, not
-//! root); `.ci/run` installs it.
+//! root), or fails under `ABPROXY_REQUIRE_ALL=1` (`.ci/run`, which installs
+//! it).
 
 mod support;
 
@@ -13,12 +14,12 @@ use std::path::{Path, PathBuf};
 
 use abproxy::config::Config;
 use abproxy::endpoint::Endpoint;
-use abproxy::lab389::{user_dn, user_pw, Ds389, Ds389Options};
-use abproxy::labca::TestCa;
 use abproxy::ProxyHandle;
 use support::ds389::skip;
 use support::pki::tool;
 use support::ToolOutput;
+use testkit::ca::TestCa;
+use testkit::ds389::{user_dn, user_pw, Ds389, Ds389Options};
 
 const CONFIDENTIALITY_REQUIRED: &str = "Result: Confidentiality required (13)\n\
                                         Additional info: Operation requires a secure connection.\n\n";

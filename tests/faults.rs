@@ -10,11 +10,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use abproxy::config::Config;
-use abproxy::lab::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use abproxy::ProxyHandle;
 use ldap3_proto::proto::LdapResultCode;
 use support::shim::Shim;
 use support::*;
+use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 
 /// slapd, a shim in front of it, the proxy in front of the shim.
 async fn shimmed() -> (Lab, Shim, ProxyHandle, String) {

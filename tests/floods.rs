@@ -6,13 +6,13 @@ mod support;
 
 use std::collections::HashMap;
 
-use abproxy::lab::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 use abproxy_proto::AllowBackupRequest;
 use futures::future::join_all;
 use ldap3_proto::proto::LdapResultCode;
 use support::freeze::*;
 use support::process::*;
 use support::*;
+use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 
 /// Raises this process's open-file limit (slapd, started afterwards,
 /// inherits it). Returns the limit in force.

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::Mode;
-use abproxy::lab::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 use abproxy::wire::Envelope;
 use abproxy_proto::{AllowBackupRequest, FreezeState, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID};
 use ldap3_proto::proto::*;
 use support::freeze::*;
 use support::*;
+use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 
 /// The lab's rootdns as operators (and in root_dns: they can connect
 /// during a freeze).
@@ -1814,7 +1814,7 @@ fn openldap_at(c: &mut Config, config_url: &str, dir: &std::path::Path) {
     let mut example = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
     example.driver = DriverKind::Openldap;
     example.config_url = Some(config_url.into());
-    example.config_bind_dn = Some(abproxy::lab::CONFIG_ADMIN_DN.into());
+    example.config_bind_dn = Some(testkit::CONFIG_ADMIN_DN.into());
     example.config_password_file = Some(pw);
     example.driver_timeout_secs = 2;
     c.backends = vec![
@@ -1842,7 +1842,7 @@ async fn hung_prepare_fails_on_within_the_driver_deadline_and_releases_writes() 
     admin.send_msg(ab(2, &AllowBackupRequest::on())).await;
     wait_status(&lab, "ON preparing", |s| s.state == FreezeState::Draining).await;
     let mut w = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
-    let dn = abproxy::lab::other_user_dn(1);
+    let dn = testkit::other_user_dn(1);
     w.send_msg(modify(2, &dn, "description", "held during prepare"))
         .await;
     wait_status(&lab, "the write queued", |s| s.queued_requests == 1).await;
@@ -1931,7 +1931,7 @@ async fn hung_done_fails_off_within_the_driver_deadline_and_the_next_start_retri
     // The done step is running into its deadline.
     status_on(&mut watcher, |s| s.releasing).await;
     let mut w = connect(OTHER_ADMIN_DN).await;
-    let dn = abproxy::lab::other_user_dn(2);
+    let dn = testkit::other_user_dn(2);
     w.send_msg(modify(2, &dn, "description", "held during done"))
         .await;
     let s = status_on(&mut watcher, |s| s.queued_requests == 1).await;

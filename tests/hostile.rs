@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::Mode;
-use abproxy::lab::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, CONFIG_ADMIN_DN, OTHER_ADMIN_DN};
 use abproxy::wire::{op, Envelope};
 use abproxy_proto::{AllowBackupRequest, FreezeState, ALLOW_BACKUP_STATUS_OID};
 use bytes::Bytes;
 use ldap3_proto::proto::*;
 use support::freeze::*;
 use support::*;
+use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, CONFIG_ADMIN_DN, OTHER_ADMIN_DN};
 
 const SUFFIX: &str = "dc=example,dc=org";
 /// The DN of the slow add.
@@ -111,7 +111,7 @@ fn mdb_meta(lab: &Lab, suffix: &str) -> Vec<u8> {
 }
 
 async fn backend(lab: &Lab, suffix: &str) -> Backend {
-    let out = tokio::process::Command::new(abproxy::lab::SLAPCAT)
+    let out = tokio::process::Command::new(testkit::SLAPCAT)
         .arg("-F")
         .arg(lab.slapd.dir().join("slapd.d"))
         .arg("-b")
@@ -619,7 +619,7 @@ async fn quoted_and_hex_dn_spellings_are_held_by_a_partial_freeze() {
     }
     // The unfrozen backend takes writes meanwhile.
     let mut o = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
-    let other = abproxy::lab::other_user_dn(2);
+    let other = testkit::other_user_dn(2);
     let (code, msg) = call(&mut o, modify(2, &other, "description", "free")).await;
     assert_eq!(code, 0, "{msg}");
     for (k, _, code) in spellings {

@@ -4,8 +4,8 @@
 
 mod support;
 
-use abproxy::lab::{user_dn, ADMIN_DN, ADMIN_PW};
 use support::*;
+use testkit::{user_dn, ADMIN_DN, ADMIN_PW};
 
 /// Runs `args` (with `URL` as the placeholder) both ways and asserts the same
 /// exit status and output; returns the direct output for content checks.
@@ -367,7 +367,7 @@ async fn password_modify_through_the_proxy() {
     // Each user changes their own password, one direct, one proxied.
     for (url, k) in [(lab.direct(), 5), (lab.proxied(), 6)] {
         let dn = user_dn(k);
-        let old = abproxy::lab::user_pw(k);
+        let old = testkit::user_pw(k);
         let out = ldap_tool(
             "ldappasswd",
             &[

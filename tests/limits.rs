@@ -9,11 +9,11 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use abproxy::lab::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use abproxy::wire::{op, Envelope};
 use ldap3_proto::proto::{LdapAttribute, LdapMsg, LdapOp, LdapResultCode};
 use support::shim::Shim;
 use support::*;
+use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// An add request for a `device` entry with a `description` of `size` bytes.
@@ -378,7 +378,7 @@ async fn a_client_that_does_not_read_stops_its_upstream_not_the_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_listener_backs_off_and_recovers() {
     use support::process::*;
-    let slapd = tokio::task::spawn_blocking(|| abproxy::lab::Slapd::start(SlapdOptions::default()))
+    let slapd = tokio::task::spawn_blocking(|| testkit::Slapd::start(SlapdOptions::default()))
         .await
         .unwrap()
         .unwrap();

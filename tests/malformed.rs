@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use abproxy::lab::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use abproxy::wire::envelope::oid;
 use abproxy::wire::{op, Envelope};
 use bytes::Bytes;
 use ldap3_proto::proto::*;
 use support::shim::Shim;
 use support::*;
+use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::io::AsyncWriteExt;
 
 const MUTANTS: usize = 10_000;

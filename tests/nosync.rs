@@ -15,8 +15,8 @@ use std::process::Stdio;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use abproxy::lab::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, CONFIG_ADMIN_DN};
 use support::*;
+use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, CONFIG_ADMIN_DN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 
@@ -120,7 +120,7 @@ fn entries(prefix: &str, n: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepare_writes_a_nosync_database_to_disk() {
     if !Path::new("/proc/kpageflags").exists() || unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root and /proc/kpageflags to see dirty pages");
+        testkit::skip("needs root and /proc/kpageflags to see dirty pages");
         return;
     }
     let lab = Lab::with(
@@ -202,7 +202,7 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nosync_prepare_fails_cleanly_when_the_proxy_cannot_open_the_database() {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to run the proxy as another user");
+        testkit::skip("needs root to run the proxy as another user");
         return;
     }
     let lab = Lab::with(

@@ -12,7 +12,6 @@ use std::fmt;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use abproxy::lab::{other_user_dn, user_dn, user_pw, SlapdOptions, OTHER_SUFFIX, SUFFIX};
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults as PagedAdapter};
 use ldap3::controls::{
     parse_syncinfo, Control, ControlParser, ControlType, PagedResults, RawControl, SyncInfo,
@@ -25,6 +24,7 @@ use ldap3::{
     SearchResult, SearchStream,
 };
 use support::{Lab, ADMIN_DN, ADMIN_PW};
+use testkit::{other_user_dn, user_dn, user_pw, SlapdOptions, OTHER_SUFFIX, SUFFIX};
 use tokio::task::JoinHandle;
 
 /// Upper bound for one side's whole scenario (a hang is a failure, not a stall).

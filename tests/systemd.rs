@@ -8,8 +8,8 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use abproxy::lab::{Slapd, SlapdOptions};
 use support::*;
+use testkit::{Slapd, SlapdOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 

@@ -1,5 +1,5 @@
 //! TLS through the proxy against a real slapd with TLS: a throwaway CA made
-//! with `openssl` (`abproxy::labca`), slapd with its own certificate
+//! with `openssl` (`testkit::ca`), slapd with its own certificate
 //! (ldaps:// and StartTLS), the proxy with another, `ldapsearch -ZZ` and
 //! `ldaps://` proxied vs direct, the Rust client over TLS, `require_tls`,
 //! StartTLS refusals, upstream TLS (ldaps:// and StartTLS, wrong CA, wrong
@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::lab::{SlapdOptions, SlapdTls, OTHER_ADMIN_DN};
 use abproxy::wire::Envelope;
 use ldap3::exop::Exop;
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
@@ -25,6 +24,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use support::pki::*;
 use support::*;
+use testkit::{SlapdOptions, SlapdTls, OTHER_ADMIN_DN};
 
 const START_TLS: &str = "1.3.6.1.4.1.1466.20037";
 
@@ -728,7 +728,7 @@ fn pem_der(path: &Path) -> Vec<u8> {
 async fn sighup_reloads_the_certificate_and_keeps_sessions() {
     let pki = Pki::new();
     let slapd = tokio::task::spawn_blocking(|| {
-        abproxy::lab::Slapd::start(SlapdOptions {
+        testkit::Slapd::start(SlapdOptions {
             nosync: true,
             ..Default::default()
         })

@@ -6,12 +6,12 @@ mod support;
 
 use std::time::Duration;
 
-use abproxy::lab::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use abproxy::wire::envelope::oid;
 use abproxy::wire::{op, Envelope};
 use bytes::Bytes;
 use ldap3_proto::proto::{LdapExtendedRequest, LdapMsg, LdapOp};
 use support::*;
+use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::io::AsyncWriteExt;
 
 fn extended(msgid: i32, name: &str, value: Option<Vec<u8>>) -> LdapMsg {
@@ -52,11 +52,11 @@ fn script() -> Vec<LdapMsg> {
         search(5, "dc=nowhere", 2, "(objectClass=*)", &[]),
         extended(6, "1.3.6.1.4.1.4203.1.11.3", None),
         extended(7, "1.2.3.4.5.6", Some(b"x".to_vec())),
-        bind(8, &abproxy::lab::user_dn(3), "wrong"),
+        bind(8, &testkit::user_dn(3), "wrong"),
         LdapMsg::new(
             9,
             LdapOp::CompareRequest(ldap3_proto::proto::LdapCompareRequest {
-                dn: abproxy::lab::user_dn(2),
+                dn: testkit::user_dn(2),
                 atype: "uid".into(),
                 val: b"user2".to_vec(),
             }),
@@ -304,12 +304,8 @@ async fn one_upstream_connection_per_client_closed_with_it() {
     let mut conns = Vec::new();
     for i in 0..5 {
         let mut c = RawConn::connect(&lab.proxy_addr()).await;
-        c.send_msg(bind(
-            1,
-            &abproxy::lab::user_dn(i + 1),
-            &abproxy::lab::user_pw(i + 1),
-        ))
-        .await;
+        c.send_msg(bind(1, &testkit::user_dn(i + 1), &testkit::user_pw(i + 1)))
+            .await;
         assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
         conns.push(c);
     }
@@ -459,7 +455,7 @@ async fn sasl_external_over_an_ldapi_upstream_is_refused_and_garbage_is_a_protoc
         .tempdir_in("/tmp")
         .unwrap();
     let sock = dir.path().join("ldapi");
-    let slapd = tokio::task::spawn_blocking(|| abproxy::lab::Slapd::start(SlapdOptions::default()))
+    let slapd = tokio::task::spawn_blocking(|| testkit::Slapd::start(SlapdOptions::default()))
         .await
         .unwrap()
         .unwrap();

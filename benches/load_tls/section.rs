@@ -9,7 +9,7 @@
 //!   connections per second, what a client pool without keep-alive costs.
 //! * `search`: one TLS connection per client, the `search` workload over it.
 //!
-//! The certificates come from a throwaway CA (`abproxy::labca`, EC P-256);
+//! The certificates come from a throwaway CA (`testkit::ca`, EC P-256);
 //! TLS 1.3 on both (rustls client; slapd uses GnuTLS).
 
 use std::collections::BTreeMap;
@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use abproxy::lab::SlapdTls;
-use abproxy::labca::TestCa;
 use abproxy::wire::{Envelope, FrameCodec};
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use testkit::ca::TestCa;
+use testkit::SlapdTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;

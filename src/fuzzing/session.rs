@@ -75,9 +75,9 @@ use crate::proxy::Shared;
 use crate::wire::envelope::oid;
 use crate::wire::{codec, op, pdu, Envelope, FrameCodec};
 
-/// The identity allowed to freeze (as in the integration tests, so recorded
-/// streams freeze too).
-const OPERATOR: &str = crate::lab::ADMIN_DN;
+/// The identity allowed to freeze (`testkit::ADMIN_DN`, as in the integration
+/// tests, so recorded streams freeze too).
+const OPERATOR: &str = "cn=admin,dc=example,dc=org";
 /// Request size limits of the session (authenticated, anonymous).
 const MAX_PDU: usize = 8192;
 const MAX_PDU_ANONYMOUS: usize = 2048;
@@ -957,6 +957,11 @@ mod tests {
     use super::*;
     use crate::wire::pdu::encode;
     use ldap3_proto::proto::{LdapAddRequest, LdapAttribute};
+
+    #[test]
+    fn the_operator_is_the_labs_admin() {
+        assert_eq!(OPERATOR, testkit::ADMIN_DN);
+    }
 
     fn add(msgid: i32, dn: &str) -> Bytes {
         encode(LdapMsg::new(

@@ -500,6 +500,7 @@ async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -
 impl Client {
     /// A connection that is and stays clear (ldapi-like: `require_tls` does
     /// not apply), e.g. the fuzz harness's in-memory pipes.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn plain(read: BoxRead, write: BoxWrite) -> Client {
         Client {
             read,

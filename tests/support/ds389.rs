@@ -1,4 +1,4 @@
-//! Test support for a real 389 Directory Server (`abproxy::lab389`): skip
+//! Test support for a real 389 Directory Server (`testkit::ds389`): skip
 //! when it cannot run here, start an instance, the proxy in front of it, and
 //! helpers shared by `tests/ds389.rs` and `tests/ds389_backup.rs`.
 
@@ -8,20 +8,22 @@ use std::time::Duration;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use abproxy::lab389::{self, Ds389, Ds389Options, DM_DN, DM_PW};
 use abproxy::ops::{Password, Session, Target};
 use abproxy::ProxyHandle;
+use testkit::ds389::{self, Ds389, Ds389Options, DM_DN, DM_PW};
 
 use super::{ldap_tool, RawConn, ToolOutput};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 
-/// True (after printing why) when 389-ds cannot run here.
+/// True (after printing why) when 389-ds cannot run here; panics instead
+/// when every test must run (`ABPROXY_REQUIRE_ALL=1` or `CI=true`: see
+/// `testkit::skip`).
 pub fn skip() -> bool {
-    match lab389::available() {
+    match ds389::available() {
         Ok(()) => false,
         Err(e) => {
-            eprintln!("skipping: {e}");
+            testkit::skip(e);
             true
         }
     }

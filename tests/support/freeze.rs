@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use abproxy::lab::{ADMIN_PW, OTHER_ADMIN_DN};
 use abproxy::wire::Envelope;
 use abproxy_proto::{
     AllowBackupRequest, AllowBackupStatus, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID,
 };
 use ldap3_proto::proto::*;
+use testkit::{ADMIN_PW, OTHER_ADMIN_DN};
 
 use super::*;
 

@@ -1,4 +1,4 @@
-//! Test support: a real slapd (from `abproxy::lab`) with the proxy under test
+//! Test support: a real slapd (from `testkit`) with the proxy under test
 //! in front of it, ldap-utils runners and a raw LDAP connection for
 //! byte-level checks. Nothing here depends on `../shared`.
 #![allow(dead_code)]
@@ -7,18 +7,18 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::lab::{Slapd, SlapdOptions, OTHER_ADMIN_DN};
 use abproxy::wire::envelope::oid;
 use abproxy::wire::{op, Envelope, FrameCodec};
 use abproxy::ProxyHandle;
 use bytes::{Bytes, BytesMut};
 use ldap3_proto::proto::{LdapMsg, LdapOp};
+use testkit::{Slapd, SlapdOptions, OTHER_ADMIN_DN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
 #[allow(unused_imports)]
-pub use abproxy::lab::{ADMIN_DN, ADMIN_PW};
+pub use testkit::{ADMIN_DN, ADMIN_PW};
 
 pub mod freeze;
 pub mod pki;

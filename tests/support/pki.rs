@@ -1,5 +1,5 @@
 //! The TLS test PKI (a throwaway CA, slapd's, the proxy's and a client
-//! certificate, made with `abproxy::labca`) and a lab with TLS on both
+//! certificate, made with `testkit::ca`) and a lab with TLS on both
 //! sides, shared by `tests/tls.rs` and `tests/cli_tls.rs`.
 
 use std::path::{Path, PathBuf};
@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use abproxy::config::Config;
 use abproxy::endpoint::Endpoint;
-use abproxy::lab::{SlapdOptions, SlapdTls};
-use abproxy::labca::TestCa;
+use testkit::ca::TestCa;
+use testkit::{SlapdOptions, SlapdTls};
 
 use super::Lab;
 

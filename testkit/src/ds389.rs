@@ -1,5 +1,5 @@
 //! Throwaway 389 Directory Server instances for integration tests, the
-//! counterpart of [`crate::lab`] (OpenLDAP).
+//! counterpart of [`crate::slapd`] (OpenLDAP).
 //!
 //! [`Ds389::start`] creates a complete, private instance `slapd-NAME` of
 //! Debian's `389-ds-base` (2.3) from scratch, without systemd:
@@ -61,9 +61,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::lab::{free_port, log_tail, probe_ldap, read_from, stop_child};
-pub use crate::lab::{other_user_dn, user_dn, user_pw, OTHER_SUFFIX, SUFFIX};
-use crate::labca::TestCa;
+use crate::ca::TestCa;
+use crate::slapd::{free_port, log_tail, probe_ldap, read_from, stop_child};
+pub use crate::slapd::{other_user_dn, user_dn, user_pw, OTHER_SUFFIX, SUFFIX};
 
 /// Path of the 389-ds server binary (Debian package `389-ds-base`).
 pub const NS_SLAPD: &str = "/usr/sbin/ns-slapd";
@@ -160,8 +160,8 @@ sys.exit(0 if ok else 1)
 
 /// Whether 389 Directory Server can run here: its binary and lib389 are
 /// installed and this process is root (instances live under `/etc/dirsrv`).
-/// The error says what is missing, in one line, for a test to print when it
-/// skips.
+/// The error says what is missing, in one line, for a test to give
+/// [`crate::skip`].
 pub fn available() -> std::result::Result<(), String> {
     for (path, what) in [
         (NS_SLAPD, "ns-slapd"),
@@ -849,11 +849,11 @@ fn remove_instance_files(name: &str) {
     }
 }
 
-/// The sample data of [`crate::lab`] for `suffix` with `n` users (no
+/// The sample data of [`crate::slapd`] for `suffix` with `n` users (no
 /// password policy entries), plus the harness ACIs on the suffix entry.
 fn data_ldif(suffix: &str, n: usize) -> Result<Vec<u8>> {
     let mut data = Vec::new();
-    crate::lab::write_data(&mut data, suffix, n, false)?;
+    crate::slapd::write_data(&mut data, suffix, n, false)?;
     // The suffix entry comes first and ends at the first empty line.
     let end = data
         .windows(2)
