@@ -1250,6 +1250,44 @@ async fn local_write(lab: &Lab, dn: &str, value: &str) -> ToolOutput {
 }
 
 #[tokio::test]
+async fn openldap_driver_reads_what_a_bind_records_in_cn_config() {
+    use abproxy::freeze::openldap::OpenLdapDriver;
+    use abproxy::freeze::{BackendMap, Driver};
+    let lab = freeze_lab(|_| {}).await;
+    let map = BackendMap::new([
+        ("dc=example,dc=org".to_string(), Mode::Readonly),
+        ("dc=other,dc=org".to_string(), Mode::Readonly),
+    ])
+    .unwrap();
+    let (example, other) = (&map.backends()[0], &map.backends()[1]);
+    // Root over ldapi, as a driver without config_bind_dn binds.
+    let driver = OpenLdapDriver::new(lab.slapd.ldapi_url(), None);
+    // The lab has ppolicy on dc=example only.
+    let said = driver.bind_writes(example).await.unwrap();
+    assert!(
+        said.as_deref()
+            .is_some_and(|s| s.contains("olcDatabase={1}mdb,cn=config") && s.contains("ppolicy")),
+        "{said:?}"
+    );
+    assert_eq!(driver.bind_writes(other).await.unwrap(), None);
+    // slapd 2.5's lastbind in the database itself: invisible in the root
+    // DSE, visible in cn=config.
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-Q", "-Y", "EXTERNAL", "-H", &lab.slapd.ldapi_url()],
+        Some("dn: olcDatabase={2}mdb,cn=config\nchangetype: modify\nreplace: olcLastBind\nolcLastBind: TRUE\n"),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let said = driver.bind_writes(other).await.unwrap();
+    assert!(
+        said.as_deref()
+            .is_some_and(|s| s.contains("olcLastBind: TRUE")),
+        "{said:?}"
+    );
+}
+
+#[tokio::test]
 async fn openldap_driver_makes_slapd_refuse_local_writes_while_frozen() {
     use abproxy::freeze::drivers::DriverKind;
     let lab = Lab::with(

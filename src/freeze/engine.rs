@@ -59,6 +59,18 @@ pub trait Driver: Send + Sync {
         let _ = (backend, freeze_id);
         Box::pin(async { Ok(()) })
     }
+    /// What the server records in `backend` on a bind, as the driver can
+    /// see in the server's configuration: `Some(reason)` when a bind
+    /// writes there (a last-bind time, a password policy's failure
+    /// counter), `None` when nothing says so. Asked before each freeze
+    /// with `bind_is_write = "auto"`; the default sees nothing.
+    fn bind_writes<'a>(
+        &'a self,
+        backend: &'a Backend,
+    ) -> BoxFuture<'a, Result<Option<String>, String>> {
+        let _ = backend;
+        Box::pin(async { Ok(None) })
+    }
     /// Before a partial freeze (`frozen`: the backends ON names, fewer
     /// than `all`; `backend`: the one this driver serves, frozen or not):
     /// `Err(reason)` when the server can change a frozen backend by itself
@@ -508,6 +520,41 @@ impl Engine {
             .collect()
     }
 
+    /// With `bind_is_write = "auto"` and binds counting as reads (the root
+    /// DSE lists no password policy): asks the drivers of the backends
+    /// about to be frozen whether a bind writes there (slapd's
+    /// `olcLastBind`, a `lastbind` overlay: the root DSE shows neither).
+    /// Any yes, or a driver that cannot tell (its error, its deadline),
+    /// makes binds writes. Before the drain, while no freeze is in place.
+    async fn binds_from_drivers(&self, map: &BackendMap, set: BackendSet) {
+        if self.cfg.bind_is_write != BindIsWrite::Auto
+            || self.binds_are_writes()
+            || self.read_state().is_some()
+        {
+            return;
+        }
+        for i in set.iter(map.len()) {
+            let b = &map.backends()[i];
+            let (driver, deadline) = self.installed(b);
+            let why = match tokio::time::timeout(deadline, driver.bind_writes(b)).await {
+                Ok(Ok(None)) => continue,
+                Ok(Ok(Some(why))) => why,
+                Ok(Err(e)) => format!("its driver cannot tell ({e})"),
+                Err(_) => format!(
+                    "its driver did not answer within {} s (driver_timeout_secs)",
+                    deadline.as_secs()
+                ),
+            };
+            self.classify.bind_is_write.store(true, Ordering::Relaxed);
+            info!(
+                backend = %b.suffix,
+                "bind_is_write = auto: a bind writes into {}: {why}; binds into a frozen backend are held",
+                b.suffix
+            );
+            return;
+        }
+    }
+
     /// Binds count as writes now.
     pub fn binds_are_writes(&self) -> bool {
         self.classify.bind_is_write.load(Ordering::Relaxed)
@@ -818,6 +865,7 @@ impl Engine {
                 }
             }
         }
+        self.binds_from_drivers(&map, set).await;
         let mut stop = BackendSet::EMPTY;
         for i in set.iter(map.len()) {
             if map.backends()[i].mode == Mode::Stop {
@@ -1503,6 +1551,67 @@ mod tests {
         let hung = Arc::new(Hung { prepare, done });
         engine.set_driver("dc=example,dc=org", hung, Duration::from_secs(2));
         engine
+    }
+
+    /// A driver that says what a bind records (`Ok(None)`: nothing), or
+    /// never answers.
+    struct BindSays(Option<Result<Option<String>, String>>);
+    impl Driver for BindSays {
+        fn bind_writes<'a>(
+            &'a self,
+            _: &'a Backend,
+        ) -> BoxFuture<'a, Result<Option<String>, String>> {
+            let said = self.0.clone();
+            Box::pin(async move {
+                match said {
+                    Some(r) => r,
+                    None => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn auto_asks_the_drivers_whether_a_bind_writes_before_a_freeze() {
+        let cases = [
+            (Some(Ok(None)), false),
+            (Some(Ok(Some("olcLastBind: TRUE".to_string()))), true),
+            (Some(Err("cannot read cn=config".to_string())), true),
+            (None, true),
+        ];
+        for (said, writes) in cases {
+            let cfg = FreezeConfig {
+                allowed: vec!["cn=admin,dc=example,dc=org".into()],
+                bind_is_write: BindIsWrite::Auto,
+                ..FreezeConfig::default()
+            };
+            let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Readonly)]).unwrap();
+            let engine = Arc::new(Engine::new(cfg, map));
+            // The root DSE listed no password policy.
+            engine.set_password_policy(Some(false));
+            assert!(!engine.binds_are_writes());
+            let hangs = said.is_none();
+            engine.set_driver(
+                "dc=example,dc=org",
+                Arc::new(BindSays(said.clone())),
+                Duration::from_secs(2),
+            );
+            let started = tokio::time::Instant::now();
+            let (code, msg) = request(&engine, AllowBackupRequest::on()).await;
+            assert_eq!(code, LdapResultCode::Success, "{msg}");
+            // A driver that never answers costs its deadline, no more.
+            let waited = if hangs {
+                Duration::from_secs(2)
+            } else {
+                Duration::ZERO
+            };
+            assert_eq!(started.elapsed(), waited, "{said:?}");
+            assert_eq!(engine.binds_are_writes(), writes, "{said:?}");
+            assert_eq!(
+                request(&engine, AllowBackupRequest::off()).await.0,
+                LdapResultCode::Success
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -109,6 +109,7 @@ impl OpenLdapDriver {
                 &filter,
                 vec![
                     "olcReadOnly",
+                    "olcLastBind",
                     "olcDbNoSync",
                     "olcDbEnvFlags",
                     "olcDbDirectory",
@@ -413,7 +414,73 @@ fn partial_freeze_allowed(
     }
 }
 
+/// What a bind records in a database, from its cn=config entry's
+/// attributes and the overlays configured on it: `olcLastBind: TRUE` (the
+/// last successful bind's time), a `lastbind` or `ppolicy` overlay.
+fn bind_recording(
+    db: &std::collections::HashMap<String, Vec<String>>,
+    overlays: &[std::collections::HashMap<String, Vec<String>>],
+) -> Option<String> {
+    let is_true = |a: &str| {
+        db.get(a)
+            .into_iter()
+            .flatten()
+            .any(|v| v.eq_ignore_ascii_case("TRUE"))
+    };
+    if is_true("olcLastBind") {
+        return Some("olcLastBind: TRUE (each bind records its time)".into());
+    }
+    for o in overlays {
+        let values = |a: &str| o.get(a).into_iter().flatten();
+        for (name, class, what) in [
+            ("lastbind", "olcLastBindConfig", "records each bind's time"),
+            ("ppolicy", "olcPPolicyConfig", "records failed binds"),
+        ] {
+            let named = values("olcOverlay").any(|v| without_order(v).eq_ignore_ascii_case(name));
+            let classed = values("objectClass").any(|v| v.eq_ignore_ascii_case(class));
+            if named || classed {
+                return Some(format!("the {name} overlay ({what})"));
+            }
+        }
+    }
+    None
+}
+
+impl OpenLdapDriver {
+    async fn bind_writes_inner(&self, b: &Backend) -> Result<Option<String>, String> {
+        let mut ldap = self.connect().await?;
+        let read = async {
+            let db = Self::database(&mut ldap, &b.suffix).await?;
+            let (entries, _res) = ldap
+                .search(
+                    &db.dn,
+                    Scope::OneLevel,
+                    "(objectClass=olcOverlayConfig)",
+                    vec!["olcOverlay", "objectClass"],
+                )
+                .await
+                .and_then(|r| r.success())
+                .map_err(|e| format!("cannot read the overlays of {}: {e}", db.dn))?;
+            let overlays: Vec<_> = entries
+                .into_iter()
+                .map(|e| SearchEntry::construct(e).attrs)
+                .collect();
+            Ok(bind_recording(&db.attrs, &overlays).map(|why| format!("{}: {why}", db.dn)))
+        }
+        .await;
+        let _ = ldap.unbind().await;
+        read
+    }
+}
+
 impl Driver for OpenLdapDriver {
+    fn bind_writes<'a>(
+        &'a self,
+        backend: &'a Backend,
+    ) -> BoxFuture<'a, Result<Option<String>, String>> {
+        Box::pin(self.bind_writes_inner(backend))
+    }
+
     fn check_partial<'a>(
         &'a self,
         _backend: &'a Backend,
@@ -659,6 +726,31 @@ mod tests {
             e.contains("(global)") && e.contains("; overlay memberof under"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn what_a_bind_records_from_the_database_and_its_overlays() {
+        let attrs = |pairs: &[(&str, &str)]| {
+            let mut m: std::collections::HashMap<String, Vec<String>> = Default::default();
+            for (k, v) in pairs {
+                m.entry(k.to_string()).or_default().push(v.to_string());
+            }
+            m
+        };
+        let plain = attrs(&[("olcReadOnly", "FALSE")]);
+        let syncprov = attrs(&[("olcOverlay", "{0}syncprov")]);
+        assert_eq!(
+            bind_recording(&plain, std::slice::from_ref(&syncprov)),
+            None
+        );
+        let said = bind_recording(&attrs(&[("olcLastBind", "true")]), &[]).unwrap();
+        assert!(said.starts_with("olcLastBind: TRUE"), "{said}");
+        let lastbind = attrs(&[("objectClass", "olcLastBindConfig"), ("olcOverlay", "{3}x")]);
+        let said = bind_recording(&plain, &[syncprov.clone(), lastbind]).unwrap();
+        assert!(said.contains("lastbind overlay"), "{said}");
+        let ppolicy = attrs(&[("olcOverlay", "{2}ppolicy")]);
+        let said = bind_recording(&plain, &[ppolicy]).unwrap();
+        assert!(said.contains("ppolicy overlay"), "{said}");
     }
 
     #[test]
