@@ -728,15 +728,17 @@ mod tests {
         );
     }
 
+    /// An entry's attributes as a search returns them.
+    fn attrs(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, Vec<String>> {
+        let mut m: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for (k, v) in pairs {
+            m.entry(k.to_string()).or_default().push(v.to_string());
+        }
+        m
+    }
+
     #[test]
     fn what_a_bind_records_from_the_database_and_its_overlays() {
-        let attrs = |pairs: &[(&str, &str)]| {
-            let mut m: std::collections::HashMap<String, Vec<String>> = Default::default();
-            for (k, v) in pairs {
-                m.entry(k.to_string()).or_default().push(v.to_string());
-            }
-            m
-        };
         let plain = attrs(&[("olcReadOnly", "FALSE")]);
         let syncprov = attrs(&[("olcOverlay", "{0}syncprov")]);
         assert_eq!(
@@ -755,13 +757,6 @@ mod tests {
 
     #[test]
     fn linking_overlays_by_name_or_object_class() {
-        let attrs = |pairs: &[(&str, &str)]| {
-            let mut m: std::collections::HashMap<String, Vec<String>> = Default::default();
-            for (k, v) in pairs {
-                m.entry(k.to_string()).or_default().push(v.to_string());
-            }
-            m
-        };
         let overlay = |name: &str, class: &str| {
             attrs(&[
                 ("olcOverlay", name),
@@ -808,13 +803,6 @@ mod tests {
 
     #[test]
     fn which_databases_commit_without_fsync() {
-        let attrs = |pairs: &[(&str, &str)]| {
-            let mut m: std::collections::HashMap<String, Vec<String>> = Default::default();
-            for (k, v) in pairs {
-                m.entry(k.to_string()).or_default().push(v.to_string());
-            }
-            m
-        };
         assert_eq!(commits_skip_fsync(&attrs(&[])), None);
         assert_eq!(
             commits_skip_fsync(&attrs(&[("olcDbNoSync", "FALSE")])),
