@@ -137,6 +137,7 @@ async fn prepare_writes_a_nosync_database_to_disk() {
         ..Config::default()
     };
     config.freeze.allowed = vec![ADMIN_DN.into()];
+    config.freeze.root_dns = vec![ADMIN_DN.into()];
     let mut example = BackendConfig::new("dc=example,dc=org", Mode::Readonly);
     example.driver = DriverKind::Openldap;
     example.config_url = Some(lab.slapd.ldapi_url());
