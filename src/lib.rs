@@ -16,7 +16,7 @@ pub mod freeze;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod notify;
-pub mod ops;
+pub mod operator;
 pub mod proxy;
 pub mod tls;
 pub mod wire;

@@ -7,10 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use abproxy::config::Config;
-use abproxy::ops::{
-    self, exit, ClientTls, FreezeRequest, HookRecord, HookState, OpError, Password, Progress,
-    Released, RunSpec, Target,
-};
+use abproxy::operator::{self, commands, ClientTls, FreezeRequest, OpError, Password, Target};
 use abproxy::Server;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
@@ -44,21 +41,21 @@ enum Command {
     Demo(DemoArgs),
     /// Freeze a running proxy for a backup (Allow-Backup ON): wait for the
     /// operations in progress, then hold writes until `abproxy off`.
-    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
     On(OnArgs),
     /// End the freeze (Allow-Backup OFF): release the held operations.
-    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
     Off(OffArgs),
     /// Show the freeze state: holder, backends, queued requests, lease.
-    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
     Status(StatusArgs),
     /// Freeze, run CMD, release: always, also when CMD fails or on
     /// SIGINT/SIGTERM (forwarded to CMD); a killed wrapper releases too.
-    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
     Run(RunArgs),
     /// Pre/post script for backup tools (Bacula RunBeforeJob/RunAfterJob,
     /// borgmatic before/after hooks): --before freezes, --after releases.
-    #[command(after_help = ops::EXIT_STATUS_HELP)]
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
     Hook(HookArgs),
 }
 
@@ -69,7 +66,7 @@ struct ConnArgs {
     #[arg(
         long,
         env = "ABPROXY_URL",
-        default_value = ops::DEFAULT_URL,
+        default_value = operator::DEFAULT_URL,
         value_name = "URL"
     )]
     url: String,
@@ -455,12 +452,22 @@ fn operator_main(command: Command) -> ExitCode {
     };
     let code = rt.block_on(async {
         match command {
-            Command::On(a) => on(&a.conn, &a.freeze, "abproxy on").await,
-            Command::Off(a) => off(&a.conn, a.freeze_id, "abproxy off").await,
-            Command::Status(a) => status(&a).await,
-            Command::Run(a) => run(a).await,
-            Command::Hook(a) if a.before => hook_before(&a).await,
-            Command::Hook(a) => hook_after(&a).await,
+            Command::On(a) => {
+                commands::on(&conn(&a.conn), &freeze_request(&a.freeze), "abproxy on").await
+            }
+            Command::Off(a) => commands::off(&conn(&a.conn), a.freeze_id, "abproxy off").await,
+            Command::Status(a) => commands::status(&conn(&a.conn), a.json).await,
+            Command::Run(a) => {
+                commands::run(conn(&a.conn), &freeze_request(&a.freeze), a.command).await
+            }
+            Command::Hook(a) if a.hold => commands::hook_hold(&hook(&a)).await,
+            Command::Hook(a) if a.before => {
+                // The holder: this command again, with --hold.
+                let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+                args.push("--hold".into());
+                commands::hook_before(&hook(&a), args).await
+            }
+            Command::Hook(a) => commands::hook_after(&hook(&a)).await,
             Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
         }
     });
@@ -505,389 +512,19 @@ fn freeze_request(f: &FreezeArgs) -> FreezeRequest {
     }
 }
 
-/// Prints an error (a warning when the freeze had expired) and returns its
-/// exit status.
-fn fail(who: &str, e: &OpError) -> u8 {
-    let word = if e.kind == ops::ErrorKind::Expired {
-        "warning"
-    } else {
-        "error"
-    };
-    eprintln!("{who}: {word}: {e}");
-    e.exit_code()
-}
-
-async fn on(conn: &ConnArgs, freeze: &FreezeArgs, who: &str) -> u8 {
-    let req = freeze_request(freeze);
-    let limit = conn.timeout.unwrap_or_else(|| req.default_timeout());
-    let result = async {
-        let target = target(conn)?;
-        let progress = Progress::stderr(who);
-        ops::with_session_tls(
-            &target,
-            &client_tls(conn),
-            limit,
-            ops::ON_TIMEOUT_HINT,
-            async |s| {
-                let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
-                s.on(&req).await
-            },
-        )
-        .await
-    }
-    .await;
-    match result {
-        Ok(frozen) => {
-            println!("{}", frozen.message);
-            exit::OK
-        }
-        Err(e) => fail(who, &e),
+/// Where an operator command connects, from its flags.
+fn conn(c: &ConnArgs) -> commands::Conn {
+    commands::Conn {
+        target: target(c),
+        tls: client_tls(c),
+        timeout: c.timeout,
     }
 }
 
-async fn off(conn: &ConnArgs, freeze_id: Option<u64>, who: &str) -> u8 {
-    let limit = conn.timeout.unwrap_or(Duration::from_secs(30));
-    let result = async {
-        let target = target(conn)?;
-        ops::with_session_tls(
-            &target,
-            &client_tls(conn),
-            limit,
-            ops::TIMEOUT_HINT,
-            async |s| s.off_freeze(freeze_id).await,
-        )
-        .await
+fn hook(a: &HookArgs) -> commands::Hook {
+    commands::Hook {
+        conn: conn(&a.conn),
+        state_file: a.state_file.clone(),
+        request: freeze_request(&a.freeze),
     }
-    .await;
-    match result {
-        Ok(Released::Released(msg)) => {
-            println!("{msg}");
-            exit::OK
-        }
-        Ok(Released::NotFrozen) => {
-            println!("not frozen (nothing to release)");
-            exit::OK
-        }
-        Err(e) => fail(who, &e),
-    }
-}
-
-fn hook_state(args: &HookArgs, target: &Target) -> HookState {
-    match args
-        .state_file
-        .as_ref()
-        .filter(|p| !p.as_os_str().is_empty())
-    {
-        Some(path) => HookState::new(path),
-        None => HookState::default_for(target, &client_tls(&args.conn)),
-    }
-}
-
-/// `hook --before`: starts the holder (`hook --before --hold`, this
-/// command's own arguments) and waits for it to say the freeze is set up
-/// (its first stdout line, `frozen\tMESSAGE`); a holder that exits instead
-/// has printed why on stderr, and its status is this command's.
-async fn hook_before(args: &HookArgs) -> u8 {
-    const WHO: &str = "abproxy hook --before";
-    if args.hold {
-        return hook_hold(args).await;
-    }
-    let req = freeze_request(&args.freeze);
-    let limit = args.conn.timeout.unwrap_or_else(|| req.default_timeout());
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => {
-            return fail(
-                WHO,
-                &OpError::usage(format!("cannot find abproxy itself: {e}"), ""),
-            )
-        }
-    };
-    let mut holder = match tokio::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .arg("--hold")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        // Its own process group: a terminal's Ctrl-C after --before has
-        // returned is not for it.
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            return fail(
-                WHO,
-                &OpError::usage(format!("cannot start the holder: {e}"), ""),
-            )
-        }
-    };
-    let stdout = holder.stdout.take().expect("piped");
-    let mut line = String::new();
-    let told = tokio::time::timeout(
-        limit + Duration::from_secs(5),
-        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut line),
-    )
-    .await;
-    match told {
-        Ok(Ok(_)) if line.starts_with("frozen\t") => {
-            print!("{}", &line["frozen\t".len()..]);
-            exit::OK
-        }
-        Ok(_) => match tokio::time::timeout(Duration::from_secs(10), holder.wait()).await {
-            Ok(Ok(st)) => st
-                .code()
-                .and_then(|c| u8::try_from(c).ok())
-                .unwrap_or(exit::FAILED),
-            _ => {
-                let _ = holder.start_kill();
-                fail(
-                    WHO,
-                    &OpError::usage("the holder neither froze nor exited", ""),
-                )
-            }
-        },
-        Err(_) => {
-            // Killed before it could record anything: its connection ends,
-            // and the freeze with it (holdUntilUnbind).
-            let _ = holder.start_kill();
-            fail(
-                WHO,
-                &OpError {
-                    kind: ops::ErrorKind::Timeout,
-                    message: format!(
-                        "timed out after {} s waiting for the freeze",
-                        limit.as_secs() + 5
-                    ),
-                    hint: ops::ON_TIMEOUT_HINT.into(),
-                },
-            )
-        }
-    }
-}
-
-/// The holder: ON with holdUntilUnbind, the record and the socket, then
-/// `frozen\tMESSAGE` on stdout, then stdin/stdout/stderr on /dev/null, and
-/// it waits for `hook --after` (see [`ops::hook`]).
-async fn hook_hold(args: &HookArgs) -> u8 {
-    const WHO: &str = "abproxy hook --before";
-    let req = freeze_request(&args.freeze).with_hold_until_unbind(true);
-    let limit = args.conn.timeout.unwrap_or_else(|| req.default_timeout());
-    let off_limit = args.conn.timeout.unwrap_or(Duration::from_secs(30));
-    let set_up = async {
-        let target = target(&args.conn)?;
-        let state = hook_state(args, &target);
-        state.clear()?;
-        let listener = state.listen()?;
-        let progress = Progress::stderr(WHO);
-        let (session, frozen, lease_end) =
-            ops::within(limit, &target.url, ops::ON_TIMEOUT_HINT, async {
-                let mut s = ops::Session::connect_tls(&target, &client_tls(&args.conn)).await?;
-                let frozen = {
-                    let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
-                    s.on(&req).await?
-                };
-                // The lease bounds the wait for --after; a status that cannot
-                // be read leaves the proxy's longest (a day).
-                let lease_end = s.status().await.ok().and_then(|st| st.lease_expires);
-                Ok((s, frozen, lease_end))
-            })
-            .await?;
-        let record = HookRecord {
-            freeze: frozen.id(),
-            holder: Some(std::process::id()),
-        };
-        if let Err(e) = state.write(record) {
-            // Unrecorded, --after could not end it: ending the connection
-            // ends the freeze (holdUntilUnbind).
-            session.close().await;
-            let _ = std::fs::remove_file(state.socket_path());
-            return Err(OpError {
-                message: format!("{}; the freeze was released again", e.message),
-                ..e
-            });
-        }
-        Ok((state, listener, session, frozen, lease_end))
-    }
-    .await;
-    let (state, listener, mut session, frozen, lease_end) = match set_up {
-        Ok(v) => v,
-        Err(e) => return fail(WHO, &e),
-    };
-    {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        let told = writeln!(out, "frozen\t{}", frozen.message).and_then(|()| out.flush());
-        if told.is_err() {
-            // --before is gone: nobody knows of this freeze.
-            session.close().await;
-            let _ = state.clear();
-            let _ = std::fs::remove_file(state.socket_path());
-            return exit::FAILED;
-        }
-    }
-    detach_stdio();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let left = lease_end.map_or(Duration::from_secs(86_400), |end| {
-        Duration::from_secs(end.saturating_sub(now))
-    });
-    let until = tokio::time::Instant::now() + left + ops::hook::HOLDER_GRACE;
-    let answered = ops::hook::hold(listener, &mut session, frozen.id(), off_limit, until).await;
-    session.close().await;
-    let _ = std::fs::remove_file(state.socket_path());
-    match answered {
-        Some(Ok(_)) => exit::OK,
-        Some(Err(e)) => e.exit_code(),
-        None => exit::FAILED,
-    }
-}
-
-/// Standard input, output and error on /dev/null: a backup tool waiting
-/// for the end of `hook --before`'s output must not wait for the holder.
-fn detach_stdio() {
-    use std::os::fd::AsRawFd;
-    if let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
-        for fd in 0..=2 {
-            // SAFETY: dup2 onto the standard descriptors; `null` stays open
-            // for the call.
-            unsafe { libc::dup2(null.as_raw_fd(), fd) };
-        }
-    }
-}
-
-/// `hook --after`: OFF of the freeze `hook --before` recorded, and only
-/// that one: by its holder when it has one, else on a new connection;
-/// nothing sent when none is recorded.
-async fn hook_after(args: &HookArgs) -> u8 {
-    const WHO: &str = "abproxy hook --after";
-    let limit = args.conn.timeout.unwrap_or(Duration::from_secs(30));
-    let target = match target(&args.conn) {
-        Ok(t) => t,
-        Err(e) => return fail(WHO, &e),
-    };
-    let state = hook_state(args, &target);
-    let record = match state.read() {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            println!(
-                "nothing to release: no freeze recorded in {} (hook --before failed, or ran \
-                 with another --state-file); OFF not sent, it could end another job's freeze",
-                state.path().display()
-            );
-            return exit::OK;
-        }
-        Err(e) => return fail(WHO, &e),
-    };
-    let result = if let Some(pid) = record.holder {
-        match ops::hook::ask_holder(&state, limit).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                // No holder: its connection, and the freeze, have ended.
-                if let Err(e) = state.clear() {
-                    eprintln!("{WHO}: warning: {e}");
-                }
-                eprintln!(
-                    "{WHO}: warning: the freeze hook --before set up has ended: its holder \
-                     (process {pid}) is gone (killed, or its lease ended long ago), and with \
-                     its connection the freeze; the backup may be inconsistent"
-                );
-                return exit::FAILED;
-            }
-            Err(e) => Err(e),
-        }
-    } else {
-        ops::with_session_tls(
-            &target,
-            &client_tls(&args.conn),
-            limit,
-            ops::TIMEOUT_HINT,
-            async |s| s.off_freeze(record.freeze).await,
-        )
-        .await
-    };
-    // The proxy has answered about this freeze: the record is spent. Kept
-    // when it may not have (unreachable, timeout) or asked for a retry
-    // (busy), so that running --after again works.
-    let answered = match &result {
-        Ok(_) => true,
-        Err(e) => matches!(e.kind, ops::ErrorKind::Failed | ops::ErrorKind::Expired),
-    };
-    if answered {
-        if let Err(e) = state.clear() {
-            eprintln!("{WHO}: warning: {e}");
-        }
-    }
-    match result {
-        Ok(Released::Released(msg)) => {
-            println!("{msg}");
-            exit::OK
-        }
-        Ok(Released::NotFrozen) => {
-            // Only a proxy that ignores freezeId says so after a freeze.
-            eprintln!(
-                "{WHO}: warning: not frozen: the freeze hook --before set up had already ended \
-                 (lease, or another OFF); the backup may be inconsistent"
-            );
-            exit::FAILED
-        }
-        Err(e) => fail(WHO, &e),
-    }
-}
-
-async fn status(args: &StatusArgs) -> u8 {
-    let limit = args.conn.timeout.unwrap_or(Duration::from_secs(30));
-    let result = async {
-        let target = target(&args.conn)?;
-        ops::with_session_tls(
-            &target,
-            &client_tls(&args.conn),
-            limit,
-            ops::TIMEOUT_HINT,
-            async |s| s.status().await,
-        )
-        .await
-    }
-    .await;
-    match result {
-        Ok(st) if args.json => {
-            println!("{}", st.to_json());
-            exit::OK
-        }
-        Ok(st) => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            print!("{}", st.render(now));
-            exit::OK
-        }
-        Err(e) => fail("abproxy status", &e),
-    }
-}
-
-async fn run(args: RunArgs) -> u8 {
-    let target = match target(&args.conn) {
-        Ok(t) => t,
-        Err(e) => return fail("abproxy run", &e),
-    };
-    let request = freeze_request(&args.freeze).with_hold_until_unbind(true);
-    let spec = RunSpec {
-        target,
-        tls: client_tls(&args.conn),
-        on_timeout: args
-            .conn
-            .timeout
-            .unwrap_or_else(|| request.default_timeout()),
-        off_timeout: args.conn.timeout.unwrap_or(Duration::from_secs(30)),
-        request,
-        command: args.command,
-    };
-    ops::run_frozen(spec, &Progress::stderr("abproxy run")).await
 }

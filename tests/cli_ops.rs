@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use abproxy::config::Config;
-use abproxy::ops::{self, BackendModeName, Session, State, Status, Target};
+use abproxy::operator::{self, BackendModeName, Session, State, Status, Target};
 use support::*;
 use testkit::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW};
 
@@ -75,13 +75,13 @@ fn admin(lab: &Lab) -> Target {
     Target {
         url: lab.proxied(),
         bind_dn: Some(ADMIN_DN.into()),
-        password: Some(ops::Password::new(ADMIN_PW)),
+        password: Some(operator::Password::new(ADMIN_PW)),
     }
 }
 
 /// The proxy's status through the library (what the binary prints too).
 async fn status(lab: &Lab) -> Status {
-    ops::with_session(&admin(lab), Duration::from_secs(10), "", async |s| {
+    operator::with_session(&admin(lab), Duration::from_secs(10), "", async |s| {
         s.status().await
     })
     .await
@@ -799,7 +799,7 @@ async fn an_empty_password_is_refused_before_connecting() {
     let err = Session::connect(&Target {
         url,
         bind_dn: Some(ADMIN_DN.into()),
-        password: Some(ops::Password::new("")),
+        password: Some(operator::Password::new("")),
     })
     .await
     .unwrap_err();
@@ -813,15 +813,15 @@ async fn the_library_and_the_help_agree_on_exit_codes() {
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains(ops::EXIT_STATUS_HELP), "{help}");
+    assert!(help.contains(operator::EXIT_STATUS_HELP), "{help}");
     assert_eq!(
         (
-            ops::exit::OK,
-            ops::exit::USAGE,
-            ops::exit::REFUSED,
-            ops::exit::UNREACHABLE,
-            ops::exit::TIMEOUT,
-            ops::exit::FAILED
+            operator::exit::OK,
+            operator::exit::USAGE,
+            operator::exit::REFUSED,
+            operator::exit::UNREACHABLE,
+            operator::exit::TIMEOUT,
+            operator::exit::FAILED
         ),
         (0, 2, 3, 4, 5, 6)
     );

@@ -14,7 +14,7 @@ use std::time::Duration;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use abproxy::ops::{FreezeRequest, Password, Session, Target};
+use abproxy::operator::{FreezeRequest, Password, Session, Target};
 use support::ds389::*;
 use support::*;
 use testkit::ds389::{user_dn, user_pw, Ds389, DM_DN, DM_PW};
@@ -330,7 +330,7 @@ async fn failing_second_driver_leaves_389_writable() {
         .on(&FreezeRequest::default().with_time_limit(10))
         .await
         .expect_err("ON must fail");
-    assert_eq!(err.exit_code(), abproxy::ops::exit::FAILED, "{err:?}");
+    assert_eq!(err.exit_code(), abproxy::operator::exit::FAILED, "{err:?}");
     let msg = err.message.clone();
     assert!(
         msg.contains("prepare failed for backend dc=other,dc=org")
@@ -396,7 +396,11 @@ async fn ds389_driver_refuses_partial_freezes_while_a_linking_plugin_is_enabled(
     ] {
         set_plugin(&ds, cn, true).await;
         let err = s.on(&example).await.expect_err("a partial ON is refused");
-        assert_eq!(err.kind, abproxy::ops::ErrorKind::Refused(53), "{err:?}");
+        assert_eq!(
+            err.kind,
+            abproxy::operator::ErrorKind::Refused(53),
+            "{err:?}"
+        );
         assert!(
             err.message.contains(&format!(
                 "partial freeze refused: the {what} plugin (cn=plugins,cn=config entry \

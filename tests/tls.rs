@@ -911,13 +911,13 @@ async fn freeze_with_writers_on_tls_sessions_keeps_every_acknowledged_write_once
         acked_total.load(Ordering::Relaxed) >= 2 * WRITERS as u64
     })
     .await;
-    let target = abproxy::ops::Target {
+    let target = abproxy::operator::Target {
         url: lab.proxied(),
         bind_dn: Some(ADMIN_DN.into()),
-        password: Some(abproxy::ops::Password::new(ADMIN_PW)),
+        password: Some(abproxy::operator::Password::new(ADMIN_PW)),
     };
-    let mut op = abproxy::ops::Session::connect(&target).await.unwrap();
-    op.on(&abproxy::ops::FreezeRequest::default())
+    let mut op = abproxy::operator::Session::connect(&target).await.unwrap();
+    op.on(&abproxy::operator::FreezeRequest::default())
         .await
         .unwrap();
     let engine = lab.proxy.engine();

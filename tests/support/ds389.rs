@@ -8,7 +8,7 @@ use std::time::Duration;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use abproxy::ops::{Password, Session, Target};
+use abproxy::operator::{Password, Session, Target};
 use abproxy::ProxyHandle;
 use testkit::ds389::{self, Ds389, Ds389Options, DM_DN, DM_PW};
 

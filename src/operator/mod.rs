@@ -14,8 +14,8 @@
 //!   kept open while a command runs, then OFF on the same connection.
 //!
 //! ```no_run
-//! # async fn f() -> Result<(), abproxy::ops::OpError> {
-//! use abproxy::ops::{FreezeRequest, Password, Session, Target};
+//! # async fn f() -> Result<(), abproxy::operator::OpError> {
+//! use abproxy::operator::{FreezeRequest, Password, Session, Target};
 //!
 //! let target = Target {
 //!     url: "ldap://127.0.0.1:3389".into(),
@@ -50,6 +50,7 @@ use tokio::task::JoinHandle;
 use crate::endpoint::Endpoint;
 use crate::tls::describe_io;
 
+pub mod commands;
 pub mod hook;
 pub use hook::{HookRecord, HookState};
 

@@ -1,0 +1,413 @@
+//! The operator commands (`abproxy on|off|status|run|hook`) as the binary
+//! runs them: each takes what the command line said, prints what the user
+//! sees, and returns the exit status (see [`super::exit`]). `main.rs` only
+//! turns flags into these values.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::hook::{self, HookRecord, HookState};
+use super::{
+    exit, run_frozen, with_session_tls, within, ClientTls, ErrorKind, FreezeRequest, OpError,
+    Progress, Released, RunSpec, Session, Target, ON_TIMEOUT_HINT, TIMEOUT_HINT,
+};
+
+/// Where an operator command connects: the proxy and identity (or why the
+/// flags could not make one, reported by the command), TLS, and the
+/// `--timeout` if given.
+#[derive(Debug)]
+pub struct Conn {
+    /// The proxy and who to bind as.
+    pub target: Result<Target, OpError>,
+    /// TLS to the proxy.
+    pub tls: ClientTls,
+    /// `--timeout`: the whole command's limit.
+    pub timeout: Option<Duration>,
+}
+
+impl Conn {
+    fn target(&self) -> Result<&Target, OpError> {
+        self.target.as_ref().map_err(Clone::clone)
+    }
+
+    /// `--timeout`, else 30 s.
+    fn limit(&self) -> Duration {
+        self.timeout.unwrap_or(Duration::from_secs(30))
+    }
+}
+
+/// Prints an error (a warning when the freeze had expired) and returns its
+/// exit status.
+pub fn fail(who: &str, e: &OpError) -> u8 {
+    let word = if e.kind == ErrorKind::Expired {
+        "warning"
+    } else {
+        "error"
+    };
+    eprintln!("{who}: {word}: {e}");
+    e.exit_code()
+}
+
+/// `abproxy on`.
+pub async fn on(conn: &Conn, req: &FreezeRequest, who: &str) -> u8 {
+    let limit = conn.timeout.unwrap_or_else(|| req.default_timeout());
+    let result = async {
+        let target = conn.target()?;
+        let progress = Progress::stderr(who);
+        with_session_tls(target, &conn.tls, limit, ON_TIMEOUT_HINT, async |s| {
+            let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
+            s.on(req).await
+        })
+        .await
+    }
+    .await;
+    match result {
+        Ok(frozen) => {
+            println!("{}", frozen.message);
+            exit::OK
+        }
+        Err(e) => fail(who, &e),
+    }
+}
+
+/// `abproxy off` (`--freeze-id`: that freeze and no other).
+pub async fn off(conn: &Conn, freeze_id: Option<u64>, who: &str) -> u8 {
+    let result = async {
+        let target = conn.target()?;
+        with_session_tls(target, &conn.tls, conn.limit(), TIMEOUT_HINT, async |s| {
+            s.off_freeze(freeze_id).await
+        })
+        .await
+    }
+    .await;
+    match result {
+        Ok(Released::Released(msg)) => {
+            println!("{msg}");
+            exit::OK
+        }
+        Ok(Released::NotFrozen) => {
+            println!("not frozen (nothing to release)");
+            exit::OK
+        }
+        Err(e) => fail(who, &e),
+    }
+}
+
+/// `abproxy status` (`json`: `--json`).
+pub async fn status(conn: &Conn, json: bool) -> u8 {
+    let result = async {
+        let target = conn.target()?;
+        with_session_tls(target, &conn.tls, conn.limit(), TIMEOUT_HINT, async |s| {
+            s.status().await
+        })
+        .await
+    }
+    .await;
+    match result {
+        Ok(st) if json => {
+            println!("{}", st.to_json());
+            exit::OK
+        }
+        Ok(st) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            print!("{}", st.render(now));
+            exit::OK
+        }
+        Err(e) => fail("abproxy status", &e),
+    }
+}
+
+/// `abproxy run -- CMD`.
+pub async fn run(conn: Conn, req: &FreezeRequest, command: Vec<OsString>) -> u8 {
+    let target = match conn.target {
+        Ok(t) => t,
+        Err(e) => return fail("abproxy run", &e),
+    };
+    let request = req.clone().with_hold_until_unbind(true);
+    let spec = RunSpec {
+        target,
+        tls: conn.tls,
+        on_timeout: conn.timeout.unwrap_or_else(|| request.default_timeout()),
+        off_timeout: conn.timeout.unwrap_or(Duration::from_secs(30)),
+        request,
+        command,
+    };
+    run_frozen(spec, &Progress::stderr("abproxy run")).await
+}
+
+/// `abproxy hook`: where it connects, its state file (`--state-file`,
+/// empty: the default), and (`--before`) the freeze.
+#[derive(Debug)]
+pub struct Hook {
+    /// Where to connect.
+    pub conn: Conn,
+    /// `--state-file`.
+    pub state_file: Option<PathBuf>,
+    /// What `--before` freezes.
+    pub request: FreezeRequest,
+}
+
+impl Hook {
+    fn state(&self, target: &Target) -> HookState {
+        match self
+            .state_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            Some(path) => HookState::new(path),
+            None => HookState::default_for(target, &self.conn.tls),
+        }
+    }
+}
+
+const BEFORE: &str = "abproxy hook --before";
+const AFTER: &str = "abproxy hook --after";
+
+/// `hook --before`: starts the holder (this program with `holder_args`:
+/// `hook --before --hold` and the same flags) and waits for it to say the
+/// freeze is set up (its first stdout line, `frozen\tMESSAGE`); a holder
+/// that exits instead has printed why on stderr, and its status is this
+/// command's.
+pub async fn hook_before(h: &Hook, holder_args: Vec<OsString>) -> u8 {
+    let limit = h
+        .conn
+        .timeout
+        .unwrap_or_else(|| h.request.default_timeout());
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            let e = OpError::usage(format!("cannot find abproxy itself: {e}"), "");
+            return fail(BEFORE, &e);
+        }
+    };
+    let mut holder = match tokio::process::Command::new(exe)
+        .args(holder_args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C after --before has
+        // returned is not for it.
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let e = OpError::usage(format!("cannot start the holder: {e}"), "");
+            return fail(BEFORE, &e);
+        }
+    };
+    let Some(stdout) = holder.stdout.take() else {
+        return fail(BEFORE, &OpError::usage("the holder has no stdout", ""));
+    };
+    let mut line = String::new();
+    let told = tokio::time::timeout(
+        limit + Duration::from_secs(5),
+        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut line),
+    )
+    .await;
+    match told {
+        Ok(Ok(_)) if line.starts_with("frozen\t") => {
+            print!("{}", &line["frozen\t".len()..]);
+            exit::OK
+        }
+        Ok(_) => match tokio::time::timeout(Duration::from_secs(10), holder.wait()).await {
+            Ok(Ok(st)) => st
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(exit::FAILED),
+            _ => {
+                let _ = holder.start_kill();
+                let e = OpError::usage("the holder neither froze nor exited", "");
+                fail(BEFORE, &e)
+            }
+        },
+        Err(_) => {
+            // Killed before it could record anything: its connection ends,
+            // and the freeze with it (holdUntilUnbind).
+            let _ = holder.start_kill();
+            let e = OpError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "timed out after {} s waiting for the freeze",
+                    limit.as_secs() + 5
+                ),
+                ON_TIMEOUT_HINT,
+            );
+            fail(BEFORE, &e)
+        }
+    }
+}
+
+/// The holder (`hook --before --hold`): ON with holdUntilUnbind, the
+/// record and the socket, then `frozen\tMESSAGE` on stdout, then its
+/// standard streams on /dev/null, and it waits for `hook --after` (see
+/// [`hook`]).
+pub async fn hook_hold(h: &Hook) -> u8 {
+    let req = h.request.clone().with_hold_until_unbind(true);
+    let limit = h.conn.timeout.unwrap_or_else(|| req.default_timeout());
+    let set_up = async {
+        let target = h.conn.target()?;
+        let state = h.state(target);
+        state.clear()?;
+        let listener = state.listen()?;
+        let progress = Progress::stderr(BEFORE);
+        let (session, frozen, lease_end) = within(limit, &target.url, ON_TIMEOUT_HINT, async {
+            let mut s = Session::connect_tls(target, &h.conn.tls).await?;
+            let frozen = {
+                let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
+                s.on(&req).await?
+            };
+            // The lease bounds the wait for --after; a status that cannot
+            // be read leaves a day.
+            let lease_end = s.status().await.ok().and_then(|st| st.lease_expires);
+            Ok((s, frozen, lease_end))
+        })
+        .await?;
+        let record = HookRecord {
+            freeze: frozen.id(),
+            holder: Some(std::process::id()),
+        };
+        if let Err(e) = state.write(record) {
+            // Unrecorded, --after could not end it: ending the connection
+            // ends the freeze (holdUntilUnbind).
+            session.close().await;
+            let _ = std::fs::remove_file(state.socket_path());
+            return Err(OpError {
+                message: format!("{}; the freeze was released again", e.message),
+                ..e
+            });
+        }
+        Ok((state, listener, session, frozen, lease_end))
+    }
+    .await;
+    let (state, listener, mut session, frozen, lease_end) = match set_up {
+        Ok(v) => v,
+        Err(e) => return fail(BEFORE, &e),
+    };
+    let gone = |state: &HookState| {
+        let _ = state.clear();
+        let _ = std::fs::remove_file(state.socket_path());
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let told = writeln!(out, "frozen\t{}", frozen.message).and_then(|()| out.flush());
+        if told.is_err() {
+            // --before is gone: nobody knows of this freeze.
+            session.close().await;
+            gone(&state);
+            return exit::FAILED;
+        }
+    }
+    detach_stdio();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let left = lease_end.map_or(Duration::from_secs(86_400), |end| {
+        Duration::from_secs(end.saturating_sub(now))
+    });
+    let until = tokio::time::Instant::now() + left + hook::HOLDER_GRACE;
+    let answered = hook::hold(listener, &mut session, frozen.id(), h.conn.limit(), until).await;
+    session.close().await;
+    let _ = std::fs::remove_file(state.socket_path());
+    match answered {
+        Some(Ok(_)) => exit::OK,
+        Some(Err(e)) => e.exit_code(),
+        None => exit::FAILED,
+    }
+}
+
+/// Standard input, output and error on /dev/null: a backup tool waiting
+/// for the end of `hook --before`'s output must not wait for the holder.
+fn detach_stdio() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors; `null` stays open
+            // for the call.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// `hook --after`: OFF of the freeze `hook --before` recorded, and only
+/// that one: by its holder when it has one, else on a new connection;
+/// nothing sent when none is recorded.
+pub async fn hook_after(h: &Hook) -> u8 {
+    let limit = h.conn.limit();
+    let target = match h.conn.target() {
+        Ok(t) => t,
+        Err(e) => return fail(AFTER, &e),
+    };
+    let state = h.state(target);
+    let record = match state.read() {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            println!(
+                "nothing to release: no freeze recorded in {} (hook --before failed, or ran \
+                 with another --state-file); OFF not sent, it could end another job's freeze",
+                state.path().display()
+            );
+            return exit::OK;
+        }
+        Err(e) => return fail(AFTER, &e),
+    };
+    let result = if let Some(pid) = record.holder {
+        match hook::ask_holder(&state, limit).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // No holder: its connection, and the freeze, have ended.
+                if let Err(e) = state.clear() {
+                    eprintln!("{AFTER}: warning: {e}");
+                }
+                eprintln!(
+                    "{AFTER}: warning: the freeze hook --before set up has ended: its holder \
+                     (process {pid}) is gone (killed, or its lease ended long ago), and with \
+                     its connection the freeze; the backup may be inconsistent"
+                );
+                return exit::FAILED;
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        with_session_tls(target, &h.conn.tls, limit, TIMEOUT_HINT, async |s| {
+            s.off_freeze(record.freeze).await
+        })
+        .await
+    };
+    // The proxy has answered about this freeze: the record is spent. Kept
+    // when it may not have (unreachable, timeout) or asked for a retry
+    // (busy), so that running --after again works.
+    let answered = match &result {
+        Ok(_) => true,
+        Err(e) => matches!(e.kind, ErrorKind::Failed | ErrorKind::Expired),
+    };
+    if answered {
+        if let Err(e) = state.clear() {
+            eprintln!("{AFTER}: warning: {e}");
+        }
+    }
+    match result {
+        Ok(Released::Released(msg)) => {
+            println!("{msg}");
+            exit::OK
+        }
+        Ok(Released::NotFrozen) => {
+            // Only a proxy that ignores freezeId says so after a freeze.
+            eprintln!(
+                "{AFTER}: warning: not frozen: the freeze hook --before set up had already ended \
+                 (lease, or another OFF); the backup may be inconsistent"
+            );
+            exit::FAILED
+        }
+        Err(e) => fail(AFTER, &e),
+    }
+}
