@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod notify;
 pub mod operator;
 pub mod proxy;
+pub mod secret;
 pub mod tls;
 pub mod wire;
 

@@ -13,15 +13,13 @@ use super::backend::Backend;
 use super::state::StateFile;
 
 use crate::endpoint::Endpoint;
+use crate::secret::Credentials;
 
 /// Connects to `url` and binds (simple with `bind`, else SASL EXTERNAL).
 /// Everything is asynchronous, the connect included: a server that does not
 /// answer (or a `config_url` whose SYNs are dropped) holds only this step,
 /// which the engine drops at the backend's deadline, never a runtime thread.
-pub(crate) async fn connect(
-    url: &str,
-    bind: Option<&(String, String)>,
-) -> Result<ldap3::Ldap, String> {
+pub(crate) async fn connect(url: &str, bind: Option<&Credentials>) -> Result<ldap3::Ldap, String> {
     let ep = Endpoint::parse(url).map_err(|e| format!("config_url: {e}"))?;
     let cannot = |e: std::io::Error| format!("cannot connect to {url}: {e}");
     // ldap3 takes the connected socket as a std one (it makes it
@@ -53,7 +51,7 @@ pub(crate) async fn connect(
         .map_err(|e| format!("cannot connect to {url}: {e}"))?;
     ldap3::drive!(conn);
     let res = match bind {
-        Some((dn, pw)) => ldap.simple_bind(dn, pw).await,
+        Some(c) => ldap.simple_bind(&c.dn, c.password.expose()).await,
         None => ldap.sasl_external_bind().await,
     }
     .map_err(|e| format!("bind to {url} failed: {e}"))?;
@@ -190,7 +188,13 @@ mod tests {
                 conns.push(hole.accept().await.unwrap());
             }
         });
-        let d = OpenLdapDriver::new(url, Some(("cn=admin,cn=config".into(), "x".into())));
+        let d = OpenLdapDriver::new(
+            url,
+            Some(crate::secret::Credentials {
+                dn: "cn=admin,cn=config".into(),
+                password: crate::secret::Password::new("x"),
+            }),
+        );
         crate::freeze::Driver::attach_state(&d, state.clone(), "openldap");
         let b = backend();
         state

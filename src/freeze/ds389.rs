@@ -37,6 +37,7 @@ use super::backend::Backend;
 use super::cnconfig::Saved;
 use super::dn::NormDn;
 use super::engine::Driver;
+use crate::secret::Credentials;
 
 /// Parent of the ldbm backend instances in 389's cn=config.
 pub const LDBM_DATABASE: &str = "cn=ldbm database,cn=plugins,cn=config";
@@ -51,7 +52,7 @@ const DEFAULT_READONLY: &str = "off";
 #[derive(Debug)]
 pub struct Ds389Driver {
     url: String,
-    bind: Option<(String, String)>,
+    bind: Option<Credentials>,
     /// The backend entry's DN and its previous nsslapd-readonly (None:
     /// absent) per backend, between PREPARE and DONE.
     saved: Saved,
@@ -60,7 +61,7 @@ pub struct Ds389Driver {
 impl Ds389Driver {
     /// A driver talking to `url` (ldap:// or ldapi://), with a simple bind
     /// when `bind` is given, else SASL EXTERNAL.
-    pub fn new(url: String, bind: Option<(String, String)>) -> Self {
+    pub fn new(url: String, bind: Option<Credentials>) -> Self {
         Ds389Driver {
             url,
             bind,

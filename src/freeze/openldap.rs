@@ -69,12 +69,13 @@ use tracing::info;
 use super::backend::Backend;
 use super::cnconfig::Saved;
 use super::engine::Driver;
+use crate::secret::Credentials;
 
 /// How the driver reaches `cn=config`.
 #[derive(Debug)]
 pub struct OpenLdapDriver {
     url: String,
-    bind: Option<(String, String)>,
+    bind: Option<Credentials>,
     /// Previous olcReadOnly per database DN (None: absent), between PREPARE
     /// and DONE.
     saved: Saved,
@@ -83,7 +84,7 @@ pub struct OpenLdapDriver {
 impl OpenLdapDriver {
     /// A driver talking to `url` (ldap:// or ldapi://), with a simple bind
     /// when `bind` is given, else SASL EXTERNAL.
-    pub fn new(url: String, bind: Option<(String, String)>) -> Self {
+    pub fn new(url: String, bind: Option<Credentials>) -> Self {
         OpenLdapDriver {
             url,
             bind,

@@ -95,17 +95,10 @@ Exit status:
 CMD succeeded but the freeze did not last until it ended, 126/127 if CMD
 could not be started.";
 
-/// A bind password. Its `Debug` never shows it, and nothing in this module
-/// prints or logs it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Password(String);
+pub use crate::secret::Password;
 
+/// What the operator commands read passwords from.
 impl Password {
-    /// A password given as is.
-    pub fn new(pw: impl Into<String>) -> Password {
-        Password(pw.into())
-    }
-
     /// The first line of `path` (without its line ending).
     ///
     /// # Errors
@@ -125,11 +118,7 @@ impl Password {
                 "write the password on its first line",
             ));
         }
-        Ok(Password(line.to_owned()))
-    }
-
-    fn expose(&self) -> &str {
-        &self.0
+        Ok(Password::new(line))
     }
 
     /// The usage error for an empty password: a simple bind with a DN and
@@ -141,12 +130,6 @@ impl Password {
             "give the bind DN's password with --password-file FILE, ABPROXY_PASSWORD or \
              (discouraged) --password",
         )
-    }
-}
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Password(***)")
     }
 }
 
@@ -764,7 +747,7 @@ impl Session {
                 "give --password-file FILE, set ABPROXY_PASSWORD, or (discouraged) --password",
             ));
         }
-        if target.password.as_ref().is_some_and(|p| p.0.is_empty()) {
+        if target.password.as_ref().is_some_and(Password::is_empty) {
             // RFC 4513 5.1.2: a DN with an empty password is an
             // unauthenticated bind, anonymous at the server.
             return Err(Password::empty_error());

@@ -297,7 +297,12 @@ impl Server {
                                     file.display()
                                 )
                             })?;
-                            Some((dn.clone(), pw.lines().next().unwrap_or("").to_string()))
+                            Some(crate::secret::Credentials {
+                                dn: dn.clone(),
+                                password: crate::secret::Password::new(
+                                    pw.lines().next().unwrap_or(""),
+                                ),
+                            })
                         }
                         _ => None,
                     };
