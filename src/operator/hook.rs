@@ -300,7 +300,11 @@ pub async fn hold(
         let mut stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((s, _)) => s,
-                Err(_) => continue,
+                Err(_) => {
+                    // Out of descriptors, say: try again a little later.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             },
             () = tokio::time::sleep_until(until) => return None,
         };
