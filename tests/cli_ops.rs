@@ -549,6 +549,11 @@ async fn hook_before_holds_writes_until_hook_after() {
     assert!(out.stdout.starts_with("frozen: "), "{out:?}");
     // The process has exited; the freeze stays.
     assert_eq!(status(&lab).await.state, State::Frozen);
+    // A second --before on the same state file leaves the first job's
+    // record and holder alone.
+    let again = abproxy(&lab, &["hook", "--before"]).await;
+    assert_eq!(again.code, Some(3), "{again:?}");
+    assert!(again.stderr.contains("is still held (holder process"), "{again:?}");
 
     let write = modify_in_background(&lab, 2, "held by the hook");
     let s = wait_status(&lab, "the modify queued", |s| s.queued_requests == 1).await;

@@ -251,6 +251,24 @@ pub async fn hook_hold(h: &Hook) -> u8 {
     let set_up = async {
         let target = h.conn.target()?;
         let state = h.state(target);
+        if let Ok(Some(HookRecord {
+            holder: Some(pid), ..
+        })) = state.read()
+        {
+            if hook::holder_alive(&state).await {
+                // Another job's freeze: its --after must find its holder.
+                return Err(OpError::new(
+                    ErrorKind::Refused(51),
+                    format!(
+                        "busy (51): the freeze an earlier hook --before set up with {} is still \
+                         held (holder process {pid})",
+                        state.path().display()
+                    ),
+                    "run hook --after with that state file first, or give this job its own \
+                     --state-file",
+                ));
+            }
+        }
         state.clear()?;
         let listener = state.listen()?;
         let progress = Progress::stderr(BEFORE);

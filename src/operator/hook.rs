@@ -328,6 +328,15 @@ pub async fn hold(
     }
 }
 
+/// Whether the holder of `state`'s record still listens (a job whose
+/// `--after` has not run yet).
+pub async fn holder_alive(state: &HookState) -> bool {
+    matches!(
+        tokio::time::timeout(SOCKET_STEP, UnixStream::connect(state.socket_path())).await,
+        Ok(Ok(_))
+    )
+}
+
 /// `--after`'s side: asks the holder at `state`'s socket to release, and
 /// waits up to `limit` for its answer. `Ok(None)`: no holder listens there
 /// (it has ended, and its freeze with it).
