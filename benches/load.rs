@@ -9,6 +9,7 @@
 //! cargo bench --bench load -- --secs 5 --rounds 3 --conns 1,8 --workloads search,modify
 //! cargo bench --bench load -- --workloads freeze     # the freeze section alone
 //! cargo bench --bench load -- --workloads tls        # the TLS section alone
+//! cargo bench --bench load -- --workloads freeze-reads --rounds 6  # reads during a freeze
 //! ```
 //!
 //! One run starts a throwaway slapd (`testkit`, 1000 users, no fsync),
@@ -57,6 +58,17 @@
 //!   before OFF, a backlog never fully queued, or a missing response is
 //!   reported as an error, with the proxy's status at that time.
 //!
+//! `freeze-reads` (not in the default list) is the reads-during-a-freeze
+//! section, its own table: `--read-conns` closed-loop readers (anonymous
+//! base searches) through abproxy, measured in interleaved phases, an
+//! unfrozen one before each of three frozen ones (readonly, set by a raw
+//! admin connection; the same with `--read-writers` writers pipelining
+//! modifies at `--write-rate`/s each, held by the proxy; the same with the
+//! freeze set by an `abproxy::ops::Session` with holdUntilUnbind, as
+//! `abproxy run` does); each phase `--secs` after `--warmup-ms`, one such
+//! sequence per round. p50/p99 of the reads per kind of phase and their
+//! ratios to unfrozen; see `load_freeze_reads/section.rs`.
+//!
 //! `tls` (not in the default list) is the TLS section, a third table: slapd's
 //! own TLS (`ldaps://`) against abproxy terminating TLS (`ldaps://`, clear to
 //! slapd), new TLS connections per second and searches over TLS; see
@@ -81,6 +93,9 @@
 //! | `--backlog-conns C`| `LOAD_BACKLOG_CONNS`  | 32                   |
 //! | `--backlog-depth M`| `LOAD_BACKLOG_DEPTH`  | 200                  |
 //! | `--backlog-reps R` | `LOAD_BACKLOG_REPS`   | 3 (quick: 1)         |
+//! | `--read-conns N`   | `LOAD_READ_CONNS`     | 8                    |
+//! | `--read-writers W` | `LOAD_READ_WRITERS`   | 2                    |
+//! | `--write-rate R`   | `LOAD_WRITE_RATE`     | 100 (per writer, /s) |
 //!
 //! With several rounds, ops/s is the median over rounds, the ratios are the
 //! medians of the per-round ratios, and percentiles are over all rounds'
@@ -123,6 +138,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::codec::Decoder;
 
+#[path = "load_freeze_reads/section.rs"]
+mod freeze_reads;
 #[path = "load_tls/section.rs"]
 mod tls_section;
 
@@ -143,6 +160,12 @@ struct Opts {
     freeze: bool,
     /// The TLS section (`tls` in the workload list).
     tls: bool,
+    /// The reads-during-a-freeze section (`freeze-reads`).
+    freeze_reads: bool,
+    /// Its readers, writers, and modifies per second per writer.
+    read_conns: usize,
+    read_writers: usize,
+    write_rate: f64,
     /// Measured ON/OFF cycles per scenario (idle, loaded).
     freeze_cycles: usize,
     /// Closed-loop search+modify clients during the loaded cycles.
@@ -185,21 +208,30 @@ fn parse_conns(s: &str) -> Result<Vec<usize>> {
     Ok(v)
 }
 
-/// The throughput workloads, and whether `freeze` and `tls` are in the list.
-fn parse_workloads(s: &str) -> Result<(Vec<Kind>, bool, bool)> {
+/// The sections other than the throughput workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Freeze,
+    Tls,
+    FreezeReads,
+}
+
+/// The throughput workloads, and the sections in the list.
+fn parse_workloads(s: &str) -> Result<(Vec<Kind>, Vec<Section>)> {
     let v = parse_list(s, |p| match p {
         "search" => Ok(Ok(Kind::Search)),
         "bind" => Ok(Ok(Kind::Bind)),
         "modify" => Ok(Ok(Kind::Modify)),
-        "freeze" | "tls" => Ok(Err(p == "tls")),
-        _ => bail!("unknown workload {p:?} (search, bind, modify, freeze, tls)"),
+        "freeze" => Ok(Err(Section::Freeze)),
+        "tls" => Ok(Err(Section::Tls)),
+        "freeze-reads" => Ok(Err(Section::FreezeReads)),
+        _ => bail!("unknown workload {p:?} (search, bind, modify, freeze, tls, freeze-reads)"),
     })?;
     if v.is_empty() {
         bail!("no workload");
     }
-    let freeze = v.contains(&Err(false));
-    let tls = v.contains(&Err(true));
-    Ok((v.into_iter().flatten().collect(), freeze, tls))
+    let sections = v.iter().filter_map(|x| x.err()).collect();
+    Ok((v.into_iter().flatten().collect(), sections))
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -235,6 +267,9 @@ impl Opts {
             ("backlog-conns", "LOAD_BACKLOG_CONNS"),
             ("backlog-depth", "LOAD_BACKLOG_DEPTH"),
             ("backlog-reps", "LOAD_BACKLOG_REPS"),
+            ("read-conns", "LOAD_READ_CONNS"),
+            ("read-writers", "LOAD_READ_WRITERS"),
+            ("write-rate", "LOAD_WRITE_RATE"),
         ] {
             if let Some(v) = env(var) {
                 kv.insert(key, v);
@@ -270,6 +305,9 @@ impl Opts {
                 "backlog-conns",
                 "backlog-depth",
                 "backlog-reps",
+                "read-conns",
+                "read-writers",
+                "write-rate",
             ];
             if let Some(&key) = known.iter().find(|k| **k == name) {
                 let v = match inline {
@@ -299,10 +337,16 @@ impl Opts {
         let warmup =
             Duration::from_millis(num("warmup-ms", if quick { 100.0 } else { 500.0 })? as u64);
         let conns = parse_conns(kv.get("conns").map_or("1,8,32", String::as_str))?;
-        let (workloads, freeze, tls) = parse_workloads(
+        let (workloads, sections) = parse_workloads(
             kv.get("workloads")
                 .map_or("search,bind,modify,freeze", String::as_str),
         )?;
+        let freeze = sections.contains(&Section::Freeze);
+        let tls = sections.contains(&Section::Tls);
+        let freeze_reads = sections.contains(&Section::FreezeReads);
+        let read_conns = (num("read-conns", 8.0)? as usize).clamp(1, 1024);
+        let read_writers = (num("read-writers", 2.0)? as usize).clamp(0, 64);
+        let write_rate = num("write-rate", 100.0)?.clamp(0.1, 100_000.0);
         let freeze_cycles =
             (num("freeze-cycles", if quick { 5.0 } else { 20.0 })? as usize).clamp(1, 10_000);
         let freeze_conns = (num("freeze-conns", 8.0)? as usize).clamp(1, 1024);
@@ -342,6 +386,10 @@ impl Opts {
             workloads,
             freeze,
             tls,
+            freeze_reads,
+            read_conns,
+            read_writers,
+            write_rate,
             freeze_cycles,
             freeze_conns,
             backlog_conns,
@@ -2459,6 +2507,24 @@ fn run(args: &[String]) -> Result<()> {
         client_rt.block_on(run_freeze(&opts, (direct, abproxy_addr), &mut freeze));
     }
 
+    let mut reads = freeze_reads::ReadsResults::default();
+    let reads_opts = freeze_reads::ReadsOpts {
+        rounds: opts.rounds,
+        warmup: opts.warmup,
+        secs,
+        readers: opts.read_conns,
+        writers: opts.read_writers,
+        write_rate: opts.write_rate,
+    };
+    if opts.freeze_reads {
+        client_rt.block_on(freeze_reads::run(
+            &reads_opts,
+            (abproxy_addr, proxy.child.id()),
+            Arc::new(FreezeOps::new(opts.users)),
+            &mut reads,
+        ));
+    }
+
     let mut tls = tls_section::TlsResults::default();
     if let Some(p) = &pki {
         let slapd_ldaps: SocketAddr = slapd
@@ -2529,6 +2595,25 @@ fn run(args: &[String]) -> Result<()> {
                 println!("- {e}");
             }
         }
+    }
+    if opts.freeze_reads {
+        if !opts.workloads.is_empty() || opts.freeze {
+            println!();
+        }
+        println!(
+            "### Reads during a freeze\n\n\
+             {} round(s) of an unfrozen phase before each frozen one, {:.2} s per phase after {} ms; \
+             {} readers, {} writers at {} modifies/s each in the phases with writers\n",
+            opts.rounds,
+            opts.secs,
+            opts.warmup.as_millis(),
+            opts.read_conns,
+            opts.read_writers,
+            opts.write_rate,
+        );
+        print!("{}", reads.table());
+        println!();
+        print!("{}", reads.explanations(&reads_opts));
     }
     if opts.tls {
         println!(
