@@ -19,7 +19,7 @@
 //!   next phase waits until every held modify is answered (success, none
 //!   before OFF was sent: checked);
 //! * `frozen via ops::Session, writers held`: the freeze set up as `abproxy
-//!   run` does, ON with holdUntilUnbind on an `abproxy::ops::Session` (the
+//!   run` does, ON with holdUntilUnbind on an `abproxy::operator::Session` (the
 //!   operator client, `ldap3`) connected and bound for the phase, OFF naming
 //!   the freeze on the same session, then closed; the writers as above.
 //!
@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use abproxy::ops::{FreezeRequest, Password, Session, Target};
+use abproxy::operator::{FreezeRequest, Password, Session, Target};
 use abproxy::wire::op;
 use abproxy_proto::FreezeState;
 use anyhow::{anyhow, bail, Context, Result};
@@ -638,7 +638,7 @@ impl ReadsResults {
             "- frozen: Allow-Backup ON (all backends, readonly) from an admin connection open for the \
              section; OFF after the window. writers held: {} writers pipeline modifies at {} /s each \
              from ON's answer to the window's end (held; released by OFF, all answered before the next \
-             phase). via ops::Session: ON with holdUntilUnbind on an `abproxy::ops::Session` bound as \
+             phase). via ops::Session: ON with holdUntilUnbind on an `abproxy::operator::Session` bound as \
              the admin (as `abproxy run`), OFF on it.",
             o.writers, o.write_rate
         );
