@@ -18,7 +18,7 @@
 //!   holds them, and the queue grows while the readers read. After OFF the
 //!   next phase waits until every held modify is answered (success, none
 //!   before OFF was sent: checked);
-//! * `frozen via ops::Session, writers held`: the freeze set up as `abproxy
+//! * `frozen via operator::Session, writers held`: the freeze set up as `abproxy
 //!   run` does, ON with holdUntilUnbind on an `abproxy::operator::Session` (the
 //!   operator client, `ldap3`) connected and bound for the phase, OFF naming
 //!   the freeze on the same session, then closed; the writers as above.
@@ -78,7 +78,7 @@ impl Phase {
             Phase::Unfrozen => "unfrozen",
             Phase::Frozen => "frozen",
             Phase::FrozenWriters => "frozen, writers held",
-            Phase::FrozenSession => "frozen via ops::Session, writers held",
+            Phase::FrozenSession => "frozen via operator::Session, writers held",
         }
     }
 
@@ -368,11 +368,11 @@ async fn phase(
         };
         let mut s = Session::connect(&target)
             .await
-            .map_err(|e| anyhow!("ops::Session connect: {e}"))?;
+            .map_err(|e| anyhow!("operator::Session connect: {e}"))?;
         let f = s
             .on(&FreezeRequest::default().with_hold_until_unbind(true))
             .await
-            .map_err(|e| anyhow!("ops::Session ON: {e}"))?;
+            .map_err(|e| anyhow!("operator::Session ON: {e}"))?;
         session = Some((s, f.id()));
     } else {
         admin.switch(true).await?;
@@ -397,7 +397,7 @@ async fn phase(
         Some((mut s, id)) => {
             let r = s.off_freeze(id).await;
             s.close().await;
-            r.map_err(|e| anyhow!("ops::Session OFF: {e}"))?;
+            r.map_err(|e| anyhow!("operator::Session OFF: {e}"))?;
         }
         None => {
             admin.switch(false).await?;
@@ -638,7 +638,7 @@ impl ReadsResults {
             "- frozen: Allow-Backup ON (all backends, readonly) from an admin connection open for the \
              section; OFF after the window. writers held: {} writers pipeline modifies at {} /s each \
              from ON's answer to the window's end (held; released by OFF, all answered before the next \
-             phase). via ops::Session: ON with holdUntilUnbind on an `abproxy::operator::Session` bound as \
+             phase). via operator::Session: ON with holdUntilUnbind on an `abproxy::operator::Session` bound as \
              the admin (as `abproxy run`), OFF on it.",
             o.writers, o.write_rate
         );
