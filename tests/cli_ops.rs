@@ -553,7 +553,10 @@ async fn hook_before_holds_writes_until_hook_after() {
     // record and holder alone.
     let again = abproxy(&lab, &["hook", "--before"]).await;
     assert_eq!(again.code, Some(3), "{again:?}");
-    assert!(again.stderr.contains("is still held (holder process"), "{again:?}");
+    assert!(
+        again.stderr.contains("is still held (holder process"),
+        "{again:?}"
+    );
 
     let write = modify_in_background(&lab, 2, "held by the hook");
     let s = wait_status(&lab, "the modify queued", |s| s.queued_requests == 1).await;
