@@ -284,3 +284,203 @@ Arguments override the environment variables; unknown arguments are ignored.
   --read-writers W      LOAD_READ_WRITERS    2
   --write-rate R        LOAD_WRITE_RATE      100 (per writer, /s)
   --abproxy PATH        LOAD_ABPROXY         abproxy next to this binary";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// No environment; no HAProxy (`--haproxy 0`, so PATH does not matter).
+    fn parse(a: &[&str]) -> Result<Opts> {
+        let mut a = args(a);
+        a.extend(args(&["--haproxy", "0"]));
+        Opts::parse_with(&a, |_| None)
+    }
+
+    #[test]
+    fn defaults() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.secs, 3.0);
+        assert_eq!(o.warmup, Duration::from_millis(500));
+        assert_eq!(o.conns, [1, 8, 32]);
+        assert_eq!(o.workloads, [Kind::Search, Kind::Bind, Kind::Modify]);
+        assert!(o.freeze && !o.tls && !o.freeze_reads);
+        assert_eq!((o.rounds, o.proxy_threads, o.client_threads), (1, 1, 2));
+        assert_eq!(o.users, 1000);
+        assert_eq!((o.freeze_cycles, o.freeze_conns), (20, 8));
+        assert_eq!(
+            (o.backlog_conns, o.backlog_depth, o.backlog_reps),
+            (32, 200, 3)
+        );
+        assert_eq!((o.read_conns, o.read_writers, o.write_rate), (8, 2, 100.0));
+        assert!(o.haproxy.is_none());
+        assert_eq!(o.haproxy_note.as_deref(), Some("disabled (LOAD_HAPROXY=0)"));
+        assert_eq!(o.abproxy, None);
+    }
+
+    #[test]
+    fn quick_changes_the_quick_defaults_only() {
+        let o = parse(&["--quick"]).unwrap();
+        assert_eq!(o.secs, 0.5);
+        assert_eq!(o.warmup, Duration::from_millis(100));
+        assert_eq!((o.freeze_cycles, o.backlog_reps), (5, 1));
+        assert_eq!((o.freeze_conns, o.backlog_depth), (8, 200));
+        // An explicit value wins over quick's default.
+        let o = parse(&["--quick", "--secs", "2"]).unwrap();
+        assert_eq!(o.secs, 2.0);
+        let quick = |v: &str| {
+            let v = v.to_string();
+            Opts::parse_with(&args(&["--haproxy=0"]), move |k| {
+                (k == "LOAD_QUICK").then(|| v.clone())
+            })
+            .unwrap()
+            .secs
+        };
+        assert_eq!(quick("1"), 0.5);
+        assert_eq!(quick("0"), 3.0);
+        assert_eq!(quick(""), 3.0);
+    }
+
+    #[test]
+    fn every_option_by_argument() {
+        let o = parse(&[
+            "--secs",
+            "1.5",
+            "--warmup-ms",
+            "250",
+            "--conns",
+            "2, 4",
+            "--workloads",
+            "modify,tls,freeze-reads",
+            "--rounds",
+            "6",
+            "--proxy-threads",
+            "2",
+            "--client-threads",
+            "3",
+            "--users",
+            "50",
+            "--freeze-cycles",
+            "7",
+            "--freeze-conns",
+            "4",
+            "--backlog-conns",
+            "5",
+            "--backlog-depth",
+            "9",
+            "--backlog-reps",
+            "2",
+            "--read-conns",
+            "3",
+            "--read-writers",
+            "1",
+            "--write-rate",
+            "20",
+            "--abproxy",
+            "/opt/abproxy",
+        ])
+        .unwrap();
+        assert_eq!(o.secs, 1.5);
+        assert_eq!(o.warmup, Duration::from_millis(250));
+        assert_eq!(o.conns, [2, 4]);
+        assert_eq!(o.workloads, [Kind::Modify]);
+        assert!(!o.freeze && o.tls && o.freeze_reads);
+        assert_eq!(
+            (o.rounds, o.proxy_threads, o.client_threads, o.users),
+            (6, 2, 3, 50)
+        );
+        assert_eq!((o.freeze_cycles, o.freeze_conns), (7, 4));
+        assert_eq!(
+            (o.backlog_conns, o.backlog_depth, o.backlog_reps),
+            (5, 9, 2)
+        );
+        assert_eq!((o.read_conns, o.read_writers, o.write_rate), (3, 1, 20.0));
+        assert_eq!(o.abproxy, Some(PathBuf::from("/opt/abproxy")));
+    }
+
+    /// Each variable is read, an argument overrides it, `--name=value`
+    /// works, and unknown arguments (`--bench`, a filter) are ignored.
+    #[test]
+    fn environment_then_arguments() {
+        let env = |k: &str| match k {
+            "LOAD_SECS" => Some("4".to_string()),
+            "LOAD_CONNS" => Some("16".to_string()),
+            "LOAD_WORKLOADS" => Some("bind".to_string()),
+            "LOAD_ROUNDS" => Some("5".to_string()),
+            "LOAD_HAPROXY" => Some("0".to_string()),
+            "LOAD_ABPROXY" => Some("/env/abproxy".to_string()),
+            _ => None,
+        };
+        let o = Opts::parse_with(&args(&["--bench", "load", "--conns=1"]), env).unwrap();
+        assert_eq!(o.secs, 4.0);
+        assert_eq!(o.conns, [1]);
+        assert_eq!(o.workloads, [Kind::Bind]);
+        assert!(!o.freeze);
+        assert_eq!(o.rounds, 5);
+        assert!(o.haproxy.is_none());
+        assert_eq!(o.abproxy, Some(PathBuf::from("/env/abproxy")));
+        // Every variable the documentation names is one of the options.
+        for (name, var) in OPTIONS {
+            assert_eq!(
+                var,
+                format!("LOAD_{}", name.to_uppercase().replace('-', "_"))
+            );
+            assert!(USAGE.contains(&format!("--{name} ")), "{name} in USAGE");
+            assert!(USAGE.contains(var), "{var} in USAGE");
+        }
+    }
+
+    #[test]
+    fn the_reference_column() {
+        let o = Opts::parse_with(&args(&["--haproxy", "self"]), |_| None).unwrap();
+        assert!(matches!(o.haproxy, Some(Reference::Itself)));
+        assert_eq!(o.haproxy_note, None);
+        for off in ["0", "off", "no"] {
+            let o = Opts::parse_with(&args(&["--haproxy", off]), |_| None).unwrap();
+            assert!(o.haproxy.is_none(), "{off}");
+        }
+        let o = Opts::parse_with(&args(&["--haproxy", "/nonexistent/haproxy"]), |_| None).unwrap();
+        assert!(o.haproxy.is_none());
+        assert_eq!(
+            o.haproxy_note.as_deref(),
+            Some("the given haproxy is not executable")
+        );
+        // A path that is an executable file.
+        let sh = Path::new("/bin/sh");
+        if is_executable(sh) {
+            let o = Opts::parse_with(&args(&["--haproxy", "/bin/sh"]), |_| None).unwrap();
+            assert!(matches!(o.haproxy, Some(Reference::Haproxy(p)) if p == sh));
+        }
+    }
+
+    #[test]
+    fn bad_values() {
+        let err = |a: &[&str]| parse(a).unwrap_err().to_string();
+        assert!(err(&["--conns", "0"]).contains("out of 1..=1024"));
+        assert!(err(&["--conns", "1,x"]).contains("bad connection count"));
+        assert!(err(&["--conns", ","]).contains("no connection count"));
+        assert!(err(&["--workloads", "search,delete"]).contains("unknown workload \"delete\""));
+        assert!(err(&["--workloads", ""]).contains("no workload"));
+        assert!(err(&["--secs", "-1"]).contains("bad value for secs"));
+        assert!(err(&["--secs", "0.01"]).contains("secs must be in"));
+        assert!(err(&["--rounds", "NaN"]).contains("bad value for rounds"));
+        let e = Opts::parse_with(&args(&["--rounds"]), |_| None).unwrap_err();
+        assert_eq!(e.to_string(), "--rounds needs a value");
+        // Out-of-range counts are clamped, not refused.
+        let o = parse(&["--rounds", "1000", "--users", "0", "--write-rate", "0"]).unwrap();
+        assert_eq!((o.rounds, o.users, o.write_rate), (100, 1, 0.1));
+    }
+
+    /// A section alone: no throughput workload.
+    #[test]
+    fn sections_alone() {
+        let o = parse(&["--workloads", "freeze"]).unwrap();
+        assert!(o.workloads.is_empty() && o.freeze);
+        let o = parse(&["--workloads", "tls,search,tls"]).unwrap();
+        assert_eq!(o.workloads, [Kind::Search]);
+        assert!(o.tls);
+    }
+}

@@ -263,3 +263,187 @@ impl Results {
         parts.join("; ")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(ops: f64, lat_us: &[u64], proxy_cpu: Option<f64>) -> Point {
+        Point {
+            ops_per_sec: ops,
+            lat: lat_us.iter().map(|us| us * 1000).collect(),
+            errors: Vec::new(),
+            cpu_us_per_op: vec![proxy_cpu, Some(20.0), Some(30.0)],
+            switches_per_op: Vec::new(),
+            run_delay_us_per_op: Vec::new(),
+            migrations_per_op: Vec::new(),
+            segments_per_op: None,
+        }
+    }
+
+    fn opts(conns: &[usize]) -> Opts {
+        let mut o = Opts::parse_with(&["--haproxy=0".to_string()], |_| None).unwrap();
+        o.workloads = vec![Kind::Search];
+        o.conns = conns.to_vec();
+        o
+    }
+
+    /// Two rounds of search at 1 connection, direct, abproxy and the
+    /// reference column, measured in different orders.
+    fn two_rounds() -> Results {
+        let mut r = Results::default();
+        let k = (Kind::Search, 1);
+        let rounds = [
+            [
+                (Target::Direct, point(1000.0, &[100, 200], None)),
+                (Target::Abproxy, point(800.0, &[150, 300], Some(10.0))),
+                (Target::Haproxy, point(900.0, &[120, 250], Some(5.0))),
+            ],
+            [
+                (Target::Haproxy, point(1600.0, &[120, 250], Some(6.0))),
+                (Target::Abproxy, point(1000.0, &[150, 300], Some(12.0))),
+                (Target::Direct, point(2000.0, &[100, 200], None)),
+            ],
+        ];
+        for round in rounds {
+            let mut this = Round::default();
+            for (t, p) in round {
+                r.add_point((k.0, k.1, t), &mut this, p);
+            }
+            r.end_round(k, this);
+        }
+        r.finish();
+        r
+    }
+
+    /// ops/s: median over rounds; ratios: median of the per-round ratios
+    /// (not the ratio of the medians); percentiles over all rounds' samples;
+    /// CPU: median of the proxy's per-round values.
+    #[test]
+    fn medians_ratios_percentiles() {
+        let r = two_rounds();
+        let (k, c) = (Kind::Search, 1);
+        assert_eq!(r.ops(k, c, Target::Direct), Some(1500.0));
+        assert_eq!(r.ops(k, c, Target::Abproxy), Some(900.0));
+        assert_eq!(r.ratio(k, c, Target::Direct), Some(1.0));
+        let close = |v: Option<f64>, want: f64| (v.unwrap() - want).abs() < 1e-12;
+        assert!(close(r.ratio(k, c, Target::Abproxy), 0.65));
+        assert!(close(r.ratio(k, c, Target::Haproxy), 0.85));
+        // Not the ratio of the medians (900 / 1500 = 0.6).
+        assert!(!close(r.ratio(k, c, Target::Abproxy), 0.6));
+        assert_eq!(r.p(k, c, Target::Abproxy, 50.0), Some(150.0));
+        assert_eq!(r.p(k, c, Target::Abproxy, 99.0), Some(300.0));
+        assert_eq!(r.cpu(k, c, Target::Abproxy), Some(11.0));
+        assert_eq!(r.cpu(k, c, Target::Direct), None);
+        let h = &r.head_to_head[&(k, c)];
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[1].ops_ratio, 1000.0 / 1600.0);
+        assert_eq!(h[1].cpu_diff, Some(6.0));
+    }
+
+    #[test]
+    fn tables() {
+        let r = two_rounds();
+        let o = opts(&[1]);
+        let t = r.table(&o, true);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0]
+            .starts_with("| workload | conns | direct ops/s | abproxy ops/s | haproxy ops/s |"));
+        assert_eq!(
+            lines[1],
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        assert_eq!(
+            lines[2],
+            "| search | 1 | 1500 | 900 | 1250 | 0.650 | 0.850 | 100 / 200 | 150 / 300 | 120 / 250 | +100 | 11.0 | 5.5 |"
+        );
+        // Without the reference column its cells say n/a.
+        let t = r.table(&o, false);
+        assert_eq!(
+            t.lines().nth(2).unwrap(),
+            "| search | 1 | 1500 | 900 | n/a | 0.650 | n/a | 100 / 200 | 150 / 300 | n/a | +100 | 11.0 | n/a |"
+        );
+        let t = r.head_to_head_table(&o);
+        assert_eq!(
+            t.lines().nth(2).unwrap(),
+            "| search | 1 | 0.757 | - (too few rounds) | 0 of 2 | +5.5 |",
+            "{t}"
+        );
+        assert_eq!(
+            r.added_latency_at_1(&o, true),
+            "search abproxy +100 µs (p50 +50 µs), haproxy +50 µs (p50 +20 µs)"
+        );
+        assert_eq!(
+            r.added_latency_at_1(&o, false),
+            "search abproxy +100 µs (p50 +50 µs)"
+        );
+        assert_eq!(
+            r.added_latency_at_1(&opts(&[8]), true),
+            "(no 1-connection point measured)"
+        );
+        // A point never measured prints dashes.
+        let t = r.table(&opts(&[8]), true);
+        assert_eq!(
+            t.lines().nth(2).unwrap(),
+            "| search | 8 | - | - | - | - | - | - / - | - / - | - / - | - | - | - |"
+        );
+    }
+
+    /// Five rounds give an interval; the rounds abproxy was ahead count.
+    #[test]
+    fn head_to_head_interval() {
+        let mut r = Results::default();
+        let k = (Kind::Bind, 8);
+        for (a, h) in [
+            (90.0, 100.0),
+            (110.0, 100.0),
+            (95.0, 100.0),
+            (105.0, 100.0),
+            (120.0, 100.0),
+        ] {
+            let mut this = Round::default();
+            r.add_point(
+                (k.0, k.1, Target::Direct),
+                &mut this,
+                point(200.0, &[1], None),
+            );
+            r.add_point((k.0, k.1, Target::Abproxy), &mut this, point(a, &[1], None));
+            r.add_point((k.0, k.1, Target::Haproxy), &mut this, point(h, &[1], None));
+            r.end_round(k, this);
+        }
+        let mut o = opts(&[8]);
+        o.workloads = vec![Kind::Bind];
+        let t = r.head_to_head_table(&o);
+        assert_eq!(
+            t.lines().nth(2).unwrap(),
+            "| bind | 8 | 1.050 | 0.900 .. 1.200 (94 %) | 3 of 5 | - |",
+            "{t}"
+        );
+    }
+
+    /// A point without operations (its clients failed) adds no ops/s and no
+    /// ratio, but its errors; a round without direct has no ratios.
+    #[test]
+    fn failed_points() {
+        let mut r = Results::default();
+        let k = (Kind::Modify, 1);
+        let mut failed = point(0.0, &[], Some(1.0));
+        failed
+            .errors
+            .push("modify request: result code Some(53)".into());
+        let mut this = Round::default();
+        r.add_point((k.0, k.1, Target::Direct), &mut this, failed);
+        r.add_point(
+            (k.0, k.1, Target::Abproxy),
+            &mut this,
+            point(500.0, &[10], Some(3.0)),
+        );
+        r.end_round(k, this);
+        assert_eq!(r.ops(k.0, k.1, Target::Direct), None);
+        assert_eq!(r.ratio(k.0, k.1, Target::Abproxy), None);
+        assert!(r.head_to_head.is_empty());
+        assert_eq!(r.cells[&(k.0, k.1, Target::Direct)].errors.len(), 1);
+        assert_eq!(r.cpu(k.0, k.1, Target::Direct), Some(1.0));
+    }
+}
