@@ -828,3 +828,92 @@ impl FreezeResults {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Concurrent clients cycle over disjoint users.
+    #[test]
+    fn clients_own_their_users() {
+        let ops = FreezeOps::new(10);
+        for conns in [1, 3, 4, 10, 32] {
+            let mut owner = BTreeMap::new();
+            for idx in 0..conns {
+                for i in 0..25 {
+                    let k = ops.user(idx, conns, i);
+                    assert!(k < 10);
+                    let o = *owner.entry(k).or_insert(idx);
+                    // More clients than users: they share (k = idx % n).
+                    assert!(
+                        o == idx || conns > 10,
+                        "user {k}: clients {o} and {idx} of {conns}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            (0..3).map(|i| ops.user(1, 3, i)).collect::<Vec<_>>(),
+            [1, 4, 7]
+        );
+    }
+
+    #[test]
+    fn table() {
+        let mut opts = Opts::parse_with(&["--haproxy=0".to_string()], |_| None).unwrap();
+        (opts.backlog_conns, opts.backlog_depth, opts.freeze_conns) = (2, 10, 3);
+        let ms = Duration::from_millis;
+        let burst = |elapsed: u64| BurstResult {
+            elapsed: ms(elapsed),
+            fill: None,
+            off: None,
+        };
+        let mut r = FreezeResults {
+            on_idle: vec![1_000_000, 3_000_000],
+            off_loaded: vec![500_000],
+            ..Default::default()
+        };
+        r.bursts.insert(Burst::Direct, vec![burst(10), burst(20)]);
+        r.bursts.insert(
+            Burst::Release,
+            vec![BurstResult {
+                elapsed: ms(40),
+                fill: Some(ms(5)),
+                off: Some(Duration::from_micros(1500)),
+            }],
+        );
+        r.ratios.insert(Burst::Direct, vec![1.0, 1.0]);
+        r.ratios.insert(Burst::Release, vec![0.25]);
+        let t = r.table(&opts);
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            rows[0],
+            "| freeze measurement | samples | p50 ms | p99 ms | requests/s | ratio to direct |"
+        );
+        assert_eq!(rows[2], "| ON, idle | 2 | 1.00 | 3.00 | - | - |");
+        assert_eq!(rows[3], "| OFF, idle | 0 | - | - | - | - |");
+        assert_eq!(rows[4], "| ON, loaded (3 clients) | 0 | - | - | - | - |");
+        assert_eq!(
+            rows[5],
+            "| OFF, loaded (3 clients) | 1 | 0.50 | 0.50 | - | - |"
+        );
+        assert_eq!(
+            rows[6],
+            "| backlog release, 2x10 queued modifies | 1 | 40.00 | 40.00 | 500 | 0.250 |"
+        );
+        assert_eq!(
+            rows[7],
+            "| 2x10 pipelined modifies, direct | 2 | 10.00 | 20.00 | 1500 | 1.000 |"
+        );
+        assert_eq!(
+            rows[8],
+            "| 2x10 pipelined modifies, abproxy not frozen | 0 | - | - | - | - |"
+        );
+        assert_eq!(rows.len(), 9);
+        let e = r.explanations(&opts);
+        assert!(
+            e.contains("queued in 5.00 ms (p50, from the first request sent to the status reporting all 20 queued); OFF answered in 1.50 ms"),
+            "{e}"
+        );
+    }
+}

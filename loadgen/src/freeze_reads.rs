@@ -660,3 +660,56 @@ impl ReadsResults {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(
+        kind: Phase,
+        lat_us: &[u64],
+        p99_before: Option<f64>,
+        queued: Option<u64>,
+    ) -> PhaseResult {
+        PhaseResult {
+            kind,
+            lat: lat_us.iter().map(|us| us * 1000).collect(),
+            secs: 1.0,
+            cpu_us_per_read: Some(2.0),
+            queued_at_off: queued,
+            p99_before,
+        }
+    }
+
+    /// Pooled percentiles per kind of phase, ratios to the unfrozen pool,
+    /// and the median of the per-pair p99 ratios with its range.
+    #[test]
+    fn table() {
+        let r = ReadsResults {
+            phases: vec![
+                phase(Phase::Unfrozen, &[100, 200], None, None),
+                phase(Phase::Frozen, &[110, 220], Some(200.0), Some(0)),
+                phase(Phase::Unfrozen, &[100, 100], None, None),
+                phase(Phase::FrozenWriters, &[150, 300], Some(100.0), Some(40)),
+                phase(Phase::Unfrozen, &[100, 200], None, None),
+                phase(Phase::Frozen, &[100, 180], Some(200.0), Some(0)),
+            ],
+            ..Default::default()
+        };
+        let t = r.table();
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(rows.len(), 5, "{t}");
+        assert_eq!(
+            rows[2],
+            "| unfrozen | 3 | 6 | 2 | 100 | 200 | - | - | - | 2.0 | - |"
+        );
+        assert_eq!(
+            rows[3],
+            "| frozen | 2 | 4 | 2 | 110 | 220 | 1.100 | 1.100 | 1.000 (0.90 .. 1.10) | 2.0 | - |"
+        );
+        assert_eq!(
+            rows[4],
+            "| frozen, writers held | 1 | 2 | 2 | 150 | 300 | 1.500 | 1.500 | 3.000 (3.00 .. 3.00) | 2.0 | 40 |"
+        );
+    }
+}

@@ -74,20 +74,7 @@ impl AbproxyProcess {
                 Some(_) => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?))),
                 None => None,
             };
-            let mut listen = vec![toml::Value::from(format!("ldap://{addr}"))];
-            listen.extend(ldaps.map(|a| toml::Value::from(format!("ldaps://{a}"))));
-            let mut cfg = toml::Table::new();
-            cfg.insert("listen".into(), toml::Value::Array(listen));
-            cfg.insert("upstream".into(), upstream.into());
-            cfg.insert("shutdown_grace_secs".into(), 1.into());
-            cfg.insert("threads".into(), (opts.proxy_threads as i64).into());
-            cfg.insert("freeze".into(), toml::Value::Table(freeze_config(opts)));
-            if let Some((cert, key)) = tls {
-                let mut t = toml::Table::new();
-                t.insert("cert_file".into(), cert.display().to_string().into());
-                t.insert("key_file".into(), key.display().to_string().into());
-                cfg.insert("tls".into(), toml::Value::Table(t));
-            }
+            let cfg = abproxy_config((addr, ldaps), upstream, opts, tls);
             let file = dir.path().join("abproxy.toml");
             std::fs::write(&file, toml::to_string(&cfg)?)?;
             let log = std::fs::File::create(dir.path().join("abproxy.log"))?;
@@ -159,6 +146,32 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// The configuration abproxy runs with: its listeners, slapd, `threads`,
+/// the freeze section's limits ([`freeze_config`]) and the TLS section's
+/// certificate and key.
+pub fn abproxy_config(
+    (addr, ldaps): (SocketAddr, Option<SocketAddr>),
+    upstream: &str,
+    opts: &Opts,
+    tls: Option<&(PathBuf, PathBuf)>,
+) -> toml::Table {
+    let mut listen = vec![toml::Value::from(format!("ldap://{addr}"))];
+    listen.extend(ldaps.map(|a| toml::Value::from(format!("ldaps://{a}"))));
+    let mut cfg = toml::Table::new();
+    cfg.insert("listen".into(), toml::Value::Array(listen));
+    cfg.insert("upstream".into(), upstream.into());
+    cfg.insert("shutdown_grace_secs".into(), 1.into());
+    cfg.insert("threads".into(), (opts.proxy_threads as i64).into());
+    cfg.insert("freeze".into(), toml::Value::Table(freeze_config(opts)));
+    if let Some((cert, key)) = tls {
+        let mut t = toml::Table::new();
+        t.insert("cert_file".into(), cert.display().to_string().into());
+        t.insert("key_file".into(), key.display().to_string().into());
+        cfg.insert("tls".into(), toml::Value::Table(t));
+    }
+    cfg
+}
+
 /// The abproxy binary a run starts: `--abproxy` (`LOAD_ABPROXY`), else
 /// `default` (the bench's `CARGO_BIN_EXE_abproxy`), else `abproxy` next to
 /// the running executable (`target/release/abproxy` for `cargo run -p
@@ -185,4 +198,58 @@ pub fn abproxy_binary(opts: &Opts, default: Option<&Path>) -> Result<PathBuf> {
                 exe.display()
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// abproxy accepts the configuration the benchmark writes (its keys
+    /// are checked: unknown ones are refused), with the freeze limits
+    /// above the backlog.
+    #[test]
+    fn abproxy_accepts_the_config() {
+        let opts = Opts::parse_with(&["--haproxy=0".to_string()], |_| None).unwrap();
+        let addr: SocketAddr = "127.0.0.1:3890".parse().unwrap();
+        let ldaps: SocketAddr = "127.0.0.1:6360".parse().unwrap();
+        let pair = (PathBuf::from("/x/cert.pem"), PathBuf::from("/x/key.pem"));
+        let cfg = abproxy_config(
+            (addr, Some(ldaps)),
+            "ldap://127.0.0.1:389",
+            &opts,
+            Some(&pair),
+        );
+        let text = toml::to_string(&cfg).unwrap();
+        abproxy::Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(
+            text.contains(r#"listen = ["ldap://127.0.0.1:3890", "ldaps://127.0.0.1:6360"]"#),
+            "{text}"
+        );
+        assert!(text.contains("threads = 1"), "{text}");
+        let f = &cfg["freeze"];
+        assert_eq!(f["allowed"][0].as_str(), Some(testkit::ADMIN_DN));
+        assert_eq!(f["max_drain_secs"].as_integer(), Some(10));
+        // 32 x 200 queued: 2 x max(200, 1000) per connection, 4 x 6400 in all.
+        assert_eq!(f["queue_max_requests_per_conn"].as_integer(), Some(2000));
+        assert_eq!(f["queue_max_requests_total"].as_integer(), Some(25_600));
+        let cfg = abproxy_config((addr, None), "ldap://127.0.0.1:389", &opts, None);
+        let text = toml::to_string(&cfg).unwrap();
+        abproxy::Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(
+            !text.contains("ldaps") && !text.contains("cert_file"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_abproxy_binary_wins() {
+        let mut opts = Opts::parse_with(&["--haproxy=0".to_string()], |_| None).unwrap();
+        let bench = Path::new("/bench/abproxy");
+        assert_eq!(abproxy_binary(&opts, Some(bench)).unwrap(), bench);
+        opts.abproxy = Some(PathBuf::from("/given/abproxy"));
+        assert_eq!(
+            abproxy_binary(&opts, Some(bench)).unwrap(),
+            Path::new("/given/abproxy")
+        );
+    }
 }

@@ -404,3 +404,47 @@ impl TlsResults {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let mut r = TlsResults::default();
+        let agg = |ops: &[f64], lat_us: &[u64], errors: &[&str]| Agg {
+            ops: ops.to_vec(),
+            lat: lat_us.iter().map(|us| us * 1000).collect(),
+            errors: errors.iter().map(|e| e.to_string()).collect(),
+        };
+        r.cells.insert(
+            (Test::Connect, 1, 0),
+            agg(&[100.0, 300.0], &[900, 800], &[]),
+        );
+        r.cells.insert(
+            (Test::Connect, 1, 1),
+            agg(&[150.0], &[700], &["connect: TLS handshake"]),
+        );
+        r.ratios.insert((Test::Connect, 1), vec![1.5, 0.5, 2.0]);
+        let t = r.table(&[1]);
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            rows[0],
+            "| TLS workload | conns | slapd TLS ops/s | abproxy TLS ops/s | abproxy/slapd | slapd p50/p99 µs | abproxy p50/p99 µs |"
+        );
+        // Latencies are sorted by the table itself.
+        assert_eq!(
+            rows[2],
+            "| connect | 1 | 200 | 150 | 1.500 | 800 / 900 | 700 / 700 |"
+        );
+        assert_eq!(rows[3], "| search | 1 | - | - | - | - / - | - / - |");
+        assert_eq!(
+            &rows[4..],
+            [
+                "",
+                "TLS errors:",
+                "- tls connect conns=1 abproxy: 1 error(s), first: connect: TLS handshake"
+            ]
+        );
+    }
+}

@@ -102,3 +102,78 @@ pub fn frame_into(out: &mut Vec<u8>, msgid: i32, op: &[u8]) {
     out.extend_from_slice(id);
     out.extend_from_slice(op);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use tokio_util::codec::Decoder;
+
+    fn decode(frame: &[u8]) -> LdapMsg {
+        let mut buf = BytesMut::from(frame);
+        let msg = ldap3_proto::LdapCodec::new(None, None)
+            .decode(&mut buf)
+            .unwrap()
+            .expect("one whole message");
+        assert!(buf.is_empty());
+        msg
+    }
+
+    /// The message ID in its shortest form, the op as encoded.
+    #[test]
+    fn framing() {
+        let w = Workload::new(Kind::Search, 3);
+        let mut out = Vec::new();
+        for (id, enc) in [
+            (1, &[0x01][..]),
+            (127, &[0x7f]),
+            (128, &[0x00, 0x80]),
+            (256, &[0x01, 0x00]),
+            (65_535, &[0x00, 0xff, 0xff]),
+            (i32::MAX, &[0x7f, 0xff, 0xff, 0xff]),
+        ] {
+            frame_into(&mut out, id, &w.ops[0]);
+            let at = out.iter().position(|&b| b == 0x02).unwrap();
+            assert_eq!(out[at + 1] as usize, enc.len(), "id {id}");
+            assert_eq!(&out[at + 2..at + 2 + enc.len()], enc, "id {id}");
+            let m = decode(&out);
+            assert_eq!(m.msgid, id);
+            let LdapOp::SearchRequest(s) = m.op else {
+                panic!("{:?}", m.op)
+            };
+            assert_eq!(s.base, user_dn(1));
+        }
+    }
+
+    /// One request per user (user k+1 at index k); modify binds first.
+    #[test]
+    fn workloads() {
+        let mut out = Vec::new();
+        for kind in [Kind::Search, Kind::Bind, Kind::Modify] {
+            let w = Workload::new(kind, 5);
+            assert_eq!(w.ops.len(), 5);
+            assert_eq!(w.setup.is_some(), kind == Kind::Modify);
+            frame_into(&mut out, 9, &w.ops[4]);
+            match (kind, decode(&out).op) {
+                (Kind::Search, LdapOp::SearchRequest(s)) => {
+                    assert_eq!(s.base, user_dn(5));
+                    assert_eq!(s.scope, LdapSearchScope::Base);
+                }
+                (Kind::Bind, LdapOp::BindRequest(b)) => {
+                    assert_eq!(b.dn, user_dn(5));
+                    assert_eq!(b.cred, LdapBindCred::Simple(user_pw(5)));
+                }
+                (Kind::Modify, LdapOp::ModifyRequest(m)) => {
+                    assert_eq!(m.dn, user_dn(5));
+                    assert_eq!(m.changes[0].modification.atype, "description");
+                }
+                (k, op) => panic!("{k:?}: {op:?}"),
+            }
+        }
+        frame_into(&mut out, 1, &Workload::new(Kind::Modify, 1).setup.unwrap());
+        let LdapOp::BindRequest(b) = decode(&out).op else {
+            panic!()
+        };
+        assert_eq!(b.dn, ADMIN_DN);
+    }
+}
