@@ -29,7 +29,7 @@
 //! * [`probe`]: CPU time and scheduler counts per operation, from `/proc`;
 //! * [`order`]: the order of the targets in each round;
 //! * [`procs`]: abproxy as its own process;
-//! * [`reference`]: the reference column, HAProxy or the A/A control;
+//! * [`reference`](mod@reference): the reference column, HAProxy or the A/A control;
 //! * [`freeze`]: the Allow-Backup section;
 //! * [`freeze_reads`]: the reads-during-a-freeze section;
 //! * [`tls`]: the TLS section;
