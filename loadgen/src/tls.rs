@@ -32,17 +32,18 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Decoder;
 
-use super::{fmt_opt, frame_into, median, pct_us, simple_bind, Kind, Workload};
+use crate::stats::{fmt_opt, median, pct_us};
+use crate::workload::{frame_into, simple_bind, Kind, Workload};
 
 /// The CA and certificates, in a temporary directory kept for the run.
-pub(super) struct Pki {
+pub struct Pki {
     _dir: tempfile::TempDir,
     pub ca: PathBuf,
     pub slapd: SlapdTls,
     pub proxy: (PathBuf, PathBuf),
 }
 
-pub(super) fn pki() -> Result<Pki> {
+pub fn pki() -> Result<Pki> {
     let dir = tempfile::Builder::new()
         .prefix("abp-bench-pki-")
         .tempdir_in("/tmp")?;
@@ -88,7 +89,7 @@ struct Agg {
 
 /// Everything measured, over rounds.
 #[derive(Default)]
-pub(super) struct TlsResults {
+pub struct TlsResults {
     /// (test, conns, target index) -> aggregate.
     cells: BTreeMap<(Test, usize, usize), Agg>,
     /// (test, conns) -> per-round abproxy/direct ratio.
@@ -292,7 +293,7 @@ async fn point(
 /// One round of the section: each test and connection count, both targets
 /// back to back (order rotating with the round).
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn run_round(
+pub async fn run_round(
     round: usize,
     conns_list: &[usize],
     users: usize,
@@ -350,7 +351,7 @@ pub(super) async fn run_round(
 
 impl TlsResults {
     /// The markdown table and any errors.
-    pub(super) fn table(&mut self, conns_list: &[usize]) -> String {
+    pub fn table(&mut self, conns_list: &[usize]) -> String {
         for a in self.cells.values_mut() {
             a.lat.sort_unstable();
         }
@@ -401,5 +402,49 @@ impl TlsResults {
             let _ = writeln!(s, "\nTLS errors:\n{}", errors.join("\n"));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let mut r = TlsResults::default();
+        let agg = |ops: &[f64], lat_us: &[u64], errors: &[&str]| Agg {
+            ops: ops.to_vec(),
+            lat: lat_us.iter().map(|us| us * 1000).collect(),
+            errors: errors.iter().map(|e| e.to_string()).collect(),
+        };
+        r.cells.insert(
+            (Test::Connect, 1, 0),
+            agg(&[100.0, 300.0], &[900, 800], &[]),
+        );
+        r.cells.insert(
+            (Test::Connect, 1, 1),
+            agg(&[150.0], &[700], &["connect: TLS handshake"]),
+        );
+        r.ratios.insert((Test::Connect, 1), vec![1.5, 0.5, 2.0]);
+        let t = r.table(&[1]);
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            rows[0],
+            "| TLS workload | conns | slapd TLS ops/s | abproxy TLS ops/s | abproxy/slapd | slapd p50/p99 µs | abproxy p50/p99 µs |"
+        );
+        // Latencies are sorted by the table itself.
+        assert_eq!(
+            rows[2],
+            "| connect | 1 | 200 | 150 | 1.500 | 800 / 900 | 700 / 700 |"
+        );
+        assert_eq!(rows[3], "| search | 1 | - | - | - | - / - | - / - |");
+        assert_eq!(
+            &rows[4..],
+            [
+                "",
+                "TLS errors:",
+                "- tls connect conns=1 abproxy: 1 error(s), first: connect: TLS handshake"
+            ]
+        );
     }
 }

@@ -45,16 +45,17 @@ use anyhow::{anyhow, bail, Context, Result};
 use testkit::{ADMIN_DN, ADMIN_PW};
 use tokio::io::AsyncWriteExt;
 
-use super::{
-    fmt_opt, frame_into, median, pct_us, status_summary, Admin, Conn, CpuProbe, FreezeOps,
-    REQUEST_TIMEOUT, SETUP_TIMEOUT,
-};
+use crate::client::{Conn, REQUEST_TIMEOUT, SETUP_TIMEOUT};
+use crate::freeze::{diagnostic, status_summary, status_then_thaw, Admin, FreezeOps};
+use crate::probe::CpuProbe;
+use crate::stats::{fmt_opt, median, pct_us};
+use crate::workload::frame_into;
 
 /// Longest wait, after OFF, for the held modifies to be answered.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The section's settings.
-pub(super) struct ReadsOpts {
+pub struct ReadsOpts {
     pub rounds: usize,
     pub warmup: Duration,
     pub secs: Duration,
@@ -65,7 +66,7 @@ pub(super) struct ReadsOpts {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Phase {
+pub enum Phase {
     Unfrozen,
     Frozen,
     FrozenWriters,
@@ -104,7 +105,7 @@ struct PhaseResult {
 
 /// Everything the section measured.
 #[derive(Default)]
-pub(super) struct ReadsResults {
+pub struct ReadsResults {
     phases: Vec<PhaseResult>,
     notes: Vec<String>,
     errors: Vec<String>,
@@ -241,7 +242,7 @@ async fn writer(
                         "writer {idx}: {} result code {:?}: {}",
                         op::name(env.op),
                         env.result_code,
-                        super::diagnostic(&frame)
+                        diagnostic(&frame)
                     ));
                 }
                 if shared.frozen.load(Relaxed) {
@@ -412,7 +413,7 @@ async fn phase(
 
 /// The section: readers and writers connected once, then `rounds` rounds of
 /// an unfrozen phase before each frozen kind.
-pub(super) async fn run(
+pub async fn run(
     o: &ReadsOpts,
     (proxy, proxy_pid): (SocketAddr, u32),
     ops: Arc<FreezeOps>,
@@ -487,7 +488,7 @@ pub(super) async fn run(
     }
     .await;
     if let Err(e) = controller {
-        let st = super::status_then_thaw(proxy, &ops).await;
+        let st = status_then_thaw(proxy, &ops).await;
         res.errors.push(format!("{e:#}; {st}"));
     }
     shared.write.store(false, Relaxed);
@@ -546,7 +547,7 @@ pub(super) async fn run(
 }
 
 impl ReadsResults {
-    pub(super) fn table(&self) -> String {
+    pub fn table(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -622,7 +623,7 @@ impl ReadsResults {
         s
     }
 
-    pub(super) fn explanations(&self, o: &ReadsOpts) -> String {
+    pub fn explanations(&self, o: &ReadsOpts) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -657,5 +658,58 @@ impl ReadsResults {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(
+        kind: Phase,
+        lat_us: &[u64],
+        p99_before: Option<f64>,
+        queued: Option<u64>,
+    ) -> PhaseResult {
+        PhaseResult {
+            kind,
+            lat: lat_us.iter().map(|us| us * 1000).collect(),
+            secs: 1.0,
+            cpu_us_per_read: Some(2.0),
+            queued_at_off: queued,
+            p99_before,
+        }
+    }
+
+    /// Pooled percentiles per kind of phase, ratios to the unfrozen pool,
+    /// and the median of the per-pair p99 ratios with its range.
+    #[test]
+    fn table() {
+        let r = ReadsResults {
+            phases: vec![
+                phase(Phase::Unfrozen, &[100, 200], None, None),
+                phase(Phase::Frozen, &[110, 220], Some(200.0), Some(0)),
+                phase(Phase::Unfrozen, &[100, 100], None, None),
+                phase(Phase::FrozenWriters, &[150, 300], Some(100.0), Some(40)),
+                phase(Phase::Unfrozen, &[100, 200], None, None),
+                phase(Phase::Frozen, &[100, 180], Some(200.0), Some(0)),
+            ],
+            ..Default::default()
+        };
+        let t = r.table();
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(rows.len(), 5, "{t}");
+        assert_eq!(
+            rows[2],
+            "| unfrozen | 3 | 6 | 2 | 100 | 200 | - | - | - | 2.0 | - |"
+        );
+        assert_eq!(
+            rows[3],
+            "| frozen | 2 | 4 | 2 | 110 | 220 | 1.100 | 1.100 | 1.000 (0.90 .. 1.10) | 2.0 | - |"
+        );
+        assert_eq!(
+            rows[4],
+            "| frozen, writers held | 1 | 2 | 2 | 150 | 300 | 1.500 | 1.500 | 3.000 (3.00 .. 3.00) | 2.0 | 40 |"
+        );
     }
 }

@@ -1,0 +1,16 @@
+//! `loadgen`: the load benchmark (see the library's documentation for the
+//! options). `cargo run -p loadgen --release -- --quick`; the abproxy binary
+//! it starts must be built (`cargo build --release -p abproxy`) or given
+//! with `--abproxy PATH`.
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{}", loadgen::opts::USAGE);
+        return;
+    }
+    if let Err(e) = loadgen::run(&args, None) {
+        eprintln!("load benchmark failed: {e:#}");
+        std::process::exit(1);
+    }
+}
