@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::backend::{Backend, BackendMap, BackendSet, Class, ClassifyOptions, Kind, Mode};
 use super::dn::NormDn;
-use crate::config::{BindIsWrite, FreezeConfig};
+use super::settings::{BindIsWrite, FreezeConfig};
 use crate::proxy::session::SessionState;
 use crate::wire::Envelope;
 

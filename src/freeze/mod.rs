@@ -1,5 +1,6 @@
 //! The freeze: everything about Allow-Backup lives here.
 //!
+//! - [`settings`]: the `[freeze]` table of the configuration;
 //! - [`dn`]: DN normalisation for suffix matching;
 //! - [`backend`]: backends (suffix -> mode) and request classification
 //!   (read / write / never held, and which backends);
@@ -19,7 +20,9 @@ pub mod drivers;
 pub mod ds389;
 pub mod engine;
 pub mod openldap;
+pub mod settings;
 pub mod state;
 
 pub use backend::{BackendMap, Class, Kind, Mode};
 pub use engine::{Control, Driver, Engine, Requester, SessionHandle};
+pub use settings::{BindIsWrite, FreezeConfig};

@@ -423,7 +423,7 @@ pub(crate) async fn refresh_from_root_dse(
     auto_backends: bool,
     startup: bool,
 ) {
-    use crate::config::BindIsWrite;
+    use crate::freeze::BindIsWrite;
     let binds = engine.config().bind_is_write;
     let for_binds = binds == BindIsWrite::Auto || (startup && binds == BindIsWrite::No);
     if !auto_backends && !for_binds {
