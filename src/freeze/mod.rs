@@ -7,7 +7,9 @@
 //! - [`engine`]: the state machine (ON: authorise, drain, prepare; OFF:
 //!   done, release; lease; holdUntilUnbind; status) and the gate
 //!   ([`engine::Engine::admit`]) every request passes between "envelope read"
-//!   and "sent upstream".
+//!   and "sent upstream";
+//! - [`participant`]: what a session shares with the engine (its in-flight
+//!   table and bound DN).
 //!
 //! The per-connection queues themselves live in the session
 //! (`proxy::session`), which asks the engine whether each request may pass
@@ -20,6 +22,7 @@ pub mod drivers;
 pub mod ds389;
 pub mod engine;
 pub mod openldap;
+pub mod participant;
 pub mod settings;
 pub mod state;
 

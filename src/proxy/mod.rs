@@ -2,7 +2,6 @@
 //! [`session`] per client, and shut down gracefully.
 
 pub mod discover;
-pub mod inflight;
 pub mod limits;
 pub mod mailbox;
 pub mod session;
