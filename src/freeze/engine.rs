@@ -28,8 +28,8 @@ use tracing::{info, warn};
 
 use super::backend::{Backend, BackendMap, BackendSet, Class, ClassifyOptions, Kind, Mode};
 use super::dn::NormDn;
-use crate::config::{BindIsWrite, FreezeConfig};
-use crate::proxy::session::SessionState;
+use super::participant::{InFlight, Participant};
+use super::settings::{BindIsWrite, FreezeConfig};
 use crate::wire::Envelope;
 
 /// A backend driver: the proposal's BACKUP_PREPARE and BACKUP_DONE. The
@@ -188,7 +188,7 @@ pub enum Control {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     /// Shared with the session's loops.
-    pub state: Arc<SessionState>,
+    pub state: Arc<Participant>,
     /// Commands to its requests loop.
     pub control: mpsc::UnboundedSender<Control>,
 }
@@ -613,7 +613,7 @@ impl Engine {
 
     /// The class of an in-flight request (classified now if it passed the
     /// gate while nothing was frozen).
-    pub fn class_of(&self, e: &crate::proxy::inflight::InFlight, bound_dn: Option<&str>) -> Class {
+    pub fn class_of(&self, e: &InFlight, bound_dn: Option<&str>) -> Class {
         if let Some(c) = e.class {
             return c;
         }

@@ -1,12 +1,15 @@
 //! The freeze: everything about Allow-Backup lives here.
 //!
+//! - [`settings`]: the `[freeze]` table of the configuration;
 //! - [`dn`]: DN normalisation for suffix matching;
 //! - [`backend`]: backends (suffix -> mode) and request classification
 //!   (read / write / never held, and which backends);
 //! - [`engine`]: the state machine (ON: authorise, drain, prepare; OFF:
 //!   done, release; lease; holdUntilUnbind; status) and the gate
 //!   ([`engine::Engine::admit`]) every request passes between "envelope read"
-//!   and "sent upstream".
+//!   and "sent upstream";
+//! - [`participant`]: what a session shares with the engine (its in-flight
+//!   table and bound DN).
 //!
 //! The per-connection queues themselves live in the session
 //! (`proxy::session`), which asks the engine whether each request may pass
@@ -19,7 +22,10 @@ pub mod drivers;
 pub mod ds389;
 pub mod engine;
 pub mod openldap;
+pub mod participant;
+pub mod settings;
 pub mod state;
 
 pub use backend::{BackendMap, Class, Kind, Mode};
 pub use engine::{Control, Driver, Engine, Requester, SessionHandle};
+pub use settings::{BindIsWrite, FreezeConfig};

@@ -2,7 +2,6 @@
 //! [`session`] per client, and shut down gracefully.
 
 pub mod discover;
-pub mod inflight;
 pub mod limits;
 pub mod mailbox;
 pub mod session;
@@ -428,7 +427,7 @@ pub(crate) async fn refresh_from_root_dse(
     auto_backends: bool,
     startup: bool,
 ) {
-    use crate::config::BindIsWrite;
+    use crate::freeze::BindIsWrite;
     let binds = engine.config().bind_is_write;
     let for_binds = binds == BindIsWrite::Auto || (startup && binds == BindIsWrite::No);
     if !auto_backends && !for_binds {

@@ -24,10 +24,10 @@ use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::inflight::{InFlight, InFlightTable};
 use super::mailbox::Inbox;
 use super::{Incoming, Shared};
 use crate::endpoint::{self, BoxRead, BoxWrite};
+use crate::freeze::participant::{InFlight, InFlightTable, Participant};
 use crate::freeze::{Class, Control, Engine, Requester, SessionHandle};
 use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
@@ -109,15 +109,14 @@ type Next = Result<Option<usize>, FrameError>;
 /// it first (as `FramedWrite`'s default).
 const UP_BUFFER: usize = 8 * 1024;
 
-/// State both loops of a session (and the freeze engine) share.
+/// State both loops of a session share; what the freeze engine reads of
+/// it (the in-flight table, the bound DN) is its [`Participant`].
 #[derive(Debug, Default)]
 pub struct SessionState {
-    inflight: Mutex<InFlightTable>,
+    /// Shared with the freeze engine (the session's `SessionHandle`).
+    participant: Arc<Participant>,
     /// Signalled whenever a request leaves the in-flight table.
     completed: Notify,
-    /// The identity of the last successful simple bind (bytes as sent:
-    /// made a string only when asked for).
-    bound_dn: Mutex<BoundDn>,
     /// Message IDs answered by the proxy (drain time limit) whose server
     /// responses must not reach the client any more.
     suppressed: Mutex<HashSet<i32>>,
@@ -164,9 +163,6 @@ pub struct SessionState {
     settle: Notify,
     /// Message IDs of Allow-Backup requests the proxy is still answering.
     local_ids: Mutex<Vec<i32>>,
-    /// A bind was received and has not been answered: the session has no
-    /// identity meanwhile (`bound_dn` is then ignored).
-    bind_received: AtomicBool,
     requests: AtomicU64,
     responses: AtomicU64,
 }
@@ -217,8 +213,9 @@ impl SessionState {
     }
 
     /// The in-flight table (a short critical section; never held across await).
+    #[inline]
     pub fn inflight(&self) -> MutexGuard<'_, InFlightTable> {
-        lock(&self.inflight)
+        self.participant.inflight()
     }
 
     /// Records a request about to be sent upstream; false (and nothing
@@ -315,30 +312,27 @@ impl SessionState {
 
     /// The session's bound DN, if a simple bind succeeded.
     pub fn bound_dn(&self) -> Option<String> {
-        self.bound_dn_bytes()
-            .map(|dn| String::from_utf8_lossy(&dn).into_owned())
+        self.participant.bound_dn()
     }
 
     /// The session's bound DN, copied out of the lock; `None` from the
     /// moment a bind is received until its response.
+    #[inline]
     fn bound_dn_bytes(&self) -> Option<Vec<u8>> {
-        if self.bind_received.load(Ordering::Acquire) {
-            return None;
-        }
-        lock(&self.bound_dn).get().map(<[u8]>::to_vec)
+        self.participant.bound_dn_bytes()
     }
 
-    /// A bind was received: no identity until its response (a flag, not
-    /// the lock: once per bind on the requests loop).
+    /// A bind was received: no identity until its response.
+    #[inline]
     fn unbind_for_bind(&self) {
-        self.bind_received.store(true, Ordering::Release);
+        self.participant.unbind_for_bind()
     }
 
     /// A bind ended: `dn` (a successful simple bind's name) is the
     /// session's identity from now on.
+    #[inline]
     fn set_bound_dn(&self, dn: Option<&[u8]>) {
-        lock(&self.bound_dn).set(dn);
-        self.bind_received.store(false, Ordering::Release);
+        self.participant.set_bound_dn(dn)
     }
 
     /// Wakes a shutdown waiting for the in-flight table to empty.
@@ -361,33 +355,6 @@ impl SessionState {
                 return;
             }
             notified.await;
-        }
-    }
-}
-
-/// A session's bound DN. One buffer for the session's life: a connection
-/// that binds as one user after another (a pool re-binding per request)
-/// costs no allocation per bind.
-#[derive(Debug, Default)]
-struct BoundDn {
-    dn: Vec<u8>,
-    bound: bool,
-}
-
-impl BoundDn {
-    fn get(&self) -> Option<&[u8]> {
-        self.bound.then_some(&self.dn[..])
-    }
-
-    /// `None` only marks the session unbound: the bytes stay, so a bind
-    /// as the same DN again (cleared when it was sent) copies nothing.
-    fn set(&mut self, dn: Option<&[u8]>) {
-        self.bound = dn.is_some();
-        if let Some(dn) = dn {
-            if self.dn != dn {
-                self.dn.clear();
-                self.dn.extend_from_slice(dn);
-            }
         }
     }
 }
@@ -568,7 +535,7 @@ pub(crate) async fn serve_connected(
     engine.register(
         id,
         SessionHandle {
-            state: state.clone(),
+            state: state.participant.clone(),
             control: control_tx.clone(),
         },
     );

@@ -1,13 +1,16 @@
-//! The per-session in-flight table: which requests have been sent upstream
-//! and not yet answered with a final response. The freeze engine reads it to
-//! know when a drain is complete.
+//! What a session shares with the freeze engine: its in-flight table (which
+//! requests have been sent upstream and not yet answered with a final
+//! response; the engine reads it to know when a drain is complete) and its
+//! identity (the bound DN, by which the engine classifies and authorises).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::freeze::Class;
+use super::Class;
 use crate::wire::op;
 
 /// One outstanding request.
@@ -134,6 +137,86 @@ impl InFlightTable {
     /// Outstanding requests, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (i32, &InFlight)> {
         self.ops.iter().map(|(k, v)| (*k, v))
+    }
+}
+
+/// The part of a session's state the freeze engine reads (through its
+/// [`SessionHandle`](super::SessionHandle)): the in-flight table and the
+/// bound DN. The session keeps the rest of its state and updates these.
+#[derive(Debug, Default)]
+pub struct Participant {
+    inflight: Mutex<InFlightTable>,
+    /// The identity of the last successful simple bind (bytes as sent:
+    /// made a string only when asked for).
+    bound_dn: Mutex<BoundDn>,
+    /// A bind was received and has not been answered: the session has no
+    /// identity meanwhile (`bound_dn` is then ignored).
+    bind_received: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Participant {
+    /// The in-flight table (a short critical section; never held across await).
+    pub fn inflight(&self) -> MutexGuard<'_, InFlightTable> {
+        lock(&self.inflight)
+    }
+
+    /// The session's bound DN, if a simple bind succeeded.
+    pub fn bound_dn(&self) -> Option<String> {
+        self.bound_dn_bytes()
+            .map(|dn| String::from_utf8_lossy(&dn).into_owned())
+    }
+
+    /// The session's bound DN, copied out of the lock; `None` from the
+    /// moment a bind is received until its response.
+    pub fn bound_dn_bytes(&self) -> Option<Vec<u8>> {
+        if self.bind_received.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.bound_dn).get().map(<[u8]>::to_vec)
+    }
+
+    /// A bind was received: no identity until its response (a flag, not
+    /// the lock: once per bind on the requests loop).
+    pub fn unbind_for_bind(&self) {
+        self.bind_received.store(true, Ordering::Release);
+    }
+
+    /// A bind ended: `dn` (a successful simple bind's name) is the
+    /// session's identity from now on.
+    pub fn set_bound_dn(&self, dn: Option<&[u8]>) {
+        lock(&self.bound_dn).set(dn);
+        self.bind_received.store(false, Ordering::Release);
+    }
+}
+
+/// A session's bound DN. One buffer for the session's life: a connection
+/// that binds as one user after another (a pool re-binding per request)
+/// costs no allocation per bind.
+#[derive(Debug, Default)]
+struct BoundDn {
+    dn: Vec<u8>,
+    bound: bool,
+}
+
+impl BoundDn {
+    fn get(&self) -> Option<&[u8]> {
+        self.bound.then_some(&self.dn[..])
+    }
+
+    /// `None` only marks the session unbound: the bytes stay, so a bind
+    /// as the same DN again (cleared when it was sent) copies nothing.
+    fn set(&mut self, dn: Option<&[u8]>) {
+        self.bound = dn.is_some();
+        if let Some(dn) = dn {
+            if self.dn != dn {
+                self.dn.clear();
+                self.dn.extend_from_slice(dn);
+            }
+        }
     }
 }
 
