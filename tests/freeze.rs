@@ -1251,7 +1251,7 @@ async fn local_write(lab: &Lab, dn: &str, value: &str) -> ToolOutput {
 
 #[tokio::test]
 async fn openldap_driver_reads_what_a_bind_records_in_cn_config() {
-    use abproxy::freeze::openldap::OpenLdapDriver;
+    use abproxy::freeze::drivers::openldap::OpenLdapDriver;
     use abproxy::freeze::{BackendMap, Driver};
     let lab = freeze_lab(|_| {}).await;
     let map = BackendMap::new([

@@ -9,23 +9,24 @@
 //!   ([`engine::Engine::admit`]) every request passes between "envelope read"
 //!   and "sent upstream";
 //! - [`participant`]: what a session shares with the engine (its in-flight
-//!   table and bound DN).
+//!   table and bound DN);
+//! - [`drivers`]: BACKUP_PREPARE and BACKUP_DONE on the server (`command`,
+//!   `openldap`, `389ds`), each step under a deadline;
+//! - [`state`]: the state file of what drivers changed and not yet undone.
 //!
 //! The per-connection queues themselves live in the session
 //! (`proxy::session`), which asks the engine whether each request may pass
 //! and releases its queue, oldest first, when the engine's epoch changes.
 
 pub mod backend;
-mod cnconfig;
 pub mod dn;
 pub mod drivers;
-pub mod ds389;
 pub mod engine;
-pub mod openldap;
 pub mod participant;
 pub mod settings;
 pub mod state;
 
 pub use backend::{BackendMap, Class, Kind, Mode};
-pub use engine::{Control, Driver, Engine, Requester, SessionHandle};
+pub use drivers::Driver;
+pub use engine::{Control, Engine, Requester, SessionHandle};
 pub use settings::{BindIsWrite, FreezeConfig};

@@ -23,10 +23,11 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::endpoint::{self, BoxRead, BoxWrite, Endpoint};
 use crate::freeze::backend::Mode;
+use crate::freeze::drivers::ds389::Ds389Driver;
+use crate::freeze::drivers::openldap::OpenLdapDriver;
+use crate::freeze::drivers::recorded::Recorded;
 use crate::freeze::drivers::{CommandDriver, DriverKind};
-use crate::freeze::ds389::Ds389Driver;
-use crate::freeze::openldap::OpenLdapDriver;
-use crate::freeze::state::{Recorded, StateFile};
+use crate::freeze::state::StateFile;
 use crate::freeze::{BackendMap, Driver, Engine};
 use crate::tls::{ServerTls, UpstreamTls};
 

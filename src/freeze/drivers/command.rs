@@ -1,45 +1,13 @@
-//! Backend drivers configured per backend: the proposal's BACKUP_PREPARE
-//! (after the drain, before ON answers) and BACKUP_DONE (on OFF, and on any
-//! failure after PREPARE).
-//!
-//! - `none` (the default): the proxy-level freeze alone.
-//! - `command`: runs configured commands; the environment
-//!   names the backend (`ABPROXY_BACKEND`), its mode (`ABPROXY_MODE`), the
-//!   step (`ABPROXY_STEP`: `prepare` or `done`) and the freeze id
-//!   (`ABPROXY_FREEZE_ID`). A non-zero exit is a failure, reported with the
-//!   tail of the command's stderr.
-//! - `openldap` ([`super::openldap`]) and `389ds` ([`super::ds389`]): make
-//!   the LDAP server itself refuse writes to the backend while it is frozen.
-//!
-//! Every step of every driver runs under the backend's `driver_timeout_secs`,
-//! applied by the engine ([`super::engine::run_step`]): a step that outlives
-//! it is dropped (a command is killed) and reported as failed.
+//! The `command` driver: runs the configured commands of a backend (see
+//! [`super`]).
 
 use std::process::Stdio;
 
 use futures::future::BoxFuture;
-use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 
-use super::backend::{Backend, Mode};
-use super::engine::Driver;
-
-/// The `driver` of a `[[backends]]` entry.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DriverKind {
-    /// Proxy-level freeze only.
-    #[default]
-    None,
-    /// Run the entry's `prepare` and `done` commands.
-    Command,
-    /// Set `olcReadOnly` on the backend's database in slapd's cn=config.
-    Openldap,
-    /// Set `nsslapd-readonly` on the backend's ldbm instance in 389
-    /// Directory Server's cn=config.
-    #[serde(rename = "389ds")]
-    Ds389,
-}
+use super::Driver;
+use crate::freeze::backend::{Backend, Mode};
 
 /// How much of a failed command's stderr is reported.
 const STDERR_TAIL: usize = 512;
@@ -149,7 +117,7 @@ mod tests {
     /// A command outliving the engine's deadline is killed.
     #[tokio::test]
     async fn a_step_past_its_deadline_kills_its_command() {
-        use crate::freeze::engine::{run_step, Step, StepError};
+        use crate::freeze::drivers::{run_step, Step, StepError};
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
         let pid = dir.path().join("pid");

@@ -66,9 +66,9 @@ use futures::future::BoxFuture;
 use ldap3::{Mod, Scope, SearchEntry};
 use tracing::info;
 
-use super::backend::Backend;
 use super::cnconfig::Saved;
-use super::engine::Driver;
+use super::Driver;
+use crate::freeze::backend::Backend;
 use crate::secret::Credentials;
 
 /// How the driver reaches `cn=config`.
@@ -374,7 +374,7 @@ fn partial_freeze_allowed(
             Place::Database { dn, suffixes } => {
                 for suffix in suffixes {
                     // Unparsable: as if every frozen backend lay below it.
-                    let norm = super::dn::NormDn::parse(suffix.as_bytes());
+                    let norm = crate::freeze::dn::NormDn::parse(suffix.as_bytes());
                     // Writes under `suffix` are held when the backend
                     // holding it (the longest suffix containing it) is
                     // frozen.
@@ -391,7 +391,7 @@ fn partial_freeze_allowed(
                         .iter()
                         .filter(|f| {
                             norm.as_ref().is_none_or(|n| {
-                                f.norm.within(n) != super::dn::Within::No && f.norm != *n
+                                f.norm.within(n) != crate::freeze::dn::Within::No && f.norm != *n
                             })
                         })
                         .collect();
@@ -507,7 +507,11 @@ impl Driver for OpenLdapDriver {
         Box::pin(self.done_inner(backend))
     }
 
-    fn attach_state(&self, state: std::sync::Arc<super::state::StateFile>, name: &'static str) {
+    fn attach_state(
+        &self,
+        state: std::sync::Arc<crate::freeze::state::StateFile>,
+        name: &'static str,
+    ) {
         self.saved.attach(state, name);
     }
 }

@@ -33,10 +33,10 @@ use futures::future::BoxFuture;
 use ldap3::{Mod, Scope, SearchEntry};
 use tracing::info;
 
-use super::backend::Backend;
 use super::cnconfig::Saved;
-use super::dn::NormDn;
-use super::engine::Driver;
+use super::Driver;
+use crate::freeze::backend::Backend;
+use crate::freeze::dn::NormDn;
 use crate::secret::Credentials;
 
 /// Parent of the ldbm backend instances in 389's cn=config.
@@ -278,7 +278,11 @@ impl Driver for Ds389Driver {
         Box::pin(self.done_inner(backend))
     }
 
-    fn attach_state(&self, state: std::sync::Arc<super::state::StateFile>, name: &'static str) {
+    fn attach_state(
+        &self,
+        state: std::sync::Arc<crate::freeze::state::StateFile>,
+        name: &'static str,
+    ) {
         self.saved.attach(state, name);
     }
 }

@@ -9,8 +9,8 @@ use tracing::error;
 
 use ldap3::{LdapConnAsync, LdapConnSettings, StdStream};
 
-use super::backend::Backend;
-use super::state::StateFile;
+use crate::freeze::backend::Backend;
+use crate::freeze::state::StateFile;
 
 use crate::endpoint::Endpoint;
 use crate::secret::Credentials;
@@ -135,8 +135,8 @@ impl Saved {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::freeze::engine::{run_step, Step, StepError};
-    use crate::freeze::openldap::OpenLdapDriver;
+    use crate::freeze::drivers::openldap::OpenLdapDriver;
+    use crate::freeze::drivers::{run_step, Step, StepError};
     use std::time::Duration;
 
     fn backend() -> Backend {
