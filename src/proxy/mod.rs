@@ -2,6 +2,7 @@
 //! [`session`] per client, and shut down gracefully.
 
 pub mod discover;
+pub mod exops;
 pub mod limits;
 pub mod mailbox;
 pub mod session;

@@ -24,6 +24,7 @@ use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::exops::{self, Exop};
 use super::mailbox::Inbox;
 use super::{Incoming, Shared};
 use crate::endpoint::{self, BoxRead, BoxWrite};
@@ -43,8 +44,6 @@ const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(10);
 const LINGER_MAX: Duration = Duration::from_secs(300);
 /// Locally authored responses waiting to be written to the client.
 const LOCAL_QUEUE: usize = 16;
-/// The StartTLS OID as a string (`oid::START_TLS` is bytes).
-const START_TLS_OID: &str = "1.3.6.1.4.1.1466.20037";
 /// Message ID of the abandon requests the proxy authors (abandon has no
 /// response, so the ID is only a label in the server's log).
 const PROXY_ABANDON_ID: i32 = i32::MAX;
@@ -578,18 +577,7 @@ pub(crate) async fn serve_connected(
         local: Inbox::new(local_rx),
         control: control_tx,
         epoch: engine.epoch(),
-        extensions: if shared.server_tls.is_some() {
-            &[
-                abproxy_proto::ALLOW_BACKUP_OID,
-                abproxy_proto::ALLOW_BACKUP_STATUS_OID,
-                START_TLS_OID,
-            ]
-        } else {
-            &[
-                abproxy_proto::ALLOW_BACKUP_OID,
-                abproxy_proto::ALLOW_BACKUP_STATUS_OID,
-            ]
-        },
+        extensions: super::exops::listed(shared.server_tls.is_some()),
         held: VecDeque::new(),
         held_bytes: 0,
         close: close.clone(),
@@ -1070,16 +1058,17 @@ impl Requests<'_> {
         }
         let mut local = None;
         if env.op == op::EXTENDED_REQUEST {
-            let name = env.oid_bytes(&frame).unwrap_or_default();
+            let exop = exops::lookup(env.oid_bytes(&frame).unwrap_or_default());
             // A cancel of a queued request is answered here too.
-            let cancel_queued = (name == oid::CANCEL)
+            let cancel_queued = (exop == Some(Exop::Cancel))
                 .then(|| cancel_target(env.value_bytes(&frame)))
                 .flatten()
                 .filter(|&t| self.queue.iter().any(|q| q.env.msgid == t));
-            let answered_here = name == oid::START_TLS
-                || name == abproxy_proto::ALLOW_BACKUP_OID.as_bytes()
-                || name == abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes()
-                || cancel_queued.is_some();
+            let answered_here = match exop {
+                Some(Exop::StartTls | Exop::AllowBackup | Exop::Status) => true,
+                Some(Exop::Cancel) => cancel_queued.is_some(),
+                None => false,
+            };
             if answered_here {
                 if let Some(c) = env.controls(&frame).find(|c| c.critical) {
                     // RFC 4511 section 4.1.11: the proxy answers this
@@ -1098,19 +1087,20 @@ impl Requests<'_> {
                     return self.reply_locally(r).await;
                 }
             }
-            if name == oid::START_TLS {
-                // Answered here, never forwarded: the proxy must read every
-                // request, so it terminates TLS itself.
-                // Boxed: the handshake's future is large (1.6 KB), and
-                // inline it would make every request's `handle` future as
-                // large, built and moved at each request.
-                return Box::pin(self.start_tls(&env)).await;
+            match exop {
+                Some(Exop::StartTls) => {
+                    // Answered here, never forwarded: the proxy must read
+                    // every request, so it terminates TLS itself.
+                    // Boxed: the handshake's future is large (1.6 KB), and
+                    // inline it would make every request's `handle` future
+                    // as large, built and moved at each request.
+                    return Box::pin(self.start_tls(&env)).await;
+                }
+                Some(Exop::AllowBackup) => local = Some(LocalOp::AllowBackup),
+                Some(Exop::Status) => local = Some(LocalOp::Status),
+                Some(Exop::Cancel) | None => {}
             }
-            if name == abproxy_proto::ALLOW_BACKUP_OID.as_bytes() {
-                local = Some(LocalOp::AllowBackup);
-            } else if name == abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes() {
-                local = Some(LocalOp::Status);
-            } else if let Some(q) = cancel_queued.and_then(|t| self.unqueue(t)) {
+            if let Some(q) = cancel_queued.and_then(|t| self.unqueue(t)) {
                 // RFC 3909: the cancelled operation ends with `canceled`,
                 // the cancel request with success.
                 if let Some(r) = pdu::response_for(
@@ -1221,7 +1211,7 @@ impl Requests<'_> {
     /// on this connection; operationsError (the session goes on as it was)
     /// when TLS is already on or operations are outstanding.
     async fn start_tls(&mut self, env: &Envelope) -> Step {
-        let name = Some(START_TLS_OID);
+        let name = Some(exops::START_TLS_OID);
         let answer = |code, msg: &str| pdu::extended_response(env.msgid, code, msg, name, None);
         if self.tls {
             let r = answer(
@@ -1622,7 +1612,9 @@ fn exempt_from_tls(env: &Envelope, frame: &[u8]) -> bool {
                 && env.dn_bytes(frame).is_some_and(|d| d.is_empty())
                 && env.empty_simple_password()
         }
-        op::EXTENDED_REQUEST => env.oid_bytes(frame) == Some(oid::START_TLS),
+        op::EXTENDED_REQUEST => {
+            exops::lookup(env.oid_bytes(frame).unwrap_or_default()) == Some(Exop::StartTls)
+        }
         op::SEARCH_REQUEST => {
             env.scope == Some(0) && env.dn_bytes(frame).is_some_and(|d| d.is_empty())
         }
