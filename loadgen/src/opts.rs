@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::reference::Reference;
 use crate::workload::Kind;
 
 #[derive(Debug, Clone)]
@@ -126,6 +125,18 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| is_executable(p))
+}
+
+/// What runs in the reference column.
+#[derive(Debug, Clone)]
+pub enum Reference {
+    /// HAProxy in TCP mode (this binary).
+    Haproxy(PathBuf),
+    /// `--haproxy self`: a second abproxy process, started exactly as the
+    /// first. An A/A control: the two columns differ only by chance and by
+    /// any bias of the benchmark itself, so the head-to-head table shows how
+    /// far apart two equal proxies measure on this machine.
+    Itself,
 }
 
 pub fn is_executable(p: &Path) -> bool {

@@ -4,7 +4,7 @@
 //! the first, named `abproxy2` in the log lines and tables.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,17 +12,7 @@ use anyhow::{anyhow, Context, Result};
 
 use crate::procs::{free_port, wait_listening, AbproxyProcess};
 
-/// What runs in the reference column.
-#[derive(Debug, Clone)]
-pub enum Reference {
-    /// HAProxy in TCP mode (this binary).
-    Haproxy(PathBuf),
-    /// `--haproxy self`: a second abproxy process, started exactly as the
-    /// first. An A/A control: the two columns differ only by chance and by
-    /// any bias of the benchmark itself, so the head-to-head table shows how
-    /// far apart two equal proxies measure on this machine.
-    Itself,
-}
+pub use crate::opts::Reference;
 
 /// The reference column's name in the log lines and tables: `haproxy`, or
 /// `abproxy2` for the A/A control. Set once, before the first point.
