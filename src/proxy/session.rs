@@ -358,6 +358,44 @@ impl SessionState {
     }
 }
 
+/// The side of a session something happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "server",
+        }
+    }
+}
+
+/// Where an I/O error ended a session: reading or writing which side, or
+/// the session's own task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoAt {
+    Read(Side),
+    Write(Side),
+    /// The responses task itself failed (a panic).
+    Task,
+}
+
+impl IoAt {
+    fn describe(self) -> &'static str {
+        match self {
+            IoAt::Read(Side::Client) => "reading from client",
+            IoAt::Read(Side::Upstream) => "reading from upstream",
+            IoAt::Write(Side::Client) => "writing to client",
+            IoAt::Write(Side::Upstream) => "writing to upstream",
+            IoAt::Task => "responses task failed",
+        }
+    }
+}
+
 /// Why a session ended, for the close log line.
 #[derive(Debug)]
 enum End {
@@ -367,9 +405,9 @@ enum End {
     UpstreamClosed,
     ClientProtocol(String),
     UpstreamProtocol(String),
-    SaslLayer(&'static str),
+    SaslLayer(Side),
     Tls(String),
-    Io(&'static str, std::io::Error),
+    Io(IoAt, std::io::Error),
     Idle(Duration),
     Closed,
 }
@@ -385,12 +423,13 @@ impl End {
             End::ClientProtocol(m) => format!("client protocol error: {m}"),
             End::UpstreamProtocol(m) => format!("upstream protocol error: {m}"),
             End::SaslLayer(side) => format!(
-                "{side} sent non-LDAP bytes after a successful SASL bind: a SASL security layer \
+                "{} sent non-LDAP bytes after a successful SASL bind: a SASL security layer \
                  (integrity/confidentiality) was negotiated, which abproxy cannot inspect; use \
-                 TLS instead of a SASL layer (e.g. maxssf=0)"
+                 TLS instead of a SASL layer (e.g. maxssf=0)",
+                side.name()
             ),
             End::Tls(m) => format!("StartTLS: {m}"),
-            End::Io(what, e) => format!("{what}: {e}"),
+            End::Io(at, e) => format!("{}: {e}", at.describe()),
             End::Closed => "closed by the other side of the session".into(),
         }
     }
@@ -591,10 +630,7 @@ pub(crate) async fn serve_connected(
     let req_end = requests.run().await;
     let resp_end = match responses.await {
         Ok(end) => end,
-        Err(e) => End::Io(
-            "responses task failed",
-            std::io::Error::other(e.to_string()),
-        ),
+        Err(e) => End::Io(IoAt::Task, std::io::Error::other(e.to_string())),
     };
     engine.deregister(id).await;
     let end = match (&req_end, &resp_end) {
@@ -957,14 +993,14 @@ impl Requests<'_> {
         let frame = match next {
             Ok(None) => return Step::End(End::ClientClosed),
             Ok(Some(n)) => self.client_in.take(n),
-            Err(FrameError::Io(e)) => return Step::End(End::Io("reading from client", e)),
+            Err(FrameError::Io(e)) => return Step::End(End::Io(IoAt::Read(Side::Client), e)),
             Err(FrameError::TruncatedAtEof(n)) => {
                 debug!(conn = self.id, "client closed inside a message ({n} bytes)");
                 return Step::End(End::ClientClosed);
             }
             Err(e) => {
                 if self.state.sasl_bound.load(Ordering::Relaxed) {
-                    return Step::End(End::SaslLayer("client"));
+                    return Step::End(End::SaslLayer(Side::Client));
                 }
                 if matches!(e, FrameError::TooLarge { .. }) && !self.state.authenticated() {
                     return Step::End(End::ClientProtocol(format!(
@@ -1661,20 +1697,15 @@ struct Responses {
     abort: CancellationToken,
 }
 
-/// A failed write to the upstream, as the close log line says it.
-const TO_UPSTREAM: &str = "writing to upstream";
-/// A failed write to the client, as the close log line says it.
-const TO_CLIENT: &str = "writing to client";
+/// A failed write to the upstream.
+const TO_UPSTREAM: IoAt = IoAt::Write(Side::Upstream);
+/// A failed write to the client.
+const TO_CLIENT: IoAt = IoAt::Write(Side::Client);
 
 /// Feeds a message to an output once its socket has taken what the buffer
 /// holds (the buffer was at its boundary: [`FrameWriter::append`] refused
 /// it), unless the session closes first.
-async fn feed_waiting(
-    out: &mut Out,
-    msg: &[u8],
-    close: &Close,
-    what: &'static str,
-) -> Result<(), End> {
+async fn feed_waiting(out: &mut Out, msg: &[u8], close: &Close, what: IoAt) -> Result<(), End> {
     flush_waiting(out, close, what).await?;
     out.append_always(msg);
     Ok(())
@@ -1684,7 +1715,7 @@ async fn feed_waiting(
 /// without a waker to leave behind, no `select!` built); `None`: then
 /// [`flush_waiting`].
 #[inline]
-fn flush_now(out: &mut Out, what: &'static str) -> Option<Result<(), End>> {
+fn flush_now(out: &mut Out, what: IoAt) -> Option<Result<(), End>> {
     let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
     match out.poll_flush(&mut cx) {
         std::task::Poll::Ready(r) => Some(r.map_err(|e| End::Io(what, e))),
@@ -1695,7 +1726,7 @@ fn flush_now(out: &mut Out, what: &'static str) -> Option<Result<(), End>> {
 /// Flushes an output, waiting for its socket, unless the session closes
 /// first. Biased, I/O first: the cancellation future is only polled (and
 /// registered) when the write really has to wait.
-async fn flush_waiting(out: &mut Out, close: &Close, what: &'static str) -> Result<(), End> {
+async fn flush_waiting(out: &mut Out, close: &Close, what: IoAt) -> Result<(), End> {
     tokio::select! {
         biased;
         r = out.flush() => r.map_err(|e| End::Io(what, e)),
@@ -1740,7 +1771,7 @@ impl Responses {
                 );
                 self.feed_last(notice).await;
             }
-            End::Io("reading from upstream", e)
+            End::Io(IoAt::Read(Side::Upstream), e)
                 if !self.state.client_gone.load(Ordering::Relaxed) =>
             {
                 warn!(conn = self.id, "connection to the upstream lost: {e}");
@@ -1768,7 +1799,7 @@ impl Responses {
         let upstream_gone = matches!(
             end,
             End::UpstreamClosed
-                | End::Io("reading from upstream", _)
+                | End::Io(IoAt::Read(Side::Upstream), _)
                 | End::UpstreamProtocol(_)
                 | End::SaslLayer(_)
         );
@@ -1969,11 +2000,11 @@ impl Responses {
         let n = match next {
             Ok(None) => return Err(End::UpstreamClosed),
             Ok(Some(n)) => n,
-            Err(FrameError::Io(e)) => return Err(End::Io("reading from upstream", e)),
+            Err(FrameError::Io(e)) => return Err(End::Io(IoAt::Read(Side::Upstream), e)),
             Err(FrameError::TruncatedAtEof(_)) => return Err(End::UpstreamClosed),
             Err(e) => {
                 if self.state.sasl_bound.load(Ordering::Relaxed) {
-                    return Err(End::SaslLayer("server"));
+                    return Err(End::SaslLayer(Side::Upstream));
                 }
                 return Err(End::UpstreamProtocol(e.to_string()));
             }
