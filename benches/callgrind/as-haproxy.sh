@@ -20,4 +20,6 @@ else
   valgrind --tool=callgrind --callgrind-out-file="$out/abproxy.%p.out" \
     "$ABPROXY_BIN" serve --listen "ldap://$listen" --upstream "ldap://$upstream" --threads 1 &
 fi
+# run.sh stops this valgrind, and no other, by its pid.
+echo $! >>"$out/valgrind.pids"
 wait

@@ -11,24 +11,31 @@
 #   benches/callgrind/run.sh [WORKLOAD] [CONNS]     # default: bind 32
 #   callgrind_annotate /tmp/abproxy-callgrind/abproxy.*.out | head -40
 #
-# Needs valgrind, slapd (as the load bench) and a release build.
+# Needs valgrind, slapd (as the load bench) and a release build (in
+# $CARGO_TARGET_DIR when set). CG_OUT: where the profiles go.
 set -eu
 cd "$(dirname "$0")/../.."
 workload=${1:-bind}
 conns=${2:-32}
-out=/tmp/abproxy-callgrind
+out=${CG_OUT:-/tmp/abproxy-callgrind}
 mkdir -p "$out"
-rm -f "$out"/abproxy.*.out
+rm -f "$out"/abproxy.*.out "$out/valgrind.pids"
 cargo build --release --quiet
-export ABPROXY_BIN=$PWD/target/release/abproxy CG_OUT=$out CG_TARGET=abproxy
+target=${CARGO_TARGET_DIR:-$PWD/target}
+export ABPROXY_BIN=$target/release/abproxy CG_OUT=$out CG_TARGET=abproxy
 LOAD_HAPROXY=$PWD/benches/callgrind/as-haproxy.sh LOAD_WORKLOADS=$workload \
   LOAD_CONNS=$conns LOAD_SECS=3 LOAD_ROUNDS=1 cargo bench --quiet --bench load \
   >"$out/bench.log" 2>&1 || true
 # The bench killed the wrapper; callgrind writes its profile when abproxy
 # exits on SIGTERM.
-pkill -TERM -f "valgrind.*target/release/abproxy serve" || true
+# Only the valgrind this run started (as-haproxy.sh noted its pid), not a
+# colleague's run on the same machine.
+pids=$(cat "$out/valgrind.pids" 2>/dev/null || true)
+for pid in $pids; do kill -TERM "$pid" 2>/dev/null || true; done
 for _ in $(seq 1 30); do
-  pgrep -f "valgrind.*target/release/abproxy serve" >/dev/null || break
+  alive=
+  for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
+  [ -z "$alive" ] && break
   sleep 1
 done
 profile=$(ls -S "$out"/abproxy.*.out | head -1)
