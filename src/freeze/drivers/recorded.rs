@@ -52,6 +52,9 @@ impl Recorded {
     }
 }
 
+/// Every method of [`Driver`] goes to the wrapped driver: the proxy wraps
+/// each configured one, so a method left to its default here would never
+/// reach it.
 impl Driver for Recorded {
     fn prepare<'a>(
         &'a self,
@@ -90,6 +93,13 @@ impl Driver for Recorded {
         })
     }
 
+    fn bind_writes<'a>(
+        &'a self,
+        backend: &'a Backend,
+    ) -> BoxFuture<'a, Result<Option<String>, String>> {
+        self.inner.bind_writes(backend)
+    }
+
     fn check_partial<'a>(
         &'a self,
         backend: &'a Backend,
@@ -124,6 +134,39 @@ mod tests {
             self.1.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }
+    }
+
+    /// The proxy wraps every configured driver in `Recorded`: what the
+    /// engine asks a driver before a freeze must reach the one inside.
+    #[tokio::test]
+    async fn the_questions_before_a_freeze_reach_the_wrapped_driver() {
+        struct Says;
+        impl Driver for Says {
+            fn bind_writes<'a>(
+                &'a self,
+                _: &'a Backend,
+            ) -> BoxFuture<'a, Result<Option<String>, String>> {
+                Box::pin(async { Ok(Some("olcLastBind: TRUE".into())) })
+            }
+            fn check_partial<'a>(
+                &'a self,
+                _: &'a Backend,
+                _: &'a [Backend],
+                _: &'a [Backend],
+            ) -> BoxFuture<'a, Result<(), String>> {
+                Box::pin(async { Err("refint".into()) })
+            }
+        }
+        let b = backend("dc=example,dc=org");
+        let d = Recorded::new("openldap", Arc::new(Says), StateFile::memory());
+        assert_eq!(
+            d.bind_writes(&b).await,
+            Ok(Some("olcLastBind: TRUE".into()))
+        );
+        assert_eq!(
+            d.check_partial(&b, &[], std::slice::from_ref(&b)).await,
+            Err("refint".into())
+        );
     }
 
     #[tokio::test]
