@@ -43,6 +43,21 @@ impl Conn {
         })
     }
 
+    /// Connects and, with `bind`, sends that set-up bind (which must
+    /// succeed), all within [`SETUP_TIMEOUT`].
+    pub async fn connect_bound(addr: SocketAddr, bind: Option<&[u8]>) -> Result<Conn> {
+        let setup = async {
+            let mut c = Conn::connect(addr).await?;
+            if let Some(b) = bind {
+                c.call(b).await.context("set-up bind")?;
+            }
+            Ok(c)
+        };
+        tokio::time::timeout(SETUP_TIMEOUT, setup)
+            .await
+            .map_err(|_| anyhow!("connection set-up timed out"))?
+    }
+
     /// Sends one request and reads up to its final response, which must be
     /// a success.
     pub async fn call(&mut self, op_tlv: &[u8]) -> Result<()> {

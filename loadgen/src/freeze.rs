@@ -135,14 +135,9 @@ pub struct Admin {
 
 impl Admin {
     pub async fn connect(addr: SocketAddr, ops: Arc<FreezeOps>) -> Result<Admin> {
-        let setup = async {
-            let mut c = Conn::connect(addr).await?;
-            c.call(&ops.bind).await.context("admin bind")?;
-            anyhow::Ok(c)
-        };
-        let c = tokio::time::timeout(SETUP_TIMEOUT, setup)
+        let c = Conn::connect_bound(addr, Some(&ops.bind))
             .await
-            .map_err(|_| anyhow!("admin connection set-up timed out"))??;
+            .context("admin connection")?;
         Ok(Admin { c, ops })
     }
 
@@ -258,19 +253,10 @@ pub async fn mixed_client(
     stop: watch::Receiver<bool>,
 ) -> MixedResult {
     let mut res = MixedResult::default();
-    let setup = async {
-        let mut c = Conn::connect(addr).await?;
-        c.call(&ops.bind).await.context("set-up bind")?;
-        anyhow::Ok(c)
-    };
-    let mut c = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
+    let mut c = match Conn::connect_bound(addr, Some(&ops.bind)).await {
+        Ok(c) => c,
+        Err(e) => {
             res.error = Some(format!("{e:#}"));
-            return res;
-        }
-        Err(_) => {
-            res.error = Some("connection set-up timed out".into());
             return res;
         }
     };
@@ -482,14 +468,9 @@ pub async fn burst(
     // is timed.
     let mut clients = Vec::with_capacity(conns);
     for idx in 0..conns {
-        let setup = async {
-            let mut c = Conn::connect(addr).await?;
-            c.call(&ops.bind).await.context("set-up bind")?;
-            anyhow::Ok(c)
-        };
-        let mut c = tokio::time::timeout(SETUP_TIMEOUT, setup)
+        let mut c = Conn::connect_bound(addr, Some(&ops.bind))
             .await
-            .map_err(|_| anyhow!("burst client {idx}: set-up timed out"))??;
+            .with_context(|| format!("burst client {idx}"))?;
         let mut batch = Vec::with_capacity(depth * 96);
         let first_id = c.next_id;
         for i in 0..depth {

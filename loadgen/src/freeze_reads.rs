@@ -201,15 +201,9 @@ async fn writer(
     shared: Arc<Shared>,
     ready: tokio::sync::mpsc::Sender<()>,
 ) {
-    let setup = async {
-        let mut c = Conn::connect(addr).await?;
-        c.call(&ops.bind).await.context("set-up bind")?;
-        anyhow::Ok(c)
-    };
-    let c = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return shared.error(format!("writer {idx}: {e:#}")),
-        Err(_) => return shared.error(format!("writer {idx}: set-up timed out")),
+    let c = match Conn::connect_bound(addr, Some(&ops.bind)).await {
+        Ok(c) => c,
+        Err(e) => return shared.error(format!("writer {idx}: {e:#}")),
     };
     let Conn {
         stream,

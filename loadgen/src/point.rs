@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::client::{Conn, REQUEST_TIMEOUT, SETUP_TIMEOUT};
@@ -50,21 +49,10 @@ pub async fn client(
         secs,
     } = spec;
     let mut res = ClientResult::default();
-    let setup = async {
-        let mut c = Conn::connect(addr).await?;
-        if let Some(b) = &w.setup {
-            c.call(b).await.context("set-up bind")?;
-        }
-        anyhow::Ok(c)
-    };
-    let mut c = match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
+    let mut c = match Conn::connect_bound(addr, w.setup.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
             res.error = Some(format!("{e:#}"));
-            return res;
-        }
-        Err(_) => {
-            res.error = Some("connection set-up timed out".into());
             return res;
         }
     };
