@@ -1,0 +1,436 @@
+//! One client session: the client connection and its own upstream
+//! connection, and two loops between them.
+//!
+//! ```text
+//! client --frames--> requests loop --envelope, classify, gate-----------> upstream
+//!                        |  held by a freeze: per-connection queue (FIFO)
+//! client <--frames-- responses loop <--envelope, close in-flight entries-- upstream
+//!                          ^ PDUs the proxy authors (local channel)
+//! ```
+//! Client bytes are forwarded as framed, never re-encoded; message IDs are
+//! unchanged. Either loop can end the session through the `close` token.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::SinkExt;
+use ldap3_proto::proto::LdapResultCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedWrite;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::mailbox::Inbox;
+use super::{Incoming, Shared};
+use crate::endpoint::{self, BoxRead, BoxWrite};
+use crate::freeze::{Control, SessionHandle};
+use crate::tls::ClientStream;
+use crate::wire::envelope::oid;
+use crate::wire::{op, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
+
+mod decide;
+mod end;
+mod requests;
+mod responses;
+mod state;
+
+use end::{End, IoAt, Side};
+use requests::Requests;
+use responses::Responses;
+use state::SessionState;
+
+/// Frames handled before a flush, so one busy direction cannot starve the
+/// flush of what it already wrote.
+const BATCH: usize = 64;
+/// How long to wait for the upstream to close after the client went away.
+const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// How long a session whose client is gone keeps waiting for requests the
+/// server may still be running (see `Responses::linger`).
+const LINGER_MAX: Duration = Duration::from_secs(300);
+/// Locally authored responses waiting to be written to the client.
+const LOCAL_QUEUE: usize = 16;
+/// Message ID of the abandon requests the proxy authors (abandon has no
+/// response, so the ID is only a label in the server's log).
+const PROXY_ABANDON_ID: i32 = i32::MAX;
+
+/// What the requests loop (and Allow-Backup tasks) hand the responses loop.
+#[derive(Debug)]
+enum Local {
+    /// A PDU the proxy authored, for the client.
+    Pdu(Bytes),
+    /// The StartTLS success response: write and flush it, say so on
+    /// `flushed`, then write nothing until `resume` (the requests loop runs
+    /// the TLS handshake meanwhile; dropped: the handshake failed).
+    StartTls {
+        pdu: Bytes,
+        flushed: oneshot::Sender<()>,
+        resume: oneshot::Receiver<()>,
+    },
+    /// End the session.
+    Close,
+}
+
+/// Ends both loops of a session. The loops check the flag at every turn
+/// (`CancellationToken::is_cancelled` takes a lock), and `cancelled()` is
+/// a future that touches the token only when first polled, so the
+/// `select!`s of the hot path, whose I/O branch is usually ready at once,
+/// never create or drop a token waiter.
+#[derive(Clone, Default)]
+struct Close {
+    token: CancellationToken,
+    flag: Arc<AtomicBool>,
+}
+
+impl Close {
+    fn cancel(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    #[inline]
+    fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the session is closing.
+    #[inline]
+    async fn cancelled(&self) {
+        self.token.cancelled().await
+    }
+}
+
+/// Either side's input (client or upstream).
+type In = FrameReader<BoxRead>;
+type ClientIn = In;
+type UpIn = In;
+/// Either side's output (client or upstream).
+type Out = FrameWriter<BoxWrite>;
+type ClientOut = Out;
+type UpOut = Out;
+/// What reading the next message gave: its length, `None` at a clean end.
+type Next = Result<Option<usize>, FrameError>;
+/// How much the upstream output buffers before the requests loop flushes
+/// it first (as `FramedWrite`'s default).
+const UP_BUFFER: usize = 8 * 1024;
+
+/// Counts one more on a counter only one loop writes (the requests loop its
+/// requests, the responses loop its responses): a plain load and store, no
+/// locked read-modify-write per message.
+#[inline]
+fn count(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A client connection ready for the session's loops.
+pub(crate) struct Client {
+    read: BoxRead,
+    write: BoxWrite,
+    /// The shared stream of a TCP client that is or may become TLS.
+    stream: Option<ClientStream>,
+    /// In TLS (`ldaps://`, or after StartTLS).
+    tls: bool,
+    /// A clear TCP connection (not ldapi), which `require_tls` refuses.
+    tcp: bool,
+    /// The verified client certificate's subject.
+    cert_subject: Option<String>,
+}
+
+/// Turns an accepted connection into the session's halves, after the TLS
+/// handshake on an `ldaps://` listener (`None`: the handshake failed).
+async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -> Option<Client> {
+    let (stream, tls, cert_subject) = match (incoming, &shared.server_tls) {
+        (Incoming::Unix(s), _) => {
+            let (read, write) = endpoint::unix_halves(s);
+            return Some(Client {
+                read,
+                write,
+                stream: None,
+                tls: false,
+                tcp: false,
+                cert_subject: None,
+            });
+        }
+        (Incoming::Tcp(s, false), None) => {
+            let (read, write) = endpoint::tcp_halves(s);
+            return Some(Client {
+                read,
+                write,
+                stream: None,
+                tls: false,
+                tcp: true,
+                cert_subject: None,
+            });
+        }
+        (Incoming::Tcp(s, false), Some(_)) => (ClientStream::clear(s), false, None),
+        (Incoming::Tcp(s, true), Some(server)) => match server.accept(s).await {
+            Ok((tls, subject)) => (ClientStream::tls(tls), true, subject),
+            Err(e) => {
+                info!(conn = id, %peer, "connection closed: ldaps: {e}");
+                return None;
+            }
+        },
+        (Incoming::Tcp(_, true), None) => {
+            warn!(conn = id, %peer, "connection closed: ldaps listener without TLS settings");
+            return None;
+        }
+    };
+    if tls {
+        info!(conn = id, %peer, subject = cert_subject.as_deref().unwrap_or("none"), "TLS established (ldaps)");
+    }
+    let (read, write) = stream.halves();
+    Some(Client {
+        read,
+        write,
+        stream: Some(stream),
+        tls,
+        tcp: true,
+        cert_subject,
+    })
+}
+
+impl Client {
+    /// A connection that is and stays clear (ldapi-like: `require_tls` does
+    /// not apply), e.g. the fuzz harness's in-memory pipes.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn plain(read: BoxRead, write: BoxWrite) -> Client {
+        Client {
+            read,
+            write,
+            stream: None,
+            tls: false,
+            tcp: false,
+            cert_subject: None,
+        }
+    }
+}
+
+/// Serves one accepted client connection until it ends: the TLS handshake
+/// on an `ldaps://` listener, the upstream connection, then the session
+/// ([`serve_connected`]).
+pub(crate) async fn serve(
+    id: u64,
+    peer: String,
+    cred: Option<(u32, u32)>,
+    incoming: Incoming,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
+    info!(conn = id, %peer, "connection opened");
+    let Some(client) = open_client(id, &peer, incoming, &shared).await else {
+        return;
+    };
+    let connect = tokio::time::timeout(
+        shared.config.upstream_connect_timeout(),
+        shared.connect_upstream(),
+    )
+    .await;
+    let upstream = match connect {
+        Ok(Ok(halves)) => halves,
+        Ok(Err(e)) => return refuse(id, &peer, &shared, client.write, e.to_string()).await,
+        Err(_) => return refuse(id, &peer, &shared, client.write, "timed out".into()).await,
+    };
+    serve_connected(id, peer, cred, client, upstream, shared, shutdown, abort).await
+}
+
+/// Runs a session whose upstream connection is already open, until it
+/// ends. The fuzz harness (`crate::fuzzing`) calls it with in-memory pipes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve_connected(
+    id: u64,
+    peer: String,
+    cred: Option<(u32, u32)>,
+    client: Client,
+    upstream: (BoxRead, BoxWrite),
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
+    let started = Instant::now();
+    let client_r = client.read;
+    let (up_r, up_w) = upstream;
+    // At most this much (plus one response) waits for a client that does not
+    // read; then the responses loop stops reading the upstream.
+    let client_out = FrameWriter::new(client.write, shared.config.client_buffer_bytes);
+
+    let engine = shared.engine.clone();
+    let state = Arc::new(SessionState::new(&shared.config));
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    engine.register(
+        id,
+        SessionHandle {
+            state: state.participant.clone(),
+            control: control_tx.clone(),
+        },
+    );
+    // Registered after the shutdown broadcast: see it here.
+    if shutdown.is_cancelled() {
+        let _ = control_tx.send(Control::Shutdown);
+    }
+    let close = Close::default();
+    let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
+    let requests = Requests {
+        id,
+        cred,
+        client: client.stream,
+        tls: client.tls,
+        tcp: client.tcp,
+        cert_subject: client.cert_subject,
+        shared: &shared,
+        engine: &engine,
+        state: &state,
+        client_in: FrameReader::new(
+            client_r,
+            FrameCodec::with_shared_max(state.pdu_limit.clone()),
+        ),
+        up_out: FrameWriter::new(up_w, UP_BUFFER),
+        local: local_tx,
+        control: Inbox::new(control_rx),
+        epoch: engine.epoch(),
+        queue: VecDeque::new(),
+        queued_bytes: 0,
+        queued_binds: 0,
+        close: &close,
+        abort: &abort,
+    };
+    let responses = Responses {
+        id,
+        engine: engine.clone(),
+        state: state.clone(),
+        up_in: FrameReader::new(up_r, FrameCodec::new(shared.config.max_response_pdu_bytes)),
+        client_out,
+        local: Inbox::new(local_rx),
+        control: control_tx,
+        epoch: engine.epoch(),
+        extensions: super::exops::listed(shared.server_tls.is_some()),
+        held: VecDeque::new(),
+        held_bytes: 0,
+        close: close.clone(),
+        told: false,
+        partial: false,
+        abort: abort.clone(),
+    };
+    // The two directions run as two tasks, so a wake-up for one polls only
+    // that one.
+    let responses = tokio::spawn(responses.run());
+    let req_end = requests.run().await;
+    let resp_end = match responses.await {
+        Ok(end) => end,
+        Err(e) => End::Io(IoAt::Task, std::io::Error::other(e.to_string())),
+    };
+    engine.deregister(id).await;
+    let end = match (&req_end, &resp_end) {
+        (End::Closed, e) => e,
+        (e, _) => e,
+    };
+    let leftover = state.inflight().len();
+    info!(
+        conn = id,
+        %peer,
+        requests = state.requests.load(Ordering::Relaxed),
+        responses = state.responses.load(Ordering::Relaxed),
+        unanswered = leftover,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "connection closed: {}",
+        end.describe()
+    );
+}
+
+/// A connection over a connection limit: tell the client why and close,
+/// without reading from it or connecting upstream.
+pub(crate) async fn refuse_connection(mut client_r: BoxRead, client_w: BoxWrite, why: String) {
+    let mut out = FramedWrite::new(client_w, FrameCodec::default());
+    let notice =
+        pdu::notice_of_disconnection(LdapResultCode::Unavailable, &format!("abproxy: {why}"));
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = out.send(notice).await;
+        let _ = out.get_mut().shutdown().await;
+        // Read (and drop) what the client already sent until it closes:
+        // closing with unread bytes would reset the connection and could
+        // destroy the notice before the client reads it.
+        let mut sink = [0u8; 4096];
+        while matches!(client_r.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// The upstream could not be reached: tell the client and close.
+async fn refuse(id: u64, peer: &str, shared: &Shared, client_w: BoxWrite, why: String) {
+    let mut client_out = FramedWrite::new(client_w, FrameCodec::default());
+    warn!(conn = id, %peer, upstream = %shared.upstream, "cannot connect to upstream: {why}");
+    let notice = pdu::notice_of_disconnection(
+        LdapResultCode::Unavailable,
+        &format!(
+            "abproxy cannot reach the LDAP server {}: {why}",
+            shared.upstream
+        ),
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = client_out.send(notice).await;
+        let _ = client_out.get_mut().shutdown().await;
+    })
+    .await;
+    info!(conn = id, %peer, "connection closed: upstream unreachable");
+}
+
+/// A failed write to the upstream.
+const TO_UPSTREAM: IoAt = IoAt::Write(Side::Upstream);
+/// A failed write to the client.
+const TO_CLIENT: IoAt = IoAt::Write(Side::Client);
+
+/// Feeds a message to an output once its socket has taken what the buffer
+/// holds (the buffer was at its boundary: [`FrameWriter::append`] refused
+/// it), unless the session closes first.
+async fn feed_waiting(out: &mut Out, msg: &[u8], close: &Close, what: IoAt) -> Result<(), End> {
+    flush_waiting(out, close, what).await?;
+    out.append_always(msg);
+    Ok(())
+}
+
+/// Flushes an output if that needs no waiting, the usual case (polled
+/// without a waker to leave behind, no `select!` built); `None`: then
+/// [`flush_waiting`].
+#[inline]
+fn flush_now(out: &mut Out, what: IoAt) -> Option<Result<(), End>> {
+    let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+    match out.poll_flush(&mut cx) {
+        std::task::Poll::Ready(r) => Some(r.map_err(|e| End::Io(what, e))),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Flushes an output, waiting for its socket, unless the session closes
+/// first. Biased, I/O first: the cancellation future is only polled (and
+/// registered) when the write really has to wait.
+async fn flush_waiting(out: &mut Out, close: &Close, what: IoAt) -> Result<(), End> {
+    tokio::select! {
+        biased;
+        r = out.flush() => r.map_err(|e| End::Io(what, e)),
+        _ = close.cancelled() => Err(End::Closed),
+    }
+}
+
+/// Whether the next poll of `framed` can yield without reading the socket:
+/// a whole message (or a framing error) is in its buffer. When not, the
+/// loops go back to their `select!`, which reads with the task's own waker;
+/// a poll with a no-op waker here would only register it with the reactor
+/// in vain.
+#[inline]
+fn frame_buffered(input: &In) -> bool {
+    !matches!(input.buffered(), Ok(None))
+}
+
+/// True for a Notice of Disconnection.
+fn is_notice(env: &Envelope, frame: &[u8]) -> bool {
+    env.msgid == 0
+        && env.op == op::EXTENDED_RESPONSE
+        && env.oid_bytes(frame) == Some(oid::NOTICE_OF_DISCONNECTION)
+}

@@ -1,0 +1,455 @@
+//! The responses loop: upstream frames -> envelope -> close in-flight
+//! entries -> client; PDUs the proxy authors join here.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use ldap3_proto::proto::LdapResultCode;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::freeze::{Control, Engine};
+use crate::proxy::mailbox::Inbox;
+use crate::wire::{op, pdu, rootdse, Envelope, FrameError};
+
+use super::end::{End, IoAt, Side};
+use super::state::SessionState;
+use super::{
+    count, feed_waiting, flush_now, flush_waiting, frame_buffered, is_notice, lock, ClientOut,
+    Close, Local, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
+};
+
+pub(super) struct Responses {
+    pub(super) id: u64,
+    pub(super) engine: Arc<Engine>,
+    pub(super) state: Arc<SessionState>,
+    pub(super) up_in: UpIn,
+    pub(super) client_out: ClientOut,
+    pub(super) local: Inbox<mpsc::Receiver<Local>>,
+    pub(super) control: mpsc::UnboundedSender<Control>,
+    pub(super) epoch: watch::Receiver<u64>,
+    /// The extended operations the proxy adds to the root DSE's
+    /// `supportedExtension` (StartTLS too when it has a certificate).
+    pub(super) extensions: &'static [&'static str],
+    /// Persistent-search responses held while a stop-mode freeze lasts.
+    pub(super) held: VecDeque<Bytes>,
+    pub(super) held_bytes: usize,
+    pub(super) close: Close,
+    /// The proxy sent the client a Notice of Disconnection: nothing may
+    /// follow it (RFC 4511 section 4.4.1).
+    pub(super) told: bool,
+    /// The last response forwarded was a search entry or reference (its
+    /// search's final response is probably close behind).
+    pub(super) partial: bool,
+    /// The shutdown grace period is over.
+    pub(super) abort: CancellationToken,
+}
+
+impl Responses {
+    pub(super) async fn run(mut self) -> End {
+        let end = self.pump().await;
+        // Whatever the proxy still has to say (a notice), then close.
+        while let Some(l) = self.local.try_recv() {
+            if let Local::Pdu(pdu) = l {
+                self.feed_last(pdu).await;
+            }
+        }
+        match &end {
+            End::UpstreamClosed
+                if !self.state.client_gone.load(Ordering::Relaxed)
+                    && !self.state.upstream_noticed.load(Ordering::Relaxed) =>
+            {
+                let notice = pdu::notice_of_disconnection(
+                    LdapResultCode::Unavailable,
+                    "abproxy: the LDAP server closed the connection",
+                );
+                self.feed_last(notice).await;
+            }
+            End::Io(IoAt::Read(Side::Upstream), e)
+                if !self.state.client_gone.load(Ordering::Relaxed) =>
+            {
+                warn!(conn = self.id, "connection to the upstream lost: {e}");
+                let notice = pdu::notice_of_disconnection(
+                    LdapResultCode::Unavailable,
+                    &format!("abproxy: the connection to the LDAP server was lost: {e}"),
+                );
+                self.feed_last(notice).await;
+            }
+            End::UpstreamProtocol(m) => {
+                warn!(conn = self.id, "upstream protocol error: {m}");
+                let notice = pdu::notice_of_disconnection(
+                    LdapResultCode::Unavailable,
+                    &format!("abproxy: the LDAP server sent an invalid message: {m}"),
+                );
+                self.feed_last(notice).await;
+            }
+            _ => {}
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = self.client_out.flush().await;
+            let _ = self.client_out.get_mut().shutdown().await;
+        })
+        .await;
+        let upstream_gone = matches!(
+            end,
+            End::UpstreamClosed
+                | End::Io(IoAt::Read(Side::Upstream), _)
+                | End::UpstreamProtocol(_)
+                | End::SaslLayer(_)
+        );
+        if !upstream_gone {
+            self.linger().await;
+        }
+        self.close.cancel();
+        let _ = self.control.send(Control::Close);
+        end
+    }
+
+    /// The client's side of the session is over, but the server may still
+    /// be running requests of this connection (a write it does not stop,
+    /// whose client left or broke the protocol): keep reading the upstream,
+    /// dropping the responses, until nothing is in flight, the server closes
+    /// (it does once its running operations are done, after the proxy's
+    /// half-close) or `LINGER_MAX` passes. The session stays registered
+    /// meanwhile, so a freeze's drain still waits for those requests.
+    pub(super) async fn linger(&mut self) {
+        let left = self.state.outstanding();
+        if left == 0 {
+            return;
+        }
+        debug!(
+            conn = self.id,
+            left, "session over: waiting for what the server is still running"
+        );
+        let deadline = tokio::time::sleep(LINGER_MAX);
+        tokio::pin!(deadline);
+        while self.state.outstanding() > 0 {
+            let next = tokio::select! {
+                next = self.up_in.next_message() => next,
+                _ = &mut deadline => {
+                    warn!(
+                        conn = self.id,
+                        left = self.state.outstanding(),
+                        "request(s) of a closed session still unanswered by the server after {} s: \
+                         no longer waited for",
+                        LINGER_MAX.as_secs()
+                    );
+                    return;
+                }
+                _ = self.abort.cancelled() => return,
+            };
+            let Ok(Some(n)) = next else {
+                // The server closed: nothing of this connection runs there.
+                return;
+            };
+            let frame = self.up_in.message(n);
+            if let Ok(env) = Envelope::response(frame) {
+                let done = self.state.inflight().response(env.msgid, env.op);
+                if let Some(req) = done {
+                    self.state.forget(&req);
+                    self.state.signal_completed();
+                    self.engine.completed();
+                }
+            }
+            self.up_in.skip(n);
+        }
+    }
+
+    /// Feeds a PDU once the session is over, unless a Notice of
+    /// Disconnection (the proxy's or the server's) already went.
+    pub(super) async fn feed_last(&mut self, pdu: Bytes) {
+        if self.told || self.state.upstream_noticed.load(Ordering::Relaxed) {
+            return;
+        }
+        self.told = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
+        let _ = self.client_out.send(&pdu).await;
+    }
+
+    pub(super) fn can_read(&self) -> bool {
+        self.held_bytes < self.engine.config().held_response_bytes_per_conn
+    }
+
+    pub(super) async fn pump(&mut self) -> End {
+        loop {
+            let can_read = self.can_read();
+            let holding = !self.held.is_empty();
+            if self.close.is_cancelled() {
+                return End::Closed;
+            }
+            tokio::select! {
+                biased;
+                Some(l) = self.local.recv() => match l {
+                    Local::Pdu(pdu) => {
+                        let notice = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
+                        if let Err(e) = self.write(&pdu).await {
+                            return e;
+                        }
+                        if notice {
+                            // The session is over: nothing may follow.
+                            self.told = true;
+                            return End::Closed;
+                        }
+                    }
+                    Local::StartTls { pdu, flushed, resume } => {
+                        if let Err(e) = self.start_tls(pdu, flushed, resume).await {
+                            return e;
+                        }
+                    }
+                    Local::Close => return End::Closed,
+                },
+                Ok(()) = self.epoch.changed(), if holding => {
+                    if let Err(e) = self.release_held().await {
+                        return e;
+                    }
+                }
+                next = self.up_in.next_message(), if can_read => {
+                    if let Err(e) = self.forward_read(next).await {
+                        return e;
+                    }
+                }
+            }
+            let flushed = match flush_now(&mut self.client_out, TO_CLIENT) {
+                Some(r) => r,
+                None => flush_waiting(&mut self.client_out, &self.close, TO_CLIENT).await,
+            };
+            if let Err(e) = flushed {
+                return e;
+            }
+        }
+    }
+
+    /// Forwards a response just read, then the others already read (a
+    /// batch at most).
+    pub(super) async fn forward_read(&mut self, next: Next) -> Result<(), End> {
+        self.forward(next).await?;
+        self.forward_buffered().await?;
+        if self.partial && self.can_read() {
+            // A search entry went last: its searchResultDone is usually on
+            // its way. One yield (the runtime polls its sockets) lets it
+            // join the entry in one write to the client, instead of two
+            // writes and two wake-ups of the client; it never waits for
+            // data. Measured at one connection: 0.69 -> 0.74 of direct
+            // throughput, client CPU per search 22.5 -> 17.1 µs.
+            tokio::task::yield_now().await;
+            if let Some(next) = self.up_in.next_message().now_or_never() {
+                self.forward(next).await?;
+                self.forward_buffered().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards the whole responses already in the read buffer (a batch at
+    /// most).
+    pub(super) async fn forward_buffered(&mut self) -> Result<(), End> {
+        for _ in 0..BATCH {
+            if !self.can_read() || !frame_buffered(&self.up_in) {
+                break;
+            }
+            match self.up_in.next_message().now_or_never() {
+                Some(next) => self.forward(next).await?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the StartTLS response in clear, then waits while the
+    /// requests loop turns the connection to TLS.
+    pub(super) async fn start_tls(
+        &mut self,
+        pdu: Bytes,
+        flushed: oneshot::Sender<()>,
+        resume: oneshot::Receiver<()>,
+    ) -> Result<(), End> {
+        self.write(&pdu).await?;
+        flush_waiting(&mut self.client_out, &self.close, TO_CLIENT).await?;
+        let _ = flushed.send(());
+        tokio::select! {
+            r = resume => r.map_err(|_| End::Closed),
+            _ = self.close.cancelled() => Err(End::Closed),
+        }
+    }
+
+    pub(super) async fn write(&mut self, pdu: &[u8]) -> Result<(), End> {
+        if self.client_out.append(pdu) {
+            return Ok(());
+        }
+        feed_waiting(&mut self.client_out, pdu, &self.close, TO_CLIENT).await
+    }
+
+    /// Sends held persistent-search responses once no freeze holds them.
+    pub(super) async fn release_held(&mut self) -> Result<(), End> {
+        if self.engine.stop_frozen() {
+            return Ok(());
+        }
+        while let Some(f) = self.held.pop_front() {
+            self.held_bytes -= f.len();
+            self.write(&f).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn forward(&mut self, next: Next) -> Result<(), End> {
+        let n = match next {
+            Ok(None) => return Err(End::UpstreamClosed),
+            Ok(Some(n)) => n,
+            Err(FrameError::Io(e)) => return Err(End::Io(IoAt::Read(Side::Upstream), e)),
+            Err(FrameError::TruncatedAtEof(_)) => return Err(End::UpstreamClosed),
+            Err(e) => {
+                if self.state.sasl_bound.load(Ordering::Relaxed) {
+                    return Err(End::SaslLayer(Side::Upstream));
+                }
+                return Err(End::UpstreamProtocol(e.to_string()));
+            }
+        };
+        count(&self.state.responses);
+        let frame = self.up_in.message(n);
+        // Search entries and references, most of a search's responses, are
+        // tracked only while a root DSE read or a persistent search is in
+        // flight (`track`) or answers are suppressed: else their tag is all
+        // the proxy reads.
+        let entry = matches!(
+            Envelope::op_of(frame),
+            Some(op::SEARCH_RESULT_ENTRY | op::SEARCH_RESULT_REFERENCE)
+        );
+        self.partial = entry;
+        let route = if entry
+            && self.state.specials.load(Ordering::Relaxed) == 0
+            && !self.state.any_suppressed.load(Ordering::Relaxed)
+        {
+            Route::Forward
+        } else {
+            match Envelope::response(frame) {
+                Ok(env) => self.track(&env, frame),
+                // Framed but not a response we can read: still the server's
+                // answer, so it goes to the client untouched.
+                Err(e) => {
+                    debug!(conn = self.id, "unreadable response envelope: {e}");
+                    Route::Forward
+                }
+            }
+        };
+        // The response is copied to the client's buffer, then leaves the
+        // read buffer; only a held one is kept as its own `Bytes`.
+        let r = match route {
+            Route::Forward => {
+                if self.client_out.append(frame) {
+                    Ok(())
+                } else {
+                    feed_waiting(&mut self.client_out, frame, &self.close, TO_CLIENT).await
+                }
+            }
+            Route::Rewrite(f) => self.write(&f).await,
+            Route::Drop => Ok(()),
+            Route::Hold => {
+                let f = self.up_in.take(n);
+                self.held_bytes += f.len();
+                self.held.push_back(f);
+                return Ok(());
+            }
+        };
+        self.up_in.skip(n);
+        r
+    }
+
+    pub(super) fn track(&self, env: &Envelope, frame: &[u8]) -> Route {
+        // Only the notice is unsolicited: a client that broke RFC 4511 by
+        // sending a request with messageID 0 gets its response tracked like
+        // any other (else it stayed in flight for ever and held up every
+        // drain).
+        if env.msgid == 0 && is_notice(env, frame) {
+            warn!(
+                conn = self.id,
+                code = env.result_code,
+                "upstream sent a Notice of Disconnection"
+            );
+            self.state.upstream_noticed.store(true, Ordering::Relaxed);
+            return Route::Forward;
+        }
+        let final_response = op::is_final_response(env.op);
+        if self.state.any_suppressed.load(Ordering::Relaxed) {
+            let mut s = lock(&self.state.suppressed);
+            if s.contains(&env.msgid) {
+                if final_response {
+                    s.remove(&env.msgid);
+                    self.state
+                        .any_suppressed
+                        .store(!s.is_empty(), Ordering::Relaxed);
+                }
+                return Route::Drop;
+            }
+        }
+        // Only root DSE reads and persistent searches need a look at the
+        // in-flight table for their non-final responses.
+        if !final_response {
+            if self.state.specials.load(Ordering::Relaxed) > 0
+                && (env.op == op::SEARCH_RESULT_ENTRY
+                    || self.engine.stop_frozen()
+                    || !self.held.is_empty())
+            {
+                let table = self.state.inflight();
+                if let Some(req) = table.get(env.msgid) {
+                    if req.persistent
+                        && (!self.held.is_empty()
+                            || self.engine.holds(self.engine.class_of(req, None)))
+                    {
+                        return Route::Hold;
+                    }
+                    if req.root_dse {
+                        if let Some(f) = rootdse::add_supported_extensions(frame, self.extensions) {
+                            return Route::Rewrite(f);
+                        }
+                    }
+                }
+            }
+            return Route::Forward;
+        }
+        let done = self.state.inflight().response(env.msgid, env.op);
+        if let Some(req) = done {
+            if req.op == op::BIND_REQUEST {
+                // The identity comes from this bind's own response (message
+                // IDs are unique among outstanding requests), set before
+                // the requests waiting for the bind are released.
+                let ok = env.op == op::BIND_RESPONSE && env.result_code == Some(0);
+                self.state
+                    .sasl_bound
+                    .store(ok && req.sasl_bind, Ordering::Relaxed);
+                let named = req.bind_dn().filter(|dn| !dn.is_empty());
+                self.state
+                    .set_authenticated(ok && (req.sasl_bind || named.is_some()));
+                self.state.set_bound_dn(named.filter(|_| ok));
+            }
+            self.state.forget(&req);
+            debug!(
+                conn = self.id,
+                msgid = env.msgid,
+                op = op::name(req.op),
+                result = env.result_code,
+                elapsed_us = req.age().as_micros() as u64,
+                "response"
+            );
+            self.state.signal_completed();
+            self.engine.completed();
+            if req.abandoned {
+                // The client abandoned it and expects no response.
+                return Route::Drop;
+            }
+        }
+        Route::Forward
+    }
+}
+
+/// What to do with one response frame.
+pub(super) enum Route {
+    Forward,
+    Rewrite(Bytes),
+    Hold,
+    Drop,
+}

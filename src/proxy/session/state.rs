@@ -1,0 +1,248 @@
+//! State both loops of a session share.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::freeze::participant::{InFlight, InFlightTable, Participant};
+use crate::wire::op;
+
+/// State both loops of a session share; what the freeze engine reads of
+/// it (the in-flight table, the bound DN) is its [`Participant`].
+#[derive(Debug, Default)]
+pub(super) struct SessionState {
+    /// Shared with the freeze engine (the session's `SessionHandle`).
+    pub(super) participant: Arc<Participant>,
+    /// Signalled whenever a request leaves the in-flight table.
+    pub(super) completed: Notify,
+    /// Message IDs answered by the proxy (drain time limit) whose server
+    /// responses must not reach the client any more.
+    pub(super) suppressed: Mutex<HashSet<i32>>,
+    /// `suppressed` is not empty (checked without the lock on every message).
+    pub(super) any_suppressed: AtomicBool,
+    /// A shutdown waits for the in-flight table to empty: only then are
+    /// completions signalled (a Notify takes a lock even with no waiter).
+    pub(super) shutdown_waiting: AtomicBool,
+    /// In-flight root DSE reads and persistent searches: only while there
+    /// are some do search entries need a look at the in-flight table.
+    pub(super) specials: AtomicUsize,
+    /// A SASL bind succeeded: later non-LDAP bytes are probably a SASL
+    /// security layer.
+    pub(super) sasl_bound: AtomicBool,
+    /// The client went away (EOF or unbind): no notice on upstream close.
+    pub(super) client_gone: AtomicBool,
+    /// The upstream sent its own Notice of Disconnection.
+    pub(super) upstream_noticed: AtomicBool,
+    /// Requests waiting in this session's queue.
+    pub(super) queued: AtomicUsize,
+    /// Requests the proxy answers itself later (Allow-Backup during its
+    /// drain): outstanding for StartTLS.
+    pub(super) local_pending: AtomicUsize,
+    /// The request size limit in force (read by the client codec at each
+    /// header): `pdu_limits.0` until a bind succeeds, then `pdu_limits.1`.
+    pub(super) pdu_limit: Arc<AtomicUsize>,
+    /// Request size limits (anonymous, authenticated).
+    pub(super) pdu_limits: (usize, usize),
+    /// Requests in flight upstream, persistent searches not counted.
+    pub(super) outstanding: AtomicUsize,
+    /// `max_outstanding_per_conn`.
+    pub(super) max_outstanding: usize,
+    /// Signalled (one permit) when `outstanding` falls below the limit.
+    pub(super) room: Notify,
+    /// A bind is in flight: every later request of the connection waits for
+    /// its response (RFC 4511 section 4.2.1: a bind must not overlap other
+    /// operations; slapd drops the operations it overlaps).
+    pub(super) bind_in_flight: AtomicBool,
+    /// The requests loop holds requests in its queue for the session's own
+    /// order (a bind, or requests behind it): tell it when a bind ends or
+    /// nothing is left in flight (`settle`).
+    pub(super) settle_waiting: AtomicBool,
+    /// Signalled (one permit) for `settle_waiting`.
+    pub(super) settle: Notify,
+    /// Message IDs of Allow-Backup requests the proxy is still answering.
+    pub(super) local_ids: Mutex<Vec<i32>>,
+    pub(super) requests: AtomicU64,
+    pub(super) responses: AtomicU64,
+}
+
+impl SessionState {
+    /// A new session's state with the configured limits.
+    pub(super) fn new(config: &crate::config::Config) -> Self {
+        let anonymous = config.pdu_limit(false);
+        SessionState {
+            pdu_limit: Arc::new(AtomicUsize::new(anonymous)),
+            pdu_limits: (anonymous, config.pdu_limit(true)),
+            max_outstanding: config.max_outstanding_per_conn,
+            ..SessionState::default()
+        }
+    }
+
+    /// Room for another request upstream.
+    #[inline]
+    pub(super) fn below_outstanding_limit(&self) -> bool {
+        self.outstanding.load(Ordering::Relaxed) < self.max_outstanding
+    }
+
+    /// A bind ended: the request size limit follows the session's new
+    /// authentication state.
+    pub(super) fn set_authenticated(&self, yes: bool) {
+        let limit = if yes {
+            self.pdu_limits.1
+        } else {
+            self.pdu_limits.0
+        };
+        self.pdu_limit.store(limit, Ordering::Relaxed);
+    }
+
+    pub(super) fn authenticated(&self) -> bool {
+        self.pdu_limit.load(Ordering::Relaxed) == self.pdu_limits.1
+    }
+
+    /// The in-flight table (a short critical section; never held across await).
+    #[inline]
+    pub(super) fn inflight(&self) -> MutexGuard<'_, InFlightTable> {
+        self.participant.inflight()
+    }
+
+    /// Records a request about to be sent upstream; false (and nothing
+    /// recorded) when a request with the same message ID is outstanding.
+    /// A bind ends the connection's persistent searches (as slapd does).
+    pub(super) fn start(&self, msgid: i32, entry: InFlight) -> bool {
+        let special = entry.root_dse || entry.persistent;
+        let persistent = entry.persistent;
+        let bind = entry.op == op::BIND_REQUEST;
+        if self.inflight().start(msgid, entry).is_err() {
+            return false;
+        }
+        if special {
+            self.specials.fetch_add(1, Ordering::Relaxed);
+        }
+        if !persistent {
+            self.outstanding.fetch_add(1, Ordering::SeqCst);
+        }
+        if bind {
+            self.bind_in_flight.store(true, Ordering::SeqCst);
+            // Only while some persistent search or root DSE read is in
+            // flight (`specials`) can there be one to end.
+            if self.specials.load(Ordering::Relaxed) > 0 {
+                self.end_persistent();
+            }
+        }
+        true
+    }
+
+    /// Requests in flight upstream, persistent searches not counted.
+    pub(super) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// A bind was sent and its response has not come yet.
+    pub(super) fn bind_in_flight(&self) -> bool {
+        self.bind_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The requests loop holds requests for the session's own order: it
+    /// must hear when a bind ends or the connection has nothing in flight.
+    pub(super) fn set_settle_waiting(&self, yes: bool) {
+        if self.settle_waiting.load(Ordering::Relaxed) != yes {
+            self.settle_waiting.store(yes, Ordering::SeqCst);
+        }
+    }
+
+    /// A bind sent upstream ends the persistent searches of its connection
+    /// at the server (slapd abandons every operation of a connection that
+    /// binds): they leave the table.
+    pub(super) fn end_persistent(&self) {
+        let mut table = self.inflight();
+        let ids: Vec<i32> = table
+            .iter()
+            .filter(|(_, e)| e.persistent)
+            .map(|(id, _)| id)
+            .collect();
+        let gone: Vec<InFlight> = ids.into_iter().filter_map(|id| table.abandon(id)).collect();
+        drop(table);
+        for e in &gone {
+            self.forget(e);
+        }
+    }
+
+    /// An abandoned request leaves the table.
+    pub(super) fn abandon(&self, msgid: i32) -> Option<InFlight> {
+        let gone = self.inflight().abandon(msgid)?;
+        self.forget(&gone);
+        Some(gone)
+    }
+
+    pub(super) fn forget(&self, e: &InFlight) {
+        if e.root_dse || e.persistent {
+            self.specials.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut idle = false;
+        if !e.persistent {
+            let before = self.outstanding.fetch_sub(1, Ordering::SeqCst);
+            if before >= self.max_outstanding {
+                // The requests loop may be waiting for room: one permit,
+                // kept if it is not waiting yet.
+                self.room.notify_one();
+            }
+            idle = before == 1;
+        }
+        let bind = e.op == op::BIND_REQUEST;
+        if bind {
+            self.bind_in_flight.store(false, Ordering::SeqCst);
+        }
+        if (bind || idle) && self.settle_waiting.load(Ordering::SeqCst) {
+            self.settle.notify_one();
+        }
+    }
+
+    /// The session's bound DN, if a simple bind succeeded.
+    pub(super) fn bound_dn(&self) -> Option<String> {
+        self.participant.bound_dn()
+    }
+
+    /// The session's bound DN, copied out of the lock; `None` from the
+    /// moment a bind is received until its response.
+    #[inline]
+    pub(super) fn bound_dn_bytes(&self) -> Option<Vec<u8>> {
+        self.participant.bound_dn_bytes()
+    }
+
+    /// A bind was received: no identity until its response.
+    #[inline]
+    pub(super) fn unbind_for_bind(&self) {
+        self.participant.unbind_for_bind()
+    }
+
+    /// A bind ended: `dn` (a successful simple bind's name) is the
+    /// session's identity from now on.
+    #[inline]
+    pub(super) fn set_bound_dn(&self, dn: Option<&[u8]>) {
+        self.participant.set_bound_dn(dn)
+    }
+
+    /// Wakes a shutdown waiting for the in-flight table to empty.
+    #[inline]
+    pub(super) fn signal_completed(&self) {
+        if self.shutdown_waiting.load(Ordering::Acquire) {
+            self.completed.notify_waiters();
+        }
+    }
+
+    /// Waits until no request is in flight (persistent searches never end
+    /// by themselves, so they do not count).
+    pub(super) async fn wait_drained(&self) {
+        self.shutdown_waiting.store(true, Ordering::Release);
+        loop {
+            let notified = self.completed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inflight().iter().all(|(_, e)| e.persistent) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
