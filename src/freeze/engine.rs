@@ -576,6 +576,14 @@ impl Engine {
             && self.queued_bytes.load(Ordering::Acquire) < self.cfg.queue_max_bytes_total
     }
 
+    /// Requests and bytes held in all sessions' queues.
+    pub fn queued(&self) -> (usize, usize) {
+        (
+            self.queued_requests.load(Ordering::Acquire),
+            self.queued_bytes.load(Ordering::Acquire),
+        )
+    }
+
     /// Accounts for one more queued request.
     pub fn queue_add(&self, bytes: usize) {
         self.queued_requests.fetch_add(1, Ordering::AcqRel);

@@ -1,17 +1,21 @@
-//! What a session shares with the freeze engine: its in-flight table (which
-//! requests have been sent upstream and not yet answered with a final
-//! response; the engine reads it to know when a drain is complete) and its
-//! identity (the bound DN, by which the engine classifies and authorises).
+//! A session's part in a freeze. What it shares with the engine: its
+//! in-flight table (which requests have been sent upstream and not yet
+//! answered with a final response; the engine reads it to know when a drain
+//! is complete) and its identity (the bound DN, by which the engine
+//! classifies and authorises). What it keeps for the freeze: the queue of
+//! requests a freeze (or the session's own order) holds, accounted in the
+//! engine's totals, and the persistent-search responses a stop-mode freeze
+//! holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::Class;
-use crate::wire::op;
+use super::{Class, Engine};
+use crate::wire::{op, Envelope};
 
 /// One outstanding request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +197,215 @@ impl Participant {
     }
 }
 
+/// Extended operations about the freeze that the proxy answers itself and
+/// that depend on the session's identity (so they wait behind a pending
+/// bind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalOp {
+    /// Allow-Backup ON/OFF.
+    AllowBackup,
+    /// The freeze's status.
+    Status,
+}
+
+/// A request held by a freeze, or for the session's own order (behind a
+/// bind, or a bind behind the connection's outstanding requests).
+#[derive(Debug)]
+pub struct Queued {
+    /// The request's bytes as the client sent them.
+    pub frame: Bytes,
+    /// Its envelope.
+    pub env: Envelope,
+    /// Its class at the gate ([`Class::NEVER`] for one the proxy answers).
+    pub class: Class,
+    /// Answered by the proxy itself once released (an Allow-Backup or
+    /// status request behind a bind: it needs the bind's identity).
+    pub local: Option<LocalOp>,
+}
+
+/// One connection's held requests, oldest first, with the counts its
+/// limits (`queue_max_*_per_conn`) and the engine's totals
+/// (`queue_max_*_total`) are checked against. Every change goes through
+/// here, so the engine's totals always equal the sum of the queues.
+#[derive(Debug, Default)]
+pub struct Queue {
+    items: VecDeque<Queued>,
+    bytes: usize,
+    binds: usize,
+}
+
+impl Queue {
+    /// Adds a request at the back.
+    pub fn push(&mut self, q: Queued, engine: &Engine) {
+        if q.env.op == op::BIND_REQUEST {
+            self.binds += 1;
+        }
+        self.bytes += q.frame.len();
+        engine.queue_add(q.frame.len());
+        self.items.push_back(q);
+    }
+
+    /// Takes the oldest request out.
+    pub fn pop_front(&mut self, engine: &Engine) -> Option<Queued> {
+        let q = self.items.pop_front()?;
+        self.taken(&q, engine);
+        Some(q)
+    }
+
+    /// Takes the request with this message ID out.
+    pub fn remove(&mut self, msgid: i32, engine: &Engine) -> Option<Queued> {
+        let pos = self.items.iter().position(|q| q.env.msgid == msgid)?;
+        let q = self.items.remove(pos)?;
+        self.taken(&q, engine);
+        Some(q)
+    }
+
+    /// Empties the queue (nothing of it is ever sent); how many there were.
+    pub fn clear(&mut self, engine: &Engine) -> usize {
+        let n = self.items.len();
+        self.items.clear();
+        engine.queue_sub(n, self.bytes);
+        self.bytes = 0;
+        self.binds = 0;
+        n
+    }
+
+    fn taken(&mut self, q: &Queued, engine: &Engine) {
+        if q.env.op == op::BIND_REQUEST {
+            self.binds -= 1;
+        }
+        self.bytes -= q.frame.len();
+        engine.queue_sub(1, q.frame.len());
+    }
+
+    /// The oldest request.
+    pub fn front(&self) -> Option<&Queued> {
+        self.items.front()
+    }
+
+    /// A request with this message ID waits here.
+    pub fn contains(&self, msgid: i32) -> bool {
+        self.items.iter().any(|q| q.env.msgid == msgid)
+    }
+
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Bytes waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Binds waiting.
+    pub fn binds(&self) -> usize {
+        self.binds
+    }
+
+    /// Room for another request: the per-connection limits, and the
+    /// engine's totals for a queue that already holds requests (one with
+    /// nothing queued always has room, so an operator can still send OFF
+    /// or ask the status; it queues at most one request over the total).
+    pub fn has_room(&self, engine: &Engine) -> bool {
+        let cfg = engine.config();
+        self.items.len() < cfg.queue_max_requests_per_conn
+            && self.bytes < cfg.queue_max_bytes_per_conn
+            && (self.items.is_empty() || engine.queue_has_room())
+    }
+}
+
+/// Persistent-search responses held while a stop-mode freeze lasts (the
+/// server may send changes of a frozen backend to a syncrepl consumer),
+/// bounded by `held_response_bytes_per_conn`: at the bound the session
+/// stops reading its upstream.
+#[derive(Debug, Default)]
+pub struct HeldResponses {
+    items: VecDeque<Bytes>,
+    bytes: usize,
+}
+
+impl HeldResponses {
+    /// Holds a response.
+    pub fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.items.push_back(frame);
+    }
+
+    /// The oldest held response.
+    pub fn pop_front(&mut self) -> Option<Bytes> {
+        let f = self.items.pop_front()?;
+        self.bytes -= f.len();
+        Some(f)
+    }
+
+    /// Nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Below `limit` bytes: the session may read more from its upstream.
+    pub fn below(&self, limit: usize) -> bool {
+        self.bytes < limit
+    }
+}
+
+/// Message IDs of reads the drain's time limit abandoned and answered
+/// itself: their server responses must not reach the client any more (the
+/// client may even reuse the ID meanwhile). Checked without the lock on
+/// every response while empty.
+#[derive(Debug, Default)]
+pub struct Suppressed {
+    ids: Mutex<std::collections::HashSet<i32>>,
+    any: AtomicBool,
+}
+
+impl Suppressed {
+    /// Some ID is suppressed (a relaxed load: the hot path's only cost).
+    #[inline]
+    pub fn any(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
+    /// Suppresses the responses to `msgid`.
+    pub fn insert(&self, msgid: i32) {
+        lock(&self.ids).insert(msgid);
+        self.any.store(true, Ordering::Relaxed);
+    }
+
+    /// The client sent a new request with `msgid`: responses to it are its
+    /// own again.
+    pub fn reused(&self, msgid: i32) {
+        if self.any() {
+            let mut s = lock(&self.ids);
+            s.remove(&msgid);
+            self.any.store(!s.is_empty(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a response to `msgid` is dropped; a final one ends the
+    /// suppression of its ID.
+    pub fn drops(&self, msgid: i32, final_response: bool) -> bool {
+        if !self.any() {
+            return false;
+        }
+        let mut s = lock(&self.ids);
+        if !s.contains(&msgid) {
+            return false;
+        }
+        if final_response {
+            s.remove(&msgid);
+            self.any.store(!s.is_empty(), Ordering::Relaxed);
+        }
+        true
+    }
+}
+
 /// A session's bound DN. One buffer for the session's life: a connection
 /// that binds as one user after another (a pool re-binding per request)
 /// costs no allocation per bind.
@@ -223,6 +436,126 @@ impl BoundDn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::freeze::{BackendMap, FreezeConfig, Mode};
+    use crate::wire::pdu::encode;
+    use ldap3_proto::proto::{LdapBindCred, LdapBindRequest, LdapMsg, LdapOp};
+
+    fn engine(cfg: FreezeConfig) -> Engine {
+        let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Readonly)]).unwrap();
+        Engine::new(cfg, map)
+    }
+
+    fn queued(msgid: i32, op: LdapOp) -> Queued {
+        let frame = encode(LdapMsg::new(msgid, op));
+        let env = Envelope::request(&frame).unwrap();
+        Queued {
+            frame,
+            env,
+            class: Class::NEVER,
+            local: None,
+        }
+    }
+
+    fn bind(msgid: i32) -> Queued {
+        queued(
+            msgid,
+            LdapOp::BindRequest(LdapBindRequest {
+                version: 3,
+                dn: "cn=a".into(),
+                cred: LdapBindCred::Simple("pw".into()),
+            }),
+        )
+    }
+
+    fn del(msgid: i32) -> Queued {
+        queued(msgid, LdapOp::DelRequest("cn=a,dc=example,dc=org".into()))
+    }
+
+    #[test]
+    fn a_queue_keeps_the_engines_totals_and_its_order() {
+        let e = engine(FreezeConfig::default());
+        let mut a = Queue::default();
+        let mut b = Queue::default();
+        a.push(del(1), &e);
+        a.push(bind(2), &e);
+        a.push(del(3), &e);
+        b.push(del(1), &e);
+        let bytes = a.bytes() + b.bytes();
+        assert_eq!(e.queued(), (4, bytes));
+        assert_eq!(a.binds(), 1);
+        assert!(a.contains(2) && !a.contains(4));
+        // Out of the middle (an abandon or a cancel), then in order.
+        let two = a.remove(2, &e).unwrap();
+        assert_eq!(two.env.msgid, 2);
+        assert_eq!(a.binds(), 0);
+        assert!(a.remove(2, &e).is_none());
+        assert_eq!(a.pop_front(&e).unwrap().env.msgid, 1);
+        assert_eq!(a.front().unwrap().env.msgid, 3);
+        assert_eq!(e.queued(), (2, a.bytes() + b.bytes()));
+        // A session's end discards its queue from the totals.
+        assert_eq!(b.clear(&e), 1);
+        assert_eq!(a.clear(&e), 1);
+        assert_eq!(e.queued(), (0, 0));
+        assert!(a.is_empty() && a.bytes() == 0 && a.binds() == 0);
+    }
+
+    #[test]
+    fn queue_room_per_connection_and_in_total() {
+        let e = engine(FreezeConfig {
+            queue_max_requests_per_conn: 2,
+            queue_max_requests_total: 3,
+            ..FreezeConfig::default()
+        });
+        let mut a = Queue::default();
+        a.push(del(1), &e);
+        assert!(a.has_room(&e));
+        a.push(del(2), &e);
+        assert!(!a.has_room(&e), "per connection");
+        let mut b = Queue::default();
+        b.push(del(1), &e);
+        // The total is reached: a session holding requests stops reading,
+        // one with nothing queued still reads (an operator's OFF).
+        assert!(!b.has_room(&e));
+        let c = Queue::default();
+        assert!(c.has_room(&e));
+        a.pop_front(&e);
+        assert!(b.has_room(&e));
+        // Bytes per connection.
+        let e = engine(FreezeConfig {
+            queue_max_bytes_per_conn: 10,
+            ..FreezeConfig::default()
+        });
+        let mut a = Queue::default();
+        a.push(del(1), &e);
+        assert!(a.bytes() >= 10 && !a.has_room(&e));
+    }
+
+    #[test]
+    fn suppressed_ids_drop_responses_until_the_final_one_or_reuse() {
+        let s = Suppressed::default();
+        assert!(!s.any() && !s.drops(1, true));
+        s.insert(1);
+        s.insert(2);
+        assert!(s.drops(1, false), "an entry of the abandoned search");
+        assert!(s.drops(1, true), "its final response");
+        assert!(!s.drops(1, true), "then the ID is the client's again");
+        assert!(s.any());
+        s.reused(2);
+        assert!(!s.drops(2, false) && !s.any());
+    }
+
+    #[test]
+    fn held_responses_count_their_bytes() {
+        let mut h = HeldResponses::default();
+        assert!(h.is_empty() && h.below(1));
+        h.push(Bytes::from_static(b"12345"));
+        h.push(Bytes::from_static(b"678"));
+        assert!(!h.below(8) && h.below(9));
+        assert_eq!(&h.pop_front().unwrap()[..], b"12345");
+        assert!(h.below(4) && !h.below(3));
+        h.pop_front();
+        assert!(h.is_empty() && h.pop_front().is_none());
+    }
 
     #[test]
     fn search_ends_with_done_not_entries() {

@@ -10,7 +10,7 @@ pub(super) enum Side {
 }
 
 impl Side {
-    pub(super) fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             Side::Client => "client",
             Side::Upstream => "server",

@@ -10,7 +10,6 @@
 //! Client bytes are forwarded as framed, never re-encoded; message IDs are
 //! unchanged. Either loop can end the session through the `close` token.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ use tracing::{info, warn};
 use super::mailbox::Inbox;
 use super::{Incoming, Shared};
 use crate::endpoint::{self, BoxRead, BoxWrite};
+use crate::freeze::participant::{HeldResponses, Queue};
 use crate::freeze::{Control, SessionHandle};
 use crate::tls::ClientStream;
 use crate::wire::envelope::oid;
@@ -295,9 +295,7 @@ pub(crate) async fn serve_connected(
         local: local_tx,
         control: Inbox::new(control_rx),
         epoch: engine.epoch(),
-        queue: VecDeque::new(),
-        queued_bytes: 0,
-        queued_binds: 0,
+        queue: Queue::default(),
         close: &close,
         abort: &abort,
     };
@@ -311,8 +309,7 @@ pub(crate) async fn serve_connected(
         control: control_tx,
         epoch: engine.epoch(),
         extensions: super::exops::listed(shared.server_tls.is_some()),
-        held: VecDeque::new(),
-        held_bytes: 0,
+        held: HeldResponses::default(),
         close: close.clone(),
         told: false,
         partial: false,

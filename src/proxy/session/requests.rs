@@ -1,7 +1,6 @@
 //! The requests loop: client frames -> envelope -> decision -> upstream,
 //! or the per-connection queue, or an answer from the proxy itself.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,40 +13,21 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::freeze::participant::InFlight;
+use crate::freeze::participant::{InFlight, LocalOp, Queue, Queued};
 use crate::freeze::{Class, Control, Engine, Requester};
-use crate::proxy::exops::{self, Exop};
+use crate::proxy::exops::{self};
 use crate::proxy::mailbox::Inbox;
 use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
 use crate::wire::{op, pdu, Envelope, FrameError};
 
-use super::decide::{cancel_target, exempt_from_tls};
+use super::decide::{decide, held_by_session, Abandon, Decision, View};
 use super::end::{reused_id, End, IoAt, Side};
 use super::state::SessionState;
 use super::{
     count, feed_waiting, flush_now, flush_waiting, frame_buffered, lock, ClientIn, Close, Local,
     Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM, UPSTREAM_CLOSE_WAIT,
 };
-
-/// A request held by a freeze, or for the session's own order (behind a
-/// bind, or a bind behind the connection's outstanding requests).
-pub(super) struct Queued {
-    pub(super) frame: Bytes,
-    pub(super) env: Envelope,
-    pub(super) class: Class,
-    /// Answered by the proxy itself once released (an Allow-Backup or
-    /// status request behind a bind: it needs the bind's identity).
-    pub(super) local: Option<LocalOp>,
-}
-
-/// Extended operations the proxy answers itself that depend on the
-/// session's identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum LocalOp {
-    AllowBackup,
-    Status,
-}
 
 pub(super) struct Requests<'a> {
     pub(super) id: u64,
@@ -69,10 +49,8 @@ pub(super) struct Requests<'a> {
     pub(super) local: mpsc::Sender<Local>,
     pub(super) control: Inbox<mpsc::UnboundedReceiver<Control>>,
     pub(super) epoch: watch::Receiver<u64>,
-    pub(super) queue: VecDeque<Queued>,
-    pub(super) queued_bytes: usize,
-    /// Binds in `queue`.
-    pub(super) queued_binds: usize,
+    /// Requests held by a freeze or for the session's own order.
+    pub(super) queue: Queue,
     pub(super) close: &'a Close,
     pub(super) abort: &'a CancellationToken,
 }
@@ -153,74 +131,40 @@ impl Requests<'_> {
     }
 
     /// Ends the session: the responses loop writes what it has, then closes.
-    pub(super) fn end_session(&self) {
+    fn end_session(&self) {
         self.close.cancel();
         let _ = self.local.try_send(Local::Close);
     }
 
     /// Requests still queued when the session ends are never sent upstream.
-    pub(super) fn discard_queue(&mut self, end: &End) {
+    fn discard_queue(&mut self, end: &End) {
         if self.queue.is_empty() {
             return;
         }
-        let n = self.queue.len();
+        let n = self.queue.clear(self.engine);
         warn!(
             conn = self.id,
             discarded = n,
             "session ended ({}) with queued requests: discarded, never sent upstream",
             end.describe()
         );
-        self.queue.clear();
-        self.engine.queue_sub(n, self.queued_bytes);
-        self.queued_bytes = 0;
-        self.queued_binds = 0;
         self.queue_changed();
     }
 
-    /// The queue's length changed: publish it.
-    pub(super) fn queue_changed(&self) {
-        self.state.queued.store(self.queue.len(), Ordering::Relaxed);
+    /// The queue's length changed: the responses loop must say when a bind
+    /// ends or nothing is left in flight while requests wait.
+    fn queue_changed(&self) {
         self.state.set_settle_waiting(!self.queue.is_empty());
     }
 
-    /// A bind is waiting in the queue or in flight: the session's identity
-    /// is unknown until its response.
-    pub(super) fn bind_pending(&self) -> bool {
-        self.queued_binds > 0 || self.state.bind_in_flight()
+    /// Room to read another request: the queue's limits (per connection,
+    /// and the total for a session that already holds queued requests) and
+    /// `max_outstanding_per_conn`.
+    fn has_room(&self) -> bool {
+        self.queue.has_room(self.engine) && self.state.below_outstanding_limit()
     }
 
-    /// The session's own order holds this request back: everything waits
-    /// for a bind in flight, and a bind waits until nothing of its
-    /// connection is in flight (RFC 4511 section 4.2.1; the server would
-    /// drop what it overlaps, and it may still be running a write).
-    pub(super) fn held_by_session(&self, env: &Envelope) -> bool {
-        self.state.bind_in_flight() || (env.op == op::BIND_REQUEST && self.state.outstanding() > 0)
-    }
-
-    /// RFC 4511 section 4.1.1.1: a request reusing the message ID of one
-    /// that is still outstanding (queued here, answered later by the proxy,
-    /// or, when `table`, in flight at the server). The in-flight insert
-    /// checks the table itself for requests that go straight upstream.
-    pub(super) fn reused(&self, msgid: i32, table: bool) -> bool {
-        (!self.queue.is_empty() && self.queue.iter().any(|q| q.env.msgid == msgid))
-            || (self.state.local_pending.load(Ordering::Acquire) > 0
-                && lock(&self.state.local_ids).contains(&msgid))
-            || (table && self.state.inflight().get(msgid).is_some())
-    }
-
-    /// Room to read another request: per-connection and total queue limits.
-    /// The total only stops sessions that already hold queued requests: one
-    /// with nothing queued always reads, so an operator can still send OFF
-    /// or ask the status, and queues at most one request over the total.
-    pub(super) fn has_room(&self) -> bool {
-        let cfg = self.engine.config();
-        self.queue.len() < cfg.queue_max_requests_per_conn
-            && self.queued_bytes < cfg.queue_max_bytes_per_conn
-            && (self.queue.is_empty() || self.engine.queue_has_room())
-            && self.state.below_outstanding_limit()
-    }
-
-    pub(super) async fn pump(&mut self) -> End {
+    async fn pump(&mut self) -> End {
         let idle = self.shared.config.idle_timeout();
         // One timer for the session, re-armed only when it fires (not per
         // request): the session closes between `idle` and twice `idle`
@@ -301,7 +245,7 @@ impl Requests<'_> {
     }
 
     /// Handles a frame and whatever else the client already sent.
-    pub(super) async fn on_frames(&mut self, first: Next) -> Step {
+    async fn on_frames(&mut self, first: Next) -> Step {
         if let Step::End(e) = self.handle(first).await {
             return Step::End(e);
         }
@@ -321,7 +265,7 @@ impl Requests<'_> {
         Step::Continue
     }
 
-    pub(super) async fn flush(&mut self) -> Step {
+    async fn flush(&mut self) -> Step {
         let flushed = match flush_now(&mut self.up_out, TO_UPSTREAM) {
             Some(r) => r,
             None => flush_waiting(&mut self.up_out, self.close, TO_UPSTREAM).await,
@@ -332,7 +276,9 @@ impl Requests<'_> {
         }
     }
 
-    pub(super) async fn handle(&mut self, next: Next) -> Step {
+    /// One request frame: framed, read, decided ([`decide`]), then the
+    /// decision carried out.
+    async fn handle(&mut self, next: Next) -> Step {
         let frame = match next {
             Ok(None) => return Step::End(End::ClientClosed),
             Ok(Some(n)) => self.client_in.take(n),
@@ -366,212 +312,108 @@ impl Requests<'_> {
             "request"
         );
         // A client reusing the ID of a request the proxy answered itself.
-        if self.state.any_suppressed.load(Ordering::Relaxed) {
-            let mut s = lock(&self.state.suppressed);
-            s.remove(&env.msgid);
-            self.state
-                .any_suppressed
-                .store(!s.is_empty(), Ordering::Relaxed);
-        }
-
-        if self.shared.config.tls.require_tls
-            && self.tcp
-            && !self.tls
-            && !exempt_from_tls(&env, &frame)
-        {
-            debug!(
-                conn = self.id,
-                msgid = env.msgid,
-                "refused in clear: tls.require_tls"
-            );
-            return match pdu::response_for(
-                env.op,
-                env.msgid,
-                LdapResultCode::ConfidentialityRequired,
-                "abproxy requires TLS on this connection (tls.require_tls): use ldaps:// or \
-                 StartTLS first (ldapsearch -ZZ)",
-            ) {
-                Some(r) => self.reply_locally(r).await,
-                None => Step::Continue,
-            };
-        }
-        match env.op {
-            op::ABANDON_REQUEST => return self.client_abandon(&env, frame).await,
-            op::UNBIND_REQUEST => {
+        self.state.suppressed.reused(env.msgid);
+        match decide(&env, &frame, &*self) {
+            Decision::Gate => {
+                if env.op == op::BIND_REQUEST {
+                    // The identity is the one this bind's own response gives.
+                    self.state.unbind_for_bind();
+                }
+                match self.admit(&env, &frame, None) {
+                    Ok(true) => self.feed(frame).await,
+                    Ok(false) => Step::End(reused_id(env.msgid)),
+                    Err(class) => {
+                        self.enqueue(frame, env, class, None);
+                        Step::Continue
+                    }
+                }
+            }
+            Decision::Queue(local) => {
+                if env.op == op::BIND_REQUEST {
+                    self.state.unbind_for_bind();
+                }
+                let class = match local {
+                    Some(_) => Class::NEVER,
+                    None => self.classify(&env, &frame),
+                };
+                self.enqueue(frame, env, class, local);
+                Step::Continue
+            }
+            Decision::Answer(what) => self.answer_locally(what, &env, &frame).await,
+            Decision::Refuse(code, message) => {
+                debug!(conn = self.id, msgid = env.msgid, "refused: {message}");
+                match pdu::response_for(env.op, env.msgid, code, &message) {
+                    Some(r) => self.reply_locally(r).await,
+                    None => Step::Continue,
+                }
+            }
+            Decision::End(end) => Step::End(end),
+            Decision::Abandon(what) => self.client_abandon(what, frame).await,
+            Decision::Unbind => {
                 self.discard_queue(&End::Unbind);
                 if let Step::End(e) = self.feed(frame).await {
                     return Step::End(e);
                 }
-                return Step::End(End::Unbind);
+                Step::End(End::Unbind)
             }
-            _ => {}
-        }
-        if self.reused(env.msgid, false) {
-            return Step::End(reused_id(env.msgid));
-        }
-        if env.op == op::BIND_REQUEST {
-            if env.bind_auth == Some(auth::SASL)
-                && env
-                    .sasl_mechanism_bytes(&frame)
-                    .is_some_and(|m| m.eq_ignore_ascii_case(b"EXTERNAL"))
-            {
-                if let Some(why) = self.shared.external_is_the_proxy() {
-                    // Never forwarded: the server would take the proxy's
-                    // identity for the client's. The connection keeps the
-                    // identity it had at the server.
-                    warn!(conn = self.id, "SASL EXTERNAL bind refused: {why}");
-                    let r = pdu::response_for(
-                        op::BIND_REQUEST,
-                        env.msgid,
-                        LdapResultCode::AuthMethodNotSupported,
-                        &format!("abproxy refuses SASL EXTERNAL here: {why}, not as this client"),
-                    );
-                    return match r {
-                        Some(r) => self.reply_locally(r).await,
-                        None => Step::Continue,
-                    };
-                }
-            }
-            // The identity is the one this bind's own response gives.
-            self.state.unbind_for_bind();
-        }
-        let mut local = None;
-        if env.op == op::EXTENDED_REQUEST {
-            let exop = exops::lookup(env.oid_bytes(&frame).unwrap_or_default());
-            // A cancel of a queued request is answered here too.
-            let cancel_queued = (exop == Some(Exop::Cancel))
-                .then(|| cancel_target(env.value_bytes(&frame)))
-                .flatten()
-                .filter(|&t| self.queue.iter().any(|q| q.env.msgid == t));
-            let answered_here = match exop {
-                Some(Exop::StartTls | Exop::AllowBackup | Exop::Status) => true,
-                Some(Exop::Cancel) => cancel_queued.is_some(),
-                None => false,
-            };
-            if answered_here {
-                if let Some(c) = env.controls(&frame).find(|c| c.critical) {
-                    // RFC 4511 section 4.1.11: the proxy answers this
-                    // operation and implements none of its controls.
-                    let r = pdu::extended_response(
-                        env.msgid,
-                        LdapResultCode::UnavailableCriticalExtension,
-                        &format!(
-                            "abproxy answers this extended operation itself and does not \
-                             support the critical control {}",
-                            String::from_utf8_lossy(c.oid)
-                        ),
-                        None,
-                        None,
-                    );
-                    return self.reply_locally(r).await;
-                }
-            }
-            match exop {
-                Some(Exop::StartTls) => {
-                    // Answered here, never forwarded: the proxy must read
-                    // every request, so it terminates TLS itself.
-                    // Boxed: the handshake's future is large (1.6 KB), and
-                    // inline it would make every request's `handle` future
-                    // as large, built and moved at each request.
-                    return Box::pin(self.start_tls(&env)).await;
-                }
-                Some(Exop::AllowBackup) => local = Some(LocalOp::AllowBackup),
-                Some(Exop::Status) => local = Some(LocalOp::Status),
-                Some(Exop::Cancel) | None => {}
-            }
-            if let Some(q) = cancel_queued.and_then(|t| self.unqueue(t)) {
-                // RFC 3909: the cancelled operation ends with `canceled`,
-                // the cancel request with success.
-                if let Some(r) = pdu::response_for(
-                    q.env.op,
-                    q.env.msgid,
-                    LdapResultCode::Canceled,
-                    "cancelled while held by abproxy (never sent to the server)",
-                ) {
-                    if let Step::End(e) = self.reply_locally(r).await {
-                        return Step::End(e);
+            // Boxed: the handshake's future is large (1.6 KB), and inline it
+            // would make every request's `handle` future as large, built and
+            // moved at each request.
+            Decision::StartTls => Box::pin(self.start_tls(&env)).await,
+            Decision::CancelQueued(target) => {
+                if let Some(q) = self.unqueue(target) {
+                    // RFC 3909: the cancelled operation ends with `canceled`,
+                    // the cancel request with success.
+                    if let Some(r) = pdu::response_for(
+                        q.env.op,
+                        q.env.msgid,
+                        LdapResultCode::Canceled,
+                        "cancelled while held by abproxy (never sent to the server)",
+                    ) {
+                        if let Step::End(e) = self.reply_locally(r).await {
+                            return Step::End(e);
+                        }
                     }
                 }
                 let ok = pdu::extended_response(env.msgid, LdapResultCode::Success, "", None, None);
-                return self.reply_locally(ok).await;
-            }
-        }
-        if let Some(what) = local {
-            // Answered at once, unless a bind is pending: then after it, with
-            // the identity it gives (an operator's OFF on a connection with
-            // held writes is answered at once).
-            if self.state.inflight().get(env.msgid).is_some() {
-                return Step::End(reused_id(env.msgid));
-            }
-            if !self.bind_pending() {
-                return self.answer_locally(what, &env, &frame).await;
-            }
-            self.enqueue(frame, env, Class::NEVER, Some(what));
-            return Step::Continue;
-        }
-        // Order per connection is absolute: once one request waits, every
-        // later one waits behind it.
-        if !self.queue.is_empty() || self.held_by_session(&env) {
-            if self.state.inflight().get(env.msgid).is_some() {
-                return Step::End(reused_id(env.msgid));
-            }
-            let class = self.classify(&env, &frame);
-            self.enqueue(frame, env, class, None);
-            return Step::Continue;
-        }
-        match self.admit(&env, &frame, None) {
-            Ok(true) => self.feed(frame).await,
-            Ok(false) => Step::End(reused_id(env.msgid)),
-            Err(class) => {
-                self.enqueue(frame, env, class, None);
-                Step::Continue
+                self.reply_locally(ok).await
             }
         }
     }
 
-    /// An Abandon from the client. A queued request is dropped here; a read
-    /// in flight is abandoned at the server; anything else in flight (a
-    /// write, an extended operation, a bind) may be running at the server,
-    /// which does not stop a write it has started: the Abandon is not
-    /// forwarded, the request stays in flight (a drain waits for it) and its
-    /// response, which the client asked not to get, is dropped.
-    pub(super) async fn client_abandon(&mut self, env: &Envelope, frame: Bytes) -> Step {
-        let Some(target) = env.abandon_id else {
-            return Step::Continue;
-        };
-        if self.unqueue(target).is_some() {
-            debug!(conn = self.id, target, "abandoned a queued request");
-            return Step::Continue;
-        }
-        {
-            let mut table = self.state.inflight();
-            if let Some(e) = table.get_mut(target) {
-                if !matches!(e.op, op::SEARCH_REQUEST | op::COMPARE_REQUEST) {
+    /// Carries out an Abandon (see [`Abandon`]).
+    async fn client_abandon(&mut self, what: Abandon, frame: Bytes) -> Step {
+        match what {
+            Abandon::Ignore => Step::Continue,
+            Abandon::Queued(target) => {
+                self.unqueue(target);
+                debug!(conn = self.id, target, "abandoned a queued request");
+                Step::Continue
+            }
+            Abandon::Running(target) => {
+                if let Some(e) = self.state.inflight().get_mut(target) {
                     e.abandoned = true;
-                    debug!(
-                        conn = self.id,
-                        target,
-                        op = op::name(e.op),
-                        "abandon of a request the server may be running: not forwarded, its response will be dropped"
-                    );
-                    return Step::Continue;
                 }
+                debug!(
+                    conn = self.id,
+                    target,
+                    "abandon of a request the server may be running: not forwarded, its response \
+                     will be dropped"
+                );
+                Step::Continue
+            }
+            Abandon::Forward(target) => {
+                if self.state.abandon(target).is_some() {
+                    self.state.signal_completed();
+                    self.engine.completed();
+                }
+                self.feed(frame).await
             }
         }
-        if self.state.abandon(target).is_some() {
-            self.state.signal_completed();
-            self.engine.completed();
-        }
-        self.feed(frame).await
     }
 
     /// Answers an Allow-Backup or status request.
-    pub(super) async fn answer_locally(
-        &mut self,
-        what: LocalOp,
-        env: &Envelope,
-        frame: &Bytes,
-    ) -> Step {
+    async fn answer_locally(&mut self, what: LocalOp, env: &Envelope, frame: &Bytes) -> Step {
         match what {
             LocalOp::AllowBackup => {
                 self.allow_backup(env, frame);
@@ -594,7 +436,7 @@ impl Requests<'_> {
     /// StartTLS (RFC 4511 section 4.14): success, then the TLS handshake
     /// on this connection; operationsError (the session goes on as it was)
     /// when TLS is already on or operations are outstanding.
-    pub(super) async fn start_tls(&mut self, env: &Envelope) -> Step {
+    async fn start_tls(&mut self, env: &Envelope) -> Step {
         let name = Some(exops::START_TLS_OID);
         let answer = |code, msg: &str| pdu::extended_response(env.msgid, code, msg, name, None);
         if self.tls {
@@ -672,14 +514,14 @@ impl Requests<'_> {
         }
     }
 
-    pub(super) fn classify(&self, env: &Envelope, frame: &[u8]) -> Class {
+    fn classify(&self, env: &Envelope, frame: &[u8]) -> Class {
         // Copied out of the lock (classification happens only while a
         // freeze is on).
         let bound = self.state.bound_dn_bytes();
         self.engine.classify(env, frame, bound.as_deref())
     }
 
-    pub(super) fn requester(&self) -> Requester {
+    fn requester(&self) -> Requester {
         Requester {
             conn: self.id,
             bound_dn: self.state.bound_dn(),
@@ -691,12 +533,7 @@ impl Requests<'_> {
     /// The gate: records the request as in flight unless a freeze holds it
     /// (then returns its class). `known` is the class of a queued request.
     /// `Ok(false)`: not recorded, its message ID is in flight already.
-    pub(super) fn admit(
-        &self,
-        env: &Envelope,
-        frame: &Bytes,
-        known: Option<Class>,
-    ) -> Result<bool, Class> {
+    fn admit(&self, env: &Envelope, frame: &Bytes, known: Option<Class>) -> Result<bool, Class> {
         self.engine.admit(
             || known.unwrap_or_else(|| self.classify(env, frame)),
             |class| {
@@ -727,47 +564,26 @@ impl Requests<'_> {
         )
     }
 
-    pub(super) fn enqueue(
-        &mut self,
-        frame: Bytes,
-        env: Envelope,
-        class: Class,
-        local: Option<LocalOp>,
-    ) {
+    fn enqueue(&mut self, frame: Bytes, env: Envelope, class: Class, local: Option<LocalOp>) {
         debug!(
             conn = self.id,
             msgid = env.msgid,
             op = op::name(env.op),
             "held (by the freeze, or behind a bind)"
         );
-        if env.op == op::BIND_REQUEST {
-            self.queued_binds += 1;
-        }
-        self.queued_bytes += frame.len();
-        self.engine.queue_add(frame.len());
-        self.queue.push_back(Queued {
+        let q = Queued {
             frame,
             env,
             class,
             local,
-        });
+        };
+        self.queue.push(q, self.engine);
         self.queue_changed();
     }
 
-    /// Takes a request out of the queue's accounting.
-    pub(super) fn dequeued(&mut self, q: &Queued) {
-        if q.env.op == op::BIND_REQUEST {
-            self.queued_binds -= 1;
-        }
-        self.queued_bytes -= q.frame.len();
-        self.engine.queue_sub(1, q.frame.len());
-    }
-
     /// Removes a queued request by message ID.
-    pub(super) fn unqueue(&mut self, msgid: i32) -> Option<Queued> {
-        let pos = self.queue.iter().position(|q| q.env.msgid == msgid)?;
-        let q = self.queue.remove(pos)?;
-        self.dequeued(&q);
+    fn unqueue(&mut self, msgid: i32) -> Option<Queued> {
+        let q = self.queue.remove(msgid, self.engine)?;
         self.queue_changed();
         Some(q)
     }
@@ -778,13 +594,13 @@ impl Requests<'_> {
     /// others): if the client has gone meanwhile, the session ends and its
     /// queue is discarded, never sent, as when a close is seen during the
     /// freeze.
-    pub(super) async fn catch_up(&mut self) -> Step {
+    async fn catch_up(&mut self) -> Step {
         let cfg = self.engine.config();
-        let limit = self.queued_bytes + cfg.queue_max_bytes_per_conn;
+        let limit = self.queue.bytes() + cfg.queue_max_bytes_per_conn;
         // Requests answered by the proxy itself do not queue: bound the
         // frames too.
         let mut frames = 4 * cfg.queue_max_requests_per_conn.max(256);
-        while self.queued_bytes < limit && frames > 0 {
+        while self.queue.bytes() < limit && frames > 0 {
             frames -= 1;
             match self.client_in.next_message().now_or_never() {
                 None => break,
@@ -801,21 +617,20 @@ impl Requests<'_> {
     /// The freeze changed, a bind ended or the connection has nothing in
     /// flight: send what is no longer held, oldest first, stopping at the
     /// first request still held.
-    pub(super) async fn release(&mut self) -> Step {
+    async fn release(&mut self) -> Step {
         let mut sent = 0;
         while let Some(head) = self.queue.front() {
             if let Some(what) = head.local {
                 if self.state.bind_in_flight() {
                     break;
                 }
-                let q = self.queue.pop_front().expect("front exists");
-                self.dequeued(&q);
+                let q = self.queue.pop_front(self.engine).expect("front exists");
                 if let Step::End(e) = self.answer_locally(what, &q.env, &q.frame).await {
                     return Step::End(e);
                 }
                 continue;
             }
-            if self.held_by_session(&head.env) {
+            if held_by_session(head.env.op, &*self) {
                 break;
             }
             match self.admit(&head.env, &head.frame, Some(head.class)) {
@@ -825,8 +640,7 @@ impl Requests<'_> {
                 Ok(false) => return Step::End(reused_id(head.env.msgid)),
                 Ok(true) => {}
             }
-            let q = self.queue.pop_front().expect("front exists");
-            self.dequeued(&q);
+            let q = self.queue.pop_front(self.engine).expect("front exists");
             sent += 1;
             if let Step::End(e) = self.feed(q.frame).await {
                 return Step::End(e);
@@ -844,7 +658,7 @@ impl Requests<'_> {
         Step::Continue
     }
 
-    pub(super) async fn feed(&mut self, frame: Bytes) -> Step {
+    async fn feed(&mut self, frame: Bytes) -> Step {
         if self.up_out.append(&frame) {
             return Step::Continue;
         }
@@ -856,7 +670,7 @@ impl Requests<'_> {
 
     /// Starts an Allow-Backup request; its answer comes when the drain is
     /// over, while the session goes on.
-    pub(super) fn allow_backup(&self, env: &Envelope, frame: &Bytes) {
+    fn allow_backup(&self, env: &Envelope, frame: &Bytes) {
         let engine = self.engine.clone();
         let shared = self.shared.clone();
         let who = self.requester();
@@ -900,15 +714,14 @@ impl Requests<'_> {
         });
     }
 
-    pub(super) async fn on_control(&mut self, c: Control) -> Step {
+    async fn on_control(&mut self, c: Control) -> Step {
         match c {
             Control::AbandonReads(ids) => {
                 for msgid in ids {
                     let Some(entry) = self.state.abandon(msgid) else {
                         continue;
                     };
-                    lock(&self.state.suppressed).insert(msgid);
-                    self.state.any_suppressed.store(true, Ordering::Relaxed);
+                    self.state.suppressed.insert(msgid);
                     let abandon = pdu::encode(LdapMsg::new(
                         PROXY_ABANDON_ID,
                         LdapOp::AbandonRequest(msgid),
@@ -942,7 +755,7 @@ impl Requests<'_> {
         }
     }
 
-    pub(super) async fn reply_locally(&mut self, pdu: Bytes) -> Step {
+    async fn reply_locally(&mut self, pdu: Bytes) -> Step {
         tokio::select! {
             biased;
             r = self.local.send(Local::Pdu(pdu)) => match r {
@@ -955,7 +768,7 @@ impl Requests<'_> {
 
     /// Shutdown: stop reading the client, let in-flight requests finish (up
     /// to the grace period, enforced by `abort`), then end the session.
-    pub(super) async fn drain_for_shutdown(&mut self) -> End {
+    async fn drain_for_shutdown(&mut self) -> End {
         if let Step::End(e) = self.flush().await {
             return e;
         }
@@ -983,5 +796,50 @@ impl Requests<'_> {
             }
         }
         End::Shutdown
+    }
+}
+
+/// What the decision reads of the session.
+impl View for Requests<'_> {
+    #[inline]
+    fn clear_refused(&self) -> bool {
+        self.tcp && !self.tls && self.shared.config.tls.require_tls
+    }
+
+    fn external_refused(&self) -> Option<&'static str> {
+        self.shared.external_is_the_proxy()
+    }
+
+    #[inline]
+    fn queue_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn queued(&self, msgid: i32) -> bool {
+        self.queue.contains(msgid)
+    }
+
+    fn bind_queued(&self) -> bool {
+        self.queue.binds() > 0
+    }
+
+    #[inline]
+    fn answering(&self, msgid: i32) -> bool {
+        self.state.local_pending.load(Ordering::Acquire) > 0
+            && lock(&self.state.local_ids).contains(&msgid)
+    }
+
+    fn in_flight(&self, msgid: i32) -> Option<u8> {
+        self.state.inflight().get(msgid).map(|e| e.op)
+    }
+
+    #[inline]
+    fn bind_in_flight(&self) -> bool {
+        self.state.bind_in_flight()
+    }
+
+    #[inline]
+    fn outstanding(&self) -> usize {
+        self.state.outstanding()
     }
 }

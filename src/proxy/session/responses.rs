@@ -1,7 +1,6 @@
 //! The responses loop: upstream frames -> envelope -> close in-flight
 //! entries -> client; PDUs the proxy authors join here.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::freeze::participant::HeldResponses;
 use crate::freeze::{Control, Engine};
 use crate::proxy::mailbox::Inbox;
 use crate::wire::{op, pdu, rootdse, Envelope, FrameError};
@@ -21,8 +21,8 @@ use crate::wire::{op, pdu, rootdse, Envelope, FrameError};
 use super::end::{End, IoAt, Side};
 use super::state::SessionState;
 use super::{
-    count, feed_waiting, flush_now, flush_waiting, frame_buffered, is_notice, lock, ClientOut,
-    Close, Local, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
+    count, feed_waiting, flush_now, flush_waiting, frame_buffered, is_notice, ClientOut, Close,
+    Local, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
 };
 
 pub(super) struct Responses {
@@ -38,8 +38,7 @@ pub(super) struct Responses {
     /// `supportedExtension` (StartTLS too when it has a certificate).
     pub(super) extensions: &'static [&'static str],
     /// Persistent-search responses held while a stop-mode freeze lasts.
-    pub(super) held: VecDeque<Bytes>,
-    pub(super) held_bytes: usize,
+    pub(super) held: HeldResponses,
     pub(super) close: Close,
     /// The proxy sent the client a Notice of Disconnection: nothing may
     /// follow it (RFC 4511 section 4.4.1).
@@ -118,7 +117,7 @@ impl Responses {
     /// (it does once its running operations are done, after the proxy's
     /// half-close) or `LINGER_MAX` passes. The session stays registered
     /// meanwhile, so a freeze's drain still waits for those requests.
-    pub(super) async fn linger(&mut self) {
+    async fn linger(&mut self) {
         let left = self.state.outstanding();
         if left == 0 {
             return;
@@ -163,7 +162,7 @@ impl Responses {
 
     /// Feeds a PDU once the session is over, unless a Notice of
     /// Disconnection (the proxy's or the server's) already went.
-    pub(super) async fn feed_last(&mut self, pdu: Bytes) {
+    async fn feed_last(&mut self, pdu: Bytes) {
         if self.told || self.state.upstream_noticed.load(Ordering::Relaxed) {
             return;
         }
@@ -171,11 +170,12 @@ impl Responses {
         let _ = self.client_out.send(&pdu).await;
     }
 
-    pub(super) fn can_read(&self) -> bool {
-        self.held_bytes < self.engine.config().held_response_bytes_per_conn
+    fn can_read(&self) -> bool {
+        self.held
+            .below(self.engine.config().held_response_bytes_per_conn)
     }
 
-    pub(super) async fn pump(&mut self) -> End {
+    async fn pump(&mut self) -> End {
         loop {
             let can_read = self.can_read();
             let holding = !self.held.is_empty();
@@ -226,7 +226,7 @@ impl Responses {
 
     /// Forwards a response just read, then the others already read (a
     /// batch at most).
-    pub(super) async fn forward_read(&mut self, next: Next) -> Result<(), End> {
+    async fn forward_read(&mut self, next: Next) -> Result<(), End> {
         self.forward(next).await?;
         self.forward_buffered().await?;
         if self.partial && self.can_read() {
@@ -247,7 +247,7 @@ impl Responses {
 
     /// Forwards the whole responses already in the read buffer (a batch at
     /// most).
-    pub(super) async fn forward_buffered(&mut self) -> Result<(), End> {
+    async fn forward_buffered(&mut self) -> Result<(), End> {
         for _ in 0..BATCH {
             if !self.can_read() || !frame_buffered(&self.up_in) {
                 break;
@@ -262,7 +262,7 @@ impl Responses {
 
     /// Writes the StartTLS response in clear, then waits while the
     /// requests loop turns the connection to TLS.
-    pub(super) async fn start_tls(
+    async fn start_tls(
         &mut self,
         pdu: Bytes,
         flushed: oneshot::Sender<()>,
@@ -277,7 +277,7 @@ impl Responses {
         }
     }
 
-    pub(super) async fn write(&mut self, pdu: &[u8]) -> Result<(), End> {
+    async fn write(&mut self, pdu: &[u8]) -> Result<(), End> {
         if self.client_out.append(pdu) {
             return Ok(());
         }
@@ -285,18 +285,17 @@ impl Responses {
     }
 
     /// Sends held persistent-search responses once no freeze holds them.
-    pub(super) async fn release_held(&mut self) -> Result<(), End> {
+    async fn release_held(&mut self) -> Result<(), End> {
         if self.engine.stop_frozen() {
             return Ok(());
         }
         while let Some(f) = self.held.pop_front() {
-            self.held_bytes -= f.len();
             self.write(&f).await?;
         }
         Ok(())
     }
 
-    pub(super) async fn forward(&mut self, next: Next) -> Result<(), End> {
+    async fn forward(&mut self, next: Next) -> Result<(), End> {
         let n = match next {
             Ok(None) => return Err(End::UpstreamClosed),
             Ok(Some(n)) => n,
@@ -322,7 +321,7 @@ impl Responses {
         self.partial = entry;
         let route = if entry
             && self.state.specials.load(Ordering::Relaxed) == 0
-            && !self.state.any_suppressed.load(Ordering::Relaxed)
+            && !self.state.suppressed.any()
         {
             Route::Forward
         } else {
@@ -350,8 +349,7 @@ impl Responses {
             Route::Drop => Ok(()),
             Route::Hold => {
                 let f = self.up_in.take(n);
-                self.held_bytes += f.len();
-                self.held.push_back(f);
+                self.held.push(f);
                 return Ok(());
             }
         };
@@ -359,7 +357,7 @@ impl Responses {
         r
     }
 
-    pub(super) fn track(&self, env: &Envelope, frame: &[u8]) -> Route {
+    fn track(&self, env: &Envelope, frame: &[u8]) -> Route {
         // Only the notice is unsolicited: a client that broke RFC 4511 by
         // sending a request with messageID 0 gets its response tracked like
         // any other (else it stayed in flight for ever and held up every
@@ -374,17 +372,8 @@ impl Responses {
             return Route::Forward;
         }
         let final_response = op::is_final_response(env.op);
-        if self.state.any_suppressed.load(Ordering::Relaxed) {
-            let mut s = lock(&self.state.suppressed);
-            if s.contains(&env.msgid) {
-                if final_response {
-                    s.remove(&env.msgid);
-                    self.state
-                        .any_suppressed
-                        .store(!s.is_empty(), Ordering::Relaxed);
-                }
-                return Route::Drop;
-            }
+        if self.state.suppressed.drops(env.msgid, final_response) {
+            return Route::Drop;
         }
         // Only root DSE reads and persistent searches need a look at the
         // in-flight table for their non-final responses.

@@ -1,12 +1,11 @@
 //! State both loops of a session share.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use crate::freeze::participant::{InFlight, InFlightTable, Participant};
+use crate::freeze::participant::{InFlight, InFlightTable, Participant, Suppressed};
 use crate::wire::op;
 
 /// State both loops of a session share; what the freeze engine reads of
@@ -19,9 +18,7 @@ pub(super) struct SessionState {
     pub(super) completed: Notify,
     /// Message IDs answered by the proxy (drain time limit) whose server
     /// responses must not reach the client any more.
-    pub(super) suppressed: Mutex<HashSet<i32>>,
-    /// `suppressed` is not empty (checked without the lock on every message).
-    pub(super) any_suppressed: AtomicBool,
+    pub(super) suppressed: Suppressed,
     /// A shutdown waits for the in-flight table to empty: only then are
     /// completions signalled (a Notify takes a lock even with no waiter).
     pub(super) shutdown_waiting: AtomicBool,
@@ -35,8 +32,6 @@ pub(super) struct SessionState {
     pub(super) client_gone: AtomicBool,
     /// The upstream sent its own Notice of Disconnection.
     pub(super) upstream_noticed: AtomicBool,
-    /// Requests waiting in this session's queue.
-    pub(super) queued: AtomicUsize,
     /// Requests the proxy answers itself later (Allow-Backup during its
     /// drain): outstanding for StartTLS.
     pub(super) local_pending: AtomicUsize,
@@ -154,7 +149,7 @@ impl SessionState {
     /// A bind sent upstream ends the persistent searches of its connection
     /// at the server (slapd abandons every operation of a connection that
     /// binds): they leave the table.
-    pub(super) fn end_persistent(&self) {
+    fn end_persistent(&self) {
         let mut table = self.inflight();
         let ids: Vec<i32> = table
             .iter()
