@@ -16,6 +16,7 @@ use crate::endpoint::Endpoint;
 use crate::freeze::backend::{BackendMap, Mode};
 use crate::freeze::drivers::DriverKind;
 use crate::freeze::settings::FreezeConfig;
+use crate::secret::{Credentials, Password};
 
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, Error)]
@@ -144,6 +145,182 @@ impl BackendConfig {
     }
 }
 
+impl BackendConfig {
+    /// This backend as the proxy runs it: its driver typed, its cn=config
+    /// URL parsed and password file read.
+    fn settings(&self) -> Result<BackendSettings, ConfigError> {
+        let suffix = &self.suffix;
+        let invalid = |m: String| ConfigError::Invalid(format!("backend {suffix}: {m}"));
+        let cmds = !self.prepare.is_empty() || !self.done.is_empty();
+        let driver = match self.driver {
+            DriverKind::None if cmds => {
+                return Err(invalid(
+                    "prepare/done commands need driver = \"command\"".into(),
+                ))
+            }
+            DriverKind::None => DriverSettings::None,
+            DriverKind::Command if !cmds => {
+                return Err(invalid(
+                    "driver \"command\" needs prepare and/or done commands".into(),
+                ))
+            }
+            DriverKind::Command => DriverSettings::Command {
+                prepare: self.prepare.clone(),
+                done: self.done.clone(),
+            },
+            DriverKind::Openldap | DriverKind::Ds389 => {
+                let Some(url) = &self.config_url else {
+                    let (name, example) = if self.driver == DriverKind::Ds389 {
+                        ("389ds", "ldapi:///run/slapd-INSTANCE.socket")
+                    } else {
+                        ("openldap", "ldapi:///var/run/slapd/ldapi")
+                    };
+                    return Err(invalid(format!(
+                        "driver \"{name}\" needs config_url (e.g. {example})"
+                    )));
+                };
+                Endpoint::parse(url).map_err(|e| invalid(format!("config_url: {e}")))?;
+                let bind = match (&self.config_bind_dn, &self.config_password_file) {
+                    (None, None) => None,
+                    (Some(dn), Some(file)) => {
+                        let pw = std::fs::read_to_string(file).map_err(|e| {
+                            invalid(format!("config_password_file {}: {e}", file.display()))
+                        })?;
+                        Some(Credentials {
+                            dn: dn.clone(),
+                            password: Password::new(pw.lines().next().unwrap_or("")),
+                        })
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "config_bind_dn and config_password_file go together".into(),
+                        ))
+                    }
+                };
+                let access = ConfigAccess {
+                    url: url.clone(),
+                    bind,
+                };
+                if self.driver == DriverKind::Ds389 {
+                    DriverSettings::Ds389(access)
+                } else {
+                    DriverSettings::Openldap(access)
+                }
+            }
+        };
+        if self.driver_timeout_secs == 0 {
+            return Err(invalid("driver_timeout_secs must be positive".into()));
+        }
+        Ok(BackendSettings {
+            suffix: self.suffix.clone(),
+            mode: self.mode,
+            driver,
+            deadline: Duration::from_secs(self.driver_timeout_secs),
+        })
+    }
+}
+
+/// The configuration the proxy runs with: built once from the file's
+/// [`Config`] by [`Config::settings`], every value checked, parsed and
+/// typed. The proxy reads nothing else.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Client-facing listeners.
+    pub listen: Vec<Endpoint>,
+    /// The LDAP server behind the proxy.
+    pub upstream: Endpoint,
+    /// Sizes and counts.
+    pub limits: Limits,
+    /// A session idle this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Time allowed to connect to the upstream.
+    pub upstream_connect_timeout: Duration,
+    /// On SIGTERM/SIGINT: time allowed to in-flight operations to finish.
+    pub shutdown_grace: Duration,
+    /// Worker threads (0: one per CPU).
+    pub threads: usize,
+    /// The drivers' state file, if configured.
+    pub state_file: Option<PathBuf>,
+    /// The configured backends by suffix (empty: from the root DSE).
+    pub backend_map: BackendMap,
+    /// The configured backends with their drivers, in file order.
+    pub backends: Vec<BackendSettings>,
+    /// The freeze.
+    pub freeze: FreezeConfig,
+    /// TLS to clients and to the upstream.
+    pub tls: crate::tls::TlsConfig,
+}
+
+/// Sizes and counts a session and the listeners are held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request after a successful bind.
+    pub max_pdu_bytes: usize,
+    /// Largest request before a successful bind (at most `max_pdu_bytes`).
+    pub max_pdu_bytes_anonymous: usize,
+    /// Largest response from the upstream.
+    pub max_response_pdu_bytes: usize,
+    /// Client connections over all listeners (0: no limit).
+    pub max_connections: usize,
+    /// Client connections from one source address (0: no limit).
+    pub max_connections_per_source: usize,
+    /// Requests in flight upstream per connection.
+    pub max_outstanding_per_conn: usize,
+    /// Response bytes buffered for a client that does not read.
+    pub client_buffer_bytes: usize,
+}
+
+impl Limits {
+    /// The request size limit of a session, before and after a bind.
+    pub fn pdu_limit(&self, authenticated: bool) -> usize {
+        if authenticated {
+            self.max_pdu_bytes
+        } else {
+            self.max_pdu_bytes_anonymous
+        }
+    }
+}
+
+/// One configured backend as the proxy runs it.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    /// Its suffix DN, as configured.
+    pub suffix: String,
+    /// What a freeze holds.
+    pub mode: Mode,
+    /// Its driver.
+    pub driver: DriverSettings,
+    /// The deadline of each driver step.
+    pub deadline: Duration,
+}
+
+/// A backend's driver and what it needs.
+#[derive(Debug, Clone)]
+pub enum DriverSettings {
+    /// The proxy-level freeze only.
+    None,
+    /// Commands run after the drain (PREPARE) and on OFF (DONE).
+    Command {
+        /// argv of PREPARE.
+        prepare: Vec<String>,
+        /// argv of DONE.
+        done: Vec<String>,
+    },
+    /// OpenLDAP's cn=config.
+    Openldap(ConfigAccess),
+    /// 389 DS's cn=config.
+    Ds389(ConfigAccess),
+}
+
+/// How a driver reaches the server's cn=config.
+#[derive(Debug, Clone)]
+pub struct ConfigAccess {
+    /// `ldapi://...` (SASL EXTERNAL) or `ldap://...`.
+    pub url: String,
+    /// A simple bind, else SASL EXTERNAL.
+    pub bind: Option<Credentials>,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -186,18 +363,14 @@ impl Config {
         toml::from_str(text)
     }
 
-    /// Checks values and parses the endpoints.
-    pub fn validate(&self) -> Result<(Vec<Endpoint>, Endpoint), ConfigError> {
+    /// Checks every value and builds the settings the proxy runs with
+    /// (endpoints parsed, backends and their drivers typed, the password
+    /// files of cn=config binds read). Done once, at start-up or by
+    /// `abproxy serve --check-config`.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
         if self.listen.is_empty() {
             return Err(ConfigError::Invalid("no listener configured".into()));
         }
-        let listen = self
-            .listen
-            .iter()
-            .map(|u| Endpoint::parse(u).map_err(|e| ConfigError::Invalid(format!("listen: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let upstream = Endpoint::parse(&self.upstream)
-            .map_err(|e| ConfigError::Invalid(format!("upstream: {e}")))?;
         // Smallest useful PDU: an unbind request is 7 bytes; anything below
         // a few hundred bytes would refuse ordinary binds.
         if self.max_pdu_bytes < 512 || self.max_response_pdu_bytes < 512 {
@@ -222,94 +395,62 @@ impl Config {
                     .into(),
             ));
         }
-        self.backend_map()?;
-        for b in &self.backends {
-            let cmds = !b.prepare.is_empty() || !b.done.is_empty();
-            match b.driver {
-                DriverKind::Command if !cmds => {
-                    return Err(ConfigError::Invalid(format!(
-                        "backend {}: driver \"command\" needs prepare and/or done commands",
-                        b.suffix
-                    )))
-                }
-                DriverKind::None if cmds => {
-                    return Err(ConfigError::Invalid(format!(
-                        "backend {}: prepare/done commands need driver = \"command\"",
-                        b.suffix
-                    )))
-                }
-                _ => {}
-            }
-            if matches!(b.driver, DriverKind::Openldap | DriverKind::Ds389) {
-                match &b.config_url {
-                    None => {
-                        let (name, example) = if b.driver == DriverKind::Ds389 {
-                            ("389ds", "ldapi:///run/slapd-INSTANCE.socket")
-                        } else {
-                            ("openldap", "ldapi:///var/run/slapd/ldapi")
-                        };
-                        return Err(ConfigError::Invalid(format!(
-                            "backend {}: driver \"{name}\" needs config_url (e.g. {example})",
-                            b.suffix
-                        )));
-                    }
-                    Some(u) => {
-                        Endpoint::parse(u).map_err(|e| {
-                            ConfigError::Invalid(format!("backend {}: config_url: {e}", b.suffix))
-                        })?;
-                    }
-                }
-                if b.config_bind_dn.is_some() != b.config_password_file.is_some() {
-                    return Err(ConfigError::Invalid(format!(
-                        "backend {}: config_bind_dn and config_password_file go together",
-                        b.suffix
-                    )));
-                }
-            }
-            if b.driver_timeout_secs == 0 {
-                return Err(ConfigError::Invalid(format!(
-                    "backend {}: driver_timeout_secs must be positive",
-                    b.suffix
-                )));
-            }
-        }
+        let settings = self.build()?;
         self.tls
-            .validate(&listen, &upstream)
+            .validate(&settings.listen, &settings.upstream)
             .map_err(ConfigError::Invalid)?;
         self.freeze
             .validate(self.max_pdu_bytes, self.tls.client_ca_file.is_some())
             .map_err(ConfigError::Invalid)?;
-        Ok((listen, upstream))
+        Ok(settings)
     }
 
-    /// The configured backends (empty when they come from the rootDSE).
-    pub fn backend_map(&self) -> Result<BackendMap, ConfigError> {
-        BackendMap::new(self.backends.iter().map(|b| (b.suffix.clone(), b.mode)))
-            .map_err(|e| ConfigError::Invalid(format!("backends: {e}")))
+    /// Builds the settings, parsing what must be parsed but without the
+    /// range checks of [`Config::settings`]: the fuzz harness runs sessions
+    /// with limits far below what a deployment may configure.
+    pub(crate) fn build(&self) -> Result<Settings, ConfigError> {
+        let listen = self
+            .listen
+            .iter()
+            .map(|u| Endpoint::parse(u).map_err(|e| ConfigError::Invalid(format!("listen: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upstream = Endpoint::parse(&self.upstream)
+            .map_err(|e| ConfigError::Invalid(format!("upstream: {e}")))?;
+        let backend_map = BackendMap::new(self.backends.iter().map(|b| (b.suffix.clone(), b.mode)))
+            .map_err(|e| ConfigError::Invalid(format!("backends: {e}")))?;
+        let backends = self
+            .backends
+            .iter()
+            .map(BackendConfig::settings)
+            .collect::<Result<Vec<_>, _>>()?;
+        let secs = Duration::from_secs;
+        Ok(Settings {
+            listen,
+            upstream,
+            limits: Limits {
+                max_pdu_bytes: self.max_pdu_bytes,
+                max_pdu_bytes_anonymous: self.max_pdu_bytes_anonymous.min(self.max_pdu_bytes),
+                max_response_pdu_bytes: self.max_response_pdu_bytes,
+                max_connections: self.max_connections,
+                max_connections_per_source: self.max_connections_per_source,
+                max_outstanding_per_conn: self.max_outstanding_per_conn,
+                client_buffer_bytes: self.client_buffer_bytes,
+            },
+            idle_timeout: (self.idle_timeout_secs > 0).then(|| secs(self.idle_timeout_secs)),
+            upstream_connect_timeout: secs(self.upstream_connect_timeout_secs),
+            shutdown_grace: secs(self.shutdown_grace_secs),
+            threads: self.threads,
+            state_file: self.state_file.clone(),
+            backend_map,
+            backends,
+            freeze: self.freeze.clone(),
+            tls: self.tls.clone(),
+        })
     }
 
-    /// Upstream connect timeout.
-    pub fn upstream_connect_timeout(&self) -> Duration {
-        Duration::from_secs(self.upstream_connect_timeout_secs)
-    }
-
-    /// The request size limit of a session, before and after a bind.
-    pub fn pdu_limit(&self, authenticated: bool) -> usize {
-        if authenticated {
-            self.max_pdu_bytes
-        } else {
-            self.max_pdu_bytes_anonymous.min(self.max_pdu_bytes)
-        }
-    }
-
-    /// The idle timeout, if any.
-    pub fn idle_timeout(&self) -> Option<Duration> {
-        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
-    }
-
-    /// Shutdown grace period.
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_secs(self.shutdown_grace_secs)
+    /// Checks every value (see [`Config::settings`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.settings().map(|_| ())
     }
 }
 
@@ -341,8 +482,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        c.validate().unwrap();
-        let map = c.backend_map().unwrap();
+        let map = c.settings().unwrap().backend_map;
         assert_eq!(map.len(), 2);
         assert_eq!(map.backends()[0].mode, Mode::Readonly);
         assert_eq!(map.backends()[1].mode, Mode::Stop);
@@ -374,5 +514,64 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn settings_are_typed_once() {
+        let dir = std::env::temp_dir().join(format!("abproxy-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret\nignored second line\n").unwrap();
+        let text = format!(
+            r#"
+            listen = ["ldap://127.0.0.1:3389", "ldapi:///tmp/x"]
+            upstream = "ldap://127.0.0.1:389"
+            idle_timeout_secs = 30
+            max_pdu_bytes = 4096
+            max_pdu_bytes_anonymous = 100000
+            [[backends]]
+            suffix = "dc=example,dc=org"
+            driver = "openldap"
+            config_url = "ldap://127.0.0.1:389"
+            config_bind_dn = "cn=admin,cn=config"
+            config_password_file = "{}"
+            driver_timeout_secs = 7
+            [[backends]]
+            suffix = "dc=other,dc=org"
+            mode = "stop"
+            driver = "command"
+            prepare = ["true"]
+            "#,
+            pw.display()
+        );
+        let s = Config::from_toml(&text).unwrap().settings().unwrap();
+        assert_eq!(s.listen.len(), 2);
+        assert_eq!(s.upstream, Endpoint::parse("ldap://127.0.0.1:389").unwrap());
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(30)));
+        // The anonymous limit never exceeds the authenticated one.
+        assert_eq!(s.limits.pdu_limit(false), 4096);
+        assert_eq!(s.backend_map.len(), 2);
+        match &s.backends[0].driver {
+            DriverSettings::Openldap(c) => {
+                let bind = c.bind.as_ref().unwrap();
+                assert_eq!(bind.dn, "cn=admin,cn=config");
+                assert_eq!(bind.password.expose(), "s3cret");
+                // Printed, the password is not.
+                assert!(!format!("{:?}", s.backends[0]).contains("s3cret"));
+            }
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(s.backends[0].deadline, Duration::from_secs(7));
+        assert!(matches!(
+            &s.backends[1].driver,
+            DriverSettings::Command { prepare, done } if prepare == &["true"] && done.is_empty()
+        ));
+        assert_eq!(s.backends[1].mode, Mode::Stop);
+        // A password file that cannot be read is a configuration error,
+        // found before anything starts.
+        std::fs::remove_file(&pw).unwrap();
+        let e = Config::from_toml(&text).unwrap().settings().unwrap_err();
+        assert!(e.to_string().contains("config_password_file"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

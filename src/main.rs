@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use abproxy::config::Config;
+use abproxy::config::{Config, Settings};
 use abproxy::operator::{self, commands, ClientTls, FreezeRequest, OpError, Password, Target};
 use abproxy::Server;
 use clap::builder::BoolishValueParser;
@@ -290,7 +290,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
+/// The configuration file with the command line's overrides, checked and
+/// built into settings once.
+fn serve_config(args: &ServeArgs) -> anyhow::Result<Settings> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -310,23 +312,20 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(t) = args.threads {
         config.threads = t;
     }
-    config.validate()?;
-    Ok(config)
+    Ok(config.settings()?)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = serve_config(&args)?;
+    let settings = serve_config(&args)?;
     if args.check_config {
         // The TLS files are read too.
-        abproxy::tls::ServerTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let upstream = abproxy::endpoint::Endpoint::parse(&config.upstream)
-            .map_err(|e| anyhow::anyhow!("upstream: {e}"))?;
-        abproxy::tls::UpstreamTls::load(&config.tls, &upstream)
+        abproxy::tls::ServerTls::load(&settings.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
+        abproxy::tls::UpstreamTls::load(&settings.tls, &settings.upstream)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         println!("configuration OK");
         return Ok(ExitCode::SUCCESS);
     }
-    let server = Server::bind(config).await?;
+    let server = Server::bind(settings).await?;
     tokio::spawn(reload_on_sighup(server.server_tls()));
     // The listeners are bound: from now on the kernel queues connections
     // that the accept loops take. systemd (Type=notify) may start the units
@@ -396,7 +395,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // so the operator can connect during a freeze to read the status and
     // end it.
     config.freeze.root_dns = vec![testkit::ADMIN_DN.to_string()];
-    let server = Server::bind(config).await?;
+    let server = Server::bind(config.settings()?).await?;
     let (admin, pw, user1, pw1) = (
         testkit::ADMIN_DN,
         testkit::ADMIN_PW,

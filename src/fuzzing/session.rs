@@ -67,8 +67,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::endpoint::Endpoint;
+use crate::config::{Config, Settings};
 use crate::freeze::{BackendMap, Engine, Kind, Mode, Requester};
 use crate::proxy::session::{serve_connected, Client};
 use crate::proxy::Shared;
@@ -563,8 +562,17 @@ impl<'a> Harness<'a> {
         }
     }
 
+    /// The settings of the proxy under test (the upstream is the
+    /// in-memory pipe: its URL is never dialled).
+    fn settings(&self) -> Settings {
+        self.config()
+            .build()
+            .expect("the harness's configuration parses")
+    }
+
     fn config(&self) -> Config {
         let mut c = Config {
+            upstream: "ldap://in-memory.invalid:389".into(),
             max_pdu_bytes: MAX_PDU,
             max_pdu_bytes_anonymous: MAX_PDU_ANONYMOUS,
             max_response_pdu_bytes: codec::DEFAULT_MAX_PDU,
@@ -629,12 +637,7 @@ impl<'a> Harness<'a> {
 
     async fn run(self) {
         let engine = Arc::new(Engine::new(self.config().freeze, self.backends()));
-        let shared = Arc::new(Shared::new(
-            self.config(),
-            Endpoint::Tcp("in-memory.invalid:389".into()),
-            engine.clone(),
-            false,
-        ));
+        let shared = Arc::new(Shared::new(self.settings(), engine.clone(), false));
         let (client_w, proxy_from_client) = tokio::io::duplex(PIPE);
         let (proxy_to_client, client_r) = tokio::io::duplex(64 * 1024);
         let (proxy_to_up, up_from_proxy) = tokio::io::duplex(PIPE);
@@ -1124,12 +1127,7 @@ mod tests {
         rt.block_on(async {
             let h = Harness::new(&MANUAL);
             let engine = Arc::new(Engine::new(h.config().freeze, h.backends()));
-            let shared = Arc::new(Shared::new(
-                h.config(),
-                Endpoint::Tcp("in-memory.invalid:389".into()),
-                engine.clone(),
-                false,
-            ));
+            let shared = Arc::new(Shared::new(h.settings(), engine.clone(), false));
             let (mut client_w, proxy_from_client) = tokio::io::duplex(PIPE);
             let (proxy_to_client, client_r) = tokio::io::duplex(PIPE);
             let (proxy_to_up, up_from_proxy) = tokio::io::duplex(PIPE);

@@ -21,13 +21,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, DriverSettings, Settings};
 use crate::endpoint::{self, BoxRead, BoxWrite, Endpoint};
 use crate::freeze::backend::Mode;
 use crate::freeze::drivers::ds389::Ds389Driver;
 use crate::freeze::drivers::openldap::OpenLdapDriver;
 use crate::freeze::drivers::recorded::Recorded;
-use crate::freeze::drivers::{CommandDriver, DriverKind};
+use crate::freeze::drivers::CommandDriver;
 use crate::freeze::state::StateFile;
 use crate::freeze::{BackendMap, Driver, Engine};
 use crate::tls::{ServerTls, UpstreamTls};
@@ -35,9 +35,9 @@ use crate::tls::{ServerTls, UpstreamTls};
 /// What every session of one proxy shares.
 #[derive(Debug)]
 pub struct Shared {
-    /// The configuration it was started with.
-    pub config: Config,
-    /// Where sessions connect.
+    /// The settings it was started with.
+    pub settings: Settings,
+    /// Where sessions connect (`settings.upstream`).
     pub upstream: Endpoint,
     /// The freeze engine.
     pub engine: Arc<Engine>,
@@ -68,7 +68,7 @@ impl Shared {
                  abproxy's own uid",
             );
         }
-        if self.upstream_tls.is_some() && self.config.tls.upstream_cert_file.is_some() {
+        if self.upstream_tls.is_some() && self.settings.tls.upstream_cert_file.is_some() {
             return Some(
                 "abproxy presents its own client certificate to the upstream, which the \
                  server would authenticate EXTERNAL as",
@@ -77,21 +77,16 @@ impl Shared {
         None
     }
 
-    /// What the sessions of a proxy with this configuration share (no TLS:
+    /// What the sessions of a proxy with these settings share (no TLS:
     /// `Server::bind` adds it).
-    pub(crate) fn new(
-        config: Config,
-        upstream: Endpoint,
-        engine: Arc<Engine>,
-        auto_backends: bool,
-    ) -> Shared {
+    pub(crate) fn new(settings: Settings, engine: Arc<Engine>, auto_backends: bool) -> Shared {
         let limits = Arc::new(limits::ConnLimits::new(
-            config.max_connections,
-            config.max_connections_per_source,
+            settings.limits.max_connections,
+            settings.limits.max_connections_per_source,
         ));
         Shared {
-            config,
-            upstream,
+            upstream: settings.upstream.clone(),
+            settings,
             engine,
             auto_backends,
             server_tls: None,
@@ -187,16 +182,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Validates the configuration and binds every listener. An upstream
+    /// Binds every listener of `settings` (see [`Config::settings`]). An upstream
     /// that cannot be reached now is only a warning: each client connection
     /// tries again.
-    pub async fn bind(config: Config) -> anyhow::Result<Server> {
-        let (listen, upstream) = config.validate()?;
-        let server_tls = ServerTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
+    pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
+        let upstream = settings.upstream.clone();
+        let server_tls = ServerTls::load(&settings.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
         let upstream_tls =
-            UpstreamTls::load(&config.tls, &upstream).map_err(|e| anyhow::anyhow!("{e}"))?;
+            UpstreamTls::load(&settings.tls, &upstream).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut listeners = Vec::new();
-        for ep in &listen {
+        for ep in &settings.listen {
             let l = match ep {
                 Endpoint::Tcp(addr) | Endpoint::Tls(addr) => Listener::Tcp(
                     TcpListener::bind(addr.as_str())
@@ -228,10 +223,10 @@ impl Server {
             info!(listen = %l.endpoint(), "listening");
             listeners.push(l);
         }
-        let map = config.backend_map()?;
+        let map = settings.backend_map.clone();
         let auto_backends = map.is_empty();
         let probe = crate::tls::connect_upstream(&upstream, upstream_tls.as_ref());
-        match tokio::time::timeout(config.upstream_connect_timeout(), probe).await {
+        match tokio::time::timeout(settings.upstream_connect_timeout, probe).await {
             Ok(Ok(_)) => info!(%upstream, "upstream reachable"),
             Ok(Err(e)) => {
                 warn!(%upstream, "upstream not reachable at start-up (will retry per connection): {e}")
@@ -242,12 +237,12 @@ impl Server {
         }
         // The engine first, so that the root DSE read can tell it whether
         // binds are writes; the backends it finds replace the empty map.
-        let engine = Arc::new(Engine::new(config.freeze.clone(), map));
+        let engine = Arc::new(Engine::new(settings.freeze.clone(), map));
         refresh_from_root_dse(
             &engine,
             &upstream,
             upstream_tls.as_ref(),
-            config.upstream_connect_timeout(),
+            settings.upstream_connect_timeout,
             auto_backends,
             true,
         )
@@ -263,7 +258,7 @@ impl Server {
             warn!("{w}");
         }
         // Under systemd with StateDirectory=, $STATE_DIRECTORY names it.
-        let state_path = config.state_file.clone().or_else(|| {
+        let state_path = settings.state_file.clone().or_else(|| {
             let dirs = std::env::var_os("STATE_DIRECTORY")?;
             let first = std::env::split_paths(&dirs).next()?;
             Some(first.join("state.json"))
@@ -274,55 +269,41 @@ impl Server {
                 StateFile::open(path).map_err(anyhow::Error::msg)?
             }
             None => {
-                if config.backends.iter().any(|b| b.driver != DriverKind::None) {
+                if settings
+                    .backends
+                    .iter()
+                    .any(|b| !matches!(b.driver, DriverSettings::None))
+                {
                     warn!("no state_file configured: if abproxy is killed while a backend driver has a backend prepared for a backup, the next start cannot undo it");
                 }
                 StateFile::memory()
             }
         };
         let mut recorded = Vec::new();
-        for b in &config.backends {
-            let (name, driver): (&'static str, Arc<dyn Driver>) = match b.driver {
-                DriverKind::None => continue,
-                DriverKind::Command => (
+        for b in &settings.backends {
+            let (name, driver): (&'static str, Arc<dyn Driver>) = match &b.driver {
+                DriverSettings::None => continue,
+                DriverSettings::Command { prepare, done } => (
                     "command",
-                    Arc::new(CommandDriver::new(b.prepare.clone(), b.done.clone())),
+                    Arc::new(CommandDriver::new(prepare.clone(), done.clone())),
                 ),
-                DriverKind::Openldap | DriverKind::Ds389 => {
-                    let bind = match (&b.config_bind_dn, &b.config_password_file) {
-                        (Some(dn), Some(file)) => {
-                            let pw = std::fs::read_to_string(file).with_context(|| {
-                                format!(
-                                    "backend {}: config_password_file {}",
-                                    b.suffix,
-                                    file.display()
-                                )
-                            })?;
-                            Some(crate::secret::Credentials {
-                                dn: dn.clone(),
-                                password: crate::secret::Password::new(
-                                    pw.lines().next().unwrap_or(""),
-                                ),
-                            })
-                        }
-                        _ => None,
-                    };
-                    let url = b.config_url.clone().unwrap_or_default();
-                    if b.driver == DriverKind::Ds389 {
-                        ("389ds", Arc::new(Ds389Driver::new(url, bind)))
-                    } else {
-                        ("openldap", Arc::new(OpenLdapDriver::new(url, bind)))
-                    }
-                }
+                DriverSettings::Openldap(c) => (
+                    "openldap",
+                    Arc::new(OpenLdapDriver::new(c.url.clone(), c.bind.clone())),
+                ),
+                DriverSettings::Ds389(c) => (
+                    "389ds",
+                    Arc::new(Ds389Driver::new(c.url.clone(), c.bind.clone())),
+                ),
             };
             driver.attach_state(state.clone(), name);
             let driver = Arc::new(Recorded::new(name, driver, state.clone()));
-            let deadline = Duration::from_secs(b.driver_timeout_secs);
+            let deadline = b.deadline;
             engine.set_driver(&b.suffix, driver.clone(), deadline);
             recorded.push((driver, deadline));
         }
         // Undo what a previous run's drivers left (it was killed while frozen).
-        let configured = config.backend_map()?.backends().to_vec();
+        let configured = settings.backend_map.backends().to_vec();
         for (d, deadline) in &recorded {
             d.recover(&configured, *deadline).await;
         }
@@ -339,7 +320,7 @@ impl Server {
             shared: Arc::new(Shared {
                 server_tls,
                 upstream_tls,
-                ..Shared::new(config, upstream, engine, auto_backends)
+                ..Shared::new(settings, engine, auto_backends)
             }),
         })
     }
@@ -378,7 +359,7 @@ impl Server {
             )));
         }
         shutdown.await;
-        let grace = self.shared.config.shutdown_grace();
+        let grace = self.shared.settings.shutdown_grace;
         info!(
             sessions = tracker.len(),
             grace_s = grace.as_secs(),
@@ -534,7 +515,7 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Binds and starts a proxy in a background task.
     pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
-        let server = Server::bind(config).await?;
+        let server = Server::bind(config.settings()?).await?;
         let endpoints = server.endpoints();
         let engine = server.shared.engine.clone();
         let limits = server.shared.limits.clone();

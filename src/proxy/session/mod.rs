@@ -229,7 +229,7 @@ pub(crate) async fn serve(
         return;
     };
     let connect = tokio::time::timeout(
-        shared.config.upstream_connect_timeout(),
+        shared.settings.upstream_connect_timeout,
         shared.connect_upstream(),
     )
     .await;
@@ -259,10 +259,10 @@ pub(crate) async fn serve_connected(
     let (up_r, up_w) = upstream;
     // At most this much (plus one response) waits for a client that does not
     // read; then the responses loop stops reading the upstream.
-    let client_out = FrameWriter::new(client.write, shared.config.client_buffer_bytes);
+    let client_out = FrameWriter::new(client.write, shared.settings.limits.client_buffer_bytes);
 
     let engine = shared.engine.clone();
-    let state = Arc::new(SessionState::new(&shared.config));
+    let state = Arc::new(SessionState::new(&shared.settings.limits));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     engine.register(
         id,
@@ -303,7 +303,10 @@ pub(crate) async fn serve_connected(
         id,
         engine: engine.clone(),
         state: state.clone(),
-        up_in: FrameReader::new(up_r, FrameCodec::new(shared.config.max_response_pdu_bytes)),
+        up_in: FrameReader::new(
+            up_r,
+            FrameCodec::new(shared.settings.limits.max_response_pdu_bytes),
+        ),
         client_out,
         local: Inbox::new(local_rx),
         control: control_tx,

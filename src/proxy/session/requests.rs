@@ -165,7 +165,7 @@ impl Requests<'_> {
     }
 
     async fn pump(&mut self) -> End {
-        let idle = self.shared.config.idle_timeout();
+        let idle = self.shared.settings.idle_timeout;
         // One timer for the session, re-armed only when it fires (not per
         // request): the session closes between `idle` and twice `idle`
         // after its last activity.
@@ -694,7 +694,7 @@ impl Requests<'_> {
                     &engine,
                     &shared.upstream,
                     shared.upstream_tls.as_ref(),
-                    shared.config.upstream_connect_timeout(),
+                    shared.settings.upstream_connect_timeout,
                     shared.auto_backends,
                     false,
                 )
@@ -803,7 +803,7 @@ impl Requests<'_> {
 impl View for Requests<'_> {
     #[inline]
     fn clear_refused(&self) -> bool {
-        self.tcp && !self.tls && self.shared.config.tls.require_tls
+        self.tcp && !self.tls && self.shared.settings.tls.require_tls
     }
 
     fn external_refused(&self) -> Option<&'static str> {

@@ -64,12 +64,12 @@ pub(super) struct SessionState {
 
 impl SessionState {
     /// A new session's state with the configured limits.
-    pub(super) fn new(config: &crate::config::Config) -> Self {
-        let anonymous = config.pdu_limit(false);
+    pub(super) fn new(limits: &crate::config::Limits) -> Self {
+        let anonymous = limits.pdu_limit(false);
         SessionState {
             pdu_limit: Arc::new(AtomicUsize::new(anonymous)),
-            pdu_limits: (anonymous, config.pdu_limit(true)),
-            max_outstanding: config.max_outstanding_per_conn,
+            pdu_limits: (anonymous, limits.pdu_limit(true)),
+            max_outstanding: limits.max_outstanding_per_conn,
             ..SessionState::default()
         }
     }
