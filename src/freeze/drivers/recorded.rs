@@ -72,7 +72,8 @@ impl Driver for Recorded {
                     });
                     e.freeze_id = freeze_id;
                 })
-                .await?;
+                .await
+                .map_err(|e| e.to_string())?;
             self.inner.prepare(backend, freeze_id).await
         })
     }
@@ -90,6 +91,7 @@ impl Driver for Recorded {
                     m.remove(&k);
                 })
                 .await
+                .map_err(|e| e.to_string())
         })
     }
 
