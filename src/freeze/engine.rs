@@ -28,7 +28,10 @@ use tracing::{info, warn};
 
 use super::backend::{Backend, BackendMap, BackendSet, Class, ClassifyOptions, Kind, Mode};
 use super::dn::NormDn;
-use super::drivers::{run_step, Driver, NoopDriver, Step, StepError, DEFAULT_DRIVER_DEADLINE};
+use super::drivers::{
+    run_step, with_deadline, Driver, DriverError, DriverOp, NoopDriver, Step,
+    DEFAULT_DRIVER_DEADLINE,
+};
 use super::participant::{InFlight, Participant};
 use super::settings::{BindIsWrite, FreezeConfig};
 use crate::wire::Envelope;
@@ -309,7 +312,7 @@ impl Engine {
     }
 
     /// Runs `step` of `b`'s driver under its deadline.
-    async fn step(&self, step: Step, b: &Backend, freeze_id: u64) -> Result<(), StepError> {
+    async fn step(&self, step: Step, b: &Backend, freeze_id: u64) -> Result<(), DriverError> {
         let (driver, deadline) = self.installed(b);
         run_step(&*driver, step, b, freeze_id, deadline).await
     }
@@ -709,15 +712,11 @@ impl Engine {
             for b in map.backends() {
                 let (driver, deadline) = self.installed(b);
                 let check = driver.check_partial(b, &frozen, map.backends());
-                let checked = tokio::time::timeout(deadline, check)
+                let checked = with_deadline(DriverOp::CheckPartial, deadline, check)
                     .await
-                    .unwrap_or_else(|_| {
-                        Err(format!(
-                            "the driver of {} did not finish its check within {} s \
-                             (driver_timeout_secs)",
-                            b.suffix,
-                            deadline.as_secs()
-                        ))
+                    .map_err(|e| match e.is_timeout() {
+                        true => e.context(format_args!("the driver of {}", b.suffix)),
+                        false => e,
                     });
                 if let Err(reason) = checked {
                     let msg = format!("partial freeze refused: {reason}; nothing frozen");
@@ -1368,7 +1367,7 @@ mod tests {
         done: bool,
     }
     impl Driver for Hung {
-        fn prepare<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+        fn prepare<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), DriverError>> {
             let hang = self.prepare;
             Box::pin(async move {
                 if hang {
@@ -1377,7 +1376,7 @@ mod tests {
                 Ok(())
             })
         }
-        fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+        fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), DriverError>> {
             let hang = self.done;
             Box::pin(async move {
                 if hang {
@@ -1421,11 +1420,11 @@ mod tests {
         fn bind_writes<'a>(
             &'a self,
             _: &'a Backend,
-        ) -> BoxFuture<'a, Result<Option<String>, String>> {
+        ) -> BoxFuture<'a, Result<Option<String>, DriverError>> {
             let said = self.0.clone();
             Box::pin(async move {
                 match said {
-                    Some(r) => r,
+                    Some(r) => r.map_err(DriverError::other),
                     None => std::future::pending().await,
                 }
             })

@@ -107,12 +107,10 @@ impl StateFile {
     /// empty state; an unreadable one is an error: its contents matter).
     pub fn open(path: &Path) -> Result<Arc<StateFile>, StateError> {
         let entries = match std::fs::read(path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                    path: path.to_owned(),
-                    source,
-                })?
-            }
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.to_owned(),
+                source,
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => {
                 return Err(StateError::Read {
@@ -272,7 +270,13 @@ mod tests {
         );
         let err = StateFile::open(Path::new("/nonexistent/dir/state.json")).unwrap_err();
         assert!(
-            matches!(err, StateError::Write { action: "write", .. }),
+            matches!(
+                err,
+                StateError::Write {
+                    action: "write",
+                    ..
+                }
+            ),
             "{err:?}"
         );
         assert!(
