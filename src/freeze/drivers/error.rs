@@ -98,9 +98,14 @@ pub enum DriverErrorKind {
 }
 
 /// A driver's failure: kind, context and source, shown to the client as
-/// `context: source`.
+/// `context: source`. One pointer wide (the freeze errors carrying it stay
+/// small).
 #[derive(Debug, thiserror::Error)]
-pub struct DriverError {
+#[error(transparent)]
+pub struct DriverError(Box<Inner>);
+
+#[derive(Debug, thiserror::Error)]
+struct Inner {
     kind: DriverErrorKind,
     /// What the driver was doing, outermost first (`a: b: c`).
     context: Option<Cow<'static, str>>,
@@ -109,19 +114,19 @@ pub struct DriverError {
     /// Advice after everything else (`; advice`).
     hint: Option<Cow<'static, str>>,
     /// Undoing what the failed step had changed failed too.
-    undo: Option<Box<DriverError>>,
+    undo: Option<DriverError>,
 }
 
 impl DriverError {
     /// An error of `kind` described by `context` alone.
     pub fn new(kind: DriverErrorKind, context: impl Into<Cow<'static, str>>) -> DriverError {
-        DriverError {
+        DriverError(Box::new(Inner {
             kind,
             context: Some(context.into()),
             source: None,
             hint: None,
             undo: None,
-        }
+        }))
     }
 
     /// An error of `kind`: `context: source`.
@@ -130,10 +135,9 @@ impl DriverError {
         context: impl Into<Cow<'static, str>>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> DriverError {
-        DriverError {
-            source: Some(Box::new(source)),
-            ..DriverError::new(kind, context)
-        }
+        let mut e = DriverError::new(kind, context);
+        e.0.source = Some(Box::new(source));
+        e
     }
 
     /// A driver's own reason, of no particular kind.
@@ -143,13 +147,13 @@ impl DriverError {
 
     /// `op` outlived `deadline`.
     pub fn timed_out(op: DriverOp, deadline: Duration) -> DriverError {
-        DriverError {
+        DriverError(Box::new(Inner {
             kind: DriverErrorKind::TimedOut { op, deadline },
             context: None,
             source: None,
             hint: None,
             undo: None,
-        }
+        }))
     }
 
     /// An ldap3 error while `context`: the server's refusal when it
@@ -177,7 +181,7 @@ impl DriverError {
     /// The same error, as what happened while `outer` (`outer: ...`).
     #[must_use]
     pub fn context(mut self, outer: impl fmt::Display) -> DriverError {
-        self.context = Some(match self.context.take() {
+        self.0.context = Some(match self.0.context.take() {
             Some(inner) => format!("{outer}: {inner}").into(),
             None => outer.to_string().into(),
         });
@@ -187,7 +191,7 @@ impl DriverError {
     /// The same error, followed by advice (`...; hint`).
     #[must_use]
     pub fn hint(mut self, hint: impl Into<Cow<'static, str>>) -> DriverError {
-        self.hint = Some(hint.into());
+        self.0.hint = Some(hint.into());
         self
     }
 
@@ -195,34 +199,34 @@ impl DriverError {
     /// `undo` (`...; and undo`).
     #[must_use]
     pub fn undo_failed(mut self, undo: DriverError) -> DriverError {
-        self.undo = Some(Box::new(undo));
+        self.0.undo = Some(undo);
         self
     }
 
     /// What kind of failure this is.
     pub fn kind(&self) -> &DriverErrorKind {
-        &self.kind
+        &self.0.kind
     }
 
     /// The step or question outlived its deadline.
     pub fn is_timeout(&self) -> bool {
-        matches!(self.kind, DriverErrorKind::TimedOut { .. })
+        matches!(self.0.kind, DriverErrorKind::TimedOut { .. })
     }
 }
 
 impl From<StateError> for DriverError {
     fn from(e: StateError) -> DriverError {
-        DriverError {
+        DriverError(Box::new(Inner {
             kind: DriverErrorKind::StateFile,
             context: None,
             source: Some(Box::new(e)),
             hint: None,
             undo: None,
-        }
+        }))
     }
 }
 
-impl fmt::Display for DriverError {
+impl fmt::Display for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let context = self.context.as_deref();
         match &self.kind {
