@@ -32,6 +32,10 @@ use super::drivers::{
     run_step, with_deadline, Driver, DriverError, DriverOp, NoopDriver, Step,
     DEFAULT_DRIVER_DEADLINE,
 };
+use super::error::{
+    BadRequest, Busy, DrainError, FreezeError, NotAuthorised, OnStage, PastFreeze, StepFailure,
+    Suffixes,
+};
 use super::participant::{InFlight, Participant};
 use super::settings::{BindIsWrite, FreezeConfig};
 use crate::wire::Envelope;
@@ -133,8 +137,57 @@ impl Freeze {
 /// A backend's driver and the deadline of each of its steps.
 type Installed = (Arc<dyn Driver>, Duration);
 
-/// The result of an Allow-Backup request.
-pub type Answer = (LdapResultCode, String);
+/// What an Allow-Backup request that succeeded did (its response's
+/// message is this value's `Display`; its result code is success).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Granted {
+    /// ON: the backends are frozen.
+    Frozen {
+        /// The freeze's id (for OFF's freezeId).
+        id: u64,
+        /// The frozen backends.
+        backends: Suffixes,
+        /// How long the drain took.
+        drained: Duration,
+        /// How long the freeze lasts unless released.
+        lease: Duration,
+    },
+    /// OFF: the freeze is released.
+    Released {
+        /// The freeze's id.
+        id: u64,
+        /// How long it lasted.
+        after: Duration,
+        /// How many held requests it released.
+        queued: usize,
+    },
+    /// A plain OFF with nothing frozen.
+    NotFrozen,
+}
+
+impl std::fmt::Display for Granted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Granted::Frozen {
+                id,
+                backends,
+                drained,
+                lease,
+            } => write!(
+                f,
+                "frozen: {backends}; drained in {} ms; lease {} s; freeze id {id}",
+                drained.as_millis(),
+                lease.as_secs()
+            ),
+            Granted::Released { id, after, queued } => write!(
+                f,
+                "released after {:.1} s; {queued} queued request(s) resumed; freeze id {id}",
+                after.as_secs_f64()
+            ),
+            Granted::NotFrozen => f.write_str("not frozen"),
+        }
+    }
+}
 
 /// How many ended freezes the engine remembers (for an OFF naming one).
 const ENDED_KEPT: usize = 64;
@@ -145,7 +198,7 @@ fn authorise(
     allowed_uids: &[u32],
     allowed_certs: &[NormDn],
     who: &Requester,
-) -> Result<(), Answer> {
+) -> Result<(), NotAuthorised> {
     // A local client of an ldapi listener, by the uid the kernel reports.
     if let Some((uid, _)) = who.peer_uid {
         if who.bound_dn.is_none() && allowed_uids.contains(&uid) {
@@ -161,30 +214,16 @@ fn authorise(
         }
     }
     let Some(dn) = &who.bound_dn else {
-        return Err((
-            LdapResultCode::InsufficentAccessRights,
-            match &who.cert_subject {
-                Some(s) => format!(
-                    "Allow-Backup requires an authenticated identity: the client certificate \
-                     {s} is not in freeze.allowed_cert_subjects, and no DN in freeze.allowed \
-                     is bound"
-                ),
-                None => "Allow-Backup requires an authenticated identity listed in freeze.allowed \
-                         (or, on an ldapi listener, a uid in freeze.allowed_uids; over TLS, a \
-                         client certificate in freeze.allowed_cert_subjects); anonymous is never \
-                         allowed"
-                    .into(),
-            },
-        ));
+        return Err(match &who.cert_subject {
+            Some(s) => NotAuthorised::Certificate { subject: s.clone() },
+            None => NotAuthorised::Anonymous,
+        });
     };
     let norm = NormDn::parse(dn.as_bytes());
     if norm.is_some_and(|n| allowed.contains(&n)) {
         Ok(())
     } else {
-        Err((
-            LdapResultCode::InsufficentAccessRights,
-            format!("{dn} is not allowed to use Allow-Backup (freeze.allowed)"),
-        ))
+        Err(NotAuthorised::Dn { dn: dn.clone() })
     }
 }
 
@@ -209,9 +248,9 @@ pub struct Engine {
     completed: Notify,
     /// The id of the next accepted ON (ids of refused ONs are not used up).
     next_id: AtomicU64,
-    /// The last freeze the lease ended, and the message the next plain OFF
-    /// answers with.
-    expired: Mutex<Option<(u64, String)>>,
+    /// The last freeze the lease ended (the next plain OFF answers that it
+    /// expired): its id and how long it lasted, in seconds.
+    expired: Mutex<Option<(u64, u64)>>,
     /// How the most recent freezes ended (at most [`ENDED_KEPT`]), for an
     /// OFF that names one of them.
     ended: Mutex<VecDeque<(u64, String)>>,
@@ -400,14 +439,11 @@ impl Engine {
         for i in set.iter(map.len()) {
             let b = &map.backends()[i];
             let (driver, deadline) = self.installed(b);
-            let why = match tokio::time::timeout(deadline, driver.bind_writes(b)).await {
-                Ok(Ok(None)) => continue,
-                Ok(Ok(Some(why))) => why,
-                Ok(Err(e)) => format!("its driver cannot tell ({e})"),
-                Err(_) => format!(
-                    "its driver did not answer within {} s (driver_timeout_secs)",
-                    deadline.as_secs()
-                ),
+            let asked = with_deadline(DriverOp::BindWrites, deadline, driver.bind_writes(b));
+            let why = match asked.await {
+                Ok(None) => continue,
+                Ok(Some(why)) => why,
+                Err(e) => format!("its driver cannot tell ({e})"),
             };
             self.classify.bind_is_write.store(true, Ordering::Relaxed);
             info!(
@@ -608,33 +644,20 @@ impl Engine {
         &self.cfg
     }
 
-    /// Handles an Allow-Backup request (the response's code and message).
-    pub async fn allow_backup(self: &Arc<Self>, who: Requester, value: Option<&[u8]>) -> Answer {
-        let Some(value) = value else {
-            return (
-                LdapResultCode::ProtocolError,
-                "Allow-Backup request has no requestValue (expected AllowBackupRequest)".into(),
-            );
-        };
-        let req = match abproxy_proto::decode_request(value) {
-            Ok(r) => r,
-            Err(e) => return (LdapResultCode::ProtocolError, e.to_string()),
-        };
+    /// Handles an Allow-Backup request: what it did, or why it failed
+    /// (the proxy makes the response of either).
+    pub async fn allow_backup(
+        self: &Arc<Self>,
+        who: Requester,
+        value: Option<&[u8]>,
+    ) -> Result<Granted, FreezeError> {
+        let value = value.ok_or(BadRequest::NoValue)?;
+        let req = abproxy_proto::decode_request(value).map_err(BadRequest::Undecodable)?;
         if req.dns().is_some_and(|dns| dns.is_empty()) {
-            return (
-                LdapResultCode::ProtocolError,
-                "Allow-Backup request has an empty dnSet: name at least one backend, or leave \
-                 dnSet out to mean all of them"
-                    .into(),
-            );
+            return Err(BadRequest::EmptyDnSet.into());
         }
         if req.mode && req.freeze_id.is_some() {
-            return (
-                LdapResultCode::ProtocolError,
-                "Allow-Backup ON (mode TRUE) with a freezeId: freezeId names the freeze an OFF \
-                 ends, the proxy chooses the id of a new freeze"
-                    .into(),
-            );
+            return Err(BadRequest::FreezeIdInOn.into());
         }
         if let Err(refusal) = authorise(
             &self.allowed,
@@ -642,8 +665,8 @@ impl Engine {
             &self.allowed_certs,
             &who,
         ) {
-            warn!(who = %who.name(), on = req.mode, "Allow-Backup refused: {}", refusal.1);
-            return refusal;
+            warn!(who = %who.name(), on = req.mode, "Allow-Backup refused: {refusal}");
+            return Err(refusal.into());
         }
         if req.mode {
             self.on(who, req).await
@@ -652,14 +675,14 @@ impl Engine {
         }
     }
 
-    async fn on(self: &Arc<Self>, who: Requester, req: AllowBackupRequest) -> Answer {
+    async fn on(
+        self: &Arc<Self>,
+        who: Requester,
+        req: AllowBackupRequest,
+    ) -> Result<Granted, FreezeError> {
         let map = self.backends();
         if map.is_empty() {
-            return (
-                LdapResultCode::NoSuchObject,
-                "no backends known (none configured and the server's namingContexts could not be read)"
-                    .into(),
-            );
+            return Err(FreezeError::NoBackends);
         }
         // Resolve dnSet.
         let mut set = BackendSet::EMPTY;
@@ -672,13 +695,11 @@ impl Engine {
                         Some(i) => set.insert(i),
                         None => {
                             warn!(who = %who.name(), dn = %shown, "Allow-Backup ON refused: no such backend");
-                            return (
-                                LdapResultCode::NoSuchObject,
-                                format!(
-                                    "{shown} is not under any backend suffix (known: {})",
-                                    suffixes(&map, map.all())
-                                ),
-                            );
+                            return Err(FreezeError::UnknownBackend {
+                                dn: shown,
+                                known: suffixes(&map, map.all()),
+                                off: false,
+                            });
                         }
                     }
                 }
@@ -691,13 +712,7 @@ impl Engine {
             .collect();
         if !unimpl.is_empty() {
             warn!(who = %who.name(), "Allow-Backup ON refused: unimplemented backends {unimpl:?}");
-            return (
-                LdapResultCode::UnwillingToPerform,
-                format!(
-                    "backend(s) {} cannot be frozen (mode unimplemented)",
-                    unimpl.join(", ")
-                ),
-            );
+            return Err(FreezeError::Unimplemented { backends: unimpl });
         }
         // A partial freeze: every backend's driver checks that the server
         // cannot change a frozen backend by itself when another is written
@@ -718,10 +733,13 @@ impl Engine {
                         true => e.context(format_args!("the driver of {}", b.suffix)),
                         false => e,
                     });
-                if let Err(reason) = checked {
-                    let msg = format!("partial freeze refused: {reason}; nothing frozen");
-                    warn!(who = %who.name(), "Allow-Backup ON refused: {msg}");
-                    return (LdapResultCode::UnwillingToPerform, msg);
+                if let Err(source) = checked {
+                    let e = FreezeError::PartialFreezeRefused {
+                        backend: b.suffix.clone(),
+                        source,
+                    };
+                    warn!(who = %who.name(), backend = %b.suffix, "Allow-Backup ON refused: {e}");
+                    return Err(e);
                 }
             }
         }
@@ -751,21 +769,14 @@ impl Engine {
             if let Some(f) = st.as_ref() {
                 let since = epoch_secs(f.since);
                 warn!(who = %who.name(), holder = %f.holder.name(), "Allow-Backup ON refused: busy");
-                return (
-                    LdapResultCode::Busy,
-                    format!(
-                        "already {} by {} since {} (unix time, {} s ago; freeze id {})",
-                        if f.phase == Phase::Draining {
-                            "draining"
-                        } else {
-                            "frozen"
-                        },
-                        f.holder.name(),
-                        since,
-                        f.started.elapsed().as_secs(),
-                        f.id
-                    ),
-                );
+                return Err(Busy::AlreadyFrozen {
+                    draining: f.phase == Phase::Draining,
+                    holder: f.holder.name(),
+                    since,
+                    secs: f.started.elapsed().as_secs(),
+                    id: f.id,
+                }
+                .into());
             }
             freeze.id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let id = freeze.id;
@@ -789,12 +800,12 @@ impl Engine {
             .unwrap_or(max);
         let drain = self.drain(id, limit, &map).await;
         self.draining.store(false, Ordering::Relaxed);
-        let drained_ms = match drain {
-            Ok(d) => d.as_millis() as u64,
-            Err(msg) => {
-                self.abort_freeze(id, &msg).await;
-                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {msg}; freeze undone");
-                return (LdapResultCode::Other, msg);
+        let drained = match drain {
+            Ok(d) => d,
+            Err(e) => {
+                self.abort_freeze(id, &e).await;
+                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {e}; freeze undone");
+                return Err(e);
             }
         };
 
@@ -802,20 +813,21 @@ impl Engine {
         let mut prepared = Vec::new();
         for i in set.iter(map.len()) {
             let b = &map.backends()[i];
-            if let Err(e) = self.step(Step::Prepare, b, id).await {
+            if let Err(source) = self.step(Step::Prepare, b, id).await {
                 for j in prepared.iter().rev() {
                     let pb: &Backend = &map.backends()[*j];
                     if let Err(e2) = self.step(Step::Done, pb, id).await {
                         tracing::error!(backend = %pb.suffix, "done step failed after a failed prepare: {e2}");
                     }
                 }
-                let msg = format!(
-                    "prepare failed for backend {}: {e}; freeze undone",
-                    b.suffix
-                );
-                self.abort_freeze(id, &msg).await;
-                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {msg}");
-                return (LdapResultCode::Other, msg);
+                let e = FreezeError::PrepareFailed(StepFailure {
+                    backend: b.suffix.clone(),
+                    step: Step::Prepare,
+                    source,
+                });
+                self.abort_freeze(id, &e).await;
+                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {e}");
+                return Err(e);
             }
             prepared.push(i);
         }
@@ -828,13 +840,7 @@ impl Engine {
                     f.phase = Phase::Frozen;
                     f.lease_until = Some(Instant::now() + lease);
                 }
-                _ => {
-                    return (
-                        LdapResultCode::Other,
-                        "the freeze ended while it was being prepared (holder connection closed)"
-                            .into(),
-                    )
-                }
+                _ => return Err(FreezeError::EndedDuringOn(OnStage::Preparing)),
             }
         }
         if let Some(timer) = self.lease_timer() {
@@ -844,17 +850,16 @@ impl Engine {
             freeze = id,
             who = %who.name(),
             backends = %names,
-            drain_ms = drained_ms,
+            drain_ms = drained.as_millis() as u64,
             lease_s = lease.as_secs(),
             "Allow-Backup ON: frozen"
         );
-        (
-            LdapResultCode::Success,
-            format!(
-                "frozen: {names}; drained in {drained_ms} ms; lease {} s; freeze id {id}",
-                lease.as_secs()
-            ),
-        )
+        Ok(Granted::Frozen {
+            id,
+            backends: names,
+            drained,
+            lease,
+        })
     }
 
     /// The lease timer of the current freeze, as a future to spawn.
@@ -887,17 +892,20 @@ impl Engine {
                 .await;
             if let Some((f, _)) = ended {
                 let secs = f.started.elapsed().as_secs();
-                let msg = format!(
-                    "freeze expired after {secs} s; the backup may be inconsistent (freeze id {id})"
-                );
-                warn!(freeze = id, holder = %f.holder.name(), "lease expired: {msg}; operations resumed");
-                *engine.expired.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, msg));
+                let e = FreezeError::Expired { id, secs };
+                warn!(freeze = id, holder = %f.holder.name(), "lease expired: {e}; operations resumed");
+                *engine.expired.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, secs));
             }
         }))
     }
 
     /// Waits until no in-flight request that freeze `id` holds is left.
-    async fn drain(&self, id: u64, limit: Duration, map: &BackendMap) -> Result<Duration, String> {
+    async fn drain(
+        &self,
+        id: u64,
+        limit: Duration,
+        map: &BackendMap,
+    ) -> Result<Duration, FreezeError> {
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -905,7 +913,7 @@ impl Engine {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let Some(freeze) = self.read_state().clone().filter(|f| f.id == id) else {
-                return Err("the freeze ended while draining (holder connection closed)".into());
+                return Err(FreezeError::EndedDuringOn(OnStage::Draining));
             };
             let pending = self.pending(&freeze);
             if pending.writes == 0 && pending.reads.is_empty() {
@@ -920,13 +928,12 @@ impl Engine {
             }
             let pending = self.pending(&freeze);
             if pending.writes > 0 {
-                return Err(format!(
-                    "write in progress after the drain time limit of {} s ({} write(s) in flight on {}); \
-                     freeze undone, try again later",
-                    limit.as_secs(),
-                    pending.writes,
-                    suffixes(map, freeze.backends)
-                ));
+                return Err(DrainError::WritesInFlight {
+                    limit,
+                    writes: pending.writes,
+                    backends: suffixes(map, freeze.backends),
+                }
+                .into());
             }
             // Only reads (stop mode): abandon them, answer timeLimitExceeded.
             let n: usize = pending.reads.iter().map(|(_, v)| v.len()).sum();
@@ -947,9 +954,7 @@ impl Engine {
                 notified.as_mut().enable();
                 let p = self.pending(&freeze);
                 if p.writes > 0 {
-                    return Err(
-                        "write in progress after the drain time limit; freeze undone".into(),
-                    );
+                    return Err(DrainError::WriteWhileAbandoning.into());
                 }
                 if p.reads.is_empty() {
                     return Ok(start.elapsed());
@@ -957,7 +962,7 @@ impl Engine {
                 tokio::select! {
                     _ = notified => {}
                     _ = tokio::time::sleep_until(settle) => {
-                        return Err("in-flight reads could not be abandoned in time; freeze undone".into());
+                        return Err(DrainError::ReadsNotAbandoned.into());
                     }
                 }
             }
@@ -1001,7 +1006,7 @@ impl Engine {
 
     /// Undoes a freeze that failed before it was complete (`why`: the
     /// failure its ON answered with).
-    async fn abort_freeze(&self, id: u64, why: &str) {
+    async fn abort_freeze(&self, id: u64, why: &FreezeError) {
         let mut st = self.write_state();
         if let Some(f) = st.as_ref().filter(|f| f.id == id) {
             f.ended.cancel();
@@ -1039,7 +1044,7 @@ impl Engine {
         &self,
         pred: impl FnOnce(&Freeze) -> bool,
         how: impl FnOnce(&Freeze) -> String,
-    ) -> Option<(Freeze, Vec<String>)> {
+    ) -> Option<(Freeze, Vec<StepFailure>)> {
         // While the done steps run, the freeze stays in place (Releasing): a
         // write arriving now is still held, instead of reaching a server
         // that a driver has not yet made writable again.
@@ -1058,9 +1063,13 @@ impl Engine {
         if f.phase == Phase::Frozen {
             for i in f.backends.iter(map.len()) {
                 let b = &map.backends()[i];
-                if let Err(e) = self.step(Step::Done, b, f.id).await {
-                    tracing::error!(freeze = f.id, backend = %b.suffix, "done step failed: {e}");
-                    errors.push(format!("{}: {e}", b.suffix));
+                if let Err(source) = self.step(Step::Done, b, f.id).await {
+                    tracing::error!(freeze = f.id, backend = %b.suffix, "done step failed: {source}");
+                    errors.push(StepFailure {
+                        backend: b.suffix.clone(),
+                        step: Step::Done,
+                        source,
+                    });
                 }
             }
         }
@@ -1099,7 +1108,7 @@ impl Engine {
 
     /// OFF: ends the current freeze, if it is the one `req` names (its
     /// freezeId) and `req`'s dnSet, when given, names exactly its backends.
-    async fn off(&self, who: Requester, req: AllowBackupRequest) -> Answer {
+    async fn off(&self, who: Requester, req: AllowBackupRequest) -> Result<Granted, FreezeError> {
         let map = self.backends();
         // The backends dnSet names (None: all of those frozen).
         let mut named = None;
@@ -1109,15 +1118,13 @@ impl Engine {
                 match NormDn::parse(dn).and_then(|n| map.holding(&n)) {
                     Some(i) => set.insert(i),
                     None => {
-                        let shown = String::from_utf8_lossy(dn);
+                        let shown = String::from_utf8_lossy(dn).into_owned();
                         warn!(who = %who.name(), dn = %shown, "Allow-Backup OFF refused: no such backend");
-                        return (
-                            LdapResultCode::NoSuchObject,
-                            format!(
-                                "{shown} is not under any backend suffix (known: {}); nothing released",
-                                suffixes(&map, map.all())
-                            ),
-                        );
+                        return Err(FreezeError::UnknownBackend {
+                            dn: shown,
+                            known: suffixes(&map, map.all()),
+                            off: true,
+                        });
                     }
                 }
             }
@@ -1136,40 +1143,27 @@ impl Engine {
             return self.not_frozen(&who);
         };
         match phase {
-            Phase::Releasing => {
-                return (
-                    LdapResultCode::Busy,
-                    "the freeze is being released (done steps running); retry OFF in a moment"
-                        .into(),
-                )
-            }
-            Phase::Draining => {
-                return (
-                    LdapResultCode::Busy,
-                    "a freeze is still draining; retry OFF once ON has answered".into(),
-                )
-            }
+            Phase::Releasing => return Err(Busy::Releasing.into()),
+            Phase::Draining => return Err(Busy::Draining.into()),
             Phase::Frozen => {}
         }
         if let Some(named) = named.filter(|&s| s != frozen) {
             let not_frozen = BackendSet(named.0 & !frozen.0);
-            let msg = if not_frozen.is_empty() {
-                format!(
-                    "OFF names only some of the frozen backends ({} of {}): a partial release is \
-                     not supported; send OFF without dnSet, or naming every frozen backend \
-                     (freeze id {id}); nothing released",
-                    suffixes(&map, named),
-                    suffixes(&map, frozen)
-                )
+            let e = if not_frozen.is_empty() {
+                FreezeError::PartialRelease {
+                    named: suffixes(&map, named),
+                    frozen: suffixes(&map, frozen),
+                    id,
+                }
             } else {
-                format!(
-                    "{} not frozen (frozen: {}; freeze id {id}); nothing released",
-                    suffixes(&map, not_frozen),
-                    suffixes(&map, frozen)
-                )
+                FreezeError::BackendsNotFrozen {
+                    not_frozen: suffixes(&map, not_frozen),
+                    frozen: suffixes(&map, frozen),
+                    id,
+                }
             };
-            warn!(freeze = id, who = %who.name(), "Allow-Backup OFF refused: {msg}");
-            return (LdapResultCode::UnwillingToPerform, msg);
+            warn!(freeze = id, who = %who.name(), "Allow-Backup OFF refused: {e}");
+            return Err(e);
         }
         let queued = self.queued_requests.load(Ordering::Relaxed);
         let by = who.name();
@@ -1187,68 +1181,62 @@ impl Engine {
                 None => self.not_frozen(&who),
             };
         };
-        let secs = f.started.elapsed().as_secs_f64();
+        let after = f.started.elapsed();
         info!(
             freeze = f.id,
             who = %who.name(),
             holder = %f.holder.name(),
-            frozen_ms = (secs * 1000.0) as u64,
+            frozen_ms = after.as_millis() as u64,
             queued,
             "Allow-Backup OFF: released"
         );
         if errors.is_empty() {
-            (
-                LdapResultCode::Success,
-                format!(
-                    "released after {secs:.1} s; {queued} queued request(s) resumed; freeze id {}",
-                    f.id
-                ),
-            )
+            Ok(Granted::Released {
+                id: f.id,
+                after,
+                queued,
+            })
         } else {
-            (
-                LdapResultCode::Other,
-                format!("released, but done steps failed: {}", errors.join("; ")),
-            )
+            Err(FreezeError::DoneFailed(errors))
         }
     }
 
     /// A plain OFF with nothing frozen: "not frozen", or once after the
     /// lease ended a freeze, that it expired.
-    fn not_frozen(&self, who: &Requester) -> Answer {
+    fn not_frozen(&self, who: &Requester) -> Result<Granted, FreezeError> {
         let expired = self
             .expired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
         match expired {
-            Some((_, msg)) => {
-                warn!(who = %who.name(), "Allow-Backup OFF after lease expiry: {msg}");
-                (LdapResultCode::Other, msg)
+            Some((id, secs)) => {
+                let e = FreezeError::Expired { id, secs };
+                warn!(who = %who.name(), "Allow-Backup OFF after lease expiry: {e}");
+                Err(e)
             }
-            None => (LdapResultCode::Success, "not frozen".into()),
+            None => Ok(Granted::NotFrozen),
         }
     }
 
     /// The refusal of an OFF naming freeze `n`, which is not the current
     /// one (`current`): nothing is released; says how `n` ended, if known.
-    fn not_current(&self, who: &Requester, n: u64, current: Option<u64>) -> Answer {
-        let current = match current {
-            Some(m) => format!("current: freeze {m}"),
-            None => "current: none".into(),
-        };
-        let msg = if n >= self.next_id.load(Ordering::Relaxed) {
-            format!(
-                "freeze {n} is not the current freeze ({current}): no freeze {n} was set up \
-                 since abproxy started; nothing released"
-            )
+    fn not_current(
+        &self,
+        who: &Requester,
+        n: u64,
+        current: Option<u64>,
+    ) -> Result<Granted, FreezeError> {
+        let ended = if n >= self.next_id.load(Ordering::Relaxed) {
+            PastFreeze::NeverSetUp
         } else {
-            let how = self
-                .how_ended(n)
-                .unwrap_or_else(|| "earlier (how is no longer known)".into());
-            format!(
-                "freeze {n} is not the current freeze ({current}); it ended: {how}; nothing \
-                 released, and a backup taken under freeze {n} may be inconsistent"
-            )
+            self.how_ended(n)
+                .map_or(PastFreeze::Forgotten, PastFreeze::Ended)
+        };
+        let e = FreezeError::NotCurrent {
+            id: n,
+            current,
+            ended,
         };
         // This OFF has told its client about the expiry: a later plain OFF
         // need not.
@@ -1257,19 +1245,20 @@ impl Engine {
             *expired = None;
         }
         drop(expired);
-        warn!(who = %who.name(), freeze = n, "Allow-Backup OFF refused: {msg}");
-        (LdapResultCode::Other, msg)
+        warn!(who = %who.name(), freeze = n, "Allow-Backup OFF refused: {e}");
+        Err(e)
     }
 
     /// The status query: code, message and the AllowBackupStatus value.
     pub fn status(&self, who: &Requester) -> (LdapResultCode, String, Option<Vec<u8>>) {
-        if let Err((code, msg)) = authorise(
+        if let Err(e) = authorise(
             &self.allowed,
             &self.cfg.allowed_uids,
             &self.allowed_certs,
             who,
         ) {
-            return (code, msg, None);
+            let e = FreezeError::from(e);
+            return (e.result_code(), e.to_string(), None);
         }
         let map = self.backends();
         let st = self.read_state().clone();
@@ -1337,11 +1326,12 @@ struct Pending {
     reads: Vec<(SessionHandle, Vec<i32>)>,
 }
 
-fn suffixes(map: &BackendMap, set: BackendSet) -> String {
-    set.iter(map.len())
-        .map(|i| map.backends()[i].suffix.clone())
-        .collect::<Vec<_>>()
-        .join("; ")
+fn suffixes(map: &BackendMap, set: BackendSet) -> Suffixes {
+    Suffixes(
+        set.iter(map.len())
+            .map(|i| map.backends()[i].suffix.clone())
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -1396,7 +1386,10 @@ mod tests {
         }
     }
 
-    async fn request(engine: &Arc<Engine>, req: AllowBackupRequest) -> Answer {
+    async fn request(
+        engine: &Arc<Engine>,
+        req: AllowBackupRequest,
+    ) -> Result<Granted, FreezeError> {
         let value = abproxy_proto::encode_request(&req);
         engine.allow_backup(admin(), Some(&value)).await
     }
@@ -1457,8 +1450,8 @@ mod tests {
                 Duration::from_secs(2),
             );
             let started = tokio::time::Instant::now();
-            let (code, msg) = request(&engine, AllowBackupRequest::on()).await;
-            assert_eq!(code, LdapResultCode::Success, "{msg}");
+            let on = request(&engine, AllowBackupRequest::on()).await;
+            assert!(matches!(on, Ok(Granted::Frozen { id: 1, .. })), "{on:?}");
             // A driver that never answers costs its deadline, no more.
             let waited = if hangs {
                 Duration::from_secs(2)
@@ -1467,9 +1460,10 @@ mod tests {
             };
             assert_eq!(started.elapsed(), waited, "{said:?}");
             assert_eq!(engine.binds_are_writes(), writes, "{said:?}");
-            assert_eq!(
-                request(&engine, AllowBackupRequest::off()).await.0,
-                LdapResultCode::Success
+            let off = request(&engine, AllowBackupRequest::off()).await;
+            assert!(
+                matches!(off, Ok(Granted::Released { id: 1, .. })),
+                "{off:?}"
             );
         }
     }
@@ -1478,9 +1472,20 @@ mod tests {
     async fn a_prepare_that_never_returns_fails_on_at_its_deadline() {
         let engine = hung_engine(true, false);
         let started = tokio::time::Instant::now();
-        let (code, msg) = request(&engine, AllowBackupRequest::on()).await;
+        let e = request(&engine, AllowBackupRequest::on())
+            .await
+            .unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        assert_eq!(code, LdapResultCode::Other);
+        assert_eq!(e.result_code(), LdapResultCode::Other);
+        assert!(
+            matches!(
+                &e,
+                FreezeError::PrepareFailed(StepFailure { backend, step: Step::Prepare, source })
+                    if backend == "dc=example,dc=org" && source.is_timeout()
+            ),
+            "{e:?}"
+        );
+        let msg = e.to_string();
         assert!(
             msg.starts_with(
                 "prepare failed for backend dc=example,dc=org: the prepare step did not finish \
@@ -1495,10 +1500,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_done_that_never_returns_still_ends_the_freeze_at_its_deadline() {
         let engine = hung_engine(false, true);
-        assert_eq!(
-            request(&engine, AllowBackupRequest::on()).await.0,
-            LdapResultCode::Success
-        );
+        assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
         let off = tokio::spawn({
             let engine = engine.clone();
             async move { request(&engine, AllowBackupRequest::off()).await }
@@ -1511,9 +1513,16 @@ mod tests {
         assert_eq!((s.state, s.freeze_id), (FreezeState::Frozen, Some(1)));
         assert!(engine.status(&admin()).1.starts_with("releasing by "));
         let started = tokio::time::Instant::now();
-        let (code, msg) = off.await.unwrap();
+        let e = off.await.unwrap().unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        assert_eq!(code, LdapResultCode::Other);
+        assert_eq!(e.result_code(), LdapResultCode::Other);
+        let FreezeError::DoneFailed(failures) = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].step, Step::Done);
+        assert!(failures[0].source.is_timeout());
+        let msg = e.to_string();
         assert!(
             msg.starts_with(
                 "released, but done steps failed: dc=example,dc=org: the done step did not \
@@ -1528,14 +1537,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_lease_timer_ends_with_its_freeze() {
         let engine = Arc::new(engine(false));
-        assert_eq!(
-            request(&engine, AllowBackupRequest::on()).await.0,
-            LdapResultCode::Success
-        );
-        assert_eq!(
-            request(&engine, AllowBackupRequest::off()).await.0,
-            LdapResultCode::Success
-        );
+        assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
+        assert!(request(&engine, AllowBackupRequest::off()).await.is_ok());
         // Let the timer task see the end of its freeze.
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -1550,17 +1553,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_lease_still_ends_a_freeze_nobody_releases() {
         let engine = Arc::new(engine(false));
-        assert_eq!(
-            request(&engine, AllowBackupRequest::on()).await.0,
-            LdapResultCode::Success
-        );
+        assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
         let lease = Duration::from_secs(engine.config().lease_secs);
         tokio::time::sleep(lease - Duration::from_secs(1)).await;
         assert!(engine.read_state().is_some());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(engine.read_state().is_none(), "expired");
-        let (code, msg) = request(&engine, AllowBackupRequest::off()).await;
-        assert_eq!(code, LdapResultCode::Other);
+        let e = request(&engine, AllowBackupRequest::off())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FreezeError::Expired { id: 1, .. }), "{e:?}");
+        assert_eq!(e.result_code(), LdapResultCode::Other);
+        let msg = e.to_string();
         assert!(msg.starts_with("freeze expired after"), "{msg}");
     }
 

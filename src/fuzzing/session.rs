@@ -723,7 +723,9 @@ impl<'a> Harness<'a> {
                         let value = abproxy_proto::encode_request(&req);
                         let log = up_log.clone();
                         tokio::spawn(async move {
-                            let (code, msg) = engine.allow_backup(who, Some(&value)).await;
+                            let (code, msg) = crate::proxy::exops::allow_backup_answer(
+                                engine.allow_backup(who, Some(&value)).await,
+                            );
                             // The drain is over: nothing of a frozen backend
                             // may still be running at the server.
                             if code == LdapResultCode::Success {

@@ -2,8 +2,15 @@
 //! OpenLDAP's lloadd keeps its own in `servers/lloadd/extended.c`); every
 //! other extended operation is forwarded to the server. The session looks
 //! a request's name up here once and acts on what it finds.
+//!
+//! The answers to Allow-Backup and its status are made here too: what the
+//! freeze engine returns (typed values, [`Granted`] or [`FreezeError`])
+//! becomes the response's result code and message.
 
 use abproxy_proto::{ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID};
+use ldap3_proto::proto::LdapResultCode;
+
+use crate::freeze::{FreezeError, Granted};
 
 /// An extended operation the proxy answers (or may answer) itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +72,15 @@ pub fn listed(tls: bool) -> &'static [&'static str] {
     }
 }
 
+/// The result code and message of the response to an Allow-Backup
+/// request, from what the engine did or why it failed.
+pub fn allow_backup_answer(r: Result<Granted, FreezeError>) -> (LdapResultCode, String) {
+    match r {
+        Ok(granted) => (LdapResultCode::Success, granted.to_string()),
+        Err(e) => (e.result_code(), e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +117,44 @@ mod tests {
                 .collect();
             assert_eq!(listed(tls), want.as_slice(), "tls {tls}");
         }
+    }
+
+    #[test]
+    fn allow_backup_answers_are_the_code_and_message_of_what_happened() {
+        use crate::freeze::error::{Busy, Suffixes};
+        use std::time::Duration;
+        let (code, msg) = allow_backup_answer(Ok(Granted::Frozen {
+            id: 7,
+            backends: Suffixes(vec!["dc=example,dc=org".into(), "dc=other,dc=org".into()]),
+            drained: Duration::from_millis(12),
+            lease: Duration::from_secs(600),
+        }));
+        assert_eq!(code, LdapResultCode::Success);
+        assert_eq!(
+            msg,
+            "frozen: dc=example,dc=org; dc=other,dc=org; drained in 12 ms; lease 600 s; freeze id 7"
+        );
+        let (code, msg) = allow_backup_answer(Ok(Granted::Released {
+            id: 7,
+            after: Duration::from_millis(2345),
+            queued: 3,
+        }));
+        assert_eq!(code, LdapResultCode::Success);
+        assert_eq!(
+            msg,
+            "released after 2.3 s; 3 queued request(s) resumed; freeze id 7"
+        );
+        assert_eq!(
+            allow_backup_answer(Ok(Granted::NotFrozen)),
+            (LdapResultCode::Success, "not frozen".to_string())
+        );
+        assert_eq!(
+            allow_backup_answer(Err(Busy::Releasing.into())),
+            (
+                LdapResultCode::Busy,
+                "the freeze is being released (done steps running); retry OFF in a moment"
+                    .to_string()
+            )
+        );
     }
 }

@@ -1527,7 +1527,8 @@ impl Requests<'_> {
                 )
                 .await;
             }
-            let (code, msg) = engine.allow_backup(who, value.as_deref()).await;
+            let (code, msg) =
+                exops::allow_backup_answer(engine.allow_backup(who, value.as_deref()).await);
             let resp = pdu::extended_response(
                 msgid,
                 code,
