@@ -20,17 +20,6 @@ pub enum Mode {
     Unimplemented,
 }
 
-impl Mode {
-    /// The mode as the status value encodes it.
-    pub fn to_proto(self) -> abproxy_proto::BackendMode {
-        match self {
-            Mode::Readonly => abproxy_proto::BackendMode::Readonly,
-            Mode::Stop => abproxy_proto::BackendMode::Stop,
-            Mode::Unimplemented => abproxy_proto::BackendMode::Unimplemented,
-        }
-    }
-}
-
 /// A set of backends, by index in the [`BackendMap`] (at most 64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct BackendSet(pub u64);

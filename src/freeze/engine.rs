@@ -1,6 +1,6 @@
 //! The freeze state machine: Allow-Backup ON (authorise, resolve backends,
 //! install the freeze, drain, prepare) and OFF (done, release), the lease, the
-//! admission check every request passes, and the status value.
+//! admission check every request passes, and the status ([`Status`]).
 //!
 //! ```text
 //!          ON ok          drained + prepared
@@ -19,9 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use abproxy_proto::{AllowBackupRequest, AllowBackupStatus, BackendStatus, FreezeState};
+use abproxy_proto::AllowBackupRequest;
 use futures::future::BoxFuture;
-use ldap3_proto::proto::LdapResultCode;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -38,6 +37,7 @@ use super::error::{
 };
 use super::participant::{InFlight, Participant};
 use super::settings::{BindIsWrite, FreezeConfig};
+use super::status::{BackendStatus, CurrentFreeze, Phase, Status};
 use crate::wire::Envelope;
 
 /// What the engine asks a session to do.
@@ -96,15 +96,6 @@ impl Requester {
             None => format!("anonymous (conn {})", self.conn),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Draining,
-    Frozen,
-    /// OFF (or the lease, or the holder leaving) is running the done steps:
-    /// requests are still held until the servers accept writes again.
-    Releasing,
 }
 
 #[derive(Debug, Clone)]
@@ -1249,17 +1240,14 @@ impl Engine {
         Err(e)
     }
 
-    /// The status query: code, message and the AllowBackupStatus value.
-    pub fn status(&self, who: &Requester) -> (LdapResultCode, String, Option<Vec<u8>>) {
-        if let Err(e) = authorise(
+    /// The status query (refused unless `who` may use Allow-Backup).
+    pub fn status(&self, who: &Requester) -> Result<Status, FreezeError> {
+        authorise(
             &self.allowed,
             &self.cfg.allowed_uids,
             &self.allowed_certs,
             who,
-        ) {
-            let e = FreezeError::from(e);
-            return (e.result_code(), e.to_string(), None);
-        }
+        )?;
         let map = self.backends();
         let st = self.read_state().clone();
         let frozen = st.as_ref().map(|f| f.backends).unwrap_or_default();
@@ -1270,53 +1258,32 @@ impl Engine {
             .values()
             .map(|s| s.state.inflight().len())
             .sum();
-        let status = AllowBackupStatus {
-            state: match st.as_ref().map(|f| f.phase) {
-                None => FreezeState::Thawed,
-                Some(Phase::Draining) => FreezeState::Draining,
-                Some(Phase::Frozen | Phase::Releasing) => FreezeState::Frozen,
-            },
+        Ok(Status {
             backends: map
                 .backends()
                 .iter()
                 .enumerate()
-                .map(|(i, b)| BackendStatus::new(&b.suffix, b.mode.to_proto(), frozen.contains(i)))
+                .map(|(i, b)| BackendStatus {
+                    suffix: b.suffix.clone(),
+                    mode: b.mode,
+                    frozen: frozen.contains(i),
+                })
                 .collect(),
-            holder: st
-                .as_ref()
-                .and_then(|f| f.holder.identity())
-                .map(|d| abproxy_proto::LdapDn::from(d.as_bytes().to_vec())),
-            since: st.as_ref().map(|f| epoch_secs(f.since)),
+            freeze: st.map(|f| CurrentFreeze {
+                id: f.id,
+                phase: f.phase,
+                holder: f.holder.identity(),
+                holder_name: f.holder.name(),
+                since: f.since,
+                age: f.started.elapsed(),
+                lease_expires: f
+                    .lease_until
+                    .map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now())),
+            }),
             queued_requests: self.queued_requests.load(Ordering::Relaxed) as u64,
             queued_bytes: self.queued_bytes.load(Ordering::Relaxed) as u64,
             in_flight: in_flight as u64,
-            lease_expires: st.as_ref().and_then(|f| {
-                f.lease_until.map(|u| {
-                    epoch_secs(SystemTime::now() + u.saturating_duration_since(Instant::now()))
-                })
-            }),
-            freeze_id: st.as_ref().map(|f| f.id),
-            releasing: st.as_ref().is_some_and(|f| f.phase == Phase::Releasing),
-        };
-        let text = match &st {
-            None => "thawed".to_string(),
-            Some(f) => format!(
-                "{} by {} for {} s: {}",
-                match f.phase {
-                    Phase::Draining => "draining",
-                    Phase::Frozen => "frozen",
-                    Phase::Releasing => "releasing",
-                },
-                f.holder.name(),
-                f.started.elapsed().as_secs(),
-                suffixes(&map, f.backends)
-            ),
-        };
-        (
-            LdapResultCode::Success,
-            text,
-            Some(abproxy_proto::encode_status(&status)),
-        )
+        })
     }
 }
 
@@ -1337,6 +1304,7 @@ fn suffixes(map: &BackendMap, set: BackendSet) -> Suffixes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ldap3_proto::proto::LdapResultCode;
 
     fn engine(bind_is_write: bool) -> Engine {
         let cfg = FreezeConfig {
@@ -1394,9 +1362,8 @@ mod tests {
         engine.allow_backup(admin(), Some(&value)).await
     }
 
-    fn decoded_status(engine: &Engine) -> AllowBackupStatus {
-        let (_, _, value) = engine.status(&admin());
-        abproxy_proto::decode_status(&value.unwrap()).unwrap()
+    fn status(engine: &Engine) -> Status {
+        engine.status(&admin()).unwrap()
     }
 
     fn hung_engine(prepare: bool, done: bool) -> Arc<Engine> {
@@ -1494,7 +1461,7 @@ mod tests {
             "{msg}"
         );
         assert!(engine.read_state().is_none(), "the freeze is undone");
-        assert_eq!(decoded_status(&engine).state, FreezeState::Thawed);
+        assert_eq!(status(&engine).freeze, None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1506,12 +1473,12 @@ mod tests {
             async move { request(&engine, AllowBackupRequest::off()).await }
         });
         // While the done step runs, the status says releasing.
-        while !decoded_status(&engine).releasing {
+        while status(&engine).phase() != Some(Phase::Releasing) {
             tokio::task::yield_now().await;
         }
-        let s = decoded_status(&engine);
-        assert_eq!((s.state, s.freeze_id), (FreezeState::Frozen, Some(1)));
-        assert!(engine.status(&admin()).1.starts_with("releasing by "));
+        let s = status(&engine);
+        assert_eq!(s.freeze.as_ref().map(|f| f.id), Some(1));
+        assert!(s.to_string().starts_with("releasing by "), "{s}");
         let started = tokio::time::Instant::now();
         let e = off.await.unwrap().unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_secs(2));
@@ -1531,7 +1498,7 @@ mod tests {
             "{msg}"
         );
         assert!(engine.read_state().is_none(), "released");
-        assert!(!decoded_status(&engine).releasing);
+        assert_eq!(status(&engine).phase(), None);
     }
 
     #[tokio::test(start_paused = true)]

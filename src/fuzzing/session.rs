@@ -488,8 +488,10 @@ fn operator() -> Requester {
 }
 
 fn status(engine: &Engine) -> AllowBackupStatus {
-    let (_, _, value) = engine.status(&operator());
-    abproxy_proto::decode_status(&value.expect("the operator may read the status"))
+    let status = engine
+        .status(&operator())
+        .expect("the operator may read the status");
+    abproxy_proto::decode_status(&crate::proxy::exops::status_value(&status))
         .expect("the status value decodes")
 }
 

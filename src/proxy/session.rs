@@ -1230,7 +1230,8 @@ impl Requests<'_> {
                 Step::Continue
             }
             LocalOp::Status => {
-                let (code, msg, value) = self.engine.status(&self.requester());
+                let (code, msg, value) =
+                    exops::status_answer(self.engine.status(&self.requester()));
                 let resp = pdu::extended_response(
                     env.msgid,
                     code,
