@@ -130,7 +130,7 @@ type Installed = (Arc<dyn Driver>, Duration);
 
 /// What an Allow-Backup request that succeeded did (its response's
 /// message is this value's `Display`; its result code is success).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Granted {
     /// ON: the backends are frozen.
     Frozen {
