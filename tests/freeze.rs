@@ -1036,10 +1036,10 @@ impl abproxy::freeze::Driver for TestDriver {
         &'a self,
         _b: &'a abproxy::freeze::backend::Backend,
         _id: u64,
-    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+    ) -> futures::future::BoxFuture<'a, Result<(), abproxy::freeze::drivers::DriverError>> {
         Box::pin(async move {
             if self.fail {
-                Err("boom".into())
+                Err(abproxy::freeze::drivers::DriverError::other("boom"))
             } else {
                 Ok(())
             }
@@ -1049,7 +1049,7 @@ impl abproxy::freeze::Driver for TestDriver {
         &'a self,
         _b: &'a abproxy::freeze::backend::Backend,
         _id: u64,
-    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+    ) -> futures::future::BoxFuture<'a, Result<(), abproxy::freeze::drivers::DriverError>> {
         self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async { Ok(()) })
     }

@@ -637,11 +637,8 @@ async fn client_certificate_subject_can_freeze_without_a_bind() {
             peer_uid: None,
             cert_subject: Some("cn=backup,o=Example".into()),
         });
-        let st = abproxy_proto::decode_status(&st.2.unwrap()).unwrap();
-        assert_eq!(
-            st.holder.as_deref(),
-            Some(b"cn=backup,o=Example".as_slice())
-        );
+        let holder = st.unwrap().freeze.and_then(|f| f.holder);
+        assert_eq!(holder.as_deref(), Some("cn=backup,o=Example"));
         let off = Exop {
             name: Some(abproxy_proto::ALLOW_BACKUP_OID.into()),
             val: Some(abproxy_proto::encode_request(
@@ -927,10 +924,7 @@ async fn freeze_with_writers_on_tls_sessions_keeps_every_acknowledged_write_once
         peer_uid: None,
         cert_subject: None,
     };
-    let queued = || {
-        let st = engine.status(&who).2.unwrap();
-        abproxy_proto::decode_status(&st).unwrap().queued_requests
-    };
+    let queued = || engine.status(&who).unwrap().queued_requests;
     wait_until("every writer held", 30, || queued() == WRITERS as u64).await;
     let first = lab.slapd.slapcat("dc=other,dc=org").unwrap();
     let acked_frozen = acked_total.load(Ordering::Relaxed);

@@ -20,17 +20,6 @@ pub enum Mode {
     Unimplemented,
 }
 
-impl Mode {
-    /// The mode as the status value encodes it.
-    pub fn to_proto(self) -> abproxy_proto::BackendMode {
-        match self {
-            Mode::Readonly => abproxy_proto::BackendMode::Readonly,
-            Mode::Stop => abproxy_proto::BackendMode::Stop,
-            Mode::Unimplemented => abproxy_proto::BackendMode::Unimplemented,
-        }
-    }
-}
-
 /// A set of backends, by index in the [`BackendMap`] (at most 64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct BackendSet(pub u64);
@@ -104,21 +93,38 @@ pub struct BackendMap {
 /// Maximum number of backends (a [`BackendSet`] is 64 bits).
 pub const MAX_BACKENDS: usize = 64;
 
+/// Why a list of suffixes is no [`BackendMap`] (a configuration error, or
+/// a root DSE whose namingContexts cannot serve as backends).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendMapError {
+    /// A suffix that does not parse as a DN, or the root DN.
+    #[error("backend suffix {0:?} is not a valid DN")]
+    InvalidSuffix(String),
+    /// The same suffix (as DNs compare) twice.
+    #[error("backend suffix {0:?} is listed twice")]
+    Duplicate(String),
+    /// More than [`MAX_BACKENDS`].
+    #[error("at most {MAX_BACKENDS} backends are supported")]
+    TooMany,
+}
+
 impl BackendMap {
     /// Builds the map; suffixes that do not parse or repeat are errors.
-    pub fn new(list: impl IntoIterator<Item = (String, Mode)>) -> Result<BackendMap, String> {
+    pub fn new(
+        list: impl IntoIterator<Item = (String, Mode)>,
+    ) -> Result<BackendMap, BackendMapError> {
         let mut backends: Vec<Backend> = Vec::new();
         for (suffix, mode) in list {
-            let norm = NormDn::parse(suffix.as_bytes())
-                .filter(|n| !n.is_root())
-                .ok_or_else(|| format!("backend suffix {suffix:?} is not a valid DN"))?;
+            let Some(norm) = NormDn::parse(suffix.as_bytes()).filter(|n| !n.is_root()) else {
+                return Err(BackendMapError::InvalidSuffix(suffix));
+            };
             if backends.iter().any(|b| b.norm == norm) {
-                return Err(format!("backend suffix {suffix:?} is listed twice"));
+                return Err(BackendMapError::Duplicate(suffix));
             }
             backends.push(Backend { suffix, norm, mode });
         }
         if backends.len() > MAX_BACKENDS {
-            return Err(format!("at most {MAX_BACKENDS} backends are supported"));
+            return Err(BackendMapError::TooMany);
         }
         Ok(BackendMap { backends })
     }
@@ -533,13 +539,23 @@ mod tests {
 
     #[test]
     fn bad_maps() {
-        assert!(BackendMap::new([("x".to_string(), Mode::Stop)]).is_err());
-        assert!(BackendMap::new([("".to_string(), Mode::Stop)]).is_err());
-        assert!(BackendMap::new([
+        let e = BackendMap::new([("x".to_string(), Mode::Stop)]).unwrap_err();
+        assert_eq!(e, BackendMapError::InvalidSuffix("x".into()));
+        assert_eq!(e.to_string(), "backend suffix \"x\" is not a valid DN");
+        assert_eq!(
+            BackendMap::new([("".to_string(), Mode::Stop)]),
+            Err(BackendMapError::InvalidSuffix(String::new()))
+        );
+        let e = BackendMap::new([
             ("dc=a".to_string(), Mode::Stop),
-            ("DC=A".to_string(), Mode::Readonly)
+            ("DC=A".to_string(), Mode::Readonly),
         ])
-        .is_err());
+        .unwrap_err();
+        assert_eq!(e, BackendMapError::Duplicate("DC=A".into()));
+        assert_eq!(e.to_string(), "backend suffix \"DC=A\" is listed twice");
+        let many = (0..=MAX_BACKENDS).map(|i| (format!("dc=b{i}"), Mode::Readonly));
+        let e = BackendMap::new(many).unwrap_err();
+        assert_eq!(e.to_string(), "at most 64 backends are supported");
     }
 
     fn write_to(dn: &str) -> Class {

@@ -1,6 +1,6 @@
 //! The freeze state machine: Allow-Backup ON (authorise, resolve backends,
 //! install the freeze, drain, prepare) and OFF (done, release), the lease, the
-//! admission check every request passes, and the status value.
+//! admission check every request passes, and the status ([`Status`]).
 //!
 //! ```text
 //!          ON ok          drained + prepared
@@ -19,18 +19,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use abproxy_proto::{AllowBackupRequest, AllowBackupStatus, BackendStatus, FreezeState};
+use abproxy_proto::AllowBackupRequest;
 use futures::future::BoxFuture;
-use ldap3_proto::proto::LdapResultCode;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::backend::{Backend, BackendMap, BackendSet, Class, ClassifyOptions, Kind, Mode};
 use super::dn::NormDn;
-use super::drivers::{run_step, Driver, NoopDriver, Step, StepError, DEFAULT_DRIVER_DEADLINE};
+use super::drivers::{
+    run_step, with_deadline, Driver, DriverError, DriverOp, NoopDriver, Step,
+    DEFAULT_DRIVER_DEADLINE,
+};
+use super::error::{
+    BadRequest, Busy, DrainError, FreezeError, NotAuthorised, OnStage, PastFreeze, StepFailure,
+    Suffixes,
+};
 use super::participant::{InFlight, Participant};
 use super::settings::{BindIsWrite, FreezeConfig};
+use super::status::{BackendStatus, CurrentFreeze, Phase, Status};
 use crate::wire::Envelope;
 
 /// What the engine asks a session to do.
@@ -91,15 +98,6 @@ impl Requester {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Draining,
-    Frozen,
-    /// OFF (or the lease, or the holder leaving) is running the done steps:
-    /// requests are still held until the servers accept writes again.
-    Releasing,
-}
-
 #[derive(Debug, Clone)]
 struct Freeze {
     id: u64,
@@ -130,8 +128,57 @@ impl Freeze {
 /// A backend's driver and the deadline of each of its steps.
 type Installed = (Arc<dyn Driver>, Duration);
 
-/// The result of an Allow-Backup request.
-pub type Answer = (LdapResultCode, String);
+/// What an Allow-Backup request that succeeded did (its response's
+/// message is this value's `Display`; its result code is success).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Granted {
+    /// ON: the backends are frozen.
+    Frozen {
+        /// The freeze's id (for OFF's freezeId).
+        id: u64,
+        /// The frozen backends.
+        backends: Suffixes,
+        /// How long the drain took.
+        drained: Duration,
+        /// How long the freeze lasts unless released.
+        lease: Duration,
+    },
+    /// OFF: the freeze is released.
+    Released {
+        /// The freeze's id.
+        id: u64,
+        /// How long it lasted.
+        after: Duration,
+        /// How many held requests it released.
+        queued: usize,
+    },
+    /// A plain OFF with nothing frozen.
+    NotFrozen,
+}
+
+impl std::fmt::Display for Granted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Granted::Frozen {
+                id,
+                backends,
+                drained,
+                lease,
+            } => write!(
+                f,
+                "frozen: {backends}; drained in {} ms; lease {} s; freeze id {id}",
+                drained.as_millis(),
+                lease.as_secs()
+            ),
+            Granted::Released { id, after, queued } => write!(
+                f,
+                "released after {:.1} s; {queued} queued request(s) resumed; freeze id {id}",
+                after.as_secs_f64()
+            ),
+            Granted::NotFrozen => f.write_str("not frozen"),
+        }
+    }
+}
 
 /// How many ended freezes the engine remembers (for an OFF naming one).
 const ENDED_KEPT: usize = 64;
@@ -142,7 +189,7 @@ fn authorise(
     allowed_uids: &[u32],
     allowed_certs: &[NormDn],
     who: &Requester,
-) -> Result<(), Answer> {
+) -> Result<(), NotAuthorised> {
     // A local client of an ldapi listener, by the uid the kernel reports.
     if let Some((uid, _)) = who.peer_uid {
         if who.bound_dn.is_none() && allowed_uids.contains(&uid) {
@@ -158,30 +205,16 @@ fn authorise(
         }
     }
     let Some(dn) = &who.bound_dn else {
-        return Err((
-            LdapResultCode::InsufficentAccessRights,
-            match &who.cert_subject {
-                Some(s) => format!(
-                    "Allow-Backup requires an authenticated identity: the client certificate \
-                     {s} is not in freeze.allowed_cert_subjects, and no DN in freeze.allowed \
-                     is bound"
-                ),
-                None => "Allow-Backup requires an authenticated identity listed in freeze.allowed \
-                         (or, on an ldapi listener, a uid in freeze.allowed_uids; over TLS, a \
-                         client certificate in freeze.allowed_cert_subjects); anonymous is never \
-                         allowed"
-                    .into(),
-            },
-        ));
+        return Err(match &who.cert_subject {
+            Some(s) => NotAuthorised::Certificate { subject: s.clone() },
+            None => NotAuthorised::Anonymous,
+        });
     };
     let norm = NormDn::parse(dn.as_bytes());
     if norm.is_some_and(|n| allowed.contains(&n)) {
         Ok(())
     } else {
-        Err((
-            LdapResultCode::InsufficentAccessRights,
-            format!("{dn} is not allowed to use Allow-Backup (freeze.allowed)"),
-        ))
+        Err(NotAuthorised::Dn { dn: dn.clone() })
     }
 }
 
@@ -206,9 +239,9 @@ pub struct Engine {
     completed: Notify,
     /// The id of the next accepted ON (ids of refused ONs are not used up).
     next_id: AtomicU64,
-    /// The last freeze the lease ended, and the message the next plain OFF
-    /// answers with.
-    expired: Mutex<Option<(u64, String)>>,
+    /// The last freeze the lease ended (the next plain OFF answers that it
+    /// expired): its id and how long it lasted, in seconds.
+    expired: Mutex<Option<(u64, u64)>>,
     /// How the most recent freezes ended (at most [`ENDED_KEPT`]), for an
     /// OFF that names one of them.
     ended: Mutex<VecDeque<(u64, String)>>,
@@ -309,7 +342,7 @@ impl Engine {
     }
 
     /// Runs `step` of `b`'s driver under its deadline.
-    async fn step(&self, step: Step, b: &Backend, freeze_id: u64) -> Result<(), StepError> {
+    async fn step(&self, step: Step, b: &Backend, freeze_id: u64) -> Result<(), DriverError> {
         let (driver, deadline) = self.installed(b);
         run_step(&*driver, step, b, freeze_id, deadline).await
     }
@@ -397,14 +430,11 @@ impl Engine {
         for i in set.iter(map.len()) {
             let b = &map.backends()[i];
             let (driver, deadline) = self.installed(b);
-            let why = match tokio::time::timeout(deadline, driver.bind_writes(b)).await {
-                Ok(Ok(None)) => continue,
-                Ok(Ok(Some(why))) => why,
-                Ok(Err(e)) => format!("its driver cannot tell ({e})"),
-                Err(_) => format!(
-                    "its driver did not answer within {} s (driver_timeout_secs)",
-                    deadline.as_secs()
-                ),
+            let asked = with_deadline(DriverOp::BindWrites, deadline, driver.bind_writes(b));
+            let why = match asked.await {
+                Ok(None) => continue,
+                Ok(Some(why)) => why,
+                Err(e) => format!("its driver cannot tell ({e})"),
             };
             self.classify.bind_is_write.store(true, Ordering::Relaxed);
             info!(
@@ -613,33 +643,20 @@ impl Engine {
         &self.cfg
     }
 
-    /// Handles an Allow-Backup request (the response's code and message).
-    pub async fn allow_backup(self: &Arc<Self>, who: Requester, value: Option<&[u8]>) -> Answer {
-        let Some(value) = value else {
-            return (
-                LdapResultCode::ProtocolError,
-                "Allow-Backup request has no requestValue (expected AllowBackupRequest)".into(),
-            );
-        };
-        let req = match abproxy_proto::decode_request(value) {
-            Ok(r) => r,
-            Err(e) => return (LdapResultCode::ProtocolError, e.to_string()),
-        };
+    /// Handles an Allow-Backup request: what it did, or why it failed
+    /// (the proxy makes the response of either).
+    pub async fn allow_backup(
+        self: &Arc<Self>,
+        who: Requester,
+        value: Option<&[u8]>,
+    ) -> Result<Granted, FreezeError> {
+        let value = value.ok_or(BadRequest::NoValue)?;
+        let req = abproxy_proto::decode_request(value).map_err(BadRequest::Undecodable)?;
         if req.dns().is_some_and(|dns| dns.is_empty()) {
-            return (
-                LdapResultCode::ProtocolError,
-                "Allow-Backup request has an empty dnSet: name at least one backend, or leave \
-                 dnSet out to mean all of them"
-                    .into(),
-            );
+            return Err(BadRequest::EmptyDnSet.into());
         }
         if req.mode && req.freeze_id.is_some() {
-            return (
-                LdapResultCode::ProtocolError,
-                "Allow-Backup ON (mode TRUE) with a freezeId: freezeId names the freeze an OFF \
-                 ends, the proxy chooses the id of a new freeze"
-                    .into(),
-            );
+            return Err(BadRequest::FreezeIdInOn.into());
         }
         if let Err(refusal) = authorise(
             &self.allowed,
@@ -647,8 +664,8 @@ impl Engine {
             &self.allowed_certs,
             &who,
         ) {
-            warn!(who = %who.name(), on = req.mode, "Allow-Backup refused: {}", refusal.1);
-            return refusal;
+            warn!(who = %who.name(), on = req.mode, "Allow-Backup refused: {refusal}");
+            return Err(refusal.into());
         }
         if req.mode {
             self.on(who, req).await
@@ -657,14 +674,14 @@ impl Engine {
         }
     }
 
-    async fn on(self: &Arc<Self>, who: Requester, req: AllowBackupRequest) -> Answer {
+    async fn on(
+        self: &Arc<Self>,
+        who: Requester,
+        req: AllowBackupRequest,
+    ) -> Result<Granted, FreezeError> {
         let map = self.backends();
         if map.is_empty() {
-            return (
-                LdapResultCode::NoSuchObject,
-                "no backends known (none configured and the server's namingContexts could not be read)"
-                    .into(),
-            );
+            return Err(FreezeError::NoBackends);
         }
         // Resolve dnSet.
         let mut set = BackendSet::EMPTY;
@@ -677,13 +694,11 @@ impl Engine {
                         Some(i) => set.insert(i),
                         None => {
                             warn!(who = %who.name(), dn = %shown, "Allow-Backup ON refused: no such backend");
-                            return (
-                                LdapResultCode::NoSuchObject,
-                                format!(
-                                    "{shown} is not under any backend suffix (known: {})",
-                                    suffixes(&map, map.all())
-                                ),
-                            );
+                            return Err(FreezeError::UnknownBackend {
+                                dn: shown,
+                                known: suffixes(&map, map.all()),
+                                off: false,
+                            });
                         }
                     }
                 }
@@ -696,13 +711,7 @@ impl Engine {
             .collect();
         if !unimpl.is_empty() {
             warn!(who = %who.name(), "Allow-Backup ON refused: unimplemented backends {unimpl:?}");
-            return (
-                LdapResultCode::UnwillingToPerform,
-                format!(
-                    "backend(s) {} cannot be frozen (mode unimplemented)",
-                    unimpl.join(", ")
-                ),
-            );
+            return Err(FreezeError::Unimplemented { backends: unimpl });
         }
         // A partial freeze: every backend's driver checks that the server
         // cannot change a frozen backend by itself when another is written
@@ -717,20 +726,19 @@ impl Engine {
             for b in map.backends() {
                 let (driver, deadline) = self.installed(b);
                 let check = driver.check_partial(b, &frozen, map.backends());
-                let checked = tokio::time::timeout(deadline, check)
+                let checked = with_deadline(DriverOp::CheckPartial, deadline, check)
                     .await
-                    .unwrap_or_else(|_| {
-                        Err(format!(
-                            "the driver of {} did not finish its check within {} s \
-                             (driver_timeout_secs)",
-                            b.suffix,
-                            deadline.as_secs()
-                        ))
+                    .map_err(|e| match e.is_timeout() {
+                        true => e.context(format_args!("the driver of {}", b.suffix)),
+                        false => e,
                     });
-                if let Err(reason) = checked {
-                    let msg = format!("partial freeze refused: {reason}; nothing frozen");
-                    warn!(who = %who.name(), "Allow-Backup ON refused: {msg}");
-                    return (LdapResultCode::UnwillingToPerform, msg);
+                if let Err(source) = checked {
+                    let e = FreezeError::PartialFreezeRefused {
+                        backend: b.suffix.clone(),
+                        source,
+                    };
+                    warn!(who = %who.name(), backend = %b.suffix, "Allow-Backup ON refused: {e}");
+                    return Err(e);
                 }
             }
         }
@@ -760,21 +768,14 @@ impl Engine {
             if let Some(f) = st.as_ref() {
                 let since = epoch_secs(f.since);
                 warn!(who = %who.name(), holder = %f.holder.name(), "Allow-Backup ON refused: busy");
-                return (
-                    LdapResultCode::Busy,
-                    format!(
-                        "already {} by {} since {} (unix time, {} s ago; freeze id {})",
-                        if f.phase == Phase::Draining {
-                            "draining"
-                        } else {
-                            "frozen"
-                        },
-                        f.holder.name(),
-                        since,
-                        f.started.elapsed().as_secs(),
-                        f.id
-                    ),
-                );
+                return Err(Busy::AlreadyFrozen {
+                    draining: f.phase == Phase::Draining,
+                    holder: f.holder.name(),
+                    since,
+                    secs: f.started.elapsed().as_secs(),
+                    id: f.id,
+                }
+                .into());
             }
             freeze.id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let id = freeze.id;
@@ -798,12 +799,12 @@ impl Engine {
             .unwrap_or(max);
         let drain = self.drain(id, limit, &map).await;
         self.draining.store(false, Ordering::Relaxed);
-        let drained_ms = match drain {
-            Ok(d) => d.as_millis() as u64,
-            Err(msg) => {
-                self.abort_freeze(id, &msg).await;
-                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {msg}; freeze undone");
-                return (LdapResultCode::Other, msg);
+        let drained = match drain {
+            Ok(d) => d,
+            Err(e) => {
+                self.abort_freeze(id, &e).await;
+                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {e}; freeze undone");
+                return Err(e);
             }
         };
 
@@ -811,20 +812,21 @@ impl Engine {
         let mut prepared = Vec::new();
         for i in set.iter(map.len()) {
             let b = &map.backends()[i];
-            if let Err(e) = self.step(Step::Prepare, b, id).await {
+            if let Err(source) = self.step(Step::Prepare, b, id).await {
                 for j in prepared.iter().rev() {
                     let pb: &Backend = &map.backends()[*j];
                     if let Err(e2) = self.step(Step::Done, pb, id).await {
                         tracing::error!(backend = %pb.suffix, "done step failed after a failed prepare: {e2}");
                     }
                 }
-                let msg = format!(
-                    "prepare failed for backend {}: {e}; freeze undone",
-                    b.suffix
-                );
-                self.abort_freeze(id, &msg).await;
-                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {msg}");
-                return (LdapResultCode::Other, msg);
+                let e = FreezeError::PrepareFailed(StepFailure {
+                    backend: b.suffix.clone(),
+                    step: Step::Prepare,
+                    source,
+                });
+                self.abort_freeze(id, &e).await;
+                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {e}");
+                return Err(e);
             }
             prepared.push(i);
         }
@@ -837,13 +839,7 @@ impl Engine {
                     f.phase = Phase::Frozen;
                     f.lease_until = Some(Instant::now() + lease);
                 }
-                _ => {
-                    return (
-                        LdapResultCode::Other,
-                        "the freeze ended while it was being prepared (holder connection closed)"
-                            .into(),
-                    )
-                }
+                _ => return Err(FreezeError::EndedDuringOn(OnStage::Preparing)),
             }
         }
         if let Some(timer) = self.lease_timer() {
@@ -853,17 +849,16 @@ impl Engine {
             freeze = id,
             who = %who.name(),
             backends = %names,
-            drain_ms = drained_ms,
+            drain_ms = drained.as_millis() as u64,
             lease_s = lease.as_secs(),
             "Allow-Backup ON: frozen"
         );
-        (
-            LdapResultCode::Success,
-            format!(
-                "frozen: {names}; drained in {drained_ms} ms; lease {} s; freeze id {id}",
-                lease.as_secs()
-            ),
-        )
+        Ok(Granted::Frozen {
+            id,
+            backends: names,
+            drained,
+            lease,
+        })
     }
 
     /// The lease timer of the current freeze, as a future to spawn.
@@ -896,17 +891,20 @@ impl Engine {
                 .await;
             if let Some((f, _)) = ended {
                 let secs = f.started.elapsed().as_secs();
-                let msg = format!(
-                    "freeze expired after {secs} s; the backup may be inconsistent (freeze id {id})"
-                );
-                warn!(freeze = id, holder = %f.holder.name(), "lease expired: {msg}; operations resumed");
-                *engine.expired.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, msg));
+                let e = FreezeError::Expired { id, secs };
+                warn!(freeze = id, holder = %f.holder.name(), "lease expired: {e}; operations resumed");
+                *engine.expired.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, secs));
             }
         }))
     }
 
     /// Waits until no in-flight request that freeze `id` holds is left.
-    async fn drain(&self, id: u64, limit: Duration, map: &BackendMap) -> Result<Duration, String> {
+    async fn drain(
+        &self,
+        id: u64,
+        limit: Duration,
+        map: &BackendMap,
+    ) -> Result<Duration, FreezeError> {
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -914,7 +912,7 @@ impl Engine {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let Some(freeze) = self.read_state().clone().filter(|f| f.id == id) else {
-                return Err("the freeze ended while draining (holder connection closed)".into());
+                return Err(FreezeError::EndedDuringOn(OnStage::Draining));
             };
             let pending = self.pending(&freeze);
             if pending.writes == 0 && pending.reads.is_empty() {
@@ -929,13 +927,12 @@ impl Engine {
             }
             let pending = self.pending(&freeze);
             if pending.writes > 0 {
-                return Err(format!(
-                    "write in progress after the drain time limit of {} s ({} write(s) in flight on {}); \
-                     freeze undone, try again later",
-                    limit.as_secs(),
-                    pending.writes,
-                    suffixes(map, freeze.backends)
-                ));
+                return Err(DrainError::WritesInFlight {
+                    limit,
+                    writes: pending.writes,
+                    backends: suffixes(map, freeze.backends),
+                }
+                .into());
             }
             // Only reads (stop mode): abandon them, answer timeLimitExceeded.
             let n: usize = pending.reads.iter().map(|(_, v)| v.len()).sum();
@@ -956,9 +953,7 @@ impl Engine {
                 notified.as_mut().enable();
                 let p = self.pending(&freeze);
                 if p.writes > 0 {
-                    return Err(
-                        "write in progress after the drain time limit; freeze undone".into(),
-                    );
+                    return Err(DrainError::WriteWhileAbandoning.into());
                 }
                 if p.reads.is_empty() {
                     return Ok(start.elapsed());
@@ -966,7 +961,7 @@ impl Engine {
                 tokio::select! {
                     _ = notified => {}
                     _ = tokio::time::sleep_until(settle) => {
-                        return Err("in-flight reads could not be abandoned in time; freeze undone".into());
+                        return Err(DrainError::ReadsNotAbandoned.into());
                     }
                 }
             }
@@ -1010,7 +1005,7 @@ impl Engine {
 
     /// Undoes a freeze that failed before it was complete (`why`: the
     /// failure its ON answered with).
-    async fn abort_freeze(&self, id: u64, why: &str) {
+    async fn abort_freeze(&self, id: u64, why: &FreezeError) {
         let mut st = self.write_state();
         if let Some(f) = st.as_ref().filter(|f| f.id == id) {
             f.ended.cancel();
@@ -1048,7 +1043,7 @@ impl Engine {
         &self,
         pred: impl FnOnce(&Freeze) -> bool,
         how: impl FnOnce(&Freeze) -> String,
-    ) -> Option<(Freeze, Vec<String>)> {
+    ) -> Option<(Freeze, Vec<StepFailure>)> {
         // While the done steps run, the freeze stays in place (Releasing): a
         // write arriving now is still held, instead of reaching a server
         // that a driver has not yet made writable again.
@@ -1067,9 +1062,13 @@ impl Engine {
         if f.phase == Phase::Frozen {
             for i in f.backends.iter(map.len()) {
                 let b = &map.backends()[i];
-                if let Err(e) = self.step(Step::Done, b, f.id).await {
-                    tracing::error!(freeze = f.id, backend = %b.suffix, "done step failed: {e}");
-                    errors.push(format!("{}: {e}", b.suffix));
+                if let Err(source) = self.step(Step::Done, b, f.id).await {
+                    tracing::error!(freeze = f.id, backend = %b.suffix, "done step failed: {source}");
+                    errors.push(StepFailure {
+                        backend: b.suffix.clone(),
+                        step: Step::Done,
+                        source,
+                    });
                 }
             }
         }
@@ -1108,7 +1107,7 @@ impl Engine {
 
     /// OFF: ends the current freeze, if it is the one `req` names (its
     /// freezeId) and `req`'s dnSet, when given, names exactly its backends.
-    async fn off(&self, who: Requester, req: AllowBackupRequest) -> Answer {
+    async fn off(&self, who: Requester, req: AllowBackupRequest) -> Result<Granted, FreezeError> {
         let map = self.backends();
         // The backends dnSet names (None: all of those frozen).
         let mut named = None;
@@ -1118,15 +1117,13 @@ impl Engine {
                 match NormDn::parse(dn).and_then(|n| map.holding(&n)) {
                     Some(i) => set.insert(i),
                     None => {
-                        let shown = String::from_utf8_lossy(dn);
+                        let shown = String::from_utf8_lossy(dn).into_owned();
                         warn!(who = %who.name(), dn = %shown, "Allow-Backup OFF refused: no such backend");
-                        return (
-                            LdapResultCode::NoSuchObject,
-                            format!(
-                                "{shown} is not under any backend suffix (known: {}); nothing released",
-                                suffixes(&map, map.all())
-                            ),
-                        );
+                        return Err(FreezeError::UnknownBackend {
+                            dn: shown,
+                            known: suffixes(&map, map.all()),
+                            off: true,
+                        });
                     }
                 }
             }
@@ -1145,40 +1142,27 @@ impl Engine {
             return self.not_frozen(&who);
         };
         match phase {
-            Phase::Releasing => {
-                return (
-                    LdapResultCode::Busy,
-                    "the freeze is being released (done steps running); retry OFF in a moment"
-                        .into(),
-                )
-            }
-            Phase::Draining => {
-                return (
-                    LdapResultCode::Busy,
-                    "a freeze is still draining; retry OFF once ON has answered".into(),
-                )
-            }
+            Phase::Releasing => return Err(Busy::Releasing.into()),
+            Phase::Draining => return Err(Busy::Draining.into()),
             Phase::Frozen => {}
         }
         if let Some(named) = named.filter(|&s| s != frozen) {
             let not_frozen = BackendSet(named.0 & !frozen.0);
-            let msg = if not_frozen.is_empty() {
-                format!(
-                    "OFF names only some of the frozen backends ({} of {}): a partial release is \
-                     not supported; send OFF without dnSet, or naming every frozen backend \
-                     (freeze id {id}); nothing released",
-                    suffixes(&map, named),
-                    suffixes(&map, frozen)
-                )
+            let e = if not_frozen.is_empty() {
+                FreezeError::PartialRelease {
+                    named: suffixes(&map, named),
+                    frozen: suffixes(&map, frozen),
+                    id,
+                }
             } else {
-                format!(
-                    "{} not frozen (frozen: {}; freeze id {id}); nothing released",
-                    suffixes(&map, not_frozen),
-                    suffixes(&map, frozen)
-                )
+                FreezeError::BackendsNotFrozen {
+                    not_frozen: suffixes(&map, not_frozen),
+                    frozen: suffixes(&map, frozen),
+                    id,
+                }
             };
-            warn!(freeze = id, who = %who.name(), "Allow-Backup OFF refused: {msg}");
-            return (LdapResultCode::UnwillingToPerform, msg);
+            warn!(freeze = id, who = %who.name(), "Allow-Backup OFF refused: {e}");
+            return Err(e);
         }
         let queued = self.queued_requests.load(Ordering::Relaxed);
         let by = who.name();
@@ -1196,68 +1180,62 @@ impl Engine {
                 None => self.not_frozen(&who),
             };
         };
-        let secs = f.started.elapsed().as_secs_f64();
+        let after = f.started.elapsed();
         info!(
             freeze = f.id,
             who = %who.name(),
             holder = %f.holder.name(),
-            frozen_ms = (secs * 1000.0) as u64,
+            frozen_ms = after.as_millis() as u64,
             queued,
             "Allow-Backup OFF: released"
         );
         if errors.is_empty() {
-            (
-                LdapResultCode::Success,
-                format!(
-                    "released after {secs:.1} s; {queued} queued request(s) resumed; freeze id {}",
-                    f.id
-                ),
-            )
+            Ok(Granted::Released {
+                id: f.id,
+                after,
+                queued,
+            })
         } else {
-            (
-                LdapResultCode::Other,
-                format!("released, but done steps failed: {}", errors.join("; ")),
-            )
+            Err(FreezeError::DoneFailed(errors))
         }
     }
 
     /// A plain OFF with nothing frozen: "not frozen", or once after the
     /// lease ended a freeze, that it expired.
-    fn not_frozen(&self, who: &Requester) -> Answer {
+    fn not_frozen(&self, who: &Requester) -> Result<Granted, FreezeError> {
         let expired = self
             .expired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
         match expired {
-            Some((_, msg)) => {
-                warn!(who = %who.name(), "Allow-Backup OFF after lease expiry: {msg}");
-                (LdapResultCode::Other, msg)
+            Some((id, secs)) => {
+                let e = FreezeError::Expired { id, secs };
+                warn!(who = %who.name(), "Allow-Backup OFF after lease expiry: {e}");
+                Err(e)
             }
-            None => (LdapResultCode::Success, "not frozen".into()),
+            None => Ok(Granted::NotFrozen),
         }
     }
 
     /// The refusal of an OFF naming freeze `n`, which is not the current
     /// one (`current`): nothing is released; says how `n` ended, if known.
-    fn not_current(&self, who: &Requester, n: u64, current: Option<u64>) -> Answer {
-        let current = match current {
-            Some(m) => format!("current: freeze {m}"),
-            None => "current: none".into(),
-        };
-        let msg = if n >= self.next_id.load(Ordering::Relaxed) {
-            format!(
-                "freeze {n} is not the current freeze ({current}): no freeze {n} was set up \
-                 since abproxy started; nothing released"
-            )
+    fn not_current(
+        &self,
+        who: &Requester,
+        n: u64,
+        current: Option<u64>,
+    ) -> Result<Granted, FreezeError> {
+        let ended = if n >= self.next_id.load(Ordering::Relaxed) {
+            PastFreeze::NeverSetUp
         } else {
-            let how = self
-                .how_ended(n)
-                .unwrap_or_else(|| "earlier (how is no longer known)".into());
-            format!(
-                "freeze {n} is not the current freeze ({current}); it ended: {how}; nothing \
-                 released, and a backup taken under freeze {n} may be inconsistent"
-            )
+            self.how_ended(n)
+                .map_or(PastFreeze::Forgotten, PastFreeze::Ended)
+        };
+        let e = FreezeError::NotCurrent {
+            id: n,
+            current,
+            ended,
         };
         // This OFF has told its client about the expiry: a later plain OFF
         // need not.
@@ -1266,20 +1244,18 @@ impl Engine {
             *expired = None;
         }
         drop(expired);
-        warn!(who = %who.name(), freeze = n, "Allow-Backup OFF refused: {msg}");
-        (LdapResultCode::Other, msg)
+        warn!(who = %who.name(), freeze = n, "Allow-Backup OFF refused: {e}");
+        Err(e)
     }
 
-    /// The status query: code, message and the AllowBackupStatus value.
-    pub fn status(&self, who: &Requester) -> (LdapResultCode, String, Option<Vec<u8>>) {
-        if let Err((code, msg)) = authorise(
+    /// The status query (refused unless `who` may use Allow-Backup).
+    pub fn status(&self, who: &Requester) -> Result<Status, FreezeError> {
+        authorise(
             &self.allowed,
             &self.cfg.allowed_uids,
             &self.allowed_certs,
             who,
-        ) {
-            return (code, msg, None);
-        }
+        )?;
         let map = self.backends();
         let st = self.read_state().clone();
         let frozen = st.as_ref().map(|f| f.backends).unwrap_or_default();
@@ -1290,53 +1266,32 @@ impl Engine {
             .values()
             .map(|s| s.state.inflight().len())
             .sum();
-        let status = AllowBackupStatus {
-            state: match st.as_ref().map(|f| f.phase) {
-                None => FreezeState::Thawed,
-                Some(Phase::Draining) => FreezeState::Draining,
-                Some(Phase::Frozen | Phase::Releasing) => FreezeState::Frozen,
-            },
+        Ok(Status {
             backends: map
                 .backends()
                 .iter()
                 .enumerate()
-                .map(|(i, b)| BackendStatus::new(&b.suffix, b.mode.to_proto(), frozen.contains(i)))
+                .map(|(i, b)| BackendStatus {
+                    suffix: b.suffix.clone(),
+                    mode: b.mode,
+                    frozen: frozen.contains(i),
+                })
                 .collect(),
-            holder: st
-                .as_ref()
-                .and_then(|f| f.holder.identity())
-                .map(|d| abproxy_proto::LdapDn::from(d.as_bytes().to_vec())),
-            since: st.as_ref().map(|f| epoch_secs(f.since)),
+            freeze: st.map(|f| CurrentFreeze {
+                id: f.id,
+                phase: f.phase,
+                holder: f.holder.identity(),
+                holder_name: f.holder.name(),
+                since: f.since,
+                age: f.started.elapsed(),
+                lease_expires: f
+                    .lease_until
+                    .map(|u| SystemTime::now() + u.saturating_duration_since(Instant::now())),
+            }),
             queued_requests: self.queued_requests.load(Ordering::Relaxed) as u64,
             queued_bytes: self.queued_bytes.load(Ordering::Relaxed) as u64,
             in_flight: in_flight as u64,
-            lease_expires: st.as_ref().and_then(|f| {
-                f.lease_until.map(|u| {
-                    epoch_secs(SystemTime::now() + u.saturating_duration_since(Instant::now()))
-                })
-            }),
-            freeze_id: st.as_ref().map(|f| f.id),
-            releasing: st.as_ref().is_some_and(|f| f.phase == Phase::Releasing),
-        };
-        let text = match &st {
-            None => "thawed".to_string(),
-            Some(f) => format!(
-                "{} by {} for {} s: {}",
-                match f.phase {
-                    Phase::Draining => "draining",
-                    Phase::Frozen => "frozen",
-                    Phase::Releasing => "releasing",
-                },
-                f.holder.name(),
-                f.started.elapsed().as_secs(),
-                suffixes(&map, f.backends)
-            ),
-        };
-        (
-            LdapResultCode::Success,
-            text,
-            Some(abproxy_proto::encode_status(&status)),
-        )
+        })
     }
 }
 
@@ -1346,16 +1301,18 @@ struct Pending {
     reads: Vec<(SessionHandle, Vec<i32>)>,
 }
 
-fn suffixes(map: &BackendMap, set: BackendSet) -> String {
-    set.iter(map.len())
-        .map(|i| map.backends()[i].suffix.clone())
-        .collect::<Vec<_>>()
-        .join("; ")
+fn suffixes(map: &BackendMap, set: BackendSet) -> Suffixes {
+    Suffixes(
+        set.iter(map.len())
+            .map(|i| map.backends()[i].suffix.clone())
+            .collect(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ldap3_proto::proto::LdapResultCode;
 
     fn engine(bind_is_write: bool) -> Engine {
         let cfg = FreezeConfig {
@@ -1376,7 +1333,7 @@ mod tests {
         done: bool,
     }
     impl Driver for Hung {
-        fn prepare<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+        fn prepare<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), DriverError>> {
             let hang = self.prepare;
             Box::pin(async move {
                 if hang {
@@ -1385,7 +1342,7 @@ mod tests {
                 Ok(())
             })
         }
-        fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+        fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), DriverError>> {
             let hang = self.done;
             Box::pin(async move {
                 if hang {
@@ -1405,14 +1362,16 @@ mod tests {
         }
     }
 
-    async fn request(engine: &Arc<Engine>, req: AllowBackupRequest) -> Answer {
+    async fn request(
+        engine: &Arc<Engine>,
+        req: AllowBackupRequest,
+    ) -> Result<Granted, FreezeError> {
         let value = abproxy_proto::encode_request(&req);
         engine.allow_backup(admin(), Some(&value)).await
     }
 
-    fn decoded_status(engine: &Engine) -> AllowBackupStatus {
-        let (_, _, value) = engine.status(&admin());
-        abproxy_proto::decode_status(&value.unwrap()).unwrap()
+    fn status(engine: &Engine) -> Status {
+        engine.status(&admin()).unwrap()
     }
 
     fn hung_engine(prepare: bool, done: bool) -> Arc<Engine> {
@@ -1429,11 +1388,11 @@ mod tests {
         fn bind_writes<'a>(
             &'a self,
             _: &'a Backend,
-        ) -> BoxFuture<'a, Result<Option<String>, String>> {
+        ) -> BoxFuture<'a, Result<Option<String>, DriverError>> {
             let said = self.0.clone();
             Box::pin(async move {
                 match said {
-                    Some(r) => r,
+                    Some(r) => r.map_err(DriverError::other),
                     None => std::future::pending().await,
                 }
             })
@@ -1466,8 +1425,8 @@ mod tests {
                 Duration::from_secs(2),
             );
             let started = tokio::time::Instant::now();
-            let (code, msg) = request(&engine, AllowBackupRequest::on()).await;
-            assert_eq!(code, LdapResultCode::Success, "{msg}");
+            let on = request(&engine, AllowBackupRequest::on()).await;
+            assert!(matches!(on, Ok(Granted::Frozen { id: 1, .. })), "{on:?}");
             // A driver that never answers costs its deadline, no more.
             let waited = if hangs {
                 Duration::from_secs(2)
@@ -1476,9 +1435,10 @@ mod tests {
             };
             assert_eq!(started.elapsed(), waited, "{said:?}");
             assert_eq!(engine.binds_are_writes(), writes, "{said:?}");
-            assert_eq!(
-                request(&engine, AllowBackupRequest::off()).await.0,
-                LdapResultCode::Success
+            let off = request(&engine, AllowBackupRequest::off()).await;
+            assert!(
+                matches!(off, Ok(Granted::Released { id: 1, .. })),
+                "{off:?}"
             );
         }
     }
@@ -1487,9 +1447,20 @@ mod tests {
     async fn a_prepare_that_never_returns_fails_on_at_its_deadline() {
         let engine = hung_engine(true, false);
         let started = tokio::time::Instant::now();
-        let (code, msg) = request(&engine, AllowBackupRequest::on()).await;
+        let e = request(&engine, AllowBackupRequest::on())
+            .await
+            .unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        assert_eq!(code, LdapResultCode::Other);
+        assert_eq!(e.result_code(), LdapResultCode::Other);
+        assert!(
+            matches!(
+                &e,
+                FreezeError::PrepareFailed(StepFailure { backend, step: Step::Prepare, source })
+                    if backend == "dc=example,dc=org" && source.is_timeout()
+            ),
+            "{e:?}"
+        );
+        let msg = e.to_string();
         assert!(
             msg.starts_with(
                 "prepare failed for backend dc=example,dc=org: the prepare step did not finish \
@@ -1498,31 +1469,35 @@ mod tests {
             "{msg}"
         );
         assert!(engine.read_state().is_none(), "the freeze is undone");
-        assert_eq!(decoded_status(&engine).state, FreezeState::Thawed);
+        assert_eq!(status(&engine).freeze, None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_done_that_never_returns_still_ends_the_freeze_at_its_deadline() {
         let engine = hung_engine(false, true);
-        assert_eq!(
-            request(&engine, AllowBackupRequest::on()).await.0,
-            LdapResultCode::Success
-        );
+        assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
         let off = tokio::spawn({
             let engine = engine.clone();
             async move { request(&engine, AllowBackupRequest::off()).await }
         });
         // While the done step runs, the status says releasing.
-        while !decoded_status(&engine).releasing {
+        while status(&engine).phase() != Some(Phase::Releasing) {
             tokio::task::yield_now().await;
         }
-        let s = decoded_status(&engine);
-        assert_eq!((s.state, s.freeze_id), (FreezeState::Frozen, Some(1)));
-        assert!(engine.status(&admin()).1.starts_with("releasing by "));
+        let s = status(&engine);
+        assert_eq!(s.freeze.as_ref().map(|f| f.id), Some(1));
+        assert!(s.to_string().starts_with("releasing by "), "{s}");
         let started = tokio::time::Instant::now();
-        let (code, msg) = off.await.unwrap();
+        let e = off.await.unwrap().unwrap_err();
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        assert_eq!(code, LdapResultCode::Other);
+        assert_eq!(e.result_code(), LdapResultCode::Other);
+        let FreezeError::DoneFailed(failures) = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].step, Step::Done);
+        assert!(failures[0].source.is_timeout());
+        let msg = e.to_string();
         assert!(
             msg.starts_with(
                 "released, but done steps failed: dc=example,dc=org: the done step did not \
@@ -1531,20 +1506,14 @@ mod tests {
             "{msg}"
         );
         assert!(engine.read_state().is_none(), "released");
-        assert!(!decoded_status(&engine).releasing);
+        assert_eq!(status(&engine).phase(), None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_lease_timer_ends_with_its_freeze() {
         let engine = Arc::new(engine(false));
-        assert_eq!(
-            request(&engine, AllowBackupRequest::on()).await.0,
-            LdapResultCode::Success
-        );
-        assert_eq!(
-            request(&engine, AllowBackupRequest::off()).await.0,
-            LdapResultCode::Success
-        );
+        assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
+        assert!(request(&engine, AllowBackupRequest::off()).await.is_ok());
         // Let the timer task see the end of its freeze.
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -1559,17 +1528,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_lease_still_ends_a_freeze_nobody_releases() {
         let engine = Arc::new(engine(false));
-        assert_eq!(
-            request(&engine, AllowBackupRequest::on()).await.0,
-            LdapResultCode::Success
-        );
+        assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
         let lease = Duration::from_secs(engine.config().lease_secs);
         tokio::time::sleep(lease - Duration::from_secs(1)).await;
         assert!(engine.read_state().is_some());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(engine.read_state().is_none(), "expired");
-        let (code, msg) = request(&engine, AllowBackupRequest::off()).await;
-        assert_eq!(code, LdapResultCode::Other);
+        let e = request(&engine, AllowBackupRequest::off())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FreezeError::Expired { id: 1, .. }), "{e:?}");
+        assert_eq!(e.result_code(), LdapResultCode::Other);
+        let msg = e.to_string();
         assert!(msg.starts_with("freeze expired after"), "{msg}");
     }
 

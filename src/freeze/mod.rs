@@ -12,7 +12,11 @@
 //!   table and bound DN);
 //! - [`drivers`]: BACKUP_PREPARE and BACKUP_DONE on the server (`command`,
 //!   `openldap`, `389ds`), each step under a deadline;
-//! - [`state`]: the state file of what drivers changed and not yet undone.
+//! - [`state`]: the state file of what drivers changed and not yet undone;
+//! - [`error`]: why ON, OFF or a status query failed ([`FreezeError`]),
+//!   with the LDAP result code the proxy answers with;
+//! - [`status`]: the status as a typed value ([`Status`]), which the proxy
+//!   encodes.
 //!
 //! The per-connection queues themselves live in the session
 //! (`proxy::session`), which asks the engine whether each request may pass
@@ -22,11 +26,15 @@ pub mod backend;
 pub mod dn;
 pub mod drivers;
 pub mod engine;
+pub mod error;
 pub mod participant;
 pub mod settings;
 pub mod state;
+pub mod status;
 
 pub use backend::{BackendMap, Class, Kind, Mode};
 pub use drivers::Driver;
-pub use engine::{Control, Engine, Requester, SessionHandle};
+pub use engine::{Control, Engine, Granted, Requester, SessionHandle};
+pub use error::FreezeError;
 pub use settings::{BindIsWrite, FreezeConfig};
+pub use status::Status;

@@ -19,6 +19,51 @@ use serde::{Deserialize, Serialize};
 
 use super::backend::Backend;
 
+/// Why the state file cannot be read or written.
+///
+/// A type of its own rather than variants of
+/// [`FreezeError`](super::engine::FreezeError): the engine never touches the
+/// state file. It is opened at start-up (where a failure stops the proxy
+/// before any freeze) and written by the drivers around their steps
+/// ([`Recorded`](super::drivers::recorded::Recorded), the `cn=config`
+/// drivers' record of what they changed), so during ON and OFF a state file
+/// error reaches the client as the source of the failed step's
+/// [`DriverError`](super::drivers::DriverError), inside
+/// `FreezeError::PrepareFailed` or `FreezeError::DoneFailed`, with the
+/// backend and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file exists but cannot be read.
+    #[error("cannot read state file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not what abproxy writes.
+    #[error("state file {} is corrupt: {source}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// Writing, syncing, replacing or removing the file failed.
+    #[error("cannot {action} state file {}: {source}", path.display())]
+    Write {
+        /// What was being done: `write`, `sync`, `replace` or `remove`.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The blocking task writing the file panicked or was cancelled.
+    #[error("state file write: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// What one driver left on one backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -60,12 +105,19 @@ impl StateFile {
 
     /// Opens `path`, reading what a previous run left (a missing file is an
     /// empty state; an unreadable one is an error: its contents matter).
-    pub fn open(path: &Path) -> Result<Arc<StateFile>, String> {
+    pub fn open(path: &Path) -> Result<Arc<StateFile>, StateError> {
         let entries = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("state file {} is corrupt: {e}", path.display()))?,
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.to_owned(),
+                source,
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(format!("cannot read state file {}: {e}", path.display())),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
         };
         let s = StateFile {
             path: Some(path.to_owned()),
@@ -74,8 +126,13 @@ impl StateFile {
         };
         // Fail now, not in the middle of a freeze, if it cannot be written.
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-        tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new(".")))
-            .map_err(|e| format!("cannot write state file {}: {e}", path.display()))?;
+        tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new("."))).map_err(|source| {
+            StateError::Write {
+                action: "write",
+                path: path.to_owned(),
+                source,
+            }
+        })?;
         Ok(Arc::new(s))
     }
 
@@ -95,12 +152,14 @@ impl StateFile {
             .collect()
     }
 
-    fn save(&self, entries: &BTreeMap<String, Entry>) -> Result<(), String> {
+    fn save(&self, entries: &BTreeMap<String, Entry>) -> Result<(), StateError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let fail = |what: &str, e: std::io::Error| {
-            format!("cannot {what} state file {}: {e}", path.display())
+        let fail = |action: &'static str, source: std::io::Error| StateError::Write {
+            action,
+            path: path.clone(),
+            source,
         };
         if entries.is_empty() {
             return match std::fs::remove_file(path) {
@@ -127,7 +186,7 @@ impl StateFile {
     pub(crate) async fn update(
         self: &Arc<Self>,
         f: impl FnOnce(&mut BTreeMap<String, Entry>) + Send + 'static,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateError> {
         let apply = {
             let me = self.clone();
             move || {
@@ -145,7 +204,7 @@ impl StateFile {
         }
         tokio::task::spawn_blocking(apply)
             .await
-            .unwrap_or_else(|e| Err(format!("state file write: {e}")))
+            .unwrap_or_else(|e| Err(StateError::Task(e)))
     }
 
     /// A driver changes (or is about to change) `dn`, whose value before was
@@ -156,7 +215,7 @@ impl StateFile {
         b: &Backend,
         dn: String,
         previous: Option<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateError> {
         let (k, suffix) = (key(driver, b), b.suffix.clone());
         self.update(move |m| {
             let e = m.entry(k).or_insert_with(|| Entry {
@@ -183,7 +242,7 @@ impl StateFile {
         self: &Arc<Self>,
         driver: &str,
         b: &Backend,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateError> {
         let k = key(driver, b);
         self.update(move |m| {
             if let Some(e) = m.get_mut(&k) {
@@ -202,8 +261,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         std::fs::write(&path, b"{not json").unwrap();
-        assert!(StateFile::open(&path).unwrap_err().contains("corrupt"));
+        let err = StateFile::open(&path).unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("state file {} is corrupt: ", path.display())),
+            "{err}"
+        );
         let err = StateFile::open(Path::new("/nonexistent/dir/state.json")).unwrap_err();
-        assert!(err.contains("cannot write"), "{err}");
+        assert!(
+            matches!(
+                err,
+                StateError::Write {
+                    action: "write",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("cannot write state file /nonexistent/dir/state.json: "),
+            "{err}"
+        );
     }
 }

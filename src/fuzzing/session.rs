@@ -487,8 +487,10 @@ fn operator() -> Requester {
 }
 
 fn status(engine: &Engine) -> AllowBackupStatus {
-    let (_, _, value) = engine.status(&operator());
-    abproxy_proto::decode_status(&value.expect("the operator may read the status"))
+    let status = engine
+        .status(&operator())
+        .expect("the operator may read the status");
+    abproxy_proto::decode_status(&crate::proxy::exops::status_value(&status))
         .expect("the status value decodes")
 }
 
@@ -726,7 +728,9 @@ impl<'a> Harness<'a> {
                         let value = abproxy_proto::encode_request(&req);
                         let log = up_log.clone();
                         tokio::spawn(async move {
-                            let (code, msg) = engine.allow_backup(who, Some(&value)).await;
+                            let (code, msg) = crate::proxy::exops::allow_backup_answer(
+                                engine.allow_backup(who, Some(&value)).await,
+                            );
                             // The drain is over: nothing of a frozen backend
                             // may still be running at the server.
                             if code == LdapResultCode::Success {

@@ -9,6 +9,7 @@ use tracing::error;
 
 use ldap3::{LdapConnAsync, LdapConnSettings, StdStream};
 
+use super::{DriverError, DriverErrorKind};
 use crate::freeze::backend::Backend;
 use crate::freeze::state::StateFile;
 
@@ -19,9 +20,19 @@ use crate::secret::Credentials;
 /// Everything is asynchronous, the connect included: a server that does not
 /// answer (or a `config_url` whose SYNs are dropped) holds only this step,
 /// which the engine drops at the backend's deadline, never a runtime thread.
-pub(crate) async fn connect(url: &str, bind: Option<&Credentials>) -> Result<ldap3::Ldap, String> {
-    let ep = Endpoint::parse(url).map_err(|e| format!("config_url: {e}"))?;
-    let cannot = |e: std::io::Error| format!("cannot connect to {url}: {e}");
+pub(crate) async fn connect(
+    url: &str,
+    bind: Option<&Credentials>,
+) -> Result<ldap3::Ldap, DriverError> {
+    let ep = Endpoint::parse(url)
+        .map_err(|e| DriverError::new(DriverErrorKind::Config, format!("config_url: {e}")))?;
+    let cannot = |e: std::io::Error| {
+        DriverError::with_source(
+            DriverErrorKind::Connect,
+            format!("cannot connect to {url}"),
+            e,
+        )
+    };
     // ldap3 takes the connected socket as a std one (it makes it
     // non-blocking again and hands it to tokio).
     let (stream, ldap_url) = match &ep {
@@ -40,23 +51,30 @@ pub(crate) async fn connect(url: &str, bind: Option<&Credentials>) -> Result<lda
             (StdStream::Unix(s), "ldapi:///".to_string())
         }
         Endpoint::Tls(_) => {
-            return Err(format!(
-                "{url}: ldaps:// is not supported for config_url; use ldapi:// or ldap://"
+            return Err(DriverError::new(
+                DriverErrorKind::Config,
+                format!("{url}: ldaps:// is not supported for config_url; use ldapi:// or ldap://"),
             ))
         }
     };
     let settings = LdapConnSettings::new().set_std_stream(stream);
     let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &ldap_url)
         .await
-        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        .map_err(|e| {
+            DriverError::with_source(
+                DriverErrorKind::Connect,
+                format!("cannot connect to {url}"),
+                e,
+            )
+        })?;
     ldap3::drive!(conn);
     let res = match bind {
         Some(c) => ldap.simple_bind(&c.dn, c.password.expose()).await,
         None => ldap.sasl_external_bind().await,
     }
-    .map_err(|e| format!("bind to {url} failed: {e}"))?;
+    .map_err(|e| DriverError::ldap(format!("bind to {url} failed"), e))?;
     if res.rc != 0 {
-        return Err(format!("bind to {url} failed: {res}"));
+        return Err(DriverError::refused(format!("bind to {url} failed"), res));
     }
     Ok(ldap)
 }
@@ -136,7 +154,7 @@ impl Saved {
 mod tests {
     use super::*;
     use crate::freeze::drivers::openldap::OpenLdapDriver;
-    use crate::freeze::drivers::{run_step, Step, StepError};
+    use crate::freeze::drivers::{run_step, DriverOp, Step};
     use std::time::Duration;
 
     fn backend() -> Backend {
@@ -205,8 +223,11 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(
-            err,
-            StepError::TimedOut(Step::Done, Duration::from_millis(300))
+            err.kind(),
+            &DriverErrorKind::TimedOut {
+                op: DriverOp::Done,
+                deadline: Duration::from_millis(300)
+            }
         );
         let want = Some(("olcDatabase={1}mdb".to_string(), None));
         assert_eq!(state.changed("openldap", &b), want);

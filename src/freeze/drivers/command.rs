@@ -6,7 +6,7 @@ use std::process::Stdio;
 use futures::future::BoxFuture;
 use tokio::io::AsyncReadExt;
 
-use super::Driver;
+use super::{Driver, DriverError, DriverErrorKind};
 use crate::freeze::backend::{Backend, Mode};
 
 /// How much of a failed command's stderr is reported.
@@ -32,7 +32,7 @@ impl CommandDriver {
         step: &str,
         b: &Backend,
         freeze_id: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), DriverError> {
         let Some((prog, args)) = argv.split_first() else {
             return Ok(());
         };
@@ -52,7 +52,13 @@ impl CommandDriver {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("{step} command {prog:?} cannot start: {e}"))?;
+            .map_err(|e| {
+                DriverError::with_source(
+                    DriverErrorKind::Io,
+                    format!("{step} command {prog:?} cannot start"),
+                    e,
+                )
+            })?;
         let mut stderr = child.stderr.take().expect("piped stderr");
         let run = async {
             let mut err = Vec::new();
@@ -72,12 +78,23 @@ impl CommandDriver {
             (child.wait().await, err)
         };
         match run.await {
-            (Err(e), _) => Err(format!("{step} command {prog:?}: {e}")),
+            (Err(e), _) => Err(DriverError::with_source(
+                DriverErrorKind::Io,
+                format!("{step} command {prog:?}"),
+                e,
+            )),
             (Ok(status), err) if !status.success() => {
-                let tail = String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_TAIL)..])
-                    .trim()
-                    .to_string();
-                Err(format!("{step} command {prog:?} failed ({status}): {tail}"))
+                let stderr_tail =
+                    String::from_utf8_lossy(&err[err.len().saturating_sub(STDERR_TAIL)..])
+                        .trim()
+                        .to_string();
+                Err(DriverError::new(
+                    DriverErrorKind::CommandFailed {
+                        status,
+                        stderr_tail,
+                    },
+                    format!("{step} command {prog:?}"),
+                ))
             }
             (Ok(_), _) => Ok(()),
         }
@@ -89,7 +106,7 @@ impl Driver for CommandDriver {
         &'a self,
         backend: &'a Backend,
         freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.run(&self.prepare, "prepare", backend, freeze_id))
     }
 
@@ -97,7 +114,7 @@ impl Driver for CommandDriver {
         &'a self,
         backend: &'a Backend,
         freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.run(&self.done, "done", backend, freeze_id))
     }
 }
@@ -117,7 +134,7 @@ mod tests {
     /// A command outliving the engine's deadline is killed.
     #[tokio::test]
     async fn a_step_past_its_deadline_kills_its_command() {
-        use crate::freeze::drivers::{run_step, Step, StepError};
+        use crate::freeze::drivers::{run_step, DriverOp, Step};
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
         let pid = dir.path().join("pid");
@@ -135,8 +152,11 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(
-            err,
-            StepError::TimedOut(Step::Prepare, Duration::from_millis(500))
+            err.kind(),
+            &DriverErrorKind::TimedOut {
+                op: DriverOp::Prepare,
+                deadline: Duration::from_millis(500)
+            }
         );
         assert!(
             err.to_string()
@@ -177,16 +197,26 @@ mod tests {
         );
         let err = d.done(&backend(), 7).await.unwrap_err();
         assert!(
-            err.contains("exit status: 3") && err.ends_with("disk full"),
-            "{err}"
+            matches!(
+                err.kind(),
+                DriverErrorKind::CommandFailed { status, stderr_tail }
+                    if status.code() == Some(3) && stderr_tail == "disk full"
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "done command \"sh\" failed (exit status: 3): disk full"
         );
 
         let missing = CommandDriver::new(vec!["/nonexistent/x".into()], vec![]);
-        assert!(missing
-            .prepare(&backend(), 1)
-            .await
-            .unwrap_err()
-            .contains("cannot start"));
+        let err = missing.prepare(&backend(), 1).await.unwrap_err();
+        assert_eq!(err.kind(), &DriverErrorKind::Io);
+        assert!(
+            err.to_string()
+                .starts_with("prepare command \"/nonexistent/x\" cannot start: "),
+            "{err}"
+        );
         // Nothing configured: nothing to do.
         assert!(CommandDriver::new(vec![], vec![])
             .prepare(&backend(), 1)

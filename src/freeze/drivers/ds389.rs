@@ -34,7 +34,7 @@ use ldap3::{Mod, Scope, SearchEntry};
 use tracing::info;
 
 use super::cnconfig::Saved;
-use super::Driver;
+use super::{Driver, DriverError, DriverErrorKind};
 use crate::freeze::backend::Backend;
 use crate::freeze::dn::NormDn;
 use crate::secret::Credentials;
@@ -69,13 +69,16 @@ impl Ds389Driver {
         }
     }
 
-    async fn connect(&self) -> Result<ldap3::Ldap, String> {
+    async fn connect(&self) -> Result<ldap3::Ldap, DriverError> {
         super::cnconfig::connect(&self.url, self.bind.as_ref()).await
     }
 
     /// The ldbm instance entry holding `suffix`, with its nsslapd-suffix and
     /// nsslapd-readonly values.
-    async fn backend_entry(ldap: &mut ldap3::Ldap, b: &Backend) -> Result<SearchEntry, String> {
+    async fn backend_entry(
+        ldap: &mut ldap3::Ldap,
+        b: &Backend,
+    ) -> Result<SearchEntry, DriverError> {
         let (entries, _res) = ldap
             .search(
                 LDBM_DATABASE,
@@ -85,7 +88,7 @@ impl Ds389Driver {
             )
             .await
             .and_then(|r| r.success())
-            .map_err(|e| format!("cannot read {LDBM_DATABASE}: {e}"))?;
+            .map_err(|e| DriverError::ldap(format!("cannot read {LDBM_DATABASE}"), e))?;
         let mut found: Vec<SearchEntry> = entries
             .into_iter()
             .map(SearchEntry::construct)
@@ -97,18 +100,28 @@ impl Ds389Driver {
             .collect();
         match found.len() {
             1 => Ok(found.remove(0)),
-            0 => Err(format!(
-                "no backend with {SUFFIX} {} under {LDBM_DATABASE}",
-                b.suffix
+            0 => Err(DriverError::new(
+                DriverErrorKind::Config,
+                format!(
+                    "no backend with {SUFFIX} {} under {LDBM_DATABASE}",
+                    b.suffix
+                ),
             )),
-            n => Err(format!(
-                "{n} backends with {SUFFIX} {} under {LDBM_DATABASE}",
-                b.suffix
+            n => Err(DriverError::new(
+                DriverErrorKind::Config,
+                format!(
+                    "{n} backends with {SUFFIX} {} under {LDBM_DATABASE}",
+                    b.suffix
+                ),
             )),
         }
     }
 
-    async fn set_read_only(ldap: &mut ldap3::Ldap, dn: &str, value: &str) -> Result<(), String> {
+    async fn set_read_only(
+        ldap: &mut ldap3::Ldap,
+        dn: &str,
+        value: &str,
+    ) -> Result<(), DriverError> {
         ldap.modify(
             dn,
             vec![Mod::Replace(READONLY, [value].into_iter().collect())],
@@ -116,10 +129,10 @@ impl Ds389Driver {
         .await
         .and_then(|r| r.success())
         .map(|_| ())
-        .map_err(|e| format!("cannot set {READONLY}: {value} on {dn}: {e}"))
+        .map_err(|e| DriverError::ldap(format!("cannot set {READONLY}: {value} on {dn}"), e))
     }
 
-    async fn prepare_inner(&self, b: &Backend) -> Result<(), String> {
+    async fn prepare_inner(&self, b: &Backend) -> Result<(), DriverError> {
         let mut ldap = self.connect().await?;
         let r = async {
             let entry = Self::backend_entry(&mut ldap, b).await?;
@@ -136,7 +149,7 @@ impl Ds389Driver {
         r
     }
 
-    async fn done_inner(&self, b: &Backend) -> Result<(), String> {
+    async fn done_inner(&self, b: &Backend) -> Result<(), DriverError> {
         // Kept until restored, so a later DONE (OFF again, the next start)
         // can retry.
         let Some((dn, previous)) = self.saved.get(b) else {
@@ -176,7 +189,7 @@ fn partial_freeze_allowed(
     plugins: &[(String, String, String)],
     frozen: &[Backend],
     all: &[Backend],
-) -> Result<(), String> {
+) -> Result<(), DriverError> {
     let list = |bs: &mut dyn Iterator<Item = &Backend>| {
         bs.map(|b| b.suffix.as_str()).collect::<Vec<_>>().join(", ")
     };
@@ -202,10 +215,13 @@ fn partial_freeze_allowed(
             .iter()
             .filter(|b| !frozen.iter().any(|f| f.norm == b.norm)),
     );
-    Err(format!(
-        "{} enabled: it changes entries in every backend, so it can change {frozen_list} \
-         when {unfrozen} is written; freeze every backend (leave dnSet out), or disable it",
-        enabled.join(" and ")
+    Err(DriverError::new(
+        DriverErrorKind::PartialFreezeUnsafe,
+        format!(
+            "{} enabled: it changes entries in every backend, so it can change {frozen_list} \
+             when {unfrozen} is written; freeze every backend (leave dnSet out), or disable it",
+            enabled.join(" and ")
+        ),
     ))
 }
 
@@ -220,11 +236,16 @@ fn attr<'a>(entry: &'a SearchEntry, name: &str) -> Option<&'a str> {
 }
 
 impl Ds389Driver {
-    async fn check_partial_inner(&self, frozen: &[Backend], all: &[Backend]) -> Result<(), String> {
-        let mut ldap = self
-            .connect()
-            .await
-            .map_err(|e| format!("cannot check {PLUGINS} for plugins linking backends: {e}"))?;
+    async fn check_partial_inner(
+        &self,
+        frozen: &[Backend],
+        all: &[Backend],
+    ) -> Result<(), DriverError> {
+        let mut ldap = self.connect().await.map_err(|e| {
+            e.context(format_args!(
+                "cannot check {PLUGINS} for plugins linking backends"
+            ))
+        })?;
         let r = ldap
             .search(
                 PLUGINS,
@@ -234,7 +255,7 @@ impl Ds389Driver {
             )
             .await
             .and_then(|r| r.success())
-            .map_err(|e| format!("cannot read {PLUGINS}: {e}"));
+            .map_err(|e| DriverError::ldap(format!("cannot read {PLUGINS}"), e));
         let _ = ldap.unbind().await;
         let plugins: Vec<(String, String, String)> =
             r?.0.into_iter()
@@ -258,7 +279,7 @@ impl Driver for Ds389Driver {
         _backend: &'a Backend,
         frozen: &'a [Backend],
         all: &'a [Backend],
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.check_partial_inner(frozen, all))
     }
 
@@ -266,7 +287,7 @@ impl Driver for Ds389Driver {
         &'a self,
         backend: &'a Backend,
         _freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.prepare_inner(backend))
     }
 
@@ -274,7 +295,7 @@ impl Driver for Ds389Driver {
         &'a self,
         backend: &'a Backend,
         _freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.done_inner(backend))
     }
 
@@ -307,11 +328,13 @@ mod tests {
             plugin("MemberOf Plugin", "libmemberof-plugin", "off"),
             plugin("Linked Attributes", "liblinkedattrs-plugin", "on"),
         ];
-        assert_eq!(partial_freeze_allowed(&defaults, frozen, &all), Ok(()));
+        assert!(partial_freeze_allowed(&defaults, frozen, &all).is_ok());
         let mut refint = defaults.clone();
         refint[0].2 = "on".into();
+        let e = partial_freeze_allowed(&refint, frozen, &all).unwrap_err();
+        assert_eq!(e.kind(), &DriverErrorKind::PartialFreezeUnsafe);
         assert_eq!(
-            partial_freeze_allowed(&refint, frozen, &all).unwrap_err(),
+            e.to_string(),
             "the referential integrity plugin (cn=plugins,cn=config entry cn=referential \
              integrity postoperation) enabled: it changes entries in every backend, so it can \
              change dc=example,dc=com when dc=other,dc=com is written; freeze every backend \
@@ -325,7 +348,9 @@ mod tests {
             ),
             plugin("MemberOf Plugin", "libmemberof-plugin", "on"),
         ];
-        let e = partial_freeze_allowed(&both, frozen, &all).unwrap_err();
+        let e = partial_freeze_allowed(&both, frozen, &all)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("the referential integrity plugin (cn=plugins,cn=config entry cn=refint 2) and the MemberOf plugin"),
             "{e}"
@@ -337,8 +362,13 @@ mod tests {
         let b = Backend::readonly("dc=example,dc=org");
         let d = Ds389Driver::new("ldapi:///nonexistent/abproxy-test.socket".into(), None);
         let err = d.prepare(&b, 1).await.unwrap_err();
-        assert!(err.contains("cannot connect to"), "{err}");
+        assert_eq!(err.kind(), &DriverErrorKind::Connect);
+        assert!(
+            err.to_string()
+                .starts_with("cannot connect to ldapi:///nonexistent/abproxy-test.socket: "),
+            "{err}"
+        );
         // Nothing was changed, so nothing to undo.
-        assert_eq!(d.done(&b, 1).await, Ok(()));
+        assert!(d.done(&b, 1).await.is_ok());
     }
 }

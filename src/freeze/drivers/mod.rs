@@ -16,15 +16,18 @@
 //! it is dropped (a command is killed) and reported as failed.
 
 //! This module holds what every driver is: the [`Driver`] trait, its steps
-//! and [`run_step`], the deadline around each; [`recorded::Recorded`]
-//! wraps a driver so that what it changed survives a crash (the state file).
+//! and [`run_step`], the deadline around each; how a driver fails
+//! ([`DriverError`], in [`error`]); [`recorded::Recorded`] wraps a driver
+//! so that what it changed survives a crash (the state file).
 
 pub mod cnconfig;
 pub mod command;
 pub mod ds389;
+pub mod error;
 pub mod openldap;
 pub mod recorded;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +37,7 @@ use serde::Deserialize;
 use super::backend::Backend;
 use super::state::StateFile;
 pub use command::CommandDriver;
+pub use error::{DriverError, DriverErrorKind, DriverOp};
 
 /// The `driver` of a `[[backends]]` entry.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -66,7 +70,7 @@ pub trait Driver: Send + Sync {
         &'a self,
         backend: &'a Backend,
         freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         let _ = (backend, freeze_id);
         Box::pin(async { Ok(()) })
     }
@@ -75,7 +79,7 @@ pub trait Driver: Send + Sync {
         &'a self,
         backend: &'a Backend,
         freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         let _ = (backend, freeze_id);
         Box::pin(async { Ok(()) })
     }
@@ -87,7 +91,7 @@ pub trait Driver: Send + Sync {
     fn bind_writes<'a>(
         &'a self,
         backend: &'a Backend,
-    ) -> BoxFuture<'a, Result<Option<String>, String>> {
+    ) -> BoxFuture<'a, Result<Option<String>, DriverError>> {
         let _ = backend;
         Box::pin(async { Ok(None) })
     }
@@ -95,14 +99,15 @@ pub trait Driver: Send + Sync {
     /// than `all`; `backend`: the one this driver serves, frozen or not):
     /// `Err(reason)` when the server can change a frozen backend by itself
     /// while another one is written (overlays or plugins linking
-    /// databases), so the freeze would not hold. The reason is sent to the
-    /// client. The default accepts.
+    /// databases), so the freeze would not hold
+    /// ([`DriverErrorKind::PartialFreezeUnsafe`]), or when the driver
+    /// cannot tell. The reason is sent to the client. The default accepts.
     fn check_partial<'a>(
         &'a self,
         backend: &'a Backend,
         frozen: &'a [Backend],
         all: &'a [Backend],
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         let _ = (backend, frozen, all);
         Box::pin(async { Ok(()) })
     }
@@ -141,39 +146,6 @@ impl std::fmt::Display for Step {
     }
 }
 
-/// Why a driver step failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepError {
-    /// The driver reported a failure.
-    Failed(String),
-    /// The step outlived its deadline and was dropped.
-    TimedOut(Step, Duration),
-}
-
-impl std::fmt::Display for StepError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StepError::Failed(e) => f.write_str(e),
-            StepError::TimedOut(step, d) => write!(
-                f,
-                "the {step} step did not finish within {} (driver_timeout_secs) and was \
-                 abandoned; what it may have changed stays in the state file, undone by the \
-                 next done step or the next start",
-                secs(*d)
-            ),
-        }
-    }
-}
-
-/// "2 s", "1.5 s".
-fn secs(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{:.1} s", d.as_secs_f64())
-    }
-}
-
 /// Runs `step` of `driver` for backend `b` under `deadline`.
 pub async fn run_step(
     driver: &dyn Driver,
@@ -181,13 +153,22 @@ pub async fn run_step(
     b: &Backend,
     freeze_id: u64,
     deadline: Duration,
-) -> Result<(), StepError> {
+) -> Result<(), DriverError> {
     let fut = match step {
         Step::Prepare => driver.prepare(b, freeze_id),
         Step::Done => driver.done(b, freeze_id),
     };
-    match tokio::time::timeout(deadline, fut).await {
-        Ok(r) => r.map_err(StepError::Failed),
-        Err(_) => Err(StepError::TimedOut(step, deadline)),
-    }
+    with_deadline(step.into(), deadline, fut).await
+}
+
+/// Runs `fut`, what a driver was asked (`op`), under `deadline`: past it,
+/// `fut` is dropped and the answer is [`DriverErrorKind::TimedOut`].
+pub async fn with_deadline<T>(
+    op: DriverOp,
+    deadline: Duration,
+    fut: impl Future<Output = Result<T, DriverError>>,
+) -> Result<T, DriverError> {
+    tokio::time::timeout(deadline, fut)
+        .await
+        .unwrap_or_else(|_| Err(DriverError::timed_out(op, deadline)))
 }

@@ -67,7 +67,7 @@ use ldap3::{Mod, Scope, SearchEntry};
 use tracing::info;
 
 use super::cnconfig::Saved;
-use super::Driver;
+use super::{Driver, DriverError, DriverErrorKind};
 use crate::freeze::backend::Backend;
 use crate::secret::Credentials;
 
@@ -92,13 +92,13 @@ impl OpenLdapDriver {
         }
     }
 
-    async fn connect(&self) -> Result<ldap3::Ldap, String> {
+    async fn connect(&self) -> Result<ldap3::Ldap, DriverError> {
         super::cnconfig::connect(&self.url, self.bind.as_ref()).await
     }
 
     /// The cn=config entry of the database holding `suffix`, with its
     /// olcReadOnly and olcDbNoSync values.
-    async fn database(ldap: &mut ldap3::Ldap, suffix: &str) -> Result<SearchEntry, String> {
+    async fn database(ldap: &mut ldap3::Ldap, suffix: &str) -> Result<SearchEntry, DriverError> {
         let filter = format!(
             "(&(objectClass=olcDatabaseConfig)(olcSuffix={}))",
             ldap3::ldap_escape(suffix)
@@ -118,14 +118,18 @@ impl OpenLdapDriver {
             )
             .await
             .and_then(|r| r.success())
-            .map_err(|e| format!("cannot read cn=config: {e}"))?;
+            .map_err(|e| DriverError::ldap("cannot read cn=config", e))?;
         let _ = res;
         let mut dbs: Vec<SearchEntry> = entries.into_iter().map(SearchEntry::construct).collect();
         match dbs.len() {
             1 => Ok(dbs.remove(0)),
-            0 => Err(format!("no database with olcSuffix {suffix} in cn=config")),
-            n => Err(format!(
-                "{n} databases with olcSuffix {suffix} in cn=config"
+            0 => Err(DriverError::new(
+                DriverErrorKind::Config,
+                format!("no database with olcSuffix {suffix} in cn=config"),
+            )),
+            n => Err(DriverError::new(
+                DriverErrorKind::Config,
+                format!("{n} databases with olcSuffix {suffix} in cn=config"),
             )),
         }
     }
@@ -134,7 +138,7 @@ impl OpenLdapDriver {
         ldap: &mut ldap3::Ldap,
         dn: &str,
         value: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DriverError> {
         let m = match value {
             Some(v) => Mod::Replace("olcReadOnly", [v].into_iter().collect()),
             None => Mod::Replace("olcReadOnly", Default::default()),
@@ -143,10 +147,10 @@ impl OpenLdapDriver {
             .await
             .and_then(|r| r.success())
             .map(|_| ())
-            .map_err(|e| format!("cannot set olcReadOnly on {dn}: {e}"))
+            .map_err(|e| DriverError::ldap(format!("cannot set olcReadOnly on {dn}"), e))
     }
 
-    async fn prepare_inner(&self, b: &Backend) -> Result<(), String> {
+    async fn prepare_inner(&self, b: &Backend) -> Result<(), DriverError> {
         let mut ldap = self.connect().await?;
         let db = Self::database(&mut ldap, &b.suffix).await?;
         let previous = db.attrs.get("olcReadOnly").and_then(|v| v.first()).cloned();
@@ -159,10 +163,9 @@ impl OpenLdapDriver {
                 .get("olcDbDirectory")
                 .and_then(|v| v.first())
                 .map(PathBuf::from);
-            Some(
-                DbFiles::open(&self.url, dir.as_deref())
-                    .map_err(|e| format!("{}: commits without fsync ({nosync}): {e}", db.dn))?,
-            )
+            Some(DbFiles::open(&self.url, dir.as_deref()).map_err(|e| {
+                e.context(format_args!("{}: commits without fsync ({nosync})", db.dn))
+            })?)
         } else {
             None
         };
@@ -178,7 +181,7 @@ impl OpenLdapDriver {
             let started = Instant::now();
             let synced = tokio::task::spawn_blocking(move || files.sync())
                 .await
-                .map_err(|e| format!("fsync task: {e}"))
+                .map_err(|e| DriverError::with_source(DriverErrorKind::Io, "fsync task", e))
                 .and_then(|r| r);
             match synced {
                 Ok(path) => info!(
@@ -193,9 +196,10 @@ impl OpenLdapDriver {
                         self.saved.forget(b).await;
                     }
                     let _ = ldap.unbind().await;
+                    let e = e.context(&db.dn);
                     return Err(match undo {
-                        Ok(()) => format!("{}: {e}", db.dn),
-                        Err(u) => format!("{}: {e}; and {u}", db.dn),
+                        Ok(()) => e,
+                        Err(u) => e.undo_failed(u),
                     });
                 }
             }
@@ -204,7 +208,7 @@ impl OpenLdapDriver {
         Ok(())
     }
 
-    async fn done_inner(&self, b: &Backend) -> Result<(), String> {
+    async fn done_inner(&self, b: &Backend) -> Result<(), DriverError> {
         // Kept until restored, so a later DONE (OFF again, the next start)
         // can retry.
         let Some((dn, previous)) = self.saved.get(b) else {
@@ -222,7 +226,7 @@ impl OpenLdapDriver {
 
     /// The `refint` and `memberof` overlays in `cn=config`, with where each
     /// is configured.
-    async fn linking_overlays(ldap: &mut ldap3::Ldap) -> Result<Vec<LinkingOverlay>, String> {
+    async fn linking_overlays(ldap: &mut ldap3::Ldap) -> Result<Vec<LinkingOverlay>, DriverError> {
         let (entries, _res) = ldap
             .search(
                 "cn=config",
@@ -232,7 +236,7 @@ impl OpenLdapDriver {
             )
             .await
             .and_then(|r| r.success())
-            .map_err(|e| format!("cannot read the overlays in cn=config: {e}"))?;
+            .map_err(|e| DriverError::ldap("cannot read the overlays in cn=config", e))?;
         let overlays: Vec<(String, String)> = entries
             .into_iter()
             .map(SearchEntry::construct)
@@ -254,7 +258,7 @@ impl OpenLdapDriver {
             )
             .await
             .and_then(|r| r.success())
-            .map_err(|e| format!("cannot read the databases in cn=config: {e}"))?;
+            .map_err(|e| DriverError::ldap("cannot read the databases in cn=config", e))?;
         let dbs: Vec<SearchEntry> = entries.into_iter().map(SearchEntry::construct).collect();
         Ok(overlays
             .into_iter()
@@ -281,11 +285,15 @@ impl OpenLdapDriver {
             .collect())
     }
 
-    async fn check_partial_inner(&self, frozen: &[Backend], all: &[Backend]) -> Result<(), String> {
+    async fn check_partial_inner(
+        &self,
+        frozen: &[Backend],
+        all: &[Backend],
+    ) -> Result<(), DriverError> {
         let mut ldap = self
             .connect()
             .await
-            .map_err(|e| format!("cannot check cn=config for overlays linking databases: {e}"))?;
+            .map_err(|e| e.context("cannot check cn=config for overlays linking databases"))?;
         let overlays = Self::linking_overlays(&mut ldap).await;
         let _ = ldap.unbind().await;
         partial_freeze_allowed(&overlays?, frozen, all)
@@ -352,7 +360,7 @@ fn partial_freeze_allowed(
     overlays: &[LinkingOverlay],
     frozen: &[Backend],
     all: &[Backend],
-) -> Result<(), String> {
+) -> Result<(), DriverError> {
     let list = |bs: &mut dyn Iterator<Item = &Backend>| {
         bs.map(|b| b.suffix.as_str()).collect::<Vec<_>>().join(", ")
     };
@@ -411,7 +419,10 @@ fn partial_freeze_allowed(
     if reasons.is_empty() {
         Ok(())
     } else {
-        Err(reasons.join("; "))
+        Err(DriverError::new(
+            DriverErrorKind::PartialFreezeUnsafe,
+            reasons.join("; "),
+        ))
     }
 }
 
@@ -448,7 +459,7 @@ fn bind_recording(
 }
 
 impl OpenLdapDriver {
-    async fn bind_writes_inner(&self, b: &Backend) -> Result<Option<String>, String> {
+    async fn bind_writes_inner(&self, b: &Backend) -> Result<Option<String>, DriverError> {
         let mut ldap = self.connect().await?;
         let read = async {
             let db = Self::database(&mut ldap, &b.suffix).await?;
@@ -461,7 +472,9 @@ impl OpenLdapDriver {
                 )
                 .await
                 .and_then(|r| r.success())
-                .map_err(|e| format!("cannot read the overlays of {}: {e}", db.dn))?;
+                .map_err(|e| {
+                    DriverError::ldap(format!("cannot read the overlays of {}", db.dn), e)
+                })?;
             let overlays: Vec<_> = entries
                 .into_iter()
                 .map(|e| SearchEntry::construct(e).attrs)
@@ -478,7 +491,7 @@ impl Driver for OpenLdapDriver {
     fn bind_writes<'a>(
         &'a self,
         backend: &'a Backend,
-    ) -> BoxFuture<'a, Result<Option<String>, String>> {
+    ) -> BoxFuture<'a, Result<Option<String>, DriverError>> {
         Box::pin(self.bind_writes_inner(backend))
     }
 
@@ -487,7 +500,7 @@ impl Driver for OpenLdapDriver {
         _backend: &'a Backend,
         frozen: &'a [Backend],
         all: &'a [Backend],
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.check_partial_inner(frozen, all))
     }
 
@@ -495,7 +508,7 @@ impl Driver for OpenLdapDriver {
         &'a self,
         backend: &'a Backend,
         _freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.prepare_inner(backend))
     }
 
@@ -503,7 +516,7 @@ impl Driver for OpenLdapDriver {
         &'a self,
         backend: &'a Backend,
         _freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(self.done_inner(backend))
     }
 
@@ -543,33 +556,36 @@ struct DbFiles {
 impl DbFiles {
     /// Opens `DIR/data.mdb` and `DIR` for reading, if the database is on
     /// this host (`config_url` over ldapi or loopback).
-    fn open(config_url: &str, dir: Option<&Path>) -> Result<DbFiles, String> {
+    fn open(config_url: &str, dir: Option<&Path>) -> Result<DbFiles, DriverError> {
+        let config = |msg: String| DriverError::new(DriverErrorKind::Config, msg);
         if !is_local(config_url) {
-            return Err(format!(
+            return Err(config(format!(
                 "the proxy can only make the data durable when slapd runs on its host \
                  (config_url over ldapi:// or loopback, not {config_url}); set olcDbNoSync \
                  to FALSE, or use the command driver to sync on the slapd host"
-            ));
+            )));
         }
-        let dir = dir.ok_or("the database has no olcDbDirectory")?;
+        let dir = dir.ok_or_else(|| config("the database has no olcDbDirectory".into()))?;
         if !dir.is_absolute() {
-            return Err(format!(
+            return Err(config(format!(
                 "olcDbDirectory {} is relative; cannot find its files",
                 dir.display()
-            ));
+            )));
         }
-        let advice = "run abproxy as a user that may read the database directory \
-                      (e.g. as slapd's user, or with CAP_DAC_READ_SEARCH), or set \
-                      olcDbNoSync to FALSE";
-        let data_path = dir.join("data.mdb");
-        let data = File::open(&data_path).map_err(|e| {
-            format!(
-                "cannot open {} to fsync it: {e}; {advice}",
-                data_path.display()
+        let cannot_open = |path: &Path, e: std::io::Error| {
+            DriverError::with_source(
+                DriverErrorKind::Io,
+                format!("cannot open {} to fsync it", path.display()),
+                e,
             )
-        })?;
-        let dir = File::open(dir)
-            .map_err(|e| format!("cannot open {} to fsync it: {e}; {advice}", dir.display()))?;
+            .hint(
+                "run abproxy as a user that may read the database directory (e.g. as slapd's \
+                 user, or with CAP_DAC_READ_SEARCH), or set olcDbNoSync to FALSE",
+            )
+        };
+        let data_path = dir.join("data.mdb");
+        let data = File::open(&data_path).map_err(|e| cannot_open(&data_path, e))?;
+        let dir = File::open(dir).map_err(|e| cannot_open(dir, e))?;
         Ok(DbFiles {
             data,
             data_path,
@@ -579,14 +595,19 @@ impl DbFiles {
 
     /// fsync(2) of the data file, then of the directory; returns the file's
     /// path.
-    fn sync(self) -> Result<PathBuf, String> {
-        self.data
-            .sync_all()
-            .map_err(|e| format!("fsync {}: {e}", self.data_path.display()))?;
+    fn sync(self) -> Result<PathBuf, DriverError> {
+        self.data.sync_all().map_err(|e| {
+            DriverError::with_source(
+                DriverErrorKind::Io,
+                format!("fsync {}", self.data_path.display()),
+                e,
+            )
+        })?;
         self.dir.sync_all().map_err(|e| {
-            format!(
-                "fsync of the directory of {}: {e}",
-                self.data_path.display()
+            DriverError::with_source(
+                DriverErrorKind::Io,
+                format!("fsync of the directory of {}", self.data_path.display()),
+                e,
             )
         })?;
         Ok(self.data_path)
@@ -625,6 +646,18 @@ mod tests {
         }
     }
 
+    /// [`partial_freeze_allowed`], its refusal as the client reads it.
+    fn allowed(
+        overlays: &[LinkingOverlay],
+        frozen: &[Backend],
+        all: &[Backend],
+    ) -> Result<(), String> {
+        partial_freeze_allowed(overlays, frozen, all).map_err(|e| {
+            assert_eq!(e.kind(), &DriverErrorKind::PartialFreezeUnsafe);
+            e.to_string()
+        })
+    }
+
     fn on_db(name: &str, dn: &str, suffixes: &[&str]) -> LinkingOverlay {
         LinkingOverlay {
             name: name.into(),
@@ -645,14 +678,13 @@ mod tests {
         let ex_db = "olcDatabase={1}mdb,cn=config";
         let other_db = "olcDatabase={2}mdb,cn=config";
         // No linking overlay: anything goes.
-        assert_eq!(partial_freeze_allowed(&[], &only(&example), &all), Ok(()));
+        assert_eq!(allowed(&[], &only(&example), &all), Ok(()));
         // Global: refused, whatever is frozen.
         let global = LinkingOverlay {
             name: "refint".into(),
             on: Place::Frontend,
         };
-        let e = partial_freeze_allowed(std::slice::from_ref(&global), &only(&example), &all)
-            .unwrap_err();
+        let e = allowed(std::slice::from_ref(&global), &only(&example), &all).unwrap_err();
         assert_eq!(
             e,
             "overlay refint on the frontend database (global) can change dc=example,dc=org \
@@ -667,17 +699,11 @@ mod tests {
             on_db("memberof", ex_db, &["DC=Example, dc=org"]),
             on_db("refint", other_db, &["dc=other,dc=org"]),
         ];
-        assert_eq!(
-            partial_freeze_allowed(&per_db, &only(&example), &all),
-            Ok(())
-        );
-        assert_eq!(
-            partial_freeze_allowed(&per_db[..2], &only(&other), &all),
-            Ok(())
-        );
+        assert_eq!(allowed(&per_db, &only(&example), &all), Ok(()));
+        assert_eq!(allowed(&per_db[..2], &only(&other), &all), Ok(()));
         // ou=sub,dc=other,dc=org lies below dc=other's database: frozen
         // without it, refused; with it, fine.
-        let e = partial_freeze_allowed(&per_db, &only(&sub), &all).unwrap_err();
+        let e = allowed(&per_db, &only(&sub), &all).unwrap_err();
         assert_eq!(
             e,
             "overlay refint on database olcDatabase={2}mdb,cn=config (dc=other,dc=org) can \
@@ -685,7 +711,7 @@ mod tests {
              written; freeze dc=other,dc=org too, or leave dnSet out"
         );
         assert_eq!(
-            partial_freeze_allowed(&per_db, &[other.clone(), sub.clone()], &all),
+            allowed(&per_db, &[other.clone(), sub.clone()], &all),
             Ok(())
         );
         // A database below a frozen backend but not a backend itself: its
@@ -696,13 +722,13 @@ mod tests {
             &["ou=in,dc=example,dc=org"],
         );
         assert_eq!(
-            partial_freeze_allowed(std::slice::from_ref(&inner), &only(&example), &all),
+            allowed(std::slice::from_ref(&inner), &only(&example), &all),
             Ok(())
         );
         // A second suffix outside the frozen backends, one that does not
         // parse, a database without a suffix, a parent that is no database.
         let two = on_db("refint", "x", &["dc=example,dc=org", "dc=org"]);
-        let e = partial_freeze_allowed(&[two], &only(&example), &all).unwrap_err();
+        let e = allowed(&[two], &only(&example), &all).unwrap_err();
         assert!(
             e.starts_with(
                 "overlay refint on database x (dc=org) can change dc=example,dc=org (below it"
@@ -710,23 +736,19 @@ mod tests {
             "{e}"
         );
         let bad = on_db("refint", "x", &["=="]);
-        assert!(partial_freeze_allowed(&[bad], &only(&example), &all).is_err());
+        assert!(allowed(&[bad], &only(&example), &all).is_err());
         let monitor = on_db("refint", "olcDatabase={4}monitor,cn=config", &[]);
-        assert_eq!(
-            partial_freeze_allowed(&[monitor], &only(&example), &all),
-            Ok(())
-        );
+        assert_eq!(allowed(&[monitor], &only(&example), &all), Ok(()));
         let lost = LinkingOverlay {
             name: "memberof".into(),
             on: Place::Unknown {
                 parent: "olcDatabase={9}mdb,cn=config".into(),
             },
         };
-        let e =
-            partial_freeze_allowed(std::slice::from_ref(&lost), &only(&example), &all).unwrap_err();
+        let e = allowed(std::slice::from_ref(&lost), &only(&example), &all).unwrap_err();
         assert!(e.contains("which is no database in cn=config"), "{e}");
         // Every reason, when several apply.
-        let e = partial_freeze_allowed(&[global, lost], &only(&example), &all).unwrap_err();
+        let e = allowed(&[global, lost], &only(&example), &all).unwrap_err();
         assert!(
             e.contains("(global)") && e.contains("; overlay memberof under"),
             "{e}"
@@ -837,19 +859,31 @@ mod tests {
 
     #[test]
     fn unusable_directories_are_refused_with_the_reason() {
-        let e = DbFiles::open("ldap://192.0.2.1:389", Some(Path::new("/var/lib/ldap")))
-            .err()
-            .unwrap();
+        let refused = |url: &str, dir: Option<&Path>| {
+            let e = DbFiles::open(url, dir).err().unwrap();
+            (e.kind().clone(), e.to_string())
+        };
+        let (kind, e) = refused("ldap://192.0.2.1:389", Some(Path::new("/var/lib/ldap")));
+        assert_eq!(kind, DriverErrorKind::Config);
         assert!(e.contains("slapd runs on its host"), "{e}");
-        let e = DbFiles::open("ldapi:///x", None).err().unwrap();
+        let (kind, e) = refused("ldapi:///x", None);
+        assert_eq!(kind, DriverErrorKind::Config);
         assert!(e.contains("no olcDbDirectory"), "{e}");
-        let e = DbFiles::open("ldapi:///x", Some(Path::new("var/lib/ldap")))
-            .err()
-            .unwrap();
+        let (kind, e) = refused("ldapi:///x", Some(Path::new("var/lib/ldap")));
+        assert_eq!(kind, DriverErrorKind::Config);
         assert!(e.contains("relative"), "{e}");
         let dir = tempfile::tempdir().unwrap();
-        let e = DbFiles::open("ldapi:///x", Some(dir.path())).err().unwrap();
-        assert!(e.contains("data.mdb to fsync it"), "{e}");
+        let (kind, e) = refused("ldapi:///x", Some(dir.path()));
+        assert_eq!(kind, DriverErrorKind::Io);
+        let data = dir.path().join("data.mdb");
+        assert!(
+            e.starts_with(&format!("cannot open {} to fsync it: ", data.display()))
+                && e.ends_with(
+                    "; run abproxy as a user that may read the database directory (e.g. as \
+                     slapd's user, or with CAP_DAC_READ_SEARCH), or set olcDbNoSync to FALSE"
+                ),
+            "{e}"
+        );
         std::fs::write(dir.path().join("data.mdb"), b"x").unwrap();
         let f = DbFiles::open("ldapi:///x", Some(dir.path())).unwrap();
         assert_eq!(f.sync().unwrap(), dir.path().join("data.mdb"));

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use tracing::{error, info, warn};
 
-use super::{Driver, Step};
+use super::{Driver, DriverError, Step};
 use crate::freeze::backend::Backend;
 use crate::freeze::state::{key, Entry, StateFile};
 
@@ -60,7 +60,7 @@ impl Driver for Recorded {
         &'a self,
         backend: &'a Backend,
         freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             let (k, name, suffix) = (key(self.name, backend), self.name, backend.suffix.clone());
             self.state
@@ -81,7 +81,7 @@ impl Driver for Recorded {
         &'a self,
         backend: &'a Backend,
         freeze_id: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             self.inner.done(backend, freeze_id).await?;
             let k = key(self.name, backend);
@@ -90,13 +90,14 @@ impl Driver for Recorded {
                     m.remove(&k);
                 })
                 .await
+                .map_err(DriverError::from)
         })
     }
 
     fn bind_writes<'a>(
         &'a self,
         backend: &'a Backend,
-    ) -> BoxFuture<'a, Result<Option<String>, String>> {
+    ) -> BoxFuture<'a, Result<Option<String>, DriverError>> {
         self.inner.bind_writes(backend)
     }
 
@@ -105,7 +106,7 @@ impl Driver for Recorded {
         backend: &'a Backend,
         frozen: &'a [Backend],
         all: &'a [Backend],
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         self.inner.check_partial(backend, frozen, all)
     }
 
@@ -126,11 +127,11 @@ mod tests {
     #[derive(Default)]
     struct Counting(AtomicUsize, AtomicUsize);
     impl Driver for Counting {
-        fn prepare<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+        fn prepare<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), DriverError>> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }
-        fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+        fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), DriverError>> {
             self.1.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }
@@ -145,7 +146,7 @@ mod tests {
             fn bind_writes<'a>(
                 &'a self,
                 _: &'a Backend,
-            ) -> BoxFuture<'a, Result<Option<String>, String>> {
+            ) -> BoxFuture<'a, Result<Option<String>, DriverError>> {
                 Box::pin(async { Ok(Some("olcLastBind: TRUE".into())) })
             }
             fn check_partial<'a>(
@@ -153,20 +154,18 @@ mod tests {
                 _: &'a Backend,
                 _: &'a [Backend],
                 _: &'a [Backend],
-            ) -> BoxFuture<'a, Result<(), String>> {
-                Box::pin(async { Err("refint".into()) })
+            ) -> BoxFuture<'a, Result<(), DriverError>> {
+                Box::pin(async { Err(DriverError::other("refint")) })
             }
         }
         let b = backend("dc=example,dc=org");
         let d = Recorded::new("openldap", Arc::new(Says), StateFile::memory());
         assert_eq!(
-            d.bind_writes(&b).await,
-            Ok(Some("olcLastBind: TRUE".into()))
+            d.bind_writes(&b).await.unwrap(),
+            Some("olcLastBind: TRUE".into())
         );
-        assert_eq!(
-            d.check_partial(&b, &[], std::slice::from_ref(&b)).await,
-            Err("refint".into())
-        );
+        let refused = d.check_partial(&b, &[], std::slice::from_ref(&b)).await;
+        assert_eq!(refused.unwrap_err().to_string(), "refint");
     }
 
     #[tokio::test]
@@ -222,7 +221,11 @@ mod tests {
     async fn recovery_gives_up_on_a_hung_done_at_its_deadline() {
         struct Hung;
         impl Driver for Hung {
-            fn done<'a>(&'a self, _: &'a Backend, _: u64) -> BoxFuture<'a, Result<(), String>> {
+            fn done<'a>(
+                &'a self,
+                _: &'a Backend,
+                _: u64,
+            ) -> BoxFuture<'a, Result<(), DriverError>> {
                 Box::pin(std::future::pending())
             }
         }

@@ -420,7 +420,8 @@ impl Requests<'_> {
                 Step::Continue
             }
             LocalOp::Status => {
-                let (code, msg, value) = self.engine.status(&self.requester());
+                let (code, msg, value) =
+                    exops::status_answer(self.engine.status(&self.requester()));
                 let resp = pdu::extended_response(
                     env.msgid,
                     code,
@@ -700,7 +701,8 @@ impl Requests<'_> {
                 )
                 .await;
             }
-            let (code, msg) = engine.allow_backup(who, value.as_deref()).await;
+            let (code, msg) =
+                exops::allow_backup_answer(engine.allow_backup(who, value.as_deref()).await);
             let resp = pdu::extended_response(
                 msgid,
                 code,
