@@ -21,6 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use abproxy_proto::AllowBackupRequest;
 use futures::future::BoxFuture;
+
+use super::discover::Discover;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -248,6 +250,9 @@ pub struct Engine {
     queued_requests: AtomicUsize,
     queued_bytes: AtomicUsize,
     stop_frozen: AtomicBool,
+    /// How the engine reads the server's root DSE before each freeze, and
+    /// whether the backends come from it (none configured).
+    discover: RwLock<Option<(Arc<dyn Discover>, bool)>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -298,6 +303,7 @@ impl Engine {
             queued_requests: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
             stop_frozen: AtomicBool::new(false),
+            discover: RwLock::new(None),
         }
     }
 
@@ -314,6 +320,65 @@ impl Engine {
     pub fn set_backends(&self, map: BackendMap) {
         if self.read_state().is_none() {
             *self.backends.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+        }
+    }
+
+    /// How to read the server's root DSE (`auto_backends`: the backends
+    /// come from its `namingContexts`, none being configured). Read then
+    /// and again inside each ON ([`Engine::refresh`]).
+    pub fn set_discovery(&self, discover: Arc<dyn Discover>, auto_backends: bool) {
+        *self.discover.write().unwrap_or_else(|e| e.into_inner()) = Some((discover, auto_backends));
+    }
+
+    /// Reads the server's root DSE again (when there is something to learn
+    /// from it): the backends when none are configured, and with
+    /// `bind_is_write = "auto"` whether binds may write. `startup`: also
+    /// warn when `bind_is_write = false` meets a password policy. A root DSE
+    /// that cannot be read leaves the backends as they were and counts
+    /// binds as writes.
+    pub async fn refresh(&self, startup: bool) {
+        let Some((discover, auto_backends)) = self
+            .discover
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let binds = self.cfg.bind_is_write;
+        let for_binds = binds == BindIsWrite::Auto || (startup && binds == BindIsWrite::No);
+        if !auto_backends && !for_binds {
+            return;
+        }
+        let facts = match discover.server_facts().await {
+            Ok(facts) => facts,
+            Err(e) => {
+                warn!("cannot read the upstream's root DSE: {e}");
+                self.set_password_policy(None);
+                return;
+            }
+        };
+        self.set_password_policy(Some(facts.password_policy));
+        if binds == BindIsWrite::No && facts.password_policy {
+            warn!(
+                "the server lists the password policy control (1.3.6.1.4.1.42.2.27.8.5.1) and \
+                 freeze.bind_is_write is false: \
+                 a bind during a freeze (a failed one above all) may write into a frozen backend \
+                 (ppolicy's pwdFailureTime); set bind_is_write = \"auto\" or true to hold binds \
+                 into frozen backends"
+            );
+        }
+        if !auto_backends {
+            return;
+        }
+        match BackendMap::new(
+            facts
+                .naming_contexts
+                .into_iter()
+                .map(|s| (s, Mode::Readonly)),
+        ) {
+            Ok(m) => self.set_backends(m),
+            Err(e) => warn!("upstream namingContexts unusable as backends: {e}"),
         }
     }
 
@@ -679,6 +744,9 @@ impl Engine {
         who: Requester,
         req: AllowBackupRequest,
     ) -> Result<Granted, FreezeError> {
+        // The backends (when they come from the server) and whether binds
+        // write, as the server says now.
+        self.refresh(false).await;
         let map = self.backends();
         if map.is_empty() {
             return Err(FreezeError::NoBackends);
@@ -1441,6 +1509,56 @@ mod tests {
                 "{off:?}"
             );
         }
+    }
+
+    /// A server whose root DSE lists these naming contexts; counts reads.
+    struct Facts(Vec<&'static str>, std::sync::atomic::AtomicUsize);
+    impl Discover for Facts {
+        fn server_facts(&self) -> BoxFuture<'_, Result<super::super::ServerFacts, String>> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            let contexts = self.0.iter().map(|s| s.to_string()).collect();
+            Box::pin(async move {
+                Ok(super::super::ServerFacts {
+                    naming_contexts: contexts,
+                    password_policy: false,
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_reads_the_servers_backends_again_once_authorised() {
+        let cfg = FreezeConfig {
+            allowed: vec!["cn=admin,dc=example,dc=org".into()],
+            ..FreezeConfig::default()
+        };
+        let engine = Arc::new(Engine::new(cfg, BackendMap::new([]).unwrap()));
+        let server = Arc::new(Facts(
+            vec!["dc=example,dc=org", "dc=other,dc=org"],
+            Default::default(),
+        ));
+        engine.set_discovery(server.clone(), true);
+        // Someone who may not freeze makes the proxy read nothing upstream.
+        let stranger = Requester {
+            bound_dn: Some("uid=x,dc=example,dc=org".into()),
+            ..admin()
+        };
+        let on = abproxy_proto::encode_request(&AllowBackupRequest::on());
+        let e = engine.allow_backup(stranger, Some(&on)).await.unwrap_err();
+        assert_eq!(e.result_code(), LdapResultCode::InsufficentAccessRights);
+        assert_eq!(server.1.load(Ordering::SeqCst), 0);
+        assert!(engine.backends().is_empty());
+        // An operator's ON freezes what the server has now.
+        assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
+        assert_eq!(server.1.load(Ordering::SeqCst), 1);
+        let suffixes: Vec<_> = engine
+            .backends()
+            .backends()
+            .iter()
+            .map(|b| b.suffix.clone())
+            .collect();
+        assert_eq!(suffixes, ["dc=example,dc=org", "dc=other,dc=org"]);
+        assert!(status(&engine).backends.iter().all(|b| b.frozen));
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,6 +23,7 @@
 //! and releases its queue, oldest first, when the engine's epoch changes.
 
 pub mod backend;
+pub mod discover;
 pub mod dn;
 pub mod drivers;
 pub mod engine;
@@ -33,6 +34,7 @@ pub mod state;
 pub mod status;
 
 pub use backend::{BackendMap, Class, Kind, Mode};
+pub use discover::{Discover, ServerFacts};
 pub use drivers::Driver;
 pub use engine::{Control, Engine, Granted, Requester, SessionHandle};
 pub use error::FreezeError;

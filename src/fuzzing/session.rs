@@ -639,7 +639,7 @@ impl<'a> Harness<'a> {
 
     async fn run(self) {
         let engine = Arc::new(Engine::new(self.config().freeze, self.backends()));
-        let shared = Arc::new(Shared::new(self.settings(), engine.clone(), false));
+        let shared = Arc::new(Shared::new(self.settings(), engine.clone()));
         let (client_w, proxy_from_client) = tokio::io::duplex(PIPE);
         let (proxy_to_client, client_r) = tokio::io::duplex(64 * 1024);
         let (proxy_to_up, up_from_proxy) = tokio::io::duplex(PIPE);
@@ -1131,7 +1131,7 @@ mod tests {
         rt.block_on(async {
             let h = Harness::new(&MANUAL);
             let engine = Arc::new(Engine::new(h.config().freeze, h.backends()));
-            let shared = Arc::new(Shared::new(h.settings(), engine.clone(), false));
+            let shared = Arc::new(Shared::new(h.settings(), engine.clone()));
             let (mut client_w, proxy_from_client) = tokio::io::duplex(PIPE);
             let (proxy_to_client, client_r) = tokio::io::duplex(PIPE);
             let (proxy_to_up, up_from_proxy) = tokio::io::duplex(PIPE);

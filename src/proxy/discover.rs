@@ -11,8 +11,10 @@ use ldap3_proto::proto::{
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::endpoint::Endpoint;
+use crate::freeze::{Discover, ServerFacts};
 use crate::tls::UpstreamTls;
 use crate::wire::{op, pdu, Envelope, FrameCodec};
+use futures::future::BoxFuture;
 
 /// The password policy request/response control (draft-behera-ldap-password-policy):
 /// listed by slapd once its ppolicy module is loaded, and by 389 DS.
@@ -33,6 +35,29 @@ impl RootDse {
         self.supported_controls
             .iter()
             .any(|c| c == PASSWORD_POLICY_CONTROL)
+    }
+}
+
+/// The freeze's view of the upstream: its root DSE, read anonymously on a
+/// new connection within `timeout`.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) tls: Option<std::sync::Arc<UpstreamTls>>,
+    pub(crate) timeout: Duration,
+}
+
+impl Discover for Upstream {
+    fn server_facts(&self) -> BoxFuture<'_, Result<ServerFacts, String>> {
+        Box::pin(async move {
+            let dse = root_dse(&self.endpoint, self.tls.as_deref(), self.timeout)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(ServerFacts {
+                password_policy: dse.password_policy(),
+                naming_contexts: dse.naming_contexts,
+            })
+        })
     }
 }
 

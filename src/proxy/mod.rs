@@ -23,13 +23,12 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, DriverSettings, Settings};
 use crate::endpoint::{self, BoxRead, BoxWrite, Endpoint};
-use crate::freeze::backend::Mode;
 use crate::freeze::drivers::ds389::Ds389Driver;
 use crate::freeze::drivers::openldap::OpenLdapDriver;
 use crate::freeze::drivers::recorded::Recorded;
 use crate::freeze::drivers::CommandDriver;
 use crate::freeze::state::StateFile;
-use crate::freeze::{BackendMap, Driver, Engine};
+use crate::freeze::{Driver, Engine};
 use crate::tls::{ServerTls, UpstreamTls};
 
 /// What every session of one proxy shares.
@@ -41,13 +40,10 @@ pub struct Shared {
     pub upstream: Endpoint,
     /// The freeze engine.
     pub engine: Arc<Engine>,
-    /// Backends come from the upstream's namingContexts (none configured):
-    /// re-read before each freeze.
-    pub auto_backends: bool,
     /// Client-facing TLS (`ldaps://` listeners, StartTLS), when configured.
     pub server_tls: Option<Arc<ServerTls>>,
     /// How to reach a TLS upstream (`ldaps://` or `upstream_starttls`).
-    pub upstream_tls: Option<UpstreamTls>,
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
     /// Open client connections against their limits.
     pub limits: Arc<limits::ConnLimits>,
     /// Tasks other than sessions that shutdown waits for: Allow-Backup
@@ -79,7 +75,7 @@ impl Shared {
 
     /// What the sessions of a proxy with these settings share (no TLS:
     /// `Server::bind` adds it).
-    pub(crate) fn new(settings: Settings, engine: Arc<Engine>, auto_backends: bool) -> Shared {
+    pub(crate) fn new(settings: Settings, engine: Arc<Engine>) -> Shared {
         let limits = Arc::new(limits::ConnLimits::new(
             settings.limits.max_connections,
             settings.limits.max_connections_per_source,
@@ -88,7 +84,6 @@ impl Shared {
             upstream: settings.upstream.clone(),
             settings,
             engine,
-            auto_backends,
             server_tls: None,
             upstream_tls: None,
             limits,
@@ -99,7 +94,7 @@ impl Shared {
 
     /// A new connection to the upstream, with TLS when configured.
     pub async fn connect_upstream(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
-        crate::tls::connect_upstream(&self.upstream, self.upstream_tls.as_ref()).await
+        crate::tls::connect_upstream(&self.upstream, self.upstream_tls.as_deref()).await
     }
 }
 
@@ -188,8 +183,9 @@ impl Server {
     pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
         let upstream = settings.upstream.clone();
         let server_tls = ServerTls::load(&settings.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let upstream_tls =
-            UpstreamTls::load(&settings.tls, &upstream).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let upstream_tls = UpstreamTls::load(&settings.tls, &upstream)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map(Arc::new);
         let mut listeners = Vec::new();
         for ep in &settings.listen {
             let l = match ep {
@@ -225,7 +221,7 @@ impl Server {
         }
         let map = settings.backend_map.clone();
         let auto_backends = map.is_empty();
-        let probe = crate::tls::connect_upstream(&upstream, upstream_tls.as_ref());
+        let probe = crate::tls::connect_upstream(&upstream, upstream_tls.as_deref());
         match tokio::time::timeout(settings.upstream_connect_timeout, probe).await {
             Ok(Ok(_)) => info!(%upstream, "upstream reachable"),
             Ok(Err(e)) => {
@@ -238,15 +234,15 @@ impl Server {
         // The engine first, so that the root DSE read can tell it whether
         // binds are writes; the backends it finds replace the empty map.
         let engine = Arc::new(Engine::new(settings.freeze.clone(), map));
-        refresh_from_root_dse(
-            &engine,
-            &upstream,
-            upstream_tls.as_ref(),
-            settings.upstream_connect_timeout,
+        engine.set_discovery(
+            Arc::new(discover::Upstream {
+                endpoint: upstream.clone(),
+                tls: upstream_tls.clone(),
+                timeout: settings.upstream_connect_timeout,
+            }),
             auto_backends,
-            true,
-        )
-        .await;
+        );
+        engine.refresh(true).await;
         let map = engine.backends();
         let suffixes: Vec<_> = map
             .backends()
@@ -320,7 +316,7 @@ impl Server {
             shared: Arc::new(Shared {
                 server_tls,
                 upstream_tls,
-                ..Shared::new(settings, engine, auto_backends)
+                ..Shared::new(settings, engine)
             }),
         })
     }
@@ -392,54 +388,6 @@ impl Server {
         self.shared.engine.end_at_shutdown().await;
         info!("stopped");
         Ok(())
-    }
-}
-
-/// What a freeze needs of the upstream's root DSE, read before it (and at
-/// start-up): its naming contexts as `readonly` backends when none are
-/// configured (`auto_backends`), and whether it has a password policy when
-/// `bind_is_write = "auto"` (at start-up also with `false`, to warn).
-/// Nothing is read when nothing is needed; when the root DSE cannot be
-/// read, `auto` counts binds as writes (with a warning). The backends found
-/// go to the engine.
-pub(crate) async fn refresh_from_root_dse(
-    engine: &Engine,
-    upstream: &Endpoint,
-    tls: Option<&UpstreamTls>,
-    timeout: Duration,
-    auto_backends: bool,
-    startup: bool,
-) {
-    use crate::freeze::BindIsWrite;
-    let binds = engine.config().bind_is_write;
-    let for_binds = binds == BindIsWrite::Auto || (startup && binds == BindIsWrite::No);
-    if !auto_backends && !for_binds {
-        return;
-    }
-    let dse = match discover::root_dse(upstream, tls, timeout).await {
-        Ok(dse) => dse,
-        Err(e) => {
-            warn!("cannot read the upstream's root DSE: {e:#}");
-            engine.set_password_policy(None);
-            return;
-        }
-    };
-    engine.set_password_policy(Some(dse.password_policy()));
-    if binds == BindIsWrite::No && dse.password_policy() {
-        warn!(
-            "the server lists the password policy control ({}) and freeze.bind_is_write is false: \
-             a bind during a freeze (a failed one above all) may write into a frozen backend \
-             (ppolicy's pwdFailureTime); set bind_is_write = \"auto\" or true to hold binds into \
-             frozen backends",
-            discover::PASSWORD_POLICY_CONTROL
-        );
-    }
-    if !auto_backends {
-        return;
-    }
-    match BackendMap::new(dse.naming_contexts.into_iter().map(|s| (s, Mode::Readonly))) {
-        Ok(m) => engine.set_backends(m),
-        Err(e) => warn!("upstream namingContexts unusable as backends: {e}"),
     }
 }
 

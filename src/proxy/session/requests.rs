@@ -673,7 +673,6 @@ impl Requests<'_> {
     /// over, while the session goes on.
     fn allow_backup(&self, env: &Envelope, frame: &Bytes) {
         let engine = self.engine.clone();
-        let shared = self.shared.clone();
         let who = self.requester();
         let value = env
             .value
@@ -685,22 +684,6 @@ impl Requests<'_> {
         lock(&state.local_ids).push(msgid);
         state.local_pending.fetch_add(1, Ordering::AcqRel);
         self.shared.tasks.spawn(async move {
-            // Backends from the rootDSE, and whether the server has a
-            // password policy, are re-read before each freeze.
-            let is_on = value
-                .as_deref()
-                .is_some_and(|v| abproxy_proto::decode_request(v).is_ok_and(|r| r.mode));
-            if is_on {
-                super::super::refresh_from_root_dse(
-                    &engine,
-                    &shared.upstream,
-                    shared.upstream_tls.as_ref(),
-                    shared.settings.upstream_connect_timeout,
-                    shared.auto_backends,
-                    false,
-                )
-                .await;
-            }
             let (code, msg) =
                 exops::allow_backup_answer(engine.allow_backup(who, value.as_deref()).await);
             let resp = pdu::extended_response(
