@@ -76,6 +76,15 @@ pub struct Config {
     pub upstream_connect_timeout_secs: u64,
     /// On SIGTERM/SIGINT: time allowed to in-flight operations to finish.
     pub shutdown_grace_secs: u64,
+    /// Carry sessions to a new upstream connection when the server closes
+    /// theirs during a `stop`-mode freeze (a cold backup, a restore, an
+    /// upgrade): the proxy keeps each session's last simple bind request
+    /// in memory to replay it. false: such sessions end as the server ends
+    /// them, and no bind request is kept.
+    pub carry_sessions: bool,
+    /// How long a session being carried tries to reach the server again
+    /// (with backoff) before it ends, in seconds.
+    pub upstream_retry_secs: u64,
     /// Worker threads of the proxy (0: one per CPU). On a small machine
     /// shared with the LDAP server, 1 is often fastest.
     pub threads: usize,
@@ -237,6 +246,10 @@ pub struct Settings {
     pub upstream_connect_timeout: Duration,
     /// On SIGTERM/SIGINT: time allowed to in-flight operations to finish.
     pub shutdown_grace: Duration,
+    /// Carry sessions across a server restart during a `stop` freeze.
+    pub carry_sessions: bool,
+    /// How long a session being carried tries to reach the server again.
+    pub upstream_retry: Duration,
     /// Worker threads (0: one per CPU).
     pub threads: usize,
     /// The drivers' state file, if configured.
@@ -336,6 +349,8 @@ impl Default for Config {
             client_buffer_bytes: 256 * 1024,
             upstream_connect_timeout_secs: 5,
             shutdown_grace_secs: 10,
+            carry_sessions: true,
+            upstream_retry_secs: 60,
             threads: 0,
             state_file: None,
             backends: Vec::new(),
@@ -439,6 +454,8 @@ impl Config {
             idle_timeout: (self.idle_timeout_secs > 0).then(|| secs(self.idle_timeout_secs)),
             upstream_connect_timeout: secs(self.upstream_connect_timeout_secs),
             shutdown_grace: secs(self.shutdown_grace_secs),
+            carry_sessions: self.carry_sessions,
+            upstream_retry: secs(self.upstream_retry_secs),
             threads: self.threads,
             state_file: self.state_file.clone(),
             backend_map,

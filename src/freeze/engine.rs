@@ -253,6 +253,27 @@ pub struct Engine {
     /// How the engine reads the server's root DSE before each freeze, and
     /// whether the backends come from it (none configured).
     discover: RwLock<Option<(Arc<dyn Discover>, bool)>>,
+    /// Sessions whose upstream connection the server closed during a stop
+    /// freeze, waiting to be carried to a new one; carried; not carried.
+    carry: [AtomicUsize; 3],
+}
+
+/// What happened to a session whose upstream connection the server closed
+/// during a `stop` freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carried {
+    /// It waits for the server to be back.
+    Waiting,
+    /// It goes on, on a new connection with the same identity.
+    Yes,
+    /// It waited, then ended: the server came back different or not at
+    /// all.
+    No,
+    /// It waited, then its client left.
+    Left,
+    /// It held what cannot be carried (a SASL bind, requests in flight):
+    /// it ended at once.
+    Cannot,
 }
 
 impl std::fmt::Debug for Engine {
@@ -304,6 +325,7 @@ impl Engine {
             queued_bytes: AtomicUsize::new(0),
             stop_frozen: AtomicBool::new(false),
             discover: RwLock::new(None),
+            carry: Default::default(),
         }
     }
 
@@ -669,6 +691,36 @@ impl Engine {
     pub fn queue_has_room(&self) -> bool {
         self.queued_requests.load(Ordering::Acquire) < self.cfg.queue_max_requests_total
             && self.queued_bytes.load(Ordering::Acquire) < self.cfg.queue_max_bytes_total
+    }
+
+    /// A session's upstream connection closed during a stop freeze
+    /// ([`Carried::Waiting`]), then it was carried or not.
+    pub fn carried(&self, what: Carried) {
+        match what {
+            Carried::Waiting => {
+                self.carry[0].fetch_add(1, Ordering::SeqCst);
+            }
+            Carried::Yes | Carried::No => {
+                self.carry[0].fetch_sub(1, Ordering::SeqCst);
+                self.carry[if what == Carried::Yes { 1 } else { 2 }].fetch_add(1, Ordering::SeqCst);
+            }
+            Carried::Left => {
+                self.carry[0].fetch_sub(1, Ordering::SeqCst);
+            }
+            Carried::Cannot => {
+                self.carry[2].fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Sessions waiting to be carried, carried, and not carried (since
+    /// start).
+    pub fn carry_counts(&self) -> (usize, usize, usize) {
+        (
+            self.carry[0].load(Ordering::SeqCst),
+            self.carry[1].load(Ordering::SeqCst),
+            self.carry[2].load(Ordering::SeqCst),
+        )
     }
 
     /// Requests and bytes held in all sessions' queues.

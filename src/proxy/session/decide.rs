@@ -43,6 +43,9 @@ pub(super) trait View {
     fn bind_in_flight(&self) -> bool;
     /// Requests in flight upstream (persistent searches not counted).
     fn outstanding(&self) -> usize;
+    /// The server closed the session's upstream connection and the session
+    /// waits to be carried to a new one.
+    fn upstream_lost(&self) -> bool;
 }
 
 /// What to do with one request.
@@ -172,7 +175,7 @@ pub(super) fn decide(env: &Envelope, frame: &[u8], view: &impl View) -> Decision
     }
     // Order per connection is absolute: once one request waits, every later
     // one waits behind it.
-    if !view.queue_empty() || held_by_session(env.op, view) {
+    if !view.queue_empty() || held_by_session(env.op, view) || view.upstream_lost() {
         if view.in_flight(msgid).is_some() {
             return Decision::End(reused_id(msgid));
         }
@@ -266,6 +269,7 @@ mod tests {
         queued: Vec<(i32, u8)>,
         answering: Vec<i32>,
         in_flight: HashMap<i32, u8>,
+        upstream_lost: bool,
     }
 
     impl View for Fake {
@@ -295,6 +299,9 @@ mod tests {
         }
         fn outstanding(&self) -> usize {
             self.in_flight.len()
+        }
+        fn upstream_lost(&self) -> bool {
+            self.upstream_lost
         }
     }
 

@@ -53,6 +53,9 @@ pub(super) enum End {
     Tls(String),
     Io(IoAt, std::io::Error),
     Idle(Duration),
+    /// The upstream connection closed during a stop freeze and the session
+    /// could not be carried to a new one: why.
+    NotCarried(String),
     Closed,
 }
 
@@ -75,6 +78,7 @@ impl End {
             End::Tls(m) => format!("StartTLS: {m}"),
             End::Io(at, e) => format!("{}: {e}", at.describe()),
             End::Closed => "closed by the other side of the session".into(),
+            End::NotCarried(why) => format!("not carried to a new upstream connection: {why}"),
         }
     }
 }

@@ -32,6 +32,7 @@ use crate::tls::ClientStream;
 use crate::wire::envelope::oid;
 use crate::wire::{op, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
 
+mod carry;
 mod decide;
 mod end;
 mod requests;
@@ -263,6 +264,9 @@ pub(crate) async fn serve_connected(
 
     let engine = shared.engine.clone();
     let state = Arc::new(SessionState::new(&shared.settings.limits));
+    if !shared.settings.carry_sessions {
+        lock(&state.carry).cannot("carry_sessions is off");
+    }
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     engine.register(
         id,
@@ -317,6 +321,7 @@ pub(crate) async fn serve_connected(
         told: false,
         partial: false,
         abort: abort.clone(),
+        carry_sessions: shared.settings.carry_sessions,
     };
     // The two directions run as two tasks, so a wake-up for one polls only
     // that one.

@@ -19,14 +19,15 @@ use crate::proxy::exops::{self};
 use crate::proxy::mailbox::Inbox;
 use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
-use crate::wire::{op, pdu, Envelope, FrameError};
+use crate::wire::{op, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
 
+use super::carry::{self, Refused};
 use super::decide::{decide, held_by_session, Abandon, Decision, View};
 use super::end::{reused_id, End, IoAt, Side};
 use super::state::SessionState;
 use super::{
     count, feed_waiting, flush_now, flush_waiting, frame_buffered, lock, ClientIn, Close, Local,
-    Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM, UPSTREAM_CLOSE_WAIT,
+    Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM, UPSTREAM_CLOSE_WAIT, UP_BUFFER,
 };
 
 pub(super) struct Requests<'a> {
@@ -77,6 +78,12 @@ impl Requests<'_> {
         let end = self.pump().await;
         self.discard_queue(&end);
         match &end {
+            End::ClientClosed | End::Unbind if self.state.upstream_lost.load(Ordering::SeqCst) => {
+                // No upstream connection to close: the session waited to be
+                // carried.
+                self.state.client_gone.store(true, Ordering::Relaxed);
+                self.end_session();
+            }
             End::ClientClosed | End::Unbind => {
                 // Like a direct client: the server sees EOF and closes.
                 self.state.client_gone.store(true, Ordering::Relaxed);
@@ -108,6 +115,21 @@ impl Requests<'_> {
                 let notice = pdu::notice_of_disconnection(
                     LdapResultCode::Unavailable,
                     "abproxy is shutting down",
+                );
+                let _ = self.local.try_send(Local::Pdu(notice));
+                self.end_session();
+            }
+            End::NotCarried(why) => {
+                warn!(
+                    conn = self.id,
+                    "session not carried to a new upstream connection: {why}"
+                );
+                let notice = pdu::notice_of_disconnection(
+                    LdapResultCode::Unavailable,
+                    &format!(
+                        "abproxy: the LDAP server went away and this session could not be \
+                         carried to a new connection: {why}"
+                    ),
                 );
                 let _ = self.local.try_send(Local::Pdu(notice));
                 self.end_session();
@@ -232,7 +254,14 @@ impl Requests<'_> {
                 }
                 Event::Frame(f) => {
                     active = true;
-                    self.on_frames(f).await
+                    match self.on_frames(f).await {
+                        // Requests queued while the session waits to be
+                        // carried go once the freeze no longer holds them.
+                        Step::Continue if self.state.upstream_lost.load(Ordering::Relaxed) => {
+                            self.release().await
+                        }
+                        step => step,
+                    }
                 }
             };
             if let Step::End(e) = step {
@@ -634,6 +663,18 @@ impl Requests<'_> {
             if held_by_session(head.env.op, &*self) {
                 break;
             }
+            if self.state.upstream_lost.load(Ordering::SeqCst) {
+                // The server closed the connection during a stop freeze:
+                // a new one once the freeze no longer holds the request.
+                if self.engine.holds(head.class) {
+                    break;
+                }
+                // Boxed: rarely run, and large.
+                if let Err(end) = Box::pin(self.reestablish()).await {
+                    return Step::End(end);
+                }
+                continue;
+            }
             match self.admit(&head.env, &head.frame, Some(head.class)) {
                 Err(_) => break,
                 // Cannot happen: an ID is checked against the table and the
@@ -657,6 +698,73 @@ impl Requests<'_> {
             );
         }
         Step::Continue
+    }
+
+    /// Carries the session to a new upstream connection: connects (with
+    /// backoff, for up to `upstream_retry_secs`), gives the connection the
+    /// session's identity (`carry::reestablish`: the bind replayed, checked
+    /// with Who am I?), then hands its input to the responses loop. A
+    /// server that answers differently ends the session at once.
+    async fn reestablish(&mut self) -> Result<(), End> {
+        if !self.state.inflight().is_empty() {
+            // Sent on the connection that closed (it passed the gate as the
+            // connection went): the server may have run it or not.
+            return Err(End::NotCarried(
+                "a request was in flight when the connection closed".into(),
+            ));
+        }
+        let settings = &self.shared.settings;
+        let replay = lock(&self.state.carry).replay();
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let shared = self.shared;
+            let attempt = async {
+                let (r, w) = shared
+                    .connect_upstream()
+                    .await
+                    .map_err(|e| Refused::Lost(e.to_string()))?;
+                let codec = FrameCodec::new(settings.limits.max_response_pdu_bytes);
+                let mut up_in = FrameReader::new(r, codec);
+                let mut up_out = FrameWriter::new(w, UP_BUFFER);
+                carry::reestablish(&mut up_in, &mut up_out, &replay).await?;
+                Ok::<_, Refused>((up_in, up_out))
+            };
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(settings.upstream_connect_timeout, attempt) => r,
+                _ = self.close.cancelled() => return Err(End::Closed),
+            };
+            let why = match outcome {
+                Ok(Ok((up_in, up_out))) => {
+                    let handover = lock(&self.state.new_upstream).take();
+                    if handover.is_none_or(|tx| tx.send(up_in).is_err()) {
+                        return Err(End::Closed);
+                    }
+                    self.up_out = up_out;
+                    self.state.upstream_lost.store(false, Ordering::SeqCst);
+                    info!(
+                        conn = self.id,
+                        "session carried to a new upstream connection"
+                    );
+                    return Ok(());
+                }
+                Ok(Err(Refused::Differs(why))) => return Err(End::NotCarried(why)),
+                Ok(Err(Refused::Lost(why))) => why,
+                Err(_) => "timed out".to_string(),
+            };
+            if started.elapsed() + pause > settings.upstream_retry {
+                return Err(End::NotCarried(format!(
+                    "the server did not answer again within {} s (upstream_retry_secs): {why}",
+                    settings.upstream_retry.as_secs()
+                )));
+            }
+            debug!(conn = self.id, "upstream not back yet: {why}");
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.close.cancelled() => return Err(End::Closed),
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     async fn feed(&mut self, frame: Bytes) -> Step {
@@ -826,5 +934,10 @@ impl View for Requests<'_> {
     #[inline]
     fn outstanding(&self) -> usize {
         self.state.outstanding()
+    }
+
+    #[inline]
+    fn upstream_lost(&self) -> bool {
+        self.state.upstream_lost.load(Ordering::Relaxed)
     }
 }

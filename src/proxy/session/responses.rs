@@ -11,18 +11,18 @@ use ldap3_proto::proto::LdapResultCode;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::freeze::participant::HeldResponses;
-use crate::freeze::{Control, Engine};
+use crate::freeze::{Carried, Control, Engine};
 use crate::proxy::mailbox::Inbox;
 use crate::wire::{op, pdu, rootdse, Envelope, FrameError};
 
 use super::end::{End, IoAt, Side};
 use super::state::SessionState;
 use super::{
-    count, feed_waiting, flush_now, flush_waiting, frame_buffered, is_notice, ClientOut, Close,
-    Local, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
+    count, feed_waiting, flush_now, flush_waiting, frame_buffered, is_notice, lock, ClientOut,
+    Close, Local, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
 };
 
 pub(super) struct Responses {
@@ -48,11 +48,45 @@ pub(super) struct Responses {
     pub(super) partial: bool,
     /// The shutdown grace period is over.
     pub(super) abort: CancellationToken,
+    /// `carry_sessions`.
+    pub(super) carry_sessions: bool,
 }
 
 impl Responses {
     pub(super) async fn run(mut self) -> End {
-        let end = self.pump().await;
+        let mut not_carried = None;
+        let end = loop {
+            let end = self.pump().await;
+            match self.carriable(&end) {
+                Ok(()) => {
+                    self.engine.carried(Carried::Waiting);
+                    match self.await_new_upstream().await {
+                        Ok(up_in) => {
+                            self.engine.carried(Carried::Yes);
+                            self.up_in = up_in;
+                            continue;
+                        }
+                        Err(e) => {
+                            let left = self.state.client_gone.load(Ordering::SeqCst);
+                            self.engine
+                                .carried(if left { Carried::Left } else { Carried::No });
+                            break e;
+                        }
+                    }
+                }
+                Err(Some(why)) => {
+                    self.engine.carried(Carried::Cannot);
+                    not_carried = Some(why);
+                    info!(
+                        conn = self.id,
+                        "the server closed the connection during a stop-mode freeze: session not \
+                         carried: {why}"
+                    );
+                    break end;
+                }
+                Err(None) => break end,
+            }
+        };
         // Whatever the proxy still has to say (a notice), then close.
         while let Some(l) = self.local.try_recv() {
             if let Local::Pdu(pdu) = l {
@@ -66,7 +100,13 @@ impl Responses {
             {
                 let notice = pdu::notice_of_disconnection(
                     LdapResultCode::Unavailable,
-                    "abproxy: the LDAP server closed the connection",
+                    &match not_carried {
+                        None => "abproxy: the LDAP server closed the connection".to_string(),
+                        Some(why) => format!(
+                            "abproxy: the LDAP server closed the connection during a stop freeze \
+                             and this session cannot be carried to a new one: {why}"
+                        ),
+                    },
                 );
                 self.feed_last(notice).await;
             }
@@ -175,6 +215,80 @@ impl Responses {
             .below(self.engine.config().held_response_bytes_per_conn)
     }
 
+    /// Whether a session whose upstream connection just ended (`end`) can
+    /// be carried to a new one: `Err(None)` when carrying does not apply,
+    /// `Err(Some(why))` when it applies but this session holds what cannot
+    /// be carried.
+    fn carriable(&self, end: &End) -> Result<(), Option<&'static str>> {
+        let lost = matches!(
+            end,
+            End::UpstreamClosed | End::Io(IoAt::Read(Side::Upstream), _)
+        );
+        if !lost
+            || !self.carry_sessions
+            || !self.engine.stop_frozen()
+            || self.state.client_gone.load(Ordering::Relaxed)
+            || self.state.upstream_noticed.load(Ordering::Relaxed)
+        {
+            return Err(None);
+        }
+        if let Some(why) = lock(&self.state.carry).refusal() {
+            return Err(Some(why));
+        }
+        if !self.state.inflight().is_empty() {
+            return Err(Some(
+                "requests were in flight when the connection closed (the server may have run \
+                 them or not)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits, writing what the proxy authors meanwhile, until the requests
+    /// loop hands over a new upstream connection that holds the session's
+    /// identity (see `Requests::reestablish`).
+    async fn await_new_upstream(&mut self) -> Result<UpIn, End> {
+        let (tx, mut rx) = oneshot::channel();
+        *lock(&self.state.new_upstream) = Some(tx);
+        self.state.upstream_lost.store(true, Ordering::SeqCst);
+        info!(
+            conn = self.id,
+            "the server closed the connection during a stop-mode freeze: the session waits to be \
+             carried to a new connection"
+        );
+        loop {
+            tokio::select! {
+                biased;
+                Some(l) = self.local.recv() => self.on_local(l).await?,
+                r = &mut rx => return r.map_err(|_| End::Closed),
+                _ = self.close.cancelled() => return Err(End::Closed),
+            }
+            flush_waiting(&mut self.client_out, &self.close, TO_CLIENT).await?;
+        }
+    }
+
+    /// What the proxy authored for the client.
+    async fn on_local(&mut self, l: Local) -> Result<(), End> {
+        match l {
+            Local::Pdu(pdu) => {
+                let notice = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
+                self.write(&pdu).await?;
+                if notice {
+                    // The session is over: nothing may follow.
+                    self.told = true;
+                    return Err(End::Closed);
+                }
+                Ok(())
+            }
+            Local::StartTls {
+                pdu,
+                flushed,
+                resume,
+            } => self.start_tls(pdu, flushed, resume).await,
+            Local::Close => Err(End::Closed),
+        }
+    }
+
     async fn pump(&mut self) -> End {
         loop {
             let can_read = self.can_read();
@@ -184,24 +298,8 @@ impl Responses {
             }
             tokio::select! {
                 biased;
-                Some(l) = self.local.recv() => match l {
-                    Local::Pdu(pdu) => {
-                        let notice = Envelope::response(&pdu).is_ok_and(|env| is_notice(&env, &pdu));
-                        if let Err(e) = self.write(&pdu).await {
-                            return e;
-                        }
-                        if notice {
-                            // The session is over: nothing may follow.
-                            self.told = true;
-                            return End::Closed;
-                        }
-                    }
-                    Local::StartTls { pdu, flushed, resume } => {
-                        if let Err(e) = self.start_tls(pdu, flushed, resume).await {
-                            return e;
-                        }
-                    }
-                    Local::Close => return End::Closed,
+                Some(l) = self.local.recv() => if let Err(e) = self.on_local(l).await {
+                    return e;
                 },
                 Ok(()) = self.epoch.changed(), if holding => {
                     if let Err(e) = self.release_held().await {
@@ -363,6 +461,22 @@ impl Responses {
         // any other (else it stayed in flight for ever and held up every
         // drain).
         if env.msgid == 0 && is_notice(env, frame) {
+            if self.carry_sessions
+                && self.engine.stop_frozen()
+                && lock(&self.state.carry).refusal().is_none()
+                && self.state.inflight().is_empty()
+            {
+                // The server is going away during a stop-mode freeze: the
+                // session may be carried to its next run, so the client is
+                // not told.
+                info!(
+                    conn = self.id,
+                    code = env.result_code,
+                    "upstream sent a Notice of Disconnection during a stop-mode freeze: not \
+                     forwarded (the session may be carried)"
+                );
+                return Route::Drop;
+            }
             warn!(
                 conn = self.id,
                 code = env.result_code,
@@ -414,6 +528,20 @@ impl Responses {
                 self.state
                     .set_authenticated(ok && (req.sasl_bind || named.is_some()));
                 self.state.set_bound_dn(named.filter(|_| ok));
+                if self.carry_sessions {
+                    let mut carry = lock(&self.state.carry);
+                    match (ok, req.sasl_bind, req.request.as_deref()) {
+                        (true, false, Some(request)) if named.is_some() => carry.simple(request),
+                        (true, true, _) => carry.cannot("a SASL bind cannot be replayed"),
+                        // RFC 4511 saslBindInProgress.
+                        (false, true, _) if env.result_code == Some(14) => {
+                            carry.cannot("a SASL bind was in progress")
+                        }
+                        // Anonymous, unauthenticated or failed: slapd and
+                        // 389 DS leave the connection anonymous.
+                        _ => carry.anonymous(),
+                    }
+                }
             }
             self.state.forget(&req);
             debug!(

@@ -3,14 +3,17 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
+
+use super::carry::Carry;
+use super::UpIn;
 
 use crate::freeze::participant::{InFlight, InFlightTable, Participant, Suppressed};
 use crate::wire::op;
 
 /// State both loops of a session share; what the freeze engine reads of
 /// it (the in-flight table, the bound DN) is its [`Participant`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) struct SessionState {
     /// Shared with the freeze engine (the session's `SessionHandle`).
     pub(super) participant: Arc<Participant>,
@@ -58,6 +61,15 @@ pub(super) struct SessionState {
     pub(super) settle: Notify,
     /// Message IDs of Allow-Backup requests the proxy is still answering.
     pub(super) local_ids: Mutex<Vec<i32>>,
+    /// What the upstream connection holds, to carry the session to a new
+    /// one (`carry.rs`).
+    pub(super) carry: Mutex<Carry>,
+    /// The upstream connection closed and the session waits to be carried
+    /// to a new one: nothing is sent upstream meanwhile.
+    pub(super) upstream_lost: AtomicBool,
+    /// Where the requests loop hands the responses loop the new
+    /// connection's input, once it holds the session's identity.
+    pub(super) new_upstream: Mutex<Option<oneshot::Sender<UpIn>>>,
     pub(super) requests: AtomicU64,
     pub(super) responses: AtomicU64,
 }

@@ -1,0 +1,182 @@
+//! Sessions carried across a restart of the server during a `stop`-mode
+//! freeze (a cold backup): clients keep their connections, their held
+//! requests and their identity; what cannot be carried ends with the
+//! reason.
+
+mod support;
+
+use std::time::Duration;
+
+use abproxy::config::{BackendConfig, Config};
+use abproxy::freeze::Mode;
+use abproxy::wire::Envelope;
+use abproxy_proto::AllowBackupRequest;
+use ldap3_proto::proto::*;
+use support::freeze::*;
+use support::*;
+use testkit::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
+
+const WHOAMI: &str = "1.3.6.1.4.1.4203.1.11.3";
+
+async fn stop_lab(carry: bool) -> Lab {
+    Lab::with(
+        SlapdOptions {
+            nosync: true,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.freeze.allowed = vec![ADMIN_DN.into(), OTHER_ADMIN_DN.into()];
+            c.freeze.root_dns = c.freeze.allowed.clone();
+            c.backends = vec![BackendConfig::new("dc=example,dc=org", Mode::Stop)];
+            c.carry_sessions = carry;
+            c.upstream_retry_secs = 20;
+        },
+    )
+    .await
+}
+
+fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
+    LdapMsg::new(
+        msgid,
+        LdapOp::ModifyRequest(LdapModifyRequest {
+            dn: dn.into(),
+            changes: vec![LdapModify {
+                operation: LdapModifyType::Replace,
+                modification: LdapPartialAttribute {
+                    atype: attr.into(),
+                    vals: vec![val.as_bytes().to_vec()],
+                },
+            }],
+        }),
+    )
+}
+
+/// Who the server says this connection is (through the proxy).
+async fn whoami(c: &mut RawConn, msgid: i32) -> String {
+    c.send_msg(exop(msgid, WHOAMI, None)).await;
+    let frame = c.recv().await.expect("a Who am I? response");
+    let env = Envelope::response(&frame).unwrap();
+    assert_eq!(env.msgid, msgid);
+    assert_eq!(env.result_code, Some(0), "{}", diagnostic(&frame));
+    String::from_utf8_lossy(env.value_bytes(&frame).unwrap_or_default()).into_owned()
+}
+
+/// Stops slapd and starts it again on the same port and data (a cold
+/// backup's window), off the runtime: it blocks.
+async fn restart(lab: &mut Lab) {
+    tokio::task::block_in_place(|| lab.slapd.restart()).expect("restart slapd");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_carried_across_a_restart_during_a_stop_freeze() {
+    let mut lab = stop_lab(true).await;
+    let engine = lab.proxy.engine();
+    let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    let mut u3 = bound(&lab, &user_dn(3), &user_pw(3)).await;
+    let mut anon = RawConn::connect(&lab.proxy_addr()).await;
+    assert_eq!(whoami(&mut anon, 1).await, "");
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    // Held by the stop freeze: a write, a read.
+    u1.send_msg(modify(2, &user_dn(1), "description", "carried"))
+        .await;
+    anon.send_msg(search(2, &user_dn(2), 0, "(objectClass=*)", &["uid"]))
+        .await;
+    wait_status(&lab, "two held requests", |s| s.queued_requests == 2).await;
+
+    // The cold backup's window: the server stops (every upstream
+    // connection closes) and starts again; meanwhile user 3's password
+    // changes on the server itself.
+    restart(&mut lab).await;
+    let changed = ldap_tool(
+        "ldappasswd",
+        &[
+            "-x",
+            "-H",
+            &lab.direct(),
+            "-D",
+            ADMIN_DN,
+            "-w",
+            ADMIN_PW,
+            "-s",
+            "a-new-password",
+            &user_dn(3),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(changed.code, Some(0), "{}", changed.stderr);
+    // Every session noticed, none was told.
+    wait_until("four sessions waiting for the server", 10, || {
+        engine.carry_counts().0 == 4
+    })
+    .await;
+    assert_nothing_pending(&mut u1).await;
+    assert_nothing_pending(&mut anon).await;
+
+    // OFF on the operator's own connection (answered by the proxy), then
+    // each session goes on as it was.
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    assert_eq!(
+        result_code(&u1.recv().await.expect("the held modify's answer")),
+        Some(0)
+    );
+    let frames = anon.recv_until_final(2).await;
+    assert_eq!(frames.len(), 2, "the entry and the done");
+    assert_eq!(result_code(&frames[1]), Some(0));
+    assert_eq!(whoami(&mut u1, 3).await, format!("dn:{}", user_dn(1)));
+    assert_eq!(whoami(&mut anon, 3).await, "");
+    assert_eq!(whoami(&mut admin, 4).await, format!("dn:{ADMIN_DN}"));
+    // The write landed once, after the restart.
+    let read = base_direct(&lab, &user_dn(1), "description").await;
+    assert!(
+        read.stdout.contains("description: carried"),
+        "{}",
+        read.stdout
+    );
+
+    // User 3's bind no longer holds at the server: that session ends with
+    // the reason at its next request, nothing of it sent.
+    u3.send_msg(search(2, &user_dn(3), 0, "(objectClass=*)", &["uid"]))
+        .await;
+    let notice = u3.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 52);
+    assert!(
+        why.contains("could not be carried") && why.contains("refused the replayed bind"),
+        "{why}"
+    );
+    assert!(u3.recv().await.is_none(), "closed after the notice");
+    let counts = engine.clone();
+    let what = format!("the counts (now {:?})", engine.carry_counts());
+    wait_until(&what, 10, || counts.carry_counts() == (0, 3, 1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_carry_sessions_a_restart_ends_them_as_before() {
+    let mut lab = stop_lab(false).await;
+    let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    u1.send_msg(modify(2, &user_dn(1), "description", "never"))
+        .await;
+    wait_status(&lab, "a held write", |s| s.queued_requests == 1).await;
+    restart(&mut lab).await;
+    let notice = u1.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 52);
+    assert!(why.contains("closed the connection"), "{why}");
+    assert!(u1.recv().await.is_none());
+    assert_eq!(lab.proxy.engine().carry_counts(), (0, 0, 0));
+    // The held write was never sent.
+    let read = base_direct(&lab, &user_dn(1), "description").await;
+    assert!(!read.stdout.contains("never"), "{}", read.stdout);
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin.recv()).await;
+}
