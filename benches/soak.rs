@@ -16,7 +16,7 @@
 //! Between the proxy and slapd sits the tests' TCP shim, which sees the
 //! order in which slapd receives each client's adds.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::collections::{HashMap, HashSet};

@@ -6,18 +6,16 @@
 //! same bytes; the proxy never crashes or hangs, and a client working
 //! alongside is never disturbed.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::shim::Shim;
+use crate::support::*;
 use abproxy::wire::envelope::oid;
 use abproxy::wire::{op, Envelope};
 use bytes::Bytes;
 use ldap3_proto::proto::*;
-use support::shim::Shim;
-use support::*;
 use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::io::AsyncWriteExt;
 
@@ -301,7 +299,7 @@ async fn ten_thousand_malformed_pdus() {
     .unwrap();
     let proxy = under_test.url().trim_start_matches("ldap://").to_string();
     let direct = lab.direct_addr();
-    let rss_before = support::process::rss_kib(std::process::id());
+    let rss_before = crate::support::process::rss_kib(std::process::id());
 
     // A client working alongside the whole time.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -428,7 +426,7 @@ async fn ten_thousand_malformed_pdus() {
         shim.counters.open.load(Ordering::SeqCst) == 0
     })
     .await;
-    let grown = support::process::rss_kib(std::process::id()).saturating_sub(rss_before);
+    let grown = crate::support::process::rss_kib(std::process::id()).saturating_sub(rss_before);
     eprintln!("resident memory grew by {grown} KiB over the run");
     assert!(grown < 64 * 1024, "resident memory grew by {grown} KiB");
 }

@@ -261,19 +261,23 @@ pub async fn round_trip(c: &mut RawConn, msgid: i32) {
     assert_eq!(result_code(r.last().unwrap()), Some(0));
 }
 
+/// A repository file, read at compile time: (path, text).
+macro_rules! page {
+    ($path:literal) => {
+        (
+            $path,
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/", $path)),
+        )
+    };
+}
+
 /// The pages that hold recipes, read at compile time.
 const DOCS: &[(&str, &str)] = &[
-    ("docs/recipes.md", include_str!("../../docs/recipes.md")),
-    (
-        "docs/operations.md",
-        include_str!("../../docs/operations.md"),
-    ),
-    ("docs/tls.md", include_str!("../../docs/tls.md")),
-    (
-        "docs/allow-backup.md",
-        include_str!("../../docs/allow-backup.md"),
-    ),
-    ("README.md", include_str!("../../README.md")),
+    page!("docs/recipes.md"),
+    page!("docs/operations.md"),
+    page!("docs/tls.md"),
+    page!("docs/allow-backup.md"),
+    page!("README.md"),
 ];
 
 /// The body of the code block marked `<!-- recipe: NAME -->` in the docs.

@@ -2,16 +2,14 @@
 //! default `max_connections`), and 1,000 clients pipelining writes during a
 //! freeze until the queue caps hold them by backpressure.
 
-mod support;
-
 use std::collections::HashMap;
 
+use crate::support::freeze::*;
+use crate::support::process::*;
+use crate::support::*;
 use abproxy_proto::AllowBackupRequest;
 use futures::future::join_all;
 use ldap3_proto::proto::LdapResultCode;
-use support::freeze::*;
-use support::process::*;
-use support::*;
 use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 
 /// Raises this process's open-file limit (slapd, started afterwards,

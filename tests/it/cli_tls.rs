@@ -7,15 +7,13 @@
 //! written, and the exit codes of TLS failures and of a certificate that is
 //! not allowed.
 
-mod support;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::pki::*;
+use crate::support::*;
 use abproxy::config::Config;
-use support::pki::*;
-use support::*;
 use testkit::user_dn;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
