@@ -16,6 +16,8 @@
 //! Between the proxy and slapd sits the tests' TCP shim, which sees the
 //! order in which slapd receives each client's adds.
 
+// The integration tests' support module; this bench uses part of it.
+#[allow(dead_code, unused_imports)]
 #[path = "../tests/it/support/mod.rs"]
 mod support;
 

@@ -1,7 +1,6 @@
 //! Test support: a real slapd (from `testkit`) with the proxy under test
 //! in front of it, ldap-utils runners and a raw LDAP connection for
 //! byte-level checks. Nothing here depends on `../shared`.
-#![allow(dead_code)]
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,7 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
-#[allow(unused_imports)]
 pub use testkit::{ADMIN_DN, ADMIN_PW};
 
 pub mod freeze;
