@@ -6,7 +6,7 @@
 //! * `abproxy run -- dsconf NAME backup create DIR` (the online db2bak
 //!   task), restored with `dsctl NAME bak2db DIR` into a fresh instance.
 //!
-//! Root only, like tests/ds389.rs: each test skips with one line when 389-ds
+//! Root only, like tests/it/ds389.rs: each test skips with one line when 389-ds
 //! cannot run here (fails under `ABPROXY_REQUIRE_ALL=1`).
 
 use std::collections::HashMap;
