@@ -9,8 +9,9 @@
 //!
 //! libtest runs the tests of every module side by side in this one process:
 //! a test must not change process-wide state (environment, current
-//! directory, rlimits, signal dispositions, a global tracing subscriber)
-//! or count machine-wide things (sockets, processes) that are not its own.
+//! directory, signal dispositions, a global tracing subscriber; the one
+//! exception, the open-file limit, `floods` raises once for all) or count
+//! machine-wide things (sockets, processes, memory) that are not its own.
 
 mod support;
 
