@@ -16,7 +16,9 @@
 //! Between the proxy and slapd sits the tests' TCP shim, which sees the
 //! order in which slapd receives each client's adds.
 
-#[path = "../tests/support/mod.rs"]
+// The integration tests' support module; this bench uses part of it.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::collections::{HashMap, HashSet};

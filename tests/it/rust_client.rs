@@ -1,5 +1,3 @@
-mod support;
-
 // Differential tests with the Rust LDAP client `ldap3` (async API): every
 // scenario runs once directly against slapd and once through the proxy, and
 // the two runs must produce the same [`Summary`] (result code, matched DN,
@@ -12,6 +10,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use crate::support::{Lab, ADMIN_DN, ADMIN_PW};
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults as PagedAdapter};
 use ldap3::controls::{
     parse_syncinfo, Control, ControlParser, ControlType, PagedResults, RawControl, SyncInfo,
@@ -23,7 +22,6 @@ use ldap3::{
     Ldap, LdapConnAsync, LdapResult, Mod, ResultEntry, Scope, SearchEntry, SearchOptions,
     SearchResult, SearchStream,
 };
-use support::{Lab, ADMIN_DN, ADMIN_PW};
 use testkit::{other_user_dn, user_dn, user_pw, SlapdOptions, OTHER_SUFFIX, SUFFIX};
 use tokio::task::JoinHandle;
 

@@ -4,15 +4,13 @@
 //! bytes buffered for a client that does not read. docs/configuration.md:
 //! "Limits and failure behaviour".
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::support::shim::Shim;
+use crate::support::*;
 use abproxy::wire::{op, Envelope};
 use ldap3_proto::proto::{LdapAttribute, LdapMsg, LdapOp, LdapResultCode};
-use support::shim::Shim;
-use support::*;
 use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -377,7 +375,7 @@ async fn a_client_that_does_not_read_stops_its_upstream_not_the_proxy() {
 /// until accept() is the one that fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_listener_backs_off_and_recovers() {
-    use support::process::*;
+    use crate::support::process::*;
     let slapd = tokio::task::spawn_blocking(|| testkit::Slapd::start(SlapdOptions::default()))
         .await
         .unwrap()

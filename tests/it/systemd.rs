@@ -2,13 +2,11 @@
 //! clients, STOPPING=1 on SIGTERM, sent to the socket `$NOTIFY_SOCKET`
 //! names (a path or an abstract `@name`); and the shipped unit uses it.
 
-mod support;
-
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use testkit::{Slapd, SlapdOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
@@ -125,7 +123,10 @@ async fn serve_sends_ready_and_stopping_to_notify_socket() {
 
 #[test]
 fn the_unit_is_type_notify() {
-    let unit = include_str!("../contrib/abproxy.service");
+    let unit = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/abproxy.service"
+    ));
     let service: Vec<&str> = unit
         .lines()
         .skip_while(|l| *l != "[Service]")

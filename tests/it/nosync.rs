@@ -4,18 +4,16 @@
 //! and none are left once ON has answered), and fails ON, changing nothing,
 //! when the proxy cannot open the file.
 
-mod support;
-
 use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Stdio;
 
+use crate::support::*;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
-use support::*;
 use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, CONFIG_ADMIN_DN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");

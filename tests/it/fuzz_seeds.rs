@@ -39,11 +39,11 @@ fn session_seeds() {
     replay("session", abproxy::fuzzing::check_session);
 }
 
-/// Turns client streams recorded by `tests/support/record.rs` into seeds:
+/// Turns client streams recorded by `tests/it/support/record.rs` into seeds:
 ///
 /// ```text
-/// ABPROXY_RECORD_DIR=/tmp/rec cargo test --test ldap_utils --test freeze ...
-/// ABPROXY_RECORD_DIR=/tmp/rec cargo test --test fuzz_seeds -- --ignored import_recorded_seeds
+/// ABPROXY_RECORD_DIR=/tmp/rec cargo test --test it -- ldap_utils:: freeze:: ...
+/// ABPROXY_RECORD_DIR=/tmp/rec cargo test --test it -- --ignored import_recorded_seeds
 /// ```
 ///
 /// `envelope` gets single messages, `frame` and `session` whole streams (the

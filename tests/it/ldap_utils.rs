@@ -2,9 +2,7 @@
 //! command against slapd and through the proxy prints the same output and
 //! exits with the same status.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 use testkit::{user_dn, ADMIN_DN, ADMIN_PW};
 
 /// Runs `args` (with `URL` as the placeholder) both ways and asserts the same

@@ -1,6 +1,6 @@
 //! The TLS test PKI (a throwaway CA, slapd's, the proxy's and a client
 //! certificate, made with `testkit::ca`) and a lab with TLS on both
-//! sides, shared by `tests/tls.rs` and `tests/cli_tls.rs`.
+//! sides, shared by `tests/it/tls.rs` and `tests/it/cli_tls.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -18,18 +18,16 @@
 //! the proxy's status (bounded) or by awaiting responses; only the
 //! message-ID race (a timing attack) is a bounded loop.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::freeze::*;
+use crate::support::*;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::Mode;
 use abproxy::wire::{op, Envelope};
 use abproxy_proto::{AllowBackupRequest, FreezeState, ALLOW_BACKUP_STATUS_OID};
 use bytes::Bytes;
 use ldap3_proto::proto::*;
-use support::freeze::*;
-use support::*;
 use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, CONFIG_ADMIN_DN, OTHER_ADMIN_DN};
 
 const SUFFIX: &str = "dc=example,dc=org";

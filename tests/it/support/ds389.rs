@@ -1,6 +1,6 @@
 //! Test support for a real 389 Directory Server (`testkit::ds389`): skip
 //! when it cannot run here, start an instance, the proxy in front of it, and
-//! helpers shared by `tests/ds389.rs` and `tests/ds389_backup.rs`.
+//! helpers shared by `tests/it/ds389.rs` and `tests/it/ds389_backup.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

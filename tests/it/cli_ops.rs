@@ -3,16 +3,14 @@
 //! messages, `status --json`, `run` releasing in every case (command fails,
 //! SIGTERM, wrapper killed), and the backup-tool hooks.
 
-mod support;
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use abproxy::config::Config;
 use abproxy::operator::{self, BackendModeName, Session, State, Status, Target};
-use support::*;
 use testkit::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW};
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
@@ -903,7 +901,7 @@ async fn readme_ldapexop_lines_work_as_written() {
     // The lab's rootdn (password "secret") is an operator, in root_dns.
     let lab = lab(|_| {}).await;
 
-    let readme = include_str!("../docs/allow-backup.md");
+    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/allow-backup.md"));
     let marker = "<!-- recipe: ldapexop -->\n```sh\n";
     let block = &readme[readme.find(marker).expect("the marked block") + marker.len()..];
     let block = &block[..block.find("```").unwrap()];

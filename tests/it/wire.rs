@@ -2,15 +2,13 @@
 //! byte-identical to direct ones, bad input ends only the offending session
 //! with a Notice of Disconnection, and upstream failures reach the client.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use abproxy::wire::envelope::oid;
 use abproxy::wire::{op, Envelope};
 use bytes::Bytes;
 use ldap3_proto::proto::{LdapExtendedRequest, LdapMsg, LdapOp};
-use support::*;
 use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::io::AsyncWriteExt;
 

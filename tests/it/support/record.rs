@@ -3,7 +3,7 @@
 //! front of the proxy: it forwards both ways unchanged and appends what each
 //! client sends (its first [`MAX_RECORDED`] bytes) to
 //! `$ABPROXY_RECORD_DIR/<pid>-<n>.bin`.
-//! `tests/fuzz_seeds.rs` (`import_recorded_seeds`) turns the files into
+//! `tests/it/fuzz_seeds.rs` (`import_recorded_seeds`) turns the files into
 //! seeds. Nothing in the proxy knows about it.
 
 use std::path::PathBuf;

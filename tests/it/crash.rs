@@ -2,10 +2,8 @@
 //! server: the next start finds what they left in the state file and undoes
 //! it, and says so in its log.
 
-mod support;
-
-use support::process::*;
-use support::*;
+use crate::support::process::*;
+use crate::support::*;
 use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,23 +1,22 @@
-//! Malformed PDUs against a live proxy in front of a real slapd: 10,000+
-//! mutations of valid requests (bit flips, length edits, truncation, wrong
-//! tags, huge declared lengths, nesting, junk after a valid PDU, tiny
-//! writes). Each bad session must end with the proxy's Notice of
-//! Disconnection (protocolError), or give exactly what slapd gives for the
-//! same bytes; the proxy never crashes or hangs, and a client working
-//! alongside is never disturbed.
-
-mod support;
+//! Malformed PDUs against a live proxy (`abproxy serve`) in front of a real
+//! slapd: 10,000+ mutations of valid requests (bit flips, length edits,
+//! truncation, wrong tags, huge declared lengths, nesting, junk after a
+//! valid PDU, tiny writes). Each bad session must end with the proxy's
+//! Notice of Disconnection (protocolError), or give exactly what slapd
+//! gives for the same bytes; the proxy never crashes or hangs, and a client
+//! working alongside is never disturbed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::process::*;
+use crate::support::shim::Shim;
+use crate::support::*;
 use abproxy::wire::envelope::oid;
 use abproxy::wire::{op, Envelope};
 use bytes::Bytes;
 use ldap3_proto::proto::*;
-use support::shim::Shim;
-use support::*;
 use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::io::AsyncWriteExt;
 
@@ -291,17 +290,16 @@ async fn ten_thousand_malformed_pdus() {
     // The proxy under test talks to slapd through a shim that checks every
     // byte it forwards is a whole, readable LDAPMessage.
     let shim = Shim::start(&lab.direct_addr()).await;
-    let under_test = abproxy::ProxyHandle::spawn(abproxy::config::Config {
-        listen: vec!["ldap://127.0.0.1:0".into()],
-        upstream: shim.url(),
-        max_pdu_bytes: 64 * 1024,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let proxy = under_test.url().trim_start_matches("ldap://").to_string();
+    // It runs as its own process (the built binary): its resident memory is
+    // measured alone, not with this test process's, which every other test
+    // of the binary shares.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy) = write_config(dir.path(), &shim.url(), "max_pdu_bytes = 65536\n");
+    let mut under_test = Running::start(&["serve", "--config", &config]);
+    under_test.wait_for("listening");
+    let pid = under_test.child.id();
     let direct = lab.direct_addr();
-    let rss_before = support::process::rss_kib(std::process::id());
+    let rss_before = rss_kib(pid);
 
     // A client working alongside the whole time.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -421,14 +419,20 @@ async fn ten_thousand_malformed_pdus() {
     // No malformed byte reached slapd, and the proxy still serves.
     assert_eq!(shim.counters.malformed.load(Ordering::SeqCst), 0);
     assert!(shim.counters.accepted.load(Ordering::SeqCst) > MUTANTS / 2);
-    let r = ldap_tool("ldapwhoami", &["-x", "-H", &under_test.url()], None).await;
+    let r = ldap_tool(
+        "ldapwhoami",
+        &["-x", "-H", &format!("ldap://{proxy}")],
+        None,
+    )
+    .await;
     assert_eq!(r.stdout.trim(), "anonymous");
     // Every session is gone, and so is its memory (allocator slack aside).
     wait_until("all shim connections to close", 30, || {
         shim.counters.open.load(Ordering::SeqCst) == 0
     })
     .await;
-    let grown = support::process::rss_kib(std::process::id()).saturating_sub(rss_before);
-    eprintln!("resident memory grew by {grown} KiB over the run");
+    let grown = rss_kib(pid).saturating_sub(rss_before);
+    eprintln!("the proxy's resident memory grew by {grown} KiB over the run");
     assert!(grown < 64 * 1024, "resident memory grew by {grown} KiB");
+    assert_eq!(under_test.sigterm_and_wait(), 0);
 }

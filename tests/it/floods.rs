@@ -2,20 +2,32 @@
 //! default `max_connections`), and 1,000 clients pipelining writes during a
 //! freeze until the queue caps hold them by backpressure.
 
-mod support;
-
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
+use crate::support::freeze::*;
+use crate::support::process::*;
+use crate::support::*;
 use abproxy_proto::AllowBackupRequest;
 use futures::future::join_all;
 use ldap3_proto::proto::LdapResultCode;
-use support::freeze::*;
-use support::process::*;
-use support::*;
 use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 
-/// Raises this process's open-file limit (slapd, started afterwards,
-/// inherits it). Returns the limit in force.
+/// The open-file limit both tests need: the proxy (its own process) needs
+/// two descriptors per connection (client and upstream side), this process
+/// one per client, slapd one per connection.
+const NOFILE: u64 = 30_000;
+
+/// Raises this process's open-file limit to [`NOFILE`] once (slapd and the
+/// proxy, started afterwards, inherit it), for every test of the binary:
+/// the limit is process-wide, and two tests raising it side by side could
+/// each read the old value and the second set it lower again. Only raises.
+/// Returns the limit in force.
+fn raised_nofile() -> u64 {
+    static LIMIT: OnceLock<u64> = OnceLock::new();
+    *LIMIT.get_or_init(|| raise_nofile(NOFILE))
+}
+
 fn raise_nofile(want: u64) -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -40,10 +52,7 @@ fn raise_nofile(want: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_idle_connections() {
-    // The proxy runs as its own process: it needs two descriptors per
-    // connection (client and upstream side), this process one (the
-    // clients), slapd one.
-    let limit = raise_nofile(30_000) as usize;
+    let limit = raised_nofile() as usize;
     let n = 10_000.min((limit - 200) / 2);
     if n < 10_000 {
         println!(
@@ -119,7 +128,7 @@ async fn a_thousand_clients_pipelining_during_a_freeze_are_held_by_the_caps() {
     const CLIENTS: usize = 1000;
     const WRITES: usize = 12;
     const TOTAL_CAP: usize = 2000;
-    raise_nofile(8 * CLIENTS as u64);
+    raised_nofile();
     let lab = Lab::with(
         SlapdOptions {
             nosync: true,

@@ -6,8 +6,6 @@
 //! name), client certificates in the freeze authorisation, certificate
 //! reload on SIGHUP, and a freeze with writers on TLS sessions.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::pki::*;
+use crate::support::*;
 use abproxy::config::Config;
 use abproxy::wire::Envelope;
 use ldap3::exop::Exop;
@@ -22,8 +22,6 @@ use ldap3::{LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 use ldap3_proto::proto::{LdapExtendedRequest, LdapMsg, LdapOp};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use support::pki::*;
-use support::*;
 use testkit::{SlapdOptions, SlapdTls, OTHER_ADMIN_DN};
 
 const START_TLS: &str = "1.3.6.1.4.1.1466.20037";

@@ -3,17 +3,15 @@
 //! disconnects, the drain time limit, lease expiry, holdUntilUnbind and a
 //! consistency check under continuous writes.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::freeze::*;
+use crate::support::*;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::Mode;
 use abproxy::wire::Envelope;
 use abproxy_proto::{AllowBackupRequest, FreezeState, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID};
 use ldap3_proto::proto::*;
-use support::freeze::*;
-use support::*;
 use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 
 /// The lab's rootdns as operators (and in root_dns: they can connect

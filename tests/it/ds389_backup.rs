@@ -6,19 +6,17 @@
 //! * `abproxy run -- dsconf NAME backup create DIR` (the online db2bak
 //!   task), restored with `dsctl NAME bak2db DIR` into a fresh instance.
 //!
-//! Root only, like tests/ds389.rs: each test skips with one line when 389-ds
+//! Root only, like tests/it/ds389.rs: each test skips with one line when 389-ds
 //! cannot run here (fails under `ABPROXY_REQUIRE_ALL=1`).
-
-mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::support::ds389::*;
+use crate::support::*;
 use abproxy::config::BackendConfig;
 use abproxy::freeze::Mode;
 use abproxy::ProxyHandle;
-use support::ds389::*;
-use support::*;
 use testkit::ds389::{Ds389, DM_DN, DM_PW, OTHERROOT, OTHER_SUFFIX, SUFFIX, USERROOT};
 use tokio_util::sync::CancellationToken;
 

@@ -1,12 +1,10 @@
 //! The `abproxy` binary: flags, config files, TCP and ldapi listeners on both
 //! sides, start-up warnings and SIGTERM.
 
-mod support;
-
 use std::process::Command;
 
-use support::process::*;
-use support::*;
+use crate::support::process::*;
+use crate::support::*;
 use testkit::SlapdOptions;
 
 #[test]

@@ -1,21 +1,19 @@
 //! The operator CLI over TLS, run as the built binary against a real slapd
 //! with the proxy's `[tls]` configured (the PKI and lab of
-//! `tests/support/pki.rs`): `abproxy on|status|off` over `ldaps://` and over
+//! `tests/it/support/pki.rs`): `abproxy on|status|off` over `ldaps://` and over
 //! StartTLS with a bind DN and password (with `require_tls = true`), by
 //! client certificate alone (`allowed_cert_subjects`), `abproxy run` over
 //! ldaps with a command that sees writes held, docs/operations.md's TLS blocks as
 //! written, and the exit codes of TLS failures and of a certificate that is
 //! not allowed.
 
-mod support;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::pki::*;
+use crate::support::*;
 use abproxy::config::Config;
-use support::pki::*;
-use support::*;
 use testkit::user_dn;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");

@@ -1,7 +1,6 @@
 //! Test support: a real slapd (from `testkit`) with the proxy under test
 //! in front of it, ldap-utils runners and a raw LDAP connection for
 //! byte-level checks. Nothing here depends on `../shared`.
-#![allow(dead_code)]
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,7 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
-#[allow(unused_imports)]
 pub use testkit::{ADMIN_DN, ADMIN_PW};
 
 pub mod freeze;
@@ -261,19 +259,23 @@ pub async fn round_trip(c: &mut RawConn, msgid: i32) {
     assert_eq!(result_code(r.last().unwrap()), Some(0));
 }
 
+/// A repository file, read at compile time: (path, text).
+macro_rules! page {
+    ($path:literal) => {
+        (
+            $path,
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/", $path)),
+        )
+    };
+}
+
 /// The pages that hold recipes, read at compile time.
 const DOCS: &[(&str, &str)] = &[
-    ("docs/recipes.md", include_str!("../../docs/recipes.md")),
-    (
-        "docs/operations.md",
-        include_str!("../../docs/operations.md"),
-    ),
-    ("docs/tls.md", include_str!("../../docs/tls.md")),
-    (
-        "docs/allow-backup.md",
-        include_str!("../../docs/allow-backup.md"),
-    ),
-    ("README.md", include_str!("../../README.md")),
+    page!("docs/recipes.md"),
+    page!("docs/operations.md"),
+    page!("docs/tls.md"),
+    page!("docs/allow-backup.md"),
+    page!("README.md"),
 ];
 
 /// The body of the code block marked `<!-- recipe: NAME -->` in the docs.

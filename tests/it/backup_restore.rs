@@ -7,15 +7,13 @@
 //! tools would run, in their order), with the test's paths in the variables
 //! docs/recipes.md names.
 
-mod support;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::*;
 use abproxy::config::Config;
-use support::*;
 use testkit::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

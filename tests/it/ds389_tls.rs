@@ -8,16 +8,14 @@
 //! root), or fails under `ABPROXY_REQUIRE_ALL=1` (`.ci/run`, which installs
 //! it).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
+use crate::support::ds389::skip;
+use crate::support::pki::tool;
+use crate::support::ToolOutput;
 use abproxy::config::Config;
 use abproxy::endpoint::Endpoint;
 use abproxy::ProxyHandle;
-use support::ds389::skip;
-use support::pki::tool;
-use support::ToolOutput;
 use testkit::ca::TestCa;
 use testkit::ds389::{user_dn, user_pw, Ds389, Ds389Options};
 

@@ -4,16 +4,14 @@
 //! clients get their complete answers or a Notice of Disconnection; the
 //! proxy keeps serving once the server is back.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::support::shim::Shim;
+use crate::support::*;
 use abproxy::config::Config;
 use abproxy::ProxyHandle;
 use ldap3_proto::proto::LdapResultCode;
-use support::shim::Shim;
-use support::*;
 use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW};
 
 /// slapd, a shim in front of it, the proxy in front of the shim.

@@ -7,16 +7,14 @@
 //! not root), or fails under `ABPROXY_REQUIRE_ALL=1` (`.ci/run`, which
 //! installs it).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::ds389::*;
+use crate::support::*;
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::drivers::DriverKind;
 use abproxy::freeze::Mode;
 use abproxy::operator::{FreezeRequest, Password, Session, Target};
-use support::ds389::*;
-use support::*;
 use testkit::ds389::{user_dn, user_pw, Ds389, DM_DN, DM_PW};
 
 const USERROOT_ENTRY: &str = "cn=userroot,cn=ldbm database,cn=plugins,cn=config";

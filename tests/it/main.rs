@@ -1,0 +1,39 @@
+//! The integration tests: one test binary (linked once) with one module per
+//! area, most of them against a real slapd or 389 Directory Server with the
+//! proxy in front (docs/testing.md says what each module checks).
+//!
+//! ```text
+//! cargo test --test it                 # all of them
+//! cargo test --test it freeze::        # one module
+//! ```
+//!
+//! libtest runs the tests of every module side by side in this one process:
+//! a test must not change process-wide state (environment, current
+//! directory, signal dispositions, a global tracing subscriber; the one
+//! exception, the open-file limit, `floods` raises once for all) or count
+//! machine-wide things (sockets, processes, memory) that are not its own.
+
+mod support;
+
+mod backup_restore;
+mod cli;
+mod cli_ops;
+mod cli_tls;
+mod crash;
+mod docs_links;
+mod ds389;
+mod ds389_backup;
+mod ds389_tls;
+mod faults;
+mod floods;
+mod freeze;
+mod fuzz_seeds;
+mod hostile;
+mod ldap_utils;
+mod limits;
+mod malformed;
+mod nosync;
+mod rust_client;
+mod systemd;
+mod tls;
+mod wire;
