@@ -42,22 +42,6 @@ fn backends(list: &[(&str, Mode)]) -> Vec<BackendConfig> {
         .collect()
 }
 
-fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
-    LdapMsg::new(
-        msgid,
-        LdapOp::ModifyRequest(LdapModifyRequest {
-            dn: dn.into(),
-            changes: vec![LdapModify {
-                operation: LdapModifyType::Replace,
-                modification: LdapPartialAttribute {
-                    atype: attr.into(),
-                    vals: vec![val.as_bytes().to_vec()],
-                },
-            }],
-        }),
-    )
-}
-
 #[tokio::test]
 async fn ldapexop_on_status_off() {
     let lab = freeze_lab(|_| {}).await;

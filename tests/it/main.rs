@@ -16,6 +16,7 @@
 mod support;
 
 mod backup_restore;
+mod carry;
 mod cli;
 mod cli_ops;
 mod cli_tls;

@@ -239,3 +239,20 @@ pub async fn context_csn(lab: &Lab, suffix: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// A modify replacing `attr` with `val`.
+pub fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
+    LdapMsg::new(
+        msgid,
+        LdapOp::ModifyRequest(LdapModifyRequest {
+            dn: dn.into(),
+            changes: vec![LdapModify {
+                operation: LdapModifyType::Replace,
+                modification: LdapPartialAttribute {
+                    atype: attr.into(),
+                    vals: vec![val.as_bytes().to_vec()],
+                },
+            }],
+        }),
+    )
+}

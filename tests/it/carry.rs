@@ -3,17 +3,15 @@
 //! requests and their identity; what cannot be carried ends with the
 //! reason.
 
-mod support;
-
 use std::time::Duration;
+
+use crate::support::freeze::*;
+use crate::support::*;
 
 use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::Mode;
 use abproxy::wire::Envelope;
 use abproxy_proto::AllowBackupRequest;
-use ldap3_proto::proto::*;
-use support::freeze::*;
-use support::*;
 use testkit::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 
 const WHOAMI: &str = "1.3.6.1.4.1.4203.1.11.3";
@@ -33,22 +31,6 @@ async fn stop_lab(carry: bool) -> Lab {
         },
     )
     .await
-}
-
-fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
-    LdapMsg::new(
-        msgid,
-        LdapOp::ModifyRequest(LdapModifyRequest {
-            dn: dn.into(),
-            changes: vec![LdapModify {
-                operation: LdapModifyType::Replace,
-                modification: LdapPartialAttribute {
-                    atype: attr.into(),
-                    vals: vec![val.as_bytes().to_vec()],
-                },
-            }],
-        }),
-    )
 }
 
 /// Who the server says this connection is (through the proxy).
