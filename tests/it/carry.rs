@@ -162,3 +162,76 @@ async fn without_carry_sessions_a_restart_ends_them_as_before() {
     assert!(!read.stdout.contains("never"), "{}", read.stdout);
     let _ = tokio::time::timeout(Duration::from_secs(1), admin.recv()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_over_a_tls_upstream_are_carried_over_tls() {
+    let pki = crate::support::pki::Pki::new();
+    for starttls in [false, true] {
+        let mut lab = Lab::with(
+            SlapdOptions {
+                nosync: true,
+                tls: Some(pki.slapd_tls()),
+                stats_log: true,
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await;
+        // A second proxy, reaching the same slapd over TLS.
+        let mut config = Config {
+            listen: vec!["ldap://127.0.0.1:0".into()],
+            upstream: if starttls {
+                lab.direct()
+            } else {
+                lab.slapd.ldaps_url().unwrap()
+            },
+            ..Config::default()
+        };
+        config.tls.upstream_starttls = starttls;
+        config.tls.upstream_ca_file = Some(pki.ca_file());
+        config.freeze.allowed = vec![ADMIN_DN.into()];
+        config.freeze.root_dns = config.freeze.allowed.clone();
+        config.backends = vec![BackendConfig::new("dc=example,dc=org", Mode::Stop)];
+        let proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
+        let addr = proxy.url().trim_start_matches("ldap://").to_string();
+        let connect = |dn: String, pw: String| {
+            let addr = addr.clone();
+            async move {
+                let mut c = RawConn::connect(&addr).await;
+                c.send_msg(bind(1, &dn, &pw)).await;
+                assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
+                c
+            }
+        };
+        let mut u1 = connect(user_dn(1), user_pw(1)).await;
+        let mut admin = connect(ADMIN_DN.into(), ADMIN_PW.into()).await;
+        assert_eq!(
+            call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+            0
+        );
+        u1.send_msg(modify(2, &user_dn(1), "description", "over tls"))
+            .await;
+        let engine = proxy.engine();
+        let held = engine.clone();
+        wait_until("a held write", 10, || held.queued().0 == 1).await;
+        restart(&mut lab).await;
+        let waiting = engine.clone();
+        wait_until("two sessions waiting", 10, || waiting.carry_counts().0 == 2).await;
+        let log_before = std::fs::read_to_string(lab.slapd.log_path()).unwrap_or_default();
+        assert_eq!(
+            call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+            0
+        );
+        assert_eq!(result_code(&u1.recv().await.unwrap()), Some(0));
+        assert_eq!(whoami(&mut u1, 3).await, format!("dn:{}", user_dn(1)));
+        // The new connection is TLS too (slapd's log of its new run).
+        let log = std::fs::read_to_string(lab.slapd.log_path()).unwrap();
+        let tls_now = log.matches("TLS established").count();
+        let tls_before = log_before.matches("TLS established").count();
+        assert!(
+            tls_now > tls_before,
+            "starttls={starttls}: no TLS connection after the restart"
+        );
+        proxy.shutdown().await.unwrap();
+    }
+}
