@@ -153,6 +153,9 @@ pub enum Granted {
         after: Duration,
         /// How many held requests it released.
         queued: usize,
+        /// The server closed sessions during the freeze (it was stopped
+        /// behind the proxy): whether it answers again.
+        restart: Option<Restart>,
     },
     /// A plain OFF with nothing frozen.
     NotFrozen,
@@ -172,14 +175,58 @@ impl std::fmt::Display for Granted {
                 drained.as_millis(),
                 lease.as_secs()
             ),
-            Granted::Released { id, after, queued } => write!(
-                f,
-                "released after {:.1} s; {queued} queued request(s) resumed; freeze id {id}",
-                after.as_secs_f64()
-            ),
+            Granted::Released {
+                id,
+                after,
+                queued,
+                restart,
+            } => {
+                write!(
+                    f,
+                    "released after {:.1} s; {queued} queued request(s) resumed; freeze id {id}",
+                    after.as_secs_f64()
+                )?;
+                match restart {
+                    None => Ok(()),
+                    Some(r) if r.answers => write!(
+                        f,
+                        "; the server was restarted and answers again: {} session(s) go on, \
+                         each on a new connection",
+                        r.sessions
+                    ),
+                    Some(r) => write!(
+                        f,
+                        "; the server was restarted and did not answer within {} s: {} \
+                         session(s) end unless it does within upstream_retry_secs",
+                        r.waited.as_secs(),
+                        r.sessions
+                    ),
+                }
+            }
             Granted::NotFrozen => f.write_str("not frozen"),
         }
     }
+}
+
+/// How the engine reads the server about itself.
+#[derive(Clone)]
+struct Discovery {
+    discover: Arc<dyn Discover>,
+    /// The backends come from the server's `namingContexts`.
+    auto_backends: bool,
+    /// How long an OFF waits for a restarted server.
+    retry: Duration,
+}
+
+/// What OFF found of a server that closed sessions during the freeze.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restart {
+    /// Sessions waiting to be carried to it.
+    pub sessions: usize,
+    /// It answered again (its root DSE could be read) before OFF released.
+    pub answers: bool,
+    /// How long OFF waited for it.
+    pub waited: Duration,
 }
 
 /// How many ended freezes the engine remembers (for an OFF naming one).
@@ -252,7 +299,7 @@ pub struct Engine {
     stop_frozen: AtomicBool,
     /// How the engine reads the server's root DSE before each freeze, and
     /// whether the backends come from it (none configured).
-    discover: RwLock<Option<(Arc<dyn Discover>, bool)>>,
+    discover: RwLock<Option<Discovery>>,
     /// Sessions whose upstream connection the server closed during a stop
     /// freeze, waiting to be carried to a new one; carried; not carried.
     carry: [AtomicUsize; 3],
@@ -348,8 +395,61 @@ impl Engine {
     /// How to read the server's root DSE (`auto_backends`: the backends
     /// come from its `namingContexts`, none being configured). Read then
     /// and again inside each ON ([`Engine::refresh`]).
-    pub fn set_discovery(&self, discover: Arc<dyn Discover>, auto_backends: bool) {
-        *self.discover.write().unwrap_or_else(|e| e.into_inner()) = Some((discover, auto_backends));
+    /// `retry`: how long an OFF waits for a server that closed sessions
+    /// during the freeze to answer again ([`Engine::off`]).
+    pub fn set_discovery(&self, discover: Arc<dyn Discover>, auto_backends: bool, retry: Duration) {
+        *self.discover.write().unwrap_or_else(|e| e.into_inner()) = Some(Discovery {
+            discover,
+            auto_backends,
+            retry,
+        });
+    }
+
+    fn discovery(&self) -> Option<Discovery> {
+        self.discover
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits, up to the discovery's retry bound, until the server's root
+    /// DSE can be read again (backoff 50 ms to 1 s).
+    async fn server_answers(&self) -> Restart {
+        let sessions = self.carry_counts().0;
+        let started = tokio::time::Instant::now();
+        let Some(d) = self.discovery() else {
+            return Restart {
+                sessions,
+                answers: false,
+                waited: Duration::ZERO,
+            };
+        };
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match d.discover.server_facts().await {
+                Ok(_) => {
+                    return Restart {
+                        sessions,
+                        answers: true,
+                        waited: started.elapsed(),
+                    }
+                }
+                Err(e) if started.elapsed() + pause > d.retry => {
+                    warn!(
+                        "OFF: the server closed sessions during the freeze and does not answer \
+                         again: {e}"
+                    );
+                    return Restart {
+                        sessions,
+                        answers: false,
+                        waited: started.elapsed(),
+                    };
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Reads the server's root DSE again (when there is something to learn
@@ -359,11 +459,11 @@ impl Engine {
     /// that cannot be read leaves the backends as they were and counts
     /// binds as writes.
     pub async fn refresh(&self, startup: bool) {
-        let Some((discover, auto_backends)) = self
-            .discover
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let Some(Discovery {
+            discover,
+            auto_backends,
+            ..
+        }) = self.discovery()
         else {
             return;
         };
@@ -1284,6 +1384,12 @@ impl Engine {
             warn!(freeze = id, who = %who.name(), "Allow-Backup OFF refused: {e}");
             return Err(e);
         }
+        // The server closed sessions during the freeze (stopped for a cold
+        // backup): its DONE steps and the sessions resuming need it back.
+        let restart = match self.carry_counts().0 {
+            0 => None,
+            _ => Some(self.server_answers().await),
+        };
         let queued = self.queued_requests.load(Ordering::Relaxed);
         let by = who.name();
         let how = |_: &Freeze| match req.freeze_id {
@@ -1314,6 +1420,7 @@ impl Engine {
                 id: f.id,
                 after,
                 queued,
+                restart,
             })
         } else {
             Err(FreezeError::DoneFailed(errors))
@@ -1578,6 +1685,61 @@ mod tests {
         }
     }
 
+    /// A server that is down for its first `down` reads (`None`: always).
+    struct DownFor(Option<usize>, std::sync::atomic::AtomicUsize);
+    impl Discover for DownFor {
+        fn server_facts(&self) -> BoxFuture<'_, Result<super::super::ServerFacts, String>> {
+            let n = self.1.fetch_add(1, Ordering::SeqCst);
+            let up = self.0.is_some_and(|down| n >= down);
+            Box::pin(async move {
+                if up {
+                    Ok(super::super::ServerFacts::default())
+                } else {
+                    Err("connection refused".into())
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn off_waits_for_a_restarted_server_within_its_bound() {
+        for down in [Some(0), Some(4), None] {
+            let engine = Arc::new(engine(false));
+            let server = Arc::new(DownFor(down, Default::default()));
+            engine.set_discovery(server.clone(), false, Duration::from_secs(10));
+            assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
+            // No session lost its connection: OFF asks nothing.
+            let off = request(&engine, AllowBackupRequest::off()).await.unwrap();
+            assert!(matches!(off, Granted::Released { restart: None, .. }));
+            assert_eq!(server.1.load(Ordering::SeqCst), 0);
+            // Two sessions wait for the server, stopped during the freeze.
+            assert!(request(&engine, AllowBackupRequest::on()).await.is_ok());
+            engine.carried(Carried::Waiting);
+            engine.carried(Carried::Waiting);
+            let started = tokio::time::Instant::now();
+            let off = request(&engine, AllowBackupRequest::off()).await.unwrap();
+            let Granted::Released {
+                restart: Some(r), ..
+            } = &off
+            else {
+                panic!("{off:?}")
+            };
+            assert_eq!(r.sessions, 2);
+            assert_eq!(r.answers, down.is_some(), "{down:?}");
+            match down {
+                // Up at once, or after four reads 50+100+200+400 ms apart.
+                Some(0) => assert_eq!(started.elapsed(), Duration::ZERO),
+                Some(_) => assert_eq!(started.elapsed(), Duration::from_millis(750)),
+                // Never: OFF still releases, within the bound.
+                None => {
+                    assert!(started.elapsed() <= Duration::from_secs(10));
+                    assert!(off.to_string().contains("did not answer"), "{off}");
+                }
+            }
+            assert!(engine.read_state().is_none(), "released in every case");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn on_reads_the_servers_backends_again_once_authorised() {
         let cfg = FreezeConfig {
@@ -1589,7 +1751,7 @@ mod tests {
             vec!["dc=example,dc=org", "dc=other,dc=org"],
             Default::default(),
         ));
-        engine.set_discovery(server.clone(), true);
+        engine.set_discovery(server.clone(), true, Duration::from_secs(60));
         // Someone who may not freeze makes the proxy read nothing upstream.
         let stranger = Requester {
             bound_dn: Some("uid=x,dc=example,dc=org".into()),

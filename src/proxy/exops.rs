@@ -203,6 +203,7 @@ mod tests {
             id: 7,
             after: Duration::from_millis(2345),
             queued: 3,
+            restart: None,
         }));
         assert_eq!(code, LdapResultCode::Success);
         assert_eq!(

@@ -241,6 +241,7 @@ impl Server {
                 timeout: settings.upstream_connect_timeout,
             }),
             auto_backends,
+            settings.upstream_retry,
         );
         engine.refresh(true).await;
         let map = engine.backends();

@@ -99,11 +99,13 @@ async fn sessions_are_carried_across_a_restart_during_a_stop_freeze() {
     assert_nothing_pending(&mut u1).await;
     assert_nothing_pending(&mut anon).await;
 
-    // OFF on the operator's own connection (answered by the proxy), then
-    // each session goes on as it was.
-    assert_eq!(
-        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
-        0
+    // OFF on the operator's own connection (answered by the proxy, once
+    // the server answers again), then each session goes on as it was.
+    let (code, text) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("the server was restarted and answers again: 4 session(s) go on"),
+        "{text}"
     );
     assert_eq!(
         result_code(&u1.recv().await.expect("the held modify's answer")),

@@ -63,9 +63,14 @@ impl Carry {
         self.kind = Kind::Anonymous;
     }
 
-    /// A simple bind succeeded with this request.
+    /// A simple bind succeeded with this request. The new bytes overwrite
+    /// the old ones in place (and what is left of a longer one is zeroed):
+    /// once per bind, so no separate wipe of the whole buffer.
     pub(super) fn simple(&mut self, request: &[u8]) {
-        self.wipe();
+        if let Some(tail) = self.request.get_mut(request.len()..) {
+            zero(tail);
+        }
+        self.request.clear();
         self.request.extend_from_slice(request);
         self.kind = Kind::Simple;
     }
@@ -437,6 +442,15 @@ mod tests {
     #[test]
     fn what_is_kept_follows_the_binds() {
         let mut c = Carry::default();
+        c.simple(&bind("cn=a much longer name,dc=example,dc=org"));
+        c.simple(&bind("cn=a"));
+        let len = c.request.len();
+        // The longer request's tail, past the new one, is zeroed.
+        // SAFETY: within the allocation (capacity), initialised by the
+        // first request.
+        let tail = unsafe { std::slice::from_raw_parts(c.request.as_ptr().add(len), 10) };
+        assert!(tail.iter().all(|&b| b == 0), "{tail:?}");
+        c.anonymous();
         assert_eq!(c.replay(), Replay::Anonymous);
         c.simple(&bind("cn=a"));
         assert!(matches!(c.replay(), Replay::Simple { dn, .. } if dn == b"cn=a"));
