@@ -85,6 +85,10 @@ pub struct Config {
     /// How long a session being carried tries to reach the server again
     /// (with backoff) before it ends, in seconds.
     pub upstream_retry_secs: u64,
+    /// Carry sessions across a restart of the server outside freezes too
+    /// (an unannounced restart): a session whose connection the server
+    /// closed gets a new one at its next request (with `carry_sessions`).
+    pub upstream_reconnect: bool,
     /// Worker threads of the proxy (0: one per CPU). On a small machine
     /// shared with the LDAP server, 1 is often fastest.
     pub threads: usize,
@@ -250,6 +254,8 @@ pub struct Settings {
     pub carry_sessions: bool,
     /// How long a session being carried tries to reach the server again.
     pub upstream_retry: Duration,
+    /// Carry sessions across restarts outside freezes too.
+    pub upstream_reconnect: bool,
     /// Worker threads (0: one per CPU).
     pub threads: usize,
     /// The drivers' state file, if configured.
@@ -351,6 +357,7 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             carry_sessions: true,
             upstream_retry_secs: 60,
+            upstream_reconnect: false,
             threads: 0,
             state_file: None,
             backends: Vec::new(),
@@ -456,6 +463,7 @@ impl Config {
             shutdown_grace: secs(self.shutdown_grace_secs),
             carry_sessions: self.carry_sessions,
             upstream_retry: secs(self.upstream_retry_secs),
+            upstream_reconnect: self.carry_sessions && self.upstream_reconnect,
             threads: self.threads,
             state_file: self.state_file.clone(),
             backend_map,

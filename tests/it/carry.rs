@@ -237,3 +237,64 @@ async fn sessions_over_a_tls_upstream_are_carried_over_tls() {
         proxy.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_upstream_reconnect_an_unannounced_restart_is_carried_too() {
+    let mut lab = Lab::with(
+        SlapdOptions {
+            nosync: true,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.upstream_reconnect = true;
+            c.upstream_retry_secs = 2;
+        },
+    )
+    .await;
+    let engine = lab.proxy.engine();
+    let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    let mut anon = RawConn::connect(&lab.proxy_addr()).await;
+    assert_eq!(whoami(&mut anon, 1).await, "");
+    // No freeze: the server restarts under its clients.
+    restart(&mut lab).await;
+    let waiting = engine.clone();
+    wait_until("two sessions waiting", 10, || waiting.carry_counts().0 == 2).await;
+    u1.send_msg(modify(2, &user_dn(1), "description", "after a restart"))
+        .await;
+    assert_eq!(result_code(&u1.recv().await.unwrap()), Some(0));
+    assert_eq!(whoami(&mut u1, 3).await, format!("dn:{}", user_dn(1)));
+    assert_eq!(whoami(&mut anon, 2).await, "");
+    let read = base_direct(&lab, &user_dn(1), "description").await;
+    assert!(
+        read.stdout.contains("description: after a restart"),
+        "{}",
+        read.stdout
+    );
+
+    // A server that stays down: after upstream_retry_secs the session ends
+    // with the reason, its request never sent.
+    tokio::task::block_in_place(|| lab.slapd.stop()).unwrap();
+    let waiting = engine.clone();
+    wait_until("both sessions waiting again", 10, || {
+        waiting.carry_counts().0 == 2
+    })
+    .await;
+    let started = std::time::Instant::now();
+    u1.send_msg(modify(4, &user_dn(1), "description", "never sent"))
+        .await;
+    let notice = u1.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 52);
+    assert!(why.contains("did not answer again within 2 s"), "{why}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "retried before giving up"
+    );
+    assert!(u1.recv().await.is_none());
+    tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
+    let read = base_direct(&lab, &user_dn(1), "description").await;
+    assert!(
+        read.stdout.contains("description: after a restart"),
+        "{}",
+        read.stdout
+    );
+}

@@ -322,6 +322,7 @@ pub(crate) async fn serve_connected(
         partial: false,
         abort: abort.clone(),
         carry_sessions: shared.settings.carry_sessions,
+        reconnect: shared.settings.upstream_reconnect,
     };
     // The two directions run as two tasks, so a wake-up for one polls only
     // that one.

@@ -50,6 +50,8 @@ pub(super) struct Responses {
     pub(super) abort: CancellationToken,
     /// `carry_sessions`.
     pub(super) carry_sessions: bool,
+    /// `upstream_reconnect`: carry outside freezes too.
+    pub(super) reconnect: bool,
 }
 
 impl Responses {
@@ -79,7 +81,7 @@ impl Responses {
                     not_carried = Some(why);
                     info!(
                         conn = self.id,
-                        "the server closed the connection during a stop-mode freeze: session not \
+                        "the server closed the connection: session not \
                          carried: {why}"
                     );
                     break end;
@@ -103,7 +105,7 @@ impl Responses {
                     &match not_carried {
                         None => "abproxy: the LDAP server closed the connection".to_string(),
                         Some(why) => format!(
-                            "abproxy: the LDAP server closed the connection during a stop freeze \
+                            "abproxy: the LDAP server closed the connection \
                              and this session cannot be carried to a new one: {why}"
                         ),
                     },
@@ -226,7 +228,7 @@ impl Responses {
         );
         if !lost
             || !self.carry_sessions
-            || !self.engine.stop_frozen()
+            || !(self.engine.stop_frozen() || self.reconnect)
             || self.state.client_gone.load(Ordering::Relaxed)
             || self.state.upstream_noticed.load(Ordering::Relaxed)
         {
@@ -253,7 +255,7 @@ impl Responses {
         self.state.upstream_lost.store(true, Ordering::SeqCst);
         info!(
             conn = self.id,
-            "the server closed the connection during a stop-mode freeze: the session waits to be \
+            "the server closed the connection: the session waits to be \
              carried to a new connection"
         );
         loop {
@@ -462,18 +464,18 @@ impl Responses {
         // drain).
         if env.msgid == 0 && is_notice(env, frame) {
             if self.carry_sessions
-                && self.engine.stop_frozen()
+                && (self.engine.stop_frozen() || self.reconnect)
                 && lock(&self.state.carry).refusal().is_none()
                 && self.state.inflight().is_empty()
             {
-                // The server is going away during a stop-mode freeze: the
-                // session may be carried to its next run, so the client is
-                // not told.
+                // The server is going away (a stop freeze, or reconnection
+                // is on): the session may be carried to its next run, so
+                // the client is not told.
                 info!(
                     conn = self.id,
                     code = env.result_code,
-                    "upstream sent a Notice of Disconnection during a stop-mode freeze: not \
-                     forwarded (the session may be carried)"
+                    "upstream sent a Notice of Disconnection: not forwarded (the session may \
+                     be carried)"
                 );
                 return Route::Drop;
             }
