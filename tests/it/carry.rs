@@ -298,3 +298,36 @@ async fn with_upstream_reconnect_an_unannounced_restart_is_carried_too() {
         read.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_replayed_is_the_last_bind_s_own() {
+    let mut lab = stop_lab(true).await;
+    let engine = lab.proxy.engine();
+    // Rebound as another user: that user is replayed.
+    let mut rebound = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    rebound.send_msg(bind(2, &user_dn(2), &user_pw(2))).await;
+    assert_eq!(result_code(&rebound.recv().await.unwrap()), Some(0));
+    // A failed rebind leaves the connection anonymous (as slapd does): it
+    // comes back anonymous.
+    let mut failed = bound(&lab, &user_dn(4), &user_pw(4)).await;
+    failed.send_msg(bind(2, &user_dn(4), "wrong")).await;
+    assert_eq!(result_code(&failed.recv().await.unwrap()), Some(49));
+    assert_eq!(whoami(&mut failed, 3).await, "");
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    restart(&mut lab).await;
+    let waiting = engine.clone();
+    wait_until("three sessions waiting", 10, || {
+        waiting.carry_counts().0 == 3
+    })
+    .await;
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    assert_eq!(whoami(&mut rebound, 3).await, format!("dn:{}", user_dn(2)));
+    assert_eq!(whoami(&mut failed, 4).await, "");
+}
