@@ -581,6 +581,9 @@ impl<'a> Harness<'a> {
             max_outstanding_per_conn: self.limits.outstanding,
             client_buffer_bytes: 4096,
             idle_timeout_secs: 0,
+            // The in-memory upstream cannot be dialled again: a session the
+            // scripted server closes ends, as it does without carrying.
+            carry_sessions: false,
             ..Config::default()
         };
         let f = &mut c.freeze;
