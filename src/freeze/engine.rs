@@ -1518,6 +1518,10 @@ impl Engine {
             queued_requests: self.queued_requests.load(Ordering::Relaxed) as u64,
             queued_bytes: self.queued_bytes.load(Ordering::Relaxed) as u64,
             in_flight: in_flight as u64,
+            carry: {
+                let (w, y, n) = self.carry_counts();
+                (w as u64, y as u64, n as u64)
+            },
         })
     }
 }

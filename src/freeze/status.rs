@@ -44,6 +44,9 @@ pub struct Status {
     pub queued_bytes: u64,
     /// Requests forwarded and not yet answered.
     pub in_flight: u64,
+    /// Sessions whose upstream connection the server closed, waiting to be
+    /// carried to a new one; carried since start; not carried since start.
+    pub carry: (u64, u64, u64),
 }
 
 /// One backend in a [`Status`].
@@ -88,7 +91,8 @@ impl Status {
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Some(freeze) = &self.freeze else {
-            return f.write_str("thawed");
+            f.write_str("thawed")?;
+            return self.fmt_carry(f);
         };
         write!(
             f,
@@ -104,7 +108,16 @@ impl fmt::Display for Status {
             }
             f.write_str(&b.suffix)?;
         }
-        Ok(())
+        self.fmt_carry(f)
+    }
+}
+
+impl Status {
+    fn fmt_carry(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.carry.0 {
+            0 => Ok(()),
+            n => write!(f, "; {n} session(s) wait for the server to answer again"),
+        }
     }
 }
 
@@ -129,8 +142,15 @@ mod tests {
             queued_requests: 0,
             queued_bytes: 0,
             in_flight: 0,
+            carry: (0, 0, 0),
         };
         assert_eq!(s.to_string(), "thawed");
+        s.carry = (2, 5, 1);
+        assert_eq!(
+            s.to_string(),
+            "thawed; 2 session(s) wait for the server to answer again"
+        );
+        s.carry = (0, 5, 1);
         assert_eq!(s.phase(), None);
         s.freeze = Some(CurrentFreeze {
             id: 2,

@@ -249,6 +249,7 @@ mod tests {
             queued_requests: 3,
             queued_bytes: 300,
             in_flight: 1,
+            carry: (0, 0, 0),
         }
     }
 

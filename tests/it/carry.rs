@@ -98,6 +98,18 @@ async fn sessions_are_carried_across_a_restart_during_a_stop_freeze() {
     .await;
     assert_nothing_pending(&mut u1).await;
     assert_nothing_pending(&mut anon).await;
+    // The status says so (asked on the operator's waiting session: the
+    // proxy answers it).
+    let (code, text) = call(
+        &mut admin,
+        exop(9, abproxy_proto::ALLOW_BACKUP_STATUS_OID, None),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        text.ends_with("; 4 session(s) wait for the server to answer again"),
+        "{text}"
+    );
 
     // OFF on the operator's own connection (answered by the proxy, once
     // the server answers again), then each session goes on as it was.
