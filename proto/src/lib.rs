@@ -173,7 +173,10 @@ impl AllowBackupRequest {
 ///     leaseExpires    [5] EpochSeconds OPTIONAL,
 ///     freezeId        [6] Count OPTIONAL,
 ///     ...,
-///     releasing       [7] BOOLEAN DEFAULT FALSE }
+///     releasing       [7] BOOLEAN DEFAULT FALSE,
+///     sessionsWaiting [8] Count DEFAULT 0,
+///     sessionsCarried [9] Count DEFAULT 0,
+///     sessionsNotCarried [10] Count DEFAULT 0 }
 /// Count        ::= INTEGER (0..maxUInt64)
 /// EpochSeconds ::= INTEGER (0..maxUInt64)
 /// ```
@@ -213,6 +216,17 @@ pub struct AllowBackupStatus {
     /// ignore it. DEFAULT FALSE: not encoded when false.
     #[rasn(tag(context, 7), default)]
     pub releasing: bool,
+    /// Client sessions whose connection the server closed (it was stopped
+    /// or restarted), waiting to be carried to a new one. An extension
+    /// addition; DEFAULT 0.
+    #[rasn(tag(context, 8), default, identifier = "sessionsWaiting")]
+    pub sessions_waiting: u64,
+    /// Sessions carried to a new connection since the server started.
+    #[rasn(tag(context, 9), default, identifier = "sessionsCarried")]
+    pub sessions_carried: u64,
+    /// Sessions that could not be carried since the server started.
+    #[rasn(tag(context, 10), default, identifier = "sessionsNotCarried")]
+    pub sessions_not_carried: u64,
 }
 
 impl AllowBackupStatus {
@@ -231,6 +245,9 @@ impl AllowBackupStatus {
             lease_expires: None,
             freeze_id: None,
             releasing: false,
+            sessions_waiting: 0,
+            sessions_carried: 0,
+            sessions_not_carried: 0,
         }
     }
 }

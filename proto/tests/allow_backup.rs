@@ -86,6 +86,9 @@ fn full_status() -> AllowBackupStatus {
         lease_expires: Some(1_700_000_600),
         freeze_id: Some(1 << 40),
         releasing: false,
+        sessions_waiting: 2,
+        sessions_carried: 1 << 33,
+        sessions_not_carried: 1,
     }
 }
 
@@ -619,6 +622,9 @@ fn unknown_extension_additions_are_ignored() {
         lease_expires: Some(5),
         freeze_id: Some(6),
         releasing: true,
+        sessions_waiting: 0,
+        sessions_carried: 0,
+        sessions_not_carried: 0,
     };
     let encode = |extended: bool| {
         let mut backends = Vec::new();

@@ -359,6 +359,15 @@ pub struct Status {
     pub in_flight: u64,
     /// Every backend the proxy knows.
     pub backends: Vec<BackendState>,
+    /// Sessions waiting for a restarted server, carried, not carried.
+    #[serde(default)]
+    pub sessions_waiting: u64,
+    /// Sessions carried to a new connection since the proxy started.
+    #[serde(default)]
+    pub sessions_carried: u64,
+    /// Sessions that could not be carried since the proxy started.
+    #[serde(default)]
+    pub sessions_not_carried: u64,
 }
 
 impl From<AllowBackupStatus> for Status {
@@ -377,6 +386,9 @@ impl From<AllowBackupStatus> for Status {
             queued_requests: s.queued_requests,
             queued_bytes: s.queued_bytes,
             in_flight: s.in_flight,
+            sessions_waiting: s.sessions_waiting,
+            sessions_carried: s.sessions_carried,
+            sessions_not_carried: s.sessions_not_carried,
             backends: s
                 .backends
                 .into_iter()
@@ -450,6 +462,13 @@ impl Status {
             self.queued_requests, self.queued_bytes
         ));
         out.push_str(&format!("in flight: {}\n", self.in_flight));
+        if self.sessions_waiting + self.sessions_carried + self.sessions_not_carried > 0 {
+            out.push_str(&format!(
+                "sessions:  {} waiting for the server, {} carried, {} not carried (across \
+                 server restarts)\n",
+                self.sessions_waiting, self.sessions_carried, self.sessions_not_carried
+            ));
+        }
         out.push_str("backends:\n");
         let width = self
             .backends
@@ -1531,6 +1550,24 @@ mod tests {
             "already frozen by X (conn 2) since 1970-01-01T00:00:00Z (3 s ago; freeze id 1)"
         );
         assert_eq!(readable_since("since when"), "since when");
+    }
+
+    #[test]
+    fn the_summary_names_sessions_carried_only_when_there_are_some() {
+        let mut st = Status::from(AllowBackupStatus::thawed(vec![]));
+        assert!(!st.render(0).contains("sessions:"));
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["sessions_waiting"], 0);
+        st.sessions_waiting = 2;
+        st.sessions_carried = 7;
+        assert!(
+            st.render(0).contains(
+                "sessions:  2 waiting for the server, 7 carried, 0 not carried (across server \
+                 restarts)"
+            ),
+            "{}",
+            st.render(0)
+        );
     }
 
     #[test]

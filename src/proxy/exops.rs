@@ -129,6 +129,9 @@ fn to_proto(s: &Status) -> abproxy_proto::AllowBackupStatus {
         lease_expires: f.and_then(|f| f.lease_expires).map(epoch_secs),
         freeze_id: f.map(|f| f.id),
         releasing: f.is_some_and(|f| f.phase == Phase::Releasing),
+        sessions_waiting: s.carry.0,
+        sessions_carried: s.carry.1,
+        sessions_not_carried: s.carry.2,
     }
 }
 
@@ -249,7 +252,7 @@ mod tests {
             queued_requests: 3,
             queued_bytes: 300,
             in_flight: 1,
-            carry: (0, 0, 0),
+            carry: (2, 5, 1),
         }
     }
 
@@ -273,6 +276,9 @@ mod tests {
                 queued_requests: 3,
                 queued_bytes: 300,
                 in_flight: 1,
+                sessions_waiting: 2,
+                sessions_carried: 5,
+                sessions_not_carried: 1,
                 ..AllowBackupStatus::thawed(backends(false))
             }
         );
@@ -305,6 +311,9 @@ mod tests {
                     lease_expires: (phase != Phase::Draining).then_some(1_700_000_600),
                     freeze_id: Some(7),
                     releasing,
+                    sessions_waiting: 2,
+                    sessions_carried: 5,
+                    sessions_not_carried: 1,
                 },
                 "{phase}"
             );
@@ -313,7 +322,8 @@ mod tests {
             assert_eq!(
                 msg,
                 format!(
-                    "{phase} by cn=admin,dc=example,dc=org (conn 2) for 5 s: dc=example,dc=org"
+                    "{phase} by cn=admin,dc=example,dc=org (conn 2) for 5 s: dc=example,dc=org; \
+                     2 session(s) wait for the server to answer again"
                 )
             );
             assert_eq!(value, Some(status_value(&s)));

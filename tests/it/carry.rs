@@ -110,6 +110,15 @@ async fn sessions_are_carried_across_a_restart_during_a_stop_freeze() {
         text.ends_with("; 4 session(s) wait for the server to answer again"),
         "{text}"
     );
+    let value = status(&lab).await;
+    assert_eq!(
+        (
+            value.sessions_waiting,
+            value.sessions_carried,
+            value.sessions_not_carried
+        ),
+        (4, 0, 0)
+    );
 
     // OFF on the operator's own connection (answered by the proxy, once
     // the server answers again), then each session goes on as it was.
