@@ -36,8 +36,6 @@ use crate::tls::{ServerTls, UpstreamTls};
 pub struct Shared {
     /// The settings it was started with.
     pub settings: Settings,
-    /// Where sessions connect (`settings.upstream`).
-    pub upstream: Endpoint,
     /// The freeze engine.
     pub engine: Arc<Engine>,
     /// Client-facing TLS (`ldaps://` listeners, StartTLS), when configured.
@@ -58,7 +56,7 @@ impl Shared {
     /// instead of the client, if it would: over `ldapi://` the server takes
     /// the proxy's uid, over TLS with `upstream_cert_file` its certificate.
     pub(crate) fn external_is_the_proxy(&self) -> Option<&'static str> {
-        if matches!(self.upstream, Endpoint::Unix(_)) {
+        if matches!(self.settings.upstream, Endpoint::Unix(_)) {
             return Some(
                 "the upstream is ldapi://, where the server would authenticate EXTERNAL as \
                  abproxy's own uid",
@@ -81,7 +79,6 @@ impl Shared {
             settings.limits.max_connections_per_source,
         ));
         Shared {
-            upstream: settings.upstream.clone(),
             settings,
             engine,
             server_tls: None,
@@ -94,7 +91,7 @@ impl Shared {
 
     /// A new connection to the upstream, with TLS when configured.
     pub async fn connect_upstream(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
-        crate::tls::connect_upstream(&self.upstream, self.upstream_tls.as_deref()).await
+        crate::tls::connect_upstream(&self.settings.upstream, self.upstream_tls.as_deref()).await
     }
 }
 

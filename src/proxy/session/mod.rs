@@ -371,12 +371,12 @@ pub(crate) async fn refuse_connection(mut client_r: BoxRead, client_w: BoxWrite,
 /// The upstream could not be reached: tell the client and close.
 async fn refuse(id: u64, peer: &str, shared: &Shared, client_w: BoxWrite, why: String) {
     let mut client_out = FramedWrite::new(client_w, FrameCodec::default());
-    warn!(conn = id, %peer, upstream = %shared.upstream, "cannot connect to upstream: {why}");
+    warn!(conn = id, %peer, upstream = %shared.settings.upstream, "cannot connect to upstream: {why}");
     let notice = pdu::notice_of_disconnection(
         LdapResultCode::Unavailable,
         &format!(
             "abproxy cannot reach the LDAP server {}: {why}",
-            shared.upstream
+            shared.settings.upstream
         ),
     );
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
