@@ -81,8 +81,7 @@ impl Responses {
                     not_carried = Some(why);
                     info!(
                         conn = self.id,
-                        "the server closed the connection: session not \
-                         carried: {why}"
+                        "the server closed the connection: session not carried: {why}"
                     );
                     break end;
                 }
@@ -105,8 +104,8 @@ impl Responses {
                     &match not_carried {
                         None => "abproxy: the LDAP server closed the connection".to_string(),
                         Some(why) => format!(
-                            "abproxy: the LDAP server closed the connection \
-                             and this session cannot be carried to a new one: {why}"
+                            "abproxy: the LDAP server closed the connection and this session \
+                             cannot be carried to a new one: {why}"
                         ),
                     },
                 );
@@ -116,9 +115,12 @@ impl Responses {
                 if !self.state.client_gone.load(Ordering::Relaxed) =>
             {
                 warn!(conn = self.id, "connection to the upstream lost: {e}");
+                let carry = not_carried
+                    .map(|why| format!("; this session cannot be carried to a new one: {why}"))
+                    .unwrap_or_default();
                 let notice = pdu::notice_of_disconnection(
                     LdapResultCode::Unavailable,
-                    &format!("abproxy: the connection to the LDAP server was lost: {e}"),
+                    &format!("abproxy: the connection to the LDAP server was lost: {e}{carry}"),
                 );
                 self.feed_last(notice).await;
             }
@@ -218,19 +220,27 @@ impl Responses {
     }
 
     /// Whether a session whose upstream connection just ended (`end`) can
-    /// be carried to a new one: `Err(None)` when carrying does not apply,
-    /// `Err(Some(why))` when it applies but this session holds what cannot
-    /// be carried.
+    /// be carried to a new one (see [`Responses::may_carry`]).
     fn carriable(&self, end: &End) -> Result<(), Option<&'static str>> {
         let lost = matches!(
             end,
             End::UpstreamClosed | End::Io(IoAt::Read(Side::Upstream), _)
         );
-        if !lost
-            || !self.carry_sessions
+        if !lost || self.state.upstream_noticed.load(Ordering::Relaxed) {
+            return Err(None);
+        }
+        self.may_carry()
+    }
+
+    /// Whether this session could be carried to a new upstream connection
+    /// if the server closed its own now: `Err(None)` when carrying does not
+    /// apply (off, no stop freeze and no `upstream_reconnect`, the client
+    /// gone), `Err(Some(why))` when it applies but the session holds what
+    /// cannot be carried.
+    fn may_carry(&self) -> Result<(), Option<&'static str>> {
+        if !self.carry_sessions
             || !(self.engine.stop_frozen() || self.reconnect)
             || self.state.client_gone.load(Ordering::Relaxed)
-            || self.state.upstream_noticed.load(Ordering::Relaxed)
         {
             return Err(None);
         }
@@ -463,11 +473,7 @@ impl Responses {
         // any other (else it stayed in flight for ever and held up every
         // drain).
         if env.msgid == 0 && is_notice(env, frame) {
-            if self.carry_sessions
-                && (self.engine.stop_frozen() || self.reconnect)
-                && lock(&self.state.carry).refusal().is_none()
-                && self.state.inflight().is_empty()
-            {
+            if self.may_carry().is_ok() {
                 // The server is going away (a stop freeze, or reconnection
                 // is on): the session may be carried to its next run, so
                 // the client is not told.
