@@ -10,6 +10,7 @@
 //! the `testkit` crate.
 #![warn(unreachable_pub)]
 
+mod backoff;
 pub mod config;
 pub mod endpoint;
 pub mod freeze;

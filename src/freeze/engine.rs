@@ -23,6 +23,7 @@ use abproxy_proto::AllowBackupRequest;
 use futures::future::BoxFuture;
 
 use super::discover::Discover;
+use crate::backoff::Backoff;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -416,7 +417,6 @@ impl Engine {
     /// DSE can be read again (backoff 50 ms to 1 s).
     async fn server_answers(&self) -> Restart {
         let sessions = self.carry_counts().0;
-        let started = tokio::time::Instant::now();
         let Some(d) = self.discovery() else {
             return Restart {
                 sessions,
@@ -424,31 +424,29 @@ impl Engine {
                 waited: Duration::ZERO,
             };
         };
-        let mut pause = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1), d.retry);
         loop {
-            match d.discover.server_facts().await {
-                Ok(_) => {
-                    return Restart {
-                        sessions,
-                        answers: true,
-                        waited: started.elapsed(),
+            let answers = match d.discover.server_facts().await {
+                Ok(_) => true,
+                Err(e) => match backoff.next_pause() {
+                    Some(pause) => {
+                        tokio::time::sleep(pause).await;
+                        continue;
                     }
-                }
-                Err(e) if started.elapsed() + pause > d.retry => {
-                    warn!(
-                        "OFF: the server closed sessions during the freeze and does not answer \
-                         again: {e}"
-                    );
-                    return Restart {
-                        sessions,
-                        answers: false,
-                        waited: started.elapsed(),
-                    };
-                }
-                Err(_) => {}
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+                    None => {
+                        warn!(
+                            "OFF: the server closed sessions during the freeze and does not \
+                             answer again: {e}"
+                        );
+                        false
+                    }
+                },
+            };
+            return Restart {
+                sessions,
+                answers,
+                waited: backoff.elapsed(),
+            };
         }
     }
 

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 use crate::freeze::participant::{InFlight, LocalOp, Queue, Queued};
 use crate::freeze::{Class, Control, Engine, Requester};
 use crate::proxy::exops::{self};
@@ -715,8 +716,11 @@ impl Requests<'_> {
         }
         let settings = &self.shared.settings;
         let replay = lock(&self.state.carry).replay();
-        let started = tokio::time::Instant::now();
-        let mut pause = Duration::from_millis(50);
+        let mut backoff = Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            settings.upstream_retry,
+        );
         loop {
             let shared = self.shared;
             let attempt = async {
@@ -752,18 +756,17 @@ impl Requests<'_> {
                 Ok(Err(Refused::Lost(why))) => why,
                 Err(_) => "timed out".to_string(),
             };
-            if started.elapsed() + pause > settings.upstream_retry {
+            let Some(pause) = backoff.next_pause() else {
                 return Err(End::NotCarried(format!(
                     "the server did not answer again within {} s (upstream_retry_secs): {why}",
                     settings.upstream_retry.as_secs()
                 )));
-            }
+            };
             debug!(conn = self.id, "upstream not back yet: {why}");
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.close.cancelled() => return Err(End::Closed),
             }
-            pause = (pause * 2).min(Duration::from_secs(1));
         }
     }
 
