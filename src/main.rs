@@ -256,17 +256,19 @@ fn main() -> ExitCode {
     if operator {
         return operator_main(cli.command);
     }
-    // The runtime's size comes from the configuration, so read it first.
-    let threads = match &cli.command {
+    // The runtime's size comes from the configuration, so read it first
+    // (once: `serve` runs with these settings).
+    let settings = match &cli.command {
         Command::Serve(args) => match serve_config(args) {
-            Ok(c) => c.threads,
+            Ok(s) => Some(s),
             Err(e) => {
                 eprintln!("abproxy: {e:#}");
                 return ExitCode::FAILURE;
             }
         },
-        _ => 0,
+        _ => None,
     };
+    let threads = settings.as_ref().map_or(0, |s| s.threads);
     let rt = match abproxy::proxy::runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
@@ -276,7 +278,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(args, settings.expect("read before the runtime")).await,
             Command::Demo(args) => demo(args).await,
             _ => unreachable!("operator commands run in operator_main"),
         }
@@ -315,8 +317,7 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<Settings> {
     Ok(config.settings()?)
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let settings = serve_config(&args)?;
+async fn serve(args: ServeArgs, settings: Settings) -> anyhow::Result<ExitCode> {
     if args.check_config {
         // The TLS files are read too.
         abproxy::tls::ServerTls::load(&settings.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
