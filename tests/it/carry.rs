@@ -352,3 +352,35 @@ async fn the_identity_replayed_is_the_last_bind_s_own() {
     assert_eq!(whoami(&mut rebound, 3).await, format!("dn:{}", user_dn(2)));
     assert_eq!(whoami(&mut failed, 4).await, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_bind_into_a_frozen_backend_waits_for_the_freeze() {
+    // user 1 lives under the stop-mode backend; the root DSE is never held.
+    let mut lab = stop_lab(true).await;
+    let engine = lab.proxy.engine();
+    let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    restart(&mut lab).await;
+    let waiting = engine.clone();
+    wait_until("two sessions waiting", 10, || waiting.carry_counts().0 == 2).await;
+    let csn = context_csn(&lab, "dc=example,dc=org").await;
+    // A read the freeze does not hold, on a session whose carrying needs a
+    // bind into the frozen backend (a bind may write there: ppolicy,
+    // lastbind): it waits for the freeze, nothing is sent.
+    u1.send_msg(search(2, "", 0, "(objectClass=*)", &["namingContexts"]))
+        .await;
+    assert_nothing_pending(&mut u1).await;
+    assert_eq!(engine.carry_counts(), (2, 0, 0), "not carried yet");
+    assert_eq!(context_csn(&lab, "dc=example,dc=org").await, csn);
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    let frames = u1.recv_until_final(2).await;
+    assert_eq!(result_code(frames.last().unwrap()), Some(0));
+    assert_eq!(whoami(&mut u1, 3).await, format!("dn:{}", user_dn(1)));
+}

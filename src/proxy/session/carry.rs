@@ -89,6 +89,11 @@ impl Carry {
         }
     }
 
+    /// The bind request a new connection would be given, if any.
+    pub(super) fn bind_request(&self) -> Option<&[u8]> {
+        (self.kind == Kind::Simple).then_some(&self.request[..])
+    }
+
     /// What a new connection must be given (a copy: the replay awaits).
     pub(super) fn replay(&self) -> Replay {
         match self.kind {

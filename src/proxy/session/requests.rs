@@ -665,9 +665,10 @@ impl Requests<'_> {
                 break;
             }
             if self.state.upstream_lost.load(Ordering::SeqCst) {
-                // The server closed the connection during a stop freeze:
-                // a new one once the freeze no longer holds the request.
-                if self.engine.holds(head.class) {
+                // The server closed the connection: a new one once the
+                // freeze holds neither the request nor the bind that gives
+                // the new connection the session's identity.
+                if self.engine.holds(head.class) || self.replay_held() {
                     break;
                 }
                 // Boxed: rarely run, and large.
@@ -699,6 +700,20 @@ impl Requests<'_> {
             );
         }
         Step::Continue
+    }
+
+    /// A freeze holds the bind that would give a new connection this
+    /// session's identity (a bind into a frozen backend may write there,
+    /// as any bind the gate holds).
+    fn replay_held(&self) -> bool {
+        let carry = lock(&self.state.carry);
+        let Some(request) = carry.bind_request() else {
+            return false;
+        };
+        match Envelope::request(request) {
+            Ok(env) => self.engine.holds(self.engine.classify(&env, request, None)),
+            Err(_) => true,
+        }
     }
 
     /// Carries the session to a new upstream connection: connects (with
