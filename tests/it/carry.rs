@@ -217,17 +217,8 @@ async fn sessions_over_a_tls_upstream_are_carried_over_tls() {
         config.backends = vec![BackendConfig::new("dc=example,dc=org", Mode::Stop)];
         let proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
         let addr = proxy.url().trim_start_matches("ldap://").to_string();
-        let connect = |dn: String, pw: String| {
-            let addr = addr.clone();
-            async move {
-                let mut c = RawConn::connect(&addr).await;
-                c.send_msg(bind(1, &dn, &pw)).await;
-                assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
-                c
-            }
-        };
-        let mut u1 = connect(user_dn(1), user_pw(1)).await;
-        let mut admin = connect(ADMIN_DN.into(), ADMIN_PW.into()).await;
+        let mut u1 = bound_at(&addr, &user_dn(1), &user_pw(1)).await;
+        let mut admin = bound_at(&addr, ADMIN_DN, ADMIN_PW).await;
         assert_eq!(
             call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
             0

@@ -97,9 +97,7 @@ async fn ten_thousand_idle_connections() {
     );
 
     // The last one allowed is served at once, one more is told why not.
-    let mut last = RawConn::connect(&addr).await;
-    last.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
-    assert_eq!(result_code(&last.recv().await.unwrap()), Some(0));
+    let last = bound_at(&addr, ADMIN_DN, ADMIN_PW).await;
     let mut over = RawConn::connect(&addr).await;
     let frames = over.recv_all().await;
     assert_eq!(frames.len(), 1);

@@ -398,9 +398,7 @@ async fn graceful_shutdown_finishes_in_flight_operations() {
     )
     .await;
     let addr = proxy.url().trim_start_matches("ldap://").to_string();
-    let mut c = RawConn::connect(&addr).await;
-    c.send_msg(bind(1, ADMIN_DN, ADMIN_PW)).await;
-    assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
+    let mut c = bound_at(&addr, ADMIN_DN, ADMIN_PW).await;
     c.send_msg(search(
         2,
         "dc=example,dc=org",

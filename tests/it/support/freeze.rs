@@ -51,10 +51,7 @@ pub fn outcome(frame: &[u8]) -> (i64, String) {
 }
 
 pub async fn bound(lab: &Lab, dn: &str, pw: &str) -> RawConn {
-    let mut c = RawConn::connect(&lab.proxy_addr()).await;
-    c.send_msg(bind(1, dn, pw)).await;
-    assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
-    c
+    bound_at(&lab.proxy_addr(), dn, pw).await
 }
 
 /// Sends a request and returns its final response.

@@ -244,6 +244,15 @@ impl RawConn {
     }
 }
 
+/// A connection to `addr` (host:port) after a successful simple bind
+/// (message ID 1).
+pub async fn bound_at(addr: &str, dn: &str, pw: &str) -> RawConn {
+    let mut c = RawConn::connect(addr).await;
+    c.send_msg(bind(1, dn, pw)).await;
+    assert_eq!(result_code(&c.recv().await.unwrap()), Some(0));
+    c
+}
+
 /// A round trip on `c` (a base search of the suffix), proving the proxy
 /// admitted the connection and has an upstream for it.
 pub async fn round_trip(c: &mut RawConn, msgid: i32) {
