@@ -264,9 +264,6 @@ pub(crate) async fn serve_connected(
 
     let engine = shared.engine.clone();
     let state = Arc::new(SessionState::new(&shared.settings.limits));
-    if !shared.settings.carry_sessions {
-        lock(&state.carry).cannot("carry_sessions is off");
-    }
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     engine.register(
         id,
