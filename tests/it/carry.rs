@@ -283,8 +283,8 @@ async fn with_upstream_reconnect_an_unannounced_restart_is_carried_too() {
         read.stdout
     );
 
-    // A server that stays down: after upstream_retry_secs the session ends
-    // with the reason, its request never sent.
+    // A server that stays down: after upstream_retry_secs the request is
+    // answered unavailable, never sent; the session stays open.
     tokio::task::block_in_place(|| lab.slapd.stop()).unwrap();
     let waiting = engine.clone();
     wait_until("both sessions waiting again", 10, || {
@@ -294,21 +294,52 @@ async fn with_upstream_reconnect_an_unannounced_restart_is_carried_too() {
     let started = std::time::Instant::now();
     u1.send_msg(modify(4, &user_dn(1), "description", "never sent"))
         .await;
-    let notice = u1.recv().await.expect("a notice");
-    let why = assert_notice(&notice, 52);
-    assert!(why.contains("did not answer again within 2 s"), "{why}");
+    let answer = u1.recv().await.expect("an answer");
+    let env = Envelope::response(&answer).unwrap();
+    assert_eq!(
+        (env.msgid, env.result_code),
+        (4, Some(52)),
+        "{}",
+        diagnostic(&answer)
+    );
+    let why = diagnostic(&answer);
+    assert!(why.contains("not answered again within 2 s"), "{why}");
+    assert!(why.contains("not sent"), "{why}");
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "retried before giving up"
     );
-    assert!(u1.recv().await.is_none());
+    // Still down: the next requests are answered the same (one attempt
+    // each, no new wait); a bind answered so leaves the session anonymous.
+    u1.send_msg(modify(5, &user_dn(1), "description", "never sent either"))
+        .await;
+    u1.send_msg(bind(6, &user_dn(2), &user_pw(2))).await;
+    for id in [5, 6] {
+        let answer = u1.recv().await.expect("an answer");
+        let env = Envelope::response(&answer).unwrap();
+        assert_eq!(
+            (env.msgid, env.result_code),
+            (id, Some(52)),
+            "{}",
+            diagnostic(&answer)
+        );
+    }
+    assert_eq!(engine.carry_counts().0, 2, "both sessions still wait");
+    // Back: the sessions go on, u1 as anonymous (its last bind failed).
     tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
+    assert_eq!(whoami(&mut u1, 7).await, "");
+    assert_eq!(whoami(&mut anon, 3).await, "");
+    u1.send_msg(bind(8, &user_dn(1), &user_pw(1))).await;
+    assert_eq!(result_code(&u1.recv().await.unwrap()), Some(0));
+    assert_eq!(whoami(&mut u1, 9).await, format!("dn:{}", user_dn(1)));
+    // Nothing answered unavailable reached the server.
     let read = base_direct(&lab, &user_dn(1), "description").await;
     assert!(
         read.stdout.contains("description: after a restart"),
         "{}",
         read.stdout
     );
+    assert_eq!(engine.carry_counts(), (0, 4, 0), "carried twice each");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -299,6 +299,7 @@ pub(crate) async fn serve_connected(
         queue: Queue::default(),
         close: &close,
         abort: &abort,
+        retry_spent: false,
     };
     let responses = Responses {
         id,

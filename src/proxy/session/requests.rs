@@ -55,6 +55,19 @@ pub(super) struct Requests<'a> {
     pub(super) queue: Queue,
     pub(super) close: &'a Close,
     pub(super) abort: &'a CancellationToken,
+    /// The server did not come back within `upstream_retry_secs` the last
+    /// time the session waited for it: until it is back, one attempt per
+    /// request, no waiting.
+    pub(super) retry_spent: bool,
+}
+
+/// Why a session waiting for its server was not carried.
+pub(super) enum NotBack {
+    /// The server did not answer within the retry time: the session waits
+    /// on, its requests are answered `unavailable`.
+    Down(String),
+    /// The session ends.
+    End(End),
 }
 
 /// What happened to one request frame.
@@ -650,6 +663,8 @@ impl Requests<'_> {
     /// first request still held.
     async fn release(&mut self) -> Step {
         let mut sent = 0;
+        // The server is not back (the retry time is over): why.
+        let mut down: Option<String> = None;
         while let Some(head) = self.queue.front() {
             if let Some(what) = head.local {
                 if self.state.bind_in_flight() {
@@ -671,9 +686,21 @@ impl Requests<'_> {
                 if self.engine.holds(head.class) || self.replay_held() {
                     break;
                 }
+                if let Some(why) = &down {
+                    // The server did not come back within the retry time:
+                    // the request was never sent, and is answered so.
+                    let q = self.queue.pop_front(self.engine).expect("front exists");
+                    let why = why.clone();
+                    if let Step::End(e) = self.unavailable(q, &why).await {
+                        return Step::End(e);
+                    }
+                    continue;
+                }
                 // Boxed: rarely run, and large.
-                if let Err(end) = Box::pin(self.reestablish()).await {
-                    return Step::End(end);
+                match Box::pin(self.reestablish()).await {
+                    Ok(()) => {}
+                    Err(NotBack::Down(why)) => down = Some(why),
+                    Err(NotBack::End(end)) => return Step::End(end),
                 }
                 continue;
             }
@@ -720,22 +747,26 @@ impl Requests<'_> {
     /// backoff, for up to `upstream_retry_secs`), gives the connection the
     /// session's identity (`carry::reestablish`: the bind replayed, checked
     /// with Who am I?), then hands its input to the responses loop. A
-    /// server that answers differently ends the session at once.
-    async fn reestablish(&mut self) -> Result<(), End> {
+    /// server that answers differently ends the session at once; one that
+    /// does not answer within the retry time leaves it waiting
+    /// ([`NotBack::Down`]), and until it is back each later attempt is a
+    /// single one.
+    async fn reestablish(&mut self) -> Result<(), NotBack> {
         if !self.state.inflight().is_empty() {
             // Sent on the connection that closed (it passed the gate as the
             // connection went): the server may have run it or not.
-            return Err(End::NotCarried(
+            return Err(NotBack::End(End::NotCarried(
                 "a request was in flight when the connection closed".into(),
-            ));
+            )));
         }
         let settings = &self.shared.settings;
         let replay = lock(&self.state.carry).replay();
-        let mut backoff = Backoff::new(
-            Duration::from_millis(50),
-            Duration::from_secs(1),
-            settings.upstream_retry,
-        );
+        let window = if self.retry_spent {
+            Duration::ZERO
+        } else {
+            settings.upstream_retry
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1), window);
         loop {
             let shared = self.shared;
             let attempt = async {
@@ -751,15 +782,17 @@ impl Requests<'_> {
             };
             let outcome = tokio::select! {
                 r = tokio::time::timeout(settings.upstream_connect_timeout, attempt) => r,
-                _ = self.close.cancelled() => return Err(End::Closed),
+                _ = self.close.cancelled() => return Err(NotBack::End(End::Closed)),
+                _ = self.abort.cancelled() => return Err(NotBack::End(End::Shutdown)),
             };
             let why = match outcome {
                 Ok(Ok((up_in, up_out))) => {
                     let handover = lock(&self.state.new_upstream).take();
                     if handover.is_none_or(|tx| tx.send(up_in).is_err()) {
-                        return Err(End::Closed);
+                        return Err(NotBack::End(End::Closed));
                     }
                     self.up_out = up_out;
+                    self.retry_spent = false;
                     self.state.upstream_lost.store(false, Ordering::SeqCst);
                     info!(
                         conn = self.id,
@@ -767,21 +800,46 @@ impl Requests<'_> {
                     );
                     return Ok(());
                 }
-                Ok(Err(Refused::Differs(why))) => return Err(End::NotCarried(why)),
+                Ok(Err(Refused::Differs(why))) => return Err(NotBack::End(End::NotCarried(why))),
                 Ok(Err(Refused::Lost(why))) => why,
                 Err(_) => "timed out".to_string(),
             };
             let Some(pause) = backoff.next_pause() else {
-                return Err(End::NotCarried(format!(
-                    "the server did not answer again within {} s (upstream_retry_secs): {why}",
+                self.retry_spent = true;
+                let why = format!(
+                    "the LDAP server has not answered again within {} s (upstream_retry_secs): \
+                     {why}",
                     settings.upstream_retry.as_secs()
-                )));
+                );
+                info!(conn = self.id, "{why}");
+                return Err(NotBack::Down(why));
             };
             debug!(conn = self.id, "upstream not back yet: {why}");
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = self.close.cancelled() => return Err(End::Closed),
+                _ = self.close.cancelled() => return Err(NotBack::End(End::Closed)),
+                _ = self.abort.cancelled() => return Err(NotBack::End(End::Shutdown)),
             }
+        }
+    }
+
+    /// Answers a request the proxy did not send because the server is down
+    /// with `unavailable`; the session stays, and is carried once the server
+    /// is back. A bind answered so leaves the session anonymous, as any
+    /// failed bind (RFC 4511 section 4.2.1).
+    async fn unavailable(&mut self, q: Queued, why: &str) -> Step {
+        if q.env.op == op::BIND_REQUEST {
+            lock(&self.state.carry).anonymous();
+            self.state.set_authenticated(false);
+            self.state.set_bound_dn(None);
+        }
+        let message = format!(
+            "abproxy: {why}; this request was not sent to it (the session stays open and goes on \
+             once the server is back)"
+        );
+        match pdu::response_for(q.env.op, q.env.msgid, LdapResultCode::Unavailable, &message) {
+            Some(r) => self.reply_locally(r).await,
+            None => Step::Continue,
         }
     }
 
