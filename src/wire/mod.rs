@@ -5,6 +5,7 @@ pub mod ber;
 pub mod codec;
 pub mod envelope;
 pub mod io;
+pub mod paging;
 pub mod pdu;
 pub mod rootdse;
 

@@ -406,3 +406,81 @@ async fn a_replayed_bind_into_a_frozen_backend_waits_for_the_freeze() {
     assert_eq!(result_code(frames.last().unwrap()), Some(0));
     assert_eq!(whoami(&mut u1, 3).await, format!("dn:{}", user_dn(1)));
 }
+
+/// One page of a simple paged-results search (RFC 2696) of the people:
+/// the entries' count and the cookie the server handed out.
+async fn page(c: &mut RawConn, msgid: i32, size: i64, cookie: Vec<u8>) -> (usize, Vec<u8>) {
+    use ldap3_proto::control::LdapControl;
+    let mut msg = search(
+        msgid,
+        "ou=people,dc=example,dc=org",
+        1,
+        "(objectClass=*)",
+        &["uid"],
+    );
+    msg.ctrl = vec![LdapControl::SimplePagedResults { size, cookie }];
+    c.send_msg(msg).await;
+    let frames = c.recv_until_final(msgid).await;
+    let (done, entries) = frames.split_last().expect("a done");
+    assert_eq!(result_code(done), Some(0), "{}", diagnostic(done));
+    let cookie = crate::support::ds389::decode(done)
+        .ctrl
+        .into_iter()
+        .find_map(|c| match c {
+            LdapControl::SimplePagedResults { cookie, .. } => Some(cookie),
+            _ => None,
+        })
+        .expect("the paged-results control in the done");
+    (entries.len(), cookie)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holding_a_paged_results_cookie_ends_with_the_reason_others_go_on() {
+    let mut lab = stop_lab(true).await;
+    let engine = lab.proxy.engine();
+    // Halfway through a paged search: the server holds its cookie.
+    let mut halfway = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    let (n, cookie) = page(&mut halfway, 2, 1, vec![]).await;
+    assert_eq!(n, 1);
+    assert!(!cookie.is_empty(), "more pages to come");
+    // Paged through to the end: the last page's cookie is empty, nothing
+    // is left at the server.
+    let mut through = bound(&lab, &user_dn(2), &user_pw(2)).await;
+    let (mut cookie, mut total, mut id) = (Vec::new(), 0, 2);
+    loop {
+        let (n, next) = page(&mut through, id, 2, cookie).await;
+        total += n;
+        id += 1;
+        if next.is_empty() {
+            break;
+        }
+        cookie = next;
+    }
+    assert!(total > 2, "paged through several pages ({total} entries)");
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    restart(&mut lab).await;
+    // The one with the cookie is told why at once; the others wait.
+    let notice = halfway.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 52);
+    assert!(why.contains("paged-results cookie"), "{why}");
+    assert!(halfway.recv().await.is_none(), "closed after the notice");
+    let counts = engine.clone();
+    wait_until("two sessions waiting, one not carried", 10, || {
+        counts.carry_counts() == (2, 0, 1)
+    })
+    .await;
+    let (code, text) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(whoami(&mut through, 50).await, format!("dn:{}", user_dn(2)));
+    // A new paged search on the carried session works from the start.
+    let (n, _) = page(&mut through, 51, 2, vec![]).await;
+    assert_eq!(n, 2);
+    // The operator's session waits until its next request needs the server.
+    assert_eq!(engine.carry_counts(), (1, 1, 1));
+    assert_eq!(whoami(&mut admin, 4).await, format!("dn:{ADMIN_DN}"));
+    assert_eq!(engine.carry_counts(), (0, 2, 1));
+}

@@ -9,7 +9,8 @@
 //! the server who the connection is (Who am I?, RFC 4532) and goes on only
 //! when the answer is the identity the client had. Anything else a
 //! connection may hold (a SASL bind and its security layer, requests in
-//! flight, persistent searches) cannot be carried: such a session ends
+//! flight, persistent searches, paged-results cookies and VLV contexts the
+//! client has not handed back) cannot be carried: such a session ends
 //! with a Notice of Disconnection, as without the proxy.
 
 use ldap3_proto::proto::{LdapExtendedRequest, LdapMsg, LdapOp};
@@ -31,7 +32,22 @@ pub(super) struct Carry {
     kind: Kind,
     /// The bind request of `Kind::Simple`.
     request: Vec<u8>,
+    /// Paged-results cookies and virtual list view contexts the server
+    /// handed out and the client has not handed back yet (`wire::paging`):
+    /// a new connection would not know them.
+    search_state: Vec<Vec<u8>>,
+    /// More than `MAX_SEARCH_STATE` at once: which were handed back can no
+    /// longer be told, so the session stays uncarriable.
+    search_state_lost: bool,
 }
+
+/// Cookies and contexts tracked per session; beyond, the session is not
+/// carried (bounded memory whatever the client does).
+const MAX_SEARCH_STATE: usize = 16;
+
+/// Why a session holding search state is not carried.
+const SEARCH_STATE: &str = "the server holds a paged-results cookie or a virtual list view \
+     context for it, which a new connection would not know";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -52,6 +68,8 @@ impl Default for Carry {
         Carry {
             kind: Kind::Anonymous,
             request: Vec::new(),
+            search_state: Vec::new(),
+            search_state_lost: false,
         }
     }
 }
@@ -85,8 +103,32 @@ impl Carry {
     pub(super) fn refusal(&self) -> Option<&'static str> {
         match self.kind {
             Kind::No(why) => Some(why),
+            _ if self.holds_search_state() => Some(SEARCH_STATE),
             _ => None,
         }
+    }
+
+    /// The server handed out a paged-results cookie or a VLV context.
+    /// True while the session holds some.
+    pub(super) fn handed_out(&mut self, state: &[u8]) -> bool {
+        if self.search_state.len() >= MAX_SEARCH_STATE {
+            self.search_state_lost = true;
+        } else if !self.search_state.iter().any(|s| s == state) {
+            self.search_state.push(state.to_vec());
+        }
+        true
+    }
+
+    /// The client handed a cookie or context back in a request (the
+    /// server's answer hands out the next one, if any). True while the
+    /// session still holds some.
+    pub(super) fn handed_back(&mut self, state: &[u8]) -> bool {
+        self.search_state.retain(|s| s != state);
+        self.holds_search_state()
+    }
+
+    fn holds_search_state(&self) -> bool {
+        self.search_state_lost || !self.search_state.is_empty()
     }
 
     /// The bind request a new connection would be given, if any.
@@ -157,6 +199,10 @@ pub(super) struct Secret(Vec<u8>);
 impl Secret {
     pub(super) fn new(bytes: &[u8]) -> Secret {
         Secret(bytes.to_vec())
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -328,6 +374,33 @@ mod tests {
             None,
             Some(authz.as_bytes().to_vec()),
         )
+    }
+
+    #[test]
+    fn search_state_handed_out_keeps_a_session_from_being_carried_until_handed_back() {
+        let mut c = Carry::default();
+        c.simple(&bind("cn=a"));
+        assert!(c.handed_out(b"cookie-1"));
+        assert!(c.handed_out(b"ctx"));
+        assert!(c
+            .refusal()
+            .is_some_and(|w| w.contains("paged-results cookie")));
+        // A bind does not end the server's paging state.
+        c.anonymous();
+        assert!(c.refusal().is_some());
+        assert!(c.handed_back(b"cookie-1"));
+        assert!(!c.handed_back(b"ctx"));
+        assert_eq!(c.refusal(), None);
+        assert_eq!(c.replay(), Replay::Anonymous);
+        // Bounded: past the limit which were handed back cannot be told.
+        for i in 0..=MAX_SEARCH_STATE {
+            c.handed_out(format!("cookie-{i}").as_bytes());
+        }
+        assert_eq!(c.search_state.len(), MAX_SEARCH_STATE);
+        for i in 0..=MAX_SEARCH_STATE {
+            c.handed_back(format!("cookie-{i}").as_bytes());
+        }
+        assert!(c.refusal().is_some(), "uncarriable for good");
     }
 
     /// Runs `reestablish` against a server that answers `answers` in

@@ -20,7 +20,7 @@ use crate::proxy::exops::{self};
 use crate::proxy::mailbox::Inbox;
 use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
-use crate::wire::{op, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
+use crate::wire::{op, paging, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
 
 use super::carry::{self, Refused};
 use super::decide::{decide, held_by_session, Abandon, Decision, View};
@@ -596,6 +596,10 @@ impl Requests<'_> {
                         }
                     }
                     op::SEARCH_REQUEST => {
+                        if env.controls.is_some() && self.state.search_state.load(Ordering::SeqCst)
+                        {
+                            self.hand_back_search_state(env, frame);
+                        }
                         entry.persistent = env.has_control(frame, oid::SYNC_REQUEST)
                             || env.has_control(frame, oid::PERSISTENT_SEARCH);
                         entry.root_dse = env.scope == Some(0)
@@ -606,6 +610,20 @@ impl Requests<'_> {
                 self.state.start(env.msgid, entry)
             },
         )
+    }
+
+    /// A search hands back a paged-results cookie or VLV context the
+    /// server handed out: no longer outstanding (its answer hands out the
+    /// next one, if any).
+    fn hand_back_search_state(&self, env: &Envelope, frame: &[u8]) {
+        let mut carry = lock(&self.state.carry);
+        let mut holds = true;
+        for c in env.controls(frame) {
+            if let Some(state) = paging::search_state(&c, false) {
+                holds = carry.handed_back(state);
+            }
+        }
+        self.state.search_state.store(holds, Ordering::SeqCst);
     }
 
     fn enqueue(&mut self, frame: Bytes, env: Envelope, class: Class, local: Option<LocalOp>) {
@@ -733,10 +751,15 @@ impl Requests<'_> {
     /// session's identity (a bind into a frozen backend may write there,
     /// as any bind the gate holds).
     fn replay_held(&self) -> bool {
-        let carry = lock(&self.state.carry);
-        let Some(request) = carry.bind_request() else {
+        // Copied out: the carry lock is never held while the engine's is
+        // taken (the gate takes them in the other order).
+        let Some(request) = lock(&self.state.carry)
+            .bind_request()
+            .map(carry::Secret::new)
+        else {
             return false;
         };
+        let request = request.bytes();
         match Envelope::request(request) {
             Ok(env) => self.engine.holds(self.engine.classify(&env, request, None)),
             Err(_) => true,

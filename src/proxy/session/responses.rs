@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::freeze::participant::HeldResponses;
 use crate::freeze::{Carried, Control, Engine};
 use crate::proxy::mailbox::Inbox;
-use crate::wire::{op, pdu, rootdse, Envelope, FrameError};
+use crate::wire::{op, paging, pdu, rootdse, Envelope, FrameError};
 
 use super::end::{End, IoAt, Side};
 use super::state::SessionState;
@@ -551,6 +551,9 @@ impl Responses {
                     }
                 }
             }
+            if req.op == op::SEARCH_REQUEST && env.controls.is_some() && self.carry_sessions {
+                self.note_search_state(env, frame);
+            }
             self.state.forget(&req);
             debug!(
                 conn = self.id,
@@ -568,6 +571,23 @@ impl Responses {
             }
         }
         Route::Forward
+    }
+}
+
+impl Responses {
+    /// A search's final response handed out a paged-results cookie or a
+    /// VLV context: the session cannot be carried while the client may
+    /// hand it back.
+    fn note_search_state(&self, env: &Envelope, frame: &[u8]) {
+        let mut held = None;
+        for c in env.controls(frame) {
+            if let Some(state) = paging::search_state(&c, true) {
+                held = Some(lock(&self.state.carry).handed_out(state));
+            }
+        }
+        if let Some(yes) = held {
+            self.state.search_state.store(yes, Ordering::SeqCst);
+        }
     }
 }
 

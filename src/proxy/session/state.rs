@@ -64,6 +64,9 @@ pub(super) struct SessionState {
     /// What the upstream connection holds, to carry the session to a new
     /// one (`carry.rs`).
     pub(super) carry: Mutex<Carry>,
+    /// The session holds a paged-results cookie or a VLV context (see
+    /// `Carry::handed_out`): its searches' controls are read for them.
+    pub(super) search_state: AtomicBool,
     /// The upstream connection closed and the session waits to be carried
     /// to a new one: nothing is sent upstream meanwhile.
     pub(super) upstream_lost: AtomicBool,
