@@ -48,6 +48,9 @@ pub struct Shared {
     /// requests (which outlive the request loop that read them), the TLS
     /// file watcher.
     pub tasks: TaskTracker,
+    /// What identifies the upstream's data, to tell a server that comes
+    /// back different after a restart.
+    pub(crate) prints: session::print::Prints,
     next_conn: AtomicU64,
 }
 
@@ -85,6 +88,7 @@ impl Shared {
             upstream_tls: None,
             limits,
             tasks: TaskTracker::new(),
+            prints: Default::default(),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -309,14 +313,17 @@ impl Server {
                 "a previous run left this backend prepared for a backup and it is still not undone (driver not configured for it any more, or its DONE failed): undo it by hand, then remove the entry from the state file"
             );
         }
-        Ok(Server {
-            listeners,
-            shared: Arc::new(Shared {
-                server_tls,
-                upstream_tls,
-                ..Shared::new(settings, engine)
-            }),
-        })
+        let shared = Arc::new(Shared {
+            server_tls,
+            upstream_tls,
+            ..Shared::new(settings, engine)
+        });
+        if shared.settings.carry_sessions {
+            // Before the first client: what a server that comes back after
+            // a restart is compared with.
+            session::learn_server_print(shared.clone()).await;
+        }
+        Ok(Server { listeners, shared })
     }
 
     /// The client-facing TLS settings, for reloading on SIGHUP (`None`:
@@ -341,6 +348,7 @@ impl Server {
         if let Some(tls) = &self.shared.server_tls {
             tasks.spawn(tls.clone().watch(stop.clone()));
         }
+
         let mut acceptors = Vec::new();
         let listeners: Vec<Arc<Listener>> = self.listeners.into_iter().map(Arc::new).collect();
         for l in &listeners {

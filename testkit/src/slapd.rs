@@ -145,6 +145,8 @@ pub struct Slapd {
     ldaps_port: Option<u16>,
     pid: u32,
     stats_log: bool,
+    /// Sample users in `dc=example,dc=org`.
+    users: usize,
     child: Option<Child>,
     // Declared last: dropped (removed) after `Drop::drop` has stopped slapd.
     _tmp: Option<tempfile::TempDir>,
@@ -274,6 +276,7 @@ impl Slapd {
             ldaps_port: None,
             pid: 0,
             stats_log: opts.stats_log,
+            users: opts.users,
             child: None,
             _tmp: tmp,
         };
@@ -401,6 +404,30 @@ impl Slapd {
             let _ = child.wait();
             tracing::debug!(pid = self.pid, "slapd killed");
         }
+    }
+
+    /// Stops slapd, replaces `dc=example,dc=org` by another database with
+    /// the same sample users (as a server rebuilt from scratch: every entry
+    /// gets a new entryUUID), and starts it again on the same port.
+    pub fn replace_example_data(&mut self) -> Result<()> {
+        self.stop()?;
+        let db = self.dir.join("db-example");
+        remove_path(&db)?;
+        fs::create_dir_all(&db).with_context(|| format!("creating {}", db.display()))?;
+        let path = self.dir.join("example.ldif");
+        write_data_ldif(&path, SUFFIX, self.users, true)
+            .with_context(|| format!("writing {}", path.display()))?;
+        run_tool(
+            Command::new(SLAPADD)
+                .arg("-q")
+                .arg("-F")
+                .arg(self.dir.join("slapd.d"))
+                .arg("-b")
+                .arg(SUFFIX)
+                .arg("-l")
+                .arg(&path),
+        )?;
+        self.restart()
     }
 
     /// Starts slapd again (stopping it first if it is running) on the same

@@ -484,3 +484,65 @@ async fn a_session_holding_a_paged_results_cookie_ends_with_the_reason_others_go
     assert_eq!(whoami(&mut admin, 4).await, format!("dn:{ADMIN_DN}"));
     assert_eq!(engine.carry_counts(), (0, 2, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_comes_back_with_another_database_is_not_gone_on_with() {
+    let mut lab = stop_lab(true).await;
+    let engine = lab.proxy.engine();
+    let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    let mut anon = RawConn::connect(&lab.proxy_addr()).await;
+    assert_eq!(whoami(&mut anon, 1).await, "");
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    u1.send_msg(modify(2, &user_dn(1), "description", "for the old data"))
+        .await;
+    wait_status(&lab, "the held write", |s| s.queued_requests == 1).await;
+    // The server comes back on the same URL with the same users and
+    // passwords (the replayed binds succeed, Who am I? answers the same),
+    // but another database under dc=example,dc=org.
+    tokio::task::block_in_place(|| lab.slapd.replace_example_data()).unwrap();
+    let counts = engine.clone();
+    wait_until("three sessions waiting", 10, || {
+        counts.carry_counts().0 == 3
+    })
+    .await;
+    let (code, text) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
+    // The operator's OFF is answered by the proxy itself; the session then
+    // ends at its next request like the others.
+    assert_eq!(code, 0, "{text}");
+    // The idle ones learn it at their next request that needs the server.
+    anon.send_msg(search(5, "", 0, "(objectClass=*)", &[]))
+        .await;
+    admin.send_msg(exop(4, WHOAMI, None)).await;
+    for c in [&mut u1, &mut anon, &mut admin] {
+        let notice = c.recv().await.expect("a notice");
+        let why = assert_notice(&notice, 52);
+        assert!(
+            why.contains("came back as another server")
+                && why.contains("another database holds dc=example,dc=org"),
+            "{why}"
+        );
+        assert!(c.recv().await.is_none(), "closed after the notice");
+    }
+    // The held write never reached the other database.
+    let read = base_direct(&lab, &user_dn(1), "description").await;
+    assert!(!read.stdout.contains("for the old data"), "{}", read.stdout);
+    // A new client talks to the new server, and is carried across its
+    // next restart.
+    let mut fresh = bound(&lab, &user_dn(2), &user_pw(2)).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    restart(&mut lab).await;
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    assert_eq!(whoami(&mut fresh, 3).await, format!("dn:{}", user_dn(2)));
+    assert_eq!(engine.carry_counts().2, 3, "three not carried");
+}

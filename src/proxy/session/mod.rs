@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::SinkExt;
-use ldap3_proto::proto::LdapResultCode;
+use ldap3_proto::proto::{LdapMsg, LdapOp, LdapResultCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::mailbox::Inbox;
 use super::{Incoming, Shared};
@@ -35,6 +35,7 @@ use crate::wire::{op, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameW
 mod carry;
 mod decide;
 mod end;
+pub(crate) mod print;
 mod requests;
 mod responses;
 mod state;
@@ -101,6 +102,32 @@ impl Close {
     #[inline]
     async fn cancelled(&self) {
         self.token.cancelled().await
+    }
+}
+
+/// Reads the upstream's print (anonymously, bounded, best effort) so that a
+/// server that comes back different after a restart can be told from the
+/// one the sessions knew (`print.rs`).
+pub(crate) async fn learn_server_print(shared: Arc<Shared>) {
+    let read = async {
+        let (r, w) = shared.connect_upstream().await.map_err(|e| e.to_string())?;
+        let codec = FrameCodec::new(shared.settings.limits.max_response_pdu_bytes);
+        let mut up_in = FrameReader::new(r, codec);
+        let mut up_out = FrameWriter::new(w, UP_BUFFER);
+        let p = print::read(&mut up_in, &mut up_out)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        up_out.append_always(&pdu::encode(LdapMsg::new(1, LdapOp::UnbindRequest)));
+        let _ = up_out.flush().await;
+        Ok::<_, String>(p)
+    };
+    match tokio::time::timeout(shared.settings.upstream_connect_timeout, read).await {
+        Ok(Ok(p)) => {
+            debug!("upstream print: {p:?}");
+            shared.prints.observe(p);
+        }
+        Ok(Err(e)) => debug!("upstream print not read: {e}"),
+        Err(_) => debug!("upstream print not read: timed out"),
     }
 }
 
@@ -264,6 +291,9 @@ pub(crate) async fn serve_connected(
 
     let engine = shared.engine.clone();
     let state = Arc::new(SessionState::new(&shared.settings.limits));
+    state
+        .server_generation
+        .store(shared.prints.generation(), Ordering::SeqCst);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     engine.register(
         id,

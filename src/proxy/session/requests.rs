@@ -25,6 +25,7 @@ use crate::wire::{op, paging, pdu, Envelope, FrameCodec, FrameError, FrameReader
 use super::carry::{self, Refused};
 use super::decide::{decide, held_by_session, Abandon, Decision, View};
 use super::end::{reused_id, End, IoAt, Side};
+use super::print;
 use super::state::SessionState;
 use super::{
     count, feed_waiting, flush_now, flush_waiting, frame_buffered, lock, ClientIn, Close, Local,
@@ -801,6 +802,14 @@ impl Requests<'_> {
                 let mut up_in = FrameReader::new(r, codec);
                 let mut up_out = FrameWriter::new(w, UP_BUFFER);
                 carry::reestablish(&mut up_in, &mut up_out, &replay).await?;
+                let (generation, why) = shared
+                    .prints
+                    .observe(print::read(&mut up_in, &mut up_out).await?);
+                if generation != self.state.server_generation.load(Ordering::SeqCst) {
+                    return Err(Refused::Differs(format!(
+                        "the server came back as another server: {why}"
+                    )));
+                }
                 Ok::<_, Refused>((up_in, up_out))
             };
             let outcome = tokio::select! {

@@ -73,6 +73,9 @@ pub(super) struct SessionState {
     /// Where the requests loop hands the responses loop the new
     /// connection's input, once it holds the session's identity.
     pub(super) new_upstream: Mutex<Option<oneshot::Sender<UpIn>>>,
+    /// The generation of the server print (`print::Prints`) the session
+    /// talks to: carried only to a server of the same.
+    pub(super) server_generation: AtomicU64,
     pub(super) requests: AtomicU64,
     pub(super) responses: AtomicU64,
 }
