@@ -1,7 +1,9 @@
 //! Cold backups and restores behind the proxy: during a `stop`-mode freeze
 //! slapd is stopped (SIGTERM), its database copied, or an older copy put
 //! back, and started again on the same URL, while clients keep their
-//! connections and see nothing of it.
+//! connections and see nothing of it. And the cold-backup, restart and
+//! restore recipes of docs/recipes.md, run as written through the real
+//! `abproxy` binary.
 //!
 //! No SASL EXTERNAL client takes part: the proxy refuses a client's SASL
 //! EXTERNAL wherever the server would authenticate the proxy itself (its
@@ -10,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,8 @@ use abproxy_proto::AllowBackupRequest;
 use bytes::BytesMut;
 use ldap3_proto::proto::{LdapMsg, LdapOp};
 use testkit::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::pipe;
 use tokio::task::{block_in_place, JoinHandle};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::freeze::*;
 use crate::support::*;
 
+const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 const SUFFIX: &str = "dc=example,dc=org";
 /// Where the writers add their entries (users may add there).
 const CONTAINER: &str = "ou=cold,dc=example,dc=org";
@@ -671,4 +677,271 @@ async fn a_restore_under_sixteen_clients_takes_back_what_came_after_the_copy() {
         }
     }
     check(&reports, &live, &lost);
+}
+
+/// The `systemctl` the recipes find first on PATH: it asks the test (over
+/// a FIFO) to do what it was asked to the test's slapd, and exits with the
+/// test's answer.
+struct Systemctl {
+    dir: tempfile::TempDir,
+    requests: Lines<BufReader<pipe::Receiver>>,
+}
+
+impl Systemctl {
+    fn new() -> Systemctl {
+        let dir = tempfile::Builder::new()
+            .prefix("abp-ctl")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path().display();
+        for fifo in ["request", "reply"] {
+            let out = std::process::Command::new("mkfifo")
+                .arg(dir.path().join(fifo))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "mkfifo: {out:?}");
+        }
+        // The reply FIFO is opened (read and write: no wait) before the
+        // request is written, so the test's answer cannot be missed.
+        let script = format!(
+            "#!/bin/sh\nexec 3<>'{d}/reply'\necho \"$*\" > '{d}/request'\n\
+             answer=$(timeout 30 head -n 1 <&3) || exit 1\nexit \"$answer\"\n"
+        );
+        let path = dir.path().join("systemctl");
+        std::fs::write(&path, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Read and write: the FIFO never reads as closed between requests.
+        let rx = pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(dir.path().join("request"))
+            .unwrap();
+        Systemctl {
+            dir,
+            requests: BufReader::new(rx).lines(),
+        }
+    }
+
+    async fn reply(&self, ok: bool) {
+        let mut tx = pipe::OpenOptions::new()
+            .open_sender(self.dir.path().join("reply"))
+            .expect("systemctl waits for its answer");
+        tx.write_all(if ok { b"0\n" } else { b"1\n" })
+            .await
+            .unwrap();
+    }
+}
+
+/// The recipes' variables (docs/recipes.md's `settings`) for this lab, and
+/// PATH with the test's `systemctl` first, then `abproxy`.
+fn recipe_env(lab: &Lab, backup: &Path, systemctl: &Systemctl) -> Vec<(String, String)> {
+    let bin_dir = Path::new(BIN).parent().unwrap().display();
+    let path = format!(
+        "{}:{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        systemctl.dir.path().display()
+    );
+    [
+        ("ABPROXY_URL", lab.proxied()),
+        ("ABPROXY_BIND_DN", BACKUP_DN.to_string()),
+        ("ABPROXY_PASSWORD", BACKUP_PW.to_string()),
+        (
+            "SLAPD_D",
+            lab.slapd.dir().join("slapd.d").display().to_string(),
+        ),
+        ("DB", db_dir(lab).display().to_string()),
+        ("BACKUP", backup.display().to_string()),
+        ("PATH", path),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// What a recipe run did.
+struct Ran {
+    out: ToolOutput,
+    /// What it asked systemctl, in order.
+    asked: Vec<String>,
+    /// The data when it first stopped slapd, and the contextCSN slapd
+    /// served then.
+    at_stop: String,
+    served_csn: String,
+}
+
+/// Runs `script` with `sh -c` and `env`, doing to the lab's slapd what its
+/// `systemctl` asks (`stop`: SIGTERM; `start`: on the same URL; `restart`:
+/// both). Before the first stop, `client` sends `write`, which the freeze
+/// must hold.
+async fn run_recipe(
+    lab: &mut Lab,
+    systemctl: &mut Systemctl,
+    script: &str,
+    env: &[(String, String)],
+    client: &mut RawConn,
+    write: LdapMsg,
+) -> Ran {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = child.wait_with_output();
+    tokio::pin!(output);
+    let deadline = tokio::time::sleep(Duration::from_secs(45));
+    tokio::pin!(deadline);
+    let engine = lab.proxy.engine();
+    let mut write = Some(write);
+    let mut asked = Vec::new();
+    let mut at_stop = None;
+    let mut served_csn = String::new();
+    loop {
+        tokio::select! {
+            out = &mut output => {
+                return Ran {
+                    out: ToolOutput::from(out.unwrap()),
+                    asked,
+                    at_stop: at_stop.unwrap_or_default(),
+                    served_csn,
+                };
+            }
+            line = systemctl.requests.next_line() => {
+                let line = line.unwrap().expect("the request FIFO stays open");
+                asked.push(line.clone());
+                let (stop, start) = match line.as_str() {
+                    "stop slapd" => (true, false),
+                    "start slapd" => (false, true),
+                    "restart slapd" => (true, true),
+                    _ => (false, false),
+                };
+                if stop {
+                    if let Some(w) = write.take() {
+                        assert!(engine.established().is_some(), "frozen when slapd stops");
+                        let queued = engine.queued().0;
+                        client.send_msg(w).await;
+                        wait_until("the client's write held", 10, || {
+                            engine.queued().0 == queued + 1
+                        })
+                        .await;
+                        at_stop = Some(dump(lab));
+                        served_csn = context_csn(lab, SUFFIX).await;
+                    }
+                }
+                let ok = (stop || start)
+                    && (!stop || block_in_place(|| lab.slapd.stop()).is_ok())
+                    && (!start || block_in_place(|| lab.slapd.restart()).is_ok());
+                systemctl.reply(ok).await;
+            }
+            _ = &mut deadline => panic!("the recipe did not finish in 45 s (asked: {asked:?})"),
+        }
+    }
+}
+
+/// The answer to the client's held write: a success, nothing before it.
+async fn held_write_answered(client: &mut RawConn, id: i32) {
+    let frame = client.recv().await.expect("the held write's answer");
+    let env = Envelope::response(&frame).unwrap();
+    assert_eq!(env.msgid, id, "unexpected {}", describe(&frame));
+    assert_eq!(env.result_code, Some(0), "{}", describe(&frame));
+}
+
+/// The description of user `k` at slapd itself.
+async fn description(lab: &Lab, k: usize) -> String {
+    let out = base_direct(lab, &user_dn(k), "description").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("description: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_backup_restart_and_restore_recipes_run_as_written() {
+    let mut lab = cold_lab().await;
+    let backup = tempfile::tempdir().unwrap();
+    let mut systemctl = Systemctl::new();
+    let env = recipe_env(&lab, backup.path(), &systemctl);
+    let me = format!("dn:{}", user_dn(7));
+    let mut client = bound(&lab, &user_dn(7), &user_pw(7)).await;
+    assert_eq!(whoami(&mut client, 2, "client").await, me);
+    let released = "the server was restarted and answers again: 2 session(s) go on";
+
+    // The cold backup: slapd stopped, its directory copied, started again.
+    let write = modify(3, &user_dn(7), "description", "held by the cold backup");
+    let ran = run_recipe(
+        &mut lab,
+        &mut systemctl,
+        recipe("cold-backup"),
+        &env,
+        &mut client,
+        write,
+    )
+    .await;
+    assert_eq!(ran.out.code, Some(0), "{:?}", ran.out);
+    assert_eq!(ran.asked, ["stop slapd", "start slapd"]);
+    assert!(ran.out.stderr.contains(released), "{:?}", ran.out);
+    held_write_answered(&mut client, 3).await;
+    assert_eq!(whoami(&mut client, 4, "client").await, me);
+    assert_eq!(description(&lab, 7).await, "held by the cold backup");
+    let copies: Vec<String> = std::fs::read_dir(backup.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        copies.len() == 1 && copies[0].starts_with("ldap."),
+        "{copies:?}"
+    );
+    let copy = backup.path().join(&copies[0]);
+    let in_copy = dump_of_copy(&copy).await;
+    assert_cold_copy(&ran.at_stop, &ran.served_csn, &in_copy);
+
+    // A restart (an upgrade, a setting read at start-up).
+    let pid = lab.slapd.pid();
+    let write = modify(5, &user_dn(7), "description", "held by the restart");
+    let ran = run_recipe(
+        &mut lab,
+        &mut systemctl,
+        recipe("cold-restart"),
+        &env,
+        &mut client,
+        write,
+    )
+    .await;
+    assert_eq!(ran.out.code, Some(0), "{:?}", ran.out);
+    assert_eq!(ran.asked, ["restart slapd"]);
+    assert_ne!(lab.slapd.pid(), pid, "slapd was restarted");
+    assert!(ran.out.stderr.contains(released), "{:?}", ran.out);
+    held_write_answered(&mut client, 5).await;
+    assert_eq!(whoami(&mut client, 6, "client").await, me);
+    assert_eq!(description(&lab, 7).await, "held by the restart");
+
+    // The restore of the cold backup's copy, named in the recipe: an entry
+    // added after the copy is gone, the write held meanwhile lands on the
+    // restored data.
+    let after = format!("cn=after-the-copy,{CONTAINER}");
+    answered(&mut client, add(7, &after, "after-the-copy"), "client").await;
+    let script = recipe("cold-restore").replace("ldap.2026-12-03.031500", &copies[0]);
+    assert_ne!(script, recipe("cold-restore"), "the recipe names a copy");
+    let write = modify(8, &user_dn(7), "description", "held by the restore");
+    let ran = run_recipe(&mut lab, &mut systemctl, &script, &env, &mut client, write).await;
+    assert_eq!(ran.out.code, Some(0), "{:?}", ran.out);
+    assert_eq!(ran.asked, ["stop slapd", "start slapd"]);
+    assert!(ran.out.stderr.contains(released), "{:?}", ran.out);
+    held_write_answered(&mut client, 8).await;
+    assert_eq!(whoami(&mut client, 9, "client").await, me);
+    assert_eq!(description(&lab, 7).await, "held by the restore");
+    let gone = base_direct(&lab, &after, "cn").await;
+    assert_eq!(gone.code, Some(32), "{gone:?}");
+    // Apart from the held write, the server holds the copy's entries.
+    let live = dump(&lab);
+    assert_eq!(
+        entries(&live).keys().collect::<Vec<_>>(),
+        entries(&in_copy).keys().collect::<Vec<_>>()
+    );
 }
