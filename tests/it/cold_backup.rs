@@ -884,7 +884,7 @@ async fn cold_backup_restart_and_restore_recipes_run_as_written() {
     )
     .await;
     assert_eq!(ran.out.code, Some(0), "{:?}", ran.out);
-    assert_eq!(ran.asked, ["stop slapd", "start slapd"]);
+    assert_eq!(ran.asked, ["stop slapd", "start slapd"], "{:?}", ran.out);
     assert!(ran.out.stderr.contains(released), "{:?}", ran.out);
     held_write_answered(&mut client, 3).await;
     assert_eq!(whoami(&mut client, 4, "client").await, me);
@@ -914,7 +914,7 @@ async fn cold_backup_restart_and_restore_recipes_run_as_written() {
     )
     .await;
     assert_eq!(ran.out.code, Some(0), "{:?}", ran.out);
-    assert_eq!(ran.asked, ["restart slapd"]);
+    assert_eq!(ran.asked, ["restart slapd"], "{:?}", ran.out);
     assert_ne!(lab.slapd.pid(), pid, "slapd was restarted");
     assert!(ran.out.stderr.contains(released), "{:?}", ran.out);
     held_write_answered(&mut client, 5).await;
@@ -931,7 +931,7 @@ async fn cold_backup_restart_and_restore_recipes_run_as_written() {
     let write = modify(8, &user_dn(7), "description", "held by the restore");
     let ran = run_recipe(&mut lab, &mut systemctl, &script, &env, &mut client, write).await;
     assert_eq!(ran.out.code, Some(0), "{:?}", ran.out);
-    assert_eq!(ran.asked, ["stop slapd", "start slapd"]);
+    assert_eq!(ran.asked, ["stop slapd", "start slapd"], "{:?}", ran.out);
     assert!(ran.out.stderr.contains(released), "{:?}", ran.out);
     held_write_answered(&mut client, 8).await;
     assert_eq!(whoami(&mut client, 9, "client").await, me);
