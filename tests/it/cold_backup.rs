@@ -43,6 +43,8 @@ const WRITERS: usize = 12;
 /// Anonymous clients, reading.
 const READERS: usize = 4;
 const CLIENTS: usize = WRITERS + READERS;
+/// Loops every client completes before and after each freeze.
+const LOOPS: usize = 5;
 /// The operator the recipes bind as.
 const BACKUP_DN: &str = "cn=backup,dc=example,dc=org";
 const BACKUP_PW: &str = "backup-secret";
@@ -560,7 +562,7 @@ async fn a_cold_backup_under_sixteen_clients_shows_them_nothing() {
     let backup = tempfile::tempdir().unwrap();
     let mut clients = Clients::start(&lab.proxy_addr());
     clients
-        .progress(&[0; CLIENTS], 3, "before the freeze")
+        .progress(&[0; CLIENTS], LOOPS, "before the freeze")
         .await;
 
     // The operator freezes; the data at the freeze.
@@ -568,7 +570,7 @@ async fn a_cold_backup_under_sixteen_clients_shows_them_nothing() {
     freeze(&lab, &mut op, 2).await;
     let at_freeze = dump(&lab);
     let served_csn = context_csn(&lab, SUFFIX).await;
-    assert!(written(&at_freeze, 1).adds.len() >= 3);
+    assert!(written(&at_freeze, 1).adds.len() >= LOOPS);
 
     // slapd stops (SIGTERM): every connection to it closes, every session
     // waits; the database is copied; slapd starts again on the same URL.
@@ -583,7 +585,7 @@ async fn a_cold_backup_under_sixteen_clients_shows_them_nothing() {
 
     // OFF: every client goes on, on a new connection with its identity.
     release(&mut op, 3).await;
-    clients.progress(&held, 3, "after the freeze").await;
+    clients.progress(&held, LOOPS, "after the freeze").await;
     let reports = clients.finish().await;
     assert_eq!(
         whoami(&mut op, 4, "operator").await,
@@ -604,7 +606,7 @@ async fn a_restore_under_sixteen_clients_takes_back_what_came_after_the_copy() {
     let backup = tempfile::tempdir().unwrap();
     let mut clients = Clients::start(&lab.proxy_addr());
     clients
-        .progress(&[0; CLIENTS], 3, "before the first freeze")
+        .progress(&[0; CLIENTS], LOOPS, "before the first freeze")
         .await;
     let mut op = bound(&lab, ADMIN_DN, ADMIN_PW).await;
 
@@ -617,7 +619,7 @@ async fn a_restore_under_sixteen_clients_takes_back_what_came_after_the_copy() {
     let (code, text) = call(&mut op, ab(3, &AllowBackupRequest::off())).await;
     assert_eq!(code, 0, "{text}");
     let from = clients.counts();
-    clients.progress(&from, 3, "after the copy").await;
+    clients.progress(&from, LOOPS, "after the copy").await;
 
     // Later, the restore: in a second freeze slapd stops, the older copy
     // is put back in its place, slapd starts again.
@@ -641,7 +643,7 @@ async fn a_restore_under_sixteen_clients_takes_back_what_came_after_the_copy() {
     assert_eq!(clients.counts(), held, "nothing answered during the freeze");
 
     release(&mut op, 5).await;
-    clients.progress(&held, 3, "after the restore").await;
+    clients.progress(&held, LOOPS, "after the restore").await;
     let reports = clients.finish().await;
     let live = dump(&lab);
 
