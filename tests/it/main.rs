@@ -20,6 +20,7 @@ mod carry;
 mod cli;
 mod cli_ops;
 mod cli_tls;
+mod cold_backup;
 mod crash;
 mod docs_links;
 mod ds389;
