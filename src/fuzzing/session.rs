@@ -394,7 +394,7 @@ fn spawn_session(
         "fuzz".into(),
         None,
         Client::plain(Box::new(client.0), Box::new(client.1)),
-        (Box::new(upstream.0), Box::new(upstream.1)),
+        Some((Box::new(upstream.0), Box::new(upstream.1))),
         shared,
         CancellationToken::new(),
         CancellationToken::new(),

@@ -261,15 +261,40 @@ pub(crate) async fn serve(
         shared.connect_upstream(),
     )
     .await;
-    let upstream = match connect {
-        Ok(Ok(halves)) => halves,
-        Ok(Err(e)) => return refuse(id, &peer, &shared, client.write, e.to_string()).await,
-        Err(_) => return refuse(id, &peer, &shared, client.write, "timed out".into()).await,
+    let why = match connect {
+        Ok(Ok(halves)) => {
+            return serve_connected(
+                id,
+                peer,
+                cred,
+                client,
+                Some(halves),
+                shared,
+                shutdown,
+                abort,
+            )
+            .await
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".into(),
     };
-    serve_connected(id, peer, cred, client, upstream, shared, shutdown, abort).await
+    // The server is down while a stop freeze lasts (a cold backup) or may
+    // come back (`upstream_reconnect`): the session starts as one whose
+    // connection the server closed, waiting to be carried to a new one.
+    let settings = &shared.settings;
+    if settings.carry_sessions && (shared.engine.stop_frozen() || settings.upstream_reconnect) {
+        info!(
+            conn = id,
+            %peer,
+            "the LDAP server is not reachable ({why}): the session waits for it"
+        );
+        return serve_connected(id, peer, cred, client, None, shared, shutdown, abort).await;
+    }
+    refuse(id, &peer, &shared, client.write, why).await
 }
 
-/// Runs a session whose upstream connection is already open, until it
+/// Runs a session whose upstream connection is already open (`None`: that
+/// waits for the server to be reachable, as after a restart), until it
 /// ends. The fuzz harness (`crate::fuzzing`) calls it with in-memory pipes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_connected(
@@ -277,14 +302,16 @@ pub(crate) async fn serve_connected(
     peer: String,
     cred: Option<(u32, u32)>,
     client: Client,
-    upstream: (BoxRead, BoxWrite),
+    upstream: Option<(BoxRead, BoxWrite)>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) {
     let started = Instant::now();
     let client_r = client.read;
-    let (up_r, up_w) = upstream;
+    let lost = upstream.is_none();
+    let (up_r, up_w): (BoxRead, BoxWrite) =
+        upstream.unwrap_or_else(|| (Box::new(tokio::io::empty()), Box::new(tokio::io::sink())));
     // At most this much (plus one response) waits for a client that does not
     // read; then the responses loop stops reading the upstream.
     let client_out = FrameWriter::new(client.write, shared.settings.limits.client_buffer_bytes);
@@ -294,6 +321,14 @@ pub(crate) async fn serve_connected(
     state
         .server_generation
         .store(shared.prints.generation(), Ordering::SeqCst);
+    // A session without a connection yet waits from the start: nothing is
+    // sent until the requests loop hands over a new one.
+    let pending = lost.then(|| {
+        let (tx, rx) = oneshot::channel();
+        *lock(&state.new_upstream) = Some(tx);
+        state.upstream_lost.store(true, Ordering::SeqCst);
+        rx
+    });
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     engine.register(
         id,
@@ -351,6 +386,7 @@ pub(crate) async fn serve_connected(
         abort: abort.clone(),
         carry_sessions: shared.settings.carry_sessions,
         reconnect: shared.settings.upstream_reconnect,
+        pending,
     };
     // The two directions run as two tasks, so a wake-up for one polls only
     // that one.

@@ -52,13 +52,20 @@ pub(super) struct Responses {
     pub(super) carry_sessions: bool,
     /// `upstream_reconnect`: carry outside freezes too.
     pub(super) reconnect: bool,
+    /// The session started without an upstream connection: where the
+    /// requests loop hands over its first one.
+    pub(super) pending: Option<oneshot::Receiver<UpIn>>,
 }
 
 impl Responses {
     pub(super) async fn run(mut self) -> End {
         let mut not_carried = None;
         let end = loop {
-            let end = self.pump().await;
+            let end = match self.pending.is_some() {
+                // No connection yet: as if the server had just closed one.
+                true => End::UpstreamClosed,
+                false => self.pump().await,
+            };
             match self.carriable(&end) {
                 Ok(()) => {
                     self.engine.carried(Carried::Waiting);
@@ -260,9 +267,15 @@ impl Responses {
     /// loop hands over a new upstream connection that holds the session's
     /// identity (see `Requests::reestablish`).
     async fn await_new_upstream(&mut self) -> Result<UpIn, End> {
-        let (tx, mut rx) = oneshot::channel();
-        *lock(&self.state.new_upstream) = Some(tx);
-        self.state.upstream_lost.store(true, Ordering::SeqCst);
+        let mut rx = match self.pending.take() {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = oneshot::channel();
+                *lock(&self.state.new_upstream) = Some(tx);
+                self.state.upstream_lost.store(true, Ordering::SeqCst);
+                rx
+            }
+        };
         info!(
             conn = self.id,
             "the server closed the connection: the session waits to be \
