@@ -35,7 +35,17 @@ impl Conn {
     fn limit(&self) -> Duration {
         self.timeout.unwrap_or(Duration::from_secs(30))
     }
+
+    /// `--timeout`, else [`OFF_TIMEOUT`].
+    fn off_limit(&self) -> Duration {
+        self.timeout.unwrap_or(OFF_TIMEOUT)
+    }
 }
+
+/// The default limit of an OFF: the proxy may answer it only once a server
+/// stopped during the freeze answers again, waiting up to its
+/// `upstream_retry_secs` (60 s by default) before it says it did not.
+const OFF_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Prints an error (a warning when the freeze had expired) and returns its
 /// exit status.
@@ -75,7 +85,7 @@ pub async fn on(conn: &Conn, req: &FreezeRequest, who: &str) -> u8 {
 pub async fn off(conn: &Conn, freeze_id: Option<u64>, who: &str) -> u8 {
     let result = async {
         let target = conn.target()?;
-        with_session_tls(target, &conn.tls, conn.limit(), TIMEOUT_HINT, async |s| {
+        with_session_tls(target, &conn.tls, conn.off_limit(), TIMEOUT_HINT, async |s| {
             s.off_freeze(freeze_id).await
         })
         .await
@@ -123,6 +133,7 @@ pub async fn status(conn: &Conn, json: bool) -> u8 {
 
 /// `abproxy run -- CMD`.
 pub async fn run(conn: Conn, req: &FreezeRequest, command: Vec<OsString>) -> u8 {
+    let off_timeout = conn.off_limit();
     let target = match conn.target {
         Ok(t) => t,
         Err(e) => return fail("abproxy run", &e),
@@ -132,7 +143,7 @@ pub async fn run(conn: Conn, req: &FreezeRequest, command: Vec<OsString>) -> u8 
         target,
         tls: conn.tls,
         on_timeout: conn.timeout.unwrap_or_else(|| request.default_timeout()),
-        off_timeout: conn.timeout.unwrap_or(Duration::from_secs(30)),
+        off_timeout,
         request,
         command,
     };
@@ -329,7 +340,7 @@ pub async fn hook_hold(h: &Hook) -> u8 {
         Duration::from_secs(end.saturating_sub(now))
     });
     let until = tokio::time::Instant::now() + left + hook::HOLDER_GRACE;
-    let answered = hook::hold(listener, &mut session, frozen.id(), h.conn.limit(), until).await;
+    let answered = hook::hold(listener, &mut session, frozen.id(), h.conn.off_limit(), until).await;
     session.close().await;
     let _ = std::fs::remove_file(state.socket_path());
     match answered {
@@ -360,7 +371,7 @@ fn detach_stdio() {
 /// that one: by its holder when it has one, else on a new connection;
 /// nothing sent when none is recorded.
 pub async fn hook_after(h: &Hook) -> u8 {
-    let limit = h.conn.limit();
+    let limit = h.conn.off_limit();
     let target = match h.conn.target() {
         Ok(t) => t,
         Err(e) => return fail(AFTER, &e),
