@@ -110,8 +110,8 @@ struct ConnArgs {
     )]
     key_file: Option<PathBuf>,
     /// Seconds allowed to the whole operation [default: the drain time limit
-    /// + 30 for ON, 90 for OFF (it may wait for a server stopped during the
-    /// freeze), 30 otherwise].
+    /// plus 30 for ON, 90 for OFF (it may wait for a server stopped during
+    /// the freeze), 30 otherwise].
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     timeout: Option<Duration>,
 }

@@ -197,9 +197,10 @@ impl std::fmt::Display for Granted {
                     ),
                     Some(r) => write!(
                         f,
-                        "; the server was restarted and did not answer within {} s: {} \
-                         session(s) end unless it does within upstream_retry_secs",
-                        r.waited.as_secs(),
+                        "; the server was stopped during the freeze and {SERVER_NOT_BACK} \
+                         (waited {:.0} s): {} session(s) wait for it, their requests \
+                         answered unavailable until it does",
+                        r.waited.as_secs_f64(),
                         r.sessions
                     ),
                 }
@@ -305,6 +306,10 @@ pub struct Engine {
     /// freeze, waiting to be carried to a new one; carried; not carried.
     carry: [AtomicUsize; 3],
 }
+
+/// What OFF's answer says when a server stopped during the freeze does
+/// not answer again (the operator CLI exits 7 on it).
+pub const SERVER_NOT_BACK: &str = "does not answer again yet";
 
 /// What happened to a session whose upstream connection the server closed
 /// during a `stop` freeze.
@@ -1735,7 +1740,7 @@ mod tests {
                 // Never: OFF still releases, within the bound.
                 None => {
                     assert!(started.elapsed() <= Duration::from_secs(10));
-                    assert!(off.to_string().contains("did not answer"), "{off}");
+                    assert!(off.to_string().contains(SERVER_NOT_BACK), "{off}");
                 }
             }
             assert!(engine.read_state().is_none(), "released in every case");

@@ -36,7 +36,7 @@ pub mod status;
 pub use backend::{BackendMap, Class, Kind, Mode};
 pub use discover::{Discover, ServerFacts};
 pub use drivers::Driver;
-pub use engine::{Carried, Control, Engine, Granted, Requester, SessionHandle};
+pub use engine::{Carried, Control, Engine, Granted, Requester, SessionHandle, SERVER_NOT_BACK};
 pub use error::FreezeError;
 pub use settings::{BindIsWrite, FreezeConfig};
 pub use status::Status;

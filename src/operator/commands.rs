@@ -85,22 +85,36 @@ pub async fn on(conn: &Conn, req: &FreezeRequest, who: &str) -> u8 {
 pub async fn off(conn: &Conn, freeze_id: Option<u64>, who: &str) -> u8 {
     let result = async {
         let target = conn.target()?;
-        with_session_tls(target, &conn.tls, conn.off_limit(), TIMEOUT_HINT, async |s| {
-            s.off_freeze(freeze_id).await
-        })
+        with_session_tls(
+            target,
+            &conn.tls,
+            conn.off_limit(),
+            TIMEOUT_HINT,
+            async |s| s.off_freeze(freeze_id).await,
+        )
         .await
     }
     .await;
     match result {
-        Ok(Released::Released(msg)) => {
-            println!("{msg}");
-            exit::OK
-        }
+        Ok(r @ Released::Released(_)) => released(&r),
         Ok(Released::NotFrozen) => {
             println!("not frozen (nothing to release)");
             exit::OK
         }
         Err(e) => fail(who, &e),
+    }
+}
+
+/// Prints OFF's answer; exit 7 when the server stopped during the freeze
+/// does not answer again yet.
+fn released(r: &Released) -> u8 {
+    if let Released::Released(msg) = r {
+        println!("{msg}");
+    }
+    if r.server_down() {
+        exit::SERVER_DOWN
+    } else {
+        exit::OK
     }
 }
 
@@ -340,7 +354,14 @@ pub async fn hook_hold(h: &Hook) -> u8 {
         Duration::from_secs(end.saturating_sub(now))
     });
     let until = tokio::time::Instant::now() + left + hook::HOLDER_GRACE;
-    let answered = hook::hold(listener, &mut session, frozen.id(), h.conn.off_limit(), until).await;
+    let answered = hook::hold(
+        listener,
+        &mut session,
+        frozen.id(),
+        h.conn.off_limit(),
+        until,
+    )
+    .await;
     session.close().await;
     let _ = std::fs::remove_file(state.socket_path());
     match answered {
@@ -425,10 +446,7 @@ pub async fn hook_after(h: &Hook) -> u8 {
         }
     }
     match result {
-        Ok(Released::Released(msg)) => {
-            println!("{msg}");
-            exit::OK
-        }
+        Ok(r @ Released::Released(_)) => released(&r),
         Ok(Released::NotFrozen) => {
             // Only a proxy that ignores freezeId says so after a freeze.
             eprintln!(

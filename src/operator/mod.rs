@@ -71,6 +71,9 @@ pub mod exit {
     /// The freeze failed (result `other`: write in progress, prepare failed),
     /// or had expired before OFF (the backup may be inconsistent).
     pub const FAILED: u8 = 6;
+    /// Released, but the server stopped during the freeze does not answer
+    /// again yet (its clients' sessions wait for it).
+    pub const SERVER_DOWN: u8 = 7;
 }
 
 /// The default `--url`.
@@ -90,9 +93,12 @@ Exit status:
      `hook --after`: the freeze had expired, or (naming their freeze: `hook
      --after`, `off --freeze-id`) had been ended by someone else; the backup
      may be inconsistent
+  7  released, but the LDAP server stopped during the freeze does not
+     answer again yet (its clients wait for it; see the proxy's log)
 `run` exits with the status of CMD (128+N if CMD died of signal N), or
 2-6 as above if the freeze could not be set up (CMD is then not run), 6 if
-CMD succeeded but the freeze did not last until it ended, 126/127 if CMD
+CMD succeeded but the freeze did not last until it ended, 7 if CMD
+succeeded but the server it stopped does not answer again, 126/127 if CMD
 could not be started.";
 
 pub use crate::secret::Password;
@@ -295,6 +301,14 @@ pub enum Released {
     Released(String),
     /// Nothing was frozen (and no freeze had expired since the last OFF).
     NotFrozen,
+}
+
+impl Released {
+    /// The proxy released the freeze, but the server stopped during it
+    /// does not answer again yet (the proxy's message says so).
+    pub fn server_down(&self) -> bool {
+        matches!(self, Released::Released(m) if m.contains(crate::freeze::SERVER_NOT_BACK))
+    }
 }
 
 /// Overall freeze state.
@@ -1505,9 +1519,12 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
         )
         .await;
         match off {
-            Ok(Released::Released(msg)) => {
-                progress.line(msg);
-                None
+            Ok(r @ Released::Released(_)) => {
+                let down = r.server_down();
+                if let Released::Released(msg) = r {
+                    progress.line(msg);
+                }
+                down.then_some(exit::SERVER_DOWN)
             }
             Ok(Released::NotFrozen) => {
                 progress.line(format!(

@@ -546,3 +546,61 @@ async fn a_server_that_comes_back_with_another_database_is_not_gone_on_with() {
     assert_eq!(whoami(&mut fresh, 3).await, format!("dn:{}", user_dn(2)));
     assert_eq!(engine.carry_counts().2, 3, "three not carried");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_exits_7_when_the_server_it_stopped_does_not_answer_again() {
+    let mut lab = Lab::with(
+        SlapdOptions {
+            nosync: true,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.freeze.allowed = vec![ADMIN_DN.into()];
+            c.backends = vec![BackendConfig::new("dc=example,dc=org", Mode::Stop)];
+            c.upstream_retry_secs = 2;
+        },
+    )
+    .await;
+    let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    // The backup command stops slapd and does not start it again.
+    let pid = lab.slapd.pid().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
+        .args([
+            "run",
+            "--backend",
+            "dc=example,dc=org",
+            "--",
+            "kill",
+            "-TERM",
+            &pid,
+        ])
+        .env_remove("ABPROXY_LOG")
+        .env("ABPROXY_URL", lab.proxied())
+        .env("ABPROXY_BIND_DN", ADMIN_DN)
+        .env("ABPROXY_PASSWORD", ADMIN_PW)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("run finishes")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains("the server was stopped during the freeze and does not answer again yet")
+            && stderr.contains("2 session(s) wait for it"), // the client's and run's own
+        "{stderr}"
+    );
+    // The session waits: answered unavailable while slapd is down, carried
+    // once it is back.
+    u1.send_msg(modify(2, &user_dn(1), "description", "while down"))
+        .await;
+    let answer = u1.recv().await.expect("an answer");
+    assert_eq!(result_code(&answer), Some(52), "{}", diagnostic(&answer));
+    tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
+    assert_eq!(whoami(&mut u1, 3).await, format!("dn:{}", user_dn(1)));
+    u1.send_msg(modify(4, &user_dn(1), "description", "back"))
+        .await;
+    assert_eq!(result_code(&u1.recv().await.unwrap()), Some(0));
+}
