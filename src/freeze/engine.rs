@@ -116,6 +116,9 @@ struct Freeze {
     lease_until: Option<Instant>,
     /// Cancelled when the freeze ends (its lease timer stops with it).
     ended: CancellationToken,
+    /// Sessions not carried (`carry_counts().2`) when it began: those it
+    /// saw end are the difference at OFF.
+    not_carried_before: usize,
 }
 
 impl Freeze {
@@ -188,13 +191,14 @@ impl std::fmt::Display for Granted {
                     after.as_secs_f64()
                 )?;
                 match restart {
-                    None => Ok(()),
+                    None => return Ok(()),
+                    Some(r) if r.sessions == 0 => {}
                     Some(r) if r.answers => write!(
                         f,
                         "; the server was restarted and answers again: {} session(s) go on, \
                          each on a new connection",
                         r.sessions
-                    ),
+                    )?,
                     Some(r) => write!(
                         f,
                         "; the server was stopped during the freeze and {SERVER_NOT_BACK} \
@@ -202,6 +206,14 @@ impl std::fmt::Display for Granted {
                          answered unavailable until it does",
                         r.waited.as_secs_f64(),
                         r.sessions
+                    )?,
+                }
+                match restart.as_ref().map_or(0, |r| r.ended) {
+                    0 => Ok(()),
+                    n => write!(
+                        f,
+                        "; {n} session(s) ended, as they could not be carried to a new \
+                         connection (the proxy's log says why)"
                     ),
                 }
             }
@@ -229,6 +241,10 @@ pub struct Restart {
     pub answers: bool,
     /// How long OFF waited for it.
     pub waited: Duration,
+    /// Sessions that ended during the freeze because they could not be
+    /// carried (a SASL bind, a paged-results cookie, requests in flight,
+    /// another server...; the log says why for each).
+    pub ended: usize,
 }
 
 /// How many ended freezes the engine remembers (for an OFF naming one).
@@ -427,6 +443,7 @@ impl Engine {
                 sessions,
                 answers: false,
                 waited: Duration::ZERO,
+                ended: 0,
             };
         };
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1), d.retry);
@@ -451,6 +468,7 @@ impl Engine {
                 sessions,
                 answers,
                 waited: backoff.elapsed(),
+                ended: 0,
             };
         }
     }
@@ -985,6 +1003,7 @@ impl Engine {
             started: Instant::now(),
             lease_until: None,
             ended: CancellationToken::new(),
+            not_carried_before: self.carry_counts().2,
         };
         let id = {
             let mut st = self.write_state();
@@ -1352,10 +1371,14 @@ impl Engine {
             }
             named = Some(set);
         }
-        let current = self
-            .read_state()
-            .as_ref()
-            .map(|f| (f.id, f.phase, f.backends));
+        let (current, not_carried_before) = {
+            let st = self.read_state();
+            let f = st.as_ref();
+            (
+                f.map(|f| (f.id, f.phase, f.backends)),
+                f.map_or(0, |f| f.not_carried_before),
+            )
+        };
         if let Some(n) = req.freeze_id {
             if current.map(|(id, ..)| id) != Some(n) {
                 return self.not_current(&who, n, current.map(|(id, ..)| id));
@@ -1389,9 +1412,20 @@ impl Engine {
         }
         // The server closed sessions during the freeze (stopped for a cold
         // backup): its DONE steps and the sessions resuming need it back.
-        let restart = match self.carry_counts().0 {
-            0 => None,
-            _ => Some(self.server_answers().await),
+        let (waiting, _, not_carried) = self.carry_counts();
+        let ended = not_carried.saturating_sub(not_carried_before);
+        let restart = match (waiting, ended) {
+            (0, 0) => None,
+            (0, _) => Some(Restart {
+                sessions: 0,
+                answers: true,
+                waited: Duration::ZERO,
+                ended,
+            }),
+            _ => Some(Restart {
+                ended,
+                ..self.server_answers().await
+            }),
         };
         let queued = self.queued_requests.load(Ordering::Relaxed);
         let by = who.name();

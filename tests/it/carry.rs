@@ -475,6 +475,12 @@ async fn a_session_holding_a_paged_results_cookie_ends_with_the_reason_others_go
     .await;
     let (code, text) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
     assert_eq!(code, 0, "{text}");
+    // OFF's answer counts both.
+    assert!(
+        text.contains("answers again: 2 session(s) go on")
+            && text.contains("; 1 session(s) ended, as they could not be carried"),
+        "{text}"
+    );
     assert_eq!(whoami(&mut through, 50).await, format!("dn:{}", user_dn(2)));
     // A new paged search on the carried session works from the start.
     let (n, _) = page(&mut through, 51, 2, vec![]).await;
