@@ -610,3 +610,49 @@ async fn run_exits_7_when_the_server_it_stopped_does_not_answer_again() {
         .await;
     assert_eq!(result_code(&u1.recv().await.unwrap()), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_upstream_reconnect_a_request_sent_while_the_server_is_down_goes_once_it_is_back() {
+    let mut lab = Lab::with(
+        SlapdOptions {
+            nosync: true,
+            stats_log: true,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.upstream_reconnect = true;
+            c.upstream_retry_secs = 20;
+        },
+    )
+    .await;
+    let engine = lab.proxy.engine();
+    let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    // Killed (no clean shutdown), no freeze.
+    tokio::task::block_in_place(|| lab.slapd.kill());
+    let waiting = engine.clone();
+    wait_until("the session waiting", 10, || waiting.carry_counts().0 == 1).await;
+    u1.send_msg(modify(2, &user_dn(1), "description", "sent while down"))
+        .await;
+    let held = engine.clone();
+    wait_until("the write held", 10, || held.queued().0 == 1).await;
+    tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
+    let answer = u1.recv().await.expect("the write's answer");
+    assert_eq!(
+        (
+            result_code(&answer),
+            Envelope::response(&answer).unwrap().msgid
+        ),
+        (Some(0), 2),
+        "{}",
+        diagnostic(&answer)
+    );
+    assert_eq!(whoami(&mut u1, 3).await, format!("dn:{}", user_dn(1)));
+    // Sent once: one MOD of that entry in slapd's log, after the restart.
+    let log = std::fs::read_to_string(lab.slapd.log_path()).unwrap();
+    let mods = log
+        .lines()
+        .filter(|l| l.contains(&format!("MOD dn=\"{}\"", user_dn(1))))
+        .count();
+    assert_eq!(mods, 1, "{log}");
+    assert_eq!(engine.carry_counts(), (0, 1, 0));
+}
