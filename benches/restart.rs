@@ -32,6 +32,13 @@
 //!   sends its held request. Any client error or reconnection here fails
 //!   the bench, and so does a session the proxy's status reports it could
 //!   not carry.
+//! * `abproxy-unannounced` (not run by default): the same proxy with
+//!   `upstream_reconnect = true` and no freeze: slapd restarts under its
+//!   clients. A session with a request in flight at the server when its
+//!   connection closes cannot be carried (the request may or may not have
+//!   been carried out) and ends with a Notice of Disconnection; its client
+//!   reconnects as a direct one does. Errors are expected and reported
+//!   here, not a failure.
 //!
 //! The restart window runs from the first step (ON, or the stop) to the
 //! server serving again (OFF answered, or slapd ready). Per run: successful
@@ -47,8 +54,9 @@
 //!
 //! Settings (environment): `RESTART_DOWN_MS` (`0,1000`), `RESTART_CONNS`
 //! (`8,32`), `RESTART_BEFORE_SECS` (3), `RESTART_AFTER_SECS` (3),
-//! `RESTART_WARMUP_MS` (500), `RESTART_ROUNDS` (1; each round runs both
-//! targets at each point, the order of the two alternating from round to
+//! `RESTART_WARMUP_MS` (500), `RESTART_TARGETS` (`direct,abproxy`; also
+//! `abproxy-unannounced`), `RESTART_ROUNDS` (1; each round runs every
+//! target at each point, starting with the next target from round to
 //! round), `RESTART_USERS` (1000), `RESTART_BIN_MS` (250),
 //! `RESTART_PROXY_THREADS` (1). Every wait has a time limit: a request
 //! 30 s (so slapd stays down 20 s at most), a reconnection 30 s, slapd's
@@ -97,6 +105,7 @@ struct Settings {
     conns: Vec<usize>,
     /// How long slapd stays stopped in each restart (a cold backup's copy).
     downs: Vec<Duration>,
+    targets: Vec<Target>,
     before: Duration,
     after: Duration,
     warmup: Duration,
@@ -123,9 +132,15 @@ impl Settings {
             .with_context(|| format!("RESTART_DOWN_MS={v}"))?,
             Err(_) => vec![Duration::ZERO, Duration::from_secs(1)],
         };
+        let targets = match std::env::var("RESTART_TARGETS") {
+            Ok(v) => loadgen::opts::parse_list(&v, Target::parse)
+                .with_context(|| format!("RESTART_TARGETS={v}"))?,
+            Err(_) => vec![Target::Direct, Target::Abproxy],
+        };
         let s = Settings {
             conns,
             downs,
+            targets,
             before: Duration::from_secs(env_u64("RESTART_BEFORE_SECS", 3)?),
             after: Duration::from_secs(env_u64("RESTART_AFTER_SECS", 3)?),
             warmup: Duration::from_millis(env_u64("RESTART_WARMUP_MS", 500)?),
@@ -134,6 +149,9 @@ impl Settings {
             bin: Duration::from_millis(env_u64("RESTART_BIN_MS", 250)?.max(1)),
             proxy_threads: env_u64("RESTART_PROXY_THREADS", 1)?,
         };
+        if s.targets.is_empty() {
+            bail!("RESTART_TARGETS: no target");
+        }
         if s.before.is_zero() || s.after.is_zero() || s.rounds == 0 {
             bail!("RESTART_BEFORE_SECS, RESTART_AFTER_SECS and RESTART_ROUNDS must be at least 1");
         }
@@ -151,6 +169,8 @@ impl Settings {
 enum Target {
     Direct,
     Abproxy,
+    /// abproxy with `upstream_reconnect`, the restart without a freeze.
+    Unannounced,
 }
 
 impl Target {
@@ -158,7 +178,15 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Abproxy => "abproxy",
+            Target::Unannounced => "abproxy-unannounced",
         }
+    }
+
+    fn parse(s: &str) -> Result<Target> {
+        [Target::Direct, Target::Abproxy, Target::Unannounced]
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| anyhow!("unknown target {s:?}"))
     }
 }
 
@@ -305,7 +333,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(bin: &Path, upstream: &str, threads: u64) -> Result<Proxy> {
+    fn start(bin: &Path, upstream: &str, threads: u64, reconnect: bool) -> Result<Proxy> {
         let dir = tempfile::Builder::new()
             .prefix("abproxy-restart-bench")
             .tempdir()?;
@@ -318,6 +346,7 @@ impl Proxy {
                  threads = {threads}\n\
                  shutdown_grace_secs = 1\n\
                  carry_sessions = true\n\
+                 upstream_reconnect = {reconnect}\n\
                  upstream_retry_secs = {UPSTREAM_RETRY_SECS}\n\
                  [freeze]\n\
                  allowed = [\"{ADMIN_DN}\"]\n\
@@ -441,10 +470,13 @@ async fn run_one(
 ) -> (Slapd, Result<Run>) {
     let proxy = match target {
         Target::Direct => None,
-        Target::Abproxy => match Proxy::start(bin, &slapd.url(), s.proxy_threads) {
-            Ok(p) => Some(p),
-            Err(e) => return (slapd, Err(e)),
-        },
+        Target::Abproxy | Target::Unannounced => {
+            let reconnect = target == Target::Unannounced;
+            match Proxy::start(bin, &slapd.url(), s.proxy_threads, reconnect) {
+                Ok(p) => Some(p),
+                Err(e) => return (slapd, Err(e)),
+            }
+        }
     };
     let addr = proxy.as_ref().map_or(slapd.addr(), |p| p.addr);
     let mut admin = match &proxy {
@@ -491,7 +523,8 @@ async fn run_one(
     let mut note = String::new();
     let mut failures = Vec::new();
     let mut steps = Ok(());
-    let slapd = match admin.as_mut() {
+    let freezer = admin.as_mut().filter(|_| target == Target::Abproxy);
+    let slapd = match freezer {
         None => {
             let (slapd, r) = restart(slapd, down).await;
             note = format!(
@@ -559,6 +592,14 @@ async fn run_one(
     if let Some(a) = admin {
         a.c.unbind().await;
     }
+    // Sessions the proxy ended with slapd's own Notice of Disconnection
+    // (forwarded when the session cannot be carried; warned in its log).
+    let forwarded = proxy.as_ref().map(|p| {
+        p.log()
+            .lines()
+            .filter(|l| l.contains("upstream sent a Notice of Disconnection"))
+            .count()
+    });
     if let Some(p) = proxy {
         if let Err(e) = tokio::task::block_in_place(|| p.stop()) {
             failures.push(format!("{e:#}"));
@@ -585,7 +626,7 @@ async fn run_one(
                     "; sessions carried {}, not carried {}, waiting {}",
                     st.sessions_carried, st.sessions_not_carried, st.sessions_waiting
                 ));
-                if st.sessions_not_carried > 0 {
+                if st.sessions_not_carried > 0 && target == Target::Abproxy {
                     run.failures.push(format!(
                         "{} session(s) not carried",
                         st.sessions_not_carried
@@ -595,7 +636,12 @@ async fn run_one(
             Err(e) => run.failures.push(format!("status: {e:#}")),
         }
     }
-    if target == Target::Direct {
+    if let Some(n) = forwarded.filter(|&n| n > 0) {
+        run.note.push_str(&format!(
+            "; slapd's Notice of Disconnection forwarded to {n} session(s)"
+        ));
+    }
+    if target != Target::Abproxy {
         if let Some(n) = outs.iter().flat_map(|o| o.notes.first()).next() {
             run.note.push_str(&format!("; a client's first error: {n}"));
         }
@@ -798,11 +844,9 @@ async fn main_inner() -> Result<()> {
     for round in 0..s.rounds {
         for &down in &s.downs {
             for &conns in &s.conns {
-                let order = if round % 2 == 0 {
-                    [Target::Direct, Target::Abproxy]
-                } else {
-                    [Target::Abproxy, Target::Direct]
-                };
+                // Each round starts with the next target.
+                let mut order = s.targets.clone();
+                order.rotate_left(round % s.targets.len());
                 for target in order {
                     let what = format!(
                         "{} with {conns} clients, slapd down {} ms",
