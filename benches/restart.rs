@@ -366,7 +366,8 @@ impl Proxy {
                 .arg("serve")
                 .arg("--config")
                 .arg(&file)
-                .env("RUST_LOG", "warn")
+                .env("ABPROXY_LOG", "warn")
+                .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -414,6 +415,24 @@ impl Drop for Proxy {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A log line without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Restarts slapd off the runtime: stops it, leaves it stopped for `down`
@@ -594,12 +613,21 @@ async fn run_one(
     }
     // Sessions the proxy ended with slapd's own Notice of Disconnection
     // (forwarded when the session cannot be carried; warned in its log).
-    let forwarded = proxy.as_ref().map(|p| {
-        p.log()
-            .lines()
-            .filter(|l| l.contains("upstream sent a Notice of Disconnection"))
-            .count()
-    });
+    // Its other warnings, for the note.
+    let (forwarded, warnings) = match &proxy {
+        Some(p) => {
+            let log = p.log();
+            let (notices, other): (Vec<&str>, Vec<&str>) = log
+                .lines()
+                .filter(|l| l.contains("WARN"))
+                .partition(|l| l.contains("upstream sent a Notice of Disconnection"));
+            (
+                Some(notices.len()),
+                other.first().map(|w| (other.len(), strip_ansi(w))),
+            )
+        }
+        None => (None, None),
+    };
     if let Some(p) = proxy {
         if let Err(e) = tokio::task::block_in_place(|| p.stop()) {
             failures.push(format!("{e:#}"));
@@ -639,6 +667,11 @@ async fn run_one(
     if let Some(n) = forwarded.filter(|&n| n > 0) {
         run.note.push_str(&format!(
             "; slapd's Notice of Disconnection forwarded to {n} session(s)"
+        ));
+    }
+    if let Some((n, first)) = warnings {
+        run.note.push_str(&format!(
+            "; {n} other warning(s) in the proxy's log, first: {first}"
         ));
     }
     if target != Target::Abproxy {
