@@ -74,7 +74,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use loadgen::client::{Conn, SETUP_TIMEOUT};
 use loadgen::freeze::{diagnostic, Admin, FreezeOps};
 use loadgen::procs::{free_port, wait_listening};
-use loadgen::stats::pct_us;
+use loadgen::stats::{median, pct_us};
 use loadgen::workload::simple_bind;
 use testkit::{user_dn, user_pw, Slapd, SlapdOptions, ADMIN_DN};
 use tokio::sync::{mpsc, watch};
@@ -838,6 +838,69 @@ fn print_table(runs: &[Run], s: &Settings) {
     }
 }
 
+/// With several rounds: each point's medians over its rounds (and the
+/// worst), and abproxy/direct paired round by round.
+fn print_summary(runs: &[Run], s: &Settings) {
+    let med = |v: Vec<f64>| median(&mut v.clone()).unwrap_or(0.0);
+    let max = |v: Vec<f64>| v.into_iter().fold(0.0, f64::max);
+    println!(
+        "\nMedians over {} rounds (worst in brackets):\n\n\
+         | slapd down | conns | target | before ops/s | after/before | longest ms | \
+         last client back ms | client errors | reconnections |",
+        s.rounds
+    );
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    for &down in &s.downs {
+        for &conns in &s.conns {
+            for &target in &s.targets {
+                let rs: Vec<&Run> = runs
+                    .iter()
+                    .filter(|r| r.target == target && r.conns == conns && r.down == down)
+                    .collect();
+                let f = |g: fn(&Run) -> f64| rs.iter().map(|r| g(r)).collect::<Vec<f64>>();
+                println!(
+                    "| {} ms | {conns} | {} | {:.0} | {:.3} | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}) | {:.0} ({:.0}) |",
+                    down.as_millis(),
+                    target.name(),
+                    med(f(|r| r.rates[0])),
+                    med(f(|r| r.rates[2] / r.rates[0])),
+                    med(f(|r| r.held_max)),
+                    max(f(|r| r.held_max)),
+                    med(f(|r| r.last_back)),
+                    max(f(|r| r.last_back)),
+                    med(f(|r| r.errors as f64)),
+                    max(f(|r| r.errors as f64)),
+                    med(f(|r| r.reconnects as f64)),
+                    max(f(|r| r.reconnects as f64)),
+                );
+            }
+        }
+    }
+    println!();
+    for &down in &s.downs {
+        for &conns in &s.conns {
+            let by = |t: Target| {
+                runs.iter()
+                    .filter(move |r| r.target == t && r.conns == conns && r.down == down)
+            };
+            let pairs: Vec<(&Run, &Run)> = by(Target::Direct).zip(by(Target::Abproxy)).collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            let ratio = |g: fn(&Run) -> f64| med(pairs.iter().map(|(d, p)| g(p) / g(d)).collect());
+            println!(
+                "{} ms down, {conns} conns, abproxy/direct paired by round, median of {}: \
+                 ops/s before {:.3}, after {:.3}; longest operation across the window {:.2}",
+                down.as_millis(),
+                pairs.len(),
+                ratio(|r| r.rates[0]),
+                ratio(|r| r.rates[2]),
+                ratio(|r| r.held_max)
+            );
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -908,6 +971,9 @@ async fn main_inner() -> Result<()> {
         }
     }
     print_table(&runs, &s);
+    if s.rounds > 1 {
+        print_summary(&runs, &s);
+    }
     println!("\nrun time {:.1} s", t.elapsed().as_secs_f64());
     let failures: Vec<String> = runs
         .iter()
