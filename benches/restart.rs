@@ -58,10 +58,14 @@
 //! `abproxy-unannounced`), `RESTART_ROUNDS` (1; each round runs every
 //! target at each point, starting with the next target from round to
 //! round), `RESTART_USERS` (1000), `RESTART_BIN_MS` (250),
-//! `RESTART_PROXY_THREADS` (1). Every wait has a time limit: a request
-//! 30 s (so slapd stays down 20 s at most), a reconnection 30 s, slapd's
-//! stop and its start 10 s each, a run's clients 60 s after the end of the
-//! run.
+//! `RESTART_PROXY_THREADS` (1). With several rounds a summary follows the
+//! table: each point's medians over its rounds (and the worst), and
+//! abproxy/direct paired round by round.
+//!
+//! Every wait has a time limit: a request 30 s (so slapd stays down 20 s
+//! at most), a reconnection 30 s, an operation with its retries 60 s,
+//! slapd's stop and its start 10 s each, a run's clients 60 s after the
+//! end of the run.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -84,6 +88,8 @@ const REQUEST_LIMIT: Duration = Duration::from_secs(30);
 /// Longest time slapd may stay down: a held request must be answered
 /// within [`REQUEST_LIMIT`].
 const MAX_DOWN: Duration = Duration::from_secs(20);
+/// Longest a client tries one operation, retries included.
+const OPERATION_LIMIT: Duration = Duration::from_secs(60);
 /// Longest a client tries to reconnect before it gives up.
 const RECONNECT_LIMIT: Duration = Duration::from_secs(30);
 /// A direct client's pauses between connection attempts.
@@ -302,6 +308,10 @@ async fn client(
                     true
                 }
             };
+            if Duration::from_nanos(ns_since(cx.base) - start) > OPERATION_LIMIT {
+                out.fatal = Some(format!("{what}: no success within {OPERATION_LIMIT:?}"));
+                return out;
+            }
             if lost {
                 drop(conn);
                 conn = match reconnect(cx.addr, &bind, &mut out).await {
