@@ -82,7 +82,7 @@ impl AbproxyProcess {
                 .arg("serve")
                 .arg("--config")
                 .arg(&file)
-                .env("RUST_LOG", "warn")
+                .env("ABPROXY_LOG", "warn")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

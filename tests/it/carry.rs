@@ -656,3 +656,50 @@ async fn with_upstream_reconnect_a_request_sent_while_the_server_is_down_goes_on
     assert_eq!(mods, 1, "{log}");
     assert_eq!(engine.carry_counts(), (0, 1, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_upstream_reconnect_a_session_that_cannot_be_carried_is_counted_once() {
+    let mut lab = Lab::with(
+        SlapdOptions {
+            nosync: true,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.upstream_reconnect = true;
+            c.upstream_retry_secs = 20;
+        },
+    )
+    .await;
+    let engine = lab.proxy.engine();
+    // A persistent search (syncrepl refreshAndPersist) in flight.
+    let mut p = RawConn::connect(&lab.proxy_addr()).await;
+    let mut req = search(1, &user_dn(5), 0, "(objectClass=*)", &["description"]);
+    req.ctrl
+        .push(ldap3_proto::control::LdapControl::SyncRequest {
+            criticality: true,
+            mode: ldap3_proto::proto::SyncRequestMode::RefreshAndPersist,
+            cookie: None,
+            reload_hint: false,
+        });
+    p.send_msg(req).await;
+    loop {
+        let f = p.recv().await.unwrap();
+        if Envelope::response(&f).unwrap().op == abproxy::wire::op::INTERMEDIATE_RESPONSE {
+            break; // the persist phase
+        }
+    }
+    restart(&mut lab).await;
+    // Whoever says so (slapd's own notice, or the proxy's), the session
+    // ends once, and is counted once.
+    let notice = p.recv().await.expect("a notice");
+    assert_notice(
+        &notice,
+        Envelope::response(&notice).unwrap().result_code.unwrap(),
+    );
+    assert!(p.recv().await.is_none(), "closed after the notice");
+    let counts = engine.clone();
+    wait_until("one session not carried", 10, || {
+        counts.carry_counts() == (0, 0, 1)
+    })
+    .await;
+}

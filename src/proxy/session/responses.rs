@@ -486,7 +486,8 @@ impl Responses {
         // any other (else it stayed in flight for ever and held up every
         // drain).
         if env.msgid == 0 && is_notice(env, frame) {
-            if self.may_carry().is_ok() {
+            let carry = self.may_carry();
+            if carry.is_ok() {
                 // The server is going away (a stop freeze, or reconnection
                 // is on): the session may be carried to its next run, so
                 // the client is not told.
@@ -497,6 +498,16 @@ impl Responses {
                      be carried)"
                 );
                 return Route::Drop;
+            }
+            if let Err(Some(why)) = carry {
+                // Carrying applied, but this session holds what cannot be
+                // carried: counted here, as the close that follows is the
+                // server's own (noticed) one.
+                self.engine.carried(Carried::Cannot);
+                info!(
+                    conn = self.id,
+                    "the server is closing the connection: session not carried: {why}"
+                );
             }
             warn!(
                 conn = self.id,
