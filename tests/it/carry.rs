@@ -617,12 +617,16 @@ async fn run_exits_7_when_the_server_it_stopped_does_not_answer_again() {
 /// (a persistent search lives on the connection that closed); an idle
 /// client and the operator are carried after OFF (same identity, a write
 /// succeeds), and the counts say exactly that: one not carried, two
-/// carried.
+/// carried. A change notification the freeze held when slapd stopped is
+/// not sent: the notice is the first thing the client gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_search_ends_with_the_reason_and_the_others_go_on() {
     let mut lab = stop_lab(true).await;
     let engine = lab.proxy.engine();
+    // The same search through the proxy and, as a witness of what slapd
+    // sends, directly.
     let mut syncing = bound(&lab, &user_dn(5), &user_pw(5)).await;
+    let mut witness = bound_at(&lab.direct_addr(), &user_dn(5), &user_pw(5)).await;
     let mut req = search(
         2,
         "ou=people,dc=example,dc=org",
@@ -637,26 +641,50 @@ async fn a_sync_search_ends_with_the_reason_and_the_others_go_on() {
             cookie: None,
             reload_hint: false,
         });
-    syncing.send_msg(req).await;
+    syncing.send_msg(req.clone()).await;
+    witness.send_msg(req).await;
     // The refresh phase: entries, then the syncInfo intermediate response
     // that ends it (the persist phase begins).
-    let mut refreshed = 0;
-    loop {
-        let f = syncing.recv().await.expect("the refresh phase");
-        match Envelope::response(&f).unwrap().op {
-            abproxy::wire::op::SEARCH_RESULT_ENTRY => refreshed += 1,
-            abproxy::wire::op::INTERMEDIATE_RESPONSE => break,
-            other => panic!("unexpected {}", abproxy::wire::op::name(other)),
+    for c in [&mut syncing, &mut witness] {
+        let mut refreshed = 0;
+        loop {
+            let f = c.recv().await.expect("the refresh phase");
+            match Envelope::response(&f).unwrap().op {
+                abproxy::wire::op::SEARCH_RESULT_ENTRY => refreshed += 1,
+                abproxy::wire::op::INTERMEDIATE_RESPONSE => break,
+                other => panic!("unexpected {}", abproxy::wire::op::name(other)),
+            }
         }
+        assert!(refreshed > 0, "the refresh sent the matching entries");
     }
-    assert!(refreshed > 0, "the refresh sent the matching entries");
     let mut idle = bound(&lab, &user_dn(2), &user_pw(2)).await;
     assert_eq!(whoami(&mut idle, 2).await, format!("dn:{}", user_dn(2)));
     let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     let (code, text) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
     assert_eq!(code, 0, "{text}");
+    // A change made on slapd itself during the freeze: syncprov notifies
+    // both searches; stop mode holds the proxied one's.
+    let ldif = format!(
+        "dn: {}\nchangetype: modify\nreplace: description\ndescription: changed while frozen\n",
+        user_dn(12)
+    );
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-x", "-H", &lab.direct(), "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(&ldif),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let seen = witness.recv().await.expect("the witness's notification");
+    assert_eq!(
+        Envelope::response(&seen).unwrap().op,
+        abproxy::wire::op::SEARCH_RESULT_ENTRY
+    );
+    assert_nothing_pending(&mut syncing).await;
 
     restart(&mut lab).await;
+    // A notice with the reason (and not the notification the freeze
+    // holds), then the end of the connection.
     let notice = syncing.recv().await.expect("a notice");
     let why = assert_notice(&notice, 52);
     assert!(

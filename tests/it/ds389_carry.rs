@@ -274,7 +274,8 @@ async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
 
 /// With `upstream_reconnect`, outside any freeze: 389 restarts under idle
 /// clients; each one's next request goes to a new connection with its
-/// identity, and succeeds.
+/// identity, and succeeds. A persistent search open meanwhile ends at once
+/// with a Notice of Disconnection giving the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_upstream_reconnect_idle_sessions_survive_a_389_restart() {
     if skip() {
@@ -295,11 +296,24 @@ async fn with_upstream_reconnect_idle_sessions_survive_a_389_restart() {
     for c in [&mut u1, &mut dm, &mut anon] {
         before.push(whoami(c, 100).await);
     }
+    // And a persistent search, which cannot be carried.
+    let mut ps_client = raw_bound(&addr, DM_DN, DM_PW).await;
+    let mut ps = search(2, PEOPLE, 2, "(uid=user1*)", &["description"]);
+    ps.ctrl.push(psearch_control());
+    ps_client.send_msg(ps).await;
+    for _ in 0..11 {
+        let f = ps_client.recv().await.expect("an initial entry");
+        entry_dn(&decode(&f));
+    }
 
     restart(&mut ds).await;
+    let notice = ps_client.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 52);
+    assert!(why.contains("cannot be carried to a new one"), "{why}");
+    assert!(ps_client.recv().await.is_none(), "closed after the notice");
     let waiting = engine.clone();
     wait_until("three sessions waiting for the server", 20, || {
-        waiting.carry_counts().0 == 3
+        waiting.carry_counts() == (3, 0, 1)
     })
     .await;
     for c in [&mut u1, &mut dm, &mut anon] {
@@ -326,7 +340,8 @@ async fn with_upstream_reconnect_idle_sessions_survive_a_389_restart() {
         after.push(whoami(c, 101).await);
     }
     assert_eq!(after, before);
-    assert_eq!(engine.carry_counts(), (0, 3, 0));
+    assert_eq!(engine.carry_counts(), (0, 3, 1));
+    assert_eq!(carry_status(&status(&proxy).await), (0, 3, 1));
     assert_eq!(
         read_direct(&ds, &user_dn(1), "description").await,
         ["description: after a restart"]
@@ -339,7 +354,9 @@ async fn with_upstream_reconnect_idle_sessions_survive_a_389_restart() {
 /// during a `stop` freeze when 389 restarts: its session ends at once with
 /// a Notice of Disconnection saying why it cannot be carried; an idle
 /// client and the operator are carried after OFF (same identity, a write
-/// succeeds); the counts say one not carried and two carried.
+/// succeeds); the counts say one not carried and two carried. A change
+/// notification the freeze held when 389 stopped is not sent: the notice
+/// is the first thing the client gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_search_ends_with_the_reason_and_the_others_go_on() {
     if skip() {
@@ -350,15 +367,21 @@ async fn a_persistent_search_ends_with_the_reason_and_the_others_go_on() {
     let addr = addr_of(&proxy.url());
     let engine = proxy.engine();
 
+    // The same persistent search through the proxy and, as a witness of
+    // what 389 sends, directly.
     let mut ps_client = raw_bound(&addr, DM_DN, DM_PW).await;
+    let mut witness = raw_bound(&addr_of(&ds.url()), DM_DN, DM_PW).await;
     let mut ps = search(2, PEOPLE, 2, "(uid=user1*)", &["description"]);
     ps.ctrl.push(psearch_control());
-    ps_client.send_msg(ps).await;
+    ps_client.send_msg(ps.clone()).await;
+    witness.send_msg(ps).await;
     // changesOnly FALSE: the 11 matching entries first; then 389 has the
     // persistent search registered.
-    for _ in 0..11 {
-        let f = ps_client.recv().await.expect("an initial entry");
-        entry_dn(&decode(&f));
+    for c in [&mut ps_client, &mut witness] {
+        for _ in 0..11 {
+            let f = c.recv().await.expect("an initial entry");
+            entry_dn(&decode(&f));
+        }
     }
     let mut idle = raw_bound(&addr, &user_dn(3), &user_pw(3)).await;
     let idle_before = whoami(&mut idle, 100).await;
@@ -367,9 +390,26 @@ async fn a_persistent_search_ends_with_the_reason_and_the_others_go_on() {
     let (code, text) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
     assert_eq!(code, 0, "{text}");
 
+    // A change made on 389 itself during the freeze: 389 notifies both
+    // persistent searches; stop mode holds the proxied one's.
+    let ldif = format!(
+        "dn: {}\nchangetype: modify\nreplace: description\ndescription: changed while frozen\n",
+        user_dn(12)
+    );
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-Q", "-Y", "EXTERNAL", "-H", &ds.ldapi_url()],
+        Some(&ldif),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let seen = witness.recv().await.expect("the witness's notification");
+    assert_eq!(entry_dn(&decode(&seen)), user_dn(12));
+    assert_nothing_pending(&mut ps_client).await;
+
     restart(&mut ds).await;
-    // The persistent search's session: a notice with the reason, then the
-    // end of the connection.
+    // The persistent search's session: a notice with the reason (and not
+    // the notification the freeze holds), then the end of the connection.
     let notice = ps_client.recv().await.expect("a notice");
     let why = assert_notice(&notice, 52);
     assert!(
