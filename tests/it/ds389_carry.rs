@@ -148,7 +148,9 @@ async fn exists_direct(ds: &Ds389, dn: &str) -> bool {
 /// held by a `stop` freeze; 389 restarted meanwhile; OFF: every session
 /// goes on on a new connection with no error and the same identity as
 /// before (Who am I?), the held requests answered, each write run by 389
-/// once, after OFF.
+/// once, after OFF. A user whose password changed on 389 meanwhile is not
+/// carried: its session ends with the reason (389 refuses the replayed
+/// bind).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
     if skip() {
@@ -167,6 +169,8 @@ async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
     let mut dm = raw_bound(&addr, DM_DN, DM_PW).await;
     let mut anon = RawConn::connect(&addr).await;
     let mut admin = raw_bound(&addr, DM_DN, DM_PW).await;
+    // Its password changes on 389 while it is stopped behind the proxy.
+    let mut u6 = raw_bound(&addr, &user_dn(6), &user_pw(6)).await;
     let mut before = Vec::new();
     for c in [&mut u1, &mut u2, &mut dm, &mut anon, &mut admin] {
         before.push(whoami(c, 100).await);
@@ -205,11 +209,11 @@ async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
     // closes) and starts again.
     restart(&mut ds).await;
     let waiting = engine.clone();
-    wait_until("five sessions waiting for the server", 20, || {
-        waiting.carry_counts().0 == 5
+    wait_until("six sessions waiting for the server", 20, || {
+        waiting.carry_counts().0 == 6
     })
     .await;
-    assert_eq!(engine.carry_counts(), (5, 0, 0));
+    assert_eq!(engine.carry_counts(), (6, 0, 0));
     // None was told anything, none of the writes reached 389.
     for c in [&mut u1, &mut u2, &mut dm, &mut anon] {
         assert_nothing_pending(c).await;
@@ -220,14 +224,24 @@ async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
     );
     assert!(!exists_direct(&ds, &added).await);
     assert_eq!(operations_on(&ds, "MOD", &user_dn(1)), 0);
-    assert_eq!(carry_status(&status(&proxy).await), (5, 0, 0));
+    assert_eq!(carry_status(&status(&proxy).await), (6, 0, 0));
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-Q", "-Y", "EXTERNAL", "-H", &ds.ldapi_url()],
+        Some(&format!(
+            "dn: {}\nchangetype: modify\nreplace: userPassword\nuserPassword: a-new-password\n",
+            user_dn(6)
+        )),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
 
     // OFF on the operator's own (waiting) session.
     let (code, text) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("5 queued request(s) resumed")
-            && text.contains("the server was restarted and answers again: 5 session(s) go on"),
+            && text.contains("the server was restarted and answers again: 6 session(s) go on"),
         "{text}"
     );
     let answered = |c: Option<bytes::Bytes>| result_code(&c.expect("an answer"));
@@ -249,8 +263,9 @@ async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
         after.push(whoami(c, 101).await);
     }
     assert_eq!(after, before);
-    assert_eq!(engine.carry_counts(), (0, 5, 0));
-    assert_eq!(carry_status(&status(&proxy).await), (0, 5, 0));
+    // (User 6's session waits for its next request.)
+    assert_eq!(engine.carry_counts(), (1, 5, 0));
+    assert_eq!(carry_status(&status(&proxy).await), (1, 5, 0));
 
     // Each write landed, once.
     assert_eq!(
@@ -269,6 +284,24 @@ async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
     u1.send_msg(modify(3, &user_dn(1), "description", "later"))
         .await;
     assert_eq!(answered(u1.recv().await), Some(0));
+
+    // User 6's bind no longer holds on 389: that session ends with the
+    // reason at its next request, nothing of it sent.
+    u6.send_msg(search(2, &user_dn(6), 0, "(objectClass=*)", &["uid"]))
+        .await;
+    let notice = u6.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 52);
+    assert!(
+        why.contains("could not be carried") && why.contains("refused the replayed bind"),
+        "{why}"
+    );
+    assert!(u6.recv().await.is_none(), "closed after the notice");
+    let counts = engine.clone();
+    wait_until("one session not carried", 20, || {
+        counts.carry_counts() == (0, 5, 1)
+    })
+    .await;
+    assert_eq!(carry_status(&status(&proxy).await), (0, 5, 1));
     proxy.shutdown().await.unwrap();
 }
 
