@@ -104,6 +104,44 @@ fn operations_on(ds: &Ds389, op: &str, dn: &str) -> usize {
         .count()
 }
 
+/// The requests 389's access log shows on the connection that ran the
+/// last request logged with `request` in it (`MOD dn="..."`, `SRCH
+/// base="..."`), from the connection's first request to that one, each as
+/// logged after `op=N ` (`BIND dn="..." method=128 version=3`, ...).
+fn requests_up_to(ds: &Ds389, request: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(ds.access_log_path()).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let needle = request.to_ascii_lowercase();
+    let at = lines
+        .iter()
+        .rposition(|l| l.to_ascii_lowercase().contains(&needle))
+        .unwrap_or_else(|| panic!("no {request} in 389's access log"));
+    // `[date +0000] conn=N op=M WHAT ...`
+    let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let conn = words(lines[at])[2].clone();
+    let mut out = Vec::new();
+    // Back to the connection's first request (conn=N of an earlier run of
+    // the instance lies before it).
+    for l in lines[..=at].iter().rev() {
+        let w = words(l);
+        if w.len() < 5 || w[2] != conn || w[4] == "RESULT" {
+            continue;
+        }
+        let Some(op) = w[3].strip_prefix("op=").and_then(|n| n.parse::<i64>().ok()) else {
+            continue;
+        };
+        if op < 0 {
+            continue;
+        }
+        out.push(w[4..].join(" "));
+        if op == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    out
+}
+
 /// An attribute's values of `dn`, read on 389 itself over ldapi (not
 /// through the proxy): `attr: value` lines.
 async fn read_direct(ds: &Ds389, dn: &str, attr: &str) -> Vec<String> {
@@ -280,6 +318,29 @@ async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
     assert_eq!(operations_on(&ds, "MOD", &user_dn(1)), 1);
     assert_eq!(operations_on(&ds, "MOD", &user_dn(2)), 1);
     assert_eq!(operations_on(&ds, "ADD", &added), 1);
+    // Each on a new connection that got the client's bind (as the client
+    // spelled it), then the proxy's Who am I?, and nothing else before.
+    let whoami_logged = format!("EXT oid=\"{WHOAMI}\" name=\"whoami-plugin\"");
+    for (request, bind_dn) in [
+        (format!("MOD dn=\"{}\"", user_dn(1)), Some(user_dn(1))),
+        // (389 logs it without the space after the comma.)
+        (
+            format!("MOD dn=\"{}\"", user_dn(2)),
+            Some(u2_spelled.replace(", ", ",")),
+        ),
+        (format!("ADD dn=\"{added}\""), Some(DM_DN.into())),
+        (format!("SRCH base=\"{}\"", user_dn(4)), None),
+    ] {
+        let mut want: Vec<String> = bind_dn
+            .map(|dn| format!("BIND dn=\"{dn}\" method=128 version=3"))
+            .into_iter()
+            .collect();
+        want.push(whoami_logged.clone());
+        let got = requests_up_to(&ds, &request);
+        let (last, first) = got.split_last().expect("requests");
+        assert_eq!(first, want, "{request}: {got:?}");
+        assert!(last.starts_with(&request), "{request}: {got:?}");
+    }
     // And the sessions go on as usual.
     u1.send_msg(modify(3, &user_dn(1), "description", "later"))
         .await;
