@@ -201,7 +201,8 @@ async fn sessions_are_carried_across_a_389_restart_during_a_stop_freeze() {
     let engine = proxy.engine();
 
     let mut u1 = raw_bound(&addr, &user_dn(1), &user_pw(1)).await;
-    // 389 answers Who am I? with its own spelling of the DN.
+    // Bound with another spelling of its DN: 389 answers Who am I? with
+    // its own (normalised) one.
     let u2_spelled = "UID=user2, ou=People,DC=example,dc=org";
     let mut u2 = raw_bound(&addr, u2_spelled, &user_pw(2)).await;
     let mut dm = raw_bound(&addr, DM_DN, DM_PW).await;
