@@ -106,8 +106,10 @@ fn operations_on(ds: &Ds389, op: &str, dn: &str) -> usize {
 
 /// The requests 389's access log shows on the connection that ran the
 /// last request logged with `request` in it (`MOD dn="..."`, `SRCH
-/// base="..."`), from the connection's first request to that one, each as
-/// logged after `op=N ` (`BIND dn="..." method=128 version=3`, ...).
+/// base="..."`), from the connection's first request to that one, in the
+/// order the client sent them (389 may log pipelined requests out of that
+/// order), each as logged after `op=N ` (`BIND dn="..." method=128
+/// version=3`, ...).
 fn requests_up_to(ds: &Ds389, request: &str) -> Vec<String> {
     let log = std::fs::read_to_string(ds.access_log_path()).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
@@ -119,6 +121,8 @@ fn requests_up_to(ds: &Ds389, request: &str) -> Vec<String> {
     // `[date +0000] conn=N op=M WHAT ...`
     let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
     let conn = words(lines[at])[2].clone();
+    let op_of = |w: &[String]| w[3].strip_prefix("op=").and_then(|n| n.parse::<i64>().ok());
+    let last = op_of(&words(lines[at])).expect("an op=N");
     let mut out = Vec::new();
     // Back to the connection's first request (conn=N of an earlier run of
     // the instance lies before it).
@@ -127,19 +131,19 @@ fn requests_up_to(ds: &Ds389, request: &str) -> Vec<String> {
         if w.len() < 5 || w[2] != conn || w[4] == "RESULT" {
             continue;
         }
-        let Some(op) = w[3].strip_prefix("op=").and_then(|n| n.parse::<i64>().ok()) else {
+        let Some(op) = op_of(&w) else {
             continue;
         };
-        if op < 0 {
+        if !(0..=last).contains(&op) {
             continue;
         }
-        out.push(w[4..].join(" "));
+        out.push((op, w[4..].join(" ")));
         if op == 0 {
             break;
         }
     }
-    out.reverse();
-    out
+    out.sort();
+    out.into_iter().map(|(_, r)| r).collect()
 }
 
 /// An attribute's values of `dn`, read on 389 itself over ldapi (not
