@@ -712,7 +712,8 @@ async fn a_sync_search_ends_with_the_reason_and_the_others_go_on() {
     let (code, text) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
     assert_eq!(code, 0, "{text}");
     assert!(
-        text.contains("the server was restarted and answers again: 2 session(s) go on"),
+        text.contains("the server was restarted and answers again: 2 session(s) go on")
+            && text.contains("; 1 session(s) ended, as they could not be carried"),
         "{text}"
     );
     assert_eq!(whoami(&mut idle, 3).await, format!("dn:{}", user_dn(2)));
