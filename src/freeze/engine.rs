@@ -192,7 +192,7 @@ impl std::fmt::Display for Granted {
                 )?;
                 match restart {
                     None => return Ok(()),
-                    Some(r) if r.sessions == 0 => {}
+                    Some(r) if r.sessions == 0 && r.answers => {}
                     Some(r) if r.answers => write!(
                         f,
                         "; the server was restarted and answers again: {} session(s) go on, \
@@ -437,10 +437,9 @@ impl Engine {
     /// Waits, up to the discovery's retry bound, until the server's root
     /// DSE can be read again (backoff 50 ms to 1 s).
     async fn server_answers(&self) -> Restart {
-        let sessions = self.carry_counts().0;
         let Some(d) = self.discovery() else {
             return Restart {
-                sessions,
+                sessions: self.carry_counts().0,
                 answers: false,
                 waited: Duration::ZERO,
                 ended: 0,
@@ -465,7 +464,9 @@ impl Engine {
                 },
             };
             return Restart {
-                sessions,
+                // Counted now: sessions may see their connection close
+                // while OFF waits.
+                sessions: self.carry_counts().0,
                 answers,
                 waited: backoff.elapsed(),
                 ended: 0,
@@ -1371,12 +1372,13 @@ impl Engine {
             }
             named = Some(set);
         }
-        let (current, not_carried_before) = {
+        let (current, not_carried_before, stop) = {
             let st = self.read_state();
             let f = st.as_ref();
             (
                 f.map(|f| (f.id, f.phase, f.backends)),
                 f.map_or(0, |f| f.not_carried_before),
+                f.is_some_and(|f| !f.stop.is_empty()),
             )
         };
         if let Some(n) = req.freeze_id {
@@ -1412,17 +1414,21 @@ impl Engine {
         }
         // The server closed sessions during the freeze (stopped for a cold
         // backup): its DONE steps and the sessions resuming need it back.
+        // In stop mode the server may have been stopped even if no session
+        // has seen its connection close yet (a backup command that does not
+        // wait for the server to exit): look.
         let (waiting, _, not_carried) = self.carry_counts();
         let ended = not_carried.saturating_sub(not_carried_before);
-        let restart = match (waiting, ended) {
-            (0, 0) => None,
-            (0, _) => Some(Restart {
+        let look = waiting > 0 || (stop && self.discovery().is_some());
+        let restart = match (look, ended) {
+            (false, 0) => None,
+            (false, _) => Some(Restart {
                 sessions: 0,
                 answers: true,
                 waited: Duration::ZERO,
                 ended,
             }),
-            _ => Some(Restart {
+            (true, _) => Some(Restart {
                 ended,
                 ..self.server_answers().await
             }),

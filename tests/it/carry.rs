@@ -568,16 +568,21 @@ async fn run_exits_7_when_the_server_it_stopped_does_not_answer_again() {
     )
     .await;
     let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
-    // The backup command stops slapd and does not start it again.
+    // The backup command stops slapd (and waits until it has exited, as
+    // `systemctl stop` does: a zombie of the test's) and does not start it
+    // again.
     let pid = lab.slapd.pid().to_string();
+    let stop =
+        "kill -TERM $0 && while [ \"$(cut -d' ' -f3 /proc/$0/stat)\" != Z ]; do sleep 0.05; done";
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
         .args([
             "run",
             "--backend",
             "dc=example,dc=org",
             "--",
-            "kill",
-            "-TERM",
+            "sh",
+            "-c",
+            stop,
             &pid,
         ])
         .env_remove("ABPROXY_LOG")
@@ -702,4 +707,138 @@ async fn with_upstream_reconnect_a_session_that_cannot_be_carried_is_counted_onc
         counts.carry_counts() == (0, 0, 1)
     })
     .await;
+}
+
+/// A client in the persist phase of a syncrepl refreshAndPersist search
+/// (RFC 4533) when slapd restarts during a `stop` freeze: its session ends
+/// at once with a Notice of Disconnection saying why it cannot be carried
+/// (a persistent search lives on the connection that closed); an idle
+/// client and the operator are carried after OFF (same identity, a write
+/// succeeds), and the counts say exactly that: one not carried, two
+/// carried. A change notification the freeze held when slapd stopped is
+/// not sent: the notice is the first thing the client gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_search_ends_with_the_reason_and_the_others_go_on() {
+    let mut lab = stop_lab(true).await;
+    let engine = lab.proxy.engine();
+    // The same search through the proxy and, as a witness of what slapd
+    // sends, directly.
+    let mut syncing = bound(&lab, &user_dn(5), &user_pw(5)).await;
+    let mut witness = bound_at(&lab.direct_addr(), &user_dn(5), &user_pw(5)).await;
+    let mut req = search(
+        2,
+        "ou=people,dc=example,dc=org",
+        2,
+        "(uid=user1*)",
+        &["uid"],
+    );
+    req.ctrl
+        .push(ldap3_proto::control::LdapControl::SyncRequest {
+            criticality: true,
+            mode: ldap3_proto::proto::SyncRequestMode::RefreshAndPersist,
+            cookie: None,
+            reload_hint: false,
+        });
+    syncing.send_msg(req.clone()).await;
+    witness.send_msg(req).await;
+    // The refresh phase: entries, then the syncInfo intermediate response
+    // that ends it (the persist phase begins).
+    for c in [&mut syncing, &mut witness] {
+        let mut refreshed = 0;
+        loop {
+            let f = c.recv().await.expect("the refresh phase");
+            match Envelope::response(&f).unwrap().op {
+                abproxy::wire::op::SEARCH_RESULT_ENTRY => refreshed += 1,
+                abproxy::wire::op::INTERMEDIATE_RESPONSE => break,
+                other => panic!("unexpected {}", abproxy::wire::op::name(other)),
+            }
+        }
+        assert!(refreshed > 0, "the refresh sent the matching entries");
+    }
+    let mut idle = bound(&lab, &user_dn(2), &user_pw(2)).await;
+    assert_eq!(whoami(&mut idle, 2).await, format!("dn:{}", user_dn(2)));
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, text) = call(&mut admin, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{text}");
+    // A change made on slapd itself during the freeze: syncprov notifies
+    // both searches; stop mode holds the proxied one's.
+    let ldif = format!(
+        "dn: {}\nchangetype: modify\nreplace: description\ndescription: changed while frozen\n",
+        user_dn(12)
+    );
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-x", "-H", &lab.direct(), "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(&ldif),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let seen = witness.recv().await.expect("the witness's notification");
+    assert_eq!(
+        Envelope::response(&seen).unwrap().op,
+        abproxy::wire::op::SEARCH_RESULT_ENTRY
+    );
+    assert_nothing_pending(&mut syncing).await;
+
+    restart(&mut lab).await;
+    // A notice with the reason (and not the notification the freeze
+    // holds), then the end of the connection.
+    let notice = syncing.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 52);
+    assert!(
+        why.contains("cannot be carried to a new one")
+            && why.contains("a persistent search was open"),
+        "{why}"
+    );
+    assert!(syncing.recv().await.is_none(), "closed after the notice");
+    let counts = engine.clone();
+    wait_until("two sessions waiting, one not carried", 10, || {
+        counts.carry_counts() == (2, 0, 1)
+    })
+    .await;
+    assert_nothing_pending(&mut idle).await;
+    let value = status(&lab).await;
+    assert_eq!(
+        (
+            value.sessions_waiting,
+            value.sessions_carried,
+            value.sessions_not_carried
+        ),
+        (2, 0, 1)
+    );
+
+    let (code, text) = call(&mut admin, ab(3, &AllowBackupRequest::off())).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("the server was restarted and answers again: 2 session(s) go on")
+            && text.contains("; 1 session(s) ended, as they could not be carried"),
+        "{text}"
+    );
+    assert_eq!(whoami(&mut idle, 3).await, format!("dn:{}", user_dn(2)));
+    assert_eq!(
+        call(
+            &mut idle,
+            modify(4, &user_dn(2), "description", "idle goes on")
+        )
+        .await
+        .0,
+        0
+    );
+    assert_eq!(whoami(&mut admin, 4).await, format!("dn:{ADMIN_DN}"));
+    assert_eq!(engine.carry_counts(), (0, 2, 1));
+    let value = status(&lab).await;
+    assert_eq!(
+        (
+            value.sessions_waiting,
+            value.sessions_carried,
+            value.sessions_not_carried
+        ),
+        (0, 2, 1)
+    );
+    let read = base_direct(&lab, &user_dn(2), "description").await;
+    assert!(
+        read.stdout.contains("description: idle goes on"),
+        "{}",
+        read.stdout
+    );
 }

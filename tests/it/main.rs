@@ -25,6 +25,7 @@ mod crash;
 mod docs_links;
 mod ds389;
 mod ds389_backup;
+mod ds389_carry;
 mod ds389_tls;
 mod faults;
 mod floods;

@@ -254,7 +254,14 @@ impl Responses {
         if let Some(why) = lock(&self.state.carry).refusal() {
             return Err(Some(why));
         }
-        if !self.state.inflight().is_empty() {
+        let table = self.state.inflight();
+        if table.iter().any(|(_, e)| e.persistent) {
+            return Err(Some(
+                "a persistent search was open on the connection that closed (it lives only \
+                 there: search again)",
+            ));
+        }
+        if !table.is_empty() {
             return Err(Some(
                 "requests were in flight when the connection closed (the server may have run \
                  them or not)",
