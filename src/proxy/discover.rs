@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use ldap3_proto::proto::{
-    LdapDerefAliases, LdapFilter, LdapMsg, LdapOp, LdapSearchRequest, LdapSearchScope,
-};
+use ldap3_proto::proto::{LdapMsg, LdapOp};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::endpoint::Endpoint;
@@ -76,20 +74,12 @@ async fn read(upstream: &Endpoint, tls: Option<&UpstreamTls>) -> anyhow::Result<
     let (r, w) = crate::tls::connect_upstream(upstream, tls).await?;
     let mut out = FramedWrite::new(w, FrameCodec::default());
     let mut inp = FramedRead::new(r, FrameCodec::new(16 * 1024 * 1024));
-    let req = LdapMsg::new(
+    out.send(pdu::base_search(
         1,
-        LdapOp::SearchRequest(LdapSearchRequest {
-            base: String::new(),
-            scope: LdapSearchScope::Base,
-            aliases: LdapDerefAliases::Never,
-            sizelimit: 0,
-            timelimit: 0,
-            typesonly: false,
-            filter: LdapFilter::Present("objectClass".into()),
-            attrs: vec!["namingContexts".into(), "supportedControl".into()],
-        }),
-    );
-    out.send(pdu::encode(req)).await?;
+        "",
+        &["namingContexts", "supportedControl"],
+    ))
+    .await?;
     let mut dse = RootDse::default();
     while let Some(frame) = inp.next().await {
         let frame = frame?;

@@ -19,6 +19,25 @@ pub fn encode(msg: LdapMsg) -> Bytes {
     buf.freeze()
 }
 
+/// A base search of `base` for `attrs`, `(objectClass=*)`: how the proxy
+/// reads the root DSE and naming contexts' entries of its upstream.
+pub fn base_search(msgid: i32, base: &str, attrs: &[&str]) -> Bytes {
+    use ldap3_proto::proto::{LdapDerefAliases, LdapFilter, LdapSearchRequest, LdapSearchScope};
+    encode(LdapMsg::new(
+        msgid,
+        LdapOp::SearchRequest(LdapSearchRequest {
+            base: base.into(),
+            scope: LdapSearchScope::Base,
+            aliases: LdapDerefAliases::Never,
+            sizelimit: 0,
+            timelimit: 0,
+            typesonly: false,
+            filter: LdapFilter::Present("objectClass".into()),
+            attrs: attrs.iter().map(|a| a.to_string()).collect(),
+        }),
+    ))
+}
+
 fn result(code: LdapResultCode, message: &str) -> LdapResult {
     LdapResult {
         code,

@@ -33,6 +33,24 @@ async fn stop_lab(carry: bool) -> Lab {
     .await
 }
 
+/// A lab whose proxy carries sessions outside freezes too
+/// (`upstream_reconnect`), for `retry` seconds; slapd's stats log on if
+/// asked.
+async fn reconnect_lab(retry: u64, stats_log: bool) -> Lab {
+    Lab::with(
+        SlapdOptions {
+            nosync: true,
+            stats_log,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.upstream_reconnect = true;
+            c.upstream_retry_secs = retry;
+        },
+    )
+    .await
+}
+
 /// Who the server says this connection is (through the proxy).
 async fn whoami(c: &mut RawConn, msgid: i32) -> String {
     c.send_msg(exop(msgid, WHOAMI, None)).await;
@@ -252,17 +270,7 @@ async fn sessions_over_a_tls_upstream_are_carried_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_upstream_reconnect_an_unannounced_restart_is_carried_too() {
-    let mut lab = Lab::with(
-        SlapdOptions {
-            nosync: true,
-            ..Default::default()
-        },
-        |c: &mut Config| {
-            c.upstream_reconnect = true;
-            c.upstream_retry_secs = 2;
-        },
-    )
-    .await;
+    let mut lab = reconnect_lab(2, false).await;
     let engine = lab.proxy.engine();
     let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
     let mut anon = RawConn::connect(&lab.proxy_addr()).await;
@@ -618,18 +626,7 @@ async fn run_exits_7_when_the_server_it_stopped_does_not_answer_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_upstream_reconnect_a_request_sent_while_the_server_is_down_goes_once_it_is_back() {
-    let mut lab = Lab::with(
-        SlapdOptions {
-            nosync: true,
-            stats_log: true,
-            ..Default::default()
-        },
-        |c: &mut Config| {
-            c.upstream_reconnect = true;
-            c.upstream_retry_secs = 20;
-        },
-    )
-    .await;
+    let mut lab = reconnect_lab(20, true).await;
     let engine = lab.proxy.engine();
     let mut u1 = bound(&lab, &user_dn(1), &user_pw(1)).await;
     // Killed (no clean shutdown), no freeze.
@@ -664,28 +661,17 @@ async fn with_upstream_reconnect_a_request_sent_while_the_server_is_down_goes_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_upstream_reconnect_a_session_that_cannot_be_carried_is_counted_once() {
-    let mut lab = Lab::with(
-        SlapdOptions {
-            nosync: true,
-            ..Default::default()
-        },
-        |c: &mut Config| {
-            c.upstream_reconnect = true;
-            c.upstream_retry_secs = 20;
-        },
-    )
-    .await;
+    let mut lab = reconnect_lab(20, false).await;
     let engine = lab.proxy.engine();
     // A persistent search (syncrepl refreshAndPersist) in flight.
     let mut p = RawConn::connect(&lab.proxy_addr()).await;
-    let mut req = search(1, &user_dn(5), 0, "(objectClass=*)", &["description"]);
-    req.ctrl
-        .push(ldap3_proto::control::LdapControl::SyncRequest {
-            criticality: true,
-            mode: ldap3_proto::proto::SyncRequestMode::RefreshAndPersist,
-            cookie: None,
-            reload_hint: false,
-        });
+    let req = refresh_and_persist(search(
+        1,
+        &user_dn(5),
+        0,
+        "(objectClass=*)",
+        &["description"],
+    ));
     p.send_msg(req).await;
     loop {
         let f = p.recv().await.unwrap();
@@ -725,20 +711,13 @@ async fn a_sync_search_ends_with_the_reason_and_the_others_go_on() {
     // sends, directly.
     let mut syncing = bound(&lab, &user_dn(5), &user_pw(5)).await;
     let mut witness = bound_at(&lab.direct_addr(), &user_dn(5), &user_pw(5)).await;
-    let mut req = search(
+    let req = refresh_and_persist(search(
         2,
         "ou=people,dc=example,dc=org",
         2,
         "(uid=user1*)",
         &["uid"],
-    );
-    req.ctrl
-        .push(ldap3_proto::control::LdapControl::SyncRequest {
-            criticality: true,
-            mode: ldap3_proto::proto::SyncRequestMode::RefreshAndPersist,
-            cookie: None,
-            reload_hint: false,
-        });
+    ));
     syncing.send_msg(req.clone()).await;
     witness.send_msg(req).await;
     // The refresh phase: entries, then the syncInfo intermediate response

@@ -1096,14 +1096,7 @@ async fn persistent_search_never_holds_the_drain_and_is_held_in_stop_mode() {
     let dn = user_dn(5);
     // syncrepl refreshAndPersist (RFC 4533): mode ENUMERATED 3.
     let mut p = RawConn::connect(&lab.proxy_addr()).await;
-    let mut req = search(1, &dn, 0, "(objectClass=*)", &["description"]);
-    req.ctrl
-        .push(ldap3_proto::control::LdapControl::SyncRequest {
-            criticality: true,
-            mode: ldap3_proto::proto::SyncRequestMode::RefreshAndPersist,
-            cookie: None,
-            reload_hint: false,
-        });
+    let req = refresh_and_persist(search(1, &dn, 0, "(objectClass=*)", &["description"]));
     p.send_msg(req).await;
     loop {
         let f = p.recv().await.unwrap();

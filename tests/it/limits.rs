@@ -199,13 +199,13 @@ async fn idle_sessions_are_closed_busy_ones_are_not() {
     // busy however long nothing else happens on it.
     let started = Instant::now();
     let mut persist = RawConn::connect(&lab.proxy_addr()).await;
-    let mut req = search(1, "dc=example,dc=org", 2, "(cn=idle-probe)", &["cn"]);
-    req.ctrl = vec![ldap3_proto::control::LdapControl::SyncRequest {
-        criticality: true,
-        mode: ldap3_proto::proto::SyncRequestMode::RefreshAndPersist,
-        cookie: None,
-        reload_hint: false,
-    }];
+    let req = refresh_and_persist(search(
+        1,
+        "dc=example,dc=org",
+        2,
+        "(cn=idle-probe)",
+        &["cn"],
+    ));
     persist.send_msg(req).await;
     // End of the refresh phase: an intermediate response (syncInfo).
     let f = persist.recv().await.unwrap();

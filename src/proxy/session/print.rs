@@ -10,9 +10,7 @@
 
 use std::sync::Mutex;
 
-use ldap3_proto::proto::{
-    LdapDerefAliases, LdapFilter, LdapMsg, LdapOp, LdapSearchRequest, LdapSearchScope,
-};
+use ldap3_proto::proto::{LdapMsg, LdapOp};
 
 use super::carry::Refused;
 use super::{lock, UpIn, UpOut};
@@ -120,7 +118,7 @@ impl Prints {
 /// Reads the server's print on a connection (as whoever it is bound as):
 /// its root DSE's naming contexts, then each one's entry, pipelined.
 pub(super) async fn read(up_in: &mut UpIn, up_out: &mut UpOut) -> Result<ServerPrint, Refused> {
-    let root = search(ROOT_DSE_ID, "", &["namingContexts"]);
+    let root = pdu::base_search(ROOT_DSE_ID, "", &["namingContexts"]);
     up_out.append_always(&root);
     flush(up_out).await?;
     let (entry, code) = answers(up_in, &[ROOT_DSE_ID]).await?.remove(0);
@@ -138,7 +136,7 @@ pub(super) async fn read(up_in: &mut UpIn, up_out: &mut UpOut) -> Result<ServerP
         .collect();
     let ids: Vec<i32> = (0..contexts.len()).map(|i| CONTEXT_ID - i as i32).collect();
     for (nc, id) in contexts.iter().zip(&ids) {
-        up_out.append_always(&search(*id, nc, &["entryUUID", "nsUniqueId"]));
+        up_out.append_always(&pdu::base_search(*id, nc, &["entryUUID", "nsUniqueId"]));
     }
     flush(up_out).await?;
     let found = answers(up_in, &ids).await?;
@@ -166,22 +164,6 @@ async fn flush(up_out: &mut UpOut) -> Result<(), Refused> {
         .flush()
         .await
         .map_err(|e| Refused::Lost(e.to_string()))
-}
-
-fn search(id: i32, base: &str, attrs: &[&str]) -> bytes::Bytes {
-    pdu::encode(LdapMsg::new(
-        id,
-        LdapOp::SearchRequest(LdapSearchRequest {
-            base: base.into(),
-            scope: LdapSearchScope::Base,
-            aliases: LdapDerefAliases::Never,
-            sizelimit: 0,
-            timelimit: 0,
-            typesonly: false,
-            filter: LdapFilter::Present("objectClass".into()),
-            attrs: attrs.iter().map(|a| a.to_string()).collect(),
-        }),
-    ))
 }
 
 /// Attributes of an entry, by name.

@@ -367,6 +367,19 @@ pub fn search(msgid: i32, base: &str, scope: u8, filter: &str, attrs: &[&str]) -
     )
 }
 
+/// `msg`, a search, as a syncrepl refreshAndPersist search (RFC 4533): after
+/// its refresh phase it stays in flight, sending changes as they happen.
+pub fn refresh_and_persist(mut msg: LdapMsg) -> LdapMsg {
+    msg.ctrl
+        .push(ldap3_proto::control::LdapControl::SyncRequest {
+            criticality: true,
+            mode: ldap3_proto::proto::SyncRequestMode::RefreshAndPersist,
+            cookie: None,
+            reload_hint: false,
+        });
+    msg
+}
+
 /// Result code of a final response frame.
 pub fn result_code(frame: &[u8]) -> Option<i64> {
     Envelope::response(frame).unwrap().result_code
