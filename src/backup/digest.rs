@@ -118,47 +118,63 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-/// The DN's normalised RDNs, encoded. [`NormDn`] shows its RDNs joined by
-/// `,`, which is ambiguous when a value holds an escaped `,`; so the DN is
-/// cut into RDNs here (at a `,` or `;` outside quotes and not escaped) and
-/// each RDN normalised on its own, and the result must agree with the
-/// whole DN's normalisation.
+/// `s` cut at each byte of `seps` that is outside quotes and not escaped.
+fn split_unescaped<'a>(s: &'a str, seps: &[u8]) -> Vec<&'a str> {
+    let b = s.as_bytes();
+    let mut parts = Vec::new();
+    let (mut start, mut i, mut quoted) = (0, 0, false);
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 1,
+            b'"' => quoted = !quoted,
+            c if !quoted && seps.contains(&c) => {
+                // An ASCII byte: `start..i` and `i + 1` are on characters.
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    parts.push(&s[start.min(s.len())..]);
+    parts
+}
+
+/// The DN's normalised RDNs, each its normalised AVAs sorted, encoded.
+/// [`NormDn`] shows them joined by `,` and `+`, which is ambiguous when a
+/// value holds an escaped `,` or `+`; so the DN is cut into RDNs (at `,` or
+/// `;`) and AVAs (at `+`) here, outside quotes and escapes, each AVA
+/// normalised on its own, and the result must agree with the whole DN's
+/// normalisation.
 fn canonical_dn(dn: &str) -> Result<Vec<u8>, DigestError> {
     let bad = || DigestError::Dn(dn.to_string());
     let whole = NormDn::parse(dn.as_bytes()).ok_or_else(bad)?;
-    let mut rdns = Vec::new();
+    let mut rdns: Vec<Vec<String>> = Vec::new();
     if !whole.is_root() {
-        let b = dn.as_bytes();
-        let (mut start, mut i, mut quoted) = (0, 0, false);
-        while i < b.len() {
-            match b[i] {
-                b'\\' => i += 1,
-                b'"' => quoted = !quoted,
-                b',' | b';' if !quoted => {
-                    rdns.push(&dn[start..i]);
-                    start = i + 1;
+        for rdn in split_unescaped(dn, b",;") {
+            let mut avas = Vec::new();
+            for ava in split_unescaped(rdn, b"+") {
+                let n = NormDn::parse(ava.as_bytes()).ok_or_else(bad)?;
+                if n.depth() != 1 {
+                    return Err(bad());
                 }
-                _ => {}
+                avas.push(n.to_string());
             }
-            i += 1;
+            avas.sort();
+            rdns.push(avas);
         }
-        rdns.push(&dn[start.min(dn.len())..]);
     }
-    let mut norm = Vec::with_capacity(rdns.len());
-    for rdn in rdns {
-        let n = NormDn::parse(rdn.as_bytes()).ok_or_else(bad)?;
-        if n.depth() != 1 {
-            return Err(bad());
-        }
-        norm.push(n.to_string());
-    }
-    if norm.len() != whole.depth() || norm.join(",") != whole.to_string() {
+    let joined: Vec<String> = rdns.iter().map(|avas| avas.join("+")).collect();
+    if rdns.len() != whole.depth() || joined.join(",") != whole.to_string() {
         return Err(bad());
     }
     let mut out = Vec::new();
-    put_len(&mut out, norm.len());
-    for r in &norm {
-        put_str(&mut out, r.as_bytes());
+    put_len(&mut out, rdns.len());
+    for avas in &rdns {
+        put_len(&mut out, avas.len());
+        for ava in avas {
+            put_str(&mut out, ava.as_bytes());
+        }
     }
     Ok(out)
 }
@@ -336,6 +352,15 @@ mod tests {
             vec![Entry::new("cn=a,ou=b,dc=x").with("cn", "a,ou=b")],
             "unescaped",
         );
+        // Nor is an escaped plus an AVA separator.
+        check(
+            vec![Entry::new("cn=a\\+uid=b,dc=x").with("cn", "a+uid=b")],
+            "escaped plus",
+        );
+        check(
+            vec![Entry::new("cn=a+uid=b,dc=x").with("cn", "a+uid=b")],
+            "multi-valued RDN",
+        );
     }
 
     #[test]
@@ -352,6 +377,11 @@ mod tests {
         assert_eq!(
             d(&[Entry::new("cn=a\\2Cb,dc=x")]),
             d(&[Entry::new("cn=a\\,b,dc=x")])
+        );
+        // A multi-valued RDN in any order and spelling.
+        assert_eq!(
+            d(&[Entry::new("cn=a+uid=b,dc=x")]),
+            d(&[Entry::new("UID=b + CN=A,dc=x")])
         );
         // The root DSE's empty DN.
         assert!(Digest::of_entries([Entry::new("")]).is_ok());
