@@ -7,7 +7,7 @@
 //!
 //! * its DN normalised ([`NormDn`]: attribute types by their short names,
 //!   values case-folded, escapes and spaces undone), kept as its list of
-//!   RDNs;
+//!   RDNs, each the sorted list of its AVAs (`type=value`);
 //! * its attributes without the ones the server computes on read
 //!   ([`COMPUTED`]), names in ASCII lower case (options kept: `cn;lang-de`
 //!   is not `cn`), lines of the same name merged, sorted by name;
@@ -18,8 +18,8 @@
 //!
 //! Encoding: every string is its length (u64, big-endian) then its bytes,
 //! every list its count (u64) then its items; nothing is ambiguous.
-//! `entry = sha256(list(rdn) || list(attr))`, `attr = str(name) ||
-//! list(str(value))`; the digest is `sha256("abproxy entry digest v1" ||
+//! `entry = sha256(list(rdn) || list(attr))`, `rdn = list(str(ava))`,
+//! `attr = str(name) || list(str(value))`; the digest is `sha256("abproxy entry digest v1" ||
 //! u64(count) || entry hashes in order)`. Only the DNs and one hash per
 //! entry are kept in memory.
 
