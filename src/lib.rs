@@ -11,6 +11,7 @@
 #![warn(unreachable_pub)]
 
 mod backoff;
+pub mod backup;
 pub mod config;
 pub mod endpoint;
 pub mod freeze;
