@@ -821,3 +821,103 @@ async fn a_sync_search_ends_with_the_reason_and_the_others_go_on() {
         read.stdout
     );
 }
+
+/// A page of a virtual list view over the people sorted by uid (slapd's
+/// sssvlv overlay): the entries' count and the contextID handed out.
+async fn vlv_page(
+    c: &mut RawConn,
+    msgid: i32,
+    offset: u8,
+    context: Option<&[u8]>,
+) -> (usize, Option<Vec<u8>>) {
+    use ldap3_proto::control::{LdapControl, ServerSortRequet};
+    let mut msg = search(
+        msgid,
+        "ou=people,dc=example,dc=org",
+        1,
+        "(objectClass=*)",
+        &["uid"],
+    );
+    // VirtualListViewRequest: beforeCount 0, afterCount 1, byOffset
+    // { offset, contentCount 0 }, contextID.
+    let mut inner = vec![
+        0x02, 0x01, 0x00, 0x02, 0x01, 0x01, 0xa0, 0x06, 0x02, 0x01, offset, 0x02, 0x01, 0x00,
+    ];
+    if let Some(ctx) = context {
+        inner.push(0x04);
+        inner.push(ctx.len() as u8);
+        inner.extend_from_slice(ctx);
+    }
+    let mut value = vec![0x30, inner.len() as u8];
+    value.extend(inner);
+    msg.ctrl = vec![
+        LdapControl::ServerSort {
+            sort_requests: vec![ServerSortRequet {
+                attribute_name: "uid".into(),
+                ordering_rule: Some("caseIgnoreOrderingMatch".into()),
+                reverse_order: false,
+            }],
+        },
+        LdapControl::Unknown {
+            oid: "2.16.840.1.113730.3.4.9".into(),
+            criticality: true,
+            value: Some(value),
+        },
+    ];
+    c.send_msg(msg).await;
+    let frames = c.recv_until_final(msgid).await;
+    let (done, entries) = frames.split_last().expect("a done");
+    assert_eq!(result_code(done), Some(0), "{}", diagnostic(done));
+    let ctrl = crate::support::ds389::decode(done).ctrl;
+    let context = ctrl.into_iter().find_map(|c| match c {
+        LdapControl::Unknown {
+            oid,
+            value: Some(v),
+            ..
+        } if oid == "2.16.840.1.113730.3.4.10" => {
+            // SEQUENCE { INTEGER, INTEGER, ENUMERATED, contextID OCTET STRING OPTIONAL }
+            let mut i = 2;
+            for _ in 0..3 {
+                i += 2 + v[i + 1] as usize;
+            }
+            (i < v.len()).then(|| v[i + 2..i + 2 + v[i + 1] as usize].to_vec())
+        }
+        _ => None,
+    });
+    (entries.len(), context)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holding_a_virtual_list_view_context_ends_with_the_reason() {
+    let mut lab = stop_lab(true).await;
+    let engine = lab.proxy.engine();
+    // slapd's sssvlv hands out a contextID with each page, and expects it
+    // back with the next.
+    let mut viewing = bound(&lab, &user_dn(1), &user_pw(1)).await;
+    let (n, context) = vlv_page(&mut viewing, 2, 1, None).await;
+    assert_eq!(n, 2);
+    let context = context.expect("slapd hands out a contextID");
+    let (n, again) = vlv_page(&mut viewing, 3, 3, Some(&context)).await;
+    assert_eq!(n, 2);
+    assert!(again.is_some(), "and again with the next page");
+    let mut idle = bound(&lab, &user_dn(2), &user_pw(2)).await;
+    let mut admin = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    assert_eq!(
+        call(&mut admin, ab(2, &AllowBackupRequest::on())).await.0,
+        0
+    );
+    restart(&mut lab).await;
+    let notice = viewing.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 52);
+    assert!(why.contains("virtual list view context"), "{why}");
+    let counts = engine.clone();
+    wait_until("two sessions waiting, one not carried", 10, || {
+        counts.carry_counts() == (2, 0, 1)
+    })
+    .await;
+    assert_eq!(
+        call(&mut admin, ab(3, &AllowBackupRequest::off())).await.0,
+        0
+    );
+    assert_eq!(whoami(&mut idle, 2).await, format!("dn:{}", user_dn(2)));
+}
