@@ -1333,14 +1333,14 @@ fn signal_name(sig: i32) -> String {
 }
 
 /// SIGINT, SIGTERM and SIGHUP, caught.
-struct Signals {
+pub(crate) struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn new() -> std::io::Result<Signals> {
+    pub(crate) fn new() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
@@ -1349,7 +1349,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) -> i32 {
+    pub(crate) async fn recv(&mut self) -> i32 {
         tokio::select! {
             _ = self.int.recv() => libc::SIGINT,
             _ = self.term.recv() => libc::SIGTERM,
@@ -1422,46 +1422,20 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
             return 1;
         }
     };
-    let request = spec.request.clone().with_hold_until_unbind(true);
-
-    // ON, on a connection kept for the whole run.
-    let waiting = progress.waiting(format!(
-        "draining… (freeze requested at {})",
-        spec.target.url
-    ));
-    let what = format!("the freeze (ON) at {}", spec.target.url);
-    let on = within(spec.on_timeout, &what, ON_TIMEOUT_HINT, async {
-        let mut s = Session::connect_tls(&spec.target, &spec.tls).await?;
-        let f = s.on(&request).await?;
-        Ok((s, f))
-    });
-    let (mut session, frozen) = tokio::select! {
-        r = on => match r {
-            Ok(v) => v,
-            Err(e) => {
-                drop(waiting);
-                // A timed-out ON closes its connection: with holdUntilUnbind
-                // the proxy then drops the freeze, whatever stage it was in.
-                let e = if e.kind == ErrorKind::Timeout {
-                    OpError { hint: "the connection was closed, so the proxy drops the freeze (holdUntilUnbind); give --timeout to wait longer".into(), ..e }
-                } else {
-                    e
-                };
-                progress.line(format!("error: {e}; {shown} was not run"));
-                return e.exit_code();
-            }
-        },
-        sig = signals.recv() => {
-            drop(waiting);
-            progress.line(format!(
-                "{} received before the freeze was in place: {shown} was not run; \
-                 the connection is closed, so the proxy drops the freeze",
-                signal_name(sig)
-            ));
-            return 128 + sig as u8;
-        }
+    let (mut session, frozen) = match freeze_held(
+        &spec.target,
+        &spec.tls,
+        &spec.request,
+        spec.on_timeout,
+        &mut signals,
+        &format!("{shown} was not run"),
+        progress,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(code) => return code,
     };
-    drop(waiting);
     progress.line(format!("{}; running {shown}", frozen.message));
 
     // The command.
@@ -1508,46 +1482,121 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
     let freeze_problem: Option<u8> = if lost {
         Some(exit::FAILED)
     } else {
-        let what = format!("the release (OFF) at {}", spec.target.url);
-        // Naming the freeze: if it ended early (the lease) and another job
-        // froze since, this OFF must not end that job's freeze.
-        let off = within(
+        release_held(
+            &mut session,
+            &frozen,
+            &spec.target.url,
             spec.off_timeout,
-            &what,
-            TIMEOUT_HINT,
-            session.off_freeze(frozen.id()),
+            &format!("{shown} finished"),
+            progress,
         )
-        .await;
-        match off {
-            Ok(r @ Released::Released(_)) => {
-                let down = r.server_down();
-                if let Released::Released(msg) = r {
-                    progress.line(msg);
-                }
-                down.then_some(exit::SERVER_DOWN)
-            }
-            Ok(Released::NotFrozen) => {
-                progress.line(format!(
-                    "warning: the freeze had already ended before {shown} finished \
-                     (released by another `abproxy off`?), the backup may be inconsistent"
-                ));
-                Some(exit::FAILED)
-            }
-            Err(e) => {
-                let word = if e.kind == ErrorKind::Expired {
-                    "warning"
-                } else {
-                    "error"
-                };
-                progress.line(format!("{word}: OFF: {e}"));
-                Some(e.exit_code())
-            }
-        }
+        .await
     };
     session.close().await;
     match (cmd_code, freeze_problem) {
         (0, Some(code)) => code,
         (code, _) => code,
+    }
+}
+
+/// ON with holdUntilUnbind on a new connection that the caller keeps for
+/// as long as the freeze must last (so the freeze ends if this process
+/// dies), with a "draining…" progress line. On failure, or a signal before
+/// the freeze is in place, prints why (`not_done`: what was therefore not
+/// done) and returns the exit status.
+pub(crate) async fn freeze_held(
+    target: &Target,
+    tls: &ClientTls,
+    request: &FreezeRequest,
+    on_timeout: Duration,
+    signals: &mut Signals,
+    not_done: &str,
+    progress: &Progress,
+) -> Result<(Session, Frozen), u8> {
+    let request = request.clone().with_hold_until_unbind(true);
+    let waiting = progress.waiting(format!("draining… (freeze requested at {})", target.url));
+    let what = format!("the freeze (ON) at {}", target.url);
+    let on = within(on_timeout, &what, ON_TIMEOUT_HINT, async {
+        let mut s = Session::connect_tls(target, tls).await?;
+        let f = s.on(&request).await?;
+        Ok((s, f))
+    });
+    let r = tokio::select! {
+        r = on => match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // A timed-out ON closes its connection: with holdUntilUnbind
+                // the proxy then drops the freeze, whatever stage it was in.
+                let e = if e.kind == ErrorKind::Timeout {
+                    OpError { hint: "the connection was closed, so the proxy drops the freeze (holdUntilUnbind); give --timeout to wait longer".into(), ..e }
+                } else {
+                    e
+                };
+                drop(waiting);
+                progress.line(format!("error: {e}; {not_done}"));
+                return Err(e.exit_code());
+            }
+        },
+        sig = signals.recv() => {
+            drop(waiting);
+            progress.line(format!(
+                "{} received before the freeze was in place: {not_done}; \
+                 the connection is closed, so the proxy drops the freeze",
+                signal_name(sig)
+            ));
+            return Err(128 + sig as u8);
+        }
+    };
+    drop(waiting);
+    r
+}
+
+/// OFF naming the freeze `frozen` set up, on its own connection, within
+/// `off_timeout`; prints the answer. `None` when released, else the exit
+/// status that tells what went wrong (`until`: what the freeze had to last
+/// until, for the message when it had already ended).
+pub(crate) async fn release_held(
+    session: &mut Session,
+    frozen: &Frozen,
+    url: &str,
+    off_timeout: Duration,
+    until: &str,
+    progress: &Progress,
+) -> Option<u8> {
+    let what = format!("the release (OFF) at {url}");
+    // Naming the freeze: if it ended early (the lease) and another job
+    // froze since, this OFF must not end that job's freeze.
+    let off = within(
+        off_timeout,
+        &what,
+        TIMEOUT_HINT,
+        session.off_freeze(frozen.id()),
+    )
+    .await;
+    match off {
+        Ok(r @ Released::Released(_)) => {
+            let down = r.server_down();
+            if let Released::Released(msg) = r {
+                progress.line(msg);
+            }
+            down.then_some(exit::SERVER_DOWN)
+        }
+        Ok(Released::NotFrozen) => {
+            progress.line(format!(
+                "warning: the freeze had already ended before {until} \
+                 (released by another `abproxy off`?), the backup may be inconsistent"
+            ));
+            Some(exit::FAILED)
+        }
+        Err(e) => {
+            let word = if e.kind == ErrorKind::Expired {
+                "warning"
+            } else {
+                "error"
+            };
+            progress.line(format!("{word}: OFF: {e}"));
+            Some(e.exit_code())
+        }
     }
 }
 
