@@ -18,9 +18,9 @@ use tracing_subscriber::EnvFilter;
     name = "abproxy",
     version,
     about = "Transparent LDAP proxy that lets a live directory be backed up (Allow-Backup extended operation)",
-    after_help = "The operator commands (on, off, status, run, hook) talk to a running proxy and \
+    after_help = "The operator commands (on, off, status, run, backup, hook) talk to a running proxy and \
                   exit 0 when done, 2 on bad arguments, 3 when the proxy refuses, 4 when it cannot be \
-                  reached or bound to, 5 on timeout, 6 when the freeze failed or had expired; \
+                  reached or bound to, 5 on timeout, 6 when the freeze failed or had expired, 8 when a backup failed; \
                   `abproxy help on` has the details."
 )]
 struct Cli {
@@ -53,6 +53,10 @@ enum Command {
     /// SIGINT/SIGTERM (forwarded to CMD); a killed wrapper releases too.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
     Run(RunArgs),
+    /// Back up the frozen backends to a new directory: freeze, export
+    /// every entry as LDIF through the proxy, release, write a manifest.
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
+    Backup(BackupArgs),
     /// Pre/post script for backup tools (Bacula RunBeforeJob/RunAfterJob,
     /// borgmatic before/after hooks): --before freezes, --after releases.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
@@ -165,6 +169,28 @@ struct RunArgs {
     /// The backup command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+/// How `backup` reads the data.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Method {
+    /// Export every entry (`*` and `+`) through the proxy as LDIF.
+    Ldif,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// The backup directory to create (must not exist; written as
+    /// DIR.partial-PID and renamed once whole).
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// How the data is read.
+    #[arg(long, value_enum, default_value = "ldif")]
+    method: Method,
+    #[command(flatten)]
+    freeze: FreezeArgs,
+    #[command(flatten)]
+    conn: ConnArgs,
 }
 
 #[derive(Args)]
@@ -462,6 +488,10 @@ fn operator_main(command: Command) -> ExitCode {
             Command::Status(a) => commands::status(&conn(&a.conn), a.json).await,
             Command::Run(a) => {
                 commands::run(conn(&a.conn), &freeze_request(&a.freeze), a.command).await
+            }
+            Command::Backup(a) => {
+                let Method::Ldif = a.method;
+                commands::backup(conn(&a.conn), &freeze_request(&a.freeze), a.to).await
             }
             Command::Hook(a) if a.hold => commands::hook_hold(&hook(&a)).await,
             Command::Hook(a) if a.before => {

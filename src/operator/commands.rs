@@ -1,4 +1,4 @@
-//! The operator commands (`abproxy on|off|status|run|hook`) as the binary
+//! The operator commands (`abproxy on|off|status|run|backup|hook`) as the binary
 //! runs them: each takes what the command line said, prints what the user
 //! sees, and returns the exit status (see [`super::exit`]). `main.rs` only
 //! turns flags into these values.
@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::backup::BackupSpec;
 use super::hook::{self, HookRecord, HookState};
 use super::{
     exit, run_frozen, with_session_tls, within, ClientTls, ErrorKind, FreezeRequest, OpError,
@@ -162,6 +163,25 @@ pub async fn run(conn: Conn, req: &FreezeRequest, command: Vec<OsString>) -> u8 
         command,
     };
     run_frozen(spec, &Progress::stderr("abproxy run")).await
+}
+
+/// `abproxy backup --to DIR`.
+pub async fn backup(conn: Conn, req: &FreezeRequest, to: PathBuf) -> u8 {
+    let off_timeout = conn.off_limit();
+    let target = match conn.target {
+        Ok(t) => t,
+        Err(e) => return fail("abproxy backup", &e),
+    };
+    let request = req.clone().with_hold_until_unbind(true);
+    let spec = BackupSpec {
+        target,
+        tls: conn.tls,
+        on_timeout: conn.timeout.unwrap_or_else(|| request.default_timeout()),
+        off_timeout,
+        request,
+        to,
+    };
+    super::backup::backup(spec, &Progress::stderr("abproxy backup")).await
 }
 
 /// `abproxy hook`: where it connects, its state file (`--state-file`,

@@ -50,6 +50,7 @@ use tokio::task::JoinHandle;
 use crate::endpoint::Endpoint;
 use crate::tls::describe_io;
 
+pub mod backup;
 pub mod commands;
 pub mod hook;
 pub use hook::{HookRecord, HookState};
@@ -74,6 +75,10 @@ pub mod exit {
     /// Released, but the server stopped during the freeze does not answer
     /// again yet (its clients' sessions wait for it).
     pub const SERVER_DOWN: u8 = 7;
+    /// `backup`: the backup itself failed (cannot write the backup
+    /// directory, the export search failed, a backend frozen in a mode the
+    /// method cannot read); released, nothing written at DIR.
+    pub const BACKUP_FAILED: u8 = 8;
 }
 
 /// The default `--url`.
@@ -95,6 +100,10 @@ Exit status:
      may be inconsistent
   7  released, but the LDAP server stopped during the freeze does not
      answer again yet (its clients wait for it; see the proxy's log)
+  8  `backup`: the backup failed (cannot write it, the export failed, a
+     backend in stop mode); released, nothing written at DIR
+`backup` exits 2 if DIR exists, 2-7 as above if the freeze could not be
+set up or did not last, 8 otherwise; a failed backup leaves nothing at DIR.
 `run` exits with the status of CMD (128+N if CMD died of signal N), or
 2-6 as above if the freeze could not be set up (CMD is then not run), 6 if
 CMD succeeded but the freeze did not last until it ended, 7 if CMD
@@ -905,6 +914,11 @@ impl Session {
             }
         }
         Ok(session)
+    }
+
+    /// The LDAP connection itself (the backup's export reads through it).
+    pub(crate) fn ldap(&mut self) -> &mut Ldap {
+        &mut self.ldap
     }
 
     /// The URL this session is connected to.
