@@ -15,6 +15,7 @@
 
 mod support;
 
+mod backup_cmd;
 mod backup_digest;
 mod backup_restore;
 mod carry;

@@ -1,0 +1,374 @@
+//! `abproxy backup --to DIR`, run as the built binary against a real slapd
+//! (both suffixes, readonly) with the proxy in front: the backup taken while
+//! writers keep writing is the state at one instant inside the command (every
+//! write acknowledged before it is in, none acknowledged after it), its
+//! manifest agrees with its files, its digest with `slapcat`; a failed
+//! backup leaves nothing behind (no DIR, no temporary directory, no freeze).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use abproxy::backup::{ldif, Digest, Entry};
+use abproxy::config::{BackendConfig, Config};
+use abproxy::freeze::backend::Mode;
+use abproxy::operator::{self, State, Status, Target};
+use sha2::{Digest as _, Sha256};
+use testkit::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_SUFFIX};
+use tokio::task::block_in_place;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
+const SUFFIX: &str = "dc=example,dc=org";
+
+/// slapd (20 users a suffix) and the proxy, both suffixes in `mode`,
+/// `cn=admin,dc=example,dc=org` allowed.
+async fn lab(mode: Mode) -> Lab {
+    Lab::with(
+        SlapdOptions {
+            nosync: true,
+            users: 20,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.freeze.allowed = vec![ADMIN_DN.into()];
+            c.backends = vec![
+                BackendConfig::new(SUFFIX, mode),
+                BackendConfig::new(OTHER_SUFFIX, mode),
+            ];
+        },
+    )
+    .await
+}
+
+/// `abproxy backup ARGS` as `dn`, within 120 s.
+async fn backup_as(lab: &Lab, dn: &str, pw: &str, args: &[&str]) -> ToolOutput {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("backup")
+        .args(args)
+        .env_remove("ABPROXY_LOG")
+        .env("ABPROXY_URL", lab.proxied())
+        .env("ABPROXY_BIND_DN", dn)
+        .env("ABPROXY_PASSWORD", pw)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("abproxy backup did not finish within 120 s")
+        .expect("run abproxy");
+    ToolOutput::from(out)
+}
+
+async fn backup(lab: &Lab, args: &[&str]) -> ToolOutput {
+    backup_as(lab, ADMIN_DN, ADMIN_PW, args).await
+}
+
+async fn status(lab: &Lab) -> Status {
+    let admin = Target {
+        url: lab.proxied(),
+        bind_dn: Some(ADMIN_DN.into()),
+        password: Some(operator::Password::new(ADMIN_PW)),
+    };
+    operator::with_session(&admin, Duration::from_secs(10), "", async |s| {
+        s.status().await
+    })
+    .await
+    .expect("status")
+}
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
+    serde_json::from_str(&text).expect("manifest.json is JSON")
+}
+
+fn read_entries(path: &Path) -> Vec<Entry> {
+    let text = std::fs::read_to_string(path).expect("read the LDIF");
+    ldif::read(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Names in `dir` (the parent of the backup) that are temporary directories.
+fn partials(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|n| n.contains(".partial-"))
+        .collect()
+}
+
+/// The manifest agrees with the files: per backend the entry count and
+/// digest of its LDIF, and every file's size and SHA-256. The entries of
+/// each backend by suffix.
+fn check_manifest(dir: &Path) -> HashMap<String, (Vec<Entry>, String)> {
+    let m = manifest(dir);
+    assert_eq!(m["format_version"], 1);
+    assert!(m["freeze"]["id"].as_u64().is_some(), "{m}");
+    let files = m["files"].as_array().expect("files");
+    for f in files {
+        let name = f["name"].as_str().expect("name");
+        let bytes = std::fs::read(dir.join(name)).expect("a listed file");
+        assert_eq!(
+            f["size"].as_u64(),
+            Some(bytes.len() as u64),
+            "size of {name}"
+        );
+        let hex: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(f["sha256"].as_str(), Some(hex.as_str()), "sha256 of {name}");
+    }
+    let mut out = HashMap::new();
+    for b in m["backends"].as_array().expect("backends") {
+        let file = b["file"].as_str().expect("file");
+        assert!(
+            files.iter().any(|f| f["name"] == file),
+            "{file} listed in files"
+        );
+        let entries = read_entries(&dir.join(file));
+        assert_eq!(b["entries"].as_u64(), Some(entries.len() as u64), "{b}");
+        let digest = Digest::of_entries(entries.clone()).expect("digest");
+        assert_eq!(b["digest"].as_str(), Some(digest.to_string().as_str()));
+        assert_eq!(b["mode"], "readonly");
+        assert_eq!(b["method"], "ldif");
+        out.insert(
+            b["suffix"].as_str().expect("suffix").to_string(),
+            (entries, digest.to_string()),
+        );
+    }
+    for name in ["HEADER.txt", "backup.log"] {
+        assert!(dir.join(name).is_file(), "{name}");
+    }
+    out
+}
+
+/// What one writer saw acknowledged, in order: (k, when its add was, when
+/// its modify was).
+type Acks = Vec<(usize, Instant, Instant)>;
+
+/// Writer `w`: adds `cn=wW-K,SUFFIX` and sets user W's description to
+/// `wW-K`, K = 0, 1, ..., until `stop`; each acknowledged K with its time.
+async fn writer(url: String, w: usize, stop: Arc<AtomicBool>) -> Acks {
+    let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.expect("connect");
+    ldap3::drive!(conn);
+    ldap.simple_bind(ADMIN_DN, ADMIN_PW)
+        .await
+        .expect("bind")
+        .success()
+        .expect("bind");
+    let mut acks = Vec::new();
+    let mut k = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let name = format!("w{w}-{k}");
+        let dn = format!("cn={name},{SUFFIX}");
+        let add = ldap
+            .add(
+                &dn,
+                vec![
+                    ("objectClass", HashSet::from(["device"])),
+                    ("cn", HashSet::from([name.as_str()])),
+                ],
+            )
+            .await
+            .expect("add")
+            .rc;
+        assert_eq!(add, 0, "add {dn}");
+        let added = Instant::now();
+        let modify = ldap
+            .modify(
+                &user_dn(w),
+                vec![ldap3::Mod::Replace(
+                    "description",
+                    HashSet::from([name.as_str()]),
+                )],
+            )
+            .await
+            .expect("modify")
+            .rc;
+        assert_eq!(modify, 0, "modify {}", user_dn(w));
+        acks.push((k, added, Instant::now()));
+        k += 1;
+    }
+    let _ = ldap.unbind().await;
+    acks
+}
+
+fn values<'a>(e: &'a Entry, attr: &str) -> Vec<&'a [u8]> {
+    e.attrs
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(attr))
+        .flat_map(|(_, v)| v.iter().map(Vec::as_slice))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_under_writers_is_one_instant_and_its_manifest_checks_out() {
+    let lab = lab(Mode::Readonly).await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (1..=4)
+        .map(|w| tokio::spawn(writer(lab.proxied(), w, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = Instant::now();
+    let out = backup(&lab, &["--to", dir.to_str().unwrap()]).await;
+    let after = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acks = Vec::new();
+    for w in writers {
+        acks.push(
+            tokio::time::timeout(Duration::from_secs(30), w)
+                .await
+                .expect("writer stops")
+                .expect("writer"),
+        );
+    }
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(partials(parent.path()).is_empty());
+    let backends = check_manifest(&dir);
+    assert_eq!(backends.len(), 2, "both suffixes");
+    let (entries, _) = &backends[SUFFIX];
+    // 10 users, ou=people and the suffix entry.
+    assert!(
+        backends[OTHER_SUFFIX].0.len() >= 12,
+        "{}",
+        backends[OTHER_SUFFIX].0.len()
+    );
+
+    let dns: HashSet<String> = entries.iter().map(|e| e.dn.to_lowercase()).collect();
+    for (i, acks) in acks.iter().enumerate() {
+        let w = i + 1;
+        let in_backup = |k: usize| dns.contains(&format!("cn=w{w}-{k},{SUFFIX}"));
+        let last_before = acks.iter().rev().find(|a| a.2 < before).map(|a| a.0);
+        let first_after = acks.iter().find(|a| a.2 > after).map(|a| a.0);
+        assert!(
+            first_after.is_some(),
+            "writer {w} wrote nothing after the backup"
+        );
+        let last_before = last_before.unwrap_or_else(|| panic!("writer {w}: nothing before"));
+        for &(k, t, _) in acks {
+            if t < before {
+                assert!(in_backup(k), "w{w}-{k}, acknowledged before, is missing");
+            } else if t > after {
+                assert!(!in_backup(k), "w{w}-{k}, acknowledged after, is in");
+            }
+        }
+        // The description: the value of a write acknowledged during the
+        // command or the last one before, never one from after.
+        let user = entries
+            .iter()
+            .find(|e| e.dn.eq_ignore_ascii_case(&user_dn(w)))
+            .expect("user entry");
+        let desc = String::from_utf8(values(user, "description")[0].to_vec()).unwrap();
+        let k: usize = desc
+            .rsplit('-')
+            .next()
+            .and_then(|k| k.parse().ok())
+            .unwrap_or_else(|| panic!("description {desc}"));
+        assert!(k >= last_before, "{desc}: older than w{w}-{last_before}");
+        // One instant: the writer's adds in the backup are w-0..=K with no
+        // gap, and the description the one of add K's write (K, or K-1
+        // when the freeze fell between that add and its modify).
+        let added: Vec<usize> = (0..acks.len()).filter(|&k| in_backup(k)).collect();
+        let top = *added.last().expect("adds in the backup");
+        assert_eq!(added.len(), top + 1, "writer {w}: gaps in {added:?}");
+        assert!(
+            k == top || k + 1 == top,
+            "writer {w}: description {desc} with adds up to w{w}-{top}: not one instant"
+        );
+        assert!(k < first_after.unwrap(), "{desc}: written after the backup");
+    }
+    // Released: the writers went on, nothing is frozen.
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_digest_equals_slapcat_of_the_live_server() {
+    let lab = lab(Mode::Readonly).await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let out = backup(&lab, &["--to", dir.to_str().unwrap(), "--method", "ldif"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let backends = check_manifest(&dir);
+    // The admin is the rootdn of SUFFIX only (it cannot read userPassword
+    // under the other suffix), so SUFFIX is the one to compare.
+    let dump = block_in_place(|| lab.slapd.slapcat(SUFFIX)).expect("slapcat");
+    let dumped = Digest::of_entries(ldif::read(&dump).expect("slapcat LDIF")).unwrap();
+    assert_eq!(backends[SUFFIX].1, dumped.to_string());
+    let m = manifest(&dir);
+    // slapd's root DSE has no vendorName: recorded as absent (null).
+    assert!(m["server"].get("vendor_name").is_some(), "{m}");
+    let header = std::fs::read_to_string(dir.join("HEADER.txt")).unwrap();
+    assert!(header.contains(&dumped.to_string()), "{header}");
+    let log = std::fs::read_to_string(dir.join("backup.log")).unwrap();
+    assert!(
+        log.contains("freeze (ON)") && log.contains("release (OFF)"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_backup_leaves_nothing_behind() {
+    let lab = lab(Mode::Readonly).await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+
+    // An operator not in [freeze] allowed.
+    let out = backup_as(
+        &lab,
+        &user_dn(1),
+        &user_pw(1),
+        &["--to", dir.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(out.code, Some(3), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("insufficientAccessRights"),
+        "{}",
+        out.stderr
+    );
+    assert!(!dir.exists());
+    assert!(partials(parent.path()).is_empty());
+    assert_eq!(status(&lab).await.state, State::Thawed);
+
+    // DIR exists: a usage error, DIR untouched.
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("keep"), "x").unwrap();
+    let out = backup(&lab, &["--to", dir.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("exists"), "{}", out.stderr);
+    assert_eq!(std::fs::read_to_string(dir.join("keep")).unwrap(), "x");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    assert!(partials(parent.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_mode_freeze_is_refused_and_released() {
+    let lab = lab(Mode::Stop).await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let out = backup(&lab, &["--to", dir.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(8), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("which a stop-mode freeze holds; use readonly mode"),
+        "{}",
+        out.stderr
+    );
+    assert!(!dir.exists());
+    assert!(partials(parent.path()).is_empty());
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
