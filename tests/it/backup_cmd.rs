@@ -372,3 +372,67 @@ async fn a_stop_mode_freeze_is_refused_and_released() {
     assert!(partials(parent.path()).is_empty());
     assert_eq!(status(&lab).await.state, State::Thawed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_killed_while_exporting_leaves_no_freeze_and_no_dir() {
+    let lab = Lab::with(
+        SlapdOptions {
+            nosync: true,
+            users: 20,
+            other_users: 5000,
+            ..Default::default()
+        },
+        |c: &mut Config| c.freeze.allowed = vec![ADMIN_DN.into()],
+    )
+    .await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["backup", "--to", dir.to_str().unwrap()])
+        .env_remove("ABPROXY_LOG")
+        .env("ABPROXY_URL", lab.proxied())
+        .env("ABPROXY_BIND_DN", ADMIN_DN)
+        .env("ABPROXY_PASSWORD", ADMIN_PW)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start abproxy backup");
+    let pid = child.id().expect("pid");
+    let tmp = parent.path().join(format!("bk.partial-{pid}"));
+    // The big backend's file has begun: the export is under way (the
+    // small one comes first or second, in the server's order).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let started = std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.filter_map(Result::ok).any(|e| {
+                    e.file_name().to_string_lossy().contains("dc_other_dc_org")
+                        && e.metadata().map(|m| m.len() > 0).unwrap_or(false)
+                })
+            })
+            .unwrap_or(false);
+        if started {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "the export did not start");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(status(&lab).await.state, State::Frozen);
+    child.start_kill().expect("SIGKILL");
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the killed backup exits");
+    // holdUntilUnbind: the proxy ends the freeze when the connection goes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&lab).await.state != State::Thawed {
+        assert!(Instant::now() < deadline, "still frozen after the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!dir.exists(), "a killed backup has no DIR");
+}
