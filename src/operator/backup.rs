@@ -76,6 +76,17 @@ pub struct ServerInfo {
     pub vendor_version: Option<String>,
 }
 
+impl std::fmt::Display for ServerInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.vendor_name, &self.vendor_version) {
+            (Some(n), Some(v)) => write!(f, "{n} {v}"),
+            (Some(n), None) => f.write_str(n),
+            (None, Some(v)) => write!(f, "version {v} (no vendorName)"),
+            (None, None) => f.write_str("no vendorName or vendorVersion in the root DSE"),
+        }
+    }
+}
+
 /// The freeze the backup was taken under.
 #[derive(Debug, Clone, Serialize)]
 pub struct FreezeInfo {
@@ -344,7 +355,7 @@ async fn take(
     };
     let header = header(&manifest);
     write_file(tmp, "HEADER.txt", header.as_bytes())?;
-    log.end(t, "write", "HEADER.txt");
+    log.end(t, "write HEADER.txt", &format!("{} bytes", header.len()));
     let mut text = log.lines.join("\n");
     text.push('\n');
     write_file(tmp, "backup.log", text.as_bytes())?;
@@ -427,15 +438,7 @@ async fn export_all(
 
     let t = log.begin();
     let server = root_dse(session).await?;
-    log.end(
-        t,
-        "root DSE",
-        &format!(
-            "{} {}",
-            server.vendor_name.as_deref().unwrap_or("(no vendorName)"),
-            server.vendor_version.as_deref().unwrap_or("")
-        ),
-    );
+    log.end(t, "root DSE", &server.to_string());
 
     let work = async {
         let mut out = Vec::new();
@@ -642,12 +645,7 @@ fn header(m: &Manifest) -> String {
     let _ = writeln!(s, "format:   {}", m.format_version);
     let _ = writeln!(s, "abproxy:  {}", m.abproxy_version);
     let _ = writeln!(s, "proxy:    {}", m.proxy_url);
-    let _ = writeln!(
-        s,
-        "server:   {} {}",
-        m.server.vendor_name.as_deref().unwrap_or("unknown"),
-        m.server.vendor_version.as_deref().unwrap_or("")
-    );
+    let _ = writeln!(s, "server:   {}", m.server);
     let _ = writeln!(s, "started:  {}", m.started);
     let _ = writeln!(
         s,
