@@ -268,6 +268,15 @@ pub fn write_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
+/// One whole element, tag, length and value (tests build PDUs with it).
+#[cfg(test)]
+pub(crate) fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    write_len(&mut v, value.len());
+    v.extend_from_slice(value);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -414,14 +414,7 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::ber::write_len;
-
-    fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        write_len(&mut v, value.len());
-        v.extend_from_slice(value);
-        v
-    }
+    use crate::wire::ber::tlv;
 
     fn msg(id: &[u8], body: &[u8], controls: Option<&[u8]>) -> Vec<u8> {
         let mut inner = tlv(0x02, id);

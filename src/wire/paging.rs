@@ -79,14 +79,7 @@ fn vlv_request_context(value: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::ber::write_len;
-
-    fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        write_len(&mut v, value.len());
-        v.extend_from_slice(value);
-        v
-    }
+    use crate::wire::ber::tlv;
 
     fn seq(parts: &[Vec<u8>]) -> Vec<u8> {
         tlv(SEQUENCE, &parts.concat())
