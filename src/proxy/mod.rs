@@ -348,7 +348,6 @@ impl Server {
         if let Some(tls) = &self.shared.server_tls {
             tasks.spawn(tls.clone().watch(stop.clone()));
         }
-
         let mut acceptors = Vec::new();
         let listeners: Vec<Arc<Listener>> = self.listeners.into_iter().map(Arc::new).collect();
         for l in &listeners {

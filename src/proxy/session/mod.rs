@@ -110,10 +110,7 @@ impl Close {
 /// one the sessions knew (`print.rs`).
 pub(crate) async fn learn_server_print(shared: Arc<Shared>) {
     let read = async {
-        let (r, w) = shared.connect_upstream().await.map_err(|e| e.to_string())?;
-        let codec = FrameCodec::new(shared.settings.limits.max_response_pdu_bytes);
-        let mut up_in = FrameReader::new(r, codec);
-        let mut up_out = FrameWriter::new(w, UP_BUFFER);
+        let (mut up_in, mut up_out) = open_upstream(&shared).await.map_err(|e| e.to_string())?;
         let p = print::read(&mut up_in, &mut up_out)
             .await
             .map_err(|e| format!("{e:?}"))?;
@@ -129,6 +126,14 @@ pub(crate) async fn learn_server_print(shared: Arc<Shared>) {
         Ok(Err(e)) => debug!("upstream print not read: {e}"),
         Err(_) => debug!("upstream print not read: timed out"),
     }
+}
+
+/// A new connection to the upstream (TLS as configured), framed as a
+/// session's: its input and output.
+async fn open_upstream(shared: &Shared) -> std::io::Result<(UpIn, UpOut)> {
+    let (r, w) = shared.connect_upstream().await?;
+    let codec = FrameCodec::new(shared.settings.limits.max_response_pdu_bytes);
+    Ok((FrameReader::new(r, codec), FrameWriter::new(w, UP_BUFFER)))
 }
 
 /// Either side's input (client or upstream).
@@ -323,12 +328,7 @@ pub(crate) async fn serve_connected(
         .store(shared.prints.generation(), Ordering::SeqCst);
     // A session without a connection yet waits from the start: nothing is
     // sent until the requests loop hands over a new one.
-    let pending = lost.then(|| {
-        let (tx, rx) = oneshot::channel();
-        *lock(&state.new_upstream) = Some(tx);
-        state.upstream_lost.store(true, Ordering::SeqCst);
-        rx
-    });
+    let pending = lost.then(|| state.await_upstream());
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     engine.register(
         id,

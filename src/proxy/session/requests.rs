@@ -20,7 +20,7 @@ use crate::proxy::exops::{self};
 use crate::proxy::mailbox::Inbox;
 use crate::tls::ClientStream;
 use crate::wire::envelope::{auth, oid};
-use crate::wire::{op, paging, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
+use crate::wire::{op, paging, pdu, Envelope, FrameError};
 
 use super::carry::{self, Refused};
 use super::decide::{decide, held_by_session, Abandon, Decision, View};
@@ -28,8 +28,8 @@ use super::end::{reused_id, End, IoAt, Side};
 use super::print;
 use super::state::SessionState;
 use super::{
-    count, feed_waiting, flush_now, flush_waiting, frame_buffered, lock, ClientIn, Close, Local,
-    Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM, UPSTREAM_CLOSE_WAIT, UP_BUFFER,
+    count, feed_waiting, flush_now, flush_waiting, frame_buffered, lock, open_upstream, ClientIn,
+    Close, Local, Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM, UPSTREAM_CLOSE_WAIT,
 };
 
 pub(super) struct Requests<'a> {
@@ -794,13 +794,9 @@ impl Requests<'_> {
         loop {
             let shared = self.shared;
             let attempt = async {
-                let (r, w) = shared
-                    .connect_upstream()
+                let (mut up_in, mut up_out) = open_upstream(shared)
                     .await
                     .map_err(|e| Refused::Lost(e.to_string()))?;
-                let codec = FrameCodec::new(settings.limits.max_response_pdu_bytes);
-                let mut up_in = FrameReader::new(r, codec);
-                let mut up_out = FrameWriter::new(w, UP_BUFFER);
                 carry::reestablish(&mut up_in, &mut up_out, &replay).await?;
                 let (generation, why) = shared
                     .prints

@@ -276,12 +276,7 @@ impl Responses {
     async fn await_new_upstream(&mut self) -> Result<UpIn, End> {
         let mut rx = match self.pending.take() {
             Some(rx) => rx,
-            None => {
-                let (tx, rx) = oneshot::channel();
-                *lock(&self.state.new_upstream) = Some(tx);
-                self.state.upstream_lost.store(true, Ordering::SeqCst);
-                rx
-            }
+            None => self.state.await_upstream(),
         };
         info!(
             conn = self.id,
@@ -603,9 +598,7 @@ impl Responses {
         }
         Route::Forward
     }
-}
 
-impl Responses {
     /// A search's final response handed out a paged-results cookie or a
     /// VLV context: the session cannot be carried while the client may
     /// hand it back.

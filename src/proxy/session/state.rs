@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{oneshot, Notify};
 
 use super::carry::Carry;
-use super::UpIn;
+use super::{lock, UpIn};
 
 use crate::freeze::participant::{InFlight, InFlightTable, Participant, Suppressed};
 use crate::wire::op;
@@ -144,6 +144,15 @@ impl SessionState {
             }
         }
         true
+    }
+
+    /// The upstream connection is gone: nothing is sent upstream until the
+    /// requests loop hands the new one's input over on the returned channel.
+    pub(super) fn await_upstream(&self) -> oneshot::Receiver<UpIn> {
+        let (tx, rx) = oneshot::channel();
+        *lock(&self.new_upstream) = Some(tx);
+        self.upstream_lost.store(true, Ordering::SeqCst);
+        rx
     }
 
     /// Requests in flight upstream, persistent searches not counted.
