@@ -168,13 +168,11 @@ async fn sessions_are_carried_across_a_restart_during_a_stop_freeze() {
     // the reason at its next request, nothing of it sent.
     u3.send_msg(search(2, &user_dn(3), 0, "(objectClass=*)", &["uid"]))
         .await;
-    let notice = u3.recv().await.expect("a notice");
-    let why = assert_notice(&notice, 52);
-    assert!(
-        why.contains("could not be carried") && why.contains("refused the replayed bind"),
-        "{why}"
-    );
-    assert!(u3.recv().await.is_none(), "closed after the notice");
+    assert_ended_with(
+        &mut u3,
+        &["could not be carried", "refused the replayed bind"],
+    )
+    .await;
     let counts = engine.clone();
     let what = format!("the counts (now {:?})", engine.carry_counts());
     wait_until(&what, 10, || counts.carry_counts() == (0, 3, 1)).await;
@@ -472,10 +470,7 @@ async fn a_session_holding_a_paged_results_cookie_ends_with_the_reason_others_go
     );
     restart(&mut lab).await;
     // The one with the cookie is told why at once; the others wait.
-    let notice = halfway.recv().await.expect("a notice");
-    let why = assert_notice(&notice, 52);
-    assert!(why.contains("paged-results cookie"), "{why}");
-    assert!(halfway.recv().await.is_none(), "closed after the notice");
+    assert_ended_with(&mut halfway, &["paged-results cookie"]).await;
     let counts = engine.clone();
     wait_until("two sessions waiting, one not carried", 10, || {
         counts.carry_counts() == (2, 0, 1)
@@ -532,14 +527,14 @@ async fn a_server_that_comes_back_with_another_database_is_not_gone_on_with() {
         .await;
     admin.send_msg(exop(4, WHOAMI, None)).await;
     for c in [&mut u1, &mut anon, &mut admin] {
-        let notice = c.recv().await.expect("a notice");
-        let why = assert_notice(&notice, 52);
-        assert!(
-            why.contains("came back as another server")
-                && why.contains("another database holds dc=example,dc=org"),
-            "{why}"
-        );
-        assert!(c.recv().await.is_none(), "closed after the notice");
+        assert_ended_with(
+            c,
+            &[
+                "came back as another server",
+                "another database holds dc=example,dc=org",
+            ],
+        )
+        .await;
     }
     // The held write never reached the other database.
     let read = base_direct(&lab, &user_dn(1), "description").await;
@@ -762,14 +757,14 @@ async fn a_sync_search_ends_with_the_reason_and_the_others_go_on() {
     restart(&mut lab).await;
     // A notice with the reason (and not the notification the freeze
     // holds), then the end of the connection.
-    let notice = syncing.recv().await.expect("a notice");
-    let why = assert_notice(&notice, 52);
-    assert!(
-        why.contains("cannot be carried to a new one")
-            && why.contains("a persistent search was open"),
-        "{why}"
-    );
-    assert!(syncing.recv().await.is_none(), "closed after the notice");
+    assert_ended_with(
+        &mut syncing,
+        &[
+            "cannot be carried to a new one",
+            "a persistent search was open",
+        ],
+    )
+    .await;
     let counts = engine.clone();
     wait_until("two sessions waiting, one not carried", 10, || {
         counts.carry_counts() == (2, 0, 1)
@@ -907,9 +902,7 @@ async fn a_session_holding_a_virtual_list_view_context_ends_with_the_reason() {
         0
     );
     restart(&mut lab).await;
-    let notice = viewing.recv().await.expect("a notice");
-    let why = assert_notice(&notice, 52);
-    assert!(why.contains("virtual list view context"), "{why}");
+    assert_ended_with(&mut viewing, &["virtual list view context"]).await;
     let counts = engine.clone();
     wait_until("two sessions waiting, one not carried", 10, || {
         counts.carry_counts() == (2, 0, 1)

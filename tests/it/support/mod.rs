@@ -380,6 +380,17 @@ pub fn refresh_and_persist(mut msg: LdapMsg) -> LdapMsg {
     msg
 }
 
+/// The session ended with a Notice of Disconnection (unavailable, 52)
+/// whose reason names each of `why`, then the connection closed.
+pub async fn assert_ended_with(c: &mut RawConn, why: &[&str]) {
+    let notice = c.recv().await.expect("a notice");
+    let reason = assert_notice(&notice, 52);
+    for w in why {
+        assert!(reason.contains(w), "{reason}");
+    }
+    assert!(c.recv().await.is_none(), "closed after the notice");
+}
+
 /// Result code of a final response frame.
 pub fn result_code(frame: &[u8]) -> Option<i64> {
     Envelope::response(frame).unwrap().result_code
