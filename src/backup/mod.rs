@@ -2,10 +2,12 @@
 //! the content digest of a backend's entries ([`digest`]), which a backup's
 //! manifest records and any later copy of the same data reproduces.
 //!
-//! No I/O beyond reading and writing LDIF text, and nothing of the proxy.
+//! And the manifest ([`manifest`]) that describes a backup. Files only,
+//! nothing of the proxy.
 
 pub mod digest;
 pub mod ldif;
+pub mod manifest;
 
 pub use digest::{Digest, Digester};
 pub use ldif::Entry;

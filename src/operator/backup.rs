@@ -13,23 +13,23 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
 use ldap3::{Scope, SearchEntry};
-use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 
 use super::{
     exit, format_utc, freeze_held, release_held, BackendModeName, ClientTls, FreezeRequest,
     Progress, Session, Signals, Target,
 };
+use crate::backup::manifest::{
+    file_sha256, BackendRecord, FileRecord, FreezeInfo, Manifest, ServerInfo, FORMAT_VERSION,
+    MANIFEST,
+};
 use crate::backup::{ldif, Digester, Entry};
 
-/// The manifest's format version.
-pub const FORMAT_VERSION: u32 = 1;
 /// Entries per page of the export search.
 pub const PAGE_SIZE: i32 = 500;
 /// Limit of the small searches (root DSE, contextCSN) and of the status.
@@ -50,74 +50,6 @@ pub struct BackupSpec {
     pub off_timeout: Duration,
     /// The backup directory (must not exist).
     pub to: PathBuf,
-}
-
-/// `manifest.json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Manifest {
-    pub format_version: u32,
-    /// UTC time of the start and the freeze id: `20261203T172711Z-f3`.
-    pub backup_id: String,
-    pub abproxy_version: String,
-    pub proxy_url: String,
-    pub server: ServerInfo,
-    pub started: String,
-    pub ended: String,
-    pub freeze: FreezeInfo,
-    pub backends: Vec<BackendRecord>,
-    /// Every other file of the backup, with its size and SHA-256.
-    pub files: Vec<FileRecord>,
-}
-
-/// The LDAP server, from its root DSE (read through the proxy).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ServerInfo {
-    pub vendor_name: Option<String>,
-    pub vendor_version: Option<String>,
-}
-
-impl std::fmt::Display for ServerInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.vendor_name, &self.vendor_version) {
-            (Some(n), Some(v)) => write!(f, "{n} {v}"),
-            (Some(n), None) => f.write_str(n),
-            (None, Some(v)) => write!(f, "version {v} (no vendorName)"),
-            (None, None) => f.write_str("no vendorName or vendorVersion in the root DSE"),
-        }
-    }
-}
-
-/// The freeze the backup was taken under.
-#[derive(Debug, Clone, Serialize)]
-pub struct FreezeInfo {
-    pub id: Option<u64>,
-    pub drained_ms: Option<u64>,
-    pub frozen_from: String,
-    pub frozen_to: String,
-    /// The proxy's answer to ON.
-    pub message: String,
-}
-
-/// One backend exported.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendRecord {
-    pub suffix: String,
-    pub mode: BackendModeName,
-    pub method: String,
-    pub entries: u64,
-    /// The suffix entry's `contextCSN` values, read during the freeze.
-    pub context_csn: Vec<String>,
-    /// [`crate::backup::Digest`] of the entries, 64 hex digits.
-    pub digest: String,
-    pub file: String,
-}
-
-/// A file of the backup.
-#[derive(Debug, Clone, Serialize)]
-pub struct FileRecord {
-    pub name: String,
-    pub size: u64,
-    pub sha256: String,
 }
 
 /// A failed step: what to print and the exit status.
@@ -370,7 +302,7 @@ async fn take(
     manifest.ended = utc(SystemTime::now());
     let json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| Fail::new("manifest", e, exit::BACKUP_FAILED))?;
-    write_file(tmp, "manifest.json", format!("{json}\n").as_bytes())?;
+    write_file(tmp, MANIFEST, format!("{json}\n").as_bytes())?;
     sync_dir(tmp).map_err(|e| Fail::io("sync", tmp, e))?;
     if fs::symlink_metadata(&spec.to).is_ok() {
         return Err(Fail::new(
@@ -457,7 +389,7 @@ async fn export_all(
             );
             out.push(BackendRecord {
                 suffix: suffix.clone(),
-                mode: BackendModeName::Readonly,
+                mode: BackendModeName::Readonly.as_str().into(),
                 method: "ldif".into(),
                 entries,
                 context_csn,
@@ -613,27 +545,6 @@ fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Fail> {
         .map_err(|e| Fail::io("write", &path, e))
 }
 
-/// A file's size and SHA-256 (hex).
-pub fn file_sha256(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 << 10];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-    let mut hex = String::with_capacity(64);
-    for b in h.finalize() {
-        let _ = write!(hex, "{b:02x}");
-    }
-    Ok((size, hex))
-}
-
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -660,12 +571,7 @@ fn header(m: &Manifest) -> String {
         let _ = writeln!(
             s,
             "  {}  {} {}  {} entries  {}  digest {}",
-            b.suffix,
-            b.mode.as_str(),
-            b.method,
-            b.entries,
-            b.file,
-            b.digest
+            b.suffix, b.mode, b.method, b.entries, b.file, b.digest
         );
     }
     s

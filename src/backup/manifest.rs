@@ -1,0 +1,106 @@
+//! A backup's `manifest.json`: what the backup holds and how it was taken,
+//! and the SHA-256 of every file, so that `abproxy verify` can check it
+//! without anything else.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The manifest's format version.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// UTC time of the start and the freeze id: `20261203T172711Z-f3`.
+    pub backup_id: String,
+    pub abproxy_version: String,
+    pub proxy_url: String,
+    pub server: ServerInfo,
+    pub started: String,
+    pub ended: String,
+    pub freeze: FreezeInfo,
+    pub backends: Vec<BackendRecord>,
+    /// Every other file of the backup, with its size and SHA-256.
+    pub files: Vec<FileRecord>,
+}
+
+/// The LDAP server, from its root DSE (read through the proxy).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub vendor_name: Option<String>,
+    pub vendor_version: Option<String>,
+}
+
+impl std::fmt::Display for ServerInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.vendor_name, &self.vendor_version) {
+            (Some(n), Some(v)) => write!(f, "{n} {v}"),
+            (Some(n), None) => f.write_str(n),
+            (None, Some(v)) => write!(f, "version {v} (no vendorName)"),
+            (None, None) => f.write_str("no vendorName or vendorVersion in the root DSE"),
+        }
+    }
+}
+
+/// The freeze the backup was taken under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeInfo {
+    pub id: Option<u64>,
+    pub drained_ms: Option<u64>,
+    pub frozen_from: String,
+    pub frozen_to: String,
+    /// The proxy's answer to ON.
+    pub message: String,
+}
+
+/// One backend exported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRecord {
+    pub suffix: String,
+    /// `readonly` or `stop`.
+    pub mode: String,
+    pub method: String,
+    pub entries: u64,
+    /// The suffix entry's `contextCSN` values, read during the freeze.
+    pub context_csn: Vec<String>,
+    /// [`crate::backup::Digest`] of the entries, 64 hex digits.
+    pub digest: String,
+    pub file: String,
+}
+
+/// A file of the backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The manifest's file name in a backup directory.
+pub const MANIFEST: &str = "manifest.json";
+
+/// A file's size and SHA-256 (hex).
+pub fn file_sha256(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    let mut hex = String::with_capacity(64);
+    for b in h.finalize() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    Ok((size, hex))
+}
