@@ -83,6 +83,9 @@ pub struct FileRecord {
 
 /// The manifest's file name in a backup directory.
 pub const MANIFEST: &str = "manifest.json";
+/// Every file's SHA-256, `manifest.json`'s too, in `sha256sum`'s format
+/// (`sha256sum -c SHA256SUMS` checks a backup without abproxy).
+pub const SHA256SUMS: &str = "SHA256SUMS";
 
 /// A file's size and SHA-256 (hex).
 pub fn file_sha256(path: &Path) -> std::io::Result<(u64, String)> {

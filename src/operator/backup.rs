@@ -3,7 +3,7 @@
 //! killed backup leaves no freeze behind), exports every frozen backend over
 //! the same connection (a paged subtree search for `*` and `+`), writing its
 //! LDIF and computing its content digest as the entries arrive, releases
-//! (OFF naming the freeze), then writes `manifest.json`, `HEADER.txt` and
+//! (OFF naming the freeze), then writes `manifest.json`, `SHA256SUMS`, `HEADER.txt` and
 //! `backup.log` and renames the temporary directory `DIR.partial-PID` to
 //! DIR. On any failure it releases, removes the temporary directory and
 //! exits non-zero: DIR is a whole backup or does not exist.
@@ -26,7 +26,7 @@ use super::{
 };
 use crate::backup::manifest::{
     file_sha256, BackendRecord, FileRecord, FreezeInfo, Manifest, ServerInfo, FORMAT_VERSION,
-    MANIFEST,
+    MANIFEST, SHA256SUMS,
 };
 use crate::backup::{ldif, Digester, Entry};
 
@@ -303,6 +303,15 @@ async fn take(
     let json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| Fail::new("manifest", e, exit::BACKUP_FAILED))?;
     write_file(tmp, MANIFEST, format!("{json}\n").as_bytes())?;
+    // Every file, the manifest too, as `sha256sum -c SHA256SUMS` checks them.
+    let mut sums = String::new();
+    for f in &manifest.files {
+        let _ = writeln!(sums, "{}  {}", f.sha256, f.name);
+    }
+    let path = tmp.join(MANIFEST);
+    let (_, sha) = file_sha256(&path).map_err(|e| Fail::io("checksums", &path, e))?;
+    let _ = writeln!(sums, "{sha}  {MANIFEST}");
+    write_file(tmp, SHA256SUMS, sums.as_bytes())?;
     sync_dir(tmp).map_err(|e| Fail::io("sync", tmp, e))?;
     if fs::symlink_metadata(&spec.to).is_ok() {
         return Err(Fail::new(

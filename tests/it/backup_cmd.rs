@@ -149,6 +149,16 @@ fn check_manifest(dir: &Path) -> HashMap<String, (Vec<Entry>, String)> {
     for name in ["HEADER.txt", "backup.log"] {
         assert!(dir.join(name).is_file(), "{name}");
     }
+    // coreutils checks every file, the manifest too.
+    let sums = std::process::Command::new("sha256sum")
+        .args(["--check", "--strict", "SHA256SUMS"])
+        .current_dir(dir)
+        .output()
+        .expect("run sha256sum");
+    let listed = String::from_utf8_lossy(&sums.stdout);
+    assert!(sums.status.success(), "sha256sum -c: {listed}");
+    assert_eq!(listed.lines().count(), files.len() + 1, "{listed}");
+    assert!(listed.contains("manifest.json: OK"), "{listed}");
     out
 }
 
