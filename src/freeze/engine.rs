@@ -692,9 +692,15 @@ impl Engine {
     /// returns its class; otherwise runs `insert(Some(class))`. All under the
     /// state lock, so ON never misses a request it should drain. Returns
     /// what `insert` returned.
+    ///
+    /// `reader`: the connection's number when the request is a search or a
+    /// compare. The freeze holder's own searches and compares pass a `stop`
+    /// freeze (reads change nothing; `abproxy backup` exports through its
+    /// freeze connection); everyone else's are held.
     #[inline]
     pub fn admit<R>(
         &self,
+        reader: Option<u64>,
         classify: impl FnOnce() -> Class,
         insert: impl FnOnce(Option<Class>) -> R,
     ) -> Result<R, Class> {
@@ -703,7 +709,8 @@ impl Engine {
             None => Ok(insert(None)),
             Some(f) => {
                 let class = classify();
-                if f.holds(class) {
+                let holders_read = class.kind == Kind::Read && reader == Some(f.holder.conn);
+                if f.holds(class) && !holders_read {
                     return Err(class);
                 }
                 Ok(insert(Some(class)))

@@ -8,8 +8,8 @@
 //! DIR. On any failure it releases, removes the temporary directory and
 //! exits non-zero: DIR is a whole backup or does not exist.
 //!
-//! Only the `ldif` method, and only `readonly` freezes (the export reads
-//! through the proxy, which a `stop` freeze holds).
+//! Only the `ldif` method. In `readonly` and in `stop` mode: the proxy
+//! lets the freeze holder's own searches through a `stop` freeze.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
@@ -351,15 +351,13 @@ async fn export_all(
             exit::FAILED,
         ));
     }
-    if let Some(b) = frozen.iter().find(|b| b.mode != BackendModeName::Readonly) {
+    if let Some(b) = frozen
+        .iter()
+        .find(|b| b.mode == BackendModeName::Unimplemented)
+    {
         return Err(Fail::new(
             "check modes",
-            format!(
-                "backend {} is in mode {}: the ldif method reads through the proxy, which a \
-                 stop-mode freeze holds; use readonly mode",
-                b.suffix,
-                b.mode.as_str()
-            ),
+            format!("backend {} cannot be frozen (unimplemented)", b.suffix),
             exit::BACKUP_FAILED,
         ));
     }
@@ -374,8 +372,13 @@ async fn export_all(
         }
         None => Duration::from_secs(600),
     };
-    let suffixes: Vec<String> = frozen.iter().map(|b| b.suffix.clone()).collect();
-    log.end(t, "status", &format!("frozen: {}", suffixes.join("; ")));
+    let suffixes: Vec<(String, BackendModeName)> =
+        frozen.iter().map(|b| (b.suffix.clone(), b.mode)).collect();
+    let names: Vec<String> = suffixes
+        .iter()
+        .map(|(s, m)| format!("{s} ({})", m.as_str()))
+        .collect();
+    log.end(t, "status", &format!("frozen: {}", names.join("; ")));
 
     let t = log.begin();
     let server = root_dse(session).await?;
@@ -383,7 +386,7 @@ async fn export_all(
 
     let work = async {
         let mut out = Vec::new();
-        for (i, suffix) in suffixes.iter().enumerate() {
+        for (i, (suffix, mode)) in suffixes.iter().enumerate() {
             let t = log.begin();
             let context_csn = context_csn(session, suffix).await?;
             let file = format!("{}-{}.ldif", i + 1, file_part(suffix));
@@ -398,7 +401,7 @@ async fn export_all(
             );
             out.push(BackendRecord {
                 suffix: suffix.clone(),
-                mode: BackendModeName::Readonly.as_str().into(),
+                mode: mode.as_str().into(),
                 method: "ldif".into(),
                 entries,
                 context_csn,

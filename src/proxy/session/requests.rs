@@ -579,7 +579,9 @@ impl Requests<'_> {
     /// (then returns its class). `known` is the class of a queued request.
     /// `Ok(false)`: not recorded, its message ID is in flight already.
     fn admit(&self, env: &Envelope, frame: &Bytes, known: Option<Class>) -> Result<bool, Class> {
+        let reader = matches!(env.op, op::SEARCH_REQUEST | op::COMPARE_REQUEST).then_some(self.id);
         self.engine.admit(
+            reader,
             || known.unwrap_or_else(|| self.classify(env, frame)),
             |class| {
                 let mut entry = InFlight::new(env.op, class);
