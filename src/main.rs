@@ -57,6 +57,11 @@ enum Command {
     /// every entry as LDIF through the proxy, release, write a manifest.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
     Backup(BackupArgs),
+    /// Build the databases of a backup offline with slapd's own tools and
+    /// check them against its manifest (`--to WORK`); then, with slapd
+    /// stopped, put them in place (`--apply WORK`).
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
+    Restore(RestoreArgs),
     /// Pre/post script for backup tools (Bacula RunBeforeJob/RunAfterJob,
     /// borgmatic before/after hooks): --before freezes, --after releases.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
@@ -191,6 +196,29 @@ struct BackupArgs {
     freeze: FreezeArgs,
     #[command(flatten)]
     conn: ConnArgs,
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("step").required(true).args(["to", "apply"])))]
+struct RestoreArgs {
+    /// The backup directory (`abproxy backup --to DIR`).
+    #[arg(value_name = "DIR", requires = "to", conflicts_with = "apply")]
+    backup: Option<PathBuf>,
+    /// Build here (a new directory, written as WORK.partial-PID and renamed
+    /// once every database matches the manifest).
+    #[arg(long, value_name = "WORK", requires = "backup")]
+    to: Option<PathBuf>,
+    /// Only this backend (repeatable; default: every backend of the backup).
+    #[arg(long = "backend", value_name = "DN", requires = "to")]
+    backends: Vec<String>,
+    /// The server's configuration: a slapd.d directory or a slapd.conf file
+    /// (schema, modules, overlays and the databases' directories come from it).
+    #[arg(long, value_name = "PATH", default_value = "/etc/ldap/slapd.d")]
+    slapd_config: PathBuf,
+    /// With slapd stopped: move each live database aside and the one built
+    /// in WORK into its place.
+    #[arg(long, value_name = "WORK")]
+    apply: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -493,6 +521,22 @@ fn operator_main(command: Command) -> ExitCode {
                 let Method::Ldif = a.method;
                 commands::backup(conn(&a.conn), &freeze_request(&a.freeze), a.to).await
             }
+            Command::Restore(a) => match (a.apply, a.backup, a.to) {
+                (Some(work), _, _) => {
+                    operator::restore::apply(&work, &operator::Progress::stderr("abproxy restore"))
+                }
+                (None, Some(backup), Some(to)) => {
+                    let spec = operator::restore::BuildSpec {
+                        backup,
+                        to,
+                        backends: a.backends,
+                        slapd_config: a.slapd_config,
+                    };
+                    operator::restore::build(spec, &operator::Progress::stderr("abproxy restore"))
+                        .await
+                }
+                _ => operator::exit::USAGE,
+            },
             Command::Hook(a) if a.hold => commands::hook_hold(&hook(&a)).await,
             Command::Hook(a) if a.before => {
                 // The holder: this command again, with --hold.

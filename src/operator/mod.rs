@@ -53,6 +53,7 @@ use crate::tls::describe_io;
 pub mod backup;
 pub mod commands;
 pub mod hook;
+pub mod restore;
 pub use hook::{HookRecord, HookState};
 
 /// Exit statuses of the operator commands.
@@ -79,6 +80,10 @@ pub mod exit {
     /// directory, the export search failed, a backend frozen in a mode the
     /// method cannot read); released, nothing written at DIR.
     pub const BACKUP_FAILED: u8 = 8;
+    /// `restore`: the restore failed (the backup's file differs from its
+    /// manifest, a tool failed, the built database does not hold what the
+    /// manifest says, slapd still running for `--apply`).
+    pub const RESTORE_FAILED: u8 = 9;
 }
 
 /// The default `--url`.
@@ -102,6 +107,9 @@ Exit status:
      answer again yet (its clients wait for it; see the proxy's log)
   8  `backup`: the backup failed (cannot write it, the export failed, a
      backend in stop mode); released, nothing written at DIR
+  9  `restore`: the restore failed (the backup's file is not the one its
+     manifest lists, a slapd tool failed, the database built does not hold
+     what the manifest says, slapd is running for --apply); nothing built
 `backup` exits 2 if DIR exists, 2-7 as above if the freeze could not be
 set up or did not last, 8 otherwise; a failed backup leaves nothing at DIR.
 `run` exits with the status of CMD (128+N if CMD died of signal N), or

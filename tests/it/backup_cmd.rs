@@ -139,7 +139,7 @@ fn check_manifest(dir: &Path) -> HashMap<String, (Vec<Entry>, String)> {
         assert_eq!(b["entries"].as_u64(), Some(entries.len() as u64), "{b}");
         let digest = Digest::of_entries(entries.clone()).expect("digest");
         assert_eq!(b["digest"].as_str(), Some(digest.to_string().as_str()));
-        assert_eq!(b["mode"], "readonly");
+        assert!(b["mode"] == "readonly" || b["mode"] == "stop", "{b}");
         assert_eq!(b["method"], "ldif");
         out.insert(
             b["suffix"].as_str().expect("suffix").to_string(),
@@ -365,22 +365,70 @@ async fn a_failed_backup_leaves_nothing_behind() {
     assert!(partials(parent.path()).is_empty());
 }
 
+/// In `stop` mode the backup reads through its own freeze: the holder's
+/// searches pass, everyone else's reads are held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_mode_freeze_is_refused_and_released() {
+async fn a_stop_mode_backup_reads_through_its_own_freeze() {
     let lab = lab(Mode::Stop).await;
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("bk");
     let out = backup(&lab, &["--to", dir.to_str().unwrap()]).await;
-    assert_eq!(out.code, Some(8), "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains("which a stop-mode freeze holds; use readonly mode"),
-        "{}",
-        out.stderr
-    );
-    assert!(!dir.exists());
-    assert!(partials(parent.path()).is_empty());
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let backends = check_manifest(&dir);
+    assert_eq!(backends.len(), 2);
+    assert_eq!(manifest(&dir)["backends"][0]["mode"], "stop");
     assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+/// The rule the stop-mode backup needs, on the wire: during a `stop`
+/// freeze the holder's own search and compare pass; another connection's
+/// search is held until OFF, and so is the holder's own write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_freeze_passes_only_the_holders_reads() {
+    use crate::support::freeze::{ab, bound, call, modify, outcome};
+    use abproxy_proto::AllowBackupRequest;
+    let lab = lab(Mode::Stop).await;
+    let engine = lab.proxy.engine();
+    let mut other = RawConn::connect(&lab.proxy_addr()).await;
+    let mut op = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, text) = call(&mut op, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{text}");
+    // Another client's read: held.
+    other
+        .send_msg(search(1, &user_dn(1), 0, "(objectClass=*)", &["uid"]))
+        .await;
+    wait_until("the other client's search held", 10, || {
+        engine.queued().0 == 1
+    })
+    .await;
+    // The holder's own search and compare: answered now.
+    let frames = {
+        op.send_msg(search(3, SUFFIX, 2, "(uid=user1)", &["uid"]))
+            .await;
+        op.recv_until_final(3).await
+    };
+    assert_eq!(frames.len(), 2, "one entry and the result");
+    assert_eq!(outcome(frames.last().unwrap()).0, 0);
+    let compare = ldap3_proto::proto::LdapMsg::new(
+        4,
+        ldap3_proto::proto::LdapOp::CompareRequest(ldap3_proto::proto::LdapCompareRequest {
+            dn: user_dn(1),
+            atype: "uid".into(),
+            val: b"user1".to_vec(),
+        }),
+    );
+    let (code, _) = call(&mut op, compare).await;
+    assert_eq!(code, 6, "compareTrue");
+    // The holder's write: held like anyone's.
+    op.send_msg(modify(5, &user_dn(1), "description", "by the holder"))
+        .await;
+    wait_until("the holder's write held", 10, || engine.queued().0 == 2).await;
+    assert_eq!(engine.queued().0, 2, "the holder's reads were never held");
+    let (code, text) = call(&mut op, ab(6, &AllowBackupRequest::off())).await;
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(outcome(op.recv_until_final(5).await.last().unwrap()).0, 0);
+    let got = other.recv_until_final(1).await;
+    assert_eq!(got.len(), 2, "the held search answered after OFF");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,4 +493,81 @@ async fn a_backup_killed_while_exporting_leaves_no_freeze_and_no_dir() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!dir.exists(), "a killed backup has no DIR");
+}
+
+/// `abproxy restore ARGS`, within 120 s.
+async fn restore(args: &[&str]) -> ToolOutput {
+    let out = tokio::process::Command::new(BIN)
+        .arg("restore")
+        .args(args)
+        .env_remove("ABPROXY_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    ToolOutput::from(
+        tokio::time::timeout(Duration::from_secs(120), out)
+            .await
+            .expect("abproxy restore did not finish within 120 s")
+            .expect("run abproxy"),
+    )
+}
+
+/// A restore builds nothing from a backup that is not what its manifest
+/// says: an LDIF file changed (its SHA-256), or a manifest whose digest was
+/// edited (the database built does not reproduce it). `--apply` refuses
+/// while slapd runs, and moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_what_does_not_match_and_a_running_slapd() {
+    let lab = lab(Mode::Readonly).await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let out = backup(&lab, &["--to", dir.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let config = lab.slapd.dir().join("slapd.d");
+    let config = config.to_str().unwrap();
+    let work = parent.path().join("work");
+    let work_s = work.to_str().unwrap();
+    let dir_s = dir.to_str().unwrap();
+    let m = manifest(&dir);
+    let file = dir.join(m["backends"][0]["file"].as_str().unwrap());
+
+    // The manifest's digest edited: the database built does not hold it.
+    let original = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let digest = m["backends"][0]["digest"].as_str().unwrap();
+    let edited = original.replacen(digest, &"0".repeat(64), 1);
+    std::fs::write(dir.join("manifest.json"), &edited).unwrap();
+    let out = restore(&[dir_s, "--to", work_s, "--slapd-config", config]).await;
+    assert_eq!(out.code, Some(9), "{out:?}");
+    assert!(
+        out.stderr.contains("does not hold the backup"),
+        "{}",
+        out.stderr
+    );
+    assert!(!work.exists() && partials(parent.path()).is_empty());
+    std::fs::write(dir.join("manifest.json"), &original).unwrap();
+
+    // The LDIF changed: refused before anything is built.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replacen("uid: user1\n", "uid: user9\n", 1)).unwrap();
+    let out = restore(&[dir_s, "--to", work_s, "--slapd-config", config]).await;
+    assert_eq!(out.code, Some(9), "{out:?}");
+    assert!(
+        out.stderr.contains("is not the file the backup wrote"),
+        "{}",
+        out.stderr
+    );
+    assert!(!work.exists());
+    std::fs::write(&file, text).unwrap();
+
+    // Whole again: built; --apply refuses while slapd runs.
+    let out = restore(&[dir_s, "--to", work_s, "--slapd-config", config]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = restore(&["--apply", work_s]).await;
+    assert_eq!(out.code, Some(9), "{out:?}");
+    assert!(out.stderr.contains("slapd is running"), "{}", out.stderr);
+    let built = std::fs::read_dir(&work)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("db/data.mdb").is_file())
+        .count();
+    assert_eq!(built, 2, "both databases still in WORK");
 }

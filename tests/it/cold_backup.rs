@@ -1002,3 +1002,117 @@ async fn answered_after_off(c: &mut RawConn, id: i32) -> usize {
         n += 1;
     }
 }
+
+/// The LDIF backup and restore recipes, as written: `abproxy backup` (the
+/// backup DN given read on everything by the `backup-acl` recipe), then
+/// `abproxy restore` builds the database offline and `--apply` puts it in
+/// place while slapd is stopped inside a freeze. The restored server holds
+/// the backup's entries (its digest is the manifest's), an entry added after
+/// the backup is gone, the write held during the restore lands, and the
+/// client bound through the proxy all along sees no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldif_backup_and_restore_recipes_run_as_written() {
+    let mut lab = cold_lab().await;
+    let backup = tempfile::tempdir().unwrap();
+    let mut systemctl = Systemctl::new();
+    let env = recipe_env(&lab, backup.path(), &systemctl);
+    let me = format!("dn:{}", user_dn(7));
+    let mut client = bound(&lab, &user_dn(7), &user_pw(7)).await;
+    assert_eq!(whoami(&mut client, 2, "client").await, me);
+
+    let acl = recipe("backup-acl").replace("ldapi:///", &lab.slapd.ldapi_url());
+    let out = run_sh(&acl, &env).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = run_sh(recipe("ldif-backup"), &env).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let dir = backup.path().join("ldif-1");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let b = &manifest["backends"][0];
+    assert_eq!(b["suffix"], SUFFIX, "{manifest}");
+    let in_backup = std::fs::read_to_string(dir.join(b["file"].as_str().unwrap())).unwrap();
+    assert!(
+        in_backup.contains("userPassword"),
+        "the backup DN reads passwords"
+    );
+    let backup_dns: BTreeSet<String> = abproxy::backup::ldif::read(&in_backup)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.dn)
+        .collect();
+
+    // After the backup: an entry, which the restore takes back.
+    let after = format!("cn=after-the-backup,{CONTAINER}");
+    answered(&mut client, add(3, &after, "after-the-backup"), "client").await;
+
+    let write = modify(4, &user_dn(7), "description", "held by the restore");
+    let ran = run_recipe(
+        &mut lab,
+        &mut systemctl,
+        recipe("ldif-restore"),
+        &env,
+        &mut client,
+        write,
+    )
+    .await;
+    assert_eq!(ran.out.code, Some(0), "{:?}", ran.out);
+    assert_eq!(ran.asked, ["stop slapd", "start slapd"], "{:?}", ran.out);
+    assert!(
+        ran.out.stderr.contains("as in the manifest"),
+        "{:?}",
+        ran.out
+    );
+    held_write_answered(&mut client, 4).await;
+    assert_eq!(whoami(&mut client, 5, "client").await, me);
+    assert_eq!(description(&lab, 7).await, "held by the restore");
+    let gone = base_direct(&lab, &after, "cn").await;
+    assert_eq!(gone.code, Some(32), "{gone:?}");
+
+    // The server holds the backup's entries; without the held write (user
+    // 7's description) its digest is the manifest's.
+    let live = abproxy::backup::ldif::read(&lab.slapd.slapcat(SUFFIX).unwrap()).unwrap();
+    let live_dns: BTreeSet<String> = live.iter().map(|e| e.dn.clone()).collect();
+    assert_eq!(live_dns, backup_dns);
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(backup.path().join("restore-1/restore.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["backends"][0]["digest"], b["digest"], "{record}");
+    let mut backed = abproxy::backup::ldif::read(&in_backup).unwrap();
+    let user7 = |e: &abproxy::backup::Entry| e.dn == user_dn(7);
+    backed.retain(|e| !user7(e));
+    let mut live_rest = live;
+    live_rest.retain(|e| !user7(e));
+    assert_eq!(
+        abproxy::backup::Digest::of_entries(live_rest).unwrap(),
+        abproxy::backup::Digest::of_entries(backed).unwrap(),
+        "the restored entries are the backup's"
+    );
+    let aside = format!(
+        "{}.before-restore-{}",
+        db_dir(&lab).display(),
+        manifest["backup_id"].as_str().unwrap()
+    );
+    assert!(
+        Path::new(&aside).join("data.mdb").is_file(),
+        "the previous database kept in {aside}"
+    );
+}
+
+/// `sh -c script` with `env`, within 60 s.
+async fn run_sh(script: &str, env: &[(String, String)]) -> ToolOutput {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    ToolOutput::from(
+        tokio::time::timeout(Duration::from_secs(60), out)
+            .await
+            .expect("the recipe finishes within 60 s")
+            .unwrap(),
+    )
+}
