@@ -53,10 +53,16 @@ pub struct BackupSpec {
 }
 
 /// A failed step: what to print and the exit status.
-struct Fail {
+pub(super) struct Fail {
     step: String,
     message: String,
     code: u8,
+}
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.message)
+    }
 }
 
 impl Fail {
@@ -460,7 +466,7 @@ async fn root_dse(session: &mut Session) -> Result<ServerInfo, Fail> {
     })
 }
 
-async fn context_csn(session: &mut Session, suffix: &str) -> Result<Vec<String>, Fail> {
+pub(super) async fn context_csn(session: &mut Session, suffix: &str) -> Result<Vec<String>, Fail> {
     let step = format!("contextCSN of {suffix}");
     let e = base_entry(session, &step, suffix, vec!["contextCSN"]).await?;
     let mut v: Vec<String> = e
@@ -489,7 +495,7 @@ fn to_entry(se: SearchEntry) -> Entry {
 /// Exports the subtree of `suffix` to `path` (a paged search for `*` and
 /// `+`), digesting as the entries arrive. The entry count and digest, or
 /// what failed and the exit status.
-async fn export(
+pub(super) async fn export(
     session: &mut Session,
     suffix: &str,
     path: &Path,

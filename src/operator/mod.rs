@@ -106,7 +106,7 @@ Exit status:
   7  released, but the LDAP server stopped during the freeze does not
      answer again yet (its clients wait for it; see the proxy's log)
   8  `backup`: the backup failed (cannot write it, the export failed, a
-     backend in stop mode); released, nothing written at DIR
+     backend that cannot be frozen); released, nothing written at DIR
   9  `restore`: the restore failed (the backup's file is not the one its
      manifest lists, a slapd tool failed, the database built does not hold
      what the manifest says, slapd is running for --apply); nothing built

@@ -24,9 +24,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::backup::file_part;
-use super::{exit, Progress};
+use super::{exit, Password, Progress, Session, Target};
 use crate::backup::manifest::{file_sha256, Manifest, MANIFEST};
-use crate::backup::slapd::{self, Limits, Tools};
+use crate::backup::slapd::{self, Contents, Limits, Throwaway, Tools};
 
 /// `WORK/restore.json`'s name.
 pub const RECORD: &str = "restore.json";
@@ -385,4 +385,119 @@ fn own_like(dir: &Path, like: &fs::Metadata) -> std::io::Result<()> {
     }
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(like.mode() & 0o7777))
+}
+
+/// What a throwaway slapd served for one backend of a backup.
+#[derive(Debug)]
+pub struct Served {
+    pub suffix: String,
+    /// What it served, or why it could not be built or served.
+    pub result: Result<Contents, String>,
+}
+
+/// The restore test of `abproxy verify --restore-test`: each `ldif`
+/// backend of the backup built in a temporary directory as
+/// [`build`] does, served by a throwaway slapd on a loopback port, and
+/// read back over LDAP (a paged search for `*` and `+`, as the backup
+/// read it), counted and digested. The temporary directories are removed.
+pub async fn restore_test(backup: &Path, manifest: &Manifest, slapd_config: &Path) -> Vec<Served> {
+    let tools = Tools::default();
+    let limits = Limits::default();
+    let mut out = Vec::new();
+    let scratch = match tempfile::Builder::new()
+        .prefix("abproxy-restore-test-")
+        .tempdir()
+    {
+        Ok(d) => d,
+        Err(e) => {
+            return vec![Served {
+                suffix: String::new(),
+                result: Err(format!("a temporary directory: {e}")),
+            }]
+        }
+    };
+    let config = match slapd::read_config(&tools, slapd_config, limits.config, scratch.path()).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![Served {
+                suffix: String::new(),
+                result: Err(format!("reading the configuration: {e}")),
+            }]
+        }
+    };
+    for (i, b) in manifest.backends.iter().enumerate() {
+        let result = if b.method != "ldif" {
+            Err(format!("method {} is not restore-tested", b.method))
+        } else {
+            let work = scratch
+                .path()
+                .join(format!("{}-{}", i + 1, file_part(&b.suffix)));
+            serve_one(
+                &tools,
+                &limits,
+                &config,
+                &backup.join(&b.file),
+                &b.suffix,
+                &work,
+            )
+            .await
+        };
+        out.push(Served {
+            suffix: b.suffix.clone(),
+            result,
+        });
+    }
+    out
+}
+
+async fn serve_one(
+    tools: &Tools,
+    limits: &Limits,
+    config: &[crate::backup::Entry],
+    file: &Path,
+    suffix: &str,
+    work: &Path,
+) -> Result<Contents, String> {
+    fs::create_dir(work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let password = random_password();
+    slapd::build(tools, config, suffix, file, work, &password, limits)
+        .await
+        .map_err(|e| format!("building: {e}"))?;
+    let server = Throwaway::start(tools, work, limits)
+        .await
+        .map_err(|e| format!("serving: {e}"))?;
+    let target = Target {
+        url: server.url.clone(),
+        bind_dn: Some(slapd::root_dn(suffix)),
+        password: Some(Password::new(&password)),
+    };
+    let read = async {
+        let mut session = Session::connect(&target)
+            .await
+            .map_err(|e| format!("connecting to the throwaway slapd: {e}"))?;
+        let csn = super::backup::context_csn(&mut session, suffix)
+            .await
+            .map_err(|f| f.to_string())?;
+        let (entries, digest) =
+            super::backup::export(&mut session, suffix, &work.join("served.ldif"))
+                .await
+                .map_err(|(m, _)| format!("reading it back: {m}"))?;
+        session.close().await;
+        Ok::<_, String>(Contents {
+            entries,
+            digest,
+            context_csn: csn,
+        })
+    };
+    let r = tokio::time::timeout(limits.data, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "reading it back took over {} s",
+                limits.data.as_secs()
+            ))
+        });
+    server.stop().await;
+    r
 }
