@@ -44,7 +44,10 @@ use crate::freeze::dn::NormDn;
 /// is replication state (the latest `entryCSN`), not content.
 /// `tests/it/backup_digest.rs` fails if one of these is counted.
 /// `numSubordinates` is of the first kind (derived from the tree; slapd's
-/// back-monitor and 389 DS return it), not seen on this slapd.
+/// back-monitor and 389 DS return it), not seen on this slapd. 389 DS also
+/// returns `entryid` and `parentid`: its database's own entry numbers,
+/// which its export (`dsconf backend export`) leaves out and an import
+/// numbers afresh. `tests/it/ds389_backup.rs` checks 389's side.
 ///
 /// The stored operational attributes count, as `slapcat` and the search
 /// both print them: `entryUUID`, `entryCSN`, `createTimestamp`,
@@ -58,6 +61,8 @@ pub const COMPUTED: &[&str] = &[
     "hassubordinates",
     "numsubordinates",
     "contextcsn",
+    "entryid",
+    "parentid",
 ];
 
 /// Whether `attr` (any case, options ignored) is in [`COMPUTED`].
