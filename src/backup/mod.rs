@@ -8,6 +8,7 @@
 pub mod digest;
 pub mod ldif;
 pub mod manifest;
+pub mod verify;
 
 pub use digest::{Digest, Digester};
 pub use ldif::Entry;
