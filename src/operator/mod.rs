@@ -53,6 +53,7 @@ use crate::tls::describe_io;
 pub mod backup;
 pub mod commands;
 pub mod hook;
+pub mod verify;
 pub use hook::{HookRecord, HookState};
 
 /// Exit statuses of the operator commands.
@@ -79,6 +80,17 @@ pub mod exit {
     /// directory, the export search failed, a backend frozen in a mode the
     /// method cannot read); released, nothing written at DIR.
     pub const BACKUP_FAILED: u8 = 8;
+    /// `verify`: the backup is damaged (a file missing, extra, of the
+    /// wrong size or SHA-256; the manifest or `SHA256SUMS` unreadable; an
+    /// LDIF not well formed).
+    pub const VERIFY_DAMAGED: u8 = 10;
+    /// `verify`: the files are intact but their content is not what the
+    /// manifest says (entry count, digest, a DN outside the suffix, a
+    /// child before its parent, a DN twice, no suffix entry).
+    pub const VERIFY_MISMATCH: u8 = 11;
+    /// `verify`: cannot check (DIR missing or unreadable, an unknown
+    /// manifest format_version, a backup method verify does not know).
+    pub const VERIFY_CANNOT_CHECK: u8 = 12;
 }
 
 /// The default `--url`.
@@ -102,6 +114,15 @@ Exit status:
      answer again yet (its clients wait for it; see the proxy's log)
   8  `backup`: the backup failed (cannot write it, the export failed, a
      backend in stop mode); released, nothing written at DIR
+  10 `verify`: the backup is damaged (a file missing, extra, of the wrong
+     size or SHA-256; manifest.json or SHA256SUMS unreadable; an LDIF
+     not well formed)
+  11 `verify`: the files are intact but the content is not what the
+     manifest says (entry count, digest, a DN outside the suffix, a child
+     before its parent, a DN twice, no suffix entry)
+  12 `verify`: cannot check (DIR missing or unreadable, an unknown
+     format_version, a backup method verify does not know)
+`verify` exits with the worst it found: 10, else 11, else 12.
 `backup` exits 2 if DIR exists, 2-7 as above if the freeze could not be
 set up or did not last, 8 otherwise; a failed backup leaves nothing at DIR.
 `run` exits with the status of CMD (128+N if CMD died of signal N), or
