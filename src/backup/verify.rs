@@ -307,7 +307,7 @@ pub fn verify(dir: &Path) -> Report {
     };
     r.push(Check::pass(
         "directory",
-        format!("{}: {} entries", dir.display(), listing.len()),
+        format!("{}: {} names", dir.display(), listing.len()),
     ));
 
     // manifest.json
@@ -355,7 +355,7 @@ pub fn verify(dir: &Path) -> Report {
             Ok(s) => {
                 r.push(Check::pass(
                     "SHA256SUMS",
-                    format!("{SHA256SUMS}: {} line(s)", s.len()),
+                    format!("{} lines, each `SHA256  NAME`", s.len()),
                 ));
                 Some(s)
             }
@@ -454,7 +454,8 @@ pub fn verify(dir: &Path) -> Report {
                 ));
                 continue;
             }
-            if !plain_name(&b.file) || !dir.join(&b.file).is_file() {
+            let is_file = std::fs::symlink_metadata(dir.join(&b.file)).is_ok_and(|m| m.is_file());
+            if !plain_name(&b.file) || !is_file {
                 // Already reported as a missing file.
                 continue;
             }
@@ -590,7 +591,8 @@ fn check_file(dir: &Path, name: &str, want: &Expected) -> Check {
         );
     }
     let path = dir.join(name);
-    match std::fs::metadata(&path) {
+    // A symbolic link is not a file of the backup, wherever it points.
+    match std::fs::symlink_metadata(&path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {
             return Check::fail(check, Class::Damaged, format!("{name} is missing"))
         }
@@ -1172,6 +1174,21 @@ mod tests {
             Class::Damaged,
             "manifest",
             &["manifest.json is missing"],
+        );
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_a_file_is_damage() {
+        let t = good();
+        let other = tempfile::tempdir().unwrap();
+        let log = t.path().join("backup.log");
+        std::fs::rename(&log, other.path().join("backup.log")).unwrap();
+        std::os::unix::fs::symlink(other.path().join("backup.log"), &log).unwrap();
+        expect(
+            &verify(t.path()),
+            Class::Damaged,
+            "file backup.log",
+            &["backup.log is not a regular file"],
         );
     }
 
