@@ -247,7 +247,6 @@ async fn verify_a_real_backup_and_damaged_copies_of_it() {
     // The entry put back before its parent: parents first.
     let bad = parent.path().join("reordered");
     cp_r(&dir, &bad);
-    let mut entries = entries;
     entries.insert(0, gone.clone());
     let mut text = Vec::new();
     ldif::write(&mut text, &entries).unwrap();
