@@ -383,9 +383,13 @@ pub fn verify(dir: &Path) -> Report {
             let mut unlisted = Found::default();
             for b in &m.backends {
                 if !expected.contains_key(&b.file) {
+                    let there = plain_name(&b.file)
+                        && std::fs::symlink_metadata(dir.join(&b.file)).is_ok_and(|m| m.is_file());
                     unlisted.add(format!(
-                        "backend {}'s file {} is not in the manifest's files",
-                        b.suffix, b.file
+                        "backend {}'s file {} is not in the manifest's files{}",
+                        b.suffix,
+                        b.file,
+                        if there { "" } else { ", and is missing" }
                     ));
                 }
             }
@@ -1335,6 +1339,18 @@ mod tests {
         );
 
         let missing = t.path().join("nothing-here");
+        // A backend's file the manifest's files do not list.
+        let t = good();
+        let mut m = manifest(t.path());
+        m.files.retain(|f| f.name != FILE1);
+        seal(t.path(), &mut m);
+        std::fs::remove_file(t.path().join(FILE1)).unwrap();
+        expect(
+            &verify(t.path()),
+            Class::Damaged,
+            "manifest files",
+            &["backend dc=example,dc=org's file 1-dc_example_dc_org.ldif is not in the manifest's files, and is missing"],
+        );
         expect(
             &verify(&missing),
             Class::CannotCheck,
