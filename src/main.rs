@@ -21,7 +21,8 @@ use tracing_subscriber::EnvFilter;
     after_help = "The operator commands (on, off, status, run, backup, hook) talk to a running proxy and \
                   exit 0 when done, 2 on bad arguments, 3 when the proxy refuses, 4 when it cannot be \
                   reached or bound to, 5 on timeout, 6 when the freeze failed or had expired, 8 when a backup failed; \
-                  `abproxy help on` has the details."
+                  `abproxy verify DIR` exits 10 when a backup is damaged, 11 when its content is not what its \
+                  manifest says, 12 when it cannot be checked; `abproxy help on` has the details."
 )]
 struct Cli {
     /// Log filter (tracing env-filter syntax); the ABPROXY_LOG variable works
@@ -66,6 +67,12 @@ enum Command {
     /// borgmatic before/after hooks): --before freezes, --after releases.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
     Hook(HookArgs),
+    /// Check a backup directory that `abproxy backup` wrote, by itself (no
+    /// server): every file's size and SHA-256 against the manifest and
+    /// SHA256SUMS, nothing extra, and each LDIF's entries (well formed,
+    /// under the suffix, parents first, no DN twice, count and digest).
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
+    Verify(VerifyArgs),
 }
 
 /// How to reach and bind to the proxy.
@@ -219,6 +226,31 @@ struct RestoreArgs {
     /// in WORK into its place.
     #[arg(long, value_name = "WORK")]
     apply: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The backup directory.
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+    /// Print one JSON object (verdict, backup_id, each check's name, ok,
+    /// detail and class) instead of the lines.
+    #[arg(long)]
+    json: bool,
+    /// Also restore each backend into a throwaway slapd on a loopback port
+    /// (with the server's configuration, --slapd-config) and compare what it
+    /// serves with the manifest: the proof that the backup opens.
+    #[arg(long)]
+    restore_test: bool,
+    /// The server's configuration for --restore-test: a slapd.d directory or
+    /// a slapd.conf file.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/etc/ldap/slapd.d",
+        requires = "restore_test"
+    )]
+    slapd_config: PathBuf,
 }
 
 #[derive(Args)]
@@ -545,6 +577,10 @@ fn operator_main(command: Command) -> ExitCode {
                 commands::hook_before(&hook(&a), args).await
             }
             Command::Hook(a) => commands::hook_after(&hook(&a)).await,
+            Command::Verify(a) if a.restore_test => {
+                operator::verify::verify_restoring(&a.dir, a.json, &a.slapd_config).await
+            }
+            Command::Verify(a) => operator::verify::verify(&a.dir, a.json),
             Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
         }
     });

@@ -119,6 +119,11 @@ pub enum Error {
     },
     #[error("{0}")]
     Config(String),
+    /// The backup's entries do not load (slapd refuses them, or the LDIF
+    /// does not parse): the backup does not restore with this
+    /// configuration.
+    #[error("the entries do not load: {0}")]
+    Load(Box<Error>),
     #[error("{}: {source}", .path.display())]
     Ldif {
         path: PathBuf,
@@ -419,6 +424,26 @@ pub async fn build(
     .await?;
 
     // The entries, without what slapd computes.
+    load(tools, suffix, data, work, &slapd_d, limits)
+        .await
+        .map_err(|e| Error::Load(Box::new(e)))?;
+
+    let contents = slapcat(tools, work, suffix, limits).await?;
+    Ok(Built {
+        work: work.to_path_buf(),
+        db,
+        contents,
+    })
+}
+
+async fn load(
+    tools: &Tools,
+    suffix: &str,
+    data: &Path,
+    work: &Path,
+    slapd_d: &Path,
+    limits: &Limits,
+) -> Result<(), Error> {
     let load = work.join("load.ldif");
     {
         let f = File::open(data).map_err(io(data))?;
@@ -438,20 +463,13 @@ pub async fn build(
     let mut cmd = Command::new(&tools.slapadd);
     cmd.arg("-q")
         .arg("-F")
-        .arg(&slapd_d)
+        .arg(slapd_d)
         .arg("-b")
         .arg(suffix)
         .arg("-l")
         .arg(&load);
     run(cmd, &format!("slapadd of {suffix}"), limits.data, None).await?;
-    fs::remove_file(&load).map_err(io(&load))?;
-
-    let contents = slapcat(tools, work, suffix, limits).await?;
-    Ok(Built {
-        work: work.to_path_buf(),
-        db,
-        contents,
-    })
+    fs::remove_file(&load).map_err(io(&load))
 }
 
 /// `slapcat -b SUFFIX` of a built work directory, counted and digested.

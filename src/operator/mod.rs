@@ -54,6 +54,7 @@ pub mod backup;
 pub mod commands;
 pub mod hook;
 pub mod restore;
+pub mod verify;
 pub use hook::{HookRecord, HookState};
 
 /// Exit statuses of the operator commands.
@@ -84,6 +85,17 @@ pub mod exit {
     /// manifest, a tool failed, the built database does not hold what the
     /// manifest says, slapd still running for `--apply`).
     pub const RESTORE_FAILED: u8 = 9;
+    /// `verify`: the backup is damaged (a file missing, extra, of the
+    /// wrong size or SHA-256; the manifest or `SHA256SUMS` unreadable; an
+    /// LDIF not well formed).
+    pub const VERIFY_DAMAGED: u8 = 10;
+    /// `verify`: the files are intact but their content is not what the
+    /// manifest says (entry count, digest, a DN outside the suffix, a
+    /// child before its parent, a DN twice, no suffix entry).
+    pub const VERIFY_MISMATCH: u8 = 11;
+    /// `verify`: cannot check (DIR missing or unreadable, an unknown
+    /// manifest format_version, a backup method verify does not know).
+    pub const VERIFY_CANNOT_CHECK: u8 = 12;
 }
 
 /// The default `--url`.
@@ -110,6 +122,15 @@ Exit status:
   9  `restore`: the restore failed (the backup's file is not the one its
      manifest lists, a slapd tool failed, the database built does not hold
      what the manifest says, slapd is running for --apply); nothing built
+  10 `verify`: the backup is damaged (a file missing, extra, of the wrong
+     size or SHA-256; manifest.json or SHA256SUMS unreadable; an LDIF
+     not well formed)
+  11 `verify`: the files are intact but the content is not what the
+     manifest says (entry count, digest, a DN outside the suffix, a child
+     before its parent, a DN twice, no suffix entry)
+  12 `verify`: cannot check (DIR missing or unreadable, an unknown
+     format_version, a backup method verify does not know)
+`verify` exits with the worst it found: 10, else 11, else 12.
 `backup` exits 2 if DIR exists, 2-7 as above if the freeze could not be
 set up or did not last, 8 otherwise; a failed backup leaves nothing at DIR.
 `run` exits with the status of CMD (128+N if CMD died of signal N), or

@@ -392,7 +392,26 @@ fn own_like(dir: &Path, like: &fs::Metadata) -> std::io::Result<()> {
 pub struct Served {
     pub suffix: String,
     /// What it served, or why it could not be built or served.
-    pub result: Result<Contents, String>,
+    pub result: Result<Contents, TestFail>,
+}
+
+/// Why a restore test did not serve a backend.
+#[derive(Debug)]
+pub enum TestFail {
+    /// The backup's entries do not load into slapd with this configuration:
+    /// the backup does not restore.
+    DoesNotLoad(String),
+    /// Anything else (no slapd, the configuration, a port, a deadline):
+    /// the test could not be run.
+    Cannot(String),
+}
+
+impl std::fmt::Display for TestFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TestFail::DoesNotLoad(m) | TestFail::Cannot(m) => f.write_str(m),
+        }
+    }
 }
 
 /// The restore test of `abproxy verify --restore-test`: each `ldif`
@@ -412,7 +431,7 @@ pub async fn restore_test(backup: &Path, manifest: &Manifest, slapd_config: &Pat
         Err(e) => {
             return vec![Served {
                 suffix: String::new(),
-                result: Err(format!("a temporary directory: {e}")),
+                result: Err(TestFail::Cannot(format!("a temporary directory: {e}"))),
             }]
         }
     };
@@ -422,13 +441,16 @@ pub async fn restore_test(backup: &Path, manifest: &Manifest, slapd_config: &Pat
         Err(e) => {
             return vec![Served {
                 suffix: String::new(),
-                result: Err(format!("reading the configuration: {e}")),
+                result: Err(TestFail::Cannot(format!("reading the configuration: {e}"))),
             }]
         }
     };
     for (i, b) in manifest.backends.iter().enumerate() {
         let result = if b.method != "ldif" {
-            Err(format!("method {} is not restore-tested", b.method))
+            Err(TestFail::Cannot(format!(
+                "method {} is not restore-tested",
+                b.method
+            )))
         } else {
             let work = scratch
                 .path()
@@ -458,15 +480,18 @@ async fn serve_one(
     file: &Path,
     suffix: &str,
     work: &Path,
-) -> Result<Contents, String> {
-    fs::create_dir(work).map_err(|e| format!("{}: {e}", work.display()))?;
+) -> Result<Contents, TestFail> {
+    fs::create_dir(work).map_err(|e| TestFail::Cannot(format!("{}: {e}", work.display())))?;
     let password = random_password();
     slapd::build(tools, config, suffix, file, work, &password, limits)
         .await
-        .map_err(|e| format!("building: {e}"))?;
+        .map_err(|e| match e {
+            slapd::Error::Load(_) => TestFail::DoesNotLoad(e.to_string()),
+            e => TestFail::Cannot(format!("building: {e}")),
+        })?;
     let server = Throwaway::start(tools, work, limits)
         .await
-        .map_err(|e| format!("serving: {e}"))?;
+        .map_err(|e| TestFail::Cannot(format!("serving: {e}")))?;
     let target = Target {
         url: server.url.clone(),
         bind_dn: Some(slapd::root_dn(suffix)),
@@ -499,5 +524,5 @@ async fn serve_one(
             ))
         });
     server.stop().await;
-    r
+    r.map_err(TestFail::Cannot)
 }

@@ -1,0 +1,155 @@
+//! `abproxy verify DIR [--json]` as the binary runs it: checks a backup
+//! directory ([`crate::backup::verify`]), prints one line per check and the
+//! verdict (or one JSON object), and returns the exit status.
+
+use std::path::Path;
+
+use super::exit;
+use crate::backup::verify::{self, Check, Class, Report};
+
+/// The exit status of a verdict: 0, or [`exit::VERIFY_DAMAGED`],
+/// [`exit::VERIFY_MISMATCH`], [`exit::VERIFY_CANNOT_CHECK`].
+pub fn exit_code(verdict: Option<Class>) -> u8 {
+    match verdict {
+        None => exit::OK,
+        Some(Class::Damaged) => exit::VERIFY_DAMAGED,
+        Some(Class::Mismatch) => exit::VERIFY_MISMATCH,
+        Some(Class::CannotCheck) => exit::VERIFY_CANNOT_CHECK,
+    }
+}
+
+/// The report as `abproxy verify` prints it: one line per check, then the
+/// verdict line.
+pub fn render(report: &Report) -> String {
+    let mut s = String::new();
+    for c in &report.checks {
+        s.push_str(&c.to_string());
+        s.push('\n');
+    }
+    s.push_str(&report.verdict_line());
+    s.push('\n');
+    s
+}
+
+/// `abproxy verify DIR` (`json`: `--json`): everything on stdout, the
+/// exit status returned. A caller that adds checks of its own (a restore
+/// test) runs [`verify::verify`], pushes them, and prints the report the
+/// same way.
+pub fn verify(dir: &Path, json: bool) -> u8 {
+    let report = verify::verify(dir);
+    print(&report, json)
+}
+
+/// `abproxy verify DIR --restore-test`: [`verify::verify`], then, unless
+/// the backup is damaged, each backend restored into a throwaway slapd
+/// with the configuration at `slapd_config` and read back over LDAP
+/// ([`super::restore::restore_test`]): what it serves must be the
+/// manifest's entry count, digest and `contextCSN` (else "does not
+/// match"); a backend that cannot be built or served cannot be checked.
+pub async fn verify_restoring(dir: &Path, json: bool, slapd_config: &Path) -> u8 {
+    let mut report = verify::verify(dir);
+    restore_checks(&mut report, dir, slapd_config).await;
+    print(&report, json)
+}
+
+/// Appends the restore test's checks to `report`.
+pub async fn restore_checks(report: &mut Report, dir: &Path, slapd_config: &Path) {
+    if report.verdict() == Some(Class::Damaged) {
+        report.push(Check::fail(
+            "restore test",
+            Class::CannotCheck,
+            "not run: the backup is damaged",
+        ));
+        return;
+    }
+    let manifest = match super::restore::read_manifest(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            report.push(Check::fail("restore test", Class::CannotCheck, e));
+            return;
+        }
+    };
+    for served in super::restore::restore_test(dir, &manifest, slapd_config).await {
+        let name = format!("restore test {}", served.suffix);
+        let Some(b) = manifest.backends.iter().find(|b| b.suffix == served.suffix) else {
+            // Not one backend's: the configuration could not be read.
+            if let Err(e) = served.result {
+                report.push(Check::fail(
+                    "restore test",
+                    Class::CannotCheck,
+                    e.to_string(),
+                ));
+            }
+            continue;
+        };
+        report.push(match served.result {
+            Err(super::restore::TestFail::DoesNotLoad(e)) => Check::fail(
+                name,
+                Class::Mismatch,
+                format!("the backup does not restore: {e}"),
+            ),
+            Err(e) => Check::fail(name, Class::CannotCheck, e.to_string()),
+            Ok(c) if c.entries == b.entries && c.digest == b.digest && c.context_csn == b.context_csn => {
+                Check::pass(
+                    name,
+                    format!(
+                        "a throwaway slapd served {} entries, digest and contextCSN as in the manifest",
+                        c.entries
+                    ),
+                )
+            }
+            Ok(c) => Check::fail(
+                name,
+                Class::Mismatch,
+                format!(
+                    "a throwaway slapd served {} entries, digest {}, contextCSN {:?}; the manifest \
+                     says {} entries, digest {}, contextCSN {:?}",
+                    c.entries, c.digest, c.context_csn, b.entries, b.digest, b.context_csn
+                ),
+            ),
+        });
+    }
+}
+
+/// Prints a report (lines, or one JSON object with `exit_code` added) and
+/// returns its exit status.
+pub fn print(report: &Report, json: bool) -> u8 {
+    let code = exit_code(report.verdict());
+    if json {
+        let mut j = report.to_json();
+        j["exit_code"] = code.into();
+        println!("{j}");
+    } else {
+        print!("{}", render(report));
+    }
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_exit_codes_and_lines() {
+        let mut r = Report::new("/x");
+        r.backup_id = Some("B".into());
+        r.push(Check::pass("manifest", "fine"));
+        assert_eq!(exit_code(r.verdict()), 0);
+        assert_eq!(
+            render(&r),
+            "ok            manifest: fine\nverify: OK: backup B, 0 backends, 0 entries\n"
+        );
+        r.push(Check::fail("x", Class::CannotCheck, "method"));
+        assert_eq!(exit_code(r.verdict()), 12);
+        r.push(Check::fail("count", Class::Mismatch, "3, not 4"));
+        assert_eq!(exit_code(r.verdict()), 11);
+        r.push(Check::fail("file a", Class::Damaged, "a is missing"));
+        assert_eq!(exit_code(r.verdict()), 10);
+        let text = render(&r);
+        assert!(text.contains("\nMISMATCH      count: 3, not 4\n"), "{text}");
+        assert!(
+            text.ends_with("verify: DAMAGED: file a: a is missing (3 problems in all)\n"),
+            "{text}"
+        );
+    }
+}

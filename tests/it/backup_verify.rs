@@ -1,0 +1,384 @@
+//! `abproxy verify DIR` on a real backup: `abproxy backup` taken through
+//! the proxy from a real slapd (both suffixes, readonly), then verified as
+//! the built binary: whole, it exits 0 with the OK verdict; copies of it
+//! damaged in one way each (a flipped byte, an entry deleted from an LDIF
+//! with the manifest and SHA256SUMS made to agree, a file removed, a file
+//! added) exit 10 or 11 and name the problem; `--json` is one JSON object.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use abproxy::backup::manifest::{file_sha256, Manifest};
+use abproxy::backup::{ldif, Entry};
+use abproxy::config::{BackendConfig, Config};
+use abproxy::freeze::backend::Mode;
+use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_SUFFIX};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
+const SUFFIX: &str = "dc=example,dc=org";
+
+/// slapd (20 users a suffix) and the proxy, both suffixes readonly,
+/// `cn=admin,dc=example,dc=org` allowed.
+async fn lab() -> Lab {
+    Lab::with(
+        SlapdOptions {
+            nosync: true,
+            users: 20,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.freeze.allowed = vec![ADMIN_DN.into()];
+            c.backends = vec![
+                BackendConfig::new(SUFFIX, Mode::Readonly),
+                BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
+            ];
+        },
+    )
+    .await
+}
+
+/// `abproxy backup ARGS` as the admin, within 120 s.
+async fn backup_as(lab: &Lab, dn: &str, pw: &str, args: &[&str]) -> ToolOutput {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("backup")
+        .args(args)
+        .env_remove("ABPROXY_LOG")
+        .env("ABPROXY_URL", lab.proxied())
+        .env("ABPROXY_BIND_DN", dn)
+        .env("ABPROXY_PASSWORD", pw)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("abproxy backup did not finish within 120 s")
+        .expect("run abproxy");
+    ToolOutput::from(out)
+}
+
+/// `abproxy verify ARGS`, within 60 s.
+async fn verify(args: &[&str]) -> ToolOutput {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("verify")
+        .args(args)
+        .env_remove("ABPROXY_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("abproxy verify did not finish within 60 s")
+        .expect("run abproxy");
+    ToolOutput::from(out)
+}
+
+async fn verify_dir(dir: &Path) -> ToolOutput {
+    verify(&[dir.to_str().unwrap()]).await
+}
+
+fn cp_r(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn manifest(dir: &Path) -> Manifest {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The manifest's files re-recorded from the disk, SHA256SUMS rewritten as
+/// `abproxy backup` writes it: an edit that leaves the files consistent.
+fn reseal(dir: &Path) {
+    let mut m = manifest(dir);
+    for f in &mut m.files {
+        let (size, sha) = file_sha256(&dir.join(&f.name)).unwrap();
+        f.size = size;
+        f.sha256 = sha;
+    }
+    let json = serde_json::to_string_pretty(&m).unwrap();
+    std::fs::write(dir.join("manifest.json"), format!("{json}\n")).unwrap();
+    let mut sums = String::new();
+    for f in &m.files {
+        sums.push_str(&format!("{}  {}\n", f.sha256, f.name));
+    }
+    let (_, sha) = file_sha256(&dir.join("manifest.json")).unwrap();
+    sums.push_str(&format!("{sha}  manifest.json\n"));
+    std::fs::write(dir.join("SHA256SUMS"), sums).unwrap();
+}
+
+/// The verdict line: stdout's last line.
+fn verdict(out: &ToolOutput) -> &str {
+    out.stdout.lines().last().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_a_real_backup_and_damaged_copies_of_it() {
+    let lab = lab().await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let out = backup_as(&lab, ADMIN_DN, ADMIN_PW, &["--to", dir.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let m = manifest(&dir);
+    assert_eq!(m.backends.len(), 2);
+    let total: u64 = m.backends.iter().map(|b| b.entries).sum();
+    let main = m
+        .backends
+        .iter()
+        .find(|b| b.suffix.eq_ignore_ascii_case(SUFFIX))
+        .expect("the backend of dc=example,dc=org");
+    let file = main.file.clone();
+
+    // Whole.
+    let out = verify_dir(&dir).await;
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        verdict(&out),
+        format!(
+            "verify: OK: backup {}, 2 backends, {total} entries",
+            m.backup_id
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "ok            digest {}: {}",
+            main.suffix, main.digest
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+
+    // --json: one object, the verdict and each check.
+    let out = verify(&["--json", dir.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let j: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
+    assert_eq!(out.stdout.trim().lines().count(), 1, "{}", out.stdout);
+    assert_eq!(j["verdict"], "OK", "{j}");
+    assert_eq!(j["exit_code"], 0);
+    assert_eq!(j["backup_id"], m.backup_id.as_str());
+    assert_eq!(j["entries"], total);
+    let checks = j["checks"].as_array().expect("checks");
+    assert!(
+        checks.iter().all(|c| c["ok"] == true
+            && c["name"].is_string()
+            && c["detail"].is_string()
+            && c["class"].is_null()),
+        "{j}"
+    );
+
+    // A flipped byte in an LDIF.
+    let bad = parent.path().join("flipped");
+    cp_r(&dir, &bad);
+    let path = bad.join(&file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let out = verify_dir(&bad).await;
+    assert_eq!(out.code, Some(10), "{}", out.stdout);
+    assert!(
+        verdict(&out).starts_with(&format!("verify: DAMAGED: file {file}: {file} has SHA-256")),
+        "{}",
+        out.stdout
+    );
+    let out = verify(&["--json", bad.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(10));
+    let j: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
+    assert_eq!(j["verdict"], "DAMAGED", "{j}");
+    assert!(
+        j["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["ok"] == false
+                && c["class"] == "damaged"
+                && c["name"] == format!("file {file}")),
+        "{j}"
+    );
+
+    // An entry deleted from the LDIF, the manifest's size and SHA-256 (and
+    // SHA256SUMS) made to agree: the files are whole, the content is not
+    // what the manifest says.
+    let bad = parent.path().join("deleted");
+    cp_r(&dir, &bad);
+    let path = bad.join(&file);
+    let mut entries: Vec<Entry> = ldif::read(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let k = entries
+        .iter()
+        .position(|e| e.dn.eq_ignore_ascii_case(&testkit::user_dn(7)))
+        .expect("user 7");
+    let gone = entries.remove(k);
+    let mut text = Vec::new();
+    ldif::write(&mut text, &entries).unwrap();
+    std::fs::write(&path, text).unwrap();
+    reseal(&bad);
+    let out = verify_dir(&bad).await;
+    assert_eq!(out.code, Some(11), "{}", out.stdout);
+    assert_eq!(
+        verdict(&out),
+        format!(
+            "verify: DOES NOT MATCH: count {}: {file} has {} entries, the manifest says {} (2 problems in all)",
+            main.suffix,
+            main.entries - 1,
+            main.entries
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "MISMATCH      digest {}: {file}'s content digest",
+            main.suffix
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("DAMAGED"), "{}", out.stdout);
+
+    // The entry put back before its parent: parents first.
+    let bad = parent.path().join("reordered");
+    cp_r(&dir, &bad);
+    entries.insert(0, gone.clone());
+    let mut text = Vec::new();
+    ldif::write(&mut text, &entries).unwrap();
+    std::fs::write(bad.join(&file), text).unwrap();
+    reseal(&bad);
+    let out = verify_dir(&bad).await;
+    assert_eq!(out.code, Some(11), "{}", out.stdout);
+    assert!(
+        verdict(&out).starts_with(&format!(
+            "verify: DOES NOT MATCH: parents first {}: {file}: entry 1 `{}`: its parent",
+            main.suffix, gone.dn
+        )),
+        "{}",
+        out.stdout
+    );
+
+    // A file removed.
+    let bad = parent.path().join("removed");
+    cp_r(&dir, &bad);
+    std::fs::remove_file(bad.join("backup.log")).unwrap();
+    let out = verify_dir(&bad).await;
+    assert_eq!(out.code, Some(10), "{}", out.stdout);
+    assert_eq!(
+        verdict(&out),
+        "verify: DAMAGED: file backup.log: backup.log is missing",
+        "{}",
+        out.stdout
+    );
+
+    // A file added.
+    let bad = parent.path().join("added");
+    cp_r(&dir, &bad);
+    std::fs::write(bad.join("notes.txt"), "hello\n").unwrap();
+    let out = verify_dir(&bad).await;
+    assert_eq!(out.code, Some(10), "{}", out.stdout);
+    assert_eq!(
+        verdict(&out),
+        "verify: DAMAGED: extra files: unexpected file notes.txt",
+        "{}",
+        out.stdout
+    );
+
+    // No directory there.
+    let out = verify_dir(&parent.path().join("none")).await;
+    assert_eq!(out.code, Some(12), "{}", out.stdout);
+    assert!(
+        verdict(&out).starts_with("verify: CANNOT CHECK: directory: "),
+        "{}",
+        out.stdout
+    );
+
+    // The backup itself was not touched by any of this.
+    let out = verify_dir(&dir).await;
+    assert_eq!(out.code, Some(0), "{}", out.stdout);
+}
+
+/// `verify --restore-test`: each backend restored into a throwaway slapd
+/// with the lab's own configuration serves exactly the manifest's entries
+/// (count, digest, contextCSN). A backup whose files are whole and whose
+/// manifest agrees with them, but whose entries slapd refuses (an object
+/// class the schema does not have, written in and resealed), passes the
+/// file checks and fails the restore test: it does not restore. Without a
+/// usable configuration the restore test cannot check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_restore_test_proves_the_backup_opens() {
+    use abproxy::backup::{ldif, Digest};
+    let lab = lab().await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let out = backup_as(&lab, ADMIN_DN, ADMIN_PW, &["--to", dir.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let config = lab.slapd.dir().join("slapd.d");
+    let config = config.to_str().unwrap();
+    let d = dir.to_str().unwrap();
+    let out = verify(&[d, "--restore-test", "--slapd-config", config]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for suffix in [SUFFIX, OTHER_SUFFIX] {
+        assert!(
+            out.stdout
+                .contains(&format!("restore test {suffix}: a throwaway slapd served")),
+            "{}",
+            out.stdout
+        );
+    }
+    // No throwaway slapd left running.
+    assert!(
+        !std::process::Command::new("pgrep")
+            .args(["-f", "abproxy-restore-test-"])
+            .status()
+            .unwrap()
+            .success(),
+        "a throwaway slapd is still running"
+    );
+
+    let out = verify(&[d, "--restore-test", "--slapd-config", "/nonexistent"]).await;
+    assert_eq!(out.code, Some(12), "{out:?}");
+    assert!(
+        verdict(&out).contains("CANNOT CHECK: restore test"),
+        "{}",
+        out.stdout
+    );
+
+    // Entries slapd refuses, resealed: whole files, no restore.
+    let bad = parent.path().join("bad");
+    cp_r(&dir, &bad);
+    let mut m = manifest(&bad);
+    let b = m.backends.iter_mut().find(|b| b.suffix == SUFFIX).unwrap();
+    let path = bad.join(&b.file);
+    let mut entries = ldif::read(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let user = entries
+        .iter_mut()
+        .find(|e| e.dn.eq_ignore_ascii_case(&testkit::user_dn(1)))
+        .unwrap();
+    user.push("objectClass", "noSuchClass");
+    std::fs::write(&path, ldif::to_string(&entries)).unwrap();
+    b.digest = Digest::of_entries(entries).unwrap().to_string();
+    std::fs::write(
+        bad.join("manifest.json"),
+        serde_json::to_string_pretty(&m).unwrap() + "\n",
+    )
+    .unwrap();
+    reseal(&bad);
+    let b = bad.to_str().unwrap();
+    let out = verify(&[b]).await;
+    assert_eq!(out.code, Some(0), "the files are consistent: {out:?}");
+    let out = verify(&[b, "--restore-test", "--slapd-config", config]).await;
+    assert_eq!(out.code, Some(11), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "restore test {SUFFIX}: the backup does not restore"
+        )) && out.stdout.contains("noSuchClass"),
+        "{}",
+        out.stdout
+    );
+}
