@@ -221,13 +221,10 @@ async fn backup_tar_holds_the_files_of_a_to_backup() {
     assert_eq!(status(&lab).await.state, State::Thawed);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_tar_to_a_reader_that_goes_away_fails_naming_the_step() {
-    // A few MB of LDIF: far more than a pipe holds.
-    let lab = lab(5000, 10).await;
-    let work = tempfile::tempdir().unwrap();
-    let staging = work.path();
-    let mut child = tokio::process::Command::new(BIN)
+/// `abproxy backup --tar - --tmp-dir STAGING`, its stdout piped and not
+/// read yet.
+fn start_tar_backup(lab: &Lab, staging: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
         .args(["backup", "--tar", "-", "--tmp-dir"])
         .arg(staging)
         .env_remove("ABPROXY_LOG")
@@ -239,14 +236,17 @@ async fn backup_tar_to_a_reader_that_goes_away_fails_naming_the_step() {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("start abproxy backup");
-    // Nobody reads yet and the archive does not fit in the pipe, yet the
-    // freeze is released: it never waits on the reader.
-    let mut stdout = child.stdout.take().unwrap();
+        .expect("start abproxy backup")
+}
+
+/// Waits until the backup has frozen and released while nobody reads its
+/// stdout (the archive does not fit in the pipe): the freeze never waits
+/// on the reader. The backup is then still running, blocked on stdout.
+async fn released_before_the_reader_reads(lab: &Lab, child: &mut tokio::process::Child) {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen_frozen = false;
     loop {
-        match status(&lab).await.state {
+        match status(lab).await.state {
             State::Thawed if seen_frozen => break,
             State::Thawed => {}
             _ => seen_frozen = true,
@@ -263,6 +263,17 @@ async fn backup_tar_to_a_reader_that_goes_away_fails_naming_the_step() {
         child.try_wait().unwrap().is_none(),
         "the backup waits for its reader"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_tar_to_a_reader_that_goes_away_fails_naming_the_step() {
+    // A few MB of LDIF: far more than a pipe holds.
+    let lab = lab(5000, 10).await;
+    let work = tempfile::tempdir().unwrap();
+    let staging = work.path();
+    let mut child = start_tar_backup(&lab, staging);
+    let mut stdout = child.stdout.take().unwrap();
+    released_before_the_reader_reads(&lab, &mut child).await;
     // `| head -c 100`: read 100 bytes, then close.
     let mut head = [0u8; 100];
     let read = tokio::time::timeout(Duration::from_secs(120), stdout.read_exact(&mut head))
@@ -284,6 +295,32 @@ async fn backup_tar_to_a_reader_that_goes_away_fails_naming_the_step() {
     // The archive began with the directory named after the backup id.
     let name = String::from_utf8_lossy(&head[..100]);
     assert!(name.contains("Z-f") && name.contains('/'), "{name}");
+    assert!(names(staging).is_empty(), "{:?}", names(staging));
+    assert_eq!(status(&lab).await.state, State::Thawed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_tar_ended_by_a_signal_while_streaming_cleans_up() {
+    let lab = lab(5000, 10).await;
+    let work = tempfile::tempdir().unwrap();
+    let staging = work.path();
+    let mut child = start_tar_backup(&lab, staging);
+    let stdout = child.stdout.take().unwrap();
+    released_before_the_reader_reads(&lab, &mut child).await;
+    let pid = child.id().expect("pid") as libc::pid_t;
+    // SAFETY: a signal to our own child, still running.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("a SIGTERM ends the stream")
+        .expect("wait");
+    drop(stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{err}");
+    assert!(
+        err.contains("stream tar to stdout failed: signal 15"),
+        "{err}"
+    );
     assert!(names(staging).is_empty(), "{:?}", names(staging));
     assert_eq!(status(&lab).await.state, State::Thawed);
 }
