@@ -155,43 +155,53 @@ async fn backup_tar_holds_the_files_of_a_to_backup() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(out.stdout.is_empty(), "--to writes nothing on stdout");
 
-    let out = backup(
-        &lab,
-        &["--tar", "-", "--tmp-dir", staging.to_str().unwrap()],
-    );
+    // `abproxy backup --tar - | tee OUT | tar -x -C X`.
+    let archive = work.path().join("out.tar");
+    let out = block_in_place(|| {
+        backup_cmd(
+            &lab,
+            ADMIN_DN,
+            ADMIN_PW,
+            &["--tar", "-", "--tmp-dir", staging.to_str().unwrap()],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut backup| {
+            let tee = Command::new("tee")
+                .arg(&archive)
+                .stdin(Stdio::from(backup.stdout.take().unwrap()))
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let tar = Command::new("tar")
+                .args(["-x", "-C", x.to_str().unwrap()])
+                .stdin(Stdio::from(tee.stdout.unwrap()))
+                .status()?;
+            assert!(tar.success(), "tar -x: {tar}");
+            backup.wait_with_output()
+        })
+        .expect("run the pipe")
+    });
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("streamed on stdout as tar"),
         "{}",
         stderr(&out)
     );
-    // Nothing but the archive on stdout: a whole number of tar blocks,
-    // every entry owned by 0/0 with the fixed modes.
-    assert_eq!(out.stdout.len() % 512, 0, "{}", out.stdout.len());
     assert!(
         names(&staging).is_empty(),
         "staging left: {:?}",
         names(&staging)
     );
-    let mut tar = Command::new("tar")
-        .args(["-x", "-C", x.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("run tar");
-    std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &out.stdout).unwrap();
-    drop(tar.stdin.take());
-    assert!(tar.wait().unwrap().success(), "tar -x");
+    // Nothing but the archive on stdout: a whole number of tar blocks,
+    // every entry owned by 0/0 with the fixed modes.
+    let bytes = std::fs::read(&archive).unwrap();
+    assert_eq!(bytes.len() % 512, 0, "{}", bytes.len());
     let listing = Command::new("tar")
-        .args(["--numeric-owner", "-tvf", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            std::io::Write::write_all(c.stdin.as_mut().unwrap(), &out.stdout)?;
-            drop(c.stdin.take());
-            c.wait_with_output()
-        })
+        .args(["--numeric-owner", "-tvf"])
+        .arg(&archive)
+        .output()
         .expect("tar -tv");
+    assert!(listing.status.success());
     let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
     for line in listing.lines() {
         assert!(
@@ -199,6 +209,7 @@ async fn backup_tar_holds_the_files_of_a_to_backup() {
             "{line}"
         );
     }
+    std::fs::remove_file(&archive).unwrap();
 
     // One top-level directory, named after the backup id.
     let top = names(&x);
