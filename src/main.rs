@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use abproxy::config::{Config, Settings};
+use abproxy::operator::backup::Destination as BackupDest;
 use abproxy::operator::{self, commands, ClientTls, FreezeRequest, OpError, Password, Target};
 use abproxy::Server;
 use clap::builder::BoolishValueParser;
@@ -54,8 +55,9 @@ enum Command {
     /// SIGINT/SIGTERM (forwarded to CMD); a killed wrapper releases too.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
     Run(RunArgs),
-    /// Back up the frozen backends to a new directory: freeze, export
-    /// every entry as LDIF through the proxy, release, write a manifest.
+    /// Back up the frozen backends to a new directory (or as a tar stream
+    /// on stdout): freeze, export every entry as LDIF through the proxy,
+    /// release, write a manifest.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
     Backup(BackupArgs),
     /// Build the databases of a backup offline with slapd's own tools and
@@ -191,11 +193,31 @@ enum Method {
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("dest").required(true).args(["to", "tar"])))]
 struct BackupArgs {
     /// The backup directory to create (must not exist; written as
-    /// DIR.partial-PID and renamed once whole).
+    /// DIR.partial-PID and renamed once whole). This or --tar.
     #[arg(long, value_name = "DIR")]
-    to: PathBuf,
+    to: Option<PathBuf>,
+    /// Write the backup as one tar stream instead: `-` (stdout, the only
+    /// value for now; refused on a terminal), e.g. `| borg import-tar ...`
+    /// or `| restic backup --stdin`. One top-level directory named after
+    /// the backup id, with the files a --to backup has. Staged in a
+    /// temporary directory first; the freeze is released before the
+    /// stream starts.
+    #[arg(long, value_name = "-", value_parser = parse_tar_dest)]
+    tar: Option<String>,
+    /// Where --tar stages the backup before streaming it (a directory
+    /// abproxy-backup.partial-PID in it, always removed). Default: $TMPDIR
+    /// or /tmp.
+    #[arg(long, value_name = "DIR", requires = "tar")]
+    tmp_dir: Option<PathBuf>,
+    /// Append one JSON line per attempt, success or failure, to FILE
+    /// (created 0644): time, backup_id, result, exit, failed_step,
+    /// destination, backends, bytes, frozen_ms, duration_ms. A failure to
+    /// write it makes a successful backup exit 8 (the backup is kept).
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
     /// How the data is read.
     #[arg(long, value_enum, default_value = "ldif")]
     method: Method,
@@ -203,6 +225,15 @@ struct BackupArgs {
     freeze: FreezeArgs,
     #[command(flatten)]
     conn: ConnArgs,
+}
+
+/// `--tar`: only `-` (stdout) for now.
+fn parse_tar_dest(s: &str) -> Result<String, String> {
+    if s == "-" {
+        Ok(s.into())
+    } else {
+        Err("only `-` (stdout) is accepted for now; pipe it to a file or a program".into())
+    }
 }
 
 #[derive(Args)]
@@ -551,7 +582,13 @@ fn operator_main(command: Command) -> ExitCode {
             }
             Command::Backup(a) => {
                 let Method::Ldif = a.method;
-                commands::backup(conn(&a.conn), &freeze_request(&a.freeze), a.to).await
+                let dest = match a.to {
+                    Some(dir) => BackupDest::Dir(dir),
+                    None => BackupDest::TarStdout {
+                        tmp_dir: a.tmp_dir.unwrap_or_else(std::env::temp_dir),
+                    },
+                };
+                commands::backup(conn(&a.conn), &freeze_request(&a.freeze), dest, a.history).await
             }
             Command::Restore(a) => match (a.apply, a.backup, a.to) {
                 (Some(work), _, _) => {

@@ -8,17 +8,25 @@
 //! DIR. On any failure it releases, removes the temporary directory and
 //! exits non-zero: DIR is a whole backup or does not exist.
 //!
+//! `abproxy backup --tar -` takes the same backup into a staging directory
+//! (under `--tmp-dir`) and, once released, streams it on stdout as one tar
+//! archive (one top-level directory named after the backup id), then
+//! removes the staging directory: the freeze never waits on the reader.
+//! `--history FILE` appends one JSON line per attempt, success or failure.
+//!
 //! Only the `ldif` method. In `readonly` and in `stop` mode: the proxy
 //! lets the freeze holder's own searches through a `stop` freeze.
 
 use std::fmt::Write as _;
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
 use ldap3::{Scope, SearchEntry};
+use serde::Serialize;
 
 use super::{
     exit, format_utc, freeze_held, release_held, BackendModeName, ClientTls, FreezeRequest,
@@ -48,8 +56,33 @@ pub struct BackupSpec {
     pub on_timeout: Duration,
     /// Limit for OFF.
     pub off_timeout: Duration,
-    /// The backup directory (must not exist).
-    pub to: PathBuf,
+    /// Where the backup goes.
+    pub dest: Destination,
+    /// `--history FILE`: one JSON line appended per attempt.
+    pub history: Option<PathBuf>,
+}
+
+/// Where a backup goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// `--to DIR`: a new directory (must not exist).
+    Dir(PathBuf),
+    /// `--tar -`: one tar stream on stdout, staged in a temporary
+    /// directory under `tmp_dir` first.
+    TarStdout {
+        /// `--tmp-dir` (default `$TMPDIR` or /tmp).
+        tmp_dir: PathBuf,
+    },
+}
+
+impl Destination {
+    /// As the history records it: DIR, or `tar:-`.
+    pub fn describe(&self) -> String {
+        match self {
+            Destination::Dir(p) => p.display().to_string(),
+            Destination::TarStdout { .. } => "tar:-".into(),
+        }
+    }
 }
 
 /// A failed step: what to print and the exit status.
@@ -57,6 +90,8 @@ pub(super) struct Fail {
     step: String,
     message: String,
     code: u8,
+    /// Printed as `error: MESSAGE`, without the step (the arguments' checks).
+    plain: bool,
 }
 
 impl std::fmt::Display for Fail {
@@ -71,6 +106,14 @@ impl Fail {
             step: step.into(),
             message: message.to_string(),
             code,
+            plain: false,
+        }
+    }
+
+    fn usage(step: impl Into<String>, message: impl std::fmt::Display) -> Fail {
+        Fail {
+            plain: true,
+            ..Fail::new(step, message, exit::USAGE)
         }
     }
 
@@ -136,71 +179,402 @@ fn drained_ms(message: &str) -> Option<u64> {
     tail[..digits].parse().ok()
 }
 
+/// What an attempt got to, for the history line.
+#[derive(Debug, Default)]
+struct Attempt {
+    backup_id: Option<String>,
+    backends: Vec<HistoryBackend>,
+    bytes: Option<u64>,
+    frozen_ms: Option<u64>,
+}
+
+/// One backend in a history line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryBackend {
+    pub suffix: String,
+    pub entries: u64,
+    pub digest: String,
+}
+
+/// One line of `--history FILE` (JSON Lines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryLine {
+    /// When the attempt ended (UTC, milliseconds).
+    pub time: String,
+    /// `null` when it failed before the freeze was set up.
+    pub backup_id: Option<String>,
+    /// `ok` or `failed`.
+    pub result: &'static str,
+    /// The exit status.
+    pub exit: u8,
+    /// The step that failed, if any.
+    pub failed_step: Option<String>,
+    /// Why, when the step said so.
+    pub error: Option<String>,
+    /// DIR, or `tar:-`.
+    pub destination: String,
+    pub backends: Vec<HistoryBackend>,
+    /// The size of every file of the backup, manifest and SHA256SUMS
+    /// included (`null` if not written).
+    pub bytes: Option<u64>,
+    /// From ON's success to OFF (`null` if never frozen).
+    pub frozen_ms: Option<u64>,
+    /// The whole attempt.
+    pub duration_ms: u64,
+}
+
+impl HistoryLine {
+    /// The line, without its newline.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a history line serialises")
+    }
+}
+
+/// Appends `line` and a newline to `path` in one write (created 0644 if
+/// missing, O_APPEND), then fsyncs it.
+pub fn append_history(path: &Path, line: &HistoryLine) -> std::io::Result<()> {
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .open(path)?;
+    let mut text = line.to_json();
+    text.push('\n');
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// The history line of an attempt that failed before it began (the
+/// arguments); a failure to write it is said, the status stays `code`.
+pub fn record_early_failure(
+    path: &Path,
+    dest: &Destination,
+    step: &str,
+    error: impl std::fmt::Display,
+    code: u8,
+    progress: &Progress,
+) {
+    let line = HistoryLine {
+        time: utc(SystemTime::now()),
+        backup_id: None,
+        result: "failed",
+        exit: code,
+        failed_step: Some(step.into()),
+        error: Some(error.to_string()),
+        destination: dest.describe(),
+        backends: Vec::new(),
+        bytes: None,
+        frozen_ms: None,
+        duration_ms: 0,
+    };
+    if let Err(e) = append_history(path, &line) {
+        progress.line(format!(
+            "error: cannot append to the history {}: {e}",
+            path.display()
+        ));
+    }
+}
+
+/// The staging directory of `--tar -` under `tmp_dir`.
+pub fn staging_dir(tmp_dir: &Path, pid: u32) -> PathBuf {
+    tmp_dir.join(format!("abproxy-backup.partial-{pid}"))
+}
+
 /// `abproxy backup`. Returns the exit status.
 pub async fn backup(spec: BackupSpec, progress: &Progress) -> u8 {
-    let to = &spec.to;
-    if fs::symlink_metadata(to).is_ok() {
-        progress.line(format!(
-            "error: {} exists; a backup is never written over anything: give a new directory",
-            to.display()
-        ));
-        return exit::USAGE;
-    }
-    let Some(name) = to.file_name() else {
-        progress.line(format!(
-            "error: {} does not name a directory to create",
-            to.display()
-        ));
-        return exit::USAGE;
-    };
-    let parent = match to.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = parent.join(format!(
-        "{}.partial-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let mut signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            progress.line(format!("error: cannot catch signals: {e}"));
-            return 1;
-        }
-    };
-    if let Err(e) = fs::create_dir(&tmp) {
-        progress.line(format!(
-            "error: cannot create the temporary directory {}: {e}",
-            tmp.display()
-        ));
-        return exit::BACKUP_FAILED;
-    }
-    match take(&spec, &tmp, &mut signals, progress).await {
+    let began = Instant::now();
+    let mut attempt = Attempt::default();
+    let result = attempt_backup(&spec, &mut attempt, progress).await;
+    let code = match &result {
         Ok(()) => exit::OK,
-        Err(f) => {
-            if !f.message.is_empty() {
-                progress.line(format!("error: {} failed: {}", f.step, f.message));
+        Err(f) => f.code,
+    };
+    let Some(path) = &spec.history else {
+        return code;
+    };
+    let (failed_step, error) = match result {
+        Ok(()) => (None, None),
+        Err(f) => (Some(f.step), Some(f.message).filter(|m| !m.is_empty())),
+    };
+    let line = HistoryLine {
+        time: utc(SystemTime::now()),
+        backup_id: attempt.backup_id,
+        result: if code == exit::OK { "ok" } else { "failed" },
+        exit: code,
+        failed_step,
+        error,
+        destination: spec.dest.describe(),
+        backends: attempt.backends,
+        bytes: attempt.bytes,
+        frozen_ms: attempt.frozen_ms,
+        duration_ms: began.elapsed().as_millis() as u64,
+    };
+    match append_history(path, &line) {
+        Ok(()) => code,
+        Err(e) => {
+            progress.line(format!(
+                "error: cannot append to the history {}: {e}",
+                path.display()
+            ));
+            if code == exit::OK {
+                progress.line(format!(
+                    "the backup itself is whole ({}); only its history line is missing",
+                    spec.dest.describe()
+                ));
+                exit::BACKUP_FAILED
+            } else {
+                code
             }
-            match fs::remove_dir_all(&tmp) {
-                Ok(()) => progress.line(format!("no backup written at {}", to.display())),
-                Err(e) => progress.line(format!(
-                    "error: cannot remove the temporary directory {}: {e}",
-                    tmp.display()
-                )),
-            }
-            f.code
         }
     }
 }
 
-/// Freeze, export, release, write the backup into `tmp`, rename it.
+/// Says why a step failed (a step that said it itself has no message).
+fn say(f: &Fail, progress: &Progress) {
+    if f.plain {
+        progress.line(format!("error: {}", f.message));
+    } else if !f.message.is_empty() {
+        progress.line(format!("error: {} failed: {}", f.step, f.message));
+    }
+}
+
+/// One attempt: the checks, the backup into a new directory, then its
+/// rename to DIR, or its tar stream on stdout (and the staging directory
+/// removed).
+async fn attempt_backup(
+    spec: &BackupSpec,
+    attempt: &mut Attempt,
+    progress: &Progress,
+) -> Result<(), Fail> {
+    let (tmp, mut signals) = prepare(spec).inspect_err(|f| say(f, progress))?;
+    let mut result = take(spec, &tmp, &mut signals, progress, attempt).await;
+    if let (Ok(manifest), Destination::TarStdout { .. }) = (&result, &spec.dest) {
+        // Released: the reader's pace holds no freeze.
+        let mtime = parse_utc_secs(&manifest.started).unwrap_or(0);
+        let t = Instant::now();
+        match stream_tar(&tmp, &manifest.backup_id, mtime, &mut signals).await {
+            Ok(bytes) => progress.line(format!(
+                "backup {} streamed on stdout as tar: {bytes} bytes ({} ms)",
+                manifest.backup_id,
+                t.elapsed().as_millis()
+            )),
+            Err(f) => result = Err(f),
+        }
+    }
+    if let Err(f) = &result {
+        say(f, progress);
+    }
+    let failed = result.is_err();
+    if failed || matches!(spec.dest, Destination::TarStdout { .. }) {
+        if let Err(e) = fs::remove_dir_all(&tmp) {
+            progress.line(format!(
+                "error: cannot remove the temporary directory {}: {e}",
+                tmp.display()
+            ));
+        }
+    }
+    if failed {
+        match &spec.dest {
+            Destination::Dir(to) => progress.line(format!("no backup written at {}", to.display())),
+            Destination::TarStdout { .. } => progress
+                .line("no whole backup written on stdout: whatever the reader got is incomplete"),
+        }
+    }
+    result.map(|_| ())
+}
+
+/// The checks before anything is done; the temporary directory (created)
+/// and the signals caught.
+fn prepare(spec: &BackupSpec) -> Result<(PathBuf, Signals), Fail> {
+    let pid = std::process::id();
+    let tmp = match &spec.dest {
+        Destination::Dir(to) => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(Fail::usage(
+                    "check DIR",
+                    format!(
+                        "{} exists; a backup is never written over anything: give a new directory",
+                        to.display()
+                    ),
+                ));
+            }
+            let Some(name) = to.file_name() else {
+                return Err(Fail::usage(
+                    "check DIR",
+                    format!("{} does not name a directory to create", to.display()),
+                ));
+            };
+            let parent = match to.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            parent.join(format!("{}.partial-{pid}", name.to_string_lossy()))
+        }
+        Destination::TarStdout { tmp_dir } => {
+            if std::io::stdout().is_terminal() {
+                return Err(Fail::usage(
+                    "check stdout",
+                    "stdout is a terminal: --tar - writes a tar archive there; pipe it into a \
+                     program (`| borg import-tar ...`, `| tar -x`) or redirect it to a file",
+                ));
+            }
+            staging_dir(tmp_dir, pid)
+        }
+    };
+    let signals = Signals::new()
+        .map_err(|e| Fail::new("catch signals", format!("cannot catch signals: {e}"), 1))?;
+    fs::create_dir(&tmp).map_err(|e| {
+        Fail::new(
+            "create the temporary directory",
+            format!("{}: {e}", tmp.display()),
+            exit::BACKUP_FAILED,
+        )
+    })?;
+    Ok((tmp, signals))
+}
+
+/// `2026-12-03T17:27:11.042Z` (or without the milliseconds) as seconds
+/// since the epoch.
+fn parse_utc_secs(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (h, mi, se) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + mi * 60 + se).ok()
+}
+
+/// The step name of the tar stream, in messages and the history.
+const STREAM_STEP: &str = "stream tar to stdout";
+
+/// Streams `dir` on stdout as tar (see [`write_tar`]) from a thread of its
+/// own, so that a signal still ends the command while a slow reader holds
+/// the stream. The bytes written.
+async fn stream_tar(dir: &Path, id: &str, mtime: u64, signals: &mut Signals) -> Result<u64, Fail> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (dir, id) = (dir.to_path_buf(), id.to_string());
+    std::thread::Builder::new()
+        .name("tar".into())
+        .spawn(move || {
+            let out = Counting {
+                inner: BufWriter::with_capacity(1 << 16, std::io::stdout().lock()),
+                count: 0,
+            };
+            let r = write_tar(out, &dir, &id, mtime).and_then(|mut out| {
+                out.flush()?;
+                Ok(out.count)
+            });
+            let _ = tx.send(r);
+        })
+        .map_err(|e| Fail::new(STREAM_STEP, e, exit::BACKUP_FAILED))?;
+    tokio::select! {
+        r = rx => match r {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => Err(Fail::new(
+                STREAM_STEP,
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    format!("{e}: the reader closed stdout before the end of the archive")
+                } else {
+                    e.to_string()
+                },
+                exit::BACKUP_FAILED,
+            )),
+            Err(_) => Err(Fail::new(STREAM_STEP, "the tar writer ended", exit::BACKUP_FAILED)),
+        },
+        sig = signals.recv() => Err(Fail::new(
+            STREAM_STEP,
+            format!("signal {sig} received"),
+            128u8.wrapping_add(sig as u8),
+        )),
+    }
+}
+
+/// A writer that counts the bytes written through it.
+struct Counting<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The archive's entries: the top-level directory `ID/`, then `ID/NAME`
+/// for every name, sorted.
+pub fn tar_names(id: &str, names: &[String]) -> Vec<String> {
+    let mut sorted: Vec<&String> = names.iter().collect();
+    sorted.sort();
+    std::iter::once(format!("{id}/"))
+        .chain(sorted.into_iter().map(|n| format!("{id}/{n}")))
+        .collect()
+}
+
+/// Writes the files of `dir` to `out` as a tar archive with one top-level
+/// directory `id`: deterministic headers (mode 0755 for the directory,
+/// 0644 for the files, mtime `mtime`, uid and gid 0, no user or group
+/// names, names sorted). Returns `out`.
+pub fn write_tar<W: Write>(out: W, dir: &Path, id: &str, mtime: u64) -> std::io::Result<W> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e
+            .file_name()
+            .into_string()
+            .map_err(|n| std::io::Error::other(format!("{}: not UTF-8", n.to_string_lossy())))?;
+        names.push(name);
+    }
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_mtime(mtime);
+        h.set_uid(0);
+        h.set_gid(0);
+        h
+    };
+    let mut b = tar::Builder::new(out);
+    for (i, path) in tar_names(id, &names).into_iter().enumerate() {
+        if i == 0 {
+            let mut h = header(tar::EntryType::Directory, 0o755, 0);
+            b.append_data(&mut h, &path, std::io::empty())?;
+            continue;
+        }
+        let file = dir.join(&path[id.len() + 1..]);
+        let f = File::open(&file)?;
+        let mut h = header(tar::EntryType::Regular, 0o644, f.metadata()?.len());
+        b.append_data(&mut h, &path, f)?;
+    }
+    b.into_inner()
+}
+
+/// Freeze, export, release, write the backup into `tmp`; for `--to DIR`,
+/// rename it to DIR. Its manifest.
 async fn take(
     spec: &BackupSpec,
     tmp: &Path,
     signals: &mut Signals,
     progress: &Progress,
-) -> Result<(), Fail> {
+    attempt: &mut Attempt,
+) -> Result<Manifest, Fail> {
     let mut log = Log {
         lines: Vec::new(),
         progress: progress.clone(),
@@ -222,7 +596,23 @@ async fn take(
     // freeze_held has said why.
     .map_err(|code| Fail::new("freeze (ON)", "", code))?;
     let frozen_from = SystemTime::now();
+    let frozen_at = Instant::now();
     log.end(t, "freeze (ON)", &frozen.message);
+    let id = frozen.id();
+    let compact: String = format_utc(
+        started
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+    .chars()
+    .filter(|c| *c != '-' && *c != ':')
+    .collect();
+    let backup_id = match id {
+        Some(id) => format!("{compact}-f{id}"),
+        None => compact,
+    };
+    attempt.backup_id = Some(backup_id.clone());
 
     let exported = tokio::select! {
         r = export_all(&mut session, tmp, &mut log) => r,
@@ -245,8 +635,17 @@ async fn take(
     )
     .await;
     let frozen_to = SystemTime::now();
+    attempt.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
     session.close().await;
     let (server, backends) = exported?;
+    attempt.backends = backends
+        .iter()
+        .map(|b| HistoryBackend {
+            suffix: b.suffix.clone(),
+            entries: b.entries,
+            digest: b.digest.clone(),
+        })
+        .collect();
     if let Some(code) = off {
         return Err(Fail::new(
             "release (OFF)",
@@ -259,20 +658,6 @@ async fn take(
 
     // The files.
     let t = log.begin();
-    let id = frozen.id();
-    let compact: String = format_utc(
-        started
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
-    .chars()
-    .filter(|c| *c != '-' && *c != ':')
-    .collect();
-    let backup_id = match id {
-        Some(id) => format!("{compact}-f{id}"),
-        None => compact,
-    };
     let mut manifest = Manifest {
         format_version: FORMAT_VERSION,
         backup_id,
@@ -315,27 +700,33 @@ async fn take(
         let _ = writeln!(sums, "{}  {}", f.sha256, f.name);
     }
     let path = tmp.join(MANIFEST);
-    let (_, sha) = file_sha256(&path).map_err(|e| Fail::io("checksums", &path, e))?;
+    let (manifest_size, sha) = file_sha256(&path).map_err(|e| Fail::io("checksums", &path, e))?;
     let _ = writeln!(sums, "{sha}  {MANIFEST}");
     write_file(tmp, SHA256SUMS, sums.as_bytes())?;
     sync_dir(tmp).map_err(|e| Fail::io("sync", tmp, e))?;
-    if fs::symlink_metadata(&spec.to).is_ok() {
+    attempt.bytes = Some(
+        manifest.files.iter().map(|f| f.size).sum::<u64>() + manifest_size + sums.len() as u64,
+    );
+    let Destination::Dir(to) = &spec.dest else {
+        return Ok(manifest);
+    };
+    if fs::symlink_metadata(to).is_ok() {
         return Err(Fail::new(
             "rename",
-            format!("{} appeared during the backup", spec.to.display()),
+            format!("{} appeared during the backup", to.display()),
             exit::BACKUP_FAILED,
         ));
     }
-    fs::rename(tmp, &spec.to).map_err(|e| Fail::io("rename", &spec.to, e))?;
-    if let Some(parent) = spec.to.parent().filter(|p| !p.as_os_str().is_empty()) {
+    fs::rename(tmp, to).map_err(|e| Fail::io("rename", to, e))?;
+    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
         let _ = sync_dir(parent);
     }
     progress.line(format!(
         "backup {} written to {}",
         manifest.backup_id,
-        spec.to.display()
+        to.display()
     ));
-    Ok(())
+    Ok(manifest)
 }
 
 /// The frozen backends' exports, with the server's root DSE.
@@ -612,6 +1003,136 @@ mod tests {
         assert_eq!(
             utc(UNIX_EPOCH + Duration::from_millis(951_782_400_042)),
             "2000-02-29T00:00:00.042Z"
+        );
+    }
+
+    #[test]
+    fn backup_history_line_is_one_json_object() {
+        let line = HistoryLine {
+            time: "2026-12-03T17:27:12.000Z".into(),
+            backup_id: Some("20261203T172711Z-f3".into()),
+            result: "ok",
+            exit: 0,
+            failed_step: None,
+            error: None,
+            destination: "tar:-".into(),
+            backends: vec![HistoryBackend {
+                suffix: "dc=example,dc=org".into(),
+                entries: 12,
+                digest: "ab".repeat(32),
+            }],
+            bytes: Some(4096),
+            frozen_ms: Some(31),
+            duration_ms: 57,
+        };
+        let text = line.to_json();
+        assert!(!text.contains('\n'), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["backup_id"], "20261203T172711Z-f3");
+        assert_eq!(v["result"], "ok");
+        assert_eq!(v["exit"], 0);
+        assert!(v["failed_step"].is_null());
+        assert_eq!(v["destination"], "tar:-");
+        assert_eq!(v["backends"][0]["entries"], 12);
+        assert_eq!(v["bytes"], 4096);
+        assert_eq!(v["frozen_ms"], 31);
+        assert_eq!(v["duration_ms"], 57);
+
+        let failed = HistoryLine {
+            backup_id: None,
+            result: "failed",
+            exit: 2,
+            failed_step: Some("check DIR".into()),
+            error: Some("/b exists".into()),
+            destination: "/b".into(),
+            backends: Vec::new(),
+            bytes: None,
+            frozen_ms: None,
+            ..line
+        };
+        let v: serde_json::Value = serde_json::from_str(&failed.to_json()).unwrap();
+        assert!(v["backup_id"].is_null() && v["bytes"].is_null() && v["frozen_ms"].is_null());
+        assert_eq!(v["failed_step"], "check DIR");
+        assert_eq!(v["exit"], 2);
+
+        // Appended, one line each, created 0644.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        append_history(&path, &failed).unwrap();
+        append_history(&path, &failed).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.ends_with('\n'));
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o022, 0, "{mode:o}");
+    }
+
+    #[test]
+    fn backup_tar_names_and_headers() {
+        assert_eq!(
+            tar_names(
+                "abproxy-X",
+                &["b".into(), "SHA256SUMS".into(), "1-a.ldif".into()]
+            ),
+            [
+                "abproxy-X/",
+                "abproxy-X/1-a.ldif",
+                "abproxy-X/SHA256SUMS",
+                "abproxy-X/b"
+            ]
+        );
+        assert_eq!(
+            staging_dir(Path::new("/var/tmp"), 42),
+            Path::new("/var/tmp/abproxy-backup.partial-42")
+        );
+        assert_eq!(
+            parse_utc_secs("2000-02-29T00:00:01.042Z"),
+            Some(951_782_401)
+        );
+        assert_eq!(parse_utc_secs("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_utc_secs("nonsense"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("manifest.json"), "{}\n").unwrap();
+        fs::write(dir.path().join("1-dc_x.ldif"), "dn: dc=x\n\n").unwrap();
+        let long = format!("2-{}.ldif", "dc_x_".repeat(30));
+        fs::write(dir.path().join(&long), "").unwrap();
+        let bytes =
+            write_tar(Vec::new(), dir.path(), "20261203T172711Z-f3", 1_796_318_831).unwrap();
+        assert_eq!(bytes.len() % 512, 0);
+        let again =
+            write_tar(Vec::new(), dir.path(), "20261203T172711Z-f3", 1_796_318_831).unwrap();
+        assert_eq!(bytes, again, "deterministic");
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        let mut seen = Vec::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let h = e.header().clone();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            assert_eq!(h.mtime().unwrap(), 1_796_318_831, "{path}");
+            assert_eq!((h.uid().unwrap(), h.gid().unwrap()), (0, 0), "{path}");
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut e, &mut body).unwrap();
+            if path.ends_with('/') {
+                assert_eq!(h.entry_type(), tar::EntryType::Directory);
+                assert_eq!(h.mode().unwrap(), 0o755);
+            } else {
+                assert_eq!(h.mode().unwrap(), 0o644, "{path}");
+                let name = path.rsplit('/').next().unwrap();
+                assert_eq!(body, fs::read_to_string(dir.path().join(name)).unwrap());
+            }
+            seen.push(path);
+        }
+        let id = "20261203T172711Z-f3";
+        assert_eq!(
+            seen,
+            [
+                format!("{id}/"),
+                format!("{id}/1-dc_x.ldif"),
+                format!("{id}/{long}"),
+                format!("{id}/manifest.json"),
+            ]
         );
     }
 

@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::backup::BackupSpec;
+use super::backup::{BackupSpec, Destination};
 use super::hook::{self, HookRecord, HookState};
 use super::{
     exit, run_frozen, with_session_tls, within, ClientTls, ErrorKind, FreezeRequest, OpError,
@@ -165,12 +165,24 @@ pub async fn run(conn: Conn, req: &FreezeRequest, command: Vec<OsString>) -> u8 
     run_frozen(spec, &Progress::stderr("abproxy run")).await
 }
 
-/// `abproxy backup --to DIR`.
-pub async fn backup(conn: Conn, req: &FreezeRequest, to: PathBuf) -> u8 {
+/// `abproxy backup --to DIR` or `--tar -`, with `--history FILE`.
+pub async fn backup(
+    conn: Conn,
+    req: &FreezeRequest,
+    dest: Destination,
+    history: Option<PathBuf>,
+) -> u8 {
     let off_timeout = conn.off_limit();
     let target = match conn.target {
         Ok(t) => t,
-        Err(e) => return fail("abproxy backup", &e),
+        Err(e) => {
+            let code = fail("abproxy backup", &e);
+            if let Some(path) = &history {
+                let progress = Progress::stderr("abproxy backup");
+                super::backup::record_early_failure(path, &dest, "arguments", &e, code, &progress);
+            }
+            return code;
+        }
     };
     let request = req.clone().with_hold_until_unbind(true);
     let spec = BackupSpec {
@@ -179,7 +191,8 @@ pub async fn backup(conn: Conn, req: &FreezeRequest, to: PathBuf) -> u8 {
         on_timeout: conn.timeout.unwrap_or_else(|| request.default_timeout()),
         off_timeout,
         request,
-        to,
+        dest,
+        history,
     };
     super::backup::backup(spec, &Progress::stderr("abproxy backup")).await
 }

@@ -18,6 +18,7 @@ mod support;
 mod backup_cmd;
 mod backup_digest;
 mod backup_restore;
+mod backup_tar;
 mod backup_verify;
 mod carry;
 mod cli;
