@@ -190,6 +190,12 @@ struct RunArgs {
 enum Method {
     /// Export every entry (`*` and `+`) through the proxy as LDIF.
     Ldif,
+    /// Local slapd: `slapcat -b SUFFIX` with its configuration
+    /// (--slapd-config), while frozen.
+    Slapcat,
+    /// Local slapd (back-mdb): a sparse copy of the backend's data.mdb,
+    /// while frozen; counted and digested after the release.
+    Files,
 }
 
 #[derive(Args)]
@@ -221,6 +227,10 @@ struct BackupArgs {
     /// How the data is read.
     #[arg(long, value_enum, default_value = "ldif")]
     method: Method,
+    /// For --method slapcat and files: the local slapd's configuration, a
+    /// slapd.d directory or a slapd.conf file.
+    #[arg(long, value_name = "PATH", default_value = "/etc/ldap/slapd.d")]
+    slapd_config: PathBuf,
     #[command(flatten)]
     freeze: FreezeArgs,
     #[command(flatten)]
@@ -581,14 +591,29 @@ fn operator_main(command: Command) -> ExitCode {
                 commands::run(conn(&a.conn), &freeze_request(&a.freeze), a.command).await
             }
             Command::Backup(a) => {
-                let Method::Ldif = a.method;
+                let method = match a.method {
+                    Method::Ldif => operator::backup::Method::Ldif,
+                    Method::Slapcat => operator::backup::Method::Slapcat {
+                        config: a.slapd_config,
+                    },
+                    Method::Files => operator::backup::Method::Files {
+                        config: a.slapd_config,
+                    },
+                };
                 let dest = match a.to {
                     Some(dir) => BackupDest::Dir(dir),
                     None => BackupDest::TarStdout {
                         tmp_dir: a.tmp_dir.unwrap_or_else(std::env::temp_dir),
                     },
                 };
-                commands::backup(conn(&a.conn), &freeze_request(&a.freeze), dest, a.history).await
+                commands::backup(
+                    conn(&a.conn),
+                    &freeze_request(&a.freeze),
+                    dest,
+                    a.history,
+                    method,
+                )
+                .await
             }
             Command::Restore(a) => match (a.apply, a.backup, a.to) {
                 (Some(work), _, _) => {

@@ -71,6 +71,10 @@ pub struct BackendRecord {
     /// [`crate::backup::Digest`] of the entries, 64 hex digits.
     pub digest: String,
     pub file: String,
+    /// The commands run to read the data (`slapcat`, `cp`), as a shell
+    /// would show them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<String>,
 }
 
 /// A file of the backup.

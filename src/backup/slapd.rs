@@ -388,14 +388,23 @@ pub struct Built {
     pub contents: Contents,
 }
 
-/// Builds the database of `suffix` from a backup's LDIF in `work` (which
+/// What a backend's data is in a backup.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// LDIF (the `ldif` and `slapcat` methods): loaded with `slapadd`.
+    Ldif(&'a Path),
+    /// A copy of the database file `data.mdb` (the `files` method): copied.
+    Mdb(&'a Path),
+}
+
+/// Builds the database of `suffix` from a backup's data in `work` (which
 /// must exist and be empty): the throwaway configuration, the entries
-/// loaded, read back.
+/// loaded (or the database file copied), read back.
 pub async fn build(
     tools: &Tools,
     config: &[Entry],
     suffix: &str,
-    data: &Path,
+    data: Source<'_>,
     work: &Path,
     root_pw: &str,
     limits: &Limits,
@@ -423,10 +432,13 @@ pub async fn build(
     )
     .await?;
 
-    // The entries, without what slapd computes.
-    load(tools, suffix, data, work, &slapd_d, limits)
-        .await
-        .map_err(|e| Error::Load(Box::new(e)))?;
+    match data {
+        // The entries, without what slapd computes.
+        Source::Ldif(data) => load(tools, suffix, data, work, &slapd_d, limits)
+            .await
+            .map_err(|e| Error::Load(Box::new(e)))?,
+        Source::Mdb(file) => copy_sparse(file, &db.join("data.mdb"), limits.data).await?,
+    }
 
     let contents = slapcat(tools, work, suffix, limits).await?;
     Ok(Built {
@@ -470,6 +482,84 @@ async fn load(
         .arg(&load);
     run(cmd, &format!("slapadd of {suffix}"), limits.data, None).await?;
     fs::remove_file(&load).map_err(io(&load))
+}
+
+/// Copies a database file with `cp --sparse=always` (`data.mdb` is as large
+/// as `olcDbMaxSize`, mostly holes), within `limit`.
+pub async fn copy_sparse(from: &Path, to: &Path, limit: Duration) -> Result<(), Error> {
+    let mut cmd = Command::new("cp");
+    cmd.arg("--sparse=always").arg(from).arg(to);
+    run(cmd, &format!("copying {}", from.display()), limit, None).await
+}
+
+/// Where `mdb_copy` is (Debian: lmdb-utils).
+pub const MDB_COPY: &str = "/usr/bin/mdb_copy";
+
+/// A compacted copy of the LMDB environment in `live_dir` (`mdb_copy -c`:
+/// only the pages in use, from one read transaction, registered in the
+/// environment's own lock table as slapd's readers are) as the file `to`.
+/// Returns the command line.
+pub async fn mdb_copy(live_dir: &Path, to: &Path, limit: Duration) -> Result<String, Error> {
+    let mut name = to.as_os_str().to_owned();
+    name.push(".copy");
+    let dir = PathBuf::from(name);
+    fs::create_dir(&dir).map_err(io(&dir))?;
+    let mut cmd = Command::new(MDB_COPY);
+    cmd.arg("-c").arg(live_dir).arg(&dir);
+    let line = command_line(&cmd);
+    let r = run(
+        cmd,
+        &format!("mdb_copy of {}", live_dir.display()),
+        limit,
+        None,
+    )
+    .await;
+    let r = r.and_then(|()| fs::rename(dir.join("data.mdb"), to).map_err(io(to)));
+    let _ = fs::remove_dir_all(&dir);
+    r.map(|()| line)
+}
+
+/// `slapcat -b SUFFIX -l OUT` with the live server's configuration (a
+/// `slapd.d` directory or a `slapd.conf`): back-mdb reads a consistent
+/// snapshot while slapd runs.
+pub async fn slapcat_live(
+    tools: &Tools,
+    config: &Path,
+    suffix: &str,
+    out: &Path,
+    limit: Duration,
+) -> Result<String, Error> {
+    let mut cmd = Command::new(&tools.slapcat);
+    cmd.arg(if config.is_dir() { "-F" } else { "-f" })
+        .arg(config)
+        .arg("-b")
+        .arg(suffix)
+        .arg("-o")
+        .arg("ldif_wrap=no")
+        .arg("-l")
+        .arg(out);
+    let line = command_line(&cmd);
+    run(cmd, &format!("slapcat of {suffix}"), limit, None).await?;
+    Ok(line)
+}
+
+/// A command as a shell would show it (for the manifest and the log).
+pub fn command_line(cmd: &Command) -> String {
+    let std = cmd.as_std();
+    std::iter::once(std.get_program())
+        .chain(std.get_args())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@".contains(c))
+            {
+                a.into_owned()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `slapcat -b SUFFIX` of a built work directory, counted and digested.

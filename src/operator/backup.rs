@@ -36,7 +36,7 @@ use crate::backup::manifest::{
     file_sha256, BackendRecord, FileRecord, FreezeInfo, Manifest, ServerInfo, FORMAT_VERSION,
     MANIFEST, SHA256SUMS,
 };
-use crate::backup::{ldif, Digester, Entry};
+use crate::backup::{ldif, slapd, Digester, Entry};
 
 /// Entries per page of the export search.
 pub const PAGE_SIZE: i32 = 500;
@@ -60,6 +60,36 @@ pub struct BackupSpec {
     pub dest: Destination,
     /// `--history FILE`: one JSON line appended per attempt.
     pub history: Option<PathBuf>,
+    /// `--method`.
+    pub method: Method,
+}
+
+/// How each backend's data is read (`--method`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// Every entry, user and operational attributes, through the proxy on
+    /// the freeze's connection (any server, local or remote).
+    Ldif,
+    /// `slapcat -b SUFFIX` of the local slapd, with its configuration (a
+    /// `slapd.d` directory or `slapd.conf`): back-mdb's own consistent
+    /// dump, read while the freeze holds writes.
+    Slapcat { config: PathBuf },
+    /// A compacted copy of the backend's database (`mdb_copy -c` of its
+    /// `olcDbDirectory`, from the configuration), taken while frozen;
+    /// counted and digested after the release, from a throwaway
+    /// configuration.
+    Files { config: PathBuf },
+}
+
+impl Method {
+    /// Its name in the manifest.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Ldif => "ldif",
+            Method::Slapcat { .. } => "slapcat",
+            Method::Files { .. } => "files",
+        }
+    }
 }
 
 /// Where a backup goes.
@@ -423,13 +453,16 @@ fn prepare(spec: &BackupSpec) -> Result<(PathBuf, Signals), Fail> {
     };
     let signals = Signals::new()
         .map_err(|e| Fail::new("catch signals", format!("cannot catch signals: {e}"), 1))?;
-    fs::create_dir(&tmp).map_err(|e| {
-        Fail::new(
-            "create the temporary directory",
-            format!("{}: {e}", tmp.display()),
-            exit::BACKUP_FAILED,
-        )
-    })?;
+    // 0700: a backup holds what the directory holds, passwords included.
+    std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+        .create(&tmp)
+        .map_err(|e| {
+            Fail::new(
+                "create the temporary directory",
+                format!("{}: {e}", tmp.display()),
+                exit::BACKUP_FAILED,
+            )
+        })?;
     Ok((tmp, signals))
 }
 
@@ -615,7 +648,7 @@ async fn take(
     attempt.backup_id = Some(backup_id.clone());
 
     let exported = tokio::select! {
-        r = export_all(&mut session, tmp, &mut log) => r,
+        r = export_all(&mut session, tmp, &spec.method, &mut log) => r,
         sig = signals.recv() => Err(Fail::new(
             "export",
             format!("signal {sig} received"),
@@ -637,7 +670,11 @@ async fn take(
     let frozen_to = SystemTime::now();
     attempt.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
     session.close().await;
-    let (server, backends) = exported?;
+    let (server, mut backends) = exported?;
+    if off.is_none() {
+        // What only the release let wait: the database copies counted.
+        complete(&mut backends, tmp, &spec.method, &mut log).await?;
+    }
     attempt.backends = backends
         .iter()
         .map(|b| HistoryBackend {
@@ -733,6 +770,7 @@ async fn take(
 async fn export_all(
     session: &mut Session,
     tmp: &Path,
+    method: &Method,
     log: &mut Log,
 ) -> Result<(ServerInfo, Vec<BackendRecord>), Fail> {
     let t = log.begin();
@@ -781,30 +819,91 @@ async fn export_all(
     let server = root_dse(session).await?;
     log.end(t, "root DSE", &server.to_string());
 
+    // The local server's configuration, for the methods that read its files.
+    let config = match method {
+        Method::Ldif => None,
+        Method::Slapcat { config } | Method::Files { config } => {
+            let t = log.begin();
+            let entries = read_config(config).await?;
+            log.end(
+                t,
+                "read the configuration",
+                &format!("{} ({} entries)", config.display(), entries.len()),
+            );
+            Some((config.clone(), entries))
+        }
+    };
     let work = async {
         let mut out = Vec::new();
         for (i, (suffix, mode)) in suffixes.iter().enumerate() {
             let t = log.begin();
-            let context_csn = context_csn(session, suffix).await?;
-            let file = format!("{}-{}.ldif", i + 1, file_part(suffix));
+            let served_csn = context_csn(session, suffix).await?;
             let step = format!("export {suffix}");
-            let (entries, digest) = export(session, suffix, &tmp.join(&file))
-                .await
-                .map_err(|(m, code)| Fail::new(step.clone(), m, code))?;
-            log.end(
-                t,
-                &step,
-                &format!("{entries} entries to {file}, digest {digest}"),
-            );
-            out.push(BackendRecord {
+            let fail = |e: slapd::Error| Fail::new(step.clone(), e, exit::BACKUP_FAILED);
+            let mut record = BackendRecord {
                 suffix: suffix.clone(),
                 mode: mode.as_str().into(),
-                method: "ldif".into(),
-                entries,
-                context_csn,
-                digest,
-                file,
-            });
+                method: method.name().into(),
+                entries: 0,
+                context_csn: served_csn,
+                digest: String::new(),
+                file: String::new(),
+                commands: Vec::new(),
+            };
+            match (method, &config) {
+                (Method::Slapcat { .. }, Some((path, _))) => {
+                    record.file = format!("{}-{}.ldif", i + 1, file_part(suffix));
+                    let out = tmp.join(&record.file);
+                    let tools = slapd::Tools::default();
+                    let line = slapd::slapcat_live(&tools, path, suffix, &out, DATA_LIMIT)
+                        .await
+                        .map_err(fail)?;
+                    record.commands.push(line);
+                    let c = slapd::contents_of(&out, suffix).map_err(fail)?;
+                    // What a restore gets: the file's own contextCSN (slapd
+                    // writes the one it serves at checkpoints).
+                    (record.entries, record.digest, record.context_csn) =
+                        (c.entries, c.digest, c.context_csn);
+                    log.end(
+                        t,
+                        &step,
+                        &format!(
+                            "slapcat: {} entries to {}, digest {}",
+                            record.entries, record.file, record.digest
+                        ),
+                    );
+                }
+                (Method::Files { .. }, Some((_, entries))) => {
+                    let (_, live) = slapd::database_for(entries, suffix).map_err(fail)?;
+                    record.file = format!("{}-{}.data.mdb", i + 1, file_part(suffix));
+                    let to = tmp.join(&record.file);
+                    let line = slapd::mdb_copy(&live, &to, DATA_LIMIT)
+                        .await
+                        .map_err(fail)?;
+                    record.commands.push(line);
+                    log.end(
+                        t,
+                        &step,
+                        &format!("mdb_copy -c of {} to {}", live.display(), record.file),
+                    );
+                }
+                _ => {
+                    record.file = format!("{}-{}.ldif", i + 1, file_part(suffix));
+                    let (entries, digest) = export(session, suffix, &tmp.join(&record.file))
+                        .await
+                        .map_err(|(m, code)| Fail::new(step.clone(), m, code))?;
+                    (record.entries, record.digest) = (entries, digest);
+                    log.end(
+                        t,
+                        &step,
+                        &format!(
+                            "{} entries to {}, digest {}",
+                            record.entries, record.file, record.digest
+                        ),
+                    );
+                }
+            }
+            out.push(record);
         }
         Ok(out)
     };
@@ -816,6 +915,62 @@ async fn export_all(
         )
     })??;
     Ok((server, backends))
+}
+
+/// Limit of one backend's slapcat or copy.
+const DATA_LIMIT: Duration = Duration::from_secs(3600);
+
+/// The local server's configuration (`slapcat -n 0`).
+async fn read_config(config: &Path) -> Result<Vec<Entry>, Fail> {
+    let scratch = tempfile::tempdir()
+        .map_err(|e| Fail::new("read the configuration", e, exit::BACKUP_FAILED))?;
+    slapd::read_config(
+        &slapd::Tools::default(),
+        config,
+        SMALL_TIMEOUT,
+        scratch.path(),
+    )
+    .await
+    .map_err(|e| Fail::new("read the configuration", e, exit::BACKUP_FAILED))
+}
+
+/// After the release: each `files` backend's copy counted and digested
+/// (built with a throwaway configuration and read back with `slapcat`).
+async fn complete(
+    backends: &mut [BackendRecord],
+    tmp: &Path,
+    method: &Method,
+    log: &mut Log,
+) -> Result<(), Fail> {
+    let Method::Files { config } = method else {
+        return Ok(());
+    };
+    let entries = read_config(config).await?;
+    for b in backends.iter_mut() {
+        let t = log.begin();
+        let step = format!("count {}", b.suffix);
+        let fail = |e: slapd::Error| Fail::new(step.clone(), e, exit::BACKUP_FAILED);
+        let scratch = tempfile::tempdir().map_err(|e| Fail::io(step.clone(), tmp, e))?;
+        let built = slapd::build(
+            &slapd::Tools::default(),
+            &entries,
+            &b.suffix,
+            slapd::Source::Mdb(&tmp.join(&b.file)),
+            scratch.path(),
+            &super::restore::random_password(),
+            &slapd::Limits::default(),
+        )
+        .await
+        .map_err(fail)?;
+        let c = built.contents;
+        (b.entries, b.digest, b.context_csn) = (c.entries, c.digest, c.context_csn);
+        log.end(
+            t,
+            &step,
+            &format!("{}: {} entries, digest {}", b.file, b.entries, b.digest),
+        );
+    }
+    Ok(())
 }
 
 /// A base search with a deadline; the first entry, if any.

@@ -171,6 +171,7 @@ pub async fn backup(
     req: &FreezeRequest,
     dest: Destination,
     history: Option<PathBuf>,
+    method: super::backup::Method,
 ) -> u8 {
     let off_timeout = conn.off_limit();
     let target = match conn.target {
@@ -193,6 +194,7 @@ pub async fn backup(
         request,
         dest,
         history,
+        method,
     };
     super::backup::backup(spec, &Progress::stderr("abproxy backup")).await
 }

@@ -65,6 +65,17 @@ pub struct BuiltBackend {
     pub digest: String,
 }
 
+/// How a backend's file of a backup is made into a database: LDIF (the
+/// `ldif` and `slapcat` methods) or a copy of `data.mdb` (`files`); `None`
+/// for a method abproxy does not restore.
+pub fn source<'a>(method: &str, file: &'a Path) -> Option<slapd::Source<'a>> {
+    match method {
+        "ldif" | "slapcat" => Some(slapd::Source::Ldif(file)),
+        "files" => Some(slapd::Source::Mdb(file)),
+        _ => None,
+    }
+}
+
 /// The manifest of a backup directory.
 pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
     let path = dir.join(MANIFEST);
@@ -152,9 +163,12 @@ async fn build_in(spec: &BuildSpec, tmp: &Path, progress: &Progress) -> Result<R
             spec.backends.join("; ")
         ));
     }
-    if let Some(b) = chosen.iter().find(|b| b.method != "ldif") {
+    if let Some(b) = chosen
+        .iter()
+        .find(|b| source(&b.method, Path::new("")).is_none())
+    {
         return Err(format!(
-            "{}: method {} is not restored by abproxy (only ldif)",
+            "{}: method {} is not restored by abproxy (ldif, slapcat and files are)",
             b.suffix, b.method
         ));
     }
@@ -208,7 +222,7 @@ async fn build_in(spec: &BuildSpec, tmp: &Path, progress: &Progress) -> Result<R
             &tools,
             &config,
             &b.suffix,
-            &file,
+            source(&b.method, &file).expect("checked above"),
             &work,
             &random_password(),
             &limits,
@@ -446,24 +460,18 @@ pub async fn restore_test(backup: &Path, manifest: &Manifest, slapd_config: &Pat
         }
     };
     for (i, b) in manifest.backends.iter().enumerate() {
-        let result = if b.method != "ldif" {
-            Err(TestFail::Cannot(format!(
+        let file = backup.join(&b.file);
+        let result = match source(&b.method, &file) {
+            None => Err(TestFail::Cannot(format!(
                 "method {} is not restore-tested",
                 b.method
-            )))
-        } else {
-            let work = scratch
-                .path()
-                .join(format!("{}-{}", i + 1, file_part(&b.suffix)));
-            serve_one(
-                &tools,
-                &limits,
-                &config,
-                &backup.join(&b.file),
-                &b.suffix,
-                &work,
-            )
-            .await
+            ))),
+            Some(data) => {
+                let work = scratch
+                    .path()
+                    .join(format!("{}-{}", i + 1, file_part(&b.suffix)));
+                serve_one(&tools, &limits, &config, data, &b.suffix, &work).await
+            }
         };
         out.push(Served {
             suffix: b.suffix.clone(),
@@ -477,13 +485,13 @@ async fn serve_one(
     tools: &Tools,
     limits: &Limits,
     config: &[crate::backup::Entry],
-    file: &Path,
+    data: slapd::Source<'_>,
     suffix: &str,
     work: &Path,
 ) -> Result<Contents, TestFail> {
     fs::create_dir(work).map_err(|e| TestFail::Cannot(format!("{}: {e}", work.display())))?;
     let password = random_password();
-    slapd::build(tools, config, suffix, file, work, &password, limits)
+    slapd::build(tools, config, suffix, data, work, &password, limits)
         .await
         .map_err(|e| match e {
             slapd::Error::Load(_) => TestFail::DoesNotLoad(e.to_string()),

@@ -109,9 +109,54 @@ fn partials(dir: &Path) -> Vec<String> {
 /// The manifest agrees with the files: per backend the entry count and
 /// digest of its LDIF, and every file's size and SHA-256. The entries of
 /// each backend by suffix.
-fn check_manifest(dir: &Path) -> HashMap<String, (Vec<Entry>, String)> {
+async fn check_manifest(dir: &Path) -> HashMap<String, (Vec<Entry>, String)> {
+    check_manifest_with(dir, None).await
+}
+
+/// The entries of a `files` backend's copy of data.mdb: built with the
+/// server's configuration (abproxy's own builder) and read with slapcat.
+async fn mdb_entries(config: &Path, suffix: &str, file: &Path) -> Vec<Entry> {
+    use abproxy::backup::slapd;
+    let work = tempfile::tempdir().unwrap();
+    let tools = slapd::Tools::default();
+    let entries = slapd::read_config(&tools, config, Duration::from_secs(30), work.path())
+        .await
+        .expect("read the configuration");
+    let built = work.path().join("built");
+    std::fs::create_dir(&built).unwrap();
+    slapd::build(
+        &tools,
+        &entries,
+        suffix,
+        slapd::Source::Mdb(file),
+        &built,
+        "pw",
+        &slapd::Limits::default(),
+    )
+    .await
+    .expect("build from the copy");
+    let out = std::process::Command::new(testkit::SLAPCAT)
+        .arg("-F")
+        .arg(built.join("slapd.d"))
+        .args(["-b", suffix, "-o", "ldif_wrap=no"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    ldif::read(&String::from_utf8(out.stdout).unwrap()).unwrap()
+}
+
+/// [`check_manifest`]; `config`: the server's, to read `files` backends.
+async fn check_manifest_with(
+    dir: &Path,
+    config: Option<&Path>,
+) -> HashMap<String, (Vec<Entry>, String)> {
     let m = manifest(dir);
     assert_eq!(m["format_version"], 1);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "the backup is private to its owner");
+    }
     assert!(m["freeze"]["id"].as_u64().is_some(), "{m}");
     let files = m["files"].as_array().expect("files");
     for f in files {
@@ -135,12 +180,21 @@ fn check_manifest(dir: &Path) -> HashMap<String, (Vec<Entry>, String)> {
             files.iter().any(|f| f["name"] == file),
             "{file} listed in files"
         );
-        let entries = read_entries(&dir.join(file));
+        let entries = match b["method"].as_str() {
+            Some("files") => {
+                let config = config.expect("the configuration, for a files backup");
+                mdb_entries(config, b["suffix"].as_str().unwrap(), &dir.join(file)).await
+            }
+            _ => read_entries(&dir.join(file)),
+        };
         assert_eq!(b["entries"].as_u64(), Some(entries.len() as u64), "{b}");
         let digest = Digest::of_entries(entries.clone()).expect("digest");
         assert_eq!(b["digest"].as_str(), Some(digest.to_string().as_str()));
         assert!(b["mode"] == "readonly" || b["mode"] == "stop", "{b}");
-        assert_eq!(b["method"], "ldif");
+        assert!(
+            ["ldif", "slapcat", "files"].contains(&b["method"].as_str().unwrap()),
+            "{b}"
+        );
         out.insert(
             b["suffix"].as_str().expect("suffix").to_string(),
             (entries, digest.to_string()),
@@ -224,7 +278,29 @@ fn values<'a>(e: &'a Entry, attr: &str) -> Vec<&'a [u8]> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_under_writers_is_one_instant_and_its_manifest_checks_out() {
+    one_instant_under_writers("ldif").await;
+}
+
+/// The same with `--method slapcat`: slapd's own dump, taken while frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slapcat_backup_under_writers_is_one_instant() {
+    one_instant_under_writers("slapcat").await;
+}
+
+/// The same with `--method files`: a copy of each data.mdb taken while
+/// frozen, counted after the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_backup_under_writers_is_one_instant() {
+    one_instant_under_writers("files").await;
+}
+
+/// A backup by `method` while 4 writers write through the proxy: every
+/// write acknowledged before the command is in it, none after, one instant
+/// (no gap in any writer's adds); it verifies, and it opens in a throwaway
+/// slapd with exactly the manifest's entries (`verify --restore-test`).
+async fn one_instant_under_writers(method: &str) {
     let lab = lab(Mode::Readonly).await;
+    let config = lab.slapd.dir().join("slapd.d");
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("bk");
     let stop = Arc::new(AtomicBool::new(false));
@@ -233,7 +309,15 @@ async fn backup_under_writers_is_one_instant_and_its_manifest_checks_out() {
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = Instant::now();
-    let out = backup(&lab, &["--to", dir.to_str().unwrap()]).await;
+    let args = [
+        "--to",
+        dir.to_str().unwrap(),
+        "--method",
+        method,
+        "--slapd-config",
+        config.to_str().unwrap(),
+    ];
+    let out = backup(&lab, &args).await;
     let after = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -248,8 +332,20 @@ async fn backup_under_writers_is_one_instant_and_its_manifest_checks_out() {
     }
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(partials(parent.path()).is_empty());
-    let backends = check_manifest(&dir);
+    let backends = check_manifest_with(&dir, Some(&config)).await;
     assert_eq!(backends.len(), 2, "both suffixes");
+    assert_eq!(manifest(&dir)["backends"][0]["method"], method);
+    let verified = tokio::process::Command::new(BIN)
+        .arg("verify")
+        .arg(&dir)
+        .arg("--restore-test")
+        .arg("--slapd-config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let verified = ToolOutput::from(verified);
+    assert_eq!(verified.code, Some(0), "{verified:?}");
     let (entries, _) = &backends[SUFFIX];
     // 10 users, ou=people and the suffix entry.
     assert!(
@@ -312,7 +408,7 @@ async fn backup_digest_equals_slapcat_of_the_live_server() {
     let dir = parent.path().join("bk");
     let out = backup(&lab, &["--to", dir.to_str().unwrap(), "--method", "ldif"]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    let backends = check_manifest(&dir);
+    let backends = check_manifest(&dir).await;
     // The admin is the rootdn of SUFFIX only (it cannot read userPassword
     // under the other suffix), so SUFFIX is the one to compare.
     let dump = block_in_place(|| lab.slapd.slapcat(SUFFIX)).expect("slapcat");
@@ -374,7 +470,7 @@ async fn a_stop_mode_backup_reads_through_its_own_freeze() {
     let dir = parent.path().join("bk");
     let out = backup(&lab, &["--to", dir.to_str().unwrap()]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    let backends = check_manifest(&dir);
+    let backends = check_manifest(&dir).await;
     assert_eq!(backends.len(), 2);
     assert_eq!(manifest(&dir)["backends"][0]["mode"], "stop");
     assert_eq!(status(&lab).await.state, State::Thawed);
