@@ -276,8 +276,9 @@ fn read_backup(dir: &Path) -> Result<Freeze> {
     let mut ldif_bytes = 0;
     for b in &m.backends {
         entries += b.entries;
-        ldif_bytes += fs::metadata(dir.join(&b.file))
-            .with_context(|| format!("{}", b.file))?
+        let path = dir.join(&b.file);
+        ldif_bytes += fs::metadata(&path)
+            .with_context(|| path.display().to_string())?
             .len();
     }
     Ok(Freeze {
