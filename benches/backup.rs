@@ -417,7 +417,9 @@ impl Bench<'_> {
         let log = self.scratch.join(format!("r{round}-{step:?}.log"));
         let took = match step {
             Step::Backup => {
-                let dir = self.scratch.join(format!("backup-r{round}"));
+                // Numbered by the backups made so far: never a directory that
+                // exists (abproxy backup refuses one).
+                let dir = self.scratch.join(format!("backup-{}", self.freezes.len()));
                 let took = run_timed(
                     step.name(),
                     Command::new(self.bin)
