@@ -724,6 +724,9 @@ async fn take(
     names.push("backup.log".into());
     for name in names {
         let path = tmp.join(&name);
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Fail::io("sync", &path, e))?;
         let (size, sha256) = file_sha256(&path).map_err(|e| Fail::io("checksums", &path, e))?;
         manifest.files.push(FileRecord { name, size, sha256 });
     }
@@ -1096,8 +1099,9 @@ pub(super) async fn export(
             exit::BACKUP_FAILED,
         ));
     }
-    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
+    // Written, not yet synced: the backup syncs its files after the
+    // release (the freeze need not wait for the disk).
+    out.into_inner().map_err(|e| io(e.into_error()))?;
     Ok((count, digester.finish().to_string()))
 }
 
