@@ -292,6 +292,19 @@ struct VerifyArgs {
         requires = "restore_test"
     )]
     slapd_config: PathBuf,
+    /// Also compare with a live server, directly or through the proxy
+    /// (ldap://, ldaps://, ldapi://): how far it has moved since the backup
+    /// (entries now, added or modified since, contextCSN). Information only.
+    #[arg(long, value_name = "URL")]
+    against: Option<String>,
+    /// DN to bind as for --against (it must read everything, as the
+    /// backup's did).
+    #[arg(long, env = "ABPROXY_BIND_DN", value_name = "DN", requires = "against")]
+    bind_dn: Option<String>,
+    /// File whose first line is the password for --against (or set
+    /// ABPROXY_PASSWORD).
+    #[arg(long, value_name = "FILE", requires = "against")]
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -639,10 +652,30 @@ fn operator_main(command: Command) -> ExitCode {
                 commands::hook_before(&hook(&a), args).await
             }
             Command::Hook(a) => commands::hook_after(&hook(&a)).await,
-            Command::Verify(a) if a.restore_test => {
-                operator::verify::verify_restoring(&a.dir, a.json, &a.slapd_config).await
+            Command::Verify(a) => {
+                let against = match a.against {
+                    None => None,
+                    Some(url) => {
+                        let password = match &a.password_file {
+                            Some(f) => match Password::from_file(f) {
+                                Ok(p) => Some(p),
+                                Err(e) => return commands::fail("abproxy verify", &e),
+                            },
+                            None => std::env::var("ABPROXY_PASSWORD")
+                                .ok()
+                                .filter(|p| !p.is_empty())
+                                .map(Password::new),
+                        };
+                        Some(Target {
+                            url,
+                            bind_dn: a.bind_dn.filter(|d| !d.is_empty()),
+                            password,
+                        })
+                    }
+                };
+                let restore_test = a.restore_test.then_some(a.slapd_config.as_path());
+                operator::verify::verify_with(&a.dir, a.json, restore_test, against.as_ref()).await
             }
-            Command::Verify(a) => operator::verify::verify(&a.dir, a.json),
             Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
         }
     });

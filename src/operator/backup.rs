@@ -1041,6 +1041,44 @@ fn to_entry(se: SearchEntry) -> Entry {
     Entry { dn: se.dn, attrs }
 }
 
+/// How many entries under `suffix` match `filter` (a paged search for no
+/// attributes).
+pub(super) async fn count(
+    session: &mut Session,
+    suffix: &str,
+    filter: &str,
+) -> Result<u64, (String, u8)> {
+    let adapters: Vec<Box<dyn Adapter<&str, Vec<&str>>>> = vec![
+        Box::new(EntriesOnly::new()),
+        Box::new(PagedResults::new(PAGE_SIZE)),
+    ];
+    let mut stream = session
+        .ldap()
+        .streaming_search_with(adapters, suffix, Scope::Subtree, filter, vec!["1.1"])
+        .await
+        .map_err(|e| (format!("search: {e}"), exit::UNREACHABLE))?;
+    let mut n = 0u64;
+    while let Some(_) = stream
+        .next()
+        .await
+        .map_err(|e| (format!("search: {e}"), exit::UNREACHABLE))?
+    {
+        n += 1;
+    }
+    let res = stream.finish().await;
+    if res.rc != 0 {
+        return Err((
+            format!(
+                "search ended with {} ({})",
+                super::code_name(res.rc),
+                res.rc
+            ),
+            exit::UNREACHABLE,
+        ));
+    }
+    Ok(n)
+}
+
 /// Exports the subtree of `suffix` to `path` (a paged search for `*` and
 /// `+`), digesting as the entries arrive. The entry count and digest, or
 /// what failed and the exit status.

@@ -40,15 +40,29 @@ pub fn verify(dir: &Path, json: bool) -> u8 {
     print(&report, json)
 }
 
-/// `abproxy verify DIR --restore-test`: [`verify::verify`], then, unless
+/// `abproxy verify DIR [--restore-test] [--against URL]`:
+/// [`verify::verify`], then the restore test ([`restore_checks`]) and the
+/// comparison with a live server ([`against_checks`]) when asked.
+///
+/// The restore test: unless
 /// the backup is damaged, each backend restored into a throwaway slapd
 /// with the configuration at `slapd_config` and read back over LDAP
 /// ([`super::restore::restore_test`]): what it serves must be the
 /// manifest's entry count, digest and `contextCSN` (else "does not
 /// match"); a backend that cannot be built or served cannot be checked.
-pub async fn verify_restoring(dir: &Path, json: bool, slapd_config: &Path) -> u8 {
+pub async fn verify_with(
+    dir: &Path,
+    json: bool,
+    restore_test: Option<&Path>,
+    against: Option<&super::Target>,
+) -> u8 {
     let mut report = verify::verify(dir);
-    restore_checks(&mut report, dir, slapd_config).await;
+    if let Some(slapd_config) = restore_test {
+        restore_checks(&mut report, dir, slapd_config).await;
+    }
+    if let Some(target) = against {
+        against_checks(&mut report, dir, target).await;
+    }
     print(&report, json)
 }
 
@@ -115,6 +129,113 @@ pub async fn restore_checks(report: &mut Report, dir: &Path, slapd_config: &Path
             ),
         });
     }
+}
+
+/// `abproxy verify DIR --against URL`: how far the live server (directly,
+/// or through the proxy) has moved since the backup. For each backend of
+/// the backup: its entries read now as the backup read them (a paged
+/// search for `*` and `+`), counted and digested; its `contextCSN`; how
+/// many entries were added or modified since the backup started
+/// (`modifyTimestamp`, which slapd and 389 DS both keep). Information,
+/// not a verdict: a server that moved on is what a live server does.
+/// The server unreachable or a search refused: cannot check.
+pub async fn against_checks(report: &mut Report, dir: &Path, target: &super::Target) {
+    let manifest = match super::restore::read_manifest(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            report.push(Check::fail("against", Class::CannotCheck, e));
+            return;
+        }
+    };
+    let mut session =
+        match tokio::time::timeout(AGAINST_LIMIT, super::Session::connect(target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                report.push(Check::fail("against", Class::CannotCheck, e.to_string()));
+                return;
+            }
+            Err(_) => {
+                report.push(Check::fail(
+                    "against",
+                    Class::CannotCheck,
+                    format!(
+                        "{}: no answer within {} s",
+                        target.url,
+                        AGAINST_LIMIT.as_secs()
+                    ),
+                ));
+                return;
+            }
+        };
+    let since = manifest
+        .started
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .replace(['-', ':', 'T'], "");
+    for b in &manifest.backends {
+        let name = format!("against {}", b.suffix);
+        let check = tokio::time::timeout(AGAINST_LIMIT, compare_live(&mut session, b, &since))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} s", AGAINST_LIMIT.as_secs())));
+        report.push(match check {
+            Ok(text) => Check::pass(name, text),
+            Err(e) => Check::fail(name, Class::CannotCheck, e),
+        });
+    }
+    session.close().await;
+}
+
+/// Limit of each backend's comparison with a live server.
+const AGAINST_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+async fn compare_live(
+    session: &mut super::Session,
+    b: &crate::backup::manifest::BackendRecord,
+    since: &str,
+) -> Result<String, String> {
+    let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let csn = super::backup::context_csn(session, &b.suffix)
+        .await
+        .map_err(|f| f.to_string())?;
+    let (entries, digest) =
+        super::backup::export(session, &b.suffix, &scratch.path().join("live.ldif"))
+            .await
+            .map_err(|(m, _)| m)?;
+    if digest == b.digest {
+        return Ok(format!(
+            "the server holds exactly the backup's {entries} entries (same digest)"
+        ));
+    }
+    // Changed since: after the backup's contextCSN where it has one
+    // (slapd: to the microsecond), else after the second it started.
+    let (filter, after) = match b.context_csn.iter().max() {
+        Some(csn) => (
+            format!("(!(entryCSN<={csn}))"),
+            "its contextCSN".to_string(),
+        ),
+        None => (
+            format!("(!(modifyTimestamp<={since}Z))"),
+            format!("{since}Z"),
+        ),
+    };
+    let changed = super::backup::count(session, &b.suffix, &filter)
+        .await
+        .map_err(|(m, _)| m)?;
+    let csn_text = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(" ")
+        }
+    };
+    Ok(format!(
+        "moved since the backup: {entries} entries now (the backup: {}), {changed} added or \
+         modified after {after}, contextCSN {} (the backup: {})",
+        b.entries,
+        csn_text(&csn),
+        csn_text(&b.context_csn)
+    ))
 }
 
 /// Prints a report (lines, or one JSON object with `exit_code` added) and

@@ -15,6 +15,7 @@ use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::backend::Mode;
 use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_SUFFIX};
 
+use crate::support::freeze::{bound, call};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
@@ -381,4 +382,65 @@ async fn verify_restore_test_proves_the_backup_opens() {
         "{}",
         out.stdout
     );
+}
+
+/// `verify --against URL` (here the proxy): the same data as the backup is
+/// "exactly the backup's entries"; after an add through the proxy, how far
+/// the server moved: one entry more, one added or modified since. Both are
+/// information (exit 0); a server that does not answer cannot be checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_against_a_live_server_says_how_far_it_moved() {
+    let lab = lab().await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let out = backup_as(&lab, ADMIN_DN, ADMIN_PW, &["--to", dir.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let against = |url: String| {
+        let dir = dir.clone();
+        async move {
+            let out = tokio::process::Command::new(BIN)
+                .arg("verify")
+                .arg(&dir)
+                .args(["--against", &url, "--bind-dn", ADMIN_DN])
+                .env("ABPROXY_PASSWORD", ADMIN_PW)
+                .env_remove("ABPROXY_LOG")
+                .output();
+            ToolOutput::from(
+                tokio::time::timeout(Duration::from_secs(60), out)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            )
+        }
+    };
+    let entries = manifest(&dir)
+        .backends
+        .iter()
+        .find(|b| b.suffix == SUFFIX)
+        .unwrap()
+        .entries;
+    let out = against(lab.proxied()).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "against {SUFFIX}: the server holds exactly the backup's {entries} entries"
+        )),
+        "{}",
+        out.stdout
+    );
+    let mut c = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let (code, text) = call(&mut c, add(2, &format!("cn=later,{SUFFIX}"), "later")).await;
+    assert_eq!(code, 0, "{text}");
+    let out = against(lab.proxied()).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "against {SUFFIX}: moved since the backup: {} entries now (the backup: {entries}), 1 added or modified",
+            entries + 1
+        )),
+        "{}",
+        out.stdout
+    );
+    let out = against("ldap://127.0.0.1:1".into()).await;
+    assert_eq!(out.code, Some(12), "{out:?}");
 }
