@@ -1058,10 +1058,11 @@ pub(super) async fn count(
         .await
         .map_err(|e| (format!("search: {e}"), exit::UNREACHABLE))?;
     let mut n = 0u64;
-    while let Some(_) = stream
+    while stream
         .next()
         .await
         .map_err(|e| (format!("search: {e}"), exit::UNREACHABLE))?
+        .is_some()
     {
         n += 1;
     }
