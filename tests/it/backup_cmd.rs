@@ -24,6 +24,8 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 const SUFFIX: &str = "dc=example,dc=org";
+/// Writers during the one-instant tests (users 1..=16 of the lab's 20).
+const WRITERS: usize = 16;
 
 /// slapd (20 users a suffix) and the proxy, both suffixes in `mode`,
 /// `cn=admin,dc=example,dc=org` allowed.
@@ -294,7 +296,7 @@ async fn files_backup_under_writers_is_one_instant() {
     one_instant_under_writers("files").await;
 }
 
-/// A backup by `method` while 4 writers write through the proxy: every
+/// A backup by `method` while 16 writers write through the proxy: every
 /// write acknowledged before the command is in it, none after, one instant
 /// (no gap in any writer's adds); it verifies, and it opens in a throwaway
 /// slapd with exactly the manifest's entries (`verify --restore-test`).
@@ -304,7 +306,7 @@ async fn one_instant_under_writers(method: &str) {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("bk");
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (1..=4)
+    let writers: Vec<_> = (1..=WRITERS)
         .map(|w| tokio::spawn(writer(lab.proxied(), w, stop.clone())))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
