@@ -412,7 +412,7 @@ fn attr_names(entries: &[abproxy::backup::Entry]) -> BTreeMap<String, BTreeSet<S
 }
 
 /// `abproxy backup` of a live 389 DS (the `ldif` method: every entry with
-/// `*` and `+` through the proxy): its entries give the content digest
+/// `*` and `+` through the proxy) verifies, and its entries give the content digest
 /// 389's own export of the same data gives (`dsconf backend export`, after
 /// the backup, nothing written in between), for both backends, once the
 /// one difference 389's export makes is made (`{CLEAR}` before a password
@@ -438,6 +438,15 @@ async fn abproxy_backup_of_389_has_the_digest_of_389s_own_export() {
     assert_eq!(out.code, Some(0), "{out:?}");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    // The backup checks out by itself.
+    let verified = tokio::process::Command::new(BIN)
+        .arg("verify")
+        .arg(&dir)
+        .output()
+        .await
+        .unwrap();
+    let verified = ToolOutput::from(verified);
+    assert_eq!(verified.code, Some(0), "{verified:?}");
     let exports = export_all(&ds, "after-backup").await;
     for (i, export) in exports.iter().enumerate() {
         let b = &manifest["backends"][i];
