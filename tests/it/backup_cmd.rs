@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abproxy::backup::{ldif, Digest, Entry};
-use abproxy::config::{BackendConfig, Config};
+use abproxy::config::Config;
 use abproxy::freeze::backend::Mode;
-use abproxy::operator::{self, State, Status, Target};
+use abproxy::operator::{State, Status};
 use sha2::{Digest as _, Sha256};
 use testkit::{user_dn, user_pw, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_SUFFIX};
 use tokio::task::block_in_place;
 
+use crate::support::backup::*;
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
@@ -27,44 +28,8 @@ const SUFFIX: &str = "dc=example,dc=org";
 /// Writers during the one-instant tests (users 1..=16 of the lab's 20).
 const WRITERS: usize = 16;
 
-/// slapd (20 users a suffix) and the proxy, both suffixes in `mode`,
-/// `cn=admin,dc=example,dc=org` allowed.
 async fn lab(mode: Mode) -> Lab {
-    Lab::with(
-        SlapdOptions {
-            nosync: true,
-            users: 20,
-            ..Default::default()
-        },
-        |c: &mut Config| {
-            c.freeze.allowed = vec![ADMIN_DN.into()];
-            c.backends = vec![
-                BackendConfig::new(SUFFIX, mode),
-                BackendConfig::new(OTHER_SUFFIX, mode),
-            ];
-        },
-    )
-    .await
-}
-
-/// `abproxy backup ARGS` as `dn`, within 120 s.
-async fn backup_as(lab: &Lab, dn: &str, pw: &str, args: &[&str]) -> ToolOutput {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.arg("backup")
-        .args(args)
-        .env_remove("ABPROXY_LOG")
-        .env("ABPROXY_URL", lab.proxied())
-        .env("ABPROXY_BIND_DN", dn)
-        .env("ABPROXY_PASSWORD", pw)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .expect("abproxy backup did not finish within 120 s")
-        .expect("run abproxy");
-    ToolOutput::from(out)
+    backup_lab(mode, 20, 10).await
 }
 
 async fn backup(lab: &Lab, args: &[&str]) -> ToolOutput {
@@ -72,16 +37,7 @@ async fn backup(lab: &Lab, args: &[&str]) -> ToolOutput {
 }
 
 async fn status(lab: &Lab) -> Status {
-    let admin = Target {
-        url: lab.proxied(),
-        bind_dn: Some(ADMIN_DN.into()),
-        password: Some(operator::Password::new(ADMIN_PW)),
-    };
-    operator::with_session(&admin, Duration::from_secs(10), "", async |s| {
-        s.status().await
-    })
-    .await
-    .expect("status")
+    operator_status(lab).await
 }
 
 fn manifest(dir: &Path) -> serde_json::Value {

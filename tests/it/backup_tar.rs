@@ -11,39 +11,20 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::backend::Mode;
-use abproxy::operator::{self, State, Status, Target};
+use abproxy::operator::{State, Status};
 use sha2::{Digest as _, Sha256};
-use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_SUFFIX};
+use testkit::{user_dn, ADMIN_DN, ADMIN_PW};
 use tokio::io::AsyncReadExt;
 use tokio::task::block_in_place;
 
+use crate::support::backup::{backup_lab, operator_status};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
-const SUFFIX: &str = "dc=example,dc=org";
 
-/// slapd (`users` users under dc=example,dc=org, `other_users` under
-/// dc=other,dc=org) and the proxy, both suffixes readonly,
-/// `cn=admin,dc=example,dc=org` (the rootdn of the first) allowed.
 async fn lab(users: usize, other_users: usize) -> Lab {
-    Lab::with(
-        SlapdOptions {
-            nosync: true,
-            users,
-            other_users,
-            ..Default::default()
-        },
-        |c: &mut Config| {
-            c.freeze.allowed = vec![ADMIN_DN.into()];
-            c.backends = vec![
-                BackendConfig::new(SUFFIX, Mode::Readonly),
-                BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
-            ];
-        },
-    )
-    .await
+    backup_lab(Mode::Readonly, users, other_users).await
 }
 
 /// `abproxy backup ARGS` as `dn` (stdout to `stdout`), not yet run.
@@ -71,16 +52,7 @@ fn backup(lab: &Lab, args: &[&str]) -> std::process::Output {
 }
 
 async fn status(lab: &Lab) -> Status {
-    let admin = Target {
-        url: lab.proxied(),
-        bind_dn: Some(ADMIN_DN.into()),
-        password: Some(operator::Password::new(ADMIN_PW)),
-    };
-    operator::with_session(&admin, Duration::from_secs(10), "", async |s| {
-        s.status().await
-    })
-    .await
-    .expect("status")
+    operator_status(lab).await
 }
 
 fn manifest(dir: &Path) -> serde_json::Value {

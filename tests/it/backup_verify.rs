@@ -11,54 +11,18 @@ use std::time::Duration;
 
 use abproxy::backup::manifest::{file_sha256, Manifest};
 use abproxy::backup::{ldif, Entry};
-use abproxy::config::{BackendConfig, Config};
 use abproxy::freeze::backend::Mode;
-use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_SUFFIX};
+use testkit::{ADMIN_DN, ADMIN_PW, OTHER_SUFFIX};
 
+use crate::support::backup::*;
 use crate::support::freeze::{bound, call};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
 const SUFFIX: &str = "dc=example,dc=org";
 
-/// slapd (20 users a suffix) and the proxy, both suffixes readonly,
-/// `cn=admin,dc=example,dc=org` allowed.
 async fn lab() -> Lab {
-    Lab::with(
-        SlapdOptions {
-            nosync: true,
-            users: 20,
-            ..Default::default()
-        },
-        |c: &mut Config| {
-            c.freeze.allowed = vec![ADMIN_DN.into()];
-            c.backends = vec![
-                BackendConfig::new(SUFFIX, Mode::Readonly),
-                BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
-            ];
-        },
-    )
-    .await
-}
-
-/// `abproxy backup ARGS` as the admin, within 120 s.
-async fn backup_as(lab: &Lab, dn: &str, pw: &str, args: &[&str]) -> ToolOutput {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.arg("backup")
-        .args(args)
-        .env_remove("ABPROXY_LOG")
-        .env("ABPROXY_URL", lab.proxied())
-        .env("ABPROXY_BIND_DN", dn)
-        .env("ABPROXY_PASSWORD", pw)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .expect("abproxy backup did not finish within 120 s")
-        .expect("run abproxy");
-    ToolOutput::from(out)
+    backup_lab(Mode::Readonly, 20, 10).await
 }
 
 /// `abproxy verify ARGS`, within 60 s.

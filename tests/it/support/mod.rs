@@ -18,6 +18,7 @@ use tokio_util::codec::Decoder;
 
 pub use testkit::{ADMIN_DN, ADMIN_PW};
 
+pub mod backup;
 pub mod freeze;
 pub mod pki;
 pub mod process;

@@ -1,0 +1,80 @@
+//! What the backup commands' tests share: a lab with both suffixes frozen
+//! in one mode and the admin allowed, `abproxy backup` run as the built
+//! binary, the operator's view of the freeze.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use abproxy::config::{BackendConfig, Config};
+use abproxy::freeze::backend::Mode;
+use abproxy::operator::{self, Status, Target};
+use testkit::{SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_SUFFIX, SUFFIX};
+
+use super::{Lab, ToolOutput};
+
+const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
+
+/// slapd (`users` users under dc=example,dc=org, `other_users` under
+/// dc=other,dc=org) and the proxy, both suffixes in `mode`,
+/// `cn=admin,dc=example,dc=org` (the rootdn of the first) allowed.
+pub async fn backup_lab(mode: Mode, users: usize, other_users: usize) -> Lab {
+    Lab::with(
+        SlapdOptions {
+            nosync: true,
+            users,
+            other_users,
+            ..Default::default()
+        },
+        |c: &mut Config| {
+            c.freeze.allowed = vec![ADMIN_DN.into()];
+            c.backends = vec![
+                BackendConfig::new(SUFFIX, mode),
+                BackendConfig::new(OTHER_SUFFIX, mode),
+            ];
+        },
+    )
+    .await
+}
+
+/// `abproxy backup ARGS` as `dn` against the lab's proxy (stdin closed,
+/// stdout and stderr captured), not yet run.
+pub fn backup_command(lab: &Lab, dn: &str, pw: &str, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("backup")
+        .args(args)
+        .env_remove("ABPROXY_LOG")
+        .env("ABPROXY_URL", lab.proxied())
+        .env("ABPROXY_BIND_DN", dn)
+        .env("ABPROXY_PASSWORD", pw)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// `abproxy backup ARGS` as `dn`, within 120 s.
+pub async fn backup_as(lab: &Lab, dn: &str, pw: &str, args: &[&str]) -> ToolOutput {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        backup_command(lab, dn, pw, args).output(),
+    )
+    .await
+    .expect("abproxy backup did not finish within 120 s")
+    .expect("run abproxy");
+    ToolOutput::from(out)
+}
+
+/// The proxy's freeze status, asked as the admin.
+pub async fn operator_status(lab: &Lab) -> Status {
+    let admin = Target {
+        url: lab.proxied(),
+        bind_dn: Some(ADMIN_DN.into()),
+        password: Some(operator::Password::new(ADMIN_PW)),
+    };
+    operator::with_session(&admin, Duration::from_secs(10), "", async |s| {
+        s.status().await
+    })
+    .await
+    .expect("status")
+}
