@@ -29,6 +29,29 @@ pub struct Manifest {
     pub files: Vec<FileRecord>,
 }
 
+/// One proxy a backup froze, and its freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyFreeze {
+    /// The proxy's URL, as given.
+    pub url: String,
+    /// Its freeze's id (`None`: the proxy did not say).
+    pub freeze_id: Option<u64>,
+    /// Its answer to ON.
+    pub message: String,
+}
+
+/// `manifest.json` as `abproxy backup` writes it: the [`Manifest`] and
+/// `proxies`, every proxy frozen for the backup with its freeze, in the
+/// order given (the first is `proxy_url`, the one the export read
+/// through). Absent (empty) in manifests written before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    #[serde(flatten)]
+    pub manifest: Manifest,
+    #[serde(default)]
+    pub proxies: Vec<ProxyFreeze>,
+}
+
 /// The LDAP server, from its root DSE (read through the proxy).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerInfo {
