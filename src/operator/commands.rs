@@ -114,7 +114,8 @@ async fn on_several(
         on_each(targets, &conn.tls, req, limit).await
     };
     let say = |m: String| eprintln!("{who}: {m}");
-    match all_or_nothing(results, conn.off_limit(), "nothing is frozen", &say).await {
+    let not_done = "do not take the backup now";
+    match all_or_nothing(targets, results, conn.off_limit(), not_done, &say).await {
         Ok(held) => {
             for h in &held {
                 println!("{}: {}", h.url, h.frozen.message);
@@ -500,14 +501,21 @@ pub async fn hook_hold(h: &Hook) -> u8 {
             on_each(targets, &h.conn.tls, &req, limit).await
         };
         let say = |m: String| eprintln!("{BEFORE}: {m}");
-        let mut held =
-            match all_or_nothing(results, h.conn.off_limit(), "nothing is frozen", &say).await {
-                Ok(held) => held,
-                Err(code) => {
-                    let _ = std::fs::remove_file(state.socket_path());
-                    return Ok(Err(code));
-                }
-            };
+        let mut held = match all_or_nothing(
+            targets,
+            results,
+            h.conn.off_limit(),
+            "nothing is frozen",
+            &say,
+        )
+        .await
+        {
+            Ok(held) => held,
+            Err(code) => {
+                let _ = std::fs::remove_file(state.socket_path());
+                return Ok(Err(code));
+            }
+        };
         // The leases bound the wait for --after; a status that cannot be
         // read leaves a day.
         let leases = futures::future::join_all(held.iter_mut().map(|h| async {

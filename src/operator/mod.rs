@@ -1660,6 +1660,7 @@ pub(crate) async fn off_each(
 /// the first failure in `targets`' order. `not_done`: what is therefore
 /// not done (with one proxy, said on its error's line as before).
 pub(crate) async fn all_or_nothing(
+    targets: &[Target],
     results: Vec<Result<Held, OpError>>,
     off_limit: Duration,
     not_done: &str,
@@ -1680,20 +1681,20 @@ pub(crate) async fn all_or_nothing(
     let mut first_failure = None;
     let mut frozen = Vec::new();
     let mut failed = Vec::new();
-    for r in results {
+    for (t, r) in targets.iter().zip(results) {
         match r {
             Ok(h) => frozen.push(h),
             Err(e) => {
                 first_failure.get_or_insert(e.exit_code());
-                failed.push(e);
+                failed.push((&t.url, e));
             }
         }
     }
     let Some(code) = first_failure else {
         return Ok(frozen);
     };
-    for e in &failed {
-        say(format!("error: {e}"));
+    for (url, e) in &failed {
+        say(format!("{url}: error: {e}"));
     }
     let offs = off_each(&mut frozen, off_limit).await;
     for (h, off) in frozen.iter().zip(offs) {
@@ -1784,7 +1785,10 @@ pub(crate) async fn freeze_held(
         }
     };
     drop(waiting);
-    all_or_nothing(results, off_timeout, not_done, &|m| progress.line(m)).await
+    all_or_nothing(targets, results, off_timeout, not_done, &|m| {
+        progress.line(m)
+    })
+    .await
 }
 
 /// OFF naming each freeze of `held`, on its own connection, all at once,
