@@ -11,7 +11,11 @@
 //!   [`OpError`] whose [`OpError::exit_code`] is the command's exit status
 //!   (see [`exit`]) and whose message says what to do next;
 //! - [`run_frozen`] is `abproxy run`: ON with holdUntilUnbind on a connection
-//!   kept open while a command runs, then OFF on the same connection.
+//!   kept open while a command runs, then OFF on the same connection;
+//! - several proxies (`--url` repeated, at most [`MAX_PROXIES`]) are frozen
+//!   together, all or nothing: ON through each at once, and if one refuses
+//!   or fails, OFF on each that froze; a release reports the [`worst`]
+//!   status.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), abproxy::operator::OpError> {
@@ -133,6 +137,9 @@ Exit status:
 `verify` exits with the worst it found: 10, else 11, else 12.
 `backup` exits 2 if DIR exists, 2-7 as above if the freeze could not be
 set up or did not last, 8 otherwise; a failed backup leaves nothing at DIR.
+With several --url (at most 16), every proxy is frozen together, all or
+nothing: the first failure's status, and those already frozen released;
+a release exits with the most serious status (6, 5, 4, 3, then 7).
 `run` exits with the status of CMD (128+N if CMD died of signal N), or
 2-6 as above if the freeze could not be set up (CMD is then not run), 6 if
 CMD succeeded but the freeze did not last until it ended, 7 if CMD
