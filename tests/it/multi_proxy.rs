@@ -473,3 +473,87 @@ async fn too_many_or_repeated_proxies_are_usage_errors() {
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("one --freeze-id per --url"), "{out:?}");
 }
+
+/// The other half of an HA pair is frozen while the backup reads through
+/// the first: a write through B sent during the export is held until the
+/// backup has released, and is not in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_the_other_proxy_waits_for_the_backup() {
+    let a = Lab::with(
+        SlapdOptions {
+            users: 5000,
+            ..opts()
+        },
+        |c| c.freeze.allowed = vec![ADMIN_DN.into()],
+    )
+    .await;
+    let b = second_proxy(&a).await;
+    let (ua, ub) = (a.proxied(), b.url());
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let mut child = command(&[
+        "backup",
+        "--to",
+        dir.to_str().unwrap(),
+        "--backend",
+        "dc=example,dc=org",
+        "--url",
+        &ua,
+        "--url",
+        &ub,
+    ])
+    .stdout(Stdio::null())
+    .spawn()
+    .expect("start abproxy backup");
+    let pid = child.id().expect("pid");
+    let tmp = parent.path().join(format!("bk.partial-{pid}"));
+    // The export is under way (its file has begun).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let started = std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.filter_map(Result::ok).any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .contains("dc_example_dc_org")
+                        && e.metadata().map(|m| m.len() > 0).unwrap_or(false)
+                })
+            })
+            .unwrap_or(false);
+        if started {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended early"
+        );
+        assert!(Instant::now() < deadline, "the export did not start");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let value = "written through B during the backup";
+    let write = modify_in_background(&ub, 2, value);
+    let engine = b.engine();
+    wait_until("the write through B held", 20, || engine.queued().0 == 1).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the backup had already released"
+    );
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the backup ends")
+        .unwrap();
+    let out = ToolOutput::from(out);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(join(write, "the held modify").await, 0);
+    assert_eq!(description(&a.direct(), 2).await.as_deref(), Some(value));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let backends = m["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 1, "{m}");
+    assert!(backends[0]["entries"].as_u64().unwrap() > 5000, "{m}");
+    let file = dir.join(backends[0]["file"].as_str().unwrap());
+    let ldif = std::fs::read_to_string(&file).unwrap();
+    assert!(ldif.contains(&format!("dn: {}\n", user_dn(2))));
+    assert!(!ldif.contains(value), "{} has B's write", file.display());
+    assert_thawed(&[&ua, &ub]).await;
+}
