@@ -81,13 +81,18 @@ enum Command {
 #[derive(Args)]
 struct ConnArgs {
     /// The proxy, ldap://HOST:PORT, ldaps://HOST:PORT or ldapi://PATH.
+    /// Repeatable (at most 16; in ABPROXY_URL: separated by spaces or
+    /// commas): every proxy is frozen together, all or nothing, with the
+    /// same identity and TLS options.
     #[arg(
-        long,
+        long = "url",
+        visible_alias = "proxy",
         env = "ABPROXY_URL",
         default_value = operator::DEFAULT_URL,
-        value_name = "URL"
+        value_name = "URL",
+        action = ArgAction::Append
     )]
-    url: String,
+    urls: Vec<String>,
     /// DN to bind as (simple bind); it must be in the proxy's [freeze] allowed.
     #[arg(long, env = "ABPROXY_BIND_DN", value_name = "DN")]
     bind_dn: Option<String>,
@@ -158,9 +163,10 @@ struct OnArgs {
 struct OffArgs {
     /// Release only this freeze (the id `abproxy on` printed); if it is not
     /// the current freeze, nothing is released and the exit status is 6
-    /// [default: whatever freeze is current].
-    #[arg(long, value_name = "N")]
-    freeze_id: Option<u64>,
+    /// [default: whatever freeze is current]. With several --url, one per
+    /// --url in the same order.
+    #[arg(long = "freeze-id", value_name = "N")]
+    freeze_ids: Vec<u64>,
     #[command(flatten)]
     conn: ConnArgs,
 }
@@ -598,7 +604,7 @@ fn operator_main(command: Command) -> ExitCode {
             Command::On(a) => {
                 commands::on(&conn(&a.conn), &freeze_request(&a.freeze), "abproxy on").await
             }
-            Command::Off(a) => commands::off(&conn(&a.conn), a.freeze_id, "abproxy off").await,
+            Command::Off(a) => commands::off(&conn(&a.conn), &a.freeze_ids, "abproxy off").await,
             Command::Status(a) => commands::status(&conn(&a.conn), a.json).await,
             Command::Run(a) => {
                 commands::run(conn(&a.conn), &freeze_request(&a.freeze), a.command).await
@@ -682,8 +688,61 @@ fn operator_main(command: Command) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// The connection target from the flags and the environment. The password:
-/// --password-file, else --password, else ABPROXY_PASSWORD.
+/// The proxies' URLs: every --url (or ABPROXY_URL), each split at spaces
+/// and commas; at most [`operator::MAX_PROXIES`], none twice.
+fn urls(conn: &ConnArgs) -> Result<Vec<String>, OpError> {
+    let urls: Vec<String> = conn
+        .urls
+        .iter()
+        .flat_map(|u| u.split([' ', ',', '\t', '\n']))
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect();
+    if urls.is_empty() {
+        return Err(OpError::usage(
+            "no proxy URL given",
+            "give --url URL (or ABPROXY_URL)",
+        ));
+    }
+    if urls.len() > operator::MAX_PROXIES {
+        return Err(OpError::usage(
+            format!(
+                "{} proxy URLs given; at most {} can be frozen together",
+                urls.len(),
+                operator::MAX_PROXIES
+            ),
+            "give fewer --url (or fewer URLs in ABPROXY_URL)",
+        ));
+    }
+    if let Some(u) = urls
+        .iter()
+        .enumerate()
+        .find_map(|(i, u)| urls[..i].contains(u).then_some(u))
+    {
+        return Err(OpError::usage(
+            format!("the proxy {u} is given twice"),
+            "give each proxy's --url once",
+        ));
+    }
+    Ok(urls)
+}
+
+/// The connection targets from the flags and the environment, one per
+/// proxy URL. The password: --password-file, else --password, else
+/// ABPROXY_PASSWORD.
+fn targets(conn: &ConnArgs) -> Result<Vec<Target>, OpError> {
+    let urls = urls(conn)?;
+    let target = target(conn)?;
+    Ok(urls
+        .into_iter()
+        .map(|url| Target {
+            url,
+            ..target.clone()
+        })
+        .collect())
+}
+
+/// The identity from the flags and the environment (its `url` empty).
 fn target(conn: &ConnArgs) -> Result<Target, OpError> {
     let password = match (&conn.password_file, &conn.password) {
         (Some(file), _) => Some(Password::from_file(file)?),
@@ -695,7 +754,7 @@ fn target(conn: &ConnArgs) -> Result<Target, OpError> {
             .map(Password::new),
     };
     Ok(Target {
-        url: conn.url.clone(),
+        url: String::new(),
         bind_dn: conn.bind_dn.clone().filter(|d| !d.is_empty()),
         password,
     })
@@ -723,7 +782,7 @@ fn freeze_request(f: &FreezeArgs) -> FreezeRequest {
 /// Where an operator command connects, from its flags.
 fn conn(c: &ConnArgs) -> commands::Conn {
     commands::Conn {
-        target: target(c),
+        targets: targets(c),
         tls: client_tls(c),
         timeout: c.timeout,
     }

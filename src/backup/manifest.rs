@@ -27,6 +27,22 @@ pub struct Manifest {
     pub backends: Vec<BackendRecord>,
     /// Every other file of the backup, with its size and SHA-256.
     pub files: Vec<FileRecord>,
+    /// Every proxy frozen for the backup with its freeze, in the order
+    /// given (the first is `proxy_url`, the one the export read through).
+    /// Absent (empty) in manifests written before it.
+    #[serde(default)]
+    pub proxies: Vec<ProxyFreeze>,
+}
+
+/// One proxy a backup froze, and its freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyFreeze {
+    /// The proxy's URL, as given.
+    pub url: String,
+    /// Its freeze's id (`None`: the proxy did not say).
+    pub freeze_id: Option<u64>,
+    /// Its answer to ON.
+    pub message: String,
 }
 
 /// The LDAP server, from its root DSE (read through the proxy).
@@ -52,6 +68,11 @@ impl std::fmt::Display for ServerInfo {
 pub struct FreezeInfo {
     pub id: Option<u64>,
     pub drained_ms: Option<u64>,
+    /// When ON was sent: the proxy holds writes from its drain on, so
+    /// writes may wait from this time (absent in manifests before it).
+    #[serde(default)]
+    pub requested: String,
+    /// When ON had succeeded everywhere.
     pub frozen_from: String,
     pub frozen_to: String,
     /// The proxy's answer to ON.

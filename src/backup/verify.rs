@@ -974,6 +974,7 @@ mod tests {
             freeze: FreezeInfo {
                 id: Some(3),
                 drained_ms: Some(1),
+                requested: "2026-12-03T17:27:11.090Z".into(),
                 frozen_from: "2026-12-03T17:27:11.100Z".into(),
                 frozen_to: "2026-12-03T17:27:11.900Z".into(),
                 message: "frozen".into(),
@@ -987,6 +988,7 @@ mod tests {
                     sha256: String::new(),
                 })
                 .collect(),
+            proxies: vec![],
         };
         seal(dir, &mut m);
     }

@@ -29,12 +29,12 @@ use ldap3::{Scope, SearchEntry};
 use serde::Serialize;
 
 use super::{
-    exit, format_utc, freeze_held, release_held, BackendModeName, ClientTls, FreezeRequest,
-    Progress, Session, Signals, Target,
+    close_all, exit, format_utc, freeze_held, release_held, BackendModeName, ClientTls,
+    FreezeRequest, Progress, Session, Signals, Target,
 };
 use crate::backup::manifest::{
-    file_sha256, BackendRecord, FileRecord, FreezeInfo, Manifest, ServerInfo, FORMAT_VERSION,
-    MANIFEST, SHA256SUMS,
+    file_sha256, BackendRecord, FileRecord, FreezeInfo, Manifest, ProxyFreeze,
+    ServerInfo, FORMAT_VERSION, MANIFEST, SHA256SUMS,
 };
 use crate::backup::{ldif, slapd, Digester, Entry};
 
@@ -46,8 +46,12 @@ const SMALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// `abproxy backup`: where to connect, what to freeze, where to write.
 #[derive(Debug, Clone)]
 pub struct BackupSpec {
-    /// The proxy.
+    /// The proxy the export reads through (the first given).
     pub target: Target,
+    /// The other proxies frozen with it, all or nothing (HA pairs in
+    /// front of one server, replicated servers each behind its proxy: the
+    /// data is the same behind each, so it is read through `target` only).
+    pub more_targets: Vec<Target>,
     /// TLS to the proxy.
     pub tls: ClientTls,
     /// The freeze (holdUntilUnbind is set whatever this says).
@@ -614,13 +618,18 @@ async fn take(
     };
     let started = SystemTime::now();
     let url = &spec.target.url;
+    let targets: Vec<Target> = std::iter::once(spec.target.clone())
+        .chain(spec.more_targets.iter().cloned())
+        .collect();
 
     let t = log.begin();
-    let (mut session, frozen) = freeze_held(
-        &spec.target,
+    let t_requested = t.0;
+    let mut held = freeze_held(
+        &targets,
         &spec.tls,
         &spec.request,
         spec.on_timeout,
+        spec.off_timeout,
         signals,
         "nothing was backed up",
         progress,
@@ -630,7 +639,23 @@ async fn take(
     .map_err(|code| Fail::new("freeze (ON)", "", code))?;
     let frozen_from = SystemTime::now();
     let frozen_at = Instant::now();
-    log.end(t, "freeze (ON)", &frozen.message);
+    let several = held.len() > 1;
+    for h in &held {
+        log.end(
+            t,
+            "freeze (ON)",
+            &format!("{}{}", h.prefix(several), h.frozen.message),
+        );
+    }
+    let proxies: Vec<ProxyFreeze> = held
+        .iter()
+        .map(|h| ProxyFreeze {
+            url: h.url.clone(),
+            freeze_id: h.frozen.id(),
+            message: h.frozen.message.clone(),
+        })
+        .collect();
+    let frozen = held[0].frozen.clone();
     let id = frozen.id();
     let compact: String = format_utc(
         started
@@ -647,8 +672,9 @@ async fn take(
     };
     attempt.backup_id = Some(backup_id.clone());
 
+    // The same data is behind every proxy: read through the first.
     let exported = tokio::select! {
-        r = export_all(&mut session, tmp, &spec.method, &mut log) => r,
+        r = export_all(&mut held[0].session, tmp, &spec.method, &mut log) => r,
         sig = signals.recv() => Err(Fail::new(
             "export",
             format!("signal {sig} received"),
@@ -656,20 +682,12 @@ async fn take(
         )),
     };
 
-    // OFF, always, on the same connection.
+    // OFF, always, on the same connections.
     let t = log.begin();
-    let off = release_held(
-        &mut session,
-        &frozen,
-        url,
-        spec.off_timeout,
-        "the export ended",
-        progress,
-    )
-    .await;
+    let off = release_held(&mut held, spec.off_timeout, "the export ended", progress).await;
     let frozen_to = SystemTime::now();
     attempt.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
-    session.close().await;
+    close_all(held).await;
     let (server, mut backends) = exported?;
     if off.is_none() {
         // What only the release let wait: the database copies counted.
@@ -686,8 +704,13 @@ async fn take(
     if let Some(code) = off {
         return Err(Fail::new(
             "release (OFF)",
-            "the freeze did not last until the export ended, or could not be released: \
-             the export may be inconsistent and is not kept",
+            if several {
+                "a freeze did not last until the export ended, or could not be released: \
+                 the export may be inconsistent and is not kept"
+            } else {
+                "the freeze did not last until the export ended, or could not be released: \
+                 the export may be inconsistent and is not kept"
+            },
             code,
         ));
     }
@@ -706,12 +729,14 @@ async fn take(
         freeze: FreezeInfo {
             id,
             drained_ms: drained_ms(&frozen.message),
+            requested: utc(t_requested),
             frozen_from: utc(frozen_from),
             frozen_to: utc(frozen_to),
             message: frozen.message.clone(),
         },
         backends,
         files: Vec::new(),
+        proxies,
     };
     let header = header(&manifest);
     write_file(tmp, "HEADER.txt", header.as_bytes())?;
@@ -1158,11 +1183,27 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// `HEADER.txt`: the backup at a glance.
 fn header(m: &Manifest) -> String {
+    let proxies = &m.proxies;
     let mut s = String::new();
     let _ = writeln!(s, "abproxy backup {}", m.backup_id);
     let _ = writeln!(s, "format:   {}", m.format_version);
     let _ = writeln!(s, "abproxy:  {}", m.abproxy_version);
     let _ = writeln!(s, "proxy:    {}", m.proxy_url);
+    if proxies.len() > 1 {
+        let _ = writeln!(
+            s,
+            "proxies:  {} frozen together, exported through the first",
+            proxies.len()
+        );
+        for p in proxies {
+            let _ = writeln!(
+                s,
+                "  {}  freeze id {}",
+                p.url,
+                p.freeze_id.map_or("?".into(), |i| i.to_string())
+            );
+        }
+    }
     let _ = writeln!(s, "server:   {}", m.server);
     let _ = writeln!(s, "started:  {}", m.started);
     let _ = writeln!(

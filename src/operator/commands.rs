@@ -10,17 +10,19 @@ use std::time::Duration;
 use super::backup::{BackupSpec, Destination};
 use super::hook::{self, HookRecord, HookState};
 use super::{
-    exit, run_frozen, with_session_tls, within, ClientTls, ErrorKind, FreezeRequest, OpError,
-    Progress, Released, RunSpec, Session, Target, ON_TIMEOUT_HINT, TIMEOUT_HINT,
+    all_or_nothing, close_all, exit, on_each, run_frozen, with_session_tls, worst, ClientTls,
+    ErrorKind, FreezeRequest, OpError, Progress, Released, RunSpec, Status, Target,
+    ON_TIMEOUT_HINT, TIMEOUT_HINT,
 };
 
-/// Where an operator command connects: the proxy and identity (or why the
-/// flags could not make one, reported by the command), TLS, and the
+/// Where an operator command connects: the proxies and identity (or why
+/// the flags could not make them, reported by the command), TLS, and the
 /// `--timeout` if given.
 #[derive(Debug)]
 pub struct Conn {
-    /// The proxy and who to bind as.
-    pub target: Result<Target, OpError>,
+    /// The proxies (at least one; one per `--url`, the same identity for
+    /// each) and who to bind as.
+    pub targets: Result<Vec<Target>, OpError>,
     /// TLS to the proxy.
     pub tls: ClientTls,
     /// `--timeout`: the whole command's limit.
@@ -28,8 +30,15 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The first proxy (the only one, for most uses).
     fn target(&self) -> Result<&Target, OpError> {
-        self.target.as_ref().map_err(Clone::clone)
+        self.targets()?
+            .first()
+            .ok_or_else(|| OpError::usage("no --url given", "give --url URL"))
+    }
+
+    fn targets(&self) -> Result<&[Target], OpError> {
+        self.targets.as_deref().map_err(Clone::clone)
     }
 
     /// `--timeout`, else 30 s.
@@ -60,9 +69,16 @@ pub fn fail(who: &str, e: &OpError) -> u8 {
     e.exit_code()
 }
 
-/// `abproxy on`.
+/// `abproxy on`: through every proxy at once, all or nothing.
 pub async fn on(conn: &Conn, req: &FreezeRequest, who: &str) -> u8 {
     let limit = conn.timeout.unwrap_or_else(|| req.default_timeout());
+    match conn.targets() {
+        Ok(targets) if targets.len() > 1 => {
+            return on_several(conn, targets, req, limit, who).await
+        }
+        Err(e) => return fail(who, &e),
+        Ok(_) => {}
+    }
     let result = async {
         let target = conn.target()?;
         let progress = Progress::stderr(who);
@@ -82,8 +98,57 @@ pub async fn on(conn: &Conn, req: &FreezeRequest, who: &str) -> u8 {
     }
 }
 
-/// `abproxy off` (`--freeze-id`: that freeze and no other).
-pub async fn off(conn: &Conn, freeze_id: Option<u64>, who: &str) -> u8 {
+/// `abproxy on` with several proxies: ON through each at once (each
+/// within `limit`); if one refuses or fails, OFF naming its freeze on each
+/// that froze, and the first failure's status.
+async fn on_several(
+    conn: &Conn,
+    targets: &[Target],
+    req: &FreezeRequest,
+    limit: Duration,
+    who: &str,
+) -> u8 {
+    let progress = Progress::stderr(who);
+    let results = {
+        let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
+        on_each(targets, &conn.tls, req, limit).await
+    };
+    let say = |m: String| eprintln!("{who}: {m}");
+    let not_done = "do not take the backup now";
+    match all_or_nothing(targets, results, conn.off_limit(), not_done, &say).await {
+        Ok(held) => {
+            for h in &held {
+                println!("{}: {}", h.url, h.frozen.message);
+            }
+            close_all(held).await;
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// `abproxy off` (`--freeze-id`: that freeze and no other; with several
+/// proxies, one id per proxy in the same order, or none).
+pub async fn off(conn: &Conn, freeze_ids: &[u64], who: &str) -> u8 {
+    let targets = match conn.targets() {
+        Ok(t) => t,
+        Err(e) => return fail(who, &e),
+    };
+    let ids: Vec<Option<u64>> = match (freeze_ids.len(), targets.len()) {
+        (0, n) => vec![None; n],
+        (k, n) if k == n => freeze_ids.iter().copied().map(Some).collect(),
+        (k, n) => {
+            let e = OpError::usage(
+                format!("{k} --freeze-id for {n} --url"),
+                "give one --freeze-id per --url, in the same order, or none",
+            );
+            return fail(who, &e);
+        }
+    };
+    if targets.len() > 1 {
+        return off_several(conn, targets, &ids, who).await;
+    }
+    let freeze_id = ids[0];
     let result = async {
         let target = conn.target()?;
         with_session_tls(
@@ -106,6 +171,35 @@ pub async fn off(conn: &Conn, freeze_id: Option<u64>, who: &str) -> u8 {
     }
 }
 
+/// `abproxy off` with several proxies: OFF through each at once, one line
+/// per proxy; 0 only if each released (or had nothing to release), else
+/// the most serious status.
+async fn off_several(conn: &Conn, targets: &[Target], ids: &[Option<u64>], who: &str) -> u8 {
+    let results = futures::future::join_all(targets.iter().zip(ids).map(|(t, id)| {
+        with_session_tls(t, &conn.tls, conn.off_limit(), TIMEOUT_HINT, async |s| {
+            s.off_freeze(*id).await
+        })
+    }))
+    .await;
+    let mut codes = Vec::new();
+    for (t, r) in targets.iter().zip(results) {
+        let url = &t.url;
+        match r {
+            Ok(r @ Released::Released(_)) => {
+                if let Released::Released(msg) = &r {
+                    println!("{url}: {msg}");
+                }
+                if r.server_down() {
+                    codes.push(exit::SERVER_DOWN);
+                }
+            }
+            Ok(Released::NotFrozen) => println!("{url}: not frozen (nothing to release)"),
+            Err(e) => codes.push(fail(&format!("{who}: {url}"), &e)),
+        }
+    }
+    worst(codes).unwrap_or(exit::OK)
+}
+
 /// Prints OFF's answer; exit 7 when the server stopped during the freeze
 /// does not answer again yet.
 fn released(r: &Released) -> u8 {
@@ -121,6 +215,11 @@ fn released(r: &Released) -> u8 {
 
 /// `abproxy status` (`json`: `--json`).
 pub async fn status(conn: &Conn, json: bool) -> u8 {
+    match conn.targets() {
+        Ok(targets) if targets.len() > 1 => return status_several(conn, targets, json).await,
+        Err(e) => return fail("abproxy status", &e),
+        Ok(_) => {}
+    }
     let result = async {
         let target = conn.target()?;
         with_session_tls(target, &conn.tls, conn.limit(), TIMEOUT_HINT, async |s| {
@@ -146,16 +245,72 @@ pub async fn status(conn: &Conn, json: bool) -> u8 {
     }
 }
 
+/// `abproxy status` with several proxies: one block per proxy, headed by
+/// its URL (`--json`: an array of objects, each the one-proxy object with
+/// `url`, or `url` and `error`); 0 only if each answered.
+async fn status_several(conn: &Conn, targets: &[Target], json: bool) -> u8 {
+    let results: Vec<Result<Status, OpError>> =
+        futures::future::join_all(targets.iter().map(|t| {
+            with_session_tls(t, &conn.tls, conn.limit(), TIMEOUT_HINT, async |s| {
+                s.status().await
+            })
+        }))
+        .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut codes = Vec::new();
+    let mut array = Vec::new();
+    for (i, (t, r)) in targets.iter().zip(results).enumerate() {
+        match r {
+            Ok(st) if json => {
+                let mut v = serde_json::to_value(&st).expect("a Status always serialises");
+                if let serde_json::Value::Object(map) = &mut v {
+                    map.insert("url".into(), t.url.clone().into());
+                }
+                array.push(v);
+            }
+            Ok(st) => {
+                if i > 0 {
+                    println!();
+                }
+                println!("proxy:     {}", t.url);
+                print!("{}", st.render(now));
+            }
+            Err(e) => {
+                codes.push(fail(&format!("abproxy status: {}", t.url), &e));
+                if json {
+                    array.push(serde_json::json!({"url": t.url, "error": e.to_string()}));
+                } else {
+                    if i > 0 {
+                        println!();
+                    }
+                    println!("proxy:     {}", t.url);
+                    println!("error:     {e}");
+                }
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&array).expect("JSON values serialise")
+        );
+    }
+    worst(codes).unwrap_or(exit::OK)
+}
+
 /// `abproxy run -- CMD`.
 pub async fn run(conn: Conn, req: &FreezeRequest, command: Vec<OsString>) -> u8 {
     let off_timeout = conn.off_limit();
-    let target = match conn.target {
+    let targets = match conn.targets {
         Ok(t) => t,
         Err(e) => return fail("abproxy run", &e),
     };
     let request = req.clone().with_hold_until_unbind(true);
     let spec = RunSpec {
-        target,
+        targets,
         tls: conn.tls,
         on_timeout: conn.timeout.unwrap_or_else(|| request.default_timeout()),
         off_timeout,
@@ -174,7 +329,14 @@ pub async fn backup(
     method: super::backup::Method,
 ) -> u8 {
     let off_timeout = conn.off_limit();
-    let target = match conn.target {
+    let targets = conn.targets.and_then(|t| {
+        if t.is_empty() {
+            Err(OpError::usage("no --url given", "give --url URL"))
+        } else {
+            Ok(t)
+        }
+    });
+    let mut targets = match targets {
         Ok(t) => t,
         Err(e) => {
             let code = fail("abproxy backup", &e);
@@ -186,8 +348,10 @@ pub async fn backup(
         }
     };
     let request = req.clone().with_hold_until_unbind(true);
+    let target = targets.remove(0);
     let spec = BackupSpec {
         target,
+        more_targets: targets,
         tls: conn.tls,
         on_timeout: conn.timeout.unwrap_or_else(|| request.default_timeout()),
         off_timeout,
@@ -212,14 +376,14 @@ pub struct Hook {
 }
 
 impl Hook {
-    fn state(&self, target: &Target) -> HookState {
+    fn state(&self, targets: &[Target]) -> HookState {
         match self
             .state_file
             .as_ref()
             .filter(|p| !p.as_os_str().is_empty())
         {
             Some(path) => HookState::new(path),
-            None => HookState::default_for(target, &self.conn.tls),
+            None => HookState::default_for_all(targets, &self.conn.tls),
         }
     }
 }
@@ -270,7 +434,8 @@ pub async fn hook_before(h: &Hook, holder_args: Vec<OsString>) -> u8 {
     .await;
     match told {
         Ok(Ok(_)) if line.starts_with("frozen\t") => {
-            print!("{}", &line["frozen\t".len()..]);
+            // One freeze a tab (several proxies: "URL: MESSAGE" each).
+            print!("{}", line["frozen\t".len()..].replace('\t', "\n"));
             exit::OK
         }
         Ok(_) => match tokio::time::timeout(Duration::from_secs(10), holder.wait()).await {
@@ -301,16 +466,17 @@ pub async fn hook_before(h: &Hook, holder_args: Vec<OsString>) -> u8 {
     }
 }
 
-/// The holder (`hook --before --hold`): ON with holdUntilUnbind, the
-/// record and the socket, then `frozen\tMESSAGE` on stdout, then its
-/// standard streams on /dev/null, and it waits for `hook --after` (see
-/// [`hook`]).
+/// The holder (`hook --before --hold`): ON with holdUntilUnbind through
+/// every proxy (all or nothing), the record and the socket, then
+/// `frozen\tMESSAGE` on stdout (several proxies: `frozen\tURL: MESSAGE`
+/// and one more `\tURL: MESSAGE` per proxy), then its standard streams on
+/// /dev/null, and it waits for `hook --after` (see [`hook`]).
 pub async fn hook_hold(h: &Hook) -> u8 {
     let req = h.request.clone().with_hold_until_unbind(true);
     let limit = h.conn.timeout.unwrap_or_else(|| req.default_timeout());
     let set_up = async {
-        let target = h.conn.target()?;
-        let state = h.state(target);
+        let targets = h.conn.targets()?;
+        let state = h.state(targets);
         if let Ok(Some(HookRecord {
             holder: Some(pid), ..
         })) = state.read()
@@ -332,38 +498,75 @@ pub async fn hook_hold(h: &Hook) -> u8 {
         state.clear()?;
         let listener = state.listen()?;
         let progress = Progress::stderr(BEFORE);
-        let (session, frozen, lease_end) = within(limit, &target.url, ON_TIMEOUT_HINT, async {
-            let mut s = Session::connect_tls(target, &h.conn.tls).await?;
-            let frozen = {
-                let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
-                s.on(&req).await?
-            };
-            // The lease bounds the wait for --after; a status that cannot
-            // be read leaves a day.
-            let lease_end = s.status().await.ok().and_then(|st| st.lease_expires);
-            Ok((s, frozen, lease_end))
-        })
-        .await?;
-        let record = HookRecord {
-            freeze: frozen.id(),
-            holder: Some(std::process::id()),
+        let results = {
+            let _waiting = progress.is_tty().then(|| progress.waiting("draining…"));
+            on_each(targets, &h.conn.tls, &req, limit).await
         };
-        if let Err(e) = state.write(record) {
+        let say = |m: String| eprintln!("{BEFORE}: {m}");
+        let mut held = match all_or_nothing(
+            targets,
+            results,
+            h.conn.off_limit(),
+            "nothing is frozen",
+            &say,
+        )
+        .await
+        {
+            Ok(held) => held,
+            Err(code) => {
+                let _ = std::fs::remove_file(state.socket_path());
+                return Ok(Err(code));
+            }
+        };
+        // The leases bound the wait for --after; a status that cannot be
+        // read leaves a day.
+        let leases = futures::future::join_all(held.iter_mut().map(|h| async {
+            tokio::time::timeout(Duration::from_secs(10), h.session.status())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|st| st.lease_expires)
+        }))
+        .await;
+        let lease_end = leases.into_iter().flatten().min();
+        let record = HookRecord {
+            freeze: held[0].frozen.id(),
+            holder: Some(std::process::id()),
+            proxies: if held.len() > 1 {
+                held.iter()
+                    .map(|h| (h.url.clone(), h.frozen.id()))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        };
+        if let Err(e) = state.write(&record) {
             // Unrecorded, --after could not end it: ending the connection
             // ends the freeze (holdUntilUnbind).
-            session.close().await;
+            close_all(held).await;
             let _ = std::fs::remove_file(state.socket_path());
             return Err(OpError {
                 message: format!("{}; the freeze was released again", e.message),
                 ..e
             });
         }
-        Ok((state, listener, session, frozen, lease_end))
+        Ok(Ok((state, listener, held, lease_end)))
     }
     .await;
-    let (state, listener, mut session, frozen, lease_end) = match set_up {
-        Ok(v) => v,
+    let (state, listener, mut held, lease_end) = match set_up {
+        Ok(Ok(v)) => v,
+        // all_or_nothing has said why.
+        Ok(Err(code)) => return code,
         Err(e) => return fail(BEFORE, &e),
+    };
+    let message = if held.len() > 1 {
+        let each: Vec<String> = held
+            .iter()
+            .map(|h| format!("{}: {}", h.url, h.frozen.message.replace('\t', " ")))
+            .collect();
+        each.join("\t")
+    } else {
+        held[0].frozen.message.clone()
     };
     let gone = |state: &HookState| {
         let _ = state.clear();
@@ -372,10 +575,10 @@ pub async fn hook_hold(h: &Hook) -> u8 {
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let told = writeln!(out, "frozen\t{}", frozen.message).and_then(|()| out.flush());
+        let told = writeln!(out, "frozen\t{message}").and_then(|()| out.flush());
         if told.is_err() {
             // --before is gone: nobody knows of this freeze.
-            session.close().await;
+            close_all(held).await;
             gone(&state);
             return exit::FAILED;
         }
@@ -389,19 +592,16 @@ pub async fn hook_hold(h: &Hook) -> u8 {
         Duration::from_secs(end.saturating_sub(now))
     });
     let until = tokio::time::Instant::now() + left + hook::HOLDER_GRACE;
-    let answered = hook::hold(
-        listener,
-        &mut session,
-        frozen.id(),
-        h.conn.off_limit(),
-        until,
-    )
-    .await;
-    session.close().await;
+    let answered = hook::hold(listener, &mut held, h.conn.off_limit(), until).await;
+    close_all(held).await;
     let _ = std::fs::remove_file(state.socket_path());
     match answered {
-        Some(Ok(_)) => exit::OK,
-        Some(Err(e)) => e.exit_code(),
+        Some(results) => worst(
+            results
+                .iter()
+                .filter_map(|r| r.as_ref().err().map(OpError::exit_code)),
+        )
+        .unwrap_or(exit::OK),
         None => exit::FAILED,
     }
 }
@@ -428,11 +628,11 @@ fn detach_stdio() {
 /// nothing sent when none is recorded.
 pub async fn hook_after(h: &Hook) -> u8 {
     let limit = h.conn.off_limit();
-    let target = match h.conn.target() {
+    let targets = match h.conn.targets() {
         Ok(t) => t,
         Err(e) => return fail(AFTER, &e),
     };
-    let state = h.state(target);
+    let state = h.state(targets);
     let record = match state.read() {
         Ok(Some(r)) => r,
         Ok(None) => {
@@ -445,7 +645,7 @@ pub async fn hook_after(h: &Hook) -> u8 {
         }
         Err(e) => return fail(AFTER, &e),
     };
-    let result = if let Some(pid) = record.holder {
+    let results: Vec<Result<Released, OpError>> = if let Some(pid) = record.holder {
         match hook::ask_holder(&state, limit).await {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -460,26 +660,36 @@ pub async fn hook_after(h: &Hook) -> u8 {
                 );
                 return exit::FAILED;
             }
-            Err(e) => Err(e),
+            Err(e) => vec![Err(e)],
         }
     } else {
-        with_session_tls(target, &h.conn.tls, limit, TIMEOUT_HINT, async |s| {
-            s.off_freeze(record.freeze).await
-        })
-        .await
+        // A record without a holder (an older --before): one proxy.
+        let target = &targets[0];
+        vec![
+            with_session_tls(target, &h.conn.tls, limit, TIMEOUT_HINT, async |s| {
+                s.off_freeze(record.freeze).await
+            })
+            .await,
+        ]
     };
-    // The proxy has answered about this freeze: the record is spent. Kept
-    // when it may not have (unreachable, timeout) or asked for a retry
-    // (busy), so that running --after again works.
-    let answered = match &result {
+    // The proxies have answered about these freezes: the record is spent.
+    // Kept when one may not have (unreachable, timeout) or asked for a
+    // retry (busy), so that running --after again works.
+    let answered = results.iter().all(|r| match r {
         Ok(_) => true,
         Err(e) => matches!(e.kind, ErrorKind::Failed | ErrorKind::Expired),
-    };
+    });
     if answered {
         if let Err(e) = state.clear() {
             eprintln!("{AFTER}: warning: {e}");
         }
     }
+    if results.len() > 1 {
+        return after_several(&record, targets, results);
+    }
+    let Some(result) = results.into_iter().next() else {
+        return exit::FAILED;
+    };
     match result {
         Ok(r @ Released::Released(_)) => released(&r),
         Ok(Released::NotFrozen) => {
@@ -492,4 +702,41 @@ pub async fn hook_after(h: &Hook) -> u8 {
         }
         Err(e) => fail(AFTER, &e),
     }
+}
+
+/// `hook --after`'s report with several proxies: one line per proxy (the
+/// record's URLs, else the command line's), and the most serious status.
+fn after_several(
+    record: &HookRecord,
+    targets: &[Target],
+    results: Vec<Result<Released, OpError>>,
+) -> u8 {
+    let mut codes = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
+        let url = record
+            .proxies
+            .get(i)
+            .map(|(u, _)| u.as_str())
+            .or_else(|| targets.get(i).map(|t| t.url.as_str()))
+            .unwrap_or("?");
+        match r {
+            Ok(r @ Released::Released(_)) => {
+                if let Released::Released(msg) = &r {
+                    println!("{url}: {msg}");
+                }
+                if r.server_down() {
+                    codes.push(exit::SERVER_DOWN);
+                }
+            }
+            Ok(Released::NotFrozen) => {
+                eprintln!(
+                    "{AFTER}: {url}: warning: not frozen: the freeze hook --before set up had \
+                     already ended (lease, or another OFF); the backup may be inconsistent"
+                );
+                codes.push(exit::FAILED);
+            }
+            Err(e) => codes.push(fail(&format!("{AFTER}: {url}"), &e)),
+        }
+    }
+    worst(codes).unwrap_or(exit::OK)
 }

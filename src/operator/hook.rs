@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::{ClientTls, ErrorKind, OpError, Released, Session, Target};
+use super::{ClientTls, ErrorKind, Held, OpError, Released, Target};
 
 /// How long the holder stays after its freeze's lease has ended (an
 /// `--after` run then still hears how the freeze ended).
@@ -43,7 +43,9 @@ const SOCKET_STEP: Duration = Duration::from_secs(5);
 ///
 /// The file holds `freeze-id N` (`freeze-id unknown` from a proxy that does
 /// not report ids) and, when a holder keeps the freeze's connection,
-/// `holder PID`; the holder's socket is the file's path with `.sock`
+/// `holder PID`; with several proxies, then one `proxy N URL` line per
+/// proxy (its freeze id, `unknown` if not said), in the order given, the
+/// first line's id being the first proxy's. The holder's socket is the file's path with `.sock`
 /// appended. `--before` removes the record first, and writes it once ON
 /// succeeded; `--after` removes it once the proxy has answered its OFF. No
 /// record: `--after` sends nothing (a plain OFF could end another job's
@@ -54,39 +56,64 @@ pub struct HookState {
 }
 
 /// What a [`HookState`] file records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookRecord {
     /// The freeze `hook --before` set up (`None`: the proxy did not say
-    /// its id).
+    /// its id); with several proxies, the first one's.
     pub freeze: Option<u64>,
-    /// The process keeping the freeze's connection, if one does.
+    /// The process keeping the freeze's connection(s), if one does.
     pub holder: Option<u32>,
+    /// With several proxies: each one's URL and freeze id, in the order
+    /// given; empty with one.
+    pub proxies: Vec<(String, Option<u64>)>,
+}
+
+fn id_text(id: Option<u64>) -> String {
+    id.map_or_else(|| "unknown".to_owned(), |i| i.to_string())
 }
 
 impl HookRecord {
-    fn to_text(self) -> String {
-        let mut text = match self.freeze {
-            Some(id) => format!("freeze-id {id}\n"),
-            None => "freeze-id unknown\n".to_owned(),
-        };
+    fn to_text(&self) -> String {
+        let mut text = format!("freeze-id {}\n", id_text(self.freeze));
         if let Some(pid) = self.holder {
             text.push_str(&format!("holder {pid}\n"));
+        }
+        for (url, id) in &self.proxies {
+            text.push_str(&format!("proxy {} {url}\n", id_text(*id)));
         }
         text
     }
 
     fn parse(text: &str) -> Result<HookRecord, &'static str> {
+        let id = |v: &str| -> Result<Option<u64>, ()> {
+            match v.trim() {
+                "unknown" => Ok(None),
+                v => v.parse().map(Some).map_err(|_| ()),
+            }
+        };
         let mut lines = text.lines();
         let freeze = match lines.next().and_then(|l| l.strip_prefix("freeze-id ")) {
-            Some(v) if v.trim() == "unknown" => None,
-            Some(v) => Some(v.trim().parse().map_err(|_| "no `freeze-id N` line")?),
+            Some(v) => id(v).map_err(|()| "no `freeze-id N` line")?,
             None => return Err("no `freeze-id N` line"),
         };
-        let holder = match lines.next().and_then(|l| l.strip_prefix("holder ")) {
-            Some(v) => Some(v.trim().parse().map_err(|_| "a bad `holder PID` line")?),
-            None => None,
-        };
-        Ok(HookRecord { freeze, holder })
+        let mut holder = None;
+        let mut proxies = Vec::new();
+        for line in lines {
+            if let Some(v) = line.strip_prefix("holder ") {
+                holder = Some(v.trim().parse().map_err(|_| "a bad `holder PID` line")?);
+            } else if let Some(v) = line.strip_prefix("proxy ") {
+                let (n, url) = v.trim().split_once(' ').ok_or("a bad `proxy N URL` line")?;
+                let n = id(n).map_err(|()| "a bad `proxy N URL` line")?;
+                proxies.push((url.trim().to_owned(), n));
+            } else if !line.trim().is_empty() {
+                return Err("an unknown line (written by a newer abproxy?)");
+            }
+        }
+        Ok(HookRecord {
+            freeze,
+            holder,
+            proxies,
+        })
     }
 }
 
@@ -102,17 +129,23 @@ impl HookState {
     /// of the URL, the bind DN and the client certificate file. Jobs that
     /// may overlap need a state file each (`--state-file`).
     pub fn default_for(target: &Target, tls: &ClientTls) -> HookState {
+        Self::default_for_all(std::slice::from_ref(target), tls)
+    }
+
+    /// [`HookState::default_for`] several proxies frozen together (the
+    /// same identity for each): HASH of their URLs, in order (one URL: the
+    /// same file as [`HookState::default_for`]).
+    pub fn default_for_all(targets: &[Target], tls: &ClientTls) -> HookState {
+        let urls: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();
+        let urls = urls.join(" ");
+        let bind_dn = targets.first().and_then(|t| t.bind_dn.as_deref());
         // FNV-1a, 64 bits: a stable name, not a secret.
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let cert = tls
             .cert_file
             .as_deref()
             .map(|p| p.to_string_lossy().into_owned());
-        for part in [
-            Some(target.url.as_str()),
-            target.bind_dn.as_deref(),
-            cert.as_deref(),
-        ] {
+        for part in [Some(urls.as_str()), bind_dn, cert.as_deref()] {
             for b in part.unwrap_or("").bytes().chain([0]) {
                 hash ^= u64::from(b);
                 hash = hash.wrapping_mul(0x0100_0000_01b3);
@@ -179,7 +212,7 @@ impl HookState {
     /// # Errors
     ///
     /// A usage error if the file cannot be written.
-    pub fn write(&self, record: HookRecord) -> Result<(), OpError> {
+    pub fn write(&self, record: &HookRecord) -> Result<(), OpError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let mut tmp = self.path.clone().into_os_string();
@@ -287,15 +320,15 @@ fn parse_reply(line: &str) -> Option<Result<Released, OpError>> {
 }
 
 /// The holder's side: waits (until `until`) for an `--after` of this user,
-/// sends OFF of freeze `id` on `session` (within `off_limit`), answers it,
-/// and returns what it answered (`None`: nobody asked in time).
-pub async fn hold(
+/// sends OFF of each freeze of `held` on its own connection, all at once
+/// (each within `off_limit`), answers one line per freeze, in order, and
+/// returns what it answered (`None`: nobody asked in time).
+pub(crate) async fn hold(
     listener: UnixListener,
-    session: &mut Session,
-    id: Option<u64>,
+    held: &mut [Held],
     off_limit: Duration,
     until: tokio::time::Instant,
-) -> Option<Result<Released, OpError>> {
+) -> Option<Vec<Result<Released, OpError>>> {
     loop {
         let mut stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -319,12 +352,19 @@ pub async fn hold(
         if !asked || line.trim_end() != "off" {
             continue;
         }
-        let url = session.url().to_owned();
-        let result =
-            super::within(off_limit, &url, super::TIMEOUT_HINT, session.off_freeze(id)).await;
-        let _ = tokio::time::timeout(SOCKET_STEP, write.write_all(reply_line(&result).as_bytes()))
+        let results: Vec<Result<Released, OpError>> =
+            futures::future::join_all(held.iter_mut().map(|h| {
+                super::within(
+                    off_limit,
+                    &h.url,
+                    super::TIMEOUT_HINT,
+                    h.session.off_freeze(h.frozen.id()),
+                )
+            }))
             .await;
-        return Some(result);
+        let reply: String = results.iter().map(reply_line).collect();
+        let _ = tokio::time::timeout(SOCKET_STEP, write.write_all(reply.as_bytes())).await;
+        return Some(results);
     }
 }
 
@@ -338,8 +378,8 @@ pub async fn holder_alive(state: &HookState) -> bool {
 }
 
 /// `--after`'s side: asks the holder at `state`'s socket to release, and
-/// waits up to `limit` for its answer. `Ok(None)`: no holder listens there
-/// (it has ended, and its freeze with it).
+/// waits up to `limit` for its answer (one per proxy, in order). `Ok(None)`:
+/// no holder listens there (it has ended, and its freeze with it).
 ///
 /// # Errors
 ///
@@ -347,7 +387,7 @@ pub async fn holder_alive(state: &HookState) -> bool {
 pub async fn ask_holder(
     state: &HookState,
     limit: Duration,
-) -> Result<Option<Result<Released, OpError>>, OpError> {
+) -> Result<Option<Vec<Result<Released, OpError>>>, OpError> {
     let path = state.socket_path();
     let gone = |e: &std::io::Error| {
         matches!(
@@ -380,16 +420,27 @@ pub async fn ask_holder(
             .write_all(b"off\n")
             .await
             .map_err(|e| lost(&path, e))?;
-        let mut line = String::new();
-        BufReader::new(&mut stream)
-            .read_line(&mut line)
-            .await
-            .map_err(|e| lost(&path, e))?;
-        match parse_reply(&line) {
-            Some(r) => Ok(Some(r)),
-            None if line.is_empty() => Err(lost(&path, "closed without an answer")),
-            None => Err(lost(&path, format!("unreadable answer {line:?}"))),
+        // One line per proxy, then the holder closes.
+        let mut reader = BufReader::new(&mut stream);
+        let mut answers = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader
+                .read_line(&mut line)
+                .await
+                .map_err(|e| lost(&path, e))?;
+            if line.is_empty() {
+                break;
+            }
+            match parse_reply(&line) {
+                Some(r) => answers.push(r),
+                None => return Err(lost(&path, format!("unreadable answer {line:?}"))),
+            }
         }
+        if answers.is_empty() {
+            return Err(lost(&path, "closed without an answer"));
+        }
+        Ok(Some(answers))
     })
     .await
 }
@@ -412,14 +463,25 @@ mod tests {
             HookRecord {
                 freeze: Some(7),
                 holder: Some(4242),
+                proxies: vec![],
             },
             HookRecord {
                 freeze: None,
                 holder: Some(1),
+                proxies: vec![],
             },
             HookRecord {
                 freeze: Some(3),
                 holder: None,
+                proxies: vec![],
+            },
+            HookRecord {
+                freeze: Some(3),
+                holder: Some(9),
+                proxies: vec![
+                    ("ldap://a:389".into(), Some(3)),
+                    ("ldapi:///run/b.sock".into(), None),
+                ],
             },
         ] {
             assert_eq!(HookRecord::parse(&r.to_text()), Ok(r));
@@ -429,9 +491,21 @@ mod tests {
             HookRecord::parse("freeze-id 12\n"),
             Ok(HookRecord {
                 freeze: Some(12),
-                holder: None
+                holder: None,
+                proxies: vec![],
             })
         );
+        // And of one proxy with a holder: read as before.
+        assert_eq!(
+            HookRecord::parse("freeze-id 12\nholder 5\n"),
+            Ok(HookRecord {
+                freeze: Some(12),
+                holder: Some(5),
+                proxies: vec![],
+            })
+        );
+        assert!(HookRecord::parse("freeze-id 1\nholder 2\nproxy x\n").is_err());
+        assert!(HookRecord::parse("freeze-id 1\nsomething new\n").is_err());
         assert!(HookRecord::parse("").is_err());
         assert!(HookRecord::parse("freeze-id x\n").is_err());
         assert!(HookRecord::parse("freeze-id 1\nholder x\n").is_err());
@@ -488,16 +562,18 @@ mod tests {
         let state = HookState::new(dir.path().join("s"));
         assert_eq!(state.read().unwrap(), None);
         state
-            .write(HookRecord {
+            .write(&HookRecord {
                 freeze: Some(7),
                 holder: Some(9),
+                proxies: vec![],
             })
             .unwrap();
         assert_eq!(
             state.read().unwrap(),
             Some(HookRecord {
                 freeze: Some(7),
-                holder: Some(9)
+                holder: Some(9),
+                proxies: vec![],
             })
         );
         use std::os::unix::fs::PermissionsExt;
@@ -507,16 +583,18 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         state
-            .write(HookRecord {
+            .write(&HookRecord {
                 freeze: None,
                 holder: None,
+                proxies: vec![],
             })
             .unwrap();
         assert_eq!(
             state.read().unwrap(),
             Some(HookRecord {
                 freeze: None,
-                holder: None
+                holder: None,
+                proxies: vec![],
             })
         );
         state.clear().unwrap();
@@ -542,6 +620,23 @@ mod tests {
         assert_ne!(
             HookState::default_for(&t("cn=a"), &tls),
             HookState::default_for(&t("cn=b"), &tls)
+        );
+        // One file per set of proxies; one proxy: as before.
+        assert_eq!(
+            HookState::default_for_all(&[t("cn=a")], &tls),
+            HookState::default_for(&t("cn=a"), &tls)
+        );
+        let other = Target {
+            url: "ldap://127.0.0.2:3389".into(),
+            ..t("cn=a")
+        };
+        assert_ne!(
+            HookState::default_for_all(&[t("cn=a"), other.clone()], &tls),
+            HookState::default_for(&t("cn=a"), &tls)
+        );
+        assert_ne!(
+            HookState::default_for_all(&[t("cn=a"), other.clone()], &tls),
+            HookState::default_for_all(&[other, t("cn=a")], &tls)
         );
     }
 }

@@ -11,7 +11,11 @@
 //!   [`OpError`] whose [`OpError::exit_code`] is the command's exit status
 //!   (see [`exit`]) and whose message says what to do next;
 //! - [`run_frozen`] is `abproxy run`: ON with holdUntilUnbind on a connection
-//!   kept open while a command runs, then OFF on the same connection.
+//!   kept open while a command runs, then OFF on the same connection;
+//! - several proxies (`--url` repeated, at most [`MAX_PROXIES`]) are frozen
+//!   together, all or nothing: ON through each at once, and if one refuses
+//!   or fails, OFF on each that froze; a release reports the [`worst`]
+//!   status.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), abproxy::operator::OpError> {
@@ -133,6 +137,9 @@ Exit status:
 `verify` exits with the worst it found: 10, else 11, else 12.
 `backup` exits 2 if DIR exists, 2-7 as above if the freeze could not be
 set up or did not last, 8 otherwise; a failed backup leaves nothing at DIR.
+With several --url (at most 16), every proxy is frozen together, all or
+nothing: the first failure's status, and those already frozen released;
+a release exits with the most serious status (6, 5, 4, 3, then 7).
 `run` exits with the status of CMD (128+N if CMD died of signal N), or
 2-6 as above if the freeze could not be set up (CMD is then not run), 6 if
 CMD succeeded but the freeze did not last until it ended, 7 if CMD
@@ -1349,8 +1356,8 @@ impl Progress {
 /// `abproxy run`: what to freeze and what to run.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
-    /// The proxy.
-    pub target: Target,
+    /// The proxies (at least one, at most [`MAX_PROXIES`]), frozen together.
+    pub targets: Vec<Target>,
     /// TLS to the proxy.
     pub tls: ClientTls,
     /// The freeze (holdUntilUnbind is set whatever this says).
@@ -1447,11 +1454,11 @@ fn shell_words(cmd: &[OsString]) -> String {
 }
 
 /// `abproxy run`: freezes (ON with holdUntilUnbind on a connection kept
-/// open, so that the freeze ends if this process dies), runs the command
-/// with inherited stdio, then always sends OFF on the same connection: also
-/// when the command fails, and on SIGINT/SIGTERM/SIGHUP, which are forwarded
-/// to the command (then waited for). Returns the exit status (see
-/// [`EXIT_STATUS_HELP`]).
+/// open, so that the freeze ends if this process dies) through every proxy
+/// of the spec, all or nothing, runs the command with inherited stdio, then
+/// always sends OFF on each same connection: also when the command fails,
+/// and on SIGINT/SIGTERM/SIGHUP, which are forwarded to the command (then
+/// waited for). Returns the exit status (see [`EXIT_STATUS_HELP`]).
 pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
     let Some((program, args)) = spec.command.split_first() else {
         progress.line("no command given");
@@ -1465,11 +1472,12 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
             return 1;
         }
     };
-    let (mut session, frozen) = match freeze_held(
-        &spec.target,
+    let mut held = match freeze_held(
+        &spec.targets,
         &spec.tls,
         &spec.request,
         spec.on_timeout,
+        spec.off_timeout,
         &mut signals,
         &format!("{shown} was not run"),
         progress,
@@ -1479,10 +1487,16 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
         Ok(v) => v,
         Err(code) => return code,
     };
-    progress.line(format!("{}; running {shown}", frozen.message));
+    let several = held.len() > 1;
+    for h in &held {
+        progress.line(format!(
+            "{}{}; running {shown}",
+            h.prefix(several),
+            h.frozen.message
+        ));
+    }
 
     // The command.
-    let mut lost = false;
     let cmd_code: u8 = match tokio::process::Command::new(program).args(args).spawn() {
         Err(e) => {
             progress.line(format!("cannot run {shown}: {e}"));
@@ -1508,12 +1522,13 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
                             unsafe { libc::kill(pid as libc::pid_t, sig) };
                         }
                     }
-                    reason = session.lost(), if !lost => {
+                    (i, reason) = any_lost(&mut held) => {
                         progress.line(format!(
-                            "warning: {reason} while {shown} runs: the proxy has dropped the freeze \
-                             (holdUntilUnbind), the backup may be inconsistent"
+                            "warning: {}{reason} while {shown} runs: the proxy has dropped the freeze \
+                             (holdUntilUnbind), the backup may be inconsistent",
+                            held[i].prefix(several)
                         ));
-                        lost = true;
+                        held[i].lost = true;
                     }
                 }
             };
@@ -1521,126 +1536,315 @@ pub async fn run_frozen(spec: RunSpec, progress: &Progress) -> u8 {
         }
     };
 
-    // OFF, always, on the same connection.
-    let freeze_problem: Option<u8> = if lost {
-        Some(exit::FAILED)
-    } else {
-        release_held(
-            &mut session,
-            &frozen,
-            &spec.target.url,
-            spec.off_timeout,
-            &format!("{shown} finished"),
-            progress,
-        )
-        .await
-    };
-    session.close().await;
+    // OFF, always, on the same connections.
+    let freeze_problem = release_held(
+        &mut held,
+        spec.off_timeout,
+        &format!("{shown} finished"),
+        progress,
+    )
+    .await;
+    close_all(held).await;
     match (cmd_code, freeze_problem) {
         (0, Some(code)) => code,
         (code, _) => code,
     }
 }
 
-/// ON with holdUntilUnbind on a new connection that the caller keeps for
-/// as long as the freeze must last (so the freeze ends if this process
-/// dies), with a "draining…" progress line. On failure, or a signal before
-/// the freeze is in place, prints why (`not_done`: what was therefore not
-/// done) and returns the exit status.
+/// The most proxies one command may freeze together.
+pub const MAX_PROXIES: usize = 16;
+
+/// One proxy's freeze, on the connection it was set up on.
+#[derive(Debug)]
+pub(crate) struct Held {
+    /// The proxy.
+    pub(crate) url: String,
+    /// The connection the freeze was set up on (holdUntilUnbind, for the
+    /// freezes that must end if this process dies).
+    pub(crate) session: Session,
+    /// Its ON's answer.
+    pub(crate) frozen: Frozen,
+    /// The connection was lost: the proxy has dropped the freeze.
+    pub(crate) lost: bool,
+}
+
+impl Held {
+    /// "URL: " before a line about this proxy when there are several.
+    pub(crate) fn prefix(&self, several: bool) -> String {
+        if several {
+            format!("{}: ", self.url)
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// The most serious of several exit statuses, `None` if there is none:
+/// a freeze that failed or did not last (6), then a timeout (5), a proxy
+/// not reached (4), a refusal (3), then any other (7: released, the server
+/// not back yet).
+pub fn worst(codes: impl IntoIterator<Item = u8>) -> Option<u8> {
+    let rank = |c: u8| match c {
+        exit::FAILED => 10,
+        exit::TIMEOUT => 9,
+        exit::UNREACHABLE => 8,
+        exit::REFUSED => 7,
+        exit::USAGE => 6,
+        _ => 0,
+    };
+    codes.into_iter().max_by_key(|&c| (rank(c), c))
+}
+
+/// ON through every proxy of `targets` at once, each on a new connection
+/// and within `limit` of its own; in `targets`' order, each freeze (its
+/// connection kept open) or why it failed.
+pub(crate) async fn on_each(
+    targets: &[Target],
+    tls: &ClientTls,
+    request: &FreezeRequest,
+    limit: Duration,
+) -> Vec<Result<Held, OpError>> {
+    futures::future::join_all(targets.iter().map(|target| async move {
+        let what = format!("the freeze (ON) at {}", target.url);
+        let on = within(limit, &what, ON_TIMEOUT_HINT, async {
+            let mut session = Session::connect_tls(target, tls).await?;
+            let frozen = session.on(request).await?;
+            Ok(Held {
+                url: target.url.clone(),
+                session,
+                frozen,
+                lost: false,
+            })
+        })
+        .await;
+        on.map_err(|e| {
+            if e.kind == ErrorKind::Timeout && request.hold_until_unbind {
+                // A timed-out ON closes its connection: with holdUntilUnbind
+                // the proxy then drops the freeze, whatever stage it was in.
+                OpError {
+                    hint: "the connection was closed, so the proxy drops the freeze \
+                           (holdUntilUnbind); give --timeout to wait longer"
+                        .into(),
+                    ..e
+                }
+            } else {
+                e
+            }
+        })
+    }))
+    .await
+}
+
+/// OFF naming each freeze of `held` on its own connection, all at once,
+/// each within `limit`; `None` for a freeze whose connection was lost.
+pub(crate) async fn off_each(
+    held: &mut [Held],
+    limit: Duration,
+) -> Vec<Option<Result<Released, OpError>>> {
+    futures::future::join_all(held.iter_mut().map(|h| async move {
+        if h.lost {
+            return None;
+        }
+        let what = format!("the release (OFF) at {}", h.url);
+        // Naming the freeze: if it ended early (the lease) and another job
+        // froze since, this OFF must not end that job's freeze.
+        Some(
+            within(
+                limit,
+                &what,
+                TIMEOUT_HINT,
+                h.session.off_freeze(h.frozen.id()),
+            )
+            .await,
+        )
+    }))
+    .await
+}
+
+/// The results of [`on_each`], all or nothing: every freeze, or (when
+/// one proxy refused or failed) those that were set up released again by
+/// an OFF naming each, every step told with `say`, and the exit status of
+/// the first failure in `targets`' order. `not_done`: what is therefore
+/// not done (with one proxy, said on its error's line as before).
+pub(crate) async fn all_or_nothing(
+    targets: &[Target],
+    results: Vec<Result<Held, OpError>>,
+    off_limit: Duration,
+    not_done: &str,
+    say: &impl Fn(String),
+) -> Result<Vec<Held>, u8> {
+    let several = results.len() > 1;
+    if !several {
+        return match results.into_iter().next() {
+            Some(Ok(h)) => Ok(vec![h]),
+            Some(Err(e)) => {
+                say(format!("error: {e}; {not_done}"));
+                Err(e.exit_code())
+            }
+            None => Err(exit::USAGE),
+        };
+    }
+    let total = results.len();
+    let mut first_failure = None;
+    let mut frozen = Vec::new();
+    let mut failed = Vec::new();
+    for (t, r) in targets.iter().zip(results) {
+        match r {
+            Ok(h) => frozen.push(h),
+            Err(e) => {
+                first_failure.get_or_insert(e.exit_code());
+                failed.push((&t.url, e));
+            }
+        }
+    }
+    let Some(code) = first_failure else {
+        return Ok(frozen);
+    };
+    for (url, e) in &failed {
+        say(format!("{url}: error: {e}"));
+    }
+    let offs = off_each(&mut frozen, off_limit).await;
+    for (h, off) in frozen.iter().zip(offs) {
+        let url = &h.url;
+        match off {
+            Some(Ok(Released::Released(msg))) => {
+                say(format!("{url}: released again (all or nothing): {msg}"))
+            }
+            Some(Ok(Released::NotFrozen)) => say(format!(
+                "{url}: released again (all or nothing): its freeze had already ended"
+            )),
+            Some(Err(e)) => say(format!(
+                "{url}: error: releasing it again failed: {e}; its connection is closed, so \
+                 the proxy drops the freeze (holdUntilUnbind) if it was asked for; check with \
+                 `abproxy status --url {url}`"
+            )),
+            None => {}
+        }
+    }
+    close_all(frozen).await;
+    say(format!(
+        "error: the freeze failed at {} of {total} proxies (all or nothing: none is left \
+         frozen); {not_done}",
+        failed.len()
+    ));
+    Err(code)
+}
+
+/// Unbinds and closes every connection of `held`.
+pub(crate) async fn close_all(held: Vec<Held>) {
+    futures::future::join_all(held.into_iter().map(|h| h.session.close())).await;
+}
+
+/// Resolves when the connection of one of `held` (not already lost) ends:
+/// its index and the reason; pending forever when all are lost.
+async fn any_lost(held: &mut [Held]) -> (usize, String) {
+    let waits: Vec<_> = held
+        .iter_mut()
+        .enumerate()
+        .filter(|(_, h)| !h.lost)
+        .map(|(i, h)| Box::pin(async move { (i, h.session.lost().await) }))
+        .collect();
+    if waits.is_empty() {
+        return std::future::pending().await;
+    }
+    futures::future::select_all(waits).await.0
+}
+
+/// ON with holdUntilUnbind through every proxy of `targets` at once, each
+/// on a new connection that the caller keeps for as long as the freeze
+/// must last (so the freeze ends if this process dies), with a "draining…"
+/// progress line; all or nothing (see [`all_or_nothing`]: a freeze set up
+/// while another failed is released again, within `off_timeout`). On
+/// failure, or a signal before the freezes are in place, prints why
+/// (`not_done`: what was therefore not done) and returns the exit status.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn freeze_held(
-    target: &Target,
+    targets: &[Target],
     tls: &ClientTls,
     request: &FreezeRequest,
     on_timeout: Duration,
+    off_timeout: Duration,
     signals: &mut Signals,
     not_done: &str,
     progress: &Progress,
-) -> Result<(Session, Frozen), u8> {
+) -> Result<Vec<Held>, u8> {
     let request = request.clone().with_hold_until_unbind(true);
-    let waiting = progress.waiting(format!("draining… (freeze requested at {})", target.url));
-    let what = format!("the freeze (ON) at {}", target.url);
-    let on = within(on_timeout, &what, ON_TIMEOUT_HINT, async {
-        let mut s = Session::connect_tls(target, tls).await?;
-        let f = s.on(&request).await?;
-        Ok((s, f))
-    });
-    let r = tokio::select! {
-        r = on => match r {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                // A timed-out ON closes its connection: with holdUntilUnbind
-                // the proxy then drops the freeze, whatever stage it was in.
-                let e = if e.kind == ErrorKind::Timeout {
-                    OpError { hint: "the connection was closed, so the proxy drops the freeze (holdUntilUnbind); give --timeout to wait longer".into(), ..e }
-                } else {
-                    e
-                };
-                drop(waiting);
-                progress.line(format!("error: {e}; {not_done}"));
-                return Err(e.exit_code());
-            }
-        },
+    let urls: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();
+    let waiting = progress.waiting(format!(
+        "draining… (freeze requested at {})",
+        urls.join(", ")
+    ));
+    let results = tokio::select! {
+        r = on_each(targets, tls, &request, on_timeout) => r,
         sig = signals.recv() => {
             drop(waiting);
+            let (closed, drops) = if targets.len() > 1 {
+                ("connections are", "each proxy drops its freeze")
+            } else {
+                ("connection is", "the proxy drops the freeze")
+            };
             progress.line(format!(
                 "{} received before the freeze was in place: {not_done}; \
-                 the connection is closed, so the proxy drops the freeze",
+                 the {closed} closed, so {drops}",
                 signal_name(sig)
             ));
             return Err(128 + sig as u8);
         }
     };
     drop(waiting);
-    r
+    all_or_nothing(targets, results, off_timeout, not_done, &|m| {
+        progress.line(m)
+    })
+    .await
 }
 
-/// OFF naming the freeze `frozen` set up, on its own connection, within
-/// `off_timeout`; prints the answer. `None` when released, else the exit
-/// status that tells what went wrong (`until`: what the freeze had to last
-/// until, for the message when it had already ended).
+/// OFF naming each freeze of `held`, on its own connection, all at once,
+/// each within `off_timeout`; prints the answers (each line after its
+/// proxy's URL when there are several). `None` when every freeze was
+/// released, else the most serious exit status (see [`worst`]) that tells
+/// what went wrong (a freeze whose connection was lost: 6; `until`: what
+/// the freeze had to last until, for the message when it had already
+/// ended).
 pub(crate) async fn release_held(
-    session: &mut Session,
-    frozen: &Frozen,
-    url: &str,
+    held: &mut [Held],
     off_timeout: Duration,
     until: &str,
     progress: &Progress,
 ) -> Option<u8> {
-    let what = format!("the release (OFF) at {url}");
-    // Naming the freeze: if it ended early (the lease) and another job
-    // froze since, this OFF must not end that job's freeze.
-    let off = within(
-        off_timeout,
-        &what,
-        TIMEOUT_HINT,
-        session.off_freeze(frozen.id()),
-    )
-    .await;
-    match off {
-        Ok(r @ Released::Released(_)) => {
-            let down = r.server_down();
-            if let Released::Released(msg) = r {
-                progress.line(msg);
+    let several = held.len() > 1;
+    let offs = off_each(held, off_timeout).await;
+    let mut codes = Vec::new();
+    for (h, off) in held.iter().zip(offs) {
+        let p = h.prefix(several);
+        match off {
+            None => codes.push(exit::FAILED),
+            Some(Ok(r @ Released::Released(_))) => {
+                if r.server_down() {
+                    codes.push(exit::SERVER_DOWN);
+                }
+                if let Released::Released(msg) = r {
+                    progress.line(format!("{p}{msg}"));
+                }
             }
-            down.then_some(exit::SERVER_DOWN)
-        }
-        Ok(Released::NotFrozen) => {
-            progress.line(format!(
-                "warning: the freeze had already ended before {until} \
-                 (released by another `abproxy off`?), the backup may be inconsistent"
-            ));
-            Some(exit::FAILED)
-        }
-        Err(e) => {
-            let word = if e.kind == ErrorKind::Expired {
-                "warning"
-            } else {
-                "error"
-            };
-            progress.line(format!("{word}: OFF: {e}"));
-            Some(e.exit_code())
+            Some(Ok(Released::NotFrozen)) => {
+                progress.line(format!(
+                    "{p}warning: the freeze had already ended before {until} \
+                     (released by another `abproxy off`?), the backup may be inconsistent"
+                ));
+                codes.push(exit::FAILED);
+            }
+            Some(Err(e)) => {
+                let word = if e.kind == ErrorKind::Expired {
+                    "warning"
+                } else {
+                    "error"
+                };
+                progress.line(format!("{p}{word}: OFF: {e}"));
+                codes.push(e.exit_code());
+            }
         }
     }
+    worst(codes)
 }
 
 #[cfg(test)]
@@ -1676,6 +1880,20 @@ mod tests {
             ),
             "{}",
             st.render(0)
+        );
+    }
+
+    #[test]
+    fn the_worst_of_several_statuses() {
+        assert_eq!(worst([]), None);
+        assert_eq!(worst([exit::SERVER_DOWN]), Some(exit::SERVER_DOWN));
+        assert_eq!(
+            worst([exit::SERVER_DOWN, exit::REFUSED, exit::UNREACHABLE]),
+            Some(exit::UNREACHABLE)
+        );
+        assert_eq!(
+            worst([exit::TIMEOUT, exit::FAILED, exit::SERVER_DOWN]),
+            Some(exit::FAILED)
         );
     }
 

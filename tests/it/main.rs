@@ -39,6 +39,7 @@ mod hostile;
 mod ldap_utils;
 mod limits;
 mod malformed;
+mod multi_proxy;
 mod nosync;
 mod rust_client;
 mod systemd;
