@@ -60,6 +60,25 @@ pub fn root_dn(suffix: &str) -> String {
     format!("cn=abproxy-restore,{suffix}")
 }
 
+/// A random password for the throwaway database's root DN.
+pub fn random_password() -> String {
+    let mut b = [0u8; 18];
+    if getrandom(&mut b).is_err() {
+        // The throwaway server listens on loopback only, for seconds.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        b[..16].copy_from_slice(&t.to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read as _;
+    File::open("/dev/urandom")?.read_exact(buf)
+}
+
 /// Where slapd's tools are.
 #[derive(Debug, Clone)]
 pub struct Tools {

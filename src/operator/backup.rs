@@ -33,8 +33,8 @@ use super::{
     FreezeRequest, Progress, Session, Signals, Target,
 };
 use crate::backup::manifest::{
-    file_sha256, BackendRecord, FileRecord, FreezeInfo, Manifest, ProxyFreeze,
-    ServerInfo, FORMAT_VERSION, MANIFEST, SHA256SUMS,
+    file_sha256, BackendRecord, FileRecord, FreezeInfo, Manifest, ProxyFreeze, ServerInfo,
+    FORMAT_VERSION, MANIFEST, SHA256SUMS,
 };
 use crate::backup::{ldif, slapd, Digester, Entry};
 
@@ -985,7 +985,7 @@ async fn complete(
             &b.suffix,
             slapd::Source::Mdb(&tmp.join(&b.file)),
             scratch.path(),
-            &super::restore::random_password(),
+            &slapd::random_password(),
             &slapd::Limits::default(),
         )
         .await

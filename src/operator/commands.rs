@@ -185,19 +185,25 @@ async fn off_several(conn: &Conn, targets: &[Target], ids: &[Option<u64>], who: 
     for (t, r) in targets.iter().zip(results) {
         let url = &t.url;
         match r {
-            Ok(r @ Released::Released(_)) => {
-                if let Released::Released(msg) = &r {
-                    println!("{url}: {msg}");
-                }
-                if r.server_down() {
-                    codes.push(exit::SERVER_DOWN);
-                }
-            }
+            Ok(r @ Released::Released(_)) => codes.push(released_at(url, &r)),
             Ok(Released::NotFrozen) => println!("{url}: not frozen (nothing to release)"),
             Err(e) => codes.push(fail(&format!("{who}: {url}"), &e)),
         }
     }
     worst(codes).unwrap_or(exit::OK)
+}
+
+/// Prints the answer to OFF of the proxy at `url` ("URL: message"); exit 7
+/// when the server stopped during the freeze does not answer again yet.
+fn released_at(url: &str, r: &Released) -> u8 {
+    if let Released::Released(msg) = r {
+        println!("{url}: {msg}");
+    }
+    if r.server_down() {
+        exit::SERVER_DOWN
+    } else {
+        exit::OK
+    }
 }
 
 /// Prints OFF's answer; exit 7 when the server stopped during the freeze
@@ -720,14 +726,7 @@ fn after_several(
             .or_else(|| targets.get(i).map(|t| t.url.as_str()))
             .unwrap_or("?");
         match r {
-            Ok(r @ Released::Released(_)) => {
-                if let Released::Released(msg) = &r {
-                    println!("{url}: {msg}");
-                }
-                if r.server_down() {
-                    codes.push(exit::SERVER_DOWN);
-                }
-            }
+            Ok(r @ Released::Released(_)) => codes.push(released_at(url, &r)),
             Ok(Released::NotFrozen) => {
                 eprintln!(
                     "{AFTER}: {url}: warning: not frozen: the freeze hook --before set up had \

@@ -83,25 +83,6 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// A random password for the throwaway database's root DN.
-pub fn random_password() -> String {
-    let mut b = [0u8; 18];
-    if getrandom(&mut b).is_err() {
-        // The throwaway server listens on loopback only, for seconds.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        b[..16].copy_from_slice(&t.to_le_bytes());
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read as _;
-    fs::File::open("/dev/urandom")?.read_exact(buf)
-}
-
 /// `abproxy restore DIR --to WORK`. Returns the exit status.
 pub async fn build(spec: BuildSpec, progress: &Progress) -> u8 {
     if fs::symlink_metadata(&spec.to).is_ok() {
@@ -224,7 +205,7 @@ async fn build_in(spec: &BuildSpec, tmp: &Path, progress: &Progress) -> Result<R
             &b.suffix,
             source(&b.method, &file).expect("checked above"),
             &work,
-            &random_password(),
+            &slapd::random_password(),
             &limits,
         )
         .await
@@ -490,7 +471,7 @@ async fn serve_one(
     work: &Path,
 ) -> Result<Contents, TestFail> {
     fs::create_dir(work).map_err(|e| TestFail::Cannot(format!("{}: {e}", work.display())))?;
-    let password = random_password();
+    let password = slapd::random_password();
     slapd::build(tools, config, suffix, data, work, &password, limits)
         .await
         .map_err(|e| match e {
