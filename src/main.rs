@@ -199,9 +199,14 @@ enum Method {
     /// Local slapd: `slapcat -b SUFFIX` with its configuration
     /// (--slapd-config), while frozen.
     Slapcat,
-    /// Local slapd (back-mdb): a sparse copy of the backend's data.mdb,
-    /// while frozen; counted and digested after the release.
+    /// Local slapd (back-mdb): a compacted copy of each backend's
+    /// database (mdb_copy -c), while frozen; counted and digested after
+    /// the release.
     Files,
+    /// Your command after `--`, run once while frozen in the backup
+    /// directory (ABPROXY_BACKUP_DIR; the frozen suffixes in
+    /// ABPROXY_BACKENDS): the plain files it leaves there are the backup.
+    Command,
 }
 
 #[derive(Args)]
@@ -237,6 +242,9 @@ struct BackupArgs {
     /// slapd.d directory or a slapd.conf file.
     #[arg(long, value_name = "PATH", default_value = "/etc/ldap/slapd.d")]
     slapd_config: PathBuf,
+    /// With --method command: the command and its arguments, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
     #[command(flatten)]
     freeze: FreezeArgs,
     #[command(flatten)]
@@ -618,7 +626,17 @@ fn operator_main(command: Command) -> ExitCode {
                     Method::Files => operator::backup::Method::Files {
                         config: a.slapd_config,
                     },
+                    Method::Command => operator::backup::Method::Command {
+                        argv: a.command.clone(),
+                    },
                 };
+                if matches!(a.method, Method::Command) == a.command.is_empty() {
+                    eprintln!(
+                        "abproxy backup: error: a command after `--` goes with --method command, \
+                         and only with it"
+                    );
+                    return operator::exit::USAGE;
+                }
                 let dest = match a.to {
                     Some(dir) => BackupDest::Dir(dir),
                     None => BackupDest::TarStdout {

@@ -83,6 +83,10 @@ pub enum Method {
     /// counted and digested after the release, from a throwaway
     /// configuration.
     Files { config: PathBuf },
+    /// The user's command, run once while frozen with the backup
+    /// directory as its working directory (and `ABPROXY_BACKUP_DIR`); the
+    /// files it leaves there are the backup's.
+    Command { argv: Vec<std::ffi::OsString> },
 }
 
 impl Method {
@@ -92,6 +96,7 @@ impl Method {
             Method::Ldif => "ldif",
             Method::Slapcat { .. } => "slapcat",
             Method::Files { .. } => "files",
+            Method::Command { .. } => "command",
         }
     }
 }
@@ -744,9 +749,28 @@ async fn take(
     let mut text = log.lines.join("\n");
     text.push('\n');
     write_file(tmp, "backup.log", text.as_bytes())?;
-    let mut names: Vec<String> = manifest.backends.iter().map(|b| b.file.clone()).collect();
-    names.push("HEADER.txt".into());
-    names.push("backup.log".into());
+    // Every file in the directory now: the backends' (and what a command
+    // wrote), HEADER.txt and backup.log. Nothing but plain files.
+    let mut names = Vec::new();
+    for entry in fs::read_dir(tmp).map_err(|e| Fail::io("checksums", tmp, e))? {
+        let entry = entry.map_err(|e| Fail::io("checksums", tmp, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let kind = entry
+            .file_type()
+            .map_err(|e| Fail::io("checksums", tmp, e))?;
+        if !kind.is_file() {
+            return Err(Fail::new(
+                "checksums",
+                format!(
+                    "{name} is not a plain file: a backup holds plain files only (a command \
+                     writes an archive, e.g. tar, rather than a directory)"
+                ),
+                exit::BACKUP_FAILED,
+            ));
+        }
+        names.push(name);
+    }
+    names.sort();
     for name in names {
         let path = tmp.join(&name);
         File::open(&path)
@@ -849,7 +873,7 @@ async fn export_all(
 
     // The local server's configuration, for the methods that read its files.
     let config = match method {
-        Method::Ldif => None,
+        Method::Ldif | Method::Command { .. } => None,
         Method::Slapcat { config } | Method::Files { config } => {
             let t = log.begin();
             let entries = read_config(config).await?;
@@ -863,6 +887,24 @@ async fn export_all(
     };
     let work = async {
         let mut out = Vec::new();
+        if let Method::Command { argv } = method {
+            let t = log.begin();
+            let line = run_command(argv, tmp, &suffixes).await?;
+            log.end(t, "command", &line);
+            for (suffix, mode) in &suffixes {
+                out.push(BackendRecord {
+                    suffix: suffix.clone(),
+                    mode: mode.as_str().into(),
+                    method: method.name().into(),
+                    entries: 0,
+                    context_csn: context_csn(session, suffix).await?,
+                    digest: String::new(),
+                    file: String::new(),
+                    commands: vec![line.clone()],
+                });
+            }
+            return Ok(out);
+        }
         for (i, (suffix, mode)) in suffixes.iter().enumerate() {
             let t = log.begin();
             let served_csn = context_csn(session, suffix).await?;
@@ -943,6 +985,51 @@ async fn export_all(
         )
     })??;
     Ok((server, backends))
+}
+
+/// Runs the user's command in `tmp` (stdin closed, its stdout to our
+/// stderr: `--tar -` owns stdout), with `ABPROXY_BACKUP_DIR` and
+/// `ABPROXY_BACKENDS` (the frozen suffixes, one a line); killed if the
+/// caller's deadline (the lease) passes. Its command line, or why it
+/// failed.
+async fn run_command(
+    argv: &[std::ffi::OsString],
+    tmp: &Path,
+    suffixes: &[(String, BackendModeName)],
+) -> Result<String, Fail> {
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(Fail::new("command", "no command given", exit::USAGE));
+    };
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(args)
+        .current_dir(tmp)
+        .env("ABPROXY_BACKUP_DIR", tmp)
+        .env(
+            "ABPROXY_BACKENDS",
+            suffixes
+                .iter()
+                .map(|(s, _)| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+        cmd.stdout(std::process::Stdio::from(fd));
+    }
+    let line = slapd::command_line(&cmd);
+    let status = cmd
+        .status()
+        .await
+        .map_err(|e| Fail::new("command", format!("{line}: {e}"), exit::BACKUP_FAILED))?;
+    if !status.success() {
+        return Err(Fail::new(
+            "command",
+            format!("{line} exited with {status}"),
+            exit::BACKUP_FAILED,
+        ));
+    }
+    Ok(line)
 }
 
 /// Limit of one backend's slapcat or copy.

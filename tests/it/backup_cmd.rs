@@ -625,3 +625,95 @@ async fn restore_refuses_what_does_not_match_and_a_running_slapd() {
         .count();
     assert_eq!(built, 2, "both databases still in WORK");
 }
+
+/// `--method command`: the command runs once while frozen, in the
+/// temporary backup directory (`ABPROXY_BACKUP_DIR`, the frozen suffixes in
+/// `ABPROXY_BACKENDS`); the plain files it leaves are the backup's, with
+/// their SHA-256s, and it verifies. A command that fails, or leaves a
+/// directory, fails the backup (exit 8) and leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_backup_records_what_the_command_wrote() {
+    let lab = lab(Mode::Readonly).await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let config = lab.slapd.dir().join("slapd.d");
+    let script = format!(
+        "slapcat -F {} -b {SUFFIX} -l example.ldif && printf '%s\\n' \"$ABPROXY_BACKENDS\" > \
+         backends.txt && echo \"$ABPROXY_BACKUP_DIR\" > where.txt",
+        config.display()
+    );
+    let to = dir.to_str().unwrap();
+    let args = ["--to", to, "--method", "command", "--", "sh", "-c", &script];
+    let out = backup(&lab, &args).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let m = manifest(&dir);
+    for b in m["backends"].as_array().unwrap() {
+        assert_eq!(b["method"], "command", "{b}");
+        assert!(
+            b["commands"][0].as_str().unwrap().contains("slapcat"),
+            "{b}"
+        );
+    }
+    let names: Vec<&str> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    for name in ["example.ldif", "backends.txt", "where.txt", "HEADER.txt"] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    let backends = std::fs::read_to_string(dir.join("backends.txt")).unwrap();
+    assert_eq!(backends, format!("{SUFFIX}\n{OTHER_SUFFIX}\n"));
+    let where_ = std::fs::read_to_string(dir.join("where.txt")).unwrap();
+    assert!(where_.contains("bk.partial-"), "{where_}");
+    // The dump is the server's data (nothing written meanwhile).
+    let dumped = read_entries(&dir.join("example.ldif"));
+    let live = ldif::read(&block_in_place(|| lab.slapd.slapcat(SUFFIX)).unwrap()).unwrap();
+    assert_eq!(
+        Digest::of_entries(dumped).unwrap(),
+        Digest::of_entries(live).unwrap()
+    );
+    let verified = tokio::process::Command::new(BIN)
+        .arg("verify")
+        .arg(&dir)
+        .output()
+        .await
+        .unwrap();
+    let verified = ToolOutput::from(verified);
+    assert_eq!(verified.code, Some(0), "{verified:?}");
+    assert!(
+        verified.stdout.contains("written by a command"),
+        "{verified:?}"
+    );
+
+    for (script, says) in [
+        ("false", "exited with"),
+        ("mkdir sub", "sub is not a plain file"),
+    ] {
+        let bad = parent.path().join("bad");
+        let to = bad.to_str().unwrap();
+        let args = ["--to", to, "--method", "command", "--", "sh", "-c", script];
+        let out = backup(&lab, &args).await;
+        assert_eq!(out.code, Some(8), "{script}: {}", out.stderr);
+        assert!(out.stderr.contains(says), "{script}: {}", out.stderr);
+        assert!(!bad.exists() && partials(parent.path()).is_empty());
+        assert_eq!(status(&lab).await.state, State::Thawed);
+    }
+    // A command without --method command, and the reverse: usage errors.
+    let fresh = parent.path().join("fresh");
+    let to = fresh.to_str().unwrap();
+    for args in [
+        &["--to", to, "--", "true"][..],
+        &["--to", to, "--method", "command"],
+    ] {
+        let out = backup(&lab, args).await;
+        assert_eq!(out.code, Some(2), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("goes with --method command"),
+            "{}",
+            out.stderr
+        );
+        assert!(!fresh.exists());
+    }
+}
