@@ -327,35 +327,28 @@ fn apply_in(work: &Path, progress: &Progress) -> Result<(), String> {
             return Err(format!("{} exists already", aside.display()));
         }
     }
+    // One database after another; on a failure, those already swapped go
+    // back (the restore is all or nothing).
+    let mut swapped: Vec<(PathBuf, PathBuf, PathBuf)> = Vec::new();
     for b in &r.backends {
         let live = PathBuf::from(&b.live_db);
         let built = work.join(&b.db);
         let aside = aside(b, &r.backup_id);
-        let meta = fs::metadata(&live).map_err(|e| format!("{}: {e}", live.display()))?;
-        fs::rename(&live, &aside).map_err(|e| format!("moving {} aside: {e}", live.display()))?;
-        if let Err(e) = fs::rename(&built, &live) {
-            if e.raw_os_error() != Some(libc::EXDEV) {
-                let _ = fs::rename(&aside, &live);
-                return Err(format!("moving {} in: {e}", built.display()));
+        if let Err(e) = swap_in(&live, &built, &aside) {
+            for (live, built, aside) in swapped.iter().rev() {
+                let _ = fs::rename(live, built).or_else(|_| fs::remove_dir_all(live));
+                let _ = fs::rename(aside, live);
             }
-            // Another file system: a copy (sparse, as data.mdb is).
-            let status = std::process::Command::new("cp")
-                .arg("-a")
-                .arg("--sparse=always")
-                .arg(&built)
-                .arg(&live)
-                .status();
-            if !matches!(status, Ok(s) if s.success()) {
-                let _ = fs::remove_dir_all(&live);
-                let _ = fs::rename(&aside, &live);
-                return Err(format!(
-                    "copying {} to {}: {status:?}",
-                    built.display(),
-                    live.display()
-                ));
-            }
+            let undone = if swapped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; the {} database(s) already put in place were moved back",
+                    swapped.len()
+                )
+            };
+            return Err(format!("{e}{undone}"));
         }
-        own_like(&live, &meta).map_err(|e| format!("{}: {e}", live.display()))?;
         progress.line(format!(
             "restored {} ({} entries) into {}; the previous database is in {}",
             b.suffix,
@@ -363,9 +356,68 @@ fn apply_in(work: &Path, progress: &Progress) -> Result<(), String> {
             live.display(),
             aside.display()
         ));
+        swapped.push((live, built, aside));
     }
     progress.line("start slapd again");
     Ok(())
+}
+
+/// Limit of copying a built database onto another file system.
+const COPY_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Moves `live` aside and `built` into its place, with the old one's owner
+/// and mode; puts `live` back if that fails.
+fn swap_in(live: &Path, built: &Path, aside: &Path) -> Result<(), String> {
+    let meta = fs::metadata(live).map_err(|e| format!("{}: {e}", live.display()))?;
+    fs::rename(live, aside).map_err(|e| format!("moving {} aside: {e}", live.display()))?;
+    let undo = |e: String| {
+        let _ = fs::remove_dir_all(live);
+        let _ = fs::rename(aside, live);
+        e
+    };
+    match fs::rename(built, live) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            // Another file system: a copy (sparse, as data.mdb is), within
+            // a deadline.
+            copy_dir(built, live).map_err(undo)?;
+        }
+        Err(e) => {
+            let _ = fs::rename(aside, live);
+            return Err(format!("moving {} in: {e}", built.display()));
+        }
+    }
+    own_like(live, &meta).map_err(|e| undo(format!("{}: {e}", live.display())))
+}
+
+/// `cp -a --sparse=always FROM TO`, killed past [`COPY_LIMIT`].
+fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
+    let what = || format!("copying {} to {}", from.display(), to.display());
+    let mut child = std::process::Command::new("cp")
+        .arg("-a")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", what()))?;
+    let deadline = std::time::Instant::now() + COPY_LIMIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) if s.success() => return Ok(()),
+            Ok(Some(s)) => return Err(format!("{}: cp exited with {s}", what())),
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{}: not done within {} s",
+                    what(),
+                    COPY_LIMIT.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) => return Err(format!("{}: {e}", what())),
+        }
+    }
 }
 
 fn aside(b: &BuiltBackend, id: &str) -> PathBuf {
@@ -514,4 +566,99 @@ async fn serve_one(
         });
     server.stop().await;
     r.map_err(TestFail::Cannot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WORK with two built databases for two live directories, slapd's
+    /// pid file absent (stopped).
+    fn work_for(root: &Path, second_live_exists: bool) -> PathBuf {
+        let work = root.join("work");
+        let mut backends = Vec::new();
+        for (i, suffix) in ["dc=a", "dc=b"].iter().enumerate() {
+            let built = work.join(format!("{i}/db"));
+            fs::create_dir_all(&built).unwrap();
+            fs::write(built.join("data.mdb"), format!("restored {i}")).unwrap();
+            let live = root.join(format!("live{i}"));
+            if i == 0 || second_live_exists {
+                fs::create_dir(&live).unwrap();
+                fs::write(live.join("data.mdb"), format!("live {i}")).unwrap();
+            }
+            backends.push(BuiltBackend {
+                suffix: suffix.to_string(),
+                db: format!("{i}/db"),
+                live_db: live.display().to_string(),
+                entries: 1,
+                digest: String::new(),
+            });
+        }
+        let record = Record {
+            backup_id: "B".into(),
+            backup_dir: "x".into(),
+            slapd_config: "x".into(),
+            pid_file: Some(root.join("slapd.pid").display().to_string()),
+            backends,
+        };
+        fs::write(work.join(RECORD), serde_json::to_string(&record).unwrap()).unwrap();
+        work
+    }
+
+    #[test]
+    fn restore_apply_swaps_every_database_or_none() {
+        let progress = Progress::stderr("test");
+        let root = tempfile::tempdir().unwrap();
+        let work = work_for(root.path(), true);
+        assert_eq!(apply(&work, &progress), exit::OK);
+        for i in 0..2 {
+            let live = root.path().join(format!("live{i}"));
+            let aside = root.path().join(format!("live{i}.before-restore-B"));
+            assert_eq!(
+                fs::read_to_string(live.join("data.mdb")).unwrap(),
+                format!("restored {i}")
+            );
+            assert_eq!(
+                fs::read_to_string(aside.join("data.mdb")).unwrap(),
+                format!("live {i}")
+            );
+        }
+        // Applied already: refused, nothing moves.
+        assert_eq!(apply(&work, &progress), exit::RESTORE_FAILED);
+
+        // The second cannot be put in place: the first goes back.
+        let root = tempfile::tempdir().unwrap();
+        let work = work_for(root.path(), false);
+        assert_eq!(apply(&work, &progress), exit::RESTORE_FAILED);
+        let live0 = root.path().join("live0");
+        assert_eq!(
+            fs::read_to_string(live0.join("data.mdb")).unwrap(),
+            "live 0"
+        );
+        assert!(!root.path().join("live0.before-restore-B").exists());
+        assert_eq!(
+            fs::read_to_string(work.join("0/db/data.mdb")).unwrap(),
+            "restored 0"
+        );
+    }
+
+    #[test]
+    fn restore_apply_refuses_while_slapd_runs() {
+        let root = tempfile::tempdir().unwrap();
+        let work = work_for(root.path(), true);
+        // Our own pid: a live process.
+        fs::write(
+            root.path().join("slapd.pid"),
+            std::process::id().to_string(),
+        )
+        .unwrap();
+        assert_eq!(
+            apply(&work, &Progress::stderr("test")),
+            exit::RESTORE_FAILED
+        );
+        assert_eq!(
+            fs::read_to_string(root.path().join("live0/data.mdb")).unwrap(),
+            "live 0"
+        );
+    }
 }
