@@ -1680,6 +1680,36 @@ mod tests {
         }
     }
 
+    /// The gate under a `stop` freeze: the holder's own reads (admit's
+    /// `reader` is its connection) pass; another connection's reads, and
+    /// the holder's writes, are held.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_freeze_passes_only_its_holders_reads() {
+        let cfg = FreezeConfig {
+            allowed: vec!["cn=admin,dc=example,dc=org".into()],
+            ..FreezeConfig::default()
+        };
+        let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Stop)]).unwrap();
+        let engine = Arc::new(Engine::new(cfg, map));
+        request(&engine, AllowBackupRequest::on()).await.unwrap();
+        let read = Class {
+            kind: Kind::Read,
+            backends: BackendSet::ALL,
+        };
+        let write = Class {
+            kind: Kind::Write,
+            backends: BackendSet::ALL,
+        };
+        let holder = admin().conn;
+        let admit = |reader: Option<u64>, class: Class| engine.admit(reader, || class, |_| ());
+        assert!(admit(Some(holder), read).is_ok(), "the holder's search");
+        assert_eq!(admit(Some(holder + 1), read), Err(read), "another's search");
+        assert_eq!(admit(None, read), Err(read), "a read that is not a search");
+        assert_eq!(admit(Some(holder), write), Err(write), "the holder's write");
+        request(&engine, AllowBackupRequest::off()).await.unwrap();
+        assert!(admit(Some(holder + 1), read).is_ok(), "thawed");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn auto_asks_the_drivers_whether_a_bind_writes_before_a_freeze() {
         let cases = [
