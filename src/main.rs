@@ -312,8 +312,9 @@ struct VerifyArgs {
     #[arg(long, value_name = "URL")]
     against: Option<String>,
     /// DN to bind as for --against (it must read everything, as the
-    /// backup's did).
-    #[arg(long, env = "ABPROXY_BIND_DN", value_name = "DN", requires = "against")]
+    /// backup's did); ignored without --against (so that an exported
+    /// ABPROXY_BIND_DN does not get in the way).
+    #[arg(long, env = "ABPROXY_BIND_DN", value_name = "DN")]
     bind_dn: Option<String>,
     /// File whose first line is the password for --against (or set
     /// ABPROXY_PASSWORD).
