@@ -112,6 +112,41 @@ pub const MANIFEST: &str = "manifest.json";
 /// (`sha256sum -c SHA256SUMS` checks a backup without abproxy).
 pub const SHA256SUMS: &str = "SHA256SUMS";
 
+/// Renames `from` to `to` unless `to` exists (`renameat2` with
+/// `RENAME_NOREPLACE`: no window in which another process's `to` is
+/// replaced). Where the file system cannot do that (`EINVAL`), a check and
+/// a plain rename.
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths, relative to the working directory.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
+    }
+    std::fs::rename(from, to)
+}
+
 /// A file's size and SHA-256 (hex).
 pub fn file_sha256(path: &Path) -> std::io::Result<(u64, String)> {
     let mut f = std::fs::File::open(path)?;
@@ -131,4 +166,24 @@ pub fn file_sha256(path: &Path) -> std::io::Result<(u64, String)> {
         let _ = write!(hex, "{b:02x}");
     }
     Ok((size, hex))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_rename_never_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        std::fs::write(b.join("keep"), "x").unwrap();
+        let e = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(a.exists() && b.join("keep").exists());
+        let c = d.path().join("c");
+        rename_noreplace(&a, &c).unwrap();
+        assert!(!a.exists() && c.is_dir());
+    }
 }

@@ -33,8 +33,8 @@ use super::{
     FreezeRequest, Progress, Session, Signals, Target,
 };
 use crate::backup::manifest::{
-    file_sha256, BackendRecord, FileRecord, FreezeInfo, Manifest, ProxyFreeze, ServerInfo,
-    FORMAT_VERSION, MANIFEST, SHA256SUMS,
+    file_sha256, rename_noreplace, BackendRecord, FileRecord, FreezeInfo, Manifest, ProxyFreeze,
+    ServerInfo, FORMAT_VERSION, MANIFEST, SHA256SUMS,
 };
 use crate::backup::{ldif, slapd, Digester, Entry};
 
@@ -799,14 +799,17 @@ async fn take(
     let Destination::Dir(to) = &spec.dest else {
         return Ok(manifest);
     };
-    if fs::symlink_metadata(to).is_ok() {
-        return Err(Fail::new(
-            "rename",
-            format!("{} appeared during the backup", to.display()),
-            exit::BACKUP_FAILED,
-        ));
-    }
-    fs::rename(tmp, to).map_err(|e| Fail::io("rename", to, e))?;
+    rename_noreplace(tmp, to).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Fail::new(
+                "rename",
+                format!("{} appeared during the backup", to.display()),
+                exit::BACKUP_FAILED,
+            )
+        } else {
+            Fail::io("rename", to, e)
+        }
+    })?;
     if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
         let _ = sync_dir(parent);
     }

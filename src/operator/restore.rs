@@ -107,7 +107,7 @@ pub async fn build(spec: BuildSpec, progress: &Progress) -> u8 {
     }
     match build_in(&spec, &tmp, progress).await {
         Ok(record) => {
-            if let Err(e) = fs::rename(&tmp, &spec.to) {
+            if let Err(e) = crate::backup::manifest::rename_noreplace(&tmp, &spec.to) {
                 progress.line(format!("error: rename to {}: {e}", spec.to.display()));
                 let _ = fs::remove_dir_all(&tmp);
                 return exit::RESTORE_FAILED;
