@@ -3,11 +3,11 @@
 //! messages, `status --json`, `run` releasing in every case (command fails,
 //! SIGTERM, wrapper killed), and the backup-tool hooks.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::support::freeze::{description, join, modify_in_background};
 use crate::support::*;
 use abproxy::config::Config;
 use abproxy::operator::{self, BackendModeName, Session, State, Status, Target};
@@ -100,62 +100,6 @@ async fn wait_status(lab: &Lab, what: &str, pred: impl Fn(&Status) -> bool) -> S
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// A modify of user `k`'s description through the proxy, in a task; its
-/// result code.
-fn modify_in_background(lab: &Lab, k: usize, value: &str) -> tokio::task::JoinHandle<u32> {
-    let url = lab.proxied();
-    let value = value.to_string();
-    tokio::spawn(async move {
-        let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.unwrap();
-        ldap3::drive!(conn);
-        ldap.simple_bind(ADMIN_DN, ADMIN_PW)
-            .await
-            .unwrap()
-            .success()
-            .unwrap();
-        let rc = ldap
-            .modify(
-                &user_dn(k),
-                vec![ldap3::Mod::Replace(
-                    "description",
-                    HashSet::from([value.as_str()]),
-                )],
-            )
-            .await
-            .unwrap()
-            .rc;
-        let _ = ldap.unbind().await;
-        rc
-    })
-}
-
-/// User `k`'s description, read from slapd directly.
-async fn description(lab: &Lab, k: usize) -> Option<String> {
-    let (conn, mut ldap) = ldap3::LdapConnAsync::new(&lab.direct()).await.unwrap();
-    ldap3::drive!(conn);
-    let (entries, _) = ldap
-        .search(
-            &user_dn(k),
-            ldap3::Scope::Base,
-            "(objectClass=*)",
-            vec!["description"],
-        )
-        .await
-        .unwrap()
-        .success()
-        .unwrap();
-    let _ = ldap.unbind().await;
-    let entry = ldap3::SearchEntry::construct(entries.into_iter().next()?);
-    entry.attrs.get("description")?.first().cloned()
-}
-
-async fn join<T>(h: tokio::task::JoinHandle<T>, what: &str) -> T {
-    tokio::time::timeout(Duration::from_secs(20), h)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within 20 s"))
-        .unwrap()
 }
 
 /// A loopback port nothing listens on.
@@ -455,7 +399,7 @@ async fn sigterm_to_run_is_forwarded_then_the_freeze_is_released() {
     .await;
 
     // A write through the proxy is held meanwhile.
-    let write = modify_in_background(&lab, 3, "queued during run");
+    let write = modify_in_background(&lab.proxied(), 3, "queued during run");
     wait_status(&lab, "the modify queued", |s| s.queued_requests == 1).await;
     assert!(!write.is_finished());
 
@@ -479,7 +423,7 @@ async fn sigterm_to_run_is_forwarded_then_the_freeze_is_released() {
     );
     assert_eq!(join(write, "the queued modify").await, 0);
     assert_eq!(
-        description(&lab, 3).await.as_deref(),
+        description(&lab.direct(), 3).await.as_deref(),
         Some("queued during run")
     );
     assert_eq!(status(&lab).await.state, State::Thawed);
@@ -523,7 +467,7 @@ async fn a_killed_wrapper_releases_the_freeze() {
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     wait_status(&lab, "the freeze by run", |s| s.state == State::Frozen).await;
-    let write = modify_in_background(&lab, 4, "after SIGKILL");
+    let write = modify_in_background(&lab.proxied(), 4, "after SIGKILL");
     wait_status(&lab, "the modify queued", |s| s.queued_requests == 1).await;
     child.start_kill().unwrap(); // SIGKILL: no OFF, the connection just closes
     child.wait().await.unwrap();
@@ -556,12 +500,12 @@ async fn hook_before_holds_writes_until_hook_after() {
         "{again:?}"
     );
 
-    let write = modify_in_background(&lab, 2, "held by the hook");
+    let write = modify_in_background(&lab.proxied(), 2, "held by the hook");
     let s = wait_status(&lab, "the modify queued", |s| s.queued_requests == 1).await;
     assert!(s.queued_bytes > 0);
     assert!(!write.is_finished());
     assert_ne!(
-        description(&lab, 2).await.as_deref(),
+        description(&lab.direct(), 2).await.as_deref(),
         Some("held by the hook")
     );
 
@@ -573,7 +517,7 @@ async fn hook_before_holds_writes_until_hook_after() {
     );
     assert_eq!(join(write, "the held modify").await, 0);
     assert_eq!(
-        description(&lab, 2).await.as_deref(),
+        description(&lab.direct(), 2).await.as_deref(),
         Some("held by the hook")
     );
     assert_eq!(status(&lab).await.state, State::Thawed);

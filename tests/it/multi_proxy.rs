@@ -4,7 +4,6 @@
 //! `run`, `backup` and `hook` through both, as the built binary; all or
 //! nothing: one proxy refusing leaves neither frozen.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use abproxy::operator::{self, State, Status, Target};
 use abproxy::ProxyHandle;
 use testkit::{user_dn, SlapdOptions, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 
+use crate::support::freeze::{description, join, modify_in_background};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
@@ -89,62 +89,6 @@ async fn status(url: &str) -> Status {
     })
     .await
     .expect("status")
-}
-
-/// A modify of user `k`'s description through `url`, in a task; its
-/// result code.
-fn modify_in_background(url: &str, k: usize, value: &str) -> tokio::task::JoinHandle<u32> {
-    let url = url.to_string();
-    let value = value.to_string();
-    tokio::spawn(async move {
-        let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.unwrap();
-        ldap3::drive!(conn);
-        ldap.simple_bind(ADMIN_DN, ADMIN_PW)
-            .await
-            .unwrap()
-            .success()
-            .unwrap();
-        let rc = ldap
-            .modify(
-                &user_dn(k),
-                vec![ldap3::Mod::Replace(
-                    "description",
-                    HashSet::from([value.as_str()]),
-                )],
-            )
-            .await
-            .unwrap()
-            .rc;
-        let _ = ldap.unbind().await;
-        rc
-    })
-}
-
-/// User `k`'s description, read from the server at `direct`.
-async fn description(direct: &str, k: usize) -> Option<String> {
-    let (conn, mut ldap) = ldap3::LdapConnAsync::new(direct).await.unwrap();
-    ldap3::drive!(conn);
-    let (entries, _) = ldap
-        .search(
-            &user_dn(k),
-            ldap3::Scope::Base,
-            "(objectClass=*)",
-            vec!["description"],
-        )
-        .await
-        .unwrap()
-        .success()
-        .unwrap();
-    let _ = ldap.unbind().await;
-    let entry = ldap3::SearchEntry::construct(entries.into_iter().next()?);
-    entry.attrs.get("description")?.first().cloned()
-}
-
-async fn join<T>(h: tokio::task::JoinHandle<T>, what: &str) -> T {
-    tokio::time::timeout(Duration::from_secs(20), h)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within 20 s"))
-        .unwrap()
 }
 
 /// A write through each lab's proxy, waited for until its proxy holds it.

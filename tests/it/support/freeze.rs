@@ -1,6 +1,7 @@
 //! Allow-Backup from a test's side: the extended requests, their outcome,
 //! a bound raw connection and the proxy's status.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use abproxy::wire::Envelope;
@@ -8,7 +9,7 @@ use abproxy_proto::{
     AllowBackupRequest, AllowBackupStatus, ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID,
 };
 use ldap3_proto::proto::*;
-use testkit::{ADMIN_PW, OTHER_ADMIN_DN};
+use testkit::{user_dn, ADMIN_DN, ADMIN_PW, OTHER_ADMIN_DN};
 
 use super::*;
 
@@ -252,4 +253,61 @@ pub fn modify(msgid: i32, dn: &str, attr: &str, val: &str) -> LdapMsg {
             }],
         }),
     )
+}
+
+/// A modify of user `k`'s description through `url` (as the admin), in a
+/// task; its result code.
+pub fn modify_in_background(url: &str, k: usize, value: &str) -> tokio::task::JoinHandle<u32> {
+    let url = url.to_string();
+    let value = value.to_string();
+    tokio::spawn(async move {
+        let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.unwrap();
+        ldap3::drive!(conn);
+        ldap.simple_bind(ADMIN_DN, ADMIN_PW)
+            .await
+            .unwrap()
+            .success()
+            .unwrap();
+        let rc = ldap
+            .modify(
+                &user_dn(k),
+                vec![ldap3::Mod::Replace(
+                    "description",
+                    HashSet::from([value.as_str()]),
+                )],
+            )
+            .await
+            .unwrap()
+            .rc;
+        let _ = ldap.unbind().await;
+        rc
+    })
+}
+
+/// User `k`'s description, read from the server at `direct` (slapd
+/// itself: `lab.direct()`).
+pub async fn description(direct: &str, k: usize) -> Option<String> {
+    let (conn, mut ldap) = ldap3::LdapConnAsync::new(direct).await.unwrap();
+    ldap3::drive!(conn);
+    let (entries, _) = ldap
+        .search(
+            &user_dn(k),
+            ldap3::Scope::Base,
+            "(objectClass=*)",
+            vec!["description"],
+        )
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    let _ = ldap.unbind().await;
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next()?);
+    entry.attrs.get("description")?.first().cloned()
+}
+
+pub async fn join<T>(h: tokio::task::JoinHandle<T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(20), h)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within 20 s"))
+        .unwrap()
 }
