@@ -1025,6 +1025,13 @@ async fn ldif_backup_and_restore_recipes_run_as_written() {
     assert_eq!(out.code, Some(0), "{out:?}");
     let out = run_sh(recipe("ldif-backup"), &env).await;
     assert_eq!(out.code, Some(0), "{out:?}");
+    let out = run_sh(recipe("ldif-verify"), &env).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("restore test {SUFFIX}: a throwaway slapd served")),
+        "{out:?}"
+    );
     let dir = backup.path().join("ldif-1");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
