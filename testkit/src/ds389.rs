@@ -149,6 +149,19 @@ def _open_template(path, *args, **kwargs):
     return _open(path, *args, **kwargs)
 setup_mod.open = _open_template
 
+# A failed install is removed with its logs: show ns-slapd's error log
+# first (a port taken after the check says so only there).
+_remove = SetupDs._remove_failed_install
+def _remove_failed_install(self, serverid):
+    try:
+        with _open(f"/var/log/dirsrv/slapd-{serverid}/errors") as log:
+            for line in log.readlines()[-20:]:
+                print(f"ns-slapd: {line.rstrip()}", file=sys.stderr)
+    except OSError as e:
+        print(f"ns-slapd: no error log ({e})", file=sys.stderr)
+    return _remove(self, serverid)
+SetupDs._remove_failed_install = _remove_failed_install
+
 logging.basicConfig(level=logging.INFO, format="dscreate: %(message)s")
 try:
     ok = SetupDs(verbose=False, dryrun=False, log=logging.getLogger("dscreate")).create_from_inf(inf_path)
@@ -225,8 +238,9 @@ pub struct Ds389 {
 
 /// Why a step failed.
 enum StepError {
-    /// The TCP port was taken: worth retrying with another one.
-    AddrInUse(anyhow::Error),
+    /// The TCP port was taken (or the install's server never started):
+    /// worth retrying with another port.
+    Retry(anyhow::Error),
     Other(anyhow::Error),
 }
 
@@ -276,7 +290,7 @@ impl Ds389 {
                     ds.port = port;
                     break;
                 }
-                Err(StepError::AddrInUse(e)) => {
+                Err(StepError::Retry(e)) => {
                     tracing::debug!(port, "389-ds could not bind its port during the install, retrying with another one");
                     remove_instance_files(&ds.name);
                     last = Some(e);
@@ -323,7 +337,7 @@ impl Ds389 {
                     );
                     return Ok(ds);
                 }
-                Err(StepError::AddrInUse(e)) => {
+                Err(StepError::Retry(e)) => {
                     tracing::debug!(
                         port = ds.port,
                         "ns-slapd could not bind its port, retrying with another one"
@@ -439,7 +453,7 @@ impl Ds389 {
             }
             match self.launch() {
                 Ok(()) => return Ok(()),
-                Err(StepError::AddrInUse(e)) => last = Some(e),
+                Err(StepError::Retry(e)) => last = Some(e),
                 Err(StepError::Other(e)) => return Err(e),
             }
         }
@@ -528,7 +542,14 @@ impl Ds389 {
             Err(e) => {
                 let text = fs::read_to_string(&log).unwrap_or_default();
                 if addr_in_use(&text) {
-                    Err(StepError::AddrInUse(e))
+                    Err(StepError::Retry(e))
+                } else if text.contains("Unable to find pid") {
+                    // ns-slapd detached and then never wrote its pid file;
+                    // the error log printed above the failure says why.
+                    // Seen once on a loaded CI machine: worth another try
+                    // (a fresh port), with the reason kept in the output.
+                    eprintln!("389-ds did not start during the install, retrying:\n{text}");
+                    Err(StepError::Retry(e))
                 } else {
                     Err(StepError::Other(
                         e.context("creating the 389-ds instance with lib389"),
@@ -682,7 +703,7 @@ impl Ds389 {
                         || (self.secure_port != 0
                             && TcpListener::bind((Ipv4Addr::LOCALHOST, self.secure_port)).is_err());
                     return Err(if in_use {
-                        StepError::AddrInUse(err)
+                        StepError::Retry(err)
                     } else {
                         StepError::Other(err)
                     });

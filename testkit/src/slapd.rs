@@ -605,10 +605,45 @@ pub(crate) fn stop_child(child: &mut Option<Child>, name: &str, timeout: Duratio
     Ok(())
 }
 
-/// A loopback TCP port that was free a moment ago.
-pub(crate) fn free_port() -> Result<u16> {
+/// A loopback TCP port that was free a moment ago, for a server started
+/// later on it.
+///
+/// Taken below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`) when there is room: a port the kernel
+/// hands out for `bind(0)` is also one it gives outgoing connections as
+/// their source port, and a busy test run (clients of other servers) can
+/// take it between this check and the server's own bind; 389-ds then dies
+/// after detaching with nothing but a missing pid file to show. Candidates
+/// are spread by process id and a per-process counter so that parallel
+/// tests and test binaries do not try the same ones, and a port given out
+/// once is not given out again by this process.
+pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = ephemeral_low().unwrap_or(0);
+    if high > LOW + 1_000 {
+        let span = high - LOW;
+        let seed = std::process::id().wrapping_mul(2_654_435_761);
+        for _ in 0..span.min(2_000) {
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            // 7919 is a prime that does not divide the span: successive
+            // candidates walk all of it before one comes back.
+            let port = LOW + (seed.wrapping_add(k.wrapping_mul(7_919))) % span;
+            let port = port as u16;
+            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_low() -> Option<u32> {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Anonymous LDAPv3 simple bind over TCP; true if a BindResponse comes back.

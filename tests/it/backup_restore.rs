@@ -595,11 +595,7 @@ async fn run_with_the_openldap_driver_refuses_local_writes_and_restores_the_old_
     );
 
     let etc = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::process::free_port();
     let url = format!("ldap://127.0.0.1:{port}");
     let toml = etc.path().join("abproxy.toml");
     std::fs::write(

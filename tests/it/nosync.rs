@@ -189,15 +189,6 @@ async fn prepare_writes_a_nosync_database_to_disk() {
     proxy.shutdown().await.unwrap();
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nosync_prepare_fails_cleanly_when_the_proxy_cannot_open_the_database() {
     if unsafe { libc::geteuid() } != 0 {
@@ -220,7 +211,7 @@ async fn nosync_prepare_fails_cleanly_when_the_proxy_cannot_open_the_database() 
     let pw = etc.path().join("config.pw");
     std::fs::write(&pw, format!("{ADMIN_PW}\n")).unwrap();
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let port = free_port();
+    let port = process::free_port();
     let url = format!("ldap://127.0.0.1:{port}");
     let toml = etc.path().join("abproxy.toml");
     std::fs::write(

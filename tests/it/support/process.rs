@@ -103,12 +103,10 @@ impl Drop for Running {
     }
 }
 
+/// A loopback port that was free a moment ago, outside the ephemeral range
+/// ([`testkit::free_port`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    testkit::free_port().expect("a free loopback port")
 }
 
 impl Running {
