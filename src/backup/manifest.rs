@@ -34,6 +34,18 @@ pub struct Manifest {
     pub proxies: Vec<ProxyFreeze>,
 }
 
+impl Manifest {
+    /// `DIR/manifest.json`, parsed (the format version is not checked
+    /// here: `abproxy verify` does that and says what it means). The error
+    /// names the file.
+    pub fn read(dir: &Path) -> Result<Manifest, String> {
+        let path = dir.join(MANIFEST);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
 /// One proxy a backup froze, and its freeze.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProxyFreeze {

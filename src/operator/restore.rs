@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backup::file_part;
 use super::{exit, Password, Progress, Session, Target};
-use crate::backup::manifest::{file_sha256, Manifest, MANIFEST};
+use crate::backup::manifest::{file_sha256, Manifest};
 use crate::backup::slapd::{self, Contents, Limits, Throwaway, Tools};
 
 /// `WORK/restore.json`'s name.
@@ -76,13 +76,6 @@ pub fn source<'a>(method: &str, file: &'a Path) -> Option<slapd::Source<'a>> {
     }
 }
 
-/// The manifest of a backup directory.
-pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
-    let path = dir.join(MANIFEST);
-    let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// `abproxy restore DIR --to WORK`. Returns the exit status.
 pub async fn build(spec: BuildSpec, progress: &Progress) -> u8 {
     if fs::symlink_metadata(&spec.to).is_ok() {
@@ -125,7 +118,7 @@ pub async fn build(spec: BuildSpec, progress: &Progress) -> u8 {
 }
 
 async fn build_in(spec: &BuildSpec, tmp: &Path, progress: &Progress) -> Result<Record, String> {
-    let manifest = read_manifest(&spec.backup)?;
+    let manifest = Manifest::read(&spec.backup)?;
     let chosen: Vec<_> = manifest
         .backends
         .iter()

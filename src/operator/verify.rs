@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::exit;
+use crate::backup::manifest::Manifest;
 use crate::backup::verify::{self, Check, Class, Report};
 
 /// The exit status of a verdict: 0, or [`exit::VERIFY_DAMAGED`],
@@ -76,7 +77,7 @@ pub async fn restore_checks(report: &mut Report, dir: &Path, slapd_config: &Path
         ));
         return;
     }
-    let manifest = match super::restore::read_manifest(dir) {
+    let manifest = match Manifest::read(dir) {
         Ok(m) => m,
         Err(e) => {
             report.push(Check::fail("restore test", Class::CannotCheck, e));
@@ -140,7 +141,7 @@ pub async fn restore_checks(report: &mut Report, dir: &Path, slapd_config: &Path
 /// not a verdict: a server that moved on is what a live server does.
 /// The server unreachable or a search refused: cannot check.
 pub async fn against_checks(report: &mut Report, dir: &Path, target: &super::Target) {
-    let manifest = match super::restore::read_manifest(dir) {
+    let manifest = match Manifest::read(dir) {
         Ok(m) => m,
         Err(e) => {
             report.push(Check::fail("against", Class::CannotCheck, e));

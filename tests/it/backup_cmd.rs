@@ -40,11 +40,6 @@ async fn status(lab: &Lab) -> Status {
     operator_status(lab).await
 }
 
-fn manifest(dir: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
-    serde_json::from_str(&text).expect("manifest.json is JSON")
-}
-
 fn read_entries(path: &Path) -> Vec<Entry> {
     let text = std::fs::read_to_string(path).expect("read the LDIF");
     ldif::read(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -108,7 +103,7 @@ async fn check_manifest_with(
     dir: &Path,
     config: Option<&Path>,
 ) -> HashMap<String, (Vec<Entry>, String)> {
-    let m = manifest(dir);
+    let m = manifest_json(dir);
     assert_eq!(m["format_version"], 1);
     {
         use std::os::unix::fs::PermissionsExt;
@@ -292,17 +287,14 @@ async fn one_instant_under_writers(method: &str) {
     assert!(partials(parent.path()).is_empty());
     let backends = check_manifest_with(&dir, Some(&config)).await;
     assert_eq!(backends.len(), 2, "both suffixes");
-    assert_eq!(manifest(&dir)["backends"][0]["method"], method);
-    let verified = tokio::process::Command::new(BIN)
-        .arg("verify")
-        .arg(&dir)
-        .arg("--restore-test")
-        .arg("--slapd-config")
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
-    let verified = ToolOutput::from(verified);
+    assert_eq!(manifest_json(&dir)["backends"][0]["method"], method);
+    let verified = verify(&[
+        dir.to_str().unwrap(),
+        "--restore-test",
+        "--slapd-config",
+        config.to_str().unwrap(),
+    ])
+    .await;
     assert_eq!(verified.code, Some(0), "{verified:?}");
     let (entries, _) = &backends[SUFFIX];
     // 10 users, ou=people and the suffix entry.
@@ -372,7 +364,7 @@ async fn backup_digest_equals_slapcat_of_the_live_server() {
     let dump = block_in_place(|| lab.slapd.slapcat(SUFFIX)).expect("slapcat");
     let dumped = Digest::of_entries(ldif::read(&dump).expect("slapcat LDIF")).unwrap();
     assert_eq!(backends[SUFFIX].1, dumped.to_string());
-    let m = manifest(&dir);
+    let m = manifest_json(&dir);
     // slapd's root DSE has no vendorName: recorded as absent (null).
     assert!(m["server"].get("vendor_name").is_some(), "{m}");
     let header = std::fs::read_to_string(dir.join("HEADER.txt")).unwrap();
@@ -430,7 +422,7 @@ async fn a_stop_mode_backup_reads_through_its_own_freeze() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let backends = check_manifest(&dir).await;
     assert_eq!(backends.len(), 2);
-    assert_eq!(manifest(&dir)["backends"][0]["mode"], "stop");
+    assert_eq!(manifest_json(&dir)["backends"][0]["mode"], "stop");
     assert_eq!(status(&lab).await.state, State::Thawed);
 }
 
@@ -584,7 +576,7 @@ async fn restore_refuses_what_does_not_match_and_a_running_slapd() {
     let work = parent.path().join("work");
     let work_s = work.to_str().unwrap();
     let dir_s = dir.to_str().unwrap();
-    let m = manifest(&dir);
+    let m = manifest_json(&dir);
     let file = dir.join(m["backends"][0]["file"].as_str().unwrap());
 
     // The manifest's digest edited: the database built does not hold it.
@@ -648,7 +640,7 @@ async fn a_command_backup_records_what_the_command_wrote() {
     let args = ["--to", to, "--method", "command", "--", "sh", "-c", &script];
     let out = backup(&lab, &args).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    let m = manifest(&dir);
+    let m = manifest_json(&dir);
     for b in m["backends"].as_array().unwrap() {
         assert_eq!(b["method"], "command", "{b}");
         assert!(
@@ -676,13 +668,7 @@ async fn a_command_backup_records_what_the_command_wrote() {
         Digest::of_entries(dumped).unwrap(),
         Digest::of_entries(live).unwrap()
     );
-    let verified = tokio::process::Command::new(BIN)
-        .arg("verify")
-        .arg(&dir)
-        .output()
-        .await
-        .unwrap();
-    let verified = ToolOutput::from(verified);
+    let verified = verify_dir(&dir).await;
     assert_eq!(verified.code, Some(0), "{verified:?}");
     assert!(
         verified.stdout.contains("written by a command"),

@@ -18,7 +18,7 @@ use testkit::{user_dn, ADMIN_DN, ADMIN_PW};
 use tokio::io::AsyncReadExt;
 use tokio::task::block_in_place;
 
-use crate::support::backup::{backup_lab, operator_status};
+use crate::support::backup::{backup_lab, manifest_json, operator_status};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_abproxy");
@@ -55,11 +55,6 @@ async fn status(lab: &Lab) -> Status {
     operator_status(lab).await
 }
 
-fn manifest(dir: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
-    serde_json::from_str(&text).expect("manifest.json is JSON")
-}
-
 fn names(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .expect("read dir")
@@ -75,7 +70,7 @@ fn names(dir: &Path) -> BTreeSet<String> {
 /// The manifest's sizes and SHA-256s match the files, and `sha256sum -c
 /// SHA256SUMS` passes. The digests by suffix.
 fn check_files(dir: &Path) -> BTreeMap<String, String> {
-    let m = manifest(dir);
+    let m = manifest_json(dir);
     for f in m["files"].as_array().expect("files") {
         let name = f["name"].as_str().expect("name");
         let bytes = std::fs::read(dir.join(name)).expect("a listed file");
@@ -188,7 +183,7 @@ async fn backup_tar_holds_the_files_of_a_to_backup() {
     assert_eq!(top.len(), 1, "{top:?}");
     let top = top.into_iter().next().unwrap();
     let extracted = x.join(&top);
-    assert_eq!(manifest(&extracted)["backup_id"], top.as_str());
+    assert_eq!(manifest_json(&extracted)["backup_id"], top.as_str());
     assert!(
         top.starts_with(|c: char| c.is_ascii_digit()) && top.contains("Z-f"),
         "{top}"
@@ -420,7 +415,7 @@ async fn backup_history_has_one_json_line_per_attempt() {
     let lines = history(&hist);
     assert_eq!(lines.len(), 4, "{lines:?}");
     let ok = &lines[0];
-    let m = manifest(&dir);
+    let m = manifest_json(&dir);
     assert_eq!(ok["result"], "ok");
     assert_eq!(ok["exit"], 0);
     assert!(ok["failed_step"].is_null(), "{ok}");

@@ -6,7 +6,6 @@
 //! added) exit 10 or 11 and name the problem; `--json` is one JSON object.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use abproxy::backup::manifest::{file_sha256, Manifest};
@@ -23,27 +22,6 @@ const SUFFIX: &str = "dc=example,dc=org";
 
 async fn lab() -> Lab {
     backup_lab(Mode::Readonly, 20, 10).await
-}
-
-/// `abproxy verify ARGS`, within 60 s.
-async fn verify(args: &[&str]) -> ToolOutput {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.arg("verify")
-        .args(args)
-        .env_remove("ABPROXY_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("abproxy verify did not finish within 60 s")
-        .expect("run abproxy");
-    ToolOutput::from(out)
-}
-
-async fn verify_dir(dir: &Path) -> ToolOutput {
-    verify(&[dir.to_str().unwrap()]).await
 }
 
 fn cp_r(from: &Path, to: &Path) {

@@ -436,16 +436,9 @@ async fn abproxy_backup_of_389_has_the_digest_of_389s_own_export() {
     let dir = parent.path().join("bk");
     let out = cli(&proxy, &["backup", "--to", dir.to_str().unwrap()]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let manifest = crate::support::backup::manifest_json(&dir);
     // The backup checks out by itself.
-    let verified = tokio::process::Command::new(BIN)
-        .arg("verify")
-        .arg(&dir)
-        .output()
-        .await
-        .unwrap();
-    let verified = ToolOutput::from(verified);
+    let verified = crate::support::backup::verify_dir(&dir).await;
     assert_eq!(verified.code, Some(0), "{verified:?}");
     let exports = export_all(&ds, "after-backup").await;
     for (i, export) in exports.iter().enumerate() {

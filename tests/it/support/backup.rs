@@ -78,3 +78,33 @@ pub async fn operator_status(lab: &Lab) -> Status {
     .await
     .expect("status")
 }
+
+/// `DIR/manifest.json` as JSON (the tests read it as the user would, not
+/// through the product's own types).
+pub fn manifest_json(dir: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
+    serde_json::from_str(&text).expect("manifest.json is JSON")
+}
+
+/// `abproxy verify ARGS` (stdin closed, output captured), within 120 s
+/// (a restore test builds and serves every backend).
+pub async fn verify(args: &[&str]) -> ToolOutput {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("verify")
+        .args(args)
+        .env_remove("ABPROXY_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("abproxy verify did not finish within 120 s")
+        .expect("run abproxy");
+    ToolOutput::from(out)
+}
+
+/// `abproxy verify DIR`.
+pub async fn verify_dir(dir: &std::path::Path) -> ToolOutput {
+    verify(&[dir.to_str().expect("a UTF-8 path")]).await
+}
