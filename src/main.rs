@@ -207,6 +207,12 @@ enum Method {
     /// directory (ABPROXY_BACKUP_DIR; the frozen suffixes in
     /// ABPROXY_BACKENDS): the plain files it leaves there are the backup.
     Command,
+    /// 389 DS's own online backup (a backup task, as `dsconf INSTANCE
+    /// backup create`), added over a direct connection to the server
+    /// (--server) while frozen; run on the server's host: the archive is
+    /// counted with 389's dbscan and kept as 389-backup.tar.
+    #[value(name = "389")]
+    Ds389,
 }
 
 #[derive(Args)]
@@ -242,6 +248,12 @@ struct BackupArgs {
     /// slapd.d directory or a slapd.conf file.
     #[arg(long, value_name = "PATH", default_value = "/etc/ldap/slapd.d")]
     slapd_config: PathBuf,
+    /// For --method 389: the 389 DS server itself (not the proxy), e.g.
+    /// ldapi:///run/slapd-NAME.socket or ldap://127.0.0.1:389, bound as
+    /// --bind-dn (Directory Manager: the task is added under cn=config,
+    /// which the proxy holds during a freeze).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
     /// With --method command: the command and its arguments, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -630,7 +642,23 @@ fn operator_main(command: Command) -> ExitCode {
                     Method::Command => operator::backup::Method::Command {
                         argv: a.command.clone(),
                     },
+                    Method::Ds389 => match &a.server {
+                        Some(server) => operator::backup::Method::Ds389 {
+                            server: server.clone(),
+                        },
+                        None => {
+                            eprintln!(
+                                "abproxy backup: error: --method 389 needs --server URL (the 389 \
+                                 DS server itself, not the proxy)"
+                            );
+                            return operator::exit::USAGE;
+                        }
+                    },
                 };
+                if a.server.is_some() && !matches!(a.method, Method::Ds389) {
+                    eprintln!("abproxy backup: error: --server goes with --method 389 only");
+                    return operator::exit::USAGE;
+                }
                 if matches!(a.method, Method::Command) == a.command.is_empty() {
                     eprintln!(
                         "abproxy backup: error: a command after `--` goes with --method command, \

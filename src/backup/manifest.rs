@@ -108,6 +108,20 @@ pub struct BackendRecord {
     /// would show them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub commands: Vec<String>,
+    /// `389` method: the backend in 389 DS's own archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ds389: Option<Ds389Archive>,
+}
+
+/// A backend in a 389 DS archive (`--method 389`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ds389Archive {
+    /// The 389 DS backend (`userRoot`); its entries are
+    /// `<backend in lower case>/id2entry.db` in the archive.
+    pub backend: String,
+    /// Where the server wrote the archive (removed once it is in the
+    /// backup).
+    pub archive_dir: String,
 }
 
 /// A file of the backup.

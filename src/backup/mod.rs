@@ -7,6 +7,7 @@
 //! proxy.
 
 pub mod digest;
+pub mod ds389;
 pub mod ldif;
 pub mod manifest;
 pub mod slapd;

@@ -160,7 +160,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Runs `cmd` to its end within `limit` (killed past it), stdout to
 /// `stdout` when given; fails unless it exits 0.
-async fn run(
+pub(crate) async fn run(
     mut cmd: Command,
     step: &str,
     limit: Duration,

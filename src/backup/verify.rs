@@ -473,13 +473,18 @@ pub fn verify(dir: &Path) -> Report {
                 ));
                 continue;
             }
+            if b.method == "389" && b.ds389.is_some() {
+                // Read with 389's dbscan by the caller
+                // (`operator::verify::ds389_checks`): that takes a process.
+                continue;
+            }
             if b.method != "ldif" && b.method != "slapcat" {
                 r.push(Check::fail(
                     format!("backend {}", b.suffix),
                     Class::CannotCheck,
                     format!(
-                        "method `{}`: verify checks the content of the `ldif`, `slapcat` and \
-                         `files` methods only",
+                        "method `{}`: verify checks the content of the `ldif`, `slapcat`, \
+                         `files` and `389` methods only",
                         b.method
                     ),
                 ));
@@ -969,6 +974,7 @@ mod tests {
                 digest: Digest::of_entries(entries.clone()).unwrap().to_string(),
                 file: file.clone(),
                 commands: vec![],
+                ds389: None,
             });
             files.push(file);
         }

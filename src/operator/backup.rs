@@ -38,6 +38,8 @@ use crate::backup::manifest::{
 };
 use crate::backup::{ldif, slapd, Digester, Entry};
 
+mod ds389;
+
 /// Entries per page of the export search.
 pub const PAGE_SIZE: i32 = 500;
 /// Limit of the small searches (root DSE, contextCSN) and of the status.
@@ -87,6 +89,11 @@ pub enum Method {
     /// directory as its working directory (and `ABPROXY_BACKUP_DIR`); the
     /// files it leaves there are the backup's.
     Command { argv: Vec<std::ffi::OsString> },
+    /// 389 DS's own online backup, a task added over a direct connection
+    /// to the server at `server` (an LDAP URL, bound as the operator),
+    /// while frozen; counted with `dbscan` and kept as one tar file after
+    /// the release ([`ds389`]).
+    Ds389 { server: String },
 }
 
 impl Method {
@@ -97,6 +104,7 @@ impl Method {
             Method::Slapcat { .. } => "slapcat",
             Method::Files { .. } => "files",
             Method::Command { .. } => "command",
+            Method::Ds389 { .. } => "389",
         }
     }
 }
@@ -679,7 +687,7 @@ async fn take(
 
     // The same data is behind every proxy: read through the first.
     let exported = tokio::select! {
-        r = export_all(&mut held[0].session, tmp, &spec.method, &mut log) => r,
+        r = export_all(&mut held[0].session, tmp, spec, &backup_id, &mut log) => r,
         sig = signals.recv() => Err(Fail::new(
             "export",
             format!("signal {sig} received"),
@@ -825,9 +833,11 @@ async fn take(
 async fn export_all(
     session: &mut Session,
     tmp: &Path,
-    method: &Method,
+    spec: &BackupSpec,
+    backup_id: &str,
     log: &mut Log,
 ) -> Result<(ServerInfo, Vec<BackendRecord>), Fail> {
+    let method = &spec.method;
     let t = log.begin();
     let status = tokio::time::timeout(SMALL_TIMEOUT, session.status())
         .await
@@ -876,7 +886,7 @@ async fn export_all(
 
     // The local server's configuration, for the methods that read its files.
     let config = match method {
-        Method::Ldif | Method::Command { .. } => None,
+        Method::Ldif | Method::Command { .. } | Method::Ds389 { .. } => None,
         Method::Slapcat { config } | Method::Files { config } => {
             let t = log.begin();
             let entries = read_config(config).await?;
@@ -904,9 +914,13 @@ async fn export_all(
                     digest: String::new(),
                     file: String::new(),
                     commands: vec![line.clone()],
+                    ds389: None,
                 });
             }
             return Ok(out);
+        }
+        if let Method::Ds389 { server } = method {
+            return ds389_task(spec, server, backup_id, &suffixes, log).await;
         }
         for (i, (suffix, mode)) in suffixes.iter().enumerate() {
             let t = log.begin();
@@ -922,6 +936,7 @@ async fn export_all(
                 digest: String::new(),
                 file: String::new(),
                 commands: Vec::new(),
+                ds389: None,
             };
             match (method, &config) {
                 (Method::Slapcat { .. }, Some((path, _))) => {
@@ -988,6 +1003,69 @@ async fn export_all(
         )
     })??;
     Ok((server, backends))
+}
+
+/// `--method 389`: 389 DS's backup task over a direct connection to the
+/// server, one archive for the frozen backends.
+async fn ds389_task(
+    spec: &BackupSpec,
+    server: &str,
+    backup_id: &str,
+    suffixes: &[(String, BackendModeName)],
+    log: &mut Log,
+) -> Result<Vec<BackendRecord>, Fail> {
+    let t = log.begin();
+    let target = Target {
+        url: server.into(),
+        ..spec.target.clone()
+    };
+    let mut direct = tokio::time::timeout(SMALL_TIMEOUT, Session::connect_tls(&target, &spec.tls))
+        .await
+        .map_err(|_| Fail::new("389 server", "no answer within 30 s", exit::TIMEOUT))?
+        .map_err(|e| Fail::new("389 server", format!("{server}: {e}"), e.exit_code()))?;
+    let result = async {
+        let names: Vec<String> = suffixes.iter().map(|(s, _)| s.clone()).collect();
+        let backends = ds389::backends(&mut direct, &names).await?;
+        let bakdir = ds389::bakdir(&mut direct).await?;
+        let task = format!("abproxy-{backup_id}");
+        let archive = format!("{}/{task}", bakdir.trim_end_matches('/'));
+        if fs::symlink_metadata(&archive).is_ok() {
+            return Err(Fail::new(
+                "389 server",
+                format!("{archive} exists already"),
+                exit::BACKUP_FAILED,
+            ));
+        }
+        log.end(
+            t,
+            "389 server",
+            &format!(
+                "{server}: backends {}; archive {archive}",
+                backends.join(", ")
+            ),
+        );
+        let t = log.begin();
+        let line = ds389::backup_task(&mut direct, &task, &archive).await?;
+        log.end(t, "389 backup task", &line);
+        Ok(suffixes
+            .iter()
+            .zip(&backends)
+            .map(|((suffix, mode), backend)| BackendRecord {
+                suffix: suffix.clone(),
+                mode: mode.as_str().into(),
+                method: spec.method.name().into(),
+                entries: 0,
+                context_csn: Vec::new(),
+                digest: String::new(),
+                file: ds389::ARCHIVE.into(),
+                commands: vec![line.clone()],
+                ds389: Some(ds389::archive_record(backend, &archive)),
+            })
+            .collect())
+    }
+    .await;
+    direct.close().await;
+    result
 }
 
 /// Runs the user's command in `tmp` (stdin closed, its stdout to our
@@ -1060,6 +1138,9 @@ async fn complete(
     method: &Method,
     log: &mut Log,
 ) -> Result<(), Fail> {
+    if let Method::Ds389 { .. } = method {
+        return ds389::complete(backends, tmp, log).await;
+    }
     let Method::Files { config } = method else {
         return Ok(());
     };

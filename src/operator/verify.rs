@@ -58,6 +58,7 @@ pub async fn verify_with(
     against: Option<&super::Target>,
 ) -> u8 {
     let mut report = verify::verify(dir);
+    ds389_checks(&mut report, dir).await;
     if let Some(slapd_config) = restore_test {
         restore_checks(&mut report, dir, slapd_config).await;
     }
@@ -65,6 +66,90 @@ pub async fn verify_with(
         against_checks(&mut report, dir, target).await;
     }
     print(&report, json)
+}
+
+/// How long 389's `dbscan` may take over one backend of an archive.
+const DBSCAN_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The content of each backend of a 389 DS archive (`--method 389`): its
+/// `id2entry.db` taken out of the archive and read with 389's `dbscan`
+/// ([`crate::backup::ds389`]), counted and digested, compared with the
+/// manifest. Without `dbscan` here: cannot check, said so.
+pub async fn ds389_checks(report: &mut Report, dir: &Path) {
+    use crate::backup::ds389;
+    let Ok(manifest) = Manifest::read(dir) else {
+        // verify::verify has said why.
+        return;
+    };
+    for b in &manifest.backends {
+        let Some(d) = &b.ds389 else { continue };
+        let name = format!("content {}", b.suffix);
+        if report.verdict() == Some(Class::Damaged) {
+            report.push(Check::fail(
+                name,
+                Class::CannotCheck,
+                "not read: the backup is damaged",
+            ));
+            continue;
+        }
+        let member = format!("{}/id2entry.db", d.backend.to_ascii_lowercase());
+        let result = async {
+            let scratch = tempfile::tempdir().map_err(|e| (Class::CannotCheck, e.to_string()))?;
+            let to = scratch.path().join("id2entry.db");
+            let archive = dir.join(&b.file);
+            extract(&archive, &member, &to).map_err(|e| {
+                (
+                    Class::Damaged,
+                    format!("{}: {member}: {e}", archive.display()),
+                )
+            })?;
+            ds389::contents(&to, &b.suffix, scratch.path(), DBSCAN_LIMIT)
+                .await
+                .map_err(|e| (Class::CannotCheck, e.to_string()))
+        }
+        .await;
+        report.push(match result {
+            Err((class, e)) => Check::fail(name, class, e),
+            Ok(c) if c.entries == b.entries && c.digest == b.digest => Check::pass(
+                name,
+                format!(
+                    "389 DS archive, {member} read with dbscan: {} entries, digest as in the \
+                     manifest",
+                    c.entries
+                ),
+            ),
+            Ok(c) => Check::fail(
+                name,
+                Class::Mismatch,
+                format!(
+                    "389 DS archive, {member} read with dbscan: {} entries, digest {}; the \
+                     manifest says {} entries, digest {}",
+                    c.entries, c.digest, b.entries, b.digest
+                ),
+            ),
+        });
+    }
+}
+
+/// Copies the archive member `name` (a regular file) of the tar file at
+/// `archive` to `to`.
+fn extract(archive: &Path, name: &str, to: &Path) -> std::io::Result<()> {
+    let f = std::fs::File::open(archive)?;
+    let mut tar = tar::Archive::new(std::io::BufReader::new(f));
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        if entry.path()?.as_os_str() == std::ffi::OsStr::new(name)
+            && entry.header().entry_type().is_file()
+        {
+            let mut out = std::fs::File::create(to)?;
+            std::io::copy(&mut entry, &mut out)?;
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "not in the archive",
+    ))
 }
 
 /// Appends the restore test's checks to `report`.

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use abproxy::backup::manifest::{file_sha256, Manifest};
+use abproxy::backup::manifest::Manifest;
 use abproxy::backup::{ldif, Entry};
 use abproxy::freeze::backend::Mode;
 use testkit::{ADMIN_DN, ADMIN_PW, OTHER_SUFFIX};
@@ -34,26 +34,6 @@ fn cp_r(from: &Path, to: &Path) {
 
 fn manifest(dir: &Path) -> Manifest {
     serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
-}
-
-/// The manifest's files re-recorded from the disk, SHA256SUMS rewritten as
-/// `abproxy backup` writes it: an edit that leaves the files consistent.
-fn reseal(dir: &Path) {
-    let mut m = manifest(dir);
-    for f in &mut m.files {
-        let (size, sha) = file_sha256(&dir.join(&f.name)).unwrap();
-        f.size = size;
-        f.sha256 = sha;
-    }
-    let json = serde_json::to_string_pretty(&m).unwrap();
-    std::fs::write(dir.join("manifest.json"), format!("{json}\n")).unwrap();
-    let mut sums = String::new();
-    for f in &m.files {
-        sums.push_str(&format!("{}  {}\n", f.sha256, f.name));
-    }
-    let (_, sha) = file_sha256(&dir.join("manifest.json")).unwrap();
-    sums.push_str(&format!("{sha}  manifest.json\n"));
-    std::fs::write(dir.join("SHA256SUMS"), sums).unwrap();
 }
 
 /// The verdict line: stdout's last line.

@@ -108,3 +108,25 @@ pub async fn verify(args: &[&str]) -> ToolOutput {
 pub async fn verify_dir(dir: &std::path::Path) -> ToolOutput {
     verify(&[dir.to_str().expect("a UTF-8 path")]).await
 }
+
+/// The manifest's files re-recorded from the disk, SHA256SUMS rewritten as
+/// `abproxy backup` writes it: an edit that leaves the files consistent.
+pub fn reseal(dir: &std::path::Path) {
+    use abproxy::backup::manifest::{file_sha256, Manifest};
+    let mut m: Manifest =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    for f in &mut m.files {
+        let (size, sha) = file_sha256(&dir.join(&f.name)).unwrap();
+        f.size = size;
+        f.sha256 = sha;
+    }
+    let json = serde_json::to_string_pretty(&m).unwrap();
+    std::fs::write(dir.join("manifest.json"), format!("{json}\n")).unwrap();
+    let mut sums = String::new();
+    for f in &m.files {
+        sums.push_str(&format!("{}  {}\n", f.sha256, f.name));
+    }
+    let (_, sha) = file_sha256(&dir.join("manifest.json")).unwrap();
+    sums.push_str(&format!("{sha}  manifest.json\n"));
+    std::fs::write(dir.join("SHA256SUMS"), sums).unwrap();
+}

@@ -1,0 +1,362 @@
+//! 389 Directory Server's own backups, read with 389's own tool.
+//!
+//! A 389 DS online backup (a task under `cn=backup,cn=tasks,cn=config`,
+//! what `dsconf INSTANCE backup create` starts) is a directory of Berkeley
+//! DB files: one folder per backend (`userroot/id2entry.db`, the entries,
+//! and its indexes), the transaction log and `DBVERSION`. `dsctl INSTANCE
+//! bak2db DIR` restores it into a stopped instance.
+//!
+//! Its entries are counted and digested from `id2entry.db` as 389's
+//! `dbscan -f` prints it, read-only, without a server: the same digest
+//! ([`super::Digest`]) an LDAP export of the backend gives, so a backup taken
+//! with this method is compared with the manifest like any other. `dbscan`
+//! prints each entry as `id N` and its stored attributes, one tab in front
+//! (values folded as in LDIF), with `rdn:` (the entry's own RDN; the suffix
+//! entry's is the whole suffix) and `parentid:` in place of a DN: the DN is
+//! the chain of RDNs up to the entry without a parent. Tombstones (deleted
+//! entries a replica keeps, and the replica update vector's entry) are not
+//! entries an LDAP search returns and are left out.
+//!
+//! Only the Berkeley DB implementation (`nsslapd-backend-implement: bdb`,
+//! the default of 389 DS 2.x); an LMDB instance keeps one `data.mdb` and is
+//! said to be unsupported here.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use super::digest::Digester;
+use super::ldif::{self, Entry};
+use super::slapd::{run, Contents, Error};
+use crate::freeze::dn::NormDn;
+
+/// The archive's file in a backup directory (`--method 389`): the
+/// server's backup directory as a tar archive, names relative to it.
+pub const ARCHIVE: &str = "389-backup.tar";
+
+/// 389's database dump tool.
+pub const DBSCAN: &str = "/usr/bin/dbscan";
+
+/// The `id2entry.db` of a backend in a 389 backup or database directory:
+/// `DIR/<backend name in lower case>/id2entry.db`.
+pub fn id2entry(dir: &Path, backend: &str) -> PathBuf {
+    dir.join(backend.to_ascii_lowercase()).join("id2entry.db")
+}
+
+/// Counts and digests the entries of `suffix` in a backend's `id2entry.db`
+/// (`dbscan -f`, its output kept in `scratch`), within `limit`.
+pub async fn contents(
+    id2entry: &Path,
+    suffix: &str,
+    scratch: &Path,
+    limit: Duration,
+) -> Result<Contents, Error> {
+    if !id2entry.is_file() {
+        return Err(Error::Config(format!(
+            "{} not found: not a 389 DS backup of this backend, or an LMDB instance (only \
+             Berkeley DB backends are read here)",
+            id2entry.display()
+        )));
+    }
+    if !Path::new(DBSCAN).exists() {
+        return Err(Error::Config(format!(
+            "{DBSCAN} not found: reading a 389 DS database takes 389's dbscan (Debian: \
+             389-ds-base)"
+        )));
+    }
+    let out_path = scratch.join("dbscan.out");
+    let out = File::create(&out_path).map_err(|source| Error::Io {
+        path: out_path.clone(),
+        source,
+    })?;
+    let mut cmd = Command::new(DBSCAN);
+    cmd.arg("-f").arg(id2entry);
+    run(
+        cmd,
+        &format!("dbscan -f {}", id2entry.display()),
+        limit,
+        Some(out),
+    )
+    .await?;
+    let open = || {
+        File::open(&out_path)
+            .map(BufReader::new)
+            .map_err(|source| Error::Io {
+                path: out_path.clone(),
+                source,
+            })
+    };
+    contents_of_dump(open()?, open()?, suffix)
+        .map_err(|e| Error::Config(format!("dbscan -f {}: {e}", id2entry.display())))
+}
+
+/// What one `id N` block says of the tree.
+struct Node {
+    rdn: String,
+    parent: Option<u64>,
+}
+
+/// Counts and digests a `dbscan -f` dump of `suffix`'s backend, read twice
+/// (`first` and `second` are the same dump): once for the tree (RDN and
+/// parent of each id, all a DN needs), once for the entries, so that only
+/// the tree is held in memory.
+pub fn contents_of_dump<R: BufRead>(first: R, second: R, suffix: &str) -> Result<Contents, String> {
+    let mut tree: HashMap<u64, Node> = HashMap::new();
+    blocks(first, |id, e| {
+        let rdn = single(&e, "rdn").ok_or_else(|| format!("id {id} has no single rdn"))?;
+        let parent = match single(&e, "parentid") {
+            Some(p) => Some(
+                p.parse()
+                    .map_err(|_| format!("id {id}: parentid {p:?} is not a number"))?,
+            ),
+            None => None,
+        };
+        if tree.insert(id, Node { rdn, parent }).is_some() {
+            return Err(format!("id {id} appears twice"));
+        }
+        Ok(())
+    })?;
+    let want = NormDn::parse(suffix.as_bytes()).ok_or_else(|| format!("bad suffix {suffix}"))?;
+    let mut dns: HashMap<u64, String> = HashMap::new();
+    let mut digester = Digester::default();
+    let mut entries = 0u64;
+    blocks(second, |id, mut e| {
+        let dn = dn_of(id, &tree, &mut dns)?;
+        if tombstone(&e) {
+            return Ok(());
+        }
+        let norm = NormDn::parse(dn.as_bytes()).ok_or_else(|| format!("id {id}: bad DN {dn}"))?;
+        if !norm.is_within(&want) {
+            return Err(format!("id {id}: {dn} is not under {suffix}"));
+        }
+        e.dn = dn;
+        e.attrs
+            .retain(|(name, _)| !name.eq_ignore_ascii_case("rdn"));
+        digester.add(&e).map_err(|err| format!("id {id}: {err}"))?;
+        entries += 1;
+        Ok(())
+    })?;
+    Ok(Contents {
+        entries,
+        digest: digester.finish().to_string(),
+        context_csn: Vec::new(),
+    })
+}
+
+/// The DN of `id`: its RDN, then its parent's DN (memoised in `dns`).
+fn dn_of(
+    id: u64,
+    tree: &HashMap<u64, Node>,
+    dns: &mut HashMap<u64, String>,
+) -> Result<String, String> {
+    if let Some(dn) = dns.get(&id) {
+        return Ok(dn.clone());
+    }
+    // Up to the first id whose DN is known or that has no parent.
+    let mut chain = vec![id];
+    let mut at = id;
+    let base = loop {
+        let node = tree
+            .get(&at)
+            .ok_or_else(|| format!("id {at} is missing (a parent of id {id})"))?;
+        match node.parent {
+            None => break node.rdn.clone(),
+            Some(p) => {
+                if let Some(dn) = dns.get(&p) {
+                    break dn.clone();
+                }
+                if chain.len() > tree.len() {
+                    return Err(format!("id {id}: its parents form a loop"));
+                }
+                chain.push(p);
+                at = p;
+            }
+        }
+    };
+    // `base` is the DN of the last id in `chain` when it has no parent,
+    // else of its parent.
+    let mut dn = base;
+    let last = *chain.last().expect("not empty");
+    if tree[&last].parent.is_none() {
+        dns.insert(last, dn.clone());
+        chain.pop();
+    }
+    for &i in chain.iter().rev() {
+        dn = format!("{},{dn}", tree[&i].rdn);
+        dns.insert(i, dn.clone());
+    }
+    Ok(dn)
+}
+
+/// A deleted entry a replica keeps, or the replica update vector's entry.
+fn tombstone(e: &Entry) -> bool {
+    e.attrs.iter().any(|(name, values)| {
+        name.eq_ignore_ascii_case("objectClass")
+            && values
+                .iter()
+                .any(|v| v.eq_ignore_ascii_case(b"nsTombstone"))
+    })
+}
+
+/// The one value of `attr`, as text.
+fn single(e: &Entry, attr: &str) -> Option<String> {
+    let (_, values) = e.attrs.iter().find(|(n, _)| n.eq_ignore_ascii_case(attr))?;
+    match values.as_slice() {
+        [v] => String::from_utf8(v.clone()).ok(),
+        _ => None,
+    }
+}
+
+/// Calls `each` with every `id N` block of a dump, parsed as an LDIF entry
+/// (DN `entryid=N`, the block's lines without their tab).
+fn blocks<R: BufRead>(
+    mut input: R,
+    mut each: impl FnMut(u64, Entry) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut current: Option<(u64, Vec<u8>)> = None;
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    let finish = |block: Option<(u64, Vec<u8>)>,
+                  each: &mut dyn FnMut(u64, Entry) -> Result<(), String>|
+     -> Result<(), String> {
+        let Some((id, text)) = block else {
+            return Ok(());
+        };
+        let mut parsed = ldif::Reader::new(text.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("id {id}: {e}"))?;
+        match (parsed.pop(), parsed.is_empty()) {
+            (Some(e), true) => each(id, e),
+            _ => Err(format!("id {id}: not one entry")),
+        }
+    };
+    loop {
+        line.clear();
+        let n = input
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("reading the dump: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        number += 1;
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if let Some(id) = text.strip_prefix(b"id ") {
+            let id = std::str::from_utf8(id)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| format!("line {number}: bad id line"))?;
+            finish(current.take(), &mut each)?;
+            current = Some((id, format!("dn: entryid={id}\n").into_bytes()));
+        } else if let Some(rest) = text.strip_prefix(b"\t") {
+            let Some((_, buf)) = current.as_mut() else {
+                return Err(format!("line {number}: an attribute before the first id"));
+            };
+            if !rest.is_empty() {
+                buf.extend_from_slice(rest);
+                buf.push(b'\n');
+            }
+        } else if !text.is_empty() {
+            return Err(format!(
+                "line {number}: not a dbscan entry line: {}",
+                String::from_utf8_lossy(&text[..text.len().min(60)])
+            ));
+        }
+    }
+    finish(current.take(), &mut each)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::Digest;
+
+    /// As `dbscan -f id2entry.db` of 389 DS 2.3 prints it (abridged).
+    const DUMP: &str = "id 1\n\trdn: dc=example,dc=org\n\tobjectClass: top\n\tobjectClass: domain\n\
+\tdc: example\n\tnsUniqueId: 46de40bd-ef6211f1-b7a2fda2-6c25e0c7\n\tentryid: 1\n\tnumSubordinates: 1\n\
+\tdsEntryDN: dc=example,dc=org\n\t\n\
+id 2\n\trdn: ou=people\n\tobjectClass: top\n\tobjectClass: organizationalUnit\n\tou: people\n\
+\tparentid: 1\n\tentryid: 2\n\tdsEntryDN: ou=people,dc=example,dc=org\n\t\n\
+id 4\n\trdn: uid=u2\n\tobjectClass: top\n\tobjectClass: person\n\tuid: u2\n\tcn: U 2\n\tsn: U\n\
+\tuserPassword:: e1BCS0RGMi1TSEE1MTJ9MTAwMDAkQlljSGtZSDJLRXhuR215UXBuSVorb2VwL2F\n\
+\t PQlk1RUo=\n\tparentid: 2\n\tentryid: 4\n\tdsEntryDN: uid=u2,ou=people,dc=example,dc=org\n\t\n\
+id 3\n\trdn: nsuniqueid=ffffffff-ffffffff-ffffffff-ffffffff\n\tobjectClass: top\n\
+\tobjectClass: nsTombstone\n\tparentid: 1\n\tentryid: 3\n\t\n";
+
+    /// The same entries as an LDAP export (`*`, `+`) gives them.
+    const EXPORT: &str =
+        "dn: dc=example,dc=org\nobjectClass: top\nobjectClass: domain\ndc: example\n\
+nsUniqueId: 46de40bd-ef6211f1-b7a2fda2-6c25e0c7\nentryid: 1\nnumSubordinates: 1\n\
+dsEntryDN: dc=example,dc=org\nentrydn: dc=example,dc=org\n\n\
+dn: ou=people,dc=example,dc=org\nobjectClass: top\nobjectClass: organizationalUnit\nou: people\n\
+parentid: 1\nentryid: 2\ndsEntryDN: ou=people,dc=example,dc=org\nhasSubordinates: TRUE\n\n\
+dn: uid=u2,ou=people,dc=example,dc=org\nobjectClass: top\nobjectClass: person\nuid: u2\ncn: U 2\n\
+sn: U\nuserPassword:: e1BCS0RGMi1TSEE1MTJ9MTAwMDAkQlljSGtZSDJLRXhuR215UXBuSVorb2VwL2FPQlk1RUo=\n\
+dsEntryDN: uid=u2,ou=people,dc=example,dc=org\n\n";
+
+    fn of(dump: &str) -> Result<Contents, String> {
+        contents_of_dump(dump.as_bytes(), dump.as_bytes(), "dc=example,dc=org")
+    }
+
+    #[test]
+    fn a_dump_digests_as_the_ldap_export_of_the_same_entries() {
+        let c = of(DUMP).unwrap();
+        assert_eq!(c.entries, 3, "the tombstone is not an entry");
+        let export = ldif::read(EXPORT).unwrap();
+        assert_eq!(c.digest, Digest::of_entries(export).unwrap().to_string());
+    }
+
+    #[test]
+    fn a_changed_value_changes_the_digest() {
+        let changed = DUMP.replace("\tcn: U 2\n", "\tcn: U 3\n");
+        assert_ne!(of(&changed).unwrap().digest, of(DUMP).unwrap().digest);
+    }
+
+    #[test]
+    fn children_before_parents_and_moved_entries_get_their_dn() {
+        // An entry moved under a parent created after it has a lower id.
+        let dump = "id 5\n\trdn: cn=x\n\tobjectClass: top\n\tparentid: 9\n\t\n\
+id 1\n\trdn: dc=example,dc=org\n\tobjectClass: top\n\t\n\
+id 9\n\trdn: ou=new\n\tobjectClass: top\n\tparentid: 1\n\t\n";
+        let export = "dn: cn=x,ou=new,dc=example,dc=org\nobjectClass: top\nparentid: 9\n\n\
+dn: dc=example,dc=org\nobjectClass: top\n\n\
+dn: ou=new,dc=example,dc=org\nobjectClass: top\nparentid: 1\n\n";
+        let c = of(dump).unwrap();
+        assert_eq!(c.entries, 3);
+        assert_eq!(
+            c.digest,
+            Digest::of_entries(ldif::read(export).unwrap())
+                .unwrap()
+                .to_string()
+        );
+    }
+
+    #[test]
+    fn broken_dumps_are_errors_that_say_where() {
+        for (dump, says) in [
+            ("\trdn: x\n", "before the first id"),
+            ("id one\n", "bad id line"),
+            ("id 1\n\tobjectClass: top\n", "no single rdn"),
+            ("id 2\n\trdn: cn=a\n\tparentid: 7\n", "id 7 is missing"),
+            (
+                "id 1\n\trdn: cn=a\n\tparentid: 2\nid 2\n\trdn: cn=b\n\tparentid: 1\n",
+                "loop",
+            ),
+            (
+                "id 1\n\trdn: dc=other,dc=org\n",
+                "not under dc=example,dc=org",
+            ),
+            (
+                "id 1\n\trdn: dc=example,dc=org\nid 1\n\trdn: dc=example,dc=org\n",
+                "twice",
+            ),
+            ("id 1\n\trdn: dc=example,dc=org\ngarbage\n", "line 3"),
+        ] {
+            let err = of(dump).expect_err(dump);
+            assert!(err.contains(says), "{dump:?}: {err}");
+        }
+    }
+}
