@@ -273,10 +273,10 @@ fn parse_tar_dest(s: &str) -> Result<String, String> {
 }
 
 #[derive(Args)]
-#[command(group(ArgGroup::new("step").required(true).args(["to", "apply"])))]
+#[command(group(ArgGroup::new("step").required(true).args(["to", "apply", "ds_instance"])))]
 struct RestoreArgs {
     /// The backup directory (`abproxy backup --to DIR`).
-    #[arg(value_name = "DIR", requires = "to", conflicts_with = "apply")]
+    #[arg(value_name = "DIR", conflicts_with = "apply")]
     backup: Option<PathBuf>,
     /// Build here (a new directory, written as WORK.partial-PID and renamed
     /// once every database matches the manifest).
@@ -293,6 +293,12 @@ struct RestoreArgs {
     /// in WORK into its place.
     #[arg(long, value_name = "WORK")]
     apply: Option<PathBuf>,
+    /// A --method 389 backup into this stopped 389 DS instance (its
+    /// database moved aside to DB.before-restore-ID, the archive restored
+    /// with ns-slapd archive2db, each backend checked against the manifest
+    /// with dbscan; all or nothing).
+    #[arg(long, value_name = "NAME", requires = "backup", conflicts_with = "to")]
+    ds_instance: Option<String>,
 }
 
 #[derive(Args)]
@@ -682,6 +688,15 @@ fn operator_main(command: Command) -> ExitCode {
                 .await
             }
             Command::Restore(a) => match (a.apply, a.backup, a.to) {
+                (None, Some(backup), None) if a.ds_instance.is_some() => {
+                    let name = a.ds_instance.as_deref().unwrap_or_default();
+                    operator::restore::ds389::restore(
+                        &backup,
+                        name,
+                        &operator::Progress::stderr("abproxy restore"),
+                    )
+                    .await
+                }
                 (Some(work), _, _) => {
                     operator::restore::apply(&work, &operator::Progress::stderr("abproxy restore"))
                 }

@@ -94,6 +94,64 @@ pub async fn contents(
         .map_err(|e| Error::Config(format!("dbscan -f {}: {e}", id2entry.display())))
 }
 
+/// Where 389 DS's instance configurations live (`slapd-NAME/dse.ldif`).
+pub const CONFIG_ROOT: &str = "/etc/dirsrv";
+/// Where a running instance keeps its pid file (`slapd-NAME.pid`).
+pub const RUN_DIR: &str = "/run/dirsrv";
+/// 389's server binary (its `archive2db` mode restores an archive offline).
+pub const NS_SLAPD: &str = "/usr/sbin/ns-slapd";
+
+/// What a restore needs to know of a 389 DS instance, from its
+/// `dse.ldif` (read as the file, the server may be stopped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub name: String,
+    /// `CONFIG_ROOT/slapd-NAME`.
+    pub config_dir: PathBuf,
+    /// `nsslapd-directory` of the ldbm database plugin: every backend's
+    /// database below it.
+    pub db_dir: PathBuf,
+    /// `nsslapd-bakdir` of `cn=config`.
+    pub bak_dir: PathBuf,
+    /// `RUN_DIR/slapd-NAME.pid`.
+    pub pid_file: PathBuf,
+}
+
+impl Instance {
+    /// The instance `name` under `config_root`.
+    pub fn read(config_root: &Path, name: &str) -> Result<Instance, String> {
+        let config_dir = config_root.join(format!("slapd-{name}"));
+        let dse = config_dir.join("dse.ldif");
+        let f = File::open(&dse).map_err(|e| {
+            format!(
+                "{}: {e} (no 389 DS instance {name} here: see `dsctl -l`)",
+                dse.display()
+            )
+        })?;
+        let norm = |s: &str| NormDn::parse(s.as_bytes());
+        let config = norm("cn=config");
+        let ldbm = norm("cn=config,cn=ldbm database,cn=plugins,cn=config");
+        let (mut db_dir, mut bak_dir) = (None, None);
+        for e in ldif::Reader::new(BufReader::new(f)) {
+            let e = e.map_err(|e| format!("{}: {e}", dse.display()))?;
+            let dn = norm(&e.dn);
+            if dn.is_some() && dn == config {
+                bak_dir = single(&e, "nsslapd-bakdir");
+            } else if dn.is_some() && dn == ldbm {
+                db_dir = single(&e, "nsslapd-directory");
+            }
+        }
+        let missing = |what: &str| format!("{}: no {what}", dse.display());
+        Ok(Instance {
+            name: name.into(),
+            db_dir: db_dir.ok_or_else(|| missing("nsslapd-directory"))?.into(),
+            bak_dir: bak_dir.ok_or_else(|| missing("nsslapd-bakdir"))?.into(),
+            pid_file: Path::new(RUN_DIR).join(format!("slapd-{name}.pid")),
+            config_dir,
+        })
+    }
+}
+
 /// What one `id N` block says of the tree.
 struct Node {
     rdn: String,
@@ -332,6 +390,29 @@ dn: ou=new,dc=example,dc=org\nobjectClass: top\nparentid: 1\n\n";
                 .unwrap()
                 .to_string()
         );
+    }
+
+    #[test]
+    fn an_instance_is_read_from_its_dse_ldif() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("slapd-x1");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("dse.ldif"),
+            "dn: cn=config\nobjectClass: top\nnsslapd-bakdir: /var/lib/dirsrv/slapd-x1/bak\n\n\
+dn: cn=config,cn=ldbm database,cn=plugins,cn=config\nobjectClass: top\n\
+nsslapd-directory: /var/lib/dirsrv/slapd-x1/db\n\n",
+        )
+        .unwrap();
+        let i = Instance::read(root.path(), "x1").unwrap();
+        assert_eq!(i.db_dir, Path::new("/var/lib/dirsrv/slapd-x1/db"));
+        assert_eq!(i.bak_dir, Path::new("/var/lib/dirsrv/slapd-x1/bak"));
+        assert_eq!(i.pid_file, Path::new("/run/dirsrv/slapd-x1.pid"));
+        let err = Instance::read(root.path(), "nope").unwrap_err();
+        assert!(err.contains("no 389 DS instance nope"), "{err}");
+        std::fs::write(dir.join("dse.ldif"), "dn: cn=config\nobjectClass: top\n\n").unwrap();
+        let err = Instance::read(root.path(), "x1").unwrap_err();
+        assert!(err.contains("no nsslapd-directory"), "{err}");
     }
 
     #[test]

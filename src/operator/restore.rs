@@ -28,6 +28,8 @@ use super::{exit, Password, Progress, Session, Target};
 use crate::backup::manifest::{file_sha256, Manifest};
 use crate::backup::slapd::{self, Contents, Limits, Throwaway, Tools};
 
+pub mod ds389;
+
 /// `WORK/restore.json`'s name.
 pub const RECORD: &str = "restore.json";
 

@@ -532,9 +532,10 @@ fn first_difference(a: &[abproxy::backup::Entry], b: &[abproxy::backup::Entry]) 
 /// `abproxy backup --method 389` under writers: 389's own online backup
 /// (the task added over ldapi, straight to the server) taken while the
 /// proxy holds the writes, counted with dbscan, kept as one tar file, the
-/// server's copy removed. It verifies; an edited digest is found; restored
-/// into a fresh instance with `dsctl bak2db` it serves the manifest's
-/// count and digest, and for each writer an unbroken run of its
+/// server's copy removed. It verifies; an edited digest is found;
+/// `abproxy restore --ds-instance` refuses a running instance and restores
+/// into a stopped fresh one, which then serves the manifest's count and
+/// digest, and for each writer an unbroken run of its
 /// acknowledged writes from the first (what was acknowledged before the
 /// freeze, nothing held by it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,22 +654,68 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
     .await
     .unwrap()
     .expect("a fresh 389-ds");
-    let archive = fresh.bak_dir().join("from-abproxy");
-    std::fs::create_dir(&archive).unwrap();
-    let untar = std::process::Command::new("tar")
-        .arg("-xf")
-        .arg(dir.join("389-backup.tar"))
-        .arg("-C")
-        .arg(&archive)
-        .status()
-        .unwrap();
-    assert!(untar.success());
-    tokio::task::block_in_place(|| -> anyhow::Result<()> {
-        fresh.stop()?;
-        fresh.dsctl(&["bak2db", &archive.display().to_string()])?;
-        fresh.restart()
-    })
-    .expect("restore with dsctl bak2db");
+    // Refused while the instance runs, nothing changed.
+    let restore = |dir: std::path::PathBuf, name: String| async move {
+        let out = tokio::process::Command::new(BIN)
+            .arg("restore")
+            .arg(&dir)
+            .args(["--ds-instance", &name])
+            .env_remove("ABPROXY_LOG")
+            .kill_on_drop(true)
+            .output();
+        ToolOutput::from(
+            tokio::time::timeout(Duration::from_secs(600), out)
+                .await
+                .expect("abproxy restore within 600 s")
+                .unwrap(),
+        )
+    };
+    let own = dump(&fresh, SUFFIX, &["*", "+"]).await;
+    let out = restore(dir.clone(), fresh.name().to_string()).await;
+    assert_eq!(out.code, Some(9), "{out:?}");
+    assert!(out.stderr.contains("is running"), "{out:?}");
+    assert_eq!(
+        dump(&fresh, SUFFIX, &["*", "+"]).await,
+        own,
+        "the fresh instance still serves its own sample data"
+    );
+    tokio::task::block_in_place(|| fresh.stop()).unwrap();
+    let db = std::path::PathBuf::from(format!("/var/lib/dirsrv/slapd-{}/db", fresh.name()));
+    let aside = || -> Vec<String> {
+        std::fs::read_dir(db.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("db.before-restore-"))
+            .collect()
+    };
+    // The edited copy restores, then does not match: all undone.
+    let out = restore(edited.clone(), fresh.name().to_string()).await;
+    assert_eq!(out.code, Some(9), "{out:?}");
+    assert!(
+        out.stderr.contains("the previous database was moved back"),
+        "{out:?}"
+    );
+    assert!(aside().is_empty(), "nothing left aside");
+    tokio::task::block_in_place(|| fresh.restart()).expect("the fresh instance starts again");
+    assert_eq!(
+        dump(&fresh, SUFFIX, &["*", "+"]).await,
+        own,
+        "the failed restore left the instance as it was"
+    );
+    tokio::task::block_in_place(|| fresh.stop()).unwrap();
+    let out = restore(dir.clone(), fresh.name().to_string()).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stderr.matches("digest as in the manifest").count(),
+        2,
+        "{out:?}"
+    );
+    assert_eq!(aside().len(), 1, "the previous database is kept aside");
+    assert!(
+        std::fs::read_dir(fresh.bak_dir()).unwrap().next().is_none(),
+        "the unpacked archive is removed"
+    );
+    tokio::task::block_in_place(|| fresh.restart()).expect("the restored instance starts");
     let mut restored_written: Vec<Vec<String>> = vec![Vec::new(); WRITERS];
     for (i, base) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
         let entries = ldif::read(&dump(&fresh, base, &["*", "+"]).await).unwrap();
