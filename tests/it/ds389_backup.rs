@@ -559,20 +559,8 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
     wait_written(&ds, 2 * WRITERS, "writers make no progress").await;
 
     let parent = tempfile::tempdir().unwrap();
-    let dir = parent.path().join("bk");
-    let out = cli(
-        &proxy,
-        &[
-            "backup",
-            "--to",
-            dir.to_str().unwrap(),
-            "--method",
-            "389",
-            "--server",
-            &ds.ldapi_url(),
-        ],
-    )
-    .await;
+    let dir = parent.path().join("389-1");
+    let out = recipe_sh("ds389-backup", &proxy, ds.name(), parent.path()).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     let manifest = manifest_json(&dir);
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -606,7 +594,7 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
             "the server's copy is removed once in the backup"
         );
     }
-    let verified = verify_dir(&dir).await;
+    let verified = recipe_sh("ds389-verify", &proxy, ds.name(), parent.path()).await;
     assert_eq!(verified.code, Some(0), "{verified:?}");
     assert_eq!(
         verified.stdout.matches("read with dbscan").count(),
@@ -619,7 +607,6 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
     wait_written(&ds, now + 2 * WRITERS, "writers make no progress after").await;
     let acked = stop_writers(stop, writers).await;
     check_acked(&acked, &export_all(&ds, "final").await);
-    proxy.shutdown().await.unwrap();
 
     // A copy whose manifest says another digest, consistent otherwise:
     // the archive's content does not match.
@@ -703,7 +690,8 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
         "the failed restore left the instance as it was"
     );
     tokio::task::block_in_place(|| fresh.stop()).unwrap();
-    let out = restore(dir.clone(), fresh.name().to_string()).await;
+    let out = recipe_sh("ds389-restore", &proxy, fresh.name(), parent.path()).await;
+    proxy.shutdown().await.unwrap();
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(
         out.stderr.matches("digest as in the manifest").count(),
@@ -753,4 +741,42 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
         );
         assert!(!got.is_empty(), "writer {w} wrote before the freeze");
     }
+}
+
+/// docs/ds389.md's recipe `name` run as written by `sh -e`, with the
+/// environment it names: the proxy's URL, Directory Manager, `INSTANCE`,
+/// `BACKUP`, and the built abproxy first on PATH; bounded to 600 s.
+async fn recipe_sh(
+    name: &str,
+    proxy: &ProxyHandle,
+    instance: &str,
+    backup: &std::path::Path,
+) -> ToolOutput {
+    let bin_dir = std::path::Path::new(BIN)
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let out = tokio::process::Command::new("sh")
+        .args(["-ec", crate::support::recipe(name)])
+        .env_clear()
+        .env(
+            "PATH",
+            format!("{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        )
+        .env("ABPROXY_URL", proxy.url())
+        .env("ABPROXY_BIND_DN", DM_DN)
+        .env("ABPROXY_PASSWORD", DM_PW)
+        .env("INSTANCE", instance)
+        .env("BACKUP", backup)
+        .env("LDAPCONF", "/dev/null")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    ToolOutput::from(
+        tokio::time::timeout(Duration::from_secs(600), out)
+            .await
+            .unwrap_or_else(|_| panic!("recipe {name} did not finish in 600 s"))
+            .unwrap(),
+    )
 }

@@ -285,6 +285,7 @@ const DOCS: &[(&str, &str)] = &[
     page!("docs/operations.md"),
     page!("docs/tls.md"),
     page!("docs/allow-backup.md"),
+    page!("docs/ds389.md"),
     page!("README.md"),
 ];
 
