@@ -293,10 +293,12 @@ struct RestoreArgs {
     /// in WORK into its place.
     #[arg(long, value_name = "WORK")]
     apply: Option<PathBuf>,
-    /// A --method 389 backup into this stopped 389 DS instance (its
-    /// database moved aside to DB.before-restore-ID, the archive restored
-    /// with ns-slapd archive2db, each backend checked against the manifest
-    /// with dbscan; all or nothing).
+    /// Restore into this stopped 389 DS instance, with 389's offline
+    /// tools: a --method 389 backup with ns-slapd archive2db (the database
+    /// moved aside to DB.before-restore-ID), an ldif or slapcat backup with
+    /// ns-slapd ldif2db per backend (the database copied aside); each
+    /// backend then checked against the manifest with dbscan; all or
+    /// nothing.
     #[arg(long, value_name = "NAME", requires = "backup", conflicts_with = "to")]
     ds_instance: Option<String>,
 }

@@ -115,6 +115,8 @@ pub struct Instance {
     pub bak_dir: PathBuf,
     /// `RUN_DIR/slapd-NAME.pid`.
     pub pid_file: PathBuf,
+    /// Its databases: (backend name, suffix), as `dse.ldif` lists them.
+    pub backends: Vec<(String, String)>,
 }
 
 impl Instance {
@@ -131,7 +133,8 @@ impl Instance {
         let norm = |s: &str| NormDn::parse(s.as_bytes());
         let config = norm("cn=config");
         let ldbm = norm("cn=config,cn=ldbm database,cn=plugins,cn=config");
-        let (mut db_dir, mut bak_dir) = (None, None);
+        let plugin = norm("cn=ldbm database,cn=plugins,cn=config");
+        let (mut db_dir, mut bak_dir, mut backends) = (None, None, Vec::new());
         for e in ldif::Reader::new(BufReader::new(f)) {
             let e = e.map_err(|e| format!("{}: {e}", dse.display()))?;
             let dn = norm(&e.dn);
@@ -139,6 +142,19 @@ impl Instance {
                 bak_dir = single(&e, "nsslapd-bakdir");
             } else if dn.is_some() && dn == ldbm {
                 db_dir = single(&e, "nsslapd-directory");
+            } else if let (Some(dn), Some(plugin)) = (&dn, &plugin) {
+                let backend = e.attrs.iter().any(|(n, v)| {
+                    n.eq_ignore_ascii_case("objectClass")
+                        && v.iter()
+                            .any(|v| v.eq_ignore_ascii_case(b"nsBackendInstance"))
+                });
+                if backend && dn.depth() == plugin.depth() + 1 && dn.is_within(plugin) {
+                    if let (Some(name), Some(suffix)) =
+                        (single(&e, "cn"), single(&e, "nsslapd-suffix"))
+                    {
+                        backends.push((name, suffix));
+                    }
+                }
             }
         }
         let missing = |what: &str| format!("{}: no {what}", dse.display());
@@ -148,7 +164,17 @@ impl Instance {
             bak_dir: bak_dir.ok_or_else(|| missing("nsslapd-bakdir"))?.into(),
             pid_file: Path::new(RUN_DIR).join(format!("slapd-{name}.pid")),
             config_dir,
+            backends,
         })
+    }
+
+    /// The backend holding `suffix` (DNs compared normalised).
+    pub fn backend_of(&self, suffix: &str) -> Option<&str> {
+        let want = NormDn::parse(suffix.as_bytes())?;
+        self.backends
+            .iter()
+            .find(|(_, s)| NormDn::parse(s.as_bytes()).as_ref() == Some(&want))
+            .map(|(name, _)| name.as_str())
     }
 }
 
@@ -401,13 +427,24 @@ dn: ou=new,dc=example,dc=org\nobjectClass: top\nparentid: 1\n\n";
             dir.join("dse.ldif"),
             "dn: cn=config\nobjectClass: top\nnsslapd-bakdir: /var/lib/dirsrv/slapd-x1/bak\n\n\
 dn: cn=config,cn=ldbm database,cn=plugins,cn=config\nobjectClass: top\n\
-nsslapd-directory: /var/lib/dirsrv/slapd-x1/db\n\n",
+nsslapd-directory: /var/lib/dirsrv/slapd-x1/db\n\n\
+dn: cn=userRoot,cn=ldbm database,cn=plugins,cn=config\nobjectClass: top\n\
+objectClass: extensibleObject\nobjectClass: nsBackendInstance\ncn: userRoot\n\
+nsslapd-suffix: dc=example,dc=org\n\n\
+dn: cn=index,cn=userRoot,cn=ldbm database,cn=plugins,cn=config\nobjectClass: top\n\
+objectClass: nsBackendInstance\ncn: index\nnsslapd-suffix: dc=wrong\n\n",
         )
         .unwrap();
         let i = Instance::read(root.path(), "x1").unwrap();
         assert_eq!(i.db_dir, Path::new("/var/lib/dirsrv/slapd-x1/db"));
         assert_eq!(i.bak_dir, Path::new("/var/lib/dirsrv/slapd-x1/bak"));
         assert_eq!(i.pid_file, Path::new("/run/dirsrv/slapd-x1.pid"));
+        assert_eq!(
+            i.backends,
+            [("userRoot".to_string(), "dc=example,dc=org".to_string())]
+        );
+        assert_eq!(i.backend_of("DC=Example, dc=org"), Some("userRoot"));
+        assert_eq!(i.backend_of("dc=wrong"), None);
         let err = Instance::read(root.path(), "nope").unwrap_err();
         assert!(err.contains("no 389 DS instance nope"), "{err}");
         std::fs::write(dir.join("dse.ldif"), "dn: cn=config\nobjectClass: top\n\n").unwrap();

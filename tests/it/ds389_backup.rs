@@ -780,3 +780,73 @@ async fn recipe_sh(
             .unwrap(),
     )
 }
+
+/// An `ldif` backup of 389 DS (taken through the proxy) goes back into a
+/// fresh, stopped instance with `abproxy restore --ds-instance`
+/// (`ldif2db` per backend, over a copy kept aside), which then serves the
+/// manifest's count and digest for both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abproxy_ldif_backup_of_389_restores_into_a_fresh_instance() {
+    use crate::support::backup::manifest_json;
+    use abproxy::backup::{ldif, Digest};
+    if skip() {
+        return;
+    }
+    let ds = start_ds(30).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            BackendConfig::new(SUFFIX, Mode::Readonly),
+            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
+        ],
+    )
+    .await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let out = cli(&proxy, &["backup", "--to", dir.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    proxy.shutdown().await.unwrap();
+    let manifest = manifest_json(&dir);
+
+    let mut fresh = tokio::task::spawn_blocking(|| {
+        Ds389::start(testkit::ds389::Ds389Options {
+            users: 3,
+            other_users: 1,
+            tls: None,
+        })
+    })
+    .await
+    .unwrap()
+    .expect("a fresh 389-ds");
+    tokio::task::block_in_place(|| fresh.stop()).unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .arg("restore")
+        .arg(&dir)
+        .args(["--ds-instance", fresh.name()])
+        .env_remove("ABPROXY_LOG")
+        .kill_on_drop(true)
+        .output();
+    let out = ToolOutput::from(
+        tokio::time::timeout(Duration::from_secs(600), out)
+            .await
+            .expect("abproxy restore within 600 s")
+            .unwrap(),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stderr.matches("digest as in the manifest").count(),
+        2,
+        "{out:?}"
+    );
+    tokio::task::block_in_place(|| fresh.restart()).expect("the restored instance starts");
+    for (i, base) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
+        let entries = ldif::read(&dump(&fresh, base, &["*", "+"]).await).unwrap();
+        let b = &manifest["backends"][i];
+        assert_eq!(b["entries"].as_u64(), Some(entries.len() as u64), "{base}");
+        assert_eq!(
+            b["digest"].as_str().unwrap(),
+            Digest::of_entries(entries).unwrap().to_string(),
+            "{base}: the restored instance serves what the manifest says"
+        );
+    }
+}
