@@ -208,6 +208,7 @@ pub fn contents_of_dump<R: BufRead>(first: R, second: R, suffix: &str) -> Result
     let mut dns: HashMap<u64, String> = HashMap::new();
     let mut digester = Digester::default();
     let mut entries = 0u64;
+    let mut suffix_uuid = None;
     blocks(second, |id, mut e| {
         let dn = dn_of(id, &tree, &mut dns)?;
         if tombstone(&e) {
@@ -216,6 +217,9 @@ pub fn contents_of_dump<R: BufRead>(first: R, second: R, suffix: &str) -> Result
         let norm = NormDn::parse(dn.as_bytes()).ok_or_else(|| format!("id {id}: bad DN {dn}"))?;
         if !norm.is_within(&want) {
             return Err(format!("id {id}: {dn} is not under {suffix}"));
+        }
+        if norm == want {
+            suffix_uuid = single(&e, "entryUUID");
         }
         e.dn = dn;
         e.attrs
@@ -228,6 +232,7 @@ pub fn contents_of_dump<R: BufRead>(first: R, second: R, suffix: &str) -> Result
         entries,
         digest: digester.finish().to_string(),
         context_csn: Vec::new(),
+        suffix_uuid,
     })
 }
 
@@ -361,6 +366,7 @@ mod tests {
     /// As `dbscan -f id2entry.db` of 389 DS 2.3 prints it (abridged).
     const DUMP: &str = "id 1\n\trdn: dc=example,dc=org\n\tobjectClass: top\n\tobjectClass: domain\n\
 \tdc: example\n\tnsUniqueId: 46de40bd-ef6211f1-b7a2fda2-6c25e0c7\n\tentryid: 1\n\tnumSubordinates: 1\n\
+\tentryUUID: 16d5ab55-2708-4a3c-adcd-e99721409a1f\n\
 \tdsEntryDN: dc=example,dc=org\n\t\n\
 id 2\n\trdn: ou=people\n\tobjectClass: top\n\tobjectClass: organizationalUnit\n\tou: people\n\
 \tparentid: 1\n\tentryid: 2\n\tdsEntryDN: ou=people,dc=example,dc=org\n\t\n\
@@ -374,6 +380,7 @@ id 3\n\trdn: nsuniqueid=ffffffff-ffffffff-ffffffff-ffffffff\n\tobjectClass: top\
     const EXPORT: &str =
         "dn: dc=example,dc=org\nobjectClass: top\nobjectClass: domain\ndc: example\n\
 nsUniqueId: 46de40bd-ef6211f1-b7a2fda2-6c25e0c7\nentryid: 1\nnumSubordinates: 1\n\
+entryUUID: 16d5ab55-2708-4a3c-adcd-e99721409a1f\n\
 dsEntryDN: dc=example,dc=org\nentrydn: dc=example,dc=org\n\n\
 dn: ou=people,dc=example,dc=org\nobjectClass: top\nobjectClass: organizationalUnit\nou: people\n\
 parentid: 1\nentryid: 2\ndsEntryDN: ou=people,dc=example,dc=org\nhasSubordinates: TRUE\n\n\
@@ -389,6 +396,7 @@ dsEntryDN: uid=u2,ou=people,dc=example,dc=org\n\n";
     fn a_dump_digests_as_the_ldap_export_of_the_same_entries() {
         let c = of(DUMP).unwrap();
         assert_eq!(c.entries, 3, "the tombstone is not an entry");
+        assert_eq!(c.suffix_uuid.as_deref(), Some("16d5ab55-2708-4a3c-adcd-e99721409a1f"));
         let export = ldif::read(EXPORT).unwrap();
         assert_eq!(c.digest, Digest::of_entries(export).unwrap().to_string());
     }

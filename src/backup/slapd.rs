@@ -366,6 +366,9 @@ pub struct Contents {
     pub digest: String,
     /// The suffix entry's `contextCSN` values, sorted.
     pub context_csn: Vec<String>,
+    /// The suffix entry's `entryUUID`: which database this is (copies and
+    /// replicas of it keep it; a database created on its own has another).
+    pub suffix_uuid: Option<String>,
 }
 
 /// Counts and digests LDIF entries, keeping the suffix entry's contextCSN.
@@ -375,6 +378,7 @@ pub fn contents_of(path: &Path, suffix: &str) -> Result<Contents, Error> {
     let mut digester = Digester::default();
     let mut entries = 0u64;
     let mut context_csn = Vec::new();
+    let mut suffix_uuid = None;
     for e in ldif::Reader::new(BufReader::new(f)) {
         let e = e.map_err(|source| Error::Ldif {
             path: path.to_path_buf(),
@@ -385,6 +389,9 @@ pub fn contents_of(path: &Path, suffix: &str) -> Result<Contents, Error> {
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .collect();
             context_csn.sort();
+            suffix_uuid = values(&e, "entryUUID")
+                .next()
+                .map(|v| String::from_utf8_lossy(v).into_owned());
         }
         digester
             .add(&e)
@@ -395,6 +402,7 @@ pub fn contents_of(path: &Path, suffix: &str) -> Result<Contents, Error> {
         entries,
         digest: digester.finish().to_string(),
         context_csn,
+        suffix_uuid,
     })
 }
 

@@ -974,6 +974,7 @@ mod tests {
                 digest: Digest::of_entries(entries.clone()).unwrap().to_string(),
                 file: file.clone(),
                 commands: vec![],
+                suffix_uuid: None,
                 ds389: None,
             });
             files.push(file);

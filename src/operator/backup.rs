@@ -914,13 +914,18 @@ async fn export_all(
                     digest: String::new(),
                     file: String::new(),
                     commands: vec![line.clone()],
+                    suffix_uuid: suffix_uuid(session, suffix).await?,
                     ds389: None,
                 });
             }
             return Ok(out);
         }
         if let Method::Ds389 { server } = method {
-            return ds389_task(spec, server, backup_id, &suffixes, log).await;
+            let mut served = Vec::new();
+            for (suffix, _) in &suffixes {
+                served.push(suffix_uuid(session, suffix).await?);
+            }
+            return ds389_task(spec, server, backup_id, &suffixes, served, log).await;
         }
         for (i, (suffix, mode)) in suffixes.iter().enumerate() {
             let t = log.begin();
@@ -936,6 +941,7 @@ async fn export_all(
                 digest: String::new(),
                 file: String::new(),
                 commands: Vec::new(),
+                suffix_uuid: suffix_uuid(session, suffix).await?,
                 ds389: None,
             };
             match (method, &config) {
@@ -948,6 +954,7 @@ async fn export_all(
                         .map_err(fail)?;
                     record.commands.push(line);
                     let c = slapd::contents_of(&out, suffix).map_err(fail)?;
+                    same_database(&record, c.suffix_uuid.as_deref(), "the slapcat")?;
                     // What a restore gets: the file's own contextCSN (slapd
                     // writes the one it serves at checkpoints).
                     (record.entries, record.digest, record.context_csn) =
@@ -1012,6 +1019,7 @@ async fn ds389_task(
     server: &str,
     backup_id: &str,
     suffixes: &[(String, BackendModeName)],
+    served: Vec<Option<String>>,
     log: &mut Log,
 ) -> Result<Vec<BackendRecord>, Fail> {
     let t = log.begin();
@@ -1027,6 +1035,27 @@ async fn ds389_task(
         let names: Vec<String> = suffixes.iter().map(|(s, _)| s.clone()).collect();
         let backends = ds389::backends(&mut direct, &names).await?;
         let bakdir = ds389::bakdir(&mut direct).await?;
+        let mut records: Vec<BackendRecord> = suffixes
+            .iter()
+            .zip(served)
+            .map(|((suffix, mode), uuid)| BackendRecord {
+                suffix: suffix.clone(),
+                mode: mode.as_str().into(),
+                method: spec.method.name().into(),
+                entries: 0,
+                context_csn: Vec::new(),
+                digest: String::new(),
+                file: ds389::ARCHIVE.into(),
+                commands: Vec::new(),
+                suffix_uuid: uuid,
+                ds389: None,
+            })
+            .collect();
+        // Before the task: --server is the server behind the proxy.
+        for r in &records {
+            let direct_uuid = suffix_uuid(&mut direct, &r.suffix).await?;
+            same_database(r, direct_uuid.as_deref(), &format!("--server {server}"))?;
+        }
         let task = format!("abproxy-{backup_id}");
         let archive = format!("{}/{task}", bakdir.trim_end_matches('/'));
         if fs::symlink_metadata(&archive).is_ok() {
@@ -1047,21 +1076,11 @@ async fn ds389_task(
         let t = log.begin();
         let line = ds389::backup_task(&mut direct, &task, &archive).await?;
         log.end(t, "389 backup task", &line);
-        Ok(suffixes
-            .iter()
-            .zip(&backends)
-            .map(|((suffix, mode), backend)| BackendRecord {
-                suffix: suffix.clone(),
-                mode: mode.as_str().into(),
-                method: spec.method.name().into(),
-                entries: 0,
-                context_csn: Vec::new(),
-                digest: String::new(),
-                file: ds389::ARCHIVE.into(),
-                commands: vec![line.clone()],
-                ds389: Some(ds389::archive_record(backend, &archive)),
-            })
-            .collect())
+        for (r, backend) in records.iter_mut().zip(&backends) {
+            r.commands.push(line.clone());
+            r.ds389 = Some(ds389::archive_record(backend, &archive));
+        }
+        Ok(records)
     }
     .await;
     direct.close().await;
@@ -1162,6 +1181,7 @@ async fn complete(
         .await
         .map_err(fail)?;
         let c = built.contents;
+        same_database(b, c.suffix_uuid.as_deref(), "the database copied")?;
         (b.entries, b.digest, b.context_csn) = (c.entries, c.digest, c.context_csn);
         log.end(
             t,
@@ -1222,6 +1242,37 @@ pub(super) async fn context_csn(session: &mut Session, suffix: &str) -> Result<V
         .collect();
     v.sort();
     Ok(v)
+}
+
+/// The suffix entry's `entryUUID`, read during the freeze.
+async fn suffix_uuid(session: &mut Session, suffix: &str) -> Result<Option<String>, Fail> {
+    let step = format!("entryUUID of {suffix}");
+    let e = base_entry(session, &step, suffix, vec!["entryUUID"]).await?;
+    Ok(e.and_then(|e| first(&e, "entryUUID")))
+}
+
+/// Fails unless what a local method read (`read`: its suffix entry's
+/// `entryUUID`) is the database the proxy's server served: a wrong
+/// `--slapd-config` or `--server` would otherwise back up another
+/// server's data under this one's name. Nothing to compare when the
+/// server served no `entryUUID`.
+fn same_database(b: &BackendRecord, read: Option<&str>, what: &str) -> Result<(), Fail> {
+    let Some(served) = &b.suffix_uuid else {
+        return Ok(());
+    };
+    if read.is_some_and(|r| r.eq_ignore_ascii_case(served)) {
+        return Ok(());
+    }
+    Err(Fail::new(
+        format!("check {}", b.suffix),
+        format!(
+            "{what} is not of the database behind the proxy: its suffix entry's entryUUID is \
+             {}, the one the proxy's server holds is {served} (the configuration or --server \
+             of another server?)",
+            read.unwrap_or("absent")
+        ),
+        exit::BACKUP_FAILED,
+    ))
 }
 
 /// An ldap3 entry as an LDIF entry (attributes by name, binary values as

@@ -549,6 +549,7 @@ async fn serve_one(
             entries,
             digest,
             context_csn: csn,
+            suffix_uuid: None,
         })
     };
     let r = tokio::time::timeout(limits.data, read)

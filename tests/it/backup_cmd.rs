@@ -251,6 +251,47 @@ async fn files_backup_under_writers_is_one_instant() {
 /// write acknowledged before the command is in it, none after, one instant
 /// (no gap in any writer's adds); it verifies, and it opens in a throwaway
 /// slapd with exactly the manifest's entries (`verify --restore-test`).
+/// `slapcat` and `files` pointed at another server's configuration (a
+/// second slapd with the same suffixes, created on its own) are refused:
+/// the suffix entry's entryUUID read there is not the one the proxy's
+/// server serves. Exit 8 naming both, no backup left, the freeze released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_methods_refuse_another_servers_database() {
+    let lab = lab(Mode::Readonly).await;
+    let other = block_in_place(|| {
+        testkit::Slapd::start(SlapdOptions {
+            nosync: true,
+            users: 3,
+            other_users: 2,
+            ..Default::default()
+        })
+    })
+    .expect("a second slapd");
+    let config = other.dir().join("slapd.d");
+    for method in ["slapcat", "files"] {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("bk");
+        let args = [
+            "--to",
+            dir.to_str().unwrap(),
+            "--method",
+            method,
+            "--slapd-config",
+            config.to_str().unwrap(),
+        ];
+        let out = backup(&lab, &args).await;
+        assert_eq!(out.code, Some(8), "{method}: {out:?}");
+        assert!(
+            out.stderr
+                .contains("is not of the database behind the proxy: its suffix entry's entryUUID"),
+            "{method}: {out:?}"
+        );
+        assert!(!dir.exists(), "{method}: no backup");
+        assert!(partials(parent.path()).is_empty(), "{method}");
+        assert_eq!(status(&lab).await.state, State::Thawed, "{method}");
+    }
+}
+
 async fn one_instant_under_writers(method: &str) {
     let lab = lab(Mode::Readonly).await;
     let config = lab.slapd.dir().join("slapd.d");
@@ -288,6 +329,13 @@ async fn one_instant_under_writers(method: &str) {
     let backends = check_manifest_with(&dir, Some(&config)).await;
     assert_eq!(backends.len(), 2, "both suffixes");
     assert_eq!(manifest_json(&dir)["backends"][0]["method"], method);
+    // Which database it is, as served during the freeze (and checked
+    // against what the method read).
+    let served_uuid = manifest_json(&dir)["backends"][0]["suffix_uuid"].clone();
+    assert!(
+        served_uuid.as_str().is_some_and(|u| u.len() == 36),
+        "{served_uuid}"
+    );
     let verified = verify(&[
         dir.to_str().unwrap(),
         "--restore-test",

@@ -193,6 +193,7 @@ pub(super) async fn complete(
         )
         .await
         .map_err(|e| Fail::new(step.clone(), e, exit::BACKUP_FAILED))?;
+        super::same_database(b, c.suffix_uuid.as_deref(), "the 389 archive")?;
         (b.entries, b.digest) = (c.entries, c.digest);
         log.end(
             t,
