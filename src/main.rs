@@ -194,6 +194,12 @@ struct RunArgs {
 /// How `backup` reads the data.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Method {
+    /// Chosen before the freeze: `389` when the proxy's server is a 389 DS
+    /// instance on this host, `files` (or `slapcat` without mdb_copy) when
+    /// it is a slapd whose databases are here (--slapd-config), else
+    /// `ldif`; a local database counts only when its suffix entries'
+    /// entryUUIDs are the ones the proxy's server serves.
+    Auto,
     /// Export every entry (`*` and `+`) through the proxy as LDIF.
     Ldif,
     /// Local slapd: `slapcat -b SUFFIX` with its configuration
@@ -242,9 +248,9 @@ struct BackupArgs {
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
     /// How the data is read.
-    #[arg(long, value_enum, default_value = "ldif")]
+    #[arg(long, value_enum, default_value = "auto")]
     method: Method,
-    /// For --method slapcat and files: the local slapd's configuration, a
+    /// For --method slapcat, files and auto: the local slapd's configuration, a
     /// slapd.d directory or a slapd.conf file.
     #[arg(long, value_name = "PATH", default_value = "/etc/ldap/slapd.d")]
     slapd_config: PathBuf,
@@ -640,6 +646,9 @@ fn operator_main(command: Command) -> ExitCode {
             }
             Command::Backup(a) => {
                 let method = match a.method {
+                    Method::Auto => operator::backup::Method::Auto {
+                        slapd_config: a.slapd_config,
+                    },
                     Method::Ldif => operator::backup::Method::Ldif,
                     Method::Slapcat => operator::backup::Method::Slapcat {
                         config: a.slapd_config,

@@ -117,6 +117,9 @@ pub struct Instance {
     pub pid_file: PathBuf,
     /// Its databases: (backend name, suffix), as `dse.ldif` lists them.
     pub backends: Vec<(String, String)>,
+    /// Its LDAPI socket (`nsslapd-ldapifilepath` with `nsslapd-ldapilisten:
+    /// on`).
+    pub ldapi: Option<PathBuf>,
 }
 
 impl Instance {
@@ -135,11 +138,15 @@ impl Instance {
         let ldbm = norm("cn=config,cn=ldbm database,cn=plugins,cn=config");
         let plugin = norm("cn=ldbm database,cn=plugins,cn=config");
         let (mut db_dir, mut bak_dir, mut backends) = (None, None, Vec::new());
+        let mut ldapi = None;
         for e in ldif::Reader::new(BufReader::new(f)) {
             let e = e.map_err(|e| format!("{}: {e}", dse.display()))?;
             let dn = norm(&e.dn);
             if dn.is_some() && dn == config {
                 bak_dir = single(&e, "nsslapd-bakdir");
+                if single(&e, "nsslapd-ldapilisten").is_some_and(|v| v.eq_ignore_ascii_case("on")) {
+                    ldapi = single(&e, "nsslapd-ldapifilepath").map(PathBuf::from);
+                }
             } else if dn.is_some() && dn == ldbm {
                 db_dir = single(&e, "nsslapd-directory");
             } else if let (Some(dn), Some(plugin)) = (&dn, &plugin) {
@@ -165,6 +172,7 @@ impl Instance {
             pid_file: Path::new(RUN_DIR).join(format!("slapd-{name}.pid")),
             config_dir,
             backends,
+            ldapi,
         })
     }
 
@@ -176,6 +184,41 @@ impl Instance {
             .find(|(_, s)| NormDn::parse(s.as_bytes()).as_ref() == Some(&want))
             .map(|(name, _)| name.as_str())
     }
+}
+
+/// The names of the 389 DS instances configured under `config_root`
+/// (`slapd-NAME` folders with a `dse.ldif`), sorted.
+pub fn instances(config_root: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(config_root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let inst = name.strip_prefix("slapd-")?;
+            e.path()
+                .join("dse.ldif")
+                .is_file()
+                .then(|| inst.to_string())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `ldapi://` URL of a socket path (percent-encoded).
+pub fn ldapi_url(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut s = String::from("ldapi://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
 }
 
 /// What one `id N` block says of the tree.
@@ -219,7 +262,7 @@ pub fn contents_of_dump<R: BufRead>(first: R, second: R, suffix: &str) -> Result
             return Err(format!("id {id}: {dn} is not under {suffix}"));
         }
         if norm == want {
-            suffix_uuid = single(&e, "entryUUID");
+            suffix_uuid = single(&e, "entryUUID").or_else(|| single(&e, "nsUniqueId"));
         }
         e.dn = dn;
         e.attrs
@@ -396,7 +439,10 @@ dsEntryDN: uid=u2,ou=people,dc=example,dc=org\n\n";
     fn a_dump_digests_as_the_ldap_export_of_the_same_entries() {
         let c = of(DUMP).unwrap();
         assert_eq!(c.entries, 3, "the tombstone is not an entry");
-        assert_eq!(c.suffix_uuid.as_deref(), Some("16d5ab55-2708-4a3c-adcd-e99721409a1f"));
+        assert_eq!(
+            c.suffix_uuid.as_deref(),
+            Some("16d5ab55-2708-4a3c-adcd-e99721409a1f")
+        );
         let export = ldif::read(EXPORT).unwrap();
         assert_eq!(c.digest, Digest::of_entries(export).unwrap().to_string());
     }
@@ -433,7 +479,8 @@ dn: ou=new,dc=example,dc=org\nobjectClass: top\nparentid: 1\n\n";
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(
             dir.join("dse.ldif"),
-            "dn: cn=config\nobjectClass: top\nnsslapd-bakdir: /var/lib/dirsrv/slapd-x1/bak\n\n\
+            "dn: cn=config\nobjectClass: top\nnsslapd-bakdir: /var/lib/dirsrv/slapd-x1/bak\n\
+nsslapd-ldapilisten: on\nnsslapd-ldapifilepath: /run/slapd-x1.socket\n\n\
 dn: cn=config,cn=ldbm database,cn=plugins,cn=config\nobjectClass: top\n\
 nsslapd-directory: /var/lib/dirsrv/slapd-x1/db\n\n\
 dn: cn=userRoot,cn=ldbm database,cn=plugins,cn=config\nobjectClass: top\n\
@@ -447,6 +494,7 @@ objectClass: nsBackendInstance\ncn: index\nnsslapd-suffix: dc=wrong\n\n",
         assert_eq!(i.db_dir, Path::new("/var/lib/dirsrv/slapd-x1/db"));
         assert_eq!(i.bak_dir, Path::new("/var/lib/dirsrv/slapd-x1/bak"));
         assert_eq!(i.pid_file, Path::new("/run/dirsrv/slapd-x1.pid"));
+        assert_eq!(i.ldapi.as_deref(), Some(Path::new("/run/slapd-x1.socket")));
         assert_eq!(
             i.backends,
             [("userRoot".to_string(), "dc=example,dc=org".to_string())]

@@ -108,8 +108,9 @@ pub struct BackendRecord {
     /// would show them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub commands: Vec<String>,
-    /// The suffix entry's `entryUUID` as the server behind the proxy
-    /// served it during the freeze: which database this is (a copy or a
+    /// The suffix entry's `entryUUID` (389 DS: `nsUniqueId` where it has
+    /// none) as the server behind the proxy served it during the freeze:
+    /// which database this is (a copy or a
     /// replica keeps it; the methods that read local files check that they
     /// read this one).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -366,8 +366,9 @@ pub struct Contents {
     pub digest: String,
     /// The suffix entry's `contextCSN` values, sorted.
     pub context_csn: Vec<String>,
-    /// The suffix entry's `entryUUID`: which database this is (copies and
-    /// replicas of it keep it; a database created on its own has another).
+    /// The suffix entry's `entryUUID` (389 DS: `nsUniqueId` where it has
+    /// none): which database this is (copies and replicas of it keep it; a
+    /// database created on its own has another).
     pub suffix_uuid: Option<String>,
 }
 
@@ -390,6 +391,7 @@ pub fn contents_of(path: &Path, suffix: &str) -> Result<Contents, Error> {
                 .collect();
             context_csn.sort();
             suffix_uuid = values(&e, "entryUUID")
+                .chain(values(&e, "nsUniqueId"))
                 .next()
                 .map(|v| String::from_utf8_lossy(v).into_owned());
         }
@@ -568,6 +570,52 @@ pub async fn slapcat_live(
     let line = command_line(&cmd);
     run(cmd, &format!("slapcat of {suffix}"), limit, None).await?;
     Ok(line)
+}
+
+/// The suffix entry's `entryUUID` in the local database of `suffix`
+/// (`slapcat -H ldap:///SUFFIX??base`: that entry only, read-only beside
+/// the running slapd), its output kept in `scratch`. `None` when the
+/// entry is not there or has none.
+pub async fn suffix_uuid(
+    tools: &Tools,
+    config: &Path,
+    suffix: &str,
+    scratch: &Path,
+    limit: Duration,
+) -> Result<Option<String>, Error> {
+    let mut url = String::from("ldap:///");
+    for b in suffix.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~,=".contains(&b) {
+            url.push(b as char);
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url.push_str("??base");
+    let path = scratch.join("suffix-entry.ldif");
+    let mut cmd = Command::new(&tools.slapcat);
+    cmd.arg(if config.is_dir() { "-F" } else { "-f" })
+        .arg(config)
+        .arg("-b")
+        .arg(suffix)
+        .arg("-H")
+        .arg(&url)
+        .arg("-o")
+        .arg("ldif_wrap=no")
+        .arg("-l")
+        .arg(&path);
+    run(cmd, &format!("slapcat of {suffix}'s entry"), limit, None).await?;
+    let text = fs::read_to_string(&path).map_err(io(&path))?;
+    let entries = ldif::read(&text).map_err(|source| Error::Ldif {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(entries.iter().find_map(|e| {
+        values(e, "entryUUID")
+            .chain(values(e, "nsUniqueId"))
+            .next()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }))
 }
 
 /// A command as a shell would show it (for the manifest and the log).

@@ -38,6 +38,7 @@ use crate::backup::manifest::{
 };
 use crate::backup::{ldif, slapd, Digester, Entry};
 
+mod auto;
 mod ds389;
 
 /// Entries per page of the export search.
@@ -68,6 +69,8 @@ pub struct BackupSpec {
     pub history: Option<PathBuf>,
     /// `--method`.
     pub method: Method,
+    /// Why `--method auto` chose `method` (for the log).
+    pub method_reason: Option<String>,
 }
 
 /// How each backend's data is read (`--method`).
@@ -94,6 +97,11 @@ pub enum Method {
     /// while frozen; counted with `dbscan` and kept as one tar file after
     /// the release ([`ds389`]).
     Ds389 { server: String },
+    /// Chosen before the freeze from what the proxy's server is and
+    /// whether its database is on this host ([`auto`]): `389`, `files`
+    /// or `slapcat` (with the configuration at `slapd_config`), else
+    /// `ldif`.
+    Auto { slapd_config: PathBuf },
 }
 
 impl Method {
@@ -105,6 +113,7 @@ impl Method {
             Method::Files { .. } => "files",
             Method::Command { .. } => "command",
             Method::Ds389 { .. } => "389",
+            Method::Auto { .. } => "auto",
         }
     }
 }
@@ -393,6 +402,22 @@ async fn attempt_backup(
     attempt: &mut Attempt,
     progress: &Progress,
 ) -> Result<(), Fail> {
+    let chosen;
+    let spec = match &spec.method {
+        Method::Auto { slapd_config } => {
+            let (method, why) = auto::choose(spec, slapd_config)
+                .await
+                .inspect_err(|f| say(f, progress))?;
+            progress.line(format!("method {why}"));
+            chosen = BackupSpec {
+                method,
+                method_reason: Some(why),
+                ..spec.clone()
+            };
+            &chosen
+        }
+        _ => spec,
+    };
     let (tmp, mut signals) = prepare(spec).inspect_err(|f| say(f, progress))?;
     let mut result = take(spec, &tmp, &mut signals, progress, attempt).await;
     if let (Ok(manifest), Destination::TarStdout { .. }) = (&result, &spec.dest) {
@@ -630,6 +655,9 @@ async fn take(
         progress: progress.clone(),
     };
     let started = SystemTime::now();
+    if let Some(why) = &spec.method_reason {
+        log.lines.push(format!("{} method {why}", utc(started)));
+    }
     let url = &spec.target.url;
     let targets: Vec<Target> = std::iter::once(spec.target.clone())
         .chain(spec.more_targets.iter().cloned())
@@ -886,7 +914,8 @@ async fn export_all(
 
     // The local server's configuration, for the methods that read its files.
     let config = match method {
-        Method::Ldif | Method::Command { .. } | Method::Ds389 { .. } => None,
+        // Auto is resolved before the freeze.
+        Method::Ldif | Method::Command { .. } | Method::Ds389 { .. } | Method::Auto { .. } => None,
         Method::Slapcat { config } | Method::Files { config } => {
             let t = log.begin();
             let entries = read_config(config).await?;
@@ -1244,11 +1273,12 @@ pub(super) async fn context_csn(session: &mut Session, suffix: &str) -> Result<V
     Ok(v)
 }
 
-/// The suffix entry's `entryUUID`, read during the freeze.
+/// The suffix entry's `entryUUID` (or, where it has none, 389 DS's
+/// `nsUniqueId`, which every 389 entry has): which database this is.
 async fn suffix_uuid(session: &mut Session, suffix: &str) -> Result<Option<String>, Fail> {
     let step = format!("entryUUID of {suffix}");
-    let e = base_entry(session, &step, suffix, vec!["entryUUID"]).await?;
-    Ok(e.and_then(|e| first(&e, "entryUUID")))
+    let e = base_entry(session, &step, suffix, vec!["entryUUID", "nsUniqueId"]).await?;
+    Ok(e.and_then(|e| first(&e, "entryUUID").or_else(|| first(&e, "nsUniqueId"))))
 }
 
 /// Fails unless what a local method read (`read`: its suffix entry's
@@ -1266,9 +1296,9 @@ fn same_database(b: &BackendRecord, read: Option<&str>, what: &str) -> Result<()
     Err(Fail::new(
         format!("check {}", b.suffix),
         format!(
-            "{what} is not of the database behind the proxy: its suffix entry's entryUUID is \
-             {}, the one the proxy's server holds is {served} (the configuration or --server \
-             of another server?)",
+            "{what} is not of the database behind the proxy: its suffix entry's id (entryUUID, \
+             or 389's nsUniqueId) is {}, the one the proxy's server holds is {served} (the \
+             configuration or --server of another server?)",
             read.unwrap_or("absent")
         ),
         exit::BACKUP_FAILED,

@@ -365,6 +365,7 @@ pub async fn backup(
         dest,
         history,
         method,
+        method_reason: None,
     };
     super::backup::backup(spec, &Progress::stderr("abproxy backup")).await
 }

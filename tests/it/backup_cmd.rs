@@ -283,12 +283,61 @@ async fn local_methods_refuse_another_servers_database() {
         assert_eq!(out.code, Some(8), "{method}: {out:?}");
         assert!(
             out.stderr
-                .contains("is not of the database behind the proxy: its suffix entry's entryUUID"),
+                .contains("is not of the database behind the proxy: its suffix entry's id"),
             "{method}: {out:?}"
         );
         assert!(!dir.exists(), "{method}: no backup");
         assert!(partials(parent.path()).is_empty(), "{method}");
         assert_eq!(status(&lab).await.state, State::Thawed, "{method}");
+    }
+}
+
+/// Without --method, `backup` takes the local database when it is
+/// provably the proxy's server's (`files`: mdb_copy is installed), and
+/// reads through the proxy (`ldif`) when the configuration given is
+/// another server's; backup.log says which and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_method_takes_the_local_database_only_when_it_is_the_proxys() {
+    let lab = lab(Mode::Readonly).await;
+    let other = block_in_place(|| {
+        testkit::Slapd::start(SlapdOptions {
+            nosync: true,
+            users: 3,
+            other_users: 2,
+            ..Default::default()
+        })
+    })
+    .expect("a second slapd");
+    for (config, method, why) in [
+        (
+            lab.slapd.dir().join("slapd.d"),
+            "files",
+            "method files: the slapd behind the proxy has its databases on this host",
+        ),
+        (
+            other.dir().join("slapd.d"),
+            "ldif",
+            "is not the one behind the proxy (its suffix entry's id (entryUUID) is",
+        ),
+    ] {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("bk");
+        let args = [
+            "--to",
+            dir.to_str().unwrap(),
+            "--slapd-config",
+            config.to_str().unwrap(),
+        ];
+        let out = backup(&lab, &args).await;
+        assert_eq!(out.code, Some(0), "{method}: {out:?}");
+        let m = manifest_json(&dir);
+        for b in m["backends"].as_array().unwrap() {
+            assert_eq!(b["method"], method, "{out:?}");
+        }
+        let log = std::fs::read_to_string(dir.join("backup.log")).unwrap();
+        assert!(log.lines().next().unwrap().contains(why), "{log}");
+        let verified = verify_dir(&dir).await;
+        assert_eq!(verified.code, Some(0), "{verified:?}");
     }
 }
 

@@ -434,7 +434,11 @@ async fn abproxy_backup_of_389_has_the_digest_of_389s_own_export() {
     .await;
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("bk");
-    let out = cli(&proxy, &["backup", "--to", dir.to_str().unwrap()]).await;
+    let out = cli(
+        &proxy,
+        &["backup", "--to", dir.to_str().unwrap(), "--method", "ldif"],
+    )
+    .await;
     assert_eq!(out.code, Some(0), "{out:?}");
     let manifest = crate::support::backup::manifest_json(&dir);
     // The backup checks out by itself.
@@ -803,8 +807,30 @@ async fn abproxy_ldif_backup_of_389_restores_into_a_fresh_instance() {
     .await;
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("bk");
-    let out = cli(&proxy, &["backup", "--to", dir.to_str().unwrap()]).await;
+    let out = cli(
+        &proxy,
+        &["backup", "--to", dir.to_str().unwrap(), "--method", "ldif"],
+    )
+    .await;
     assert_eq!(out.code, Some(0), "{out:?}");
+    // Without --method: the 389 DS behind the proxy is an instance here,
+    // found by its suffix entries' entryUUIDs: 389's own backup.
+    let auto = parent.path().join("auto");
+    let out = cli(&proxy, &["backup", "--to", auto.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        manifest_json(&auto)["backends"][0]["method"],
+        "389",
+        "{out:?}"
+    );
+    let log = std::fs::read_to_string(auto.join("backup.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "method 389: the 389 DS behind the proxy is instance {} on this host",
+            ds.name()
+        )),
+        "{log}"
+    );
     proxy.shutdown().await.unwrap();
     let manifest = manifest_json(&dir);
 
