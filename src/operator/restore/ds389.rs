@@ -383,10 +383,24 @@ async fn test_in(
     match slapd::run(cmd, &line, TEST_RESTORE_LIMIT, None).await {
         Ok(()) => {}
         Err(e @ slapd::Error::Tool { .. }) => {
+            let why = format!("{e}{}", errors_tail(&layout));
+            // ns-slapd refusing the copied configuration says nothing of
+            // the archive.
+            if [
+                "init_dse_file",
+                "dse_read_one_file",
+                "Could not load config file",
+            ]
+            .iter()
+            .any(|m| why.contains(m))
+            {
+                return Err(cannot(format!(
+                    "ns-slapd refused the throwaway's configuration (copied from {name}): {why}"
+                )));
+            }
             return Err(TestFail::DoesNotLoad(format!(
-                "archive2db refused the archive: {e}{}",
-                errors_tail(&layout)
-            )))
+                "archive2db refused the archive: {why}"
+            )));
         }
         Err(e) => return Err(cannot(format!("archive2db: {e}"))),
     }
