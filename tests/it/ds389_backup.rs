@@ -832,6 +832,7 @@ async fn abproxy_verify_restore_test_serves_a_389_backup_from_a_throwaway_instan
 
     let out = verify(&[d, "--restore-test", "--ds-instance", &name]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
+    eprintln!("{}", out.stdout);
     for (i, suffix) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
         let n = manifest["backends"][i]["entries"].as_u64().unwrap();
         assert!(n > 1, "{suffix} has entries");
