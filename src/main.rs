@@ -318,9 +318,10 @@ struct VerifyArgs {
     /// detail and class) instead of the lines.
     #[arg(long)]
     json: bool,
-    /// Also restore each backend into a throwaway slapd on a loopback port
-    /// (with the server's configuration, --slapd-config) and compare what it
-    /// serves with the manifest: the proof that the backup opens.
+    /// Also restore each backend into a throwaway server on a loopback port
+    /// (a slapd with the server's configuration, --slapd-config; for a
+    /// --method 389 backup a 389 DS copied from --ds-instance) and compare
+    /// what it serves with the manifest: the proof that the backup opens.
     #[arg(long)]
     restore_test: bool,
     /// The server's configuration for --restore-test: a slapd.d directory or
@@ -332,6 +333,12 @@ struct VerifyArgs {
         requires = "restore_test"
     )]
     slapd_config: PathBuf,
+    /// For --restore-test of a backup taken with --method 389: the local
+    /// 389 DS instance (slapd-NAME under /etc/dirsrv) whose configuration
+    /// a throwaway 389 DS copies, on its own loopback port and directories;
+    /// the instance itself is only read (it may be running).
+    #[arg(long, value_name = "NAME", requires = "restore_test")]
+    ds_instance: Option<String>,
     /// Also compare with a live server, directly or through the proxy
     /// (ldap://, ldaps://, ldapi://): how far it has moved since the backup
     /// (entries now, added or modified since, contextCSN). Information only.
@@ -752,7 +759,10 @@ fn operator_main(command: Command) -> ExitCode {
                         })
                     }
                 };
-                let restore_test = a.restore_test.then_some(a.slapd_config.as_path());
+                let restore_test = a.restore_test.then_some(operator::verify::RestoreTest {
+                    slapd_config: a.slapd_config.as_path(),
+                    ds_instance: a.ds_instance.as_deref(),
+                });
                 operator::verify::verify_with(&a.dir, a.json, restore_test, against.as_ref()).await
             }
             Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),

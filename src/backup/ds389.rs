@@ -221,6 +221,304 @@ pub fn ldapi_url(path: &Path) -> String {
     s
 }
 
+/// Where a throwaway 389 DS keeps everything (`abproxy verify
+/// --restore-test --ds-instance NAME`): one temporary directory, nothing
+/// of the live instance's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    /// `-D` of ns-slapd: the rewritten `dse.ldif`, the copied schema.
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config")
+    }
+    /// Every backend's database (`db/<backend>`), the transaction log.
+    pub fn db(&self) -> PathBuf {
+        self.root.join("db")
+    }
+    /// The error, access, audit and security logs.
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+    /// The unpacked archive `archive2db` reads.
+    pub fn archive(&self) -> PathBuf {
+        self.root.join("archive")
+    }
+    /// Lock, run (pid, stats, ldapi), tmp, bak and ldif directories.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+    /// The directories ns-slapd needs, in creation order.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        [
+            "config", "db", "logs", "archive", "lock", "run", "tmp", "bak", "ldif",
+        ]
+        .iter()
+        .map(|d| self.root.join(d))
+        .collect()
+    }
+    /// ns-slapd's pid file (`-i`).
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir("run").join("ns-slapd.pid")
+    }
+}
+
+/// A live instance's `dse.ldif` made into a throwaway's, and what the
+/// throwaway needs to know of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrowawayDse {
+    /// The rewritten entries, in the live file's order.
+    pub entries: Vec<Entry>,
+    /// `nsslapd-localuser`: the user ns-slapd runs as and owns the files.
+    pub user: String,
+    /// `nsslapd-rootdn` (Directory Manager), whose password is replaced.
+    pub root_dn: String,
+    /// The ldbm backends (`cn` of each `nsBackendInstance`), lower case.
+    pub backends: Vec<String>,
+}
+
+/// `{SSHA512}` of `password` with `salt`, a scheme 389 DS accepts for
+/// `nsslapd-rootpw` in `dse.ldif` (clear text it refuses).
+pub fn ssha512(password: &str, salt: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::{Digest as _, Sha512};
+    let mut h = Sha512::new();
+    h.update(password.as_bytes());
+    h.update(salt);
+    let mut bytes = h.finalize().to_vec();
+    bytes.extend_from_slice(salt);
+    format!(
+        "{{SSHA512}}{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// The configuration of a throwaway 389 DS made from a live instance's
+/// `dse.ldif` (`live`, as read from `live_config_dir`): the same schema,
+/// plugins, backends and indexes, but
+///
+/// * in `cn=config`: LDAP on `127.0.0.1:port` only (no TLS port, no
+///   `nsslapd-security`, no ldapi), Directory Manager's password
+///   `rootpw` (hashed), every log, lock, run, tmp, bak, ldif, cert and
+///   schema directory in `layout`;
+/// * the ldbm database's `nsslapd-directory`, `nsslapd-db-home-directory`
+///   and `nsslapd-db-logdirectory` in `layout.db()`, each backend's
+///   `nsslapd-directory` in `layout.db()/<backend>`;
+/// * replication left out: `cn=changelog5,cn=config`, every
+///   `nsDS5Replica` and replication agreement (and what is below them),
+///   each backend's `cn=changelog`;
+/// * any other value naming a file under the live instance's database,
+///   log, lock, bak, ldif or configuration directory moved to the
+///   throwaway's (a plugin's log file).
+pub fn throwaway_dse(
+    live: &[Entry],
+    live_config_dir: &Path,
+    layout: &Layout,
+    port: u16,
+    rootpw: &str,
+) -> Result<ThrowawayDse, String> {
+    let norm = |s: &str| NormDn::parse(s.as_bytes());
+    let config_dn = norm("cn=config").expect("a DN");
+    let ldbm_dn = norm("cn=ldbm database,cn=plugins,cn=config").expect("a DN");
+    let ldbm_config_dn = norm("cn=config,cn=ldbm database,cn=plugins,cn=config").expect("a DN");
+    let changelog5 = norm("cn=changelog5,cn=config").expect("a DN");
+    let find = |dn: &NormDn| {
+        live.iter()
+            .find(|e| norm(&e.dn).as_ref() == Some(dn))
+            .ok_or_else(|| format!("dse.ldif has no {dn} entry"))
+    };
+    let config = find(&config_dn)?;
+    let ldbm_config = find(&ldbm_config_dn)?;
+    let need = |e: &Entry, attr: &str| {
+        single(e, attr).ok_or_else(|| format!("dse.ldif: {} has no single {attr}", e.dn))
+    };
+    let user = need(config, "nsslapd-localuser")?;
+    let root_dn = single(config, "nsslapd-rootdn").unwrap_or_else(|| "cn=Directory Manager".into());
+    let live_db = need(ldbm_config, "nsslapd-directory")?;
+    let live_logs = need(config, "nsslapd-errorlog")?;
+    let live_logs = Path::new(&live_logs)
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    // Live directory -> the throwaway's, longest first (the db directory
+    // may lie below another).
+    let mut moves: Vec<(String, PathBuf)> = vec![
+        (live_db.clone(), layout.db()),
+        (live_logs, layout.logs()),
+        (live_config_dir.display().to_string(), layout.config()),
+    ];
+    for (attr, dir) in [
+        ("nsslapd-lockdir", "lock"),
+        ("nsslapd-bakdir", "bak"),
+        ("nsslapd-ldifdir", "ldif"),
+    ] {
+        if let Some(v) = single(config, attr) {
+            moves.push((v, layout.dir(dir)));
+        }
+    }
+    moves.retain(|(from, _)| from.len() > 1 && from.starts_with('/'));
+    moves.sort_by_key(|(from, _)| std::cmp::Reverse(from.len()));
+    let moved = |v: &[u8]| -> Option<Vec<u8>> {
+        let s = std::str::from_utf8(v).ok()?;
+        moves.iter().find_map(|(from, to)| {
+            let rest = s.strip_prefix(from.trim_end_matches('/'))?;
+            if rest.is_empty() {
+                Some(to.display().to_string().into_bytes())
+            } else {
+                let rest = rest.strip_prefix('/')?;
+                Some(to.join(rest).display().to_string().into_bytes())
+            }
+        })
+    };
+
+    // What is left out: replication, and everything below it.
+    let mut dropped: Vec<NormDn> = Vec::new();
+    let mut entries = Vec::new();
+    let mut backends = Vec::new();
+    for e in live {
+        let dn = norm(&e.dn).ok_or_else(|| format!("dse.ldif: bad DN {}", e.dn))?;
+        let replication = has_class(e, "nsDS5Replica")
+            || has_class(e, "nsDS5ReplicationAgreement")
+            || has_class(e, "nsDSWindowsReplicationAgreement")
+            || dn.is_within(&changelog5)
+            // A backend's changelog: cn=changelog,cn=BACKEND,cn=ldbm database,...
+            || (dn.depth() == ldbm_dn.depth() + 2
+                && dn.is_within(&ldbm_dn)
+                && dn.to_string().starts_with("cn=changelog,"));
+        if replication || dropped.iter().any(|d| !dn.is_root() && dn.is_within(d)) {
+            if !dn.is_root() {
+                dropped.push(dn);
+            }
+            continue;
+        }
+        let mut e = e.clone();
+        for (_, values) in &mut e.attrs {
+            for v in values.iter_mut() {
+                if let Some(m) = moved(v) {
+                    *v = m;
+                }
+            }
+        }
+        if dn == config_dn {
+            let logs = layout.logs();
+            for attr in [
+                "nsslapd-securePort",
+                "nsslapd-securelistenhost",
+                "nsslapd-listenhost",
+                "nsslapd-port",
+                "nsslapd-security",
+                "nsslapd-ldapilisten",
+                "nsslapd-ldapifilepath",
+                "nsslapd-ldapiautobind",
+                "nsslapd-rootpw",
+            ] {
+                remove(&mut e, attr);
+            }
+            e.push("nsslapd-port", port.to_string());
+            e.push("nsslapd-listenhost", "127.0.0.1");
+            e.push("nsslapd-security", "off");
+            e.push("nsslapd-ldapilisten", "off");
+            e.push(
+                "nsslapd-ldapifilepath",
+                layout.dir("run").join("ldapi").display().to_string(),
+            );
+            e.push("nsslapd-ldapiautobind", "off");
+            e.push("nsslapd-rootpw", rootpw);
+            for (attr, to) in [
+                ("nsslapd-errorlog", logs.join("errors")),
+                ("nsslapd-accesslog", logs.join("access")),
+                ("nsslapd-auditlog", logs.join("audit")),
+                ("nsslapd-auditfaillog", logs.join("audit-failure")),
+                ("nsslapd-securitylog", logs.join("security")),
+                ("nsslapd-lockdir", layout.dir("lock")),
+                ("nsslapd-tmpdir", layout.dir("tmp")),
+                ("nsslapd-bakdir", layout.dir("bak")),
+                ("nsslapd-ldifdir", layout.dir("ldif")),
+                ("nsslapd-rundir", layout.dir("run")),
+                ("nsslapd-certdir", layout.config()),
+                ("nsslapd-schemadir", layout.config().join("schema")),
+            ] {
+                set(&mut e, attr, to.display().to_string());
+            }
+        } else if dn.is_within(&ldbm_dn) && dn != ldbm_dn {
+            if dn == ldbm_config_dn {
+                set(
+                    &mut e,
+                    "nsslapd-directory",
+                    layout.db().display().to_string(),
+                );
+            }
+            for attr in ["nsslapd-db-home-directory", "nsslapd-db-logdirectory"] {
+                if single(&e, attr).is_some() {
+                    set(&mut e, attr, layout.db().display().to_string());
+                }
+            }
+            if has_class(&e, "nsBackendInstance") && dn.depth() == ldbm_dn.depth() + 1 {
+                let name = single(&e, "cn")
+                    .ok_or_else(|| format!("dse.ldif: backend {} has no single cn", e.dn))?
+                    .to_ascii_lowercase();
+                set(
+                    &mut e,
+                    "nsslapd-directory",
+                    layout.db().join(&name).display().to_string(),
+                );
+                backends.push(name);
+            }
+        }
+        entries.push(e);
+    }
+    Ok(ThrowawayDse {
+        entries,
+        user,
+        root_dn,
+        backends,
+    })
+}
+
+/// The archive's own record of its backends (`dse_instance.ldif`) with
+/// each `nsslapd-directory` in `db` (`db/<backend>`), so that nothing
+/// `archive2db` reads names a live directory.
+pub fn throwaway_archive_instances(entries: &mut [Entry], db: &Path) {
+    for e in entries {
+        if single(e, "nsslapd-directory").is_some() {
+            if let Some(cn) = single(e, "cn") {
+                set(
+                    e,
+                    "nsslapd-directory",
+                    db.join(cn.to_ascii_lowercase()).display().to_string(),
+                );
+            }
+        }
+    }
+}
+
+fn has_class(e: &Entry, class: &str) -> bool {
+    e.attrs.iter().any(|(name, values)| {
+        name.eq_ignore_ascii_case("objectClass")
+            && values
+                .iter()
+                .any(|v| v.eq_ignore_ascii_case(class.as_bytes()))
+    })
+}
+
+fn remove(e: &mut Entry, attr: &str) {
+    e.attrs.retain(|(n, _)| !n.eq_ignore_ascii_case(attr));
+}
+
+/// `attr` set to the one value `value` (in place when it is there).
+fn set(e: &mut Entry, attr: &str, value: String) {
+    match e
+        .attrs
+        .iter_mut()
+        .find(|(n, _)| n.eq_ignore_ascii_case(attr))
+    {
+        Some((_, values)) => *values = vec![value.into_bytes()],
+        None => e.push(attr, value),
+    }
+}
+
 /// What one `id N` block says of the tree.
 struct Node {
     rdn: String,
@@ -506,6 +804,189 @@ objectClass: nsBackendInstance\ncn: index\nnsslapd-suffix: dc=wrong\n\n",
         std::fs::write(dir.join("dse.ldif"), "dn: cn=config\nobjectClass: top\n\n").unwrap();
         let err = Instance::read(root.path(), "x1").unwrap_err();
         assert!(err.contains("no nsslapd-directory"), "{err}");
+    }
+
+    /// A live instance's dse.ldif, abridged: what the throwaway changes
+    /// and what it leaves out.
+    const LIVE_DSE: &str = "dn:\nobjectClass: top\n\n\
+dn: cn=config\ncn: config\nobjectClass: nsslapdConfig\n\
+nsslapd-schemadir: /etc/dirsrv/slapd-x1/schema\nnsslapd-lockdir: /run/lock/dirsrv/slapd-x1\n\
+nsslapd-tmpdir: /tmp\nnsslapd-certdir: /etc/dirsrv/slapd-x1\n\
+nsslapd-ldifdir: /var/lib/dirsrv/slapd-x1/ldif\nnsslapd-bakdir: /var/lib/dirsrv/slapd-x1/bak\n\
+nsslapd-rundir: /run/dirsrv\nnsslapd-accesslog: /var/log/dirsrv/slapd-x1/access\n\
+nsslapd-securitylog: /var/log/dirsrv/slapd-x1/security\nnsslapd-port: 389\n\
+nsslapd-listenhost: 0.0.0.0\nnsslapd-localuser: dirsrv\n\
+nsslapd-errorlog: /var/log/dirsrv/slapd-x1/errors\nnsslapd-auditlog: /var/log/dirsrv/slapd-x1/audit\n\
+nsslapd-rootdn: cn=Directory Manager\nnsslapd-ldapilisten: on\n\
+nsslapd-ldapifilepath: /run/slapd-x1.socket\nnsslapd-ldapiautobind: on\n\
+nsslapd-securePort: 636\nnsslapd-security: on\nnsslapd-rootpw: {PBKDF2-SHA512}live-secret\n\n\
+dn: cn=changelog5,cn=config\nobjectClass: top\nnsslapd-changelogdir: /var/lib/dirsrv/slapd-x1/changelogdb\n\n\
+dn: cn=replica,cn=dc\\3Dexample\\2Cdc\\3Dorg,cn=mapping tree,cn=config\nobjectClass: nsds5Replica\n\
+nsDS5ReplicaRoot: dc=example,dc=org\n\n\
+dn: cn=to-peer,cn=replica,cn=dc\\3Dexample\\2Cdc\\3Dorg,cn=mapping tree,cn=config\n\
+objectClass: nsds5replicationagreement\nnsDS5ReplicaHost: peer.example.org\n\n\
+dn: cn=referential integrity postoperation,cn=plugins,cn=config\nobjectClass: nsSlapdPlugin\n\
+referint-logfile: /var/log/dirsrv/slapd-x1/referint\n\n\
+dn: cn=Internationalization Plugin,cn=plugins,cn=config\nobjectClass: nsSlapdPlugin\n\
+nsslapd-pluginarg0: /etc/dirsrv/slapd-x1/slapd-collations.conf\n\n\
+dn: cn=config,cn=ldbm database,cn=plugins,cn=config\nobjectClass: extensibleObject\n\
+nsslapd-directory: /var/lib/dirsrv/slapd-x1/db\n\n\
+dn: cn=userRoot,cn=ldbm database,cn=plugins,cn=config\nobjectClass: extensibleObject\n\
+objectClass: nsBackendInstance\ncn: userRoot\nnsslapd-suffix: dc=example,dc=org\n\
+nsslapd-directory: /var/lib/dirsrv/slapd-x1/db/userroot\n\n\
+dn: cn=changelog,cn=userRoot,cn=ldbm database,cn=plugins,cn=config\nobjectClass: extensibleObject\n\
+cn: changelog\nnsslapd-changelogmaxage: 7d\n\n\
+dn: cn=uid,cn=index,cn=userRoot,cn=ldbm database,cn=plugins,cn=config\nobjectClass: nsIndex\n\
+cn: uid\n\n\
+dn: cn=bdb,cn=config,cn=ldbm database,cn=plugins,cn=config\nobjectClass: extensibleObject\n\
+nsslapd-db-logdirectory: /var/lib/dirsrv/slapd-x1/db\n\
+nsslapd-db-home-directory: /var/lib/dirsrv/slapd-x1/db\n\n";
+
+    #[test]
+    fn a_throwaway_dse_listens_on_loopback_and_keeps_everything_in_its_directory() {
+        let live = ldif::read(LIVE_DSE).unwrap();
+        let layout = Layout { root: "/t".into() };
+        let t = throwaway_dse(
+            &live,
+            Path::new("/etc/dirsrv/slapd-x1"),
+            &layout,
+            40123,
+            "{SSHA512}new",
+        )
+        .unwrap();
+        assert_eq!(t.user, "dirsrv");
+        assert_eq!(t.root_dn, "cn=Directory Manager");
+        assert_eq!(t.backends, ["userroot"]);
+        let dns: Vec<&str> = t.entries.iter().map(|e| e.dn.as_str()).collect();
+        assert_eq!(
+            dns,
+            [
+                "",
+                "cn=config",
+                "cn=referential integrity postoperation,cn=plugins,cn=config",
+                "cn=Internationalization Plugin,cn=plugins,cn=config",
+                "cn=config,cn=ldbm database,cn=plugins,cn=config",
+                "cn=userRoot,cn=ldbm database,cn=plugins,cn=config",
+                "cn=uid,cn=index,cn=userRoot,cn=ldbm database,cn=plugins,cn=config",
+                "cn=bdb,cn=config,cn=ldbm database,cn=plugins,cn=config",
+            ],
+            "replication (changelog5, the replica, its agreement, the backend's changelog) \
+             is left out, the order kept"
+        );
+        let get = |dn: &str, attr: &str| -> Vec<String> {
+            let e = t.entries.iter().find(|e| e.dn == dn).unwrap();
+            e.attrs
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(attr))
+                .flat_map(|(_, v)| v.iter().map(|v| String::from_utf8(v.clone()).unwrap()))
+                .collect()
+        };
+        for (attr, want) in [
+            ("nsslapd-port", "40123"),
+            ("nsslapd-listenhost", "127.0.0.1"),
+            ("nsslapd-security", "off"),
+            ("nsslapd-ldapilisten", "off"),
+            ("nsslapd-ldapiautobind", "off"),
+            ("nsslapd-ldapifilepath", "/t/run/ldapi"),
+            ("nsslapd-rootpw", "{SSHA512}new"),
+            ("nsslapd-rootdn", "cn=Directory Manager"),
+            ("nsslapd-localuser", "dirsrv"),
+            ("nsslapd-errorlog", "/t/logs/errors"),
+            ("nsslapd-accesslog", "/t/logs/access"),
+            ("nsslapd-auditlog", "/t/logs/audit"),
+            ("nsslapd-auditfaillog", "/t/logs/audit-failure"),
+            ("nsslapd-securitylog", "/t/logs/security"),
+            ("nsslapd-lockdir", "/t/lock"),
+            ("nsslapd-tmpdir", "/t/tmp"),
+            ("nsslapd-bakdir", "/t/bak"),
+            ("nsslapd-ldifdir", "/t/ldif"),
+            ("nsslapd-rundir", "/t/run"),
+            ("nsslapd-certdir", "/t/config"),
+            ("nsslapd-schemadir", "/t/config/schema"),
+        ] {
+            assert_eq!(get("cn=config", attr), [want], "{attr}");
+        }
+        assert!(get("cn=config", "nsslapd-securePort").is_empty());
+        let ldbm = "cn=config,cn=ldbm database,cn=plugins,cn=config";
+        assert_eq!(get(ldbm, "nsslapd-directory"), ["/t/db"]);
+        let bdb = "cn=bdb,cn=config,cn=ldbm database,cn=plugins,cn=config";
+        assert_eq!(get(bdb, "nsslapd-db-logdirectory"), ["/t/db"]);
+        assert_eq!(get(bdb, "nsslapd-db-home-directory"), ["/t/db"]);
+        let user_root = "cn=userRoot,cn=ldbm database,cn=plugins,cn=config";
+        assert_eq!(get(user_root, "nsslapd-directory"), ["/t/db/userroot"]);
+        assert_eq!(get(user_root, "nsslapd-suffix"), ["dc=example,dc=org"]);
+        assert_eq!(
+            get(
+                "cn=referential integrity postoperation,cn=plugins,cn=config",
+                "referint-logfile"
+            ),
+            ["/t/logs/referint"]
+        );
+        assert_eq!(
+            get(
+                "cn=Internationalization Plugin,cn=plugins,cn=config",
+                "nsslapd-pluginarg0"
+            ),
+            ["/t/config/slapd-collations.conf"]
+        );
+        let text = ldif::to_string(&t.entries);
+        for live in [
+            "slapd-x1",
+            "live-secret",
+            "636",
+            "/run/dirsrv",
+            "peer.example.org",
+        ] {
+            assert!(!text.contains(live), "{live} is still there:\n{text}");
+        }
+        // Read back as written, same entries.
+        assert_eq!(ldif::read(&text).unwrap(), t.entries);
+    }
+
+    #[test]
+    fn a_throwaway_dse_needs_the_server_user_and_the_database_directory() {
+        let layout = Layout { root: "/t".into() };
+        let dir = Path::new("/etc/dirsrv/slapd-x1");
+        for (cut, says) in [
+            ("nsslapd-localuser: dirsrv\n", "no single nsslapd-localuser"),
+            (
+                "nsslapd-directory: /var/lib/dirsrv/slapd-x1/db\n\n",
+                "no single nsslapd-directory",
+            ),
+        ] {
+            let text = LIVE_DSE.replacen(cut, if cut.ends_with("\n\n") { "\n" } else { "" }, 1);
+            let live = ldif::read(&text).unwrap();
+            let err = throwaway_dse(&live, dir, &layout, 1, "x").unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_archives_backends_point_into_the_throwaway() {
+        let mut entries = ldif::read(
+            "dn: cn=userRoot,cn=ldbm database,cn=plugins,cn=config\nobjectClass: nsBackendInstance\n\
+cn: userRoot\nnsslapd-directory: /var/lib/dirsrv/slapd-x1/db/userroot\n\n\
+dn: cn=uid,cn=index,cn=userRoot,cn=ldbm database,cn=plugins,cn=config\ncn: uid\n\n",
+        )
+        .unwrap();
+        throwaway_archive_instances(&mut entries, Path::new("/t/db"));
+        let text = ldif::to_string(&entries);
+        assert!(
+            text.contains("nsslapd-directory: /t/db/userroot\n") && !text.contains("slapd-x1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ssha512_is_the_hash_and_the_salt() {
+        use base64::Engine as _;
+        use sha2::{Digest as _, Sha512};
+        let h = ssha512("pw", b"salt1234");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(h.strip_prefix("{SSHA512}").unwrap())
+            .unwrap();
+        assert_eq!(&raw[64..], b"salt1234");
+        assert_eq!(&raw[..64], Sha512::digest(b"pwsalt1234").as_slice());
     }
 
     #[test]

@@ -41,26 +41,39 @@ pub fn verify(dir: &Path, json: bool) -> u8 {
     print(&report, json)
 }
 
+/// What `--restore-test` restores into: a throwaway slapd with the
+/// configuration at `slapd_config` (backups of the ldif, slapcat and files
+/// methods), a throwaway 389 DS built from the local instance
+/// `ds_instance` (backups of the 389 method).
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTest<'a> {
+    pub slapd_config: &'a Path,
+    pub ds_instance: Option<&'a str>,
+}
+
 /// `abproxy verify DIR [--restore-test] [--against URL]`:
 /// [`verify::verify`], then the restore test ([`restore_checks`]) and the
 /// comparison with a live server ([`against_checks`]) when asked.
 ///
-/// The restore test: unless
-/// the backup is damaged, each backend restored into a throwaway slapd
-/// with the configuration at `slapd_config` and read back over LDAP
-/// ([`super::restore::restore_test`]): what it serves must be the
-/// manifest's entry count, digest and `contextCSN` (else "does not
-/// match"); a backend that cannot be built or served cannot be checked.
+/// The restore test: unless the backup is damaged, each backend restored
+/// into a throwaway server on a loopback port and read back over LDAP,
+/// each by its own method: a slapd with the configuration at
+/// `slapd_config` ([`super::restore::restore_test`]), or for a `389`
+/// backup a 389 DS built from the instance `ds_instance`'s configuration
+/// ([`super::restore::ds389::restore_test`]). What it serves must be the
+/// manifest's entry count, digest (and `contextCSN`, slapd) else "does
+/// not match"; a backend that cannot be built or served cannot be
+/// checked.
 pub async fn verify_with(
     dir: &Path,
     json: bool,
-    restore_test: Option<&Path>,
+    restore_test: Option<RestoreTest<'_>>,
     against: Option<&super::Target>,
 ) -> u8 {
     let mut report = verify::verify(dir);
     ds389_checks(&mut report, dir).await;
-    if let Some(slapd_config) = restore_test {
-        restore_checks(&mut report, dir, slapd_config).await;
+    if let Some(test) = restore_test {
+        restore_checks(&mut report, dir, test).await;
     }
     if let Some(target) = against {
         against_checks(&mut report, dir, target).await;
@@ -152,8 +165,9 @@ fn extract(archive: &Path, name: &str, to: &Path) -> std::io::Result<()> {
     ))
 }
 
-/// Appends the restore test's checks to `report`.
-pub async fn restore_checks(report: &mut Report, dir: &Path, slapd_config: &Path) {
+/// Appends the restore test's checks to `report`: each backend by its
+/// own method (see [`verify_with`]).
+pub async fn restore_checks(report: &mut Report, dir: &Path, test: RestoreTest<'_>) {
     if report.verdict() == Some(Class::Damaged) {
         report.push(Check::fail(
             "restore test",
@@ -169,7 +183,50 @@ pub async fn restore_checks(report: &mut Report, dir: &Path, slapd_config: &Path
             return;
         }
     };
-    for served in super::restore::restore_test(dir, &manifest, slapd_config).await {
+    let mut slapd_part = manifest.clone();
+    slapd_part.backends.retain(|b| b.ds389.is_none());
+    if !slapd_part.backends.is_empty() || manifest.backends.is_empty() {
+        let served = super::restore::restore_test(dir, &slapd_part, test.slapd_config).await;
+        push_served(report, &slapd_part, served, "slapd", true);
+    }
+    let mut ds389_part = manifest;
+    ds389_part.backends.retain(|b| b.ds389.is_some());
+    if ds389_part.backends.is_empty() {
+        return;
+    }
+    match test.ds_instance {
+        None => {
+            for b in &ds389_part.backends {
+                report.push(Check::fail(
+                    format!("restore test {}", b.suffix),
+                    Class::CannotCheck,
+                    "a 389 backup is restore-tested in a throwaway 389 DS built from a local \
+                     instance's configuration: give --ds-instance NAME",
+                ));
+            }
+        }
+        Some(name) => {
+            let served = super::restore::ds389::restore_test(
+                dir,
+                &ds389_part,
+                std::path::Path::new(crate::backup::ds389::CONFIG_ROOT),
+                name,
+            )
+            .await;
+            push_served(report, &ds389_part, served, "389 DS", false);
+        }
+    }
+}
+
+/// One check per backend a throwaway `server` served (or did not).
+fn push_served(
+    report: &mut Report,
+    manifest: &Manifest,
+    served: Vec<super::restore::Served>,
+    server: &str,
+    with_csn: bool,
+) {
+    for served in served {
         let name = format!("restore test {}", served.suffix);
         let Some(b) = manifest.backends.iter().find(|b| b.suffix == served.suffix) else {
             // Not one backend's: the configuration could not be read.
@@ -181,6 +238,11 @@ pub async fn restore_checks(report: &mut Report, dir: &Path, slapd_config: &Path
                 ));
             }
             continue;
+        };
+        let what = if with_csn {
+            "digest and contextCSN"
+        } else {
+            "digest"
         };
         report.push(match served.result {
             Err(super::restore::TestFail::DoesNotLoad(e)) => Check::fail(
@@ -194,23 +256,34 @@ pub async fn restore_checks(report: &mut Report, dir: &Path, slapd_config: &Path
             Ok(c)
                 if c.entries == b.entries
                     && c.digest == b.digest
-                    && (b.context_csn.is_empty() || c.context_csn == b.context_csn) =>
+                    && (!with_csn
+                        || b.context_csn.is_empty()
+                        || c.context_csn == b.context_csn) =>
             {
                 Check::pass(
                     name,
                     format!(
-                        "a throwaway slapd served {} entries, digest and contextCSN as in the manifest",
+                        "a throwaway {server} served {} entries, {what} as in the manifest",
                         c.entries
                     ),
                 )
             }
+            Ok(c) if with_csn => Check::fail(
+                name,
+                Class::Mismatch,
+                format!(
+                    "a throwaway {server} served {} entries, digest {}, contextCSN {:?}; the \
+                     manifest says {} entries, digest {}, contextCSN {:?}",
+                    c.entries, c.digest, c.context_csn, b.entries, b.digest, b.context_csn
+                ),
+            ),
             Ok(c) => Check::fail(
                 name,
                 Class::Mismatch,
                 format!(
-                    "a throwaway slapd served {} entries, digest {}, contextCSN {:?}; the manifest \
-                     says {} entries, digest {}, contextCSN {:?}",
-                    c.entries, c.digest, c.context_csn, b.entries, b.digest, b.context_csn
+                    "a throwaway {server} served {} entries, digest {}; the manifest says {} \
+                     entries, digest {}",
+                    c.entries, c.digest, b.entries, b.digest
                 ),
             ),
         });

@@ -876,3 +876,142 @@ async fn abproxy_ldif_backup_of_389_restores_into_a_fresh_instance() {
         );
     }
 }
+
+/// `abproxy verify DIR --restore-test --ds-instance NAME` of a `--method
+/// 389` backup, the live instance NAME running all along: the archive is
+/// restored into a throwaway 389 DS built from NAME's configuration and
+/// served on its own loopback port; both backends are read back over LDAP
+/// with the manifest's count and digest. A copy whose manifest says
+/// another digest does not match (exit 11), naming the backend; without
+/// --ds-instance, or with an instance that does not exist, it cannot be
+/// checked (exit 12). The live instance still serves the same entries,
+/// on its own port and ldapi socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abproxy_verify_restore_test_serves_a_389_backup_from_a_throwaway_instance() {
+    use crate::support::backup::{manifest_json, reseal, verify};
+    if skip() {
+        return;
+    }
+    let mut ds = start_ds(20).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            example_389ds(&ds),
+            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
+        ],
+    )
+    .await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("389-1");
+    let out = cli(
+        &proxy,
+        &[
+            "backup",
+            "--method",
+            "389",
+            "--server",
+            &ds.ldapi_url(),
+            "--to",
+            dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    proxy.shutdown().await.unwrap();
+    let manifest = manifest_json(&dir);
+    let live_before = [
+        dump(&ds, SUFFIX, &["*", "+"]).await,
+        dump(&ds, OTHER_SUFFIX, &["*", "+"]).await,
+    ];
+    let name = ds.name().to_string();
+    let d = dir.to_str().unwrap();
+
+    let out = verify(&[d, "--restore-test", "--ds-instance", &name]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    eprintln!("{}", out.stdout);
+    for (i, suffix) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
+        let n = manifest["backends"][i]["entries"].as_u64().unwrap();
+        assert!(n > 1, "{suffix} has entries");
+        let line = format!(
+            "restore test {suffix}: a throwaway 389 DS served {n} entries, digest as in the \
+             manifest"
+        );
+        assert!(out.stdout.contains(&line), "{line}\n{out:?}");
+    }
+
+    // The live instance was not disturbed: running, same entries, over
+    // ldapi and over its own TCP port.
+    assert!(ds.is_running(), "the live instance still runs");
+    assert_eq!(
+        [
+            dump(&ds, SUFFIX, &["*", "+"]).await,
+            dump(&ds, OTHER_SUFFIX, &["*", "+"]).await,
+        ],
+        live_before,
+        "the live instance serves what it served before"
+    );
+    let tcp = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-LLL",
+            "-H",
+            &ds.url(),
+            "-D",
+            DM_DN,
+            "-w",
+            DM_PW,
+            "-s",
+            "base",
+            "-b",
+            SUFFIX,
+            "dn",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(tcp.stdout, format!("dn: {SUFFIX}\n\n"), "{tcp:?}");
+
+    // A copy whose manifest says another digest for dc=other,dc=org.
+    let edited = parent.path().join("edited");
+    std::fs::create_dir(&edited).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), edited.join(e.file_name())).unwrap();
+    }
+    let mut m = manifest_json(&edited);
+    m["backends"][1]["digest"] = serde_json::Value::String("0".repeat(64));
+    std::fs::write(
+        edited.join("manifest.json"),
+        serde_json::to_string_pretty(&m).unwrap(),
+    )
+    .unwrap();
+    reseal(&edited);
+    let e = edited.to_str().unwrap();
+    let out = verify(&[e, "--restore-test", "--ds-instance", &name]).await;
+    assert_eq!(out.code, Some(11), "{out:?}");
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("MISMATCH")
+            && l.contains(&format!(
+                "restore test {OTHER_SUFFIX}: a throwaway 389 DS served"
+            ))),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("restore test {SUFFIX}: a throwaway 389 DS served")),
+        "the other backend still passes: {out:?}"
+    );
+
+    // Without --ds-instance, or with no such instance: cannot check.
+    let out = verify(&[d, "--restore-test"]).await;
+    assert_eq!(out.code, Some(12), "{out:?}");
+    assert!(out.stdout.contains("give --ds-instance NAME"), "{out:?}");
+    let out = verify(&[d, "--restore-test", "--ds-instance", "abpnosuch"]).await;
+    assert_eq!(out.code, Some(12), "{out:?}");
+    assert!(
+        out.stdout.contains("no 389 DS instance abpnosuch here"),
+        "{out:?}"
+    );
+    assert!(ds.is_running(), "the live instance still runs");
+}

@@ -34,11 +34,13 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use super::{exit, running, Progress};
+use super::{exit, running, Progress, Served, TestFail};
 use crate::backup::ds389::{self, Instance};
-use crate::backup::manifest::Manifest;
+use crate::backup::ldif::{self, Entry};
+use crate::backup::manifest::{BackendRecord, Manifest};
 use crate::backup::slapd;
 use crate::backup::verify::{self, Class};
+use crate::operator::{Password, Session, Target};
 
 /// Methods whose files are LDIF, imported with `ldif2db`.
 const LDIF_METHODS: &[&str] = &["ldif", "slapcat"];
@@ -364,4 +366,435 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long the throwaway's `archive2db` may take.
+const TEST_RESTORE_LIMIT: Duration = Duration::from_secs(3600);
+/// How long the throwaway may take to answer on its port.
+const TEST_START_LIMIT: Duration = Duration::from_secs(120);
+/// How long reading one backend back may take.
+const TEST_READ_LIMIT: Duration = Duration::from_secs(3600);
+/// How long the throwaway may take to stop on SIGTERM (then SIGKILL).
+const TEST_STOP_LIMIT: Duration = Duration::from_secs(30);
+/// Ports tried when the one chosen is taken meanwhile.
+const TEST_START_ATTEMPTS: usize = 3;
+
+/// The restore test of a `--method 389` backup (`abproxy verify DIR
+/// --restore-test --ds-instance NAME`): the archive restored into a
+/// throwaway 389 DS built from the configuration of the local instance
+/// `name` (under `config_root`), which is read and never touched (it may
+/// be running):
+///
+/// 1. a temporary directory T, owned by the instance's user
+///    (`nsslapd-localuser`): its schema and `*.conf` files copied into
+///    `T/config`, its `dse.ldif` rewritten there
+///    ([`ds389::throwaway_dse`]: a free 127.0.0.1 port, everything in T,
+///    a new Directory Manager password, no replication);
+/// 2. the archive unpacked into `T/archive` (its `dse_instance.ldif`
+///    pointed into T too) and restored with `ns-slapd archive2db`;
+/// 3. `ns-slapd -d 0` started on T, awaited on its port;
+/// 4. each 389 backend of the backup read back over LDAP as Directory
+///    Manager (a paged search for `*` and `+`, as a backup reads),
+///    counted and digested;
+/// 5. the server stopped (SIGTERM, SIGKILL past a deadline), T removed.
+///
+/// One [`Served`] per `389` backend of the manifest; a failure before 4
+/// is every backend's. `archive2db` refusing the archive is
+/// [`TestFail::DoesNotLoad`]; anything else that stops the test is
+/// [`TestFail::Cannot`], with the step that failed.
+pub async fn restore_test(
+    backup: &Path,
+    manifest: &Manifest,
+    config_root: &Path,
+    name: &str,
+) -> Vec<Served> {
+    let backends: Vec<_> = manifest
+        .backends
+        .iter()
+        .filter(|b| b.ds389.is_some())
+        .collect();
+    if backends.is_empty() {
+        return Vec::new();
+    }
+    match test_in(backup, &backends, config_root, name).await {
+        Ok(served) => served,
+        Err(e) => {
+            let (does_not_load, text) = match e {
+                TestFail::DoesNotLoad(m) => (true, m),
+                TestFail::Cannot(m) => (false, m),
+            };
+            backends
+                .iter()
+                .map(|b| Served {
+                    suffix: b.suffix.clone(),
+                    result: Err(if does_not_load {
+                        TestFail::DoesNotLoad(text.clone())
+                    } else {
+                        TestFail::Cannot(text.clone())
+                    }),
+                })
+                .collect()
+        }
+    }
+}
+
+async fn test_in(
+    backup: &Path,
+    backends: &[&BackendRecord],
+    config_root: &Path,
+    name: &str,
+) -> Result<Vec<Served>, TestFail> {
+    let cannot = TestFail::Cannot;
+    if !Path::new(ds389::NS_SLAPD).exists() {
+        return Err(cannot(format!(
+            "{} not found: the 389 DS restore test runs 389 Directory Server (Debian: \
+             389-ds-base)",
+            ds389::NS_SLAPD
+        )));
+    }
+    // 1. The instance's configuration, copied and rewritten.
+    let live_dir = config_root.join(format!("slapd-{name}"));
+    let dse_path = live_dir.join("dse.ldif");
+    let dse_text = fs::read(&dse_path).map_err(|e| {
+        cannot(format!(
+            "{}: {e} (no 389 DS instance {name} here: see `dsctl -l`; --ds-instance names the \
+             local instance whose configuration the throwaway copies)",
+            dse_path.display()
+        ))
+    })?;
+    let live: Vec<Entry> = ldif::Reader::new(dse_text.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| cannot(format!("reading {}: {e}", dse_path.display())))?;
+    let root = tempfile::Builder::new()
+        .prefix("abproxy-389-test-")
+        .tempdir()
+        .map_err(|e| cannot(format!("a temporary directory: {e}")))?;
+    let layout = ds389::Layout {
+        root: root.path().to_path_buf(),
+    };
+    let password = slapd::random_password();
+    let mut salt = [0u8; 8];
+    salt.copy_from_slice(&slapd::random_password().as_bytes()[..8]);
+    let hashed = ds389::ssha512(&password, &salt);
+    let port = slapd::free_port().map_err(|e| cannot(format!("a free loopback port: {e}")))?;
+    let dse = ds389::throwaway_dse(&live, &live_dir, &layout, port, &hashed)
+        .map_err(|e| cannot(format!("the throwaway's configuration: {e}")))?;
+    for b in backends {
+        let d = b.ds389.as_ref().expect("389 backends only");
+        if !dse.backends.contains(&d.backend.to_ascii_lowercase()) {
+            return Err(cannot(format!(
+                "389 DS instance {name} has no backend {} (the backup's, for {}): the \
+                 throwaway is built from {name}'s configuration (backends {})",
+                d.backend,
+                b.suffix,
+                dse.backends.join(", ")
+            )));
+        }
+    }
+    let (uid, gid) = user_ids(&dse.user).map_err(cannot)?;
+    prepare(&layout, &live_dir, uid, gid).map_err(|e| cannot(format!("preparing {e}")))?;
+    write_dse(&layout, &dse.entries, uid, gid).map_err(cannot)?;
+
+    // 2. The archive, restored.
+    let file = backup.join(&backends[0].file);
+    unpack_archive(&file, &layout, uid, gid).map_err(cannot)?;
+    let mut cmd = Command::new(ds389::NS_SLAPD);
+    cmd.arg("archive2db")
+        .arg("-D")
+        .arg(layout.config())
+        .arg("-a")
+        .arg(layout.archive());
+    let line = format!(
+        "{} archive2db -D {} -a {}",
+        ds389::NS_SLAPD,
+        layout.config().display(),
+        layout.archive().display()
+    );
+    match slapd::run(cmd, &line, TEST_RESTORE_LIMIT, None).await {
+        Ok(()) => {}
+        Err(e @ slapd::Error::Tool { .. }) => {
+            let why = format!("{e}{}", errors_tail(&layout));
+            // ns-slapd refusing the copied configuration says nothing of
+            // the archive.
+            if [
+                "init_dse_file",
+                "dse_read_one_file",
+                "Could not load config file",
+            ]
+            .iter()
+            .any(|m| why.contains(m))
+            {
+                return Err(cannot(format!(
+                    "ns-slapd refused the throwaway's configuration (copied from {name}): {why}"
+                )));
+            }
+            return Err(TestFail::DoesNotLoad(format!(
+                "archive2db refused the archive: {why}"
+            )));
+        }
+        Err(e) => return Err(cannot(format!("archive2db: {e}"))),
+    }
+    // The archive is not needed any more.
+    let _ = fs::remove_dir_all(layout.archive());
+
+    // 3. The throwaway, started.
+    let mut server = None;
+    let mut port = port;
+    let mut last = String::new();
+    for attempt in 0..TEST_START_ATTEMPTS {
+        if attempt > 0 {
+            port = slapd::free_port().map_err(|e| cannot(format!("a free loopback port: {e}")))?;
+            let dse = ds389::throwaway_dse(&live, &live_dir, &layout, port, &hashed)
+                .map_err(|e| cannot(format!("the throwaway's configuration: {e}")))?;
+            write_dse(&layout, &dse.entries, uid, gid).map_err(cannot)?;
+        }
+        match Server::start(&layout, port).await {
+            Ok(s) => {
+                server = Some(s);
+                break;
+            }
+            Err((e, retry)) => {
+                last = e;
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    let Some(server) = server else {
+        return Err(cannot(format!("starting the throwaway 389 DS: {last}")));
+    };
+
+    // 4. Each backend, read back.
+    let target = Target {
+        url: format!("ldap://127.0.0.1:{port}"),
+        bind_dn: Some(dse.root_dn.clone()),
+        password: Some(Password::new(&password)),
+    };
+    let mut served = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        let out = layout.root.join(format!("served-{}.ldif", i + 1));
+        let read = async {
+            let mut session = Session::connect(&target)
+                .await
+                .map_err(|e| format!("connecting to the throwaway 389 DS: {e}"))?;
+            let r = crate::operator::backup::export(&mut session, &b.suffix, &out)
+                .await
+                .map_err(|(m, _)| format!("reading it back: {m}"));
+            session.close().await;
+            let (entries, digest) = r?;
+            let _ = fs::remove_file(&out);
+            Ok::<_, String>(slapd::Contents {
+                entries,
+                digest,
+                context_csn: Vec::new(),
+                suffix_uuid: None,
+            })
+        };
+        let result = tokio::time::timeout(TEST_READ_LIMIT, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "reading it back took over {} s",
+                    TEST_READ_LIMIT.as_secs()
+                ))
+            })
+            .map_err(TestFail::Cannot);
+        served.push(Served {
+            suffix: b.suffix.clone(),
+            result,
+        });
+    }
+
+    // 5. Stopped; T goes with `root`.
+    server.stop().await;
+    drop(root);
+    Ok(served)
+}
+
+/// The uid and gid of `user` (the instance's `nsslapd-localuser`).
+fn user_ids(user: &str) -> Result<(u32, u32), String> {
+    let c = std::ffi::CString::new(user).map_err(|_| format!("bad user name {user:?}"))?;
+    // SAFETY: getpwnam with a NUL-terminated name; the fields are copied
+    // out at once (no other thread of abproxy calls getpwnam).
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    if pw.is_null() {
+        return Err(format!(
+            "no user {user} here (nsslapd-localuser of the instance: ns-slapd runs as it)"
+        ));
+    }
+    // SAFETY: non-null, from getpwnam.
+    Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+/// T's directories (T private to the server's user), the live
+/// instance's schema and `*.conf` files copied into `T/config` (not its
+/// NSS database, keys or password files: the throwaway has no TLS).
+fn prepare(layout: &ds389::Layout, live_dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| format!("{}: {e}", p.display())
+    };
+    for d in layout.dirs() {
+        fs::create_dir_all(&d).map_err(at(&d))?;
+    }
+    let schema = live_dir.join("schema");
+    copy_tree(&schema, &layout.config().join("schema")).map_err(at(&schema))?;
+    for entry in fs::read_dir(live_dir).map_err(at(live_dir))? {
+        let entry = entry.map_err(at(live_dir))?;
+        let path = entry.path();
+        let is_conf = path.extension().is_some_and(|x| x == "conf");
+        if is_conf && entry.file_type().map_err(at(&path))?.is_file() {
+            fs::copy(&path, layout.config().join(entry.file_name())).map_err(at(&path))?;
+        }
+    }
+    chown_tree(&layout.root, uid, gid).map_err(at(&layout.root))?;
+    fs::set_permissions(&layout.root, fs::Permissions::from_mode(0o700)).map_err(at(&layout.root))
+}
+
+/// `cp -r from to` of regular files and directories.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let t = entry.file_type()?;
+        if t.is_dir() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        } else if t.is_file() {
+            fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `T/config/dse.ldif`, readable by the server's user only.
+fn write_dse(layout: &ds389::Layout, entries: &[Entry], uid: u32, gid: u32) -> Result<(), String> {
+    let path = layout.config().join("dse.ldif");
+    let what = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    fs::write(&path, ldif::to_string(entries)).map_err(what)?;
+    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(what)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(what)
+}
+
+/// The backup's archive unpacked into `T/archive`, its
+/// `dse_instance.ldif` pointed into T, everything the server user's.
+fn unpack_archive(file: &Path, layout: &ds389::Layout, uid: u32, gid: u32) -> Result<(), String> {
+    let to = layout.archive();
+    let what =
+        |e: std::io::Error| format!("unpacking {} into {}: {e}", file.display(), to.display());
+    let f = fs::File::open(file).map_err(what)?;
+    let mut tar = tar::Archive::new(std::io::BufReader::new(f));
+    tar.set_overwrite(false);
+    tar.unpack(&to).map_err(what)?;
+    let instances = to.join("dse_instance.ldif");
+    if instances.is_file() {
+        let at = |e: String| format!("{}: {e}", instances.display());
+        let text = fs::read(&instances).map_err(|e| at(e.to_string()))?;
+        let mut entries: Vec<Entry> = ldif::Reader::new(text.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| at(e.to_string()))?;
+        ds389::throwaway_archive_instances(&mut entries, &layout.db());
+        fs::write(&instances, ldif::to_string(&entries)).map_err(|e| at(e.to_string()))?;
+    }
+    chown_tree(&to, uid, gid).map_err(what)
+}
+
+/// The last lines of the throwaway's error log, for a message.
+fn errors_tail(layout: &ds389::Layout) -> String {
+    let text = fs::read_to_string(layout.logs().join("errors")).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("slapd_system_isFIPS"))
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        " (its error log ends: {})",
+        lines[lines.len().saturating_sub(4)..].join(" / ")
+    )
+}
+
+/// The throwaway ns-slapd, in the foreground (`-d 0`) as our child;
+/// killed if dropped.
+struct Server {
+    child: tokio::process::Child,
+}
+
+impl Server {
+    /// Starts it and waits (within [`TEST_START_LIMIT`]) until it accepts
+    /// connections on `port`. On failure: why, and whether another port
+    /// is worth a try (this one was taken).
+    async fn start(layout: &ds389::Layout, port: u16) -> Result<Server, (String, bool)> {
+        let log = layout.logs().join("ns-slapd.out");
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| (format!("{}: {e}", log.display()), false))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| (format!("{}: {e}", log.display()), false))?;
+        let child = Command::new(ds389::NS_SLAPD)
+            .arg("-D")
+            .arg(layout.config())
+            .arg("-i")
+            .arg(layout.pid_file())
+            .arg("-d")
+            .arg("0")
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| (format!("{}: {e}", ds389::NS_SLAPD), false))?;
+        let mut server = Server { child };
+        let deadline = tokio::time::Instant::now() + TEST_START_LIMIT;
+        let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let tail = errors_tail(layout);
+                let taken = tail.contains("already in use") || tail.contains("Address in use");
+                return Err((
+                    format!(
+                        "ns-slapd -D {} exited with {status}{tail}",
+                        layout.config().display()
+                    ),
+                    taken,
+                ));
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(server);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                server.stop().await;
+                return Err((
+                    format!(
+                        "ns-slapd did not answer on 127.0.0.1:{port} within {} s{}",
+                        TEST_START_LIMIT.as_secs(),
+                        errors_tail(layout)
+                    ),
+                    false,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then SIGKILL past [`TEST_STOP_LIMIT`].
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child's pid, not yet reaped.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+            if tokio::time::timeout(TEST_STOP_LIMIT, self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
 }
