@@ -115,6 +115,14 @@ pub struct BackendRecord {
     /// read this one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suffix_uuid: Option<String>,
+    /// 389 DS: the suffix's replica update vector (`nsds50ruv` values of
+    /// its RUV entry) read during the freeze, when it is replicated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ruv: Vec<String>,
+    /// 389 DS: the backend's highest USN (`lastusn;BACKEND` of the root
+    /// DSE) read during the freeze, with the USN plugin on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_usn: Option<String>,
     /// `389` method: the backend in 389 DS's own archive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ds389: Option<Ds389Archive>,

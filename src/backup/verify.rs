@@ -975,6 +975,8 @@ mod tests {
                 file: file.clone(),
                 commands: vec![],
                 suffix_uuid: None,
+                ruv: Vec::new(),
+                last_usn: None,
                 ds389: None,
             });
             files.push(file);

@@ -944,6 +944,8 @@ async fn export_all(
                     file: String::new(),
                     commands: vec![line.clone()],
                     suffix_uuid: suffix_uuid(session, suffix).await?,
+                    ruv: Vec::new(),
+                    last_usn: None,
                     ds389: None,
                 });
             }
@@ -971,6 +973,8 @@ async fn export_all(
                 file: String::new(),
                 commands: Vec::new(),
                 suffix_uuid: suffix_uuid(session, suffix).await?,
+                ruv: Vec::new(),
+                last_usn: None,
                 ds389: None,
             };
             match (method, &config) {
@@ -1038,7 +1042,90 @@ async fn export_all(
             exit::FAILED,
         )
     })??;
+    let mut backends = backends;
+    if server
+        .vendor_name
+        .as_deref()
+        .is_some_and(|v| v.contains("389"))
+    {
+        let t = log.begin();
+        let suffixes: Vec<String> = backends.iter().map(|b| b.suffix.clone()).collect();
+        // The backends' names, for their USNs (cn=config is read through
+        // the proxy: a search that changes nothing passes the freeze).
+        let names = ds389::backends(session, &suffixes).await.ok();
+        let mut said = Vec::new();
+        for (i, b) in backends.iter_mut().enumerate() {
+            let name = names.as_ref().map(|n| n[i].as_str());
+            (b.ruv, b.last_usn) = ds389_position(session, &b.suffix, name).await?;
+            said.push(format!(
+                "{}: {} RUV element(s), last USN {}",
+                b.suffix,
+                b.ruv.len(),
+                b.last_usn.as_deref().unwrap_or("none")
+            ));
+        }
+        log.end(t, "389 position", &said.join("; "));
+    }
     Ok((server, backends))
+}
+
+/// 389 DS's own position of a backend, read during the freeze: its replica
+/// update vector (`nsds50ruv` of the suffix's RUV entry, when replicated)
+/// and its highest USN (`lastusn;BACKEND` of the root DSE, with the USN
+/// plugin on). Either is empty where the server keeps none.
+async fn ds389_position(
+    session: &mut Session,
+    suffix: &str,
+    backend: Option<&str>,
+) -> Result<(Vec<String>, Option<String>), Fail> {
+    let step = format!("389 position of {suffix}");
+    // 389's documented RUV search: the suffix, this filter (the server
+    // answers with the replica's entry under cn=mapping tree).
+    let base = suffix;
+    let search = session.ldap().search(
+        base,
+        Scope::Subtree,
+        "(&(nsuniqueid=ffffffff-ffffffff-ffffffff-ffffffff)(objectClass=nsTombstone))",
+        vec!["nsds50ruv"],
+    );
+    let res = tokio::time::timeout(SMALL_TIMEOUT, search)
+        .await
+        .map_err(|_| Fail::new(step.clone(), "no answer within 30 s", exit::TIMEOUT))?
+        .map_err(|e| Fail::new(step.clone(), e, exit::UNREACHABLE))?;
+    let ruv = match res.1.rc {
+        0 => res
+            .0
+            .into_iter()
+            .map(SearchEntry::construct)
+            .flat_map(|e| e.attrs.into_iter())
+            .filter(|(k, _)| k.eq_ignore_ascii_case("nsds50ruv"))
+            .flat_map(|(_, v)| v)
+            .collect(),
+        // No such suffix entry yet.
+        32 => Vec::new(),
+        rc => {
+            return Err(Fail::new(
+                step,
+                format!("the RUV search of {base} answered {rc}: {}", res.1.text),
+                exit::BACKUP_FAILED,
+            ))
+        }
+    };
+    let usn = match backend {
+        Some(name) => {
+            let want = format!("lastusn;{}", name.to_ascii_lowercase());
+            base_entry(session, &step, "", vec!["lastusn"])
+                .await?
+                .and_then(|e| {
+                    e.attrs
+                        .into_iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(&want))
+                        .and_then(|(_, v)| v.into_iter().next())
+                })
+        }
+        None => None,
+    };
+    Ok((ruv, usn))
 }
 
 /// `--method 389`: 389 DS's backup task over a direct connection to the
@@ -1077,6 +1164,8 @@ async fn ds389_task(
                 file: ds389::ARCHIVE.into(),
                 commands: Vec::new(),
                 suffix_uuid: uuid,
+                ruv: Vec::new(),
+                last_usn: None,
                 ds389: None,
             })
             .collect();

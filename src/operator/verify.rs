@@ -121,6 +121,10 @@ pub async fn ds389_checks(report: &mut Report, dir: &Path) {
                 .map_err(|e| (Class::CannotCheck, e.to_string()))
         }
         .await;
+        if let Ok(c) = &result {
+            // Entries read from the backup's files, as the LDIF checks count them.
+            report.entries += c.entries;
+        }
         report.push(match result {
             Err((class, e)) => Check::fail(name, class, e),
             Ok(c) if c.entries == b.entries && c.digest == b.digest => Check::pass(

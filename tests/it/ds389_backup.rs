@@ -549,7 +549,26 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
     if skip() {
         return;
     }
-    let ds = start_ds(50).await;
+    let mut ds = start_ds(50).await;
+    // As production servers run: dc=example,dc=org replicated (each stored
+    // value carries its replication state, which dbscan prints), the USN
+    // plugin on.
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        ds.dsconf(&["plugin", "usn", "enable"])?;
+        ds.restart()?;
+        ds.dsconf(&[
+            "replication",
+            "enable",
+            "--suffix",
+            SUFFIX,
+            "--role",
+            "supplier",
+            "--replica-id",
+            "1",
+        ])?;
+        Ok(())
+    })
+    .expect("USN and replication on");
     let proxy = proxy(
         &ds,
         vec![
@@ -588,6 +607,19 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
         assert_eq!(b["method"], "389");
         assert_eq!(b["file"], "389-backup.tar");
         assert_eq!(b["ds389"]["backend"], [USERROOT, OTHERROOT][i]);
+        // 389's own position, read while frozen.
+        let usn: i64 = b["last_usn"].as_str().expect("last_usn").parse().unwrap();
+        assert!(usn >= WRITERS as i64, "{suffix}: last USN {usn}");
+        let ruv = b["ruv"].as_array().map(Vec::len).unwrap_or(0);
+        if *suffix == SUFFIX {
+            assert!(
+                b["ruv"][1].as_str().unwrap().starts_with("{replica 1 "),
+                "{}",
+                b["ruv"]
+            );
+        } else {
+            assert_eq!(ruv, 0, "{suffix} is not replicated");
+        }
         let on_server = b["ds389"]["archive_dir"].as_str().unwrap();
         assert!(
             on_server.starts_with(&ds.bak_dir().display().to_string()),
