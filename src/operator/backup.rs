@@ -728,6 +728,9 @@ async fn take(
     let off = release_held(&mut held, spec.off_timeout, "the export ended", progress).await;
     let frozen_to = SystemTime::now();
     attempt.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
+    if off.is_none() {
+        log.end(t, "release (OFF)", "released");
+    }
     close_all(held).await;
     let (server, mut backends) = exported?;
     if off.is_none() {
@@ -755,7 +758,6 @@ async fn take(
             code,
         ));
     }
-    log.end(t, "release (OFF)", "released");
 
     // The files.
     let t = log.begin();
@@ -1201,7 +1203,10 @@ async fn ds389_task(
         Ok(records)
     }
     .await;
-    direct.close().await;
+    // Closed beside the rest of the freeze, not inside it: the unbind is
+    // answered by the connection's end, which 389 DS notices on its next
+    // wake-up (up to 250 ms on an idle server).
+    tokio::spawn(direct.close());
     result
 }
 

@@ -187,14 +187,22 @@ pub async fn restore_checks(report: &mut Report, dir: &Path, test: RestoreTest<'
             return;
         }
     };
+    // A 389 archive, and an LDIF of a 389 DS, open in a throwaway 389 DS;
+    // the rest in a throwaway slapd.
+    let of_389 = manifest
+        .server
+        .vendor_name
+        .as_deref()
+        .is_some_and(|v| v.contains("389"));
+    let on_389 = |b: &crate::backup::manifest::BackendRecord| b.ds389.is_some() || of_389;
     let mut slapd_part = manifest.clone();
-    slapd_part.backends.retain(|b| b.ds389.is_none());
+    slapd_part.backends.retain(|b| !on_389(b));
     if !slapd_part.backends.is_empty() || manifest.backends.is_empty() {
         let served = super::restore::restore_test(dir, &slapd_part, test.slapd_config).await;
         push_served(report, &slapd_part, served, "slapd", true);
     }
     let mut ds389_part = manifest;
-    ds389_part.backends.retain(|b| b.ds389.is_some());
+    ds389_part.backends.retain(on_389);
     if ds389_part.backends.is_empty() {
         return;
     }
@@ -204,8 +212,8 @@ pub async fn restore_checks(report: &mut Report, dir: &Path, test: RestoreTest<'
                 report.push(Check::fail(
                     format!("restore test {}", b.suffix),
                     Class::CannotCheck,
-                    "a 389 backup is restore-tested in a throwaway 389 DS built from a local \
-                     instance's configuration: give --ds-instance NAME",
+                    "a backup of a 389 DS is restore-tested in a throwaway 389 DS built from a \
+                     local instance's configuration: give --ds-instance NAME",
                 ));
             }
         }

@@ -866,6 +866,22 @@ async fn abproxy_ldif_backup_of_389_restores_into_a_fresh_instance() {
     proxy.shutdown().await.unwrap();
     let manifest = manifest_json(&dir);
 
+    // It opens in a throwaway 389 DS built from the live instance's
+    // configuration (ldif2db per backend), the live one running all along;
+    // without an instance to copy, it cannot be checked.
+    let d = dir.to_str().unwrap();
+    let out =
+        crate::support::backup::verify(&[d, "--restore-test", "--ds-instance", ds.name()]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(
+        out.stdout.matches("a throwaway 389 DS served").count(),
+        2,
+        "{out:?}"
+    );
+    let out = crate::support::backup::verify(&[d, "--restore-test"]).await;
+    assert_eq!(out.code, Some(12), "{out:?}");
+    assert!(out.stdout.contains("give --ds-instance NAME"), "{out:?}");
+
     let mut fresh = tokio::task::spawn_blocking(|| {
         Ds389::start(testkit::ds389::Ds389Options {
             users: 3,

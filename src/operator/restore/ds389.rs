@@ -411,7 +411,7 @@ pub async fn restore_test(
     let backends: Vec<_> = manifest
         .backends
         .iter()
-        .filter(|b| b.ds389.is_some())
+        .filter(|b| b.ds389.is_some() || LDIF_METHODS.contains(&b.method.as_str()))
         .collect();
     if backends.is_empty() {
         return Vec::new();
@@ -479,63 +479,104 @@ async fn test_in(
     let port = slapd::free_port().map_err(|e| cannot(format!("a free loopback port: {e}")))?;
     let dse = ds389::throwaway_dse(&live, &live_dir, &layout, port, &hashed)
         .map_err(|e| cannot(format!("the throwaway's configuration: {e}")))?;
+    // A 389 archive names its backends; an LDIF goes to the backend of its
+    // suffix in the instance's configuration.
+    let archived = backends.iter().all(|b| b.ds389.is_some());
+    let inst = Instance::read(config_root, name).map_err(cannot)?;
+    let mut names = Vec::new();
     for b in backends {
-        let d = b.ds389.as_ref().expect("389 backends only");
-        if !dse.backends.contains(&d.backend.to_ascii_lowercase()) {
-            return Err(cannot(format!(
-                "389 DS instance {name} has no backend {} (the backup's, for {}): the \
-                 throwaway is built from {name}'s configuration (backends {})",
-                d.backend,
-                b.suffix,
-                dse.backends.join(", ")
-            )));
+        let backend = match &b.ds389 {
+            Some(d) => Some(d.backend.clone()),
+            None => inst.backend_of(&b.suffix).map(str::to_string),
+        };
+        match backend {
+            Some(n) if dse.backends.contains(&n.to_ascii_lowercase()) => names.push(n),
+            _ => {
+                return Err(cannot(format!(
+                    "389 DS instance {name} has no backend for {} (the backup's {}): the \
+                     throwaway is built from {name}'s configuration (backends {})",
+                    b.suffix,
+                    b.ds389.as_ref().map_or("LDIF", |d| d.backend.as_str()),
+                    dse.backends.join(", ")
+                )));
+            }
         }
     }
     let (uid, gid) = user_ids(&dse.user).map_err(cannot)?;
     prepare(&layout, &live_dir, uid, gid).map_err(|e| cannot(format!("preparing {e}")))?;
     write_dse(&layout, &dse.entries, uid, gid).map_err(cannot)?;
 
-    // 2. The archive, restored.
-    let file = backup.join(&backends[0].file);
-    unpack_archive(&file, &layout, uid, gid).map_err(cannot)?;
-    let mut cmd = Command::new(ds389::NS_SLAPD);
-    cmd.arg("archive2db")
-        .arg("-D")
-        .arg(layout.config())
-        .arg("-a")
-        .arg(layout.archive());
-    let line = format!(
-        "{} archive2db -D {} -a {}",
-        ds389::NS_SLAPD,
-        layout.config().display(),
-        layout.archive().display()
-    );
-    match slapd::run(cmd, &line, TEST_RESTORE_LIMIT, None).await {
-        Ok(()) => {}
-        Err(e @ slapd::Error::Tool { .. }) => {
-            let why = format!("{e}{}", errors_tail(&layout));
-            // ns-slapd refusing the copied configuration says nothing of
-            // the archive.
-            if [
-                "init_dse_file",
-                "dse_read_one_file",
-                "Could not load config file",
-            ]
-            .iter()
-            .any(|m| why.contains(m))
-            {
-                return Err(cannot(format!(
-                    "ns-slapd refused the throwaway's configuration (copied from {name}): {why}"
+    // 2. The archive restored, or each LDIF imported.
+    if !archived {
+        for (i, (b, backend)) in backends.iter().zip(&names).enumerate() {
+            let file = layout.root.join(format!("import-{}.ldif", i + 1));
+            without_computed(&backup.join(&b.file), &file).map_err(cannot)?;
+            std::os::unix::fs::chown(&file, Some(uid), Some(gid))
+                .map_err(|e| cannot(format!("{}: {e}", file.display())))?;
+            let mut cmd = Command::new(ds389::NS_SLAPD);
+            cmd.arg("ldif2db")
+                .arg("-D")
+                .arg(layout.config())
+                .arg("-n")
+                .arg(backend)
+                .arg("-i")
+                .arg(&file);
+            let line = format!("ldif2db -n {backend} of {}", b.file);
+            match slapd::run(cmd, &line, TEST_RESTORE_LIMIT, None).await {
+                Ok(()) => {}
+                Err(e @ slapd::Error::Tool { .. }) => {
+                    return Err(TestFail::DoesNotLoad(format!(
+                        "{e}{}",
+                        errors_tail(&layout)
+                    )))
+                }
+                Err(e) => return Err(cannot(format!("{line}: {e}"))),
+            }
+            let _ = fs::remove_file(&file);
+        }
+    }
+    if archived {
+        let file = backup.join(&backends[0].file);
+        unpack_archive(&file, &layout, uid, gid).map_err(cannot)?;
+        let mut cmd = Command::new(ds389::NS_SLAPD);
+        cmd.arg("archive2db")
+            .arg("-D")
+            .arg(layout.config())
+            .arg("-a")
+            .arg(layout.archive());
+        let line = format!(
+            "{} archive2db -D {} -a {}",
+            ds389::NS_SLAPD,
+            layout.config().display(),
+            layout.archive().display()
+        );
+        match slapd::run(cmd, &line, TEST_RESTORE_LIMIT, None).await {
+            Ok(()) => {}
+            Err(e @ slapd::Error::Tool { .. }) => {
+                let why = format!("{e}{}", errors_tail(&layout));
+                // ns-slapd refusing the copied configuration says nothing of
+                // the archive.
+                if [
+                    "init_dse_file",
+                    "dse_read_one_file",
+                    "Could not load config file",
+                ]
+                .iter()
+                .any(|m| why.contains(m))
+                {
+                    return Err(cannot(format!(
+                        "ns-slapd refused the throwaway's configuration (copied from {name}): {why}"
+                    )));
+                }
+                return Err(TestFail::DoesNotLoad(format!(
+                    "archive2db refused the archive: {why}"
                 )));
             }
-            return Err(TestFail::DoesNotLoad(format!(
-                "archive2db refused the archive: {why}"
-            )));
+            Err(e) => return Err(cannot(format!("archive2db: {e}"))),
         }
-        Err(e) => return Err(cannot(format!("archive2db: {e}"))),
+        // The archive is not needed any more.
+        let _ = fs::remove_dir_all(layout.archive());
     }
-    // The archive is not needed any more.
-    let _ = fs::remove_dir_all(layout.archive());
 
     // 3. The throwaway, started.
     let mut server = None;
