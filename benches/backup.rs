@@ -8,8 +8,14 @@
 //! ```text
 //! cargo bench --bench backup                          # 100,000 users, 3 rounds, both servers
 //! BACKUP_USERS=20000 BACKUP_ROUNDS=5 cargo bench --bench backup
-//! BACKUP_SERVERS=389 cargo bench --bench backup       # the 389 DS lab only
+//! BACKUP_SERVERS=389 BACKUP_USERS=20000 cargo bench --bench backup   # the 389 DS lab only
 //! ```
+//!
+//! At 100,000 users the 389 DS lab may not start on a slow machine:
+//! testkit gives each `ns-slapd ldif2db` of its set-up 180 s, and 389's
+//! import of 100,000 users took longer than that on a shared two-core
+//! machine (20,000 took about a minute); the run then fails after the slapd
+//! lab has reported. `BACKUP_SERVERS=389 BACKUP_USERS=20000` runs it alone.
 //!
 //! Each lab is one throwaway server with `BACKUP_USERS` users in
 //! `dc=example,dc=org` and, in front of it, abproxy as its own process (the
@@ -82,7 +88,8 @@
 //!   each restore.
 //! * `dsconf-backup`: `dsconf NAME backup create BAKDIR/bench-rN`, 389's
 //!   own tool alone (its online backup task, no freeze), run as testkit's
-//!   `Ds389::dsconf` runs it (root over the ldapi socket); the archive is
+//!   `Ds389::dsconf` runs it (root over the ldapi socket; lib389 looks at the
+//!   task every 2 s until it ends); the archive is
 //!   removed after it.
 //! * `ldapsearch`: `ldapsearch -x -H ldap://389 -D DM -w PW -b SUFFIX -E
 //!   pr=500/noprompt '*' +` for `dc=example,dc=org`, then for
