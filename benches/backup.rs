@@ -336,7 +336,7 @@ fn log_end_ms(log: &str, prefix: &str) -> Option<i64> {
 
 /// How a backup copies the data while frozen: the `backup.log` steps that
 /// are the copy, and those of the freeze's other exchanges.
-struct Copy {
+struct CopySteps {
     /// What the report calls the copy.
     name: &'static str,
     /// Prefix of the copy's steps in `backup.log` (summed).
@@ -351,7 +351,7 @@ struct Copy {
 }
 
 /// `--method ldif`: the paged export of each frozen suffix.
-const EXPORT: Copy = Copy {
+const EXPORT: CopySteps = CopySteps {
     name: "export",
     prefix: "export ",
     others: &["status:", "root DSE:"],
@@ -360,7 +360,7 @@ const EXPORT: Copy = Copy {
 };
 
 /// `--method 389`: 389's backup task, then `dbscan` and the tar.
-const TASK_389: Copy = Copy {
+const TASK_389: CopySteps = CopySteps {
     name: "389 backup task",
     prefix: "389 backup task:",
     others: &["status:", "root DSE:", "389 server:"],
@@ -371,7 +371,7 @@ const TASK_389: Copy = Copy {
 /// One backup's figures, from its manifest and log.
 struct Freeze {
     frozen_ms: i64,
-    /// The copy's steps ([`Copy::prefix`]).
+    /// The copy's steps ([`CopySteps::prefix`]).
     copy_ms: u64,
     drained_ms: u64,
     /// The other steps inside the freeze, as the log gives them.
@@ -383,7 +383,7 @@ struct Freeze {
     /// (OFF)` step: with `--method 389` that line is written after the
     /// `dbscan` counts and the tar and its milliseconds include them.
     tail_ms: i64,
-    /// The steps after the release ([`Copy::after`]), if any.
+    /// The steps after the release ([`CopySteps::after`]), if any.
     after_ms: Option<u64>,
     entries: u64,
     /// Bytes of the backends' files (each file once).
@@ -397,7 +397,7 @@ impl Freeze {
     }
 }
 
-fn read_backup(dir: &Path, copy: &Copy) -> Result<Freeze> {
+fn read_backup(dir: &Path, copy: &CopySteps) -> Result<Freeze> {
     let text = fs::read_to_string(dir.join("manifest.json")).context("reading manifest.json")?;
     let m: Manifest = serde_json::from_str(&text).context("parsing manifest.json")?;
     let log = fs::read_to_string(dir.join("backup.log")).context("reading backup.log")?;
@@ -445,7 +445,7 @@ fn read_backup(dir: &Path, copy: &Copy) -> Result<Freeze> {
 /// bench once every lab has reported.
 fn check_backup(
     dir: &Path,
-    copy: &Copy,
+    copy: &CopySteps,
     what: &str,
     round: usize,
     took: Duration,
@@ -489,7 +489,7 @@ fn check_backup(
 }
 
 /// The freezes' medians and maxima, and the share of the wall time frozen.
-fn print_freezes(what: &str, copy: &Copy, freezes: &[Freeze], walls: &[f64]) {
+fn print_freezes(what: &str, copy: &CopySteps, freezes: &[Freeze], walls: &[f64]) {
     if freezes.is_empty() {
         return;
     }
