@@ -186,6 +186,32 @@ impl Instance {
     }
 }
 
+/// `ns-slapd archive2db -D CONFIG -a ARCHIVE`: 389's offline restore of a
+/// backup archive (what `dsctl NAME bak2db` runs), not yet started.
+pub fn archive2db(config: &Path, archive: &Path) -> Command {
+    let mut cmd = Command::new(NS_SLAPD);
+    cmd.arg("archive2db")
+        .arg("-D")
+        .arg(config)
+        .arg("-a")
+        .arg(archive);
+    cmd
+}
+
+/// `ns-slapd ldif2db -D CONFIG -n BACKEND -i FILE`: 389's offline import
+/// of one backend's LDIF (what `dsctl NAME ldif2db` runs), not yet started.
+pub fn ldif2db(config: &Path, backend: &str, file: &Path) -> Command {
+    let mut cmd = Command::new(NS_SLAPD);
+    cmd.arg("ldif2db")
+        .arg("-D")
+        .arg(config)
+        .arg("-n")
+        .arg(backend)
+        .arg("-i")
+        .arg(file);
+    cmd
+}
+
 /// The names of the 389 DS instances configured under `config_root`
 /// (`slapd-NAME` folders with a `dse.ldif`), sorted.
 pub fn instances(config_root: &Path) -> Vec<String> {

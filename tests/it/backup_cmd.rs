@@ -258,15 +258,7 @@ async fn files_backup_under_writers_is_one_instant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_methods_refuse_another_servers_database() {
     let lab = lab(Mode::Readonly).await;
-    let other = block_in_place(|| {
-        testkit::Slapd::start(SlapdOptions {
-            nosync: true,
-            users: 3,
-            other_users: 2,
-            ..Default::default()
-        })
-    })
-    .expect("a second slapd");
+    let other = other_slapd();
     let config = other.dir().join("slapd.d");
     for method in ["slapcat", "files"] {
         let parent = tempfile::tempdir().unwrap();
@@ -299,15 +291,7 @@ async fn local_methods_refuse_another_servers_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_method_takes_the_local_database_only_when_it_is_the_proxys() {
     let lab = lab(Mode::Readonly).await;
-    let other = block_in_place(|| {
-        testkit::Slapd::start(SlapdOptions {
-            nosync: true,
-            users: 3,
-            other_users: 2,
-            ..Default::default()
-        })
-    })
-    .expect("a second slapd");
+    let other = other_slapd();
     for (config, method, why) in [
         (
             lab.slapd.dir().join("slapd.d"),
@@ -339,6 +323,20 @@ async fn auto_method_takes_the_local_database_only_when_it_is_the_proxys() {
         let verified = verify_dir(&dir).await;
         assert_eq!(verified.code, Some(0), "{verified:?}");
     }
+}
+
+/// A second slapd with the lab's suffixes, created on its own (other
+/// entryUUIDs).
+fn other_slapd() -> testkit::Slapd {
+    block_in_place(|| {
+        testkit::Slapd::start(SlapdOptions {
+            nosync: true,
+            users: 3,
+            other_users: 2,
+            ..Default::default()
+        })
+    })
+    .expect("a second slapd")
 }
 
 async fn one_instant_under_writers(method: &str) {

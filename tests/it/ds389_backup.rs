@@ -53,6 +53,30 @@ fn spawn_writers(
 }
 
 /// How many `cn=w...` entries 389 holds in both backends.
+/// The proxy in front of `ds` (dc=example,dc=org with the 389 driver,
+/// dc=other,dc=org readonly) and the writers adding through it, each
+/// having written twice.
+async fn under_writers(
+    ds: &Ds389,
+) -> (
+    ProxyHandle,
+    CancellationToken,
+    Vec<tokio::task::JoinHandle<Vec<String>>>,
+) {
+    let proxy = proxy(
+        ds,
+        vec![
+            example_389ds(ds),
+            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
+        ],
+    )
+    .await;
+    let stop = CancellationToken::new();
+    let writers = spawn_writers(&proxy, &stop);
+    wait_written(ds, 2 * WRITERS, "writers make no progress").await;
+    (proxy, stop, writers)
+}
+
 async fn written(ds: &Ds389) -> usize {
     let mut n = 0;
     for suffix in [SUFFIX, OTHER_SUFFIX] {
@@ -181,17 +205,7 @@ async fn kolab_style_hooks_around_online_exports_give_the_data_at_the_freeze() {
         return;
     }
     let ds = start_ds(50).await;
-    let proxy = proxy(
-        &ds,
-        vec![
-            example_389ds(&ds),
-            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
-        ],
-    )
-    .await;
-    let stop = CancellationToken::new();
-    let writers = spawn_writers(&proxy, &stop);
-    wait_written(&ds, 2 * WRITERS, "writers make no progress").await;
+    let (proxy, stop, writers) = under_writers(&ds).await;
 
     let out = cli(&proxy, &["hook", "--before"]).await;
     assert_eq!(out.code, Some(0), "hook --before: {out:?}");
@@ -270,17 +284,7 @@ async fn abproxy_run_online_backup_restores_into_a_fresh_instance() {
         return;
     }
     let ds = start_ds(50).await;
-    let proxy = proxy(
-        &ds,
-        vec![
-            example_389ds(&ds),
-            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
-        ],
-    )
-    .await;
-    let stop = CancellationToken::new();
-    let writers = spawn_writers(&proxy, &stop);
-    wait_written(&ds, 2 * WRITERS, "writers make no progress").await;
+    let (proxy, stop, writers) = under_writers(&ds).await;
 
     let archive = ds.bak_dir().join("frozen");
     let live = tempfile::Builder::new()
@@ -348,16 +352,7 @@ async fn abproxy_run_online_backup_restores_into_a_fresh_instance() {
 
     // A fresh instance (its own sample data), stopped, restored from the
     // backup, started again: it serves what the live one held at the freeze.
-    let mut fresh = tokio::task::spawn_blocking(|| {
-        Ds389::start(testkit::ds389::Ds389Options {
-            users: 3,
-            other_users: 1,
-            tls: None,
-        })
-    })
-    .await
-    .unwrap()
-    .expect("a fresh 389-ds");
+    let mut fresh = fresh_instance().await;
     tokio::task::block_in_place(|| -> anyhow::Result<()> {
         fresh.stop()?;
         fresh.dsctl(&["bak2db", &archive.display().to_string()])?;
@@ -423,23 +418,7 @@ async fn abproxy_backup_of_389_has_the_digest_of_389s_own_export() {
     if skip() {
         return;
     }
-    let ds = start_ds(30).await;
-    let proxy = proxy(
-        &ds,
-        vec![
-            BackendConfig::new(SUFFIX, Mode::Readonly),
-            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
-        ],
-    )
-    .await;
-    let parent = tempfile::tempdir().unwrap();
-    let dir = parent.path().join("bk");
-    let out = cli(
-        &proxy,
-        &["backup", "--to", dir.to_str().unwrap(), "--method", "ldif"],
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
+    let (ds, _proxy, _parent, dir) = ldif_backup_of_a_389().await;
     let manifest = crate::support::backup::manifest_json(&dir);
     // The backup checks out by itself.
     let verified = crate::support::backup::verify_dir(&dir).await;
@@ -569,17 +548,7 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
         Ok(())
     })
     .expect("USN and replication on");
-    let proxy = proxy(
-        &ds,
-        vec![
-            example_389ds(&ds),
-            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
-        ],
-    )
-    .await;
-    let stop = CancellationToken::new();
-    let writers = spawn_writers(&proxy, &stop);
-    wait_written(&ds, 2 * WRITERS, "writers make no progress").await;
+    let (proxy, stop, writers) = under_writers(&ds).await;
 
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("389-1");
@@ -667,16 +636,7 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
     );
 
     // Restored into a fresh instance (its own sample data) with 389's tool.
-    let mut fresh = tokio::task::spawn_blocking(|| {
-        Ds389::start(testkit::ds389::Ds389Options {
-            users: 3,
-            other_users: 1,
-            tls: None,
-        })
-    })
-    .await
-    .unwrap()
-    .expect("a fresh 389-ds");
+    let mut fresh = fresh_instance().await;
     // Refused while the instance runs, nothing changed.
     let restore = |dir: std::path::PathBuf, name: String| async move {
         let out = tokio::process::Command::new(BIN)
@@ -828,23 +788,7 @@ async fn abproxy_ldif_backup_of_389_restores_into_a_fresh_instance() {
     if skip() {
         return;
     }
-    let ds = start_ds(30).await;
-    let proxy = proxy(
-        &ds,
-        vec![
-            BackendConfig::new(SUFFIX, Mode::Readonly),
-            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
-        ],
-    )
-    .await;
-    let parent = tempfile::tempdir().unwrap();
-    let dir = parent.path().join("bk");
-    let out = cli(
-        &proxy,
-        &["backup", "--to", dir.to_str().unwrap(), "--method", "ldif"],
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
+    let (ds, proxy, parent, dir) = ldif_backup_of_a_389().await;
     // Without --method: the 389 DS behind the proxy is an instance here,
     // found by its suffix entries' entryUUIDs: 389's own backup.
     let auto = parent.path().join("auto");
@@ -882,16 +826,7 @@ async fn abproxy_ldif_backup_of_389_restores_into_a_fresh_instance() {
     assert_eq!(out.code, Some(12), "{out:?}");
     assert!(out.stdout.contains("give --ds-instance NAME"), "{out:?}");
 
-    let mut fresh = tokio::task::spawn_blocking(|| {
-        Ds389::start(testkit::ds389::Ds389Options {
-            users: 3,
-            other_users: 1,
-            tls: None,
-        })
-    })
-    .await
-    .unwrap()
-    .expect("a fresh 389-ds");
+    let mut fresh = fresh_instance().await;
     tokio::task::block_in_place(|| fresh.stop()).unwrap();
     let out = tokio::process::Command::new(BIN)
         .arg("restore")
@@ -1062,4 +997,42 @@ async fn abproxy_verify_restore_test_serves_a_389_backup_from_a_throwaway_instan
         "{out:?}"
     );
     assert!(ds.is_running(), "the live instance still runs");
+}
+
+/// A 389 DS with 30 users, the proxy in front (both suffixes readonly)
+/// and an `ldif` backup of it taken through the proxy at `PARENT/bk`.
+async fn ldif_backup_of_a_389() -> (Ds389, ProxyHandle, tempfile::TempDir, std::path::PathBuf) {
+    let ds = start_ds(30).await;
+    let proxy = proxy(
+        &ds,
+        vec![
+            BackendConfig::new(SUFFIX, Mode::Readonly),
+            BackendConfig::new(OTHER_SUFFIX, Mode::Readonly),
+        ],
+    )
+    .await;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("bk");
+    let out = cli(
+        &proxy,
+        &["backup", "--to", dir.to_str().unwrap(), "--method", "ldif"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    (ds, proxy, parent, dir)
+}
+
+/// A fresh 389 DS with its own small sample data (3 and 1 users), to
+/// restore into.
+async fn fresh_instance() -> Ds389 {
+    tokio::task::spawn_blocking(|| {
+        Ds389::start(testkit::ds389::Ds389Options {
+            users: 3,
+            other_users: 1,
+            tls: None,
+        })
+    })
+    .await
+    .unwrap()
+    .expect("a fresh 389-ds")
 }

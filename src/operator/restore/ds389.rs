@@ -183,18 +183,8 @@ async fn swap_and_restore(
     if let Err(e) = fresh {
         return Err(undo(e));
     }
-    let mut cmd = Command::new(ds389::NS_SLAPD);
-    cmd.arg("archive2db")
-        .arg("-D")
-        .arg(&inst.config_dir)
-        .arg("-a")
-        .arg(archive);
-    let line = format!(
-        "{} archive2db -D {} -a {}",
-        ds389::NS_SLAPD,
-        inst.config_dir.display(),
-        archive.display()
-    );
+    let cmd = ds389::archive2db(&inst.config_dir, archive);
+    let line = slapd::command_line(&cmd);
     if let Err(e) = slapd::run(cmd, &line, LIMIT, None).await {
         return Err(undo(format!("{e}")));
     }
@@ -251,20 +241,8 @@ async fn import_ldif(
     super::copy_dir(db, aside)?;
     let undo = |e: String| put_back(db, aside, e);
     for (name, file) in names.iter().zip(&files) {
-        let mut cmd = Command::new(ds389::NS_SLAPD);
-        cmd.arg("ldif2db")
-            .arg("-D")
-            .arg(&inst.config_dir)
-            .arg("-n")
-            .arg(name)
-            .arg("-i")
-            .arg(file);
-        let line = format!(
-            "{} ldif2db -D {} -n {name} -i {}",
-            ds389::NS_SLAPD,
-            inst.config_dir.display(),
-            file.display()
-        );
+        let cmd = ds389::ldif2db(&inst.config_dir, name, file);
+        let line = slapd::command_line(&cmd);
         if let Err(e) = slapd::run(cmd, &line, LIMIT, None).await {
             return Err(undo(format!("{e}")));
         }
@@ -513,14 +491,7 @@ async fn test_in(
             without_computed(&backup.join(&b.file), &file).map_err(cannot)?;
             std::os::unix::fs::chown(&file, Some(uid), Some(gid))
                 .map_err(|e| cannot(format!("{}: {e}", file.display())))?;
-            let mut cmd = Command::new(ds389::NS_SLAPD);
-            cmd.arg("ldif2db")
-                .arg("-D")
-                .arg(layout.config())
-                .arg("-n")
-                .arg(backend)
-                .arg("-i")
-                .arg(&file);
+            let cmd = ds389::ldif2db(&layout.config(), backend, &file);
             let line = format!("ldif2db -n {backend} of {}", b.file);
             match slapd::run(cmd, &line, TEST_RESTORE_LIMIT, None).await {
                 Ok(()) => {}
@@ -538,18 +509,8 @@ async fn test_in(
     if archived {
         let file = backup.join(&backends[0].file);
         unpack_archive(&file, &layout, uid, gid).map_err(cannot)?;
-        let mut cmd = Command::new(ds389::NS_SLAPD);
-        cmd.arg("archive2db")
-            .arg("-D")
-            .arg(layout.config())
-            .arg("-a")
-            .arg(layout.archive());
-        let line = format!(
-            "{} archive2db -D {} -a {}",
-            ds389::NS_SLAPD,
-            layout.config().display(),
-            layout.archive().display()
-        );
+        let cmd = ds389::archive2db(&layout.config(), &layout.archive());
+        let line = slapd::command_line(&cmd);
         match slapd::run(cmd, &line, TEST_RESTORE_LIMIT, None).await {
             Ok(()) => {}
             Err(e @ slapd::Error::Tool { .. }) => {
