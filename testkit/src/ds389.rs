@@ -96,8 +96,17 @@ const POLL: Duration = Duration::from_millis(20);
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long ns-slapd may take to stop on SIGTERM (it flushes its caches).
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time limit of the instance creation and of each import.
+/// Time limit of the instance creation and of each setup tool (imports:
+/// [`import_limit`]).
 const TOOL_TIMEOUT: Duration = Duration::from_secs(180);
+/// Time limit of importing `users` entries with `ns-slapd ldif2db`:
+/// [`TOOL_TIMEOUT`] plus 6 ms an entry (389's import of 100,000 sample
+/// users takes about 6 minutes on a loaded two-core machine, mostly
+/// waiting on its transaction log).
+fn import_limit(users: usize) -> Duration {
+    TOOL_TIMEOUT + Duration::from_millis(6 * users as u64)
+}
+
 /// How many ports to try (creation and start).
 const BIND_ATTEMPTS: usize = 5;
 
@@ -585,7 +594,7 @@ impl Ds389 {
                     .arg("-i")
                     .arg(&path),
                 &work.join(format!("import-{backend}.log")),
-                TOOL_TIMEOUT,
+                import_limit(n),
             )
             .with_context(|| format!("importing {suffix} into backend {backend}"))?;
         }
