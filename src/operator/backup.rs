@@ -1567,6 +1567,20 @@ fn header(m: &Manifest) -> String {
             "  {}  {} {}  {} entries  {}  digest {}",
             b.suffix, b.mode, b.method, b.entries, b.file, b.digest
         );
+        // Where the server stood, as it says it (what a roll-forward or a
+        // replica compares with).
+        if let Some(u) = &b.suffix_uuid {
+            let _ = writeln!(s, "    suffix entry id {u}");
+        }
+        if !b.context_csn.is_empty() {
+            let _ = writeln!(s, "    contextCSN {}", b.context_csn.join(" "));
+        }
+        if !b.ruv.is_empty() {
+            let _ = writeln!(s, "    RUV {}", b.ruv.join("; "));
+        }
+        if let Some(usn) = &b.last_usn {
+            let _ = writeln!(s, "    last USN {usn}");
+        }
     }
     s
 }

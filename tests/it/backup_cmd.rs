@@ -464,6 +464,11 @@ async fn backup_digest_equals_slapcat_of_the_live_server() {
     assert!(m["server"].get("vendor_name").is_some(), "{m}");
     let header = std::fs::read_to_string(dir.join("HEADER.txt")).unwrap();
     assert!(header.contains(&dumped.to_string()), "{header}");
+    let uuid = m["backends"][0]["suffix_uuid"].as_str().unwrap();
+    assert!(
+        header.contains(&format!("    suffix entry id {uuid}\n")),
+        "{header}"
+    );
     let log = std::fs::read_to_string(dir.join("backup.log")).unwrap();
     assert!(
         log.contains("freeze (ON)") && log.contains("release (OFF)"),

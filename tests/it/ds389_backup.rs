@@ -576,8 +576,13 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
         assert_eq!(b["method"], "389");
         assert_eq!(b["file"], "389-backup.tar");
         assert_eq!(b["ds389"]["backend"], [USERROOT, OTHERROOT][i]);
-        // 389's own position, read while frozen.
+        // 389's own position, read while frozen, in the header too.
         let usn: i64 = b["last_usn"].as_str().expect("last_usn").parse().unwrap();
+        let header = std::fs::read_to_string(dir.join("HEADER.txt")).unwrap();
+        assert!(
+            header.contains(&format!("    last USN {usn}\n")),
+            "{header}"
+        );
         assert!(usn >= WRITERS as i64, "{suffix}: last USN {usn}");
         let ruv = b["ruv"].as_array().map(Vec::len).unwrap_or(0);
         if *suffix == SUFFIX {
