@@ -173,9 +173,56 @@ async fn check_manifest_with(
 /// its modify was).
 type Acks = Vec<(usize, Instant, Instant)>;
 
+/// Acknowledged (add, modify) pairs of each writer (1..=WRITERS), counted
+/// as they come, for a test to await progress instead of sleeping.
+struct Written {
+    pairs: Vec<std::sync::atomic::AtomicUsize>,
+    more: tokio::sync::Notify,
+}
+
+impl Written {
+    fn new() -> Written {
+        Written {
+            pairs: (0..=WRITERS).map(|_| Default::default()).collect(),
+            more: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn add(&self, w: usize) {
+        self.pairs[w].fetch_add(1, Ordering::SeqCst);
+        self.more.notify_waiters();
+    }
+
+    /// Each writer's count now.
+    fn now(&self) -> Vec<usize> {
+        self.pairs
+            .iter()
+            .map(|p| p.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Until every writer has `more` pairs acknowledged beyond `from`
+    /// (within 60 s).
+    async fn beyond(&self, from: &[usize], more: usize) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let notified = self.more.notified();
+                let now = self.now();
+                if (1..=WRITERS).all(|w| now[w] >= from[w] + more) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("a writer made no progress in 60 s: {:?}", self.now()));
+    }
+}
+
 /// Writer `w`: adds `cn=wW-K,SUFFIX` and sets user W's description to
-/// `wW-K`, K = 0, 1, ..., until `stop`; each acknowledged K with its time.
-async fn writer(url: String, w: usize, stop: Arc<AtomicBool>) -> Acks {
+/// `wW-K`, K = 0, 1, ..., until `stop`; each acknowledged K with its time,
+/// counted in `written` too.
+async fn writer(url: String, w: usize, stop: Arc<AtomicBool>, written: Arc<Written>) -> Acks {
     let (conn, mut ldap) = ldap3::LdapConnAsync::new(&url).await.expect("connect");
     ldap3::drive!(conn);
     ldap.simple_bind(ADMIN_DN, ADMIN_PW)
@@ -215,6 +262,7 @@ async fn writer(url: String, w: usize, stop: Arc<AtomicBool>) -> Acks {
             .rc;
         assert_eq!(modify, 0, "modify {}", user_dn(w));
         acks.push((k, added, Instant::now()));
+        written.add(w);
         k += 1;
     }
     let _ = ldap.unbind().await;
@@ -345,10 +393,12 @@ async fn one_instant_under_writers(method: &str) {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("bk");
     let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Written::new());
     let writers: Vec<_> = (1..=WRITERS)
-        .map(|w| tokio::spawn(writer(lab.proxied(), w, stop.clone())))
+        .map(|w| tokio::spawn(writer(lab.proxied(), w, stop.clone(), written.clone())))
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every writer busy before the backup starts, and after it ends.
+    written.beyond(&written.now(), 1).await;
     let before = Instant::now();
     let args = [
         "--to",
@@ -360,7 +410,9 @@ async fn one_instant_under_writers(method: &str) {
     ];
     let out = backup(&lab, &args).await;
     let after = Instant::now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Two: the first counted now may have been acknowledged just before
+    // `after`; the second was acknowledged after the first was counted.
+    written.beyond(&written.now(), 2).await;
     stop.store(true, Ordering::Relaxed);
     let mut acks = Vec::new();
     for w in writers {
