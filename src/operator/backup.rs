@@ -735,7 +735,10 @@ async fn take(
     let (server, mut backends) = exported?;
     if off.is_none() {
         // What only the release let wait: the database copies counted.
-        complete(&mut backends, tmp, &spec.method, &mut log).await?;
+        if let Err(f) = complete(&mut backends, tmp, &spec.method, &mut log).await {
+            ds389::discard(&backends, progress);
+            return Err(f);
+        }
     }
     attempt.backends = backends
         .iter()
@@ -746,6 +749,7 @@ async fn take(
         })
         .collect();
     if let Some(code) = off {
+        ds389::discard(&backends, progress);
         return Err(Fail::new(
             "release (OFF)",
             if several {

@@ -220,6 +220,26 @@ pub(super) async fn complete(
     Ok(())
 }
 
+/// A failed backup: the archive the server wrote for it is removed (it is
+/// not a backup anyone asked for, and a failing nightly run would fill the
+/// server's disk), and said.
+pub(super) fn discard(backends: &[BackendRecord], progress: &super::Progress) {
+    let Some(dir) = backends
+        .iter()
+        .find_map(|b| b.ds389.as_ref())
+        .map(|d| d.archive_dir.clone())
+    else {
+        return;
+    };
+    match fs::remove_dir_all(&dir) {
+        Ok(()) => progress.line(format!("removed the server's archive {dir}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => progress.line(format!(
+            "error: cannot remove the server's archive {dir}: {e}; remove it by hand"
+        )),
+    }
+}
+
 /// The tree below `dir` as a tar archive, names relative to `dir`, sorted,
 /// directories before what they hold; modes and times as on disk, owner
 /// as numbers (root restores it; `dsctl bak2db` wants the server's user).
