@@ -1075,11 +1075,20 @@ async fn export_all(
     Ok((server, backends))
 }
 
+/// The 389 DS backend holding `suffix` (`cn=ldbm database,cn=plugins,
+/// cn=config`, read through `session`), if the server says.
+pub(super) async fn ds389_backend_of(session: &mut Session, suffix: &str) -> Option<String> {
+    ds389::backends(session, &[suffix.to_string()])
+        .await
+        .ok()
+        .and_then(|mut v| v.pop())
+}
+
 /// 389 DS's own position of a backend, read during the freeze: its replica
 /// update vector (`nsds50ruv` of the suffix's RUV entry, when replicated)
 /// and its highest USN (`lastusn;BACKEND` of the root DSE, with the USN
 /// plugin on). Either is empty where the server keeps none.
-async fn ds389_position(
+pub(super) async fn ds389_position(
     session: &mut Session,
     suffix: &str,
     backend: Option<&str>,

@@ -378,14 +378,22 @@ async fn compare_live(
             "the server holds exactly the backup's {entries} entries (same digest)"
         ));
     }
-    // Changed since: after the backup's contextCSN where it has one
-    // (slapd: to the microsecond), else after the second it started.
-    let (filter, after) = match b.context_csn.iter().max() {
-        Some(csn) => (
+    // Changed since: after the backup's last USN (389 DS with the USN
+    // plugin: every write numbered), or its contextCSN (slapd: to the
+    // microsecond), else after the second it started.
+    // (A positive filter: entries 389 holds without a USN, those from
+    // before the plugin was on, match no `!(entryusn<=N)` reliably.)
+    let last_usn = b.last_usn.as_deref().and_then(|u| u.parse::<i64>().ok());
+    let (filter, after) = match (last_usn, b.context_csn.iter().max()) {
+        (Some(usn), _) => (
+            format!("(entryusn>={})", usn + 1),
+            format!("its last USN {usn}"),
+        ),
+        (None, Some(csn)) => (
             format!("(!(entryCSN<={csn}))"),
             "its contextCSN".to_string(),
         ),
-        None => (
+        (None, None) => (
             format!("(!(modifyTimestamp<={since}Z))"),
             format!("{since}Z"),
         ),
@@ -400,12 +408,27 @@ async fn compare_live(
             v.join(" ")
         }
     };
+    let position = match last_usn {
+        Some(usn) => {
+            let name = super::backup::ds389_backend_of(session, &b.suffix).await;
+            let (_, now) = super::backup::ds389_position(session, &b.suffix, name.as_deref())
+                .await
+                .map_err(|f| f.to_string())?;
+            format!(
+                "last USN {} (the backup: {usn})",
+                now.as_deref().unwrap_or("none")
+            )
+        }
+        None => format!(
+            "contextCSN {} (the backup: {})",
+            csn_text(&csn),
+            csn_text(&b.context_csn)
+        ),
+    };
     Ok(format!(
         "moved since the backup: {entries} entries now (the backup: {}), {changed} added or \
-         modified after {after}, contextCSN {} (the backup: {})",
+         modified after {after}, {position}",
         b.entries,
-        csn_text(&csn),
-        csn_text(&b.context_csn)
     ))
 }
 

@@ -616,7 +616,45 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
     let now = written(&ds).await;
     wait_written(&ds, now + 2 * WRITERS, "writers make no progress after").await;
     let acked = stop_writers(stop, writers).await;
-    check_acked(&acked, &export_all(&ds, "final").await);
+    let finals = export_all(&ds, "final").await;
+    check_acked(&acked, &finals);
+
+    // How far the live server moved since: by 389's USNs, exactly the
+    // writes after the backup.
+    let out = tokio::process::Command::new(BIN)
+        .arg("verify")
+        .arg(&dir)
+        .args(["--against", &proxy.url(), "--bind-dn", DM_DN])
+        .env("ABPROXY_PASSWORD", DM_PW)
+        .env_remove("ABPROXY_LOG")
+        .kill_on_drop(true)
+        .output();
+    let out = ToolOutput::from(
+        tokio::time::timeout(Duration::from_secs(120), out)
+            .await
+            .expect("verify --against within 120 s")
+            .unwrap(),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for (i, suffix) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
+        let b = &manifest["backends"][i];
+        let now = entry_ids(&finals[i]).len() as u64;
+        let then = b["entries"].as_u64().unwrap();
+        let usn = b["last_usn"].as_str().unwrap();
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.contains(&format!("against {suffix}:")))
+            .unwrap_or_else(|| panic!("{out:?}"));
+        assert!(
+            line.contains(&format!(
+                "{now} entries now (the backup: {then}), {} added or modified after its last USN \
+                 {usn}, last USN ",
+                now - then
+            )),
+            "{line}"
+        );
+    }
 
     // A copy whose manifest says another digest, consistent otherwise:
     // the archive's content does not match.
