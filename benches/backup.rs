@@ -161,13 +161,15 @@ use testkit::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW, SLAPCAT, SUFFIX};
 /// answered) the backup does, besides the copy, three exchanges with the
 /// proxy on loopback: the status request, the root DSE search and OFF
 /// (0-5 ms together on this machine under its usual load, 68 ms once with
-/// other work keeping both cores busy; with `--method 389` also the
-/// connection to 389's ldapi socket, its bind and two searches of
-/// `cn=config`); and the four times involved are truncated to whole
+/// other work keeping both cores busy; with `--method slapcat` or `files`
+/// also the configuration read, `slapcat -n 0`, 19-41 ms; with `--method
+/// 389` also the connection to 389's ldapi socket, its bind and two
+/// searches of `cn=config`; on 389 DS also the `389 position` searches
+/// after the copy); and the four times involved are truncated to whole
 /// milliseconds (up to 2 ms off). 250 ms covers those with room for the
 /// scheduling delays of a shared two-core machine, and is small next to
-/// the export at the default size (about 9 s): a freeze that goes on after
-/// the copy (files written, fsyncs) by more than that fails.
+/// the ldif export at the default size (5-10 s): a freeze that goes on
+/// after the copy (files written, fsyncs) by more than that fails.
 const FREEZE_MARGIN: Duration = Duration::from_millis(250);
 
 /// The longest wait for `abproxy verify --help`.
