@@ -28,26 +28,47 @@
 //! ## slapd
 //!
 //! `testkit`'s slapd, no fsync; the proxy's backend `dc=example,dc=org`,
-//! the root DN `cn=admin,dc=example,dc=org` allowed to freeze. Steps:
+//! the root DN `cn=admin,dc=example,dc=org` allowed to freeze. Steps, one
+//! backup, verify and restore per method (`ldif`, `slapcat`, `files`):
 //!
-//! * `backup`: `abproxy backup --to DIR` through the proxy, bound as the
-//!   root DN (`ABPROXY_URL`, `ABPROXY_BIND_DN`, `ABPROXY_PASSWORD`): the
-//!   freeze, the paged export of every entry (`*` and `+`) with its digest,
-//!   the release and the files. From the backup's `manifest.json` and
-//!   `backup.log`: the time frozen (`freeze.frozen_from` .. `frozen_to`),
-//!   the drain (`freeze.drained_ms`) and the export's own duration (the
-//!   `export SUFFIX` step). The bench fails when the time frozen exceeds
-//!   the export plus the drain plus [`FREEZE_MARGIN`].
-//! * `verify`: `abproxy verify DIR` on the latest backup, only if
-//!   `abproxy verify --help` succeeds (otherwise one `skipped` line).
-//! * `restore`: `abproxy restore DIR --to WORK --slapd-config
-//!   SLAPD_DIR/slapd.d` on the latest backup: slapadd into a new back-mdb
-//!   database, slapcat back, count, digest and contextCSN checked.
+//! * `backup-ldif`: `abproxy backup --to DIR --method ldif` through the
+//!   proxy, bound as the root DN (`ABPROXY_URL`, `ABPROXY_BIND_DN`,
+//!   `ABPROXY_PASSWORD`): the freeze, the paged export of every entry (`*`
+//!   and `+`) with its digest, the release and the files. From the
+//!   backup's `manifest.json` and `backup.log`: the time frozen
+//!   (`freeze.frozen_from` .. `frozen_to`), the drain
+//!   (`freeze.drained_ms`) and the copy's own duration (the `export
+//!   SUFFIX` step). The bench fails when the time frozen exceeds the copy
+//!   plus the drain plus [`FREEZE_MARGIN`].
+//! * `backup-slapcat`: `abproxy backup --to DIR --method slapcat
+//!   --slapd-config SLAPD_DIR/slapd.d`, bound as the root DN: the freeze,
+//!   the configuration read, `slapcat` of the live database (the `export
+//!   SUFFIX` step, the copy), the release. The same figures and the same
+//!   check.
+//! * `backup-files`: `abproxy backup --to DIR --method files
+//!   --slapd-config SLAPD_DIR/slapd.d`, bound as the root DN: the freeze,
+//!   the configuration read, `mdb_copy -c` of the live database (the
+//!   `export SUFFIX` step, the copy), the release; then each copy built
+//!   into a throwaway database and read back with slapcat to count and
+//!   digest it (the `count SUFFIX` steps, after the release, reported
+//!   apart). The same figures and the same check.
+//! * `verify (METHOD)`: `abproxy verify DIR` on the latest backup of that
+//!   method, only if `abproxy verify --help` succeeds (otherwise one
+//!   `skipped` line).
+//! * `restore (METHOD)`: `abproxy restore DIR --to WORK --slapd-config
+//!   SLAPD_DIR/slapd.d` on the latest backup of that method: slapadd of the
+//!   LDIF (a `files` backup: the copied database put in place) into a new
+//!   back-mdb database, slapcat back, count, digest and contextCSN checked;
+//!   WORK removed after it.
 //! * `slapcat`: `slapcat -F SLAPD_DIR/slapd.d -b dc=example,dc=org -l
 //!   FILE` (the database read offline, beside the running slapd).
 //! * `ldapsearch`: `ldapsearch -x -H ldap://SLAPD -D ROOTDN -w PW -b
 //!   dc=example,dc=org -E pr=500/noprompt '*' + > FILE` directly against
 //!   slapd (no proxy, no freeze).
+//!
+//! A verify or restore whose method has no backup yet (the round's
+//! rotation put it first) makes one first, counted as that method's
+//! backup step.
 //!
 //! Ratios against `slapcat` and `ldapsearch`.
 //!
@@ -61,9 +82,10 @@
 //! the default driver (none: the proxy holds the writes, 389 is not told);
 //! `cn=Directory Manager` (DM) allowed to freeze. Steps:
 //!
-//! * `backup-ldif`: `abproxy backup --to DIR` through the proxy, bound as
-//!   DM, as the slapd `backup` (the export of both suffixes); the same
-//!   figures and the same check against the `export SUFFIX` steps.
+//! * `backup-ldif`: `abproxy backup --to DIR --method ldif` through the
+//!   proxy, bound as DM, as the slapd `backup-ldif` (the export of both
+//!   suffixes); the same figures and the same check against the `export
+//!   SUFFIX` steps.
 //! * `backup-389`: `abproxy backup --to DIR --method 389 --server
 //!   LDAPI_URL`, bound as DM: ON through the proxy, 389's own backup task
 //!   (`cn=abproxy-ID,cn=backup,cn=tasks,cn=config`, added over the ldapi
@@ -126,6 +148,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use abproxy::backup::manifest::Manifest;
+use abproxy::backup::slapd::MDB_COPY as MDB_COPY_BIN;
 use anyhow::{anyhow, bail, Context, Result};
 use loadgen::procs::{free_port, wait_listening};
 use loadgen::stats::median;
@@ -138,13 +161,15 @@ use testkit::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW, SLAPCAT, SUFFIX};
 /// answered) the backup does, besides the copy, three exchanges with the
 /// proxy on loopback: the status request, the root DSE search and OFF
 /// (0-5 ms together on this machine under its usual load, 68 ms once with
-/// other work keeping both cores busy; with `--method 389` also the
-/// connection to 389's ldapi socket, its bind and two searches of
-/// `cn=config`); and the four times involved are truncated to whole
+/// other work keeping both cores busy; with `--method slapcat` or `files`
+/// also the configuration read, `slapcat -n 0`, 19-41 ms; with `--method
+/// 389` also the connection to 389's ldapi socket, its bind and two
+/// searches of `cn=config`; on 389 DS also the `389 position` searches
+/// after the copy); and the four times involved are truncated to whole
 /// milliseconds (up to 2 ms off). 250 ms covers those with room for the
 /// scheduling delays of a shared two-core machine, and is small next to
-/// the export at the default size (about 9 s): a freeze that goes on after
-/// the copy (files written, fsyncs) by more than that fails.
+/// the ldif export at the default size (5-10 s): a freeze that goes on
+/// after the copy (files written, fsyncs) by more than that fails.
 const FREEZE_MARGIN: Duration = Duration::from_millis(250);
 
 /// The longest wait for `abproxy verify --help`.
@@ -354,16 +379,39 @@ struct CopySteps {
 const EXPORT: CopySteps = CopySteps {
     name: "export",
     prefix: "export ",
-    others: &["status:", "root DSE:"],
+    others: &["status:", "root DSE:", "389 position:"],
     after: &[],
     after_name: "",
+};
+
+/// `--method slapcat --slapd-config`: slapcat of each frozen suffix's
+/// live database (the `export SUFFIX` step), after the configuration is
+/// read (inside the freeze too).
+const SLAPCAT_LIVE: CopySteps = CopySteps {
+    name: "slapcat",
+    prefix: "export ",
+    others: &["status:", "root DSE:", "read the configuration:"],
+    after: &[],
+    after_name: "",
+};
+
+/// `--method files --slapd-config`: `mdb_copy -c` of each frozen suffix's
+/// database (the `export SUFFIX` step); after the release each copy is
+/// built into a throwaway slapd database and read back with slapcat (the
+/// `count SUFFIX` steps).
+const MDB_COPY: CopySteps = CopySteps {
+    name: "mdb_copy",
+    prefix: "export ",
+    others: &["status:", "root DSE:", "read the configuration:"],
+    after: &["count "],
+    after_name: "each copy counted: built and read back with slapcat",
 };
 
 /// `--method 389`: 389's backup task, then `dbscan` and the tar.
 const TASK_389: CopySteps = CopySteps {
     name: "389 backup task",
     prefix: "389 backup task:",
-    others: &["status:", "root DSE:", "389 server:"],
+    others: &["status:", "root DSE:", "389 server:", "389 position:"],
     after: &["count ", "389 archive:"],
     after_name: "the dbscan counts and the tar",
 };
@@ -378,10 +426,9 @@ struct Freeze {
     others_ms: u64,
     /// From the end of the copy (the last copy step's time plus its
     /// milliseconds) to `frozen_to`: what the backup does after the copy
-    /// until OFF has answered (OFF itself, and with `--method 389` the
-    /// closing of its connection to 389). Not `backup.log`'s `release
-    /// (OFF)` step: with `--method 389` that line is written after the
-    /// `dbscan` counts and the tar and its milliseconds include them.
+    /// until OFF has answered (OFF itself, and on 389 DS the `389
+    /// position` searches of an ldif export), from the manifest's own
+    /// time rather than `backup.log`'s `release (OFF)` step.
     tail_ms: i64,
     /// The steps after the release ([`CopySteps::after`]), if any.
     after_ms: Option<u64>,
@@ -713,37 +760,105 @@ fn backup_command(bin: &Path, proxy: &Proxy, dn: &str, pw: &str, dir: &Path) -> 
     cmd
 }
 
+/// A backup method of the slapd lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    /// `--method ldif`: the paged export through the proxy.
+    Ldif,
+    /// `--method slapcat --slapd-config`: slapcat of the live database.
+    Slapcat,
+    /// `--method files --slapd-config`: `mdb_copy -c` of the live database.
+    Files,
+}
+
+impl Method {
+    const ALL: [Method; 3] = [Method::Ldif, Method::Slapcat, Method::Files];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Method::Ldif => "ldif",
+            Method::Slapcat => "slapcat",
+            Method::Files => "files",
+        }
+    }
+
+    fn copy(self) -> &'static CopySteps {
+        match self {
+            Method::Ldif => &EXPORT,
+            Method::Slapcat => &SLAPCAT_LIVE,
+            Method::Files => &MDB_COPY,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
-    Backup,
-    Verify,
-    Restore,
+    Backup(Method),
+    Verify(Method),
+    Restore(Method),
     Slapcat,
     Ldapsearch,
 }
 
 impl Step {
-    const ALL: [Step; 5] = [
-        Step::Backup,
-        Step::Verify,
-        Step::Restore,
+    const ALL: [Step; 11] = [
+        Step::Backup(Method::Ldif),
+        Step::Backup(Method::Slapcat),
+        Step::Backup(Method::Files),
+        Step::Verify(Method::Ldif),
+        Step::Verify(Method::Slapcat),
+        Step::Verify(Method::Files),
+        Step::Restore(Method::Ldif),
+        Step::Restore(Method::Slapcat),
+        Step::Restore(Method::Files),
         Step::Slapcat,
         Step::Ldapsearch,
     ];
 
     fn name(self) -> &'static str {
         match self {
-            Step::Backup => "abproxy backup",
-            Step::Verify => "abproxy verify",
-            Step::Restore => "abproxy restore",
+            Step::Backup(Method::Ldif) => "abproxy backup-ldif",
+            Step::Backup(Method::Slapcat) => "abproxy backup-slapcat",
+            Step::Backup(Method::Files) => "abproxy backup-files",
+            Step::Verify(Method::Ldif) => "abproxy verify (ldif)",
+            Step::Verify(Method::Slapcat) => "abproxy verify (slapcat)",
+            Step::Verify(Method::Files) => "abproxy verify (files)",
+            Step::Restore(Method::Ldif) => "abproxy restore (ldif)",
+            Step::Restore(Method::Slapcat) => "abproxy restore (slapcat)",
+            Step::Restore(Method::Files) => "abproxy restore (files)",
             Step::Slapcat => "slapcat",
             Step::Ldapsearch => "ldapsearch direct",
         }
     }
+
+    /// A short name for file names.
+    fn file_part(self) -> String {
+        match self {
+            Step::Backup(m) => format!("backup-{}", m.name()),
+            Step::Verify(m) => format!("verify-{}", m.name()),
+            Step::Restore(m) => format!("restore-{}", m.name()),
+            Step::Slapcat => "slapcat".into(),
+            Step::Ldapsearch => "ldapsearch".into(),
+        }
+    }
+}
+
+/// One method's backups in the slapd lab.
+#[derive(Default)]
+struct Backups {
+    /// The latest backup (what verify and restore read).
+    latest: Option<PathBuf>,
+    /// Backups no longer the latest, removed once nothing uses them.
+    old: Vec<PathBuf>,
+    freezes: Vec<Freeze>,
 }
 
 /// What the slapd lab shares: the programs, slapd, the proxy, the scratch
-/// directory, and the latest backup.
+/// directory, and each method's latest backup.
 struct Bench<'a> {
     s: &'a Settings,
     bin: &'a Path,
@@ -751,11 +866,11 @@ struct Bench<'a> {
     proxy: &'a Proxy,
     scratch: &'a Path,
     has_verify: bool,
-    latest: Option<PathBuf>,
-    /// Backups no longer the latest, removed once nothing uses them.
-    old: Vec<PathBuf>,
+    /// Backups made so far (names every backup directory).
+    made: usize,
+    /// Per [`Method`], in [`Method::ALL`]'s order.
+    backups: [Backups; 3],
     times: Vec<(Step, Duration)>,
-    freezes: Vec<Freeze>,
     /// Bytes and entries of slapcat's and ldapsearch's outputs (first round).
     slapcat_out: Option<(u64, u64)>,
     ldapsearch_out: Option<(u64, u64)>,
@@ -768,41 +883,56 @@ impl Bench<'_> {
         self.slapd.dir().join("slapd.d")
     }
 
-    /// The latest backup, made now if there is none yet.
-    fn backup_dir(&mut self, round: usize) -> Result<PathBuf> {
-        if self.latest.is_none() {
-            self.step(Step::Backup, round)?;
+    /// The latest backup of `method`, made now if there is none yet.
+    fn backup_dir(&mut self, method: Method, round: usize) -> Result<PathBuf> {
+        if self.backups[method.index()].latest.is_none() {
+            self.step(Step::Backup(method), round)?;
         }
-        Ok(self.latest.clone().expect("a backup"))
+        Ok(self.backups[method.index()]
+            .latest
+            .clone()
+            .expect("a backup"))
     }
 
     fn step(&mut self, step: Step, round: usize) -> Result<()> {
         let limit = self.s.limit;
-        let log = self.scratch.join(format!("r{round}-{step:?}.log"));
+        let log = self
+            .scratch
+            .join(format!("r{round}-{}.log", step.file_part()));
         let took = match step {
-            Step::Backup => {
+            Step::Backup(method) => {
                 // Numbered by the backups made so far: never a directory that
                 // exists (abproxy backup refuses one).
-                let dir = self.scratch.join(format!("backup-{}", self.freezes.len()));
-                let took = run_timed(
-                    step.name(),
-                    &mut backup_command(self.bin, self.proxy, ADMIN_DN, ADMIN_PW, &dir),
-                    Stdio::null(),
-                    &log,
-                    limit,
+                self.made += 1;
+                let dir = self
+                    .scratch
+                    .join(format!("backup-{}-{}", method.name(), self.made));
+                let mut cmd = backup_command(self.bin, self.proxy, ADMIN_DN, ADMIN_PW, &dir);
+                cmd.args(["--method", method.name()]);
+                if method != Method::Ldif {
+                    cmd.arg("--slapd-config").arg(self.slapd_d());
+                }
+                let took = run_timed(step.name(), &mut cmd, Stdio::null(), &log, limit)?;
+                let f = check_backup(
+                    &dir,
+                    method.copy(),
+                    &format!("backup-{}", method.name()),
+                    round,
+                    took,
+                    &mut self.failures,
                 )?;
-                let f = check_backup(&dir, &EXPORT, "backup", round, took, &mut self.failures)?;
-                self.freezes.push(f);
-                if let Some(prev) = self.latest.replace(dir) {
-                    self.old.push(prev);
+                let b = &mut self.backups[method.index()];
+                b.freezes.push(f);
+                if let Some(prev) = b.latest.replace(dir) {
+                    b.old.push(prev);
                 }
                 took
             }
-            Step::Verify => {
+            Step::Verify(method) => {
                 if !self.has_verify {
                     return Ok(());
                 }
-                let dir = self.backup_dir(round)?;
+                let dir = self.backup_dir(method, round)?;
                 run_timed(
                     step.name(),
                     Command::new(self.bin).arg("verify").arg(&dir),
@@ -811,9 +941,11 @@ impl Bench<'_> {
                     limit,
                 )?
             }
-            Step::Restore => {
-                let dir = self.backup_dir(round)?;
-                let work = self.scratch.join(format!("restore-r{round}"));
+            Step::Restore(method) => {
+                let dir = self.backup_dir(method, round)?;
+                let work = self
+                    .scratch
+                    .join(format!("restore-{}-r{round}", method.name()));
                 let took = run_timed(
                     step.name(),
                     Command::new(self.bin)
@@ -881,8 +1013,10 @@ impl Bench<'_> {
         );
         self.times.push((step, took));
         // Older backups are not needed once a newer one exists.
-        for old in self.old.drain(..) {
-            fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        for b in &mut self.backups {
+            for old in b.old.drain(..) {
+                fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+            }
         }
         Ok(())
     }
@@ -913,7 +1047,14 @@ impl Bench<'_> {
                 (Step::Ldapsearch.name(), "ldapsearch"),
             ],
         );
-        print_freezes("backup", &EXPORT, &self.freezes, &self.secs(Step::Backup));
+        for method in Method::ALL {
+            print_freezes(
+                &format!("backup-{}", method.name()),
+                method.copy(),
+                &self.backups[method.index()].freezes,
+                &self.secs(Step::Backup(method)),
+            );
+        }
         for (name, out) in [
             ("slapcat", self.slapcat_out),
             ("ldapsearch", self.ldapsearch_out),
@@ -930,9 +1071,9 @@ impl Bench<'_> {
 
 /// The slapd lab: slapd and the proxy started, the rounds, the report.
 fn run_slapd(s: &Settings, bin: &Path, scratch: &Path, has_verify: bool) -> Result<Vec<String>> {
-    for tool in [LDAPSEARCH, SLAPCAT] {
+    for tool in [LDAPSEARCH, SLAPCAT, MDB_COPY_BIN] {
         if !Path::new(tool).exists() {
-            bail!("{tool} not found: apt-get install slapd ldap-utils");
+            bail!("{tool} not found: apt-get install slapd ldap-utils lmdb-utils");
         }
     }
     let t = Instant::now();
@@ -957,10 +1098,9 @@ fn run_slapd(s: &Settings, bin: &Path, scratch: &Path, has_verify: bool) -> Resu
         proxy: &proxy,
         scratch,
         has_verify,
-        latest: None,
-        old: Vec::new(),
+        made: 0,
+        backups: Default::default(),
         times: Vec::new(),
-        freezes: Vec::new(),
         slapcat_out: None,
         ldapsearch_out: None,
         failures: Vec::new(),
@@ -981,8 +1121,11 @@ fn run_slapd(s: &Settings, bin: &Path, scratch: &Path, has_verify: bool) -> Resu
         setup.as_secs_f64(),
         t.elapsed().as_secs_f64()
     );
-    if let Some(latest) = b.latest.take() {
-        fs::remove_dir_all(&latest).with_context(|| format!("removing {}", latest.display()))?;
+    for backups in &mut b.backups {
+        if let Some(latest) = backups.latest.take() {
+            fs::remove_dir_all(&latest)
+                .with_context(|| format!("removing {}", latest.display()))?;
+        }
     }
     let failures = std::mem::take(&mut b.failures);
     drop(b);
@@ -1125,7 +1268,8 @@ impl Lab389<'_> {
                 let dir = self.next_dir("ldif");
                 let took = run_timed(
                     step.name(),
-                    &mut backup_command(self.bin, self.proxy, DM_DN, DM_PW, &dir),
+                    backup_command(self.bin, self.proxy, DM_DN, DM_PW, &dir)
+                        .args(["--method", "ldif"]),
                     Stdio::null(),
                     &log,
                     limit,
