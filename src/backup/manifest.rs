@@ -55,6 +55,9 @@ pub struct ProxyFreeze {
     pub freeze_id: Option<u64>,
     /// Its answer to ON.
     pub message: String,
+    /// Its answer to OFF.
+    #[serde(default)]
+    pub released: String,
 }
 
 /// The LDAP server, from its root DSE (read through the proxy).
@@ -89,6 +92,14 @@ pub struct FreezeInfo {
     pub frozen_to: String,
     /// The proxy's answer to ON.
     pub message: String,
+    /// The proxy's answer to OFF: how long it was frozen, how many held
+    /// requests it resumed (absent in manifests before it).
+    #[serde(default)]
+    pub released: String,
+    /// The requests the proxy held during the freeze and resumed at OFF,
+    /// from its answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_resumed: Option<u64>,
 }
 
 /// One backend exported.

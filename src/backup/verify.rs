@@ -1000,6 +1000,8 @@ mod tests {
                 frozen_from: "2026-12-03T17:27:11.100Z".into(),
                 frozen_to: "2026-12-03T17:27:11.900Z".into(),
                 message: "frozen".into(),
+                released: String::new(),
+                requests_resumed: None,
             },
             backends: records,
             files: files

@@ -688,12 +688,13 @@ async fn take(
             &format!("{}{}", h.prefix(several), h.frozen.message),
         );
     }
-    let proxies: Vec<ProxyFreeze> = held
+    let mut proxies: Vec<ProxyFreeze> = held
         .iter()
         .map(|h| ProxyFreeze {
             url: h.url.clone(),
             freeze_id: h.frozen.id(),
             message: h.frozen.message.clone(),
+            released: String::new(),
         })
         .collect();
     let frozen = held[0].frozen.clone();
@@ -729,7 +730,14 @@ async fn take(
     let frozen_to = SystemTime::now();
     attempt.frozen_ms = Some(frozen_at.elapsed().as_millis() as u64);
     if off.is_none() {
-        log.end(t, "release (OFF)", "released");
+        log.end(
+            t,
+            "release (OFF)",
+            held[0].released.as_deref().unwrap_or("released"),
+        );
+    }
+    for (p, h) in proxies.iter_mut().zip(&held) {
+        p.released = h.released.clone().unwrap_or_default();
     }
     close_all(held).await;
     let (server, mut backends) = exported?;
@@ -780,6 +788,8 @@ async fn take(
             frozen_from: utc(frozen_from),
             frozen_to: utc(frozen_to),
             message: frozen.message.clone(),
+            requests_resumed: requests_resumed(&proxies[0].released),
+            released: proxies[0].released.clone(),
         },
         backends,
         files: Vec::new(),
@@ -1380,6 +1390,15 @@ pub(super) async fn context_csn(session: &mut Session, suffix: &str) -> Result<V
     Ok(v)
 }
 
+/// The held requests OFF resumed, from its answer ("...; N queued
+/// request(s) resumed; ...").
+fn requests_resumed(released: &str) -> Option<u64> {
+    released
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(" queued request(s) resumed"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// The suffix entry's `entryUUID` (or, where it has none, 389 DS's
 /// `nsUniqueId`, which every 389 entry has): which database this is.
 async fn suffix_uuid(session: &mut Session, suffix: &str) -> Result<Option<String>, Fail> {
@@ -1573,6 +1592,9 @@ fn header(m: &Manifest) -> String {
         m.freeze.id.map_or("?".into(), |i| i.to_string()),
         m.freeze.drained_ms.map_or("?".into(), |i| i.to_string()),
     );
+    if !m.freeze.released.is_empty() {
+        let _ = writeln!(s, "released: {}", m.freeze.released);
+    }
     let _ = writeln!(s, "backends:");
     for b in &m.backends {
         let _ = writeln!(
@@ -1601,6 +1623,16 @@ fn header(m: &Manifest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_resumed_is_read_from_offs_answer() {
+        assert_eq!(
+            requests_resumed("released after 2.3 s; 3 queued request(s) resumed; freeze id 7"),
+            Some(3)
+        );
+        assert_eq!(requests_resumed("released"), None);
+        assert_eq!(requests_resumed(""), None);
+    }
 
     #[test]
     fn backup_file_names_and_times() {

@@ -1566,6 +1566,9 @@ pub(crate) struct Held {
     pub(crate) frozen: Frozen,
     /// The connection was lost: the proxy has dropped the freeze.
     pub(crate) lost: bool,
+    /// OFF's answer, once released ("released after N s; M queued
+    /// request(s) resumed; ...").
+    pub(crate) released: Option<String>,
 }
 
 impl Held {
@@ -1614,6 +1617,7 @@ pub(crate) async fn on_each(
                 session,
                 frozen,
                 lost: false,
+                released: None,
             })
         })
         .await;
@@ -1814,7 +1818,8 @@ pub(crate) async fn release_held(
     let several = held.len() > 1;
     let offs = off_each(held, off_timeout).await;
     let mut codes = Vec::new();
-    for (h, off) in held.iter().zip(offs) {
+    let mut released = vec![None; held.len()];
+    for (i, (h, off)) in held.iter().zip(offs).enumerate() {
         let p = h.prefix(several);
         match off {
             None => codes.push(exit::FAILED),
@@ -1824,6 +1829,7 @@ pub(crate) async fn release_held(
                 }
                 if let Released::Released(msg) = r {
                     progress.line(format!("{p}{msg}"));
+                    released[i] = Some(msg);
                 }
             }
             Some(Ok(Released::NotFrozen)) => {
@@ -1843,6 +1849,9 @@ pub(crate) async fn release_held(
                 codes.push(e.exit_code());
             }
         }
+    }
+    for (h, msg) in held.iter_mut().zip(released) {
+        h.released = msg;
     }
     worst(codes)
 }

@@ -570,6 +570,17 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
             "manifest.json"
         ]
     );
+    // What OFF said: the writes the freeze held (one at most per writer,
+    // each waits for its answer) were resumed.
+    let released = manifest["freeze"]["released"].as_str().unwrap();
+    assert!(released.starts_with("released after "), "{released}");
+    let resumed = manifest["freeze"]["requests_resumed"].as_u64().unwrap();
+    assert!(resumed <= WRITERS as u64, "{released}");
+    let header = std::fs::read_to_string(dir.join("HEADER.txt")).unwrap();
+    assert!(
+        header.contains(&format!("released: {released}\n")),
+        "{header}"
+    );
     for (i, suffix) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
         let b = &manifest["backends"][i];
         assert_eq!(b["suffix"], *suffix);
