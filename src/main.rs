@@ -324,15 +324,13 @@ struct VerifyArgs {
     /// what it serves with the manifest: the proof that the backup opens.
     #[arg(long)]
     restore_test: bool,
-    /// The server's configuration for --restore-test: a slapd.d directory or
-    /// a slapd.conf file.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/etc/ldap/slapd.d",
-        requires = "restore_test"
-    )]
-    slapd_config: PathBuf,
+    /// The slapd server's configuration (a slapd.d directory or a slapd.conf
+    /// file; default for --restore-test: /etc/ldap/slapd.d). Given, it also
+    /// opens a `files` backup's database copies read-only (slapcat with a
+    /// configuration generated from it) and compares count, digest and
+    /// contextCSN with the manifest.
+    #[arg(long, value_name = "PATH")]
+    slapd_config: Option<PathBuf>,
     /// For --restore-test of a backup taken with --method 389: the local
     /// 389 DS instance (slapd-NAME under /etc/dirsrv) whose configuration
     /// a throwaway 389 DS copies, on its own loopback port and directories;
@@ -759,11 +757,22 @@ fn operator_main(command: Command) -> ExitCode {
                         })
                     }
                 };
+                let default_config = PathBuf::from("/etc/ldap/slapd.d");
                 let restore_test = a.restore_test.then_some(operator::verify::RestoreTest {
-                    slapd_config: a.slapd_config.as_path(),
+                    slapd_config: a.slapd_config.as_deref().unwrap_or(&default_config),
                     ds_instance: a.ds_instance.as_deref(),
                 });
-                operator::verify::verify_with(&a.dir, a.json, restore_test, against.as_ref()).await
+                // Without --restore-test (which opens them too), a given
+                // configuration opens the files backups' copies.
+                let files_config = a.slapd_config.as_deref().filter(|_| !a.restore_test);
+                operator::verify::verify_with(
+                    &a.dir,
+                    a.json,
+                    restore_test,
+                    files_config,
+                    against.as_ref(),
+                )
+                .await
             }
             Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
         }

@@ -467,7 +467,7 @@ pub fn verify(dir: &Path) -> Report {
                     format!("content {}", b.suffix),
                     format!(
                         "{} is a database file: its count and digest were taken from it at backup \
-                         time; --restore-test opens it",
+                         time; --slapd-config or --restore-test opens it",
                         b.file
                     ),
                 ));

@@ -68,10 +68,14 @@ pub async fn verify_with(
     dir: &Path,
     json: bool,
     restore_test: Option<RestoreTest<'_>>,
+    files_config: Option<&Path>,
     against: Option<&super::Target>,
 ) -> u8 {
     let mut report = verify::verify(dir);
     ds389_checks(&mut report, dir).await;
+    if let Some(config) = files_config {
+        files_checks(&mut report, dir, config).await;
+    }
     if let Some(test) = restore_test {
         restore_checks(&mut report, dir, test).await;
     }
@@ -79,6 +83,115 @@ pub async fn verify_with(
         against_checks(&mut report, dir, target).await;
     }
     print(&report, json)
+}
+
+/// The content of each `files` backend: its database copy opened
+/// read-only (copied into a scratch directory with a configuration
+/// generated from the server's at `config`, read with `slapcat`: what the
+/// backup did after its release), count, digest and `contextCSN` compared
+/// with the manifest.
+pub async fn files_checks(report: &mut Report, dir: &Path, config: &Path) {
+    use crate::backup::slapd;
+    let Ok(manifest) = Manifest::read(dir) else {
+        return;
+    };
+    let files: Vec<_> = manifest
+        .backends
+        .iter()
+        .filter(|b| b.method == "files")
+        .collect();
+    if files.is_empty() {
+        return;
+    }
+    let tools = slapd::Tools::default();
+    let limits = slapd::Limits::default();
+    let scratch = match tempfile::tempdir() {
+        Ok(s) => s,
+        Err(e) => {
+            report.push(Check::fail("open files", Class::CannotCheck, e.to_string()));
+            return;
+        }
+    };
+    let entries = match slapd::read_config(&tools, config, limits.config, scratch.path()).await {
+        Ok(e) => e,
+        Err(e) => {
+            report.push(Check::fail(
+                "open files",
+                Class::CannotCheck,
+                format!("reading the configuration {}: {e}", config.display()),
+            ));
+            return;
+        }
+    };
+    for (i, b) in files.iter().enumerate() {
+        let name = format!("open {}", b.suffix);
+        if report.verdict() == Some(Class::Damaged) {
+            report.push(Check::fail(
+                name,
+                Class::CannotCheck,
+                "not opened: the backup is damaged",
+            ));
+            continue;
+        }
+        let work = scratch.path().join(format!("{}", i + 1));
+        if let Err(e) = std::fs::create_dir(&work) {
+            report.push(Check::fail(name, Class::CannotCheck, e.to_string()));
+            continue;
+        }
+        let built = slapd::build(
+            &tools,
+            &entries,
+            &b.suffix,
+            slapd::Source::Mdb(&dir.join(&b.file)),
+            &work,
+            &slapd::random_password(),
+            &limits,
+        )
+        .await;
+        if let Ok(built) = &built {
+            report.entries += built.contents.entries;
+        }
+        report.push(match built {
+            Err(slapd::Error::Load(e)) => Check::fail(
+                name,
+                Class::Mismatch,
+                format!("{} does not open: {e}", b.file),
+            ),
+            Err(e) => Check::fail(name, Class::CannotCheck, e.to_string()),
+            Ok(built) => {
+                let c = built.contents;
+                if c.entries == b.entries
+                    && c.digest == b.digest
+                    && (b.context_csn.is_empty() || c.context_csn == b.context_csn)
+                {
+                    Check::pass(
+                        name,
+                        format!(
+                            "{} opened read-only with slapcat: {} entries, digest and contextCSN \
+                             as in the manifest",
+                            b.file, c.entries
+                        ),
+                    )
+                } else {
+                    Check::fail(
+                        name,
+                        Class::Mismatch,
+                        format!(
+                            "{} opened with slapcat: {} entries, digest {}, contextCSN {:?}; the \
+                             manifest says {} entries, digest {}, contextCSN {:?}",
+                            b.file,
+                            c.entries,
+                            c.digest,
+                            c.context_csn,
+                            b.entries,
+                            b.digest,
+                            b.context_csn
+                        ),
+                    )
+                }
+            }
+        });
+    }
 }
 
 /// How long 389's `dbscan` may take over one backend of an archive.

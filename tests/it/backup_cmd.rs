@@ -370,6 +370,31 @@ async fn auto_method_takes_the_local_database_only_when_it_is_the_proxys() {
         assert!(log.lines().next().unwrap().contains(why), "{log}");
         let verified = verify_dir(&dir).await;
         assert_eq!(verified.code, Some(0), "{verified:?}");
+        if method == "files" {
+            // With the server's configuration, verify opens the copies
+            // read-only; a manifest that says otherwise does not match.
+            let (d, c) = (dir.to_str().unwrap(), config.to_str().unwrap());
+            let opened = verify(&[d, "--slapd-config", c]).await;
+            assert_eq!(opened.code, Some(0), "{opened:?}");
+            assert_eq!(
+                opened
+                    .stdout
+                    .matches("opened read-only with slapcat")
+                    .count(),
+                2,
+                "{opened:?}"
+            );
+            let mut m = manifest_json(&dir);
+            m["backends"][0]["digest"] = serde_json::Value::String("0".repeat(64));
+            std::fs::write(
+                dir.join("manifest.json"),
+                serde_json::to_string_pretty(&m).unwrap(),
+            )
+            .unwrap();
+            reseal(&dir);
+            let edited = verify(&[d, "--slapd-config", c]).await;
+            assert_eq!(edited.code, Some(11), "{edited:?}");
+        }
     }
 }
 
