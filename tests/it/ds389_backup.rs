@@ -632,20 +632,17 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
 
     // How far the live server moved since: by 389's USNs, exactly the
     // writes after the backup.
-    let out = tokio::process::Command::new(BIN)
-        .arg("verify")
-        .arg(&dir)
-        .args(["--against", &proxy.url(), "--bind-dn", DM_DN])
-        .env("ABPROXY_PASSWORD", DM_PW)
-        .env_remove("ABPROXY_LOG")
-        .kill_on_drop(true)
-        .output();
-    let out = ToolOutput::from(
-        tokio::time::timeout(Duration::from_secs(120), out)
-            .await
-            .expect("verify --against within 120 s")
-            .unwrap(),
-    );
+    let out = abproxy(&[
+        "verify",
+        dir.to_str().unwrap(),
+        "--against",
+        &proxy.url(),
+        "--bind-dn",
+        DM_DN,
+        "--password-file",
+        dm_password_file().path().to_str().unwrap(),
+    ])
+    .await;
     assert_eq!(out.code, Some(0), "{out:?}");
     for (i, suffix) in [SUFFIX, OTHER_SUFFIX].iter().enumerate() {
         let b = &manifest["backends"][i];
@@ -693,19 +690,13 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
     let mut fresh = fresh_instance().await;
     // Refused while the instance runs, nothing changed.
     let restore = |dir: std::path::PathBuf, name: String| async move {
-        let out = tokio::process::Command::new(BIN)
-            .arg("restore")
-            .arg(&dir)
-            .args(["--ds-instance", &name])
-            .env_remove("ABPROXY_LOG")
-            .kill_on_drop(true)
-            .output();
-        ToolOutput::from(
-            tokio::time::timeout(Duration::from_secs(600), out)
-                .await
-                .expect("abproxy restore within 600 s")
-                .unwrap(),
-        )
+        abproxy(&[
+            "restore",
+            dir.to_str().unwrap(),
+            "--ds-instance",
+            name.as_str(),
+        ])
+        .await
     };
     let own = dump(&fresh, SUFFIX, &["*", "+"]).await;
     let out = restore(dir.clone(), fresh.name().to_string()).await;
@@ -882,19 +873,13 @@ async fn abproxy_ldif_backup_of_389_restores_into_a_fresh_instance() {
 
     let mut fresh = fresh_instance().await;
     tokio::task::block_in_place(|| fresh.stop()).unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .arg("restore")
-        .arg(&dir)
-        .args(["--ds-instance", fresh.name()])
-        .env_remove("ABPROXY_LOG")
-        .kill_on_drop(true)
-        .output();
-    let out = ToolOutput::from(
-        tokio::time::timeout(Duration::from_secs(600), out)
-            .await
-            .expect("abproxy restore within 600 s")
-            .unwrap(),
-    );
+    let out = abproxy(&[
+        "restore",
+        dir.to_str().unwrap(),
+        "--ds-instance",
+        fresh.name(),
+    ])
+    .await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(
         out.stderr.matches("digest as in the manifest").count(),
@@ -1089,4 +1074,30 @@ async fn fresh_instance() -> Ds389 {
     .await
     .unwrap()
     .expect("a fresh 389-ds")
+}
+
+/// `abproxy ARGS` as the built binary (stdin closed, output captured, no
+/// ABPROXY_ variables of the test's environment), within 600 s.
+async fn abproxy(args: &[&str]) -> ToolOutput {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env_remove("ABPROXY_LOG")
+        .env_remove("ABPROXY_PASSWORD")
+        .env_remove("ABPROXY_URL")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    ToolOutput::from(
+        tokio::time::timeout(Duration::from_secs(600), out)
+            .await
+            .unwrap_or_else(|_| panic!("abproxy {args:?} did not finish within 600 s"))
+            .unwrap(),
+    )
+}
+
+/// Directory Manager's password in a temporary file (removed when dropped).
+fn dm_password_file() -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), format!("{DM_PW}\n")).unwrap();
+    f
 }
