@@ -20,16 +20,18 @@ use abproxy::ProxyHandle;
 use testkit::ds389::{Ds389, DM_DN, DM_PW, OTHERROOT, OTHER_SUFFIX, SUFFIX, USERROOT};
 use tokio_util::sync::CancellationToken;
 
-const WRITERS: usize = 6;
+const WRITERS: usize = 16;
+
+/// A writer's acknowledged DNs, in order, each with when its answer came.
+type Acked = Vec<(String, tokio::time::Instant)>;
+/// A running writer.
+type Writer = tokio::task::JoinHandle<Acked>;
 
 /// Writer `w` adds `cn=wW-N` entries (N = 1, 2, ...) through the proxy as
 /// Directory Manager, one at a time, to dc=example,dc=org (even `w`) or
 /// dc=other,dc=org (odd `w`), until `stop`; every write must succeed.
-/// Returns the DNs acknowledged, in order.
-fn spawn_writers(
-    proxy: &ProxyHandle,
-    stop: &CancellationToken,
-) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+/// Returns the DNs acknowledged, in order, each with when its answer came.
+fn spawn_writers(proxy: &ProxyHandle, stop: &CancellationToken) -> Vec<Writer> {
     (0..WRITERS)
         .map(|w| {
             let (addr, stop) = (addr_of(&proxy.url()), stop.clone());
@@ -44,7 +46,7 @@ fn spawn_writers(
                     c.send_msg(add(1 + n, &dn, &format!("w{w}-{n}"))).await;
                     let frame = c.recv().await.expect("an answer");
                     assert_eq!(result_code(&frame), Some(0), "writer {w}, write {n}");
-                    acked.push(dn);
+                    acked.push((dn, tokio::time::Instant::now()));
                 }
                 acked
             })
@@ -56,13 +58,7 @@ fn spawn_writers(
 /// The proxy in front of `ds` (dc=example,dc=org with the 389 driver,
 /// dc=other,dc=org readonly) and the writers adding through it, each
 /// having written twice.
-async fn under_writers(
-    ds: &Ds389,
-) -> (
-    ProxyHandle,
-    CancellationToken,
-    Vec<tokio::task::JoinHandle<Vec<String>>>,
-) {
+async fn under_writers(ds: &Ds389) -> (ProxyHandle, CancellationToken, Vec<Writer>) {
     let proxy = proxy(
         ds,
         vec![
@@ -100,10 +96,7 @@ async fn wait_written(ds: &Ds389, n: usize, what: &str) {
 
 /// Stops the writers; their acknowledged DNs (a writer that saw an error
 /// panicked, and this fails).
-async fn stop_writers(
-    stop: CancellationToken,
-    writers: Vec<tokio::task::JoinHandle<Vec<String>>>,
-) -> Vec<Vec<String>> {
+async fn stop_writers(stop: CancellationToken, writers: Vec<Writer>) -> Vec<Acked> {
     stop.cancel();
     let mut acked = Vec::new();
     for w in writers {
@@ -168,13 +161,14 @@ fn as_exported(mut entries: Entries) -> Entries {
 /// Every acknowledged write is in `final_exports` exactly once, in each
 /// writer's order (389 numbers entries as it adds them), and nothing else
 /// was written.
-fn check_acked(acked: &[Vec<String>], final_exports: &[String]) {
+fn check_acked(acked: &[Acked], final_exports: &[String]) {
     let mut ids = HashMap::new();
     for e in final_exports {
         ids.extend(entry_ids(e));
     }
     let total_written = ids.keys().filter(|dn| dn.starts_with("cn=w")).count();
-    for (w, dns) in acked.iter().enumerate() {
+    for (w, acks) in acked.iter().enumerate() {
+        let dns = acks.iter().map(|(dn, _)| dn);
         let mut last = 0;
         for dn in dns {
             let id = *ids
@@ -194,7 +188,7 @@ fn check_acked(acked: &[Vec<String>], final_exports: &[String]) {
 /// Kolab's backup scripts, with abproxy's hooks around them: `abproxy hook
 /// --before`, `dsconf NAME backend export` of each backend (the online
 /// export task, cn=export,cn=tasks,cn=config), `abproxy hook --after`, with
-/// 6 clients adding entries through the proxy all along and the `389ds`
+/// 16 clients adding entries through the proxy all along and the `389ds`
 /// driver on dc=example,dc=org. Each export equals the live backend at the
 /// freeze (a search taken before and one after the export, both while
 /// frozen); no client sees an error; after OFF every acknowledged write is
@@ -272,7 +266,7 @@ async fn kolab_style_hooks_around_online_exports_give_the_data_at_the_freeze() {
 }
 
 /// `abproxy run -- dsconf NAME backup create DIR` (the online backup task,
-/// cn=backup,cn=tasks,cn=config) with 6 clients adding entries through the
+/// cn=backup,cn=tasks,cn=config) with 16 clients adding entries through the
 /// proxy all along; the same command dumps both backends, still frozen.
 /// The backup restores (`dsctl NAME bak2db DIR`, instance stopped) into a
 /// fresh instance that then serves exactly the entries of that dump,
@@ -552,7 +546,9 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
 
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("389-1");
+    let before = tokio::time::Instant::now();
     let out = recipe_sh("ds389-backup", &proxy, ds.name(), parent.path()).await;
+    let after = tokio::time::Instant::now();
     assert_eq!(out.code, Some(0), "{out:?}");
     let manifest = manifest_json(&dir);
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -772,7 +768,7 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
         );
         let want: Vec<String> = acked[w][..got.len()]
             .iter()
-            .map(|d| d.to_ascii_lowercase())
+            .map(|(d, _)| d.to_ascii_lowercase())
             .collect();
         assert_eq!(
             *got,
@@ -780,7 +776,29 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
             "writer {w}: the backup holds its first {} acknowledged writes",
             got.len()
         );
-        assert!(!got.is_empty(), "writer {w} wrote before the freeze");
+        // Everything acknowledged before `abproxy backup` started is in
+        // it; nothing acknowledged after it ended.
+        for (k, (dn, at)) in acked[w].iter().enumerate() {
+            if *at < before {
+                assert!(
+                    k < got.len(),
+                    "{dn}, acknowledged before the backup, is missing"
+                );
+            } else if *at > after {
+                assert!(
+                    k >= got.len(),
+                    "{dn}, acknowledged after the backup, is in it"
+                );
+            }
+        }
+        assert!(
+            acked[w].iter().any(|(_, at)| *at < before),
+            "writer {w} wrote before the backup"
+        );
+        assert!(
+            acked[w].iter().any(|(_, at)| *at > after),
+            "writer {w} wrote after the backup"
+        );
     }
 }
 
