@@ -39,13 +39,13 @@
 //!   SUFFIX` step). The bench fails when the time frozen exceeds the copy
 //!   plus the drain plus [`FREEZE_MARGIN`].
 //! * `backup-slapcat`: `abproxy backup --to DIR --method slapcat
-//!   --slapd-config SLAPD_DIR/slapd.d`, bound as the root DN: the freeze,
-//!   the configuration read, `slapcat` of the live database (the `export
+//!   --slapd-config SLAPD_DIR/slapd.d`, bound as the root DN: the
+//!   configuration read, the freeze, `slapcat` of the live database (the `export
 //!   SUFFIX` step, the copy), the release. The same figures and the same
 //!   check.
 //! * `backup-files`: `abproxy backup --to DIR --method files
-//!   --slapd-config SLAPD_DIR/slapd.d`, bound as the root DN: the freeze,
-//!   the configuration read, `mdb_copy -c` of the live database (the
+//!   --slapd-config SLAPD_DIR/slapd.d`, bound as the root DN: the
+//!   configuration read, the freeze, `mdb_copy -c` of the live database (the
 //!   `export SUFFIX` step, the copy), the release; then each copy built
 //!   into a throwaway database and read back with slapcat to count and
 //!   digest it (the `count SUFFIX` steps, after the release, reported
@@ -159,8 +159,7 @@ use testkit::{Slapd, SlapdOptions, ADMIN_DN, ADMIN_PW, SLAPCAT, SUFFIX};
 /// answered) the backup does, besides the copy, three exchanges with the
 /// proxy on loopback: the status request, the root DSE search and OFF
 /// (0-5 ms together on this machine under its usual load, 68 ms once with
-/// other work keeping both cores busy; with `--method slapcat` or `files`
-/// also the configuration read, `slapcat -n 0`, 19-41 ms; with `--method
+/// other work keeping both cores busy; with `--method
 /// 389` also the connection to 389's ldapi socket, its bind and two
 /// searches of `cn=config`; on 389 DS also the `389 position` searches
 /// after the copy); and the four times involved are truncated to whole
@@ -383,12 +382,12 @@ const EXPORT: CopySteps = CopySteps {
 };
 
 /// `--method slapcat --slapd-config`: slapcat of each frozen suffix's
-/// live database (the `export SUFFIX` step), after the configuration is
-/// read (inside the freeze too).
+/// live database (the `export SUFFIX` step); the configuration is read
+/// before the freeze.
 const SLAPCAT_LIVE: CopySteps = CopySteps {
     name: "slapcat",
     prefix: "export ",
-    others: &["status:", "root DSE:", "read the configuration:"],
+    others: &["status:", "root DSE:"],
     after: &[],
     after_name: "",
 };
@@ -400,7 +399,7 @@ const SLAPCAT_LIVE: CopySteps = CopySteps {
 const MDB_COPY: CopySteps = CopySteps {
     name: "mdb_copy",
     prefix: "export ",
-    others: &["status:", "root DSE:", "read the configuration:"],
+    others: &["status:", "root DSE:"],
     after: &["count "],
     after_name: "each copy counted: built and read back with slapcat",
 };

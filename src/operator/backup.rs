@@ -663,6 +663,22 @@ async fn take(
         .chain(spec.more_targets.iter().cloned())
         .collect();
 
+    // The local server's configuration, for the methods that read its
+    // files: read before the freeze, which need not wait for it.
+    let server_config = match &spec.method {
+        Method::Slapcat { config } | Method::Files { config } => {
+            let t = log.begin();
+            let entries = read_config(config).await?;
+            log.end(
+                t,
+                "read the configuration",
+                &format!("{} ({} entries)", config.display(), entries.len()),
+            );
+            Some(entries)
+        }
+        _ => None,
+    };
+
     let t = log.begin();
     let t_requested = t.0;
     let mut held = freeze_held(
@@ -716,7 +732,14 @@ async fn take(
 
     // The same data is behind every proxy: read through the first.
     let exported = tokio::select! {
-        r = export_all(&mut held[0].session, tmp, spec, &backup_id, &mut log) => r,
+        r = export_all(
+            &mut held[0].session,
+            tmp,
+            spec,
+            server_config.as_deref(),
+            &backup_id,
+            &mut log,
+        ) => r,
         sig = signals.recv() => Err(Fail::new(
             "export",
             format!("signal {sig} received"),
@@ -743,7 +766,15 @@ async fn take(
     let (server, mut backends) = exported?;
     if off.is_none() {
         // What only the release let wait: the database copies counted.
-        if let Err(f) = complete(&mut backends, tmp, &spec.method, &mut log).await {
+        if let Err(f) = complete(
+            &mut backends,
+            tmp,
+            &spec.method,
+            server_config.as_deref(),
+            &mut log,
+        )
+        .await
+        {
             ds389::discard(&backends, progress);
             return Err(f);
         }
@@ -878,6 +909,7 @@ async fn export_all(
     session: &mut Session,
     tmp: &Path,
     spec: &BackupSpec,
+    server_config: Option<&[Entry]>,
     backup_id: &str,
     log: &mut Log,
 ) -> Result<(ServerInfo, Vec<BackendRecord>), Fail> {
@@ -928,20 +960,13 @@ async fn export_all(
     let server = root_dse(session).await?;
     log.end(t, "root DSE", &server.to_string());
 
-    // The local server's configuration, for the methods that read its files.
-    let config = match method {
-        // Auto is resolved before the freeze.
-        Method::Ldif | Method::Command { .. } | Method::Ds389 { .. } | Method::Auto { .. } => None,
-        Method::Slapcat { config } | Method::Files { config } => {
-            let t = log.begin();
-            let entries = read_config(config).await?;
-            log.end(
-                t,
-                "read the configuration",
-                &format!("{} ({} entries)", config.display(), entries.len()),
-            );
-            Some((config.clone(), entries))
+    // The local server's configuration (read before the freeze), for the
+    // methods that read its files.
+    let config = match (method, server_config) {
+        (Method::Slapcat { config } | Method::Files { config }, Some(entries)) => {
+            Some((config.as_path(), entries))
         }
+        _ => None,
     };
     let work = async {
         let mut out = Vec::new();
@@ -1301,15 +1326,15 @@ async fn complete(
     backends: &mut [BackendRecord],
     tmp: &Path,
     method: &Method,
+    server_config: Option<&[Entry]>,
     log: &mut Log,
 ) -> Result<(), Fail> {
     if let Method::Ds389 { .. } = method {
         return ds389::complete(backends, tmp, log).await;
     }
-    let Method::Files { config } = method else {
+    let (Method::Files { .. }, Some(entries)) = (method, server_config) else {
         return Ok(());
     };
-    let entries = read_config(config).await?;
     for b in backends.iter_mut() {
         let t = log.begin();
         let step = format!("count {}", b.suffix);
@@ -1317,7 +1342,7 @@ async fn complete(
         let scratch = tempfile::tempdir().map_err(|e| Fail::io(step.clone(), tmp, e))?;
         let built = slapd::build(
             &slapd::Tools::default(),
-            &entries,
+            entries,
             &b.suffix,
             slapd::Source::Mdb(&tmp.join(&b.file)),
             scratch.path(),
