@@ -790,6 +790,13 @@ dn: uid=u2,ou=people,dc=example,dc=org\nobjectClass: top\nobjectClass: person\nu
 sn: U\nuserPassword:: e1BCS0RGMi1TSEE1MTJ9MTAwMDAkQlljSGtZSDJLRXhuR215UXBuSVorb2VwL2FPQlk1RUo=\n\
 dsEntryDN: uid=u2,ou=people,dc=example,dc=org\n\n";
 
+    /// The digest of the entries of an LDIF text.
+    fn digest_of(export: &str) -> String {
+        Digest::of_entries(ldif::read(export).unwrap())
+            .unwrap()
+            .to_string()
+    }
+
     fn of(dump: &str) -> Result<Contents, String> {
         contents_of_dump(dump.as_bytes(), dump.as_bytes(), "dc=example,dc=org")
     }
@@ -802,8 +809,7 @@ dsEntryDN: uid=u2,ou=people,dc=example,dc=org\n\n";
             c.suffix_uuid.as_deref(),
             Some("16d5ab55-2708-4a3c-adcd-e99721409a1f")
         );
-        let export = ldif::read(EXPORT).unwrap();
-        assert_eq!(c.digest, Digest::of_entries(export).unwrap().to_string());
+        assert_eq!(c.digest, digest_of(EXPORT));
     }
 
     #[test]
@@ -823,12 +829,7 @@ dsEntryDN: uid=u2,ou=people,dc=example,dc=org\n\n";
         let export = "dn: dc=example,dc=org\nobjectClass: top\nsn: new\ncn;lang-de: Beispiel\n\
 cn: x\n\n";
         let c = of(dump).unwrap();
-        assert_eq!(
-            c.digest,
-            Digest::of_entries(ldif::read(export).unwrap())
-                .unwrap()
-                .to_string()
-        );
+        assert_eq!(c.digest, digest_of(export));
     }
 
     #[test]
@@ -842,12 +843,7 @@ dn: dc=example,dc=org\nobjectClass: top\n\n\
 dn: ou=new,dc=example,dc=org\nobjectClass: top\nparentid: 1\n\n";
         let c = of(dump).unwrap();
         assert_eq!(c.entries, 3);
-        assert_eq!(
-            c.digest,
-            Digest::of_entries(ldif::read(export).unwrap())
-                .unwrap()
-                .to_string()
-        );
+        assert_eq!(c.digest, digest_of(export));
     }
 
     #[test]

@@ -384,14 +384,7 @@ async fn auto_method_takes_the_local_database_only_when_it_is_the_proxys() {
                 2,
                 "{opened:?}"
             );
-            let mut m = manifest_json(&dir);
-            m["backends"][0]["digest"] = serde_json::Value::String("0".repeat(64));
-            std::fs::write(
-                dir.join("manifest.json"),
-                serde_json::to_string_pretty(&m).unwrap(),
-            )
-            .unwrap();
-            reseal(&dir);
+            edit_digest(&dir, 0);
             let edited = verify(&[d, "--slapd-config", c]).await;
             assert_eq!(edited.code, Some(11), "{edited:?}");
         }

@@ -24,14 +24,6 @@ async fn lab() -> Lab {
     backup_lab(Mode::Readonly, 20, 10).await
 }
 
-fn cp_r(from: &Path, to: &Path) {
-    std::fs::create_dir(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 fn manifest(dir: &Path) -> Manifest {
     serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
 }
@@ -100,7 +92,7 @@ async fn verify_a_real_backup_and_damaged_copies_of_it() {
 
     // A flipped byte in an LDIF.
     let bad = parent.path().join("flipped");
-    cp_r(&dir, &bad);
+    copy_backup(&dir, &bad);
     let path = bad.join(&file);
     let mut bytes = std::fs::read(&path).unwrap();
     let i = bytes.len() / 2;
@@ -132,7 +124,7 @@ async fn verify_a_real_backup_and_damaged_copies_of_it() {
     // SHA256SUMS) made to agree: the files are whole, the content is not
     // what the manifest says.
     let bad = parent.path().join("deleted");
-    cp_r(&dir, &bad);
+    copy_backup(&dir, &bad);
     let path = bad.join(&file);
     let mut entries: Vec<Entry> = ldif::read(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let k = entries
@@ -169,7 +161,7 @@ async fn verify_a_real_backup_and_damaged_copies_of_it() {
 
     // The entry put back before its parent: parents first.
     let bad = parent.path().join("reordered");
-    cp_r(&dir, &bad);
+    copy_backup(&dir, &bad);
     entries.insert(0, gone.clone());
     let mut text = Vec::new();
     ldif::write(&mut text, &entries).unwrap();
@@ -188,7 +180,7 @@ async fn verify_a_real_backup_and_damaged_copies_of_it() {
 
     // A file removed.
     let bad = parent.path().join("removed");
-    cp_r(&dir, &bad);
+    copy_backup(&dir, &bad);
     std::fs::remove_file(bad.join("backup.log")).unwrap();
     let out = verify_dir(&bad).await;
     assert_eq!(out.code, Some(10), "{}", out.stdout);
@@ -201,7 +193,7 @@ async fn verify_a_real_backup_and_damaged_copies_of_it() {
 
     // A file added.
     let bad = parent.path().join("added");
-    cp_r(&dir, &bad);
+    copy_backup(&dir, &bad);
     std::fs::write(bad.join("notes.txt"), "hello\n").unwrap();
     let out = verify_dir(&bad).await;
     assert_eq!(out.code, Some(10), "{}", out.stdout);
@@ -274,7 +266,7 @@ async fn verify_restore_test_proves_the_backup_opens() {
 
     // Entries slapd refuses, resealed: whole files, no restore.
     let bad = parent.path().join("bad");
-    cp_r(&dir, &bad);
+    copy_backup(&dir, &bad);
     let mut m = manifest(&bad);
     let b = m.backends.iter_mut().find(|b| b.suffix == SUFFIX).unwrap();
     let path = bad.join(&b.file);

@@ -517,7 +517,7 @@ fn first_difference(a: &[abproxy::backup::Entry], b: &[abproxy::backup::Entry]) 
 /// freeze, nothing held by it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance() {
-    use crate::support::backup::{manifest_json, reseal, verify_dir};
+    use crate::support::backup::{copy_backup, edit_digest, manifest_json, verify_dir};
     use abproxy::backup::{ldif, Digest};
     if skip() {
         return;
@@ -663,18 +663,8 @@ async fn abproxy_backup_method_389_verifies_and_restores_into_a_fresh_instance()
     // A copy whose manifest says another digest, consistent otherwise:
     // the archive's content does not match.
     let edited = parent.path().join("edited");
-    std::fs::create_dir(&edited).unwrap();
-    for n in &names {
-        std::fs::copy(dir.join(n), edited.join(n)).unwrap();
-    }
-    let mut m = manifest_json(&edited);
-    m["backends"][1]["digest"] = serde_json::Value::String("0".repeat(64));
-    std::fs::write(
-        edited.join("manifest.json"),
-        serde_json::to_string_pretty(&m).unwrap(),
-    )
-    .unwrap();
-    reseal(&edited);
+    copy_backup(&dir, &edited);
+    edit_digest(&edited, 1);
     let out = verify_dir(&edited).await;
     assert_eq!(out.code, Some(11), "{out:?}");
     assert!(
@@ -928,7 +918,7 @@ async fn abproxy_ldif_backup_of_389_restores_into_a_fresh_instance() {
 /// on its own port and ldapi socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abproxy_verify_restore_test_serves_a_389_backup_from_a_throwaway_instance() {
-    use crate::support::backup::{manifest_json, reseal, verify};
+    use crate::support::backup::{copy_backup, edit_digest, manifest_json, verify};
     if skip() {
         return;
     }
@@ -1014,19 +1004,8 @@ async fn abproxy_verify_restore_test_serves_a_389_backup_from_a_throwaway_instan
 
     // A copy whose manifest says another digest for dc=other,dc=org.
     let edited = parent.path().join("edited");
-    std::fs::create_dir(&edited).unwrap();
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), edited.join(e.file_name())).unwrap();
-    }
-    let mut m = manifest_json(&edited);
-    m["backends"][1]["digest"] = serde_json::Value::String("0".repeat(64));
-    std::fs::write(
-        edited.join("manifest.json"),
-        serde_json::to_string_pretty(&m).unwrap(),
-    )
-    .unwrap();
-    reseal(&edited);
+    copy_backup(&dir, &edited);
+    edit_digest(&edited, 1);
     let e = edited.to_str().unwrap();
     let out = verify(&[e, "--restore-test", "--ds-instance", &name]).await;
     assert_eq!(out.code, Some(11), "{out:?}");

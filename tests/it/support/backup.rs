@@ -130,3 +130,27 @@ pub fn reseal(dir: &std::path::Path) {
     sums.push_str(&format!("{sha}  manifest.json\n"));
     std::fs::write(dir.join("SHA256SUMS"), sums).unwrap();
 }
+
+/// A copy of the backup directory `from` at `to` (plain files only, as a
+/// backup holds).
+pub fn copy_backup(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Backend `i`'s digest in `dir`'s manifest replaced by another, the
+/// backup resealed ([`reseal`]): consistent files whose content no longer
+/// matches the manifest.
+pub fn edit_digest(dir: &std::path::Path, i: usize) {
+    let mut m = manifest_json(dir);
+    m["backends"][i]["digest"] = serde_json::Value::String("0".repeat(64));
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(&m).unwrap(),
+    )
+    .unwrap();
+    reseal(dir);
+}
