@@ -17,6 +17,7 @@ pub mod endpoint;
 pub mod freeze;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod journal;
 pub mod notify;
 pub mod operator;
 pub mod proxy;

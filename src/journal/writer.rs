@@ -1,0 +1,410 @@
+//! Appending to the journal, and making what was appended durable.
+//!
+//! Every append is one `write(2)` to the active segment under a mutex,
+//! done by the session that has the record: once it returns, the record
+//! is in the kernel and survives the proxy being killed. A sync thread
+//! makes appended records durable (`fdatasync`), as many as were appended
+//! since its last sync at once (group commit across sessions), and
+//! publishes the highest durable sequence number; in `ack` mode a session
+//! waits for it before the client sees a write's success.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::reader::{self, segment_name};
+use super::record::{now_us, Body, Header, Record, HEADER_LEN};
+
+/// When an appended record counts as kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk (synced) before the client sees the write's success.
+    Ack,
+    /// Synced every so often: a power loss may lose what came since.
+    Interval(Duration),
+}
+
+/// How the journal is kept (`[journal]`, built).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalSettings {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    /// A segment is closed and a new one started beyond this size.
+    pub segment_bytes: u64,
+}
+
+/// Why the journal could not record something.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// Writing failed (the disk is full, an I/O error): nothing of the
+    /// record was kept, and the journal goes on with the next one.
+    #[error("the journal could not write to {path}: {why}")]
+    Write { path: PathBuf, why: String },
+    /// A sync failed: what was written may be lost, so the journal
+    /// records nothing more until the proxy is restarted.
+    #[error("the journal failed to sync {path} ({why}) and records nothing more until abproxy is restarted")]
+    Failed { path: PathBuf, why: String },
+    /// The journal was closed (the proxy is stopping).
+    #[error("the journal is closed")]
+    Closed,
+    /// Opening the journal directory failed.
+    #[error("cannot open the journal in {path}: {why}")]
+    Open { path: PathBuf, why: String },
+}
+
+/// What the sync thread publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Synced {
+    /// Every record up to this sequence number is durable.
+    seq: u64,
+    /// The sync failed (sticky).
+    failed: Option<JournalError>,
+}
+
+struct Active {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Bytes of the segment that hold whole records.
+    len: u64,
+    next_seq: u64,
+    /// The last sequence number appended.
+    appended: u64,
+    failed: Option<JournalError>,
+    closing: bool,
+    buf: Vec<u8>,
+}
+
+/// The journal a proxy appends to.
+pub struct Journal {
+    dir: PathBuf,
+    durability: Durability,
+    segment_bytes: u64,
+    active: Mutex<Active>,
+    wake: Condvar,
+    synced: watch::Sender<Synced>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("dir", &self.dir).finish()
+    }
+}
+
+fn open_err(path: &Path, e: impl std::fmt::Display) -> JournalError {
+    JournalError::Open {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates segment `first_seq` in `dir` with its header, synced.
+fn new_segment(dir: &Path, first_seq: u64) -> std::io::Result<(File, PathBuf)> {
+    let path = dir.join(segment_name(first_seq));
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)?;
+    let header = Header {
+        first_seq,
+        created_us: now_us(),
+    };
+    file.write_all(&header.encode())?;
+    file.sync_data()?;
+    sync_dir(dir)?;
+    Ok((file, path))
+}
+
+/// The last sequence number in `dir`'s journal (0: none), after cutting a
+/// torn tail off the last segment.
+fn recover(dir: &Path) -> Result<u64, JournalError> {
+    let segments = reader::segments(dir).map_err(|e| open_err(dir, e))?;
+    let Some((first, path)) = segments.last() else {
+        return Ok(0);
+    };
+    let meta = std::fs::metadata(path).map_err(|e| open_err(path, e))?;
+    if meta.len() < HEADER_LEN as u64 {
+        // Created, never given its whole header: it holds no record.
+        warn!(
+            segment = %path.display(),
+            bytes = meta.len(),
+            "journal: removing a segment cut short inside its header (a crash as it was created)"
+        );
+        std::fs::remove_file(path).map_err(|e| open_err(path, e))?;
+        sync_dir(dir).map_err(|e| open_err(dir, e))?;
+        return Ok(first.saturating_sub(1));
+    }
+    let seg = reader::read_segment(path).map_err(|e| open_err(path, e))?;
+    if let Some(damage) = &seg.damage {
+        warn!(
+            segment = %path.display(),
+            offset = seg.good_len,
+            bytes = seg.file_len - seg.good_len,
+            "journal: cutting a torn tail ({damage}) after the last intact record"
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| open_err(path, e))?;
+        f.set_len(seg.good_len).map_err(|e| open_err(path, e))?;
+        f.sync_all().map_err(|e| open_err(path, e))?;
+    }
+    Ok(match seg.records.last() {
+        Some(r) => r.seq,
+        None => seg.header.first_seq.saturating_sub(1),
+    })
+}
+
+impl Journal {
+    /// Opens (creating it if needed) the journal in `settings.dir`: cuts a
+    /// torn tail left by a crash, starts a new segment and records a
+    /// start record, and starts the sync thread.
+    pub fn open(settings: &JournalSettings) -> Result<Arc<Journal>, JournalError> {
+        let dir = &settings.dir;
+        std::fs::create_dir_all(dir).map_err(|e| open_err(dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| open_err(dir, e))?;
+        let last = recover(dir)?;
+        let (file, path) = new_segment(dir, last + 1).map_err(|e| open_err(dir, e))?;
+        let journal = Arc::new(Journal {
+            dir: dir.clone(),
+            durability: settings.durability,
+            segment_bytes: settings.segment_bytes.max(HEADER_LEN as u64 + 1),
+            active: Mutex::new(Active {
+                file: Arc::new(file),
+                path,
+                len: HEADER_LEN as u64,
+                next_seq: last + 1,
+                appended: last,
+                failed: None,
+                closing: false,
+                buf: Vec::new(),
+            }),
+            wake: Condvar::new(),
+            synced: watch::Sender::new(Synced {
+                seq: last,
+                failed: None,
+            }),
+            thread: Mutex::new(None),
+        });
+        let j = Arc::clone(&journal);
+        let handle = std::thread::Builder::new()
+            .name("abproxy-journal".into())
+            .spawn(move || j.sync_loop())
+            .map_err(|e| open_err(dir, e))?;
+        *journal.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        let start = journal.append(
+            0,
+            Body::Start {
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+            },
+        )?;
+        info!(dir = %dir.display(), first = start, "journal open");
+        Ok(journal)
+    }
+
+    /// The directory it writes to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Active> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends a record; its sequence number. Once this returns the record
+    /// is in the kernel (it survives the proxy, not a power loss: see
+    /// [`Journal::durable`]).
+    pub fn append(&self, conn: u64, body: Body) -> Result<u64, JournalError> {
+        let mut a = self.lock();
+        if let Some(e) = &a.failed {
+            return Err(e.clone());
+        }
+        if a.closing {
+            return Err(JournalError::Closed);
+        }
+        let seq = a.next_seq;
+        let record = Record {
+            seq,
+            time_us: now_us(),
+            conn,
+            body,
+        };
+        let mut buf = std::mem::take(&mut a.buf);
+        buf.clear();
+        record.encode_into(&mut buf);
+        if a.len > HEADER_LEN as u64 && a.len + buf.len() as u64 > self.segment_bytes {
+            if let Err(e) = self.rotate(&mut a, seq) {
+                a.buf = buf;
+                return Err(e);
+            }
+        }
+        let written = (&*a.file).write_all(&buf);
+        let n = buf.len() as u64;
+        a.buf = buf;
+        if let Err(e) = written {
+            // Nothing of a record that was not written whole may stay: the
+            // next one starts where this one did.
+            let (why, cut) = match a.file.set_len(a.len) {
+                Ok(()) => (e.to_string(), true),
+                Err(e2) => (
+                    format!("{e}; and cutting what was written failed: {e2}"),
+                    false,
+                ),
+            };
+            let err = JournalError::Write {
+                path: a.path.clone(),
+                why,
+            };
+            if !cut {
+                a.failed = Some(err.clone());
+            }
+            return Err(err);
+        }
+        a.len += n;
+        a.next_seq += 1;
+        a.appended = seq;
+        drop(a);
+        if self.durability == Durability::Ack {
+            self.wake.notify_one();
+        }
+        Ok(seq)
+    }
+
+    /// Closes the active segment (synced) and starts segment `first_seq`.
+    fn rotate(&self, a: &mut Active, first_seq: u64) -> Result<(), JournalError> {
+        let failed = |e: std::io::Error| JournalError::Write {
+            path: a.path.clone(),
+            why: format!("starting a new segment: {e}"),
+        };
+        a.file.sync_data().map_err(|e| JournalError::Failed {
+            path: a.path.clone(),
+            why: e.to_string(),
+        })?;
+        let (file, path) = new_segment(&self.dir, first_seq).map_err(failed)?;
+        a.file = Arc::new(file);
+        a.path = path;
+        a.len = HEADER_LEN as u64;
+        Ok(())
+    }
+
+    /// Waits until record `seq` is durable (`ack`), or returns at once
+    /// (`interval`). An error: it may not be.
+    pub async fn durable(&self, seq: u64) -> Result<(), JournalError> {
+        if self.durability != Durability::Ack {
+            return Ok(());
+        }
+        self.synced(seq).await
+    }
+
+    /// Waits until record `seq` is synced, whatever the durability (a cut:
+    /// a backup relies on it). An error: it may not be.
+    pub async fn synced(&self, seq: u64) -> Result<(), JournalError> {
+        if self.durability != Durability::Ack {
+            // The sync thread waits for its interval unless told.
+            self.wake.notify_one();
+        }
+        let mut rx = self.synced.subscribe();
+        let s = rx
+            .wait_for(|s| s.seq >= seq || s.failed.is_some())
+            .await
+            .map_err(|_| JournalError::Closed)?;
+        match (&s.failed, s.seq >= seq) {
+            (_, true) => Ok(()),
+            (Some(e), false) => Err(e.clone()),
+            (None, false) => unreachable!("waited for one of the two"),
+        }
+    }
+
+    /// The highest sequence number known durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.synced.borrow().seq
+    }
+
+    /// The last sequence number appended.
+    pub fn last_seq(&self) -> u64 {
+        self.lock().appended
+    }
+
+    fn sync_loop(&self) {
+        let mut synced = self.synced.borrow().seq;
+        loop {
+            let (file, path, upto) = {
+                let mut a = self.lock();
+                loop {
+                    if a.appended > synced {
+                        break;
+                    }
+                    if a.closing {
+                        return;
+                    }
+                    a = match self.durability {
+                        Durability::Ack => self.wake.wait(a).unwrap_or_else(|e| e.into_inner()),
+                        Durability::Interval(d) => {
+                            self.wake
+                                .wait_timeout(a, d)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0
+                        }
+                    };
+                }
+                (Arc::clone(&a.file), a.path.clone(), a.appended)
+            };
+            if let Err(e) = file.sync_data() {
+                let err = JournalError::Failed {
+                    path,
+                    why: e.to_string(),
+                };
+                tracing::error!("{err}");
+                self.lock().failed = Some(err.clone());
+                self.synced.send_modify(|s| s.failed = Some(err));
+                return;
+            }
+            synced = upto;
+            self.synced.send_modify(|s| s.seq = upto);
+            if let Durability::Interval(d) = self.durability {
+                // At most one sync per interval; a close ends the wait.
+                let a = self.lock();
+                if !a.closing {
+                    let _ = self.wake.wait_timeout(a, d);
+                }
+            }
+        }
+    }
+
+    /// Syncs what was appended and stops the sync thread (which holds the
+    /// journal until then); later appends fail with [`JournalError::Closed`].
+    pub fn close(&self) {
+        {
+            let mut a = self.lock();
+            a.closing = true;
+        }
+        self.wake.notify_all();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+        let a = self.lock();
+        if a.failed.is_none() {
+            match a.file.sync_data() {
+                Ok(()) => self.synced.send_modify(|s| s.seq = a.appended),
+                Err(e) => warn!("journal: the last sync of {} failed: {e}", a.path.display()),
+            }
+        }
+    }
+}
