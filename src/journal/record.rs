@@ -249,7 +249,8 @@ pub fn decode(b: &[u8]) -> Result<(Record, usize), Damage> {
         });
     }
     let len = u32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as usize;
-    if len > MAX_BODY || len < 25 {
+    // 25: a body's fixed fields (kind, seq, time, conn).
+    if !(25..=MAX_BODY).contains(&len) {
         return Err(Damage::Length(len));
     }
     let need = FRAME_LEN + len;
