@@ -102,6 +102,8 @@ pub struct Config {
     pub freeze: FreezeConfig,
     /// TLS to clients and to the upstream.
     pub tls: crate::tls::TlsConfig,
+    /// The roll-forward journal of every write (off unless `dir` is set).
+    pub journal: crate::journal::JournalConfig,
 }
 
 /// One `[[backends]]` entry.
@@ -268,6 +270,8 @@ pub struct Settings {
     pub freeze: FreezeConfig,
     /// TLS to clients and to the upstream.
     pub tls: crate::tls::TlsConfig,
+    /// The roll-forward journal, when on.
+    pub journal: Option<crate::journal::JournalSettings>,
 }
 
 /// Sizes and counts a session and the listeners are held to.
@@ -363,6 +367,7 @@ impl Default for Config {
             backends: Vec::new(),
             freeze: FreezeConfig::default(),
             tls: crate::tls::TlsConfig::default(),
+            journal: crate::journal::JournalConfig::default(),
         }
     }
 }
@@ -470,6 +475,7 @@ impl Config {
             backends,
             freeze: self.freeze.clone(),
             tls: self.tls.clone(),
+            journal: self.journal.settings().map_err(ConfigError::Invalid)?,
         })
     }
 

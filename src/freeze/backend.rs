@@ -270,6 +270,29 @@ pub struct ClassifyOptions {
     pub read_only_extended: Vec<String>,
 }
 
+impl ClassifyOptions {
+    /// Whether the journal records this request: the writes a freeze
+    /// holds (unknown operations and extended operations not known to be
+    /// read-only too, kept as opaque), binds excepted (what a bind writes,
+    /// a failure counter or a last-bind time, is the server's doing).
+    pub fn journals(&self, env: &Envelope, frame: &[u8]) -> bool {
+        match env.op {
+            op::ADD_REQUEST | op::DEL_REQUEST | op::MODIFY_REQUEST | op::MODDN_REQUEST => true,
+            op::EXTENDED_REQUEST => {
+                let name = env.oid_bytes(frame).unwrap_or_default();
+                !NEVER_HELD_EXTENDED.contains(&name)
+                    && !self.read_only_extended.iter().any(|o| o.as_bytes() == name)
+            }
+            op::BIND_REQUEST
+            | op::SEARCH_REQUEST
+            | op::COMPARE_REQUEST
+            | op::UNBIND_REQUEST
+            | op::ABANDON_REQUEST => false,
+            _ => true,
+        }
+    }
+}
+
 /// Extended operations that are never held.
 const NEVER_HELD_EXTENDED: &[&[u8]] = &[
     oid::WHOAMI,

@@ -41,6 +41,7 @@ use super::error::{
 use super::participant::{InFlight, Participant};
 use super::settings::{BindIsWrite, FreezeConfig};
 use super::status::{BackendStatus, CurrentFreeze, Phase, Status};
+use crate::journal::{Body as JournalBody, Journal, JournalError};
 use crate::wire::Envelope;
 
 /// What the engine asks a session to do.
@@ -148,6 +149,8 @@ pub enum Granted {
         drained: Duration,
         /// How long the freeze lasts unless released.
         lease: Duration,
+        /// The journal's cut record of this freeze, when the journal is on.
+        cut: Option<u64>,
     },
     /// OFF: the freeze is released.
     Released {
@@ -173,12 +176,19 @@ impl std::fmt::Display for Granted {
                 backends,
                 drained,
                 lease,
-            } => write!(
-                f,
-                "frozen: {backends}; drained in {} ms; lease {} s; freeze id {id}",
-                drained.as_millis(),
-                lease.as_secs()
-            ),
+                cut,
+            } => {
+                write!(
+                    f,
+                    "frozen: {backends}; drained in {} ms; lease {} s; freeze id {id}",
+                    drained.as_millis(),
+                    lease.as_secs()
+                )?;
+                match cut {
+                    Some(seq) => write!(f, "; journal cut {seq}"),
+                    None => Ok(()),
+                }
+            }
             Granted::Released {
                 id,
                 after,
@@ -321,6 +331,8 @@ pub struct Engine {
     /// Sessions whose upstream connection the server closed during a stop
     /// freeze, waiting to be carried to a new one; carried; not carried.
     carry: [AtomicUsize; 3],
+    /// The roll-forward journal, which gets a cut at every freeze.
+    journal: std::sync::OnceLock<Arc<Journal>>,
 }
 
 /// What OFF's answer says when a server stopped during the freeze does
@@ -395,7 +407,30 @@ impl Engine {
             stop_frozen: AtomicBool::new(false),
             discover: RwLock::new(None),
             carry: Default::default(),
+            journal: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records a cut in `journal` at every freeze from now on (once).
+    pub fn set_journal(&self, journal: Arc<Journal>) {
+        let _ = self.journal.set(journal);
+    }
+
+    /// Appends freeze `id`'s cut to the journal, if there is one, and
+    /// waits until it is synced: a backup taken during the freeze names it.
+    async fn cut(&self, id: u64, backends: &Suffixes) -> Result<Option<u64>, JournalError> {
+        let Some(j) = self.journal.get() else {
+            return Ok(None);
+        };
+        let seq = j.append(
+            0,
+            JournalBody::Cut {
+                freeze_id: id,
+                suffixes: backends.0.clone(),
+            },
+        )?;
+        j.synced(seq).await?;
+        Ok(Some(seq))
     }
 
     /// The current backend map.
@@ -562,6 +597,12 @@ impl Engine {
 
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, Option<Freeze>> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the journal records this request (see
+    /// [`ClassifyOptions::journals`]).
+    pub fn journals(&self, env: &Envelope, frame: &[u8]) -> bool {
+        self.classify.journals(env, frame)
     }
 
     /// Classifies a request against the current backends. Binds of the
@@ -1080,6 +1121,23 @@ impl Engine {
             }
             prepared.push(i);
         }
+        // The journal's cut: every write whose intent is before it was
+        // drained (the server answered it), every later one waited.
+        let cut = match self.cut(id, &names).await {
+            Ok(cut) => cut,
+            Err(source) => {
+                for j in prepared.iter().rev() {
+                    let pb: &Backend = &map.backends()[*j];
+                    if let Err(e2) = self.step(Step::Done, pb, id).await {
+                        tracing::error!(backend = %pb.suffix, "done step failed after the journal failed: {e2}");
+                    }
+                }
+                let e = FreezeError::Journal(source);
+                self.abort_freeze(id, &e).await;
+                warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {e}");
+                return Err(e);
+            }
+        };
 
         let lease = Duration::from_secs(self.cfg.lease_secs);
         {
@@ -1108,6 +1166,7 @@ impl Engine {
             backends: names,
             drained,
             lease,
+            cut,
         })
     }
 

@@ -90,6 +90,11 @@ pub enum FreezeError {
     /// OFF released the freeze, but some done steps failed.
     #[error("released, but done steps failed: {}", StepFailures(.0))]
     DoneFailed(Vec<StepFailure>),
+    /// The journal could not record the freeze's cut: the backup could not
+    /// be tied to it. The prepared backends were done again and the
+    /// freeze undone.
+    #[error("the journal could not record the freeze's cut: {0}; freeze undone")]
+    Journal(crate::journal::JournalError),
     /// OFF names some of the frozen backends only.
     #[error(
         "OFF names only some of the frozen backends ({named} of {frozen}): a partial release \
@@ -157,6 +162,7 @@ impl FreezeError {
             FreezeError::Drain(_)
             | FreezeError::EndedDuringOn(_)
             | FreezeError::PrepareFailed(_)
+            | FreezeError::Journal(_)
             | FreezeError::DoneFailed(_)
             | FreezeError::NotCurrent { .. }
             | FreezeError::Expired { .. } => LdapResultCode::Other,

@@ -45,6 +45,8 @@ pub struct InFlight {
     /// classified only if a freeze starts while it is in flight, and for a
     /// simple bind's name.
     pub request: Option<Bytes>,
+    /// The journal's intent record of this write (0: not journaled).
+    pub journal: u64,
 }
 
 impl InFlight {
@@ -60,6 +62,7 @@ impl InFlight {
             class,
             abandoned: false,
             request: None,
+            journal: 0,
         }
     }
 

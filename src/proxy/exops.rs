@@ -196,6 +196,7 @@ mod tests {
             backends: Suffixes(vec!["dc=example,dc=org".into(), "dc=other,dc=org".into()]),
             drained: Duration::from_millis(12),
             lease: Duration::from_secs(600),
+            cut: None,
         }));
         assert_eq!(code, LdapResultCode::Success);
         assert_eq!(

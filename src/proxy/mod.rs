@@ -29,6 +29,7 @@ use crate::freeze::drivers::recorded::Recorded;
 use crate::freeze::drivers::CommandDriver;
 use crate::freeze::state::StateFile;
 use crate::freeze::{Driver, Engine};
+use crate::journal::Journal;
 use crate::tls::{ServerTls, UpstreamTls};
 
 /// What every session of one proxy shares.
@@ -51,6 +52,8 @@ pub struct Shared {
     /// What identifies the upstream's data, to tell a server that comes
     /// back different after a restart.
     pub(crate) prints: session::print::Prints,
+    /// The roll-forward journal, when on.
+    pub journal: Option<Arc<Journal>>,
     next_conn: AtomicU64,
 }
 
@@ -89,6 +92,7 @@ impl Shared {
             limits,
             tasks: TaskTracker::new(),
             prints: Default::default(),
+            journal: None,
             next_conn: AtomicU64::new(1),
         }
     }
@@ -313,9 +317,18 @@ impl Server {
                 "a previous run left this backend prepared for a backup and it is still not undone (driver not configured for it any more, or its DONE failed): undo it by hand, then remove the entry from the state file"
             );
         }
+        let journal = match &settings.journal {
+            Some(j) => {
+                let journal = Journal::open(j)?;
+                engine.set_journal(journal.clone());
+                Some(journal)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             server_tls,
             upstream_tls,
+            journal,
             ..Shared::new(settings, engine)
         });
         if shared.settings.carry_sessions {
@@ -391,6 +404,9 @@ impl Server {
             );
         }
         self.shared.engine.end_at_shutdown().await;
+        if let Some(j) = &self.shared.journal {
+            j.close();
+        }
         info!("stopped");
         Ok(())
     }

@@ -36,6 +36,7 @@ mod floods;
 mod freeze;
 mod fuzz_seeds;
 mod hostile;
+mod journal;
 mod ldap_utils;
 mod limits;
 mod malformed;

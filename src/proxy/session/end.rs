@@ -56,6 +56,9 @@ pub(super) enum End {
     /// The upstream connection closed during a stop freeze and the session
     /// could not be carried to a new one: why.
     NotCarried(String),
+    /// The journal could not record a write's outcome: its response was
+    /// not forwarded.
+    Journal(String),
     Closed,
 }
 
@@ -79,6 +82,7 @@ impl End {
             End::Io(at, e) => format!("{}: {e}", at.describe()),
             End::Closed => "closed by the other side of the session".into(),
             End::NotCarried(why) => format!("not carried to a new upstream connection: {why}"),
+            End::Journal(why) => format!("the journal could not record a write's outcome: {why}"),
         }
     }
 }

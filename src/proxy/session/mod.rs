@@ -387,6 +387,9 @@ pub(crate) async fn serve_connected(
         carry_sessions: shared.settings.carry_sessions,
         reconnect: shared.settings.upstream_reconnect,
         pending,
+        journal: shared.journal.clone(),
+        outcome: Default::default(),
+        outcome_failed: Default::default(),
     };
     // The two directions run as two tasks, so a wake-up for one polls only
     // that one.
@@ -401,6 +404,25 @@ pub(crate) async fn serve_connected(
         (End::Closed, e) => e,
         (e, _) => e,
     };
+    if let Some(j) = &shared.journal {
+        // Writes whose response never came: the server may have run them
+        // or not (`journal check` lists them).
+        let lost: Vec<u64> = state
+            .inflight()
+            .iter()
+            .map(|(_, e)| e.journal)
+            .filter(|&seq| seq != 0)
+            .collect();
+        for intent in lost {
+            let why = end.describe();
+            if let Err(e) = j.append(id, crate::journal::Body::Lost { intent, why }) {
+                warn!(
+                    conn = id,
+                    "journal: cannot record write {intent} as lost: {e}"
+                );
+            }
+        }
+    }
     let leftover = state.inflight().len();
     info!(
         conn = id,

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::Backoff;
 use crate::freeze::participant::{InFlight, LocalOp, Queue, Queued};
 use crate::freeze::{Class, Control, Engine, Requester};
+use crate::journal::{Body as JournalBody, JournalError};
 use crate::proxy::exops::{self};
 use crate::proxy::mailbox::Inbox;
 use crate::tls::ClientStream;
@@ -364,7 +365,7 @@ impl Requests<'_> {
                     self.state.unbind_for_bind();
                 }
                 match self.admit(&env, &frame, None) {
-                    Ok(true) => self.feed(frame).await,
+                    Ok(true) => self.send_admitted(&env, frame).await,
                     Ok(false) => Step::End(reused_id(env.msgid)),
                     Err(class) => {
                         self.enqueue(frame, env, class, None);
@@ -734,7 +735,7 @@ impl Requests<'_> {
             }
             let q = self.queue.pop_front(self.engine).expect("front exists");
             sent += 1;
-            if let Step::End(e) = self.feed(q.frame).await {
+            if let Step::End(e) = self.send_admitted(&q.env, q.frame).await {
                 return Step::End(e);
             }
         }
@@ -868,6 +869,49 @@ impl Requests<'_> {
              once the server is back)"
         );
         match pdu::response_for(q.env.op, q.env.msgid, LdapResultCode::Unavailable, &message) {
+            Some(r) => self.reply_locally(r).await,
+            None => Step::Continue,
+        }
+    }
+
+    /// Sends a request the gate admitted (it is in flight): a write gets
+    /// its journal intent record first, when the journal is on. A write
+    /// the journal cannot record is taken out of flight and answered
+    /// `unavailable`, never sent: no write the journal does not hold
+    /// reaches the server.
+    async fn send_admitted(&mut self, env: &Envelope, frame: Bytes) -> Step {
+        if let Some(journal) = &self.shared.journal {
+            if self.engine.journals(env, &frame) {
+                let identity = self.state.bound_dn().unwrap_or_default();
+                let body = JournalBody::Intent {
+                    identity,
+                    request: frame.to_vec(),
+                };
+                match journal.append(self.id, body) {
+                    Ok(seq) => {
+                        if let Some(e) = self.state.inflight().get_mut(env.msgid) {
+                            e.journal = seq;
+                        }
+                    }
+                    Err(e) => return self.unjournaled(env, &e).await,
+                }
+            }
+        }
+        self.feed(frame).await
+    }
+
+    /// A write the journal could not record: out of flight, answered
+    /// `unavailable`.
+    async fn unjournaled(&mut self, env: &Envelope, e: &JournalError) -> Step {
+        warn!(conn = self.id, msgid = env.msgid, "write refused: {e}");
+        let entry = self.state.inflight().abandon(env.msgid);
+        if let Some(entry) = entry {
+            self.state.forget(&entry);
+            self.state.signal_completed();
+            self.engine.completed();
+        }
+        let message = format!("abproxy: {e}; this write was not sent to the server");
+        match pdu::response_for(env.op, env.msgid, LdapResultCode::Unavailable, &message) {
             Some(r) => self.reply_locally(r).await,
             None => Step::Continue,
         }

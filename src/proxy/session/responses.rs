@@ -1,6 +1,7 @@
 //! The responses loop: upstream frames -> envelope -> close in-flight
 //! entries -> client; PDUs the proxy authors join here.
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +14,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::freeze::participant::HeldResponses;
+use crate::freeze::participant::{HeldResponses, InFlight};
 use crate::freeze::{Carried, Control, Engine};
+use crate::journal::{Body as JournalBody, Journal, JournalError};
 use crate::proxy::mailbox::Inbox;
 use crate::wire::{op, paging, pdu, rootdse, Envelope, FrameError};
 
@@ -55,6 +57,13 @@ pub(super) struct Responses {
     /// The session started without an upstream connection: where the
     /// requests loop hands over its first one.
     pub(super) pending: Option<oneshot::Receiver<UpIn>>,
+    /// The roll-forward journal, when on.
+    pub(super) journal: Option<Arc<Journal>>,
+    /// The outcome record of the response being forwarded, which must be
+    /// durable before the client sees it (0: none).
+    pub(super) outcome: Cell<u64>,
+    /// Recording the outcome of the response being forwarded failed.
+    pub(super) outcome_failed: Cell<Option<JournalError>>,
 }
 
 impl Responses {
@@ -131,6 +140,17 @@ impl Responses {
                 );
                 self.feed_last(notice).await;
             }
+            End::Journal(m) => {
+                tracing::error!(conn = self.id, "{m}");
+                let notice = pdu::notice_of_disconnection(
+                    LdapResultCode::Unavailable,
+                    &format!(
+                        "abproxy: the journal could not record the result of a write, so it \
+                         is not passed on (the server may have applied it): {m}"
+                    ),
+                );
+                self.feed_last(notice).await;
+            }
             End::UpstreamProtocol(m) => {
                 warn!(conn = self.id, "upstream protocol error: {m}");
                 let notice = pdu::notice_of_disconnection(
@@ -202,6 +222,9 @@ impl Responses {
             if let Ok(env) = Envelope::response(frame) {
                 let done = self.state.inflight().response(env.msgid, env.op);
                 if let Some(req) = done {
+                    if let Err(e) = self.record_outcome(&req, &env, frame) {
+                        warn!(conn = self.id, "{e}");
+                    }
                     self.state.forget(&req);
                     self.state.signal_completed();
                     self.engine.completed();
@@ -460,6 +483,19 @@ impl Responses {
                 }
             }
         };
+        if let Some(e) = self.outcome_failed.take() {
+            return Err(End::Journal(e.to_string()));
+        }
+        let outcome = self.outcome.replace(0);
+        if outcome != 0 && !matches!(route, Route::Drop) {
+            // `ack`: the client sees a write's result only once the
+            // journal holds it.
+            if let Some(j) = &self.journal {
+                if let Err(e) = j.durable(outcome).await {
+                    return Err(End::Journal(e.to_string()));
+                }
+            }
+        }
         // The response is copied to the client's buffer, then leaves the
         // read buffer; only a held one is kept as its own `Bytes`.
         let r = match route {
@@ -550,6 +586,10 @@ impl Responses {
         }
         let done = self.state.inflight().response(env.msgid, env.op);
         if let Some(req) = done {
+            match self.record_outcome(&req, env, frame) {
+                Ok(seq) => self.outcome.set(seq),
+                Err(e) => self.outcome_failed.set(Some(e)),
+            }
             if req.op == op::BIND_REQUEST {
                 // The identity comes from this bind's own response (message
                 // IDs are unique among outstanding requests), set before
@@ -597,6 +637,27 @@ impl Responses {
             }
         }
         Route::Forward
+    }
+
+    /// Appends the outcome record of a journaled write's final response;
+    /// its sequence number (0: not journaled).
+    fn record_outcome(
+        &self,
+        req: &InFlight,
+        env: &Envelope,
+        frame: &[u8],
+    ) -> Result<u64, JournalError> {
+        let (Some(j), true) = (&self.journal, req.journal != 0) else {
+            return Ok(0);
+        };
+        j.append(
+            self.id,
+            JournalBody::Outcome {
+                intent: req.journal,
+                result: env.result_code.map_or(-1, |c| c as i32),
+                response: frame.to_vec(),
+            },
+        )
     }
 
     /// A search's final response handed out a paged-results cookie or a
