@@ -369,14 +369,14 @@ fn attr_value(n: usize, line: &[u8]) -> Result<(String, Vec<u8>), Error> {
 }
 
 /// Whether RFC 2849 requires a value (or DN) to be written in base64.
-fn needs_base64(v: &[u8]) -> bool {
+pub(crate) fn needs_base64(v: &[u8]) -> bool {
     matches!(v.first(), Some(b' ' | b':' | b'<'))
         || v.last() == Some(&b' ')
         || v.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n') || b > 127)
 }
 
 /// Writes `name: value` (or `name:: base64`), folded at 76 columns.
-fn write_line(out: &mut impl Write, name: &str, value: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_line(out: &mut impl Write, name: &str, value: &[u8]) -> std::io::Result<()> {
     let mut line = Vec::with_capacity(name.len() + value.len() + 3);
     line.extend_from_slice(name.as_bytes());
     if value.is_empty() {

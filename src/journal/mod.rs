@@ -8,13 +8,14 @@
 //! freeze engine:  drained and prepared -> cut record (synced) -> ON answered
 //! ```
 //! `record` is the file format, `writer` appends and syncs, `reader` reads
-//! segments back.
+//! segments back, `ldif` turns a write into an LDIF change record.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod ldif;
 pub mod reader;
 pub mod record;
 pub mod writer;
