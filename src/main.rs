@@ -75,6 +75,61 @@ enum Command {
     /// under the suffix, parents first, no DN twice, count and digest).
     #[command(after_help = operator::EXIT_STATUS_HELP)]
     Verify(VerifyArgs),
+    /// Read the roll-forward journal (`[journal]` in the configuration):
+    /// its records, the successful writes as LDIF, or a check of it.
+    #[command(subcommand)]
+    Journal(JournalCommand),
+}
+
+/// Where the journal is.
+#[derive(Args)]
+struct JournalAt {
+    /// The journal directory (`[journal] dir`).
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    dir: Option<PathBuf>,
+    /// The proxy's configuration file, whose `[journal] dir` is read.
+    #[arg(long, value_name = "FILE", conflicts_with = "dir")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Every record in the range, one line each; with --ldif, the writes
+    /// that succeeded as LDIF change records for ldapmodify, in the order
+    /// the server answered them.
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
+    Show {
+        #[command(flatten)]
+        at: JournalAt,
+        /// From this record on: a sequence number or a UTC time
+        /// (2026-12-04T03:30:00Z).
+        #[arg(long, value_name = "SEQ|TIME")]
+        from: Option<operator::journal::Bound>,
+        /// Up to this record: a sequence number or a UTC time.
+        #[arg(long, value_name = "SEQ|TIME")]
+        until: Option<operator::journal::Bound>,
+        /// LDIF change records of the successful writes (answered in the
+        /// range) instead of the records.
+        #[arg(long)]
+        ldif: bool,
+    },
+    /// Check the journal: no gap in its sequence numbers, every record
+    /// intact, its cuts, and the writes whose result is unknown.
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
+    Check {
+        #[command(flatten)]
+        at: JournalAt,
+    },
+}
+
+impl JournalAt {
+    fn dir(&self) -> Result<PathBuf, String> {
+        match (&self.dir, &self.config) {
+            (Some(d), _) => Ok(d.clone()),
+            (None, Some(c)) => operator::journal::dir_of_config(c),
+            (None, None) => Err("--dir or --config is needed".into()),
+        }
+    }
 }
 
 /// How to reach and bind to the proxy.
@@ -774,10 +829,40 @@ fn operator_main(command: Command) -> ExitCode {
                 )
                 .await
             }
+            Command::Journal(j) => journal(j),
             Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
         }
     });
     ExitCode::from(code)
+}
+
+/// `abproxy journal ...`: files only, no proxy.
+fn journal(command: JournalCommand) -> u8 {
+    let at = match &command {
+        JournalCommand::Show { at, .. } | JournalCommand::Check { at } => at,
+    };
+    let dir = match at.dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("abproxy journal: {e}");
+            return operator::exit::USAGE;
+        }
+    };
+    let (out, err) = (std::io::stdout(), std::io::stderr());
+    let mut out = std::io::BufWriter::new(out.lock());
+    let code = match command {
+        JournalCommand::Show {
+            from, until, ldif, ..
+        } => {
+            let opts = operator::journal::ShowOptions { from, until, ldif };
+            operator::journal::show(&dir, &opts, &mut out, &mut err.lock())
+        }
+        JournalCommand::Check { .. } => operator::journal::check(&dir, &mut out),
+    };
+    match std::io::Write::flush(&mut out) {
+        Ok(()) => code,
+        Err(_) => operator::exit::FAILED,
+    }
 }
 
 /// The proxies' URLs: every --url (or ABPROXY_URL), each split at spaces

@@ -58,6 +58,10 @@ pub struct ProxyFreeze {
     /// Its answer to OFF.
     #[serde(default)]
     pub released: String,
+    /// Its journal's cut for the freeze (from its answer to ON), when it
+    /// keeps a journal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_cut: Option<u64>,
 }
 
 /// The LDAP server, from its root DSE (read through the proxy).
@@ -100,6 +104,11 @@ pub struct FreezeInfo {
     /// from its answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_resumed: Option<u64>,
+    /// The sequence number of the proxy's journal cut for this freeze
+    /// (from its answer to ON): the backup holds every write of the journal
+    /// before it and none after it (`abproxy journal replay --after DIR`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_cut: Option<u64>,
 }
 
 /// One backend exported.

@@ -1002,6 +1002,7 @@ mod tests {
                 message: "frozen".into(),
                 released: String::new(),
                 requests_resumed: None,
+                journal_cut: None,
             },
             backends: records,
             files: files

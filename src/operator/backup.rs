@@ -230,7 +230,17 @@ pub fn file_part(suffix: &str) -> String {
 
 /// "drained in N ms" of an ON answer.
 fn drained_ms(message: &str) -> Option<u64> {
-    let (_, tail) = message.split_once("drained in ")?;
+    number_after(message, "drained in ")
+}
+
+/// The journal cut ON's answer names (`...; journal cut 1042`).
+fn journal_cut(message: &str) -> Option<u64> {
+    number_after(message, "journal cut ")
+}
+
+/// The number right after `label` in a proxy's answer.
+fn number_after(message: &str, label: &str) -> Option<u64> {
+    let (_, tail) = message.split_once(label)?;
     let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
     tail[..digits].parse().ok()
 }
@@ -510,7 +520,7 @@ fn prepare(spec: &BackupSpec) -> Result<(PathBuf, Signals), Fail> {
 
 /// `2026-12-03T17:27:11.042Z` (or without the milliseconds) as seconds
 /// since the epoch.
-fn parse_utc_secs(s: &str) -> Option<u64> {
+pub(crate) fn parse_utc_secs(s: &str) -> Option<u64> {
     let b = s.as_bytes();
     if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
         return None;
@@ -711,6 +721,7 @@ async fn take(
             freeze_id: h.frozen.id(),
             message: h.frozen.message.clone(),
             released: String::new(),
+            journal_cut: journal_cut(&h.frozen.message),
         })
         .collect();
     let frozen = held[0].frozen.clone();
@@ -821,6 +832,7 @@ async fn take(
             message: frozen.message.clone(),
             requests_resumed: requests_resumed(&proxies[0].released),
             released: proxies[0].released.clone(),
+            journal_cut: proxies[0].journal_cut,
         },
         backends,
         files: Vec::new(),
@@ -1620,6 +1632,13 @@ fn header(m: &Manifest) -> String {
     if !m.freeze.released.is_empty() {
         let _ = writeln!(s, "released: {}", m.freeze.released);
     }
+    if let Some(cut) = m.freeze.journal_cut {
+        let _ = writeln!(
+            s,
+            "journal:  cut {cut} (the writes after it: abproxy journal show --from {})",
+            cut + 1
+        );
+    }
     let _ = writeln!(s, "backends:");
     for b in &m.backends {
         let _ = writeln!(
@@ -1669,6 +1688,13 @@ mod tests {
             Some(12)
         );
         assert_eq!(drained_ms("frozen"), None);
+        assert_eq!(
+            journal_cut(
+                "frozen: dc=x; drained in 12 ms; lease 600 s; freeze id 3; journal cut 1042"
+            ),
+            Some(1042)
+        );
+        assert_eq!(journal_cut("frozen: dc=x; freeze id 3"), None);
         assert_eq!(
             utc(UNIX_EPOCH + Duration::from_millis(951_782_400_042)),
             "2000-02-29T00:00:00.042Z"

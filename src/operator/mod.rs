@@ -57,6 +57,7 @@ use crate::tls::describe_io;
 pub mod backup;
 pub mod commands;
 pub mod hook;
+pub mod journal;
 pub mod restore;
 pub mod verify;
 pub use hook::{HookRecord, HookState};
@@ -100,6 +101,12 @@ pub mod exit {
     /// `verify`: cannot check (DIR missing or unreadable, an unknown
     /// manifest format_version, a backup method verify does not know).
     pub const VERIFY_CANNOT_CHECK: u8 = 12;
+    /// `journal`: the journal is damaged (a gap in its sequence numbers,
+    /// a damaged record before its end, an unreadable segment) or missing.
+    pub const JOURNAL_DAMAGED: u8 = 13;
+    /// `journal`: writes whose result is unknown (indeterminate), or, for
+    /// `show --ldif`, writes LDIF cannot express; the rest was written.
+    pub const JOURNAL_INCOMPLETE: u8 = 14;
 }
 
 /// The default `--url`.
@@ -134,6 +141,10 @@ Exit status:
      before its parent, a DN twice, no suffix entry)
   12 `verify`: cannot check (DIR missing or unreadable, an unknown
      format_version, a backup method verify does not know)
+  13 `journal`: the journal is damaged (a gap in its sequence, a damaged
+     record before its end, an unreadable segment) or missing
+  14 `journal`: writes whose result is unknown (indeterminate), or, for
+     `show --ldif`, writes LDIF cannot express; the rest was written
 `verify` exits with the worst it found: 10, else 11, else 12.
 `backup` exits 2 if DIR exists, 2-7 as above if the freeze could not be
 set up or did not last, 8 otherwise; a failed backup leaves nothing at DIR.

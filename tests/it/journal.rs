@@ -216,3 +216,228 @@ async fn every_write_is_journaled_with_its_bytes_its_answer_and_the_freezes_cut(
     }
     assert!(!recs.iter().any(|r| matches!(r.body, Body::Lost { .. })));
 }
+
+/// Every entry under the suffix with its user attributes, as slapd `url`
+/// holds them: DN (lower case) -> attributes (lower case, values sorted),
+/// `userPassword` left out (a hash with a random salt).
+async fn user_data(url: &str) -> std::collections::BTreeMap<String, Vec<(String, Vec<Vec<u8>>)>> {
+    let out = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-H",
+            url,
+            "-D",
+            ADMIN_DN,
+            "-w",
+            ADMIN_PW,
+            "-b",
+            SUFFIX,
+            "-LLL",
+            "-o",
+            "ldif-wrap=no",
+            "*",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    abproxy::backup::ldif::read(&out.stdout)
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let mut attrs: Vec<(String, Vec<Vec<u8>>)> = e
+                .attrs
+                .into_iter()
+                .filter(|(a, _)| !a.eq_ignore_ascii_case("userPassword"))
+                .map(|(a, mut v)| {
+                    v.sort();
+                    (a.to_ascii_lowercase(), v)
+                })
+                .collect();
+            attrs.sort();
+            (e.dn.to_ascii_lowercase(), attrs)
+        })
+        .collect()
+}
+
+fn modify_op(msgid: i32, dn: &str, changes: Vec<(LdapModifyType, &str, Vec<&str>)>) -> LdapMsg {
+    LdapMsg::new(
+        msgid,
+        LdapOp::ModifyRequest(LdapModifyRequest {
+            dn: dn.into(),
+            changes: changes
+                .into_iter()
+                .map(|(operation, atype, vals)| LdapModify {
+                    operation,
+                    modification: LdapPartialAttribute {
+                        atype: atype.into(),
+                        vals: vals.into_iter().map(|v| v.as_bytes().to_vec()).collect(),
+                    },
+                })
+                .collect(),
+        }),
+    )
+}
+
+/// RFC 3062 password modify with only a new password (the bound user's).
+fn passwd(msgid: i32, new: &str) -> LdapMsg {
+    // PasswdModifyRequestValue ::= SEQUENCE { newPasswd [2] OCTET STRING }
+    let mut value = vec![0x30, (new.len() + 2) as u8, 0x82, new.len() as u8];
+    value.extend_from_slice(new.as_bytes());
+    crate::support::freeze::exop(msgid, "1.3.6.1.4.1.4203.1.11.1", Some(value))
+}
+
+#[tokio::test]
+async fn show_ldif_into_ldapmodify_reproduces_the_writes_on_a_copy_of_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let lab = journal_lab(&dir, |_| {}).await;
+    // The same sample data, untouched: what a restored backup would be.
+    let copy = start_slapd(SlapdOptions {
+        nosync: true,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        user_data(&lab.direct()).await,
+        user_data(&copy.url()).await
+    );
+
+    let mut c = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let mut codes = Vec::new();
+    let ou = format!("ou=moved,{SUFFIX}");
+    let user1 = testkit::user_dn(1);
+    let user2 = testkit::user_dn(2);
+    let user3 = testkit::user_dn(3);
+    codes.push(
+        send_one(&mut c, add(2, &format!("cn=a,{SUFFIX}"), "a"))
+            .await
+            .code,
+    );
+    codes.push(
+        send_one(&mut c, add(3, &format!("cn=a,{SUFFIX}"), "a"))
+            .await
+            .code,
+    ); // 68: not replayed
+    let org = LdapMsg::new(
+        4,
+        LdapOp::AddRequest(LdapAddRequest {
+            dn: ou.clone(),
+            attributes: vec![
+                LdapAttribute {
+                    atype: "objectClass".into(),
+                    vals: vec![b"organizationalUnit".to_vec()],
+                },
+                LdapAttribute {
+                    atype: "ou".into(),
+                    vals: vec![b"moved".to_vec()],
+                },
+                LdapAttribute {
+                    atype: "description".into(),
+                    // Not a SAFE-STRING: base64 in the LDIF.
+                    vals: vec![" leading space, and é".as_bytes().to_vec()],
+                },
+            ],
+        }),
+    );
+    codes.push(send_one(&mut c, org).await.code);
+    codes.push(
+        send_one(
+            &mut c,
+            modify_op(
+                5,
+                &user1,
+                vec![
+                    (
+                        LdapModifyType::Replace,
+                        "description",
+                        vec!["first", "second"],
+                    ),
+                    (LdapModifyType::Add, "mail", vec!["u1@example.org"]),
+                    (LdapModifyType::Increment, "uidNumber", vec!["5"]),
+                ],
+            ),
+        )
+        .await
+        .code,
+    );
+    codes.push(
+        send_one(
+            &mut c,
+            modify_op(6, &user1, vec![(LdapModifyType::Delete, "mail", vec![])]),
+        )
+        .await
+        .code,
+    );
+    let moddn = LdapMsg::new(
+        7,
+        LdapOp::ModifyDNRequest(LdapModifyDNRequest {
+            dn: user2.clone(),
+            newrdn: "uid=user2b".into(),
+            deleteoldrdn: true,
+            new_superior: Some(ou.clone()),
+        }),
+    );
+    codes.push(send_one(&mut c, moddn).await.code);
+    codes.push(
+        send_one(&mut c, LdapMsg::new(8, LdapOp::DelRequest(user3.clone())))
+            .await
+            .code,
+    );
+    codes.push(
+        send_one(&mut c, LdapMsg::new(9, LdapOp::DelRequest(user3.clone())))
+            .await
+            .code,
+    ); // 32
+    assert_eq!(codes, [0, 68, 0, 0, 0, 0, 0, 32]);
+    // A user changes their own password (password modify, no user named).
+    let user4 = testkit::user_dn(4);
+    let mut u = bound(&lab, &user4, &testkit::user_pw(4)).await;
+    assert_eq!(send_one(&mut u, passwd(2, "n3w-secret")).await.code, 0);
+
+    let want = user_data(&lab.direct()).await;
+    assert_ne!(want, user_data(&copy.url()).await);
+
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
+        .args(["journal", "show", "--ldif", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let ldif = String::from_utf8(show.stdout).unwrap();
+    assert_eq!(
+        show.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    // Failed writes are not in it.
+    assert_eq!(ldif.matches("changetype:").count(), 7, "{ldif}");
+    let applied = ldap_tool(
+        "ldapmodify",
+        &["-x", "-H", &copy.url(), "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(&ldif),
+    )
+    .await;
+    assert_eq!(applied.code, Some(0), "{}\n{ldif}", applied.stderr);
+    assert_eq!(user_data(&copy.url()).await, want);
+    // The new password works on the copy; the journal's hash is no clear text.
+    assert!(!ldif.contains("n3w-secret"));
+    let who = ldap_tool(
+        "ldapwhoami",
+        &["-x", "-H", &copy.url(), "-D", &user4, "-w", "n3w-secret"],
+        None,
+    )
+    .await;
+    assert_eq!(who.code, Some(0), "{}", who.stderr);
+
+    // check: continuous, nothing indeterminate.
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
+        .args(["journal", "check", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{text}");
+    assert!(text.contains("writes: 7 succeeded, 2 failed"), "{text}");
+}

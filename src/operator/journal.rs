@@ -1,0 +1,493 @@
+//! `abproxy journal show` and `abproxy journal check`: the roll-forward
+//! journal read back, offline (the files only; the proxy may be running).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::journal::reader::{read_segment, segment_name, segments};
+use crate::journal::record::{Body, Record};
+use crate::wire::{op, Envelope};
+
+use super::exit;
+
+/// Where a range of records starts or ends: a sequence number, or a UTC
+/// time (`2026-12-04T03:30:00Z`, fractions of a second allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Seq(u64),
+    /// Microseconds since the epoch.
+    Time(i64),
+}
+
+impl std::str::FromStr for Bound {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Bound, String> {
+        if let Ok(n) = s.parse::<u64>() {
+            return Ok(Bound::Seq(n));
+        }
+        parse_utc_us(s).map(Bound::Time).ok_or_else(|| {
+            format!("{s:?} is neither a sequence number nor a UTC time like 2026-12-04T03:30:00Z")
+        })
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` as microseconds since the epoch.
+fn parse_utc_us(s: &str) -> Option<i64> {
+    let body = s.strip_suffix('Z')?;
+    let (whole, frac) = match body.split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (body, ""),
+    };
+    if whole.len() != 19 || frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs = super::backup::parse_utc_secs(&format!("{whole}Z"))? as i64;
+    let us: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<6}").parse().ok()?
+    };
+    Some(secs * 1_000_000 + us)
+}
+
+/// A record's time, `2026-12-04T03:30:00.123456Z`.
+pub fn utc_us(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000) as u64;
+    let s = super::format_utc(secs);
+    format!(
+        "{}.{:06}Z",
+        s.trim_end_matches('Z'),
+        us.rem_euclid(1_000_000)
+    )
+}
+
+fn at_or_after(r: &Record, b: Bound) -> bool {
+    match b {
+        Bound::Seq(n) => r.seq >= n,
+        Bound::Time(t) => r.time_us >= t,
+    }
+}
+
+fn at_or_before(r: &Record, b: Bound) -> bool {
+    match b {
+        Bound::Seq(n) => r.seq <= n,
+        Bound::Time(t) => r.time_us <= t,
+    }
+}
+
+/// What `journal show` prints.
+#[derive(Debug, Clone, Default)]
+pub struct ShowOptions {
+    pub from: Option<Bound>,
+    pub until: Option<Bound>,
+    /// LDIF change records of the successful writes, in the order the
+    /// server answered them, instead of every record as text.
+    pub ldif: bool,
+}
+
+/// The journal read whole: every intact record, and what is wrong with it.
+pub struct Loaded {
+    pub records: Vec<Record>,
+    pub segments: usize,
+    /// Damage: gaps, damaged records before the end, unreadable segments.
+    pub problems: Vec<String>,
+    /// A torn tail at the end of the last segment (the proxy cuts it at
+    /// its next start): where.
+    pub torn_tail: Option<String>,
+}
+
+/// Reads every segment of the journal in `dir`.
+pub fn load(dir: &Path) -> Result<Loaded, String> {
+    let segs =
+        segments(dir).map_err(|e| format!("cannot read the journal in {}: {e}", dir.display()))?;
+    if segs.is_empty() {
+        return Err(format!("no journal segments in {}", dir.display()));
+    }
+    let mut out = Loaded {
+        records: Vec::new(),
+        segments: segs.len(),
+        problems: Vec::new(),
+        torn_tail: None,
+    };
+    let last = segs.len() - 1;
+    for (i, (first, path)) in segs.iter().enumerate() {
+        let seg = match read_segment(path) {
+            Ok(s) => s,
+            Err(e) => {
+                out.problems.push(e.to_string());
+                continue;
+            }
+        };
+        if seg.header.first_seq != *first {
+            out.problems.push(format!(
+                "{}: its header says it starts at {} (renamed? expected {})",
+                path.display(),
+                seg.header.first_seq,
+                segment_name(seg.header.first_seq)
+            ));
+        }
+        if let Some(d) = &seg.damage {
+            let at = format!(
+                "{} at byte {} of {} ({d})",
+                path.display(),
+                seg.good_len,
+                seg.file_len
+            );
+            if i == last {
+                out.torn_tail = Some(at);
+            } else {
+                out.problems.push(format!(
+                    "damaged record in {at}: the records after it in that segment are lost"
+                ));
+            }
+        }
+        out.records.extend(seg.records);
+    }
+    let mut expect = out.records.first().map_or(1, |r| r.seq);
+    if let Some(first) = out.records.first() {
+        if first.seq != 1 {
+            // Pruned segments: fine, but said.
+            expect = first.seq;
+        }
+    }
+    for r in &out.records {
+        if r.seq != expect {
+            out.problems.push(format!(
+                "gap: record {} follows {} (records {}..{} are missing)",
+                r.seq,
+                expect - 1,
+                expect,
+                r.seq.saturating_sub(1)
+            ));
+        }
+        expect = r.seq + 1;
+    }
+    Ok(out)
+}
+
+/// The operation of a request, by name (`add`, `modify`, ...).
+fn op_name(request: &[u8]) -> &'static str {
+    Envelope::op_of(request).map_or("?", op::name)
+}
+
+fn describe_request(request: &[u8]) -> String {
+    match Envelope::request(request) {
+        Ok(env) => {
+            let dn = env
+                .dn_bytes(request)
+                .map(|d| String::from_utf8_lossy(d).into_owned());
+            let oid = env
+                .oid_bytes(request)
+                .map(|o| String::from_utf8_lossy(o).into_owned());
+            let target = dn.or(oid).unwrap_or_default();
+            format!(
+                "{} {target} (message {}, {} bytes)",
+                op::name(env.op),
+                env.msgid,
+                request.len()
+            )
+        }
+        Err(_) => format!("{} ({} bytes, unreadable)", op_name(request), request.len()),
+    }
+}
+
+/// One record as a line of text.
+pub fn line(r: &Record) -> String {
+    let head = format!("{:>8} {} conn {:<5}", r.seq, utc_us(r.time_us), r.conn);
+    let what = match &r.body {
+        Body::Start { version, pid } => format!("start     abproxy {version}, pid {pid}"),
+        Body::Intent { identity, request } => {
+            let who = if identity.is_empty() {
+                "anonymous"
+            } else {
+                identity
+            };
+            format!("intent    {} as {who}", describe_request(request))
+        }
+        Body::Outcome { intent, result, .. } => {
+            format!("outcome   of {intent}: {}", result_name(*result))
+        }
+        Body::Lost { intent, why } => format!("lost      {intent}: {why}"),
+        Body::Cut {
+            freeze_id,
+            suffixes,
+        } => format!("cut       freeze {freeze_id}: {}", suffixes.join("; ")),
+    };
+    format!("{head} {what}")
+}
+
+fn result_name(code: i32) -> String {
+    let name = match code {
+        -1 => return "no result code".into(),
+        0 => "success",
+        1 => "operationsError",
+        2 => "protocolError",
+        8 => "strongerAuthRequired",
+        10 => "referral",
+        11 => "adminLimitExceeded",
+        12 => "unavailableCriticalExtension",
+        16 => "noSuchAttribute",
+        17 => "undefinedAttributeType",
+        19 => "constraintViolation",
+        20 => "attributeOrValueExists",
+        21 => "invalidAttributeSyntax",
+        32 => "noSuchObject",
+        34 => "invalidDNSyntax",
+        50 => "insufficientAccessRights",
+        51 => "busy",
+        52 => "unavailable",
+        53 => "unwillingToPerform",
+        64 => "namingViolation",
+        65 => "objectClassViolation",
+        66 => "notAllowedOnNonLeaf",
+        67 => "notAllowedOnRDN",
+        68 => "entryAlreadyExists",
+        69 => "objectClassModsProhibited",
+        80 => "other",
+        _ => "",
+    };
+    if name.is_empty() {
+        code.to_string()
+    } else {
+        format!("{code} {name}")
+    }
+}
+
+/// `journal show`: the records in the range as text, or the successful
+/// writes as LDIF. The exit status.
+pub fn show(dir: &Path, opts: &ShowOptions, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    let loaded = match load(dir) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(err, "abproxy journal show: {e}");
+            return exit::JOURNAL_DAMAGED;
+        }
+    };
+    for p in &loaded.problems {
+        let _ = writeln!(err, "abproxy journal show: {p}");
+    }
+    let in_range = |r: &Record| {
+        opts.from.is_none_or(|b| at_or_after(r, b)) && opts.until.is_none_or(|b| at_or_before(r, b))
+    };
+    let written = if opts.ldif {
+        show_ldif(&loaded.records, &in_range, out, err)
+    } else {
+        let mut ok = true;
+        for r in loaded.records.iter().filter(|r| in_range(r)) {
+            ok &= writeln!(out, "{}", line(r)).is_ok();
+        }
+        ok.then_some(exit::OK)
+    };
+    match written {
+        None => {
+            let _ = writeln!(err, "abproxy journal show: cannot write the output");
+            exit::FAILED
+        }
+        Some(code) if loaded.problems.is_empty() => code,
+        Some(_) => exit::JOURNAL_DAMAGED,
+    }
+}
+
+/// The successful writes answered in the range, as LDIF change records in
+/// the order the server answered them. `None`: the output failed.
+fn show_ldif(
+    records: &[Record],
+    in_range: &dyn Fn(&Record) -> bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Option<u8> {
+    let intents: HashMap<u64, &Record> = records
+        .iter()
+        .filter(|r| matches!(r.body, Body::Intent { .. }))
+        .map(|r| (r.seq, r))
+        .collect();
+    let mut code = exit::OK;
+    writeln!(out, "version: 1\n").ok()?;
+    for r in records.iter().filter(|r| in_range(r)) {
+        let (intent_seq, response) = match &r.body {
+            Body::Outcome {
+                intent,
+                result: 0,
+                response,
+            } => (*intent, response),
+            Body::Lost { intent, why } => {
+                let _ = writeln!(
+                    err,
+                    "abproxy journal show: write {intent} is indeterminate (its answer never came: {why}); not in the LDIF"
+                );
+                writeln!(out, "# {intent}: indeterminate ({why}): not included\n").ok()?;
+                code = exit::JOURNAL_INCOMPLETE;
+                continue;
+            }
+            _ => continue,
+        };
+        let Some(intent) = intents.get(&intent_seq) else {
+            let _ = writeln!(
+                err,
+                "abproxy journal show: the outcome {} names intent {intent_seq}, which is not in the journal (pruned?)",
+                r.seq
+            );
+            code = exit::JOURNAL_INCOMPLETE;
+            continue;
+        };
+        let Body::Intent { identity, request } = &intent.body else {
+            unreachable!("only intents are in the map")
+        };
+        writeln!(
+            out,
+            "# {} (answered {}) {} conn {} as {}",
+            intent.seq,
+            r.seq,
+            utc_us(r.time_us),
+            intent.conn,
+            if identity.is_empty() {
+                "anonymous"
+            } else {
+                identity
+            }
+        )
+        .ok()?;
+        match crate::journal::ldif::change_record(request, Some(response), identity) {
+            Ok(text) => out.write_all(text.as_bytes()).ok()?,
+            Err(e) => {
+                let _ = writeln!(err, "abproxy journal show: write {}: {e}", intent.seq);
+                writeln!(out, "# {}: {e}: not included\n", intent.seq).ok()?;
+                code = exit::JOURNAL_INCOMPLETE;
+            }
+        }
+    }
+    Some(code)
+}
+
+/// `journal check`: continuity, damage, cuts and indeterminate writes.
+/// The exit status.
+pub fn check(dir: &Path, out: &mut dyn Write) -> u8 {
+    let loaded = match load(dir) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(out, "abproxy journal check: {e}");
+            return exit::JOURNAL_DAMAGED;
+        }
+    };
+    let recs = &loaded.records;
+    let mut answered: HashMap<u64, i32> = HashMap::new();
+    let mut lost: HashMap<u64, &str> = HashMap::new();
+    for r in recs {
+        match &r.body {
+            Body::Outcome { intent, result, .. } => {
+                answered.insert(*intent, *result);
+            }
+            Body::Lost { intent, why } => {
+                lost.insert(*intent, why);
+            }
+            _ => {}
+        }
+    }
+    let last_start = recs
+        .iter()
+        .rev()
+        .find(|r| matches!(r.body, Body::Start { .. }))
+        .map_or(0, |r| r.seq);
+    let (mut ok, mut failed) = (0usize, 0usize);
+    let mut indeterminate = Vec::new();
+    let mut running = Vec::new();
+    for r in recs {
+        if let Body::Intent { .. } = &r.body {
+            match answered.get(&r.seq) {
+                Some(0) => ok += 1,
+                Some(_) => failed += 1,
+                None => match lost.get(&r.seq) {
+                    Some(why) => indeterminate.push((r, why.to_string())),
+                    None if r.seq < last_start => indeterminate
+                        .push((r, "the proxy stopped before its answer came".to_string())),
+                    None => running.push(r),
+                },
+            }
+        }
+    }
+    let first = recs.first();
+    let last = recs.last();
+    let _ = writeln!(out, "journal {}", dir.display());
+    let _ = writeln!(out, "  segments: {}", loaded.segments);
+    if let (Some(f), Some(l)) = (first, last) {
+        let _ = writeln!(
+            out,
+            "  records: {} .. {} ({} .. {})",
+            f.seq,
+            l.seq,
+            utc_us(f.time_us),
+            utc_us(l.time_us)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  writes: {ok} succeeded, {failed} failed (never replayed), {} indeterminate, {} in flight",
+        indeterminate.len(),
+        running.len()
+    );
+    for r in recs {
+        if let Body::Cut {
+            freeze_id,
+            suffixes,
+        } = &r.body
+        {
+            let _ = writeln!(
+                out,
+                "  cut {}: freeze {freeze_id} at {}: {}",
+                r.seq,
+                utc_us(r.time_us),
+                suffixes.join("; ")
+            );
+        }
+    }
+    for (r, why) in &indeterminate {
+        let _ = writeln!(out, "  indeterminate: {} ({why})", line(r).trim_start());
+    }
+    for r in &running {
+        let _ = writeln!(out, "  in flight (no answer yet): {}", line(r).trim_start());
+    }
+    if let Some(t) = &loaded.torn_tail {
+        let _ = writeln!(
+            out,
+            "  torn tail: {t} (a crash in the middle of a write; cut at the proxy's next start)"
+        );
+    }
+    for p in &loaded.problems {
+        let _ = writeln!(out, "  DAMAGED: {p}");
+    }
+    if !loaded.problems.is_empty() {
+        return exit::JOURNAL_DAMAGED;
+    }
+    if !indeterminate.is_empty() {
+        return exit::JOURNAL_INCOMPLETE;
+    }
+    let _ = writeln!(out, "  ok");
+    exit::OK
+}
+
+/// The journal directory of a configuration file (`[journal] dir`).
+pub fn dir_of_config(path: &Path) -> Result<PathBuf, String> {
+    let c = crate::config::Config::from_file(path).map_err(|e| e.to_string())?;
+    c.journal
+        .dir
+        .ok_or_else(|| format!("{} has no [journal] dir", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_sequence_numbers_or_utc_times() {
+        assert_eq!("42".parse::<Bound>().unwrap(), Bound::Seq(42));
+        let t = "2026-12-04T03:30:00Z".parse::<Bound>().unwrap();
+        let Bound::Time(us) = t else { panic!() };
+        assert_eq!(utc_us(us), "2026-12-04T03:30:00.000000Z");
+        let t = "2026-12-04T03:30:00.25Z".parse::<Bound>().unwrap();
+        assert_eq!(t, Bound::Time(us + 250_000));
+        assert!("yesterday".parse::<Bound>().is_err());
+        assert!("2026-12-04 03:30:00".parse::<Bound>().is_err());
+        assert!("2026-12-04T03:30:00.1234567Z".parse::<Bound>().is_err());
+    }
+}
