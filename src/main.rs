@@ -113,6 +113,47 @@ enum JournalCommand {
         #[arg(long)]
         ldif: bool,
     },
+    /// Send the writes that succeeded again, in the order the server
+    /// answered them, to a server restored from a backup (--after DIR: the
+    /// writes after its journal cut), each result compared with the
+    /// journal's; stops at the first difference and says where to resume.
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
+    Replay {
+        #[command(flatten)]
+        at: JournalAt,
+        /// The server: ldap://HOST:PORT, ldaps://HOST:PORT or ldapi://PATH.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// DN to bind as (simple bind), one that may make every write
+        /// (slapd's rootdn, 389's Directory Manager).
+        #[arg(long, value_name = "DN")]
+        bind_dn: Option<String>,
+        /// File whose first line is the bind password (or set ABPROXY_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// StartTLS on an ldap:// URL.
+        #[arg(long)]
+        starttls: bool,
+        /// PEM CA certificates for the server's certificate (default: the system's).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// A backup directory (`abproxy backup`): the writes after its journal cut.
+        #[arg(long, value_name = "DIR")]
+        after: Option<PathBuf>,
+        /// From this position on (the one a previous replay printed).
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
+        /// Up to this position or UTC time (2026-12-04T03:30:00Z): the
+        /// writes answered by then.
+        #[arg(long, value_name = "SEQ|TIME")]
+        until: Option<operator::journal::Bound>,
+        /// Go on after a difference or an indeterminate write (each reported).
+        #[arg(long = "continue")]
+        keep_going: bool,
+        /// Seconds to wait for the server: connecting, and each answer.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout: u64,
+    },
     /// Check the journal: no gap in its sequence numbers, every record
     /// intact, its cuts, and the writes whose result is unknown.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
@@ -829,7 +870,7 @@ fn operator_main(command: Command) -> ExitCode {
                 )
                 .await
             }
-            Command::Journal(j) => journal(j),
+            Command::Journal(j) => journal(j).await,
             Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
         }
     });
@@ -837,9 +878,11 @@ fn operator_main(command: Command) -> ExitCode {
 }
 
 /// `abproxy journal ...`: files only, no proxy.
-fn journal(command: JournalCommand) -> u8 {
+async fn journal(command: JournalCommand) -> u8 {
     let at = match &command {
-        JournalCommand::Show { at, .. } | JournalCommand::Check { at } => at,
+        JournalCommand::Show { at, .. }
+        | JournalCommand::Check { at }
+        | JournalCommand::Replay { at, .. } => at,
     };
     let dir = match at.dir() {
         Ok(d) => d,
@@ -858,6 +901,48 @@ fn journal(command: JournalCommand) -> u8 {
             operator::journal::show(&dir, &opts, &mut out, &mut err.lock())
         }
         JournalCommand::Check { .. } => operator::journal::check(&dir, &mut out),
+        JournalCommand::Replay {
+            to,
+            bind_dn,
+            password_file,
+            starttls,
+            ca_file,
+            after,
+            from,
+            until,
+            keep_going,
+            timeout,
+            ..
+        } => {
+            let password = match &password_file {
+                Some(f) => match Password::from_file(f) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        eprintln!("abproxy journal replay: {e}");
+                        return operator::exit::USAGE;
+                    }
+                },
+                None => std::env::var("ABPROXY_PASSWORD")
+                    .ok()
+                    .filter(|p| !p.is_empty())
+                    .map(Password::new),
+            };
+            let target = operator::journal::ReplayTarget {
+                url: to,
+                bind_dn: bind_dn.filter(|d| !d.is_empty()),
+                password,
+                starttls,
+                ca_file,
+                timeout: std::time::Duration::from_secs(timeout.max(1)),
+            };
+            let opts = operator::journal::ReplayOptions {
+                after,
+                from,
+                until,
+                keep_going,
+            };
+            operator::journal::replay(&dir, &target, &opts, &mut out, &mut err.lock()).await
+        }
     };
     match std::io::Write::flush(&mut out) {
         Ok(()) => code,

@@ -18,6 +18,7 @@ use serde::Deserialize;
 pub mod ldif;
 pub mod reader;
 pub mod record;
+pub mod replay;
 pub mod writer;
 
 pub use record::{Body, Record};

@@ -11,15 +11,10 @@ use crate::wire::{op, Envelope};
 
 use super::exit;
 
-/// Where a range of records starts or ends: a sequence number, or a UTC
-/// time (`2026-12-04T03:30:00Z`, fractions of a second allowed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bound {
-    Seq(u64),
-    /// Microseconds since the epoch.
-    Time(i64),
-}
+pub use crate::journal::replay::Bound;
 
+/// A sequence number, or a UTC time (`2026-12-04T03:30:00Z`, fractions of
+/// a second allowed).
 impl std::str::FromStr for Bound {
     type Err = String;
     fn from_str(s: &str) -> Result<Bound, String> {
@@ -472,6 +467,334 @@ pub fn dir_of_config(path: &Path) -> Result<PathBuf, String> {
     c.journal
         .dir
         .ok_or_else(|| format!("{} has no [journal] dir", path.display()))
+}
+
+/// Where `journal replay` sends the writes, and as whom.
+pub struct ReplayTarget {
+    /// `ldap://`, `ldaps://` or `ldapi://`.
+    pub url: String,
+    /// A simple bind (none: anonymous, or what `ldapi://` gives the process).
+    pub bind_dn: Option<String>,
+    pub password: Option<crate::secret::Password>,
+    /// StartTLS on an `ldap://` URL.
+    pub starttls: bool,
+    /// CA certificates for the server's TLS certificate (else the system's).
+    pub ca_file: Option<PathBuf>,
+    /// The longest wait for the server: connecting, and each answer.
+    pub timeout: std::time::Duration,
+}
+
+/// What `journal replay` replays.
+pub struct ReplayOptions {
+    /// A backup directory: replay the writes after its journal cut.
+    pub after: Option<PathBuf>,
+    pub from: Option<u64>,
+    pub until: Option<Bound>,
+    /// Go on after a mismatch or an indeterminate write (each reported).
+    pub keep_going: bool,
+}
+
+/// A connection to the server replay writes to.
+struct Conn {
+    r: crate::wire::FrameReader<crate::endpoint::BoxRead>,
+    w: crate::endpoint::BoxWrite,
+    timeout: std::time::Duration,
+    next_id: i32,
+}
+
+/// A final response: its result code and diagnostic message.
+struct Answer {
+    code: i64,
+    message: String,
+}
+
+impl Conn {
+    async fn open(t: &ReplayTarget) -> Result<Conn, String> {
+        let ep = crate::endpoint::Endpoint::parse(&t.url).map_err(|e| format!("--to: {e}"))?;
+        let tls_needed = matches!(ep, crate::endpoint::Endpoint::Tls(_)) || t.starttls;
+        let tls = if tls_needed {
+            let cfg = crate::tls::TlsConfig {
+                upstream_starttls: t.starttls,
+                upstream_ca_file: t.ca_file.clone(),
+                ..Default::default()
+            };
+            crate::tls::UpstreamTls::load(&cfg, &ep)?
+        } else {
+            None
+        };
+        let connect = crate::tls::connect_upstream(&ep, tls.as_ref());
+        let (r, w) = tokio::time::timeout(t.timeout, connect)
+            .await
+            .map_err(|_| format!("{}: no connection within {} s", t.url, t.timeout.as_secs()))?
+            .map_err(|e| format!("{}: {e}", t.url))?;
+        let mut c = Conn {
+            r: crate::wire::FrameReader::new(r, crate::wire::FrameCodec::new(64 << 20)),
+            w,
+            timeout: t.timeout,
+            next_id: 1,
+        };
+        if let Some(dn) = &t.bind_dn {
+            let pw = t.password.as_ref().map_or("", |p| p.expose());
+            let id = c.id();
+            let bind = crate::wire::pdu::encode(ldap3_proto::proto::LdapMsg::new(
+                id,
+                ldap3_proto::proto::LdapOp::BindRequest(ldap3_proto::proto::LdapBindRequest {
+                    version: 3,
+                    dn: dn.clone(),
+                    cred: ldap3_proto::proto::LdapBindCred::Simple(pw.to_string()),
+                }),
+            ));
+            let a = c.call(id, &bind).await?;
+            if a.code != 0 {
+                return Err(format!("bind as {dn} refused: {}", describe(&a)));
+            }
+        }
+        Ok(c)
+    }
+
+    fn id(&mut self) -> i32 {
+        let id = self.next_id;
+        self.next_id = if id == i32::MAX { 1 } else { id + 1 };
+        id
+    }
+
+    /// Sends `request` (message ID `id`) and waits for its final response.
+    async fn call(&mut self, id: i32, request: &[u8]) -> Result<Answer, String> {
+        use tokio::io::AsyncWriteExt;
+        let timeout = self.timeout;
+        let exchange = async {
+            self.w
+                .write_all(request)
+                .await
+                .map_err(|e| format!("sending: {e}"))?;
+            self.w.flush().await.map_err(|e| format!("sending: {e}"))?;
+            loop {
+                let n = match self.r.next_message().await {
+                    Ok(Some(n)) => n,
+                    Ok(None) => return Err("the server closed the connection".to_string()),
+                    Err(e) => return Err(format!("reading the answer: {e}")),
+                };
+                let frame = self.r.message(n);
+                let env = Envelope::response(frame).map_err(|e| format!("the answer: {e}"))?;
+                let answer = (env.msgid == id && op::is_final_response(env.op)).then(|| Answer {
+                    code: env.result_code.map_or(-1, i64::from),
+                    message: diagnostic(frame),
+                });
+                let notice = env.msgid == 0;
+                self.r.skip(n);
+                if let Some(a) = answer {
+                    return Ok(a);
+                }
+                if notice {
+                    return Err("the server ended the connection (Notice of Disconnection)".into());
+                }
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+    }
+}
+
+/// The diagnostic message of a response.
+fn diagnostic(frame: &[u8]) -> String {
+    use ldap3_proto::proto::LdapOp;
+    use tokio_util::codec::Decoder;
+    let mut buf = bytes::BytesMut::from(frame);
+    let Ok(Some(msg)) =
+        ldap3_proto::LdapCodec::new(Some(frame.len().max(1)), None).decode(&mut buf)
+    else {
+        return String::new();
+    };
+    match msg.op {
+        LdapOp::ExtendedResponse(r) => r.res.message,
+        LdapOp::BindResponse(r) => r.res.message,
+        LdapOp::AddResponse(r)
+        | LdapOp::DelResponse(r)
+        | LdapOp::ModifyResponse(r)
+        | LdapOp::ModifyDNResponse(r) => r.message,
+        _ => String::new(),
+    }
+}
+
+fn describe(a: &Answer) -> String {
+    if a.message.is_empty() {
+        result_name(a.code as i32)
+    } else {
+        format!("{} ({})", result_name(a.code as i32), a.message)
+    }
+}
+
+/// `journal replay`: the successful writes of the range, in the order the
+/// server answered them, sent again to `target`, each result compared with
+/// the journal's. The exit status.
+pub async fn replay(
+    dir: &Path,
+    target: &ReplayTarget,
+    opts: &ReplayOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    let me = "abproxy journal replay";
+    let loaded = match load(dir) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(err, "{me}: {e}");
+            return exit::JOURNAL_DAMAGED;
+        }
+    };
+    if !loaded.problems.is_empty() {
+        for p in &loaded.problems {
+            let _ = writeln!(err, "{me}: {p}");
+        }
+        let _ = writeln!(
+            err,
+            "{me}: the journal is damaged: nothing replayed (writes may be missing)"
+        );
+        return exit::JOURNAL_DAMAGED;
+    }
+    let after_cut = match &opts.after {
+        None => None,
+        Some(backup) => match backup_cut(backup, &loaded.records) {
+            Ok(cut) => Some(cut),
+            Err(e) => {
+                let _ = writeln!(err, "{me}: {e}");
+                return exit::USAGE;
+            }
+        },
+    };
+    let range = crate::journal::replay::Range {
+        after_cut,
+        from: opts.from,
+        until: opts.until,
+    };
+    let items = crate::journal::replay::plan(&loaded.records, &range);
+    let mut conn = match Conn::open(target).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(err, "{me}: {e}");
+            return exit::UNREACHABLE;
+        }
+    };
+    let (mut applied, mut mismatched, mut unknown) = (0usize, 0usize, 0usize);
+    let mut stopped: Option<(u64, u8)> = None;
+    for item in &items {
+        let at = item.at();
+        match item {
+            crate::journal::replay::Item::Indeterminate { intent, why, .. } => {
+                unknown += 1;
+                let _ = writeln!(
+                    err,
+                    "{me}: write {} is indeterminate ({why}): the server it was sent to may \
+                     have run it or not; check the entry on that server (journal show --from {} \
+                     --until {}) and apply it by hand if it did",
+                    intent.seq, intent.seq, intent.seq
+                );
+                if !opts.keep_going {
+                    stopped = Some((at, exit::JOURNAL_INCOMPLETE));
+                    break;
+                }
+            }
+            crate::journal::replay::Item::Write { intent, outcome } => {
+                let (Body::Intent { identity, request }, Body::Outcome { response, .. }) =
+                    (&intent.body, &outcome.body)
+                else {
+                    unreachable!("a plan's writes are intents and outcomes")
+                };
+                let id = conn.id();
+                let sent = crate::journal::replay::request_bytes(request, response, identity, id);
+                let answer = match sent {
+                    Ok(bytes) => conn.call(id, &bytes).await,
+                    Err(e) => Err(format!("cannot be replayed: {e}")),
+                };
+                match answer {
+                    Ok(a) if a.code == 0 => applied += 1,
+                    Ok(a) => {
+                        mismatched += 1;
+                        let _ = writeln!(
+                            err,
+                            "{me}: write {} ({}), answered success at {}: the server now answers {}",
+                            intent.seq,
+                            describe_request(request),
+                            utc_us(outcome.time_us),
+                            describe(&a)
+                        );
+                        if !opts.keep_going {
+                            stopped = Some((at, exit::REPLAY_MISMATCH));
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = writeln!(
+                            err,
+                            "{me}: write {} ({}): {e}",
+                            intent.seq,
+                            describe_request(request)
+                        );
+                        // Whether the server ran it is unknown: resume there.
+                        stopped = Some((at, exit::UNREACHABLE));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let next = match stopped {
+        Some((at, _)) => at,
+        None => items.last().map_or(range.from.unwrap_or(1), |i| i.at() + 1),
+    };
+    let _ = writeln!(
+        out,
+        "replayed {applied} write(s) to {}; {mismatched} mismatch(es), {unknown} indeterminate",
+        target.url
+    );
+    match stopped {
+        Some((at, code)) => {
+            let _ = writeln!(
+                out,
+                "stopped at {at}: resume with --from {at} (to try it again) or --from {} (to skip it)",
+                at + 1
+            );
+            code
+        }
+        None => {
+            let _ = writeln!(out, "next: --from {next}");
+            if mismatched > 0 {
+                exit::REPLAY_MISMATCH
+            } else if unknown > 0 {
+                exit::JOURNAL_INCOMPLETE
+            } else {
+                exit::OK
+            }
+        }
+    }
+}
+
+/// The journal cut a backup directory's manifest names, checked against
+/// the journal.
+fn backup_cut(backup: &Path, records: &[Record]) -> Result<u64, String> {
+    let m = crate::backup::manifest::Manifest::read(backup)?;
+    let cut = m.freeze.journal_cut.ok_or_else(|| {
+        format!(
+            "{}: the backup names no journal cut (the proxy kept no journal, or an older abproxy took it)",
+            backup.display()
+        )
+    })?;
+    let rec = records.iter().find(|r| r.seq == cut);
+    match rec.map(|r| &r.body) {
+        Some(Body::Cut { freeze_id, .. }) if Some(*freeze_id) == m.freeze.id => Ok(cut),
+        Some(Body::Cut { freeze_id, .. }) => Err(format!(
+            "record {cut} of this journal is the cut of freeze {freeze_id}, the backup's freeze is {}: \
+             is this the journal of the proxy the backup froze?",
+            m.freeze.id.map_or("unknown".into(), |i| i.to_string())
+        )),
+        Some(_) => Err(format!(
+            "record {cut} of this journal is no cut: is this the journal of the proxy the backup froze?"
+        )),
+        None => Err(format!(
+            "this journal has no record {cut} (the backup's cut): pruned, or another proxy's journal"
+        )),
+    }
 }
 
 #[cfg(test)]

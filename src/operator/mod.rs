@@ -107,6 +107,9 @@ pub mod exit {
     /// `journal`: writes whose result is unknown (indeterminate), or, for
     /// `show --ldif`, writes LDIF cannot express; the rest was written.
     pub const JOURNAL_INCOMPLETE: u8 = 14;
+    /// `journal replay`: a write the server answered with success then is
+    /// answered otherwise now: stopped there (or, with `--continue`, went on).
+    pub const REPLAY_MISMATCH: u8 = 15;
 }
 
 /// The default `--url`.
@@ -144,7 +147,10 @@ Exit status:
   13 `journal`: the journal is damaged (a gap in its sequence, a damaged
      record before its end, an unreadable segment) or missing
   14 `journal`: writes whose result is unknown (indeterminate), or, for
-     `show --ldif`, writes LDIF cannot express; the rest was written
+     `show --ldif`, writes LDIF cannot express; the rest was written;
+     `replay` stopped at an indeterminate write
+  15 `journal replay`: the server answered a write otherwise than the
+     journal says it did; stopped there (the position to resume is shown)
 `verify` exits with the worst it found: 10, else 11, else 12.
 `backup` exits 2 if DIR exists, 2-7 as above if the freeze could not be
 set up or did not last, 8 otherwise; a failed backup leaves nothing at DIR.
