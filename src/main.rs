@@ -154,6 +154,19 @@ enum JournalCommand {
         #[arg(long, default_value_t = 60, value_name = "SECS")]
         timeout: u64,
     },
+    /// Remove the journal's segments a backup makes unneeded: those whose
+    /// every record comes before its journal cut (never the last one).
+    #[command(after_help = operator::EXIT_STATUS_HELP)]
+    Prune {
+        #[command(flatten)]
+        at: JournalAt,
+        /// The backup directory (`abproxy backup`) whose cut to prune before.
+        #[arg(long, value_name = "DIR")]
+        before: PathBuf,
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Check the journal: no gap in its sequence numbers, every record
     /// intact, its cuts, and the writes whose result is unknown.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
@@ -882,7 +895,8 @@ async fn journal(command: JournalCommand) -> u8 {
     let at = match &command {
         JournalCommand::Show { at, .. }
         | JournalCommand::Check { at }
-        | JournalCommand::Replay { at, .. } => at,
+        | JournalCommand::Replay { at, .. }
+        | JournalCommand::Prune { at, .. } => at,
     };
     let dir = match at.dir() {
         Ok(d) => d,
@@ -901,6 +915,9 @@ async fn journal(command: JournalCommand) -> u8 {
             operator::journal::show(&dir, &opts, &mut out, &mut err.lock())
         }
         JournalCommand::Check { .. } => operator::journal::check(&dir, &mut out),
+        JournalCommand::Prune {
+            before, dry_run, ..
+        } => operator::journal::prune(&dir, &before, dry_run, &mut out),
         JournalCommand::Replay {
             to,
             bind_dn,

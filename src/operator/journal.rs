@@ -797,6 +797,68 @@ fn backup_cut(backup: &Path, records: &[Record]) -> Result<u64, String> {
     }
 }
 
+/// `journal prune --before BACKUP`: removes the segments whose every
+/// record comes before the backup's journal cut (the backup holds what
+/// they recorded; a replay after it, or after any later backup, needs none
+/// of them). The last segment, which a running proxy writes to, is never
+/// removed. The exit status.
+pub fn prune(dir: &Path, backup: &Path, dry_run: bool, out: &mut dyn Write) -> u8 {
+    let me = "abproxy journal prune";
+    let loaded = match load(dir) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(out, "{me}: {e}");
+            return exit::JOURNAL_DAMAGED;
+        }
+    };
+    let cut = match backup_cut(backup, &loaded.records) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(out, "{me}: {e}");
+            return exit::USAGE;
+        }
+    };
+    let segs = match segments(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(out, "{me}: {e}");
+            return exit::JOURNAL_DAMAGED;
+        }
+    };
+    // A segment ends where the next begins.
+    let mut removed = 0;
+    for pair in segs.windows(2) {
+        let ((_, path), (next_first, _)) = (&pair[0], &pair[1]);
+        if *next_first > cut {
+            break;
+        }
+        let _ = writeln!(
+            out,
+            "{} {} (records before {next_first})",
+            if dry_run { "would remove" } else { "removed" },
+            path.display()
+        );
+        if !dry_run {
+            if let Err(e) = std::fs::remove_file(path) {
+                let _ = writeln!(out, "{me}: cannot remove {}: {e}", path.display());
+                return exit::FAILED;
+            }
+        }
+        removed += 1;
+    }
+    let _ = writeln!(
+        out,
+        "{removed} segment(s) {}before the cut {cut} of {}",
+        if dry_run {
+            "would be removed, "
+        } else {
+            "removed, "
+        },
+        backup.display()
+    );
+    exit::OK
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -733,3 +733,98 @@ async fn a_backup_and_the_journal_restore_any_point_in_time() {
     assert!(again.stdout.contains("1 mismatch(es)"), "{again:?}");
     assert!(again.stderr.contains("the server now answers"), "{again:?}");
 }
+
+/// `journal prune --before BACKUP` removes the segments the backup makes
+/// unneeded (every record before its cut), never the last one; what a
+/// replay after that backup needs stays, and `check` accepts the pruned
+/// journal. A replay after an older backup whose cut was pruned is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_only_what_a_backup_makes_unneeded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let mut lab = journal_lab(&dir, |_| {}).await;
+    let bin = env!("CARGO_BIN_EXE_abproxy");
+    let journal = |args: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .arg("journal")
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let write = |n: usize, url: String, tag: &'static str| async move {
+        let mut c = bound_at(url.trim_start_matches("ldap://"), ADMIN_DN, ADMIN_PW).await;
+        for i in 0..n {
+            let dn = format!("cn=pr-{tag}-{i},{SUFFIX}");
+            assert_eq!(send_one(&mut c, add(2 + i as i32, &dn, "pr")).await.code, 0);
+        }
+    };
+    let backup = |name: &str| tmp.path().join(name);
+    write(5, lab.proxied(), "a").await;
+    let b1 = backup("b1");
+    let out = crate::support::backup::backup_as(
+        &lab,
+        ADMIN_DN,
+        ADMIN_PW,
+        &["--to", b1.to_str().unwrap(), "--method", "ldif"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // Its cut is in the only segment: nothing to remove.
+    let (code, text) = journal(&["prune", "--before", b1.to_str().unwrap(), "--dry-run"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("0 segment(s)"), "{text}");
+
+    // The proxy restarted: a new segment; a backup there.
+    let mut config = Config {
+        listen: vec!["ldap://127.0.0.1:0".into()],
+        upstream: lab.direct(),
+        ..Config::default()
+    };
+    config.freeze.allowed = vec![ADMIN_DN.into(), OTHER_ADMIN_DN.into()];
+    config.freeze.root_dns = config.freeze.allowed.clone();
+    config.journal.dir = Some(dir.clone());
+    lab.proxy.shutdown().await.unwrap();
+    lab.proxy = abproxy::ProxyHandle::spawn(config).await.unwrap();
+    write(5, lab.proxied(), "b").await;
+    let b2 = backup("b2");
+    let out = crate::support::backup::backup_as(
+        &lab,
+        ADMIN_DN,
+        ADMIN_PW,
+        &["--to", b2.to_str().unwrap(), "--method", "ldif"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    write(3, lab.proxied(), "c").await;
+    assert_eq!(segments(&dir).unwrap().len(), 2);
+    let (code, text) = journal(&["prune", "--before", b2.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("1 segment(s) removed"), "{text}");
+    let left = segments(&dir).unwrap();
+    assert_eq!(left.len(), 1);
+    let cut2 = crate::support::backup::manifest_json(&b2)["freeze"]["journal_cut"]
+        .as_u64()
+        .unwrap();
+    assert!(left[0].0 <= cut2, "the cut's segment stays");
+    let (code, text) = journal(&["check"]);
+    assert_eq!(code, Some(0), "{text}");
+    // What a replay after b2 needs is there: its three writes.
+    let copy = start_slapd(SlapdOptions::default()).await;
+    let out = replay(
+        &dir,
+        &copy.url(),
+        &["--after", b2.to_str().unwrap(), "--continue"],
+    )
+    .await;
+    assert!(out.stdout.contains("replayed 3 write(s)"), "{out:?}");
+    // b1's cut is gone: refused, nothing sent.
+    let out = replay(&dir, &copy.url(), &["--after", b1.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("has no record"), "{out:?}");
+}
