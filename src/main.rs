@@ -59,7 +59,7 @@ enum Command {
     /// on stdout): freeze, export every entry as LDIF through the proxy,
     /// release, write a manifest.
     #[command(after_help = operator::EXIT_STATUS_HELP)]
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
     /// Build the databases of a backup offline with slapd's own tools and
     /// check them against its manifest (`--to WORK`); then, with slapd
     /// stopped, put them in place (`--apply WORK`).
@@ -372,6 +372,28 @@ struct BackupArgs {
     /// With --method command: the command and its arguments, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
+    /// An incremental backup: no data, the proxy's roll-forward journal
+    /// since the --base backup's journal cut, up to this backup's own cut
+    /// (the proxy keeps a journal: `[journal] dir`; this command runs on
+    /// its host and reads it: --journal or --config).
+    #[arg(long, requires = "base", conflicts_with_all = ["method", "command"])]
+    incremental: bool,
+    /// With --incremental: the backup it follows (a full backup, or the
+    /// previous incremental one).
+    #[arg(long, value_name = "DIR", requires = "incremental")]
+    base: Option<PathBuf>,
+    /// With --incremental: the proxy's journal directory.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "incremental",
+        conflicts_with = "config"
+    )]
+    journal: Option<PathBuf>,
+    /// With --incremental: the proxy's configuration file, whose
+    /// `[journal] dir` is read.
+    #[arg(long, value_name = "FILE", requires = "incremental")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     freeze: FreezeArgs,
     #[command(flatten)]
@@ -785,6 +807,32 @@ fn operator_main(command: Command) -> ExitCode {
                             return operator::exit::USAGE;
                         }
                     },
+                };
+                let method = match (a.incremental, &a.base) {
+                    (true, Some(base)) => {
+                        let journal = match (&a.journal, &a.config) {
+                            (Some(j), _) => j.clone(),
+                            (None, Some(c)) => match operator::journal::dir_of_config(c) {
+                                Ok(d) => d,
+                                Err(e) => {
+                                    eprintln!("abproxy backup: error: {e}");
+                                    return operator::exit::USAGE;
+                                }
+                            },
+                            (None, None) => {
+                                eprintln!(
+                                    "abproxy backup: error: --incremental needs the journal: \
+                                     --journal DIR or --config FILE"
+                                );
+                                return operator::exit::USAGE;
+                            }
+                        };
+                        operator::backup::Method::Incremental {
+                            journal,
+                            base: base.clone(),
+                        }
+                    }
+                    _ => method,
                 };
                 if a.server.is_some() && !matches!(a.method, Method::Ds389) {
                     eprintln!("abproxy backup: error: --server goes with --method 389 only");

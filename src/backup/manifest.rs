@@ -32,6 +32,26 @@ pub struct Manifest {
     /// Absent (empty) in manifests written before it.
     #[serde(default)]
     pub proxies: Vec<ProxyFreeze>,
+    /// An incremental backup (`backup --incremental`): the proxy's journal
+    /// from its base backup's cut to this backup's, instead of the data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental: Option<Incremental>,
+}
+
+/// What an incremental backup holds, and what it is based on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incremental {
+    /// The base backup (a full backup, or the previous incremental).
+    pub base_backup_id: String,
+    /// SHA-256 of the base's `manifest.json`: the chain is checked by it.
+    pub base_manifest_sha256: String,
+    /// The base's journal cut: the writes after it are this backup's.
+    pub base_cut: u64,
+    /// The journal segments copied (files of this backup), in order; the
+    /// last ends with this backup's cut (`freeze.journal_cut`).
+    pub segments: Vec<String>,
+    /// Writes that succeeded between the two cuts.
+    pub writes: u64,
 }
 
 impl Manifest {

@@ -40,6 +40,7 @@ use crate::backup::{ldif, slapd, Digester, Entry};
 
 mod auto;
 mod ds389;
+mod incremental;
 
 /// Entries per page of the export search.
 pub const PAGE_SIZE: i32 = 500;
@@ -97,6 +98,10 @@ pub enum Method {
     /// while frozen; counted with `dbscan` and kept as one tar file after
     /// the release ([`ds389`]).
     Ds389 { server: String },
+    /// An incremental backup: no data, the proxy's journal (in `journal`,
+    /// on this host) from the cut of the backup in `base` to this
+    /// backup's own cut ([`incremental`]).
+    Incremental { journal: PathBuf, base: PathBuf },
     /// Chosen before the freeze from what the proxy's server is and
     /// whether its database is on this host ([`auto`]): `389`, `files`
     /// or `slapcat` (with the configuration at `slapd_config`), else
@@ -113,6 +118,7 @@ impl Method {
             Method::Files { .. } => "files",
             Method::Command { .. } => "command",
             Method::Ds389 { .. } => "389",
+            Method::Incremental { .. } => "incremental",
             Method::Auto { .. } => "auto",
         }
     }
@@ -689,6 +695,20 @@ async fn take(
         _ => None,
     };
 
+    let base = match &spec.method {
+        Method::Incremental { base, .. } => {
+            let t = log.begin();
+            let b = incremental::read_base(base)?;
+            log.end(
+                t,
+                "read the base backup",
+                &format!("{}: {}, journal cut {}", base.display(), b.backup_id, b.cut),
+            );
+            Some(b)
+        }
+        _ => None,
+    };
+
     let t = log.begin();
     let t_requested = t.0;
     let mut held = freeze_held(
@@ -775,6 +795,19 @@ async fn take(
     }
     close_all(held).await;
     let (server, mut backends) = exported?;
+    let mut increment = None;
+    if let (Method::Incremental { journal, .. }, Some(base), None) = (&spec.method, &base, off) {
+        let Some(cut) = proxies[0].journal_cut else {
+            return Err(Fail::new(
+                "copy the journal",
+                "the proxy's answer to ON names no journal cut: it keeps no journal ([journal] dir)",
+                exit::BACKUP_FAILED,
+            ));
+        };
+        increment = Some(incremental::copy_segments(
+            journal, base, cut, id, tmp, &mut log,
+        )?);
+    }
     if off.is_none() {
         // What only the release let wait: the database copies counted.
         if let Err(f) = complete(
@@ -837,6 +870,7 @@ async fn take(
         backends,
         files: Vec::new(),
         proxies,
+        incremental: increment,
     };
     let header = header(&manifest);
     write_file(tmp, "HEADER.txt", header.as_bytes())?;
@@ -971,6 +1005,10 @@ async fn export_all(
     let t = log.begin();
     let server = root_dse(session).await?;
     log.end(t, "root DSE", &server.to_string());
+    if let Method::Incremental { .. } = method {
+        // The data is the journal's, copied once the freeze is over.
+        return Ok((server, Vec::new()));
+    }
 
     // The local server's configuration (read before the freeze), for the
     // methods that read its files.
@@ -1631,6 +1669,20 @@ fn header(m: &Manifest) -> String {
     );
     if !m.freeze.released.is_empty() {
         let _ = writeln!(s, "released: {}", m.freeze.released);
+    }
+    if let Some(inc) = &m.incremental {
+        let _ = writeln!(
+            s,
+            "incremental: after {} (journal cut {}): {} write(s), in {}",
+            inc.base_backup_id,
+            inc.base_cut,
+            inc.writes,
+            inc.segments.join(" ")
+        );
+        let _ = writeln!(
+            s,
+            "restore:  the base restored, then abproxy journal replay --dir THIS --after BASE"
+        );
     }
     if let Some(cut) = m.freeze.journal_cut {
         let _ = writeln!(

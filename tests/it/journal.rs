@@ -580,6 +580,25 @@ async fn restore_cmd(args: &[&str]) -> ToolOutput {
     )
 }
 
+/// The lab's slapd with `backup` restored in place of its databases
+/// (`abproxy restore --to WORK`, slapd stopped, `--apply WORK`, started).
+async fn restore_in_place(lab: &mut Lab, backup: &Path, work: &Path) {
+    let config = lab.slapd.dir().join("slapd.d");
+    let out = restore_cmd(&[
+        backup.to_str().unwrap(),
+        "--to",
+        work.to_str().unwrap(),
+        "--slapd-config",
+        config.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    tokio::task::block_in_place(|| lab.slapd.stop()).unwrap();
+    let out = restore_cmd(&["--apply", work.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
+}
+
 /// Point in time: a backup at T0 under 16 writers, a freeze at T1 whose
 /// data is the reference, writes on to T2. The server's database is then
 /// replaced by the T0 backup (`abproxy restore`), and `journal replay
@@ -634,21 +653,7 @@ async fn a_backup_and_the_journal_restore_any_point_in_time() {
     assert_ne!(at_t1, at_t2);
 
     // The database lost: the T0 backup restored in its place.
-    let work = tmp.path().join("work");
-    let config = lab.slapd.dir().join("slapd.d");
-    let out = restore_cmd(&[
-        backup.to_str().unwrap(),
-        "--to",
-        work.to_str().unwrap(),
-        "--slapd-config",
-        config.to_str().unwrap(),
-    ])
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    tokio::task::block_in_place(|| lab.slapd.stop()).unwrap();
-    let out = restore_cmd(&["--apply", work.to_str().unwrap()]).await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
+    restore_in_place(&mut lab, &backup, &tmp.path().join("work")).await;
     let restored = user_data(&lab.direct()).await;
     assert_ne!(restored, at_t1, "the backup is from before T1");
 
@@ -827,4 +832,116 @@ async fn prune_removes_only_what_a_backup_makes_unneeded() {
     let out = replay(&dir, &copy.url(), &["--after", b1.to_str().unwrap()]).await;
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("has no record"), "{out:?}");
+}
+
+/// `backup --incremental --base DIR` keeps the journal from the base's cut
+/// to its own, and no data; `verify` checks the segments (intact, no gap,
+/// both cuts); a chain full <- incremental <- incremental restores, by
+/// replaying each increment after its base, to the data at each backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_backups_chain_the_journal_and_restore_by_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let mut lab = journal_lab(&dir, |_| {}).await;
+    let backup = |args: Vec<String>| {
+        let lab = &lab;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::support::backup::backup_as(lab, ADMIN_DN, ADMIN_PW, &args).await
+        }
+    };
+    let path = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let incremental = |to: &str, base: &str| {
+        vec![
+            "--to".to_string(),
+            path(to),
+            "--incremental".into(),
+            "--base".into(),
+            path(base),
+            "--journal".into(),
+            dir.to_str().unwrap().into(),
+        ]
+    };
+    let writes = |tag: &'static str| {
+        let addr = lab.proxy_addr();
+        async move {
+            let mut c = bound_at(&addr, ADMIN_DN, ADMIN_PW).await;
+            for i in 0..4 {
+                let dn = format!("cn={tag}{i},{SUFFIX}");
+                assert_eq!(send_one(&mut c, add(2 + 2 * i, &dn, tag)).await.code, 0);
+                let m = modify(
+                    3 + 2 * i,
+                    &testkit::user_dn(i as usize + 1),
+                    "description",
+                    tag,
+                );
+                assert_eq!(send_one(&mut c, m).await.code, 0);
+            }
+        }
+    };
+
+    let out = backup(vec![
+        "--to".into(),
+        path("full"),
+        "--method".into(),
+        "ldif".into(),
+    ])
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    writes("one").await;
+    let at_one = user_data(&lab.direct()).await;
+    let out = backup(incremental("inc1", "full")).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    writes("two").await;
+    let at_two = user_data(&lab.direct()).await;
+    let out = backup(incremental("inc2", "inc1")).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    let full = crate::support::backup::manifest_json(Path::new(&path("full")));
+    let inc1 = crate::support::backup::manifest_json(Path::new(&path("inc1")));
+    let inc2 = crate::support::backup::manifest_json(Path::new(&path("inc2")));
+    assert_eq!(inc1["incremental"]["base_backup_id"], full["backup_id"]);
+    assert_eq!(
+        inc1["incremental"]["base_cut"],
+        full["freeze"]["journal_cut"]
+    );
+    assert_eq!(inc1["incremental"]["writes"], 8);
+    assert_eq!(inc2["incremental"]["base_backup_id"], inc1["backup_id"]);
+    assert_eq!(
+        inc2["incremental"]["base_cut"],
+        inc1["freeze"]["journal_cut"]
+    );
+    assert_eq!(inc2["incremental"]["writes"], 8);
+    assert_eq!(inc2["backends"].as_array().unwrap().len(), 0, "no data");
+    for inc in ["inc1", "inc2"] {
+        let out = crate::support::backup::verify(&[&path(inc)]).await;
+        assert_eq!(out.code, Some(0), "{out:?}");
+        assert!(out.stdout.contains("8 write(s) after"), "{out:?}");
+    }
+    // A segment damaged (and the checksums made to agree): verify finds it.
+    let bad = tmp.path().join("bad");
+    crate::support::backup::copy_backup(Path::new(&path("inc2")), &bad);
+    let seg = inc2["incremental"]["segments"][0].as_str().unwrap();
+    let mut bytes = std::fs::read(bad.join(seg)).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x55;
+    std::fs::write(bad.join(seg), bytes).unwrap();
+    crate::support::backup::reseal(&bad);
+    let out = crate::support::backup::verify(&[bad.to_str().unwrap()]).await;
+    assert_eq!(out.code, Some(10), "{out:?}");
+    // A base that names no journal cut: refused before anything.
+    let out = backup(incremental("inc3", "nothing-here")).await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+
+    // Restored: the full backup, then each increment after its base.
+    restore_in_place(&mut lab, Path::new(&path("full")), &tmp.path().join("work")).await;
+    let inc1_dir = Path::new(&path("inc1")).to_path_buf();
+    let out = replay(&inc1_dir, &lab.direct(), &["--after", &path("full")]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("replayed 8 write(s)"), "{out:?}");
+    assert_eq!(user_data(&lab.direct()).await, at_one);
+    let inc2_dir = Path::new(&path("inc2")).to_path_buf();
+    let out = replay(&inc2_dir, &lab.direct(), &["--after", &path("inc1")]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(user_data(&lab.direct()).await, at_two);
 }
