@@ -646,6 +646,10 @@ async fn serve(args: ServeArgs, settings: Settings) -> anyhow::Result<ExitCode> 
         println!("configuration OK");
         return Ok(ExitCode::SUCCESS);
     }
+    // Handled from before the listeners are bound: a SIGTERM once the
+    // proxy says it listens (or is READY) stops it gracefully, journal
+    // closed, rather than killing it.
+    let shutdown = shutdown_signal();
     let server = Server::bind(settings).await?;
     tokio::spawn(reload_on_sighup(server.server_tls()));
     // The listeners are bound: from now on the kernel queues connections
@@ -654,7 +658,7 @@ async fn serve(args: ServeArgs, settings: Settings) -> anyhow::Result<ExitCode> 
     abproxy::notify::notify_logged("READY=1");
     server
         .run(async {
-            shutdown_signal().await;
+            shutdown.await;
             abproxy::notify::notify_logged("STOPPING=1");
         })
         .await?;
@@ -684,13 +688,18 @@ async fn reload_on_sighup(tls: Option<std::sync::Arc<abproxy::tls::ServerTls>>) 
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on the first SIGTERM or SIGINT. The handlers are installed when
+/// this is called, not when the future is first polled: a signal that
+/// comes in between is not lost (nor does it kill the process).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use crate::support::*;
 
 /// slapd (no fsync) and a proxy journaling into `dir`, with the rootdns
 /// as operators.
-async fn journal_lab(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Lab {
+pub(crate) async fn journal_lab(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Lab {
     let dir = dir.to_path_buf();
     Lab::with(
         SlapdOptions {
@@ -37,7 +37,7 @@ async fn journal_lab(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Lab {
 
 /// Every record of the journal in `dir`, checked intact and numbered
 /// without a gap.
-fn records(dir: &Path) -> Vec<Record> {
+pub(crate) fn records(dir: &Path) -> Vec<Record> {
     let mut out: Vec<Record> = Vec::new();
     for (_, p) in segments(dir).unwrap() {
         let s = read_segment(&p).unwrap();
@@ -78,6 +78,15 @@ fn journaled(recs: &[Record]) -> Vec<(&Record, &Record)> {
         }
     }
     out
+}
+
+/// Each journaled write, in the order of its intent: its request bytes and
+/// its result code.
+pub(crate) fn journaled_writes(recs: &[Record]) -> Vec<(&[u8], i32)> {
+    journaled(recs)
+        .into_iter()
+        .map(|(i, o)| (request_of(i), result_of(o)))
+        .collect()
 }
 
 fn request_of(r: &Record) -> &[u8] {

@@ -37,6 +37,7 @@ mod freeze;
 mod fuzz_seeds;
 mod hostile;
 mod journal;
+mod journal_crash;
 mod ldap_utils;
 mod limits;
 mod malformed;
