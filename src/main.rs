@@ -150,6 +150,11 @@ enum JournalCommand {
         /// Go on after a difference or an indeterminate write (each reported).
         #[arg(long = "continue")]
         keep_going: bool,
+        /// The server the journaled writes were sent to, still running
+        /// (bound as --bind-dn): each indeterminate write (its answer never
+        /// came) is read back there, replayed if it ran, skipped if not.
+        #[arg(long, value_name = "URL")]
+        resolve: Option<String>,
         /// Seconds to wait for the server: connecting, and each answer.
         #[arg(long, default_value_t = 60, value_name = "SECS")]
         timeout: u64,
@@ -985,6 +990,7 @@ async fn journal(command: JournalCommand) -> u8 {
             from,
             until,
             keep_going,
+            resolve,
             timeout,
             ..
         } => {
@@ -1014,6 +1020,7 @@ async fn journal(command: JournalCommand) -> u8 {
                 from,
                 until,
                 keep_going,
+                resolve,
             };
             operator::journal::replay(&dir, &target, &opts, &mut out, &mut err.lock()).await
         }

@@ -11,6 +11,8 @@ use crate::wire::{op, Envelope};
 
 use super::exit;
 
+pub mod resolve;
+
 pub use crate::journal::replay::Bound;
 
 /// A sequence number, or a UTC time (`2026-12-04T03:30:00Z`, fractions of
@@ -492,6 +494,10 @@ pub struct ReplayOptions {
     pub until: Option<Bound>,
     /// Go on after a mismatch or an indeterminate write (each reported).
     pub keep_going: bool,
+    /// The server the indeterminate writes were sent to (still running,
+    /// bound as the target's identity): each one is read back there and
+    /// replayed if it ran, skipped if it did not ([`resolve`]).
+    pub resolve: Option<String>,
 }
 
 /// A connection to the server replay writes to.
@@ -556,6 +562,77 @@ impl Conn {
         let id = self.next_id;
         self.next_id = if id == i32::MAX { 1 } else { id + 1 };
         id
+    }
+
+    /// The entry `dn` with its user attributes, `None` when there is none.
+    async fn read_entry(&mut self, dn: &str) -> Result<Option<crate::backup::ldif::Entry>, String> {
+        use ldap3_proto::proto::{
+            LdapDerefAliases, LdapFilter, LdapMsg, LdapOp, LdapSearchRequest, LdapSearchScope,
+        };
+        use tokio::io::AsyncWriteExt;
+        use tokio_util::codec::Decoder;
+        let id = self.id();
+        let search = crate::wire::pdu::encode(LdapMsg::new(
+            id,
+            LdapOp::SearchRequest(LdapSearchRequest {
+                base: dn.into(),
+                scope: LdapSearchScope::Base,
+                aliases: LdapDerefAliases::Never,
+                sizelimit: 0,
+                timelimit: 0,
+                typesonly: false,
+                filter: LdapFilter::Present("objectClass".into()),
+                attrs: vec!["*".into()],
+            }),
+        ));
+        let timeout = self.timeout;
+        let exchange = async {
+            self.w
+                .write_all(&search)
+                .await
+                .map_err(|e| format!("sending: {e}"))?;
+            self.w.flush().await.map_err(|e| format!("sending: {e}"))?;
+            let mut found = None;
+            loop {
+                let n = match self.r.next_message().await {
+                    Ok(Some(n)) => n,
+                    Ok(None) => return Err("the server closed the connection".to_string()),
+                    Err(e) => return Err(format!("reading the answer: {e}")),
+                };
+                let frame = self.r.message(n);
+                let mut buf = bytes::BytesMut::from(frame);
+                let msg = ldap3_proto::LdapCodec::new(Some(frame.len().max(1)), None)
+                    .decode(&mut buf)
+                    .map_err(|e| format!("the answer: {e:?}"))?;
+                self.r.skip(n);
+                let Some(msg) = msg else { continue };
+                if msg.msgid != id {
+                    continue;
+                }
+                match msg.op {
+                    LdapOp::SearchResultEntry(e) => {
+                        let mut entry = crate::backup::ldif::Entry::new(e.dn);
+                        for a in e.attributes {
+                            for v in a.vals {
+                                entry.push(&a.atype, v);
+                            }
+                        }
+                        found = Some(entry);
+                    }
+                    LdapOp::SearchResultDone(r) => {
+                        return match r.code {
+                            ldap3_proto::proto::LdapResultCode::Success => Ok(found),
+                            ldap3_proto::proto::LdapResultCode::NoSuchObject => Ok(None),
+                            c => Err(format!("reading {dn}: {c:?} {}", r.message)),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
     }
 
     /// Sends `request` (message ID `id`) and waits for its final response.
@@ -676,10 +753,73 @@ pub async fn replay(
             return exit::UNREACHABLE;
         }
     };
-    let (mut applied, mut mismatched, mut unknown) = (0usize, 0usize, 0usize);
+    let mut live = match &opts.resolve {
+        None => None,
+        Some(url) => {
+            let t = ReplayTarget {
+                url: url.clone(),
+                bind_dn: target.bind_dn.clone(),
+                password: target.password.clone(),
+                starttls: target.starttls,
+                ca_file: target.ca_file.clone(),
+                timeout: target.timeout,
+            };
+            match Conn::open(&t).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let _ = writeln!(err, "{me}: --resolve: {e}");
+                    return exit::UNREACHABLE;
+                }
+            }
+        }
+    };
+    let (mut applied, mut mismatched, mut unknown, mut skipped) = (0usize, 0usize, 0usize, 0usize);
     let mut stopped: Option<(u64, u8)> = None;
     for item in &items {
         let at = item.at();
+        // An indeterminate write resolved against the server that ran it:
+        // replayed like any other if it ran, skipped if not.
+        let mut item = *item;
+        if let (crate::journal::replay::Item::Indeterminate { intent, .. }, Some(live)) =
+            (item, live.as_mut())
+        {
+            match resolve_one(live, intent, &loaded.records).await {
+                Ok(resolve::Verdict::Applied) => {
+                    let _ = writeln!(
+                        out,
+                        "write {}: indeterminate, ran on {}: replayed",
+                        intent.seq,
+                        opts.resolve.as_deref().unwrap_or("")
+                    );
+                    item = crate::journal::replay::Item::Write {
+                        intent,
+                        outcome: intent,
+                    };
+                }
+                Ok(resolve::Verdict::NotApplied) => {
+                    skipped += 1;
+                    let _ = writeln!(
+                        out,
+                        "write {}: indeterminate, did not run on {}: skipped",
+                        intent.seq,
+                        opts.resolve.as_deref().unwrap_or("")
+                    );
+                    continue;
+                }
+                Ok(resolve::Verdict::Unknown(why)) => {
+                    let _ = writeln!(
+                        err,
+                        "{me}: write {}: cannot tell whether it ran: {why}",
+                        intent.seq
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "{me}: --resolve: {e}");
+                    stopped = Some((at, exit::UNREACHABLE));
+                    break;
+                }
+            }
+        }
         match item {
             crate::journal::replay::Item::Indeterminate { intent, why, .. } => {
                 unknown += 1;
@@ -696,10 +836,13 @@ pub async fn replay(
                 }
             }
             crate::journal::replay::Item::Write { intent, outcome } => {
-                let (Body::Intent { identity, request }, Body::Outcome { response, .. }) =
-                    (&intent.body, &outcome.body)
-                else {
-                    unreachable!("a plan's writes are intents and outcomes")
+                let Body::Intent { identity, request } = &intent.body else {
+                    unreachable!("a plan's writes are intents")
+                };
+                // A resolved write has no outcome (its intent stands in).
+                let response: &[u8] = match &outcome.body {
+                    Body::Outcome { response, .. } => response,
+                    _ => &[],
                 };
                 let id = conn.id();
                 let sent = crate::journal::replay::request_bytes(request, response, identity, id);
@@ -743,10 +886,12 @@ pub async fn replay(
         Some((at, _)) => at,
         None => items.last().map_or(range.from.unwrap_or(1), |i| i.at() + 1),
     };
-    let _ = writeln!(
+    let _ =
+        writeln!(
         out,
-        "replayed {applied} write(s) to {}; {mismatched} mismatch(es), {unknown} indeterminate",
-        target.url
+        "replayed {applied} write(s) to {}; {mismatched} mismatch(es), {unknown} indeterminate{}",
+        target.url,
+        if live.is_some() { format!(", {skipped} resolved as not run") } else { String::new() }
     );
     match stopped {
         Some((at, code)) => {
@@ -768,6 +913,31 @@ pub async fn replay(
             }
         }
     }
+}
+
+/// Reads back the entries an indeterminate write touches on the server
+/// that ran it.
+async fn resolve_one(
+    live: &mut Conn,
+    intent: &Record,
+    records: &[Record],
+) -> Result<resolve::Verdict, String> {
+    let Body::Intent { request, .. } = &intent.body else {
+        return Ok(resolve::Verdict::Unknown("not a write".into()));
+    };
+    let dns = resolve::touched(request);
+    let later = records.iter().any(|r| {
+        r.seq > intent.seq
+            && matches!(&r.body, Body::Intent { request: later, .. }
+                if resolve::touched(later).iter().any(|l| dns.iter().any(|d| resolve::same_dn(d, l))))
+    });
+    let mut read = HashMap::new();
+    if !later {
+        for dn in &dns {
+            read.insert(dn.clone(), live.read_entry(dn).await?);
+        }
+    }
+    Ok(resolve::verdict(request, &read, later))
 }
 
 /// The journal cut a backup directory's manifest names, checked against

@@ -354,6 +354,49 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
         .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
         .collect();
     assert_eq!(listed, unanswered, "{text}");
+
+    // Replay after resolution: the whole journal onto a copy of the
+    // starting data, each indeterminate write read back on the server that
+    // ran it, gives the server's data.
+    let copy = start_slapd(SlapdOptions {
+        nosync: true,
+        ..Default::default()
+    })
+    .await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
+        .args(["journal", "replay", "--dir"])
+        .arg(&jdir)
+        .args([
+            "--to",
+            &copy.url(),
+            "--resolve",
+            &slapd.url(),
+            "--bind-dn",
+            ADMIN_DN,
+        ])
+        .env("ABPROXY_PASSWORD", ADMIN_PW)
+        .env_remove("ABPROXY_LOG")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ran = unanswered
+        .iter()
+        .filter(|seq| stdout.contains(&format!("write {seq}: indeterminate, ran on")))
+        .count();
+    let not_run = unanswered
+        .iter()
+        .filter(|seq| stdout.contains(&format!("write {seq}: indeterminate, did not run on")))
+        .count();
+    assert_eq!(ran + not_run, unanswered.len(), "each resolved: {stdout}");
+    assert_eq!(k_entries(&copy.url()).await, on_server);
+    println!("journal_crash: resolved {ran} indeterminate write(s) as run, {not_run} as not run");
     println!(
         "journal_crash: {} adds sent, {} acknowledged, {} journaled with a success, {} indeterminate, {} records",
         all.len(),
