@@ -51,12 +51,12 @@ pub(crate) fn records(dir: &Path) -> Vec<Record> {
 }
 
 /// A write the test sent: its bytes and the result code the client saw.
-struct Sent {
-    bytes: Bytes,
-    code: i64,
+pub(crate) struct Sent {
+    pub(crate) bytes: Bytes,
+    pub(crate) code: i64,
 }
 
-async fn send_one(c: &mut RawConn, msg: LdapMsg) -> Sent {
+pub(crate) async fn send_one(c: &mut RawConn, msg: LdapMsg) -> Sent {
     let id = msg.msgid;
     let bytes = encode(msg);
     c.send(&bytes).await;
@@ -270,7 +270,11 @@ async fn user_data(url: &str) -> std::collections::BTreeMap<String, Vec<(String,
         .collect()
 }
 
-fn modify_op(msgid: i32, dn: &str, changes: Vec<(LdapModifyType, &str, Vec<&str>)>) -> LdapMsg {
+pub(crate) fn modify_op(
+    msgid: i32,
+    dn: &str,
+    changes: Vec<(LdapModifyType, &str, Vec<&str>)>,
+) -> LdapMsg {
     LdapMsg::new(
         msgid,
         LdapOp::ModifyRequest(LdapModifyRequest {
@@ -524,7 +528,7 @@ fn pit_writer(
 }
 
 /// RFC 3062 password modify naming the user.
-fn passwd_of(msgid: i32, user: &str, new: &str) -> LdapMsg {
+pub(crate) fn passwd_of(msgid: i32, user: &str, new: &str) -> LdapMsg {
     let mut fields = vec![0x80, user.len() as u8];
     fields.extend_from_slice(user.as_bytes());
     fields.extend_from_slice(&[0x82, new.len() as u8]);

@@ -30,6 +30,7 @@ mod docs_links;
 mod ds389;
 mod ds389_backup;
 mod ds389_carry;
+mod ds389_journal;
 mod ds389_tls;
 mod faults;
 mod floods;
