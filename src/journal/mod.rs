@@ -38,6 +38,9 @@ pub struct JournalConfig {
     pub sync_interval_ms: u64,
     /// A new segment is started beyond this size, in MiB.
     pub segment_mb: u64,
+    /// Closed segments whose every record is older than this many days
+    /// are removed (0: kept until `abproxy journal prune`).
+    pub retention_days: u64,
 }
 
 /// `durability` in `[journal]`.
@@ -56,6 +59,7 @@ impl Default for JournalConfig {
             durability: DurabilityName::Ack,
             sync_interval_ms: 100,
             segment_mb: 64,
+            retention_days: 0,
         }
     }
 }
@@ -88,6 +92,8 @@ impl JournalConfig {
             dir: dir.clone(),
             durability,
             segment_bytes: self.segment_mb * 1024 * 1024,
+            retention: (self.retention_days > 0)
+                .then(|| Duration::from_secs(self.retention_days.min(100_000) * 86_400)),
         }))
     }
 }

@@ -13,6 +13,7 @@ fn settings(dir: &Path, segment_bytes: u64) -> JournalSettings {
         dir: dir.to_path_buf(),
         durability: Durability::Ack,
         segment_bytes,
+        retention: None,
     }
 }
 
@@ -235,4 +236,36 @@ fn config_turns_into_settings() {
     assert!(toml::from_str::<JournalConfig>("durability = \"never\"").is_err());
     let zero: JournalConfig = toml::from_str("dir = \"/j\"\nsegment_mb = 0").unwrap();
     assert!(zero.settings().is_err());
+}
+
+#[tokio::test]
+async fn retention_removes_closed_segments_older_than_it_never_the_last() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("j");
+    // Three runs: three segments.
+    for n in 0..3 {
+        let j = Journal::open(&settings(&dir, 1 << 20)).unwrap();
+        j.append(1, intent(n)).unwrap();
+        j.close();
+    }
+    let segs = segments(&dir).unwrap();
+    assert_eq!(segs.len(), 3);
+    // Segment 2 created a day ago: segment 1 (all before it) expires.
+    let mut bytes = std::fs::read(&segs[1].1).unwrap();
+    let day_ago = record::now_us() - 86_400_000_000;
+    bytes[24..32].copy_from_slice(&day_ago.to_le_bytes());
+    std::fs::write(&segs[1].1, bytes).unwrap();
+    let removed = writer::expire(&dir, record::now_us() - 3_600_000_000).unwrap();
+    assert_eq!(removed, vec![segs[0].1.clone()]);
+    // Nothing is older than an hour any more; the last never goes.
+    assert!(writer::expire(&dir, record::now_us() + 1).unwrap().len() == 1);
+    assert_eq!(segments(&dir).unwrap().len(), 1);
+    // A journal opened with a retention keeps what is recent.
+    let j = Journal::open(&JournalSettings {
+        retention: Some(Duration::from_secs(86_400)),
+        ..settings(&dir, 1 << 20)
+    })
+    .unwrap();
+    j.close();
+    assert_eq!(segments(&dir).unwrap().len(), 2);
 }

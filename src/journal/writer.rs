@@ -37,6 +37,9 @@ pub struct JournalSettings {
     pub durability: Durability,
     /// A segment is closed and a new one started beyond this size.
     pub segment_bytes: u64,
+    /// Closed segments whose every record is older than this are removed
+    /// (at start-up and at each new segment). `None`: kept until pruned.
+    pub retention: Option<Duration>,
 }
 
 /// Why the journal could not record something.
@@ -85,6 +88,7 @@ pub struct Journal {
     dir: PathBuf,
     durability: Durability,
     segment_bytes: u64,
+    retention: Option<Duration>,
     active: Mutex<Active>,
     wake: Condvar,
     synced: watch::Sender<Synced>,
@@ -124,6 +128,33 @@ fn new_segment(dir: &Path, first_seq: u64) -> std::io::Result<(File, PathBuf)> {
     file.sync_data()?;
     sync_dir(dir)?;
     Ok((file, path))
+}
+
+/// Removes the closed segments of `dir` whose every record is older than
+/// `cutoff_us` (the next segment was created before it); the last segment
+/// always stays. The removed files.
+pub fn expire(dir: &Path, cutoff_us: i64) -> std::io::Result<Vec<PathBuf>> {
+    use std::io::Read;
+    let segs = reader::segments(dir)?;
+    let mut removed = Vec::new();
+    for pair in segs.windows(2) {
+        let mut header = [0u8; HEADER_LEN];
+        let next = File::open(&pair[1].1).and_then(|mut f| f.read_exact(&mut header));
+        let created = match next.ok().and_then(|()| Header::decode(&header).ok()) {
+            Some(h) => h.created_us,
+            None => break,
+        };
+        if created >= cutoff_us {
+            break;
+        }
+        std::fs::remove_file(&pair[0].1)?;
+        info!(segment = %pair[0].1.display(), "journal: segment removed (retention_days)");
+        removed.push(pair[0].1.clone());
+    }
+    if !removed.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
 }
 
 /// The last sequence number in `dir`'s journal (0: none), after cutting a
@@ -177,10 +208,14 @@ impl Journal {
             .map_err(|e| open_err(dir, e))?;
         let last = recover(dir)?;
         let (file, path) = new_segment(dir, last + 1).map_err(|e| open_err(dir, e))?;
+        if let Some(keep) = settings.retention {
+            expire(dir, now_us() - keep.as_micros() as i64).map_err(|e| open_err(dir, e))?;
+        }
         let journal = Arc::new(Journal {
             dir: dir.clone(),
             durability: settings.durability,
             segment_bytes: settings.segment_bytes.max(HEADER_LEN as u64 + 1),
+            retention: settings.retention,
             active: Mutex::new(Active {
                 file: Arc::new(file),
                 path,
@@ -301,6 +336,11 @@ impl Journal {
         a.file = Arc::new(file);
         a.path = path;
         a.len = HEADER_LEN as u64;
+        if let Some(keep) = self.retention {
+            if let Err(e) = expire(&self.dir, now_us() - keep.as_micros() as i64) {
+                warn!("journal: removing expired segments failed: {e}");
+            }
+        }
         Ok(())
     }
 
