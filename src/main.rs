@@ -85,7 +85,7 @@ enum Command {
 #[derive(Args)]
 struct JournalAt {
     /// The journal directory (`[journal] dir`).
-    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// The proxy's configuration file, whose `[journal] dir` is read.
     #[arg(long, value_name = "FILE", conflicts_with = "dir")]
@@ -121,6 +121,11 @@ enum JournalCommand {
     Replay {
         #[command(flatten)]
         at: JournalAt,
+        /// Instead of a journal: incremental backups (`backup --incremental`),
+        /// oldest first, each replayed after its base (the first one's base
+        /// is the backup restored); the chain is checked first.
+        #[arg(long, value_name = "DIR", num_args = 1.., conflicts_with_all = ["dir", "config", "after"])]
+        increments: Vec<PathBuf>,
         /// The server: ldap://HOST:PORT, ldaps://HOST:PORT or ldapi://PATH.
         #[arg(long, value_name = "URL")]
         to: String,
@@ -960,8 +965,11 @@ async fn journal(command: JournalCommand) -> u8 {
         | JournalCommand::Replay { at, .. }
         | JournalCommand::Prune { at, .. } => at,
     };
+    let chain =
+        matches!(&command, JournalCommand::Replay { increments, .. } if !increments.is_empty());
     let dir = match at.dir() {
         Ok(d) => d,
+        Err(_) if chain => PathBuf::new(),
         Err(e) => {
             eprintln!("abproxy journal: {e}");
             return operator::exit::USAGE;
@@ -992,6 +1000,7 @@ async fn journal(command: JournalCommand) -> u8 {
             keep_going,
             resolve,
             timeout,
+            increments,
             ..
         } => {
             let password = match &password_file {
@@ -1017,12 +1026,24 @@ async fn journal(command: JournalCommand) -> u8 {
             };
             let opts = operator::journal::ReplayOptions {
                 after,
+                after_cut: None,
                 from,
                 until,
                 keep_going,
                 resolve,
             };
-            operator::journal::replay(&dir, &target, &opts, &mut out, &mut err.lock()).await
+            if increments.is_empty() {
+                operator::journal::replay(&dir, &target, &opts, &mut out, &mut err.lock()).await
+            } else {
+                operator::journal::replay_chain(
+                    &increments,
+                    &target,
+                    &opts,
+                    &mut out,
+                    &mut err.lock(),
+                )
+                .await
+            }
         }
     };
     match std::io::Write::flush(&mut out) {

@@ -490,6 +490,8 @@ pub struct ReplayTarget {
 pub struct ReplayOptions {
     /// A backup directory: replay the writes after its journal cut.
     pub after: Option<PathBuf>,
+    /// Or this cut (an incremental backup's base cut).
+    pub after_cut: Option<u64>,
     pub from: Option<u64>,
     pub until: Option<Bound>,
     /// Go on after a mismatch or an indeterminate write (each reported).
@@ -731,7 +733,7 @@ pub async fn replay(
         return exit::JOURNAL_DAMAGED;
     }
     let after_cut = match &opts.after {
-        None => None,
+        None => opts.after_cut,
         Some(backup) => match backup_cut(backup, &loaded.records) {
             Ok(cut) => Some(cut),
             Err(e) => {
@@ -913,6 +915,82 @@ pub async fn replay(
             }
         }
     }
+}
+
+/// `journal replay --increments INC...`: each incremental backup replayed
+/// after its base, in order, once the chain is checked (each one's base is
+/// the one before it, by backup id and manifest SHA-256). The first one's
+/// base is the backup restored. The exit status.
+pub async fn replay_chain(
+    increments: &[PathBuf],
+    target: &ReplayTarget,
+    opts: &ReplayOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    let me = "abproxy journal replay";
+    let mut chain = Vec::new();
+    for (i, dir) in increments.iter().enumerate() {
+        let m = match crate::backup::manifest::Manifest::read(dir) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = writeln!(err, "{me}: {e}");
+                return exit::USAGE;
+            }
+        };
+        let Some(inc) = m.incremental.clone() else {
+            let _ = writeln!(err, "{me}: {} is not an incremental backup", dir.display());
+            return exit::USAGE;
+        };
+        if let Some((prev_dir, prev)) = chain.last() {
+            let prev: &crate::backup::manifest::Manifest = prev;
+            let prev_dir: &PathBuf = prev_dir;
+            let sha = crate::backup::manifest::file_sha256(
+                &prev_dir.join(crate::backup::manifest::MANIFEST),
+            )
+            .map(|(_, s)| s)
+            .unwrap_or_default();
+            if inc.base_backup_id != prev.backup_id
+                || inc.base_manifest_sha256 != sha
+                || Some(inc.base_cut) != prev.freeze.journal_cut
+            {
+                let _ = writeln!(
+                    err,
+                    "{me}: {} (number {}) is not based on {} (it follows {})",
+                    dir.display(),
+                    i + 1,
+                    prev_dir.display(),
+                    inc.base_backup_id
+                );
+                return exit::USAGE;
+            }
+        }
+        chain.push((dir.clone(), m));
+    }
+    for (dir, m) in &chain {
+        let inc = m.incremental.as_ref().expect("checked above");
+        let _ = writeln!(
+            out,
+            "{}: the writes after {} (cut {}) to cut {}",
+            dir.display(),
+            inc.base_backup_id,
+            inc.base_cut,
+            m.freeze.journal_cut.unwrap_or(0)
+        );
+        let step = ReplayOptions {
+            after: None,
+            after_cut: Some(inc.base_cut),
+            from: opts.from,
+            until: opts.until,
+            keep_going: opts.keep_going,
+            resolve: opts.resolve.clone(),
+        };
+        let code = replay(dir, target, &step, out, err).await;
+        if code != exit::OK {
+            return code;
+        }
+    }
+    exit::OK
 }
 
 /// Reads back the entries an indeterminate write touches on the server

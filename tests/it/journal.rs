@@ -946,12 +946,38 @@ async fn incremental_backups_chain_the_journal_and_restore_by_replay() {
     let out = backup(incremental("inc3", "nothing-here")).await;
     assert_eq!(out.code, Some(2), "{}", out.stderr);
 
-    // Restored: the full backup, then each increment after its base.
+    // Restored: the full backup, then the increments in order; the chain
+    // is checked first.
     restore_in_place(&mut lab, Path::new(&path("full")), &tmp.path().join("work")).await;
-    let inc1_dir = Path::new(&path("inc1")).to_path_buf();
-    let out = replay(&inc1_dir, &lab.direct(), &["--after", &path("full")]).await;
+    let chain = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"));
+        cmd.args([
+            "journal",
+            "replay",
+            "--to",
+            &lab.direct(),
+            "--bind-dn",
+            ADMIN_DN,
+        ])
+        .args(args)
+        .env("ABPROXY_PASSWORD", ADMIN_PW)
+        .env_remove("ABPROXY_LOG");
+        async move { ToolOutput::from(cmd.output().await.unwrap()) }
+    };
+    let out = chain(&["--increments", &path("inc2"), &path("inc1")]).await;
+    assert_eq!(out.code, Some(2), "out of order: {out:?}");
+    assert!(out.stderr.contains("is not based on"), "{out:?}");
+    // Up to inc1's moment: its cut's time.
+    let recs = records(&dir);
+    let cut1 = inc1["freeze"]["journal_cut"].as_u64().unwrap();
+    let t1 = abproxy::operator::journal::utc_us(recs[cut1 as usize - 1].time_us);
+    let out = chain(&["--increments", &path("inc1"), &path("inc2"), "--until", &t1]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("replayed 8 write(s)"), "{out:?}");
+    assert!(
+        out.stdout.contains("replayed 0 write(s)"),
+        "inc2 is after T1: {out:?}"
+    );
     assert_eq!(user_data(&lab.direct()).await, at_one);
     let inc2_dir = Path::new(&path("inc2")).to_path_buf();
     let out = replay(&inc2_dir, &lab.direct(), &["--after", &path("inc1")]).await;
