@@ -984,3 +984,78 @@ async fn incremental_backups_chain_the_journal_and_restore_by_replay() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(user_data(&lab.direct()).await, at_two);
 }
+
+/// A replay stops at the first write the server answers otherwise, says
+/// where to resume, and resumed there after the cause is fixed applies
+/// every remaining write once (the ones before it are not sent again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_stopped_at_a_mismatch_resumes_where_it_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let lab = journal_lab(&dir, |_| {}).await;
+    let copy = start_slapd(SlapdOptions {
+        nosync: true,
+        ..Default::default()
+    })
+    .await;
+    let mut c = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let dn = |x: &str| format!("cn={x},{SUFFIX}");
+    for (i, m) in [
+        add(2, &dn("a"), "a"),
+        add(3, &dn("b"), "b"),
+        modify(4, &dn("b"), "description", "b2"),
+        add(5, &dn("c"), "c"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(send_one(&mut c, m).await.code, 0, "write {i}");
+    }
+    let want = user_data(&lab.direct()).await;
+    // The copy already has an entry b (someone wrote there): the add of b
+    // is answered 68.
+    let pre = ldap_tool(
+        "ldapadd",
+        &["-x", "-H", &copy.url(), "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(&format!("dn: {}\nobjectClass: device\ncn: b\n", dn("b"))),
+    )
+    .await;
+    assert_eq!(pre.code, Some(0), "{pre:?}");
+
+    let out = replay(&dir, &copy.url(), &[]).await;
+    assert_eq!(out.code, Some(15), "{out:?}");
+    assert!(out.stdout.contains("replayed 1 write(s)"), "{out:?}");
+    assert!(out.stderr.contains("68 entryAlreadyExists"), "{out:?}");
+    let at: u64 = out
+        .stdout
+        .split("resume with --from ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The cause removed, resumed where it said: the rest, once each (the
+    // add of a again would stop it with 68).
+    let del = ldap_tool(
+        "ldapdelete",
+        &[
+            "-x",
+            "-H",
+            &copy.url(),
+            "-D",
+            ADMIN_DN,
+            "-w",
+            ADMIN_PW,
+            &dn("b"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(del.code, Some(0), "{del:?}");
+    let out = replay(&dir, &copy.url(), &["--from", &at.to_string()]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("replayed 3 write(s)"), "{out:?}");
+    assert_eq!(user_data(&copy.url()).await, want);
+}
