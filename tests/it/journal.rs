@@ -299,10 +299,7 @@ async fn show_ldif_into_ldapmodify_reproduces_the_writes_on_a_copy_of_the_server
         ..Default::default()
     })
     .await;
-    assert_eq!(
-        user_data(&lab.direct()).await,
-        user_data(&copy.url()).await
-    );
+    assert_eq!(user_data(&lab.direct()).await, user_data(&copy.url()).await);
 
     let mut c = bound(&lab, ADMIN_DN, ADMIN_PW).await;
     let mut codes = Vec::new();
