@@ -17,9 +17,10 @@
 //! table gives each target's median ops/s over rounds and the medians of
 //! the per-round ratios to journal off (and to direct) at the same point,
 //! latencies, the proxy's CPU per operation and the context switches of
-//! the journal's sync thread per operation (each sync is a wait for new
-//! records and a wait for the disk: about two switches; far fewer than two
-//! per operation means one sync covers many writes, the group commit).
+//! the journal's sync thread per operation, a relative measure of the syncs
+//! per write (a sync is a wait for new records and one or more waits for
+//! the disk: about four switches on the development machine; far fewer per
+//! operation means one sync covers many writes, the group commit).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -402,7 +403,8 @@ pub fn explanations() -> String {
          `fsync`: slapd syncs its own database at every write (`olcDbNoSync` off); `nosync`: it \
          does not. Ratios are medians of per-round ratios to the target at the same point in the \
          same round. sync-thread switches/op: context switches of the journal's sync thread per \
-         write (about 2 per sync: one sync per write is about 2, group commit far less).\n"
+         write, a relative measure of the syncs per write (several switches per sync; group \
+         commit: far fewer per write).\n"
     )
 }
 
