@@ -11,6 +11,7 @@
 //! cargo run -p loadgen --release -- --workloads freeze     # the freeze section alone
 //! cargo run -p loadgen --release -- --workloads tls        # the TLS section alone
 //! cargo run -p loadgen --release -- --workloads freeze-reads --rounds 6  # reads during a freeze
+//! cargo run -p loadgen --release -- --workloads journal --rounds 3  # what the journal costs writes
 //! cargo bench --bench load -- --quick                # the same, abproxy built with it
 //! ```
 //!
@@ -33,6 +34,7 @@
 //! * [`freeze`]: the Allow-Backup section;
 //! * [`freeze_reads`]: the reads-during-a-freeze section;
 //! * [`tls`]: the TLS section;
+//! * [`journal`](mod@journal): the journal section;
 //! * [`stats`]: medians, percentiles, the median's confidence interval;
 //! * [`report`]: the throughput tables;
 //! * [`run`](mod@run): one whole run, from the options to the printed tables.
@@ -100,13 +102,21 @@
 //! [`tls`]. slapd and abproxy then get certificates from a
 //! throwaway CA (`openssl`).
 //!
+//! `journal` (not in the default list) is the journal section, its own
+//! table: the `modify` workload straight to slapd and through three abproxy
+//! processes (journal off, `interval` at 100 ms, `ack`), against a slapd that
+//! syncs its database and one that does not (both started for the section,
+//! each journal in a fresh directory on slapd's filesystem), at every
+//! `--conns`, the four targets in a balanced order per round; ratios to
+//! journal off and to direct; see [`journal`](mod@journal).
+//!
 //! Options (arguments override environment variables):
 //! | argument           | environment           | default              |
 //! |--------------------|-----------------------|----------------------|
 //! | `--secs S`         | `LOAD_SECS`           | 3 (quick: 0.5)       |
 //! | `--warmup-ms MS`   | `LOAD_WARMUP_MS`      | 500 (quick: 100)     |
 //! | `--conns 1,8,32`   | `LOAD_CONNS`          | 1,8,32               |
-//! | `--workloads LIST` | `LOAD_WORKLOADS`      | search,bind,modify,freeze |
+//! | `--workloads LIST` | `LOAD_WORKLOADS`      | search,bind,modify,freeze (also tls, freeze-reads, journal) |
 //! | `--rounds N`       | `LOAD_ROUNDS`         | 1                    |
 //! | `--quick`          | `LOAD_QUICK=1`        | off                  |
 //! | `--proxy-threads N`| `LOAD_PROXY_THREADS`  | 1 (as haproxy nbthread 1) |
@@ -144,6 +154,7 @@
 pub mod client;
 pub mod freeze;
 pub mod freeze_reads;
+pub mod journal;
 pub mod opts;
 pub mod order;
 pub mod point;

@@ -23,6 +23,9 @@ pub struct Opts {
     pub tls: bool,
     /// The reads-during-a-freeze section (`freeze-reads`).
     pub freeze_reads: bool,
+    /// The journal section (`journal`): modify throughput with the
+    /// journal off, `interval` and `ack`.
+    pub journal: bool,
     /// Its readers, writers, and modifies per second per writer.
     pub read_conns: usize,
     pub read_writers: usize,
@@ -100,6 +103,7 @@ pub enum Section {
     Freeze,
     Tls,
     FreezeReads,
+    Journal,
 }
 
 /// The throughput workloads, and the sections in the list.
@@ -111,7 +115,10 @@ pub fn parse_workloads(s: &str) -> Result<(Vec<Kind>, Vec<Section>)> {
         "freeze" => Ok(Err(Section::Freeze)),
         "tls" => Ok(Err(Section::Tls)),
         "freeze-reads" => Ok(Err(Section::FreezeReads)),
-        _ => bail!("unknown workload {p:?} (search, bind, modify, freeze, tls, freeze-reads)"),
+        "journal" => Ok(Err(Section::Journal)),
+        _ => bail!(
+            "unknown workload {p:?} (search, bind, modify, freeze, tls, freeze-reads, journal)"
+        ),
     })?;
     if v.is_empty() {
         bail!("no workload");
@@ -210,6 +217,7 @@ impl Opts {
         let freeze = sections.contains(&Section::Freeze);
         let tls = sections.contains(&Section::Tls);
         let freeze_reads = sections.contains(&Section::FreezeReads);
+        let journal = sections.contains(&Section::Journal);
         let read_conns = (num("read-conns", 8.0)? as usize).clamp(1, 1024);
         let read_writers = (num("read-writers", 2.0)? as usize).clamp(0, 64);
         let write_rate = num("write-rate", 100.0)?.clamp(0.1, 100_000.0);
@@ -253,6 +261,7 @@ impl Opts {
             freeze,
             tls,
             freeze_reads,
+            journal,
             read_conns,
             read_writers,
             write_rate,
@@ -279,7 +288,7 @@ Arguments override the environment variables; unknown arguments are ignored.
   --secs S              LOAD_SECS            3 (quick: 0.5)
   --warmup-ms MS        LOAD_WARMUP_MS       500 (quick: 100)
   --conns 1,8,32        LOAD_CONNS           1,8,32
-  --workloads LIST      LOAD_WORKLOADS       search,bind,modify,freeze (also tls, freeze-reads)
+  --workloads LIST      LOAD_WORKLOADS       search,bind,modify,freeze (also tls, freeze-reads, journal)
   --rounds N            LOAD_ROUNDS          1
   --quick               LOAD_QUICK=1         off
   --proxy-threads N     LOAD_PROXY_THREADS   1
@@ -318,7 +327,7 @@ mod tests {
         assert_eq!(o.warmup, Duration::from_millis(500));
         assert_eq!(o.conns, [1, 8, 32]);
         assert_eq!(o.workloads, [Kind::Search, Kind::Bind, Kind::Modify]);
-        assert!(o.freeze && !o.tls && !o.freeze_reads);
+        assert!(o.freeze && !o.tls && !o.freeze_reads && !o.journal);
         assert_eq!((o.rounds, o.proxy_threads, o.client_threads), (1, 1, 2));
         assert_eq!(o.users, 1000);
         assert_eq!((o.freeze_cycles, o.freeze_conns), (20, 8));
@@ -365,7 +374,7 @@ mod tests {
             "--conns",
             "2, 4",
             "--workloads",
-            "modify,tls,freeze-reads",
+            "modify,tls,freeze-reads,journal",
             "--rounds",
             "6",
             "--proxy-threads",
@@ -398,7 +407,7 @@ mod tests {
         assert_eq!(o.warmup, Duration::from_millis(250));
         assert_eq!(o.conns, [2, 4]);
         assert_eq!(o.workloads, [Kind::Modify]);
-        assert!(!o.freeze && o.tls && o.freeze_reads);
+        assert!(!o.freeze && o.tls && o.freeze_reads && o.journal);
         assert_eq!(
             (o.rounds, o.proxy_threads, o.client_threads, o.users),
             (6, 2, 3, 50)

@@ -23,9 +23,69 @@ pub fn round_order<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
     out
 }
 
+/// The order of the targets in round `round` for sections with four or
+/// more targets and few rounds (the journal section): a balanced Latin
+/// square (Williams design). With an even count n, over n rounds each
+/// target runs once in each position and right before each other target
+/// once; [`round_order`] needs n! rounds for that, and over its first
+/// rounds keeps the first target first.
+pub fn latin_order<T: Clone>(targets: &[T], round: usize) -> Vec<T> {
+    let n = targets.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    // First row 0, 1, n-1, 2, n-2, ...; row r adds r (mod n).
+    let mut first = Vec::with_capacity(n);
+    let (mut lo, mut hi) = (1, n - 1);
+    first.push(0);
+    while first.len() < n {
+        first.push(lo);
+        lo += 1;
+        if first.len() < n {
+            first.push(hi);
+            hi -= 1;
+        }
+    }
+    first
+        .into_iter()
+        .map(|i| targets[(i + round) % n].clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Four targets over four rounds: each in each position once, each
+    /// ordered pair next to each other once; round 4 starts again.
+    #[test]
+    fn latin_four_targets_balanced() {
+        let t = [0usize, 1, 2, 3];
+        let orders: Vec<Vec<usize>> = (0..4).map(|r| latin_order(&t, r)).collect();
+        assert_eq!(orders[0], [0, 1, 3, 2]);
+        for target in t {
+            for pos in 0..4 {
+                let n = orders.iter().filter(|o| o[pos] == target).count();
+                assert_eq!(n, 1, "target {target} at position {pos}: {orders:?}");
+            }
+            for next in t.iter().filter(|&&x| x != target) {
+                let n = orders
+                    .iter()
+                    .filter(|o| o.windows(2).any(|w| w == [target, *next]))
+                    .count();
+                assert_eq!(n, 1, "{target} right before {next}: {orders:?}");
+            }
+        }
+        assert_eq!(latin_order(&t, 4), orders[0]);
+        for n in 0..=5 {
+            let t: Vec<usize> = (0..n).collect();
+            for r in 0..n {
+                let mut o = latin_order(&t, r);
+                o.sort_unstable();
+                assert_eq!(o, t, "round {r} of {n} targets");
+            }
+        }
+    }
 
     /// The orders are balanced. Over six rounds of three targets, six
     /// different orders, each target twice in each position and each

@@ -24,6 +24,9 @@ pub enum CpuProbe {
     Threads(&'static str),
     /// Every thread of another process (abproxy, haproxy, slapd).
     Process(u32),
+    /// The threads of another process with this name (abproxy's journal
+    /// sync thread, `abproxy-journal`).
+    ProcessThreads(u32, &'static str),
 }
 
 /// What the scheduler has counted for a probe's threads so far.
@@ -51,6 +54,7 @@ impl CpuProbe {
         let (dir, name) = match self {
             CpuProbe::Threads(n) => ("/proc/self/task".to_string(), Some(n)),
             CpuProbe::Process(pid) => (format!("/proc/{pid}/task"), None),
+            CpuProbe::ProcessThreads(pid, n) => (format!("/proc/{pid}/task"), Some(n)),
         };
         let tick = 1.0 / clock_ticks_per_sec();
         let mut s = SchedSample::default();

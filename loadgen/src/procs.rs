@@ -64,6 +64,18 @@ impl AbproxyProcess {
         opts: &Opts,
         tls: Option<&(PathBuf, PathBuf)>,
     ) -> Result<AbproxyProcess> {
+        AbproxyProcess::start_with(bin, upstream, opts, tls, None)
+    }
+
+    /// [`AbproxyProcess::start`] with a `[journal]` table (the journal
+    /// section, [`crate::journal`]).
+    pub fn start_with(
+        bin: &Path,
+        upstream: &str,
+        opts: &Opts,
+        tls: Option<&(PathBuf, PathBuf)>,
+        journal: Option<&toml::Table>,
+    ) -> Result<AbproxyProcess> {
         let dir = tempfile::Builder::new()
             .prefix("abproxy-load-abproxy")
             .tempdir()?;
@@ -74,7 +86,10 @@ impl AbproxyProcess {
                 Some(_) => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?))),
                 None => None,
             };
-            let cfg = abproxy_config((addr, ldaps), upstream, opts, tls);
+            let mut cfg = abproxy_config((addr, ldaps), upstream, opts, tls);
+            if let Some(j) = journal {
+                cfg.insert("journal".into(), toml::Value::Table(j.clone()));
+            }
             let file = dir.path().join("abproxy.toml");
             std::fs::write(&file, toml::to_string(&cfg)?)?;
             let log = std::fs::File::create(dir.path().join("abproxy.log"))?;

@@ -24,7 +24,7 @@ use crate::reference::{reference_name, Haproxy, RefProcess, Reference, REFERENCE
 use crate::report::{Results, Round, Target};
 use crate::stats::{fmt_opt, pct_us, per_probe};
 use crate::workload::Workload;
-use crate::{freeze_reads, tls};
+use crate::{freeze_reads, journal, tls};
 
 /// Runs the benchmark with the options in `args` (and the environment) and
 /// prints its tables. `abproxy` is the proxy binary to start unless
@@ -226,6 +226,12 @@ pub fn run(args: &[String], abproxy: Option<&Path>) -> Result<()> {
         }
     }
 
+    let mut journal_res = journal::JournalResults::default();
+    if opts.journal {
+        journal::run(&opts, &abproxy_bin, &client_rt, &mut journal_res)
+            .context("the journal section")?;
+    }
+
     proxy.stop();
     client_rt.shutdown_timeout(Duration::from_secs(2));
     drop(haproxy);
@@ -303,7 +309,21 @@ pub fn run(args: &[String], abproxy: Option<&Path>) -> Result<()> {
         );
         print!("{}", tls.table(&opts.conns));
     }
-    let mut errs: Vec<String> = Vec::new();
+    if opts.journal {
+        println!(
+            "\n### Journal\n\nmodify, {} round(s), {:.2} s per point after {} ms, targets in a balanced \
+             order per round; {} users per slapd; abproxy threads = {}\n",
+            opts.rounds,
+            opts.secs,
+            opts.warmup.as_millis(),
+            opts.users,
+            opts.proxy_threads,
+        );
+        print!("{}", journal_res.table(&opts.conns));
+        println!();
+        print!("{}", journal::explanations());
+    }
+    let mut errs: Vec<String> = journal_res.errors();
     for ((k, c, t), a) in &results.cells {
         if !a.errors.is_empty() {
             errs.push(format!(
