@@ -32,7 +32,9 @@ pub struct JournalConfig {
     /// what clients wrote, passwords included, and are mode 0600).
     pub dir: Option<PathBuf>,
     /// `"ack"`: a write's outcome is synced to disk before the client sees
-    /// its success. `"interval"`: synced every `sync_interval_ms`.
+    /// its result. `"request"`: its request is (synced while the server
+    /// runs it), its outcome within `sync_interval_ms`. `"interval"`:
+    /// synced every `sync_interval_ms`.
     pub durability: DurabilityName,
     /// `interval` durability: how often the journal is synced.
     pub sync_interval_ms: u64,
@@ -49,6 +51,7 @@ pub struct JournalConfig {
 pub enum DurabilityName {
     #[default]
     Ack,
+    Request,
     Interval,
 }
 
@@ -79,14 +82,14 @@ impl JournalConfig {
         if !(1..=65_536).contains(&self.segment_mb) {
             return Err("journal.segment_mb must be between 1 and 65536".into());
         }
+        if !(1..=60_000).contains(&self.sync_interval_ms) {
+            return Err("journal.sync_interval_ms must be between 1 and 60000".into());
+        }
+        let interval = Duration::from_millis(self.sync_interval_ms);
         let durability = match self.durability {
             DurabilityName::Ack => Durability::Ack,
-            DurabilityName::Interval => {
-                if !(1..=60_000).contains(&self.sync_interval_ms) {
-                    return Err("journal.sync_interval_ms must be between 1 and 60000".into());
-                }
-                Durability::Interval(Duration::from_millis(self.sync_interval_ms))
-            }
+            DurabilityName::Request => Durability::Request(interval),
+            DurabilityName::Interval => Durability::Interval(interval),
         };
         Ok(Some(JournalSettings {
             dir: dir.clone(),

@@ -54,7 +54,7 @@ async fn appends_are_numbered_kept_and_continue_after_a_restart() {
         )
         .unwrap();
     assert_eq!((a, b), (2, 3), "1 is the start record");
-    j.durable(b).await.unwrap();
+    j.synced(b).await.unwrap();
     assert!(j.durable_seq() >= b);
     j.close();
     assert!(matches!(j.append(1, intent(2)), Err(JournalError::Closed)));
@@ -142,7 +142,7 @@ async fn segments_rotate_by_size_with_no_gap() {
         j.append(1, intent(n)).unwrap();
     }
     let last = j.append(1, intent(99)).unwrap();
-    j.durable(last).await.unwrap();
+    j.synced(last).await.unwrap();
     j.close();
     let segs = segments(&dir).unwrap();
     assert!(segs.len() > 5, "{} segments", segs.len());
@@ -173,7 +173,7 @@ async fn concurrent_appends_are_all_kept_in_sequence_order() {
                 for n in 0..50 {
                     let seq = j.append(w as u64, intent(w * 1000 + n)).unwrap();
                     // ack: each waits for its own record to be synced.
-                    j.durable(seq).await.unwrap();
+                    j.durable(seq, seq).await.unwrap();
                     mine.push(seq);
                 }
                 mine
@@ -211,7 +211,7 @@ async fn interval_durability_does_not_wait_and_syncs_in_the_background() {
     })
     .unwrap();
     let seq = j.append(1, intent(1)).unwrap();
-    j.durable(seq).await.unwrap();
+    j.durable(seq, seq).await.unwrap();
     // Synced on demand (a cut) without waiting for the interval.
     j.synced(seq).await.unwrap();
     assert!(j.durable_seq() >= seq);
@@ -229,6 +229,11 @@ fn config_turns_into_settings() {
     assert_eq!(
         c.settings().unwrap().unwrap().durability,
         Durability::Interval(Duration::from_millis(20))
+    );
+    let c: JournalConfig = toml::from_str("dir = \"/j\"\ndurability = \"request\"").unwrap();
+    assert_eq!(
+        c.settings().unwrap().unwrap().durability,
+        Durability::Request(Duration::from_millis(100))
     );
     assert_eq!(JournalConfig::default().settings().unwrap(), None);
     let rel: JournalConfig = toml::from_str("dir = \"j\"").unwrap();
@@ -268,4 +273,38 @@ async fn retention_removes_closed_segments_older_than_it_never_the_last() {
     .unwrap();
     j.close();
     assert_eq!(segments(&dir).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn request_durability_syncs_a_request_as_it_goes_and_its_outcome_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("j");
+    let j = Journal::open(&JournalSettings {
+        durability: Durability::Request(Duration::from_millis(20)),
+        ..settings(&dir, 1 << 20)
+    })
+    .unwrap();
+    // Nobody waits: the intent is synced all the same (while the server
+    // would run the write).
+    let i = j.append(1, intent(1)).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), j.synced_by_itself(i))
+        .await
+        .expect("the intent synced without a waiter");
+    // Its outcome: the client waits for the intent only.
+    let o = j
+        .append(
+            1,
+            Body::Outcome {
+                intent: i,
+                result: 0,
+                response: vec![],
+            },
+        )
+        .unwrap();
+    j.durable(i, o).await.unwrap();
+    // ... and the outcome follows within the interval, unasked.
+    tokio::time::timeout(Duration::from_secs(10), j.synced_by_itself(o))
+        .await
+        .expect("the outcome synced within its interval");
+    j.close();
 }

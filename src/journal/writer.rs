@@ -24,8 +24,13 @@ use super::record::{now_us, Body, Header, Record, HEADER_LEN};
 /// When an appended record counts as kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// On disk (synced) before the client sees the write's success.
+    /// The write's outcome on disk (synced) before the client sees it.
     Ack,
+    /// The write's request on disk before the client sees its result (its
+    /// sync starts as the request goes upstream, alongside the server's
+    /// own work); its outcome is synced with the next sync, at most this
+    /// long after.
+    Request(Duration),
     /// Synced every so often: a power loss may lose what came since.
     Interval(Duration),
 }
@@ -81,6 +86,10 @@ struct Active {
     failed: Option<JournalError>,
     closing: bool,
     buf: Vec<u8>,
+    /// The highest sequence number a session waits to see synced: in
+    /// `ack` mode the sync thread syncs only for these (an intent, which
+    /// no one waits for, is synced with the next outcome).
+    wanted: u64,
 }
 
 /// The journal a proxy appends to.
@@ -225,6 +234,7 @@ impl Journal {
                 failed: None,
                 closing: false,
                 buf: Vec::new(),
+                wanted: last,
             }),
             wake: Condvar::new(),
             synced: watch::Sender::new(Synced {
@@ -275,6 +285,7 @@ impl Journal {
             return Err(JournalError::Closed);
         }
         let seq = a.next_seq;
+        let intent = matches!(body, Body::Intent { .. });
         let record = Record {
             seq,
             time_us: now_us(),
@@ -315,8 +326,10 @@ impl Journal {
         a.len += n;
         a.next_seq += 1;
         a.appended = seq;
-        drop(a);
-        if self.durability == Durability::Ack {
+        if intent && matches!(self.durability, Durability::Request(_)) {
+            // Synced while the server runs the write.
+            a.wanted = seq;
+            drop(a);
             self.wake.notify_one();
         }
         Ok(seq)
@@ -344,20 +357,27 @@ impl Journal {
         Ok(())
     }
 
-    /// Waits until record `seq` is durable (`ack`), or returns at once
-    /// (`interval`). An error: it may not be.
-    pub async fn durable(&self, seq: u64) -> Result<(), JournalError> {
-        if self.durability != Durability::Ack {
-            return Ok(());
+    /// Waits until a write whose intent is record `intent` and outcome
+    /// record `outcome` is as durable as its client may see its result:
+    /// the outcome synced (`ack`), the intent synced (`request`), or at
+    /// once (`interval`). An error: it may not be.
+    pub async fn durable(&self, intent: u64, outcome: u64) -> Result<(), JournalError> {
+        match self.durability {
+            Durability::Ack => self.synced(outcome).await,
+            Durability::Request(_) => self.synced(intent).await,
+            Durability::Interval(_) => Ok(()),
         }
-        self.synced(seq).await
     }
 
     /// Waits until record `seq` is synced, whatever the durability (a cut:
     /// a backup relies on it). An error: it may not be.
     pub async fn synced(&self, seq: u64) -> Result<(), JournalError> {
-        if self.durability != Durability::Ack {
-            // The sync thread waits for its interval unless told.
+        if self.durable_seq() < seq {
+            // The sync thread syncs for the records waited for (`ack`),
+            // or waits for its interval unless told.
+            let mut a = self.lock();
+            a.wanted = a.wanted.max(seq);
+            drop(a);
             self.wake.notify_one();
         }
         let mut rx = self.synced.subscribe();
@@ -370,6 +390,13 @@ impl Journal {
             (Some(e), false) => Err(e.clone()),
             (None, false) => unreachable!("waited for one of the two"),
         }
+    }
+
+    /// Waits, without asking for a sync, until record `seq` is synced.
+    #[cfg(test)]
+    pub(crate) async fn synced_by_itself(&self, seq: u64) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| s.seq >= seq).await;
     }
 
     /// The highest sequence number known durable.
@@ -387,8 +414,20 @@ impl Journal {
         loop {
             let (file, path, upto) = {
                 let mut a = self.lock();
+                let mut timed_out = false;
                 loop {
-                    if a.appended > synced {
+                    // `ack`, `request`: when a session waits (group commit:
+                    // the sync covers everything appended by then), and
+                    // for `request` the rest once its interval passed;
+                    // `interval`: whatever was appended.
+                    let due = match self.durability {
+                        Durability::Ack => a.wanted > synced,
+                        Durability::Request(_) => {
+                            a.wanted > synced || (timed_out && a.appended > synced)
+                        }
+                        Durability::Interval(_) => a.appended > synced,
+                    };
+                    if due {
                         break;
                     }
                     if a.closing {
@@ -396,11 +435,13 @@ impl Journal {
                     }
                     a = match self.durability {
                         Durability::Ack => self.wake.wait(a).unwrap_or_else(|e| e.into_inner()),
-                        Durability::Interval(d) => {
-                            self.wake
+                        Durability::Request(d) | Durability::Interval(d) => {
+                            let (a, t) = self
+                                .wake
                                 .wait_timeout(a, d)
-                                .unwrap_or_else(|e| e.into_inner())
-                                .0
+                                .unwrap_or_else(|e| e.into_inner());
+                            timed_out = t.timed_out();
+                            a
                         }
                     };
                 }

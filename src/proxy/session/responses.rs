@@ -59,9 +59,10 @@ pub(super) struct Responses {
     pub(super) pending: Option<oneshot::Receiver<UpIn>>,
     /// The roll-forward journal, when on.
     pub(super) journal: Option<Arc<Journal>>,
-    /// The outcome record of the response being forwarded, which must be
-    /// durable before the client sees it (0: none).
-    pub(super) outcome: Cell<u64>,
+    /// The intent and outcome records of the write whose response is
+    /// being forwarded, durable as the journal's durability says before
+    /// the client sees it (0: none).
+    pub(super) outcome: Cell<(u64, u64)>,
     /// Recording the outcome of the response being forwarded failed.
     pub(super) outcome_failed: Cell<Option<JournalError>>,
 }
@@ -486,12 +487,12 @@ impl Responses {
         if let Some(e) = self.outcome_failed.take() {
             return Err(End::Journal(e.to_string()));
         }
-        let outcome = self.outcome.replace(0);
+        let (intent, outcome) = self.outcome.replace((0, 0));
         if outcome != 0 && !matches!(route, Route::Drop) {
-            // `ack`: the client sees a write's result only once the
-            // journal holds it.
+            // `ack`, `request`: the client sees a write's result only once
+            // the journal holds it.
             if let Some(j) = &self.journal {
-                if let Err(e) = j.durable(outcome).await {
+                if let Err(e) = j.durable(intent, outcome).await {
                     return Err(End::Journal(e.to_string()));
                 }
             }
@@ -587,7 +588,7 @@ impl Responses {
         let done = self.state.inflight().response(env.msgid, env.op);
         if let Some(req) = done {
             match self.record_outcome(&req, env, frame) {
-                Ok(seq) => self.outcome.set(seq),
+                Ok(seq) => self.outcome.set((req.journal, seq)),
                 Err(e) => self.outcome_failed.set(Some(e)),
             }
             if req.op == op::BIND_REQUEST {
