@@ -44,11 +44,21 @@ impl Rng {
 /// `DIR/abproxy.toml` for a proxy in front of `upstream` journaling into
 /// `journal` with ack durability, on a new loopback port: (config, addr).
 fn journal_config(dir: &Path, upstream: &str, journal: &Path) -> (String, String) {
+    journal_config_with(dir, upstream, journal, "ack")
+}
+
+/// The same with `durability`.
+fn journal_config_with(
+    dir: &Path,
+    upstream: &str,
+    journal: &Path,
+    durability: &str,
+) -> (String, String) {
     write_config(
         dir,
         upstream,
         &format!(
-            "[journal]\ndir = \"{}\"\ndurability = \"ack\"\n",
+            "[journal]\ndir = \"{}\"\ndurability = \"{durability}\"\n",
             journal.display()
         ),
     )
@@ -172,6 +182,18 @@ const WRITERS: u32 = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_under_load_loses_no_acknowledged_write() {
+    sigkill_rounds("ack").await
+}
+
+/// The same with `request` durability: what a client saw succeed has its
+/// request and its outcome in the journal too (a killed proxy loses
+/// nothing it wrote; only a power loss could leave an outcome unsynced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_under_load_loses_no_acknowledged_write_with_request_durability() {
+    sigkill_rounds("request").await
+}
+
+async fn sigkill_rounds(durability: &str) {
     let slapd = start_slapd(SlapdOptions {
         nosync: true,
         ..Default::default()
@@ -199,7 +221,7 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
         println!(
             "journal_crash: round {round}: seed {seed}, SIGKILL {jitter:?} after {target} acknowledged adds"
         );
-        let (config, addr) = journal_config(tmp.path(), &slapd.url(), &jdir);
+        let (config, addr) = journal_config_with(tmp.path(), &slapd.url(), &jdir, durability);
         let proxy = serve(&config);
         let (tx, mut rx) = tokio::sync::watch::channel(0usize);
         let tx = Arc::new(tx);
@@ -224,7 +246,7 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
     }
     // One more start (it cuts any torn tail and records that the writes
     // left unanswered can no longer be), then a clean stop.
-    let (config, _) = journal_config(tmp.path(), &slapd.url(), &jdir);
+    let (config, _) = journal_config_with(tmp.path(), &slapd.url(), &jdir, durability);
     let proxy = serve(&config);
     assert_eq!(proxy.sigterm_and_wait(), 0);
 
