@@ -566,12 +566,29 @@ impl Conn {
         id
     }
 
+    async fn send(&mut self, request: &[u8]) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        self.w
+            .write_all(request)
+            .await
+            .map_err(|e| format!("sending: {e}"))?;
+        self.w.flush().await.map_err(|e| format!("sending: {e}"))
+    }
+
+    /// The length of the next message read.
+    async fn next(&mut self) -> Result<usize, String> {
+        match self.r.next_message().await {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => Err("the server closed the connection".to_string()),
+            Err(e) => Err(format!("reading the answer: {e}")),
+        }
+    }
+
     /// The entry `dn` with its user attributes, `None` when there is none.
     async fn read_entry(&mut self, dn: &str) -> Result<Option<crate::backup::ldif::Entry>, String> {
         use ldap3_proto::proto::{
             LdapDerefAliases, LdapFilter, LdapMsg, LdapOp, LdapSearchRequest, LdapSearchScope,
         };
-        use tokio::io::AsyncWriteExt;
         use tokio_util::codec::Decoder;
         let id = self.id();
         let search = crate::wire::pdu::encode(LdapMsg::new(
@@ -589,18 +606,10 @@ impl Conn {
         ));
         let timeout = self.timeout;
         let exchange = async {
-            self.w
-                .write_all(&search)
-                .await
-                .map_err(|e| format!("sending: {e}"))?;
-            self.w.flush().await.map_err(|e| format!("sending: {e}"))?;
+            self.send(&search).await?;
             let mut found = None;
             loop {
-                let n = match self.r.next_message().await {
-                    Ok(Some(n)) => n,
-                    Ok(None) => return Err("the server closed the connection".to_string()),
-                    Err(e) => return Err(format!("reading the answer: {e}")),
-                };
+                let n = self.next().await?;
                 let frame = self.r.message(n);
                 let mut buf = bytes::BytesMut::from(frame);
                 let msg = ldap3_proto::LdapCodec::new(Some(frame.len().max(1)), None)
@@ -639,20 +648,11 @@ impl Conn {
 
     /// Sends `request` (message ID `id`) and waits for its final response.
     async fn call(&mut self, id: i32, request: &[u8]) -> Result<Answer, String> {
-        use tokio::io::AsyncWriteExt;
         let timeout = self.timeout;
         let exchange = async {
-            self.w
-                .write_all(request)
-                .await
-                .map_err(|e| format!("sending: {e}"))?;
-            self.w.flush().await.map_err(|e| format!("sending: {e}"))?;
+            self.send(request).await?;
             loop {
-                let n = match self.r.next_message().await {
-                    Ok(Some(n)) => n,
-                    Ok(None) => return Err("the server closed the connection".to_string()),
-                    Err(e) => return Err(format!("reading the answer: {e}")),
-                };
+                let n = self.next().await?;
                 let frame = self.r.message(n);
                 let env = Envelope::response(frame).map_err(|e| format!("the answer: {e}"))?;
                 let answer = (env.msgid == id && op::is_final_response(env.op)).then(|| Answer {

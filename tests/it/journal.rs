@@ -230,28 +230,8 @@ async fn every_write_is_journaled_with_its_bytes_its_answer_and_the_freezes_cut(
 /// holds them: DN (lower case) -> attributes (lower case, values sorted),
 /// `userPassword` left out (a hash with a random salt).
 async fn user_data(url: &str) -> std::collections::BTreeMap<String, Vec<(String, Vec<Vec<u8>>)>> {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-x",
-            "-H",
-            url,
-            "-D",
-            ADMIN_DN,
-            "-w",
-            ADMIN_PW,
-            "-b",
-            SUFFIX,
-            "-LLL",
-            "-o",
-            "ldif-wrap=no",
-            "*",
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    abproxy::backup::ldif::read(&out.stdout)
+    let out = admin_search(url, &["*"]).await;
+    abproxy::backup::ldif::read(&out)
         .unwrap()
         .into_iter()
         .map(|e| {

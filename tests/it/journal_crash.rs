@@ -128,30 +128,8 @@ async fn writer(
 
 /// The DNs of the entries named `cn=k*` on the server itself.
 async fn k_entries(url: &str) -> BTreeSet<String> {
-    let out = ldap_tool(
-        "ldapsearch",
-        &[
-            "-x",
-            "-H",
-            url,
-            "-D",
-            ADMIN_DN,
-            "-w",
-            ADMIN_PW,
-            "-b",
-            SUFFIX,
-            "-LLL",
-            "-o",
-            "ldif-wrap=no",
-            "(cn=k*)",
-            "1.1",
-        ],
-        None,
-    )
-    .await;
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
-    out.stdout
-        .lines()
+    let out = admin_search(url, &["(cn=k*)", "1.1"]).await;
+    out.lines()
         .filter_map(|l| l.strip_prefix("dn: "))
         .map(|d| d.to_ascii_lowercase())
         .collect()

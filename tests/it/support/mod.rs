@@ -11,7 +11,7 @@ use abproxy::wire::{op, Envelope, FrameCodec};
 use abproxy::ProxyHandle;
 use bytes::{Bytes, BytesMut};
 use ldap3_proto::proto::{LdapMsg, LdapOp};
-use testkit::{Slapd, SlapdOptions, OTHER_ADMIN_DN};
+use testkit::{Slapd, SlapdOptions, OTHER_ADMIN_DN, SUFFIX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
@@ -431,6 +431,29 @@ pub async fn ldapi_search(ldapi_url: &str, args: &[&str]) -> String {
     all.extend_from_slice(args);
     let out = ldap_tool("ldapsearch", &all, None).await;
     assert_eq!(out.code, Some(0), "{out:?}");
+    out.stdout
+}
+
+/// `ldapsearch -LLL` (unwrapped) of dc=example,dc=org at `url` as the
+/// lab's admin, `args` the filter and attributes. Its output.
+pub async fn admin_search(url: &str, args: &[&str]) -> String {
+    let mut all = vec![
+        "-x",
+        "-H",
+        url,
+        "-D",
+        ADMIN_DN,
+        "-w",
+        ADMIN_PW,
+        "-b",
+        SUFFIX,
+        "-LLL",
+        "-o",
+        "ldif-wrap=no",
+    ];
+    all.extend_from_slice(args);
+    let out = ldap_tool("ldapsearch", &all, None).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
     out.stdout
 }
 
