@@ -243,7 +243,7 @@ impl Found {
 }
 
 /// A file name of the backup: one plain name, nothing that leaves DIR.
-fn plain_name(name: &str) -> bool {
+pub(crate) fn plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
 }
 
@@ -497,88 +497,8 @@ pub fn verify(dir: &Path) -> Report {
             }
             check_ldif(&mut r, dir, b);
         }
-        if let Some(inc) = &m.incremental {
-            r.push(check_increment(dir, m, inc));
-        }
     }
     r
-}
-
-/// An incremental backup's journal segments: every record intact, no gap,
-/// the base's cut and this backup's cut (of its freeze) both there, the
-/// last record this backup's cut.
-fn check_increment(dir: &Path, m: &Manifest, inc: &super::manifest::Incremental) -> Check {
-    use crate::journal::reader::read_segment;
-    use crate::journal::record::Body;
-    let name = "journal";
-    let Some(cut) = m.freeze.journal_cut else {
-        return Check::fail(
-            name,
-            Class::Mismatch,
-            "an incremental backup without its journal cut",
-        );
-    };
-    let mut expect: Option<u64> = None;
-    let (mut base_seen, mut cut_seen, mut last) = (false, false, 0);
-    for file in &inc.segments {
-        if !plain_name(file) {
-            return Check::fail(name, Class::Damaged, format!("segment name {file:?}"));
-        }
-        let seg = match read_segment(&dir.join(file)) {
-            Ok(s) => s,
-            Err(e) => return Check::fail(name, Class::Damaged, e.to_string()),
-        };
-        if let Some(d) = &seg.damage {
-            return Check::fail(
-                name,
-                Class::Damaged,
-                format!("{file}: damaged at byte {} ({d})", seg.good_len),
-            );
-        }
-        for r in &seg.records {
-            if expect.is_some_and(|e| e != r.seq) {
-                return Check::fail(
-                    name,
-                    Class::Damaged,
-                    format!(
-                        "{file}: record {} where {} was due (a gap)",
-                        r.seq,
-                        expect.unwrap_or(0)
-                    ),
-                );
-            }
-            expect = Some(r.seq + 1);
-            last = r.seq;
-            match &r.body {
-                Body::Cut { .. } if r.seq == inc.base_cut => base_seen = true,
-                Body::Cut { freeze_id, .. } if r.seq == cut => {
-                    cut_seen = m.freeze.id.is_none_or(|id| id == *freeze_id)
-                }
-                _ => {}
-            }
-        }
-    }
-    if !base_seen || !cut_seen || last != cut {
-        return Check::fail(
-            name,
-            Class::Mismatch,
-            format!(
-                "the segments do not run from the base's cut {} to this backup's cut {cut} \
-                 (last record {last})",
-                inc.base_cut
-            ),
-        );
-    }
-    Check::pass(
-        name,
-        format!(
-            "{} segment(s), records {}..{cut} intact, {} write(s) after {}",
-            inc.segments.len(),
-            inc.base_cut,
-            inc.writes,
-            inc.base_backup_id
-        ),
-    )
 }
 
 /// DIR's names, each with whether it is a directory; or why DIR cannot be

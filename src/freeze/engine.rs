@@ -41,7 +41,6 @@ use super::error::{
 use super::participant::{InFlight, Participant};
 use super::settings::{BindIsWrite, FreezeConfig};
 use super::status::{BackendStatus, CurrentFreeze, Phase, Status};
-use crate::journal::{Body as JournalBody, Journal, JournalError};
 use crate::wire::Envelope;
 
 /// What the engine asks a session to do.
@@ -331,8 +330,20 @@ pub struct Engine {
     /// Sessions whose upstream connection the server closed during a stop
     /// freeze, waiting to be carried to a new one; carried; not carried.
     carry: [AtomicUsize; 3],
-    /// The roll-forward journal, which gets a cut at every freeze.
-    journal: std::sync::OnceLock<Arc<Journal>>,
+    /// Where every freeze's cut is recorded (the roll-forward journal).
+    journal: std::sync::OnceLock<Arc<dyn CutLog>>,
+}
+
+/// Where the engine records each freeze's cut once its backends are
+/// drained and prepared, before ON answers: the roll-forward journal
+/// (`crate::journal`), kept apart so the freeze knows nothing of its files.
+pub trait CutLog: Send + Sync + std::fmt::Debug {
+    /// Records freeze `freeze_id` of `suffixes` durably; its position.
+    fn cut<'a>(
+        &'a self,
+        freeze_id: u64,
+        suffixes: &'a [String],
+    ) -> BoxFuture<'a, Result<u64, String>>;
 }
 
 /// What OFF's answer says when a server stopped during the freeze does
@@ -411,26 +422,18 @@ impl Engine {
         }
     }
 
-    /// Records a cut in `journal` at every freeze from now on (once).
-    pub fn set_journal(&self, journal: Arc<Journal>) {
-        let _ = self.journal.set(journal);
+    /// Records a cut in `log` at every freeze from now on (once).
+    pub fn set_cut_log(&self, log: Arc<dyn CutLog>) {
+        let _ = self.journal.set(log);
     }
 
-    /// Appends freeze `id`'s cut to the journal, if there is one, and
-    /// waits until it is synced: a backup taken during the freeze names it.
-    async fn cut(&self, id: u64, backends: &Suffixes) -> Result<Option<u64>, JournalError> {
-        let Some(j) = self.journal.get() else {
-            return Ok(None);
-        };
-        let seq = j.append(
-            0,
-            JournalBody::Cut {
-                freeze_id: id,
-                suffixes: backends.0.clone(),
-            },
-        )?;
-        j.synced(seq).await?;
-        Ok(Some(seq))
+    /// Records freeze `id`'s cut in the cut log, if there is one: a backup
+    /// taken during the freeze names it.
+    async fn cut(&self, id: u64, backends: &Suffixes) -> Result<Option<u64>, String> {
+        match self.journal.get() {
+            Some(log) => log.cut(id, &backends.0).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The current backend map.

@@ -94,7 +94,7 @@ pub enum FreezeError {
     /// be tied to it. The prepared backends were done again and the
     /// freeze undone.
     #[error("the journal could not record the freeze's cut: {0}; freeze undone")]
-    Journal(crate::journal::JournalError),
+    Journal(String),
     /// OFF names some of the frozen backends only.
     #[error(
         "OFF names only some of the frozen backends ({named} of {frozen}): a partial release \

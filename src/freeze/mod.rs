@@ -36,7 +36,9 @@ pub mod status;
 pub use backend::{BackendMap, Class, Kind, Mode};
 pub use discover::{Discover, ServerFacts};
 pub use drivers::Driver;
-pub use engine::{Carried, Control, Engine, Granted, Requester, SessionHandle, SERVER_NOT_BACK};
+pub use engine::{
+    Carried, Control, CutLog, Engine, Granted, Requester, SessionHandle, SERVER_NOT_BACK,
+};
 pub use error::FreezeError;
 pub use settings::{BindIsWrite, FreezeConfig};
 pub use status::Status;

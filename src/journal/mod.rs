@@ -6,6 +6,7 @@
 //! requests loop:  write admitted -> intent record (its seq kept in flight) -> upstream
 //! responses loop: final response -> outcome record -> [ack: wait until synced] -> client
 //! freeze engine:  drained and prepared -> cut record (synced) -> ON answered
+//!                 (through `freeze::CutLog`, which `Journal` implements)
 //! ```
 //! `record` is the file format, `writer` appends and syncs, `reader` reads
 //! segments back, `ldif` turns a write into an LDIF change record.
@@ -98,6 +99,30 @@ impl JournalConfig {
             retention: (self.retention_days > 0)
                 .then(|| Duration::from_secs(self.retention_days.min(100_000) * 86_400)),
         }))
+    }
+}
+
+/// The journal records each freeze's cut for the freeze engine, synced
+/// before ON answers.
+impl crate::freeze::CutLog for Journal {
+    fn cut<'a>(
+        &'a self,
+        freeze_id: u64,
+        suffixes: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<u64, String>> {
+        Box::pin(async move {
+            let seq = self
+                .append(
+                    0,
+                    Body::Cut {
+                        freeze_id,
+                        suffixes: suffixes.to_vec(),
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+            self.synced(seq).await.map_err(|e| e.to_string())?;
+            Ok(seq)
+        })
     }
 }
 

@@ -72,6 +72,7 @@ pub async fn verify_with(
     against: Option<&super::Target>,
 ) -> u8 {
     let mut report = verify::verify(dir);
+    incremental_checks(&mut report, dir);
     ds389_checks(&mut report, dir).await;
     if let Some(config) = files_config {
         files_checks(&mut report, dir, config).await;
@@ -557,6 +558,94 @@ pub fn print(report: &Report, json: bool) -> u8 {
         print!("{}", render(report));
     }
     code
+}
+
+/// An incremental backup's journal (`backup --incremental`): checked when
+/// the manifest says it is one.
+pub fn incremental_checks(report: &mut Report, dir: &Path) {
+    let Ok(m) = Manifest::read(dir) else {
+        return;
+    };
+    if let Some(inc) = &m.incremental {
+        report.push(check_increment(dir, &m, inc));
+    }
+}
+
+/// An incremental backup's journal segments: every record intact, no gap,
+/// the base's cut and this backup's cut (of its freeze) both there, the
+/// last record this backup's cut.
+fn check_increment(dir: &Path, m: &Manifest, inc: &crate::backup::manifest::Incremental) -> Check {
+    use crate::journal::reader::read_segment;
+    use crate::journal::record::Body;
+    let name = "journal";
+    let Some(cut) = m.freeze.journal_cut else {
+        return Check::fail(
+            name,
+            Class::Mismatch,
+            "an incremental backup without its journal cut",
+        );
+    };
+    let mut expect: Option<u64> = None;
+    let (mut base_seen, mut cut_seen, mut last) = (false, false, 0);
+    for file in &inc.segments {
+        if !verify::plain_name(file) {
+            return Check::fail(name, Class::Damaged, format!("segment name {file:?}"));
+        }
+        let seg = match read_segment(&dir.join(file)) {
+            Ok(s) => s,
+            Err(e) => return Check::fail(name, Class::Damaged, e.to_string()),
+        };
+        if let Some(d) = &seg.damage {
+            return Check::fail(
+                name,
+                Class::Damaged,
+                format!("{file}: damaged at byte {} ({d})", seg.good_len),
+            );
+        }
+        for r in &seg.records {
+            if expect.is_some_and(|e| e != r.seq) {
+                return Check::fail(
+                    name,
+                    Class::Damaged,
+                    format!(
+                        "{file}: record {} where {} was due (a gap)",
+                        r.seq,
+                        expect.unwrap_or(0)
+                    ),
+                );
+            }
+            expect = Some(r.seq + 1);
+            last = r.seq;
+            match &r.body {
+                Body::Cut { .. } if r.seq == inc.base_cut => base_seen = true,
+                Body::Cut { freeze_id, .. } if r.seq == cut => {
+                    cut_seen = m.freeze.id.is_none_or(|id| id == *freeze_id)
+                }
+                _ => {}
+            }
+        }
+    }
+    if !base_seen || !cut_seen || last != cut {
+        return Check::fail(
+            name,
+            Class::Mismatch,
+            format!(
+                "the segments do not run from the base's cut {} to this backup's cut {cut} \
+                 (last record {last})",
+                inc.base_cut
+            ),
+        );
+    }
+    Check::pass(
+        name,
+        format!(
+            "{} segment(s), records {}..{cut} intact, {} write(s) after {}",
+            inc.segments.len(),
+            inc.base_cut,
+            inc.writes,
+            inc.base_backup_id
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -320,7 +320,7 @@ impl Server {
         let journal = match &settings.journal {
             Some(j) => {
                 let journal = Journal::open(j)?;
-                engine.set_journal(journal.clone());
+                engine.set_cut_log(journal.clone());
                 Some(journal)
             }
             None => None,
