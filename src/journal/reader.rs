@@ -38,6 +38,8 @@ pub struct Segment {
     pub path: PathBuf,
     pub header: Header,
     pub records: Vec<Record>,
+    /// Where each record ends (the byte after it), in record order.
+    pub ends: Vec<u64>,
     /// Bytes of the segment that hold its header and intact records.
     pub good_len: u64,
     /// The file's length.
@@ -71,12 +73,14 @@ pub fn read_segment(path: &Path) -> Result<Segment, SegmentError> {
     })?;
     let mut at = HEADER_LEN;
     let mut records = Vec::new();
+    let mut ends = Vec::new();
     let mut damage = None;
     while at < bytes.len() {
         match record::decode(&bytes[at..]) {
             Ok((r, n)) => {
                 records.push(r);
                 at += n;
+                ends.push(at as u64);
             }
             Err(d) => {
                 damage = Some(d);
@@ -88,6 +92,7 @@ pub fn read_segment(path: &Path) -> Result<Segment, SegmentError> {
         path: path.to_path_buf(),
         header,
         records,
+        ends,
         good_len: at as u64,
         file_len: bytes.len() as u64,
         damage,

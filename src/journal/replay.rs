@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::record::{Body, Record};
-use crate::wire::ber::{write_len, Reader};
+use crate::wire::ber::{put_tlv as tlv, write_len, Reader};
 use crate::wire::envelope::oid;
 use crate::wire::op;
 
@@ -188,12 +188,6 @@ fn integer(out: &mut Vec<u8>, n: i32) {
     out.push(0x02);
     out.push((4 - skip) as u8);
     out.extend_from_slice(&bytes[skip..]);
-}
-
-fn tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
-    out.push(tag);
-    write_len(out, value.len());
-    out.extend_from_slice(value);
 }
 
 fn exop_name(buf: &[u8], op_tlv: crate::wire::ber::Tlv) -> Option<&[u8]> {

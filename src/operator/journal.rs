@@ -141,13 +141,8 @@ pub fn load(dir: &Path) -> Result<Loaded, String> {
         }
         out.records.extend(seg.records);
     }
+    // From the first record there is (segments before it may be pruned).
     let mut expect = out.records.first().map_or(1, |r| r.seq);
-    if let Some(first) = out.records.first() {
-        if first.seq != 1 {
-            // Pruned segments: fine, but said.
-            expect = first.seq;
-        }
-    }
     for r in &out.records {
         if r.seq != expect {
             out.problems.push(format!(
@@ -215,39 +210,10 @@ pub fn line(r: &Record) -> String {
 }
 
 fn result_name(code: i32) -> String {
-    let name = match code {
-        -1 => return "no result code".into(),
-        0 => "success",
-        1 => "operationsError",
-        2 => "protocolError",
-        8 => "strongerAuthRequired",
-        10 => "referral",
-        11 => "adminLimitExceeded",
-        12 => "unavailableCriticalExtension",
-        16 => "noSuchAttribute",
-        17 => "undefinedAttributeType",
-        19 => "constraintViolation",
-        20 => "attributeOrValueExists",
-        21 => "invalidAttributeSyntax",
-        32 => "noSuchObject",
-        34 => "invalidDNSyntax",
-        50 => "insufficientAccessRights",
-        51 => "busy",
-        52 => "unavailable",
-        53 => "unwillingToPerform",
-        64 => "namingViolation",
-        65 => "objectClassViolation",
-        66 => "notAllowedOnNonLeaf",
-        67 => "notAllowedOnRDN",
-        68 => "entryAlreadyExists",
-        69 => "objectClassModsProhibited",
-        80 => "other",
-        _ => "",
-    };
-    if name.is_empty() {
-        code.to_string()
-    } else {
-        format!("{code} {name}")
+    match (code, super::code_name(code as u32)) {
+        (-1, _) => "no result code".into(),
+        (_, "error") => code.to_string(),
+        (_, name) => format!("{code} {name}"),
     }
 }
 
@@ -368,38 +334,37 @@ pub fn check(dir: &Path, out: &mut dyn Write) -> u8 {
         }
     };
     let recs = &loaded.records;
-    let mut answered: HashMap<u64, i32> = HashMap::new();
-    let mut lost: HashMap<u64, &str> = HashMap::new();
-    for r in recs {
-        match &r.body {
-            Body::Outcome { intent, result, .. } => {
-                answered.insert(*intent, *result);
-            }
-            Body::Lost { intent, why } => {
-                lost.insert(*intent, why);
-            }
-            _ => {}
-        }
-    }
-    let last_start = recs
+    let answered: HashMap<u64, i32> = recs
         .iter()
-        .rev()
-        .find(|r| matches!(r.body, Body::Start { .. }))
-        .map_or(0, |r| r.seq);
+        .filter_map(|r| match &r.body {
+            Body::Outcome { intent, result, .. } => Some((*intent, *result)),
+            _ => None,
+        })
+        .collect();
+    // What replay would meet as indeterminate (lost, or left unanswered
+    // by a run of the proxy that ended), in intent order.
+    let mut indeterminate: Vec<(&Record, String)> =
+        crate::journal::replay::plan(recs, &Default::default())
+            .into_iter()
+            .filter_map(|item| match item {
+                crate::journal::replay::Item::Indeterminate { intent, why, .. } => {
+                    Some((intent, why.to_string()))
+                }
+                crate::journal::replay::Item::Write { .. } => None,
+            })
+            .collect();
+    indeterminate.sort_by_key(|(r, _)| r.seq);
+    let unknown: std::collections::HashSet<u64> =
+        indeterminate.iter().map(|(r, _)| r.seq).collect();
     let (mut ok, mut failed) = (0usize, 0usize);
-    let mut indeterminate = Vec::new();
     let mut running = Vec::new();
     for r in recs {
         if let Body::Intent { .. } = &r.body {
             match answered.get(&r.seq) {
                 Some(0) => ok += 1,
                 Some(_) => failed += 1,
-                None => match lost.get(&r.seq) {
-                    Some(why) => indeterminate.push((r, why.to_string())),
-                    None if r.seq < last_start => indeterminate
-                        .push((r, "the proxy stopped before its answer came".to_string())),
-                    None => running.push(r),
-                },
+                None if unknown.contains(&r.seq) => {}
+                None => running.push(r),
             }
         }
     }
@@ -586,37 +551,18 @@ impl Conn {
 
     /// The entry `dn` with its user attributes, `None` when there is none.
     async fn read_entry(&mut self, dn: &str) -> Result<Option<crate::backup::ldif::Entry>, String> {
-        use ldap3_proto::proto::{
-            LdapDerefAliases, LdapFilter, LdapMsg, LdapOp, LdapSearchRequest, LdapSearchScope,
-        };
-        use tokio_util::codec::Decoder;
+        use ldap3_proto::proto::LdapOp;
         let id = self.id();
-        let search = crate::wire::pdu::encode(LdapMsg::new(
-            id,
-            LdapOp::SearchRequest(LdapSearchRequest {
-                base: dn.into(),
-                scope: LdapSearchScope::Base,
-                aliases: LdapDerefAliases::Never,
-                sizelimit: 0,
-                timelimit: 0,
-                typesonly: false,
-                filter: LdapFilter::Present("objectClass".into()),
-                attrs: vec!["*".into()],
-            }),
-        ));
+        let search = crate::wire::pdu::base_search(id, dn, &["*"]);
         let timeout = self.timeout;
         let exchange = async {
             self.send(&search).await?;
             let mut found = None;
             loop {
                 let n = self.next().await?;
-                let frame = self.r.message(n);
-                let mut buf = bytes::BytesMut::from(frame);
-                let msg = ldap3_proto::LdapCodec::new(Some(frame.len().max(1)), None)
-                    .decode(&mut buf)
-                    .map_err(|e| format!("the answer: {e:?}"))?;
+                let msg = crate::wire::pdu::decode(self.r.message(n));
                 self.r.skip(n);
-                let Some(msg) = msg else { continue };
+                let msg = msg.ok_or("the answer does not decode")?;
                 if msg.msgid != id {
                     continue;
                 }
@@ -678,11 +624,7 @@ impl Conn {
 /// The diagnostic message of a response.
 fn diagnostic(frame: &[u8]) -> String {
     use ldap3_proto::proto::LdapOp;
-    use tokio_util::codec::Decoder;
-    let mut buf = bytes::BytesMut::from(frame);
-    let Ok(Some(msg)) =
-        ldap3_proto::LdapCodec::new(Some(frame.len().max(1)), None).decode(&mut buf)
-    else {
+    let Some(msg) = crate::wire::pdu::decode(frame) else {
         return String::new();
     };
     match msg.op {

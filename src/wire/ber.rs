@@ -268,12 +268,18 @@ pub fn write_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
+/// Appends one whole element: tag, length (shortest form) and value.
+pub(crate) fn put_tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
+    out.push(tag);
+    write_len(out, value.len());
+    out.extend_from_slice(value);
+}
+
 /// One whole element, tag, length and value (tests build PDUs with it).
 #[cfg(test)]
 pub(crate) fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    write_len(&mut v, value.len());
-    v.extend_from_slice(value);
+    let mut v = Vec::new();
+    put_tlv(&mut v, tag, value);
     v
 }
 

@@ -19,6 +19,18 @@ pub fn encode(msg: LdapMsg) -> Bytes {
     buf.freeze()
 }
 
+/// A whole message read back with `ldap3_proto` (whatever its size);
+/// `None` when it does not decode (the operator tools' view of journaled
+/// requests and of their servers' answers, never the proxy's forwarding).
+pub fn decode(frame: &[u8]) -> Option<LdapMsg> {
+    use tokio_util::codec::Decoder;
+    let mut buf = BytesMut::from(frame);
+    LdapCodec::new(Some(frame.len().max(1)), None)
+        .decode(&mut buf)
+        .ok()
+        .flatten()
+}
+
 /// A base search of `base` for `attrs`, `(objectClass=*)`: how the proxy
 /// reads the root DSE and naming contexts' entries of its upstream.
 pub fn base_search(msgid: i32, base: &str, attrs: &[&str]) -> Bytes {

@@ -81,8 +81,7 @@ pub(super) fn copy_segments(
     for (first, path) in &wanted {
         let seg = read_segment(path).map_err(|e| fail(e.to_string()))?;
         let mut end = seg.good_len;
-        let mut offset = crate::journal::record::HEADER_LEN as u64;
-        for r in &seg.records {
+        for (r, &record_end) in seg.records.iter().zip(&seg.ends) {
             if r.seq != expect {
                 return Err(fail(format!(
                     "{}: record {} follows {} (a gap)",
@@ -92,7 +91,6 @@ pub(super) fn copy_segments(
                 )));
             }
             expect += 1;
-            offset += r.encode().len() as u64;
             match &r.body {
                 Body::Cut { .. } if r.seq == base.cut => seen_base = true,
                 Body::Cut { freeze_id: f, .. } if r.seq == cut => {
@@ -109,7 +107,7 @@ pub(super) fn copy_segments(
                 _ => {}
             }
             if r.seq == cut {
-                end = offset;
+                end = record_end;
                 break;
             }
         }

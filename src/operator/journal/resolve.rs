@@ -25,13 +25,8 @@ pub enum Verdict {
 }
 
 /// The write a journaled request is, decoded.
-pub(super) fn decode(request: &[u8]) -> Option<LdapOp> {
-    use tokio_util::codec::Decoder;
-    let mut buf = bytes::BytesMut::from(request);
-    let msg = ldap3_proto::LdapCodec::new(Some(request.len().max(1)), None)
-        .decode(&mut buf)
-        .ok()??;
-    Some(msg.op)
+fn decode(request: &[u8]) -> Option<LdapOp> {
+    crate::wire::pdu::decode(request).map(|m| m.op)
 }
 
 /// The DNs of the entries a write touches (old and new name of a rename).

@@ -413,13 +413,16 @@ pub(crate) async fn serve_connected(
             .map(|(_, e)| e.journal)
             .filter(|&seq| seq != 0)
             .collect();
-        for intent in lost {
+        if !lost.is_empty() {
             let why = end.describe();
-            if let Err(e) = j.append(id, crate::journal::Body::Lost { intent, why }) {
-                warn!(
-                    conn = id,
-                    "journal: cannot record write {intent} as lost: {e}"
-                );
+            for intent in lost {
+                let why = why.clone();
+                if let Err(e) = j.append(id, crate::journal::Body::Lost { intent, why }) {
+                    warn!(
+                        conn = id,
+                        "journal: cannot record write {intent} as lost: {e}"
+                    );
+                }
             }
         }
     }
