@@ -713,23 +713,6 @@ async fn a_backup_killed_while_exporting_leaves_no_freeze_and_no_dir() {
     assert!(!dir.exists(), "a killed backup has no DIR");
 }
 
-/// `abproxy restore ARGS`, within 120 s.
-async fn restore(args: &[&str]) -> ToolOutput {
-    let out = tokio::process::Command::new(BIN)
-        .arg("restore")
-        .args(args)
-        .env_remove("ABPROXY_LOG")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    ToolOutput::from(
-        tokio::time::timeout(Duration::from_secs(120), out)
-            .await
-            .expect("abproxy restore did not finish within 120 s")
-            .expect("run abproxy"),
-    )
-}
-
 /// A restore builds nothing from a backup that is not what its manifest
 /// says: an LDIF file changed (its SHA-256), or a manifest whose digest was
 /// edited (the database built does not reproduce it). `--apply` refuses

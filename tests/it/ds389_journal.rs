@@ -82,16 +82,8 @@ async fn writes_through_the_proxy_replay_into_a_fresh_389_instance() {
     let want = user_data(&ds).await;
     assert_ne!(want, user_data(&copy).await);
 
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
-        .args(["journal", "replay", "--dir"])
-        .arg(&dir)
-        .args(["--to", &copy.url(), "--bind-dn", DM_DN])
-        .env("ABPROXY_PASSWORD", DM_PW)
-        .env_remove("ABPROXY_LOG")
-        .output()
-        .await
-        .unwrap();
-    let out = ToolOutput::from(out);
+    let dir = dir.to_str().unwrap();
+    let out = crate::journal::replay_as(&copy.url(), (DM_DN, DM_PW), &["--dir", dir]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("replayed 4 write(s)"), "{out:?}");
     assert_eq!(user_data(&copy).await, want);

@@ -540,12 +540,17 @@ async fn more_writes(acks: &Acks, n: usize) {
 /// `abproxy journal replay ARGS` (the journal in `dir`) to slapd `url`
 /// as the admin: its exit status and output.
 async fn replay(dir: &Path, url: &str, args: &[&str]) -> ToolOutput {
+    let dir = dir.to_str().unwrap();
+    replay_as(url, (ADMIN_DN, ADMIN_PW), &[&["--dir", dir], args].concat()).await
+}
+
+/// `abproxy journal replay --to URL --bind-dn DN ARGS` (the password in
+/// `ABPROXY_PASSWORD`), within 120 s.
+pub(crate) async fn replay_as(url: &str, (dn, pw): (&str, &str), args: &[&str]) -> ToolOutput {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
-        .args(["journal", "replay", "--dir"])
-        .arg(dir)
-        .args(["--to", url, "--bind-dn", ADMIN_DN])
+        .args(["journal", "replay", "--to", url, "--bind-dn", dn])
         .args(args)
-        .env("ABPROXY_PASSWORD", ADMIN_PW)
+        .env("ABPROXY_PASSWORD", pw)
         .env_remove("ABPROXY_LOG")
         .kill_on_drop(true)
         .output();
@@ -557,27 +562,11 @@ async fn replay(dir: &Path, url: &str, args: &[&str]) -> ToolOutput {
     )
 }
 
-/// `abproxy restore ARGS`, within 120 s.
-async fn restore_cmd(args: &[&str]) -> ToolOutput {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
-        .arg("restore")
-        .args(args)
-        .env_remove("ABPROXY_LOG")
-        .kill_on_drop(true)
-        .output();
-    ToolOutput::from(
-        tokio::time::timeout(std::time::Duration::from_secs(120), out)
-            .await
-            .expect("restore within 120 s")
-            .unwrap(),
-    )
-}
-
 /// The lab's slapd with `backup` restored in place of its databases
 /// (`abproxy restore --to WORK`, slapd stopped, `--apply WORK`, started).
 async fn restore_in_place(lab: &mut Lab, backup: &Path, work: &Path) {
     let config = lab.slapd.dir().join("slapd.d");
-    let out = restore_cmd(&[
+    let out = crate::support::backup::restore(&[
         backup.to_str().unwrap(),
         "--to",
         work.to_str().unwrap(),
@@ -587,7 +576,7 @@ async fn restore_in_place(lab: &mut Lab, backup: &Path, work: &Path) {
     .await;
     assert_eq!(out.code, Some(0), "{out:?}");
     tokio::task::block_in_place(|| lab.slapd.stop()).unwrap();
-    let out = restore_cmd(&["--apply", work.to_str().unwrap()]).await;
+    let out = crate::support::backup::restore(&["--apply", work.to_str().unwrap()]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     tokio::task::block_in_place(|| lab.slapd.restart()).unwrap();
 }
@@ -929,29 +918,22 @@ async fn incremental_backups_chain_the_journal_and_restore_by_replay() {
     // Restored: the full backup, then the increments in order; the chain
     // is checked first.
     restore_in_place(&mut lab, Path::new(&path("full")), &tmp.path().join("work")).await;
-    let chain = |args: &[&str]| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"));
-        cmd.args([
-            "journal",
-            "replay",
-            "--to",
-            &lab.direct(),
-            "--bind-dn",
-            ADMIN_DN,
-        ])
-        .args(args)
-        .env("ABPROXY_PASSWORD", ADMIN_PW)
-        .env_remove("ABPROXY_LOG");
-        async move { ToolOutput::from(cmd.output().await.unwrap()) }
-    };
-    let out = chain(&["--increments", &path("inc2"), &path("inc1")]).await;
+    let direct = lab.direct();
+    let admin = (ADMIN_DN, ADMIN_PW);
+    let out = replay_as(
+        &direct,
+        admin,
+        &["--increments", &path("inc2"), &path("inc1")],
+    )
+    .await;
     assert_eq!(out.code, Some(2), "out of order: {out:?}");
     assert!(out.stderr.contains("is not based on"), "{out:?}");
     // Up to inc1's moment: its cut's time.
     let recs = records(&dir);
     let cut1 = inc1["freeze"]["journal_cut"].as_u64().unwrap();
     let t1 = abproxy::operator::journal::utc_us(recs[cut1 as usize - 1].time_us);
-    let out = chain(&["--increments", &path("inc1"), &path("inc2"), "--until", &t1]).await;
+    let args = ["--increments", &path("inc1"), &path("inc2"), "--until", &t1];
+    let out = replay_as(&direct, admin, &args).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("replayed 8 write(s)"), "{out:?}");
     assert!(

@@ -363,29 +363,10 @@ async fn sigkill_rounds(durability: &str) {
         ..Default::default()
     })
     .await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
-        .args(["journal", "replay", "--dir"])
-        .arg(&jdir)
-        .args([
-            "--to",
-            &copy.url(),
-            "--resolve",
-            &slapd.url(),
-            "--bind-dn",
-            ADMIN_DN,
-        ])
-        .env("ABPROXY_PASSWORD", ADMIN_PW)
-        .env_remove("ABPROXY_LOG")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = ["--dir", jdir.to_str().unwrap(), "--resolve", &slapd.url()];
+    let out = crate::journal::replay_as(&copy.url(), (ADMIN_DN, ADMIN_PW), &args).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let stdout = &out.stdout;
     let ran = unanswered
         .iter()
         .filter(|seq| stdout.contains(&format!("write {seq}: indeterminate, ran on")))

@@ -154,3 +154,20 @@ pub fn edit_digest(dir: &std::path::Path, i: usize) {
     .unwrap();
     reseal(dir);
 }
+
+/// `abproxy restore ARGS`, within 120 s.
+pub async fn restore(args: &[&str]) -> ToolOutput {
+    let out = tokio::process::Command::new(BIN)
+        .arg("restore")
+        .args(args)
+        .env_remove("ABPROXY_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    ToolOutput::from(
+        tokio::time::timeout(Duration::from_secs(120), out)
+            .await
+            .expect("abproxy restore did not finish within 120 s")
+            .expect("run abproxy"),
+    )
+}
