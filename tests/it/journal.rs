@@ -1021,3 +1021,112 @@ async fn a_replay_stopped_at_a_mismatch_resumes_where_it_says() {
     assert!(out.stdout.contains("replayed 3 write(s)"), "{out:?}");
     assert_eq!(user_data(&copy.url()).await, want);
 }
+
+/// Hostile but well-formed sequences: a write pipelined right behind a
+/// bind is journaled with the identity that bind's answer gave; a write
+/// abandoned while the server runs it is journaled with its outcome (the
+/// client gets none), before the next freeze's cut; a message ID reused
+/// while its write is outstanding ends the session and the second request
+/// is neither sent nor journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sequences_leave_an_exact_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let lab = journal_lab(&dir, |_| {}).await;
+    let user1 = testkit::user_dn(1);
+
+    // Bind as user1 and, without waiting, modify its own entry; then bind
+    // as the admin and, without waiting, add.
+    let mut c = RawConn::connect(&lab.proxy_addr()).await;
+    let own = encode(modify(3, &user1, "description", "mine"));
+    let added = encode(add(5, &format!("cn=h1,{SUFFIX}"), "h1"));
+    c.send_msg(bind(2, &user1, &testkit::user_pw(1))).await;
+    c.send(&own).await;
+    c.send_msg(bind(4, ADMIN_DN, ADMIN_PW)).await;
+    c.send(&added).await;
+    let (n, codes) = crate::support::freeze::recv_finals(&mut c, &[2, 3, 4, 5]).await;
+    assert_eq!((n, codes), (4, vec![0, 0, 0, 0]));
+
+    // A slow add abandoned while the server runs it.
+    let slow = encode(crate::support::freeze::slow_add(
+        6,
+        &format!("cn=h2,{SUFFIX}"),
+        100_000,
+    ));
+    c.send(&slow).await;
+    c.send_msg(LdapMsg::new(7, LdapOp::AbandonRequest(6))).await;
+    // A freeze: its drain waits for the abandoned write.
+    let mut op = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;
+    let (code, on) = call(&mut op, ab(2, &AllowBackupRequest::on())).await;
+    assert_eq!(code, 0, "{on}");
+    let cut: u64 = on.rsplit("journal cut ").next().unwrap().parse().unwrap();
+    let (code, _) = call(&mut op, ab(3, &AllowBackupRequest::off())).await;
+    assert_eq!(code, 0);
+
+    // Two adds with one message ID, pipelined: the session ends.
+    let mut d = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    let first = encode(crate::support::freeze::slow_add(
+        9,
+        &format!("cn=h3,{SUFFIX}"),
+        50_000,
+    ));
+    let second = encode(add(9, &format!("cn=h4,{SUFFIX}"), "h4"));
+    d.send(&first).await;
+    d.send(&second).await;
+    let notice = d.recv().await.expect("a notice");
+    let why = assert_notice(&notice, 2);
+    assert!(why.contains("reused"), "{why}");
+
+    // The first one the server still runs: the session, over for its
+    // client, waits for it; slapd does not answer a connection the proxy
+    // half-closed, so it ends as lost (indeterminate), never unrecorded.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let intent_of = |recs: &[Record], bytes: &[u8]| {
+        recs.iter()
+            .find(|r| matches!(&r.body, Body::Intent { request, .. } if request[..] == *bytes))
+            .map(|r| r.seq)
+    };
+    let decided = |recs: &[Record], seq: u64| {
+        recs.iter()
+            .find(|o| match &o.body {
+                Body::Outcome { intent, .. } | Body::Lost { intent, .. } => *intent == seq,
+                _ => false,
+            })
+            .cloned()
+    };
+    let recs = loop {
+        let recs = records(&dir);
+        let seq = intent_of(&recs, &first).expect("the first add was sent and journaled");
+        if decided(&recs, seq).is_some() {
+            break recs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write of a session that ended is decided"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    let identity = |seq: u64| match &recs[seq as usize - 1].body {
+        Body::Intent { identity, .. } => identity.clone(),
+        _ => unreachable!(),
+    };
+    let own_seq = intent_of(&recs, &own).expect("journaled");
+    let added_seq = intent_of(&recs, &added).expect("journaled");
+    assert_eq!(identity(own_seq), user1);
+    assert_eq!(identity(added_seq), ADMIN_DN);
+    let slow_seq = intent_of(&recs, &slow).expect("journaled");
+    let slow_out = decided(&recs, slow_seq).expect("decided");
+    assert!(
+        matches!(slow_out.body, Body::Outcome { result: 0, .. }),
+        "the abandoned add ran: {slow_out:?}"
+    );
+    assert!(
+        slow_seq < cut && slow_out.seq < cut,
+        "drained before the cut"
+    );
+    // The second add with the same ID never went out.
+    assert_eq!(intent_of(&recs, &second), None);
+    let direct = user_data(&lab.direct()).await;
+    assert!(!direct.contains_key(&format!("cn=h4,{SUFFIX}")));
+    assert!(direct.contains_key(&format!("cn=h2,{SUFFIX}")));
+}
