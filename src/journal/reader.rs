@@ -46,6 +46,9 @@ pub struct Segment {
     pub file_len: u64,
     /// Where the intact records end, when the rest is not a record.
     pub damage: Option<Damage>,
+    /// Zero bytes after the last record: space the writer preallocated
+    /// and has not used yet (the active segment), not damage.
+    pub unused: u64,
 }
 
 /// A segment that cannot be read at all.
@@ -61,7 +64,9 @@ pub enum SegmentError {
 }
 
 /// Reads a segment: its header, then records until the end or the first
-/// bytes that are not an intact record.
+/// bytes that are not an intact record. Zeros from there to the end are
+/// the writer's preallocated space (no record starts with a zero length),
+/// not damage.
 pub fn read_segment(path: &Path) -> Result<Segment, SegmentError> {
     let bytes = std::fs::read(path).map_err(|source| SegmentError::Io {
         path: path.to_path_buf(),
@@ -83,7 +88,9 @@ pub fn read_segment(path: &Path) -> Result<Segment, SegmentError> {
                 ends.push(at as u64);
             }
             Err(d) => {
-                damage = Some(d);
+                if !bytes[at..].iter().all(|&b| b == 0) {
+                    damage = Some(d);
+                }
                 break;
             }
         }
@@ -95,6 +102,11 @@ pub fn read_segment(path: &Path) -> Result<Segment, SegmentError> {
         ends,
         good_len: at as u64,
         file_len: bytes.len() as u64,
+        unused: if damage.is_none() {
+            (bytes.len() - at) as u64
+        } else {
+            0
+        },
         damage,
     })
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::reader::{read_segment, segments};
+use super::writer::PREALLOC_BYTES;
 use super::*;
 
 fn settings(dir: &Path, segment_bytes: u64) -> JournalSettings {
@@ -307,4 +308,82 @@ async fn request_durability_syncs_a_request_as_it_goes_and_its_outcome_later() {
         .await
         .expect("the outcome synced within its interval");
     j.close();
+}
+
+/// The active segment as a crash would leave it: a copy of `dir` taken
+/// while its journal is open.
+fn crash_image(dir: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for (_, p) in segments(dir).unwrap() {
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn segments_are_preallocated_and_their_unused_zeros_are_no_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("j");
+    let j = Journal::open(&settings(&dir, 4 << 20)).unwrap();
+    for n in 0..3 {
+        j.append(1, intent(n)).unwrap();
+    }
+    let (_, active) = segments(&dir).unwrap().pop().unwrap();
+    let seg = read_segment(&active).unwrap();
+    assert!(seg.damage.is_none(), "{:?}", seg.damage);
+    assert_eq!(seg.records.len(), 4);
+    assert_eq!(seg.file_len, PREALLOC_BYTES, "zeros ahead of the records");
+    assert_eq!(seg.unused, seg.file_len - seg.good_len);
+
+    // A crash: the next start cuts the unused zeros and goes on.
+    let image = tmp.path().join("image");
+    crash_image(&dir, &image);
+    let j2 = Journal::open(&settings(&image, 4 << 20)).unwrap();
+    j2.close();
+    let first = &segments(&image).unwrap()[0].1;
+    assert_eq!(std::fs::metadata(first).unwrap().len(), seg.good_len);
+    assert_eq!(
+        all(&image).iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=5).collect::<Vec<_>>()
+    );
+
+    // Half a record written into the zeros is a torn tail, cut.
+    let torn_dir = tmp.path().join("torn");
+    crash_image(&dir, &torn_dir);
+    let torn_seg = torn_dir.join(active.file_name().unwrap());
+    let torn = Record {
+        seq: 5,
+        time_us: 0,
+        conn: 1,
+        body: intent(9),
+    }
+    .encode();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&torn_seg)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &torn[..torn.len() / 2], seg.good_len).unwrap();
+    let damaged = read_segment(&torn_seg).unwrap();
+    assert!(damaged.damage.is_some());
+    assert_eq!((damaged.good_len, damaged.unused), (seg.good_len, 0));
+    Journal::open(&settings(&torn_dir, 4 << 20))
+        .unwrap()
+        .close();
+    assert_eq!(std::fs::metadata(&torn_seg).unwrap().len(), seg.good_len);
+
+    // Records past the first chunk: more zeros are written ahead.
+    let big = Body::Intent {
+        identity: String::new(),
+        request: vec![7; PREALLOC_BYTES as usize],
+    };
+    j.append(1, big).unwrap();
+    let s = read_segment(&active).unwrap();
+    assert!(s.damage.is_none());
+    assert_eq!(s.records.len(), 5);
+    assert!(s.file_len > s.good_len, "{} {}", s.file_len, s.good_len);
+    // A closed segment holds its records only.
+    j.close();
+    assert_eq!(
+        std::fs::metadata(&active).unwrap().len(),
+        read_segment(&active).unwrap().good_len
+    );
 }

@@ -7,10 +7,17 @@
 //! since its last sync at once (group commit across sessions), and
 //! publishes the highest durable sequence number; in `ack` mode a session
 //! waits for it before the client sees a write's success.
+//!
+//! Segments are preallocated with zeros ahead of the records
+//! ([`PREALLOC_BYTES`] at a time): a record then overwrites blocks the
+//! file already has, and `fdatasync` writes the record's page without a
+//! file system journal commit for a new size (on ext4 here: 102-121 us
+//! per append and sync instead of 257-302 us). The reader takes zeros
+//! after the last record for unused space; a closed segment is cut to
+//! its records.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,6 +27,10 @@ use tracing::{info, warn};
 
 use super::reader::{self, segment_name};
 use super::record::{now_us, Body, Header, Record, HEADER_LEN};
+
+/// Zeros written ahead of the records at a time (at most up to the
+/// segment's size).
+pub const PREALLOC_BYTES: u64 = 1 << 20;
 
 /// When an appended record counts as kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +91,11 @@ struct Active {
     path: PathBuf,
     /// Bytes of the segment that hold whole records.
     len: u64,
+    /// Bytes of the segment written (records, then preallocated zeros).
+    written: u64,
+    /// Preallocating failed in this segment (a full disk): records are
+    /// appended without it until the next segment.
+    no_prealloc: bool,
     next_seq: u64,
     /// The last sequence number appended.
     appended: u64,
@@ -124,16 +140,16 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// Creates segment `first_seq` in `dir` with its header, synced.
 fn new_segment(dir: &Path, first_seq: u64) -> std::io::Result<(File, PathBuf)> {
     let path = dir.join(segment_name(first_seq));
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .mode(0o600)
         .open(&path)?;
     let header = Header {
         first_seq,
         created_us: now_us(),
     };
-    file.write_all(&header.encode())?;
+    file.write_all_at(&header.encode(), 0)?;
     file.sync_data()?;
     sync_dir(dir)?;
     Ok((file, path))
@@ -199,6 +215,14 @@ fn recover(dir: &Path) -> Result<u64, JournalError> {
             .map_err(|e| open_err(path, e))?;
         f.set_len(seg.good_len).map_err(|e| open_err(path, e))?;
         f.sync_all().map_err(|e| open_err(path, e))?;
+    } else if seg.unused > 0 {
+        // Preallocated and never used: a segment left open by a crash.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| open_err(path, e))?;
+        f.set_len(seg.good_len).map_err(|e| open_err(path, e))?;
+        f.sync_all().map_err(|e| open_err(path, e))?;
     }
     Ok(match seg.records.last() {
         Some(r) => r.seq,
@@ -229,6 +253,8 @@ impl Journal {
                 file: Arc::new(file),
                 path,
                 len: HEADER_LEN as u64,
+                written: HEADER_LEN as u64,
+                no_prealloc: false,
                 next_seq: last + 1,
                 appended: last,
                 failed: None,
@@ -301,12 +327,16 @@ impl Journal {
                 return Err(e);
             }
         }
-        let written = (&*a.file).write_all(&buf);
         let n = buf.len() as u64;
+        if a.len + n > a.written && !a.no_prealloc {
+            self.preallocate(&mut a, n);
+        }
+        let written = a.file.write_all_at(&buf, a.len);
         a.buf = buf;
         if let Err(e) = written {
             // Nothing of a record that was not written whole may stay: the
             // next one starts where this one did.
+            a.written = a.len;
             let (why, cut) = match a.file.set_len(a.len) {
                 Ok(()) => (e.to_string(), true),
                 Err(e2) => (
@@ -324,6 +354,7 @@ impl Journal {
             return Err(err);
         }
         a.len += n;
+        a.written = a.written.max(a.len);
         a.next_seq += 1;
         a.appended = seq;
         if intent && matches!(self.durability, Durability::Request(_)) {
@@ -335,13 +366,45 @@ impl Journal {
         Ok(seq)
     }
 
-    /// Closes the active segment (synced) and starts segment `first_seq`.
+    /// Writes zeros after the records, for at least the next `n` bytes,
+    /// up to the next multiple of [`PREALLOC_BYTES`] within the segment's
+    /// size. On a
+    /// failure (a full disk) what it wrote is cut off again and the
+    /// segment goes on without.
+    fn preallocate(&self, a: &mut Active, n: u64) {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let end = a.len + n;
+        let want = end
+            .next_multiple_of(PREALLOC_BYTES)
+            .min(self.segment_bytes.max(end));
+        let mut at = a.written;
+        while at < want {
+            let k = (want - at).min(ZEROS.len() as u64);
+            if let Err(e) = a.file.write_all_at(&ZEROS[..k as usize], at) {
+                warn!(
+                    segment = %a.path.display(),
+                    "journal: preallocating failed ({e}); appending without until the next segment"
+                );
+                a.no_prealloc = true;
+                if a.file.set_len(a.len).is_ok() {
+                    a.written = a.len;
+                }
+                return;
+            }
+            at += k;
+        }
+        a.written = want;
+    }
+
+    /// Closes the active segment (cut to its records, synced) and starts
+    /// segment `first_seq`.
     fn rotate(&self, a: &mut Active, first_seq: u64) -> Result<(), JournalError> {
+        let old = a.path.clone();
         let failed = |e: std::io::Error| JournalError::Write {
-            path: a.path.clone(),
+            path: old.clone(),
             why: format!("starting a new segment: {e}"),
         };
-        a.file.sync_data().map_err(|e| JournalError::Failed {
+        Self::finish_segment(a).map_err(|e| JournalError::Failed {
             path: a.path.clone(),
             why: e.to_string(),
         })?;
@@ -349,12 +412,23 @@ impl Journal {
         a.file = Arc::new(file);
         a.path = path;
         a.len = HEADER_LEN as u64;
+        a.written = a.len;
+        a.no_prealloc = false;
         if let Some(keep) = self.retention {
             if let Err(e) = expire(&self.dir, now_us() - keep.as_micros() as i64) {
                 warn!("journal: removing expired segments failed: {e}");
             }
         }
         Ok(())
+    }
+
+    /// Cuts the active segment's unused preallocated space and syncs it.
+    fn finish_segment(a: &mut Active) -> std::io::Result<()> {
+        if a.written > a.len {
+            a.file.set_len(a.len)?;
+            a.written = a.len;
+        }
+        a.file.sync_data()
     }
 
     /// Waits until a write whose intent is record `intent` and outcome
@@ -480,9 +554,9 @@ impl Journal {
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        let a = self.lock();
+        let mut a = self.lock();
         if a.failed.is_none() {
-            match a.file.sync_data() {
+            match Self::finish_segment(&mut a) {
                 Ok(()) => self.synced.send_modify(|s| s.seq = a.appended),
                 Err(e) => warn!("journal: the last sync of {} failed: {e}", a.path.display()),
             }

@@ -411,7 +411,10 @@ async fn a_torn_tail_is_cut_at_the_next_start() {
     let (_, last) = segments(&jdir).unwrap().pop().unwrap();
     let seg = read_segment(&last).unwrap();
     assert!(seg.damage.is_none());
-    let intact = seg.file_len;
+    // The segment was open: preallocated zeros follow its records.
+    assert!(seg.unused > 0, "{seg:?}");
+    let intact = seg.good_len;
+    let file_len = seg.file_len;
     let last_seq = seg.records.last().unwrap().seq;
     let torn = Record {
         seq: last_seq + 1,
@@ -425,17 +428,16 @@ async fn a_torn_tail_is_cut_at_the_next_start() {
     .encode();
     let half = &torn[..torn.len() / 2];
     {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&last)
-            .unwrap();
-        f.write_all(half).unwrap();
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+        f.write_all_at(half, intact).unwrap();
     }
-    assert_eq!(
-        std::fs::metadata(&last).unwrap().len(),
-        intact + half.len() as u64
+    let seg = read_segment(&last).unwrap();
+    assert!(
+        seg.damage.is_some(),
+        "half a record is damage, not unused space"
     );
+    assert_eq!(seg.good_len, intact);
 
     let (config, addr) = journal_config(tmp.path(), &slapd.url(), &jdir);
     let mut proxy = serve(&config);
@@ -444,7 +446,7 @@ async fn a_torn_tail_is_cut_at_the_next_start() {
         "the start-up log says it cut a torn tail"
     );
     assert!(
-        proxy.saw(&format!("bytes={}", half.len())),
+        proxy.saw(&format!("bytes={}", file_len - intact)),
         "it names the bytes cut"
     );
     assert_eq!(
@@ -553,7 +555,8 @@ async fn a_full_disk_refuses_writes_unsent_and_they_resume_when_there_is_room() 
     let fs = Tmpfs::mount(tmp.path(), "2M");
     let jdir = tmp.path().join("journal");
     let lab = journal_lab(&jdir, |_| {}).await;
-    // Leave room for one 100 KB write and its answer, not for two.
+    // Leave room for one 100 KB write and its answer, not for two (and the
+    // space the journal preallocated before the filler).
     let filler = tmp.path().join("filler");
     let room = 150 * 1024;
     let free = fs.free();
@@ -567,7 +570,9 @@ async fn a_full_disk_refuses_writes_unsent_and_they_resume_when_there_is_room() 
     let mut c = bound_at(&lab.proxy_addr(), ADMIN_DN, ADMIN_PW).await;
     let mut succeeded = Vec::new();
     let mut refused = None;
-    for i in 0..10 {
+    // The journal's segment has up to 1 MiB of preallocated space that
+    // the filler cannot take: the disk is full some writes later.
+    for i in 0..40 {
         let cn = format!("big{i}");
         let bytes = encode(big_add(i + 2, &cn, 100 * 1024));
         c.send(&bytes).await;
