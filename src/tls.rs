@@ -61,6 +61,16 @@ pub struct TlsConfig {
     pub require_tls: bool,
     /// Issue StartTLS on each new `ldap://` upstream connection.
     pub upstream_starttls: bool,
+    /// Each session's upstream connection as secure as its client's: clear
+    /// for a clear client, StartTLS on it when the client's StartTLS
+    /// succeeds, TLS from the start for an `ldaps://` client (see
+    /// `upstream_ldaps`). The server's confidentiality rules then decide
+    /// as they would for the client itself.
+    pub upstream_mirror: bool,
+    /// With `upstream_mirror`: the server's `ldaps://HOST:PORT`, for the
+    /// sessions of `ldaps://` clients (default: StartTLS on a new
+    /// connection to `upstream`).
+    pub upstream_ldaps: Option<String>,
     /// PEM CA certificates the upstream's certificate must chain to
     /// (default: the system store, [`SYSTEM_CA_FILE`]).
     pub upstream_ca_file: Option<PathBuf>,
@@ -90,6 +100,8 @@ impl Default for TlsConfig {
             require_client_cert: false,
             require_tls: false,
             upstream_starttls: false,
+            upstream_mirror: false,
+            upstream_ldaps: None,
             upstream_ca_file: None,
             upstream_verify_hostname: true,
             upstream_server_name: None,
@@ -138,6 +150,34 @@ impl TlsConfig {
             return Err(format!(
                 "tls.upstream_starttls needs an ldap:// upstream (not {upstream})"
             ));
+        }
+        if self.upstream_mirror {
+            if !matches!(upstream, Endpoint::Tcp(_)) {
+                return Err(format!(
+                    "tls.upstream_mirror needs an ldap:// upstream (not {upstream}): each \
+                     session's connection starts clear and turns to TLS with its client"
+                ));
+            }
+            if self.upstream_starttls {
+                return Err(
+                    "tls.upstream_mirror and tls.upstream_starttls exclude each other \
+                     (mirror: TLS where the client has it; starttls: TLS for every session)"
+                        .into(),
+                );
+            }
+        }
+        if let Some(u) = &self.upstream_ldaps {
+            if !self.upstream_mirror {
+                return Err("tls.upstream_ldaps goes with tls.upstream_mirror".into());
+            }
+            match Endpoint::parse(u) {
+                Ok(Endpoint::Tls(_)) => {}
+                _ => {
+                    return Err(format!(
+                        "tls.upstream_ldaps {u:?} is not an ldaps://HOST:PORT URL"
+                    ))
+                }
+            }
         }
         if let Some(n) = &self.upstream_server_name {
             ServerName::try_from(n.as_str())
@@ -550,6 +590,12 @@ impl UpstreamTls {
             Endpoint::Tcp(hp) if cfg.upstream_starttls => host_of(hp),
             _ => return Ok(None),
         };
+        UpstreamTls::build(cfg, host, cfg.upstream_starttls).map(Some)
+    }
+
+    /// The settings for a server named `host` (unless
+    /// `upstream_server_name`), with StartTLS on new connections or not.
+    fn build(cfg: &TlsConfig, host: String, starttls: bool) -> Result<UpstreamTls, String> {
         let name = cfg.upstream_server_name.clone().unwrap_or(host);
         let name = ServerName::try_from(name.clone())
             .map_err(|_| format!("upstream TLS: {name:?} is not a host name or address"))?;
@@ -565,30 +611,136 @@ impl UpstreamTls {
                 "tls.upstream_key_file",
             ],
         )?;
-        Ok(Some(UpstreamTls {
+        Ok(UpstreamTls {
             connector: TlsConnector::from(Arc::new(config)),
             name,
-            starttls: cfg.upstream_starttls,
+            starttls,
             timeout: cfg.handshake_timeout(),
-        }))
+        })
     }
 
     /// TLS on a fresh TCP connection to the upstream (after StartTLS when
     /// configured); errors say what failed.
-    async fn wrap(&self, mut tcp: TcpStream) -> io::Result<(BoxRead, BoxWrite)> {
-        let fail = |what: String| io::Error::other(what);
-        if self.starttls {
-            tokio::time::timeout(self.timeout, upstream_starttls(&mut tcp))
-                .await
-                .map_err(|_| fail("StartTLS timed out".into()))??;
-        }
-        let tls =
-            tokio::time::timeout(self.timeout, self.connector.connect(self.name.clone(), tcp))
-                .await
-                .map_err(|_| fail("TLS handshake timed out".into()))?
-                .map_err(|e| fail(format!("TLS handshake failed: {}", describe_io(&e))))?;
+    async fn wrap(&self, tcp: TcpStream) -> io::Result<(BoxRead, BoxWrite)> {
+        let tls = self.secure(tcp, self.starttls).await?;
         let (r, w) = tokio::io::split(tls);
         Ok((Box::new(r), Box::new(w)))
+    }
+
+    /// StartTLS (when `starttls`) and the handshake on a fresh connection.
+    async fn secure(&self, mut tcp: TcpStream, starttls: bool) -> io::Result<UpstreamTlsStream> {
+        if starttls {
+            tokio::time::timeout(self.timeout, upstream_starttls(&mut tcp))
+                .await
+                .map_err(|_| io::Error::other("StartTLS timed out"))??;
+        }
+        self.handshake(tcp).await.map_err(io::Error::other)
+    }
+
+    /// The TLS handshake with the server on a connection whose StartTLS it
+    /// has just accepted (or an `ldaps://` one), within the time limit.
+    pub async fn handshake(&self, tcp: TcpStream) -> Result<UpstreamTlsStream, String> {
+        tokio::time::timeout(self.timeout, self.connector.connect(self.name.clone(), tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {}", describe_io(&e)))
+    }
+
+    /// The time allowed to StartTLS and to a handshake.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// A TLS connection to the upstream.
+pub type UpstreamTlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// `tls.upstream_mirror`: how each session's upstream connection gets the
+/// security of its client's.
+#[derive(Debug)]
+pub struct Mirror {
+    /// The handshakes (the upstream's certificate checked as configured).
+    pub tls: UpstreamTls,
+    /// Where an `ldaps://` client's session connects (`upstream_ldaps`);
+    /// `None`: StartTLS on a new connection to the upstream.
+    ldaps: Option<Endpoint>,
+    /// The `ldap://` upstream.
+    upstream: Endpoint,
+}
+
+/// The security of a client connection, which a mirrored upstream
+/// connection takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientSecurity {
+    /// In TLS (`ldaps://`).
+    Tls,
+    /// Clear TCP that may turn to TLS (StartTLS).
+    Clear,
+    /// A unix socket, or a clear connection that can never turn to TLS.
+    Fixed,
+}
+
+impl Mirror {
+    /// The mirror settings, `None` unless `tls.upstream_mirror`.
+    pub fn load(cfg: &TlsConfig, upstream: &Endpoint) -> Result<Option<Mirror>, String> {
+        if !cfg.upstream_mirror {
+            return Ok(None);
+        }
+        let Endpoint::Tcp(hp) = upstream else {
+            return Err(format!(
+                "tls.upstream_mirror needs an ldap:// upstream, not {upstream}"
+            ));
+        };
+        let ldaps = cfg
+            .upstream_ldaps
+            .as_deref()
+            .map(Endpoint::parse)
+            .transpose()?;
+        let tls = UpstreamTls::build(cfg, host_of(hp), true)?;
+        Ok(Some(Mirror {
+            tls,
+            ldaps,
+            upstream: upstream.clone(),
+        }))
+    }
+
+    /// A session's upstream connection for a client of this security: TLS
+    /// for a TLS client; clear otherwise, and then (for a client that may
+    /// still turn to TLS) as a stream StartTLS can upgrade in place.
+    pub async fn connect(
+        &self,
+        client: ClientSecurity,
+    ) -> io::Result<(BoxRead, BoxWrite, Option<UpstreamStream>)> {
+        match client {
+            ClientSecurity::Tls => {
+                let (addr, starttls) = match &self.ldaps {
+                    Some(Endpoint::Tls(a)) => (a, false),
+                    _ => match &self.upstream {
+                        Endpoint::Tcp(a) => (a, true),
+                        other => return Err(io::Error::other(format!("not TCP: {other}"))),
+                    },
+                };
+                let tcp = TcpStream::connect(addr.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let tls = self.tls.secure(tcp, starttls).await?;
+                let (r, w) = tokio::io::split(tls);
+                Ok((Box::new(r), Box::new(w), None))
+            }
+            ClientSecurity::Clear => {
+                let Endpoint::Tcp(addr) = &self.upstream else {
+                    return Err(io::Error::other("the mirrored upstream is not TCP"));
+                };
+                let tcp = TcpStream::connect(addr.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let stream = UpstreamStream::clear(tcp);
+                let (r, w) = stream.halves();
+                Ok((r, w, Some(stream)))
+            }
+            ClientSecurity::Fixed => {
+                let (r, w) = self.upstream.connect().await?;
+                Ok((r, w, None))
+            }
+        }
     }
 }
 
@@ -689,9 +841,9 @@ pub async fn connect_upstream(
     }
 }
 
-enum Inner {
+enum Inner<T> {
     Clear(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<T>),
     /// Between taking the clear socket and putting the TLS stream back, or
     /// after a failed handshake.
     Gone,
@@ -704,23 +856,35 @@ fn gone() -> io::Error {
     )
 }
 
-/// A client TCP connection that may be in clear or in TLS, shared by the
-/// session's two halves; StartTLS upgrades it in place.
-#[derive(Clone)]
-pub struct ClientStream(Arc<Mutex<Inner>>);
+/// A TCP connection that may be in clear or in TLS, shared by a session's
+/// two halves; StartTLS upgrades it in place. `T` is the TLS stream: the
+/// server side of one for a client ([`ClientStream`]), the client side for
+/// the upstream ([`UpstreamStream`]).
+pub struct Upgradable<T>(Arc<Mutex<Inner<T>>>);
 
-impl ClientStream {
+impl<T> Clone for Upgradable<T> {
+    fn clone(&self) -> Self {
+        Upgradable(Arc::clone(&self.0))
+    }
+}
+
+/// A client connection StartTLS can turn to TLS.
+pub type ClientStream = Upgradable<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A mirrored upstream connection that turns to TLS with its client.
+pub type UpstreamStream = Upgradable<UpstreamTlsStream>;
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Upgradable<T> {
     /// A clear connection (StartTLS possible).
     pub fn clear(tcp: TcpStream) -> Self {
-        ClientStream(Arc::new(Mutex::new(Inner::Clear(tcp))))
+        Upgradable(Arc::new(Mutex::new(Inner::Clear(tcp))))
     }
 
-    /// A connection already in TLS (`ldaps://`).
-    pub fn tls(tls: tokio_rustls::server::TlsStream<TcpStream>) -> Self {
-        ClientStream(Arc::new(Mutex::new(Inner::Tls(Box::new(tls)))))
+    /// A connection already in TLS.
+    pub fn tls(tls: T) -> Self {
+        Upgradable(Arc::new(Mutex::new(Inner::Tls(Box::new(tls)))))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -737,11 +901,14 @@ impl ClientStream {
         )
     }
 
-    /// StartTLS: runs the server handshake on the clear socket and puts the
-    /// TLS stream in its place. The caller guarantees neither half is in use
-    /// (nothing buffered, nothing being written). Returns the client
-    /// certificate's subject, if any. On error the connection is unusable.
-    pub async fn start_tls(&self, server: &ServerTls) -> Result<Option<String>, String> {
+    /// Runs `handshake` on the clear socket and puts the TLS stream it
+    /// gives in its place. The caller guarantees neither half is in use
+    /// (nothing buffered, nothing being written). On error the connection
+    /// is unusable.
+    async fn upgrade<X, F>(&self, handshake: impl FnOnce(TcpStream) -> F) -> Result<X, String>
+    where
+        F: std::future::Future<Output = Result<(T, X), String>>,
+    {
         let tcp = {
             let mut g = self.lock();
             match std::mem::replace(&mut *g, Inner::Gone) {
@@ -752,16 +919,32 @@ impl ClientStream {
                 }
             }
         };
-        let (tls, subject) = server.accept(tcp).await?;
+        let (tls, x) = handshake(tcp).await?;
         *self.lock() = Inner::Tls(Box::new(tls));
-        Ok(subject)
+        Ok(x)
     }
 }
 
-struct ReadSide(ClientStream);
-struct WriteSide(ClientStream);
+impl ClientStream {
+    /// StartTLS: the server handshake on the clear socket. Returns the
+    /// client certificate's subject, if any.
+    pub async fn start_tls(&self, server: &ServerTls) -> Result<Option<String>, String> {
+        self.upgrade(|tcp| server.accept(tcp)).await
+    }
+}
 
-impl AsyncRead for ReadSide {
+impl UpstreamStream {
+    /// StartTLS, once the server accepted it: the handshake with the server.
+    pub async fn start_tls(&self, tls: &UpstreamTls) -> Result<(), String> {
+        self.upgrade(|tcp| async move { tls.handshake(tcp).await.map(|t| (t, ())) })
+            .await
+    }
+}
+
+struct ReadSide<T>(Upgradable<T>);
+struct WriteSide<T>(Upgradable<T>);
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for ReadSide<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -775,7 +958,7 @@ impl AsyncRead for ReadSide {
     }
 }
 
-impl AsyncWrite for WriteSide {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for WriteSide<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
         match &mut *self.0.lock() {
             Inner::Clear(s) => Pin::new(s).poll_write(cx, b),
@@ -858,6 +1041,37 @@ mod tests {
         };
         assert!(c.validate(&tcp_l, &tcp).is_ok());
         assert!(c.validate(&tcp_l, &ldaps).is_err());
+        let mirror = TlsConfig {
+            upstream_mirror: true,
+            ..TlsConfig::default()
+        };
+        assert!(mirror.validate(&tcp_l, &tcp).is_ok());
+        assert!(mirror.validate(&tcp_l, &ldaps).is_err());
+        let unix = Endpoint::Unix("/run/slapd/ldapi".into());
+        assert!(mirror.validate(&tcp_l, &unix).is_err());
+        let both = TlsConfig {
+            upstream_starttls: true,
+            ..mirror.clone()
+        };
+        assert!(both.validate(&tcp_l, &tcp).unwrap_err().contains("exclude"));
+        let ldaps_url = |u: &str| TlsConfig {
+            upstream_ldaps: Some(u.into()),
+            ..mirror.clone()
+        };
+        assert!(ldaps_url("ldaps://127.0.0.1:636")
+            .validate(&tcp_l, &tcp)
+            .is_ok());
+        assert!(ldaps_url("ldap://127.0.0.1:389")
+            .validate(&tcp_l, &tcp)
+            .is_err());
+        let alone = TlsConfig {
+            upstream_ldaps: Some("ldaps://127.0.0.1:636".into()),
+            ..TlsConfig::default()
+        };
+        assert!(alone
+            .validate(&tcp_l, &tcp)
+            .unwrap_err()
+            .contains("upstream_mirror"));
         let c = TlsConfig {
             cert_file: Some("/x".into()),
             ..TlsConfig::default()

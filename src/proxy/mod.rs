@@ -30,7 +30,7 @@ use crate::freeze::drivers::CommandDriver;
 use crate::freeze::state::StateFile;
 use crate::freeze::{Driver, Engine};
 use crate::journal::Journal;
-use crate::tls::{ServerTls, UpstreamTls};
+use crate::tls::{ClientSecurity, Mirror, ServerTls, UpstreamTls};
 
 /// What every session of one proxy shares.
 #[derive(Debug)]
@@ -43,6 +43,9 @@ pub struct Shared {
     pub server_tls: Option<Arc<ServerTls>>,
     /// How to reach a TLS upstream (`ldaps://` or `upstream_starttls`).
     pub upstream_tls: Option<Arc<UpstreamTls>>,
+    /// `tls.upstream_mirror`: each session's upstream connection takes its
+    /// client's security.
+    pub mirror: Option<Arc<Mirror>>,
     /// Open client connections against their limits.
     pub limits: Arc<limits::ConnLimits>,
     /// Tasks other than sessions that shutdown waits for: Allow-Backup
@@ -68,7 +71,9 @@ impl Shared {
                  abproxy's own uid",
             );
         }
-        if self.upstream_tls.is_some() && self.settings.tls.upstream_cert_file.is_some() {
+        if (self.upstream_tls.is_some() || self.mirror.is_some())
+            && self.settings.tls.upstream_cert_file.is_some()
+        {
             return Some(
                 "abproxy presents its own client certificate to the upstream, which the \
                  server would authenticate EXTERNAL as",
@@ -89,6 +94,7 @@ impl Shared {
             engine,
             server_tls: None,
             upstream_tls: None,
+            mirror: None,
             limits,
             tasks: TaskTracker::new(),
             prints: Default::default(),
@@ -100,6 +106,23 @@ impl Shared {
     /// A new connection to the upstream, with TLS when configured.
     pub async fn connect_upstream(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
         crate::tls::connect_upstream(&self.settings.upstream, self.upstream_tls.as_deref()).await
+    }
+
+    /// A new upstream connection for a session whose client has this
+    /// security: with `upstream_mirror` as secure as the client's (and,
+    /// for a clear client, a stream its StartTLS can upgrade), else as
+    /// [`Shared::connect_upstream`].
+    pub(crate) async fn connect_session_upstream(
+        &self,
+        client: ClientSecurity,
+    ) -> std::io::Result<(BoxRead, BoxWrite, Option<crate::tls::UpstreamStream>)> {
+        match &self.mirror {
+            Some(m) => m.connect(client).await,
+            None => {
+                let (r, w) = self.connect_upstream().await?;
+                Ok((r, w, None))
+            }
+        }
     }
 }
 
@@ -189,6 +212,9 @@ impl Server {
         let upstream = settings.upstream.clone();
         let server_tls = ServerTls::load(&settings.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
         let upstream_tls = UpstreamTls::load(&settings.tls, &upstream)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map(Arc::new);
+        let mirror = Mirror::load(&settings.tls, &upstream)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map(Arc::new);
         let mut listeners = Vec::new();
@@ -328,6 +354,7 @@ impl Server {
         let shared = Arc::new(Shared {
             server_tls,
             upstream_tls,
+            mirror,
             journal,
             ..Shared::new(settings, engine)
         });

@@ -47,4 +47,5 @@ mod nosync;
 mod rust_client;
 mod systemd;
 mod tls;
+mod tls_mirror;
 mod wire;

@@ -51,6 +51,9 @@ pub(super) enum End {
     UpstreamProtocol(String),
     SaslLayer(Side),
     Tls(String),
+    /// TLS with the LDAP server failed for a client that has TLS
+    /// (`tls.upstream_mirror`).
+    UpstreamTls(String),
     Io(IoAt, std::io::Error),
     Idle(Duration),
     /// The upstream connection closed during a stop freeze and the session
@@ -79,6 +82,7 @@ impl End {
                 side.name()
             ),
             End::Tls(m) => format!("StartTLS: {m}"),
+            End::UpstreamTls(m) => m.clone(),
             End::Io(at, e) => format!("{}: {e}", at.describe()),
             End::Closed => "closed by the other side of the session".into(),
             End::NotCarried(why) => format!("not carried to a new upstream connection: {why}"),

@@ -28,7 +28,7 @@ use super::{Incoming, Shared};
 use crate::endpoint::{self, BoxRead, BoxWrite};
 use crate::freeze::participant::{HeldResponses, Queue};
 use crate::freeze::{Control, SessionHandle};
-use crate::tls::ClientStream;
+use crate::tls::{ClientSecurity, ClientStream, UpstreamStream};
 use crate::wire::envelope::oid;
 use crate::wire::{op, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
 
@@ -110,7 +110,9 @@ impl Close {
 /// one the sessions knew (`print.rs`).
 pub(crate) async fn learn_server_print(shared: Arc<Shared>) {
     let read = async {
-        let (mut up_in, mut up_out) = open_upstream(&shared).await.map_err(|e| e.to_string())?;
+        let (mut up_in, mut up_out, _) = open_upstream(&shared, ClientSecurity::Fixed)
+            .await
+            .map_err(|e| e.to_string())?;
         let p = print::read(&mut up_in, &mut up_out)
             .await
             .map_err(|e| format!("{e:?}"))?;
@@ -128,12 +130,20 @@ pub(crate) async fn learn_server_print(shared: Arc<Shared>) {
     }
 }
 
-/// A new connection to the upstream (TLS as configured), framed as a
-/// session's: its input and output.
-async fn open_upstream(shared: &Shared) -> std::io::Result<(UpIn, UpOut)> {
-    let (r, w) = shared.connect_upstream().await?;
+/// A new connection to the upstream (TLS as configured, or as `client`'s
+/// with `tls.upstream_mirror`), framed as a session's: its input and
+/// output, and the stream StartTLS can upgrade.
+async fn open_upstream(
+    shared: &Shared,
+    client: ClientSecurity,
+) -> std::io::Result<(UpIn, UpOut, Option<UpstreamStream>)> {
+    let (r, w, stream) = shared.connect_session_upstream(client).await?;
     let codec = FrameCodec::new(shared.settings.limits.max_response_pdu_bytes);
-    Ok((FrameReader::new(r, codec), FrameWriter::new(w, UP_BUFFER)))
+    Ok((
+        FrameReader::new(r, codec),
+        FrameWriter::new(w, UP_BUFFER),
+        stream,
+    ))
 }
 
 /// Either side's input (client or upstream).
@@ -230,6 +240,15 @@ async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -
 }
 
 impl Client {
+    /// What a mirrored upstream connection must be for this client.
+    fn security(&self) -> ClientSecurity {
+        match (self.tls, &self.stream) {
+            (true, _) => ClientSecurity::Tls,
+            (false, Some(_)) => ClientSecurity::Clear,
+            (false, None) => ClientSecurity::Fixed,
+        }
+    }
+
     /// A connection that is and stays clear (ldapi-like: `require_tls` does
     /// not apply), e.g. the fuzz harness's in-memory pipes.
     #[cfg(any(test, feature = "fuzzing"))]
@@ -263,22 +282,16 @@ pub(crate) async fn serve(
     };
     let connect = tokio::time::timeout(
         shared.settings.upstream_connect_timeout,
-        shared.connect_upstream(),
+        shared.connect_session_upstream(client.security()),
     )
     .await;
     let why = match connect {
-        Ok(Ok(halves)) => {
-            return serve_connected(
-                id,
-                peer,
-                cred,
-                client,
-                Some(halves),
-                shared,
-                shutdown,
-                abort,
-            )
-            .await
+        Ok(Ok((r, w, stream))) => {
+            let upstream = Upstream {
+                halves: Some((r, w)),
+                stream,
+            };
+            return serve_session(id, peer, cred, client, upstream, shared, shutdown, abort).await;
         }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "timed out".into(),
@@ -293,15 +306,28 @@ pub(crate) async fn serve(
             %peer,
             "the LDAP server is not reachable ({why}): the session waits for it"
         );
-        return serve_connected(id, peer, cred, client, None, shared, shutdown, abort).await;
+        let upstream = Upstream {
+            halves: None,
+            stream: None,
+        };
+        return serve_session(id, peer, cred, client, upstream, shared, shutdown, abort).await;
     }
     refuse(id, &peer, &shared, client.write, why).await
+}
+
+/// A session's upstream connection: its halves (`None`: none yet, the
+/// session waits for the server), and the stream a client's StartTLS turns
+/// to TLS (`tls.upstream_mirror`).
+struct Upstream {
+    halves: Option<(BoxRead, BoxWrite)>,
+    stream: Option<UpstreamStream>,
 }
 
 /// Runs a session whose upstream connection is already open (`None`: that
 /// waits for the server to be reachable, as after a restart), until it
 /// ends. The fuzz harness (`crate::fuzzing`) calls it with in-memory pipes.
 #[allow(clippy::too_many_arguments)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) async fn serve_connected(
     id: u64,
     peer: String,
@@ -312,11 +338,30 @@ pub(crate) async fn serve_connected(
     shutdown: CancellationToken,
     abort: CancellationToken,
 ) {
+    let upstream = Upstream {
+        halves: upstream,
+        stream: None,
+    };
+    serve_session(id, peer, cred, client, upstream, shared, shutdown, abort).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_session(
+    id: u64,
+    peer: String,
+    cred: Option<(u32, u32)>,
+    client: Client,
+    upstream: Upstream,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
     let started = Instant::now();
     let client_r = client.read;
-    let lost = upstream.is_none();
-    let (up_r, up_w): (BoxRead, BoxWrite) =
-        upstream.unwrap_or_else(|| (Box::new(tokio::io::empty()), Box::new(tokio::io::sink())));
+    let lost = upstream.halves.is_none();
+    let (up_r, up_w): (BoxRead, BoxWrite) = upstream
+        .halves
+        .unwrap_or_else(|| (Box::new(tokio::io::empty()), Box::new(tokio::io::sink())));
     // At most this much (plus one response) waits for a client that does not
     // read; then the responses loop stops reading the upstream.
     let client_out = FrameWriter::new(client.write, shared.settings.limits.client_buffer_bytes);
@@ -347,6 +392,7 @@ pub(crate) async fn serve_connected(
         id,
         cred,
         client: client.stream,
+        upstream_stream: upstream.stream,
         tls: client.tls,
         tcp: client.tcp,
         cert_subject: client.cert_subject,

@@ -19,7 +19,7 @@ use crate::freeze::{Class, Control, Engine, Requester};
 use crate::journal::{Body as JournalBody, JournalError};
 use crate::proxy::exops::{self};
 use crate::proxy::mailbox::Inbox;
-use crate::tls::ClientStream;
+use crate::tls::{ClientSecurity, ClientStream, Mirror, UpstreamStream};
 use crate::wire::envelope::{auth, oid};
 use crate::wire::{op, paging, pdu, Envelope, FrameError};
 
@@ -39,6 +39,9 @@ pub(super) struct Requests<'a> {
     pub(super) cred: Option<(u32, u32)>,
     /// The client's TCP stream, which StartTLS can turn to TLS.
     pub(super) client: Option<ClientStream>,
+    /// The upstream stream a client's StartTLS turns to TLS
+    /// (`tls.upstream_mirror`, a clear client).
+    pub(super) upstream_stream: Option<UpstreamStream>,
     /// The session is in TLS.
     pub(super) tls: bool,
     /// The client is on TCP (not ldapi): `require_tls` applies in clear.
@@ -123,6 +126,15 @@ impl Requests<'_> {
                 let notice = pdu::notice_of_disconnection(
                     LdapResultCode::ProtocolError,
                     &format!("abproxy: {m}"),
+                );
+                let _ = self.local.try_send(Local::Pdu(notice));
+                self.end_session();
+            }
+            End::UpstreamTls(m) => {
+                warn!(conn = self.id, "closing client session: {m}");
+                let notice = pdu::notice_of_disconnection(
+                    LdapResultCode::Unavailable,
+                    &format!("abproxy: {m}; the session does not go on in clear"),
                 );
                 let _ = self.local.try_send(Local::Pdu(notice));
                 self.end_session();
@@ -404,7 +416,7 @@ impl Requests<'_> {
             // Boxed: the handshake's future is large (1.6 KB), and inline it
             // would make every request's `handle` future as large, built and
             // moved at each request.
-            Decision::StartTls => Box::pin(self.start_tls(&env)).await,
+            Decision::StartTls => Box::pin(self.start_tls(&env, &frame)).await,
             Decision::CancelQueued(target) => {
                 if let Some(q) = self.unqueue(target) {
                     // RFC 3909: the cancelled operation ends with `canceled`,
@@ -482,7 +494,7 @@ impl Requests<'_> {
     /// StartTLS (RFC 4511 section 4.14): success, then the TLS handshake
     /// on this connection; operationsError (the session goes on as it was)
     /// when TLS is already on or operations are outstanding.
-    async fn start_tls(&mut self, env: &Envelope) -> Step {
+    async fn start_tls(&mut self, env: &Envelope, frame: &Bytes) -> Step {
         let name = Some(exops::START_TLS_OID);
         let answer = |code, msg: &str| pdu::extended_response(env.msgid, code, msg, name, None);
         if self.tls {
@@ -521,10 +533,25 @@ impl Requests<'_> {
                 "data sent after the StartTLS request, before its response".into(),
             ));
         }
+        let mut success = answer(LdapResultCode::Success, "");
+        if let (Some(up), Some(mirror)) = (self.upstream_stream.clone(), self.shared.mirror.clone())
+        {
+            if !self.state.upstream_lost.load(Ordering::SeqCst) {
+                match self.upstream_start_tls(env, frame, &up, &mirror).await {
+                    Ok(Ok(server_answer)) => success = server_answer,
+                    // The server refused: the client gets its answer, and
+                    // both connections stay clear, as with the server itself.
+                    Ok(Err(refusal)) => return self.reply_locally(refusal).await,
+                    Err(end) => return Step::End(end),
+                }
+            }
+            // (A session waiting for its server is carried over TLS once
+            // its client has it: `reestablish`.)
+        }
         let (flushed_tx, flushed_rx) = oneshot::channel();
         let (resume_tx, resume_rx) = oneshot::channel();
         let start = Local::StartTls {
-            pdu: answer(LdapResultCode::Success, ""),
+            pdu: success,
             flushed: flushed_tx,
             resume: resume_rx,
         };
@@ -557,6 +584,80 @@ impl Requests<'_> {
                 Step::Continue
             }
             Err(e) => Step::End(End::Tls(e)),
+        }
+    }
+
+    /// `tls.upstream_mirror`: the client's StartTLS, nothing outstanding,
+    /// goes to the server as the client sent it; on the server's success
+    /// the proxy runs the TLS handshake with it on the session's
+    /// connection before the client gets that success (`Ok(Ok(answer))`).
+    /// The server's refusal is the client's answer (`Ok(Err(answer))`). A
+    /// failed handshake ends the session: never on in clear.
+    async fn upstream_start_tls(
+        &mut self,
+        env: &Envelope,
+        frame: &Bytes,
+        up: &UpstreamStream,
+        mirror: &Mirror,
+    ) -> Result<Result<Bytes, Bytes>, End> {
+        let (tx, rx) = oneshot::channel();
+        *lock(&self.state.upstream_starttls) = Some((env.msgid, tx));
+        if !self.state.start(
+            env.msgid,
+            InFlight::new(op::EXTENDED_REQUEST, Some(Class::NEVER)),
+        ) {
+            return Err(reused_id(env.msgid));
+        }
+        self.up_out.append_always(frame);
+        flush_waiting(&mut self.up_out, self.close, TO_UPSTREAM).await?;
+        let limit = mirror.tls.timeout();
+        let (answer, resume) = tokio::select! {
+            r = tokio::time::timeout(limit, rx) => match r {
+                Ok(Ok(a)) => a,
+                Ok(Err(_)) => return Err(End::Closed),
+                Err(_) => {
+                    return Err(End::UpstreamTls(format!(
+                        "the LDAP server did not answer StartTLS within {} s",
+                        limit.as_secs()
+                    )))
+                }
+            },
+            _ = self.close.cancelled() => return Err(End::Closed),
+        };
+        let code = Envelope::response(&answer).ok().and_then(|e| e.result_code);
+        if code != Some(0) {
+            info!(
+                conn = self.id,
+                code, "the LDAP server refused StartTLS: its answer goes to the client"
+            );
+            let _ = resume.send(());
+            return Ok(Err(answer));
+        }
+        let handshake = tokio::select! {
+            r = up.start_tls(&mirror.tls) => r,
+            _ = self.close.cancelled() => return Err(End::Closed),
+        };
+        match handshake {
+            Ok(()) => {
+                info!(
+                    conn = self.id,
+                    "TLS established with the LDAP server (StartTLS)"
+                );
+                let _ = resume.send(());
+                Ok(Ok(answer))
+            }
+            Err(e) => Err(End::UpstreamTls(format!(
+                "the TLS handshake with the LDAP server failed: {e}"
+            ))),
+        }
+    }
+
+    /// The security a new upstream connection of this session needs.
+    fn security(&self) -> ClientSecurity {
+        match (self.tls, &self.client) {
+            (true, _) => ClientSecurity::Tls,
+            (false, Some(_)) => ClientSecurity::Clear,
+            (false, None) => ClientSecurity::Fixed,
         }
     }
 
@@ -794,10 +895,11 @@ impl Requests<'_> {
             settings.upstream_retry
         };
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1), window);
+        let security = self.security();
         loop {
             let shared = self.shared;
             let attempt = async {
-                let (mut up_in, mut up_out) = open_upstream(shared)
+                let (mut up_in, mut up_out, stream) = open_upstream(shared, security)
                     .await
                     .map_err(|e| Refused::Lost(e.to_string()))?;
                 carry::reestablish(&mut up_in, &mut up_out, &replay).await?;
@@ -809,7 +911,7 @@ impl Requests<'_> {
                         "the server came back as another server: {why}"
                     )));
                 }
-                Ok::<_, Refused>((up_in, up_out))
+                Ok::<_, Refused>((up_in, up_out, stream))
             };
             let outcome = tokio::select! {
                 r = tokio::time::timeout(settings.upstream_connect_timeout, attempt) => r,
@@ -817,12 +919,13 @@ impl Requests<'_> {
                 _ = self.abort.cancelled() => return Err(NotBack::End(End::Shutdown)),
             };
             let why = match outcome {
-                Ok(Ok((up_in, up_out))) => {
+                Ok(Ok((up_in, up_out, stream))) => {
                     let handover = lock(&self.state.new_upstream).take();
                     if handover.is_none_or(|tx| tx.send(up_in).is_err()) {
                         return Err(NotBack::End(End::Closed));
                     }
                     self.up_out = up_out;
+                    self.upstream_stream = stream;
                     self.retry_spent = false;
                     self.state.upstream_lost.store(false, Ordering::SeqCst);
                     info!(

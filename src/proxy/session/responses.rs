@@ -21,7 +21,7 @@ use crate::proxy::mailbox::Inbox;
 use crate::wire::{op, paging, pdu, rootdse, Envelope, FrameError};
 
 use super::end::{End, IoAt, Side};
-use super::state::SessionState;
+use super::state::{SessionState, TlsAnswer};
 use super::{
     count, feed_waiting, flush_now, flush_waiting, frame_buffered, is_notice, lock, ClientOut,
     Close, Local, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
@@ -426,6 +426,30 @@ impl Responses {
         }
     }
 
+    /// Hands the server's answer to a forwarded StartTLS to the requests
+    /// loop and reads nothing more from the upstream until it says so: on
+    /// success it runs the TLS handshake on this connection meanwhile. The
+    /// server sends nothing after the answer until the handshake starts.
+    async fn upstream_tls(
+        &mut self,
+        answer: Bytes,
+        tx: oneshot::Sender<TlsAnswer>,
+    ) -> Result<(), End> {
+        if !self.up_in.read_buffer().is_empty() {
+            return Err(End::UpstreamProtocol(
+                "the server sent data after its StartTLS response".into(),
+            ));
+        }
+        let (resume_tx, resume_rx) = oneshot::channel();
+        if tx.send((answer, resume_tx)).is_err() {
+            return Err(End::Closed);
+        }
+        tokio::select! {
+            r = resume_rx => r.map_err(|_| End::Closed),
+            _ = self.close.cancelled() => Err(End::Closed),
+        }
+    }
+
     async fn write(&mut self, pdu: &[u8]) -> Result<(), End> {
         if self.client_out.append(pdu) {
             return Ok(());
@@ -509,6 +533,10 @@ impl Responses {
             }
             Route::Rewrite(f) => self.write(&f).await,
             Route::Drop => Ok(()),
+            Route::UpstreamTls(tx) => {
+                let answer = self.up_in.take(n);
+                return self.upstream_tls(answer, tx).await;
+            }
             Route::Hold => {
                 let f = self.up_in.take(n);
                 self.held.push(f);
@@ -632,6 +660,11 @@ impl Responses {
             );
             self.state.signal_completed();
             self.engine.completed();
+            if req.op == op::EXTENDED_REQUEST {
+                if let Some(tx) = self.state.take_upstream_starttls(env.msgid) {
+                    return Route::UpstreamTls(tx);
+                }
+            }
             if req.abandoned {
                 // The client abandoned it and expects no response.
                 return Route::Drop;
@@ -683,4 +716,7 @@ pub(super) enum Route {
     Rewrite(Bytes),
     Hold,
     Drop,
+    /// The server's answer to a client's StartTLS forwarded to it
+    /// (`tls.upstream_mirror`): for the requests loop.
+    UpstreamTls(oneshot::Sender<TlsAnswer>),
 }

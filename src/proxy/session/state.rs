@@ -78,7 +78,16 @@ pub(super) struct SessionState {
     pub(super) server_generation: AtomicU64,
     pub(super) requests: AtomicU64,
     pub(super) responses: AtomicU64,
+    /// A client's StartTLS forwarded to a mirrored upstream: its message
+    /// ID, and where the responses loop hands the server's answer (and
+    /// waits, not reading the upstream, until the requests loop is done
+    /// turning the connection to TLS).
+    pub(super) upstream_starttls: Mutex<Option<(i32, oneshot::Sender<TlsAnswer>)>>,
 }
+
+/// The server's answer to a forwarded StartTLS, and what resumes the
+/// responses loop's reading of the upstream.
+pub(super) type TlsAnswer = (bytes::Bytes, oneshot::Sender<()>);
 
 impl SessionState {
     /// A new session's state with the configured limits.
@@ -153,6 +162,18 @@ impl SessionState {
         *lock(&self.new_upstream) = Some(tx);
         self.upstream_lost.store(true, Ordering::SeqCst);
         rx
+    }
+
+    /// The forwarded StartTLS whose answer this is, if it is one.
+    pub(super) fn take_upstream_starttls(&self, msgid: i32) -> Option<oneshot::Sender<TlsAnswer>> {
+        let mut g = lock(&self.upstream_starttls);
+        match g.take() {
+            Some((id, tx)) if id == msgid => Some(tx),
+            other => {
+                *g = other;
+                None
+            }
+        }
     }
 
     /// Requests in flight upstream, persistent searches not counted.
