@@ -360,3 +360,98 @@ async fn changes_checked(
         }
     }
 }
+
+/// `tls.upstream_mirror` in front of a 389 DS with
+/// `nsslapd-require-secure-binds: on`: a simple bind in clear is refused
+/// (13) through the proxy as direct, and accepted over StartTLS and LDAPS,
+/// as direct; a password modify likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_keeps_389s_secure_binds_rule_deciding_as_direct() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("abp-ds389-pki-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let test_ca = TestCa::new(dir.path(), "ca").unwrap();
+    let ca = test_ca.ca_file();
+    let proxy_cert = test_ca.server("proxy").unwrap();
+    let tls = test_ca.clone();
+    let ds = tokio::task::spawn_blocking(move || {
+        Ds389::start(Ds389Options {
+            users: 10,
+            tls: Some(tls),
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("start 389-ds with TLS");
+    let ds_ldaps = ds.ldaps_url().expect("389 has an LDAPS port");
+    let secure_binds = "dn: cn=config\nchangetype: modify\nreplace: nsslapd-require-secure-binds\n\
+                        nsslapd-require-secure-binds: on\n";
+    let out = crate::support::ldap_tool(
+        "ldapmodify",
+        &[
+            "-x",
+            "-H",
+            &ds.url(),
+            "-D",
+            testkit::ds389::DM_DN,
+            "-w",
+            testkit::ds389::DM_PW,
+        ],
+        Some(secure_binds),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let proxy = tls_proxy(ds.url(), &proxy_cert, &ca, |c| {
+        c.tls.upstream_mirror = true;
+        c.tls.upstream_ldaps = Some(ds_ldaps.clone());
+    })
+    .await;
+    let (p_ldaps, p_ldap) = (ldaps_of(&proxy), ldap_of(&proxy));
+    let mut codes = Vec::new();
+    for (direct, proxied, zz, how) in [
+        (ds.url(), p_ldap.clone(), false, "clear"),
+        (ds.url(), p_ldap.clone(), true, "StartTLS"),
+        (ds_ldaps.clone(), p_ldaps.clone(), false, "LDAPS"),
+    ] {
+        let z: &[&str] = if zz { &["-ZZ"] } else { &[] };
+        let out = same(
+            &ca,
+            &direct,
+            &proxied,
+            "ldapwhoami",
+            &[
+                z,
+                &["-x", "-H", "URL", "-D", &user_dn(1), "-w", &user_pw(1)],
+            ]
+            .concat(),
+        )
+        .await;
+        codes.push((how, out.code));
+    }
+    assert_eq!(
+        codes,
+        [
+            ("clear", Some(13)),
+            ("StartTLS", Some(0)),
+            ("LDAPS", Some(0))
+        ],
+        "389 refuses the clear bind and takes the TLS ones, direct and through the proxy"
+    );
+    // A password modify: refused in clear through the proxy, as direct;
+    // done over StartTLS through the proxy.
+    let direct = passwd(&ca, &ds.url(), false, 2, "new secret").await;
+    let proxied = passwd(&ca, &p_ldap, false, 3, "new secret").await;
+    assert_eq!(direct.code, Some(13), "{direct:?}");
+    assert_eq!((proxied.code, proxied.stdout), (direct.code, direct.stdout));
+    let out = passwd(&ca, &p_ldap, true, 4, "new secret").await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = whoami(&ca, &ds_ldaps, &user_dn(4), "new secret").await;
+    assert_eq!(out.code, Some(0), "user4's new password: {out:?}");
+    proxy.shutdown().await.unwrap();
+    drop(ds);
+}

@@ -291,3 +291,84 @@ async fn a_failed_upstream_handshake_ends_the_session_and_a_refusal_is_the_serve
     let p = run(&ca, "ldapwhoami", &lab.proxied(), "-Z", &[]).await;
     assert_eq!(p.code, Some(0), "-Z goes on in clear: {p:?}");
 }
+
+/// The Rust client over TLS to the proxy (`ldaps://`, or StartTLS on
+/// `ldap://`), bound as `dn`.
+async fn ldap3_bound(url: &str, ca: &Path, dn: &str, pw: &str) -> ldap3::Ldap {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let settings = ldap3::LdapConnSettings::new()
+        .set_config(std::sync::Arc::new(cfg))
+        .set_starttls(url.starts_with("ldap://"))
+        .set_conn_timeout(std::time::Duration::from_secs(10));
+    let (conn, mut ldap) = ldap3::LdapConnAsync::with_settings(settings, url)
+        .await
+        .unwrap();
+    ldap3::drive!(conn);
+    ldap.simple_bind(dn, pw).await.unwrap().success().unwrap();
+    ldap
+}
+
+async fn ldap3_whoami(ldap: &mut ldap3::Ldap) -> String {
+    let (exop, _) = ldap
+        .extended(ldap3::exop::WhoAmI)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    exop.parse::<ldap3::exop::WhoAmIResp>().authzid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_carried_across_a_restart_keep_their_clients_transport() {
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let slapd = tls_slapd(&pki).await;
+    let mut config = readme_config(&pki, &slapd);
+    config.upstream_reconnect = true;
+    config.upstream_retry_secs = 20;
+    let mut lab = lab_of(slapd, config).await;
+    let engine = lab.proxy.engine();
+    let (u1, u2, u3) = (
+        testkit::user_dn(1),
+        testkit::user_dn(2),
+        testkit::user_dn(3),
+    );
+    let mut starttls = ldap3_bound(&lab.proxied(), &ca, &u1, &testkit::user_pw(1)).await;
+    let mut ldaps = ldap3_bound(&ldaps_of(&lab), &ca, &u2, &testkit::user_pw(2)).await;
+    let mut clear = bound_at(&lab.proxy_addr(), &u3, &testkit::user_pw(3)).await;
+    tokio::task::block_in_place(|| lab.slapd.restart()).expect("restart slapd");
+    let waiting = engine.clone();
+    wait_until("three sessions waiting", 10, || {
+        waiting.carry_counts().0 == 3
+    })
+    .await;
+    let before = tls_lines(&lab);
+    assert_eq!(ldap3_whoami(&mut starttls).await, format!("dn:{u1}"));
+    assert_eq!(ldap3_whoami(&mut ldaps).await, format!("dn:{u2}"));
+    clear
+        .send_msg(LdapMsg::new(
+            2,
+            LdapOp::ExtendedRequest(LdapExtendedRequest {
+                name: "1.3.6.1.4.1.4203.1.11.3".into(),
+                value: None,
+            }),
+        ))
+        .await;
+    let frame = clear.recv().await.unwrap();
+    assert_eq!(result_code(&frame), Some(0));
+    // The two TLS clients' new connections are TLS at slapd, the clear
+    // one's is not.
+    wait_until("slapd logs the two TLS sessions", 10, || {
+        tls_lines(&lab) >= before + 2
+    })
+    .await;
+    assert_eq!(tls_lines(&lab), before + 2);
+    let _ = (starttls.unbind().await, ldaps.unbind().await);
+}
