@@ -76,6 +76,41 @@ impl AbproxyProcess {
         tls: Option<&(PathBuf, PathBuf)>,
         journal: Option<&toml::Table>,
     ) -> Result<AbproxyProcess> {
+        AbproxyProcess::start_edited(bin, upstream, opts, tls, |cfg| {
+            if let Some(j) = journal {
+                cfg.insert("journal".into(), toml::Value::Table(j.clone()));
+            }
+        })
+    }
+
+    /// [`AbproxyProcess::start`] with `tls.upstream_mirror` (the TLS
+    /// section's `mirror` target): each session's connection to slapd as
+    /// its client's, TLS clients' to slapd's `ldaps` (trusting `ca`).
+    pub fn start_mirror(
+        bin: &Path,
+        upstream: &str,
+        opts: &Opts,
+        tls: &(PathBuf, PathBuf),
+        ldaps: &str,
+        ca: &Path,
+    ) -> Result<AbproxyProcess> {
+        AbproxyProcess::start_edited(bin, upstream, opts, Some(tls), |cfg| {
+            if let Some(toml::Value::Table(t)) = cfg.get_mut("tls") {
+                t.insert("upstream_mirror".into(), true.into());
+                t.insert("upstream_ldaps".into(), ldaps.into());
+                t.insert("upstream_ca_file".into(), ca.display().to_string().into());
+            }
+        })
+    }
+
+    /// Starts abproxy with [`abproxy_config`] changed by `edit`.
+    fn start_edited(
+        bin: &Path,
+        upstream: &str,
+        opts: &Opts,
+        tls: Option<&(PathBuf, PathBuf)>,
+        edit: impl Fn(&mut toml::Table),
+    ) -> Result<AbproxyProcess> {
         let dir = tempfile::Builder::new()
             .prefix("abproxy-load-abproxy")
             .tempdir()?;
@@ -87,9 +122,7 @@ impl AbproxyProcess {
                 None => None,
             };
             let mut cfg = abproxy_config((addr, ldaps), upstream, opts, tls);
-            if let Some(j) = journal {
-                cfg.insert("journal".into(), toml::Value::Table(j.clone()));
-            }
+            edit(&mut cfg);
             let file = dir.path().join("abproxy.toml");
             std::fs::write(&file, toml::to_string(&cfg)?)?;
             let log = std::fs::File::create(dir.path().join("abproxy.log"))?;

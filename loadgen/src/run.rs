@@ -212,6 +212,20 @@ pub fn run(args: &[String], abproxy: Option<&Path>) -> Result<()> {
             .trim_start_matches("ldaps://")
             .parse()?;
         let proxy_ldaps = proxy.ldaps.context("abproxy's ldaps listener")?;
+        // A second abproxy in the mirror mode: TLS clients' sessions are
+        // TLS to slapd too (two TLS hops).
+        let mirror = AbproxyProcess::start_mirror(
+            &abproxy_bin,
+            &slapd.url(),
+            &opts,
+            &p.proxy,
+            &format!("ldaps://{slapd_ldaps}"),
+            &p.ca,
+        )
+        .context("starting abproxy with tls.upstream_mirror")?;
+        let mirror_ldaps = mirror
+            .ldaps
+            .context("the mirror abproxy's ldaps listener")?;
         for round in 0..opts.rounds {
             client_rt.block_on(tls::run_round(
                 round,
@@ -220,10 +234,11 @@ pub fn run(args: &[String], abproxy: Option<&Path>) -> Result<()> {
                 opts.warmup,
                 secs,
                 &p.ca,
-                [slapd_ldaps, proxy_ldaps],
+                [slapd_ldaps, proxy_ldaps, mirror_ldaps],
                 &mut tls,
             ))?;
         }
+        mirror.stop();
     }
 
     let mut journal_res = journal::JournalResults::default();

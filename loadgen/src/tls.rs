@@ -1,7 +1,9 @@
 //! The TLS section of the load benchmark (`--workloads tls`): slapd's own
 //! TLS (its `ldaps://` listener) against abproxy terminating TLS on its
-//! `ldaps://` listener (clear to slapd, as when both run on one host), in the
-//! same run, interleaved like the other points.
+//! `ldaps://` listener (clear to slapd, as when both run on one host), and
+//! against abproxy in the mirror mode (`tls.upstream_mirror`: TLS to
+//! slapd's `ldaps://` too, two TLS hops), in the same run, interleaved like
+//! the other points.
 //!
 //! * `connect`: closed-loop clients each open a TCP connection, run a full
 //!   TLS handshake (no session resumption: the client's cache is off), send
@@ -77,8 +79,9 @@ impl Test {
     }
 }
 
-/// Direct (slapd's TLS) or through abproxy.
-const TARGETS: [&str; 2] = ["direct", "abproxy"];
+/// Direct (slapd's TLS), through abproxy (clear to slapd), through abproxy
+/// in the mirror mode (TLS to slapd).
+const TARGETS: [&str; 3] = ["direct", "abproxy", "mirror"];
 
 #[derive(Default)]
 struct Agg {
@@ -92,8 +95,8 @@ struct Agg {
 pub struct TlsResults {
     /// (test, conns, target index) -> aggregate.
     cells: BTreeMap<(Test, usize, usize), Agg>,
-    /// (test, conns) -> per-round abproxy/direct ratio.
-    ratios: BTreeMap<(Test, usize), Vec<f64>>,
+    /// (test, conns, target index) -> per-round target/direct ratio.
+    ratios: BTreeMap<(Test, usize, usize), Vec<f64>>,
 }
 
 fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
@@ -300,16 +303,16 @@ pub async fn run_round(
     warmup: Duration,
     secs: Duration,
     ca: &Path,
-    addrs: [SocketAddr; 2],
+    addrs: [SocketAddr; 3],
     results: &mut TlsResults,
 ) -> Result<()> {
     let tls = TlsConnector::from(client_config(ca)?);
     let search = Arc::new(Workload::new(Kind::Search, users));
     for test in [Test::Connect, Test::Search] {
         for &conns in conns_list {
-            let mut order = [0usize, 1];
-            order.rotate_left(round % 2);
-            let mut ops = [0.0f64; 2];
+            let mut order = [0usize, 1, 2];
+            order.rotate_left(round % 3);
+            let mut ops = [0.0f64; 3];
             for t in order {
                 let (o, lat, errors) =
                     point(test, addrs[t], &tls, &search, conns, warmup, secs).await;
@@ -338,11 +341,13 @@ pub async fn run_round(
                 ops[t] = o;
             }
             if ops[0] > 0.0 {
-                results
-                    .ratios
-                    .entry((test, conns))
-                    .or_default()
-                    .push(ops[1] / ops[0]);
+                for t in 1..TARGETS.len() {
+                    results
+                        .ratios
+                        .entry((test, conns, t))
+                        .or_default()
+                        .push(ops[t] / ops[0]);
+                }
             }
         }
     }
@@ -358,29 +363,34 @@ impl TlsResults {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| TLS workload | conns | slapd TLS ops/s | abproxy TLS ops/s | abproxy/slapd | slapd p50/p99 µs | abproxy p50/p99 µs |"
+            "| TLS workload | conns | slapd TLS ops/s | abproxy TLS ops/s | mirror TLS ops/s | abproxy/slapd | mirror/slapd | slapd p50/p99 µs | abproxy p50/p99 µs | mirror p50/p99 µs |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for test in [Test::Connect, Test::Search] {
             for &c in conns_list {
                 let cell = |t: usize| self.cells.get(&(test, c, t));
                 let ops = |t: usize| cell(t).and_then(|a| median(&mut a.ops.clone()));
                 let p = |t: usize, q: f64| cell(t).and_then(|a| pct_us(&a.lat, q));
-                let ratio = self
-                    .ratios
-                    .get(&(test, c))
-                    .and_then(|v| median(&mut v.clone()));
+                let ratio = |t: usize| {
+                    self.ratios
+                        .get(&(test, c, t))
+                        .and_then(|v| median(&mut v.clone()))
+                };
                 let _ = writeln!(
                     s,
-                    "| {} | {c} | {} | {} | {} | {} / {} | {} / {} |",
+                    "| {} | {c} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} |",
                     test.name(),
                     fmt_opt(ops(0), 0),
                     fmt_opt(ops(1), 0),
-                    fmt_opt(ratio, 3),
+                    fmt_opt(ops(2), 0),
+                    fmt_opt(ratio(1), 3),
+                    fmt_opt(ratio(2), 3),
                     fmt_opt(p(0, 50.0), 0),
                     fmt_opt(p(0, 99.0), 0),
                     fmt_opt(p(1, 50.0), 0),
                     fmt_opt(p(1, 99.0), 0),
+                    fmt_opt(p(2, 50.0), 0),
+                    fmt_opt(p(2, 99.0), 0),
                 );
             }
         }
@@ -425,19 +435,25 @@ mod tests {
             (Test::Connect, 1, 1),
             agg(&[150.0], &[700], &["connect: TLS handshake"]),
         );
-        r.ratios.insert((Test::Connect, 1), vec![1.5, 0.5, 2.0]);
+        r.cells
+            .insert((Test::Connect, 1, 2), agg(&[120.0], &[1000], &[]));
+        r.ratios.insert((Test::Connect, 1, 1), vec![1.5, 0.5, 2.0]);
+        r.ratios.insert((Test::Connect, 1, 2), vec![0.6]);
         let t = r.table(&[1]);
         let rows: Vec<&str> = t.lines().collect();
         assert_eq!(
             rows[0],
-            "| TLS workload | conns | slapd TLS ops/s | abproxy TLS ops/s | abproxy/slapd | slapd p50/p99 µs | abproxy p50/p99 µs |"
+            "| TLS workload | conns | slapd TLS ops/s | abproxy TLS ops/s | mirror TLS ops/s | abproxy/slapd | mirror/slapd | slapd p50/p99 µs | abproxy p50/p99 µs | mirror p50/p99 µs |"
         );
         // Latencies are sorted by the table itself.
         assert_eq!(
             rows[2],
-            "| connect | 1 | 200 | 150 | 1.500 | 800 / 900 | 700 / 700 |"
+            "| connect | 1 | 200 | 150 | 120 | 1.500 | 0.600 | 800 / 900 | 700 / 700 | 1000 / 1000 |"
         );
-        assert_eq!(rows[3], "| search | 1 | - | - | - | - / - | - / - |");
+        assert_eq!(
+            rows[3],
+            "| search | 1 | - | - | - | - | - | - / - | - / - | - / - |"
+        );
         assert_eq!(
             &rows[4..],
             [
