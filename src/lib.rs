@@ -13,6 +13,7 @@
 mod backoff;
 pub mod backup;
 pub mod config;
+pub mod docgen;
 pub mod endpoint;
 pub mod freeze;
 #[cfg(any(test, feature = "fuzzing"))]

@@ -11,13 +11,22 @@ use abproxy::operator::backup::Destination as BackupDest;
 use abproxy::operator::{self, commands, ClientTls, FreezeRequest, OpError, Password, Target};
 use abproxy::Server;
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgAction, ArgGroup, Args, CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+/// `abproxy --version`: the version and the commit it was built from
+/// (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ABPROXY_COMMIT"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "abproxy",
-    version,
+    version = VERSION,
     about = "Transparent LDAP proxy that lets a live directory be backed up (Allow-Backup extended operation)",
     after_help = "The operator commands (on, off, status, run, backup, hook) talk to a running proxy and \
                   exit 0 when done, 2 on bad arguments, 3 when the proxy refuses, 4 when it cannot be \
@@ -40,6 +49,8 @@ enum Command {
     /// Run the proxy.
     Serve(ServeArgs),
     /// Start a throwaway slapd with sample data and the proxy in front of it.
+    // Hidden (no help line, man page or completion) where it cannot run.
+    #[command(hide = cfg!(not(feature = "demo")))]
     Demo(DemoArgs),
     /// Freeze a running proxy for a backup (Allow-Backup ON): wait for the
     /// operations in progress, then hold writes until `abproxy off`.
@@ -79,6 +90,22 @@ enum Command {
     /// its records, the successful writes as LDIF, or a check of it.
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Print the completion script of a shell on stdout.
+    ///
+    /// The Debian package installs bash's, zsh's and fish's.
+    #[command(after_help = "By hand, e.g.: abproxy completions bash > \
+                            /usr/share/bash-completion/completions/abproxy")]
+    Completions {
+        #[arg(value_enum)]
+        shell: abproxy::docgen::Shell,
+    },
+    /// Write the man pages (abproxy.1, abproxy-SUBCOMMAND.1) into DIR
+    /// (for packaging: contrib/build-deb.sh).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// Where the journal is.
@@ -567,6 +594,21 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            let out = &mut std::io::stdout().lock();
+            return generated(abproxy::docgen::write_completions(
+                Cli::command(),
+                *shell,
+                "abproxy",
+                out,
+            ));
+        }
+        Command::Manpages { dir } => {
+            return generated(abproxy::docgen::write_manpages(Cli::command(), dir).map(drop));
+        }
+        _ => {}
+    }
     let operator = !matches!(cli.command, Command::Serve(_) | Command::Demo(_));
     let default_log = if operator { "warn,ldap3=error" } else { "info" };
     let log = cli.log.as_deref().unwrap_or(default_log);
@@ -617,6 +659,17 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("abproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The exit status of `completions` and `manpages`.
+fn generated(result: std::io::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("abproxy: {e}");
             ExitCode::FAILURE
         }
     }
@@ -951,7 +1004,10 @@ fn operator_main(command: Command) -> ExitCode {
                 .await
             }
             Command::Journal(j) => journal(j).await,
-            Command::Serve(_) | Command::Demo(_) => unreachable!("not an operator command"),
+            Command::Serve(_)
+            | Command::Demo(_)
+            | Command::Completions { .. }
+            | Command::Manpages { .. } => unreachable!("not an operator command"),
         }
     });
     ExitCode::from(code)

@@ -26,6 +26,7 @@ mod cli_ops;
 mod cli_tls;
 mod cold_backup;
 mod crash;
+mod deb;
 mod docs_links;
 mod ds389;
 mod ds389_backup;
