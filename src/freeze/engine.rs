@@ -938,7 +938,7 @@ impl Engine {
         let full = !self.queue_has_room();
         let before = self.queued_requests.fetch_sub(n, Ordering::AcqRel);
         self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        self.stats.unheld(before - n);
+        self.stats.unheld(before.saturating_sub(n));
         if full && n > 0 {
             self.bump();
         }
