@@ -76,6 +76,22 @@ impl AbproxyProcess {
         tls: Option<&(PathBuf, PathBuf)>,
         journal: Option<&toml::Table>,
     ) -> Result<AbproxyProcess> {
+        let tables: Vec<(&str, toml::Table)> = journal
+            .map(|j| ("journal", j.clone()))
+            .into_iter()
+            .collect();
+        AbproxyProcess::start_with_tables(bin, upstream, opts, tls, &tables)
+    }
+
+    /// [`AbproxyProcess::start`] with more tables in its configuration
+    /// (`[journal]`, `[metrics]`).
+    pub fn start_with_tables(
+        bin: &Path,
+        upstream: &str,
+        opts: &Opts,
+        tls: Option<&(PathBuf, PathBuf)>,
+        tables: &[(&str, toml::Table)],
+    ) -> Result<AbproxyProcess> {
         let dir = tempfile::Builder::new()
             .prefix("abproxy-load-abproxy")
             .tempdir()?;
@@ -87,8 +103,8 @@ impl AbproxyProcess {
                 None => None,
             };
             let mut cfg = abproxy_config((addr, ldaps), upstream, opts, tls);
-            if let Some(j) = journal {
-                cfg.insert("journal".into(), toml::Value::Table(j.clone()));
+            for (name, t) in tables {
+                cfg.insert((*name).into(), toml::Value::Table(t.clone()));
             }
             let file = dir.path().join("abproxy.toml");
             std::fs::write(&file, toml::to_string(&cfg)?)?;
