@@ -104,6 +104,17 @@ pub struct Config {
     pub tls: crate::tls::TlsConfig,
     /// The roll-forward journal of every write (off unless `dir` is set).
     pub journal: crate::journal::JournalConfig,
+    /// The Prometheus endpoint (off unless `listen` is set).
+    pub metrics: MetricsConfig,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `HOST:PORT` of the HTTP endpoint serving `/metrics`, `/healthz`
+    /// and `/readyz` (e.g. `127.0.0.1:9330`). None: no endpoint.
+    pub listen: Option<String>,
 }
 
 /// One `[[backends]]` entry.
@@ -272,6 +283,8 @@ pub struct Settings {
     pub tls: crate::tls::TlsConfig,
     /// The roll-forward journal, when on.
     pub journal: Option<crate::journal::JournalSettings>,
+    /// Where the metrics endpoint listens, when on.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Sizes and counts a session and the listeners are held to.
@@ -368,6 +381,7 @@ impl Default for Config {
             freeze: FreezeConfig::default(),
             tls: crate::tls::TlsConfig::default(),
             journal: crate::journal::JournalConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -476,6 +490,14 @@ impl Config {
             freeze: self.freeze.clone(),
             tls: self.tls.clone(),
             journal: self.journal.settings().map_err(ConfigError::Invalid)?,
+            metrics_listen: match &self.metrics.listen {
+                None => None,
+                Some(a) => Some(a.parse().map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "metrics listen {a:?}: {e} (expected IP:PORT, e.g. 127.0.0.1:9330)"
+                    ))
+                })?),
+            },
         })
     }
 
@@ -545,6 +567,17 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_parsed() {
+        assert_eq!(Config::default().settings().unwrap().metrics_listen, None);
+        let c = Config::from_toml("[metrics]\nlisten = \"127.0.0.1:9330\"").unwrap();
+        let addr = c.settings().unwrap().metrics_listen.unwrap();
+        assert_eq!(addr.to_string(), "127.0.0.1:9330");
+        let bad = Config::from_toml("[metrics]\nlisten = \"localhost\"").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("metrics"));
+        assert!(Config::from_toml("[metrics]\nlistn = \"x\"").is_err());
     }
 
     #[test]

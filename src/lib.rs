@@ -13,12 +13,14 @@
 mod backoff;
 pub mod backup;
 pub mod config;
+pub mod counters;
 pub mod docgen;
 pub mod endpoint;
 pub mod freeze;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod journal;
+pub mod metrics;
 pub mod notify;
 pub mod operator;
 pub mod proxy;

@@ -577,6 +577,9 @@ struct ServeArgs {
     /// Worker threads (0: one per CPU).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Serve /metrics, /healthz and /readyz over HTTP here (IP:PORT).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -696,6 +699,9 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     if let Some(t) = args.threads {
         config.threads = t;
+    }
+    if let Some(a) = &args.metrics_listen {
+        config.metrics.listen = Some(a.clone());
     }
     Ok(config.settings()?)
 }

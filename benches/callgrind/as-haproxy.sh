@@ -18,7 +18,8 @@ if [ "${CG_TARGET:-abproxy}" = haproxy ]; then
     "${HAPROXY:-/usr/sbin/haproxy}" "$@" &
 else
   valgrind --tool=callgrind --callgrind-out-file="$out/abproxy.%p.out" \
-    "$ABPROXY_BIN" serve --listen "ldap://$listen" --upstream "ldap://$upstream" --threads 1 &
+    "$ABPROXY_BIN" serve --listen "ldap://$listen" --upstream "ldap://$upstream" --threads 1 \
+    ${CG_ABPROXY_ARGS:-} &
 fi
 # run.sh stops this valgrind, and no other, by its pid.
 echo $! >>"$out/valgrind.pids"

@@ -9,6 +9,8 @@
 # optimisation inlined that function.
 #
 #   benches/callgrind/run.sh [WORKLOAD] [CONNS]     # default: bind 32
+#   CG_ABPROXY_ARGS="--metrics-listen 127.0.0.1:0" benches/callgrind/run.sh search 32
+#                                  # the same with the metrics endpoint on
 #   callgrind_annotate /tmp/abproxy-callgrind/abproxy.*.out | head -40
 #
 # Needs valgrind, slapd (as the load bench) and a release build (in

@@ -144,6 +144,10 @@ pub enum Reference {
     /// any bias of the benchmark itself, so the head-to-head table shows how
     /// far apart two equal proxies measure on this machine.
     Itself,
+    /// `--haproxy self-metrics`: a second abproxy started as the first, with
+    /// its metrics endpoint on (`[metrics] listen`, not scraped): the cost
+    /// of counting, measured in the same run.
+    ItselfWithMetrics,
 }
 
 pub fn is_executable(p: &Path) -> bool {
@@ -237,6 +241,7 @@ impl Opts {
                 (None, Some("disabled (LOAD_HAPROXY=0)".into()))
             }
             Some("self") => (Some(Reference::Itself), None),
+            Some("self-metrics") => (Some(Reference::ItselfWithMetrics), None),
             Some(p) => {
                 let p = if p.contains('/') {
                     Some(PathBuf::from(p)).filter(|p| is_executable(p))
@@ -294,7 +299,8 @@ Arguments override the environment variables; unknown arguments are ignored.
   --proxy-threads N     LOAD_PROXY_THREADS   1
   --client-threads N    LOAD_CLIENT_THREADS  2
   --users N             LOAD_USERS           1000
-  --haproxy PATH|0|self LOAD_HAPROXY         haproxy on PATH
+  --haproxy PATH|0|self LOAD_HAPROXY         haproxy on PATH (self: a second abproxy;
+                                             self-metrics: one with [metrics] on)
   --freeze-cycles N     LOAD_FREEZE_CYCLES   20 (quick: 5)
   --freeze-conns K      LOAD_FREEZE_CONNS    8
   --backlog-conns C     LOAD_BACKLOG_CONNS   32
@@ -457,6 +463,8 @@ mod tests {
     fn the_reference_column() {
         let o = Opts::parse_with(&args(&["--haproxy", "self"]), |_| None).unwrap();
         assert!(matches!(o.haproxy, Some(Reference::Itself)));
+        let o = Opts::parse_with(&args(&["--haproxy", "self-metrics"]), |_| None).unwrap();
+        assert!(matches!(o.haproxy, Some(Reference::ItselfWithMetrics)));
         assert_eq!(o.haproxy_note, None);
         for off in ["0", "off", "no"] {
             let o = Opts::parse_with(&args(&["--haproxy", off]), |_| None).unwrap();

@@ -76,9 +76,25 @@ impl AbproxyProcess {
         tls: Option<&(PathBuf, PathBuf)>,
         journal: Option<&toml::Table>,
     ) -> Result<AbproxyProcess> {
+        let tables: Vec<(&str, toml::Table)> = journal
+            .map(|j| ("journal", j.clone()))
+            .into_iter()
+            .collect();
+        AbproxyProcess::start_with_tables(bin, upstream, opts, tls, &tables)
+    }
+
+    /// [`AbproxyProcess::start`] with more tables in its configuration
+    /// (`[journal]`, `[metrics]`).
+    pub fn start_with_tables(
+        bin: &Path,
+        upstream: &str,
+        opts: &Opts,
+        tls: Option<&(PathBuf, PathBuf)>,
+        tables: &[(&str, toml::Table)],
+    ) -> Result<AbproxyProcess> {
         AbproxyProcess::start_edited(bin, upstream, opts, tls, |cfg| {
-            if let Some(j) = journal {
-                cfg.insert("journal".into(), toml::Value::Table(j.clone()));
+            for (name, t) in tables {
+                cfg.insert((*name).into(), toml::Value::Table(t.clone()));
             }
         })
     }

@@ -111,6 +111,11 @@ impl RefProcess {
     pub fn describe(&self) -> String {
         match self {
             RefProcess::Haproxy(h) => format!("{} (nbthread 1, mode tcp, no logging)", h.version),
+            RefProcess::Abproxy(_) if reference_name() == "abproxy+metrics" => {
+                "a second abproxy process started as the first, with its metrics endpoint \
+                 on ([metrics] listen; not scraped)"
+                    .into()
+            }
             RefProcess::Abproxy(_) => "a second abproxy process started as the first \
                  (A/A control: the columns differ only by chance and by the benchmark's own bias)"
                 .into(),

@@ -66,6 +66,20 @@ pub fn run(args: &[String], abproxy: Option<&Path>) -> Result<()> {
                 .context("starting the second abproxy (--haproxy self)")?;
             Some(RefProcess::Abproxy(p))
         }
+        Some(Reference::ItselfWithMetrics) => {
+            let _ = REFERENCE_NAME.set("abproxy+metrics");
+            let mut metrics = toml::Table::new();
+            metrics.insert("listen".into(), "127.0.0.1:0".into());
+            let p = AbproxyProcess::start_with_tables(
+                &abproxy_bin,
+                &slapd.url(),
+                &opts,
+                None,
+                &[("metrics", metrics)],
+            )
+            .context("starting the second abproxy (--haproxy self-metrics)")?;
+            Some(RefProcess::Abproxy(p))
+        }
         None => None,
     };
     let haproxy_note = match (&haproxy, &opts.haproxy_note) {

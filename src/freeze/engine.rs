@@ -40,6 +40,7 @@ use super::error::{
 };
 use super::participant::{InFlight, Participant};
 use super::settings::{BindIsWrite, FreezeConfig};
+use super::stats::{FreezeStats, Outcome, Snapshot};
 use super::status::{BackendStatus, CurrentFreeze, Phase, Status};
 use crate::wire::Envelope;
 
@@ -332,6 +333,17 @@ pub struct Engine {
     carry: [AtomicUsize; 3],
     /// Where every freeze's cut is recorded (the roll-forward journal).
     journal: std::sync::OnceLock<Arc<dyn CutLog>>,
+    /// What monitoring reads ([`Engine::snapshot`]).
+    stats: FreezeStats,
+}
+
+/// Why a freeze ends ([`Engine::end_freeze`]), for its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Off,
+    Lease,
+    HolderGone,
+    Shutdown,
 }
 
 /// Where the engine records each freeze's cut once its backends are
@@ -419,6 +431,7 @@ impl Engine {
             discover: RwLock::new(None),
             carry: Default::default(),
             journal: std::sync::OnceLock::new(),
+            stats: FreezeStats::default(),
         }
     }
 
@@ -591,7 +604,14 @@ impl Engine {
     /// Runs `step` of `b`'s driver under its deadline.
     async fn step(&self, step: Step, b: &Backend, freeze_id: u64) -> Result<(), DriverError> {
         let (driver, deadline) = self.installed(b);
-        run_step(&*driver, step, b, freeze_id, deadline).await
+        let i = usize::from(step != Step::Prepare);
+        let started = Instant::now();
+        let r = run_step(&*driver, step, b, freeze_id, deadline).await;
+        self.stats.steps[i].observe(started.elapsed());
+        if r.is_err() {
+            crate::counters::inc(&self.stats.step_failures[i]);
+        }
+        r
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, Option<Freeze>> {
@@ -843,6 +863,7 @@ impl Engine {
         if held {
             let ended = self
                 .end_freeze(
+                    Ending::HolderGone,
                     |f| f.holder.conn == conn,
                     |_| "its holder's connection closed (holdUntilUnbind)".into(),
                 )
@@ -906,19 +927,55 @@ impl Engine {
 
     /// Accounts for one more queued request.
     pub fn queue_add(&self, bytes: usize) {
-        self.queued_requests.fetch_add(1, Ordering::AcqRel);
+        let before = self.queued_requests.fetch_add(1, Ordering::AcqRel);
         self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.stats.held(before);
     }
 
     /// Accounts for `n` requests leaving the queues; wakes sessions waiting
     /// for room if the totals were full.
     pub fn queue_sub(&self, n: usize, bytes: usize) {
         let full = !self.queue_has_room();
-        self.queued_requests.fetch_sub(n, Ordering::AcqRel);
+        let before = self.queued_requests.fetch_sub(n, Ordering::AcqRel);
         self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.stats.unheld(before.saturating_sub(n));
         if full && n > 0 {
             self.bump();
         }
+    }
+
+    /// `n` queued requests were sent upstream once no longer held.
+    pub fn released(&self, n: usize) {
+        self.stats.released(n);
+    }
+
+    /// What the engine counts, now (for monitoring: reads the freeze state
+    /// and, for the requests in flight, every session's table, briefly).
+    pub fn snapshot(&self) -> Snapshot {
+        let state = match self.read_state().as_ref() {
+            None => ("thawed", Duration::ZERO),
+            Some(f) => (
+                match f.phase {
+                    Phase::Draining => "draining",
+                    Phase::Frozen => "frozen",
+                    Phase::Releasing => "releasing",
+                },
+                f.started.elapsed(),
+            ),
+        };
+        let sessions: Vec<SessionHandle> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let in_flight = sessions
+            .iter()
+            .map(|s| s.state.inflight().iter().count())
+            .sum();
+        self.stats
+            .snapshot(state, self.queued(), in_flight, self.carry_counts())
     }
 
     /// True while some frozen backend is in stop mode (persistent search
@@ -955,10 +1012,22 @@ impl Engine {
             &who,
         ) {
             warn!(who = %who.name(), on = req.mode, "Allow-Backup refused: {refusal}");
+            if req.mode {
+                self.stats.outcome(Outcome::Refused);
+            }
             return Err(refusal.into());
         }
         if req.mode {
-            self.on(who, req).await
+            let r = self.on(who, req).await;
+            if let Err(e) = &r {
+                self.stats.outcome(match e {
+                    FreezeError::Drain(_) => Outcome::DrainTimeout,
+                    FreezeError::PrepareFailed(_) => Outcome::DriverFailure,
+                    FreezeError::Journal(_) | FreezeError::EndedDuringOn(_) => Outcome::Failed,
+                    _ => Outcome::Refused,
+                });
+            }
+            r
         } else {
             self.off(who, req).await
         }
@@ -1094,7 +1163,10 @@ impl Engine {
         let drain = self.drain(id, limit, &map).await;
         self.draining.store(false, Ordering::Relaxed);
         let drained = match drain {
-            Ok(d) => d,
+            Ok(d) => {
+                self.stats.drain.observe(d);
+                d
+            }
             Err(e) => {
                 self.abort_freeze(id, &e).await;
                 warn!(freeze = id, who = %who.name(), "Allow-Backup ON failed: {e}; freeze undone");
@@ -1192,6 +1264,7 @@ impl Engine {
             };
             let ended = engine
                 .end_freeze(
+                    Ending::Lease,
                     |f| f.id == id && f.phase == Phase::Frozen,
                     |f| {
                         format!(
@@ -1353,6 +1426,7 @@ impl Engine {
     /// an OFF naming it later). Returns the freeze and the done errors.
     async fn end_freeze(
         &self,
+        ending: Ending,
         pred: impl FnOnce(&Freeze) -> bool,
         how: impl FnOnce(&Freeze) -> String,
     ) -> Option<(Freeze, Vec<StepFailure>)> {
@@ -1393,6 +1467,19 @@ impl Engine {
                 self.record_end(f.id, how(&f));
             }
         }
+        if f.phase == Phase::Frozen {
+            self.stats.frozen.observe(f.started.elapsed());
+        }
+        self.stats.outcome(match ending {
+            Ending::Off if errors.is_empty() => Outcome::Success,
+            Ending::Off => Outcome::DriverFailure,
+            Ending::Lease => Outcome::Expired,
+            Ending::HolderGone => Outcome::HolderGone,
+            Ending::Shutdown => Outcome::Shutdown,
+        });
+        if ending == Ending::Lease {
+            crate::counters::inc(&self.stats.lease_expiries);
+        }
         self.bump();
         Some((f, errors))
     }
@@ -1402,7 +1489,11 @@ impl Engine {
     /// drivers' DONE steps run and no backend stays read-only.
     pub async fn end_at_shutdown(&self) {
         let ended = self
-            .end_freeze(|f| f.phase == Phase::Frozen, |_| "abproxy shut down".into())
+            .end_freeze(
+                Ending::Shutdown,
+                |f| f.phase == Phase::Frozen,
+                |_| "abproxy shut down".into(),
+            )
             .await;
         if let Some((f, errors)) = ended {
             warn!(
@@ -1509,7 +1600,7 @@ impl Engine {
             None => format!("released by {by} with an OFF that named no freeze"),
         };
         let ended = self
-            .end_freeze(|f| f.id == id && f.phase == Phase::Frozen, how)
+            .end_freeze(Ending::Off, |f| f.id == id && f.phase == Phase::Frozen, how)
             .await;
         let Some((f, errors)) = ended else {
             // It ended (or began releasing) since we looked.

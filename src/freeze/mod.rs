@@ -15,6 +15,8 @@
 //! - [`state`]: the state file of what drivers changed and not yet undone;
 //! - [`error`]: why ON, OFF or a status query failed ([`FreezeError`]),
 //!   with the LDAP result code the proxy answers with;
+//! - [`stats`]: what the engine counts for monitoring (read at scrape
+//!   time by `crate::metrics`);
 //! - [`status`]: the status as a typed value ([`Status`]), which the proxy
 //!   encodes.
 //!
@@ -31,6 +33,7 @@ pub mod error;
 pub mod participant;
 pub mod settings;
 pub mod state;
+pub mod stats;
 pub mod status;
 
 pub use backend::{BackendMap, Class, Kind, Mode};

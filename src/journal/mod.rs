@@ -23,7 +23,7 @@ pub mod replay;
 pub mod writer;
 
 pub use record::{Body, Record};
-pub use writer::{Durability, Journal, JournalError, JournalSettings};
+pub use writer::{Durability, Journal, JournalError, JournalSettings, JournalStats};
 
 /// `[journal]` in the configuration file. The journal is on when `dir` is set.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

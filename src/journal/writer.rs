@@ -19,14 +19,16 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::reader::{self, segment_name};
 use super::record::{now_us, Body, Header, Record, HEADER_LEN};
+use crate::counters::{self, Histogram, HistogramSnapshot};
 
 /// Zeros written ahead of the records at a time (at most up to the
 /// segment's size).
@@ -118,6 +120,38 @@ pub struct Journal {
     wake: Condvar,
     synced: watch::Sender<Synced>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stats: Stats,
+}
+
+/// What the journal counts for monitoring (`crate::metrics` reads it at
+/// scrape time): appends and syncs as they happen, no work of its own.
+#[derive(Debug)]
+struct Stats {
+    appends: AtomicU64,
+    append_bytes: AtomicU64,
+    append_failures: AtomicU64,
+    append_latency: Histogram,
+    syncs: AtomicU64,
+    sync_failures: AtomicU64,
+    sync_latency: Histogram,
+}
+
+/// The journal's counters, read at one moment.
+#[derive(Debug, Clone)]
+pub struct JournalStats {
+    /// Records appended, and their bytes.
+    pub appends: u64,
+    pub append_bytes: u64,
+    /// Appends that failed (a write error, a failed journal, closed).
+    pub append_failures: u64,
+    /// Time each append took (the `write(2)`, a segment rotation).
+    pub append_latency: HistogramSnapshot,
+    /// `fdatasync`s of the sync thread (group commits) and rotations.
+    pub syncs: u64,
+    pub sync_failures: u64,
+    pub sync_latency: HistogramSnapshot,
+    /// The journal failed (a sync failed) and records nothing more.
+    pub failed: bool,
 }
 
 impl std::fmt::Debug for Journal {
@@ -268,6 +302,15 @@ impl Journal {
                 failed: None,
             }),
             thread: Mutex::new(None),
+            stats: Stats {
+                appends: AtomicU64::new(0),
+                append_bytes: AtomicU64::new(0),
+                append_failures: AtomicU64::new(0),
+                append_latency: Histogram::latency(),
+                syncs: AtomicU64::new(0),
+                sync_failures: AtomicU64::new(0),
+                sync_latency: Histogram::latency(),
+            },
         });
         let j = Arc::clone(&journal);
         let handle = std::thread::Builder::new()
@@ -303,6 +346,35 @@ impl Journal {
     /// is in the kernel (it survives the proxy, not a power loss: see
     /// [`Journal::durable`]).
     pub fn append(&self, conn: u64, body: Body) -> Result<u64, JournalError> {
+        let started = Instant::now();
+        let r = self.append_record(conn, body);
+        let s = &self.stats;
+        match &r {
+            Ok(_) => {
+                counters::inc(&s.appends);
+                s.append_latency.observe(started.elapsed());
+            }
+            Err(_) => counters::inc(&s.append_failures),
+        }
+        r
+    }
+
+    /// The counters, now.
+    pub fn stats(&self) -> JournalStats {
+        let s = &self.stats;
+        JournalStats {
+            appends: counters::get(&s.appends),
+            append_bytes: counters::get(&s.append_bytes),
+            append_failures: counters::get(&s.append_failures),
+            append_latency: s.append_latency.snapshot(),
+            syncs: counters::get(&s.syncs),
+            sync_failures: counters::get(&s.sync_failures),
+            sync_latency: s.sync_latency.snapshot(),
+            failed: self.synced.borrow().failed.is_some(),
+        }
+    }
+
+    fn append_record(&self, conn: u64, body: Body) -> Result<u64, JournalError> {
         let mut a = self.lock();
         if let Some(e) = &a.failed {
             return Err(e.clone());
@@ -355,6 +427,7 @@ impl Journal {
         }
         a.len += n;
         a.written = a.written.max(a.len);
+        counters::add(&self.stats.append_bytes, n);
         a.next_seq += 1;
         a.appended = seq;
         if intent && matches!(self.durability, Durability::Request(_)) {
@@ -521,7 +594,12 @@ impl Journal {
                 }
                 (Arc::clone(&a.file), a.path.clone(), a.appended)
             };
-            if let Err(e) = file.sync_data() {
+            let started = Instant::now();
+            let r = file.sync_data();
+            self.stats.sync_latency.observe(started.elapsed());
+            counters::inc(&self.stats.syncs);
+            if let Err(e) = r {
+                counters::inc(&self.stats.sync_failures);
                 let err = JournalError::Failed {
                     path,
                     why: e.to_string(),

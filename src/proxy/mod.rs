@@ -5,12 +5,14 @@ pub mod discover;
 pub mod exops;
 pub mod limits;
 pub mod mailbox;
+pub mod metrics;
 pub mod session;
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +32,9 @@ use crate::freeze::drivers::CommandDriver;
 use crate::freeze::state::StateFile;
 use crate::freeze::{Driver, Engine};
 use crate::journal::Journal;
+use crate::metrics::Metrics;
 use crate::tls::{ClientSecurity, Mirror, ServerTls, UpstreamTls};
+use metrics::{ProxyMetrics, Refusal};
 
 /// What every session of one proxy shares.
 #[derive(Debug)]
@@ -57,6 +61,8 @@ pub struct Shared {
     pub(crate) prints: session::print::Prints,
     /// The roll-forward journal, when on.
     pub journal: Option<Arc<Journal>>,
+    /// The proxy's counters, when the metrics endpoint is on.
+    pub metrics: Option<Arc<ProxyMetrics>>,
     next_conn: AtomicU64,
 }
 
@@ -99,6 +105,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             prints: Default::default(),
             journal: None,
+            metrics: None,
             next_conn: AtomicU64::new(1),
         }
     }
@@ -202,6 +209,40 @@ impl Drop for Listener {
 pub struct Server {
     listeners: Vec<Listener>,
     shared: Arc<Shared>,
+    /// The metrics endpoint, bound, when on.
+    metrics: Option<(tokio::net::TcpListener, Arc<Metrics>)>,
+}
+
+/// What `/healthz` and `/readyz` see of a running proxy.
+struct Health {
+    shared: Arc<Shared>,
+    /// The accept loops run (cleared at shutdown).
+    accepting: Arc<AtomicBool>,
+}
+
+impl crate::metrics::Health for Health {
+    fn ready(&self) -> Result<(), String> {
+        match self.accepting.load(Ordering::Relaxed) {
+            true => Ok(()),
+            false => Err("not accepting clients: abproxy is shutting down".into()),
+        }
+    }
+
+    fn healthy(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.ready()?;
+            let upstream = &self.shared.settings.upstream;
+            let deadline = crate::metrics::HEALTH_UPSTREAM_DEADLINE;
+            match tokio::time::timeout(deadline, self.shared.connect_upstream()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("the LDAP server {upstream} is not reachable: {e}")),
+                Err(_) => Err(format!(
+                    "the LDAP server {upstream} did not accept a connection within {} s",
+                    deadline.as_secs()
+                )),
+            }
+        })
+    }
 }
 
 impl Server {
@@ -351,11 +392,30 @@ impl Server {
             }
             None => None,
         };
+        let mut metrics = None;
+        let mut proxy_metrics = None;
+        if let Some(addr) = settings.metrics_listen {
+            let l = crate::metrics::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+            let p = Arc::new(ProxyMetrics::new(
+                listeners.iter().map(|l| l.endpoint().url()),
+            ));
+            let mut m = Metrics::new();
+            m.register(p.clone());
+            m.register(crate::metrics::collect::Freeze(engine.clone()));
+            if let Some(j) = &journal {
+                m.register(crate::metrics::collect::JournalCollector(j.clone()));
+            }
+            proxy_metrics = Some(p);
+            metrics = Some((l, Arc::new(m)));
+        }
         let shared = Arc::new(Shared {
             server_tls,
             upstream_tls,
             mirror,
             journal,
+            metrics: proxy_metrics,
             ..Shared::new(settings, engine)
         });
         if shared.settings.carry_sessions {
@@ -363,7 +423,17 @@ impl Server {
             // a restart is compared with.
             session::learn_server_print(shared.clone()).await;
         }
-        Ok(Server { listeners, shared })
+        Ok(Server {
+            listeners,
+            shared,
+            metrics,
+        })
+    }
+
+    /// Where the metrics endpoint listens (with the real port when 0 was
+    /// asked for), when on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The client-facing TLS settings, for reloading on SIGHUP (`None`:
@@ -388,10 +458,26 @@ impl Server {
         if let Some(tls) = &self.shared.server_tls {
             tasks.spawn(tls.clone().watch(stop.clone()));
         }
+        let accepting = Arc::new(AtomicBool::new(true));
+        let metrics_stop = CancellationToken::new();
+        let endpoint = self.metrics.map(|(listener, metrics)| {
+            let health = Arc::new(Health {
+                shared: self.shared.clone(),
+                accepting: accepting.clone(),
+            });
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics,
+                health,
+                crate::metrics::Limits::default(),
+                metrics_stop.clone(),
+            ))
+        });
         let mut acceptors = Vec::new();
         let listeners: Vec<Arc<Listener>> = self.listeners.into_iter().map(Arc::new).collect();
-        for l in &listeners {
+        for (i, l) in listeners.iter().enumerate() {
             acceptors.push(tokio::spawn(accept_loop(
+                i,
                 l.clone(),
                 self.shared.clone(),
                 tracker.clone(),
@@ -406,6 +492,7 @@ impl Server {
             grace_s = grace.as_secs(),
             "shutting down: no new connections, waiting for in-flight operations"
         );
+        accepting.store(false, Ordering::Relaxed);
         stop.cancel();
         self.shared.engine.shutdown_sessions();
         for a in acceptors {
@@ -434,12 +521,17 @@ impl Server {
         if let Some(j) = &self.shared.journal {
             j.close();
         }
+        metrics_stop.cancel();
+        if let Some(e) = endpoint {
+            let _ = e.await;
+        }
         info!("stopped");
         Ok(())
     }
 }
 
 async fn accept_loop(
+    index: usize,
     listener: Arc<Listener>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
@@ -457,8 +549,15 @@ async fn accept_loop(
                 backoff = Duration::from_millis(10);
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 let source = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+                let metrics = shared.metrics.clone();
+                if let Some(m) = &metrics {
+                    m.accepted(index);
+                }
                 match shared.limits.admit(source) {
                     Ok(admitted) => {
+                        if let Some(m) = &metrics {
+                            m.open(index, true);
+                        }
                         let session = session::serve(
                             id,
                             peer,
@@ -471,9 +570,18 @@ async fn accept_loop(
                         tracker.spawn(async move {
                             session.await;
                             drop(admitted);
+                            if let Some(m) = &metrics {
+                                m.open(index, false);
+                            }
                         });
                     }
                     Err(why) => {
+                        if let Some(m) = &metrics {
+                            m.refused(match why {
+                                limits::Refused::Total(_) => Refusal::Limit,
+                                limits::Refused::Source(..) => Refusal::Source,
+                            });
+                        }
                         warn!(conn = id, %peer, "connection refused: {why}");
                         // An ldaps:// client could not read a notice before
                         // a handshake, which an overload should not pay for:
@@ -501,6 +609,7 @@ async fn accept_loop(
 /// benchmarks).
 pub struct ProxyHandle {
     endpoints: Vec<Endpoint>,
+    metrics_addr: Option<SocketAddr>,
     engine: Arc<Engine>,
     limits: Arc<limits::ConnLimits>,
     server_tls: Option<Arc<ServerTls>>,
@@ -513,6 +622,7 @@ impl ProxyHandle {
     pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         let server = Server::bind(config.settings()?).await?;
         let endpoints = server.endpoints();
+        let metrics_addr = server.metrics_addr();
         let engine = server.shared.engine.clone();
         let limits = server.shared.limits.clone();
         let server_tls = server.server_tls();
@@ -521,6 +631,7 @@ impl ProxyHandle {
         let task = tokio::spawn(async move { server.run(s.cancelled_owned()).await });
         Ok(ProxyHandle {
             endpoints,
+            metrics_addr,
             engine,
             limits,
             server_tls,
@@ -532,6 +643,11 @@ impl ProxyHandle {
     /// The listeners, in configuration order.
     pub fn endpoints(&self) -> &[Endpoint] {
         &self.endpoints
+    }
+
+    /// Where the metrics endpoint listens, when on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The proxy's freeze engine.

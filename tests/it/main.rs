@@ -43,6 +43,7 @@ mod journal_crash;
 mod ldap_utils;
 mod limits;
 mod malformed;
+mod metrics;
 mod multi_proxy;
 mod nosync;
 mod rust_client;

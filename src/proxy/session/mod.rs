@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::mailbox::Inbox;
+use super::metrics::{Handshake, Refusal};
 use super::{Incoming, Shared};
 use crate::endpoint::{self, BoxRead, BoxWrite};
 use crate::freeze::participant::{HeldResponses, Queue};
@@ -213,13 +214,22 @@ async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -
             });
         }
         (Incoming::Tcp(s, false), Some(_)) => (ClientStream::clear(s), false, None),
-        (Incoming::Tcp(s, true), Some(server)) => match server.accept(s).await {
-            Ok((tls, subject)) => (ClientStream::tls(tls), true, subject),
-            Err(e) => {
-                info!(conn = id, %peer, "connection closed: ldaps: {e}");
-                return None;
+        (Incoming::Tcp(s, true), Some(server)) => {
+            let accepted = server.accept(s).await;
+            if let Some(m) = &shared.metrics {
+                m.handshake(Handshake::Ldaps, accepted.is_ok());
+                if accepted.is_err() {
+                    m.refused(Refusal::Tls);
+                }
             }
-        },
+            match accepted {
+                Ok((tls, subject)) => (ClientStream::tls(tls), true, subject),
+                Err(e) => {
+                    info!(conn = id, %peer, "connection closed: ldaps: {e}");
+                    return None;
+                }
+            }
+        }
         (Incoming::Tcp(_, true), None) => {
             warn!(conn = id, %peer, "connection closed: ldaps listener without TLS settings");
             return None;
@@ -296,6 +306,9 @@ pub(crate) async fn serve(
         Ok(Err(e)) => e.to_string(),
         Err(_) => "timed out".into(),
     };
+    if let Some(m) = &shared.metrics {
+        m.upstream_connect_failed();
+    }
     // The server is down while a stop freeze lasts (a cold backup) or may
     // come back (`upstream_reconnect`): the session starts as one whose
     // connection the server closed, waiting to be carried to a new one.
@@ -311,6 +324,9 @@ pub(crate) async fn serve(
             stream: None,
         };
         return serve_session(id, peer, cred, client, upstream, shared, shutdown, abort).await;
+    }
+    if let Some(m) = &shared.metrics {
+        m.refused(Refusal::Upstream);
     }
     refuse(id, &peer, &shared, client.write, why).await
 }
@@ -434,6 +450,7 @@ async fn serve_session(
         reconnect: shared.settings.upstream_reconnect,
         pending,
         journal: shared.journal.clone(),
+        metrics: shared.metrics.clone(),
         outcome: Default::default(),
         outcome_failed: Default::default(),
     };

@@ -361,6 +361,9 @@ impl Requests<'_> {
             Err(e) => return Step::End(End::ClientProtocol(e.to_string())),
         };
         count(&self.state.requests);
+        if let Some(m) = &self.shared.metrics {
+            m.request(env.op, frame.len());
+        }
         debug!(
             conn = self.id,
             msgid = env.msgid,
@@ -571,6 +574,12 @@ impl Requests<'_> {
             r = stream.start_tls(&server) => r,
             _ = self.close.cancelled() => return Step::End(End::Closed),
         };
+        if let Some(m) = &self.shared.metrics {
+            m.handshake(
+                crate::proxy::metrics::Handshake::StartTls,
+                handshake.is_ok(),
+            );
+        }
         match handshake {
             Ok(subject) => {
                 info!(
@@ -842,6 +851,7 @@ impl Requests<'_> {
         }
         self.queue_changed();
         if sent > 0 {
+            self.engine.released(sent);
             debug!(
                 conn = self.id,
                 sent,

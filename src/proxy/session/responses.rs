@@ -18,6 +18,7 @@ use crate::freeze::participant::{HeldResponses, InFlight};
 use crate::freeze::{Carried, Control, Engine};
 use crate::journal::{Body as JournalBody, Journal, JournalError};
 use crate::proxy::mailbox::Inbox;
+use crate::proxy::metrics::ProxyMetrics;
 use crate::wire::{op, paging, pdu, rootdse, Envelope, FrameError};
 
 use super::end::{End, IoAt, Side};
@@ -59,6 +60,8 @@ pub(super) struct Responses {
     pub(super) pending: Option<oneshot::Receiver<UpIn>>,
     /// The roll-forward journal, when on.
     pub(super) journal: Option<Arc<Journal>>,
+    /// The proxy's counters, when metrics are on.
+    pub(super) metrics: Option<Arc<ProxyMetrics>>,
     /// The intent and outcome records of the write whose response is
     /// being forwarded, durable as the journal's durability says before
     /// the client sees it (0: none).
@@ -482,6 +485,9 @@ impl Responses {
             }
         };
         count(&self.state.responses);
+        if let Some(m) = &self.metrics {
+            m.response(n);
+        }
         let frame = self.up_in.message(n);
         // Search entries and references, most of a search's responses, are
         // tracked only while a root DSE read or a persistent search is in
@@ -615,6 +621,9 @@ impl Responses {
         }
         let done = self.state.inflight().response(env.msgid, env.op);
         if let Some(req) = done {
+            if let Some(m) = &self.metrics {
+                m.completed(req.op, env.result_code, req.age());
+            }
             match self.record_outcome(&req, env, frame) {
                 Ok(seq) => self.outcome.set((req.journal, seq)),
                 Err(e) => self.outcome_failed.set(Some(e)),
