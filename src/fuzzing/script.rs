@@ -203,7 +203,8 @@ fn controls(which: u8) -> Vec<u8> {
     out
 }
 
-fn int(v: i64) -> Vec<u8> {
+/// A BER INTEGER's contents, minimal.
+pub(super) fn int(v: i64) -> Vec<u8> {
     let bytes = v.to_be_bytes();
     let mut skip = 0;
     while skip < 7

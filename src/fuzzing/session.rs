@@ -102,14 +102,11 @@ use std::time::Duration;
 
 use abproxy_proto::{AllowBackupRequest, AllowBackupStatus, FreezeState};
 use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
-use ldap3_proto::proto::{
-    LdapBindResponse, LdapMsg, LdapOp, LdapPartialAttribute, LdapResult, LdapResultCode,
-    LdapSearchResultEntry,
-};
+use futures::StreamExt;
+use ldap3_proto::proto::LdapResultCode;
 use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use super::script::{self, Step, UpCmd, OPERATOR};
@@ -117,8 +114,9 @@ use crate::config::{Config, Settings};
 use crate::freeze::{BackendMap, Engine, Kind, Mode, Requester};
 use crate::proxy::session::{serve_connected, Client};
 use crate::proxy::Shared;
+use crate::wire::ber::put_tlv;
 use crate::wire::envelope::oid;
-use crate::wire::{codec, op, pdu, Envelope, FrameCodec};
+use crate::wire::{codec, op, Envelope, FrameCodec};
 
 /// Request size limits of the session (authenticated, anonymous).
 const MAX_PDU: usize = 8192;
@@ -264,60 +262,65 @@ struct Harness<'a> {
     limits: Limits,
 }
 
-fn answers(frame: &[u8], refuse_binds: bool) -> Result<Vec<Bytes>, String> {
+/// Appends the scripted server's answers to a request (none to an abandon
+/// or an unbind) to `out`, encoded by hand: cheaper than building
+/// `ldap3_proto` messages, at every answer of every input.
+fn answers(frame: &[u8], refuse_binds: bool, out: &mut Vec<u8>) -> Result<(), String> {
     let env = Envelope::request(frame)
         .map_err(|e| format!("upstream received a frame whose envelope does not decode: {e}"))?;
-    let result = |code| LdapResult {
-        code,
-        matcheddn: String::new(),
-        message: String::new(),
-        referral: Vec::new(),
+    let message = |out: &mut Vec<u8>, tag: u8, op: &[u8]| {
+        let mut body = Vec::with_capacity(op.len() + 8);
+        put_tlv(&mut body, 0x02, &script::int(env.msgid.into()));
+        put_tlv(&mut body, tag, op);
+        put_tlv(out, 0x30, &body);
     };
-    let msgid = env.msgid;
-    Ok(match env.op {
-        op::ABANDON_REQUEST | op::UNBIND_REQUEST => Vec::new(),
+    // LDAPResult: resultCode, an empty matchedDN and diagnosticMessage.
+    let result = |code: u8| [0x0a, 0x01, code, 0x04, 0x00, 0x04, 0x00];
+    const SUCCESS: u8 = 0;
+    const INVALID_CREDENTIALS: u8 = 49;
+    match env.op {
+        op::ABANDON_REQUEST | op::UNBIND_REQUEST => {}
         op::BIND_REQUEST => {
             let code = if refuse_binds {
-                LdapResultCode::InvalidCredentials
+                INVALID_CREDENTIALS
             } else {
-                LdapResultCode::Success
+                SUCCESS
             };
-            vec![pdu::encode(LdapMsg::new(
-                msgid,
-                LdapOp::BindResponse(LdapBindResponse {
-                    res: result(code),
-                    saslcreds: None,
-                }),
-            ))]
+            message(out, op::BIND_RESPONSE, &result(code));
         }
         op::SEARCH_REQUEST => {
-            // The root DSE entry is what the proxy rewrites.
-            let dn = String::from_utf8_lossy(env.dn_bytes(frame).unwrap_or_default()).into_owned();
-            let entry = LdapSearchResultEntry {
-                dn,
-                attributes: vec![
-                    LdapPartialAttribute {
-                        atype: "objectClass".into(),
-                        vals: vec![b"top".to_vec()],
-                    },
-                    LdapPartialAttribute {
-                        atype: "supportedExtension".into(),
-                        vals: vec![oid::WHOAMI.to_vec()],
-                    },
-                ],
+            // An entry named as the base (the root DSE's is what the proxy
+            // rewrites), then the result.
+            let dn = String::from_utf8_lossy(env.dn_bytes(frame).unwrap_or_default());
+            let attribute = |atype: &[u8], val: &[u8]| {
+                let (mut a, mut vals, mut out) = (Vec::new(), Vec::new(), Vec::new());
+                put_tlv(&mut vals, 0x04, val);
+                put_tlv(&mut a, 0x04, atype);
+                put_tlv(&mut a, 0x31, &vals);
+                put_tlv(&mut out, 0x30, &a);
+                out
             };
-            vec![
-                pdu::encode(LdapMsg::new(msgid, LdapOp::SearchResultEntry(entry))),
-                pdu::encode(LdapMsg::new(
-                    msgid,
-                    LdapOp::SearchResultDone(result(LdapResultCode::Success)),
-                )),
-            ]
+            let mut attrs = attribute(b"objectClass", b"top");
+            attrs.extend(attribute(b"supportedExtension", oid::WHOAMI));
+            let mut entry = Vec::new();
+            put_tlv(&mut entry, 0x04, dn.as_bytes());
+            put_tlv(&mut entry, 0x30, &attrs);
+            message(out, op::SEARCH_RESULT_ENTRY, &entry);
+            message(out, op::SEARCH_RESULT_DONE, &result(SUCCESS));
         }
-        other => pdu::response_for(other, msgid, LdapResultCode::Success, "")
-            .into_iter()
-            .collect(),
-    })
+        other => {
+            let tag = match other {
+                op::MODIFY_REQUEST => op::MODIFY_RESPONSE,
+                op::ADD_REQUEST => op::ADD_RESPONSE,
+                op::DEL_REQUEST => op::DEL_RESPONSE,
+                op::MODDN_REQUEST => op::MODDN_RESPONSE,
+                op::COMPARE_REQUEST => op::COMPARE_RESPONSE,
+                _ => op::EXTENDED_RESPONSE,
+            };
+            message(out, tag, &result(SUCCESS));
+        }
+    }
+    Ok(())
 }
 
 /// A write the current freeze holds (its backends as the status shows
@@ -356,7 +359,8 @@ async fn upstream(
     mut auto: bool,
 ) {
     let mut input = FramedRead::new(from_proxy, FrameCodec::new(codec::DEFAULT_MAX_PDU));
-    let mut output = FramedWrite::new(to_proxy, FrameCodec::default());
+    let mut output = to_proxy;
+    let mut out = Vec::new();
     let mut pending: VecDeque<Bytes> = VecDeque::new();
     let mut cmds_open = true;
     let mut input_open = true;
@@ -465,20 +469,16 @@ async fn upstream(
                 ));
                 break;
             }
-            match answers(&req, refuse_binds) {
-                Ok(resps) => {
-                    for r in resps {
-                        // The proxy may be gone: then nobody reads.
-                        let _ = output.feed(r).await;
-                    }
-                }
-                Err(v) => {
-                    log.lock().unwrap().violation = Some(v);
-                    break;
-                }
+            if let Err(v) = answers(&req, refuse_binds, &mut out) {
+                log.lock().unwrap().violation = Some(v);
+                break;
             }
         }
-        let _ = output.flush().await;
+        if !out.is_empty() {
+            // The proxy may be gone: then nobody reads.
+            let _ = output.write_all(&out).await;
+            out.clear();
+        }
         log.lock().unwrap().pending = pending.iter().cloned().collect();
         if !input_open && (pending.is_empty() || !cmds_open) {
             break;
@@ -486,7 +486,7 @@ async fn upstream(
     }
     // Like slapd: the proxy closed, so close too (or the server closes
     // first: both directions, so the proxy's writes fail).
-    let _ = output.get_mut().shutdown().await;
+    let _ = output.shutdown().await;
     let mut l = log.lock().unwrap();
     l.eof = true;
     l.pending = pending.into();
@@ -571,21 +571,34 @@ async fn settle() {
     tokio::time::sleep(SETTLE).await;
 }
 
+/// The uid of a local (ldapi) client allowed to freeze: the operator of the
+/// harness (its ON, OFF and status reads) is one, which spares a DN's
+/// parsing and comparison with the allowed identities at each call (no
+/// client of the session has a uid; a client that binds as [`OPERATOR`]
+/// freezes by its DN).
+const OPERATOR_UID: u32 = 4242;
+
 fn operator() -> Requester {
     Requester {
         conn: 0,
-        bound_dn: Some(OPERATOR.into()),
-        peer_uid: None,
+        bound_dn: None,
+        peer_uid: Some((OPERATOR_UID, OPERATOR_UID)),
         cert_subject: None,
     }
 }
 
+/// The engine's status, as a client reads it (encoded and decoded).
 fn status(engine: &Engine) -> AllowBackupStatus {
-    let status = engine
-        .status(&operator())
-        .expect("the operator may read the status");
-    abproxy_proto::decode_status(&crate::proxy::exops::status_value(&status))
+    abproxy_proto::decode_status(&crate::proxy::exops::status_value(&counts(engine)))
         .expect("the status value decodes")
+}
+
+/// The engine's status as it has it (queued and in-flight counts for the
+/// bounds checked after every settle).
+fn counts(engine: &Engine) -> crate::freeze::Status {
+    engine
+        .status(&operator())
+        .expect("the operator may read the status")
 }
 
 /// The client frames of a byte stream, as the session's codec cuts them
@@ -682,6 +695,7 @@ impl<'a> Harness<'a> {
         };
         let f = &mut c.freeze;
         f.allowed = vec![OPERATOR.into()];
+        f.allowed_uids = vec![OPERATOR_UID];
         f.max_drain_secs = 3600;
         f.lease_secs = 3600;
         f.bind_is_write = (self.flags & 4 != 0).into();
@@ -708,7 +722,7 @@ impl<'a> Harness<'a> {
 
     /// The bounds on what one session may hold.
     fn check_bounds(&self, engine: &Engine, persistent: usize) {
-        let st = status(engine);
+        let st = counts(engine);
         let l = self.limits;
         assert!(
             st.queued_requests as usize <= l.queue_requests,
@@ -902,28 +916,29 @@ impl<'a> Harness<'a> {
             "queued requests, queued bytes, in flight after the session ended"
         );
 
-        let up = up_log.lock().unwrap();
-        if let Some(v) = &up.violation {
-            panic!("{v}");
+        {
+            let up = up_log.lock().unwrap();
+            if let Some(v) = &up.violation {
+                panic!("{v}");
+            }
+            assert!(up.eof, "the upstream connection was not closed");
+            let client = client_log.lock().unwrap();
+            if let Some(v) = &client.violation {
+                panic!("{v}");
+            }
+            assert!(client.eof, "the client connection was not closed");
+            assert!(
+                client.notices <= 1 && !client.after_notice,
+                "{} notices of disconnection, something after one: {}",
+                client.notices,
+                client.after_notice
+            );
+            self.check_upstream_frames(&stream.frames, &up.frames, froze);
         }
-        assert!(up.eof, "the upstream connection was not closed");
-        let client = client_log.lock().unwrap();
-        if let Some(v) = &client.violation {
-            panic!("{v}");
-        }
-        assert!(client.eof, "the client connection was not closed");
-        assert!(
-            client.notices <= 1 && !client.after_notice,
-            "{} notices of disconnection, something after one: {}",
-            client.notices,
-            client.after_notice
-        );
-        self.check_upstream_frames(&stream.frames, &up.frames, froze);
-        drop((up, client));
 
         // Nothing stays behind for the next input on this runtime (see
         // `with_runtime`): a freeze still on ends, and its lease timer with it.
-        if status(&engine).state != FreezeState::Thawed {
+        if counts(&engine).freeze.is_some() {
             let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
             let _ = engine.allow_backup(operator(), Some(&value)).await;
             settle().await;
@@ -1044,7 +1059,7 @@ pub fn session_seed(stream: &[u8], flags: u8) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::wire::pdu::encode;
-    use ldap3_proto::proto::{LdapAddRequest, LdapAttribute};
+    use ldap3_proto::proto::{LdapAddRequest, LdapAttribute, LdapMsg, LdapOp};
 
     #[test]
     fn the_operator_is_the_labs_admin() {
