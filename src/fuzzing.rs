@@ -3,9 +3,10 @@
 //! and the fuzzers (`fuzz/`, nightly) run exactly the same checks. Each
 //! function panics when an invariant breaks.
 
+mod script;
 mod session;
 
-pub use session::{check_session, session_seed};
+pub use session::{check_session, session_runtimes_built, session_seed};
 
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
