@@ -38,6 +38,8 @@ mod decide;
 mod end;
 pub(crate) mod print;
 mod requests;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use requests::catch_up_frames;
 mod responses;
 mod state;
 

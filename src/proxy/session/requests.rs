@@ -66,6 +66,13 @@ pub(super) struct Requests<'a> {
     pub(super) retry_spent: bool,
 }
 
+/// The most requests a session reads past its full queue before releasing
+/// it ([`Requests::catch_up`]); requests the proxy answers itself do not
+/// queue, so the frames are bounded as well as the bytes.
+pub(crate) fn catch_up_frames(queue_max_requests_per_conn: usize) -> usize {
+    4 * queue_max_requests_per_conn.max(256)
+}
+
 /// Why a session waiting for its server was not carried.
 pub(super) enum NotBack {
     /// The server did not answer within the retry time: the session waits
@@ -766,17 +773,17 @@ impl Requests<'_> {
 
     /// Reads what a client sent while its session was not reading it (what
     /// the kernel holds for the socket, and at most another
-    /// `queue_max_bytes_per_conn`; the requests join the queue behind the
-    /// others): if the client has gone meanwhile, the session ends and its
-    /// queue is discarded, never sent, as when a close is seen during the
-    /// freeze.
+    /// `queue_max_bytes_per_conn` and [`catch_up_frames`] requests, within
+    /// the total limits; the requests join the queue behind the others):
+    /// if the client has gone meanwhile, the session ends and its queue is
+    /// discarded, never sent, as when a close is seen during the freeze.
+    /// So at a release a connection's queue may hold up to twice its byte
+    /// limit, and its requests limit plus that many requests.
     async fn catch_up(&mut self) -> Step {
         let cfg = self.engine.config();
         let limit = self.queue.bytes() + cfg.queue_max_bytes_per_conn;
-        // Requests answered by the proxy itself do not queue: bound the
-        // frames too.
-        let mut frames = 4 * cfg.queue_max_requests_per_conn.max(256);
-        while self.queue.bytes() < limit && frames > 0 {
+        let mut frames = catch_up_frames(cfg.queue_max_requests_per_conn);
+        while self.queue.bytes() < limit && frames > 0 && self.engine.queue_has_room() {
             frames -= 1;
             match self.client_in.next_message().now_or_never() {
                 None => break,
