@@ -963,13 +963,7 @@ impl Engine {
                 f.started.elapsed(),
             ),
         };
-        let sessions: Vec<SessionHandle> = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let sessions = self.session_handles();
         let in_flight = sessions
             .iter()
             .map(|s| s.state.inflight().iter().count())
@@ -1353,14 +1347,18 @@ impl Engine {
         }
     }
 
-    fn pending(&self, f: &Freeze) -> Pending {
-        let sessions: Vec<SessionHandle> = self
-            .sessions
+    /// The registered sessions' handles, copied out of the registry's lock.
+    fn session_handles(&self) -> Vec<SessionHandle> {
+        self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    fn pending(&self, f: &Freeze) -> Pending {
+        let sessions = self.session_handles();
         let mut p = Pending::default();
         for s in sessions {
             let bound = s.state.bound_dn();

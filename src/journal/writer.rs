@@ -216,6 +216,16 @@ pub fn expire(dir: &Path, cutoff_us: i64) -> std::io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Cuts the segment at `path` to `len` bytes, synced.
+fn cut(path: &Path, len: u64) -> Result<(), JournalError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| open_err(path, e))?;
+    f.set_len(len).map_err(|e| open_err(path, e))?;
+    f.sync_all().map_err(|e| open_err(path, e))
+}
+
 /// The last sequence number in `dir`'s journal (0: none), after cutting a
 /// torn tail off the last segment.
 fn recover(dir: &Path) -> Result<u64, JournalError> {
@@ -243,20 +253,10 @@ fn recover(dir: &Path) -> Result<u64, JournalError> {
             bytes = seg.file_len - seg.good_len,
             "journal: cutting a torn tail ({damage}) after the last intact record"
         );
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| open_err(path, e))?;
-        f.set_len(seg.good_len).map_err(|e| open_err(path, e))?;
-        f.sync_all().map_err(|e| open_err(path, e))?;
+        cut(path, seg.good_len)?;
     } else if seg.unused > 0 {
         // Preallocated and never used: a segment left open by a crash.
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| open_err(path, e))?;
-        f.set_len(seg.good_len).map_err(|e| open_err(path, e))?;
-        f.sync_all().map_err(|e| open_err(path, e))?;
+        cut(path, seg.good_len)?;
     }
     Ok(match seg.records.last() {
         Some(r) => r.seq,

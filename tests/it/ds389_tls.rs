@@ -105,11 +105,10 @@ async fn tls_proxy(
     ProxyHandle::spawn(config).await.expect("start proxy")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn password_modify_over_tls_through_the_proxy_matches_389_over_tls() {
-    if skip() {
-        return;
-    }
+/// A 389 DS with `users` users and TLS from a throwaway CA: the CA's
+/// directory (removed when dropped), the CA file, a certificate for the
+/// proxy, the server.
+async fn ds389_with_tls(users: usize) -> (tempfile::TempDir, PathBuf, (PathBuf, PathBuf), Ds389) {
     let dir = tempfile::Builder::new()
         .prefix("abp-ds389-pki-")
         .tempdir_in("/tmp")
@@ -117,17 +116,25 @@ async fn password_modify_over_tls_through_the_proxy_matches_389_over_tls() {
     let test_ca = TestCa::new(dir.path(), "ca").unwrap();
     let ca = test_ca.ca_file();
     let proxy_cert = test_ca.server("proxy").unwrap();
-    let tls = test_ca.clone();
     let ds = tokio::task::spawn_blocking(move || {
         Ds389::start(Ds389Options {
-            users: 20,
-            tls: Some(tls),
+            users,
+            tls: Some(test_ca),
             ..Default::default()
         })
     })
     .await
     .unwrap()
     .expect("start 389-ds with TLS");
+    (dir, ca, proxy_cert, ds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_modify_over_tls_through_the_proxy_matches_389_over_tls() {
+    if skip() {
+        return;
+    }
+    let (_pki, ca, proxy_cert, ds) = ds389_with_tls(20).await;
     let ds_ldaps = ds.ldaps_url().expect("389 has an LDAPS port");
     assert!(ds_ldaps.starts_with("ldaps://127.0.0.1:"), "{ds_ldaps}");
 
@@ -370,24 +377,7 @@ async fn mirror_keeps_389s_secure_binds_rule_deciding_as_direct() {
     if skip() {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("abp-ds389-pki-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let test_ca = TestCa::new(dir.path(), "ca").unwrap();
-    let ca = test_ca.ca_file();
-    let proxy_cert = test_ca.server("proxy").unwrap();
-    let tls = test_ca.clone();
-    let ds = tokio::task::spawn_blocking(move || {
-        Ds389::start(Ds389Options {
-            users: 10,
-            tls: Some(tls),
-            ..Default::default()
-        })
-    })
-    .await
-    .unwrap()
-    .expect("start 389-ds with TLS");
+    let (_pki, ca, proxy_cert, ds) = ds389_with_tls(10).await;
     let ds_ldaps = ds.ldaps_url().expect("389 has an LDAPS port");
     let secure_binds = "dn: cn=config\nchangetype: modify\nreplace: nsslapd-require-secure-binds\n\
                         nsslapd-require-secure-binds: on\n";
