@@ -104,8 +104,13 @@ impl Histogram {
     #[inline]
     pub fn observe(&self, d: Duration) {
         let us = d.as_secs().saturating_mul(1_000_000) + u64::from(d.subsec_micros());
-        // The first bound at or above the value (`le`), else +Inf.
-        let i = self.bounds.partition_point(|&b| b < us);
+        // The first bound at or above the value (`le`), else +Inf; searched
+        // from the small end, where most operations' latencies fall (a
+        // compare or two instead of a binary search's four or five).
+        let mut i = 0;
+        while i < self.bounds.len() && self.bounds[i] < us {
+            i += 1;
+        }
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
