@@ -680,6 +680,18 @@ pub enum ClientSecurity {
     Fixed,
 }
 
+impl ClientSecurity {
+    /// A client in TLS (`tls`), or in clear on a stream StartTLS can turn
+    /// to TLS (`upgradable`), or neither.
+    pub fn of(tls: bool, upgradable: bool) -> ClientSecurity {
+        match (tls, upgradable) {
+            (true, _) => ClientSecurity::Tls,
+            (false, true) => ClientSecurity::Clear,
+            (false, false) => ClientSecurity::Fixed,
+        }
+    }
+}
+
 impl Mirror {
     /// The mirror settings, `None` unless `tls.upstream_mirror`.
     pub fn load(cfg: &TlsConfig, upstream: &Endpoint) -> Result<Option<Mirror>, String> {

@@ -254,11 +254,7 @@ async fn open_client(id: u64, peer: &str, incoming: Incoming, shared: &Shared) -
 impl Client {
     /// What a mirrored upstream connection must be for this client.
     fn security(&self) -> ClientSecurity {
-        match (self.tls, &self.stream) {
-            (true, _) => ClientSecurity::Tls,
-            (false, Some(_)) => ClientSecurity::Clear,
-            (false, None) => ClientSecurity::Fixed,
-        }
+        ClientSecurity::of(self.tls, self.stream.is_some())
     }
 
     /// A connection that is and stays clear (ldapi-like: `require_tls` does

@@ -616,14 +616,14 @@ impl Requests<'_> {
         up: &UpstreamStream,
         mirror: &Mirror,
     ) -> Result<Result<Bytes, Bytes>, End> {
-        let (tx, rx) = oneshot::channel();
-        *lock(&self.state.upstream_starttls) = Some((env.msgid, tx));
         if !self.state.start(
             env.msgid,
             InFlight::new(op::EXTENDED_REQUEST, Some(Class::NEVER)),
         ) {
             return Err(reused_id(env.msgid));
         }
+        let (tx, rx) = oneshot::channel();
+        *lock(&self.state.upstream_starttls) = Some((env.msgid, tx));
         self.up_out.append_always(frame);
         flush_waiting(&mut self.up_out, self.close, TO_UPSTREAM).await?;
         let limit = mirror.tls.timeout();
@@ -670,11 +670,7 @@ impl Requests<'_> {
 
     /// The security a new upstream connection of this session needs.
     fn security(&self) -> ClientSecurity {
-        match (self.tls, &self.client) {
-            (true, _) => ClientSecurity::Tls,
-            (false, Some(_)) => ClientSecurity::Clear,
-            (false, None) => ClientSecurity::Fixed,
-        }
+        ClientSecurity::of(self.tls, self.client.is_some())
     }
 
     fn classify(&self, env: &Envelope, frame: &[u8]) -> Class {
