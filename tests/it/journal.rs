@@ -80,6 +80,30 @@ fn journaled(recs: &[Record]) -> Vec<(&Record, &Record)> {
     out
 }
 
+/// Every write sent before a cut has its outcome before that cut (the
+/// freeze's drain waited for it, and its outcome was appended before the
+/// write left the in-flight table): a replay up to a cut's time applies
+/// exactly the writes the server had at the freeze. For journals whose
+/// writes all go to the frozen backend.
+fn assert_cuts_follow_their_writes(recs: &[Record]) {
+    let cuts: Vec<u64> = recs
+        .iter()
+        .filter(|r| matches!(r.body, Body::Cut { .. }))
+        .map(|r| r.seq)
+        .collect();
+    assert!(!cuts.is_empty(), "the journal has cuts");
+    for (i, o) in journaled(recs) {
+        for &cut in &cuts {
+            assert!(
+                i.seq > cut || o.seq < cut,
+                "write {} sent before cut {cut} has its outcome {} after it",
+                i.seq,
+                o.seq
+            );
+        }
+    }
+}
+
 /// Each journaled write, in the order of its intent: its request bytes and
 /// its result code.
 pub(crate) fn journaled_writes(recs: &[Record]) -> Vec<(&[u8], i32)> {
@@ -641,6 +665,7 @@ async fn a_backup_and_the_journal_restore_any_point_in_time() {
 
     // To T1: the time of the freeze's cut.
     let recs = records(&dir);
+    assert_cuts_follow_their_writes(&recs);
     let cut_time = abproxy::operator::journal::utc_us(recs[cut1 as usize - 1].time_us);
     let backup_s = backup.to_str().unwrap();
     let out = replay(
@@ -1054,6 +1079,9 @@ async fn hostile_sequences_leave_an_exact_journal() {
         100_000,
     ));
     c.send(&slow).await;
+    // In flight before the abandon and the freeze (else the freeze could
+    // hold it, and the abandon would take it out of the queue unsent).
+    wait_status(&lab, "the slow add in flight", |s| s.in_flight >= 1).await;
     c.send_msg(LdapMsg::new(7, LdapOp::AbandonRequest(6))).await;
     // A freeze: its drain waits for the abandoned write.
     let mut op = bound(&lab, OTHER_ADMIN_DN, ADMIN_PW).await;

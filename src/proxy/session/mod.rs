@@ -460,14 +460,14 @@ async fn serve_session(
         Ok(end) => end,
         Err(e) => End::Io(IoAt::Task, std::io::Error::other(e.to_string())),
     };
-    engine.deregister(id).await;
     let end = match (&req_end, &resp_end) {
         (End::Closed, e) => e,
         (e, _) => e,
     };
     if let Some(j) = &shared.journal {
         // Writes whose response never came: the server may have run them
-        // or not (`journal check` lists them).
+        // or not (`journal check` lists them). Recorded while the session
+        // is registered, so a drain still counts them: a cut comes after.
         let lost: Vec<u64> = state
             .inflight()
             .iter()
@@ -487,6 +487,7 @@ async fn serve_session(
             }
         }
     }
+    engine.deregister(id).await;
     let leftover = state.inflight().len();
     info!(
         conn = id,

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::freeze::participant::{HeldResponses, InFlight};
+use crate::freeze::participant::HeldResponses;
 use crate::freeze::{Carried, Control, Engine};
 use crate::journal::{Body as JournalBody, Journal, JournalError};
 use crate::proxy::mailbox::Inbox;
@@ -224,11 +224,11 @@ impl Responses {
             };
             let frame = self.up_in.message(n);
             if let Ok(env) = Envelope::response(frame) {
+                if let Err(e) = self.record_outcome(&env, frame) {
+                    warn!(conn = self.id, "{e}");
+                }
                 let done = self.state.inflight().response(env.msgid, env.op);
                 if let Some(req) = done {
-                    if let Err(e) = self.record_outcome(&req, &env, frame) {
-                        warn!(conn = self.id, "{e}");
-                    }
                     self.state.forget(&req);
                     self.state.signal_completed();
                     self.engine.completed();
@@ -619,14 +619,16 @@ impl Responses {
             }
             return Route::Forward;
         }
+        if self.journal.is_some() {
+            match self.record_outcome(env, frame) {
+                Ok(seqs) => self.outcome.set(seqs),
+                Err(e) => self.outcome_failed.set(Some(e)),
+            }
+        }
         let done = self.state.inflight().response(env.msgid, env.op);
         if let Some(req) = done {
             if let Some(m) = &self.metrics {
                 m.completed(req.op, env.result_code, req.age());
-            }
-            match self.record_outcome(&req, env, frame) {
-                Ok(seq) => self.outcome.set((req.journal, seq)),
-                Err(e) => self.outcome_failed.set(Some(e)),
             }
             if req.op == op::BIND_REQUEST {
                 // The identity comes from this bind's own response (message
@@ -682,25 +684,28 @@ impl Responses {
         Route::Forward
     }
 
-    /// Appends the outcome record of a journaled write's final response;
-    /// its sequence number (0: not journaled).
-    fn record_outcome(
-        &self,
-        req: &InFlight,
-        env: &Envelope,
-        frame: &[u8],
-    ) -> Result<u64, JournalError> {
-        let (Some(j), true) = (&self.journal, req.journal != 0) else {
-            return Ok(0);
+    /// Appends the outcome record of a journaled write's final response
+    /// while its request is still in flight (so that a drain, which waits
+    /// for the request, ends after the outcome); the intent's and the
+    /// outcome's sequence numbers, `(0, 0)` when the request is not a
+    /// journaled write.
+    fn record_outcome(&self, env: &Envelope, frame: &[u8]) -> Result<(u64, u64), JournalError> {
+        let Some(j) = &self.journal else {
+            return Ok((0, 0));
         };
-        j.append(
-            self.id,
-            JournalBody::Outcome {
-                intent: req.journal,
-                result: env.result_code.map_or(-1, |c| c as i32),
-                response: frame.to_vec(),
-            },
-        )
+        if !op::is_final_response(env.op) {
+            return Ok((0, 0));
+        }
+        let intent = match self.state.inflight().get(env.msgid) {
+            Some(req) if req.journal != 0 => req.journal,
+            _ => return Ok((0, 0)),
+        };
+        let body = JournalBody::Outcome {
+            intent,
+            result: env.result_code.map_or(-1, |c| c as i32),
+            response: frame.to_vec(),
+        };
+        Ok((intent, j.append(self.id, body)?))
     }
 
     /// A search's final response handed out a paged-results cookie or a
