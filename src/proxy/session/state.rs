@@ -191,6 +191,15 @@ impl SessionState {
     pub(super) fn set_settle_waiting(&self, yes: bool) {
         if self.settle_waiting.load(Ordering::Relaxed) != yes {
             self.settle_waiting.store(yes, Ordering::SeqCst);
+            // A bind that ended (or the last request that completed) after
+            // the requests loop decided to queue, before this store, found
+            // no one waiting and gave no signal (`forget` stores, then
+            // loads this flag; this stores it, then loads theirs: one of
+            // the two sees the other). Its signal is given here; a spare
+            // one only makes the loop look at its queue.
+            if yes && (!self.bind_in_flight() || self.outstanding() == 0) {
+                self.settle.notify_one();
+            }
         }
     }
 
@@ -287,5 +296,47 @@ impl SessionState {
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn bind_sent(state: &SessionState) -> InFlight {
+        state.bind_in_flight.store(true, Ordering::SeqCst);
+        state.outstanding.store(1, Ordering::SeqCst);
+        InFlight::new(op::BIND_REQUEST, None)
+    }
+
+    /// The lost wake-up the hostile tests found under load: the requests
+    /// loop decided to queue a request behind a bind, the bind's response
+    /// ended it before the loop said it waits; the loop must still hear.
+    #[test]
+    fn a_bind_that_ends_before_the_queue_waits_still_releases_it() {
+        let state = SessionState {
+            max_outstanding: 8,
+            ..Default::default()
+        };
+        let bind = bind_sent(&state);
+        state.forget(&bind);
+        assert!(state.settle.notified().now_or_never().is_none());
+        state.set_settle_waiting(true);
+        assert!(state.settle.notified().now_or_never().is_some());
+    }
+
+    /// While the bind still runs, queueing gives no signal; its end does.
+    #[test]
+    fn a_queue_behind_a_running_bind_hears_its_end() {
+        let state = SessionState {
+            max_outstanding: 8,
+            ..Default::default()
+        };
+        let bind = bind_sent(&state);
+        state.set_settle_waiting(true);
+        assert!(state.settle.notified().now_or_never().is_none());
+        state.forget(&bind);
+        assert!(state.settle.notified().now_or_never().is_some());
     }
 }
