@@ -12,7 +12,9 @@
 //! cargo run -p loadgen --release -- --workloads tls        # the TLS section alone
 //! cargo run -p loadgen --release -- --workloads freeze-reads --rounds 6  # reads during a freeze
 //! cargo run -p loadgen --release -- --workloads journal --rounds 3  # what the journal costs writes
+//! cargo run -p loadgen --release -- --workloads threads --rounds 5  # choosing `threads`
 //! cargo bench --bench load -- --quick                # the same, abproxy built with it
+//! cargo bench --bench load -- --workloads threads    # the threads section alone
 //! ```
 //!
 //! `cargo run -p loadgen` builds the load generator only: the abproxy
@@ -35,6 +37,7 @@
 //! * [`freeze_reads`]: the reads-during-a-freeze section;
 //! * [`tls`]: the TLS section;
 //! * [`journal`](mod@journal): the journal section;
+//! * [`threads`](mod@threads): the threads section;
 //! * [`stats`]: medians, percentiles, the median's confidence interval;
 //! * [`report`]: the throughput tables;
 //! * [`run`](mod@run): one whole run, from the options to the printed tables.
@@ -110,13 +113,26 @@
 //! `--conns`, the four targets in a balanced order per round; ratios to
 //! journal off and to direct; see [`journal`](mod@journal).
 //!
+//! `threads` (not in the default list) is the threads section, its own
+//! table, to choose abproxy's default `threads` from measurements: the
+//! `search` and `modify` workloads straight to the run's slapd and through
+//! abproxy processes that differ only in `threads`: `default` (no `threads`
+//! key in the configuration file, what users run), `threads=1` (a
+//! current-thread runtime), `threads=N` and `threads=2N` (multi-thread, N =
+//! `available_parallelism`; each value once, so four targets on one core),
+//! at every `--conns` and `--threads-many` (many more clients than cores),
+//! the targets in a balanced order per round (`--rounds` a multiple of the
+//! target count balances the positions); ratios to direct and to
+//! `threads=1`, and each proxy's OS threads once it listens (what
+//! `default` resolved to); see [`threads`](mod@threads).
+//!
 //! Options (arguments override environment variables):
 //! | argument           | environment           | default              |
 //! |--------------------|-----------------------|----------------------|
 //! | `--secs S`         | `LOAD_SECS`           | 3 (quick: 0.5)       |
 //! | `--warmup-ms MS`   | `LOAD_WARMUP_MS`      | 500 (quick: 100)     |
 //! | `--conns 1,8,32`   | `LOAD_CONNS`          | 1,8,32               |
-//! | `--workloads LIST` | `LOAD_WORKLOADS`      | search,bind,modify,freeze (also tls, freeze-reads, journal) |
+//! | `--workloads LIST` | `LOAD_WORKLOADS`      | search,bind,modify,freeze (also tls, freeze-reads, journal, threads) |
 //! | `--rounds N`       | `LOAD_ROUNDS`         | 1                    |
 //! | `--quick`          | `LOAD_QUICK=1`        | off                  |
 //! | `--proxy-threads N`| `LOAD_PROXY_THREADS`  | 1 (as haproxy nbthread 1) |
@@ -131,6 +147,7 @@
 //! | `--read-conns N`   | `LOAD_READ_CONNS`     | 8                    |
 //! | `--read-writers W` | `LOAD_READ_WRITERS`   | 2                    |
 //! | `--write-rate R`   | `LOAD_WRITE_RATE`     | 100 (per writer, /s) |
+//! | `--threads-many N` | `LOAD_THREADS_MANY`   | 128 (the threads section's conns after `--conns`) |
 //! | `--abproxy PATH`   | `LOAD_ABPROXY`        | `abproxy` next to the binary |
 //!
 //! With several rounds, ops/s is the median over rounds, the ratios are the
@@ -164,6 +181,7 @@ pub mod reference;
 pub mod report;
 pub mod run;
 pub mod stats;
+pub mod threads;
 pub mod tls;
 pub mod workload;
 

@@ -26,6 +26,12 @@ pub struct Opts {
     /// The journal section (`journal`): modify throughput with the
     /// journal off, `interval` and `ack`.
     pub journal: bool,
+    /// The threads section (`threads`): abproxy's `threads` setting,
+    /// default, 1, N and 2N, at `conns` and `threads_many` connections.
+    pub threads_section: bool,
+    /// The threads section's connection count above the run's: many more
+    /// clients than cores.
+    pub threads_many: usize,
     /// Its readers, writers, and modifies per second per writer.
     pub read_conns: usize,
     pub read_writers: usize,
@@ -52,7 +58,7 @@ pub struct Opts {
 }
 
 /// Every `--name` taking a value, and its environment variable.
-pub const OPTIONS: [(&str, &str); 18] = [
+pub const OPTIONS: [(&str, &str); 19] = [
     ("secs", "LOAD_SECS"),
     ("warmup-ms", "LOAD_WARMUP_MS"),
     ("conns", "LOAD_CONNS"),
@@ -70,6 +76,7 @@ pub const OPTIONS: [(&str, &str); 18] = [
     ("read-conns", "LOAD_READ_CONNS"),
     ("read-writers", "LOAD_READ_WRITERS"),
     ("write-rate", "LOAD_WRITE_RATE"),
+    ("threads-many", "LOAD_THREADS_MANY"),
     ("abproxy", "LOAD_ABPROXY"),
 ];
 
@@ -104,11 +111,13 @@ pub enum Section {
     Tls,
     FreezeReads,
     Journal,
+    Threads,
 }
 
 /// The throughput workloads, and the sections in the list.
 pub fn parse_workloads(s: &str) -> Result<(Vec<Kind>, Vec<Section>)> {
-    let v = parse_list(s, |p| match p {
+    let v = parse_list(s, |p| {
+        match p {
         "search" => Ok(Ok(Kind::Search)),
         "bind" => Ok(Ok(Kind::Bind)),
         "modify" => Ok(Ok(Kind::Modify)),
@@ -116,9 +125,11 @@ pub fn parse_workloads(s: &str) -> Result<(Vec<Kind>, Vec<Section>)> {
         "tls" => Ok(Err(Section::Tls)),
         "freeze-reads" => Ok(Err(Section::FreezeReads)),
         "journal" => Ok(Err(Section::Journal)),
+        "threads" => Ok(Err(Section::Threads)),
         _ => bail!(
-            "unknown workload {p:?} (search, bind, modify, freeze, tls, freeze-reads, journal)"
+            "unknown workload {p:?} (search, bind, modify, freeze, tls, freeze-reads, journal, threads)"
         ),
+    }
     })?;
     if v.is_empty() {
         bail!("no workload");
@@ -222,6 +233,8 @@ impl Opts {
         let tls = sections.contains(&Section::Tls);
         let freeze_reads = sections.contains(&Section::FreezeReads);
         let journal = sections.contains(&Section::Journal);
+        let threads_section = sections.contains(&Section::Threads);
+        let threads_many = (num("threads-many", 128.0)? as usize).clamp(1, 1024);
         let read_conns = (num("read-conns", 8.0)? as usize).clamp(1, 1024);
         let read_writers = (num("read-writers", 2.0)? as usize).clamp(0, 64);
         let write_rate = num("write-rate", 100.0)?.clamp(0.1, 100_000.0);
@@ -267,6 +280,8 @@ impl Opts {
             tls,
             freeze_reads,
             journal,
+            threads_section,
+            threads_many,
             read_conns,
             read_writers,
             write_rate,
@@ -293,7 +308,8 @@ Arguments override the environment variables; unknown arguments are ignored.
   --secs S              LOAD_SECS            3 (quick: 0.5)
   --warmup-ms MS        LOAD_WARMUP_MS       500 (quick: 100)
   --conns 1,8,32        LOAD_CONNS           1,8,32
-  --workloads LIST      LOAD_WORKLOADS       search,bind,modify,freeze (also tls, freeze-reads, journal)
+  --workloads LIST      LOAD_WORKLOADS       search,bind,modify,freeze (also tls,
+                                             freeze-reads, journal, threads)
   --rounds N            LOAD_ROUNDS          1
   --quick               LOAD_QUICK=1         off
   --proxy-threads N     LOAD_PROXY_THREADS   1
@@ -309,6 +325,7 @@ Arguments override the environment variables; unknown arguments are ignored.
   --read-conns N        LOAD_READ_CONNS      8
   --read-writers W      LOAD_READ_WRITERS    2
   --write-rate R        LOAD_WRITE_RATE      100 (per writer, /s)
+  --threads-many N      LOAD_THREADS_MANY    128 (the threads section's last conns)
   --abproxy PATH        LOAD_ABPROXY         abproxy next to this binary";
 
 #[cfg(test)]
@@ -333,7 +350,8 @@ mod tests {
         assert_eq!(o.warmup, Duration::from_millis(500));
         assert_eq!(o.conns, [1, 8, 32]);
         assert_eq!(o.workloads, [Kind::Search, Kind::Bind, Kind::Modify]);
-        assert!(o.freeze && !o.tls && !o.freeze_reads && !o.journal);
+        assert!(o.freeze && !o.tls && !o.freeze_reads && !o.journal && !o.threads_section);
+        assert_eq!(o.threads_many, 128);
         assert_eq!((o.rounds, o.proxy_threads, o.client_threads), (1, 1, 2));
         assert_eq!(o.users, 1000);
         assert_eq!((o.freeze_cycles, o.freeze_conns), (20, 8));
@@ -380,7 +398,7 @@ mod tests {
             "--conns",
             "2, 4",
             "--workloads",
-            "modify,tls,freeze-reads,journal",
+            "modify,tls,freeze-reads,journal,threads",
             "--rounds",
             "6",
             "--proxy-threads",
@@ -405,6 +423,8 @@ mod tests {
             "1",
             "--write-rate",
             "20",
+            "--threads-many",
+            "64",
             "--abproxy",
             "/opt/abproxy",
         ])
@@ -413,7 +433,8 @@ mod tests {
         assert_eq!(o.warmup, Duration::from_millis(250));
         assert_eq!(o.conns, [2, 4]);
         assert_eq!(o.workloads, [Kind::Modify]);
-        assert!(!o.freeze && o.tls && o.freeze_reads && o.journal);
+        assert!(!o.freeze && o.tls && o.freeze_reads && o.journal && o.threads_section);
+        assert_eq!(o.threads_many, 64);
         assert_eq!(
             (o.rounds, o.proxy_threads, o.client_threads, o.users),
             (6, 2, 3, 50)
@@ -438,6 +459,7 @@ mod tests {
             "LOAD_ROUNDS" => Some("5".to_string()),
             "LOAD_HAPROXY" => Some("0".to_string()),
             "LOAD_ABPROXY" => Some("/env/abproxy".to_string()),
+            "LOAD_THREADS_MANY" => Some("256".to_string()),
             _ => None,
         };
         let o = Opts::parse_with(&args(&["--bench", "load", "--conns=1"]), env).unwrap();
@@ -448,6 +470,9 @@ mod tests {
         assert_eq!(o.rounds, 5);
         assert!(o.haproxy.is_none());
         assert_eq!(o.abproxy, Some(PathBuf::from("/env/abproxy")));
+        assert_eq!(o.threads_many, 256);
+        let o = Opts::parse_with(&args(&["--threads-many=16"]), env).unwrap();
+        assert_eq!(o.threads_many, 16);
         // Every variable the documentation names is one of the options.
         for (name, var) in OPTIONS {
             assert_eq!(
@@ -500,6 +525,11 @@ mod tests {
         // Out-of-range counts are clamped, not refused.
         let o = parse(&["--rounds", "1000", "--users", "0", "--write-rate", "0"]).unwrap();
         assert_eq!((o.rounds, o.users, o.write_rate), (100, 1, 0.1));
+        let o = parse(&["--threads-many", "0"]).unwrap();
+        assert_eq!(o.threads_many, 1);
+        let o = parse(&["--threads-many", "5000"]).unwrap();
+        assert_eq!(o.threads_many, 1024);
+        assert!(err(&["--threads-many", "x"]).contains("bad value for threads-many"));
     }
 
     /// A section alone: no throughput workload.
@@ -510,5 +540,8 @@ mod tests {
         let o = parse(&["--workloads", "tls,search,tls"]).unwrap();
         assert_eq!(o.workloads, [Kind::Search]);
         assert!(o.tls);
+        let o = parse(&["--workloads", "threads"]).unwrap();
+        assert!(o.workloads.is_empty() && o.threads_section);
+        assert!(!o.freeze && !o.journal && !o.tls && !o.freeze_reads);
     }
 }

@@ -119,8 +119,9 @@ impl AbproxyProcess {
         })
     }
 
-    /// Starts abproxy with [`abproxy_config`] changed by `edit`.
-    fn start_edited(
+    /// Starts abproxy with [`abproxy_config`] changed by `edit` (the
+    /// threads section, [`crate::threads`], removes or sets `threads`).
+    pub fn start_edited(
         bin: &Path,
         upstream: &str,
         opts: &Opts,

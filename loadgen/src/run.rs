@@ -1,7 +1,7 @@
 //! One whole run: starts slapd, abproxy (and the reference column), runs
 //! the throughput points round by round in [`round_order`], then the
-//! freeze, freeze-reads and TLS sections, and prints the tables (to stdout;
-//! progress goes to stderr).
+//! freeze, freeze-reads, TLS, journal and threads sections, and prints the
+//! tables (to stdout; progress goes to stderr).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -24,7 +24,7 @@ use crate::reference::{reference_name, Haproxy, RefProcess, Reference, REFERENCE
 use crate::report::{Results, Round, Target};
 use crate::stats::{fmt_opt, pct_us, per_probe};
 use crate::workload::Workload;
-use crate::{freeze_reads, journal, tls};
+use crate::{freeze_reads, journal, threads, tls};
 
 /// Runs the benchmark with the options in `args` (and the environment) and
 /// prints its tables. `abproxy` is the proxy binary to start unless
@@ -261,6 +261,12 @@ pub fn run(args: &[String], abproxy: Option<&Path>) -> Result<()> {
             .context("the journal section")?;
     }
 
+    let mut threads_res = threads::ThreadsResults::default();
+    if opts.threads_section {
+        threads::run(&opts, &abproxy_bin, &slapd, &client_rt, &mut threads_res)
+            .context("the threads section")?;
+    }
+
     proxy.stop();
     client_rt.shutdown_timeout(Duration::from_secs(2));
     drop(haproxy);
@@ -352,7 +358,14 @@ pub fn run(args: &[String], abproxy: Option<&Path>) -> Result<()> {
         println!();
         print!("{}", journal::explanations());
     }
+    if opts.threads_section {
+        println!("\n### Threads\n\n{}", threads_res.header(&opts));
+        print!("{}", threads_res.table());
+        println!();
+        print!("{}", threads::explanations());
+    }
     let mut errs: Vec<String> = journal_res.errors();
+    errs.extend(threads_res.errors());
     for ((k, c, t), a) in &results.cells {
         if !a.errors.is_empty() {
             errs.push(format!(
