@@ -89,8 +89,9 @@ pub struct Config {
     /// (an unannounced restart): a session whose connection the server
     /// closed gets a new one at its next request (with `carry_sessions`).
     pub upstream_reconnect: bool,
-    /// Worker threads of the proxy (0: one per CPU). On a small machine
-    /// shared with the LDAP server, 1 is often fastest.
+    /// Threads of the proxy (0: auto, see `proxy::runtime::plan`: half the
+    /// CPUs with the server on this host, one per CPU in front of another;
+    /// 1: one thread runs everything).
     pub threads: usize,
     /// Where backend drivers record what they changed on the servers until
     /// it is undone, so a restart after a crash undoes it. None: memory only.
@@ -269,7 +270,7 @@ pub struct Settings {
     pub upstream_retry: Duration,
     /// Carry sessions across restarts outside freezes too.
     pub upstream_reconnect: bool,
-    /// Worker threads (0: one per CPU).
+    /// Threads (0: auto, see `proxy::runtime::plan`).
     pub threads: usize,
     /// The drivers' state file, if configured.
     pub state_file: Option<PathBuf>,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use abproxy::config::{Config, Settings};
 use abproxy::operator::backup::Destination as BackupDest;
 use abproxy::operator::{self, commands, ClientTls, FreezeRequest, OpError, Password, Target};
+use abproxy::proxy::runtime;
 use abproxy::Server;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, ArgGroup, Args, CommandFactory, Parser, Subcommand};
@@ -574,7 +575,8 @@ struct ServeArgs {
     /// Seconds allowed to in-flight operations on SIGTERM/SIGINT.
     #[arg(long, value_name = "SECONDS")]
     shutdown_grace: Option<u64>,
-    /// Worker threads (0: one per CPU).
+    /// Threads (0: auto, from the CPUs and where the server runs; 1: one
+    /// thread runs everything).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     /// Serve /metrics, /healthz and /readyz over HTTP here (IP:PORT).
@@ -643,8 +645,12 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    let threads = settings.as_ref().map_or(0, |s| s.threads);
-    let rt = match abproxy::proxy::runtime(threads) {
+    let threads = match &settings {
+        Some(s) => runtime::plan(s.threads, &s.upstream),
+        // The demo's slapd runs on this host.
+        None => runtime::decide(0, runtime::cores(), runtime::Upstream::Local),
+    };
+    let rt = match runtime::runtime(threads.workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("abproxy: cannot start the runtime: {e}");
@@ -653,7 +659,9 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args, settings.expect("read before the runtime")).await,
+            Command::Serve(args) => {
+                serve(args, settings.expect("read before the runtime"), threads).await
+            }
             Command::Demo(args) => demo(args).await,
             _ => unreachable!("operator commands run in operator_main"),
         }
@@ -706,15 +714,21 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<Settings> {
     Ok(config.settings()?)
 }
 
-async fn serve(args: ServeArgs, settings: Settings) -> anyhow::Result<ExitCode> {
+async fn serve(
+    args: ServeArgs,
+    settings: Settings,
+    threads: runtime::Threads,
+) -> anyhow::Result<ExitCode> {
     if args.check_config {
         // The TLS files are read too.
         abproxy::tls::ServerTls::load(&settings.tls).map_err(|e| anyhow::anyhow!("{e}"))?;
         abproxy::tls::UpstreamTls::load(&settings.tls, &settings.upstream)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         println!("configuration OK");
+        println!("{}", threads.why);
         return Ok(ExitCode::SUCCESS);
     }
+    tracing::info!("{}", threads.why);
     // Handled from before the listeners are bound: a SIGTERM once the
     // proxy says it listens (or is READY) stops it gracefully, journal
     // closed, rather than killing it.

@@ -6,10 +6,12 @@ pub mod exops;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
+pub mod runtime;
 pub mod session;
 
+pub use runtime::runtime;
+
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -679,23 +681,4 @@ impl ProxyHandle {
         self.stop.cancel();
         self.task.await?
     }
-}
-
-/// The tokio runtime the proxy runs on, named `abproxy`. `threads` is the
-/// configuration's `threads`: 0 is one worker per CPU; 1 is a
-/// current-thread runtime (the caller's thread drives it in `block_on`),
-/// which does per wake-up less than a one-worker multi-thread scheduler
-/// (no work-stealing queues, no scheduler statistics); more is that many
-/// workers.
-pub fn runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if threads > 1 {
-            b.worker_threads(threads);
-        }
-        b
-    };
-    builder.enable_all().thread_name("abproxy").build()
 }

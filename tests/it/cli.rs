@@ -59,10 +59,11 @@ fn bad_flags_and_configs_are_refused_with_a_reason() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "configuration OK"
-    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "configuration OK", "{stdout}");
+    assert!(lines[1].starts_with("threads = "), "{stdout}");
+    assert_eq!(lines.len(), 2, "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,6 +133,50 @@ async fn config_file_with_tcp_and_ldapi_on_both_sides() {
     .unwrap();
     assert_eq!(code, 0, "SIGTERM is a clean stop");
     assert!(!sock.exists(), "the ldapi socket is removed on exit");
+}
+
+/// The default `threads` (auto) leaves half the CPUs to a server on this
+/// host and takes every CPU in front of another host; `--check-config`
+/// and the start-up log say which and why. In front of a local slapd on
+/// a machine of one or two CPUs that is one thread in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_threads_follow_the_cpus_and_where_the_server_runs() {
+    use abproxy::proxy::runtime::{cores, decide, Upstream};
+    let check = |upstream: &str| {
+        let out = Command::new(BIN)
+            .args(["serve", "--upstream", upstream, "--check-config"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let local = decide(0, cores(), Upstream::Local);
+    let remote = decide(0, cores(), Upstream::Remote);
+    assert!(check("ldap://127.0.0.1:389").contains(&local.why));
+    assert!(check("ldapi:///run/slapd/ldapi").contains(&local.why));
+    // TEST-NET-1 (RFC 5737): never this host's.
+    assert!(check("ldap://192.0.2.1:389").contains(&remote.why));
+
+    let slapd = start_slapd(SlapdOptions::default()).await;
+    let url = format!("ldap://127.0.0.1:{}", free_port());
+    let mut proxy = Running::start(&["serve", "--listen", &url, "--upstream", &slapd.url()]);
+    assert!(proxy.wait_for("threads = 0 (auto)").contains(&local.why));
+    proxy.wait_for("upstream reachable");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", proxy.child.id()))
+        .unwrap()
+        .count();
+    if local.workers == 1 {
+        assert_eq!(
+            threads, 1,
+            "a current-thread runtime: the main thread alone"
+        );
+    } else {
+        assert!(threads > local.workers, "{threads} threads");
+    }
+    let code = tokio::task::spawn_blocking(move || proxy.sigterm_and_wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "SIGTERM is a clean stop");
 }
 
 /// `threads = 1` runs the proxy on a current-thread runtime: one thread in

@@ -394,7 +394,12 @@ fn the_package_installs_works_and_purges_clean() {
     // The configuration checks, as root and as the service's user (who
     // reads it through its group).
     let checked = ok(Command::new(bin).args(["serve", "--config", CONFFILE, "--check-config"]));
-    assert_eq!(checked.trim(), "configuration OK");
+    assert_eq!(
+        checked.lines().next(),
+        Some("configuration OK"),
+        "{checked}"
+    );
+    assert!(checked.contains("threads = 0 (auto): "), "{checked}");
     let as_user = ok(Command::new("runuser").args([
         "-u",
         PKG,
@@ -405,7 +410,7 @@ fn the_package_installs_works_and_purges_clean() {
         CONFFILE,
         "--check-config",
     ]));
-    assert_eq!(as_user.trim(), "configuration OK");
+    assert_eq!(as_user, checked);
 
     // The unit: contrib's, on /usr/bin; installed, not enabled (systemctl
     // reads the unit files without a running systemd), not started.
