@@ -11,6 +11,10 @@
 #   benches/callgrind/run.sh [WORKLOAD] [CONNS]     # default: bind 32
 #   CG_ABPROXY_ARGS="--metrics-listen 127.0.0.1:0" benches/callgrind/run.sh search 32
 #                                  # the same with the metrics endpoint on
+#   CG_TARGET=haproxy benches/callgrind/run.sh search 32
+#                                  # HAProxy (mode tcp, nbthread 1) in its place
+#   CG_SECS=9 benches/callgrind/run.sh search 32   # a longer point (default 3 s)
+#   benches/callgrind/compare.sh   # both proxies, start-up excluded (see there)
 #   callgrind_annotate /tmp/abproxy-callgrind/abproxy.*.out | head -40
 #
 # Needs valgrind, slapd (as the load bench) and a release build (in
@@ -21,12 +25,12 @@ workload=${1:-bind}
 conns=${2:-32}
 out=${CG_OUT:-/tmp/abproxy-callgrind}
 mkdir -p "$out"
-rm -f "$out"/abproxy.*.out "$out/valgrind.pids"
+rm -f "$out"/abproxy.*.out "$out"/haproxy.*.out "$out/valgrind.pids"
 cargo build --release --quiet
 target=${CARGO_TARGET_DIR:-$PWD/target}
-export ABPROXY_BIN=$target/release/abproxy CG_OUT=$out CG_TARGET=abproxy
+export ABPROXY_BIN=$target/release/abproxy CG_OUT=$out CG_TARGET=${CG_TARGET:-abproxy}
 LOAD_HAPROXY=$PWD/benches/callgrind/as-haproxy.sh LOAD_WORKLOADS=$workload \
-  LOAD_CONNS=$conns LOAD_SECS=3 LOAD_ROUNDS=1 cargo bench --quiet --bench load \
+  LOAD_CONNS=$conns LOAD_SECS=${CG_SECS:-3} LOAD_ROUNDS=1 cargo bench --quiet --bench load \
   >"$out/bench.log" 2>&1 || true
 # The bench killed the wrapper; callgrind writes its profile when abproxy
 # exits on SIGTERM.
@@ -40,7 +44,7 @@ for _ in $(seq 1 30); do
   [ -z "$alive" ] && break
   sleep 1
 done
-profile=$(ls -S "$out"/abproxy.*.out | head -1)
+profile=$(ls -S "$out"/"${CG_TARGET:-abproxy}".*.out | head -1)
 python3 - "$profile" <<'PY'
 import collections, re, sys
 names, calls, cur, total = {}, collections.Counter(), None, 0
