@@ -7,8 +7,32 @@
 //! ```
 //!
 //! DIR defaults to `fuzz/seeds/session`, ROUNDS (passes over it) to 10.
+//! `gen:N` instead of a directory: N structured inputs from a seeded
+//! generator (random bodies of 16 to 400 bytes after a header with the
+//! structured flag), the same every run: a corpus to compare builds with
+//! when there is no fuzz corpus at hand.
 
 use std::time::Instant;
+
+/// `n` random structured inputs, the same every run.
+fn generated(n: usize) -> (Vec<String>, Vec<Vec<u8>>) {
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let inputs: Vec<Vec<u8>> = (0..n)
+        .map(|_| {
+            let len = 16 + next(385) as usize;
+            let mut input = vec![0x80 | next(32) as u8];
+            input.extend((0..3 + len).map(|_| next(256) as u8));
+            input
+        })
+        .collect();
+    ((0..n).map(|i| format!("gen:{i}")).collect(), inputs)
+}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -16,12 +40,21 @@ fn main() {
         .next()
         .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/session").into());
     let rounds: usize = args.next().map_or(10, |r| r.parse().expect("ROUNDS"));
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .map(|e| e.unwrap().path())
-        .collect();
-    paths.sort();
-    let inputs: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let (names, inputs) = match dir.strip_prefix("gen:") {
+        Some(n) => generated(n.parse().expect("gen:N")),
+        None => {
+            let mut paths: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{dir}: {e}"))
+                .map(|e| e.unwrap().path())
+                .collect();
+            paths.sort();
+            let inputs = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+            (
+                paths.iter().map(|p| p.display().to_string()).collect(),
+                inputs,
+            )
+        }
+    };
     let mut per_input = vec![std::time::Duration::ZERO; inputs.len()];
     let start = Instant::now();
     for _ in 0..rounds {
@@ -43,13 +76,9 @@ fn main() {
         abproxy::fuzzing::session_runtimes_built()
     );
     // The slowest inputs (wall time per execution).
-    let mut slow: Vec<_> = per_input.iter().zip(&paths).collect();
+    let mut slow: Vec<_> = per_input.iter().zip(&names).collect();
     slow.sort_by(|a, b| b.0.cmp(a.0));
-    for (t, p) in slow.iter().take(5) {
-        println!(
-            "{:>9.1} us  {}",
-            t.as_secs_f64() * 1e6 / rounds as f64,
-            p.display()
-        );
+    for (t, name) in slow.iter().take(5) {
+        println!("{:>9.1} us  {name}", t.as_secs_f64() * 1e6 / rounds as f64,);
     }
 }

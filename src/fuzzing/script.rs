@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use crate::wire::ber::put_tlv;
+use crate::wire::ber::{put_tlv, write_len};
 use crate::wire::codec;
 use crate::wire::envelope::oid;
 
@@ -163,49 +163,128 @@ const SUFFIXES: [&str; 4] = [
     "dc=nowhere",
 ];
 
-/// Request controls: none, ManageDsaIT, an unknown critical one, an unknown
-/// non-critical one, the proxied authorization of the operator, the
-/// relax rules, dontUseCopy, and two at once: the encoded `[0] Controls`,
-/// empty for none.
-fn controls(which: u8) -> Vec<u8> {
-    let one = |out: &mut Vec<u8>, oid: &str, critical: bool, value: Option<&[u8]>| {
-        let mut c = Vec::new();
-        put_tlv(&mut c, 0x04, oid.as_bytes());
-        if critical {
-            put_tlv(&mut c, 0x01, &[0xff]);
-        }
-        if let Some(v) = value {
-            put_tlv(&mut c, 0x04, v);
-        }
-        put_tlv(out, 0x30, &c);
-    };
-    let mut list = Vec::new();
-    match which % 8 {
-        0 => return Vec::new(),
-        1 => one(&mut list, "2.16.840.1.113730.3.4.2", false, None),
-        2 => one(&mut list, "1.2.3.4.5.6.7.8.9", true, Some(b"x")),
-        3 => one(&mut list, "1.2.3.4.5.6.7.8.9", false, None),
-        4 => one(
-            &mut list,
-            "2.16.840.1.113730.3.4.18",
-            true,
-            Some(format!("dn:{OPERATOR}").as_bytes()),
-        ),
-        5 => one(&mut list, "1.3.6.1.4.1.4203.666.5.12", true, None),
-        6 => one(&mut list, "1.3.6.1.1.22", true, None),
-        _ => {
-            one(&mut list, "2.16.840.1.113730.3.4.2", false, None);
-            one(&mut list, "1.2.3.4.5.6.7.8.9", false, None);
-        }
-    }
-    let mut out = Vec::new();
-    put_tlv(&mut out, 0xa0, &list);
-    out
+/// Writes BER into one buffer: a constructed element is opened, filled and
+/// closed, its length set at the close. The generator writes each message
+/// with it, so a message costs one allocation (its copy out of the
+/// buffer) instead of one or more per element.
+struct Ber {
+    buf: Vec<u8>,
+    /// Where the contents of each open element start.
+    open: Vec<usize>,
 }
 
-/// A BER INTEGER's contents, minimal.
-pub(super) fn int(v: i64) -> Vec<u8> {
-    let bytes = v.to_be_bytes();
+impl Ber {
+    fn new() -> Self {
+        Ber {
+            buf: Vec::with_capacity(512),
+            open: Vec::with_capacity(8),
+        }
+    }
+
+    fn open(&mut self, tag: u8) {
+        self.buf.push(tag);
+        self.buf.push(0);
+        self.open.push(self.buf.len());
+    }
+
+    /// Closes the element opened last: its length in the shortest form.
+    fn close(&mut self) {
+        let start = self.open.pop().expect("an open element");
+        let len = self.buf.len() - start;
+        if len < 0x80 {
+            self.buf[start - 1] = len as u8;
+        } else {
+            let mut l = Vec::with_capacity(9);
+            write_len(&mut l, len);
+            self.buf[start - 1] = l[0];
+            self.buf.splice(start..start, l[1..].iter().copied());
+        }
+    }
+
+    /// A primitive element.
+    fn put(&mut self, tag: u8, value: &[u8]) {
+        put_tlv(&mut self.buf, tag, value);
+    }
+
+    fn octets(&mut self, value: &[u8]) {
+        self.put(0x04, value);
+    }
+
+    /// An INTEGER (or another tag with an integer's contents), minimal.
+    fn int(&mut self, tag: u8, v: i64) {
+        let bytes = v.to_be_bytes();
+        self.put(tag, &bytes[int_skip(&bytes)..]);
+    }
+
+    /// An attribute (type and values) as in add and modify.
+    fn attribute(&mut self, atype: &str, vals: &[&[u8]]) {
+        self.open(0x30);
+        self.octets(atype.as_bytes());
+        self.open(0x31);
+        for v in vals {
+            self.octets(v);
+        }
+        self.close();
+        self.close();
+    }
+
+    /// An extended request (name, maybe a value).
+    fn extended(&mut self, name: &[u8], value: Option<&[u8]>) {
+        self.open(0x77);
+        self.put(0x80, name);
+        if let Some(v) = value {
+            self.put(0x81, v);
+        }
+        self.close();
+    }
+}
+
+/// Request controls: none, ManageDsaIT, an unknown critical one, an unknown
+/// non-critical one, the proxied authorization of the operator, the
+/// relax rules, dontUseCopy, and two at once: the `[0] Controls`, nothing
+/// for none.
+fn controls(w: &mut Ber, which: u8) {
+    let one = |w: &mut Ber, oid: &str, critical: bool, value: Option<&[&[u8]]>| {
+        w.open(0x30);
+        w.octets(oid.as_bytes());
+        if critical {
+            w.put(0x01, &[0xff]);
+        }
+        if let Some(parts) = value {
+            w.open(0x04);
+            for p in parts {
+                w.buf.extend_from_slice(p);
+            }
+            w.close();
+        }
+        w.close();
+    };
+    if which % 8 == 0 {
+        return;
+    }
+    w.open(0xa0);
+    match which % 8 {
+        1 => one(w, "2.16.840.1.113730.3.4.2", false, None),
+        2 => one(w, "1.2.3.4.5.6.7.8.9", true, Some(&[b"x"])),
+        3 => one(w, "1.2.3.4.5.6.7.8.9", false, None),
+        4 => one(
+            w,
+            "2.16.840.1.113730.3.4.18",
+            true,
+            Some(&[b"dn:", OPERATOR.as_bytes()]),
+        ),
+        5 => one(w, "1.3.6.1.4.1.4203.666.5.12", true, None),
+        6 => one(w, "1.3.6.1.1.22", true, None),
+        _ => {
+            one(w, "2.16.840.1.113730.3.4.2", false, None);
+            one(w, "1.2.3.4.5.6.7.8.9", false, None);
+        }
+    }
+    w.close();
+}
+
+/// How many leading bytes of a big-endian `i64` a minimal INTEGER skips.
+fn int_skip(bytes: &[u8; 8]) -> usize {
     let mut skip = 0;
     while skip < 7
         && ((bytes[skip] == 0 && bytes[skip + 1] & 0x80 == 0)
@@ -213,116 +292,94 @@ pub(super) fn int(v: i64) -> Vec<u8> {
     {
         skip += 1;
     }
-    bytes[skip..].to_vec()
+    skip
 }
 
-/// One LDAPMessage: its ID, its operation (tag and contents), its encoded
-/// controls (empty: none).
-fn message(msgid: i32, tag: u8, op: &[u8], controls: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(op.len() + controls.len() + 8);
-    put_tlv(&mut body, 0x02, &int(msgid.into()));
-    put_tlv(&mut body, tag, op);
-    body.extend_from_slice(controls);
-    let mut out = Vec::with_capacity(body.len() + 4);
-    put_tlv(&mut out, 0x30, &body);
-    out
+/// A BER INTEGER's contents, minimal.
+pub(super) fn int(v: i64) -> Vec<u8> {
+    let bytes = v.to_be_bytes();
+    bytes[int_skip(&bytes)..].to_vec()
 }
 
-fn octets(out: &mut Vec<u8>, v: &[u8]) {
-    put_tlv(out, 0x04, v);
-}
-
-/// An attribute (type and values) as in add and modify.
-fn attribute(atype: &str, vals: &[&[u8]]) -> Vec<u8> {
-    let mut set = Vec::new();
-    for v in vals {
-        octets(&mut set, v);
-    }
-    let mut a = Vec::new();
-    octets(&mut a, atype.as_bytes());
-    put_tlv(&mut a, 0x31, &set);
-    let mut out = Vec::new();
-    put_tlv(&mut out, 0x30, &a);
-    out
-}
-
-fn bind(r: &mut Reader) -> (u8, Vec<u8>) {
+fn bind(r: &mut Reader, w: &mut Ber) {
     let p = r.byte();
-    let mut op = Vec::new();
-    put_tlv(&mut op, 0x02, &[3]);
+    w.open(0x60);
+    w.put(0x02, &[3]);
     match p % 8 {
         // SASL: EXTERNAL (no credentials), DIGEST-MD5 (a security layer
         // may follow: the client's later bytes are not LDAP).
         5 => {
-            octets(&mut op, b"");
-            let mut sasl = Vec::new();
-            octets(&mut sasl, b"EXTERNAL");
-            put_tlv(&mut op, 0xa3, &sasl);
+            w.octets(b"");
+            w.open(0xa3);
+            w.octets(b"EXTERNAL");
+            w.close();
         }
         6 => {
-            octets(&mut op, b"");
-            let mut sasl = Vec::new();
-            octets(&mut sasl, b"DIGEST-MD5");
-            octets(&mut sasl, b"response");
-            put_tlv(&mut op, 0xa3, &sasl);
+            w.octets(b"");
+            w.open(0xa3);
+            w.octets(b"DIGEST-MD5");
+            w.octets(b"response");
+            w.close();
         }
         n => {
             let who = WHO[n as usize % WHO.len()];
-            octets(&mut op, who.as_bytes());
+            w.octets(who.as_bytes());
             let password: &[u8] = if who.is_empty() || p & 8 != 0 {
                 b""
             } else {
                 b"secret"
             };
-            put_tlv(&mut op, 0x80, password);
+            w.put(0x80, password);
         }
     }
-    (0x60, op)
+    w.close();
 }
 
-fn search(r: &mut Reader, persistent: bool) -> (u8, Vec<u8>, Option<Vec<u8>>) {
+/// A search request; its parameter byte (a persistent search's control
+/// is written from it).
+fn search(r: &mut Reader, w: &mut Ber) -> u8 {
     let p = r.byte();
-    let mut op = Vec::new();
-    octets(&mut op, DNS[p as usize % DNS.len()].as_bytes());
-    put_tlv(&mut op, 0x0a, &[(p >> 3) % 3]); // scope
-    put_tlv(&mut op, 0x0a, &[0]); // derefAliases
-    put_tlv(&mut op, 0x02, &[0]); // sizeLimit
-    put_tlv(&mut op, 0x02, &[0]); // timeLimit
-    put_tlv(&mut op, 0x01, &[0]); // typesOnly
-    put_tlv(&mut op, 0x87, b"objectClass"); // (objectClass=*)
-    let mut attrs = Vec::new();
+    w.open(0x63);
+    w.octets(DNS[p as usize % DNS.len()].as_bytes());
+    w.put(0x0a, &[(p >> 3) % 3]); // scope
+    w.put(0x0a, &[0]); // derefAliases
+    w.put(0x02, &[0]); // sizeLimit
+    w.put(0x02, &[0]); // timeLimit
+    w.put(0x01, &[0]); // typesOnly
+    w.put(0x87, b"objectClass"); // (objectClass=*)
+    w.open(0x30);
     if p & 0x20 != 0 {
-        octets(&mut attrs, b"supportedExtension");
+        w.octets(b"supportedExtension");
     }
-    put_tlv(&mut op, 0x30, &attrs);
-    // A persistent search: the sync request control (refreshAndPersist),
-    // or the older persistent search control.
-    let ctrl = persistent.then(|| {
-        let mut c = Vec::new();
-        if p & 0x40 != 0 {
-            octets(&mut c, oid::PERSISTENT_SEARCH);
-            let mut v = Vec::new();
-            put_tlv(&mut v, 0x02, &[0x0f]); // changeTypes: all
-            put_tlv(&mut v, 0x01, &[0]); // changesOnly
-            put_tlv(&mut v, 0x01, &[0]); // returnECs
-            let mut seq = Vec::new();
-            put_tlv(&mut seq, 0x30, &v);
-            octets(&mut c, &seq);
-        } else {
-            octets(&mut c, oid::SYNC_REQUEST);
-            let mut v = Vec::new();
-            put_tlv(&mut v, 0x0a, &[3]); // refreshAndPersist
-            let mut seq = Vec::new();
-            put_tlv(&mut seq, 0x30, &v);
-            octets(&mut c, &seq);
-        }
-        let mut one = Vec::new();
-        put_tlv(&mut one, 0x30, &c);
-        let mut list = Vec::new();
-        put_tlv(&mut list, 0xa0, &one);
-        list
-    });
-    (0x63, op, ctrl)
+    w.close();
+    w.close();
+    p
+}
+
+/// The control of a persistent search: the sync request control
+/// (refreshAndPersist), or the older persistent search control.
+fn persistent_search(w: &mut Ber, p: u8) {
+    w.open(0xa0);
+    w.open(0x30);
+    if p & 0x40 != 0 {
+        w.octets(oid::PERSISTENT_SEARCH);
+        w.open(0x04);
+        w.open(0x30);
+        w.put(0x02, &[0x0f]); // changeTypes: all
+        w.put(0x01, &[0]); // changesOnly
+        w.put(0x01, &[0]); // returnECs
+        w.close();
+        w.close();
+    } else {
+        w.octets(oid::SYNC_REQUEST);
+        w.open(0x04);
+        w.open(0x30);
+        w.put(0x0a, &[3]); // refreshAndPersist
+        w.close();
+        w.close();
+    }
+    w.close();
+    w.close();
 }
 
 fn allow_backup_on(p: u8, q: u8) -> Vec<u8> {
@@ -360,170 +417,16 @@ fn allow_backup_off(p: u8, q: u8) -> Vec<u8> {
     abproxy_proto::encode_request(&req)
 }
 
-fn extended(name: &[u8], value: Option<&[u8]>) -> Vec<u8> {
-    let mut op = Vec::new();
-    put_tlv(&mut op, 0x80, name);
-    if let Some(v) = value {
-        put_tlv(&mut op, 0x81, v);
-    }
-    op
-}
-
 /// The structured format (see `session.rs`): one command byte, its kind
 /// the low four bits, then its parameters.
 fn structured(body: &[u8]) -> Vec<Step<'_>> {
     let mut r = Reader { data: body };
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(body.len().min(MAX_STEPS));
+    let mut w = Ber::new();
     while out.len() < MAX_STEPS && !r.data.is_empty() {
         let c = r.byte();
-        let id = |r: &mut Reader| IDS[r.byte() as usize % IDS.len()];
-        // Controls on the operations that take them: the command's high
-        // bit, then a byte.
-        let ctrl = |r: &mut Reader| {
-            if c & 0x80 != 0 {
-                controls(r.byte())
-            } else {
-                Vec::new()
-            }
-        };
-        let dn = |b: u8| DNS[b as usize % DNS.len()].as_bytes();
-        let msg = match c & 0x0f {
-            0 => {
-                let msgid = id(&mut r);
-                let (tag, op) = bind(&mut r);
-                message(msgid, tag, &op, &[])
-            }
-            1 => {
-                let msgid = id(&mut r);
-                let mut op = Vec::new();
-                octets(&mut op, dn(r.byte()));
-                let mut attrs = attribute("objectClass", &[b"organizationalRole"]);
-                attrs.extend(attribute("cn", &[b"a"]));
-                put_tlv(&mut op, 0x30, &attrs);
-                message(msgid, 0x68, &op, &ctrl(&mut r))
-            }
-            2 => {
-                let msgid = id(&mut r);
-                let d = dn(r.byte());
-                message(msgid, 0x4a, d, &ctrl(&mut r))
-            }
-            3 => {
-                let msgid = id(&mut r);
-                let p = r.byte();
-                let mut op = Vec::new();
-                octets(&mut op, dn(p));
-                let mut change = Vec::new();
-                put_tlv(&mut change, 0x0a, &[(p >> 3) % 3]);
-                let who = if p & 0x40 != 0 {
-                    "userPassword"
-                } else {
-                    "description"
-                };
-                change.extend(attribute(who, &[b"x"]));
-                let mut changes = Vec::new();
-                put_tlv(&mut changes, 0x30, &change);
-                put_tlv(&mut op, 0x30, &changes);
-                message(msgid, 0x66, &op, &ctrl(&mut r))
-            }
-            4 => {
-                let msgid = id(&mut r);
-                let p = r.byte();
-                let mut op = Vec::new();
-                octets(&mut op, dn(p));
-                octets(&mut op, b"cn=moved");
-                put_tlv(&mut op, 0x01, &[0xff]);
-                if p & 0x80 != 0 {
-                    // newSuperior: maybe another backend.
-                    put_tlv(&mut op, 0x80, dn(p >> 4));
-                }
-                message(msgid, 0x6c, &op, &ctrl(&mut r))
-            }
-            5 => {
-                let msgid = id(&mut r);
-                let mut op = Vec::new();
-                octets(&mut op, dn(r.byte()));
-                let mut ava = Vec::new();
-                octets(&mut ava, b"cn");
-                octets(&mut ava, b"a");
-                put_tlv(&mut op, 0x30, &ava);
-                message(msgid, 0x6e, &op, &ctrl(&mut r))
-            }
-            6 | 7 => {
-                let msgid = id(&mut r);
-                let (tag, op, persistent) = search(&mut r, c & 0x0f == 7);
-                match persistent {
-                    Some(list) => message(msgid, tag, &op, &list),
-                    None => message(msgid, tag, &op, &ctrl(&mut r)),
-                }
-            }
-            8 => {
-                let msgid = id(&mut r);
-                let target = id(&mut r);
-                message(msgid, 0x50, &int(target.into()), &[])
-            }
-            9 => {
-                // Unbind, rarely (it ends the session): otherwise WhoAmI.
-                let msgid = id(&mut r);
-                if c & 0x70 == 0x70 {
-                    message(msgid, 0x42, &[], &[])
-                } else {
-                    message(msgid, 0x77, &extended(oid::WHOAMI, None), &[])
-                }
-            }
-            10 => {
-                // Allow-Backup ON from the client.
-                let msgid = id(&mut r);
-                let (p, q) = (r.byte(), r.byte());
-                let name = abproxy_proto::ALLOW_BACKUP_OID.as_bytes();
-                let value = allow_backup_on(p, q);
-                message(msgid, 0x77, &extended(name, Some(&value)), &[])
-            }
-            11 => {
-                // Allow-Backup OFF or status from the client.
-                let msgid = id(&mut r);
-                let (p, q) = (r.byte(), r.byte());
-                if p & 0x80 != 0 {
-                    let name = abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes();
-                    message(msgid, 0x77, &extended(name, None), &[])
-                } else {
-                    let name = abproxy_proto::ALLOW_BACKUP_OID.as_bytes();
-                    let value = allow_backup_off(p, q);
-                    message(msgid, 0x77, &extended(name, Some(&value)), &[])
-                }
-            }
-            12 => {
-                // Other extended operations: a password modify (of the
-                // bound identity, or of an entry of either backend),
-                // Cancel of an ID, StartTLS, an unknown one.
-                let msgid = id(&mut r);
-                let p = r.byte();
-                let op = match p % 4 {
-                    0 => {
-                        let mut v = Vec::new();
-                        if p & 4 != 0 {
-                            put_tlv(&mut v, 0x80, dn(p >> 3));
-                        }
-                        put_tlv(&mut v, 0x82, b"new");
-                        let mut seq = Vec::new();
-                        put_tlv(&mut seq, 0x30, &v);
-                        extended(oid::PASSWORD_MODIFY, Some(&seq))
-                    }
-                    1 => {
-                        let mut v = Vec::new();
-                        put_tlv(
-                            &mut v,
-                            0x02,
-                            &int(IDS[(p >> 2) as usize % IDS.len()].into()),
-                        );
-                        let mut seq = Vec::new();
-                        put_tlv(&mut seq, 0x30, &v);
-                        extended(oid::CANCEL, Some(&seq))
-                    }
-                    2 => extended(oid::START_TLS, None),
-                    _ => extended(b"1.2.3.4.5", Some(b"?")),
-                };
-                message(msgid, 0x77, &op, &ctrl(&mut r))
-            }
+        let kind = c & 0x0f;
+        match kind {
             13 => {
                 // The operator, through the engine.
                 let p = r.byte();
@@ -549,7 +452,7 @@ fn structured(body: &[u8]) -> Vec<Step<'_>> {
                 }));
                 continue;
             }
-            _ => {
+            15 => {
                 if c & 0xf0 == 0xf0 {
                     // Raw client bytes (1-byte length): whatever else.
                     let n = r.byte() as usize;
@@ -561,8 +464,152 @@ fn structured(body: &[u8]) -> Vec<Step<'_>> {
                 }
                 continue;
             }
+            _ => {}
+        }
+        // A message: its ID first, then its operation's parameters, then
+        // (the command's high bit, on the operations that take them) a
+        // byte of request controls.
+        let id = |r: &mut Reader| IDS[r.byte() as usize % IDS.len()];
+        let dn = |b: u8| DNS[b as usize % DNS.len()].as_bytes();
+        let ctrl = |r: &mut Reader, w: &mut Ber| {
+            if c & 0x80 != 0 {
+                controls(w, r.byte());
+            }
         };
-        out.push(Step::Client(Cow::Owned(msg)));
+        w.buf.clear();
+        w.open(0x30);
+        w.int(0x02, id(&mut r).into());
+        match kind {
+            0 => bind(&mut r, &mut w),
+            1 => {
+                w.open(0x68);
+                w.octets(dn(r.byte()));
+                w.open(0x30);
+                w.attribute("objectClass", &[b"organizationalRole"]);
+                w.attribute("cn", &[b"a"]);
+                w.close();
+                w.close();
+                ctrl(&mut r, &mut w);
+            }
+            2 => {
+                w.put(0x4a, dn(r.byte()));
+                ctrl(&mut r, &mut w);
+            }
+            3 => {
+                let p = r.byte();
+                w.open(0x66);
+                w.octets(dn(p));
+                w.open(0x30);
+                w.open(0x30);
+                w.put(0x0a, &[(p >> 3) % 3]);
+                let who = if p & 0x40 != 0 {
+                    "userPassword"
+                } else {
+                    "description"
+                };
+                w.attribute(who, &[b"x"]);
+                w.close();
+                w.close();
+                w.close();
+                ctrl(&mut r, &mut w);
+            }
+            4 => {
+                let p = r.byte();
+                w.open(0x6c);
+                w.octets(dn(p));
+                w.octets(b"cn=moved");
+                w.put(0x01, &[0xff]);
+                if p & 0x80 != 0 {
+                    // newSuperior: maybe another backend.
+                    w.put(0x80, dn(p >> 4));
+                }
+                w.close();
+                ctrl(&mut r, &mut w);
+            }
+            5 => {
+                w.open(0x6e);
+                w.octets(dn(r.byte()));
+                w.open(0x30);
+                w.octets(b"cn");
+                w.octets(b"a");
+                w.close();
+                w.close();
+                ctrl(&mut r, &mut w);
+            }
+            6 | 7 => {
+                let p = search(&mut r, &mut w);
+                if kind == 7 {
+                    persistent_search(&mut w, p);
+                } else {
+                    ctrl(&mut r, &mut w);
+                }
+            }
+            8 => {
+                let target = id(&mut r);
+                w.int(0x50, target.into());
+            }
+            9 => {
+                // Unbind, rarely (it ends the session): otherwise WhoAmI.
+                if c & 0x70 == 0x70 {
+                    w.put(0x42, &[]);
+                } else {
+                    w.extended(oid::WHOAMI, None);
+                }
+            }
+            10 => {
+                // Allow-Backup ON from the client.
+                let (p, q) = (r.byte(), r.byte());
+                let name = abproxy_proto::ALLOW_BACKUP_OID.as_bytes();
+                w.extended(name, Some(&allow_backup_on(p, q)));
+            }
+            11 => {
+                // Allow-Backup OFF or status from the client.
+                let (p, q) = (r.byte(), r.byte());
+                if p & 0x80 != 0 {
+                    w.extended(abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes(), None);
+                } else {
+                    let name = abproxy_proto::ALLOW_BACKUP_OID.as_bytes();
+                    w.extended(name, Some(&allow_backup_off(p, q)));
+                }
+            }
+            _ => {
+                // 12: other extended operations: a password modify (of
+                // the bound identity, or of an entry of either backend),
+                // Cancel of an ID, StartTLS, an unknown one.
+                let p = r.byte();
+                w.open(0x77);
+                match p % 4 {
+                    0 => {
+                        w.put(0x80, oid::PASSWORD_MODIFY);
+                        w.open(0x81);
+                        w.open(0x30);
+                        if p & 4 != 0 {
+                            w.put(0x80, dn(p >> 3));
+                        }
+                        w.put(0x82, b"new");
+                        w.close();
+                        w.close();
+                    }
+                    1 => {
+                        w.put(0x80, oid::CANCEL);
+                        w.open(0x81);
+                        w.open(0x30);
+                        w.int(0x02, IDS[(p >> 2) as usize % IDS.len()].into());
+                        w.close();
+                        w.close();
+                    }
+                    2 => w.put(0x80, oid::START_TLS),
+                    _ => {
+                        w.put(0x80, b"1.2.3.4.5");
+                        w.put(0x81, b"?");
+                    }
+                }
+                w.close();
+                ctrl(&mut r, &mut w);
+            }
+        }
+        w.close();
+        out.push(Step::Client(Cow::Owned(w.buf.as_slice().to_vec())));
     }
     out
 }

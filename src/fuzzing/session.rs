@@ -515,7 +515,8 @@ fn spawn_session(
 /// A persistent search (it stays pending at the server).
 fn is_persistent(frame: &[u8]) -> bool {
     Envelope::request(frame).is_ok_and(|e| {
-        e.has_control(frame, oid::SYNC_REQUEST) || e.has_control(frame, oid::PERSISTENT_SEARCH)
+        e.controls(frame)
+            .any(|c| c.oid == oid::SYNC_REQUEST || c.oid == oid::PERSISTENT_SEARCH)
     })
 }
 
@@ -634,8 +635,20 @@ impl ClientStream {
         }
     }
 
-    fn extend(&mut self, bytes: &[u8]) {
+    /// Frames the stream with `bytes` added (one whole frame after a
+    /// frame boundary, as the generator's messages are, is taken as it
+    /// is: what the codec would cut, without copying it).
+    fn extend(&mut self, bytes: &Bytes) {
         if self.broken {
+            return;
+        }
+        if self.buf.is_empty()
+            && codec::frame_len(bytes, MAX_PDU).is_ok_and(|n| n == Some(bytes.len()))
+        {
+            if is_persistent(bytes) {
+                self.persistent += 1;
+            }
+            self.frames.push(bytes.clone());
             return;
         }
         self.buf.extend_from_slice(bytes);
@@ -705,19 +718,33 @@ impl<'a> Harness<'a> {
         c
     }
 
+    /// The two backends in the modes the header says: built once per
+    /// thread and mode pair, then cloned (parsing the suffixes was a few
+    /// per cent of an input's instructions).
     fn backends(&self) -> BackendMap {
-        let mode = |bit| {
-            if self.flags & bit != 0 {
-                Mode::Stop
-            } else {
-                Mode::Readonly
-            }
-        };
-        BackendMap::new([
-            ("dc=example,dc=org".to_string(), mode(1)),
-            ("dc=other,dc=org".to_string(), mode(2)),
-        ])
-        .expect("valid suffixes")
+        thread_local! {
+            static MAPS: std::cell::RefCell<[Option<BackendMap>; 4]> =
+                const { std::cell::RefCell::new([None, None, None, None]) };
+        }
+        let flags = self.flags;
+        MAPS.with(|maps| {
+            maps.borrow_mut()[usize::from(flags & 3)]
+                .get_or_insert_with(|| {
+                    let mode = |bit| {
+                        if flags & bit != 0 {
+                            Mode::Stop
+                        } else {
+                            Mode::Readonly
+                        }
+                    };
+                    BackendMap::new([
+                        ("dc=example,dc=org".to_string(), mode(1)),
+                        ("dc=other,dc=org".to_string(), mode(2)),
+                    ])
+                    .expect("valid suffixes")
+                })
+                .clone()
+        })
     }
 
     /// The bounds on what one session may hold.
@@ -789,11 +816,12 @@ impl<'a> Harness<'a> {
         for step in script::steps(self.flags, self.data) {
             match step {
                 Step::Client(b) => {
-                    stream.extend(&b);
-                    let _ = chunk_tx.send(match b {
+                    let b = match b {
                         Cow::Borrowed(b) => Bytes::copy_from_slice(b),
                         Cow::Owned(v) => Bytes::from(v),
-                    });
+                    };
+                    stream.extend(&b);
+                    let _ = chunk_tx.send(b);
                 }
                 Step::Up(cmd) => {
                     let _ = up_tx.send(cmd);
