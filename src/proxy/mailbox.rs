@@ -100,30 +100,50 @@ impl<R: PollRecv> Inbox<R> {
     /// The next message (`None` once every sender is gone); cancel-safe.
     /// One task polls a given inbox (a session loop its own): while the
     /// flag stays down, the wakers left at the last `Pending` poll are still
-    /// in place, so a poll is then an atomic load.
-    pub async fn recv(&mut self) -> Option<R::Item> {
-        std::future::poll_fn(|cx| {
-            if self.armed {
-                if !self.flag.up.load(Ordering::Acquire) {
-                    return Poll::Pending;
-                }
-                self.flag.up.store(false, Ordering::Relaxed);
-                self.armed = false;
+    /// in place, so a poll is then an atomic load. A future of its own
+    /// rather than an `async fn`: made and dropped at every turn of its
+    /// loop's `select!`, where an async wrapper's state machine cost about
+    /// as much as the poll (callgrind).
+    #[inline]
+    pub fn recv(&mut self) -> Recv<'_, R> {
+        Recv { inbox: self }
+    }
+
+    #[inline]
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<R::Item>> {
+        if self.armed {
+            if !self.flag.up.load(Ordering::Acquire) {
+                return Poll::Pending;
             }
-            // The task first: a message arriving between the two steps
-            // still reaches it.
-            self.flag.task.register(cx.waker());
-            let p = self.rx.poll_recv(&mut Context::from_waker(&self.waker));
-            self.armed = p.is_pending();
-            p
-        })
-        .await
+            self.flag.up.store(false, Ordering::Relaxed);
+            self.armed = false;
+        }
+        // The task first: a message arriving between the two steps
+        // still reaches it.
+        self.flag.task.register(cx.waker());
+        let p = self.rx.poll_recv(&mut Context::from_waker(&self.waker));
+        self.armed = p.is_pending();
+        p
     }
 
     /// A message already there, without waiting.
     pub fn try_recv(&mut self) -> Option<R::Item> {
         self.armed = false;
         self.rx.try_recv()
+    }
+}
+
+/// The future of [`Inbox::recv`].
+pub struct Recv<'a, R> {
+    inbox: &'a mut Inbox<R>,
+}
+
+impl<R: PollRecv> std::future::Future for Recv<'_, R> {
+    type Output = Option<R::Item>;
+
+    #[inline]
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().inbox.poll_recv(cx)
     }
 }
 
