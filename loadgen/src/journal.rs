@@ -38,7 +38,7 @@ use crate::order::latin_order;
 use crate::point::{run_point, Point, LOADGEN_THREAD};
 use crate::probe::CpuProbe;
 use crate::procs::AbproxyProcess;
-use crate::report::Agg;
+use crate::report::Rounds;
 use crate::stats::{fmt_opt, median, pct_us};
 use crate::workload::{Kind, Workload};
 
@@ -195,69 +195,40 @@ impl Bed {
 }
 
 /// The section's results, per (slapd, conns, target).
-#[derive(Default)]
 pub struct JournalResults {
-    pub cells: BTreeMap<(SlapdSync, usize, Mode), Agg>,
-    /// Per round: ops/s over journal off's in the same round.
-    pub to_off: BTreeMap<(SlapdSync, usize, Mode), Vec<f64>>,
-    /// Per round: ops/s over direct's in the same round.
-    pub to_direct: BTreeMap<(SlapdSync, usize, Mode), Vec<f64>>,
+    /// Ratios to journal off and to direct, per round.
+    pub rounds: Rounds<SlapdSync, Mode>,
     /// Per round: the journal sync thread's context switches per operation.
     pub sync_switches: BTreeMap<(SlapdSync, usize, Mode), Vec<f64>>,
+}
+
+impl Default for JournalResults {
+    fn default() -> Self {
+        JournalResults {
+            rounds: Rounds::new(&[Mode::Off, Mode::Direct]),
+            sync_switches: BTreeMap::new(),
+        }
+    }
 }
 
 impl JournalResults {
     /// Adds one round of one (slapd, conns): each target's point. Probe 0
     /// of a point is the proxy, probe 3 the journal's sync thread.
     pub fn add_round(&mut self, (s, c): (SlapdSync, usize), points: Vec<(Mode, Point)>) {
-        let mut ops = BTreeMap::new();
-        for (m, p) in points {
-            let agg = self.cells.entry((s, c, m)).or_default();
-            agg.cpu.extend(p.cpu_us_per_op.first().copied().flatten());
+        for (m, p) in &points {
             if let Some(sw) = p.switches_per_op.get(3).copied().flatten() {
-                self.sync_switches.entry((s, c, m)).or_default().push(sw);
-            }
-            if p.ops_per_sec > 0.0 {
-                agg.ops.push(p.ops_per_sec);
-                ops.insert(m, p.ops_per_sec);
-            }
-            agg.lat.extend_from_slice(&p.lat);
-            agg.errors.extend(p.errors);
-        }
-        for (&m, &o) in &ops {
-            if let Some(&off) = ops.get(&Mode::Off) {
-                self.to_off.entry((s, c, m)).or_default().push(o / off);
-            }
-            if let Some(&d) = ops.get(&Mode::Direct) {
-                self.to_direct.entry((s, c, m)).or_default().push(o / d);
+                self.sync_switches.entry((s, c, *m)).or_default().push(sw);
             }
         }
-    }
-
-    /// After the last round: sorts the latencies for the percentiles.
-    pub fn finish(&mut self) {
-        for agg in self.cells.values_mut() {
-            agg.lat.sort_unstable();
-        }
-    }
-
-    fn med(
-        map: &BTreeMap<(SlapdSync, usize, Mode), Vec<f64>>,
-        k: (SlapdSync, usize, Mode),
-    ) -> Option<f64> {
-        map.get(&k).and_then(|v| median(&mut v.clone()))
-    }
-
-    pub fn ops(&self, k: (SlapdSync, usize, Mode)) -> Option<f64> {
-        self.cells.get(&k).and_then(|a| median(&mut a.ops.clone()))
+        self.rounds.add_round((s, c), points);
     }
 
     pub fn ratio_to_off(&self, k: (SlapdSync, usize, Mode)) -> Option<f64> {
-        Self::med(&self.to_off, k)
+        self.rounds.ratio(Mode::Off, k)
     }
 
     pub fn ratio_to_direct(&self, k: (SlapdSync, usize, Mode)) -> Option<f64> {
-        Self::med(&self.to_direct, k)
+        self.rounds.ratio(Mode::Direct, k)
     }
 
     pub fn table(&self, conns: &[usize]) -> String {
@@ -276,24 +247,31 @@ impl JournalResults {
         for sync in SlapdSync::ALL {
             for &c in conns {
                 let k = |m| (sync, c, m);
-                if !Mode::ALL.iter().any(|&m| self.cells.contains_key(&k(m))) {
+                if !Mode::ALL
+                    .iter()
+                    .any(|&m| self.rounds.cells.contains_key(&k(m)))
+                {
                     continue;
                 }
-                let ops = |m| fmt_opt(self.ops(k(m)), 0);
+                let ops = |m| fmt_opt(self.rounds.ops(k(m)), 0);
                 let lat = |m| {
-                    let a = self.cells.get(&k(m));
+                    let a = self.rounds.cells.get(&k(m));
                     let p = |q| a.and_then(|a| pct_us(&a.lat, q));
                     format!("{} / {}", fmt_opt(p(50.0), 0), fmt_opt(p(99.0), 0))
                 };
                 let cpu = |m| {
                     fmt_opt(
-                        self.cells
+                        self.rounds
+                            .cells
                             .get(&k(m))
                             .and_then(|a| median(&mut a.cpu.clone())),
                         1,
                     )
                 };
-                let sw = |m| fmt_opt(Self::med(&self.sync_switches, k(m)), 2);
+                let sw = |m| {
+                    let v = self.sync_switches.get(&k(m));
+                    fmt_opt(v.and_then(|v| median(&mut v.clone())), 2)
+                };
                 let _ = writeln!(
                     s,
                     "| {} | {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} / {} | {} / {} / {} |",
@@ -327,19 +305,8 @@ impl JournalResults {
 
     /// The errors of the points, one line each.
     pub fn errors(&self) -> Vec<String> {
-        self.cells
-            .iter()
-            .filter(|(_, a)| !a.errors.is_empty())
-            .map(|((s, c, m), a)| {
-                format!(
-                    "journal slapd {} conns={c} {}: {} error(s), first: {}",
-                    s.name(),
-                    m.name(),
-                    a.errors.len(),
-                    a.errors[0]
-                )
-            })
-            .collect()
+        self.rounds
+            .errors(|s, c, m| format!("journal slapd {} conns={c} {}", s.name(), m.name()))
     }
 }
 
@@ -404,7 +371,7 @@ pub fn run(
     for bed in beds {
         bed.stop();
     }
-    res.finish();
+    res.rounds.finish();
     Ok(())
 }
 
@@ -495,14 +462,17 @@ mod tests {
         for round in rounds {
             r.add_round(k, round.into_iter().collect());
         }
-        r.finish();
+        r.rounds.finish();
         let close = |v: Option<f64>, want: f64| (v.unwrap() - want).abs() < 1e-12;
         assert!(close(r.ratio_to_off((k.0, k.1, Mode::Ack)), 0.95));
         assert!(close(r.ratio_to_direct((k.0, k.1, Mode::Ack)), 0.475));
         assert!(close(r.ratio_to_direct((k.0, k.1, Mode::Off)), 0.5));
         // Interval completed nothing in round 2: one ratio only.
-        assert_eq!(r.to_off[&(k.0, k.1, Mode::Interval)].len(), 1);
-        assert_eq!(r.ops((k.0, k.1, Mode::Direct)), Some(300.0));
+        assert_eq!(
+            r.rounds.ratios(Mode::Off, (k.0, k.1, Mode::Interval)).len(),
+            1
+        );
+        assert_eq!(r.rounds.ops((k.0, k.1, Mode::Direct)), Some(300.0));
         let t = r.table(&[1, 8]);
         let lines: Vec<&str> = t.lines().collect();
         // The header, its rule and one row: nothing was measured at 1.

@@ -39,6 +39,94 @@ pub struct Agg {
     pub lat: Vec<u64>,
     pub errors: Vec<String>,
 }
+
+/// The sections that compare several targets at each point (`A`: the
+/// workload or the slapd, with a connection count; `T`: the target), round
+/// by round: each target's aggregate and, per round, its ops/s over each
+/// reference target's in the same round.
+pub struct Rounds<A, T> {
+    pub cells: BTreeMap<(A, usize, T), Agg>,
+    /// Per reference: (point, target) -> per-round ratios.
+    ratios: BTreeMap<T, PerRound<A, T>>,
+    refs: Vec<T>,
+}
+
+/// (point, target) -> one value per round.
+type PerRound<A, T> = BTreeMap<(A, usize, T), Vec<f64>>;
+
+impl<A: Ord + Copy, T: Ord + Copy> Rounds<A, T> {
+    /// Ratios are kept to each of `refs`.
+    pub fn new(refs: &[T]) -> Self {
+        Rounds {
+            cells: BTreeMap::new(),
+            ratios: BTreeMap::new(),
+            refs: refs.to_vec(),
+        }
+    }
+
+    /// Adds one round at one point: each target's measurement. Probe 0 of
+    /// a point is the proxy.
+    pub fn add_round(&mut self, (a, c): (A, usize), points: Vec<(T, Point)>) {
+        let mut ops = BTreeMap::new();
+        for (t, p) in points {
+            let agg = self.cells.entry((a, c, t)).or_default();
+            agg.cpu.extend(p.cpu_us_per_op.first().copied().flatten());
+            if p.ops_per_sec > 0.0 {
+                agg.ops.push(p.ops_per_sec);
+                ops.insert(t, p.ops_per_sec);
+            }
+            agg.lat.extend_from_slice(&p.lat);
+            agg.errors.extend(p.errors);
+        }
+        for (&t, &o) in &ops {
+            for &r in &self.refs {
+                if let Some(&base) = ops.get(&r) {
+                    let per = self.ratios.entry(r).or_default();
+                    per.entry((a, c, t)).or_default().push(o / base);
+                }
+            }
+        }
+    }
+
+    /// After the last round: sorts the latencies for the percentiles.
+    pub fn finish(&mut self) {
+        for agg in self.cells.values_mut() {
+            agg.lat.sort_unstable();
+        }
+    }
+
+    /// The median ops/s over rounds.
+    pub fn ops(&self, k: (A, usize, T)) -> Option<f64> {
+        self.cells.get(&k).and_then(|a| median(&mut a.ops.clone()))
+    }
+
+    /// The median over rounds of the ratio to `reference`.
+    pub fn ratio(&self, reference: T, k: (A, usize, T)) -> Option<f64> {
+        median(&mut self.ratios(reference, k).to_vec())
+    }
+
+    /// The points that had errors, one line each: `name` of the point,
+    /// then how many and the first.
+    pub fn errors(&self, name: impl Fn(&A, usize, &T) -> String) -> Vec<String> {
+        self.cells
+            .iter()
+            .filter(|(_, a)| !a.errors.is_empty())
+            .map(|((x, c, t), a)| {
+                let n = a.errors.len();
+                format!("{}: {n} error(s), first: {}", name(x, *c, t), a.errors[0])
+            })
+            .collect()
+    }
+
+    /// The per-round ratios to `reference`.
+    pub fn ratios(&self, reference: T, k: (A, usize, T)) -> &[f64] {
+        self.ratios
+            .get(&reference)
+            .and_then(|per| per.get(&k))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
 #[derive(Default)]
 pub struct Results {
     /// (workload, conns, target) -> aggregate.
@@ -265,10 +353,11 @@ impl Results {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn point(ops: f64, lat_us: &[u64], proxy_cpu: Option<f64>) -> Point {
+    /// A measured point for the report tests (the sections' too).
+    pub(crate) fn point(ops: f64, lat_us: &[u64], proxy_cpu: Option<f64>) -> Point {
         Point {
             ops_per_sec: ops,
             lat: lat_us.iter().map(|us| us * 1000).collect(),

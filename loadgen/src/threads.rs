@@ -34,10 +34,10 @@ use testkit::Slapd;
 
 use crate::opts::Opts;
 use crate::order::latin_order;
-use crate::point::{run_point, Point, LOADGEN_THREAD};
+use crate::point::{run_point, LOADGEN_THREAD};
 use crate::probe::CpuProbe;
 use crate::procs::AbproxyProcess;
-use crate::report::Agg;
+use crate::report::Rounds;
 use crate::stats::{fmt_opt, median, pct_us};
 use crate::workload::{Kind, Workload};
 
@@ -109,7 +109,6 @@ pub fn os_threads(pid: u32) -> Option<usize> {
 }
 
 /// The section's results, per (workload, conns, target).
-#[derive(Default)]
 pub struct ThreadsResults {
     /// `available_parallelism` of the machine.
     pub cores: usize,
@@ -117,62 +116,29 @@ pub struct ThreadsResults {
     pub conns: Vec<usize>,
     /// Each proxy's OS threads once it listened.
     pub os_threads: BTreeMap<Target, Option<usize>>,
-    pub cells: BTreeMap<(Kind, usize, Target), Agg>,
-    /// Per round: ops/s over direct's in the same round.
-    pub to_direct: BTreeMap<(Kind, usize, Target), Vec<f64>>,
-    /// Per round: ops/s over `threads=1`'s in the same round.
-    pub to_one: BTreeMap<(Kind, usize, Target), Vec<f64>>,
+    /// Ratios to direct and to `threads=1`, per round.
+    pub rounds: Rounds<Kind, Target>,
+}
+
+impl Default for ThreadsResults {
+    fn default() -> Self {
+        ThreadsResults {
+            cores: 0,
+            targets: Vec::new(),
+            conns: Vec::new(),
+            os_threads: BTreeMap::new(),
+            rounds: Rounds::new(&[Target::Direct, Target::Threads(1)]),
+        }
+    }
 }
 
 impl ThreadsResults {
-    /// Adds one round of one (workload, conns): each target's point. Probe
-    /// 0 of a point is the proxy.
-    pub fn add_round(&mut self, (k, c): (Kind, usize), points: Vec<(Target, Point)>) {
-        let mut ops = BTreeMap::new();
-        for (t, p) in points {
-            let agg = self.cells.entry((k, c, t)).or_default();
-            agg.cpu.extend(p.cpu_us_per_op.first().copied().flatten());
-            if p.ops_per_sec > 0.0 {
-                agg.ops.push(p.ops_per_sec);
-                ops.insert(t, p.ops_per_sec);
-            }
-            agg.lat.extend_from_slice(&p.lat);
-            agg.errors.extend(p.errors);
-        }
-        for (&t, &o) in &ops {
-            if let Some(&d) = ops.get(&Target::Direct) {
-                self.to_direct.entry((k, c, t)).or_default().push(o / d);
-            }
-            if let Some(&one) = ops.get(&Target::Threads(1)) {
-                self.to_one.entry((k, c, t)).or_default().push(o / one);
-            }
-        }
-    }
-
-    /// After the last round: sorts the latencies for the percentiles.
-    pub fn finish(&mut self) {
-        for agg in self.cells.values_mut() {
-            agg.lat.sort_unstable();
-        }
-    }
-
-    fn med(
-        map: &BTreeMap<(Kind, usize, Target), Vec<f64>>,
-        k: (Kind, usize, Target),
-    ) -> Option<f64> {
-        map.get(&k).and_then(|v| median(&mut v.clone()))
-    }
-
-    pub fn ops(&self, k: (Kind, usize, Target)) -> Option<f64> {
-        self.cells.get(&k).and_then(|a| median(&mut a.ops.clone()))
-    }
-
     pub fn ratio_to_direct(&self, k: (Kind, usize, Target)) -> Option<f64> {
-        Self::med(&self.to_direct, k)
+        self.rounds.ratio(Target::Direct, k)
     }
 
     pub fn ratio_to_one(&self, k: (Kind, usize, Target)) -> Option<f64> {
-        Self::med(&self.to_one, k)
+        self.rounds.ratio(Target::Threads(1), k)
     }
 
     /// The lines under the section's title: the machine's N, what ran, and
@@ -214,7 +180,7 @@ impl ThreadsResults {
             for &c in &self.conns {
                 for &t in &self.targets {
                     let key = (k, c, t);
-                    let Some(a) = self.cells.get(&key) else {
+                    let Some(a) = self.rounds.cells.get(&key) else {
                         continue;
                     };
                     let p = |q| pct_us(&a.lat, q);
@@ -223,7 +189,7 @@ impl ThreadsResults {
                         "| {} | {c} | {} | {} | {} | {} | {} / {} | {} |",
                         k.name(),
                         t.name(),
-                        fmt_opt(self.ops(key), 0),
+                        fmt_opt(self.rounds.ops(key), 0),
                         fmt_opt(self.ratio_to_direct(key), 3),
                         fmt_opt(self.ratio_to_one(key), 3),
                         fmt_opt(p(50.0), 0),
@@ -238,19 +204,8 @@ impl ThreadsResults {
 
     /// The errors of the points, one line each.
     pub fn errors(&self) -> Vec<String> {
-        self.cells
-            .iter()
-            .filter(|(_, a)| !a.errors.is_empty())
-            .map(|((k, c, t), a)| {
-                format!(
-                    "threads {} conns={c} {}: {} error(s), first: {}",
-                    k.name(),
-                    t.name(),
-                    a.errors.len(),
-                    a.errors[0]
-                )
-            })
-            .collect()
+        self.rounds
+            .errors(|k, c, t| format!("threads {} conns={c} {}", k.name(), t.name()))
     }
 }
 
@@ -323,14 +278,14 @@ pub fn run(
                     );
                     points.push((t, p));
                 }
-                res.add_round((w.kind, conns), points);
+                res.rounds.add_round((w.kind, conns), points);
             }
         }
     }
     for (_, p) in proxies {
         p.stop();
     }
-    res.finish();
+    res.rounds.finish();
     Ok(())
 }
 
@@ -349,20 +304,8 @@ pub fn explanations() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::tests::point;
     use std::net::SocketAddr;
-
-    fn point(ops: f64, lat_us: &[u64], proxy_cpu: Option<f64>) -> Point {
-        Point {
-            ops_per_sec: ops,
-            lat: lat_us.iter().map(|us| us * 1000).collect(),
-            errors: Vec::new(),
-            cpu_us_per_op: vec![proxy_cpu, Some(20.0), Some(30.0)],
-            switches_per_op: Vec::new(),
-            run_delay_us_per_op: Vec::new(),
-            migrations_per_op: Vec::new(),
-            segments_per_op: None,
-        }
-    }
 
     /// Five distinct targets on a multi-core machine; on one core
     /// `threads=N` is `threads=1`, measured once.
@@ -458,17 +401,17 @@ mod tests {
             ],
         ];
         for round in rounds {
-            r.add_round(k, round);
+            r.rounds.add_round(k, round);
         }
-        r.finish();
+        r.rounds.finish();
         let close = |v: Option<f64>, want: f64| (v.unwrap() - want).abs() < 1e-12;
         assert!(close(r.ratio_to_one((k.0, k.1, Threads(4))), 0.95));
         assert!(close(r.ratio_to_direct((k.0, k.1, Threads(4))), 0.475));
         assert!(close(r.ratio_to_direct((k.0, k.1, Threads(1))), 0.5));
         assert!(close(r.ratio_to_one((k.0, k.1, Threads(1))), 1.0));
         // Default completed nothing in round 2: one ratio only.
-        assert_eq!(r.to_one[&(k.0, k.1, Default)].len(), 1);
-        assert_eq!(r.ops((k.0, k.1, Direct)), Some(300.0));
+        assert_eq!(r.rounds.ratios(Threads(1), (k.0, k.1, Default)).len(), 1);
+        assert_eq!(r.rounds.ops((k.0, k.1, Direct)), Some(300.0));
         let t = r.table();
         let lines: Vec<&str> = t.lines().collect();
         // The header, its rule and five rows: nothing else was measured.
