@@ -16,21 +16,7 @@ use std::time::Instant;
 
 /// `n` random structured inputs, the same every run.
 fn generated(n: usize) -> (Vec<String>, Vec<Vec<u8>>) {
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
-    let inputs: Vec<Vec<u8>> = (0..n)
-        .map(|_| {
-            let len = 16 + next(385) as usize;
-            let mut input = vec![0x80 | next(32) as u8];
-            input.extend((0..3 + len).map(|_| next(256) as u8));
-            input
-        })
-        .collect();
+    let inputs = abproxy::fuzzing::generated_inputs(n, 385);
     ((0..n).map(|i| format!("gen:{i}")).collect(), inputs)
 }
 

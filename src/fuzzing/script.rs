@@ -53,6 +53,38 @@ pub(super) enum Step<'a> {
 /// The header flag that selects the structured format.
 pub(super) const STRUCTURED: u8 = 0x80;
 
+/// A seeded xorshift generator: the same numbers every run, for the
+/// generated inputs of the tests and of `examples/fuzz_session.rs`.
+pub(super) struct Seeded(u64);
+
+impl Seeded {
+    pub(super) fn new(seed: u64) -> Self {
+        Seeded(seed)
+    }
+
+    /// A number below `n`.
+    pub(super) fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// `n` random structured inputs, the same every run: a header with the
+/// structured flag, then a body of 19 to `19 + longer - 1` random bytes.
+pub fn generated_inputs(n: usize, longer: u64) -> Vec<Vec<u8>> {
+    let mut rng = Seeded::new(0x2545_f491_4f6c_dd1d);
+    (0..n)
+        .map(|_| {
+            let len = 16 + rng.below(longer) as usize;
+            let mut input = vec![STRUCTURED | rng.below(32) as u8];
+            input.extend((0..3 + len).map(|_| rng.below(256) as u8));
+            input
+        })
+        .collect()
+}
+
 /// The steps of an input's body (after the 4-byte header).
 pub(super) fn steps(flags: u8, body: &[u8]) -> Vec<Step<'_>> {
     if flags & STRUCTURED != 0 {

@@ -1326,13 +1326,6 @@ mod tests {
     /// do), and all keep the invariants.
     #[test]
     fn structured_inputs_reach_the_gate_and_keep_the_invariants() {
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
         let writes = |input: &[u8], flags: u8| {
             script::steps(flags, &input[4..]).iter().any(|s| {
                 matches!(s, Step::Client(b) if Envelope::request(b).is_ok_and(|e| matches!(
@@ -1343,10 +1336,10 @@ mod tests {
         };
         let (mut structured, mut raw) = (0, 0);
         let rounds = 300;
-        for round in 0..rounds {
-            let len = 16 + next(100) as usize;
-            let mut input = vec![script::STRUCTURED | next(32) as u8];
-            input.extend((0..3 + len).map(|_| next(256) as u8));
+        for (round, input) in script::generated_inputs(rounds, 100)
+            .into_iter()
+            .enumerate()
+        {
             structured += usize::from(writes(&input, input[0]));
             raw += usize::from(writes(&input, input[0] & !script::STRUCTURED));
             let r = std::panic::catch_unwind(|| check_session(&input));
@@ -1386,13 +1379,8 @@ mod tests {
     /// the same sequences every run.
     #[test]
     fn generated_hostile_sequences_keep_the_invariants() {
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rng = script::Seeded::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: u64| rng.below(n);
         const DNS: [&str; 5] = [
             "cn=a,dc=example,dc=org",
             "cn=b,dc=other,dc=org",
