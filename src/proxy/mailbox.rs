@@ -109,8 +109,10 @@ impl<R: PollRecv> Inbox<R> {
         Recv { inbox: self }
     }
 
+    /// [`Inbox::recv`] as a poll, for a loop that polls its sources by
+    /// hand.
     #[inline]
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<R::Item>> {
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<R::Item>> {
         if self.armed {
             if !self.flag.up.load(Ordering::Acquire) {
                 return Poll::Pending;

@@ -575,14 +575,18 @@ async fn flush_waiting(out: &mut Out, close: &Close, what: IoAt) -> Result<(), E
     }
 }
 
-/// Whether the next poll of `framed` can yield without reading the socket:
-/// a whole message (or a framing error) is in its buffer. When not, the
-/// loops go back to their `select!`, which reads with the task's own waker;
-/// a poll with a no-op waker here would only register it with the reactor
-/// in vain.
+/// The next message if it needs no read: a whole message (or a framing
+/// error) is in the input's buffer. `None`: the loops go back to their
+/// `select!`, which reads with the task's own waker (a poll with a no-op
+/// waker here would only register it with the reactor in vain). The
+/// buffer's own answer, not a poll of `next_message`: no future made and
+/// the message measured once.
 #[inline]
-fn frame_buffered(input: &In) -> bool {
-    !matches!(input.buffered(), Ok(None))
+fn buffered_frame(input: &In) -> Option<Next> {
+    match input.buffered() {
+        Ok(None) => None,
+        next => Some(next),
+    }
 }
 
 /// True for a Notice of Disconnection.

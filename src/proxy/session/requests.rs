@@ -1,8 +1,10 @@
 //! The requests loop: client frames -> envelope -> decision -> upstream,
 //! or the per-connection queue, or an answer from the proxy itself.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,7 +31,7 @@ use super::end::{reused_id, End, IoAt, Side};
 use super::print;
 use super::state::SessionState;
 use super::{
-    count, feed_waiting, flush_now, flush_waiting, frame_buffered, lock, open_upstream, ClientIn,
+    buffered_frame, count, feed_waiting, flush_now, flush_waiting, lock, open_upstream, ClientIn,
     Close, Local, Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM, UPSTREAM_CLOSE_WAIT,
 };
 
@@ -239,24 +241,45 @@ impl Requests<'_> {
             // Close and shutdown arrive on the control channel too, so the
             // loop polls no cancellation future per request.
             let state = self.state;
-            let event = tokio::select! {
-                biased;
-                Some(c) = self.control.recv() => match c {
-                    Control::Close => return End::Closed,
-                    Control::Shutdown => return self.drain_for_shutdown().await,
-                    c => Event::Control(c),
-                },
-                Ok(()) = self.epoch.changed(), if waiting => Event::Epoch,
-                // A bind ended, or nothing is left in flight: requests held
-                // for the session's own order may go.
-                _ = async { state.settle.notified().await }, if !self.queue.is_empty() => Event::Epoch,
-                f = self.client_in.next_message(), if room => Event::Frame(f),
-                // Created only when polled: no waiter made and dropped per
-                // request while there is room.
-                _ = async { state.room.notified().await }, if !room => Event::Room,
-                _ = &mut idle_timer, if idle.is_some() => Event::IdleCheck,
+            let event = if waiting {
+                tokio::select! {
+                    biased;
+                    Some(c) = self.control.recv() => Event::Control(c),
+                    Ok(()) = self.epoch.changed() => Event::Epoch,
+                    // A bind ended, or nothing is left in flight: requests
+                    // held for the session's own order may go.
+                    _ = async { state.settle.notified().await }, if !self.queue.is_empty() => Event::Epoch,
+                    f = self.client_in.next_message(), if room => Event::Frame(f),
+                    // Created only when polled: no waiter made and dropped
+                    // per request while there is room.
+                    _ = async { state.room.notified().await }, if !room => Event::Room,
+                    _ = &mut idle_timer, if idle.is_some() => Event::IdleCheck,
+                }
+            } else {
+                // The usual turn (nothing queued, room to read): the
+                // sources of the `select!` above that are then enabled, in
+                // the same order, polled by hand (no `select!` built per
+                // turn).
+                let (control, client_in) = (&mut self.control, &mut self.client_in);
+                let mut timer = idle.map(|_| idle_timer.as_mut());
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(Some(c)) = control.poll_recv(cx) {
+                        return Poll::Ready(Event::Control(c));
+                    }
+                    if let Poll::Ready(f) = client_in.poll_message(cx) {
+                        return Poll::Ready(Event::Frame(f));
+                    }
+                    match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                        Some(Poll::Ready(())) => Poll::Ready(Event::IdleCheck),
+                        _ => Poll::Pending,
+                    }
+                })
+                .await
             };
             let step = match event {
+                // Close and shutdown end the loop here.
+                Event::Control(Control::Close) => return End::Closed,
+                Event::Control(Control::Shutdown) => return self.drain_for_shutdown().await,
                 Event::Control(c) => self.on_control(c).await,
                 Event::Epoch => {
                     // A session that stopped reading cannot have seen its
@@ -302,7 +325,12 @@ impl Requests<'_> {
             if let Step::End(e) = step {
                 return e;
             }
-            if let Step::End(e) = self.flush().await {
+            // As `flush`, without its future when the socket takes it all.
+            let flushed = match flush_now(&mut self.up_out, TO_UPSTREAM) {
+                Some(r) => r,
+                None => flush_waiting(&mut self.up_out, self.close, TO_UPSTREAM).await,
+            };
+            if let Err(e) = flushed {
                 return e;
             }
         }
@@ -314,10 +342,10 @@ impl Requests<'_> {
             return Step::End(e);
         }
         for _ in 0..BATCH {
-            if !self.has_room() || !frame_buffered(&self.client_in) {
+            if !self.has_room() {
                 break;
             }
-            match self.client_in.next_message().now_or_never() {
+            match buffered_frame(&self.client_in) {
                 Some(next) => {
                     if let Step::End(e) = self.handle(next).await {
                         return Step::End(e);

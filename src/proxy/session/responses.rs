@@ -4,6 +4,7 @@
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +25,7 @@ use crate::wire::{op, paging, pdu, rootdse, Envelope, FrameError};
 use super::end::{End, IoAt, Side};
 use super::state::{SessionState, TlsAnswer};
 use super::{
-    count, feed_waiting, flush_now, flush_waiting, frame_buffered, is_notice, lock, ClientOut,
+    buffered_frame, count, feed_waiting, flush_now, flush_waiting, is_notice, lock, ClientOut,
     Close, Local, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
 };
 
@@ -350,21 +351,32 @@ impl Responses {
             if self.close.is_cancelled() {
                 return End::Closed;
             }
-            tokio::select! {
-                biased;
-                Some(l) = self.local.recv() => if let Err(e) = self.on_local(l).await {
-                    return e;
-                },
-                Ok(()) = self.epoch.changed(), if holding => {
-                    if let Err(e) = self.release_held().await {
-                        return e;
-                    }
+            let woke = if holding || !can_read {
+                tokio::select! {
+                    biased;
+                    Some(l) = self.local.recv() => Woke::Local(l),
+                    Ok(()) = self.epoch.changed(), if holding => Woke::Epoch,
+                    next = self.up_in.next_message(), if can_read => Woke::Read(next),
                 }
-                next = self.up_in.next_message(), if can_read => {
-                    if let Err(e) = self.forward_read(next).await {
-                        return e;
+            } else {
+                // The usual turn: the same two sources in the same order
+                // as above, polled by hand (no `select!` built per turn).
+                let (local, up_in) = (&mut self.local, &mut self.up_in);
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(Some(l)) = local.poll_recv(cx) {
+                        return Poll::Ready(Woke::Local(l));
                     }
-                }
+                    up_in.poll_message(cx).map(Woke::Read)
+                })
+                .await
+            };
+            let turn = match woke {
+                Woke::Local(l) => self.on_local(l).await,
+                Woke::Epoch => self.release_held().await,
+                Woke::Read(next) => self.forward_read(next).await,
+            };
+            if let Err(e) = turn {
+                return e;
             }
             let flushed = match flush_now(&mut self.client_out, TO_CLIENT) {
                 Some(r) => r,
@@ -401,10 +413,10 @@ impl Responses {
     /// most).
     async fn forward_buffered(&mut self) -> Result<(), End> {
         for _ in 0..BATCH {
-            if !self.can_read() || !frame_buffered(&self.up_in) {
+            if !self.can_read() {
                 break;
             }
-            match self.up_in.next_message().now_or_never() {
+            match buffered_frame(&self.up_in) {
                 Some(next) => self.forward(next).await?,
                 None => break,
             }
@@ -722,6 +734,16 @@ impl Responses {
             self.state.search_state.store(yes, Ordering::SeqCst);
         }
     }
+}
+
+/// What woke the responses loop.
+enum Woke {
+    /// Something the proxy authored.
+    Local(Local),
+    /// A freeze ended: held responses may go.
+    Epoch,
+    /// A response (or the end of the upstream).
+    Read(Next),
 }
 
 /// What to do with one response frame.
