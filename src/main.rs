@@ -662,7 +662,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => {
                 serve(args, settings.expect("read before the runtime"), threads).await
             }
-            Command::Demo(args) => demo(args).await,
+            Command::Demo(args) => demo(args, threads).await,
             _ => unreachable!("operator commands run in operator_main"),
         }
     });
@@ -787,7 +787,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 }
 
 #[cfg(feature = "demo")]
-async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+async fn demo(args: DemoArgs, threads: runtime::Threads) -> anyhow::Result<ExitCode> {
     use testkit::{Slapd, SlapdOptions};
     let users = args.users;
     let slapd = tokio::task::spawn_blocking(move || {
@@ -808,6 +808,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // so the operator can connect during a freeze to read the status and
     // end it.
     config.freeze.root_dns = vec![testkit::ADMIN_DN.to_string()];
+    tracing::info!("{}", threads.why);
     let server = Server::bind(config.settings()?).await?;
     let (admin, pw, user1, pw1) = (
         testkit::ADMIN_DN,
@@ -817,7 +818,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "\nabproxy demo: slapd (pid {pid}) at {direct} with {users} users, data in {dir}\n\
-         abproxy listens on {listen}\n\n\
+         abproxy listens on {listen} ({why})\n\n\
          Try (through the proxy):\n\
          \x20 ldapsearch -x -H {listen} -b dc=example,dc=org '(uid=user1)'\n\
          \x20 ldapwhoami -x -H {listen} -D {user1} -w {pw1}\n\
@@ -831,6 +832,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
          Compare with the server directly: replace {listen} by {direct}\n\n\
          Ctrl-C stops the proxy and slapd and removes the data.\n",
         pid = slapd.pid(),
+        why = threads.why,
         direct = slapd.url(),
         dir = slapd.dir().display(),
         oid = abproxy_proto::ALLOW_BACKUP_OID,
@@ -844,7 +846,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 /// Built without the `demo` feature (`--no-default-features`): no test lab
 /// in the binary.
 #[cfg(not(feature = "demo"))]
-async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+async fn demo(args: DemoArgs, _threads: runtime::Threads) -> anyhow::Result<ExitCode> {
     let DemoArgs { port: _, users: _ } = args;
     anyhow::bail!("this abproxy was built without the `demo` feature (cargo's default features)")
 }

@@ -328,3 +328,74 @@ fn the_example_config_lists_every_default_and_validates() {
         assert_eq!(c.backends.len(), 1, "{driver}");
     }
 }
+
+/// `abproxy demo`, the README's first command: a throwaway slapd behind the
+/// proxy on the default threads (logged with the reason, as `serve` does),
+/// and the commands its banner advertises: a search, a freeze by the lab's
+/// admin with `ldapexop`, its status, its end, then a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_what_its_banner_advertises() {
+    use abproxy::proxy::runtime::{cores, decide, Upstream};
+    use abproxy_proto::{ALLOW_BACKUP_OID, ALLOW_BACKUP_STATUS_OID};
+    use testkit::{ADMIN_DN, ADMIN_PW};
+    let port = free_port();
+    let url = format!("ldap://127.0.0.1:{port}");
+    let mut demo = Running::start(&["demo", "--port", &port.to_string(), "--users", "5"]);
+    let local = decide(0, cores(), Upstream::Local);
+    assert!(demo.wait_for("threads = 0 (auto)").contains(&local.why));
+    demo.wait_for("upstream reachable");
+
+    let user1 = testkit::user_dn(1);
+    let found = ldap_tool(
+        "ldapsearch",
+        &[
+            "-x",
+            "-H",
+            &url,
+            "-b",
+            "dc=example,dc=org",
+            "(uid=user1)",
+            "dn",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(found.code, Some(0), "{found:?}");
+    assert!(found.stdout.contains(&format!("dn: {user1}")), "{found:?}");
+
+    let exop = |value: String| {
+        let url = url.clone();
+        async move {
+            ldap_tool(
+                "ldapexop",
+                &["-x", "-H", &url, "-D", ADMIN_DN, "-w", ADMIN_PW, &value],
+                None,
+            )
+            .await
+        }
+    };
+    let on = exop(format!("{ALLOW_BACKUP_OID}::MAMBAf8=")).await;
+    assert_eq!(on.code, Some(0), "ON: {on:?}");
+    let frozen = demo.wait_for("Allow-Backup ON: frozen");
+    assert!(frozen.contains(ADMIN_DN), "the lab's admin froze: {frozen}");
+    let status = exop(ALLOW_BACKUP_STATUS_OID.to_string()).await;
+    assert_eq!(status.code, Some(0), "status: {status:?}");
+    let off = exop(format!("{ALLOW_BACKUP_OID}::MAMBAQA=")).await;
+    assert_eq!(off.code, Some(0), "OFF: {off:?}");
+    demo.wait_for("Allow-Backup OFF: released");
+
+    let modify = format!(
+        "dn: {user1}\nchangetype: modify\nreplace: description\ndescription: via the demo\n"
+    );
+    let out = ldap_tool(
+        "ldapmodify",
+        &["-x", "-H", &url, "-D", ADMIN_DN, "-w", ADMIN_PW],
+        Some(&modify),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let code = tokio::task::spawn_blocking(move || demo.sigterm_and_wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "SIGTERM stops the demo cleanly");
+}
