@@ -944,6 +944,18 @@ impl Engine {
         }
     }
 
+    /// Requests in flight upstream over all sessions, as [`Engine::status`]
+    /// counts them, without building the rest of the status (the session
+    /// fuzz check reads it after every step).
+    pub fn in_flight(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| s.state.inflight().len())
+            .sum()
+    }
+
     /// `n` queued requests were sent upstream once no longer held.
     pub fn released(&self, n: usize) {
         self.stats.released(n);
@@ -1687,13 +1699,7 @@ impl Engine {
         let map = self.backends();
         let st = self.read_state().clone();
         let frozen = st.as_ref().map(|f| f.backends).unwrap_or_default();
-        let in_flight: usize = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|s| s.state.inflight().len())
-            .sum();
+        let in_flight = self.in_flight();
         Ok(Status {
             backends: map
                 .backends()
@@ -1783,6 +1789,29 @@ mod tests {
                 Ok(())
             })
         }
+    }
+
+    /// `in_flight` counts every registered session's table, as the
+    /// status does.
+    #[test]
+    fn in_flight_sums_the_sessions_tables() {
+        let e = engine(false);
+        assert_eq!(e.in_flight(), 0);
+        let mut handles = Vec::new();
+        for (conn, n) in [(1u64, 2i32), (2, 3)] {
+            let state = Arc::new(Participant::default());
+            for id in 0..n {
+                state
+                    .inflight()
+                    .start(id, InFlight::new(crate::wire::op::SEARCH_REQUEST, None))
+                    .unwrap();
+            }
+            let (control, rx) = mpsc::unbounded_channel();
+            handles.push(rx);
+            e.register(conn, SessionHandle { state, control });
+        }
+        assert_eq!(e.in_flight(), 5);
+        assert_eq!(e.status(&admin()).unwrap().in_flight, 5);
     }
 
     fn admin() -> Requester {

@@ -103,7 +103,6 @@ use std::time::Duration;
 use abproxy_proto::{AllowBackupRequest, AllowBackupStatus, FreezeState};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use ldap3_proto::proto::LdapResultCode;
 use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder, FramedRead};
@@ -111,7 +110,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::script::{self, Step, UpCmd, OPERATOR};
 use crate::config::{Config, Settings};
-use crate::freeze::{BackendMap, Engine, Kind, Mode, Requester};
+use crate::freeze::{BackendMap, Class, Engine, Kind, Mode, Requester};
 use crate::proxy::session::{serve_connected, Client};
 use crate::proxy::Shared;
 use crate::wire::ber::put_tlv;
@@ -232,7 +231,7 @@ struct UpLog {
     /// Every frame the proxy sent, in order.
     frames: Vec<Bytes>,
     /// The requests not answered yet (checked when ON succeeds).
-    pending: Vec<Bytes>,
+    pending: VecDeque<Req>,
     /// The connection is over: the proxy closed its side, or the server
     /// closed it (`UpCmd::Close`).
     eof: bool,
@@ -323,22 +322,56 @@ fn answers(frame: &[u8], refuse_binds: bool, out: &mut Vec<u8>) -> Result<(), St
     Ok(())
 }
 
-/// A write the current freeze holds (its backends as the status shows
-/// them), if a freeze is established. A password modify of the bound
-/// identity is left out: the session classifies it with an identity this
-/// check does not know.
-fn frozen_write(engine: &Engine, frame: &[u8]) -> bool {
-    let Ok(env) = Envelope::request(frame) else {
-        return false;
-    };
-    if env.op == op::EXTENDED_REQUEST && env.oid_bytes(frame) == Some(oid::PASSWORD_MODIFY) {
-        return false;
+/// A request at the scripted server: its envelope's operation, ID and
+/// abandon target read once, its class at most once (the first time a
+/// freeze is established: the engine's backends and classification
+/// settings do not change during an input).
+struct Req {
+    frame: Bytes,
+    op: Option<u8>,
+    msgid: i32,
+    abandon_id: Option<i32>,
+    /// The gate's class, once read (`None` inside: never frozen).
+    class: Option<Option<Class>>,
+}
+
+impl Req {
+    fn new(frame: Bytes) -> Req {
+        let env = Envelope::request(&frame).ok();
+        Req {
+            op: env.as_ref().map(|e| e.op),
+            msgid: env.as_ref().map_or(-1, |e| e.msgid),
+            abandon_id: env.and_then(|e| e.abandon_id),
+            class: None,
+            frame,
+        }
     }
-    let Some(frozen) = engine.established() else {
-        return false;
-    };
-    let class = engine.classify(&env, frame, None);
-    class.kind == Kind::Write && !class.backends.and(frozen).is_empty()
+
+    /// A read the server stops when it is abandoned or the connection
+    /// closes.
+    fn is_read(&self) -> bool {
+        matches!(self.op, Some(op::SEARCH_REQUEST | op::COMPARE_REQUEST))
+    }
+
+    /// A write the current freeze holds (its backends as the status shows
+    /// them), if a freeze is established. A password modify of the bound
+    /// identity is left out: the session classifies it with an identity
+    /// this check does not know.
+    fn frozen_write(&mut self, engine: &Engine) -> bool {
+        let Some(frozen) = engine.established() else {
+            return false;
+        };
+        let class = *self.class.get_or_insert_with(|| {
+            let env = Envelope::request(&self.frame).ok()?;
+            if env.op == op::EXTENDED_REQUEST
+                && env.oid_bytes(&self.frame) == Some(oid::PASSWORD_MODIFY)
+            {
+                return None;
+            }
+            Some(engine.classify(&env, &self.frame, None))
+        });
+        class.is_some_and(|c| c.kind == Kind::Write && !c.backends.and(frozen).is_empty())
+    }
 }
 
 /// The scripted upstream: reads whole frames, answers them at once or when
@@ -348,7 +381,8 @@ fn frozen_write(engine: &Engine, frame: &[u8]) -> bool {
 /// no bind overlaps an outstanding operation (RFC 4511 section 4.2.1: slapd
 /// would drop it, and the proxy would wait for it for ever), and while a
 /// freeze is established no write of a frozen backend arrives or is still
-/// being run (answered).
+/// being run (answered). What it has not answered is in the log, where the
+/// check of a successful ON reads it.
 async fn upstream(
     from_proxy: DuplexStream,
     to_proxy: DuplexStream,
@@ -361,135 +395,137 @@ async fn upstream(
     let mut input = FramedRead::new(from_proxy, FrameCodec::new(codec::DEFAULT_MAX_PDU));
     let mut output = to_proxy;
     let mut out = Vec::new();
-    let mut pending: VecDeque<Bytes> = VecDeque::new();
     let mut cmds_open = true;
     let mut input_open = true;
     loop {
         let mut answer = 0;
         let mut out_of_order = None;
         tokio::select! {
-            next = input.next(), if input_open => match next {
-                None => {
-                    // Like slapd at EOF: what has not started is dropped,
-                    // reads stop, a running write finishes; then it closes.
-                    input_open = false;
-                    pending.retain(|p| {
-                        !Envelope::request(p).is_ok_and(|e| {
-                            matches!(e.op, op::SEARCH_REQUEST | op::COMPARE_REQUEST)
-                        })
-                    });
-                    if auto || !cmds_open {
-                        answer = pending.len();
+            next = input.next(), if input_open => {
+                let mut guard = log.lock().unwrap();
+                let l = &mut *guard;
+                match next {
+                    None => {
+                        // Like slapd at EOF: what has not started is dropped,
+                        // reads stop, a running write finishes; then it closes.
+                        input_open = false;
+                        l.pending.retain(|p| !p.is_read());
+                        if auto || !cmds_open {
+                            answer = l.pending.len();
+                        }
                     }
-                }
-                Some(Ok(frame)) => {
-                    log.lock().unwrap().frames.push(frame.clone());
-                    if frozen_write(&engine, &frame) {
-                        log.lock().unwrap().violation = Some(format!(
-                            "a write of a frozen backend reached the server during the freeze: {frame:02x?}"
-                        ));
+                    Some(Ok(frame)) => {
+                        l.frames.push(frame.clone());
+                        let mut req = Req::new(frame);
+                        if req.frozen_write(&engine) {
+                            l.violation = Some(format!(
+                                "a write of a frozen backend reached the server during the freeze: {:02x?}",
+                                req.frame
+                            ));
+                            break;
+                        }
+                        match req.op {
+                            Some(op::ABANDON_REQUEST) => {
+                                // A read stops; a write the server has started
+                                // runs to its end (slapd does not stop it).
+                                let target = req.abandon_id;
+                                l.pending
+                                    .retain(|p| !(Some(p.msgid) == target && p.is_read()));
+                            }
+                            Some(op::BIND_REQUEST) => {
+                                l.pending.retain(|p| !is_persistent(&p.frame));
+                                let overlapped = l
+                                    .pending
+                                    .iter()
+                                    .filter(|p| {
+                                        !matches!(
+                                            p.op,
+                                            Some(op::ABANDON_REQUEST | op::UNBIND_REQUEST)
+                                        )
+                                    })
+                                    .count();
+                                if overlapped > 0 {
+                                    l.violation = Some(format!(
+                                        "a bind overlapped {overlapped} outstanding operation(s) of its connection"
+                                    ));
+                                    break;
+                                }
+                                l.pending.push_back(req);
+                            }
+                            _ => l.pending.push_back(req),
+                        }
+                        if auto {
+                            answer = l.pending.len();
+                        }
+                    }
+                    Some(Err(e)) => {
+                        l.violation = Some(format!("upstream received a broken stream: {e}"));
                         break;
                     }
-                    let env = Envelope::request(&frame).ok();
-                    match env.as_ref().map(|e| e.op) {
-                        Some(op::ABANDON_REQUEST) => {
-                            // A read stops; a write the server has started
-                            // runs to its end (slapd does not stop it).
-                            let target = env.and_then(|e| e.abandon_id);
-                            pending.retain(|p| {
-                                !Envelope::request(p).is_ok_and(|e| {
-                                    Some(e.msgid) == target
-                                        && matches!(e.op, op::SEARCH_REQUEST | op::COMPARE_REQUEST)
-                                })
-                            });
-                        }
-                        Some(op::BIND_REQUEST) => {
-                            pending.retain(|p| !is_persistent(p));
-                            let overlapped = pending
-                                .iter()
-                                .filter(|p| {
-                                    !Envelope::request(p).is_ok_and(|e| {
-                                        matches!(e.op, op::ABANDON_REQUEST | op::UNBIND_REQUEST)
-                                    })
-                                })
-                                .count();
-                            if overlapped > 0 {
-                                log.lock().unwrap().violation = Some(format!(
-                                    "a bind overlapped {overlapped} outstanding operation(s) of its connection"
-                                ));
-                                break;
-                            }
-                            pending.push_back(frame);
-                        }
-                        _ => pending.push_back(frame),
-                    }
-                    if auto {
-                        answer = pending.len();
-                    }
-                }
-                Some(Err(e)) => {
-                    log.lock().unwrap().violation =
-                        Some(format!("upstream received a broken stream: {e}"));
-                    break;
                 }
             },
             c = cmds.recv(), if cmds_open => match c {
                 Some(UpCmd::Answer(n)) => answer = n,
-                Some(UpCmd::AnswerAt(i)) if !pending.is_empty() => {
-                    out_of_order = Some(i % pending.len());
-                    answer = 1;
+                Some(UpCmd::AnswerAt(i)) => {
+                    let n = log.lock().unwrap().pending.len();
+                    if n > 0 {
+                        out_of_order = Some(i % n);
+                        answer = 1;
+                    }
                 }
-                Some(UpCmd::AnswerAt(_)) => {}
                 Some(UpCmd::Auto(a)) => {
                     auto = a;
                     if auto {
-                        answer = pending.len();
+                        answer = log.lock().unwrap().pending.len();
                     }
                 }
                 Some(UpCmd::Close) => {
                     // What was not answered never is; a write the server
                     // ran is over with the connection.
-                    pending.clear();
+                    log.lock().unwrap().pending.clear();
                     break;
                 }
                 None => cmds_open = false,
             },
         }
-        for _ in 0..answer {
-            let next = match out_of_order.take() {
-                Some(i) => pending.remove(i),
-                None => pending.pop_front(),
-            };
-            let Some(req) = next else {
-                break;
-            };
-            if frozen_write(&engine, &req) {
-                log.lock().unwrap().violation = Some(format!(
-                    "the server was still running a write of a frozen backend during the freeze: {req:02x?}"
-                ));
-                break;
+        let done = {
+            let mut guard = log.lock().unwrap();
+            let l = &mut *guard;
+            for _ in 0..answer {
+                let next = match out_of_order.take() {
+                    Some(i) => l.pending.remove(i),
+                    None => l.pending.pop_front(),
+                };
+                let Some(mut req) = next else {
+                    break;
+                };
+                if req.frozen_write(&engine) {
+                    l.violation = Some(format!(
+                        "the server was still running a write of a frozen backend during the freeze: {:02x?}",
+                        req.frame
+                    ));
+                    break;
+                }
+                if let Err(v) = answers(&req.frame, refuse_binds, &mut out) {
+                    l.violation = Some(v);
+                    break;
+                }
             }
-            if let Err(v) = answers(&req, refuse_binds, &mut out) {
-                log.lock().unwrap().violation = Some(v);
-                break;
-            }
-        }
+            !input_open && (l.pending.is_empty() || !cmds_open)
+        };
         if !out.is_empty() {
             // The proxy may be gone: then nobody reads.
             let _ = output.write_all(&out).await;
             out.clear();
         }
-        log.lock().unwrap().pending = pending.iter().cloned().collect();
-        if !input_open && (pending.is_empty() || !cmds_open) {
+        if done {
             break;
         }
     }
     // Like slapd: the proxy closed, so close too (or the server closes
     // first: both directions, so the proxy's writes fail).
     let _ = output.shutdown().await;
-    let mut l = log.lock().unwrap();
-    l.eof = true;
-    l.pending = pending.into();
+    log.lock().unwrap().eof = true;
 }
 
 /// The real session (`serve_connected`) between in-memory pipes: the
@@ -512,7 +548,15 @@ fn spawn_session(
     ))
 }
 
-/// A persistent search (it stays pending at the server).
+/// A persistent search, as the session tells one (a search with the sync
+/// request or the persistent search control: it stays in flight). The
+/// operation's tag is peeked first: most frames are no search.
+fn is_persistent_search(frame: &[u8]) -> bool {
+    Envelope::op_of(frame) == Some(op::SEARCH_REQUEST) && is_persistent(frame)
+}
+
+/// A request with a persistent search's control (it stays pending at the
+/// server).
 fn is_persistent(frame: &[u8]) -> bool {
     Envelope::request(frame).is_ok_and(|e| {
         e.controls(frame)
@@ -590,16 +634,30 @@ fn operator() -> Requester {
 
 /// The engine's status, as a client reads it (encoded and decoded).
 fn status(engine: &Engine) -> AllowBackupStatus {
-    abproxy_proto::decode_status(&crate::proxy::exops::status_value(&counts(engine)))
+    let st = engine
+        .status(&operator())
+        .expect("the operator may read the status");
+    abproxy_proto::decode_status(&crate::proxy::exops::status_value(&st))
         .expect("the status value decodes")
 }
 
-/// The engine's status as it has it (queued and in-flight counts for the
-/// bounds checked after every settle).
-fn counts(engine: &Engine) -> crate::freeze::Status {
-    engine
-        .status(&operator())
-        .expect("the operator may read the status")
+/// What the bounds checked after every settle are about: the requests and
+/// bytes queued and the requests in flight, the same counts the status
+/// reports (read without building the rest of it: the holder's name, the
+/// backends' list).
+struct Counts {
+    queued_requests: usize,
+    queued_bytes: usize,
+    in_flight: usize,
+}
+
+fn counts(engine: &Engine) -> Counts {
+    let (queued_requests, queued_bytes) = engine.queued();
+    Counts {
+        queued_requests,
+        queued_bytes,
+        in_flight: engine.in_flight(),
+    }
 }
 
 /// The client frames of a byte stream, as the session's codec cuts them
@@ -645,7 +703,7 @@ impl ClientStream {
         if self.buf.is_empty()
             && codec::frame_len(bytes, MAX_PDU).is_ok_and(|n| n == Some(bytes.len()))
         {
-            if is_persistent(bytes) {
+            if is_persistent_search(bytes) {
                 self.persistent += 1;
             }
             self.frames.push(bytes.clone());
@@ -655,7 +713,7 @@ impl ClientStream {
         loop {
             match self.codec.decode(&mut self.buf) {
                 Ok(Some(f)) => {
-                    if is_persistent(&f) {
+                    if is_persistent_search(&f) {
                         self.persistent += 1;
                     }
                     self.frames.push(f);
@@ -756,7 +814,7 @@ impl<'a> Harness<'a> {
         // queue: up to another byte limit and `catch_up_frames` requests.
         let catch_up = crate::proxy::session::catch_up_frames(l.queue_requests);
         assert!(
-            st.queued_requests as usize <= l.queue_requests + catch_up,
+            st.queued_requests <= l.queue_requests + catch_up,
             "{} requests queued, limit {} (+ {catch_up} at a release)",
             st.queued_requests,
             l.queue_requests
@@ -764,7 +822,7 @@ impl<'a> Harness<'a> {
         // Room is checked before a request is read: at most one request
         // past the limit, twice the limit after a release's catch-up.
         assert!(
-            (st.queued_bytes as usize) < 2 * l.queue_bytes + MAX_PDU,
+            st.queued_bytes < 2 * l.queue_bytes + MAX_PDU,
             "{} bytes queued, limit {} (twice at a release, + one request)",
             st.queued_bytes,
             l.queue_bytes
@@ -772,7 +830,7 @@ impl<'a> Harness<'a> {
         // Released queues do not wait for the outstanding limit: what a
         // queue held at its release, a catch-up's requests included.
         assert!(
-            st.in_flight as usize <= l.outstanding + l.queue_requests + catch_up + persistent,
+            st.in_flight <= l.outstanding + l.queue_requests + catch_up + persistent,
             "{} requests in flight, limits {} outstanding + {} queued (+ {catch_up} at a release)",
             st.in_flight,
             l.outstanding,
@@ -854,21 +912,20 @@ impl<'a> Harness<'a> {
                     let value = abproxy_proto::encode_request(&req);
                     let log = up_log.clone();
                     tokio::spawn(async move {
-                        let (code, msg) = crate::proxy::exops::allow_backup_answer(
-                            engine.allow_backup(who, Some(&value)).await,
-                        );
                         // The drain is over: nothing of a frozen backend
-                        // may still be running at the server.
-                        if code == LdapResultCode::Success {
+                        // may still be running at the server. (The answer
+                        // is a success exactly when the engine grants the
+                        // ON: `exops::allow_backup_answer`.)
+                        if let Ok(granted) = engine.allow_backup(who, Some(&value)).await {
                             let mut l = log.lock().unwrap();
                             let running = l
                                 .pending
-                                .iter()
-                                .filter(|p| frozen_write(&engine, p))
+                                .iter_mut()
+                                .filter_map(|p| p.frozen_write(&engine).then_some(()))
                                 .count();
                             if running > 0 && l.violation.is_none() {
                                 l.violation = Some(format!(
-                                    "ON succeeded ({msg}) while the server still ran {running} write(s) of a frozen backend"
+                                    "ON succeeded ({granted}) while the server still ran {running} write(s) of a frozen backend"
                                 ));
                             }
                         }
@@ -907,9 +964,9 @@ impl<'a> Harness<'a> {
             u.eof || !u.pending.is_empty()
         };
         if !session.is_finished() && !up_done {
-            let st = status(&engine);
             assert_eq!(
-                st.in_flight, 0,
+                engine.in_flight(),
+                0,
                 "requests still in flight after the upstream answered every request"
             );
         }
@@ -976,7 +1033,7 @@ impl<'a> Harness<'a> {
 
         // Nothing stays behind for the next input on this runtime (see
         // `with_runtime`): a freeze still on ends, and its lease timer with it.
-        if counts(&engine).freeze.is_some() {
+        if st.state != FreezeState::Thawed {
             let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
             let _ = engine.allow_backup(operator(), Some(&value)).await;
             settle().await;
