@@ -46,9 +46,12 @@ trap 'rm -rf "$log_dir"' EXIT
   exit 1
 }
 # The session target without AddressSanitizer (its code has no `unsafe`;
-# ASan's allocator made it 6 to 10 times slower), in a target directory of
-# its own so the two builds keep their caches.
-"${fuzz[@]}" build -O -s none --target-dir target/nosan session >/dev/null 2>"$log_dir/build" || {
+# ASan's allocator made it 6 to 10 times slower) and with libFuzzer's
+# coverage instrumentation in abproxy only, not in tokio and the other
+# dependencies (instrument-only.sh; docs/fuzzing.md says why), in a target
+# directory of its own so the builds keep their caches.
+session_build=(env RUSTC_WRAPPER="$PWD/instrument-only.sh" "${fuzz[@]}")
+"${session_build[@]}" build -O -s none --target-dir target/only session >/dev/null 2>"$log_dir/build" || {
   cat "$log_dir/build" >&2
   exit 1
 }
@@ -60,9 +63,9 @@ for t in "${targets[@]}"; do
   log="$log_dir/$t"
   echo "== $t: ${secs} s" >&2
   status=ok
-  how=(-O)
-  [ "$t" = session ] && how=(-O -s none --target-dir target/nosan)
-  if ! "${fuzz[@]}" run "${how[@]}" "$t" "corpus/$t" "seeds/$t" -- \
+  how=("${fuzz[@]}" run -O)
+  [ "$t" = session ] && how=("${session_build[@]}" run -O -s none --target-dir target/only)
+  if ! "${how[@]}" "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$secs" -max_len=4096 -timeout=20 -print_final_stats=1 \
       >"$log" 2>&1; then
     status="FAILED (see fuzz/artifacts/$t)"
