@@ -85,56 +85,57 @@ pub fn generated_inputs(n: usize, longer: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The steps of an input's body (after the 4-byte header).
-pub(super) fn steps(flags: u8, body: &[u8]) -> Vec<Step<'_>> {
+/// The steps of an input's body (after the 4-byte header), read one at a
+/// time as the check runs them: it stops reading (and generating messages)
+/// once the session has ended.
+pub(super) fn steps(flags: u8, body: &[u8]) -> Box<dyn Iterator<Item = Step<'_>> + '_> {
     if flags & STRUCTURED != 0 {
-        structured(body)
+        Box::new(structured(body))
     } else {
-        raw(body)
+        Box::new(raw(body))
     }
 }
 
+fn take<'a>(rest: &mut &'a [u8], n: usize) -> &'a [u8] {
+    let (a, b) = rest.split_at(n.min(rest.len()));
+    *rest = b;
+    a
+}
+
 /// The raw format (see `session.rs`).
-fn raw(mut rest: &[u8]) -> Vec<Step<'_>> {
-    let mut out = Vec::new();
-    fn take<'a>(rest: &mut &'a [u8], n: usize) -> &'a [u8] {
-        let (a, b) = rest.split_at(n.min(rest.len()));
-        *rest = b;
-        a
-    }
-    while out.len() < MAX_STEPS {
-        let Some((&c, tail)) = rest.split_first() else {
-            break;
+fn raw(mut rest: &[u8]) -> impl Iterator<Item = Step<'_>> {
+    std::iter::from_fn(move || raw_step(&mut rest)).take(MAX_STEPS)
+}
+
+/// The next raw command, if any.
+fn raw_step<'a>(rest: &mut &'a [u8]) -> Option<Step<'a>> {
+    let (&c, tail) = rest.split_first()?;
+    if c == 0x30 {
+        let n = match codec::frame_len(rest, usize::MAX) {
+            Ok(Some(n)) => n,
+            _ => rest.len(),
         };
-        if c == 0x30 {
-            let n = match codec::frame_len(rest, usize::MAX) {
-                Ok(Some(n)) => n,
-                _ => rest.len(),
-            };
-            out.push(Step::Client(Cow::Borrowed(take(&mut rest, n))));
-            continue;
-        }
-        rest = tail;
-        let byte = |rest: &mut &[u8]| take(rest, 1).first().copied().unwrap_or(0);
-        out.push(match c % 8 {
-            0 => {
-                let len = take(&mut rest, 2);
-                let n = len.iter().fold(0usize, |n, b| n << 8 | *b as usize);
-                Step::Client(Cow::Borrowed(take(&mut rest, n)))
-            }
-            1 => Step::Up(UpCmd::Answer(1 + byte(&mut rest) as usize % 16)),
-            2 => Step::On(byte(&mut rest)),
-            3 => Step::Off(None),
-            4 => Step::Settle { check: true },
-            5 => Step::Up(UpCmd::Auto(c & 8 != 0)),
-            6 => {
-                let n = byte(&mut rest) as usize;
-                Step::Client(Cow::Borrowed(take(&mut rest, n)))
-            }
-            _ => Step::Settle { check: false },
-        });
+        return Some(Step::Client(Cow::Borrowed(take(rest, n))));
     }
-    out
+    *rest = tail;
+    let byte = |rest: &mut &[u8]| take(rest, 1).first().copied().unwrap_or(0);
+    Some(match c % 8 {
+        0 => {
+            let len = take(rest, 2);
+            let n = len.iter().fold(0usize, |n, b| n << 8 | *b as usize);
+            Step::Client(Cow::Borrowed(take(rest, n)))
+        }
+        1 => Step::Up(UpCmd::Answer(1 + byte(rest) as usize % 16)),
+        2 => Step::On(byte(rest)),
+        3 => Step::Off(None),
+        4 => Step::Settle { check: true },
+        5 => Step::Up(UpCmd::Auto(c & 8 != 0)),
+        6 => {
+            let n = byte(rest) as usize;
+            Step::Client(Cow::Borrowed(take(rest, n)))
+        }
+        _ => Step::Settle { check: false },
+    })
 }
 
 /// Reads a structured body: bytes past its end read as zeros.
@@ -451,199 +452,198 @@ fn allow_backup_off(p: u8, q: u8) -> Vec<u8> {
 
 /// The structured format (see `session.rs`): one command byte, its kind
 /// the low four bits, then its parameters.
-fn structured(body: &[u8]) -> Vec<Step<'_>> {
+fn structured(body: &[u8]) -> impl Iterator<Item = Step<'_>> {
     let mut r = Reader { data: body };
-    let mut out = Vec::with_capacity(body.len().min(MAX_STEPS));
     let mut w = Ber::new();
-    while out.len() < MAX_STEPS && !r.data.is_empty() {
-        let c = r.byte();
-        let kind = c & 0x0f;
-        match kind {
-            13 => {
-                // The operator, through the engine.
-                let p = r.byte();
-                out.push(if c & 0x10 != 0 {
-                    Step::Off(match p % 4 {
-                        0 => None,
-                        n => Some(u64::from(n)),
-                    })
-                } else {
-                    Step::On(p)
-                });
-                continue;
-            }
-            14 => {
-                // The upstream.
-                let p = r.byte();
-                out.push(Step::Up(match c >> 4 {
-                    0..=5 => UpCmd::Answer(1 + p as usize % 4),
-                    6..=9 => UpCmd::AnswerAt(p as usize),
-                    10 | 11 => UpCmd::Auto(true),
-                    12..=14 => UpCmd::Auto(false),
-                    _ => UpCmd::Close,
-                }));
-                continue;
-            }
-            15 => {
-                if c & 0xf0 == 0xf0 {
-                    // Raw client bytes (1-byte length): whatever else.
-                    let n = r.byte() as usize;
-                    out.push(Step::Client(Cow::Borrowed(r.bytes(n))));
-                } else {
-                    out.push(Step::Settle {
-                        check: c & 0x10 != 0,
-                    });
-                }
-                continue;
-            }
-            _ => {}
+    std::iter::from_fn(move || (!r.data.is_empty()).then(|| structured_step(&mut r, &mut w)))
+        .take(MAX_STEPS)
+}
+
+/// The next structured command (the body is not empty).
+fn structured_step<'a>(r: &mut Reader<'a>, w: &mut Ber) -> Step<'a> {
+    let c = r.byte();
+    let kind = c & 0x0f;
+    match kind {
+        13 => {
+            // The operator, through the engine.
+            let p = r.byte();
+            return if c & 0x10 != 0 {
+                Step::Off(match p % 4 {
+                    0 => None,
+                    n => Some(u64::from(n)),
+                })
+            } else {
+                Step::On(p)
+            };
         }
-        // A message: its ID first, then its operation's parameters, then
-        // (the command's high bit, on the operations that take them) a
-        // byte of request controls.
-        let id = |r: &mut Reader| IDS[r.byte() as usize % IDS.len()];
-        let dn = |b: u8| DNS[b as usize % DNS.len()].as_bytes();
-        let ctrl = |r: &mut Reader, w: &mut Ber| {
-            if c & 0x80 != 0 {
-                controls(w, r.byte());
-            }
-        };
-        w.buf.clear();
-        w.open(0x30);
-        w.int(0x02, id(&mut r).into());
-        match kind {
-            0 => bind(&mut r, &mut w),
-            1 => {
-                w.open(0x68);
-                w.octets(dn(r.byte()));
-                w.open(0x30);
-                w.attribute("objectClass", &[b"organizationalRole"]);
-                w.attribute("cn", &[b"a"]);
-                w.close();
-                w.close();
-                ctrl(&mut r, &mut w);
-            }
-            2 => {
-                w.put(0x4a, dn(r.byte()));
-                ctrl(&mut r, &mut w);
-            }
-            3 => {
-                let p = r.byte();
-                w.open(0x66);
-                w.octets(dn(p));
-                w.open(0x30);
-                w.open(0x30);
-                w.put(0x0a, &[(p >> 3) % 3]);
-                let who = if p & 0x40 != 0 {
-                    "userPassword"
-                } else {
-                    "description"
-                };
-                w.attribute(who, &[b"x"]);
-                w.close();
-                w.close();
-                w.close();
-                ctrl(&mut r, &mut w);
-            }
-            4 => {
-                let p = r.byte();
-                w.open(0x6c);
-                w.octets(dn(p));
-                w.octets(b"cn=moved");
-                w.put(0x01, &[0xff]);
-                if p & 0x80 != 0 {
-                    // newSuperior: maybe another backend.
-                    w.put(0x80, dn(p >> 4));
-                }
-                w.close();
-                ctrl(&mut r, &mut w);
-            }
-            5 => {
-                w.open(0x6e);
-                w.octets(dn(r.byte()));
-                w.open(0x30);
-                w.octets(b"cn");
-                w.octets(b"a");
-                w.close();
-                w.close();
-                ctrl(&mut r, &mut w);
-            }
-            6 | 7 => {
-                let p = search(&mut r, &mut w);
-                if kind == 7 {
-                    persistent_search(&mut w, p);
-                } else {
-                    ctrl(&mut r, &mut w);
-                }
-            }
-            8 => {
-                let target = id(&mut r);
-                w.int(0x50, target.into());
-            }
-            9 => {
-                // Unbind, rarely (it ends the session): otherwise WhoAmI.
-                if c & 0x70 == 0x70 {
-                    w.put(0x42, &[]);
-                } else {
-                    w.extended(oid::WHOAMI, None);
-                }
-            }
-            10 => {
-                // Allow-Backup ON from the client.
-                let (p, q) = (r.byte(), r.byte());
-                let name = abproxy_proto::ALLOW_BACKUP_OID.as_bytes();
-                w.extended(name, Some(&allow_backup_on(p, q)));
-            }
-            11 => {
-                // Allow-Backup OFF or status from the client.
-                let (p, q) = (r.byte(), r.byte());
-                if p & 0x80 != 0 {
-                    w.extended(abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes(), None);
-                } else {
-                    let name = abproxy_proto::ALLOW_BACKUP_OID.as_bytes();
-                    w.extended(name, Some(&allow_backup_off(p, q)));
-                }
-            }
-            _ => {
-                // 12: other extended operations: a password modify (of
-                // the bound identity, or of an entry of either backend),
-                // Cancel of an ID, StartTLS, an unknown one.
-                let p = r.byte();
-                w.open(0x77);
-                match p % 4 {
-                    0 => {
-                        w.put(0x80, oid::PASSWORD_MODIFY);
-                        w.open(0x81);
-                        w.open(0x30);
-                        if p & 4 != 0 {
-                            w.put(0x80, dn(p >> 3));
-                        }
-                        w.put(0x82, b"new");
-                        w.close();
-                        w.close();
-                    }
-                    1 => {
-                        w.put(0x80, oid::CANCEL);
-                        w.open(0x81);
-                        w.open(0x30);
-                        w.int(0x02, IDS[(p >> 2) as usize % IDS.len()].into());
-                        w.close();
-                        w.close();
-                    }
-                    2 => w.put(0x80, oid::START_TLS),
-                    _ => {
-                        w.put(0x80, b"1.2.3.4.5");
-                        w.put(0x81, b"?");
-                    }
-                }
-                w.close();
-                ctrl(&mut r, &mut w);
-            }
+        14 => {
+            // The upstream.
+            let p = r.byte();
+            return Step::Up(match c >> 4 {
+                0..=5 => UpCmd::Answer(1 + p as usize % 4),
+                6..=9 => UpCmd::AnswerAt(p as usize),
+                10 | 11 => UpCmd::Auto(true),
+                12..=14 => UpCmd::Auto(false),
+                _ => UpCmd::Close,
+            });
         }
-        w.close();
-        out.push(Step::Client(Cow::Owned(w.buf.as_slice().to_vec())));
+        15 => {
+            return if c & 0xf0 == 0xf0 {
+                // Raw client bytes (1-byte length): whatever else.
+                let n = r.byte() as usize;
+                Step::Client(Cow::Borrowed(r.bytes(n)))
+            } else {
+                Step::Settle {
+                    check: c & 0x10 != 0,
+                }
+            };
+        }
+        _ => {}
     }
-    out
+    // A message: its ID first, then its operation's parameters, then
+    // (the command's high bit, on the operations that take them) a
+    // byte of request controls.
+    let id = |r: &mut Reader| IDS[r.byte() as usize % IDS.len()];
+    let dn = |b: u8| DNS[b as usize % DNS.len()].as_bytes();
+    let ctrl = |r: &mut Reader, w: &mut Ber| {
+        if c & 0x80 != 0 {
+            controls(w, r.byte());
+        }
+    };
+    w.buf.clear();
+    w.open(0x30);
+    w.int(0x02, id(r).into());
+    match kind {
+        0 => bind(r, w),
+        1 => {
+            w.open(0x68);
+            w.octets(dn(r.byte()));
+            w.open(0x30);
+            w.attribute("objectClass", &[b"organizationalRole"]);
+            w.attribute("cn", &[b"a"]);
+            w.close();
+            w.close();
+            ctrl(r, w);
+        }
+        2 => {
+            w.put(0x4a, dn(r.byte()));
+            ctrl(r, w);
+        }
+        3 => {
+            let p = r.byte();
+            w.open(0x66);
+            w.octets(dn(p));
+            w.open(0x30);
+            w.open(0x30);
+            w.put(0x0a, &[(p >> 3) % 3]);
+            let who = if p & 0x40 != 0 {
+                "userPassword"
+            } else {
+                "description"
+            };
+            w.attribute(who, &[b"x"]);
+            w.close();
+            w.close();
+            w.close();
+            ctrl(r, w);
+        }
+        4 => {
+            let p = r.byte();
+            w.open(0x6c);
+            w.octets(dn(p));
+            w.octets(b"cn=moved");
+            w.put(0x01, &[0xff]);
+            if p & 0x80 != 0 {
+                // newSuperior: maybe another backend.
+                w.put(0x80, dn(p >> 4));
+            }
+            w.close();
+            ctrl(r, w);
+        }
+        5 => {
+            w.open(0x6e);
+            w.octets(dn(r.byte()));
+            w.open(0x30);
+            w.octets(b"cn");
+            w.octets(b"a");
+            w.close();
+            w.close();
+            ctrl(r, w);
+        }
+        6 | 7 => {
+            let p = search(r, w);
+            if kind == 7 {
+                persistent_search(w, p);
+            } else {
+                ctrl(r, w);
+            }
+        }
+        8 => {
+            let target = id(r);
+            w.int(0x50, target.into());
+        }
+        9 => {
+            // Unbind, rarely (it ends the session): otherwise WhoAmI.
+            if c & 0x70 == 0x70 {
+                w.put(0x42, &[]);
+            } else {
+                w.extended(oid::WHOAMI, None);
+            }
+        }
+        10 => {
+            // Allow-Backup ON from the client.
+            let (p, q) = (r.byte(), r.byte());
+            let name = abproxy_proto::ALLOW_BACKUP_OID.as_bytes();
+            w.extended(name, Some(&allow_backup_on(p, q)));
+        }
+        11 => {
+            // Allow-Backup OFF or status from the client.
+            let (p, q) = (r.byte(), r.byte());
+            if p & 0x80 != 0 {
+                w.extended(abproxy_proto::ALLOW_BACKUP_STATUS_OID.as_bytes(), None);
+            } else {
+                let name = abproxy_proto::ALLOW_BACKUP_OID.as_bytes();
+                w.extended(name, Some(&allow_backup_off(p, q)));
+            }
+        }
+        _ => {
+            // 12: other extended operations: a password modify (of
+            // the bound identity, or of an entry of either backend),
+            // Cancel of an ID, StartTLS, an unknown one.
+            let p = r.byte();
+            w.open(0x77);
+            match p % 4 {
+                0 => {
+                    w.put(0x80, oid::PASSWORD_MODIFY);
+                    w.open(0x81);
+                    w.open(0x30);
+                    if p & 4 != 0 {
+                        w.put(0x80, dn(p >> 3));
+                    }
+                    w.put(0x82, b"new");
+                    w.close();
+                    w.close();
+                }
+                1 => {
+                    w.put(0x80, oid::CANCEL);
+                    w.open(0x81);
+                    w.open(0x30);
+                    w.int(0x02, IDS[(p >> 2) as usize % IDS.len()].into());
+                    w.close();
+                    w.close();
+                }
+                2 => w.put(0x80, oid::START_TLS),
+                _ => {
+                    w.put(0x80, b"1.2.3.4.5");
+                    w.put(0x81, b"?");
+                }
+            }
+            w.close();
+            ctrl(r, w);
+        }
+    }
+    w.close();
+    Step::Client(Cow::Owned(w.buf.as_slice().to_vec()))
 }
 
 #[cfg(test)]
@@ -668,7 +668,7 @@ mod tests {
         for c in 0..=255u8 {
             for p in [0u8, 1, 2, 3, 7, 0x10, 0x27, 0x45, 0x80, 0x9c, 0xff] {
                 let input = [c, p, p, p, p.wrapping_mul(3), p ^ 0x55];
-                for step in structured(&input).into_iter().take(1) {
+                for step in structured(&input).take(1) {
                     let Step::Client(m) = step else { continue };
                     if c & 0x0f == 15 {
                         continue;
