@@ -88,6 +88,29 @@ impl InFlight {
 #[derive(Debug, Default)]
 pub struct InFlightTable {
     ops: HashMap<i32, InFlight, foldhash::fast::RandomState>,
+    /// Message IDs of reads whose Abandon went to the server, which may
+    /// still answer them (it had sent their responses, or did, before it
+    /// read the Abandon): the ID is not free for another request until the
+    /// read's final response, or the response to a later bind (RFC 4511
+    /// section 4.2.1: before a bind, the server completes or abandons every
+    /// operation of the connection). Else that response would end the
+    /// entry of the request that reused the ID, while the server still runs
+    /// it: a drain would not wait for it, a bind would overlap it.
+    abandoned: std::collections::HashSet<i32, foldhash::fast::RandomState>,
+}
+
+/// What [`InFlightTable::abandon_read`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AbandonedRead {
+    /// The read left the table; its ID stays taken until the server is
+    /// done with it.
+    Gone(InFlight),
+    /// Nothing with that ID is in flight.
+    NotInFlight,
+    /// As many abandoned reads' IDs as allowed are taken already: the read
+    /// stays in flight (the caller keeps the Abandon and drops its
+    /// response, as for a write).
+    Full,
 }
 
 impl InFlightTable {
@@ -96,7 +119,12 @@ impl InFlightTable {
     /// handed back: the older entry stays, so nothing the server may still
     /// be running leaves the table (the drain counts it) and no identity is
     /// taken from a response meant for another request.
+    /// So is one reusing the ID of an abandoned read the server may still
+    /// answer (see `abandoned`).
     pub fn start(&mut self, msgid: i32, entry: InFlight) -> Result<(), InFlight> {
+        if !self.abandoned.is_empty() && self.abandoned.contains(&msgid) {
+            return Err(entry);
+        }
         match self.ops.entry(msgid) {
             std::collections::hash_map::Entry::Occupied(_) => Err(entry),
             std::collections::hash_map::Entry::Vacant(v) => {
@@ -108,12 +136,50 @@ impl InFlightTable {
 
     /// Handles a response: a final response ends its request, which is
     /// returned. Entries, references and intermediate responses do not.
+    /// A bind's frees the IDs of the reads abandoned before it; an
+    /// abandoned read's own frees its ID.
     pub fn response(&mut self, msgid: i32, response_op: u8) -> Option<InFlight> {
-        if op::is_final_response(response_op) {
-            self.ops.remove(&msgid)
-        } else {
-            None
+        if !op::is_final_response(response_op) {
+            return None;
         }
+        match self.ops.remove(&msgid) {
+            Some(e) => {
+                if e.op == op::BIND_REQUEST && !self.abandoned.is_empty() {
+                    self.abandoned.clear();
+                }
+                Some(e)
+            }
+            None => {
+                if !self.abandoned.is_empty() {
+                    self.abandoned.remove(&msgid);
+                }
+                None
+            }
+        }
+    }
+
+    /// The client's Abandon of a read goes to the server: the read leaves
+    /// the table and its ID stays taken (see `abandoned`), at most `max`
+    /// such IDs at a time.
+    pub fn abandon_read(&mut self, msgid: i32, max: usize) -> AbandonedRead {
+        if !self.ops.contains_key(&msgid) {
+            return AbandonedRead::NotInFlight;
+        }
+        if self.abandoned.len() >= max {
+            return AbandonedRead::Full;
+        }
+        match self.ops.remove(&msgid) {
+            Some(e) => {
+                self.abandoned.insert(msgid);
+                AbandonedRead::Gone(e)
+            }
+            None => AbandonedRead::NotInFlight,
+        }
+    }
+
+    /// IDs of abandoned reads the server may still answer.
+    pub fn abandoned_reads(&self) -> usize {
+        self.abandoned.len()
     }
 
     /// An abandon request: the abandoned operation gets no response.
@@ -578,6 +644,53 @@ mod tests {
         assert!(t.is_empty());
         // A late response to an abandoned request is harmless.
         assert!(t.response(2, op::MODIFY_RESPONSE).is_none());
+    }
+
+    /// The server may still answer a read whose Abandon it got: until it
+    /// is known to be done (the read's final response, or a later bind's),
+    /// the ID cannot start another request, whose entry that late response
+    /// would otherwise end while the server runs it.
+    #[test]
+    fn an_abandoned_reads_id_stays_taken_until_the_server_is_done_with_it() {
+        let mut t = InFlightTable::default();
+        let add = || InFlight::new(op::ADD_REQUEST, None);
+        t.start(1, InFlight::new(op::COMPARE_REQUEST, None))
+            .unwrap();
+        assert_eq!(t.abandon_read(7, 4), AbandonedRead::NotInFlight);
+        match t.abandon_read(1, 4) {
+            AbandonedRead::Gone(e) => assert_eq!(e.op, op::COMPARE_REQUEST),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.is_empty(), "not outstanding: a bind need not wait for it");
+        assert_eq!(t.abandoned_reads(), 1);
+        assert!(t.start(1, add()).is_err(), "its ID is still taken");
+        // The compare's late answer: no entry ends, the ID is free again.
+        assert!(t.response(1, op::COMPARE_RESPONSE).is_none());
+        assert_eq!(t.abandoned_reads(), 0);
+        t.start(1, add()).unwrap();
+        assert_eq!(t.response(1, op::ADD_RESPONSE).unwrap().op, op::ADD_REQUEST);
+
+        // A bind's response frees the IDs of reads abandoned before it.
+        t.start(2, InFlight::new(op::SEARCH_REQUEST, None)).unwrap();
+        assert!(matches!(t.abandon_read(2, 4), AbandonedRead::Gone(_)));
+        t.start(3, InFlight::new(op::BIND_REQUEST, None)).unwrap();
+        assert!(t.response(2, op::SEARCH_RESULT_ENTRY).is_none());
+        assert_eq!(t.abandoned_reads(), 1, "an entry is not the end");
+        assert!(t.response(3, op::BIND_RESPONSE).is_some());
+        assert_eq!(t.abandoned_reads(), 0);
+        t.start(2, add()).unwrap();
+
+        // At most `max` taken IDs: then the read stays in flight.
+        let mut t = InFlightTable::default();
+        for id in 1..=3 {
+            t.start(id, InFlight::new(op::SEARCH_REQUEST, None))
+                .unwrap();
+        }
+        assert!(matches!(t.abandon_read(1, 2), AbandonedRead::Gone(_)));
+        assert!(matches!(t.abandon_read(2, 2), AbandonedRead::Gone(_)));
+        assert_eq!(t.abandon_read(3, 2), AbandonedRead::Full);
+        assert!(t.get(3).is_some(), "kept in flight, its ID its own");
+        assert_eq!(t.abandoned_reads(), 2);
     }
 
     #[test]

@@ -87,7 +87,9 @@ pub(super) enum Abandon {
     /// target stays in flight (a drain waits for it) and its response is
     /// dropped.
     Running(i32),
-    /// A read in flight, or nothing known: forwarded to the server.
+    /// A read in flight, or nothing known: forwarded to the server. The
+    /// read's ID stays taken until the server is known to be done with it
+    /// (`InFlightTable::abandon_read`).
     Forward(i32),
 }
 

@@ -96,7 +96,7 @@ impl End {
 /// waited for: see `Responses::linger`).
 pub(super) fn reused_id(msgid: i32) -> End {
     End::ClientProtocol(format!(
-        "message ID {msgid} reused while the request with that ID is outstanding \
-         (RFC 4511 section 4.1.1.1)"
+        "message ID {msgid} reused while the request with that ID is outstanding, or \
+         abandoned and perhaps still answered (RFC 4511 section 4.1.1.1)"
     ))
 }

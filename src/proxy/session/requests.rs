@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::freeze::participant::{InFlight, LocalOp, Queue, Queued};
+use crate::freeze::participant::{AbandonedRead, InFlight, LocalOp, Queue, Queued};
 use crate::freeze::{Class, Control, Engine, Requester};
 use crate::journal::{Body as JournalBody, JournalError};
 use crate::proxy::exops::{self};
@@ -486,25 +486,40 @@ impl Requests<'_> {
                 Step::Continue
             }
             Abandon::Running(target) => {
-                if let Some(e) = self.state.inflight().get_mut(target) {
-                    e.abandoned = true;
-                }
-                debug!(
-                    conn = self.id,
-                    target,
-                    "abandon of a request the server may be running: not forwarded, its response \
-                     will be dropped"
-                );
+                self.keep_abandoned(target);
                 Step::Continue
             }
-            Abandon::Forward(target) => {
-                if self.state.abandon(target).is_some() {
-                    self.state.signal_completed();
-                    self.engine.completed();
+            Abandon::Forward(target) => match self.state.abandon_read(target) {
+                AbandonedRead::Full => {
+                    // Too many abandoned reads the server may still answer:
+                    // this one runs to its end, as a write would.
+                    self.keep_abandoned(target);
+                    Step::Continue
                 }
-                self.feed(frame).await
-            }
+                gone => {
+                    if matches!(gone, AbandonedRead::Gone(_)) {
+                        self.state.signal_completed();
+                        self.engine.completed();
+                    }
+                    self.feed(frame).await
+                }
+            },
         }
+    }
+
+    /// The client abandoned a request the server keeps running: the Abandon
+    /// is not forwarded, the request stays in flight (a drain waits for it)
+    /// and its response is dropped.
+    fn keep_abandoned(&self, target: i32) {
+        if let Some(e) = self.state.inflight().get_mut(target) {
+            e.abandoned = true;
+        }
+        debug!(
+            conn = self.id,
+            target,
+            "abandon of a request the server may be running: not forwarded, its response \
+             will be dropped"
+        );
     }
 
     /// Answers an Allow-Backup or status request.

@@ -8,7 +8,7 @@ use tokio::sync::{oneshot, Notify};
 use super::carry::Carry;
 use super::{lock, UpIn};
 
-use crate::freeze::participant::{InFlight, InFlightTable, Participant, Suppressed};
+use crate::freeze::participant::{AbandonedRead, InFlight, InFlightTable, Participant, Suppressed};
 use crate::wire::op;
 
 /// State both loops of a session share; what the freeze engine reads of
@@ -218,6 +218,17 @@ impl SessionState {
         for e in &gone {
             self.forget(e);
         }
+    }
+
+    /// The client's Abandon of a read goes to the server (see
+    /// [`InFlightTable::abandon_read`]; at most `max_outstanding_per_conn`
+    /// abandoned reads' IDs at a time).
+    pub(super) fn abandon_read(&self, msgid: i32) -> AbandonedRead {
+        let r = self.inflight().abandon_read(msgid, self.max_outstanding);
+        if let AbandonedRead::Gone(e) = &r {
+            self.forget(e);
+        }
+        r
     }
 
     /// An abandoned request leaves the table.
