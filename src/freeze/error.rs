@@ -270,8 +270,12 @@ pub enum DrainError {
     /// being abandoned.
     #[error("write in progress after the drain time limit; freeze undone")]
     WriteWhileAbandoning,
-    /// The reads past the time limit were not abandoned in time.
-    #[error("in-flight reads could not be abandoned in time; freeze undone")]
+    /// The reads past the time limit did not end in time (binds among
+    /// them: an Abandon cannot stop a bind, the drain waits for it).
+    #[error(
+        "in-flight reads (or binds, which an Abandon cannot stop) did not end in time after \
+         the drain time limit; freeze undone"
+    )]
     ReadsNotAbandoned,
 }
 
@@ -536,7 +540,8 @@ mod tests {
             (
                 DrainError::ReadsNotAbandoned.into(),
                 C::Other,
-                "in-flight reads could not be abandoned in time; freeze undone",
+                "in-flight reads (or binds, which an Abandon cannot stop) did not end in time \
+                 after the drain time limit; freeze undone",
             ),
             (
                 FreezeError::EndedDuringOn(OnStage::Draining),

@@ -1129,6 +1129,15 @@ impl Requests<'_> {
         match c {
             Control::AbandonReads(ids) => {
                 for msgid in ids {
+                    // Only what an Abandon stops (RFC 4511 section 4.11: a
+                    // bind, for one, cannot be abandoned; its server runs
+                    // it on, and the next bind would overlap it). The rest
+                    // stays in flight: the drain waits for it a little
+                    // longer, then ON fails.
+                    let op = self.state.inflight().get(msgid).map(|e| e.op);
+                    if !matches!(op, Some(op::SEARCH_REQUEST | op::COMPARE_REQUEST)) {
+                        continue;
+                    }
                     let Some(entry) = self.state.abandon(msgid) else {
                         continue;
                     };
