@@ -162,10 +162,7 @@ impl InFlightTable {
     /// the table and its ID stays taken (see `abandoned`), at most `max`
     /// such IDs at a time.
     pub fn abandon_read(&mut self, msgid: i32, max: usize) -> AbandonedRead {
-        if !self.ops.contains_key(&msgid) {
-            return AbandonedRead::NotInFlight;
-        }
-        if self.abandoned.len() >= max {
+        if self.abandoned.len() >= max && self.ops.contains_key(&msgid) {
             return AbandonedRead::Full;
         }
         match self.ops.remove(&msgid) {

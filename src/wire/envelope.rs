@@ -87,6 +87,14 @@ pub mod op {
         }
     }
 
+    /// True for the requests an Abandon stops at the server: searches and
+    /// compares. A write the server has started runs to its end, and a
+    /// bind, StartTLS or another Abandon cannot be abandoned (RFC 4511
+    /// section 4.11).
+    pub fn abandon_stops(request: u8) -> bool {
+        matches!(request, SEARCH_REQUEST | COMPARE_REQUEST)
+    }
+
     /// True for responses that end their request (everything but search
     /// entries, references and intermediate responses).
     pub fn is_final_response(tag: u8) -> bool {

@@ -204,8 +204,8 @@ fn abandon(env: &Envelope, view: &impl View) -> Abandon {
         return Abandon::Queued(target);
     }
     match view.in_flight(target) {
-        Some(op::SEARCH_REQUEST | op::COMPARE_REQUEST) | None => Abandon::Forward(target),
-        Some(_) => Abandon::Running(target),
+        Some(o) if !op::abandon_stops(o) => Abandon::Running(target),
+        _ => Abandon::Forward(target),
     }
 }
 

@@ -1129,13 +1129,12 @@ impl Requests<'_> {
         match c {
             Control::AbandonReads(ids) => {
                 for msgid in ids {
-                    // Only what an Abandon stops (RFC 4511 section 4.11: a
-                    // bind, for one, cannot be abandoned; its server runs
-                    // it on, and the next bind would overlap it). The rest
-                    // stays in flight: the drain waits for it a little
-                    // longer, then ON fails.
-                    let op = self.state.inflight().get(msgid).map(|e| e.op);
-                    if !matches!(op, Some(op::SEARCH_REQUEST | op::COMPARE_REQUEST)) {
+                    // Only what an Abandon stops (a bind, for one, runs on
+                    // at the server, and the next bind would overlap it).
+                    // The rest stays in flight: the drain waits for it a
+                    // little longer, then ON fails.
+                    let target = self.state.inflight().get(msgid).map(|e| e.op);
+                    if !target.is_some_and(op::abandon_stops) {
                         continue;
                     }
                     let Some(entry) = self.state.abandon(msgid) else {
