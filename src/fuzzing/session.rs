@@ -969,6 +969,25 @@ impl<'a> Harness<'a> {
             u.eof || !u.pending.is_empty()
         };
         if !session.is_finished() && !up_done {
+            let mut offs = 0;
+            while engine.in_flight() != 0 && engine.stop_frozen() && stream.persistent > 0 {
+                // A `stop` freeze holds persistent-search responses up to
+                // `held_response_bytes_per_conn`; at that bound the session
+                // stops reading the upstream (backpressure,
+                // docs/configuration.md), so an answer behind them waits for
+                // the freeze's end. End it (what it releases may hold the
+                // client's own ON, which freezes again: each round ends the
+                // freeze in place, and the client's ONs are fewer than its
+                // bytes); then the answers must come.
+                assert!(
+                    offs < self.data.len(),
+                    "requests still in flight after {offs} freezes ended and the upstream answered every request"
+                );
+                let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
+                let _ = engine.allow_backup(operator(), Some(&value)).await;
+                settle().await;
+                offs += 1;
+            }
             assert_eq!(
                 engine.in_flight(),
                 0,
