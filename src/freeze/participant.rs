@@ -415,6 +415,14 @@ impl HeldResponses {
         self.items.is_empty()
     }
 
+    /// Drops everything held (its client is gone); returns how many.
+    pub fn clear(&mut self) -> usize {
+        let n = self.items.len();
+        self.items.clear();
+        self.bytes = 0;
+        n
+    }
+
     /// Below `limit` bytes: the session may read more from its upstream.
     pub fn below(&self, limit: usize) -> bool {
         self.bytes < limit

@@ -75,6 +75,11 @@ enum Local {
         flushed: oneshot::Sender<()>,
         resume: oneshot::Receiver<()>,
     },
+    /// The client closed its side: nothing more reaches it. Responses a
+    /// `stop` freeze held for it are dropped and reading the upstream goes
+    /// on (at their bound it had stopped), so the answers to what the server
+    /// still runs, and its close, are read without waiting for the freeze.
+    ClientGone,
     /// End the session.
     Close,
 }

@@ -115,6 +115,9 @@ impl Requests<'_> {
             End::ClientClosed | End::Unbind => {
                 // Like a direct client: the server sees EOF and closes.
                 self.state.client_gone.store(true, Ordering::Relaxed);
+                // When the inbox is full the responses loop has messages to
+                // wake it, and it checks `client_gone` at every hold.
+                let _ = self.local.try_send(Local::ClientGone);
                 let _ = self.up_out.flush().await;
                 let _ = self.up_out.get_mut().shutdown().await;
                 // The responses loop ends when the upstream closes; do not

@@ -340,6 +340,16 @@ impl Responses {
                 flushed,
                 resume,
             } => self.start_tls(pdu, flushed, resume).await,
+            Local::ClientGone => {
+                let dropped = self.held.clear();
+                if dropped > 0 {
+                    debug!(
+                        conn = self.id,
+                        dropped, "client gone: held persistent-search responses dropped"
+                    );
+                }
+                Ok(())
+            }
             Local::Close => Err(End::Closed),
         }
     }
@@ -554,6 +564,11 @@ impl Responses {
             Route::UpstreamTls(tx) => {
                 let answer = self.up_in.take(n);
                 return self.upstream_tls(answer, tx).await;
+            }
+            Route::Hold if self.state.client_gone.load(Ordering::Relaxed) => {
+                // No one to hold it for (see `Local::ClientGone`).
+                self.held.clear();
+                Ok(())
             }
             Route::Hold => {
                 let f = self.up_in.take(n);
