@@ -22,8 +22,10 @@ use crate::wire::{op, Envelope};
 pub struct InFlight {
     /// protocolOp identifier octet of the request.
     pub op: u8,
-    /// When it was sent upstream.
-    pub started: Instant,
+    /// When it was sent upstream, when someone measures it (the metrics'
+    /// latency histogram, debug logs): a clock read per request otherwise
+    /// bought nothing.
+    pub started: Option<Instant>,
     /// A SASL bind (its success may install a security layer).
     pub sasl_bind: bool,
     /// A persistent search (syncrepl refreshAndPersist or the persistent
@@ -54,7 +56,7 @@ impl InFlight {
     pub fn new(op: u8, class: Option<Class>) -> Self {
         InFlight {
             op,
-            started: Instant::now(),
+            started: None,
             sasl_bind: false,
             persistent: false,
             root_dse: false,
@@ -74,9 +76,9 @@ impl InFlight {
             .get(r.start as usize..r.end as usize)
     }
 
-    /// Time since it was sent.
-    pub fn age(&self) -> Duration {
-        self.started.elapsed()
+    /// Time since it was sent, if that was recorded.
+    pub fn age(&self) -> Option<Duration> {
+        self.started.map(|s| s.elapsed())
     }
 }
 

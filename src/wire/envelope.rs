@@ -414,7 +414,13 @@ impl Envelope {
     }
 
     /// True if the message carries a control with this OID.
+    #[inline]
     pub fn has_control(&self, frame: &[u8], oid: &[u8]) -> bool {
+        // Most messages carry no controls: no call, no iterator for them.
+        self.controls.is_some() && self.find_control(frame, oid)
+    }
+
+    fn find_control(&self, frame: &[u8], oid: &[u8]) -> bool {
         self.controls(frame).any(|c| c.oid == oid)
     }
 }

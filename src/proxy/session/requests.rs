@@ -745,6 +745,9 @@ impl Requests<'_> {
             || known.unwrap_or_else(|| self.classify(env, frame)),
             |class| {
                 let mut entry = InFlight::new(env.op, class);
+                if self.shared.metrics.is_some() || tracing::level_enabled!(tracing::Level::DEBUG) {
+                    entry.started = Some(std::time::Instant::now());
+                }
                 if class.is_none() || env.op == op::BIND_REQUEST {
                     entry.request = Some(frame.clone());
                 }

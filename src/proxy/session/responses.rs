@@ -655,7 +655,7 @@ impl Responses {
         let done = self.state.inflight().response(env.msgid, env.op);
         if let Some(req) = done {
             if let Some(m) = &self.metrics {
-                m.completed(req.op, env.result_code, req.age());
+                m.completed(req.op, env.result_code, req.age().unwrap_or_default());
             }
             if req.op == op::BIND_REQUEST {
                 // The identity comes from this bind's own response (message
@@ -693,7 +693,7 @@ impl Responses {
                 msgid = env.msgid,
                 op = op::name(req.op),
                 result = env.result_code,
-                elapsed_us = req.age().as_micros() as u64,
+                elapsed_us = req.age().map(|d| d.as_micros() as u64),
                 "response"
             );
             self.state.signal_completed();
