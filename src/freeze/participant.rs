@@ -432,9 +432,11 @@ impl HeldResponses {
 }
 
 /// Message IDs of reads the drain's time limit abandoned and answered
-/// itself: their server responses must not reach the client any more (the
-/// client may even reuse the ID meanwhile). Checked without the lock on
-/// every response while empty.
+/// itself: their server responses must not reach the client any more, and
+/// no request goes upstream with such an ID (the server may still answer
+/// the old read) until the server is known to be done with it: the read's
+/// final response, a bind's response (RFC 4511 section 4.2.1), or a new
+/// upstream connection. Checked without the lock while empty.
 #[derive(Debug, Default)]
 pub struct Suppressed {
     ids: Mutex<std::collections::HashSet<i32>>,
@@ -454,13 +456,18 @@ impl Suppressed {
         self.any.store(true, Ordering::Relaxed);
     }
 
-    /// The client sent a new request with `msgid`: responses to it are its
-    /// own again.
-    pub fn reused(&self, msgid: i32) {
+    /// Responses to `msgid` are suppressed: the server may still answer it.
+    #[inline]
+    pub fn contains(&self, msgid: i32) -> bool {
+        self.any() && lock(&self.ids).contains(&msgid)
+    }
+
+    /// The server is done with every suppressed ID (it answered a bind, or
+    /// the connection is a new one).
+    pub fn clear(&self) {
         if self.any() {
-            let mut s = lock(&self.ids);
-            s.remove(&msgid);
-            self.any.store(!s.is_empty(), Ordering::Relaxed);
+            lock(&self.ids).clear();
+            self.any.store(false, Ordering::Relaxed);
         }
     }
 
@@ -615,9 +622,9 @@ mod tests {
         assert!(s.drops(1, false), "an entry of the abandoned search");
         assert!(s.drops(1, true), "its final response");
         assert!(!s.drops(1, true), "then the ID is the client's again");
-        assert!(s.any());
-        s.reused(2);
-        assert!(!s.drops(2, false) && !s.any());
+        assert!(!s.contains(1) && s.contains(2) && s.any());
+        s.clear();
+        assert!(!s.drops(2, false) && !s.contains(2) && !s.any());
     }
 
     #[test]

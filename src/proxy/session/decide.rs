@@ -46,6 +46,11 @@ pub(super) trait View {
     /// The server closed the session's upstream connection and the session
     /// waits to be carried to a new one.
     fn upstream_lost(&self) -> bool;
+    /// The server may still answer an earlier request with this message ID:
+    /// a read a drain's time limit abandoned, which the proxy answered
+    /// itself (the client may reuse the ID, but the server's answer to the
+    /// old read would be taken for the new request's).
+    fn answer_pending(&self, msgid: i32) -> bool;
 }
 
 /// What to do with one request.
@@ -125,6 +130,23 @@ pub(super) fn decide(env: &Envelope, frame: &[u8], view: &impl View) -> Decision
                 format!("abproxy refuses SASL EXTERNAL here: {why}, not as this client"),
             );
         }
+    }
+    if view.answer_pending(msgid) {
+        // The client may reuse the ID (the proxy gave the old read its final
+        // response), but the server, which was sent an Abandon, may still
+        // answer the old read: that answer would end the new request's
+        // in-flight entry while the server runs it (a drain would not wait
+        // for it, a bind would overlap it). Nothing goes upstream with this
+        // ID until the server is known to be done with the old read (its
+        // answer, a bind's response, a new upstream connection).
+        return Decision::Refuse(
+            LdapResultCode::Busy,
+            format!(
+                "abproxy: message ID {msgid} is still in use at the server (a read with this \
+                 ID was abandoned at a backup's drain time limit and may still be answered): \
+                 send the request with another message ID"
+            ),
+        );
     }
     let mut local = None;
     if env.op == op::EXTENDED_REQUEST {
@@ -272,6 +294,7 @@ mod tests {
         answering: Vec<i32>,
         in_flight: HashMap<i32, u8>,
         upstream_lost: bool,
+        answer_pending: Vec<i32>,
     }
 
     impl View for Fake {
@@ -304,6 +327,9 @@ mod tests {
         }
         fn upstream_lost(&self) -> bool {
             self.upstream_lost
+        }
+        fn answer_pending(&self, msgid: i32) -> bool {
+            self.answer_pending.contains(&msgid)
         }
     }
 
@@ -486,6 +512,41 @@ mod tests {
             ..Fake::default()
         };
         assert!(matches!(on(&v, modify(2)), Decision::Gate));
+    }
+
+    #[test]
+    fn an_id_the_server_may_still_answer_is_refused_busy_not_forwarded() {
+        // A read abandoned at a drain's time limit (answered by the proxy,
+        // the server sent an Abandon): a request reusing its ID, of any
+        // kind that would go upstream, is answered `busy` and never sent,
+        // so the old read's late answer cannot end its entry.
+        let v = Fake {
+            answer_pending: vec![1],
+            ..Fake::default()
+        };
+        for frame in [
+            search(1, "dc=example,dc=org", LdapSearchScope::Subtree),
+            modify(1),
+            simple_bind(1, "cn=u,dc=example,dc=org", "secret"),
+            exop(1, "1.3.6.1.4.1.4203.1.11.3", None, vec![]),
+        ] {
+            match on(&v, frame) {
+                Decision::Refuse(LdapResultCode::Busy, m) => {
+                    assert!(m.contains("message ID 1 is still in use"), "{m}")
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+        // Other IDs go on as usual; an Abandon or Unbind takes no ID.
+        assert!(matches!(on(&v, modify(2)), Decision::Gate));
+        assert!(matches!(
+            on(&v, msg(1, LdapOp::UnbindRequest)),
+            Decision::Unbind
+        ));
+        assert!(matches!(
+            on(&v, msg(1, LdapOp::AbandonRequest(5))),
+            Decision::Abandon(_)
+        ));
     }
 
     #[test]

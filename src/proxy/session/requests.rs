@@ -409,8 +409,6 @@ impl Requests<'_> {
             dn = %String::from_utf8_lossy(env.dn_bytes(&frame).unwrap_or_default()),
             "request"
         );
-        // A client reusing the ID of a request the proxy answered itself.
-        self.state.suppressed.reused(env.msgid);
         match decide(&env, &frame, &*self) {
             Decision::Gate => {
                 if env.op == op::BIND_REQUEST {
@@ -999,6 +997,9 @@ impl Requests<'_> {
                     self.upstream_stream = stream;
                     self.retry_spent = false;
                     self.state.upstream_lost.store(false, Ordering::SeqCst);
+                    // Nothing of the old connection can be answered on
+                    // this one.
+                    self.state.suppressed.clear();
                     info!(
                         conn = self.id,
                         "session carried to a new upstream connection"
@@ -1271,5 +1272,10 @@ impl View for Requests<'_> {
     #[inline]
     fn upstream_lost(&self) -> bool {
         self.state.upstream_lost.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn answer_pending(&self, msgid: i32) -> bool {
+        self.state.suppressed.contains(msgid)
     }
 }

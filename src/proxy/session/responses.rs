@@ -658,6 +658,10 @@ impl Responses {
                 m.completed(req.op, env.result_code, req.age().unwrap_or_default());
             }
             if req.op == op::BIND_REQUEST {
+                // Before a bind the server completes or abandons every
+                // operation of the connection (RFC 4511 section 4.2.1):
+                // reads abandoned at a drain's time limit are done.
+                self.state.suppressed.clear();
                 // The identity comes from this bind's own response (message
                 // IDs are unique among outstanding requests), set before
                 // the requests waiting for the bind are released.
