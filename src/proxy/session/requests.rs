@@ -416,7 +416,15 @@ impl Requests<'_> {
                     self.state.unbind_for_bind();
                 }
                 match self.admit(&env, &frame, None) {
-                    Ok(true) => self.send_admitted(&env, frame).await,
+                    Ok(true) => {
+                        // Unjournaled with room in the upstream buffer (the
+                        // usual case): no `send_admitted` future to build.
+                        if self.shared.journal.is_none() && self.up_out.append(&frame) {
+                            Step::Continue
+                        } else {
+                            self.send_admitted(&env, frame).await
+                        }
+                    }
                     Ok(false) => Step::End(reused_id(env.msgid)),
                     Err(class) => {
                         self.enqueue(frame, env, class, None);

@@ -401,7 +401,9 @@ impl Responses {
     /// Forwards a response just read, then the others already read (a
     /// batch at most).
     async fn forward_read(&mut self, next: Next) -> Result<(), End> {
-        self.forward(next).await?;
+        if let Forwarded::Later(n, route) = self.forward_now(next)? {
+            self.forward_later(n, route).await?;
+        }
         self.forward_buffered().await?;
         if self.partial && self.can_read() {
             // A search entry went last: its searchResultDone is usually on
@@ -427,7 +429,11 @@ impl Responses {
                 break;
             }
             match buffered_frame(&self.up_in) {
-                Some(next) => self.forward(next).await?,
+                Some(next) => {
+                    if let Forwarded::Later(n, route) = self.forward_now(next)? {
+                        self.forward_later(n, route).await?;
+                    }
+                }
                 None => break,
             }
         }
@@ -493,7 +499,21 @@ impl Responses {
         Ok(())
     }
 
+    /// Forwards one response read from the server.
     async fn forward(&mut self, next: Next) -> Result<(), End> {
+        match self.forward_now(next)? {
+            Forwarded::Done => Ok(()),
+            Forwarded::Later(n, route) => self.forward_later(n, route).await,
+        }
+    }
+
+    /// The part of forwarding that needs no waiting: a
+    /// response that only goes to the client's buffer, which has room (the
+    /// usual case), is done here without building the async path's future;
+    /// anything else (a journal to wait for, a full buffer, a rewrite, a
+    /// hold, TLS) is left to [`Responses::forward_later`].
+    #[inline]
+    fn forward_now(&mut self, next: Next) -> Result<Forwarded, End> {
         let n = match next {
             Ok(None) => return Err(End::UpstreamClosed),
             Ok(Some(n)) => n,
@@ -539,6 +559,23 @@ impl Responses {
         if let Some(e) = self.outcome_failed.take() {
             return Err(End::Journal(e.to_string()));
         }
+        if self.outcome.get().1 != 0 && !matches!(route, Route::Drop) {
+            return Ok(Forwarded::Later(n, route));
+        }
+        match route {
+            Route::Forward if self.client_out.append(frame) => {}
+            Route::Drop => {}
+            route => return Ok(Forwarded::Later(n, route)),
+        }
+        self.outcome.set((0, 0));
+        self.up_in.skip(n);
+        Ok(Forwarded::Done)
+    }
+
+    /// The rest of forwarding response `n` of the read buffer, routed
+    /// `route` (see [`Responses::forward_now`]).
+    async fn forward_later(&mut self, n: usize, route: Route) -> Result<(), End> {
+        let frame = self.up_in.message(n);
         let (intent, outcome) = self.outcome.replace((0, 0));
         if outcome != 0 && !matches!(route, Route::Drop) {
             // `ack`, `request`: the client sees a write's result only once
@@ -766,6 +803,13 @@ enum Woke {
 }
 
 /// What to do with one response frame.
+/// What [`Responses::forward_now`] did.
+enum Forwarded {
+    Done,
+    /// Response `n` of the read buffer, routed, still to be forwarded.
+    Later(usize, Route),
+}
+
 pub(super) enum Route {
     Forward,
     Rewrite(Bytes),
