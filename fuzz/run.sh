@@ -49,9 +49,12 @@ trap 'rm -rf "$log_dir"' EXIT
 # ASan's allocator made it 6 to 10 times slower) and with libFuzzer's
 # coverage instrumentation in abproxy only, not in tokio and the other
 # dependencies (instrument-only.sh; docs/fuzzing.md says why), in a target
-# directory of its own so the builds keep their caches.
+# directory of its own so the builds keep their caches; and without
+# comparison tracing (`--no-trace-compares`: its callbacks were half of an
+# execution's instructions; docs/fuzzing.md has the trade).
 session_build=(env RUSTC_WRAPPER="$PWD/instrument-only.sh" "${fuzz[@]}")
-"${session_build[@]}" build -O -s none --target-dir target/only session >/dev/null 2>"$log_dir/build" || {
+session_flags=(-O -s none --no-trace-compares --target-dir target/only)
+"${session_build[@]}" build "${session_flags[@]}" session >/dev/null 2>"$log_dir/build" || {
   cat "$log_dir/build" >&2
   exit 1
 }
@@ -64,7 +67,7 @@ for t in "${targets[@]}"; do
   echo "== $t: ${secs} s" >&2
   status=ok
   how=("${fuzz[@]}" run -O)
-  [ "$t" = session ] && how=("${session_build[@]}" run -O -s none --target-dir target/only)
+  [ "$t" = session ] && how=("${session_build[@]}" run "${session_flags[@]}")
   if ! "${how[@]}" "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$secs" -max_len=4096 -timeout=20 -print_final_stats=1 \
       >"$log" 2>&1; then
