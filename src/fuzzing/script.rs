@@ -58,11 +58,13 @@ pub(super) const STRUCTURED: u8 = 0x80;
 pub(super) struct Seeded(u64);
 
 impl Seeded {
+    #[inline]
     pub(super) fn new(seed: u64) -> Self {
         Seeded(seed)
     }
 
     /// A number below `n`.
+    #[inline]
     pub(super) fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -73,6 +75,7 @@ impl Seeded {
 
 /// `n` random structured inputs, the same every run: a header with the
 /// structured flag, then a body of 19 to `19 + longer - 1` random bytes.
+#[inline]
 pub fn generated_inputs(n: usize, longer: u64) -> Vec<Vec<u8>> {
     let mut rng = Seeded::new(0x2545_f491_4f6c_dd1d);
     (0..n)
@@ -88,6 +91,7 @@ pub fn generated_inputs(n: usize, longer: u64) -> Vec<Vec<u8>> {
 /// The steps of an input's body (after the 4-byte header), read one at a
 /// time as the check runs them: it stops reading (and generating messages)
 /// once the session has ended.
+#[inline]
 pub(super) fn steps(flags: u8, body: &[u8]) -> Box<dyn Iterator<Item = Step<'_>> + '_> {
     if flags & STRUCTURED != 0 {
         Box::new(structured(body))
@@ -96,6 +100,7 @@ pub(super) fn steps(flags: u8, body: &[u8]) -> Box<dyn Iterator<Item = Step<'_>>
     }
 }
 
+#[inline]
 fn take<'a>(rest: &mut &'a [u8], n: usize) -> &'a [u8] {
     let (a, b) = rest.split_at(n.min(rest.len()));
     *rest = b;
@@ -103,11 +108,13 @@ fn take<'a>(rest: &mut &'a [u8], n: usize) -> &'a [u8] {
 }
 
 /// The raw format (see `session.rs`).
+#[inline]
 fn raw(mut rest: &[u8]) -> impl Iterator<Item = Step<'_>> {
     std::iter::from_fn(move || raw_step(&mut rest)).take(MAX_STEPS)
 }
 
 /// The next raw command, if any.
+#[inline]
 fn raw_step<'a>(rest: &mut &'a [u8]) -> Option<Step<'a>> {
     let (&c, tail) = rest.split_first()?;
     if c == 0x30 {
@@ -144,6 +151,7 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     fn byte(&mut self) -> u8 {
         match self.data.split_first() {
             Some((&b, rest)) => {
@@ -154,6 +162,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn bytes(&mut self, n: usize) -> &'a [u8] {
         let (a, b) = self.data.split_at(n.min(self.data.len()));
         self.data = b;
@@ -207,6 +216,7 @@ struct Ber {
 }
 
 impl Ber {
+    #[inline]
     fn new() -> Self {
         Ber {
             buf: Vec::with_capacity(512),
@@ -214,6 +224,7 @@ impl Ber {
         }
     }
 
+    #[inline]
     fn open(&mut self, tag: u8) {
         self.buf.push(tag);
         self.buf.push(0);
@@ -221,6 +232,7 @@ impl Ber {
     }
 
     /// Closes the element opened last: its length in the shortest form.
+    #[inline]
     fn close(&mut self) {
         let start = self.open.pop().expect("an open element");
         let len = self.buf.len() - start;
@@ -235,21 +247,25 @@ impl Ber {
     }
 
     /// A primitive element.
+    #[inline]
     fn put(&mut self, tag: u8, value: &[u8]) {
         put_tlv(&mut self.buf, tag, value);
     }
 
+    #[inline]
     fn octets(&mut self, value: &[u8]) {
         self.put(0x04, value);
     }
 
     /// An INTEGER (or another tag with an integer's contents), minimal.
+    #[inline]
     fn int(&mut self, tag: u8, v: i64) {
         let bytes = v.to_be_bytes();
         self.put(tag, &bytes[int_skip(&bytes)..]);
     }
 
     /// An attribute (type and values) as in add and modify.
+    #[inline]
     fn attribute(&mut self, atype: &str, vals: &[&[u8]]) {
         self.open(0x30);
         self.octets(atype.as_bytes());
@@ -262,6 +278,7 @@ impl Ber {
     }
 
     /// An extended request (name, maybe a value).
+    #[inline]
     fn extended(&mut self, name: &[u8], value: Option<&[u8]>) {
         self.open(0x77);
         self.put(0x80, name);
@@ -276,6 +293,7 @@ impl Ber {
 /// non-critical one, the proxied authorization of the operator, the
 /// relax rules, dontUseCopy, and two at once: the `[0] Controls`, nothing
 /// for none.
+#[inline]
 fn controls(w: &mut Ber, which: u8) {
     let one = |w: &mut Ber, oid: &str, critical: bool, value: Option<&[&[u8]]>| {
         w.open(0x30);
@@ -317,6 +335,7 @@ fn controls(w: &mut Ber, which: u8) {
 }
 
 /// How many leading bytes of a big-endian `i64` a minimal INTEGER skips.
+#[inline]
 fn int_skip(bytes: &[u8; 8]) -> usize {
     let mut skip = 0;
     while skip < 7
@@ -329,11 +348,13 @@ fn int_skip(bytes: &[u8; 8]) -> usize {
 }
 
 /// A BER INTEGER's contents, minimal.
+#[inline]
 pub(super) fn int(v: i64) -> Vec<u8> {
     let bytes = v.to_be_bytes();
     bytes[int_skip(&bytes)..].to_vec()
 }
 
+#[inline]
 fn bind(r: &mut Reader, w: &mut Ber) {
     let p = r.byte();
     w.open(0x60);
@@ -370,6 +391,7 @@ fn bind(r: &mut Reader, w: &mut Ber) {
 
 /// A search request; its parameter byte (a persistent search's control
 /// is written from it).
+#[inline]
 fn search(r: &mut Reader, w: &mut Ber) -> u8 {
     let p = r.byte();
     w.open(0x63);
@@ -391,6 +413,7 @@ fn search(r: &mut Reader, w: &mut Ber) -> u8 {
 
 /// The control of a persistent search: the sync request control
 /// (refreshAndPersist), or the older persistent search control.
+#[inline]
 fn persistent_search(w: &mut Ber, p: u8) {
     w.open(0xa0);
     w.open(0x30);
@@ -415,6 +438,7 @@ fn persistent_search(w: &mut Ber, p: u8) {
     w.close();
 }
 
+#[inline]
 fn allow_backup_on(p: u8, q: u8) -> Vec<u8> {
     let mut req = abproxy_proto::AllowBackupRequest::on();
     match p % 4 {
@@ -435,6 +459,7 @@ fn allow_backup_on(p: u8, q: u8) -> Vec<u8> {
     abproxy_proto::encode_request(&req)
 }
 
+#[inline]
 fn allow_backup_off(p: u8, q: u8) -> Vec<u8> {
     let mut req = abproxy_proto::AllowBackupRequest::off();
     match p % 4 {
@@ -452,6 +477,7 @@ fn allow_backup_off(p: u8, q: u8) -> Vec<u8> {
 
 /// The structured format (see `session.rs`): one command byte, its kind
 /// the low four bits, then its parameters.
+#[inline]
 fn structured(body: &[u8]) -> impl Iterator<Item = Step<'_>> {
     let mut r = Reader { data: body };
     let mut w = Ber::new();
@@ -460,6 +486,7 @@ fn structured(body: &[u8]) -> impl Iterator<Item = Step<'_>> {
 }
 
 /// The next structured command (the body is not empty).
+#[inline]
 fn structured_step<'a>(r: &mut Reader<'a>, w: &mut Ber) -> Step<'a> {
     let c = r.byte();
     let kind = c & 0x0f;

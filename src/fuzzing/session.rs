@@ -97,6 +97,8 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
@@ -110,7 +112,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::script::{self, Step, UpCmd, OPERATOR};
 use crate::config::{Config, Settings};
-use crate::freeze::{BackendMap, Class, Engine, Kind, Mode, Requester};
+use crate::freeze::{BackendMap, Class, Engine, FreezeError, Granted, Kind, Mode, Requester};
 use crate::proxy::session::{serve_connected, Client};
 use crate::proxy::Shared;
 use crate::wire::ber::put_tlv;
@@ -137,6 +139,7 @@ thread_local! {
 /// A panic in any task of the runtime (they all run on this thread) is
 /// noted here: tokio turns a spawned task's panic into a `JoinError`, which
 /// the session only logs.
+#[inline]
 fn watch_panics() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
@@ -167,6 +170,7 @@ thread_local! {
 /// running, makes the next input build a fresh one) and a clock within
 /// [`MAX_DRIFT`] of the real one. So every input starts from an empty
 /// runtime, a fresh engine and session.
+#[inline]
 fn with_runtime<T>(f: impl FnOnce(&tokio::runtime::Runtime) -> T) -> T {
     RUNTIME.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -196,11 +200,13 @@ thread_local! {
 /// How many runtimes [`check_session`] has built on this thread (one, and
 /// one more after each input that left something running, or when the
 /// clock drifted): how well the runtime is reused.
+#[inline]
 pub fn session_runtimes_built() -> usize {
     RUNTIMES_BUILT.with(Cell::get)
 }
 
 /// How far the runtime's clock is from the real one.
+#[inline]
 fn drift(rt: &tokio::runtime::Runtime) -> Duration {
     let virtual_now = rt
         .block_on(async { tokio::time::Instant::now() })
@@ -212,6 +218,17 @@ fn drift(rt: &tokio::runtime::Runtime) -> Duration {
 }
 
 /// Session invariants: see the module documentation.
+///
+/// The harness's functions (here and in `script.rs`) are `#[inline]`, so
+/// they are compiled in the crate that calls this one: the fuzz target,
+/// which `fuzz/instrument-only.sh` leaves without libFuzzer's
+/// instrumentation, so that libFuzzer's feedback (and its cost after
+/// every run) is the product's code only, not the generator's or the
+/// checks'. The product's futures are created, spawned or boxed out of
+/// line ([`spawn_session`], [`allow_backup`]): an `async fn`'s body is
+/// compiled where it is first polled, and the product's must stay in
+/// abproxy, instrumented.
+#[inline]
 pub fn check_session(data: &[u8]) {
     if data.len() < 4 {
         return;
@@ -264,6 +281,7 @@ struct Harness<'a> {
 /// Appends the scripted server's answers to a request (none to an abandon
 /// or an unbind) to `out`, encoded by hand: cheaper than building
 /// `ldap3_proto` messages, at every answer of every input.
+#[inline]
 fn answers(frame: &[u8], refuse_binds: bool, out: &mut Vec<u8>) -> Result<(), String> {
     let env = Envelope::request(frame)
         .map_err(|e| format!("upstream received a frame whose envelope does not decode: {e}"))?;
@@ -336,6 +354,7 @@ struct Req {
 }
 
 impl Req {
+    #[inline]
     fn new(frame: Bytes) -> Req {
         let env = Envelope::request(&frame).ok();
         Req {
@@ -349,6 +368,7 @@ impl Req {
 
     /// A read the server stops when it is abandoned or the connection
     /// closes.
+    #[inline]
     fn is_read(&self) -> bool {
         matches!(self.op, Some(op::SEARCH_REQUEST | op::COMPARE_REQUEST))
     }
@@ -357,6 +377,7 @@ impl Req {
     /// them), if a freeze is established. A password modify of the bound
     /// identity is left out: the session classifies it with an identity
     /// this check does not know.
+    #[inline]
     fn frozen_write(&mut self, engine: &Engine) -> bool {
         let Some(frozen) = engine.established() else {
             return false;
@@ -383,6 +404,7 @@ impl Req {
 /// freeze is established no write of a frozen backend arrives or is still
 /// being run (answered). What it has not answered is in the log, where the
 /// check of a successful ON reads it.
+#[inline]
 async fn upstream(
     from_proxy: DuplexStream,
     to_proxy: DuplexStream,
@@ -548,15 +570,28 @@ fn spawn_session(
     ))
 }
 
+/// The engine's Allow-Backup call (an operator's ON or OFF), its future
+/// boxed here, out of line: see [`check_session`] for why.
+fn allow_backup(
+    engine: &Arc<Engine>,
+    who: Requester,
+    value: Vec<u8>,
+) -> Pin<Box<dyn Future<Output = Result<Granted, FreezeError>> + Send>> {
+    let engine = engine.clone();
+    Box::pin(async move { engine.allow_backup(who, Some(&value)).await })
+}
+
 /// A persistent search, as the session tells one (a search with the sync
 /// request or the persistent search control: it stays in flight). The
 /// operation's tag is peeked first: most frames are no search.
+#[inline]
 fn is_persistent_search(frame: &[u8]) -> bool {
     Envelope::op_of(frame) == Some(op::SEARCH_REQUEST) && is_persistent(frame)
 }
 
 /// A request with a persistent search's control (it stays pending at the
 /// server).
+#[inline]
 fn is_persistent(frame: &[u8]) -> bool {
     Envelope::request(frame).is_ok_and(|e| {
         e.controls(frame)
@@ -566,6 +601,7 @@ fn is_persistent(frame: &[u8]) -> bool {
 
 /// The client's reader: every response must be a readable LDAPMessage; at
 /// most one Notice of Disconnection, and nothing after it.
+#[inline]
 async fn client_reader(from_proxy: DuplexStream, log: Arc<Mutex<ClientLog>>) {
     let mut input = FramedRead::new(from_proxy, FrameCodec::new(codec::DEFAULT_MAX_PDU));
     while let Some(next) = input.next().await {
@@ -601,6 +637,7 @@ async fn client_reader(from_proxy: DuplexStream, log: Arc<Mutex<ClientLog>>) {
 
 /// The client's writer: writes what it is given, in order, until aborted
 /// (the client closing; whatever it had not written is lost).
+#[inline]
 async fn client_writer(mut to_proxy: DuplexStream, mut chunks: mpsc::UnboundedReceiver<Bytes>) {
     while let Some(c) = chunks.recv().await {
         if to_proxy.write_all(&c).await.is_err() {
@@ -612,6 +649,7 @@ async fn client_writer(mut to_proxy: DuplexStream, mut chunks: mpsc::UnboundedRe
 /// Lets every task run until each waits (for a pipe, a channel or a
 /// timer): the runtime's clock is paused, so a sleep ends only once no task
 /// can run, after the timers due before it (a drain's time limit of 0).
+#[inline]
 async fn settle() {
     tokio::time::sleep(SETTLE).await;
 }
@@ -623,6 +661,7 @@ async fn settle() {
 /// freezes by its DN).
 const OPERATOR_UID: u32 = 4242;
 
+#[inline]
 fn operator() -> Requester {
     Requester {
         conn: 0,
@@ -633,6 +672,7 @@ fn operator() -> Requester {
 }
 
 /// The engine's status, as a client reads it (encoded and decoded).
+#[inline]
 fn status(engine: &Engine) -> AllowBackupStatus {
     let st = engine
         .status(&operator())
@@ -651,6 +691,7 @@ struct Counts {
     in_flight: usize,
 }
 
+#[inline]
 fn counts(engine: &Engine) -> Counts {
     let (queued_requests, queued_bytes) = engine.queued();
     Counts {
@@ -662,6 +703,7 @@ fn counts(engine: &Engine) -> Counts {
 
 /// The client frames of a byte stream, as the session's codec cuts them
 /// (with its larger limit), up to the first that cannot be framed.
+#[inline]
 fn client_frames(stream: &[u8]) -> Vec<Bytes> {
     let mut codec = FrameCodec::new(MAX_PDU);
     let mut buf = BytesMut::from(stream);
@@ -683,6 +725,7 @@ struct ClientStream {
 }
 
 impl ClientStream {
+    #[inline]
     fn new() -> Self {
         ClientStream {
             codec: FrameCodec::new(MAX_PDU),
@@ -696,6 +739,7 @@ impl ClientStream {
     /// Frames the stream with `bytes` added (one whole frame after a
     /// frame boundary, as the generator's messages are, is taken as it
     /// is: what the codec would cut, without copying it).
+    #[inline]
     fn extend(&mut self, bytes: &Bytes) {
         if self.broken {
             return;
@@ -730,6 +774,7 @@ impl ClientStream {
 }
 
 impl<'a> Harness<'a> {
+    #[inline]
     fn new(data: &'a [u8]) -> Self {
         Harness {
             data: &data[4..],
@@ -744,12 +789,14 @@ impl<'a> Harness<'a> {
 
     /// The settings of the proxy under test (the upstream is the
     /// in-memory pipe: its URL is never dialled).
+    #[inline]
     fn settings(&self) -> Settings {
         self.config()
             .build()
             .expect("the harness's configuration parses")
     }
 
+    #[inline]
     fn config(&self) -> Config {
         let mut c = Config {
             upstream: "ldap://in-memory.invalid:389".into(),
@@ -779,6 +826,7 @@ impl<'a> Harness<'a> {
     /// The two backends in the modes the header says: built once per
     /// thread and mode pair, then cloned (parsing the suffixes was a few
     /// per cent of an input's instructions).
+    #[inline]
     fn backends(&self) -> BackendMap {
         thread_local! {
             static MAPS: std::cell::RefCell<[Option<BackendMap>; 4]> =
@@ -806,6 +854,7 @@ impl<'a> Harness<'a> {
     }
 
     /// The bounds on what one session may hold.
+    #[inline]
     fn check_bounds(&self, engine: &Engine, persistent: usize) {
         let st = counts(engine);
         let l = self.limits;
@@ -838,6 +887,7 @@ impl<'a> Harness<'a> {
         );
     }
 
+    #[inline]
     async fn run(self) {
         let engine = Arc::new(Engine::new(self.config().freeze, self.backends()));
         let shared = Arc::new(Shared::new(self.settings(), engine.clone()));
@@ -921,7 +971,7 @@ impl<'a> Harness<'a> {
                         // may still be running at the server. (The answer
                         // is a success exactly when the engine grants the
                         // ON: `exops::allow_backup_answer`.)
-                        if let Ok(granted) = engine.allow_backup(who, Some(&value)).await {
+                        if let Ok(granted) = allow_backup(&engine, who, value).await {
                             let mut l = log.lock().unwrap();
                             let running = l
                                 .pending
@@ -947,9 +997,7 @@ impl<'a> Harness<'a> {
                         req = req.with_freeze_id(id);
                     }
                     let value = abproxy_proto::encode_request(&req);
-                    tokio::spawn(
-                        async move { engine.allow_backup(operator(), Some(&value)).await },
-                    );
+                    tokio::spawn(async move { allow_backup(&engine, operator(), value).await });
                 }
                 Step::Settle { check } => {
                     settle().await;
@@ -984,7 +1032,7 @@ impl<'a> Harness<'a> {
                     "requests still in flight after {offs} freezes ended and the upstream answered every request"
                 );
                 let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
-                let _ = engine.allow_backup(operator(), Some(&value)).await;
+                let _ = allow_backup(&engine, operator(), value).await;
                 settle().await;
                 offs += 1;
             }
@@ -1031,7 +1079,7 @@ impl<'a> Harness<'a> {
             );
             let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
             let engine = engine.clone();
-            tokio::spawn(async move { engine.allow_backup(operator(), Some(&value)).await });
+            tokio::spawn(async move { allow_backup(&engine, operator(), value).await });
             settle().await;
             offs += 1;
         }
@@ -1066,13 +1114,14 @@ impl<'a> Harness<'a> {
         // `with_runtime`): a freeze still on ends, and its lease timer with it.
         if st.state != FreezeState::Thawed {
             let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
-            let _ = engine.allow_backup(operator(), Some(&value)).await;
+            let _ = allow_backup(&engine, operator(), value).await;
             settle().await;
         }
     }
 
     /// Every upstream frame is a client frame the proxy may forward, in an
     /// order the gate allows.
+    #[inline]
     fn check_upstream_frames(&self, frames: &[Bytes], up: &[Bytes], froze: bool) {
         // Frames past the first the proxy must refuse (or an unbind) are
         // never read.
@@ -1151,6 +1200,7 @@ impl<'a> Harness<'a> {
 /// command, an operator's ON before the first write (add, delete, modify,
 /// modDN, extended) and OFF three messages later, then the rest. `None`
 /// when the stream holds no whole message.
+#[inline]
 pub fn session_seed(stream: &[u8], flags: u8) -> Option<Vec<u8>> {
     let frames = client_frames(stream);
     if frames.is_empty() {
