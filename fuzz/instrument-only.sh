@@ -4,7 +4,10 @@
 # tracing, stack depth) in RUSTFLAGS, so every crate gets it; this keeps it
 # in the crates named in FUZZ_INSTRUMENT (crate names, space-separated;
 # default: abproxy, whose code the target checks) and builds every other
-# crate (tokio, bytes, ldap3_proto, ...) without it. See docs/fuzzing.md.
+# crate (tokio, bytes, ldap3_proto, ...) without it, the fuzz target's own
+# among them: the session harness's functions are #[inline], so they are
+# compiled there, uninstrumented (src/fuzzing/session.rs). See
+# docs/fuzzing.md.
 rustc=$1
 shift
 crate=
