@@ -807,10 +807,30 @@ impl Engine {
             .map(|f| f.backends)
     }
 
-    /// True while a freeze holds `class` (for held persistent-search
-    /// responses).
+    /// True while a freeze holds `class`.
     pub fn holds(&self, class: Class) -> bool {
         self.read_state().as_ref().is_some_and(|f| f.holds(class))
+    }
+
+    /// True while an established freeze (its drain over) holds `class`:
+    /// persistent-search responses of a `stop` backend are held from then
+    /// on. During the drain they flow, as the reads the drain waits for do:
+    /// held, they could reach their bound and stop the session reading the
+    /// very answers the drain waits for.
+    pub fn holds_responses(&self, class: Class) -> bool {
+        self.read_state()
+            .as_ref()
+            .is_some_and(|f| f.phase != Phase::Draining && f.holds(class))
+    }
+
+    /// An established freeze (its drain over) has `stop` backends: held
+    /// persistent-search responses stay held. A freeze that is only
+    /// draining does not keep them: they go, and the session reads again
+    /// (its answers may be what that drain waits for).
+    pub fn holds_any_responses(&self) -> bool {
+        self.read_state()
+            .as_ref()
+            .is_some_and(|f| f.phase != Phase::Draining && !f.stop.is_empty())
     }
 
     /// Changes whenever a freeze ends (sessions release their queues).
@@ -1888,6 +1908,59 @@ mod tests {
         assert_eq!(admit(Some(holder), write), Err(write), "the holder's write");
         request(&engine, AllowBackupRequest::off()).await.unwrap();
         assert!(admit(Some(holder + 1), read).is_ok(), "thawed");
+    }
+
+    /// Persistent-search responses of a `stop` backend are held only once
+    /// the freeze is established: during its drain they flow (held, at
+    /// their bound they would stop the session reading the answers the
+    /// drain waits for), and a freeze that is only draining does not keep
+    /// those an earlier freeze held.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_freeze_holds_persistent_search_responses_only_once_established() {
+        let cfg = FreezeConfig {
+            allowed: vec!["cn=admin,dc=example,dc=org".into()],
+            ..FreezeConfig::default()
+        };
+        let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Stop)]).unwrap();
+        let engine = Arc::new(Engine::new(cfg, map));
+        let read = Class {
+            kind: Kind::Read,
+            backends: BackendSet::ALL,
+        };
+        // A search in flight on another connection: the drain waits for it.
+        let state = Arc::new(Participant::default());
+        state
+            .inflight()
+            .start(1, InFlight::new(crate::wire::op::SEARCH_REQUEST, None))
+            .unwrap();
+        let (control, _rx) = mpsc::unbounded_channel();
+        engine.register(
+            7,
+            SessionHandle {
+                state: state.clone(),
+                control,
+            },
+        );
+        let on = tokio::spawn({
+            let engine = engine.clone();
+            async move { request(&engine, AllowBackupRequest::on()).await }
+        });
+        while !engine.stop_frozen() {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            engine.holds(read),
+            "the gate holds new reads during the drain"
+        );
+        assert!(!engine.holds_responses(read) && !engine.holds_any_responses());
+        state
+            .inflight()
+            .response(1, crate::wire::op::SEARCH_RESULT_DONE);
+        engine.completed();
+        assert!(matches!(on.await.unwrap(), Ok(Granted::Frozen { .. })));
+        assert!(engine.holds_responses(read) && engine.holds_any_responses());
+        request(&engine, AllowBackupRequest::off()).await.unwrap();
+        assert!(!engine.holds_responses(read) && !engine.holds_any_responses());
     }
 
     #[tokio::test(start_paused = true)]

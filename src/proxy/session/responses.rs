@@ -490,7 +490,7 @@ impl Responses {
 
     /// Sends held persistent-search responses once no freeze holds them.
     async fn release_held(&mut self) -> Result<(), End> {
-        if self.engine.stop_frozen() {
+        if self.engine.holds_any_responses() {
             return Ok(());
         }
         while let Some(f) = self.held.pop_front() {
@@ -670,7 +670,7 @@ impl Responses {
                 if let Some(req) = table.get(env.msgid) {
                     if req.persistent
                         && (!self.held.is_empty()
-                            || self.engine.holds(self.engine.class_of(req, None)))
+                            || self.engine.holds_responses(self.engine.class_of(req, None)))
                     {
                         return Route::Hold;
                     }
