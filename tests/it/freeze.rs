@@ -744,6 +744,20 @@ async fn drain_time_limit_abandons_reads_in_stop_mode() {
     // Its session goes on.
     let (code, _) = call(&mut slow, exop(9, "1.3.6.1.4.1.4203.1.11.3", None)).await;
     assert_eq!(code, 0);
+    // The client may reuse ID 2 (it got a final response), but slapd, sent
+    // an Abandon, may still answer the search: until the proxy knows it is
+    // done, a request with that ID is answered busy and not forwarded (or
+    // it passes, if slapd's own final answer came after all).
+    let (code, msg) = call(&mut slow, exop(2, "1.3.6.1.4.1.4203.1.11.3", None)).await;
+    assert!(
+        code == 0 || (code == 51 && msg.contains("message ID 2 is still in use")),
+        "{code} {msg}"
+    );
+    // Before a bind slapd completes or abandons every operation of the
+    // connection (RFC 4511 section 4.2.1): after its response ID 2 is free.
+    assert_eq!(call(&mut slow, bind(4, "", "")).await.0, 0);
+    let (code, msg) = call(&mut slow, exop(2, "1.3.6.1.4.1.4203.1.11.3", None)).await;
+    assert_eq!(code, 0, "{msg}");
 }
 
 #[tokio::test]
