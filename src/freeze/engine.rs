@@ -801,10 +801,16 @@ impl Engine {
     /// The backends of the freeze in place once its ON has succeeded
     /// (frozen, or releasing); `None` while thawed or draining.
     pub fn established(&self) -> Option<BackendSet> {
+        self.with_established(|f| f.backends)
+    }
+
+    /// `what` of the freeze in place once its ON has succeeded; `None`
+    /// while thawed or draining.
+    fn with_established<R>(&self, what: impl FnOnce(&Freeze) -> R) -> Option<R> {
         self.read_state()
             .as_ref()
             .filter(|f| f.phase != Phase::Draining)
-            .map(|f| f.backends)
+            .map(what)
     }
 
     /// True while a freeze holds `class`.
@@ -818,9 +824,7 @@ impl Engine {
     /// held, they could reach their bound and stop the session reading the
     /// very answers the drain waits for.
     pub fn holds_responses(&self, class: Class) -> bool {
-        self.read_state()
-            .as_ref()
-            .is_some_and(|f| f.phase != Phase::Draining && f.holds(class))
+        self.with_established(|f| f.holds(class)) == Some(true)
     }
 
     /// An established freeze (its drain over) has `stop` backends: held
@@ -828,9 +832,7 @@ impl Engine {
     /// draining does not keep them: they go, and the session reads again
     /// (its answers may be what that drain waits for).
     pub fn holds_any_responses(&self) -> bool {
-        self.read_state()
-            .as_ref()
-            .is_some_and(|f| f.phase != Phase::Draining && !f.stop.is_empty())
+        self.with_established(|f| !f.stop.is_empty()) == Some(true)
     }
 
     /// Changes whenever a freeze ends (sessions release their queues).
@@ -1880,17 +1882,22 @@ mod tests {
         }
     }
 
-    /// The gate under a `stop` freeze: the holder's own reads (admit's
-    /// `reader` is its connection) pass; another connection's reads, and
-    /// the holder's writes, are held.
-    #[tokio::test(start_paused = true)]
-    async fn a_stop_freeze_passes_only_its_holders_reads() {
+    /// dc=example,dc=org in `stop` mode, `admin()` allowed to freeze.
+    fn stop_engine() -> Arc<Engine> {
         let cfg = FreezeConfig {
             allowed: vec!["cn=admin,dc=example,dc=org".into()],
             ..FreezeConfig::default()
         };
         let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Stop)]).unwrap();
-        let engine = Arc::new(Engine::new(cfg, map));
+        Arc::new(Engine::new(cfg, map))
+    }
+
+    /// The gate under a `stop` freeze: the holder's own reads (admit's
+    /// `reader` is its connection) pass; another connection's reads, and
+    /// the holder's writes, are held.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_freeze_passes_only_its_holders_reads() {
+        let engine = stop_engine();
         request(&engine, AllowBackupRequest::on()).await.unwrap();
         let read = Class {
             kind: Kind::Read,
@@ -1917,12 +1924,7 @@ mod tests {
     /// those an earlier freeze held.
     #[tokio::test(start_paused = true)]
     async fn a_stop_freeze_holds_persistent_search_responses_only_once_established() {
-        let cfg = FreezeConfig {
-            allowed: vec!["cn=admin,dc=example,dc=org".into()],
-            ..FreezeConfig::default()
-        };
-        let map = BackendMap::new([("dc=example,dc=org".to_string(), Mode::Stop)]).unwrap();
-        let engine = Arc::new(Engine::new(cfg, map));
+        let engine = stop_engine();
         let read = Class {
             kind: Kind::Read,
             backends: BackendSet::ALL,

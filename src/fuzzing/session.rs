@@ -581,6 +581,18 @@ fn allow_backup(
     Box::pin(async move { engine.allow_backup(who, Some(&value)).await })
 }
 
+/// The harness operator's plain OFF.
+#[inline]
+fn operator_off(
+    engine: &Arc<Engine>,
+) -> Pin<Box<dyn Future<Output = Result<Granted, FreezeError>> + Send>> {
+    allow_backup(
+        engine,
+        operator(),
+        abproxy_proto::encode_request(&AllowBackupRequest::off()),
+    )
+}
+
 /// A persistent search, as the session tells one (a search with the sync
 /// request or the persistent search control: it stays in flight). The
 /// operation's tag is peeked first: most frames are no search.
@@ -1031,8 +1043,7 @@ impl<'a> Harness<'a> {
                     offs < self.data.len(),
                     "requests still in flight after {offs} freezes ended and the upstream answered every request"
                 );
-                let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
-                let _ = allow_backup(&engine, operator(), value).await;
+                let _ = operator_off(&engine).await;
                 settle().await;
                 offs += 1;
             }
@@ -1077,9 +1088,7 @@ impl<'a> Harness<'a> {
                 offs < self.data.len(),
                 "the session did not end after the client closed and {offs} freezes ended"
             );
-            let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
-            let engine = engine.clone();
-            tokio::spawn(async move { allow_backup(&engine, operator(), value).await });
+            tokio::spawn(operator_off(&engine));
             settle().await;
             offs += 1;
         }
@@ -1113,8 +1122,7 @@ impl<'a> Harness<'a> {
         // Nothing stays behind for the next input on this runtime (see
         // `with_runtime`): a freeze still on ends, and its lease timer with it.
         if st.state != FreezeState::Thawed {
-            let value = abproxy_proto::encode_request(&AllowBackupRequest::off());
-            let _ = allow_backup(&engine, operator(), value).await;
+            let _ = operator_off(&engine).await;
             settle().await;
         }
     }
