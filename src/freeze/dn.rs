@@ -38,41 +38,86 @@ pub enum Within {
     Maybe,
 }
 
-/// Well-known attribute type OIDs and long names mapped to their short
-/// names; `None` for a numeric OID not listed (its name is unknown here).
-fn type_name(t: &str) -> Option<String> {
-    let lower = t.trim().to_ascii_lowercase();
-    let lower = lower.strip_prefix("oid.").unwrap_or(&lower);
-    let name = match lower {
-        "0.9.2342.19200300.100.1.25" | "domaincomponent" => "dc",
-        "0.9.2342.19200300.100.1.1" | "userid" => "uid",
-        "2.5.4.3" | "commonname" => "cn",
-        "2.5.4.10" | "organizationname" => "o",
-        "2.5.4.11" | "organizationalunitname" => "ou",
-        "2.5.4.6" | "countryname" => "c",
-        "2.5.4.7" | "localityname" => "l",
-        "2.5.4.8" | "stateorprovincename" => "st",
-        "2.5.4.9" | "streetaddress" => "street",
-        "2.5.4.4" | "surname" => "sn",
-        "0.9.2342.19200300.100.1.3" | "rfc822mailbox" => "mail",
-        other if other.starts_with(|c: char| c.is_ascii_digit()) => return None,
-        other => other,
+/// Well-known attribute type OIDs and long names, and their short names.
+const TYPE_NAMES: &[(&str, &str)] = &[
+    ("0.9.2342.19200300.100.1.25", "dc"),
+    ("domaincomponent", "dc"),
+    ("0.9.2342.19200300.100.1.1", "uid"),
+    ("userid", "uid"),
+    ("2.5.4.3", "cn"),
+    ("commonname", "cn"),
+    ("2.5.4.10", "o"),
+    ("organizationname", "o"),
+    ("2.5.4.11", "ou"),
+    ("organizationalunitname", "ou"),
+    ("2.5.4.6", "c"),
+    ("countryname", "c"),
+    ("2.5.4.7", "l"),
+    ("localityname", "l"),
+    ("2.5.4.8", "st"),
+    ("stateorprovincename", "st"),
+    ("2.5.4.9", "street"),
+    ("streetaddress", "street"),
+    ("2.5.4.4", "sn"),
+    ("surname", "sn"),
+    ("0.9.2342.19200300.100.1.3", "mail"),
+    ("rfc822mailbox", "mail"),
+];
+
+/// Appends an attribute type's normalised name to `out`: well-known OIDs
+/// and long names as their short names, other names in lower case (an
+/// `oid.` prefix dropped). False for a numeric OID not listed (its name is
+/// unknown here; it is appended as given, in lower case).
+fn push_type(t: &str, out: &mut String) -> bool {
+    let t = t.trim();
+    let b = t.as_bytes();
+    // `b[..4]` is ASCII when it matches, so 4 is a character boundary.
+    let name = match b.get(..4) {
+        Some(p) if p.eq_ignore_ascii_case(b"oid.") => &t[4..],
+        _ => t,
     };
-    Some(name.to_string())
+    if let Some((_, short)) = TYPE_NAMES
+        .iter()
+        .find(|(n, _)| name.eq_ignore_ascii_case(n))
+    {
+        out.push_str(short);
+        return true;
+    }
+    let known = !name.starts_with(|c: char| c.is_ascii_digit());
+    push_lower(if known { name } else { t }, out);
+    known
 }
 
-/// Folds a decoded value as caseIgnoreMatch does for ASCII (surrounding
-/// spaces dropped, inner runs collapsed, case folded). The second value is
-/// false when the value has characters beyond ASCII.
-fn fold(raw: &[u8]) -> (String, bool) {
-    let ascii = raw.is_ascii();
-    let s = String::from_utf8_lossy(raw);
-    let collapsed = s
-        .split(' ')
-        .filter(|p| !p.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    (collapsed.to_lowercase(), ascii)
+/// Appends `s` with ASCII letters in lower case.
+fn push_lower(s: &str, out: &mut String) {
+    out.extend(s.chars().map(|c| c.to_ascii_lowercase()));
+}
+
+/// Appends a decoded value folded as caseIgnoreMatch does for ASCII
+/// (surrounding spaces dropped, inner runs collapsed, case folded). False
+/// when the value has characters beyond ASCII.
+fn push_folded(raw: &[u8], out: &mut String) -> bool {
+    if !raw.is_ascii() {
+        let s = String::from_utf8_lossy(raw);
+        let words: Vec<&str> = s.split(' ').filter(|p| !p.is_empty()).collect();
+        out.push_str(&words.join(" ").to_lowercase());
+        return false;
+    }
+    let mut space = false;
+    let mut any = false;
+    for &b in raw {
+        if b == b' ' {
+            space = any;
+        } else {
+            if space {
+                out.push(' ');
+                space = false;
+            }
+            out.push(b.to_ascii_lowercase() as char);
+            any = true;
+        }
+    }
+    true
 }
 
 /// A `#` value: the hex of a BER element; a string type (OCTET, UTF8,
@@ -135,14 +180,15 @@ impl Cursor<'_> {
         Some(())
     }
 
-    /// One attribute value, up to the next separator; `(folded, sure)`.
-    fn value(&mut self) -> Option<(String, bool)> {
+    /// One attribute value, up to the next separator, appended to `out`
+    /// folded; true when normalised with certainty. `raw` is scratch space.
+    fn value(&mut self, raw: &mut Vec<u8>, out: &mut String) -> Option<bool> {
+        raw.clear();
         self.skip_spaces();
         match self.peek() {
             Some(b'"') => {
                 // LDAPv2 (RFC 1779): separators are literal inside quotes.
                 self.i += 1;
-                let mut out = Vec::new();
                 loop {
                     match *self.b.get(self.i)? {
                         b'"' => {
@@ -151,10 +197,10 @@ impl Cursor<'_> {
                         }
                         b'\\' => {
                             self.i += 1;
-                            self.escape(&mut out)?;
+                            self.escape(raw)?;
                         }
                         c => {
-                            out.push(c);
+                            raw.push(c);
                             self.i += 1;
                         }
                     }
@@ -163,7 +209,7 @@ impl Cursor<'_> {
                 if !matches!(self.peek(), None | Some(b',' | b';' | b'+')) {
                     return None;
                 }
-                Some(fold(&out))
+                Some(push_folded(raw, out))
             }
             Some(b'#') => {
                 let start = self.i + 1;
@@ -172,28 +218,31 @@ impl Cursor<'_> {
                 }
                 let hex = std::str::from_utf8(&self.b[start..self.i]).ok()?;
                 match ber_string(hex) {
-                    Some(raw) => Some(fold(&raw)),
+                    Some(decoded) => Some(push_folded(&decoded, out)),
                     // Not a plain string: keep the text, but it cannot be
                     // compared with certainty.
-                    None => Some((format!("#{}", hex.trim().to_ascii_lowercase()), false)),
+                    None => {
+                        out.push('#');
+                        push_lower(hex.trim(), out);
+                        Some(false)
+                    }
                 }
             }
             _ => {
-                let mut out = Vec::new();
                 loop {
                     match self.peek() {
                         None | Some(b',' | b';' | b'+') => break,
                         Some(b'\\') => {
                             self.i += 1;
-                            self.escape(&mut out)?;
+                            self.escape(raw)?;
                         }
                         Some(c) => {
-                            out.push(c);
+                            raw.push(c);
                             self.i += 1;
                         }
                     }
                 }
-                Some(fold(&out))
+                Some(push_folded(raw, out))
             }
         }
     }
@@ -209,8 +258,13 @@ impl NormDn {
         if c.peek().is_none() {
             return Some(NormDn::default());
         }
-        let mut out = NormDn::default();
-        let mut avas = Vec::new();
+        let mut out = NormDn {
+            rdns: Vec::with_capacity(4),
+            sure: Vec::with_capacity(4),
+        };
+        // The AVAs of a multi-valued RDN before the last; most RDNs have one.
+        let mut avas: Vec<String> = Vec::new();
+        let mut raw = Vec::new();
         let mut sure = true;
         loop {
             let eq = c.b[c.i..].iter().position(|&b| b == b'=')?;
@@ -218,27 +272,29 @@ impl NormDn {
             if t.trim().is_empty() || t.contains([',', ';', '+', '"', '\\']) {
                 return None;
             }
-            let t = match type_name(t) {
-                Some(t) => t,
-                None => {
-                    sure = false;
-                    t.trim().to_ascii_lowercase()
-                }
-            };
+            let mut ava = String::with_capacity(eq + 16);
+            sure &= push_type(t, &mut ava);
+            ava.push('=');
             c.i += eq + 1;
-            let (v, v_sure) = c.value()?;
-            sure &= v_sure;
-            avas.push(format!("{t}={v}"));
+            sure &= c.value(&mut raw, &mut ava)?;
             match c.peek() {
                 Some(b'+') => {
+                    avas.push(ava);
                     c.i += 1;
                     continue;
                 }
                 sep => {
-                    avas.sort();
-                    out.rdns.push(avas.join("+"));
+                    let rdn = if avas.is_empty() {
+                        ava
+                    } else {
+                        avas.push(ava);
+                        avas.sort();
+                        let joined = avas.join("+");
+                        avas.clear();
+                        joined
+                    };
+                    out.rdns.push(rdn);
                     out.sure.push(sure);
-                    avas.clear();
                     sure = true;
                     if sep.is_none() {
                         return Some(out);
