@@ -76,12 +76,16 @@ fn push_type(t: &str, out: &mut String) -> bool {
         Some(p) if p.eq_ignore_ascii_case(b"oid.") => &t[4..],
         _ => t,
     };
-    if let Some((_, short)) = TYPE_NAMES
-        .iter()
-        .find(|(n, _)| name.eq_ignore_ascii_case(n))
-    {
-        out.push_str(short);
-        return true;
+    // Every listed name has 6 characters or more: the short names most
+    // DNs use (dc, ou, cn, uid) skip the table.
+    if name.len() >= 6 {
+        if let Some((_, short)) = TYPE_NAMES
+            .iter()
+            .find(|(n, _)| name.eq_ignore_ascii_case(n))
+        {
+            out.push_str(short);
+            return true;
+        }
     }
     let known = !name.starts_with(|c: char| c.is_ascii_digit());
     push_lower(if known { name } else { t }, out);
@@ -95,28 +99,37 @@ fn push_lower(s: &str, out: &mut String) {
 
 /// Appends a decoded value folded as caseIgnoreMatch does for ASCII
 /// (surrounding spaces dropped, inner runs collapsed, case folded). False
-/// when the value has characters beyond ASCII.
-fn push_folded(raw: &[u8], out: &mut String) -> bool {
+/// when the value has characters beyond ASCII. `raw` is left folded.
+fn push_folded(raw: &mut Vec<u8>, out: &mut String) -> bool {
     if !raw.is_ascii() {
         let s = String::from_utf8_lossy(raw);
         let words: Vec<&str> = s.split(' ').filter(|p| !p.is_empty()).collect();
         out.push_str(&words.join(" ").to_lowercase());
         return false;
     }
-    let mut space = false;
-    let mut any = false;
-    for &b in raw {
-        if b == b' ' {
-            space = any;
-        } else {
+    raw.make_ascii_lowercase();
+    if raw.contains(&b' ') {
+        // In place: the write index never passes the read index (a space
+        // is written only after at least one was skipped).
+        let (mut w, mut space) = (0, false);
+        for r in 0..raw.len() {
+            let b = raw[r];
+            if b == b' ' {
+                space = w > 0;
+                continue;
+            }
             if space {
-                out.push(' ');
+                raw[w] = b' ';
+                w += 1;
                 space = false;
             }
-            out.push(b.to_ascii_lowercase() as char);
-            any = true;
+            raw[w] = b;
+            w += 1;
         }
+        raw.truncate(w);
     }
+    // ASCII, so UTF-8.
+    out.push_str(std::str::from_utf8(raw).unwrap_or_default());
     true
 }
 
@@ -218,7 +231,7 @@ impl Cursor<'_> {
                 }
                 let hex = std::str::from_utf8(&self.b[start..self.i]).ok()?;
                 match ber_string(hex) {
-                    Some(decoded) => Some(push_folded(&decoded, out)),
+                    Some(mut decoded) => Some(push_folded(&mut decoded, out)),
                     // Not a plain string: keep the text, but it cannot be
                     // compared with certainty.
                     None => {
@@ -269,7 +282,10 @@ impl NormDn {
         loop {
             let eq = c.b[c.i..].iter().position(|&b| b == b'=')?;
             let t = std::str::from_utf8(&c.b[c.i..c.i + eq]).ok()?;
-            if t.trim().is_empty() || t.contains([',', ';', '+', '"', '\\']) {
+            if t.trim().is_empty()
+                || t.bytes()
+                    .any(|b| matches!(b, b',' | b';' | b'+' | b'"' | b'\\'))
+            {
                 return None;
             }
             let mut ava = String::with_capacity(eq + 16);
@@ -375,6 +391,17 @@ mod tests {
         assert_eq!(n("cn=a\\,b,dc=x").depth(), 2);
         assert_eq!(n("cn=a+uid=b,dc=x"), n("UID=B+CN=A,dc=x"));
         assert!(n("").is_root());
+    }
+
+    #[test]
+    fn listed_type_names_are_long_enough_for_the_short_name_fast_path() {
+        // push_type looks names shorter than 6 characters up nowhere.
+        for (name, short) in TYPE_NAMES {
+            assert!(name.len() >= 6, "{name}");
+            assert_eq!(n(&format!("{name}=x")), n(&format!("{short}=x")));
+        }
+        assert_eq!(n("OID.2.5.4.3=x"), n("cn=x"));
+        assert_eq!(n("UID=x"), n("userid=x"));
     }
 
     #[test]
