@@ -97,20 +97,20 @@ fn push_lower(s: &str, out: &mut String) {
     out.extend(s.chars().map(|c| c.to_ascii_lowercase()));
 }
 
-/// Appends a decoded value folded as caseIgnoreMatch does for ASCII
-/// (surrounding spaces dropped, inner runs collapsed, case folded). False
-/// when the value has characters beyond ASCII. `raw` is left folded.
-fn push_folded(raw: &mut Vec<u8>, out: &mut String) -> bool {
+/// Folds a decoded value in place as caseIgnoreMatch does for ASCII
+/// (surrounding spaces dropped, inner runs collapsed, case folded); the
+/// result is UTF-8. False when the value has characters beyond ASCII.
+fn fold(raw: &mut Vec<u8>) -> bool {
     if !raw.is_ascii() {
         let s = String::from_utf8_lossy(raw);
         let words: Vec<&str> = s.split(' ').filter(|p| !p.is_empty()).collect();
-        out.push_str(&words.join(" ").to_lowercase());
+        *raw = words.join(" ").to_lowercase().into_bytes();
         return false;
     }
     raw.make_ascii_lowercase();
     if raw.contains(&b' ') {
-        // In place: the write index never passes the read index (a space
-        // is written only after at least one was skipped).
+        // The write index never passes the read index (a space is written
+        // only after at least one was skipped).
         let (mut w, mut space) = (0, false);
         for r in 0..raw.len() {
             let b = raw[r];
@@ -128,8 +128,6 @@ fn push_folded(raw: &mut Vec<u8>, out: &mut String) -> bool {
         }
         raw.truncate(w);
     }
-    // ASCII, so UTF-8.
-    out.push_str(std::str::from_utf8(raw).unwrap_or_default());
     true
 }
 
@@ -193,9 +191,9 @@ impl Cursor<'_> {
         Some(())
     }
 
-    /// One attribute value, up to the next separator, appended to `out`
-    /// folded; true when normalised with certainty. `raw` is scratch space.
-    fn value(&mut self, raw: &mut Vec<u8>, out: &mut String) -> Option<bool> {
+    /// One attribute value, up to the next separator, folded into `raw`
+    /// (UTF-8); true when normalised with certainty.
+    fn value(&mut self, raw: &mut Vec<u8>) -> Option<bool> {
         raw.clear();
         self.skip_spaces();
         match self.peek() {
@@ -222,7 +220,7 @@ impl Cursor<'_> {
                 if !matches!(self.peek(), None | Some(b',' | b';' | b'+')) {
                     return None;
                 }
-                Some(push_folded(raw, out))
+                Some(fold(raw))
             }
             Some(b'#') => {
                 let start = self.i + 1;
@@ -231,12 +229,15 @@ impl Cursor<'_> {
                 }
                 let hex = std::str::from_utf8(&self.b[start..self.i]).ok()?;
                 match ber_string(hex) {
-                    Some(mut decoded) => Some(push_folded(&mut decoded, out)),
+                    Some(decoded) => {
+                        *raw = decoded;
+                        Some(fold(raw))
+                    }
                     // Not a plain string: keep the text, but it cannot be
                     // compared with certainty.
                     None => {
-                        out.push('#');
-                        push_lower(hex.trim(), out);
+                        raw.push(b'#');
+                        raw.extend(hex.trim().bytes().map(|b| b.to_ascii_lowercase()));
                         Some(false)
                     }
                 }
@@ -255,7 +256,7 @@ impl Cursor<'_> {
                         }
                     }
                 }
-                Some(push_folded(raw, out))
+                Some(fold(raw))
             }
         }
     }
@@ -277,7 +278,8 @@ impl NormDn {
         };
         // The AVAs of a multi-valued RDN before the last; most RDNs have one.
         let mut avas: Vec<String> = Vec::new();
-        let mut raw = Vec::new();
+        // Each value, decoded and folded: one buffer for all.
+        let mut raw = Vec::with_capacity(dn.len());
         let mut sure = true;
         loop {
             let eq = c.b[c.i..].iter().position(|&b| b == b'=')?;
@@ -288,11 +290,13 @@ impl NormDn {
             {
                 return None;
             }
-            let mut ava = String::with_capacity(eq + 16);
+            c.i += eq + 1;
+            sure &= c.value(&mut raw)?;
+            // The type's name is no longer than as given.
+            let mut ava = String::with_capacity(eq + 1 + raw.len());
             sure &= push_type(t, &mut ava);
             ava.push('=');
-            c.i += eq + 1;
-            sure &= c.value(&mut raw, &mut ava)?;
+            ava.push_str(std::str::from_utf8(&raw).unwrap_or_default());
             match c.peek() {
                 Some(b'+') => {
                     avas.push(ava);
