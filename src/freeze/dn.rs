@@ -266,7 +266,7 @@ impl NormDn {
     /// Parses and normalises a DN; `None` if it is not a valid DN. The empty
     /// DN (the root DSE) is valid and has no RDNs.
     pub fn parse(dn: &[u8]) -> Option<NormDn> {
-        std::str::from_utf8(dn).ok()?;
+        let text = std::str::from_utf8(dn).ok()?;
         let mut c = Cursor { b: dn, i: 0 };
         c.skip_spaces();
         if c.peek().is_none() {
@@ -283,7 +283,8 @@ impl NormDn {
         let mut sure = true;
         loop {
             let eq = c.b[c.i..].iter().position(|&b| b == b'=')?;
-            let t = std::str::from_utf8(&c.b[c.i..c.i + eq]).ok()?;
+            // Both ends follow or are ASCII bytes: character boundaries.
+            let t = text.get(c.i..c.i + eq)?;
             if t.trim().is_empty()
                 || t.bytes()
                     .any(|b| matches!(b, b',' | b';' | b'+' | b'"' | b'\\'))
@@ -291,12 +292,18 @@ impl NormDn {
                 return None;
             }
             c.i += eq + 1;
-            sure &= c.value(&mut raw)?;
+            let certain = c.value(&mut raw)?;
+            sure &= certain;
             // The type's name is no longer than as given.
             let mut ava = String::with_capacity(eq + 1 + raw.len());
             sure &= push_type(t, &mut ava);
             ava.push('=');
-            ava.push_str(std::str::from_utf8(&raw).unwrap_or_default());
+            if certain {
+                // A value normalised with certainty is ASCII.
+                ava.extend(raw.iter().map(|&b| char::from(b)));
+            } else {
+                ava.push_str(std::str::from_utf8(&raw).unwrap_or_default());
+            }
             match c.peek() {
                 Some(b'+') => {
                     avas.push(ava);
