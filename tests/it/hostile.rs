@@ -349,6 +349,52 @@ async fn reusing_the_message_id_of_a_write_in_flight_does_not_hide_it_from_the_d
     assert!(a.recv_all().await.is_empty(), "the session ended: {msg}");
 }
 
+/// A write reusing the message ID of a read in flight, held by a freeze:
+/// the session ends at once, as it does without a freeze. It used to be
+/// queued, and went upstream once the read had left the in-flight table,
+/// which the drain time limit of a later freeze does (it abandons the read)
+/// while the server may still answer the read: the write's answer was then
+/// dropped as the abandoned read's, the write stayed in flight for good
+/// and every later drain waited on it (the session fuzzer's finding of
+/// 2026-12-05, `fuzz/seeds/session/regression-a-held-write-reusing-the-id-of-a-read-in-flight-*`).
+/// The read here is a syncrepl refreshAndPersist search, in flight for as
+/// long as the connection lasts.
+#[tokio::test]
+async fn a_held_write_reusing_the_id_of_a_read_in_flight_ends_the_session() {
+    let lab = lab(|_| {}).await;
+    let dn = user_dn(3);
+    let before = read_direct(&lab, &dn, "description").await;
+    let mut a = bound(&lab, ADMIN_DN, ADMIN_PW).await;
+    a.send_msg(refresh_and_persist(search(
+        6,
+        SUFFIX,
+        2,
+        "(cn=nobody)",
+        &["1.1"],
+    )))
+    .await;
+    loop {
+        let f = a.recv().await.expect("the search's refresh phase");
+        if Envelope::response(&f).unwrap().op == op::INTERMEDIATE_RESPONSE {
+            break; // the persist phase: the search stays in flight
+        }
+    }
+    let mut op = operator(&lab).await;
+    let at_on = freeze(&lab, &mut op, AllowBackupRequest::on()).await;
+    a.send_msg(modify(6, &dn, "description", "reused")).await;
+    let frames = a.recv_all().await;
+    let notice = frames.last().expect("a Notice of Disconnection");
+    let msg = assert_notice(notice, 2);
+    assert!(msg.contains("message ID 6 reused"), "{msg}");
+    assert_unchanged(&lab, SUFFIX, &at_on).await;
+    thaw(&mut op).await;
+    assert_eq!(
+        read_direct(&lab, &dn, "description").await,
+        before,
+        "the write that reused the ID reached the server"
+    );
+}
+
 /// Item 3: a slow add, then an Abandon of it. slapd does not stop a write it
 /// has started, so the proxy must not forward the Abandon: the add completes,
 /// its response is dropped, and the drain waits for it.

@@ -426,6 +426,16 @@ impl Requests<'_> {
                         }
                     }
                     Ok(false) => Step::End(reused_id(env.msgid)),
+                    // Held: the in-flight table did not see the ID. A
+                    // request reusing the ID of one in flight ends the
+                    // session here too: queued, it would go upstream once
+                    // the other is gone from the table, which an abandon at
+                    // the drain time limit does while the server may still
+                    // answer it, and its answer would be taken for this
+                    // request's (or this one's, dropped, for that one's).
+                    Err(_) if self.state.inflight().get(env.msgid).is_some() => {
+                        Step::End(reused_id(env.msgid))
+                    }
                     Err(class) => {
                         self.enqueue(frame, env, class, None);
                         Step::Continue
@@ -903,10 +913,16 @@ impl Requests<'_> {
                 }
                 continue;
             }
+            // Cannot happen: an ID is checked against the table and the
+            // queue when it arrives, and only an ID in flight is suppressed.
+            // Were the server still to answer another request with it, that
+            // answer would be taken for this one's: fail closed.
+            if self.answer_pending(head.env.msgid) {
+                return Step::End(reused_id(head.env.msgid));
+            }
             match self.admit(&head.env, &head.frame, Some(head.class)) {
                 Err(_) => break,
-                // Cannot happen: an ID is checked against the table and the
-                // queue when it arrives.
+                // Cannot happen either (as above).
                 Ok(false) => return Step::End(reused_id(head.env.msgid)),
                 Ok(true) => {}
             }
