@@ -7,6 +7,9 @@
 //! ```
 //!
 //! DIR defaults to `fuzz/seeds/session`, ROUNDS (passes over it) to 10.
+//! `--explain FILE` instead: one input's steps, a line each (the client's
+//! messages decoded), then the input run once with the proxy's log at
+//! `debug` (`RUST_LOG` for another filter): what a finding did.
 //! `gen:N` instead of a directory: N structured inputs from a seeded
 //! generator (random bodies of 16 to 400 bytes after a header with the
 //! structured flag), the same every run: a corpus to compare builds with
@@ -20,8 +23,29 @@ fn generated(n: usize) -> (Vec<String>, Vec<Vec<u8>>) {
     ((0..n).map(|i| format!("gen:{i}")).collect(), inputs)
 }
 
+/// Prints `path`'s steps, then runs it with the proxy's log on.
+fn explain(path: &str) {
+    let input = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    for line in abproxy::fuzzing::describe_session_input(&input) {
+        println!("{line}");
+    }
+    println!("-- the run:");
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "abproxy=debug".into()),
+        )
+        .init();
+    abproxy::fuzzing::check_session(&input);
+    println!("-- the checks passed");
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
+    if let Some(a) = std::env::args().nth(1).filter(|a| a == "--explain") {
+        let path = args.nth(1).unwrap_or_else(|| panic!("{a} FILE"));
+        return explain(&path);
+    }
     let dir = args
         .next()
         .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/session").into());

@@ -6,7 +6,7 @@
 mod script;
 mod session;
 
-pub use script::generated_inputs;
+pub use script::{describe_session_input, generated_inputs};
 pub use session::{check_session, session_runtimes_built, session_seed};
 
 use bytes::BytesMut;

@@ -673,8 +673,97 @@ fn structured_step<'a>(r: &mut Reader<'a>, w: &mut Ber) -> Step<'a> {
     Step::Client(Cow::Owned(w.buf.as_slice().to_vec()))
 }
 
+/// A session input, one line a step: the header's settings, then each
+/// step, the client's messages decoded (`ldap3_proto`'s reading of them;
+/// bytes it cannot read shown as they are). To read what a finding did:
+/// `cargo run --features fuzzing --example fuzz_session -- --explain FILE`.
+pub fn describe_session_input(data: &[u8]) -> Vec<String> {
+    use tokio_util::codec::Decoder;
+    let Some((header, body)) = data.split_first_chunk::<4>() else {
+        return vec![format!(
+            "{} bytes: shorter than the 4-byte header, not run",
+            data.len()
+        )];
+    };
+    let f = header[0];
+    let mode = |bit| if f & bit != 0 { "stop" } else { "readonly" };
+    let mut out = vec![format!(
+        "header {header:02x?}: {} format; dc=example,dc=org {}, dc=other,dc=org {}; \
+         bind_is_write {}; the upstream {} binds and answers {}; \
+         queue_max_requests_per_conn {}, queue_max_bytes_per_conn {}, max_outstanding_per_conn {}",
+        if f & STRUCTURED != 0 {
+            "structured"
+        } else {
+            "raw"
+        },
+        mode(1),
+        mode(2),
+        f & 4 != 0,
+        if f & 8 != 0 { "refuses" } else { "accepts" },
+        if f & 16 != 0 {
+            "only when told"
+        } else {
+            "at once"
+        },
+        1 + header[1] as usize % 16,
+        256 * (1 + header[2] as usize % 32),
+        1 + header[3] as usize % 16,
+    )];
+    for step in steps(f, body) {
+        let Step::Client(bytes) = step else {
+            out.push(format!("{step:?}"));
+            continue;
+        };
+        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        let mut codec = ldap3_proto::LdapCodec::new(Some(codec::DEFAULT_MAX_PDU), None);
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(m)) => out.push(format!("client {m:?}")),
+                Ok(None) if buf.is_empty() => break,
+                Ok(None) => {
+                    out.push(format!("client, incomplete: {:02x?}", &buf[..]));
+                    break;
+                }
+                Err(e) => {
+                    out.push(format!("client, unreadable ({e}): {:02x?}", &buf[..]));
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_input_is_described_a_step_a_line() {
+        use ldap3_proto::proto::{LdapMsg, LdapOp};
+        let unbind = crate::wire::pdu::encode(LdapMsg::new(3, LdapOp::UnbindRequest));
+        // Raw: the header (dc=example in stop mode, answers when told), an
+        // unbind, half of it again, OFF, a settle and check.
+        let mut input = vec![0x11, 0, 0, 0];
+        input.extend_from_slice(&unbind);
+        input.extend_from_slice(&[6, 2, 0x30, 0x05, 3, 4]);
+        let lines = super::describe_session_input(&input);
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(lines[0].contains("raw format; dc=example,dc=org stop, dc=other,dc=org readonly"));
+        assert!(lines[0].contains("answers only when told"));
+        assert!(
+            lines[1].contains("msgid: 3") && lines[1].contains("UnbindRequest"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("client, incomplete: [30, 05]"),
+            "{}",
+            lines[2]
+        );
+        assert_eq!(lines[3], "Off(None)");
+        assert_eq!(lines[4], "Settle { check: true }");
+        assert_eq!(super::describe_session_input(&[1, 2]).len(), 1);
+    }
+
     use super::*;
     use crate::wire::{op, Envelope};
 
