@@ -186,6 +186,13 @@ impl InFlightTable {
         self.ops.remove(&msgid)
     }
 
+    /// A request with this ID would be refused by [`InFlightTable::start`]:
+    /// one with the ID is outstanding, or it is the ID of an abandoned read
+    /// the server may still answer.
+    pub fn taken(&self, msgid: i32) -> bool {
+        (!self.abandoned.is_empty() && self.abandoned.contains(&msgid)) || self.get(msgid).is_some()
+    }
+
     /// The request with this ID, if outstanding.
     pub fn get(&self, msgid: i32) -> Option<&InFlight> {
         self.ops.get(&msgid)
@@ -678,10 +685,13 @@ mod tests {
         assert!(t.is_empty(), "not outstanding: a bind need not wait for it");
         assert_eq!(t.abandoned_reads(), 1);
         assert!(t.start(1, add()).is_err(), "its ID is still taken");
+        assert!(t.taken(1) && !t.taken(7));
         // The compare's late answer: no entry ends, the ID is free again.
         assert!(t.response(1, op::COMPARE_RESPONSE).is_none());
         assert_eq!(t.abandoned_reads(), 0);
+        assert!(!t.taken(1));
         t.start(1, add()).unwrap();
+        assert!(t.taken(1), "in flight");
         assert_eq!(t.response(1, op::ADD_RESPONSE).unwrap().op, op::ADD_REQUEST);
 
         // A bind's response frees the IDs of reads abandoned before it.

@@ -361,6 +361,18 @@ async fn reusing_the_message_id_of_a_write_in_flight_does_not_hide_it_from_the_d
 /// long as the connection lasts.
 #[tokio::test]
 async fn a_held_write_reusing_the_id_of_a_read_in_flight_ends_the_session() {
+    held_write_reusing_the_id_of_a_persistent_search(false).await;
+}
+
+/// The same with the search abandoned by the client first: the server may
+/// still answer it, so its ID stays taken (until a bind's response) and a
+/// write reusing it ends the session at once, held or not.
+#[tokio::test]
+async fn a_held_write_reusing_the_id_of_an_abandoned_read_ends_the_session() {
+    held_write_reusing_the_id_of_a_persistent_search(true).await;
+}
+
+async fn held_write_reusing_the_id_of_a_persistent_search(abandon_it: bool) {
     let lab = lab(|_| {}).await;
     let dn = user_dn(3);
     let before = read_direct(&lab, &dn, "description").await;
@@ -378,6 +390,13 @@ async fn a_held_write_reusing_the_id_of_a_read_in_flight_ends_the_session() {
         if Envelope::response(&f).unwrap().op == op::INTERMEDIATE_RESPONSE {
             break; // the persist phase: the search stays in flight
         }
+    }
+    if abandon_it {
+        a.send_msg(LdapMsg::new(7, LdapOp::AbandonRequest(6))).await;
+        // The proxy has seen the Abandon once it answers a later request.
+        a.send_msg(search(8, "", 0, "(objectClass=*)", &["namingContexts"]))
+            .await;
+        a.recv_until_final(8).await;
     }
     let mut op = operator(&lab).await;
     let at_on = freeze(&lab, &mut op, AllowBackupRequest::on()).await;

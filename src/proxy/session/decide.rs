@@ -39,6 +39,10 @@ pub(super) trait View {
     /// The operation (protocolOp tag) of the request in flight upstream
     /// with this message ID.
     fn in_flight(&self, msgid: i32) -> Option<u8>;
+    /// A request with this ID could not go upstream (the in-flight table
+    /// refuses it): one with the ID is in flight, or an abandoned read with
+    /// it may still be answered.
+    fn id_taken(&self, msgid: i32) -> bool;
     /// A bind is in flight upstream.
     fn bind_in_flight(&self) -> bool;
     /// Requests in flight upstream (persistent searches not counted).
@@ -200,7 +204,7 @@ pub(super) fn decide(env: &Envelope, frame: &[u8], view: &impl View) -> Decision
     // Order per connection is absolute: once one request waits, every later
     // one waits behind it.
     if !view.queue_empty() || held_by_session(env.op, view) || view.upstream_lost() {
-        if view.in_flight(msgid).is_some() {
+        if view.id_taken(msgid) {
             return Decision::End(reused_id(msgid));
         }
         return Decision::Queue(None);
@@ -293,6 +297,8 @@ mod tests {
         queued: Vec<(i32, u8)>,
         answering: Vec<i32>,
         in_flight: HashMap<i32, u8>,
+        /// IDs of abandoned reads the server may still answer.
+        abandoned: Vec<i32>,
         upstream_lost: bool,
         answer_pending: Vec<i32>,
     }
@@ -318,6 +324,9 @@ mod tests {
         }
         fn in_flight(&self, msgid: i32) -> Option<u8> {
             self.in_flight.get(&msgid).copied()
+        }
+        fn id_taken(&self, msgid: i32) -> bool {
+            self.in_flight.contains_key(&msgid) || self.abandoned.contains(&msgid)
         }
         fn bind_in_flight(&self) -> bool {
             self.in_flight.values().any(|&op| op == op::BIND_REQUEST)
@@ -512,6 +521,15 @@ mod tests {
             ..Fake::default()
         };
         assert!(matches!(on(&v, modify(2)), Decision::Gate));
+        // The ID of an abandoned read the server may still answer, for a
+        // request that would be queued (behind a bind in flight).
+        let v = Fake {
+            in_flight: HashMap::from([(1, op::BIND_REQUEST)]),
+            abandoned: vec![4],
+            ..Fake::default()
+        };
+        assert!(is_reused(&on(&v, modify(4)), 4));
+        assert!(matches!(on(&v, modify(5)), Decision::Queue(None)));
     }
 
     #[test]

@@ -427,15 +427,14 @@ impl Requests<'_> {
                     }
                     Ok(false) => Step::End(reused_id(env.msgid)),
                     // Held: the in-flight table did not see the ID. A
-                    // request reusing the ID of one in flight ends the
-                    // session here too: queued, it would go upstream once
-                    // the other is gone from the table, which an abandon at
-                    // the drain time limit does while the server may still
-                    // answer it, and its answer would be taken for this
-                    // request's (or this one's, dropped, for that one's).
-                    Err(_) if self.state.inflight().get(env.msgid).is_some() => {
-                        Step::End(reused_id(env.msgid))
-                    }
+                    // request reusing the ID of one in flight (or of an
+                    // abandoned read) ends the session here too: queued, it
+                    // would go upstream once the other is gone from the
+                    // table, which an abandon at the drain time limit does
+                    // while the server may still answer it, and its answer
+                    // would be taken for this request's (or this one's,
+                    // dropped, for that one's).
+                    Err(_) if self.id_taken(env.msgid) => Step::End(reused_id(env.msgid)),
                     Err(class) => {
                         self.enqueue(frame, env, class, None);
                         Step::Continue
@@ -1281,6 +1280,11 @@ impl View for Requests<'_> {
 
     fn in_flight(&self, msgid: i32) -> Option<u8> {
         self.state.inflight().get(msgid).map(|e| e.op)
+    }
+
+    #[inline]
+    fn id_taken(&self, msgid: i32) -> bool {
+        self.state.inflight().taken(msgid)
     }
 
     #[inline]
