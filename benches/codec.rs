@@ -179,7 +179,7 @@ fn check(case: &Case) {
     assert!(buf.is_empty());
     let env = case.peek(&frame);
     assert_eq!(env.msgid, 7);
-    assert!(env.dn.is_some());
+    assert!(env.dn_span().is_some());
     if case.name == "search_req" {
         assert!(env.has_control(&frame, b"1.2.840.113556.1.4.319"));
     }

@@ -155,38 +155,76 @@ pub enum EnvelopeError {
 /// A byte range inside the frame the envelope was read from.
 pub type Span = Range<u32>;
 
-fn span(t: Tlv) -> Span {
-    t.start as u32..t.end as u32
+/// Where a field of the envelope is in its frame, `start..end`; `0..0`
+/// when the message has no such field (none starts at 0, where the
+/// LDAPMessage header is). Eight bytes, where an `Option<Span>` takes
+/// twelve: the envelope is built and moved once per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct At {
+    start: u32,
+    end: u32,
 }
 
-/// What the proxy knows about one LDAPMessage.
+impl At {
+    #[inline]
+    fn of(t: Tlv) -> At {
+        At {
+            start: t.start as u32,
+            end: t.end as u32,
+        }
+    }
+
+    #[inline]
+    fn opt(t: Option<Tlv>) -> At {
+        t.map(At::of).unwrap_or_default()
+    }
+
+    #[inline]
+    fn is_some(self) -> bool {
+        self.end != 0
+    }
+
+    #[inline]
+    fn span(self) -> Option<Span> {
+        self.is_some().then_some(self.start..self.end)
+    }
+
+    #[inline]
+    fn bytes(self, frame: &[u8]) -> Option<&[u8]> {
+        self.is_some()
+            .then(|| &frame[self.start as usize..self.end as usize])
+    }
+}
+
+/// What the proxy knows about one LDAPMessage. The byte ranges of its
+/// fields are read with the `*_span` and `*_bytes` methods.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Envelope {
     /// messageID.
     pub msgid: i32,
     /// Identifier octet of protocolOp (see [`op`]).
     pub op: u8,
-    /// Target DN: bind name, search base, modify/add/delete/modDN/compare
-    /// entry; for a search result entry, its objectName.
-    pub dn: Option<Span>,
-    /// modDN newSuperior.
-    pub new_superior: Option<Span>,
-    /// Search scope (0 base, 1 one, 2 sub, 3 children...).
-    pub scope: Option<u32>,
     /// Bind authentication choice tag (see [`auth`]).
     pub bind_auth: Option<u8>,
-    /// SASL mechanism of a SASL bind.
-    pub sasl_mechanism: Option<Span>,
-    /// Extended request name, or extended/intermediate response name.
-    pub oid: Option<Span>,
-    /// Extended request/response value; a simple bind's password.
-    pub value: Option<Span>,
+    /// Search scope (0 base, 1 one, 2 sub, 3 children...).
+    pub scope: Option<u32>,
     /// Abandoned message ID of an abandon request.
     pub abandon_id: Option<i32>,
     /// Result code of a final response.
     pub result_code: Option<i64>,
+    /// Target DN: bind name, search base, modify/add/delete/modDN/compare
+    /// entry; for a search result entry, its objectName.
+    dn: At,
+    /// modDN newSuperior.
+    new_superior: At,
+    /// SASL mechanism of a SASL bind.
+    sasl_mechanism: At,
+    /// Extended request name, or extended/intermediate response name.
+    oid: At,
+    /// Extended request/response value; a simple bind's password.
+    value: At,
     /// The value of the `[0] Controls` element, if present.
-    pub controls: Option<Span>,
+    controls: At,
 }
 
 /// One control of a message (RFC 4511 section 4.1.11).
@@ -281,55 +319,57 @@ impl Envelope {
                 let c = cr.expect(0x30, "Control SEQUENCE")?;
                 read_control(frame, c)?;
             }
-            env.controls = Some(span(ctrls));
+            env.controls = At::of(ctrls);
         }
         Ok(env)
     }
 
+    #[inline]
     fn read_request(&mut self, frame: &[u8], body: Tlv) -> Result<(), BerError> {
         let mut r = Reader::inside(frame, body);
         match body.tag {
             op::BIND_REQUEST => {
                 r.expect(0x02, "bind version")?;
-                self.dn = Some(span(r.expect(0x04, "bind name")?));
+                self.dn = At::of(r.expect(0x04, "bind name")?);
                 let auth = r.next_tlv()?;
                 self.bind_auth = Some(auth.tag);
                 if auth.tag == auth::SIMPLE {
-                    self.value = Some(span(auth));
+                    self.value = At::of(auth);
                 }
                 if auth.tag == auth::SASL {
                     let mut s = Reader::inside(frame, auth);
-                    self.sasl_mechanism = Some(span(s.expect(0x04, "SASL mechanism")?));
+                    self.sasl_mechanism = At::of(s.expect(0x04, "SASL mechanism")?);
                 }
             }
             op::SEARCH_REQUEST => {
-                self.dn = Some(span(r.expect(0x04, "search base")?));
+                self.dn = At::of(r.expect(0x04, "search base")?);
                 let scope = r.expect(0x0a, "search scope")?;
                 self.scope = Some(decode_unsigned(scope.value(frame))?);
             }
             op::MODIFY_REQUEST | op::ADD_REQUEST | op::COMPARE_REQUEST => {
-                self.dn = Some(span(r.expect(0x04, "entry DN")?));
+                self.dn = At::of(r.expect(0x04, "entry DN")?);
             }
-            op::DEL_REQUEST => self.dn = Some(span(body)),
+            op::DEL_REQUEST => self.dn = At::of(body),
             op::MODDN_REQUEST => {
-                self.dn = Some(span(r.expect(0x04, "modDN entry")?));
+                self.dn = At::of(r.expect(0x04, "modDN entry")?);
                 r.expect(0x04, "modDN newrdn")?;
                 r.expect(0x01, "modDN deleteoldrdn")?;
-                self.new_superior = r.optional(0x80)?.map(span);
+                self.new_superior = At::opt(r.optional(0x80)?);
             }
             op::ABANDON_REQUEST => {
                 let id = decode_unsigned(body.value(frame))?;
                 self.abandon_id = Some(id.min(i32::MAX as u32) as i32);
             }
             op::EXTENDED_REQUEST => {
-                self.oid = Some(span(r.expect(0x80, "extended requestName")?));
-                self.value = r.optional(0x81)?.map(span);
+                self.oid = At::of(r.expect(0x80, "extended requestName")?);
+                self.value = At::opt(r.optional(0x81)?);
             }
             _ => {}
         }
         Ok(())
     }
 
+    #[inline]
     fn read_response(&mut self, frame: &[u8], body: Tlv) -> Result<(), BerError> {
         let mut r = Reader::inside(frame, body);
         match body.tag {
@@ -343,20 +383,20 @@ impl Envelope {
             | op::EXTENDED_RESPONSE => {
                 let code = r.expect(0x0a, "resultCode")?;
                 self.result_code = Some(decode_signed(code.value(frame))?);
-                self.dn = Some(span(r.expect(0x04, "matchedDN")?));
+                self.dn = At::of(r.expect(0x04, "matchedDN")?);
                 r.expect(0x04, "diagnosticMessage")?;
                 if body.tag == op::EXTENDED_RESPONSE {
                     r.optional(0xa3)?; // referral
-                    self.oid = r.optional(0x8a)?.map(span);
-                    self.value = r.optional(0x8b)?.map(span);
+                    self.oid = At::opt(r.optional(0x8a)?);
+                    self.value = At::opt(r.optional(0x8b)?);
                 }
             }
             op::SEARCH_RESULT_ENTRY => {
-                self.dn = Some(span(r.expect(0x04, "objectName")?));
+                self.dn = At::of(r.expect(0x04, "objectName")?);
             }
             op::INTERMEDIATE_RESPONSE => {
-                self.oid = r.optional(0x80)?.map(span);
-                self.value = r.optional(0x81)?.map(span);
+                self.oid = At::opt(r.optional(0x80)?);
+                self.value = At::opt(r.optional(0x81)?);
             }
             _ => {}
         }
@@ -369,43 +409,64 @@ impl Envelope {
         &frame[s.start as usize..s.end as usize]
     }
 
+    /// Where the target DN is in the frame.
+    #[inline]
+    pub fn dn_span(&self) -> Option<Span> {
+        self.dn.span()
+    }
+
+    /// Where the extended request/response value (a simple bind's
+    /// password) is in the frame.
+    #[inline]
+    pub fn value_span(&self) -> Option<Span> {
+        self.value.span()
+    }
+
+    /// The message carries controls.
+    #[inline]
+    pub fn has_controls(&self) -> bool {
+        self.controls.is_some()
+    }
+
     /// Target DN octets.
     pub fn dn_bytes<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
-        self.dn.as_ref().map(|s| Self::slice(frame, s))
+        self.dn.bytes(frame)
     }
 
     /// modDN newSuperior octets.
     pub fn new_superior_bytes<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
-        self.new_superior.as_ref().map(|s| Self::slice(frame, s))
+        self.new_superior.bytes(frame)
     }
 
     /// Extended request/response name octets.
     pub fn oid_bytes<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
-        self.oid.as_ref().map(|s| Self::slice(frame, s))
+        self.oid.bytes(frame)
     }
 
     /// Extended request/response value octets.
     pub fn value_bytes<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
-        self.value.as_ref().map(|s| Self::slice(frame, s))
+        self.value.bytes(frame)
     }
 
     /// A simple bind with an empty password: unauthenticated (anonymous,
     /// or RFC 4513 section 5.1.2's unauthenticated bind with a name).
     pub fn empty_simple_password(&self) -> bool {
-        self.bind_auth == Some(auth::SIMPLE) && self.value.as_ref().is_some_and(|v| v.is_empty())
+        self.bind_auth == Some(auth::SIMPLE)
+            && self.value.is_some()
+            && self.value.start == self.value.end
     }
 
     /// SASL mechanism octets.
     pub fn sasl_mechanism_bytes<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
-        self.sasl_mechanism.as_ref().map(|s| Self::slice(frame, s))
+        self.sasl_mechanism.bytes(frame)
     }
 
     /// The message's controls (validated when the envelope was read).
     pub fn controls<'a>(&self, frame: &'a [u8]) -> impl Iterator<Item = Control<'a>> + 'a {
-        let mut r = self
-            .controls
-            .as_ref()
-            .map(|s| Reader::new(frame, s.start as usize, s.end as usize));
+        let s = self.controls;
+        let mut r = s
+            .is_some()
+            .then(|| Reader::new(frame, s.start as usize, s.end as usize));
         std::iter::from_fn(move || {
             let r = r.as_mut()?;
             let c = r.next_tlv().ok()?;
@@ -570,6 +631,29 @@ mod tests {
         let env = Envelope::response(&frame).unwrap();
         assert!(!op::is_final_response(env.op));
         assert_eq!(env.dn_bytes(&frame).unwrap(), b"uid=a,dc=x");
+    }
+
+    #[test]
+    fn an_envelope_is_small() {
+        // Built and moved once per message on the hot path.
+        assert!(std::mem::size_of::<Envelope>() <= 88);
+    }
+
+    #[test]
+    fn absent_and_empty_fields() {
+        // An anonymous simple bind: an empty name and an empty password,
+        // both present.
+        let mut b = tlv(0x02, &[3]);
+        b.extend(tlv(0x04, b""));
+        b.extend(tlv(auth::SIMPLE, b""));
+        let frame = msg(&[0x01], &tlv(op::BIND_REQUEST, &b), None);
+        let env = Envelope::request(&frame).unwrap();
+        assert_eq!(env.dn_bytes(&frame), Some(&b""[..]));
+        assert!(env.dn_span().is_some());
+        assert!(env.empty_simple_password());
+        assert_eq!(env.oid_bytes(&frame), None);
+        assert!(!env.has_controls());
+        assert_eq!(env.controls(&frame).count(), 0);
     }
 
     #[test]

@@ -90,6 +90,34 @@ pub(super) enum Step {
     End(End),
 }
 
+/// What [`Requests::handle_now`] did.
+pub(super) enum Handled {
+    Done(Step),
+    /// Left to [`Requests::handle_later`].
+    Later(Later),
+}
+
+/// A request whose handling waits for something.
+pub(super) enum Later {
+    /// Admitted by the gate (it is in flight): to the journal, or to a
+    /// full upstream buffer.
+    Send(Envelope, Bytes),
+    /// Decided: to be carried out.
+    Decided(Slow, Envelope, Bytes),
+}
+
+/// The decisions [`Requests::handle_later`] carries out: the other ones
+/// ([`Decision::Gate`], [`Decision::Queue`], [`Decision::End`]) are
+/// carried out by [`Requests::handle_now`].
+pub(super) enum Slow {
+    Answer(LocalOp),
+    Refuse(LdapResultCode, String),
+    Abandon(Abandon),
+    Unbind,
+    StartTls,
+    CancelQueued(i32),
+}
+
 /// What woke the requests loop.
 pub(super) enum Event {
     Frame(Next),
@@ -341,7 +369,13 @@ impl Requests<'_> {
 
     /// Handles a frame and whatever else the client already sent.
     async fn on_frames(&mut self, first: Next) -> Step {
-        if let Step::End(e) = self.handle(first).await {
+        // `handle_now`, then `handle_later` only if needed: no `handle`
+        // future built per request.
+        let step = match self.handle_now(first) {
+            Handled::Done(step) => step,
+            Handled::Later(later) => self.handle_later(later).await,
+        };
+        if let Step::End(e) = step {
             return Step::End(e);
         }
         for _ in 0..BATCH {
@@ -350,7 +384,11 @@ impl Requests<'_> {
             }
             match buffered_frame(&self.client_in) {
                 Some(next) => {
-                    if let Step::End(e) = self.handle(next).await {
+                    let step = match self.handle_now(next) {
+                        Handled::Done(step) => step,
+                        Handled::Later(later) => self.handle_later(later).await,
+                    };
+                    if let Step::End(e) = step {
                         return Step::End(e);
                     }
                 }
@@ -374,29 +412,45 @@ impl Requests<'_> {
     /// One request frame: framed, read, decided ([`decide`]), then the
     /// decision carried out.
     async fn handle(&mut self, next: Next) -> Step {
+        match self.handle_now(next) {
+            Handled::Done(step) => step,
+            Handled::Later(later) => self.handle_later(later).await,
+        }
+    }
+
+    /// The part of [`Requests::handle`] that needs no waiting: a request
+    /// the gate admits with room in the upstream buffer and no journal (the
+    /// usual case), one that ends the session, joins the queue or is
+    /// refused by the gate's held check is done here, without building
+    /// the async path's future; anything else is left to
+    /// [`Requests::handle_later`].
+    #[inline]
+    fn handle_now(&mut self, next: Next) -> Handled {
         let frame = match next {
-            Ok(None) => return Step::End(End::ClientClosed),
+            Ok(None) => return Handled::Done(Step::End(End::ClientClosed)),
             Ok(Some(n)) => self.client_in.take(n),
-            Err(FrameError::Io(e)) => return Step::End(End::Io(IoAt::Read(Side::Client), e)),
+            Err(FrameError::Io(e)) => {
+                return Handled::Done(Step::End(End::Io(IoAt::Read(Side::Client), e)))
+            }
             Err(FrameError::TruncatedAtEof(n)) => {
                 debug!(conn = self.id, "client closed inside a message ({n} bytes)");
-                return Step::End(End::ClientClosed);
+                return Handled::Done(Step::End(End::ClientClosed));
             }
             Err(e) => {
                 if self.state.sasl_bound.load(Ordering::Relaxed) {
-                    return Step::End(End::SaslLayer(Side::Client));
+                    return Handled::Done(Step::End(End::SaslLayer(Side::Client)));
                 }
                 if matches!(e, FrameError::TooLarge { .. }) && !self.state.authenticated() {
-                    return Step::End(End::ClientProtocol(format!(
+                    return Handled::Done(Step::End(End::ClientProtocol(format!(
                         "{e} before a successful bind (max_pdu_bytes_anonymous)"
-                    )));
+                    ))));
                 }
-                return Step::End(End::ClientProtocol(e.to_string()));
+                return Handled::Done(Step::End(End::ClientProtocol(e.to_string())));
             }
         };
         let env = match Envelope::request(&frame) {
             Ok(env) => env,
-            Err(e) => return Step::End(End::ClientProtocol(e.to_string())),
+            Err(e) => return Handled::Done(Step::End(End::ClientProtocol(e.to_string()))),
         };
         count(&self.state.requests);
         if let Some(m) = &self.shared.metrics {
@@ -409,23 +463,24 @@ impl Requests<'_> {
             dn = %String::from_utf8_lossy(env.dn_bytes(&frame).unwrap_or_default()),
             "request"
         );
-        match decide(&env, &frame, &*self) {
+        let decision = decide(&env, &frame, &*self);
+        let later = match decision {
             Decision::Gate => {
                 if env.op == op::BIND_REQUEST {
                     // The identity is the one this bind's own response gives.
                     self.state.unbind_for_bind();
                 }
-                match self.admit(&env, &frame, None) {
+                return match self.admit(&env, &frame, None) {
                     Ok(true) => {
                         // Unjournaled with room in the upstream buffer (the
-                        // usual case): no `send_admitted` future to build.
+                        // usual case): nothing to wait for.
                         if self.shared.journal.is_none() && self.up_out.append(&frame) {
-                            Step::Continue
+                            Handled::Done(Step::Continue)
                         } else {
-                            self.send_admitted(&env, frame).await
+                            Handled::Later(Later::Send(env, frame))
                         }
                     }
-                    Ok(false) => Step::End(reused_id(env.msgid)),
+                    Ok(false) => Handled::Done(Step::End(reused_id(env.msgid))),
                     // Held: the in-flight table did not see the ID. A
                     // request reusing the ID of one in flight (or of an
                     // abandoned read) ends the session here too: queued, it
@@ -434,12 +489,14 @@ impl Requests<'_> {
                     // while the server may still answer it, and its answer
                     // would be taken for this request's (or this one's,
                     // dropped, for that one's).
-                    Err(_) if self.id_taken(env.msgid) => Step::End(reused_id(env.msgid)),
+                    Err(_) if self.id_taken(env.msgid) => {
+                        Handled::Done(Step::End(reused_id(env.msgid)))
+                    }
                     Err(class) => {
                         self.enqueue(frame, env, class, None);
-                        Step::Continue
+                        Handled::Done(Step::Continue)
                     }
-                }
+                };
             }
             Decision::Queue(local) => {
                 if env.op == op::BIND_REQUEST {
@@ -450,19 +507,36 @@ impl Requests<'_> {
                     None => self.classify(&env, &frame),
                 };
                 self.enqueue(frame, env, class, local);
-                Step::Continue
+                return Handled::Done(Step::Continue);
             }
-            Decision::Answer(what) => self.answer_locally(what, &env, &frame).await,
-            Decision::Refuse(code, message) => {
+            Decision::End(end) => return Handled::Done(Step::End(end)),
+            Decision::Answer(what) => Slow::Answer(what),
+            Decision::Refuse(code, message) => Slow::Refuse(code, message),
+            Decision::Abandon(what) => Slow::Abandon(what),
+            Decision::Unbind => Slow::Unbind,
+            Decision::StartTls => Slow::StartTls,
+            Decision::CancelQueued(target) => Slow::CancelQueued(target),
+        };
+        Handled::Later(Later::Decided(later, env, frame))
+    }
+
+    /// The rest of [`Requests::handle`] (see [`Requests::handle_now`]).
+    async fn handle_later(&mut self, later: Later) -> Step {
+        let (decision, env, frame) = match later {
+            Later::Send(env, frame) => return self.send_admitted(&env, frame).await,
+            Later::Decided(decision, env, frame) => (decision, env, frame),
+        };
+        match decision {
+            Slow::Answer(what) => self.answer_locally(what, &env, &frame).await,
+            Slow::Refuse(code, message) => {
                 debug!(conn = self.id, msgid = env.msgid, "refused: {message}");
                 match pdu::response_for(env.op, env.msgid, code, &message) {
                     Some(r) => self.reply_locally(r).await,
                     None => Step::Continue,
                 }
             }
-            Decision::End(end) => Step::End(end),
-            Decision::Abandon(what) => self.client_abandon(what, frame).await,
-            Decision::Unbind => {
+            Slow::Abandon(what) => self.client_abandon(what, frame).await,
+            Slow::Unbind => {
                 self.discard_queue(&End::Unbind);
                 if let Step::End(e) = self.feed(frame).await {
                     return Step::End(e);
@@ -472,8 +546,8 @@ impl Requests<'_> {
             // Boxed: the handshake's future is large (1.6 KB), and inline it
             // would make every request's `handle` future as large, built and
             // moved at each request.
-            Decision::StartTls => Box::pin(self.start_tls(&env, &frame)).await,
-            Decision::CancelQueued(target) => {
+            Slow::StartTls => Box::pin(self.start_tls(&env, &frame)).await,
+            Slow::CancelQueued(target) => {
                 if let Some(q) = self.unqueue(target) {
                     // RFC 3909: the cancelled operation ends with `canceled`,
                     // the cancel request with success.
@@ -773,12 +847,11 @@ impl Requests<'_> {
                         // unauthenticated (RFC 4513 section 5.1.2), whatever
                         // name it gives: it names no identity.
                         if env.bind_auth == Some(auth::SIMPLE) && !env.empty_simple_password() {
-                            entry.bind_dn_span = env.dn.clone();
+                            entry.bind_dn_span = env.dn_span().unwrap_or_default();
                         }
                     }
                     op::SEARCH_REQUEST => {
-                        if env.controls.is_some() && self.state.search_state.load(Ordering::SeqCst)
-                        {
+                        if env.has_controls() && self.state.search_state.load(Ordering::SeqCst) {
                             self.hand_back_search_state(env, frame);
                         }
                         entry.persistent = env.has_control(frame, oid::SYNC_REQUEST)
@@ -1131,8 +1204,7 @@ impl Requests<'_> {
         let engine = self.engine.clone();
         let who = self.requester();
         let value = env
-            .value
-            .as_ref()
+            .value_span()
             .map(|s| frame.slice(s.start as usize..s.end as usize));
         let local = self.local.clone();
         let msgid = env.msgid;

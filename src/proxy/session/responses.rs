@@ -404,7 +404,11 @@ impl Responses {
         if let Forwarded::Later(n, route) = self.forward_now(next)? {
             self.forward_later(n, route).await?;
         }
-        self.forward_buffered().await?;
+        // As `forward_buffered`, without its future when nothing waits.
+        let mut left = BATCH;
+        while let Some((n, route)) = self.forward_buffered_now(&mut left)? {
+            self.forward_later(n, route).await?;
+        }
         if self.partial && self.can_read() {
             // A search entry went last: its searchResultDone is usually on
             // its way. One yield (the runtime polls its sockets) lets it
@@ -424,20 +428,36 @@ impl Responses {
     /// Forwards the whole responses already in the read buffer (a batch at
     /// most).
     async fn forward_buffered(&mut self) -> Result<(), End> {
-        for _ in 0..BATCH {
+        let mut left = BATCH;
+        while let Some((n, route)) = self.forward_buffered_now(&mut left)? {
+            self.forward_later(n, route).await?;
+        }
+        Ok(())
+    }
+
+    /// The part of [`Responses::forward_buffered`] that needs no waiting:
+    /// forwards the responses in the read buffer until one needs
+    /// [`Responses::forward_later`] (returned: response `n`, routed), none
+    /// is left or the client cannot take more, or `left` (counted down
+    /// here) reaches 0.
+    #[inline]
+    fn forward_buffered_now(&mut self, left: &mut usize) -> Result<Option<(usize, Route)>, End> {
+        while *left > 0 {
+            *left -= 1;
             if !self.can_read() {
                 break;
             }
             match buffered_frame(&self.up_in) {
                 Some(next) => {
                     if let Forwarded::Later(n, route) = self.forward_now(next)? {
-                        self.forward_later(n, route).await?;
+                        return Ok(Some((n, route)));
                     }
                 }
                 None => break,
             }
         }
-        Ok(())
+        *left = 0;
+        Ok(None)
     }
 
     /// Writes the StartTLS response in clear, then waits while the
@@ -725,7 +745,7 @@ impl Responses {
                     }
                 }
             }
-            if req.op == op::SEARCH_REQUEST && env.controls.is_some() && self.carry_sessions {
+            if req.op == op::SEARCH_REQUEST && env.has_controls() && self.carry_sessions {
                 self.note_search_state(env, frame);
             }
             self.state.forget(&req);
