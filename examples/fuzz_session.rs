@@ -41,9 +41,9 @@ fn explain(path: &str) {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    if let Some(a) = std::env::args().nth(1).filter(|a| a == "--explain") {
-        let path = args.nth(1).unwrap_or_else(|| panic!("{a} FILE"));
+    let mut args = std::env::args().skip(1).peekable();
+    if args.next_if(|a| a == "--explain").is_some() {
+        let path = args.next().expect("--explain FILE");
         return explain(&path);
     }
     let dir = args

@@ -6,8 +6,8 @@
 mod script;
 mod session;
 
-pub use script::{describe_session_input, generated_inputs};
-pub use session::{check_session, session_runtimes_built, session_seed};
+pub use script::generated_inputs;
+pub use session::{check_session, describe_session_input, session_runtimes_built, session_seed};
 
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;

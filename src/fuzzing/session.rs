@@ -242,6 +242,71 @@ pub fn check_session(data: &[u8]) {
     );
 }
 
+/// A session input, one line a step: the header's settings, then each
+/// step, the client's messages decoded (`ldap3_proto`'s reading of them;
+/// bytes it cannot read shown as they are). To read what a finding did:
+/// `cargo run --features fuzzing --example fuzz_session -- --explain FILE`.
+pub fn describe_session_input(data: &[u8]) -> Vec<String> {
+    let Some(header) = data.first_chunk::<4>() else {
+        return vec![format!(
+            "{} bytes: shorter than the 4-byte header, not run",
+            data.len()
+        )];
+    };
+    let h = Harness::new(data);
+    let f = h.flags;
+    let mode = |bit| if f & bit != 0 { "stop" } else { "readonly" };
+    let mut out = vec![format!(
+        "header {header:02x?}: {} format; dc=example,dc=org {}, dc=other,dc=org {}; \
+         bind_is_write {}; the upstream {} binds and answers {}; \
+         queue_max_requests_per_conn {}, queue_max_bytes_per_conn {}, max_outstanding_per_conn {}",
+        if f & script::STRUCTURED != 0 {
+            "structured"
+        } else {
+            "raw"
+        },
+        mode(STOP_EXAMPLE),
+        mode(STOP_OTHER),
+        f & BIND_IS_WRITE != 0,
+        if f & REFUSE_BINDS != 0 {
+            "refuses"
+        } else {
+            "accepts"
+        },
+        if f & ANSWER_WHEN_TOLD != 0 {
+            "only when told"
+        } else {
+            "at once"
+        },
+        h.limits.queue_requests,
+        h.limits.queue_bytes,
+        h.limits.outstanding,
+    )];
+    for step in script::steps(f, h.data) {
+        let Step::Client(bytes) = step else {
+            out.push(format!("{step:?}"));
+            continue;
+        };
+        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        let mut codec = ldap3_proto::LdapCodec::new(Some(codec::DEFAULT_MAX_PDU), None);
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(m)) => out.push(format!("client {m:?}")),
+                Ok(None) if buf.is_empty() => break,
+                Ok(None) => {
+                    out.push(format!("client, incomplete: {:02x?}", &buf[..]));
+                    break;
+                }
+                Err(e) => {
+                    out.push(format!("client, unreadable ({e}): {:02x?}", &buf[..]));
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// What the scripted upstream saw.
 #[derive(Default)]
 struct UpLog {
@@ -264,6 +329,14 @@ struct ClientLog {
     eof: bool,
     violation: Option<String>,
 }
+
+/// Header flags (`header[0]`, the table at the top; `script::STRUCTURED`
+/// selects the format).
+const STOP_EXAMPLE: u8 = 1;
+const STOP_OTHER: u8 = 2;
+const BIND_IS_WRITE: u8 = 4;
+const REFUSE_BINDS: u8 = 8;
+const ANSWER_WHEN_TOLD: u8 = 16;
 
 #[derive(Clone, Copy)]
 struct Limits {
@@ -828,7 +901,7 @@ impl<'a> Harness<'a> {
         f.allowed_uids = vec![OPERATOR_UID];
         f.max_drain_secs = 3600;
         f.lease_secs = 3600;
-        f.bind_is_write = (self.flags & 4 != 0).into();
+        f.bind_is_write = (self.flags & BIND_IS_WRITE != 0).into();
         f.queue_max_requests_per_conn = self.limits.queue_requests;
         f.queue_max_bytes_per_conn = self.limits.queue_bytes;
         f.held_response_bytes_per_conn = 1024;
@@ -846,7 +919,7 @@ impl<'a> Harness<'a> {
         }
         let flags = self.flags;
         MAPS.with(|maps| {
-            maps.borrow_mut()[usize::from(flags & 3)]
+            maps.borrow_mut()[usize::from(flags & (STOP_EXAMPLE | STOP_OTHER))]
                 .get_or_insert_with(|| {
                     let mode = |bit| {
                         if flags & bit != 0 {
@@ -856,8 +929,8 @@ impl<'a> Harness<'a> {
                         }
                     };
                     BackendMap::new([
-                        ("dc=example,dc=org".to_string(), mode(1)),
-                        ("dc=other,dc=org".to_string(), mode(2)),
+                        ("dc=example,dc=org".to_string(), mode(STOP_EXAMPLE)),
+                        ("dc=other,dc=org".to_string(), mode(STOP_OTHER)),
                     ])
                     .expect("valid suffixes")
                 })
@@ -911,14 +984,14 @@ impl<'a> Harness<'a> {
         let up_log = Arc::new(Mutex::new(UpLog::default()));
         let client_log = Arc::new(Mutex::new(ClientLog::default()));
         let (up_tx, up_rx) = mpsc::unbounded_channel();
-        let manual = self.flags & 16 != 0;
+        let manual = self.flags & ANSWER_WHEN_TOLD != 0;
         tokio::spawn(upstream(
             up_from_proxy,
             up_to_proxy,
             up_rx,
             up_log.clone(),
             engine.clone(),
-            self.flags & 8 != 0,
+            self.flags & REFUSE_BINDS != 0,
             !manual,
         ));
         tokio::spawn(client_reader(client_r, client_log.clone()));
@@ -1244,6 +1317,34 @@ mod tests {
     use super::*;
     use crate::wire::pdu::encode;
     use ldap3_proto::proto::{LdapAddRequest, LdapAttribute, LdapMsg, LdapOp};
+
+    #[test]
+    fn an_input_is_described_a_step_a_line() {
+        use ldap3_proto::proto::{LdapMsg, LdapOp};
+        let unbind = crate::wire::pdu::encode(LdapMsg::new(3, LdapOp::UnbindRequest));
+        // Raw: the header (dc=example in stop mode, answers when told), an
+        // unbind, half of it again, OFF, a settle and check.
+        let mut input = vec![0x11, 0, 0, 0];
+        input.extend_from_slice(&unbind);
+        input.extend_from_slice(&[6, 2, 0x30, 0x05, 3, 4]);
+        let lines = super::describe_session_input(&input);
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(lines[0].contains("raw format; dc=example,dc=org stop, dc=other,dc=org readonly"));
+        assert!(lines[0].contains("answers only when told"));
+        assert!(
+            lines[1].contains("msgid: 3") && lines[1].contains("UnbindRequest"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("client, incomplete: [30, 05]"),
+            "{}",
+            lines[2]
+        );
+        assert_eq!(lines[3], "Off(None)");
+        assert_eq!(lines[4], "Settle { check: true }");
+        assert_eq!(super::describe_session_input(&[1, 2]).len(), 1);
+    }
 
     #[test]
     fn the_operator_is_the_labs_admin() {

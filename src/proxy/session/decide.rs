@@ -121,8 +121,9 @@ pub(super) fn decide(env: &Envelope, frame: &[u8], view: &impl View) -> Decision
     }
     // RFC 4511 section 4.1.1.1: a message ID must not be reused while its
     // request is outstanding (here: queued or answered later by the proxy;
-    // in flight is checked where it matters below, and by the in-flight
-    // table itself at the gate).
+    // in flight is checked where it matters below, by the in-flight table
+    // itself at the gate, and for a request the gate holds, by the requests
+    // loop: the lookup costs a lock, so a request that passes pays it once).
     let msgid = env.msgid;
     if (!view.queue_empty() && view.queued(msgid)) || view.answering(msgid) {
         return Decision::End(reused_id(msgid));
