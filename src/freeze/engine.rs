@@ -798,6 +798,12 @@ impl Engine {
         }
     }
 
+    /// True when no freeze is in place (none draining, frozen or
+    /// releasing).
+    pub fn thawed(&self) -> bool {
+        self.read_state().is_none()
+    }
+
     /// The backends of the freeze in place once its ON has succeeded
     /// (frozen, or releasing); `None` while thawed or draining.
     pub fn established(&self) -> Option<BackendSet> {

@@ -336,7 +336,7 @@ fn controls(w: &mut Ber, which: u8) {
 
 /// How many leading bytes of a big-endian `i64` a minimal INTEGER skips.
 #[inline]
-fn int_skip(bytes: &[u8; 8]) -> usize {
+pub(super) fn int_skip(bytes: &[u8; 8]) -> usize {
     let mut skip = 0;
     while skip < 7
         && ((bytes[skip] == 0 && bytes[skip + 1] & 0x80 == 0)
@@ -348,8 +348,8 @@ fn int_skip(bytes: &[u8; 8]) -> usize {
 }
 
 /// A BER INTEGER's contents, minimal.
-#[inline]
-pub(super) fn int(v: i64) -> Vec<u8> {
+#[cfg(test)]
+fn int(v: i64) -> Vec<u8> {
     let bytes = v.to_be_bytes();
     bytes[int_skip(&bytes)..].to_vec()
 }

@@ -257,6 +257,7 @@ pub fn decode_signed(v: &[u8]) -> Result<i64, BerError> {
 }
 
 /// Appends a definite BER length in the shortest form.
+#[inline]
 pub fn write_len(out: &mut Vec<u8>, len: usize) {
     if len < 0x80 {
         out.push(len as u8);
@@ -269,6 +270,9 @@ pub fn write_len(out: &mut Vec<u8>, len: usize) {
 }
 
 /// Appends one whole element: tag, length (shortest form) and value.
+/// `#[inline]` (and `write_len`'s) also compiles it into a caller outside
+/// this crate (the fuzz harness) rather than calling this crate's copy.
+#[inline]
 pub(crate) fn put_tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
     out.push(tag);
     write_len(out, value.len());
