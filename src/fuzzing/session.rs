@@ -1261,28 +1261,28 @@ impl<'a> Harness<'a> {
     #[inline]
     fn check_upstream_frames(&self, frames: &[Bytes], up: &[Bytes], froze: bool) {
         // Frames past the first the proxy must refuse (or an unbind) are
-        // never read.
-        let mut cut = frames.len();
+        // never read. Any Allow-Backup request may have frozen. One reading
+        // of each frame for both.
+        let mut cut = None;
+        let mut froze = froze;
         for (i, f) in frames.iter().enumerate() {
-            let env = match Envelope::request(f) {
-                Ok(e) => e,
-                Err(_) => {
-                    cut = i;
-                    break;
-                }
-            };
-            if env.op == op::UNBIND_REQUEST {
-                cut = i + 1;
+            if cut.is_some() && froze {
                 break;
             }
+            match Envelope::request(f) {
+                Err(_) => {
+                    cut.get_or_insert(i);
+                }
+                Ok(env) => {
+                    if env.op == op::UNBIND_REQUEST {
+                        cut.get_or_insert(i + 1);
+                    }
+                    froze |= env.op == op::EXTENDED_REQUEST
+                        && env.oid_bytes(f) == Some(abproxy_proto::ALLOW_BACKUP_OID.as_bytes());
+                }
+            }
         }
-        let froze = froze
-            || frames.iter().any(|f| {
-                Envelope::request(f).is_ok_and(|e| {
-                    e.op == op::EXTENDED_REQUEST
-                        && e.oid_bytes(f) == Some(abproxy_proto::ALLOW_BACKUP_OID.as_bytes())
-                })
-            });
+        let cut = cut.unwrap_or(frames.len());
         let mut last_any = None;
         let mut last_abandon = None;
         for f in up {
