@@ -1477,10 +1477,15 @@ mod tests {
     }
 
     fn root_dse(msgid: i32) -> Bytes {
+        base_search(msgid, "")
+    }
+
+    /// A base-scope search of `base` for any entry.
+    fn base_search(msgid: i32, base: &str) -> Bytes {
         msg(
             msgid,
             LdapOp::SearchRequest(ldap3_proto::proto::LdapSearchRequest {
-                base: String::new(),
+                base: base.into(),
                 scope: ldap3_proto::proto::LdapSearchScope::Base,
                 aliases: ldap3_proto::proto::LdapDerefAliases::Never,
                 sizelimit: 0,
@@ -1500,16 +1505,6 @@ mod tests {
     fn the_scripted_answers_decode() {
         use ldap3_proto::proto::LdapResultCode;
         let long = format!("cn={},dc=example,dc=org", "x".repeat(300));
-        let mut search = ldap3_proto::proto::LdapSearchRequest {
-            base: long.clone(),
-            scope: ldap3_proto::proto::LdapSearchScope::Base,
-            aliases: ldap3_proto::proto::LdapDerefAliases::Never,
-            sizelimit: 0,
-            timelimit: 0,
-            typesonly: false,
-            filter: ldap3_proto::proto::LdapFilter::Present("objectClass".into()),
-            attrs: vec![],
-        };
         let decoded = |frame: &Bytes, refuse: bool| {
             let mut out = Vec::new();
             answers(frame, refuse, &mut out).unwrap();
@@ -1546,8 +1541,7 @@ mod tests {
         assert_eq!((m.len(), m[0].msgid), (1, 65535));
         assert_eq!(code(&m[0].op), LdapResultCode::Success);
         for base in [long, String::new()] {
-            search.base = base.clone();
-            let m = decoded(&msg(i32::MAX, LdapOp::SearchRequest(search.clone())), false);
+            let m = decoded(&base_search(i32::MAX, &base), false);
             assert_eq!(m.len(), 2);
             assert!(m.iter().all(|m| m.msgid == i32::MAX));
             match &m[0].op {
