@@ -22,9 +22,14 @@
 /// normalised AVAs sorted, joined by `+`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct NormDn {
-    rdns: Vec<String>,
-    /// Per RDN: normalised exactly as the server would (see the module).
-    sure: Vec<bool>,
+    /// The RDNs one after the other, a `,` between two (what `Display`
+    /// shows): one allocation for the whole DN, not one per RDN. A `,` in
+    /// it is not always a separator (a value may hold one): `rdns` says
+    /// where each RDN ends.
+    text: String,
+    /// Per RDN: where it ends in `text`, and whether it is normalised
+    /// exactly as the server would (see the module).
+    rdns: Vec<(usize, bool)>,
 }
 
 /// Whether a DN lies under a suffix.
@@ -272,12 +277,15 @@ impl NormDn {
         if c.peek().is_none() {
             return Some(NormDn::default());
         }
+        // Normalised, a DN is seldom longer than as given.
         let mut out = NormDn {
+            text: String::with_capacity(dn.len()),
             rdns: Vec::with_capacity(4),
-            sure: Vec::with_capacity(4),
         };
-        // The AVAs of a multi-valued RDN before the last; most RDNs have one.
-        let mut avas: Vec<String> = Vec::new();
+        // Where the current RDN starts in `out.text`, and where its AVAs
+        // before the last end (a multi-valued RDN; most have one AVA).
+        let mut rdn_start = 0;
+        let mut ava_ends: Vec<usize> = Vec::new();
         // Each value, decoded and folded: one buffer for all.
         let mut raw = Vec::with_capacity(dn.len());
         let mut sure = true;
@@ -294,42 +302,47 @@ impl NormDn {
             c.i += eq + 1;
             let certain = c.value(&mut raw)?;
             sure &= certain;
-            // The type's name is no longer than as given.
-            let mut ava = String::with_capacity(eq + 1 + raw.len());
-            sure &= push_type(t, &mut ava);
-            ava.push('=');
+            sure &= push_type(t, &mut out.text);
+            out.text.push('=');
             if certain {
                 // A value normalised with certainty is ASCII.
-                ava.extend(raw.iter().map(|&b| char::from(b)));
+                out.text.extend(raw.iter().map(|&b| char::from(b)));
             } else {
-                ava.push_str(std::str::from_utf8(&raw).unwrap_or_default());
+                out.text
+                    .push_str(std::str::from_utf8(&raw).unwrap_or_default());
             }
             match c.peek() {
                 Some(b'+') => {
-                    avas.push(ava);
+                    ava_ends.push(out.text.len());
                     c.i += 1;
                     continue;
                 }
                 sep => {
-                    let rdn = if avas.is_empty() {
-                        ava
-                    } else {
-                        avas.push(ava);
-                        avas.sort();
-                        let joined = avas.join("+");
-                        avas.clear();
-                        joined
-                    };
-                    out.rdns.push(rdn);
-                    out.sure.push(sure);
+                    if !ava_ends.is_empty() {
+                        sort_avas(&mut out.text, rdn_start, &ava_ends);
+                        ava_ends.clear();
+                    }
+                    out.rdns.push((out.text.len(), sure));
                     sure = true;
                     if sep.is_none() {
                         return Some(out);
                     }
+                    out.text.push(',');
+                    rdn_start = out.text.len();
                     c.i += 1;
                 }
             }
         }
+    }
+
+    /// RDN `i` and whether it is normalised with certainty.
+    fn rdn(&self, i: usize) -> (&str, bool) {
+        let start = match i {
+            0 => 0,
+            _ => self.rdns[i - 1].0 + 1,
+        };
+        let (end, sure) = self.rdns[i];
+        (&self.text[start..end], sure)
     }
 
     /// True for the root DSE's empty DN.
@@ -355,11 +368,13 @@ impl NormDn {
         }
         let skip = self.rdns.len() - suffix.rdns.len();
         let mut answer = Within::Yes;
-        for (k, theirs) in suffix.rdns.iter().enumerate() {
-            if self.rdns[skip + k] == *theirs {
+        for k in 0..suffix.rdns.len() {
+            let (mine, mine_sure) = self.rdn(skip + k);
+            let (theirs, theirs_sure) = suffix.rdn(k);
+            if mine == theirs {
                 continue;
             }
-            if self.sure[skip + k] && suffix.sure[k] {
+            if mine_sure && theirs_sure {
                 return Within::No;
             }
             answer = Within::Maybe;
@@ -369,13 +384,28 @@ impl NormDn {
 
     /// True when every RDN was normalised with certainty.
     pub fn is_sure(&self) -> bool {
-        self.sure.iter().all(|&s| s)
+        self.rdns.iter().all(|&(_, sure)| sure)
     }
+}
+
+/// Sorts the AVAs of the RDN that starts at `start` in `text` (and runs to
+/// its end), joined by `+`: `ends` are where each but the last ends.
+fn sort_avas(text: &mut String, start: usize, ends: &[usize]) {
+    let mut from = start;
+    let mut avas: Vec<String> = Vec::with_capacity(ends.len() + 1);
+    for &end in ends {
+        avas.push(text[from..end].to_string());
+        from = end;
+    }
+    avas.push(text[from..].to_string());
+    avas.sort();
+    text.truncate(start);
+    text.push_str(&avas.join("+"));
 }
 
 impl std::fmt::Display for NormDn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.rdns.join(","))
+        f.write_str(&self.text)
     }
 }
 
