@@ -94,7 +94,6 @@
 //! session ends when the client closes (once a freeze holding a full queue
 //! ends), and then nothing stays queued or in flight.
 
-use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -1059,6 +1058,8 @@ impl<'a> Harness<'a> {
 
         // Run the steps.
         let mut stream = ClientStream::new();
+        // The client's messages, one after the other: each a slice of it.
+        let mut arena = BytesMut::with_capacity(2 * self.data.len() + 512);
         let mut froze = false;
         let mut timed_ons = 0;
         for step in script::steps(self.flags, self.data) {
@@ -1069,10 +1070,10 @@ impl<'a> Harness<'a> {
             }
             match step {
                 Step::Client(b) => {
-                    let b = match b {
-                        Cow::Borrowed(b) => Bytes::copy_from_slice(b),
-                        Cow::Owned(v) => Bytes::from(v),
-                    };
+                    // Shared with the stream's frames: a slice of the
+                    // arena, not a buffer (and its header) of its own.
+                    arena.extend_from_slice(&b);
+                    let b = arena.split().freeze();
                     stream.extend(&b);
                     let _ = chunk_tx.send(b);
                 }
