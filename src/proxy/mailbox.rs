@@ -110,13 +110,21 @@ impl<R: PollRecv> Inbox<R> {
     }
 
     /// [`Inbox::recv`] as a poll, for a loop that polls its sources by
-    /// hand.
-    #[inline]
+    /// hand. The usual poll, an empty inbox whose wakers are in place, is inlined
+    /// into the loop: two loads, no call.
+    #[inline(always)]
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<R::Item>> {
+        if self.armed && !self.flag.up.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        self.poll_channel(cx)
+    }
+
+    /// [`Inbox::poll_recv`] past its fast path: the flag is up, or the
+    /// last poll did not end `Pending`.
+    #[inline(never)]
+    fn poll_channel(&mut self, cx: &mut Context<'_>) -> Poll<Option<R::Item>> {
         if self.armed {
-            if !self.flag.up.load(Ordering::Acquire) {
-                return Poll::Pending;
-            }
             self.flag.up.store(false, Ordering::Relaxed);
             self.armed = false;
         }

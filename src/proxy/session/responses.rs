@@ -383,7 +383,11 @@ impl Responses {
             let turn = match woke {
                 Woke::Local(l) => self.on_local(l).await,
                 Woke::Epoch => self.release_held().await,
-                Woke::Read(next) => self.forward_read(next).await,
+                Woke::Read(next) => match self.forward_read_now(next) {
+                    Ok(None) => Ok(()),
+                    Ok(Some(rest)) => self.forward_read_rest(rest).await,
+                    Err(e) => Err(e),
+                },
             };
             if let Err(e) = turn {
                 return e;
@@ -399,15 +403,40 @@ impl Responses {
     }
 
     /// Forwards a response just read, then the others already read (a
-    /// batch at most).
-    async fn forward_read(&mut self, next: Next) -> Result<(), End> {
+    /// batch at most): the part that needs no waiting (the usual case),
+    /// without building [`Responses::forward_read_rest`]'s future; `Some`:
+    /// what is left for it.
+    #[inline]
+    fn forward_read_now(&mut self, next: Next) -> Result<Option<Rest>, End> {
         if let Forwarded::Later(n, route) = self.forward_now(next)? {
-            self.forward_later(n, route).await?;
+            return Ok(Some(Rest {
+                left: BATCH,
+                later: Some((n, route)),
+            }));
         }
-        // As `forward_buffered`, without its future when nothing waits.
         let mut left = BATCH;
-        while let Some((n, route)) = self.forward_buffered_now(&mut left)? {
+        if let Some(later) = self.forward_buffered_now(&mut left)? {
+            return Ok(Some(Rest {
+                left,
+                later: Some(later),
+            }));
+        }
+        if self.partial && self.can_read() {
+            return Ok(Some(Rest { left, later: None }));
+        }
+        Ok(None)
+    }
+
+    /// The rest of [`Responses::forward_read_now`]: a response that waits
+    /// for something, the batch's others after it, and the yield after a
+    /// search entry.
+    async fn forward_read_rest(&mut self, rest: Rest) -> Result<(), End> {
+        let mut left = rest.left;
+        if let Some((n, route)) = rest.later {
             self.forward_later(n, route).await?;
+            while let Some((n, route)) = self.forward_buffered_now(&mut left)? {
+                self.forward_later(n, route).await?;
+            }
         }
         if self.partial && self.can_read() {
             // A search entry went last: its searchResultDone is usually on
@@ -582,11 +611,17 @@ impl Responses {
         if self.outcome.get().1 != 0 && !matches!(route, Route::Drop) {
             return Ok(Forwarded::Later(n, route));
         }
-        match route {
-            Route::Forward if self.client_out.append(frame) => {}
-            Route::Drop => {}
-            route => return Ok(Forwarded::Later(n, route)),
+        let done = match &route {
+            Route::Forward => self.client_out.append(frame),
+            Route::Drop => true,
+            _ => false,
+        };
+        if !done {
+            return Ok(Forwarded::Later(n, route));
         }
+        // Forward or Drop: nothing in it to drop (no call to its drop glue
+        // per response).
+        std::mem::forget(route);
         self.outcome.set((0, 0));
         self.up_in.skip(n);
         Ok(Forwarded::Done)
@@ -822,7 +857,14 @@ enum Woke {
     Read(Next),
 }
 
-/// What to do with one response frame.
+/// What [`Responses::forward_read_now`] left to
+/// [`Responses::forward_read_rest`]: the batch's count, and the response
+/// that waits (none: only the yield after a search entry).
+struct Rest {
+    left: usize,
+    later: Option<(usize, Route)>,
+}
+
 /// What [`Responses::forward_now`] did.
 enum Forwarded {
     Done,
@@ -830,6 +872,7 @@ enum Forwarded {
     Later(usize, Route),
 }
 
+/// What to do with one response frame.
 pub(super) enum Route {
     Forward,
     Rewrite(Bytes),
