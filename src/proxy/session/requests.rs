@@ -106,6 +106,14 @@ pub(super) enum Later {
     Decided(Slow, Envelope, Bytes),
 }
 
+/// What [`Requests::on_frames_now`] did with the frames it read.
+pub(super) enum Frames {
+    Done(Step),
+    /// A request left to [`Requests::handle_later`], and how many more
+    /// frames the batch may take after it.
+    Later(Later, usize),
+}
+
 /// The decisions [`Requests::handle_later`] carries out: the other ones
 /// ([`Decision::Gate`], [`Decision::Queue`], [`Decision::End`]) are
 /// carried out by [`Requests::handle_now`].
@@ -343,7 +351,14 @@ impl Requests<'_> {
                 }
                 Event::Frame(f) => {
                     active = true;
-                    match self.on_frames(f).await {
+                    // `on_frames_now`, then `on_frames_rest` only if a
+                    // request waits for something: no future built per
+                    // read otherwise.
+                    let step = match self.on_frames_now(f) {
+                        Frames::Done(step) => step,
+                        Frames::Later(later, left) => self.on_frames_rest(later, left).await,
+                    };
+                    match step {
                         // Requests queued while the session waits to be
                         // carried go once the freeze no longer holds them.
                         Step::Continue if self.state.upstream_lost.load(Ordering::Relaxed) => {
@@ -367,35 +382,51 @@ impl Requests<'_> {
         }
     }
 
-    /// Handles a frame and whatever else the client already sent.
-    async fn on_frames(&mut self, first: Next) -> Step {
-        // `handle_now`, then `handle_later` only if needed: no `handle`
-        // future built per request.
-        let step = match self.handle_now(first) {
-            Handled::Done(step) => step,
-            Handled::Later(later) => self.handle_later(later).await,
-        };
-        if let Step::End(e) = step {
-            return Step::End(e);
+    /// Handles a frame and whatever else the client already sent (a batch
+    /// at most): the part that needs no waiting, the usual case, without
+    /// building [`Requests::on_frames_rest`]'s future.
+    #[inline]
+    fn on_frames_now(&mut self, first: Next) -> Frames {
+        match self.handle_now(first) {
+            Handled::Done(Step::Continue) => self.more_frames_now(BATCH),
+            Handled::Done(end) => Frames::Done(end),
+            Handled::Later(later) => Frames::Later(later, BATCH),
         }
-        for _ in 0..BATCH {
+    }
+
+    /// The frames already buffered, `left` at most (see
+    /// [`Requests::on_frames_now`]).
+    #[inline]
+    fn more_frames_now(&mut self, mut left: usize) -> Frames {
+        while left > 0 {
+            left -= 1;
             if !self.has_room() {
                 break;
             }
-            match buffered_frame(&self.client_in) {
-                Some(next) => {
-                    let step = match self.handle_now(next) {
-                        Handled::Done(step) => step,
-                        Handled::Later(later) => self.handle_later(later).await,
-                    };
-                    if let Step::End(e) = step {
-                        return Step::End(e);
-                    }
-                }
-                None => break,
+            let Some(next) = buffered_frame(&self.client_in) else {
+                break;
+            };
+            match self.handle_now(next) {
+                Handled::Done(Step::Continue) => {}
+                Handled::Done(end) => return Frames::Done(end),
+                Handled::Later(later) => return Frames::Later(later, left),
             }
         }
-        Step::Continue
+        Frames::Done(Step::Continue)
+    }
+
+    /// The rest of [`Requests::on_frames_now`]: a request that waits for
+    /// something, then the batch's others.
+    async fn on_frames_rest(&mut self, mut later: Later, mut left: usize) -> Step {
+        loop {
+            if let Step::End(e) = self.handle_later(later).await {
+                return Step::End(e);
+            }
+            match self.more_frames_now(left) {
+                Frames::Done(step) => return step,
+                Frames::Later(l, n) => (later, left) = (l, n),
+            }
+        }
     }
 
     async fn flush(&mut self) -> Step {
