@@ -171,6 +171,7 @@ impl InFlightTable {
     /// returned. Entries, references and intermediate responses do not.
     /// A bind's frees the IDs of the reads abandoned before it; an
     /// abandoned read's own frees its ID.
+    #[inline]
     pub fn response(&mut self, msgid: i32, response_op: u8) -> Option<InFlight> {
         if !op::is_final_response(response_op) {
             return None;
@@ -504,9 +505,15 @@ impl Suppressed {
     }
 
     /// Responses to `msgid` are suppressed: the server may still answer it.
-    #[inline]
+    /// (Inlined: the usual answer, nothing suppressed, is one load.)
+    #[inline(always)]
     pub fn contains(&self, msgid: i32) -> bool {
-        self.any() && lock(&self.ids).contains(&msgid)
+        self.any() && self.holds(msgid)
+    }
+
+    #[inline(never)]
+    fn holds(&self, msgid: i32) -> bool {
+        lock(&self.ids).contains(&msgid)
     }
 
     /// The server is done with every suppressed ID (it answered a bind, or
@@ -519,11 +526,15 @@ impl Suppressed {
     }
 
     /// Whether a response to `msgid` is dropped; a final one ends the
-    /// suppression of its ID.
+    /// suppression of its ID. (Inlined: the usual answer, nothing
+    /// suppressed, is one load.)
+    #[inline(always)]
     pub fn drops(&self, msgid: i32, final_response: bool) -> bool {
-        if !self.any() {
-            return false;
-        }
+        self.any() && self.take(msgid, final_response)
+    }
+
+    #[inline(never)]
+    fn take(&self, msgid: i32, final_response: bool) -> bool {
         let mut s = lock(&self.ids);
         if !s.contains(&msgid) {
             return false;

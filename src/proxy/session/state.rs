@@ -131,6 +131,7 @@ impl SessionState {
     /// Records a request about to be sent upstream; false (and nothing
     /// recorded) when a request with the same message ID is outstanding.
     /// A bind ends the connection's persistent searches (as slapd does).
+    #[inline]
     pub(super) fn start(&self, msgid: i32, entry: InFlight) -> bool {
         let special = entry.root_dse || entry.persistent;
         let persistent = entry.persistent;
