@@ -1842,6 +1842,31 @@ mod tests {
         assert_eq!(e.status(&admin()).unwrap().in_flight, 5);
     }
 
+    /// The identity a requester is known by: the bound DN first, then the
+    /// certificate's subject, then the peer credentials in slapd's form.
+    #[test]
+    fn identities_and_names() {
+        let mut r = Requester {
+            conn: 7,
+            bound_dn: None,
+            peer_uid: None,
+            cert_subject: None,
+        };
+        assert_eq!(
+            (r.identity(), r.name()),
+            (None, "anonymous (conn 7)".into())
+        );
+        r.peer_uid = Some((1000, 100));
+        let cred = "gidNumber=100+uidNumber=1000,cn=peercred,cn=external,cn=auth";
+        assert_eq!(r.identity().as_deref(), Some(cred));
+        assert_eq!(r.name(), format!("{cred} (conn 7)"));
+        r.cert_subject = Some("CN=op,O=x".into());
+        assert_eq!(r.identity().as_deref(), Some("CN=op,O=x"));
+        r.bound_dn = Some("cn=admin,dc=example,dc=org".into());
+        assert_eq!(r.identity().as_deref(), Some("cn=admin,dc=example,dc=org"));
+        assert_eq!(r.name(), "cn=admin,dc=example,dc=org (conn 7)");
+    }
+
     fn admin() -> Requester {
         Requester {
             conn: 1,
