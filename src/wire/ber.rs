@@ -279,6 +279,18 @@ pub(crate) fn put_tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
+/// The length of an element with a one-byte tag whose contents are `len`
+/// bytes long: the tag, the length (shortest form, as [`write_len`]
+/// writes it) and the contents.
+#[inline]
+pub(crate) fn tlv_len(len: usize) -> usize {
+    let len_of_len = match len {
+        0..0x80 => 1,
+        _ => 1 + (usize::BITS - len.leading_zeros()).div_ceil(8) as usize,
+    };
+    1 + len_of_len + len
+}
+
 /// One whole element, tag, length and value (tests build PDUs with it).
 #[cfg(test)]
 pub(crate) fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
@@ -290,6 +302,15 @@ pub(crate) fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tlv_len_is_what_put_tlv_writes() {
+        for len in [0, 1, 0x7f, 0x80, 0xff, 0x100, 0xffff, 0x10000, 0x123456] {
+            let mut v = Vec::new();
+            put_tlv(&mut v, 0x04, &vec![0; len]);
+            assert_eq!(tlv_len(len), v.len(), "{len}");
+        }
+    }
 
     #[test]
     fn short_and_long_lengths() {

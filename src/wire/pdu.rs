@@ -1,12 +1,14 @@
 //! PDUs the proxy writes itself (it never re-encodes a PDU it did not author):
 //! extended responses, the Notice of Disconnection and plain result messages.
-//! Encoded with `ldap3_proto`'s types and codec.
+//! Built with `ldap3_proto`'s types, written from its BER tree
+//! ([`encode`]); read back with its codec.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use ldap3_lber::structure::{StructureTag, PL};
 use ldap3_proto::proto::{LdapExtendedResponse, LdapMsg, LdapOp, LdapResult, LdapResultCode};
 use ldap3_proto::LdapCodec;
 
+use super::ber;
 use super::envelope::{oid, op};
 
 /// Encodes one message: `ldap3_proto` turns it into its BER tree
@@ -20,9 +22,9 @@ use super::envelope::{oid, op};
 /// high-tag-number form): a test compares the two writers.
 pub fn encode(msg: LdapMsg) -> Bytes {
     let tag: StructureTag = msg.into();
-    let mut buf = BytesMut::with_capacity(tag_len(&tag));
+    let mut buf = Vec::with_capacity(tag_len(&tag));
     put_tag(&mut buf, &tag);
-    buf.freeze()
+    Bytes::from(buf)
 }
 
 /// The length of an element's contents.
@@ -33,44 +35,38 @@ fn content_len(tag: &StructureTag) -> usize {
     }
 }
 
+/// The bytes of a tag number past 30 (the high-tag-number form: seven
+/// bits a byte, after the first byte's 0x1f).
+fn high_tag_bytes(id: u64) -> usize {
+    (64 - id.leading_zeros() as usize).div_ceil(7)
+}
+
 /// The length of a whole element: identifier, length, contents.
 fn tag_len(tag: &StructureTag) -> usize {
-    let n = content_len(tag);
-    let id = match tag.id {
-        0..=30 => 1,
-        id => 1 + (64 - id.leading_zeros() as usize).div_ceil(7),
+    let high = if tag.id > 30 {
+        high_tag_bytes(tag.id)
+    } else {
+        0
     };
-    let len = match n {
-        0..=127 => 1,
-        n => 1 + (usize::BITS - n.leading_zeros()).div_ceil(8) as usize,
-    };
-    id + len + n
+    high + ber::tlv_len(content_len(tag))
 }
 
 /// Writes an element as `ldap3_lber` does (see [`encode`]).
-fn put_tag(buf: &mut BytesMut, tag: &StructureTag) {
+fn put_tag(buf: &mut Vec<u8>, tag: &StructureTag) {
     let constructed = matches!(tag.payload, PL::C(_));
     let first = (tag.class as u8) << 6 | u8::from(constructed) << 5;
     if tag.id <= 30 {
-        buf.put_u8(first | tag.id as u8);
+        buf.push(first | tag.id as u8);
     } else {
-        buf.put_u8(first | 0x1f);
-        let groups = (64 - tag.id.leading_zeros() as usize).div_ceil(7);
-        for g in (0..groups).rev() {
+        buf.push(first | 0x1f);
+        for g in (0..high_tag_bytes(tag.id)).rev() {
             let more = if g > 0 { 0x80 } else { 0 };
-            buf.put_u8(((tag.id >> (7 * g)) & 0x7f) as u8 | more);
+            buf.push(((tag.id >> (7 * g)) & 0x7f) as u8 | more);
         }
     }
-    let n = content_len(tag);
-    if n < 128 {
-        buf.put_u8(n as u8);
-    } else {
-        let bytes = (usize::BITS - n.leading_zeros()).div_ceil(8) as usize;
-        buf.put_u8(0x80 | bytes as u8);
-        buf.put_slice(&n.to_be_bytes()[std::mem::size_of::<usize>() - bytes..]);
-    }
+    ber::write_len(buf, content_len(tag));
     match &tag.payload {
-        PL::P(v) => buf.put_slice(v),
+        PL::P(v) => buf.extend_from_slice(v),
         PL::C(inner) => inner.iter().for_each(|t| put_tag(buf, t)),
     }
 }
@@ -231,9 +227,13 @@ mod tests {
                 };
                 let mut want = BytesMut::new();
                 ldap3_lber::write::encode_into(&mut want, tag.clone()).unwrap();
-                let mut got = BytesMut::with_capacity(tag_len(&tag));
+                let mut got = Vec::with_capacity(tag_len(&tag));
                 put_tag(&mut got, &tag);
-                assert_eq!((got.len(), &got), (tag_len(&tag), &want), "tag {id}");
+                assert_eq!(
+                    (got.len(), &got[..]),
+                    (tag_len(&tag), &want[..]),
+                    "tag {id}"
+                );
             }
         }
     }
