@@ -592,6 +592,8 @@ mod tests {
             "uid=a , dc=example ; dc=org",
             "uid=a,dc=#04076578616d706c65,dc=org",
             "uid=a,0.9.2342.19200300.100.1.25=EXAMPLE,dc=org",
+            // Plain but in capitals (NormDn's one-pass reading).
+            "UID=A,DC=Example,DC=ORG",
         ] {
             assert_eq!(write_to(dn).backends, BackendSet(0b001), "{dn}");
         }
