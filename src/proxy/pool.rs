@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures::task::AtomicWaker;
 use tracing::error;
 
 type Job = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -56,6 +55,7 @@ impl Pools {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % pools.len();
         let pool = &pools[i];
         lock(&pool.incoming).push(Box::pin(f));
+        pool.has_incoming.store(true, Ordering::Release);
         pool.notify();
     }
 }
@@ -82,19 +82,35 @@ fn start() -> Vec<Arc<Inner>> {
 }
 
 /// What a pool shares with its wakers and its [`Pools`].
-#[derive(Default)]
 struct Inner {
     /// Futures to take in.
     incoming: Mutex<Vec<Job>>,
+    /// `incoming` may hold some (no lock taken to find it empty).
+    has_incoming: AtomicBool,
     /// Indices of the futures woken since the pool last looked.
     ready: Mutex<Vec<usize>>,
-    /// The pool's task.
-    parent: AtomicWaker,
-    /// The pool's task was woken since its last poll began: later wake-ups
-    /// leave `parent` alone.
+    /// The pool's task (its waker, set at its first poll: a task's waker
+    /// stays the same for its life).
+    parent: OnceLock<Waker>,
+    /// The pool's task was woken since its last poll began (or its first
+    /// poll has not begun): later wake-ups leave it alone.
     notified: AtomicBool,
     /// No future will be spawned any more.
     closed: AtomicBool,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            incoming: Mutex::default(),
+            has_incoming: AtomicBool::new(false),
+            ready: Mutex::default(),
+            parent: OnceLock::new(),
+            // Its first poll takes whatever came before.
+            notified: AtomicBool::new(true),
+            closed: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Inner {
@@ -102,7 +118,9 @@ impl Inner {
     #[inline]
     fn notify(&self) {
         if !self.notified.load(Ordering::Acquire) && !self.notified.swap(true, Ordering::AcqRel) {
-            self.parent.wake();
+            if let Some(parent) = self.parent.get() {
+                parent.wake_by_ref();
+            }
         }
     }
 }
@@ -148,28 +166,32 @@ async fn run(inner: Arc<Inner>) {
     // allocation per turn).
     let mut batch: Vec<usize> = Vec::new();
     std::future::poll_fn(|cx| {
-        inner.parent.register(cx.waker());
-        // Before anything is taken: a wake-up from now on wakes the task
-        // again.
-        inner.notified.store(false, Ordering::Release);
+        inner.parent.get_or_init(|| cx.waker().clone());
         let mut polled = 0usize;
         loop {
-            for job in std::mem::take(&mut *lock(&inner.incoming)) {
-                let index = free.pop().unwrap_or_else(|| {
-                    entries.push(None);
-                    entries.len() - 1
-                });
-                let slot = Arc::new(Slot {
-                    index,
-                    queued: AtomicBool::new(true),
-                    inner: inner.clone(),
-                });
-                let waker = Waker::from(slot.clone());
-                entries[index] = Some(Entry { job, slot, waker });
-                live += 1;
-                lock(&inner.ready).push(index);
-            }
+            // Before anything is taken: a wake-up from now on wakes the
+            // task again (and asks for another round below).
+            inner.notified.store(false, Ordering::Release);
+            // `batch` is empty here: it takes the ready list whole, and
+            // gives `inner` back an empty one with its room.
             std::mem::swap(&mut *lock(&inner.ready), &mut batch);
+            if inner.has_incoming.swap(false, Ordering::AcqRel) {
+                for job in std::mem::take(&mut *lock(&inner.incoming)) {
+                    let index = free.pop().unwrap_or_else(|| {
+                        entries.push(None);
+                        entries.len() - 1
+                    });
+                    let slot = Arc::new(Slot {
+                        index,
+                        queued: AtomicBool::new(true),
+                        inner: inner.clone(),
+                    });
+                    let waker = Waker::from(slot.clone());
+                    entries[index] = Some(Entry { job, slot, waker });
+                    live += 1;
+                    batch.push(index);
+                }
+            }
             if batch.is_empty() {
                 break;
             }
@@ -204,14 +226,15 @@ async fn run(inner: Arc<Inner>) {
                 }
                 polled += 1;
             }
+            // Nothing woke meanwhile: nothing is ready (the usual end).
+            if !inner.notified.load(Ordering::Acquire) {
+                break;
+            }
             if polled >= live.max(1) {
                 // Each future had its turn: let the runtime run the rest
-                // (its I/O driver, other tasks) before the next round.
-                if !lock(&inner.ready).is_empty() {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                break;
+                // (its I/O driver, other tasks) before the next round; the
+                // wake-up that came meanwhile polls this task again.
+                return Poll::Pending;
             }
         }
         if live == 0 && inner.closed.load(Ordering::Acquire) && lock(&inner.incoming).is_empty() {
