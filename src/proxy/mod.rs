@@ -6,7 +6,6 @@ pub mod exops;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
-pub mod pool;
 pub mod runtime;
 pub mod session;
 
@@ -66,8 +65,6 @@ pub struct Shared {
     pub journal: Option<Arc<Journal>>,
     /// The proxy's counters, when the metrics endpoint is on.
     pub metrics: Option<Arc<ProxyMetrics>>,
-    /// Where the sessions run.
-    pub(crate) pools: pool::Pools,
     next_conn: AtomicU64,
 }
 
@@ -111,7 +108,6 @@ impl Shared {
             prints: Default::default(),
             journal: None,
             metrics: None,
-            pools: Default::default(),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -573,13 +569,13 @@ async fn accept_loop(
                             stop.clone(),
                             abort.clone(),
                         );
-                        shared.pools.spawn(tracker.track_future(async move {
+                        tracker.spawn(async move {
                             session.await;
                             drop(admitted);
                             if let Some(m) = &metrics {
                                 m.open(index, false);
                             }
-                        }));
+                        });
                     }
                     Err(why) => {
                         if let Some(m) = &metrics {

@@ -457,17 +457,13 @@ async fn serve_session(
         outcome: Default::default(),
         outcome_failed: Default::default(),
     };
-    // The two directions run as two futures of the session pool (see
-    // `proxy::pool`), so a wake-up for one polls only that one.
-    let (resp_tx, resp_rx) = tokio::sync::oneshot::channel();
-    shared.pools.spawn(responses.run(resp_tx));
+    // The two directions run as two tasks, so a wake-up for one polls only
+    // that one.
+    let responses = tokio::spawn(responses.run());
     let req_end = requests.run().await;
-    let resp_end = match resp_rx.await {
+    let resp_end = match responses.await {
         Ok(end) => end,
-        Err(_) => End::Io(
-            IoAt::Task,
-            std::io::Error::other("the responses loop ended without its result (a panic)"),
-        ),
+        Err(e) => End::Io(IoAt::Task, std::io::Error::other(e.to_string())),
     };
     let end = match (&req_end, &resp_end) {
         (End::Closed, e) => e,

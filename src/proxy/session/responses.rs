@@ -72,9 +72,7 @@ pub(super) struct Responses {
 }
 
 impl Responses {
-    /// Runs the loop to its end, which it sends on `done` once all of it
-    /// (the sockets' halves it holds) is dropped.
-    pub(super) async fn run(mut self, done: oneshot::Sender<End>) {
+    pub(super) async fn run(mut self) -> End {
         let mut not_carried = None;
         let end = loop {
             let end = match self.pending.is_some() {
@@ -185,8 +183,7 @@ impl Responses {
         }
         self.close.cancel();
         let _ = self.control.send(Control::Close);
-        drop(self);
-        let _ = done.send(end);
+        end
     }
 
     /// The client's side of the session is over, but the server may still
