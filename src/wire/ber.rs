@@ -256,16 +256,22 @@ pub fn decode_signed(v: &[u8]) -> Result<i64, BerError> {
     Ok(v.iter().fold(init, |acc, &b| (acc << 8) | b as i64))
 }
 
+/// The octets after the first of a long-form length (`len` >= 0x80): the
+/// value's big-endian bytes without leading zeros.
+#[inline]
+fn long_len_octets(len: usize) -> usize {
+    (usize::BITS - len.leading_zeros()).div_ceil(8) as usize
+}
+
 /// Appends a definite BER length in the shortest form.
 #[inline]
 pub fn write_len(out: &mut Vec<u8>, len: usize) {
     if len < 0x80 {
         out.push(len as u8);
     } else {
-        let bytes = (len as u64).to_be_bytes();
-        let skip = bytes.iter().take_while(|&&b| b == 0).count();
-        out.push(0x80 | (8 - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
+        let n = long_len_octets(len);
+        out.push(0x80 | n as u8);
+        out.extend_from_slice(&len.to_be_bytes()[std::mem::size_of::<usize>() - n..]);
     }
 }
 
@@ -286,7 +292,7 @@ pub(crate) fn put_tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
 pub(crate) fn tlv_len(len: usize) -> usize {
     let len_of_len = match len {
         0..0x80 => 1,
-        _ => 1 + (usize::BITS - len.leading_zeros()).div_ceil(8) as usize,
+        _ => 1 + long_len_octets(len),
     };
     1 + len_of_len + len
 }
