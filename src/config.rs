@@ -93,6 +93,12 @@ pub struct Config {
     /// CPUs with the server on this host, one per CPU in front of another;
     /// 1: one thread runs everything).
     pub threads: usize,
+    /// Sessions per thread that run as tasks of their own; the sessions
+    /// opened beyond that share one pool task per thread, whose wake-up
+    /// serves every one of them that is ready (fewer instructions per
+    /// operation under load, a few more with one session alone). 0: every
+    /// session in a pool.
+    pub session_tasks_per_thread: usize,
     /// Where backend drivers record what they changed on the servers until
     /// it is undone, so a restart after a crash undoes it. None: memory only.
     pub state_file: Option<PathBuf>,
@@ -272,6 +278,9 @@ pub struct Settings {
     pub upstream_reconnect: bool,
     /// Threads (0: auto, see `proxy::runtime::plan`).
     pub threads: usize,
+    /// Sessions per thread that run as tasks of their own (see
+    /// `proxy::pool`).
+    pub session_tasks_per_thread: usize,
     /// The drivers' state file, if configured.
     pub state_file: Option<PathBuf>,
     /// The configured backends by suffix (empty: from the root DSE).
@@ -377,6 +386,7 @@ impl Default for Config {
             upstream_retry_secs: 60,
             upstream_reconnect: false,
             threads: 0,
+            session_tasks_per_thread: 2,
             state_file: None,
             backends: Vec::new(),
             freeze: FreezeConfig::default(),
@@ -485,6 +495,7 @@ impl Config {
             upstream_retry: secs(self.upstream_retry_secs),
             upstream_reconnect: self.carry_sessions && self.upstream_reconnect,
             threads: self.threads,
+            session_tasks_per_thread: self.session_tasks_per_thread,
             state_file: self.state_file.clone(),
             backend_map,
             backends,

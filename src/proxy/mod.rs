@@ -6,6 +6,7 @@ pub mod exops;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
+pub mod pool;
 pub mod runtime;
 pub mod session;
 
@@ -65,6 +66,8 @@ pub struct Shared {
     pub journal: Option<Arc<Journal>>,
     /// The proxy's counters, when the metrics endpoint is on.
     pub metrics: Option<Arc<ProxyMetrics>>,
+    /// Where the sessions run.
+    pub(crate) pools: pool::Pools,
     next_conn: AtomicU64,
 }
 
@@ -97,6 +100,7 @@ impl Shared {
             settings.limits.max_connections,
             settings.limits.max_connections_per_source,
         ));
+        let pools = pool::Pools::new(settings.session_tasks_per_thread);
         Shared {
             settings,
             engine,
@@ -108,6 +112,7 @@ impl Shared {
             prints: Default::default(),
             journal: None,
             metrics: None,
+            pools,
             next_conn: AtomicU64::new(1),
         }
     }
@@ -560,6 +565,8 @@ async fn accept_loop(
                         if let Some(m) = &metrics {
                             m.open(index, true);
                         }
+                        let seat = shared.pools.seat();
+                        let place = seat.place();
                         let session = session::serve(
                             id,
                             peer,
@@ -568,14 +575,15 @@ async fn accept_loop(
                             shared.clone(),
                             stop.clone(),
                             abort.clone(),
+                            place.clone(),
                         );
-                        tracker.spawn(async move {
+                        place.spawn(tracker.track_future(async move {
                             session.await;
-                            drop(admitted);
+                            drop((admitted, seat));
                             if let Some(m) = &metrics {
                                 m.open(index, false);
                             }
-                        });
+                        }));
                     }
                     Err(why) => {
                         if let Some(m) = &metrics {

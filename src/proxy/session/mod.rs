@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::mailbox::Inbox;
 use super::metrics::{Handshake, Refusal};
+use super::pool::Place;
 use super::{Incoming, Shared};
 use crate::endpoint::{self, BoxRead, BoxWrite};
 use crate::freeze::participant::{HeldResponses, Queue};
@@ -279,7 +280,8 @@ impl Client {
 
 /// Serves one accepted client connection until it ends: the TLS handshake
 /// on an `ldaps://` listener, the upstream connection, then the session
-/// ([`serve_connected`]).
+/// ([`serve_connected`]), its futures run at `place`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     id: u64,
     peer: String,
@@ -288,8 +290,9 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     abort: CancellationToken,
+    place: Place,
 ) {
-    info!(conn = id, %peer, "connection opened");
+    info!(conn = id, %peer, pooled = place.pooled(), "connection opened");
     let Some(client) = open_client(id, &peer, incoming, &shared).await else {
         return;
     };
@@ -304,7 +307,10 @@ pub(crate) async fn serve(
                 halves: Some((r, w)),
                 stream,
             };
-            return serve_session(id, peer, cred, client, upstream, shared, shutdown, abort).await;
+            return serve_session(
+                id, peer, cred, client, upstream, shared, shutdown, abort, place,
+            )
+            .await;
         }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "timed out".into(),
@@ -326,7 +332,10 @@ pub(crate) async fn serve(
             halves: None,
             stream: None,
         };
-        return serve_session(id, peer, cred, client, upstream, shared, shutdown, abort).await;
+        return serve_session(
+            id, peer, cred, client, upstream, shared, shutdown, abort, place,
+        )
+        .await;
     }
     if let Some(m) = &shared.metrics {
         m.refused(Refusal::Upstream);
@@ -361,7 +370,11 @@ pub(crate) async fn serve_connected(
         halves: upstream,
         stream: None,
     };
-    serve_session(id, peer, cred, client, upstream, shared, shutdown, abort).await
+    let place = Place::task();
+    serve_session(
+        id, peer, cred, client, upstream, shared, shutdown, abort, place,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -374,6 +387,7 @@ async fn serve_session(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     abort: CancellationToken,
+    place: Place,
 ) {
     let started = Instant::now();
     let client_r = client.read;
@@ -457,13 +471,17 @@ async fn serve_session(
         outcome: Default::default(),
         outcome_failed: Default::default(),
     };
-    // The two directions run as two tasks, so a wake-up for one polls only
-    // that one.
-    let responses = tokio::spawn(responses.run());
+    // The two directions run as two tasks, or two futures of a pool (see
+    // `proxy::pool`), so a wake-up for one polls only that one.
+    let (resp_tx, resp_rx) = tokio::sync::oneshot::channel();
+    place.spawn(responses.run(resp_tx));
     let req_end = requests.run().await;
-    let resp_end = match responses.await {
+    let resp_end = match resp_rx.await {
         Ok(end) => end,
-        Err(e) => End::Io(IoAt::Task, std::io::Error::other(e.to_string())),
+        Err(_) => End::Io(
+            IoAt::Task,
+            std::io::Error::other("the responses loop ended without its result (a panic)"),
+        ),
     };
     let end = match (&req_end, &resp_end) {
         (End::Closed, e) => e,

@@ -72,7 +72,9 @@ pub(super) struct Responses {
 }
 
 impl Responses {
-    pub(super) async fn run(mut self) -> End {
+    /// Runs the loop to its end, which it sends on `done` once all of it
+    /// (the sockets' halves it holds) is dropped.
+    pub(super) async fn run(mut self, done: oneshot::Sender<End>) {
         let mut not_carried = None;
         let end = loop {
             let end = match self.pending.is_some() {
@@ -183,7 +185,8 @@ impl Responses {
         }
         self.close.cancel();
         let _ = self.control.send(Control::Close);
-        end
+        drop(self);
+        let _ = done.send(end);
     }
 
     /// The client's side of the session is over, but the server may still

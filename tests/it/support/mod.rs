@@ -51,6 +51,10 @@ impl Lab {
         // What is true of the lab's slapd: binds to its databases' rootdns
         // write nothing (its ppolicy skips them).
         config.freeze.root_dns = vec![ADMIN_DN.into(), OTHER_ADMIN_DN.into()];
+        // The first session open on each thread runs as tasks of its own,
+        // the others meanwhile in a session pool (the default keeps 2 as
+        // tasks): the tests' sessions run both ways.
+        config.session_tasks_per_thread = 1;
         tweak(&mut config);
         let proxy = ProxyHandle::spawn(config).await.expect("start proxy");
         let recorder = match proxy.url().strip_prefix("ldap://") {
