@@ -25,6 +25,7 @@ pub mod notify;
 pub mod operator;
 pub mod proxy;
 pub mod secret;
+mod sync;
 pub mod tls;
 pub mod wire;
 

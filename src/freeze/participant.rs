@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{Class, Engine};
+use crate::sync::lock;
 use crate::wire::{op, Envelope};
 
 /// One outstanding request.
@@ -272,10 +273,6 @@ pub struct Participant {
     /// A bind was received and has not been answered: the session has no
     /// identity meanwhile (`bound_dn` is then ignored).
     bind_received: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Participant {

@@ -32,10 +32,12 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 
 use tracing::error;
+
+use crate::sync::lock;
 
 type Job = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -82,10 +84,7 @@ impl Pools {
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         let limit = self.tasks_per_worker.saturating_mul(workers.max(1));
         if self.tasks.fetch_add(1, Ordering::Relaxed) < limit {
-            return Seat {
-                tasks: Some(self.tasks.clone()),
-                place: Place(None),
-            };
+            return Seat(Seated::Task(self.tasks.clone()));
         }
         self.tasks.fetch_sub(1, Ordering::Relaxed);
         let pools = self.pools.get_or_init(start);
@@ -94,10 +93,7 @@ impl Pools {
             .min_by_key(|p| p.sessions.load(Ordering::Relaxed))
             .expect("at least one pool");
         pool.sessions.fetch_add(1, Ordering::Relaxed);
-        Seat {
-            tasks: None,
-            place: Place(Some(pool.clone())),
-        }
+        Seat(Seated::Pool(pool.clone()))
     }
 }
 
@@ -112,28 +108,37 @@ impl Drop for Pools {
 
 /// A session's seat: where it runs ([`Seat::place`]), counted there until
 /// this is dropped.
-#[derive(Debug)]
-pub struct Seat {
-    /// The count of sessions running as tasks, for one of them.
-    tasks: Option<Arc<AtomicUsize>>,
-    place: Place,
+pub struct Seat(Seated);
+
+impl std::fmt::Debug for Seat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.place().fmt(f)
+    }
+}
+
+enum Seated {
+    /// As tasks of its own, one of the count of them.
+    Task(Arc<AtomicUsize>),
+    /// In this pool, one of its sessions.
+    Pool(Arc<Inner>),
 }
 
 impl Seat {
     /// Where the session's futures run.
     pub fn place(&self) -> Place {
-        self.place.clone()
+        match &self.0 {
+            Seated::Task(_) => Place(None),
+            Seated::Pool(pool) => Place(Some(pool.clone())),
+        }
     }
 }
 
 impl Drop for Seat {
     fn drop(&mut self) {
-        if let Some(tasks) = &self.tasks {
-            tasks.fetch_sub(1, Ordering::Relaxed);
-        }
-        if let Some(pool) = &self.place.0 {
-            pool.sessions.fetch_sub(1, Ordering::Relaxed);
-        }
+        match &self.0 {
+            Seated::Task(tasks) => tasks.fetch_sub(1, Ordering::Relaxed),
+            Seated::Pool(pool) => pool.sessions.fetch_sub(1, Ordering::Relaxed),
+        };
     }
 }
 
@@ -331,10 +336,6 @@ struct Entry {
     waker: Waker,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 async fn run(inner: Arc<Inner>) {
     let mut entries: Vec<Option<Entry>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
@@ -486,7 +487,7 @@ mod tests {
                 .map(|p| {
                     seats
                         .iter()
-                        .filter(|s| s.place.0.as_ref().is_some_and(|q| Arc::ptr_eq(p, q)))
+                        .filter(|s| s.place().0.is_some_and(|q| Arc::ptr_eq(p, &q)))
                         .count()
                 })
                 .collect();
@@ -496,8 +497,8 @@ mod tests {
         let mut seats: Vec<Seat> = (0..6).map(|_| pools.seat()).collect();
         assert_eq!(sessions(&seats), [3, 3]);
         // Three sessions of one pool end: the next three go to it.
-        let first = seats[0].place.0.clone().unwrap();
-        seats.retain(|s| !Arc::ptr_eq(s.place.0.as_ref().unwrap(), &first));
+        let first = seats[0].place().0.unwrap();
+        seats.retain(|s| !Arc::ptr_eq(&s.place().0.unwrap(), &first));
         assert_eq!(sessions(&seats), [0, 3]);
         seats.extend((0..3).map(|_| pools.seat()));
         assert_eq!(sessions(&seats), [3, 3]);

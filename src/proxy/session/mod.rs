@@ -11,7 +11,7 @@
 //! unchanged. Either loop can end the session through the `close` token.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,6 +30,7 @@ use super::{Incoming, Shared};
 use crate::endpoint::{self, BoxRead, BoxWrite};
 use crate::freeze::participant::{HeldResponses, Queue};
 use crate::freeze::{Control, SessionHandle};
+use crate::sync::lock;
 use crate::tls::{ClientSecurity, ClientStream, UpstreamStream};
 use crate::wire::envelope::oid;
 use crate::wire::{op, pdu, Envelope, FrameCodec, FrameError, FrameReader, FrameWriter};
@@ -175,10 +176,6 @@ const UP_BUFFER: usize = 8 * 1024;
 #[inline]
 fn count(c: &AtomicU64) {
     c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A client connection ready for the session's loops.
