@@ -533,6 +533,15 @@ mod tests {
     }
 
     #[test]
+    fn sessions_as_tasks_per_thread_reach_the_settings() {
+        let c = Config::from_toml("upstream = \"ldapi:///tmp/x\"").unwrap();
+        assert_eq!(c.settings().unwrap().session_tasks_per_thread, 2);
+        let c = Config::from_toml("upstream = \"ldapi:///tmp/x\"\nsession_tasks_per_thread = 0")
+            .unwrap();
+        assert_eq!(c.settings().unwrap().session_tasks_per_thread, 0);
+    }
+
+    #[test]
     fn backends_and_freeze_tables() {
         let c = Config::from_toml(
             r#"
