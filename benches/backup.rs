@@ -1585,7 +1585,8 @@ fn main() {
 
 fn main_inner() -> Result<()> {
     let s = Settings::from_env()?;
-    let bin = Path::new(env!("CARGO_BIN_EXE_abproxy"));
+    let bin = testkit::product::binary()?;
+    let bin = bin.as_path();
     let scratch = tempfile::Builder::new()
         .prefix("abproxy-backup-bench-")
         .tempdir()?;

@@ -126,7 +126,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let writes = env_usize("REPLAY_WRITES", 4000);
     let rounds = env_usize("REPLAY_ROUNDS", 3).max(1);
-    let bin = Path::new(env!("CARGO_BIN_EXE_abproxy"));
+    let bin = testkit::product::binary().expect("the abproxy binary to measure");
+    let bin = bin.as_path();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let live = slapd();
     let tmp = tempfile::tempdir().unwrap();

@@ -927,7 +927,8 @@ async fn main() {
 
 async fn main_inner() -> Result<()> {
     let s = Settings::from_env()?;
-    let bin = Path::new(env!("CARGO_BIN_EXE_abproxy"));
+    let bin = testkit::product::binary()?;
+    let bin = bin.as_path();
     let t = Instant::now();
     let users = s.users;
     let mut slapd = tokio::task::spawn_blocking(move || {

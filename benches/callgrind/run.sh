@@ -17,8 +17,9 @@
 #   benches/callgrind/compare.sh   # both proxies, start-up excluded (see there)
 #   callgrind_annotate /tmp/abproxy-callgrind/abproxy.*.out | head -40
 #
-# Needs valgrind, slapd (as the load bench) and a release build (in
-# $CARGO_TARGET_DIR when set). CG_OUT: where the profiles go.
+# Needs valgrind and slapd (as the load bench); builds the product into
+# target/product ($CARGO_TARGET_DIR/product when set). CG_OUT: where the
+# profiles go.
 set -eu
 cd "$(dirname "$0")/../.."
 workload=${1:-bind}
@@ -26,9 +27,15 @@ conns=${2:-32}
 out=${CG_OUT:-/tmp/abproxy-callgrind}
 mkdir -p "$out"
 rm -f "$out"/abproxy.*.out "$out"/haproxy.*.out "$out/valgrind.pids"
-cargo build --release --quiet
 target=${CARGO_TARGET_DIR:-$PWD/target}
-export ABPROXY_BIN=$target/release/abproxy CG_OUT=$out CG_TARGET=${CG_TARGET:-abproxy}
+# The product, as the Debian package builds it, in a target directory of its
+# own (as testkit::product builds it for the load bench): `cargo bench`
+# builds the package's binary with the dev-dependencies' features (tokio's
+# test-util clock, the fuzzing entry points) into target/release, which is
+# not what users run.
+cargo build --release --no-default-features --package abproxy --bin abproxy --quiet \
+  --target-dir "$target/product"
+export ABPROXY_BIN=$target/product/release/abproxy CG_OUT=$out CG_TARGET=${CG_TARGET:-abproxy}
 LOAD_HAPROXY=$PWD/benches/callgrind/as-haproxy.sh LOAD_WORKLOADS=$workload \
   LOAD_CONNS=$conns LOAD_SECS=${CG_SECS:-3} LOAD_ROUNDS=1 cargo bench --quiet --bench load \
   >"$out/bench.log" 2>&1 || true

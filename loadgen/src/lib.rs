@@ -3,7 +3,6 @@
 //! (haproxy in `mode tcp`, when installed)?
 //!
 //! ```text
-//! cargo build --release -p abproxy                   # the proxy binary measured (see below)
 //! cargo run -p loadgen --release                     # 3 s per point
 //! LOAD_SECS=2 cargo run -p loadgen --release         # 2 s per point
 //! cargo run -p loadgen --release -- --quick          # smoke run, ~0.5 s per point
@@ -13,16 +12,19 @@
 //! cargo run -p loadgen --release -- --workloads freeze-reads --rounds 6  # reads during a freeze
 //! cargo run -p loadgen --release -- --workloads journal --rounds 3  # what the journal costs writes
 //! cargo run -p loadgen --release -- --workloads threads --rounds 5  # choosing `threads`
-//! cargo bench --bench load -- --quick                # the same, abproxy built with it
+//! cargo bench --bench load -- --quick                # the same, as a bench of abproxy
 //! cargo bench --bench load -- --workloads threads    # the threads section alone
 //! ```
 //!
-//! `cargo run -p loadgen` builds the load generator only: the abproxy
-//! binary it starts is `--abproxy PATH` (`LOAD_ABPROXY`), else the one next
-//! to the load generator's own binary (`target/release/abproxy`, built by
-//! `cargo build --release -p abproxy`); it says which one it runs. `cargo
-//! bench --bench load` (a thin bench of the abproxy package, `benches/load.rs`)
-//! builds both and passes its `CARGO_BIN_EXE_abproxy`.
+//! The abproxy binary it starts is `--abproxy PATH` (`LOAD_ABPROXY`), else
+//! the product, built for the run as the Debian package builds it (`cargo
+//! build --release --no-default-features` into `target/product`, see
+//! `testkit::product`); it says which one it runs. Not the binary `cargo
+//! bench` builds with the bench, nor `target/release/abproxy`: those have
+//! the dev-dependencies' features (tokio's `test-util` clock, the fuzzing
+//! entry points), which cost the proxy instructions the product does not
+//! spend. `cargo bench --bench load` is a thin bench of the abproxy package
+//! (`benches/load.rs`) around the same run.
 //!
 //! The crate, by section:
 //! * [`opts`]: the options (arguments and `LOAD_*` environment variables);

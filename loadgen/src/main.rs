@@ -1,6 +1,6 @@
 //! `loadgen`: the load benchmark (see the library's documentation for the
 //! options). `cargo run -p loadgen --release -- --quick`; the abproxy binary
-//! it starts must be built (`cargo build --release -p abproxy`) or given
+//! it starts is built for the run as the Debian package builds it, or given
 //! with `--abproxy PATH`.
 
 fn main() {
@@ -9,7 +9,7 @@ fn main() {
         println!("{}", loadgen::opts::USAGE);
         return;
     }
-    if let Err(e) = loadgen::run(&args, None) {
+    if let Err(e) = loadgen::run(&args) {
         eprintln!("load benchmark failed: {e:#}");
         std::process::exit(1);
     }

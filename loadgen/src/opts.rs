@@ -326,7 +326,7 @@ Arguments override the environment variables; unknown arguments are ignored.
   --read-writers W      LOAD_READ_WRITERS    2
   --write-rate R        LOAD_WRITE_RATE      100 (per writer, /s)
   --threads-many N      LOAD_THREADS_MANY    128 (the threads section's last conns)
-  --abproxy PATH        LOAD_ABPROXY         abproxy next to this binary";
+  --abproxy PATH        LOAD_ABPROXY         the product build (target/product)";
 
 #[cfg(test)]
 mod tests {

@@ -238,31 +238,14 @@ pub fn abproxy_config(
 }
 
 /// The abproxy binary a run starts: `--abproxy` (`LOAD_ABPROXY`), else
-/// `default` (the bench's `CARGO_BIN_EXE_abproxy`), else `abproxy` next to
-/// the running executable (`target/release/abproxy` for `cargo run -p
-/// loadgen --release`, which does not build it: `cargo build --release -p
-/// abproxy` does).
-pub fn abproxy_binary(opts: &Opts, default: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = &opts.abproxy {
-        return Ok(p.clone());
+/// the product, built for the run as the Debian package builds it
+/// ([`testkit::product::binary`]; not the bench's `CARGO_BIN_EXE_abproxy`,
+/// which has the dev-dependencies' features).
+pub fn abproxy_binary(opts: &Opts) -> Result<PathBuf> {
+    match &opts.abproxy {
+        Some(p) => Ok(p.clone()),
+        None => testkit::product::binary().context("building the abproxy binary to measure"),
     }
-    if let Some(p) = default {
-        return Ok(p.to_path_buf());
-    }
-    let exe = std::env::current_exe().context("the load generator's own path")?;
-    let dir = exe.parent().context("the load generator's directory")?;
-    // Under `cargo test` the executable is in target/<profile>/deps.
-    let candidates = [dir.join("abproxy"), dir.join("../abproxy")];
-    candidates
-        .into_iter()
-        .find(|p| crate::opts::is_executable(p))
-        .ok_or_else(|| {
-            anyhow!(
-                "no abproxy binary next to {} (build it first: `cargo build --release -p abproxy`, \
-                 or give --abproxy PATH / LOAD_ABPROXY)",
-                exe.display()
-            )
-        })
 }
 
 #[cfg(test)]
@@ -309,12 +292,7 @@ mod tests {
     #[test]
     fn an_explicit_abproxy_binary_wins() {
         let mut opts = Opts::parse_with(&["--haproxy=0".to_string()], |_| None).unwrap();
-        let bench = Path::new("/bench/abproxy");
-        assert_eq!(abproxy_binary(&opts, Some(bench)).unwrap(), bench);
         opts.abproxy = Some(PathBuf::from("/given/abproxy"));
-        assert_eq!(
-            abproxy_binary(&opts, Some(bench)).unwrap(),
-            Path::new("/given/abproxy")
-        );
+        assert_eq!(abproxy_binary(&opts).unwrap(), Path::new("/given/abproxy"));
     }
 }

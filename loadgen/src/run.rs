@@ -5,7 +5,6 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,11 +26,11 @@ use crate::workload::Workload;
 use crate::{freeze_reads, journal, threads, tls};
 
 /// Runs the benchmark with the options in `args` (and the environment) and
-/// prints its tables. `abproxy` is the proxy binary to start unless
-/// `--abproxy` (`LOAD_ABPROXY`) names one; see [`abproxy_binary`].
-pub fn run(args: &[String], abproxy: Option<&Path>) -> Result<()> {
+/// prints its tables. The proxy it starts is the product build unless
+/// `--abproxy` (`LOAD_ABPROXY`) names a binary; see [`abproxy_binary`].
+pub fn run(args: &[String]) -> Result<()> {
     let opts = Opts::parse(args)?;
-    let abproxy_bin = abproxy_binary(&opts, abproxy)?;
+    let abproxy_bin = abproxy_binary(&opts)?;
     eprintln!("load: abproxy binary {}", abproxy_bin.display());
     let secs = Duration::from_secs_f64(opts.secs);
 
