@@ -115,6 +115,28 @@ impl Close {
     }
 }
 
+/// Ends the session when the requests loop's future is dropped before its
+/// end (a panic): else the responses loop, and the session waiting for
+/// both, would go on.
+struct ClosesUnlessEnded {
+    close: Close,
+    ended: bool,
+}
+
+impl ClosesUnlessEnded {
+    fn disarm(mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for ClosesUnlessEnded {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.close.cancel();
+        }
+    }
+}
+
 /// Reads the upstream's print (anonymously, bounded, best effort) so that a
 /// server that comes back different after a restart can be told from the
 /// one the sessions knew (`print.rs`).
@@ -426,9 +448,9 @@ async fn serve_session(
         tls: client.tls,
         tcp: client.tcp,
         cert_subject: client.cert_subject,
-        shared: &shared,
-        engine: &engine,
-        state: &state,
+        shared: shared.clone(),
+        engine: engine.clone(),
+        state: state.clone(),
         client_in: FrameReader::new(
             client_r,
             FrameCodec::with_shared_max(state.pdu_limit.clone()),
@@ -438,8 +460,8 @@ async fn serve_session(
         control: Inbox::new(control_rx),
         epoch: engine.epoch(),
         queue: Queue::default(),
-        close: &close,
-        abort: &abort,
+        close: close.clone(),
+        abort: abort.clone(),
         retry_spent: false,
     };
     let responses = Responses {
@@ -469,17 +491,32 @@ async fn serve_session(
         outcome_failed: Default::default(),
     };
     // The two directions run as two tasks, or two futures of a pool (see
-    // `proxy::pool`), so a wake-up for one polls only that one.
+    // `proxy::pool`), so a wake-up for one polls only that one, and not
+    // this future around them either (polled again only when they end: as
+    // the requests loop's caller it cost about 80 instructions a request,
+    // the layers of the session's future between the pool and the loop).
     let (resp_tx, resp_rx) = tokio::sync::oneshot::channel();
     place.spawn(responses.run(resp_tx));
-    let req_end = requests.run().await;
-    let resp_end = match resp_rx.await {
-        Ok(end) => end,
-        Err(_) => End::Io(
-            IoAt::Task,
-            std::io::Error::other("the responses loop ended without its result (a panic)"),
-        ),
+    let (req_tx, req_rx) = tokio::sync::oneshot::channel();
+    let closer = ClosesUnlessEnded {
+        close: close.clone(),
+        ended: false,
     };
+    place.spawn(async move {
+        let end = requests.run().await;
+        closer.disarm();
+        let _ = req_tx.send(end);
+    });
+    let ended = |loop_name: &str| {
+        End::Io(
+            IoAt::Task,
+            std::io::Error::other(format!(
+                "the {loop_name} loop ended without its result (a panic)"
+            )),
+        )
+    };
+    let req_end = req_rx.await.unwrap_or_else(|_| ended("requests"));
+    let resp_end = resp_rx.await.unwrap_or_else(|_| ended("responses"));
     let end = match (&req_end, &resp_end) {
         (End::Closed, e) => e,
         (e, _) => e,
@@ -614,4 +651,28 @@ fn is_notice(env: &Envelope, frame: &[u8]) -> bool {
     env.msgid == 0
         && env.op == op::EXTENDED_RESPONSE
         && env.oid_bytes(frame) == Some(oid::NOTICE_OF_DISCONNECTION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The requests loop's future dropped before its end (a panic, caught
+    /// by the pool or the runtime) ends the session; its end does not (the
+    /// loop itself decides what closing its end takes).
+    #[test]
+    fn a_requests_loop_dropped_before_its_end_closes_the_session() {
+        let close = Close::default();
+        let guard = ClosesUnlessEnded {
+            close: close.clone(),
+            ended: false,
+        };
+        guard.disarm();
+        assert!(!close.is_cancelled());
+        drop(ClosesUnlessEnded {
+            close: close.clone(),
+            ended: false,
+        });
+        assert!(close.is_cancelled());
+    }
 }

@@ -35,7 +35,7 @@ use super::{
     Close, Local, Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM, UPSTREAM_CLOSE_WAIT,
 };
 
-pub(super) struct Requests<'a> {
+pub(super) struct Requests {
     pub(super) id: u64,
     /// Peer credentials (uid, gid) of a client on a unix socket.
     pub(super) cred: Option<(u32, u32)>,
@@ -50,9 +50,9 @@ pub(super) struct Requests<'a> {
     pub(super) tcp: bool,
     /// The verified client certificate's subject.
     pub(super) cert_subject: Option<String>,
-    pub(super) shared: &'a Arc<Shared>,
-    pub(super) engine: &'a Arc<Engine>,
-    pub(super) state: &'a Arc<SessionState>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) engine: Arc<Engine>,
+    pub(super) state: Arc<SessionState>,
     pub(super) client_in: ClientIn,
     pub(super) up_out: UpOut,
     pub(super) local: mpsc::Sender<Local>,
@@ -60,8 +60,8 @@ pub(super) struct Requests<'a> {
     pub(super) epoch: watch::Receiver<u64>,
     /// Requests held by a freeze or for the session's own order.
     pub(super) queue: Queue,
-    pub(super) close: &'a Close,
-    pub(super) abort: &'a CancellationToken,
+    pub(super) close: Close,
+    pub(super) abort: CancellationToken,
     /// The server did not come back within `upstream_retry_secs` the last
     /// time the session waited for it: until it is back, one attempt per
     /// request, no waiting.
@@ -137,7 +137,7 @@ pub(super) enum Event {
     IdleCheck,
 }
 
-impl Requests<'_> {
+impl Requests {
     pub(super) async fn run(mut self) -> End {
         let end = self.pump().await;
         self.discard_queue(&end);
@@ -239,7 +239,7 @@ impl Requests<'_> {
         if self.queue.is_empty() {
             return;
         }
-        let n = self.queue.clear(self.engine);
+        let n = self.queue.clear(&self.engine);
         warn!(
             conn = self.id,
             discarded = n,
@@ -259,7 +259,7 @@ impl Requests<'_> {
     /// and the total for a session that already holds queued requests) and
     /// `max_outstanding_per_conn`.
     fn has_room(&self) -> bool {
-        self.queue.has_room(self.engine) && self.state.below_outstanding_limit()
+        self.queue.has_room(&self.engine) && self.state.below_outstanding_limit()
     }
 
     async fn pump(&mut self) -> End {
@@ -279,7 +279,7 @@ impl Requests<'_> {
             }
             // Close and shutdown arrive on the control channel too, so the
             // loop polls no cancellation future per request.
-            let state = self.state;
+            let state = &self.state;
             let event = if waiting {
                 tokio::select! {
                     biased;
@@ -374,7 +374,7 @@ impl Requests<'_> {
             // As `flush`, without its future when the socket takes it all.
             let flushed = match flush_now(&mut self.up_out, TO_UPSTREAM) {
                 Some(r) => r,
-                None => flush_waiting(&mut self.up_out, self.close, TO_UPSTREAM).await,
+                None => flush_waiting(&mut self.up_out, &self.close, TO_UPSTREAM).await,
             };
             if let Err(e) = flushed {
                 return e;
@@ -432,7 +432,7 @@ impl Requests<'_> {
     async fn flush(&mut self) -> Step {
         let flushed = match flush_now(&mut self.up_out, TO_UPSTREAM) {
             Some(r) => r,
-            None => flush_waiting(&mut self.up_out, self.close, TO_UPSTREAM).await,
+            None => flush_waiting(&mut self.up_out, &self.close, TO_UPSTREAM).await,
         };
         match flushed {
             Ok(()) => Step::Continue,
@@ -791,7 +791,7 @@ impl Requests<'_> {
         let (tx, rx) = oneshot::channel();
         *lock(&self.state.upstream_starttls) = Some((env.msgid, tx));
         self.up_out.append_always(frame);
-        flush_waiting(&mut self.up_out, self.close, TO_UPSTREAM).await?;
+        flush_waiting(&mut self.up_out, &self.close, TO_UPSTREAM).await?;
         let limit = mirror.tls.timeout();
         let (answer, resume) = tokio::select! {
             r = tokio::time::timeout(limit, rx) => match r {
@@ -924,13 +924,13 @@ impl Requests<'_> {
             class,
             local,
         };
-        self.queue.push(q, self.engine);
+        self.queue.push(q, &self.engine);
         self.queue_changed();
     }
 
     /// Removes a queued request by message ID.
     fn unqueue(&mut self, msgid: i32) -> Option<Queued> {
-        let q = self.queue.remove(msgid, self.engine)?;
+        let q = self.queue.remove(msgid, &self.engine)?;
         self.queue_changed();
         Some(q)
     }
@@ -982,7 +982,7 @@ impl Requests<'_> {
                 if self.state.bind_in_flight() {
                     break;
                 }
-                let q = self.queue.pop_front(self.engine).expect("front exists");
+                let q = self.queue.pop_front(&self.engine).expect("front exists");
                 if let Step::End(e) = self.answer_locally(what, &q.env, &q.frame).await {
                     return Step::End(e);
                 }
@@ -1001,7 +1001,7 @@ impl Requests<'_> {
                 if let Some(why) = &down {
                     // The server did not come back within the retry time:
                     // the request was never sent, and is answered so.
-                    let q = self.queue.pop_front(self.engine).expect("front exists");
+                    let q = self.queue.pop_front(&self.engine).expect("front exists");
                     let why = why.clone();
                     if let Step::End(e) = self.unavailable(q, &why).await {
                         return Step::End(e);
@@ -1029,7 +1029,7 @@ impl Requests<'_> {
                 Ok(false) => return Step::End(reused_id(head.env.msgid)),
                 Ok(true) => {}
             }
-            let q = self.queue.pop_front(self.engine).expect("front exists");
+            let q = self.queue.pop_front(&self.engine).expect("front exists");
             sent += 1;
             if let Step::End(e) = self.send_admitted(&q.env, q.frame).await {
                 return Step::End(e);
@@ -1093,7 +1093,7 @@ impl Requests<'_> {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1), window);
         let security = self.security();
         loop {
-            let shared = self.shared;
+            let shared = &self.shared;
             let attempt = async {
                 let (mut up_in, mut up_out, stream) = open_upstream(shared, security)
                     .await
@@ -1223,7 +1223,7 @@ impl Requests<'_> {
         if self.up_out.append(&frame) {
             return Step::Continue;
         }
-        match feed_waiting(&mut self.up_out, &frame, self.close, TO_UPSTREAM).await {
+        match feed_waiting(&mut self.up_out, &frame, &self.close, TO_UPSTREAM).await {
             Ok(()) => Step::Continue,
             Err(e) => Step::End(e),
         }
@@ -1352,7 +1352,7 @@ impl Requests<'_> {
 }
 
 /// What the decision reads of the session.
-impl View for Requests<'_> {
+impl View for Requests {
     #[inline]
     fn clear_refused(&self) -> bool {
         self.tcp && !self.tls && self.shared.settings.tls.require_tls
