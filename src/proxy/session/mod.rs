@@ -115,23 +115,39 @@ impl Close {
     }
 }
 
-/// Ends the session when the requests loop's future is dropped before its
-/// end (a panic): else the responses loop, and the session waiting for
-/// both, would go on.
-struct ClosesUnlessEnded {
+/// Where one of the session's two loops sends its end, once the loop and
+/// all it holds are dropped. Dropped unsent (the loop's future dropped
+/// before its end: a panic, caught by the pool or the runtime) it closes
+/// the session, so the other loop, and the session waiting for both, do
+/// not go on without it; the session's receiver then sees the sender gone.
+/// Passed into the loop rather than awaited around it: a wrapper future
+/// would be one more state to go through at each of the loop's wake-ups.
+struct LoopEnd {
+    tx: Option<oneshot::Sender<End>>,
     close: Close,
-    ended: bool,
 }
 
-impl ClosesUnlessEnded {
-    fn disarm(mut self) {
-        self.ended = true;
+impl LoopEnd {
+    fn new(close: &Close) -> (LoopEnd, oneshot::Receiver<End>) {
+        let (tx, rx) = oneshot::channel();
+        let end = LoopEnd {
+            tx: Some(tx),
+            close: close.clone(),
+        };
+        (end, rx)
+    }
+
+    /// Sends the loop's end to the session.
+    fn send(mut self, end: End) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(end);
+        }
     }
 }
 
-impl Drop for ClosesUnlessEnded {
+impl Drop for LoopEnd {
     fn drop(&mut self) {
-        if !self.ended {
+        if self.tx.is_some() {
             self.close.cancel();
         }
     }
@@ -495,18 +511,10 @@ async fn serve_session(
     // this future around them either (polled again only when they end: as
     // the requests loop's caller it cost about 80 instructions a request,
     // the layers of the session's future between the pool and the loop).
-    let (resp_tx, resp_rx) = tokio::sync::oneshot::channel();
-    place.spawn(responses.run(resp_tx));
-    let (req_tx, req_rx) = tokio::sync::oneshot::channel();
-    let closer = ClosesUnlessEnded {
-        close: close.clone(),
-        ended: false,
-    };
-    place.spawn(async move {
-        let end = requests.run().await;
-        closer.disarm();
-        let _ = req_tx.send(end);
-    });
+    let (resp_done, resp_rx) = LoopEnd::new(&close);
+    place.spawn(responses.run(resp_done));
+    let (req_done, req_rx) = LoopEnd::new(&close);
+    place.spawn(requests.run(req_done));
     let ended = |loop_name: &str| {
         End::Io(
             IoAt::Task,
@@ -657,22 +665,28 @@ fn is_notice(env: &Envelope, frame: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    /// The requests loop's future dropped before its end (a panic, caught
-    /// by the pool or the runtime) ends the session; its end does not (the
-    /// loop itself decides what closing its end takes).
-    #[test]
-    fn a_requests_loop_dropped_before_its_end_closes_the_session() {
-        let close = Close::default();
-        let guard = ClosesUnlessEnded {
-            close: close.clone(),
-            ended: false,
-        };
-        guard.disarm();
-        assert!(!close.is_cancelled());
-        drop(ClosesUnlessEnded {
-            close: close.clone(),
-            ended: false,
-        });
-        assert!(close.is_cancelled());
+    /// A loop that panics (its future dropped before its end, by the
+    /// runtime or by a pool) closes the session, and the session learns it
+    /// ended without its result; a loop that ends sends its end and leaves
+    /// closing to the loop itself.
+    #[tokio::test]
+    async fn a_loop_that_panics_closes_the_session_and_one_that_ends_does_not() {
+        let pools = super::super::pool::Pools::new(0);
+        let seat = pools.seat();
+        for place in [Place::task(), seat.place()] {
+            let close = Close::default();
+            let (done, rx) = LoopEnd::new(&close);
+            place.spawn(async move { done.send(End::Closed) });
+            assert!(matches!(rx.await, Ok(End::Closed)), "{place:?}");
+            assert!(!close.is_cancelled(), "{place:?}");
+
+            let (done, rx) = LoopEnd::new(&close);
+            place.spawn(async move {
+                let _held = done;
+                panic!("a loop's bug");
+            });
+            assert!(rx.await.is_err(), "{place:?}");
+            assert!(close.is_cancelled(), "{place:?}");
+        }
     }
 }

@@ -32,7 +32,8 @@ use super::print;
 use super::state::SessionState;
 use super::{
     buffered_frame, count, feed_waiting, flush_now, flush_waiting, lock, open_upstream, ClientIn,
-    Close, Local, Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM, UPSTREAM_CLOSE_WAIT,
+    Close, Local, LoopEnd, Next, Shared, UpOut, BATCH, PROXY_ABANDON_ID, TO_UPSTREAM,
+    UPSTREAM_CLOSE_WAIT,
 };
 
 pub(super) struct Requests {
@@ -138,7 +139,9 @@ pub(super) enum Event {
 }
 
 impl Requests {
-    pub(super) async fn run(mut self) -> End {
+    /// Runs the loop to its end, which it sends on `done` once all of it
+    /// (the sockets' halves it holds) is dropped.
+    pub(super) async fn run(mut self, done: LoopEnd) {
         let end = self.pump().await;
         self.discard_queue(&end);
         match &end {
@@ -225,7 +228,8 @@ impl Requests {
             }
             _ => self.end_session(),
         }
-        end
+        drop(self);
+        done.send(end);
     }
 
     /// Ends the session: the responses loop writes what it has, then closes.

@@ -26,7 +26,7 @@ use super::end::{End, IoAt, Side};
 use super::state::{SessionState, TlsAnswer};
 use super::{
     buffered_frame, count, feed_waiting, flush_now, flush_waiting, is_notice, lock, ClientOut,
-    Close, Local, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
+    Close, Local, LoopEnd, Next, UpIn, BATCH, LINGER_MAX, TO_CLIENT,
 };
 
 pub(super) struct Responses {
@@ -74,7 +74,7 @@ pub(super) struct Responses {
 impl Responses {
     /// Runs the loop to its end, which it sends on `done` once all of it
     /// (the sockets' halves it holds) is dropped.
-    pub(super) async fn run(mut self, done: oneshot::Sender<End>) {
+    pub(super) async fn run(mut self, done: LoopEnd) {
         let mut not_carried = None;
         let end = loop {
             let end = match self.pending.is_some() {
@@ -186,7 +186,7 @@ impl Responses {
         self.close.cancel();
         let _ = self.control.send(Control::Close);
         drop(self);
-        let _ = done.send(end);
+        done.send(end);
     }
 
     /// The client's side of the session is over, but the server may still
